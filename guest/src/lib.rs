@@ -1,0 +1,1 @@
+//! Guest driver core.

@@ -1,0 +1,97 @@
+//! Physical accelerator backends, behind one trait.
+//!
+//! An accelerator owns engines and hands out queue pairs. Every job a queue
+//! pair carries is tagged with the PASID the host assigned to the instance;
+//! the backend resolves guest addresses through its PASID-indexed
+//! address-space table (the IOMMU's role), never through anything a guest
+//! says. Neighbours: `vdev` above (submits jobs, receives results). This layer
+//! knows nothing of PCI, registers or sockets.
+//!
+//! The embedded default is [`soft::SoftAccel`]: worker threads as engines.
+
+pub mod ops;
+pub mod soft;
+
+use std::sync::Arc;
+
+use crossbeam_channel::Receiver;
+use wdvirt_abi::{JobStatus, Opcode};
+
+/// Process Address Space ID: which address space a job's addresses live in.
+pub type Pasid = u32;
+
+/// Guest memory as the device sees it: regions from the VMM's DMA maps, with
+/// a dirty bitmap that every device write marks (for migration).
+pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// A guest memory map that can be swapped whole on DMA_MAP/UNMAP while jobs
+/// in flight keep the map they started with.
+pub type AddressSpace = vm_memory::GuestMemoryAtomic<GuestMemory>;
+
+/// One job as the engine sees it: backend-neutral, already validated by the
+/// device (lengths, opcode, ring overlap). Addresses are IOVAs in the
+/// submitting PASID's address space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Job {
+    pub op: Opcode,
+    pub src: u64,
+    pub src_len: u32,
+    pub dst: u64,
+    pub dst_len: u32,
+    /// Fill byte, or compression level.
+    pub param: u64,
+    /// Opaque to the engine; returned in the result.
+    pub cookie: u64,
+}
+
+/// What the engine reports for one job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JobResult {
+    pub cookie: u64,
+    pub status: JobStatus,
+    /// Bytes written at `dst`.
+    pub bytes: u32,
+    /// CRC32C value, or the compare result.
+    pub result: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AccelError {
+    #[error("PASID {0} is already bound to an address space")]
+    PasidInUse(Pasid),
+    #[error("PASID {0} has no address space")]
+    UnknownPasid(Pasid),
+    #[error("accelerator has no free queue pairs ({0} in use)")]
+    NoQueuePairs(usize),
+    #[error("queue pair is closed")]
+    Closed,
+}
+
+/// A physical accelerator.
+pub trait Accelerator: Send + Sync {
+    /// Short name for listings (`soft`, `uacce:hisi_zip-0`, ...).
+    fn name(&self) -> &str;
+    /// Bit mask of [`Opcode`]s this backend can run (`1 << opcode`).
+    fn supported_ops(&self) -> u32;
+    /// Largest source or destination of one job.
+    fn max_xfer(&self) -> u32;
+    /// Bind `pasid` to an address space (the IOMMU's PASID table entry).
+    fn bind_pasid(&self, pasid: Pasid, space: AddressSpace) -> Result<(), AccelError>;
+    /// Remove the binding; later jobs with this PASID fail with `BadAddress`.
+    fn unbind_pasid(&self, pasid: Pasid) -> Result<(), AccelError>;
+    /// A new hardware queue pair whose jobs carry `pasid`.
+    fn open_queue_pair(&self, pasid: Pasid) -> Result<Box<dyn QueuePair>, AccelError>;
+}
+
+/// One hardware queue pair: a submission side and a completion stream.
+pub trait QueuePair: Send {
+    /// Queue jobs for the engines; results arrive on `completions()`, one per
+    /// job, in any order.
+    fn submit(&self, jobs: &[Job]) -> Result<(), AccelError>;
+    /// The completion stream.
+    fn completions(&self) -> &Receiver<JobResult>;
+    /// Jobs submitted whose results have not yet been sent.
+    fn in_flight(&self) -> usize;
+}
+
+/// Shared handle to a backend.
+pub type SharedAccelerator = Arc<dyn Accelerator>;

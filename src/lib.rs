@@ -1,0 +1,10 @@
+//! wdvirt: share WarpDrive-style accelerators between virtual machines.
+//!
+//! Layers (one folder each; a layer talks only to its neighbours):
+//! `transport` (vfio-user) → `vdev` (PCI function + accelerator model) →
+//! `accel` (engines). `vmm` is an in-process VMM-role client used by the demo
+//! and the tests; `cli` parses the command line into actions.
+
+pub mod accel;
+pub mod transport;
+pub mod vdev;

@@ -1,0 +1,67 @@
+//! The trait between the PCI layer (`vdev::pci`) and a device type's model.
+//!
+//! The PCI layer owns config space, BAR sizing, the capability list, MSI-X
+//! (table, PBA, vector eventfds), INTx and the command register. A model sees
+//! only its BAR accesses, DMA map notices, bus-master changes and resets, and
+//! raises interrupts through the [`Interrupts`](super::pci::Interrupts) handle
+//! it was given.
+
+use crate::transport::device::{DeviceError, DmaMapping};
+
+/// What kind of BAR, for the type bits in config space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BarKind {
+    /// Absent (size 0).
+    None,
+    /// 32-bit non-prefetchable memory BAR.
+    Mem32,
+    /// 64-bit memory BAR (takes this BAR and the next; the next must be `None`).
+    Mem64 { prefetchable: bool },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BarSpec {
+    pub kind: BarKind,
+    /// A power of two (≥ 4 KiB) or 0.
+    pub size: u64,
+}
+
+impl BarSpec {
+    pub const NONE: BarSpec = BarSpec { kind: BarKind::None, size: 0 };
+}
+
+/// Static identity and layout of a PCI function, declared up front.
+#[derive(Clone, Debug)]
+pub struct FunctionLayout {
+    pub vendor_id: u16,
+    pub device_id: u16,
+    pub subsystem_vendor_id: u16,
+    pub subsystem_id: u16,
+    pub revision: u8,
+    /// base << 16 | sub << 8 | prog-if
+    pub class_code: u32,
+    pub bars: [BarSpec; 6],
+    /// MSI-X vectors (0 = no MSI-X capability).
+    pub msix_vectors: u16,
+    /// BAR index and offset of the MSI-X table and PBA.
+    pub msix_table: (u8, u32),
+    pub msix_pba: (u8, u32),
+}
+
+/// A device type's model under the PCI layer.
+pub trait FunctionModel: Send {
+    fn layout(&self) -> FunctionLayout;
+    /// A read inside `bar` (never the MSI-X table or PBA, the PCI layer serves those).
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) -> Result<(), DeviceError>;
+    /// A write inside `bar` (never the MSI-X table or PBA).
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) -> Result<(), DeviceError>;
+    fn dma_map(&mut self, map: DmaMapping) -> Result<(), DeviceError>;
+    fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<(), DeviceError>;
+    fn dma_unmap_all(&mut self) -> Result<(), DeviceError>;
+    /// Command register bus-master bit changed; with it off the model starts no DMA.
+    fn set_bus_master(&mut self, enabled: bool);
+    /// Function-level reset (VFIO DEVICE_RESET, FLR): back to power-on state.
+    fn reset(&mut self) -> Result<(), DeviceError>;
+    /// The VMM went away: stop all work and drop its memory.
+    fn disconnected(&mut self);
+}
