@@ -2,9 +2,12 @@
 //!
 //! Layers (one folder each; a layer talks only to its neighbours):
 //! `transport` (vfio-user) → `vdev` (PCI function + accelerator model) →
-//! `accel` (engines). `vmm` is an in-process VMM-role client used by the demo
-//! and the tests; `cli` parses the command line into actions.
+//! `accel` (engines). `stats` is read by everyone; `vmm` is an in-process
+//! VMM-role client used by the demo and the tests; `cli` parses the command
+//! line into actions.
 
 pub mod accel;
+pub mod partition;
+pub mod stats;
 pub mod transport;
 pub mod vdev;

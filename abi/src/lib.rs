@@ -191,10 +191,7 @@ impl Opcode {
     }
     /// Whether the job writes to `dst`.
     pub const fn writes_dst(self) -> bool {
-        !matches!(
-            self,
-            Opcode::Nop | Opcode::Crc32c | Opcode::Compare
-        )
+        !matches!(self, Opcode::Nop | Opcode::Crc32c | Opcode::Compare)
     }
     /// Whether the job reads `src`.
     pub const fn reads_src(self) -> bool {
@@ -377,6 +374,7 @@ codes! {
         DeviceDisabled = 12, "queue enabled while the device is disabled";
         RingsOverlap = 13, "submission ring, completion ring and index block overlap";
         WriteOnly = 14, "read of a write-only location";
+        NoQueuePair = 15, "the accelerator has no free queue pair for this queue";
     }
 }
 

@@ -27,7 +27,10 @@ pub struct BarSpec {
 }
 
 impl BarSpec {
-    pub const NONE: BarSpec = BarSpec { kind: BarKind::None, size: 0 };
+    pub const NONE: BarSpec = BarSpec {
+        kind: BarKind::None,
+        size: 0,
+    };
 }
 
 /// Static identity and layout of a PCI function, declared up front.
@@ -64,4 +67,12 @@ pub trait FunctionModel: Send {
     fn reset(&mut self) -> Result<(), DeviceError>;
     /// The VMM went away: stop all work and drop its memory.
     fn disconnected(&mut self);
+}
+
+/// How a model raises its interrupts (implemented by the PCI layer's
+/// MSI-X state; a model never sees an eventfd).
+pub trait InterruptSink: Send + Sync {
+    /// Signal MSI-X `vector`. Returns whether it was delivered now (false:
+    /// masked and left pending, or no eventfd assigned).
+    fn msix(&self, vector: u16) -> bool;
 }

@@ -4,5 +4,7 @@
 //! Neighbours: `transport` calls in through `VfioUserDevice` (implemented by
 //! `pci::PciFunction`); the model submits work to `accel`.
 
+pub mod dma;
 pub mod function;
 pub mod pci;
+pub mod wd;

@@ -1,0 +1,249 @@
+//! What a VMM mapped for one instance: the DMA map table and the guest
+//! memory built from it.
+//!
+//! Each DMA_MAP with an fd becomes a `vm-memory` region of a new memory map
+//! that is published whole (`GuestMemoryAtomic`), so jobs in flight keep the
+//! map they started with. Every address a guest hands the device is checked
+//! here against what the VMM mapped, with the permission the job needs.
+//!
+//! Only maps that are readable, writable and fd-backed become guest memory
+//! the device can touch (QEMU's RAM is all three). Read-only and fd-less maps
+//! (ROM, BIOS, other devices' BARs) are recorded but not reachable: a
+//! descriptor pointing there gets `BadAddress`, and a ring there is refused.
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestRegionMmap};
+
+use crate::accel::{AddressSpace, GuestMemory};
+use crate::transport::device::{DeviceError, DmaMapping};
+
+const PAGE: usize = 4096;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MapEntry {
+    iova: u64,
+    size: u64,
+    /// Readable, writable and backed by an fd: the device may touch it.
+    reachable: bool,
+}
+
+/// The DMA map table and the address space built from it.
+pub struct DmaSpace {
+    maps: Vec<MapEntry>,
+    space: AddressSpace,
+}
+
+impl Default for DmaSpace {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DmaSpace {
+    pub fn new() -> Self {
+        DmaSpace {
+            maps: Vec::new(),
+            space: GuestMemoryAtomic::new(GuestMemory::new()),
+        }
+    }
+
+    /// The address space the engines resolve through (shared, swapped whole).
+    pub fn address_space(&self) -> AddressSpace {
+        self.space.clone()
+    }
+
+    pub fn map(&mut self, map: DmaMapping) -> Result<(), DeviceError> {
+        let end = map
+            .iova
+            .checked_add(map.size)
+            .ok_or_else(|| DeviceError::Invalid("iova + size overflows".into()))?;
+        if self
+            .maps
+            .iter()
+            .any(|m| map.iova < m.iova + m.size && m.iova < end)
+        {
+            return Err(DeviceError::Invalid(format!(
+                "{:#x}+{:#x} overlaps a mapping",
+                map.iova, map.size
+            )));
+        }
+        let reachable = map.readable && map.writable && map.fd.is_some();
+        if let (true, Some((fd, offset))) = (reachable, map.fd) {
+            let region = map_region(fd, offset, map.iova, map.size)?;
+            let guard = self
+                .space
+                .lock()
+                .map_err(|_| DeviceError::Invalid("memory map lock poisoned".into()))?;
+            let new = self
+                .space
+                .memory()
+                .insert_region(std::sync::Arc::new(region))
+                .map_err(|e| DeviceError::Invalid(format!("cannot add region: {e}")))?;
+            guard.replace(new);
+        }
+        self.maps.push(MapEntry {
+            iova: map.iova,
+            size: map.size,
+            reachable,
+        });
+        self.maps.sort_by_key(|m| m.iova);
+        Ok(())
+    }
+
+    pub fn unmap(&mut self, iova: u64, size: u64) -> Result<(), DeviceError> {
+        let i = self
+            .maps
+            .iter()
+            .position(|m| m.iova == iova && m.size == size)
+            .ok_or_else(|| DeviceError::Invalid(format!("no mapping {iova:#x}+{size:#x}")))?;
+        let entry = self.maps.remove(i);
+        if entry.reachable {
+            let guard = self
+                .space
+                .lock()
+                .map_err(|_| DeviceError::Invalid("memory map lock poisoned".into()))?;
+            let new = match self.space.memory().remove_region(GuestAddress(iova), size) {
+                Ok((new, _old)) => new,
+                Err(e) => return Err(DeviceError::Invalid(format!("cannot remove region: {e}"))),
+            };
+            guard.replace(new);
+        }
+        Ok(())
+    }
+
+    pub fn unmap_all(&mut self) {
+        self.maps.clear();
+        if let Ok(guard) = self.space.lock() {
+            guard.replace(GuestMemory::new());
+        }
+    }
+
+    /// Is `[addr, addr + len)` entirely inside reachable memory? Adjacent maps
+    /// count as one range.
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        let Some(end) = addr.checked_add(len) else {
+            return false;
+        };
+        let mut cursor = addr;
+        for m in self.maps.iter().filter(|m| m.reachable) {
+            if m.iova <= cursor && cursor < m.iova + m.size {
+                cursor = m.iova + m.size;
+                if cursor >= end {
+                    return true;
+                }
+            }
+        }
+        len == 0
+            && self
+                .maps
+                .iter()
+                .any(|m| m.reachable && m.iova <= addr && addr < m.iova + m.size)
+    }
+
+    /// The map table as (iova, size, reachable), for listings.
+    pub fn mappings(&self) -> impl Iterator<Item = (u64, u64, bool)> + '_ {
+        self.maps.iter().map(|m| (m.iova, m.size, m.reachable))
+    }
+}
+
+/// mmap `size` bytes of `fd` at `offset` as a guest region at `iova`, with a
+/// dirty bitmap. vm-memory does not check the file is long enough (a short
+/// file would SIGBUS on access), so that is checked here first.
+fn map_region(
+    fd: OwnedFd,
+    offset: u64,
+    iova: u64,
+    size: u64,
+) -> Result<GuestRegionMmap<AtomicBitmap>, DeviceError> {
+    let file = File::from(fd);
+    let len = file.metadata()?.len();
+    let end = offset
+        .checked_add(size)
+        .ok_or_else(|| DeviceError::Invalid("offset + size overflows".into()))?;
+    if end > len {
+        return Err(DeviceError::Invalid(format!(
+            "fd is {len} bytes, mapping needs {end}"
+        )));
+    }
+    let size =
+        usize::try_from(size).map_err(|_| DeviceError::Invalid("mapping too large".into()))?;
+    let page = std::num::NonZeroUsize::new(PAGE).expect("page size is not zero");
+    let region = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::new(size, page))
+        .with_file_offset(FileOffset::new(file, offset))
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_SHARED)
+        .build()
+        .map_err(|e| DeviceError::Invalid(format!("mmap of guest memory failed: {e}")))?;
+    GuestRegionMmap::new(region, GuestAddress(iova))
+        .ok_or_else(|| DeviceError::Invalid("region wraps".into()))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    pub(crate) fn memfd(size: u64) -> OwnedFd {
+        let fd = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        rustix::fs::ftruncate(&fd, size).unwrap();
+        fd
+    }
+
+    fn mapping(iova: u64, size: u64, fd: Option<OwnedFd>) -> DmaMapping {
+        DmaMapping {
+            iova,
+            size,
+            readable: true,
+            writable: true,
+            fd: fd.map(|f| (f, 0)),
+        }
+    }
+
+    #[test]
+    fn mapped_memory_is_reachable_and_bounds_are_exact() {
+        let mut d = DmaSpace::new();
+        d.map(mapping(0x10000, 0x10000, Some(memfd(0x10000))))
+            .unwrap();
+        d.map(mapping(0x20000, 0x1000, Some(memfd(0x1000))))
+            .unwrap();
+        assert!(d.contains(0x10000, 0x10000));
+        assert!(d.contains(0x1f000, 0x2000), "adjacent maps form one range");
+        assert!(!d.contains(0x20000, 0x1001));
+        assert!(!d.contains(0xf000, 0x1001));
+        assert!(!d.contains(u64::MAX, 2));
+        d.address_space()
+            .memory()
+            .write_obj(7u32, GuestAddress(0x20ffc))
+            .unwrap();
+        d.unmap(0x20000, 0x1000).unwrap();
+        assert!(!d.contains(0x20000, 4));
+        assert!(
+            d.address_space()
+                .memory()
+                .read_obj::<u32>(GuestAddress(0x20ffc))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn fdless_and_short_fd_maps_are_handled() {
+        let mut d = DmaSpace::new();
+        d.map(mapping(0xc0000, 0x20000, None)).unwrap();
+        assert!(!d.contains(0xc0000, 4), "fd-less memory is not reachable");
+        let err = d
+            .map(mapping(0x100000, 0x10000, Some(memfd(0x1000))))
+            .unwrap_err();
+        assert!(err.to_string().contains("fd is 4096 bytes"), "{err}");
+        assert!(
+            d.map(mapping(0xc8000, 0x1000, None)).is_err(),
+            "overlap refused"
+        );
+        assert!(d.unmap(0xc0000, 0x1000).is_err(), "unmap must be exact");
+        d.unmap_all();
+        assert_eq!(d.mappings().count(), 0);
+    }
+}

@@ -1,0 +1,531 @@
+//! The WarpDrive-style accelerator model: BAR0 control registers (every
+//! access decoded against `regs::GLOBAL`/`regs::QUEUE` and checked for value),
+//! BAR2 doorbells, and queues that run from rings in guest memory.
+//!
+//! A refused register access never fails the vfio-user message (the access is
+//! well-formed at the protocol level, as on hardware): the write is dropped,
+//! a read returns all-ones, and the reason is latched in `ERR_CODE` for the
+//! guest and counted and logged for the operator. Neighbours: the PCI layer
+//! above (`FunctionModel`), the accelerator below (`Accelerator`).
+
+pub mod queue;
+pub mod regs;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use wdvirt_abi::{ALL_OPS, IDX_ALIGN, RING_ALIGN, RegError, pci, regs as r};
+
+use self::queue::{QueueConfig, QueueRunner, QueueShared, WorkerContext, overlaps};
+use self::regs::{Access, Decoded, Reg};
+use crate::accel::{Pasid, SharedAccelerator};
+use crate::stats::{InstanceStats, add};
+use crate::transport::device::{DeviceError, DmaMapping};
+use crate::vdev::dma::DmaSpace;
+use crate::vdev::function::{BarKind, BarSpec, FunctionLayout, FunctionModel, InterruptSink};
+
+/// What an instance offers its guest, fixed when it is created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WdConfig {
+    pub queues: u32,
+    /// A power of two ≥ 2.
+    pub max_depth: u32,
+    /// Opcodes this instance may use (`1 << opcode`).
+    pub ops: u32,
+    pub max_xfer: u32,
+}
+
+impl Default for WdConfig {
+    fn default() -> Self {
+        WdConfig {
+            queues: 4,
+            max_depth: 1024,
+            ops: ALL_OPS,
+            max_xfer: 1 << 20,
+        }
+    }
+}
+
+/// The error latch behind `ERR_STATUS`/`ERR_CODE`/`ERR_OFFSET`/`ERR_COUNT`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ErrLatch {
+    pub code: Option<RegError>,
+    pub offset: u32,
+    pub count: u32,
+}
+
+#[derive(Default)]
+struct QueueSlot {
+    cfg: QueueConfig,
+    /// `Q_STATUS` error bits (ERROR | code << 8), cleared by a good enable.
+    error: u32,
+    shared: Arc<QueueShared>,
+    runner: Option<QueueRunner>,
+}
+
+/// One mediated instance of the accelerator.
+pub struct WdDevice {
+    cfg: WdConfig,
+    pasid: Pasid,
+    accel: SharedAccelerator,
+    irq: Arc<dyn InterruptSink>,
+    dma: DmaSpace,
+    bus_master: Arc<AtomicBool>,
+    enabled: bool,
+    err: ErrLatch,
+    queues: Vec<QueueSlot>,
+    stats: Arc<InstanceStats>,
+}
+
+impl WdDevice {
+    /// A new instance whose jobs carry `pasid` (assigned by the host, never
+    /// visible to the guest). Binds the PASID to this instance's memory.
+    pub fn new(
+        cfg: WdConfig,
+        accel: SharedAccelerator,
+        pasid: Pasid,
+        irq: Arc<dyn InterruptSink>,
+    ) -> Result<WdDevice, DeviceError> {
+        if cfg.queues == 0
+            || cfg.queues > 64
+            || !cfg.max_depth.is_power_of_two()
+            || cfg.max_depth < 2
+        {
+            return Err(DeviceError::Invalid(format!("bad instance shape {cfg:?}")));
+        }
+        let cfg = WdConfig {
+            ops: cfg.ops & accel.supported_ops(),
+            max_xfer: cfg.max_xfer.min(accel.max_xfer()),
+            ..cfg
+        };
+        let dma = DmaSpace::new();
+        accel
+            .bind_pasid(pasid, dma.address_space())
+            .map_err(|e| DeviceError::Busy(e.to_string()))?;
+        Ok(WdDevice {
+            cfg,
+            pasid,
+            accel,
+            irq,
+            dma,
+            bus_master: Arc::new(AtomicBool::new(false)),
+            enabled: false,
+            err: ErrLatch::default(),
+            queues: (0..cfg.queues)
+                .map(|_| QueueSlot {
+                    cfg: QueueConfig::reset(),
+                    ..Default::default()
+                })
+                .collect(),
+            stats: Arc::new(InstanceStats::default()),
+        })
+    }
+
+    pub fn config(&self) -> WdConfig {
+        self.cfg
+    }
+    pub fn pasid(&self) -> Pasid {
+        self.pasid
+    }
+    pub fn stats(&self) -> Arc<InstanceStats> {
+        self.stats.clone()
+    }
+    /// Per-queue counters, shared with the workers.
+    pub fn queue_stats(&self) -> Vec<Arc<QueueShared>> {
+        self.queues.iter().map(|q| q.shared.clone()).collect()
+    }
+    pub fn error_latch(&self) -> ErrLatch {
+        self.err
+    }
+
+    fn refuse(&mut self, code: RegError, offset: u64) {
+        add(&self.stats.register_errors, 1);
+        self.err.count = self.err.count.saturating_add(1);
+        if self.err.code.is_none() {
+            self.err.code = Some(code);
+            self.err.offset = offset as u32;
+        }
+        tracing::debug!(
+            pasid = self.pasid,
+            offset,
+            code = code.name(),
+            "refused BAR0 access"
+        );
+    }
+
+    fn read_reg(&self, d: &Decoded) -> u64 {
+        let q = d.queue.map(|q| &self.queues[q as usize]);
+        let qcfg = q.map(|q| q.cfg).unwrap_or_default();
+        match d.def.reg {
+            Reg::Id => r::ID_MAGIC as u64,
+            Reg::Version => r::ABI_VERSION as u64,
+            Reg::CapOps => self.cfg.ops as u64,
+            Reg::NumQueues => self.cfg.queues as u64,
+            Reg::MaxDepth => self.cfg.max_depth as u64,
+            Reg::MaxXfer => self.cfg.max_xfer as u64,
+            Reg::DevCtrl => {
+                if self.enabled {
+                    r::DEV_CTRL_ENABLE as u64
+                } else {
+                    0
+                }
+            }
+            Reg::DevStatus => {
+                if self.enabled {
+                    r::DEV_STATUS_ENABLED as u64
+                } else {
+                    0
+                }
+            }
+            Reg::ErrStatus => self.err.code.is_some() as u64,
+            Reg::ErrCode => self.err.code.map_or(0, |c| c.code() as u64),
+            Reg::ErrOffset => self.err.offset as u64,
+            Reg::ErrCount => self.err.count as u64,
+            Reg::SqBase => qcfg.sq_base,
+            Reg::CqBase => qcfg.cq_base,
+            Reg::IdxBase => qcfg.idx_base,
+            Reg::Depth => qcfg.depth as u64,
+            Reg::Ops => qcfg.ops as u64,
+            Reg::Ctrl => q.map_or(0, |q| {
+                if q.runner.is_some() {
+                    r::Q_CTRL_ENABLE as u64
+                } else {
+                    0
+                }
+            }),
+            Reg::Status => q.map_or(0, |q| {
+                (if q.runner.is_some() {
+                    r::Q_STATUS_ENABLED
+                } else {
+                    0
+                } | q.error) as u64
+            }),
+            Reg::MsixVector => qcfg.vector as u64,
+            Reg::IrqCoalesce => qcfg.coalesce as u64,
+            Reg::Completed => q.map_or(0, |q| q.shared.completed.load(Ordering::Relaxed) as u64),
+        }
+    }
+
+    /// Apply a write the table allows; value checks happen here.
+    fn write_reg(&mut self, d: &Decoded, value: u64, offset: u64) -> Result<(), RegError> {
+        match d.def.access {
+            Access::ReadOnly => return Err(RegError::ReadOnly),
+            Access::W1c | Access::ReadWrite => {}
+        }
+        if d.sets_reserved(value) {
+            return Err(RegError::ReservedBits);
+        }
+        let Some(qn) = d.queue else {
+            return self.write_global(d.def.reg, value as u32);
+        };
+        let qi = qn as usize;
+        let running = self.queues[qi].runner.is_some();
+        if running && !matches!(d.def.reg, Reg::Ctrl) {
+            return Err(RegError::QueueBusy);
+        }
+        let cur = self.read_reg(d);
+        let merged = d.merge(cur, value);
+        let vectors = self.msix_vectors() as u32;
+        let cfg = &mut self.queues[qi].cfg;
+        match d.def.reg {
+            Reg::SqBase | Reg::CqBase => {
+                if merged % RING_ALIGN != 0 {
+                    return Err(RegError::Misaligned);
+                }
+                if d.def.reg == Reg::SqBase {
+                    cfg.sq_base = merged
+                } else {
+                    cfg.cq_base = merged
+                }
+            }
+            Reg::IdxBase => {
+                if merged % IDX_ALIGN != 0 {
+                    return Err(RegError::Misaligned);
+                }
+                cfg.idx_base = merged;
+            }
+            Reg::Depth => {
+                let v = merged as u32;
+                if !v.is_power_of_two() || v < 2 || v > self.cfg.max_depth {
+                    return Err(RegError::BadDepth);
+                }
+                cfg.depth = v;
+            }
+            Reg::Ops => {
+                if merged as u32 & !self.cfg.ops != 0 {
+                    return Err(RegError::OpNotAllowed);
+                }
+                cfg.ops = merged as u32;
+            }
+            Reg::MsixVector => {
+                let v = merged as u32;
+                if v != r::NO_VECTOR && v >= vectors {
+                    return Err(RegError::BadVector);
+                }
+                cfg.vector = v;
+            }
+            Reg::IrqCoalesce => cfg.coalesce = merged as u32,
+            Reg::Ctrl => return self.write_queue_ctrl(qi, merged as u32, offset),
+            _ => return Err(RegError::ReadOnly),
+        }
+        Ok(())
+    }
+
+    fn write_global(&mut self, reg: Reg, v: u32) -> Result<(), RegError> {
+        match reg {
+            Reg::DevCtrl if v & r::DEV_CTRL_RESET != 0 => self.reset_state(),
+            Reg::DevCtrl => {
+                self.enabled = v & r::DEV_CTRL_ENABLE != 0;
+                if !self.enabled {
+                    self.stop_queues();
+                }
+            }
+            Reg::ErrStatus => {
+                if v & r::ERR_STATUS_LATCHED != 0 {
+                    self.err.code = None;
+                    self.err.offset = 0;
+                }
+            }
+            _ => return Err(RegError::ReadOnly),
+        }
+        Ok(())
+    }
+
+    fn write_queue_ctrl(&mut self, qi: usize, v: u32, offset: u64) -> Result<(), RegError> {
+        if v & r::Q_CTRL_RESET != 0 {
+            let slot = &mut self.queues[qi];
+            if let Some(run) = slot.runner.take() {
+                run.stop();
+            }
+            slot.cfg = QueueConfig::reset();
+            slot.error = 0;
+            return Ok(());
+        }
+        let want = v & r::Q_CTRL_ENABLE != 0;
+        match (want, self.queues[qi].runner.is_some()) {
+            (false, true) => {
+                if let Some(run) = self.queues[qi].runner.take() {
+                    run.stop();
+                }
+                Ok(())
+            }
+            (true, false) => {
+                let result = self.enable_queue(qi);
+                self.queues[qi].error = match result {
+                    Ok(()) => 0,
+                    Err(code) => r::Q_STATUS_ERROR | ((code.code() as u32) << 8),
+                };
+                if let Err(code) = result {
+                    self.refuse(code, offset);
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn enable_queue(&mut self, qi: usize) -> Result<(), RegError> {
+        if !self.enabled {
+            return Err(RegError::DeviceDisabled);
+        }
+        let cfg = self.queues[qi].cfg;
+        if cfg.depth == 0 {
+            return Err(RegError::BadDepth);
+        }
+        let rings = cfg.ring_ranges();
+        if rings.iter().any(|&(b, l)| !self.dma.contains(b, l)) {
+            return Err(RegError::RingUnmapped);
+        }
+        for (i, a) in rings.iter().enumerate() {
+            if rings[i + 1..].iter().any(|b| overlaps(a.0, a.1, b.0, b.1)) {
+                return Err(RegError::RingsOverlap);
+            }
+        }
+        let qp = self.accel.open_queue_pair(self.pasid).map_err(|e| {
+            tracing::warn!(pasid = self.pasid, "no queue pair: {e}");
+            RegError::NoQueuePair
+        })?;
+        let ctx = WorkerContext {
+            queue: qi as u32,
+            config: cfg,
+            max_xfer: self.cfg.max_xfer,
+            space: self.dma.address_space(),
+            qp,
+            irq: self.irq.clone(),
+            bus_master: self.bus_master.clone(),
+            shared: self.queues[qi].shared.clone(),
+        };
+        let runner = QueueRunner::start(ctx).map_err(|e| {
+            tracing::error!("cannot start queue worker: {e}");
+            RegError::NoQueuePair
+        })?;
+        self.queues[qi].runner = Some(runner);
+        Ok(())
+    }
+
+    fn stop_queues(&mut self) {
+        for q in &mut self.queues {
+            if let Some(run) = q.runner.take() {
+                run.stop();
+            }
+        }
+    }
+
+    /// Power-on register state (DEV_CTRL.RESET, DEVICE_RESET, FLR). DMA maps stay.
+    fn reset_state(&mut self) {
+        self.stop_queues();
+        self.enabled = false;
+        self.err = ErrLatch::default();
+        for q in &mut self.queues {
+            q.cfg = QueueConfig::reset();
+            q.error = 0;
+            q.shared.completed.store(0, Ordering::Relaxed);
+        }
+        add(&self.stats.resets, 1);
+    }
+
+    fn msix_vectors(&self) -> u16 {
+        self.cfg.queues as u16
+    }
+
+    fn doorbell(&mut self, offset: u64) {
+        let q = (offset / pci::DOORBELL_STRIDE) as usize;
+        match self
+            .queues
+            .get(q)
+            .and_then(|s| s.runner.as_ref().map(|r| (r, &s.shared)))
+        {
+            Some((runner, shared)) => {
+                add(&shared.stats.doorbells, 1);
+                runner.ring();
+            }
+            None => add(&self.stats.stray_doorbells, 1),
+        }
+    }
+}
+
+impl FunctionModel for WdDevice {
+    fn layout(&self) -> FunctionLayout {
+        let mut bars = [BarSpec::NONE; 6];
+        bars[pci::BAR_CONTROL as usize] = BarSpec {
+            kind: BarKind::Mem32,
+            size: pci::BAR0_SIZE,
+        };
+        bars[pci::BAR_DOORBELL as usize] = BarSpec {
+            kind: BarKind::Mem32,
+            size: pci::bar2_size(self.cfg.queues),
+        };
+        FunctionLayout {
+            vendor_id: pci::VENDOR_ID,
+            device_id: pci::DEVICE_ID,
+            subsystem_vendor_id: pci::SUBSYSTEM_VENDOR_ID,
+            subsystem_id: pci::SUBSYSTEM_ID,
+            revision: pci::REVISION,
+            class_code: pci::CLASS_CODE,
+            bars,
+            msix_vectors: self.msix_vectors(),
+            msix_table: (pci::BAR_CONTROL, pci::MSIX_TABLE_OFFSET),
+            msix_pba: (pci::BAR_CONTROL, pci::MSIX_PBA_OFFSET),
+        }
+    }
+
+    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        match bar {
+            pci::BAR_CONTROL => match regs::decode(offset, data.len(), self.cfg.queues) {
+                Ok(d) => {
+                    let v = d.extract(self.read_reg(&d));
+                    data.copy_from_slice(&v.to_le_bytes()[..data.len()]);
+                }
+                Err(code) => {
+                    data.fill(0xff);
+                    self.refuse(code, offset);
+                }
+            },
+            // Doorbells are write-only; reads return 0 and are not an error
+            // (Linux may probe them), but count as a refused access.
+            pci::BAR_DOORBELL => {
+                data.fill(0);
+                self.refuse(RegError::WriteOnly, offset);
+            }
+            _ => return Err(DeviceError::Invalid(format!("BAR{bar} does not exist"))),
+        }
+        Ok(())
+    }
+
+    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        let mut raw = [0u8; 8];
+        let len = data.len().min(8);
+        raw[..len].copy_from_slice(&data[..len]);
+        let value = u64::from_le_bytes(raw);
+        match bar {
+            pci::BAR_CONTROL => {
+                let result = regs::decode(offset, data.len(), self.cfg.queues)
+                    .and_then(|d| self.write_reg(&d, value, offset));
+                if let Err(code) = result {
+                    self.refuse(code, offset);
+                }
+            }
+            pci::BAR_DOORBELL => self.doorbell(offset),
+            _ => return Err(DeviceError::Invalid(format!("BAR{bar} does not exist"))),
+        }
+        Ok(())
+    }
+
+    fn dma_map(&mut self, map: DmaMapping) -> Result<(), DeviceError> {
+        self.dma.map(map)?;
+        add(&self.stats.dma_maps, 1);
+        Ok(())
+    }
+
+    fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<(), DeviceError> {
+        // A running queue whose rings sit in the range would write freed memory.
+        let busy = self.queues.iter().any(|q| {
+            q.runner.is_some()
+                && q.cfg
+                    .ring_ranges()
+                    .iter()
+                    .any(|&(b, l)| overlaps(b, l, iova, size))
+        });
+        if busy {
+            return Err(DeviceError::Busy(format!(
+                "{iova:#x}+{size:#x} holds an enabled queue's rings"
+            )));
+        }
+        self.dma.unmap(iova, size)?;
+        add(&self.stats.dma_unmaps, 1);
+        Ok(())
+    }
+
+    fn dma_unmap_all(&mut self) -> Result<(), DeviceError> {
+        self.stop_queues();
+        self.dma.unmap_all();
+        Ok(())
+    }
+
+    fn set_bus_master(&mut self, enabled: bool) {
+        self.bus_master.store(enabled, Ordering::Release);
+        if enabled {
+            for q in self.queues.iter().filter_map(|q| q.runner.as_ref()) {
+                q.ring();
+            }
+        }
+    }
+
+    fn reset(&mut self) -> Result<(), DeviceError> {
+        self.reset_state();
+        self.bus_master.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    fn disconnected(&mut self) {
+        self.reset_state();
+        self.dma.unmap_all();
+    }
+}
+
+impl Drop for WdDevice {
+    fn drop(&mut self) {
+        self.stop_queues();
+        let _ = self.accel.unbind_pasid(self.pasid);
+    }
+}

@@ -1,0 +1,444 @@
+//! One enabled queue: a worker thread that reads submissions from the ring in
+//! guest memory, checks each descriptor, hands jobs to the accelerator's
+//! queue pair and writes completions back with the phase bit.
+//!
+//! The ring indexes live in guest memory. The doorbell is only a wake-up
+//! hint: while the worker has work in flight it sets `IDX_FLAG_NO_DOORBELL`
+//! and re-reads `sq_tail` after every completion, so a busy queue runs
+//! without a single trap. Before it sleeps it clears the flag, fences and
+//! reads `sq_tail` once more (the virtio/NVMe shadow-doorbell handshake).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, select};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use wdvirt_abi::{
+    CQE_PHASE, CQE_SIZE, CompletionEntry, IDX_FLAG_NO_DOORBELL, JobStatus, Opcode, SQE_SIZE,
+    SubmissionEntry, idx,
+};
+
+use crate::accel::{AddressSpace, GuestMemory, Job, JobResult, QueuePair};
+use crate::stats::{QueueStats, add};
+use crate::vdev::function::InterruptSink;
+
+/// A queue's programmed configuration, frozen when it is enabled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueConfig {
+    pub sq_base: u64,
+    pub cq_base: u64,
+    pub idx_base: u64,
+    pub depth: u32,
+    pub ops: u32,
+    pub vector: u32,
+    pub coalesce: u32,
+}
+
+impl QueueConfig {
+    /// Power-on values: nothing programmed, no interrupt vector.
+    pub fn reset() -> QueueConfig {
+        QueueConfig {
+            vector: wdvirt_abi::regs::NO_VECTOR,
+            ..QueueConfig::default()
+        }
+    }
+    /// The guest memory the queue itself occupies: SQ, CQ, index block.
+    pub fn ring_ranges(&self) -> [(u64, u64); 3] {
+        [
+            (self.sq_base, self.depth as u64 * SQE_SIZE as u64),
+            (self.cq_base, self.depth as u64 * CQE_SIZE as u64),
+            (self.idx_base, idx::SIZE),
+        ]
+    }
+    fn overlaps_ring(&self, addr: u64, len: u64) -> bool {
+        self.ring_ranges()
+            .iter()
+            .any(|&(b, l)| overlaps(addr, len, b, l))
+    }
+}
+
+pub fn overlaps(a: u64, alen: u64, b: u64, blen: u64) -> bool {
+    alen != 0 && blen != 0 && a < b.saturating_add(blen) && b < a.saturating_add(alen)
+}
+
+/// State a queue shares with the device's register file.
+#[derive(Debug, Default)]
+pub struct QueueShared {
+    pub stats: QueueStats,
+    /// `Q_COMPLETED`.
+    pub completed: AtomicU32,
+}
+
+/// What the worker needs from its instance.
+pub struct WorkerContext {
+    pub queue: u32,
+    pub config: QueueConfig,
+    pub max_xfer: u32,
+    pub space: AddressSpace,
+    pub qp: Box<dyn QueuePair>,
+    pub irq: Arc<dyn InterruptSink>,
+    pub bus_master: Arc<AtomicBool>,
+    pub shared: Arc<QueueShared>,
+}
+
+/// The device's handle on a running queue.
+pub struct QueueRunner {
+    stop: Arc<AtomicBool>,
+    wake: Sender<()>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl QueueRunner {
+    pub fn start(ctx: WorkerContext) -> std::io::Result<QueueRunner> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (wake, wake_rx) = crossbeam_channel::bounded(1);
+        let worker = Worker::new(ctx, stop.clone(), wake_rx);
+        let name = format!("wd-queue-{}", worker.ctx.queue);
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || worker.run())?;
+        Ok(QueueRunner {
+            stop,
+            wake,
+            thread: Some(thread),
+        })
+    }
+
+    /// A doorbell: wake the worker if it sleeps. Never blocks.
+    pub fn ring(&self) {
+        let _ = self.wake.try_send(());
+    }
+
+    /// Stop the worker; jobs already with the engine finish, their results are
+    /// dropped (the queue is being disabled or reset).
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.wake.try_send(());
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!("queue worker panicked");
+        }
+    }
+}
+
+impl Drop for QueueRunner {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+struct Worker {
+    ctx: WorkerContext,
+    stop: Arc<AtomicBool>,
+    wake: Receiver<()>,
+    /// Submissions consumed (free-running).
+    sq_head: u32,
+    /// Completions written (free-running).
+    cq_tail: u32,
+    in_flight: u32,
+    /// Results held back while bus mastering is off.
+    held: Vec<JobResult>,
+    /// Completions since the last interrupt, and when the oldest arrived.
+    irq_pending: u32,
+    irq_since: Option<Instant>,
+}
+
+impl Worker {
+    fn new(ctx: WorkerContext, stop: Arc<AtomicBool>, wake: Receiver<()>) -> Worker {
+        Worker {
+            ctx,
+            stop,
+            wake,
+            sq_head: 0,
+            cq_tail: 0,
+            in_flight: 0,
+            held: Vec::new(),
+            irq_pending: 0,
+            irq_since: None,
+        }
+    }
+
+    fn idx_addr(&self, field: u64) -> GuestAddress {
+        GuestAddress(self.ctx.config.idx_base + field)
+    }
+
+    fn load_idx(&self, mem: &GuestMemory, field: u64) -> u32 {
+        mem.load(self.idx_addr(field), Ordering::Acquire)
+            .unwrap_or(self.sq_head)
+    }
+
+    fn store_idx(&self, mem: &GuestMemory, field: u64, v: u32) {
+        let _ = mem.store(v, self.idx_addr(field), Ordering::Release);
+    }
+
+    fn run(mut self) {
+        {
+            let mem = self.ctx.space.memory();
+            self.store_idx(&mem, idx::SQ_HEAD, 0);
+            self.store_idx(&mem, idx::FLAGS, 0);
+        }
+        while !self.stop.load(Ordering::Acquire) {
+            let progressed = self.step();
+            if progressed {
+                continue;
+            }
+            if self.in_flight == 0 && self.arm_doorbell() {
+                continue;
+            }
+            self.sleep();
+        }
+        self.drain();
+    }
+
+    /// One pass: completions, then submissions. Returns whether anything moved.
+    fn step(&mut self) -> bool {
+        let mut progressed = false;
+        let mem = self.ctx.space.memory();
+        let master = self.ctx.bus_master.load(Ordering::Acquire);
+        while let Ok(r) = self.ctx.qp.completions().try_recv() {
+            self.in_flight -= 1;
+            self.held.push(r);
+        }
+        if master && !self.held.is_empty() {
+            for r in std::mem::take(&mut self.held) {
+                self.complete(&mem, r);
+            }
+            progressed = true;
+        }
+        if master {
+            progressed |= self.fetch(&mem);
+        }
+        self.maybe_interrupt(false);
+        progressed
+    }
+
+    /// Read and check new submissions; submit the valid ones as one batch.
+    fn fetch(&mut self, mem: &GuestMemory) -> bool {
+        let depth = self.ctx.config.depth;
+        let tail = self.load_idx(mem, idx::SQ_TAIL);
+        let cq_head = self.load_idx(mem, idx::CQ_HEAD);
+        let start = self.sq_head;
+        let mut batch = Vec::new();
+        while self.sq_head != tail && self.sq_head.wrapping_sub(cq_head) < depth {
+            let slot = (self.sq_head % depth) as u64;
+            let addr = GuestAddress(self.ctx.config.sq_base + slot * SQE_SIZE as u64);
+            self.sq_head = self.sq_head.wrapping_add(1);
+            let mut raw = [0u8; SQE_SIZE];
+            let sqe = match mem.read_slice(&mut raw, addr) {
+                Ok(()) => SubmissionEntry::from_bytes(&raw),
+                Err(_) => SubmissionEntry {
+                    opcode: 0xff,
+                    ..Default::default()
+                },
+            };
+            match check(&sqe, &self.ctx.config, self.ctx.max_xfer, mem) {
+                Ok(job) => batch.push(job),
+                Err(status) => {
+                    let r = JobResult {
+                        cookie: sqe.tag as u64,
+                        status,
+                        bytes: 0,
+                        result: 0,
+                    };
+                    self.complete(mem, r);
+                }
+            }
+        }
+        if self.sq_head == start {
+            return false;
+        }
+        self.store_idx(mem, idx::SQ_HEAD, self.sq_head);
+        if !batch.is_empty() {
+            match self.ctx.qp.submit(&batch) {
+                Ok(()) => self.in_flight += batch.len() as u32,
+                Err(e) => {
+                    tracing::warn!(queue = self.ctx.queue, "engine refused a batch: {e}");
+                    for j in batch {
+                        let r = JobResult {
+                            cookie: j.cookie,
+                            status: JobStatus::EngineError,
+                            bytes: 0,
+                            result: 0,
+                        };
+                        self.complete(mem, r);
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Write one CQE: body first, then (after a release fence) the flags word
+    /// carrying the phase bit, so a driver that sees the phase sees the body.
+    fn complete(&mut self, mem: &GuestMemory, r: JobResult) {
+        let depth = self.ctx.config.depth;
+        let slot = (self.cq_tail % depth) as u64;
+        let phase = if (self.cq_tail / depth) % 2 == 0 {
+            CQE_PHASE
+        } else {
+            0
+        };
+        let cqe = CompletionEntry {
+            tag: r.cookie as u32,
+            status: r.status.code(),
+            flags: phase,
+            bytes: r.bytes,
+            result: r.result,
+        };
+        let bytes = cqe.to_bytes();
+        let base = self.ctx.config.cq_base + slot * CQE_SIZE as u64;
+        let _ = mem.write_slice(&bytes[0..6], GuestAddress(base));
+        let _ = mem.write_slice(&bytes[8..16], GuestAddress(base + 8));
+        std::sync::atomic::fence(Ordering::Release);
+        let _ = mem.store(phase, GuestAddress(base + 6), Ordering::Release);
+        self.cq_tail = self.cq_tail.wrapping_add(1);
+        let s = &self.ctx.shared.stats;
+        if r.status == JobStatus::Ok {
+            add(&s.jobs_ok, 1);
+            add(&s.bytes_out, r.bytes as u64);
+        } else {
+            add(&s.jobs_failed, 1);
+        }
+        self.ctx.shared.completed.fetch_add(1, Ordering::Relaxed);
+        if self.irq_pending == 0 {
+            self.irq_since = Some(Instant::now());
+        }
+        self.irq_pending += 1;
+    }
+
+    /// Coalescing: fire when `count` completions are pending, or when the
+    /// oldest has waited `delay`, or (`flush`) whenever anything is pending.
+    fn maybe_interrupt(&mut self, flush: bool) {
+        let vector = self.ctx.config.vector;
+        if self.irq_pending == 0 || vector == wdvirt_abi::regs::NO_VECTOR {
+            self.irq_pending = 0;
+            return;
+        }
+        let (count, delay) = coalesce(self.ctx.config.coalesce);
+        let due = self.irq_since.is_some_and(|t| t.elapsed() >= delay);
+        if flush || self.irq_pending >= count || due || self.in_flight == 0 && delay.is_zero() {
+            self.ctx.irq.msix(vector as u16);
+            add(&self.ctx.shared.stats.interrupts, 1);
+            self.irq_pending = 0;
+            self.irq_since = None;
+        }
+    }
+
+    /// Clear NO_DOORBELL, fence, look once more. True if work arrived meanwhile.
+    fn arm_doorbell(&mut self) -> bool {
+        let mem = self.ctx.space.memory();
+        self.store_idx(&mem, idx::FLAGS, 0);
+        std::sync::atomic::fence(Ordering::SeqCst);
+        let tail = self.load_idx(&mem, idx::SQ_TAIL);
+        if tail != self.sq_head && self.ctx.bus_master.load(Ordering::Acquire) {
+            self.store_idx(&mem, idx::FLAGS, IDX_FLAG_NO_DOORBELL);
+            return true;
+        }
+        false
+    }
+
+    fn sleep(&mut self) {
+        let timeout = match (self.irq_pending, self.irq_since) {
+            (n, Some(t)) if n > 0 => coalesce(self.ctx.config.coalesce)
+                .1
+                .saturating_sub(t.elapsed()),
+            _ => Duration::from_secs(3600),
+        };
+        if self.in_flight == 0 {
+            add(&self.ctx.shared.stats.sleeps, 1);
+        }
+        let completions = self.ctx.qp.completions().clone();
+        select! {
+            recv(self.wake) -> _ => {}
+            recv(completions) -> r => if let Ok(r) = r {
+                self.in_flight -= 1;
+                self.held.push(r);
+            },
+            default(timeout) => self.maybe_interrupt(true),
+        }
+        let mem = self.ctx.space.memory();
+        self.store_idx(&mem, idx::FLAGS, IDX_FLAG_NO_DOORBELL);
+    }
+
+    /// Wait (bounded) for jobs still with the engine so none writes guest
+    /// memory after the queue is gone.
+    fn drain(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.in_flight > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.ctx.qp.completions().recv_timeout(left) {
+                Ok(_) => self.in_flight -= 1,
+                Err(_) => {
+                    tracing::warn!(
+                        queue = self.ctx.queue,
+                        in_flight = self.in_flight,
+                        "engine did not drain"
+                    );
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// `Q_IRQ_COALESCE` → (completions per interrupt, longest delay).
+pub fn coalesce(reg: u32) -> (u32, Duration) {
+    let count = (reg & 0xffff).max(1);
+    (count, Duration::from_micros((reg >> 16) as u64))
+}
+
+/// Check one descriptor completely before any byte of its buffers is touched.
+pub fn check(
+    sqe: &SubmissionEntry,
+    cfg: &QueueConfig,
+    max_xfer: u32,
+    mem: &GuestMemory,
+) -> Result<Job, JobStatus> {
+    let op = Opcode::from_u8(sqe.opcode).ok_or(JobStatus::BadOpcode)?;
+    if sqe.flags != 0 || sqe.reserved0 != 0 || sqe.reserved != [0; 3] {
+        return Err(JobStatus::ReservedNonZero);
+    }
+    if cfg.ops & op.bit() == 0 {
+        return Err(JobStatus::OpNotAllowed);
+    }
+    let job = Job {
+        op,
+        src: sqe.src,
+        src_len: sqe.src_len,
+        dst: sqe.dst,
+        dst_len: sqe.dst_len,
+        param: sqe.param,
+        cookie: sqe.tag as u64,
+    };
+    let mut buffers = Vec::with_capacity(2);
+    if op.reads_src() {
+        buffers.push((sqe.src, sqe.src_len));
+    }
+    if op.writes_dst() || op == Opcode::Compare {
+        buffers.push((sqe.dst, sqe.dst_len));
+    }
+    if op == Opcode::Compare && sqe.src_len != sqe.dst_len {
+        return Err(JobStatus::BadLength);
+    }
+    for &(addr, len) in &buffers {
+        if len == 0 || len > max_xfer || addr.checked_add(len as u64).is_none() {
+            return Err(JobStatus::BadLength);
+        }
+    }
+    for &(addr, len) in &buffers {
+        if !vm_memory::GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize) {
+            return Err(JobStatus::BadAddress);
+        }
+        if cfg.overlaps_ring(addr, len as u64) {
+            return Err(JobStatus::OverlapsRing);
+        }
+    }
+    Ok(job)
+}
