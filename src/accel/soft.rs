@@ -520,34 +520,42 @@ impl Engine {
             return Done::failed(JobStatus::BadLength, 0);
         }
 
-        // The IOMMU walk: this queue pair's PASID, looked up now. The clone is
-        // an `Arc` bump; the loaded map stays valid until the job ends.
-        let Some(space) = self.common.spaces.read().get(&pasid).cloned() else {
-            return Done::failed(JobStatus::BadAddress, 0);
-        };
-        let mem = space.memory();
-        let src_len = job.src_len as usize;
-        let dst_len = job.dst_len as usize;
-        if (reads_src && !mapped(&mem, job.src, src_len))
-            || (uses_dst && !mapped(&mem, job.dst, dst_len))
-        {
-            return Done::failed(JobStatus::BadAddress, 0);
-        }
-
-        let src = bounce(&mut self.src, if reads_src { src_len } else { 0 });
-        let dst = bounce(&mut self.dst, if uses_dst { dst_len } else { 0 });
-        let mut bytes_in = 0u64;
-        if reads_src {
-            if mem.read_slice(src, GuestAddress(job.src)).is_err() {
+        // Only the buffers the opcode uses, and only non-empty ones, are
+        // translated: a job that moves no bytes (`Nop`, zero lengths) never
+        // walks the PASID table, as no DMA would fault on hardware.
+        let src_len = if reads_src { job.src_len as usize } else { 0 };
+        let dst_len = if uses_dst { job.dst_len as usize } else { 0 };
+        let mem = if src_len > 0 || dst_len > 0 {
+            // The IOMMU walk: this queue pair's PASID, looked up now. The clone
+            // is an `Arc` bump; the loaded map stays valid until the job ends.
+            let Some(space) = self.common.spaces.read().get(&pasid).cloned() else {
+                return Done::failed(JobStatus::BadAddress, 0);
+            };
+            let mem = space.memory();
+            if !mapped(&mem, job.src, src_len) || !mapped(&mem, job.dst, dst_len) {
                 return Done::failed(JobStatus::BadAddress, 0);
             }
-            bytes_in += src.len() as u64;
-        }
-        if reads_dst {
-            if mem.read_slice(dst, GuestAddress(job.dst)).is_err() {
-                return Done::failed(JobStatus::BadAddress, bytes_in);
+            Some(mem)
+        } else {
+            None
+        };
+
+        let src = bounce(&mut self.src, src_len);
+        let dst = bounce(&mut self.dst, dst_len);
+        let mut bytes_in = 0u64;
+        if let Some(mem) = &mem {
+            if src_len > 0 {
+                if mem.read_slice(src, GuestAddress(job.src)).is_err() {
+                    return Done::failed(JobStatus::BadAddress, 0);
+                }
+                bytes_in += src_len as u64;
             }
-            bytes_in += dst.len() as u64;
+            if reads_dst && dst_len > 0 {
+                if mem.read_slice(dst, GuestAddress(job.dst)).is_err() {
+                    return Done::failed(JobStatus::BadAddress, bytes_in);
+                }
+                bytes_in += dst_len as u64;
+            }
         }
 
         let scratch = &mut self.scratch;
@@ -566,8 +574,10 @@ impl Engine {
             }
         };
 
-        if job.op.writes_dst() {
-            let n = (out.bytes as usize).min(dst.len());
+        // Only the `out.bytes` the operation produced are written back: the
+        // libraries may scribble past that in their output buffer.
+        let n = (out.bytes as usize).min(dst.len());
+        if let (true, Some(mem)) = (job.op.writes_dst() && n > 0, &mem) {
             // The range was checked above and the map cannot change under
             // `mem`, so this writes all of it; dirty pages are marked by vm-memory.
             if mem.write_slice(&dst[..n], GuestAddress(job.dst)).is_err() {
@@ -582,9 +592,10 @@ impl Engine {
     }
 }
 
-/// Whether `[addr, addr + len)` lies wholly inside the map (holes included).
+/// Whether `[addr, addr + len)` lies wholly inside the map (no holes). An
+/// empty range is trivially inside.
 fn mapped(mem: &GuestMemory, addr: u64, len: usize) -> bool {
-    GuestMemoryBackend::check_range(mem, GuestAddress(addr), len)
+    len == 0 || GuestMemoryBackend::check_range(mem, GuestAddress(addr), len)
 }
 
 /// The calling thread's kernel id, for operators matching engines to
@@ -603,4 +614,560 @@ fn bounce(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
         buf.resize(len, 0);
     }
     &mut buf[..len]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+    use std::time::{Duration, Instant};
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::{FileOffset, GuestMemoryRegion, GuestRegionMmap};
+
+    const PAGE: u64 = 4096;
+    const TIMEOUT: Duration = Duration::from_secs(20);
+
+    /// A memfd-backed region of `size` bytes at guest address `base`.
+    fn region(base: u64, size: usize) -> GuestRegionMmap<vm_memory::bitmap::AtomicBitmap> {
+        let fd = rustix::fs::memfd_create("wdvirt-test", rustix::fs::MemfdFlags::CLOEXEC)
+            .expect("memfd_create");
+        let file = File::from(fd);
+        file.set_len(size as u64).expect("set_len");
+        GuestRegionMmap::from_range(GuestAddress(base), size, Some(FileOffset::new(file, 0)))
+            .expect("map region")
+    }
+
+    fn space(ranges: &[(u64, usize)]) -> AddressSpace {
+        let regions = ranges.iter().map(|&(b, s)| region(b, s)).collect();
+        AddressSpace::new(GuestMemory::from_regions(regions).expect("memory map"))
+    }
+
+    fn write(space: &AddressSpace, addr: u64, data: &[u8]) {
+        space
+            .memory()
+            .write_slice(data, GuestAddress(addr))
+            .unwrap();
+    }
+
+    fn read(space: &AddressSpace, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        space
+            .memory()
+            .read_slice(&mut v, GuestAddress(addr))
+            .unwrap();
+        v
+    }
+
+    fn corpus(len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| {
+                if i % 7 < 5 {
+                    b"wdvirt engine "[i % 14]
+                } else {
+                    (i.wrapping_mul(2_654_435_761) >> 13) as u8
+                }
+            })
+            .collect()
+    }
+
+    fn job(op: Opcode, src: u64, src_len: u32, dst: u64, dst_len: u32, cookie: u64) -> Job {
+        Job {
+            op,
+            src,
+            src_len,
+            dst,
+            dst_len,
+            param: 0,
+            cookie,
+        }
+    }
+
+    /// Submit `jobs`, collect exactly one result per job, keyed by cookie.
+    fn run_jobs(qp: &dyn QueuePair, jobs: &[Job]) -> HashMap<u64, JobResult> {
+        qp.submit(jobs).unwrap();
+        let mut out = HashMap::new();
+        for _ in 0..jobs.len() {
+            let r = qp.completions().recv_timeout(TIMEOUT).expect("completion");
+            assert!(
+                out.insert(r.cookie, r).is_none(),
+                "cookie {} twice",
+                r.cookie
+            );
+        }
+        out
+    }
+
+    fn run_one(qp: &dyn QueuePair, j: Job) -> JobResult {
+        let r = run_jobs(qp, &[j]);
+        r[&j.cookie]
+    }
+
+    fn bound(accel: &SoftAccel, pasid: Pasid, ranges: &[(u64, usize)]) -> AddressSpace {
+        let s = space(ranges);
+        accel.bind_pasid(pasid, s.clone()).unwrap();
+        s
+    }
+
+    #[test]
+    fn every_opcode_matches_ops_run() {
+        let accel = SoftAccel::new(2);
+        let mem = bound(&accel, 7, &[(0x10_0000, 1 << 20)]);
+        let qp = accel.open_queue_pair(7).unwrap();
+        let input = corpus(50_000);
+        let (src, dst) = (0x10_0000u64, 0x18_0000u64);
+        let mut scratch = Scratch::new();
+
+        for op in Opcode::ALL {
+            // Decompress opcodes need a compressed source; Compare a second buffer.
+            let (src_bytes, param) = match ops::Format::of(op) {
+                Some((format, false)) => {
+                    let mut packed = vec![0u8; 64 * 1024];
+                    let n = ops::compress(format, 6, &input, &mut packed, &mut scratch).unwrap();
+                    packed.truncate(n as usize);
+                    (packed, 0)
+                }
+                Some((_, true)) => (input.clone(), 9),
+                None if op == Opcode::Fill => (Vec::new(), 0xa5),
+                None => (input.clone(), 0),
+            };
+            let mut dst_init = vec![0x11u8; 60_000];
+            if op == Opcode::Compare {
+                dst_init = input.clone();
+                dst_init[31_337] ^= 0x40;
+            }
+            write(&mem, src, &src_bytes);
+            write(&mem, dst, &dst_init);
+            let dst_len = if op == Opcode::Compare {
+                input.len()
+            } else {
+                dst_init.len()
+            };
+            let mut j = job(
+                op,
+                src,
+                src_bytes.len() as u32,
+                dst,
+                dst_len as u32,
+                op as u64,
+            );
+            j.param = param;
+            let got = run_one(&*qp, j);
+
+            let mut want_dst = dst_init.clone();
+            let want = ops::run(
+                op,
+                &src_bytes,
+                &mut want_dst[..dst_len],
+                param,
+                &mut scratch,
+            )
+            .unwrap_or_else(|e| panic!("{op:?}: {e:?}"));
+            assert_eq!(got.status, JobStatus::Ok, "{op:?}");
+            assert_eq!((got.bytes, got.result), (want.bytes, want.result), "{op:?}");
+            // Exactly `bytes` written at dst; the rest of the buffer untouched.
+            let n = got.bytes as usize;
+            let guest_dst = read(&mem, dst, dst_init.len());
+            assert!(guest_dst[..n] == want_dst[..n], "{op:?} dst bytes");
+            assert!(guest_dst[n..] == dst_init[n..], "{op:?} wrote past bytes");
+            match op {
+                Opcode::Compare => assert_eq!(got.result, 31_338),
+                Opcode::Crc32c => assert_eq!(
+                    got.result,
+                    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, &input) as u32
+                ),
+                Opcode::Sha256 => {
+                    use sha2::Digest;
+                    assert_eq!(read(&mem, dst, 32), sha2::Sha256::digest(&input).to_vec())
+                }
+                Opcode::DeflateDecompress | Opcode::ZlibDecompress | Opcode::GzipDecompress => {
+                    assert_eq!(read(&mem, dst, input.len()), input)
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(qp.in_flight(), 0);
+        let st = accel.stats();
+        let total: u64 = st.engines.iter().map(|e| e.counters.jobs).sum();
+        assert_eq!(total, Opcode::ALL.len() as u64);
+        assert_eq!(st.queue_pairs.len(), 1);
+        assert_eq!(st.queue_pairs[0].counters.jobs, Opcode::ALL.len() as u64);
+        assert_eq!(st.queue_pairs[0].counters.errors, 0);
+    }
+
+    #[test]
+    fn bad_addresses_touch_nothing() {
+        let accel = SoftAccel::new(1);
+        // Two regions with a hole between them.
+        let base = 0x4000_0000u64;
+        let mem = bound(
+            &accel,
+            1,
+            &[
+                (base, 16 * PAGE as usize),
+                (base + 32 * PAGE, 4 * PAGE as usize),
+            ],
+        );
+        let end = base + 16 * PAGE;
+        let qp = accel.open_queue_pair(1).unwrap();
+        write(&mem, end - 100, &[0x77; 100]);
+
+        let fill = |dst, len| Job {
+            param: 0xee,
+            ..job(Opcode::Fill, 0, 0, dst, len, 1)
+        };
+        let cases = [
+            ("fill straddles region end", fill(end - 100, 200)),
+            ("fill in the hole", fill(end + PAGE, 16)),
+            ("fill past everything", fill(base + 64 * PAGE, 16)),
+            ("fill below the map", fill(0x1000, 16)),
+            (
+                "copy src straddles",
+                job(Opcode::Copy, end - 10, 20, base, 20, 1),
+            ),
+            (
+                "copy dst straddles",
+                job(Opcode::Copy, base, 20, end - 10, 20, 1),
+            ),
+            (
+                "crc src spans hole",
+                job(Opcode::Crc32c, end - 8, PAGE as u32, 0, 0, 1),
+            ),
+            (
+                "compare dst straddles",
+                job(Opcode::Compare, base, 64, end - 32, 64, 1),
+            ),
+        ];
+        for (what, j) in cases {
+            let r = run_one(&*qp, j);
+            assert_eq!(r.status, JobStatus::BadAddress, "{what}");
+            assert_eq!((r.bytes, r.result), (0, 0), "{what}");
+        }
+        // The straddling fill must not have written its in-range part.
+        assert_eq!(read(&mem, end - 100, 100), vec![0x77; 100]);
+
+        // Address + length overflows: BadLength. Over max_xfer: BadLength.
+        let r = run_one(&*qp, fill(u64::MAX - 4, 16));
+        assert_eq!(r.status, JobStatus::BadLength);
+        let r = run_one(&*qp, fill(base, accel.max_xfer() + 1));
+        assert_eq!(r.status, JobStatus::BadLength);
+
+        // Exactly up to the end is fine.
+        let r = run_one(&*qp, fill(end - 100, 100));
+        assert_eq!((r.status, r.bytes), (JobStatus::Ok, 100));
+        assert_eq!(read(&mem, end - 100, 100), vec![0xee; 100]);
+
+        let st = qp_stats(&accel);
+        assert_eq!(st.counters.errors, 10);
+        assert_eq!(st.counters.jobs, 11);
+        assert_eq!(st.counters.bytes_out, 100);
+    }
+
+    fn qp_stats(accel: &SoftAccel) -> QueuePairStats {
+        let st = accel.stats();
+        assert_eq!(st.queue_pairs.len(), 1);
+        st.queue_pairs[0]
+    }
+
+    #[test]
+    fn unbound_pasid_is_bad_address() {
+        let accel = SoftAccel::new(1);
+        // Never bound.
+        let qp = accel.open_queue_pair(42).unwrap();
+        let r = run_one(&*qp, job(Opcode::Crc32c, 0, 16, 0, 0, 9));
+        assert_eq!((r.cookie, r.status), (9, JobStatus::BadAddress));
+
+        // Bound, then unbound: jobs stop reaching memory.
+        let mem = bound(&accel, 42, &[(0, 1 << 16)]);
+        let r = run_one(&*qp, job(Opcode::Crc32c, 0, 16, 0, 0, 10));
+        assert_eq!(r.status, JobStatus::Ok);
+        accel.unbind_pasid(42).unwrap();
+        let r = run_one(
+            &*qp,
+            Job {
+                param: 1,
+                ..job(Opcode::Fill, 0, 0, 0, 16, 11)
+            },
+        );
+        assert_eq!(r.status, JobStatus::BadAddress);
+        assert_eq!(read(&mem, 0, 16), vec![0; 16]);
+        // Nop touches no memory, but still completes.
+        let r = run_one(&*qp, job(Opcode::Nop, 0, 0, 0, 0, 12));
+        assert_eq!(r.status, JobStatus::Ok);
+    }
+
+    #[test]
+    fn pasids_see_only_their_own_memory() {
+        let accel = SoftAccel::new(2);
+        let iova = 0x2000u64;
+        let a = bound(&accel, 1, &[(0, 1 << 16)]);
+        let b = bound(&accel, 2, &[(0, 1 << 16)]);
+        write(&a, iova, b"memory of guest A");
+        write(&b, iova, b"memory of guest B");
+        let qa = accel.open_queue_pair(1).unwrap();
+        let qb = accel.open_queue_pair(2).unwrap();
+
+        let crc = |qp: &dyn QueuePair| run_one(qp, job(Opcode::Crc32c, iova, 17, 0, 0, 0)).result;
+        assert_eq!(crc(&*qa), ops::crc32c(b"memory of guest A"));
+        assert_eq!(crc(&*qb), ops::crc32c(b"memory of guest B"));
+
+        // A copy on A's queue writes only A's memory.
+        let r = run_one(&*qa, job(Opcode::Copy, iova, 17, 0x8000, 17, 0));
+        assert_eq!(r.status, JobStatus::Ok);
+        assert_eq!(read(&a, 0x8000, 17), b"memory of guest A");
+        assert_eq!(read(&b, 0x8000, 17), vec![0; 17]);
+
+        // A's queue pair cannot reach an address only B has.
+        let c = bound(&accel, 3, &[(0x10_0000, 1 << 16)]);
+        write(&c, 0x10_0000, b"C");
+        let r = run_one(&*qa, job(Opcode::Crc32c, 0x10_0000, 1, 0, 0, 0));
+        assert_eq!(r.status, JobStatus::BadAddress);
+    }
+
+    #[test]
+    fn writes_mark_dirty_pages_and_reads_do_not() {
+        let accel = SoftAccel::new(1);
+        let mem = bound(&accel, 5, &[(0, 64 * PAGE as usize)]);
+        let qp = accel.open_queue_pair(5).unwrap();
+        let dirty = |page: u64| {
+            let m = mem.memory();
+            let r = m.find_region(GuestAddress(0)).unwrap();
+            r.bitmap().dirty_at((page * PAGE) as usize)
+        };
+        // The test's own setup writes would dirty pages too: start from a
+        // clean bitmap by writing nothing before the job.
+        assert!((0..64).all(|p| !dirty(p)));
+
+        // Copy 2.5 pages from page 1 to the middle of page 10: pages 10..=12 dirty.
+        let r = run_one(
+            &*qp,
+            job(
+                Opcode::Copy,
+                PAGE,
+                (5 * PAGE / 2) as u32,
+                10 * PAGE + 100,
+                (5 * PAGE / 2) as u32,
+                0,
+            ),
+        );
+        assert_eq!(r.status, JobStatus::Ok);
+        let set: Vec<u64> = (0..64).filter(|&p| dirty(p)).collect();
+        assert_eq!(set, vec![10, 11, 12]);
+
+        // CRC and Compare only read.
+        run_one(
+            &*qp,
+            job(Opcode::Crc32c, 20 * PAGE, 4 * PAGE as u32, 0, 0, 0),
+        );
+        run_one(
+            &*qp,
+            job(
+                Opcode::Compare,
+                30 * PAGE,
+                PAGE as u32,
+                40 * PAGE,
+                PAGE as u32,
+                0,
+            ),
+        );
+        let set: Vec<u64> = (0..64).filter(|&p| dirty(p)).collect();
+        assert_eq!(set, vec![10, 11, 12]);
+
+        // SHA-256 into page 50 dirties just it.
+        run_one(&*qp, job(Opcode::Sha256, 0, 64, 50 * PAGE, 32, 0));
+        assert!(dirty(50));
+        assert!(!dirty(49) && !dirty(51));
+    }
+
+    #[test]
+    fn thousand_jobs_complete_exactly_once() {
+        let accel = SoftAccel::new(2);
+        let mem = bound(&accel, 3, &[(0, 1 << 20)]);
+        let data = corpus(64 * 1000);
+        write(&mem, 0, &data);
+        let qa = accel.open_soft_queue_pair(3).unwrap();
+        let qb = accel.open_soft_queue_pair(3).unwrap();
+        let jobs: Vec<Job> = (0..1000u64)
+            .map(|i| job(Opcode::Crc32c, i * 64, 64, 0, 0, i))
+            .collect();
+        // A second queue pair on the same PASID works while A's batch is queued.
+        qa.submit(&jobs).unwrap();
+        let rb = run_one(&qb, job(Opcode::Crc32c, 0, 64, 0, 0, 77));
+        assert_eq!(rb.result, ops::crc32c(&data[..64]));
+
+        let mut seen = vec![false; 1000];
+        for _ in 0..1000 {
+            let r = qa.completions().recv_timeout(TIMEOUT).expect("completion");
+            let i = r.cookie as usize;
+            assert!(!seen[i], "cookie {i} twice");
+            seen[i] = true;
+            assert_eq!(r.status, JobStatus::Ok);
+            assert_eq!(r.result, ops::crc32c(&data[i * 64..(i + 1) * 64]));
+        }
+        assert!(seen.iter().all(|&s| s));
+        assert_eq!(qa.in_flight(), 0);
+        assert!(qa.completions().try_recv().is_err(), "an extra completion");
+        let st = qa.stats();
+        assert_eq!(
+            st.counters,
+            CounterSnapshot {
+                jobs: 1000,
+                bytes_in: 64_000,
+                ..Default::default()
+            }
+        );
+        let engine_jobs: u64 = accel.stats().engines.iter().map(|e| e.counters.jobs).sum();
+        assert_eq!(engine_jobs, 1001);
+    }
+
+    /// utime + stime of a thread, in clock ticks, and its state letter.
+    fn thread_cpu(tid: i32) -> (char, u64) {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        // Fields after the parenthesised command name: state is field 3,
+        // utime and stime are fields 14 and 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        let state = f[0].chars().next().unwrap();
+        (
+            state,
+            f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap(),
+        )
+    }
+
+    #[test]
+    fn idle_engines_sleep() {
+        let accel = SoftAccel::new(2);
+        let tids: Vec<i32> = {
+            let deadline = Instant::now() + TIMEOUT;
+            loop {
+                let t: Vec<i32> = accel.stats().engines.iter().map(|e| e.tid).collect();
+                if t.iter().all(|&t| t > 0) || Instant::now() > deadline {
+                    break t;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        for &t in &tids {
+            let name = std::fs::read_to_string(format!("/proc/self/task/{t}/comm")).unwrap();
+            assert!(name.starts_with("wd-engine-"), "{name}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let before: Vec<(char, u64)> = tids.iter().map(|&t| thread_cpu(t)).collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let after: Vec<(char, u64)> = tids.iter().map(|&t| thread_cpu(t)).collect();
+        for (b, a) in before.iter().zip(&after) {
+            assert_eq!(a.0, 'S', "engine not sleeping");
+            // A spinning thread would gain ~20 ticks in 200 ms.
+            assert!(a.1 - b.1 <= 2, "engine used CPU while idle: {b:?} -> {a:?}");
+        }
+    }
+
+    #[test]
+    fn dropping_a_queue_pair_discards_unstarted_jobs() {
+        let accel = SoftAccel::new(1);
+        let _mem = bound(&accel, 1, &[(0, 1 << 16)]);
+        let qp = accel.open_queue_pair(1).unwrap();
+        let jobs: Vec<Job> = (0..10)
+            .map(|i| job(Opcode::Crc32c, 0, 64, 0, 0, i))
+            .collect();
+        {
+            // Hold the PASID table: the one engine blocks on its first job.
+            let table = accel.common.spaces.write();
+            qp.submit(&jobs).unwrap();
+            drop(qp);
+            drop(table);
+        }
+        assert!(accel.stats().queue_pairs.is_empty());
+        let deadline = Instant::now() + TIMEOUT;
+        let c = loop {
+            let c = accel.stats().engines[0].counters;
+            if c.jobs + c.discarded == 10 || Instant::now() > deadline {
+                break c;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        assert_eq!(c.jobs + c.discarded, 10);
+        // At most the job the engine had already picked up ran.
+        assert!(c.jobs <= 1, "{c:?}");
+    }
+
+    #[test]
+    fn shutdown_finishes_queued_jobs_then_refuses() {
+        let accel = SoftAccel::new(2);
+        let _mem = bound(&accel, 1, &[(0, 1 << 16)]);
+        let qp = accel.open_queue_pair(1).unwrap();
+        let jobs: Vec<Job> = (0..200)
+            .map(|i| job(Opcode::Crc32c, 0, 4096, 0, 0, i))
+            .collect();
+        qp.submit(&jobs).unwrap();
+        accel.shutdown();
+        assert_eq!(qp.in_flight(), 0);
+        assert_eq!(qp.completions().try_iter().count(), 200);
+        assert!(matches!(qp.submit(&jobs[..1]), Err(AccelError::Closed)));
+        assert!(matches!(accel.open_queue_pair(1), Err(AccelError::Closed)));
+        accel.shutdown(); // idempotent
+
+        // Dropping the last handle joins the threads (no hang, no leak of tids).
+        let accel = SoftAccel::new(2);
+        let weak = Arc::downgrade(&accel.common);
+        drop(accel);
+        assert!(
+            weak.upgrade().is_none(),
+            "engines still hold the accelerator state"
+        );
+    }
+
+    #[test]
+    fn pasid_table_and_queue_pair_limits() {
+        let accel = SoftAccel::with_config(SoftAccelConfig {
+            engines: 1,
+            max_xfer: 4096,
+            max_queue_pairs: 2,
+        })
+        .unwrap();
+        assert_eq!(accel.name(), "soft");
+        assert_eq!(accel.supported_ops(), wdvirt_abi::ALL_OPS);
+        assert_eq!(accel.max_xfer(), 4096);
+        accel.bind_pasid(1, space(&[(0, 4096)])).unwrap();
+        assert!(matches!(
+            accel.bind_pasid(1, space(&[(0, 4096)])),
+            Err(AccelError::PasidInUse(1))
+        ));
+        assert!(matches!(
+            accel.unbind_pasid(2),
+            Err(AccelError::UnknownPasid(2))
+        ));
+
+        let q1 = accel.open_queue_pair(1).unwrap();
+        let q2 = accel.open_queue_pair(1).unwrap();
+        assert!(matches!(
+            accel.open_queue_pair(1),
+            Err(AccelError::NoQueuePairs(2))
+        ));
+        drop(q1);
+        let _q3 = accel.open_queue_pair(1).unwrap();
+        let r = run_one(&*q2, job(Opcode::Crc32c, 0, 4097, 0, 0, 0));
+        assert_eq!(r.status, JobStatus::BadLength);
+    }
+
+    #[test]
+    fn swapped_map_is_seen_by_later_jobs() {
+        let accel = SoftAccel::new(1);
+        let mem = bound(&accel, 1, &[(0, 1 << 16)]);
+        let qp = accel.open_queue_pair(1).unwrap();
+        assert_eq!(
+            run_one(&*qp, job(Opcode::Crc32c, 0x2_0000, 8, 0, 0, 0)).status,
+            JobStatus::BadAddress
+        );
+        // DMA_MAP of a second region: publish a new map in the same AddressSpace.
+        let old = mem.memory();
+        let grown = old
+            .insert_region(Arc::new(region(0x2_0000, 1 << 16)))
+            .unwrap();
+        drop(old);
+        mem.lock().unwrap().replace(grown);
+        assert_eq!(
+            run_one(&*qp, job(Opcode::Crc32c, 0x2_0000, 8, 0, 0, 0)).status,
+            JobStatus::Ok
+        );
+    }
 }
