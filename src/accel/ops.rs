@@ -1,1 +1,599 @@
-//! Operations.
+//! The engine datapath: every [`Opcode`] as a pure operation on host buffers.
+//!
+//! This is what a software engine runs after it has copied a job's buffers out
+//! of guest memory, and what a benchmark calls directly to measure the cost of
+//! the device path against the bare algorithm. Nothing here knows about guest
+//! memory, queues or threads. The algorithms all come from libraries:
+//! `libdeflater` (deflate, zlib, gzip), `crc-fast` (CRC32C), `sha2` (SHA-256).
+//!
+//! Semantics follow the `SubmissionEntry`/`CompletionEntry` docs in
+//! `wdvirt_abi`: `dst` is the output buffer with capacity `dst.len()`, except
+//! for `Compare`, where it is the second input (only read), and for `Nop` and
+//! `Crc32c`, where it is ignored.
+
+use libdeflater::{CompressionLvl, Compressor, DecompressionError, Decompressor};
+use sha2::{Digest, Sha256};
+use wdvirt_abi::{JobStatus, Opcode};
+
+/// Highest compression level (libdeflate's range).
+pub const MAX_LEVEL: u64 = 12;
+/// Level used when a job asks for level 0.
+pub const DEFAULT_LEVEL: u64 = 1;
+/// Bytes a SHA-256 job writes to `dst`.
+pub const SHA256_LEN: usize = 32;
+
+/// What one operation produced.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Output {
+    /// Bytes written at the start of `dst`.
+    pub bytes: u32,
+    /// CRC32C value, or the compare result; 0 otherwise.
+    pub result: u32,
+}
+
+/// Per-engine state reused across jobs: libdeflate compressors (one per level,
+/// created on first use, each holds a few hundred KiB of tables) and one
+/// decompressor. Not shared between threads: each engine owns one.
+pub struct Scratch {
+    compressors: [Option<Compressor>; MAX_LEVEL as usize],
+    decompressor: Option<Decompressor>,
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Scratch {
+    /// An empty scratch; allocates nothing until a (de)compression job runs.
+    pub fn new() -> Self {
+        Scratch {
+            compressors: Default::default(),
+            decompressor: None,
+        }
+    }
+
+    fn compressor(&mut self, level: u64) -> &mut Compressor {
+        // `level` was checked to be in 1..=MAX_LEVEL by `compression_level`.
+        let slot = &mut self.compressors[(level - 1) as usize];
+        slot.get_or_insert_with(|| {
+            // 1..=12 is libdeflate's documented range, so `new` cannot refuse it.
+            let lvl = CompressionLvl::new(level as i32).unwrap_or_default();
+            Compressor::new(lvl)
+        })
+    }
+
+    fn decompressor(&mut self) -> &mut Decompressor {
+        self.decompressor.get_or_insert_with(Decompressor::new)
+    }
+}
+
+/// Container format of a (de)compression opcode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Deflate,
+    Zlib,
+    Gzip,
+}
+
+impl Format {
+    /// The format and direction (`true` = compress) of `op`, if it is a
+    /// (de)compression opcode.
+    pub const fn of(op: Opcode) -> Option<(Format, bool)> {
+        match op {
+            Opcode::DeflateCompress => Some((Format::Deflate, true)),
+            Opcode::DeflateDecompress => Some((Format::Deflate, false)),
+            Opcode::ZlibCompress => Some((Format::Zlib, true)),
+            Opcode::ZlibDecompress => Some((Format::Zlib, false)),
+            Opcode::GzipCompress => Some((Format::Gzip, true)),
+            Opcode::GzipDecompress => Some((Format::Gzip, false)),
+            _ => None,
+        }
+    }
+}
+
+/// The libdeflate level for a compress job's `param`: 0 means
+/// [`DEFAULT_LEVEL`]. A level above [`MAX_LEVEL`] is refused with
+/// `ReservedNonZero`: the ABI defines no status of its own for it, and the
+/// bits above the valid range are, in effect, reserved.
+pub fn compression_level(param: u64) -> Result<u64, JobStatus> {
+    match param {
+        0 => Ok(DEFAULT_LEVEL),
+        1..=MAX_LEVEL => Ok(param),
+        _ => Err(JobStatus::ReservedNonZero),
+    }
+}
+
+/// Run one operation. `dst` is written for opcodes that write (see
+/// [`Opcode::writes_dst`]) and only read for `Compare`.
+///
+/// Errors: `DstTooSmall` when the output does not fit `dst` (compression,
+/// decompression, `Copy` with `dst` shorter than `src`, `Sha256` with `dst`
+/// under 32 bytes); `CorruptInput` for invalid compressed data; `BadLength`
+/// for `Compare` buffers of different lengths; `ReservedNonZero` for a
+/// compression level above 12. `param` is ignored by opcodes that do not use
+/// it (the device checks reserved fields before a job reaches an engine).
+pub fn run(
+    op: Opcode,
+    src: &[u8],
+    dst: &mut [u8],
+    param: u64,
+    scratch: &mut Scratch,
+) -> Result<Output, JobStatus> {
+    if let Some((format, compress)) = Format::of(op) {
+        let bytes = if compress {
+            self::compress(format, compression_level(param)?, src, dst, scratch)?
+        } else {
+            decompress(format, src, dst, scratch)?
+        };
+        return Ok(Output { bytes, result: 0 });
+    }
+    match op {
+        Opcode::Nop => Ok(Output::default()),
+        Opcode::Crc32c => Ok(Output {
+            bytes: 0,
+            result: crc32c(src),
+        }),
+        Opcode::Sha256 => sha256(src, dst).map(|bytes| Output { bytes, result: 0 }),
+        Opcode::Copy => copy(src, dst).map(|bytes| Output { bytes, result: 0 }),
+        Opcode::Fill => Ok(Output {
+            bytes: fill(dst, param),
+            result: 0,
+        }),
+        Opcode::Compare => compare(src, dst).map(|result| Output { bytes: 0, result }),
+        // Handled by `Format::of` above.
+        Opcode::DeflateCompress
+        | Opcode::DeflateDecompress
+        | Opcode::ZlibCompress
+        | Opcode::ZlibDecompress
+        | Opcode::GzipCompress
+        | Opcode::GzipDecompress => Err(JobStatus::EngineError),
+    }
+}
+
+/// Lengths in this layer never exceed the device's `MAX_XFER` (a u32), but a
+/// direct caller may pass anything: saturate rather than truncate.
+fn len_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Compress `src` into `dst` at `level` (1..=12). Returns the compressed size.
+pub fn compress(
+    format: Format,
+    level: u64,
+    src: &[u8],
+    dst: &mut [u8],
+    scratch: &mut Scratch,
+) -> Result<u32, JobStatus> {
+    if !(1..=MAX_LEVEL).contains(&level) {
+        return Err(JobStatus::ReservedNonZero);
+    }
+    let c = scratch.compressor(level);
+    let res = match format {
+        Format::Deflate => c.deflate_compress(src, dst),
+        Format::Zlib => c.zlib_compress(src, dst),
+        Format::Gzip => c.gzip_compress(src, dst),
+    };
+    // The only error libdeflate reports is "output did not fit".
+    res.map(len_u32).map_err(|_| JobStatus::DstTooSmall)
+}
+
+/// Decompress `src` into `dst`. Returns the decompressed size.
+pub fn decompress(
+    format: Format,
+    src: &[u8],
+    dst: &mut [u8],
+    scratch: &mut Scratch,
+) -> Result<u32, JobStatus> {
+    let d = scratch.decompressor();
+    let res = match format {
+        Format::Deflate => d.deflate_decompress(src, dst),
+        Format::Zlib => d.zlib_decompress(src, dst),
+        Format::Gzip => d.gzip_decompress(src, dst),
+    };
+    res.map(len_u32).map_err(|e| match e {
+        DecompressionError::BadData => JobStatus::CorruptInput,
+        DecompressionError::InsufficientSpace => JobStatus::DstTooSmall,
+    })
+}
+
+/// CRC32C (Castagnoli, the iSCSI polynomial) of `src`.
+pub fn crc32c(src: &[u8]) -> u32 {
+    // The CRC-32 variants' values fit 32 bits; crc-fast returns them widened.
+    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, src) as u32
+}
+
+/// SHA-256 of `src` into the first 32 bytes of `dst`.
+pub fn sha256(src: &[u8], dst: &mut [u8]) -> Result<u32, JobStatus> {
+    let out = dst.get_mut(..SHA256_LEN).ok_or(JobStatus::DstTooSmall)?;
+    out.copy_from_slice(&Sha256::digest(src));
+    Ok(SHA256_LEN as u32)
+}
+
+/// Copy `src` to the start of `dst`.
+pub fn copy(src: &[u8], dst: &mut [u8]) -> Result<u32, JobStatus> {
+    let out = dst.get_mut(..src.len()).ok_or(JobStatus::DstTooSmall)?;
+    out.copy_from_slice(src);
+    Ok(len_u32(src.len()))
+}
+
+/// Fill all of `dst` with the low byte of `param`.
+pub fn fill(dst: &mut [u8], param: u64) -> u32 {
+    dst.fill(param as u8);
+    len_u32(dst.len())
+}
+
+/// 0 when `a == b`, else the offset of the first difference plus one
+/// (saturating at `u32::MAX`). Buffers of different lengths are `BadLength`.
+pub fn compare(a: &[u8], b: &[u8]) -> Result<u32, JobStatus> {
+    if a.len() != b.len() {
+        return Err(JobStatus::BadLength);
+    }
+    Ok(match a.iter().zip(b).position(|(x, y)| x != y) {
+        None => 0,
+        Some(i) => u32::try_from(i).map_or(u32::MAX, |i| i.saturating_add(1)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// Compressible but not trivial: text with a counter, plus some noise.
+    fn corpus(len: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(len + 64);
+        let mut i = 0u32;
+        while v.len() < len {
+            v.extend_from_slice(format!("line {i}: the quick brown fox; ").as_bytes());
+            v.push((i.wrapping_mul(2_654_435_761) >> 24) as u8);
+            i += 1;
+        }
+        v.truncate(len);
+        v
+    }
+
+    fn independent_decode(format: Format, data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        match format {
+            Format::Deflate => flate2::read::DeflateDecoder::new(data).read_to_end(&mut out),
+            Format::Zlib => flate2::read::ZlibDecoder::new(data).read_to_end(&mut out),
+            Format::Gzip => flate2::read::GzDecoder::new(data).read_to_end(&mut out),
+        }
+        .expect("flate2 rejects our output");
+        out
+    }
+
+    fn independent_encode(format: Format, data: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let lvl = flate2::Compression::new(6);
+        match format {
+            Format::Deflate => {
+                let mut e = flate2::write::DeflateEncoder::new(Vec::new(), lvl);
+                e.write_all(data).unwrap();
+                e.finish().unwrap()
+            }
+            Format::Zlib => {
+                let mut e = flate2::write::ZlibEncoder::new(Vec::new(), lvl);
+                e.write_all(data).unwrap();
+                e.finish().unwrap()
+            }
+            Format::Gzip => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), lvl);
+                e.write_all(data).unwrap();
+                e.finish().unwrap()
+            }
+        }
+    }
+
+    const FORMATS: [(Format, Opcode, Opcode); 3] = [
+        (
+            Format::Deflate,
+            Opcode::DeflateCompress,
+            Opcode::DeflateDecompress,
+        ),
+        (Format::Zlib, Opcode::ZlibCompress, Opcode::ZlibDecompress),
+        (Format::Gzip, Opcode::GzipCompress, Opcode::GzipDecompress),
+    ];
+
+    #[test]
+    fn round_trip_every_format_and_level_checked_by_flate2() {
+        let mut s = Scratch::new();
+        let input = corpus(20_000);
+        for (format, cop, dop) in FORMATS {
+            for level in [0u64, 1, 6, 9, 12] {
+                let mut packed = vec![0u8; 32 * 1024];
+                let out = run(cop, &input, &mut packed, level, &mut s).unwrap();
+                assert_eq!(out.result, 0);
+                let n = out.bytes as usize;
+                assert!(n > 0 && n < input.len() / 2, "{format:?} L{level}: {n}");
+                packed.truncate(n);
+                assert_eq!(
+                    independent_decode(format, &packed),
+                    input,
+                    "{format:?} L{level}"
+                );
+
+                let mut back = vec![0u8; input.len()];
+                let out = run(dop, &packed, &mut back, 0, &mut s).unwrap();
+                assert_eq!(out.bytes as usize, input.len());
+                assert_eq!(back, input);
+            }
+        }
+    }
+
+    #[test]
+    fn level_zero_is_level_one() {
+        let mut s = Scratch::new();
+        let input = corpus(8192);
+        let (mut a, mut b) = (vec![0u8; 8192], vec![0u8; 8192]);
+        let na = run(Opcode::DeflateCompress, &input, &mut a, 0, &mut s).unwrap();
+        let nb = run(Opcode::DeflateCompress, &input, &mut b, 1, &mut s).unwrap();
+        assert_eq!(na, nb);
+        assert_eq!(a[..na.bytes as usize], b[..nb.bytes as usize]);
+        // And level 1 really differs from a higher level on this input.
+        let n12 = run(Opcode::DeflateCompress, &input, &mut b, 12, &mut s).unwrap();
+        assert!(n12.bytes < na.bytes);
+    }
+
+    #[test]
+    fn decompresses_what_flate2_wrote() {
+        let mut s = Scratch::new();
+        let input = corpus(10_000);
+        for (format, _, dop) in FORMATS {
+            let packed = independent_encode(format, &input);
+            let mut out = vec![0u8; input.len() + 100];
+            let r = run(dop, &packed, &mut out, 0, &mut s).unwrap();
+            assert_eq!(&out[..r.bytes as usize], &input[..], "{format:?}");
+        }
+    }
+
+    #[test]
+    fn empty_input_round_trips() {
+        let mut s = Scratch::new();
+        for (format, cop, dop) in FORMATS {
+            let mut packed = vec![0u8; 64];
+            let n = run(cop, &[], &mut packed, 1, &mut s).unwrap().bytes as usize;
+            assert!(independent_decode(format, &packed[..n]).is_empty());
+            let mut out = [0u8; 4];
+            let r = run(dop, &packed[..n], &mut out, 0, &mut s).unwrap();
+            assert_eq!(r.bytes, 0);
+        }
+    }
+
+    #[test]
+    fn compress_output_too_big_is_dst_too_small() {
+        let mut s = Scratch::new();
+        let input = corpus(4096);
+        for (_, cop, _) in FORMATS {
+            let mut small = vec![0u8; 16];
+            assert_eq!(
+                run(cop, &input, &mut small, 1, &mut s),
+                Err(JobStatus::DstTooSmall)
+            );
+        }
+    }
+
+    #[test]
+    fn decompress_output_too_big_is_dst_too_small() {
+        let mut s = Scratch::new();
+        let input = corpus(4096);
+        for (format, _, dop) in FORMATS {
+            let packed = independent_encode(format, &input);
+            let mut small = vec![0u8; input.len() - 1];
+            assert_eq!(
+                run(dop, &packed, &mut small, 0, &mut s),
+                Err(JobStatus::DstTooSmall),
+                "{format:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn corrupt_input_is_corrupt_input() {
+        let mut s = Scratch::new();
+        let input = corpus(4096);
+        for (format, _, dop) in FORMATS {
+            let mut out = vec![0u8; 8192];
+            // Not a stream at all (0xff: deflate block type 3 is reserved;
+            // wrong zlib and gzip magic).
+            assert_eq!(
+                run(dop, &[0xff; 64], &mut out, 0, &mut s),
+                Err(JobStatus::CorruptInput),
+                "{format:?} garbage"
+            );
+            // Truncated stream.
+            let packed = independent_encode(format, &input);
+            assert_eq!(
+                run(dop, &packed[..packed.len() / 2], &mut out, 0, &mut s),
+                Err(JobStatus::CorruptInput),
+                "{format:?} truncated"
+            );
+            // Empty input.
+            assert_eq!(
+                run(dop, &[], &mut out, 0, &mut s),
+                Err(JobStatus::CorruptInput),
+                "{format:?} empty"
+            );
+        }
+        // A flipped payload bit breaks the zlib (Adler-32) and gzip (CRC-32) checks.
+        for (format, _, dop) in &FORMATS[1..] {
+            let mut packed = independent_encode(*format, &input);
+            let last = packed.len() - 1;
+            packed[last] ^= 0x01;
+            let mut out = vec![0u8; 8192];
+            assert_eq!(
+                run(*dop, &packed, &mut out, 0, &mut s),
+                Err(JobStatus::CorruptInput),
+                "{format:?} checksum"
+            );
+        }
+    }
+
+    #[test]
+    fn level_above_twelve_is_reserved_non_zero() {
+        let mut s = Scratch::new();
+        let mut out = vec![0u8; 256];
+        for (_, cop, _) in FORMATS {
+            for level in [13u64, 255, 1 << 32, u64::MAX] {
+                assert_eq!(
+                    run(cop, b"data", &mut out, level, &mut s),
+                    Err(JobStatus::ReservedNonZero)
+                );
+            }
+            assert!(run(cop, b"data", &mut out, 12, &mut s).is_ok());
+        }
+        assert_eq!(
+            compress(Format::Zlib, 0, b"x", &mut out, &mut s),
+            Err(JobStatus::ReservedNonZero)
+        );
+    }
+
+    #[test]
+    fn crc32c_check_value() {
+        let mut s = Scratch::new();
+        let r = run(Opcode::Crc32c, b"123456789", &mut [], 0, &mut s).unwrap();
+        assert_eq!(
+            r,
+            Output {
+                bytes: 0,
+                result: 0xE306_9283
+            }
+        );
+        assert_eq!(crc32c(b""), 0);
+        // Large and unaligned enough for the SIMD path: check against a
+        // bitwise oracle (test-only; the engine uses crc-fast).
+        let big = corpus(100_003);
+        assert_eq!(crc32c(&big), bitwise_crc32c(&big));
+        assert_eq!(crc32c(&big[1..]), bitwise_crc32c(&big[1..]));
+    }
+
+    fn bitwise_crc32c(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0x82F6_3B78
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn sha256_known_vectors() {
+        let mut s = Scratch::new();
+        let mut dst = [0xaau8; 40];
+        let r = run(Opcode::Sha256, b"abc", &mut dst, 0, &mut s).unwrap();
+        assert_eq!(r.bytes, 32);
+        let want = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let got: String = dst[..32].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(got, want);
+        assert_eq!(dst[32..], [0xaa; 8], "wrote past 32 bytes");
+        // Empty input.
+        run(Opcode::Sha256, b"", &mut dst, 0, &mut s).unwrap();
+        let got: String = dst[..32].iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            got,
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(
+            run(Opcode::Sha256, b"abc", &mut [0u8; 31], 0, &mut s),
+            Err(JobStatus::DstTooSmall)
+        );
+    }
+
+    #[test]
+    fn copy_semantics() {
+        let mut s = Scratch::new();
+        let src = corpus(100);
+        let mut dst = vec![0x55u8; 120];
+        let r = run(Opcode::Copy, &src, &mut dst, 0, &mut s).unwrap();
+        assert_eq!(
+            r,
+            Output {
+                bytes: 100,
+                result: 0
+            }
+        );
+        assert_eq!(dst[..100], src[..]);
+        assert_eq!(dst[100..], [0x55; 20]);
+        assert_eq!(
+            run(Opcode::Copy, &src, &mut [0u8; 99], 0, &mut s),
+            Err(JobStatus::DstTooSmall)
+        );
+    }
+
+    #[test]
+    fn fill_semantics() {
+        let mut s = Scratch::new();
+        let mut dst = vec![0u8; 77];
+        let r = run(Opcode::Fill, &[], &mut dst, 0x1234_5678_9abc_de5a, &mut s).unwrap();
+        assert_eq!(
+            r,
+            Output {
+                bytes: 77,
+                result: 0
+            }
+        );
+        assert!(dst.iter().all(|&b| b == 0x5a));
+        // `src` is not read.
+        let r = run(Opcode::Fill, b"ignored", &mut dst[..3], 0xff, &mut s).unwrap();
+        assert_eq!(r.bytes, 3);
+        assert_eq!(dst[..4], [0xff, 0xff, 0xff, 0x5a]);
+    }
+
+    #[test]
+    fn compare_semantics() {
+        let mut s = Scratch::new();
+        let a = corpus(1000);
+        let mut b = a.clone();
+        let r = run(Opcode::Compare, &a, &mut b, 0, &mut s).unwrap();
+        assert_eq!(
+            r,
+            Output {
+                bytes: 0,
+                result: 0
+            }
+        );
+        assert_eq!(b, a, "compare must not write dst");
+        b[0] ^= 1;
+        assert_eq!(
+            run(Opcode::Compare, &a, &mut b, 0, &mut s).unwrap().result,
+            1
+        );
+        b[0] ^= 1;
+        b[999] ^= 1;
+        assert_eq!(compare(&a, &b), Ok(1000));
+        b[500] ^= 1;
+        assert_eq!(compare(&a, &b), Ok(501));
+        assert_eq!(compare(&[], &[]), Ok(0));
+        assert_eq!(
+            run(Opcode::Compare, &a, &mut b[..999], 0, &mut s),
+            Err(JobStatus::BadLength)
+        );
+    }
+
+    #[test]
+    fn nop_does_nothing() {
+        let mut s = Scratch::new();
+        let mut dst = [7u8; 8];
+        assert_eq!(
+            run(Opcode::Nop, b"abc", &mut dst, 99, &mut s),
+            Ok(Output::default())
+        );
+        assert_eq!(dst, [7u8; 8]);
+    }
+
+    #[test]
+    fn crc32c_ignores_dst() {
+        let mut s = Scratch::new();
+        let mut dst = [7u8; 8];
+        run(Opcode::Crc32c, b"abc", &mut dst, 0, &mut s).unwrap();
+        assert_eq!(dst, [7u8; 8]);
+    }
+}

@@ -1,1 +1,1173 @@
-//! Soft accel.
+//! The embedded software accelerator: worker threads play the hardware
+//! engines.
+//!
+//! * **Engines** are threads named `wd-engine-N`. They block on one shared
+//!   job channel (no polling while idle), each owning a [`Scratch`] and two
+//!   bounce buffers that grow up to `max_xfer`.
+//! * **The IOMMU** is a PASID-indexed table of [`AddressSpace`]s. A job is
+//!   resolved through its queue pair's PASID when an engine picks it up, never
+//!   through anything the guest wrote: an unbound PASID, or a buffer not wholly
+//!   inside the memory map, fails with `BadAddress` before any byte moves. The
+//!   engine holds the map it loaded until the job ends, so a DMA_UNMAP swap
+//!   published meanwhile does not pull memory from under it.
+//! * **Data movement** goes only through vm-memory: `read_slice` into the
+//!   bounce buffer, [`ops::run`], `write_slice` back. Writes through
+//!   `GuestMemoryMmap<AtomicBitmap>` mark the pages dirty for migration by
+//!   themselves.
+//! * **Queue pairs** send each job as its own work item, so a 1000-job batch is
+//!   1000 items other queue pairs' jobs can interleave with (no fairness is
+//!   promised here: the QoS layer sits above).
+//!
+//! Dropping a queue pair **discards** its jobs that no engine has started (no
+//! completion is sent: the receiver is gone with it); a job already running
+//! finishes, including its writes to guest memory. Dropping the last handle to
+//! the accelerator (or [`SoftAccel::shutdown`]) lets the engines finish every
+//! job already queued, then stops and joins them; later submissions fail with
+//! [`AccelError::Closed`].
+
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::{Mutex, RwLock};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use wdvirt_abi::{ALL_OPS, JobStatus, Opcode};
+
+use super::ops::{self, Scratch};
+use super::{AccelError, Accelerator, AddressSpace, GuestMemory, Job, JobResult, Pasid, QueuePair};
+
+/// How to build a [`SoftAccel`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SoftAccelConfig {
+    /// Engine threads (at least 1 is started).
+    pub engines: usize,
+    /// Largest source or destination of one job, in bytes.
+    pub max_xfer: u32,
+    /// Queue pairs that may be open at once.
+    pub max_queue_pairs: usize,
+}
+
+impl Default for SoftAccelConfig {
+    fn default() -> Self {
+        SoftAccelConfig {
+            engines: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            max_xfer: 1 << 20,
+            max_queue_pairs: 1024,
+        }
+    }
+}
+
+/// Counters of one engine or one queue pair, as read at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    /// Jobs executed (successful or not).
+    pub jobs: u64,
+    /// Bytes read from guest memory.
+    pub bytes_in: u64,
+    /// Bytes written to guest memory.
+    pub bytes_out: u64,
+    /// Jobs that completed with a status other than `Ok`.
+    pub errors: u64,
+    /// Jobs dropped unstarted because their queue pair was closed.
+    pub discarded: u64,
+}
+
+/// One engine's statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EngineStats {
+    pub index: usize,
+    /// The engine thread's kernel thread id (0 until it has started).
+    pub tid: i32,
+    pub counters: CounterSnapshot,
+}
+
+/// One open queue pair's statistics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueuePairStats {
+    /// Unique for the life of the accelerator.
+    pub id: u64,
+    pub pasid: Pasid,
+    pub in_flight: usize,
+    pub counters: CounterSnapshot,
+}
+
+/// Everything [`SoftAccel::stats`] reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SoftAccelStats {
+    pub engines: Vec<EngineStats>,
+    /// Open queue pairs, by id.
+    pub queue_pairs: Vec<QueuePairStats>,
+}
+
+#[derive(Default)]
+struct Counters {
+    jobs: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    errors: AtomicU64,
+    discarded: AtomicU64,
+}
+
+impl Counters {
+    fn record(&self, status: JobStatus, bytes_in: u64, bytes_out: u64) {
+        self.jobs.fetch_add(1, Ordering::Relaxed);
+        self.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
+        self.bytes_out.fetch_add(bytes_out, Ordering::Relaxed);
+        if status != JobStatus::Ok {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn snapshot(&self) -> CounterSnapshot {
+        CounterSnapshot {
+            jobs: self.jobs.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+            discarded: self.discarded.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[derive(Default)]
+struct EngineInfo {
+    tid: AtomicI32,
+    counters: Counters,
+}
+
+/// The part of a queue pair the engines see.
+struct QpShared {
+    id: u64,
+    pasid: Pasid,
+    done: Sender<JobResult>,
+    in_flight: AtomicUsize,
+    closed: AtomicBool,
+    counters: Counters,
+}
+
+impl QpShared {
+    fn stats(&self) -> QueuePairStats {
+        QueuePairStats {
+            id: self.id,
+            pasid: self.pasid,
+            in_flight: self.in_flight.load(Ordering::Acquire),
+            counters: self.counters.snapshot(),
+        }
+    }
+}
+
+enum Msg {
+    Job { job: Job, qp: Arc<QpShared> },
+    Stop,
+}
+
+/// State shared by the accelerator handle, its queue pairs and its engines.
+struct Common {
+    /// The IOMMU's PASID table.
+    spaces: RwLock<HashMap<Pasid, AddressSpace>>,
+    queue_pairs: Mutex<HashMap<u64, Arc<QpShared>>>,
+    next_qp_id: AtomicU64,
+    /// False once shutdown began. Submitters hold the read lock across their
+    /// sends, so no job can slip in behind the engines' stop messages.
+    running: RwLock<bool>,
+    jobs: Sender<Msg>,
+    max_xfer: u32,
+    max_queue_pairs: usize,
+}
+
+/// The software accelerator. See the module documentation.
+pub struct SoftAccel {
+    common: Arc<Common>,
+    engines: Vec<Arc<EngineInfo>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl SoftAccel {
+    /// `engines` engine threads (at least 1), default limits.
+    ///
+    /// # Panics
+    /// If the OS refuses to start a thread; use [`SoftAccel::with_config`] to
+    /// get that as an error.
+    pub fn new(engines: usize) -> Arc<SoftAccel> {
+        match Self::with_config(SoftAccelConfig {
+            engines,
+            ..SoftAccelConfig::default()
+        }) {
+            Ok(a) => a,
+            Err(e) => panic!("cannot start software engine threads: {e}"),
+        }
+    }
+
+    pub fn with_config(cfg: SoftAccelConfig) -> std::io::Result<Arc<SoftAccel>> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let common = Arc::new(Common {
+            spaces: RwLock::new(HashMap::new()),
+            queue_pairs: Mutex::new(HashMap::new()),
+            next_qp_id: AtomicU64::new(0),
+            running: RwLock::new(true),
+            jobs: tx,
+            max_xfer: cfg.max_xfer,
+            max_queue_pairs: cfg.max_queue_pairs,
+        });
+        let n = cfg.engines.max(1);
+        let engines: Vec<Arc<EngineInfo>> = (0..n).map(|_| Arc::default()).collect();
+        let accel = SoftAccel {
+            common,
+            engines,
+            threads: Mutex::new(Vec::with_capacity(n)),
+        };
+        for (i, info) in accel.engines.iter().enumerate() {
+            let mut engine = Engine {
+                common: Arc::clone(&accel.common),
+                info: Arc::clone(info),
+                jobs: rx.clone(),
+                scratch: Scratch::new(),
+                src: Vec::new(),
+                dst: Vec::new(),
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("wd-engine-{i}"))
+                .spawn(move || engine.run())?;
+            // On error, `accel` drops here and stops the engines started so far.
+            accel.threads.lock().push(handle);
+        }
+        tracing::debug!(
+            engines = n,
+            max_xfer = cfg.max_xfer,
+            "software accelerator started"
+        );
+        Ok(Arc::new(accel))
+    }
+
+    /// Open a queue pair, as the concrete type (with [`SoftQueuePair::stats`]).
+    /// The PASID need not be bound yet: like an IOMMU, the table is consulted
+    /// per job, and jobs on an unbound PASID fail with `BadAddress`.
+    pub fn open_soft_queue_pair(&self, pasid: Pasid) -> Result<SoftQueuePair, AccelError> {
+        if !*self.common.running.read() {
+            return Err(AccelError::Closed);
+        }
+        let mut qps = self.common.queue_pairs.lock();
+        if qps.len() >= self.common.max_queue_pairs {
+            return Err(AccelError::NoQueuePairs(qps.len()));
+        }
+        let id = self.common.next_qp_id.fetch_add(1, Ordering::Relaxed);
+        let (done, completions) = crossbeam_channel::unbounded();
+        let shared = Arc::new(QpShared {
+            id,
+            pasid,
+            done,
+            in_flight: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            counters: Counters::default(),
+        });
+        qps.insert(id, Arc::clone(&shared));
+        Ok(SoftQueuePair {
+            common: Arc::clone(&self.common),
+            shared,
+            completions,
+        })
+    }
+
+    /// Per-engine and per-queue-pair counters.
+    pub fn stats(&self) -> SoftAccelStats {
+        let engines = self
+            .engines
+            .iter()
+            .enumerate()
+            .map(|(index, e)| EngineStats {
+                index,
+                tid: e.tid.load(Ordering::Relaxed),
+                counters: e.counters.snapshot(),
+            })
+            .collect();
+        let mut queue_pairs: Vec<QueuePairStats> = self
+            .common
+            .queue_pairs
+            .lock()
+            .values()
+            .map(|q| q.stats())
+            .collect();
+        queue_pairs.sort_by_key(|q| q.id);
+        SoftAccelStats {
+            engines,
+            queue_pairs,
+        }
+    }
+
+    /// Number of engine threads.
+    pub fn engines(&self) -> usize {
+        self.engines.len()
+    }
+
+    /// Let the engines finish the jobs already queued, then stop and join
+    /// them. Idempotent; must not be called from an engine thread.
+    pub fn shutdown(&self) {
+        {
+            let mut running = self.common.running.write();
+            if *running {
+                *running = false;
+                // One stop per engine, queued behind every accepted job. The
+                // engines hold the receiver, so the sends cannot fail.
+                for _ in 0..self.engines.len() {
+                    let _ = self.common.jobs.send(Msg::Stop);
+                }
+            }
+        }
+        let threads = std::mem::take(&mut *self.threads.lock());
+        for t in threads {
+            if t.join().is_err() {
+                tracing::error!("a software engine thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for SoftAccel {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl Accelerator for SoftAccel {
+    fn name(&self) -> &str {
+        "soft"
+    }
+
+    fn supported_ops(&self) -> u32 {
+        ALL_OPS
+    }
+
+    fn max_xfer(&self) -> u32 {
+        self.common.max_xfer
+    }
+
+    fn bind_pasid(&self, pasid: Pasid, space: AddressSpace) -> Result<(), AccelError> {
+        let mut spaces = self.common.spaces.write();
+        if spaces.contains_key(&pasid) {
+            return Err(AccelError::PasidInUse(pasid));
+        }
+        spaces.insert(pasid, space);
+        Ok(())
+    }
+
+    fn unbind_pasid(&self, pasid: Pasid) -> Result<(), AccelError> {
+        match self.common.spaces.write().remove(&pasid) {
+            Some(_) => Ok(()),
+            None => Err(AccelError::UnknownPasid(pasid)),
+        }
+    }
+
+    fn open_queue_pair(&self, pasid: Pasid) -> Result<Box<dyn QueuePair>, AccelError> {
+        Ok(Box::new(self.open_soft_queue_pair(pasid)?))
+    }
+}
+
+/// A queue pair of a [`SoftAccel`]. Dropping it discards its unstarted jobs.
+pub struct SoftQueuePair {
+    common: Arc<Common>,
+    shared: Arc<QpShared>,
+    completions: Receiver<JobResult>,
+}
+
+impl SoftQueuePair {
+    pub fn id(&self) -> u64 {
+        self.shared.id
+    }
+
+    pub fn pasid(&self) -> Pasid {
+        self.shared.pasid
+    }
+
+    pub fn stats(&self) -> QueuePairStats {
+        self.shared.stats()
+    }
+}
+
+impl QueuePair for SoftQueuePair {
+    fn submit(&self, jobs: &[Job]) -> Result<(), AccelError> {
+        let running = self.common.running.read();
+        if !*running {
+            return Err(AccelError::Closed);
+        }
+        // Count before sending: an engine may finish a job before the loop ends.
+        self.shared
+            .in_flight
+            .fetch_add(jobs.len(), Ordering::AcqRel);
+        for (i, job) in jobs.iter().enumerate() {
+            let msg = Msg::Job {
+                job: *job,
+                qp: Arc::clone(&self.shared),
+            };
+            if self.common.jobs.send(msg).is_err() {
+                // Unreachable while `running` holds (the engines own the
+                // receivers), but keep the count true if it ever happens.
+                self.shared
+                    .in_flight
+                    .fetch_sub(jobs.len() - i, Ordering::AcqRel);
+                return Err(AccelError::Closed);
+            }
+        }
+        Ok(())
+    }
+
+    fn completions(&self) -> &Receiver<JobResult> {
+        &self.completions
+    }
+
+    fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for SoftQueuePair {
+    fn drop(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        self.common.queue_pairs.lock().remove(&self.shared.id);
+    }
+}
+
+/// One engine thread's state.
+struct Engine {
+    common: Arc<Common>,
+    info: Arc<EngineInfo>,
+    jobs: Receiver<Msg>,
+    scratch: Scratch,
+    /// Bounce buffers: grown on demand, never past `max_xfer`.
+    src: Vec<u8>,
+    dst: Vec<u8>,
+}
+
+/// What one job did, before it is reported.
+struct Done {
+    status: JobStatus,
+    out: ops::Output,
+    bytes_in: u64,
+}
+
+impl Done {
+    fn failed(status: JobStatus, bytes_in: u64) -> Self {
+        Done {
+            status,
+            out: ops::Output::default(),
+            bytes_in,
+        }
+    }
+}
+
+impl Engine {
+    fn run(&mut self) {
+        self.info.tid.store(current_tid(), Ordering::Relaxed);
+        // `recv` blocks: an idle engine sleeps in the kernel.
+        while let Ok(msg) = self.jobs.recv() {
+            match msg {
+                Msg::Stop => break,
+                Msg::Job { job, qp } => self.serve(job, &qp),
+            }
+        }
+        tracing::trace!("software engine stopped");
+    }
+
+    fn serve(&mut self, job: Job, qp: &QpShared) {
+        if qp.closed.load(Ordering::Acquire) {
+            self.info.counters.discarded.fetch_add(1, Ordering::Relaxed);
+            qp.counters.discarded.fetch_add(1, Ordering::Relaxed);
+            qp.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        let done = self.execute(&job, qp.pasid);
+        let bytes_out = if done.status == JobStatus::Ok {
+            u64::from(done.out.bytes)
+        } else {
+            0
+        };
+        self.info
+            .counters
+            .record(done.status, done.bytes_in, bytes_out);
+        qp.counters.record(done.status, done.bytes_in, bytes_out);
+        if done.status != JobStatus::Ok {
+            tracing::trace!(
+                pasid = qp.pasid,
+                op = job.op.name(),
+                status = done.status.name(),
+                "job failed"
+            );
+        }
+        // The receiver may be gone (queue pair dropped mid-job): nothing to tell.
+        let _ = qp.done.send(JobResult {
+            cookie: job.cookie,
+            status: done.status,
+            bytes: done.out.bytes,
+            result: done.out.result,
+        });
+        // After the send, so that `in_flight() == 0` means every result is queued.
+        qp.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn execute(&mut self, job: &Job, pasid: Pasid) -> Done {
+        let max = self.common.max_xfer;
+        if job.src_len > max || job.dst_len > max {
+            return Done::failed(JobStatus::BadLength, 0);
+        }
+        let reads_src = job.op.reads_src();
+        let reads_dst = job.op == Opcode::Compare;
+        let uses_dst = job.op.writes_dst() || reads_dst;
+        if (reads_src && job.src.checked_add(u64::from(job.src_len)).is_none())
+            || (uses_dst && job.dst.checked_add(u64::from(job.dst_len)).is_none())
+        {
+            return Done::failed(JobStatus::BadLength, 0);
+        }
+
+        // Only the buffers the opcode uses, and only non-empty ones, are
+        // translated: a job that moves no bytes (`Nop`, zero lengths) never
+        // walks the PASID table, as no DMA would fault on hardware.
+        let src_len = if reads_src { job.src_len as usize } else { 0 };
+        let dst_len = if uses_dst { job.dst_len as usize } else { 0 };
+        let mem = if src_len > 0 || dst_len > 0 {
+            // The IOMMU walk: this queue pair's PASID, looked up now. The clone
+            // is an `Arc` bump; the loaded map stays valid until the job ends.
+            let Some(space) = self.common.spaces.read().get(&pasid).cloned() else {
+                return Done::failed(JobStatus::BadAddress, 0);
+            };
+            let mem = space.memory();
+            if !mapped(&mem, job.src, src_len) || !mapped(&mem, job.dst, dst_len) {
+                return Done::failed(JobStatus::BadAddress, 0);
+            }
+            Some(mem)
+        } else {
+            None
+        };
+
+        let src = bounce(&mut self.src, src_len);
+        let dst = bounce(&mut self.dst, dst_len);
+        let mut bytes_in = 0u64;
+        if let Some(mem) = &mem {
+            if src_len > 0 {
+                if mem.read_slice(src, GuestAddress(job.src)).is_err() {
+                    return Done::failed(JobStatus::BadAddress, 0);
+                }
+                bytes_in += src_len as u64;
+            }
+            if reads_dst && dst_len > 0 {
+                if mem.read_slice(dst, GuestAddress(job.dst)).is_err() {
+                    return Done::failed(JobStatus::BadAddress, bytes_in);
+                }
+                bytes_in += dst_len as u64;
+            }
+        }
+
+        let scratch = &mut self.scratch;
+        let res = catch_unwind(AssertUnwindSafe(|| {
+            ops::run(job.op, src, dst, job.param, scratch)
+        }));
+        let out = match res {
+            Ok(Ok(out)) => out,
+            Ok(Err(status)) => return Done::failed(status, bytes_in),
+            Err(_) => {
+                // A library panicked (libdeflater does on allocation failure):
+                // fail the job, and start over with fresh library state.
+                tracing::error!(op = job.op.name(), "software engine operation panicked");
+                self.scratch = Scratch::new();
+                return Done::failed(JobStatus::EngineError, bytes_in);
+            }
+        };
+
+        // Only the `out.bytes` the operation produced are written back: the
+        // libraries may scribble past that in their output buffer.
+        let n = (out.bytes as usize).min(dst.len());
+        if let (true, Some(mem)) = (job.op.writes_dst() && n > 0, &mem) {
+            // The range was checked above and the map cannot change under
+            // `mem`, so this writes all of it; dirty pages are marked by vm-memory.
+            if mem.write_slice(&dst[..n], GuestAddress(job.dst)).is_err() {
+                return Done::failed(JobStatus::BadAddress, bytes_in);
+            }
+        }
+        Done {
+            status: JobStatus::Ok,
+            out,
+            bytes_in,
+        }
+    }
+}
+
+/// Whether `[addr, addr + len)` lies wholly inside the map (no holes). An
+/// empty range is trivially inside.
+fn mapped(mem: &GuestMemory, addr: u64, len: usize) -> bool {
+    len == 0 || GuestMemoryBackend::check_range(mem, GuestAddress(addr), len)
+}
+
+/// The calling thread's kernel id, for operators matching engines to
+/// `/proc/PID/task/TID` (0 if `/proc` is not mounted).
+fn current_tid() -> i32 {
+    // `/proc/thread-self` links to `PID/task/TID`.
+    std::fs::read_link("/proc/thread-self")
+        .ok()
+        .and_then(|p| p.file_name()?.to_str()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The first `len` bytes of a bounce buffer, growing it if needed.
+fn bounce(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    &mut buf[..len]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs::File;
+    use std::time::{Duration, Instant};
+    use vm_memory::bitmap::Bitmap;
+    use vm_memory::{FileOffset, GuestMemoryRegion, GuestRegionMmap};
+
+    const PAGE: u64 = 4096;
+    const TIMEOUT: Duration = Duration::from_secs(20);
+
+    /// A memfd-backed region of `size` bytes at guest address `base`.
+    fn region(base: u64, size: usize) -> GuestRegionMmap<vm_memory::bitmap::AtomicBitmap> {
+        let fd = rustix::fs::memfd_create("wdvirt-test", rustix::fs::MemfdFlags::CLOEXEC)
+            .expect("memfd_create");
+        let file = File::from(fd);
+        file.set_len(size as u64).expect("set_len");
+        GuestRegionMmap::from_range(GuestAddress(base), size, Some(FileOffset::new(file, 0)))
+            .expect("map region")
+    }
+
+    fn space(ranges: &[(u64, usize)]) -> AddressSpace {
+        let regions = ranges.iter().map(|&(b, s)| region(b, s)).collect();
+        AddressSpace::new(GuestMemory::from_regions(regions).expect("memory map"))
+    }
+
+    fn write(space: &AddressSpace, addr: u64, data: &[u8]) {
+        space
+            .memory()
+            .write_slice(data, GuestAddress(addr))
+            .unwrap();
+    }
+
+    fn read(space: &AddressSpace, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        space
+            .memory()
+            .read_slice(&mut v, GuestAddress(addr))
+            .unwrap();
+        v
+    }
+
+    fn corpus(len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| {
+                if i % 7 < 5 {
+                    b"wdvirt engine "[i % 14]
+                } else {
+                    (i.wrapping_mul(2_654_435_761) >> 13) as u8
+                }
+            })
+            .collect()
+    }
+
+    fn job(op: Opcode, src: u64, src_len: u32, dst: u64, dst_len: u32, cookie: u64) -> Job {
+        Job {
+            op,
+            src,
+            src_len,
+            dst,
+            dst_len,
+            param: 0,
+            cookie,
+        }
+    }
+
+    /// Submit `jobs`, collect exactly one result per job, keyed by cookie.
+    fn run_jobs(qp: &dyn QueuePair, jobs: &[Job]) -> HashMap<u64, JobResult> {
+        qp.submit(jobs).unwrap();
+        let mut out = HashMap::new();
+        for _ in 0..jobs.len() {
+            let r = qp.completions().recv_timeout(TIMEOUT).expect("completion");
+            assert!(
+                out.insert(r.cookie, r).is_none(),
+                "cookie {} twice",
+                r.cookie
+            );
+        }
+        out
+    }
+
+    fn run_one(qp: &dyn QueuePair, j: Job) -> JobResult {
+        let r = run_jobs(qp, &[j]);
+        r[&j.cookie]
+    }
+
+    fn bound(accel: &SoftAccel, pasid: Pasid, ranges: &[(u64, usize)]) -> AddressSpace {
+        let s = space(ranges);
+        accel.bind_pasid(pasid, s.clone()).unwrap();
+        s
+    }
+
+    #[test]
+    fn every_opcode_matches_ops_run() {
+        let accel = SoftAccel::new(2);
+        let mem = bound(&accel, 7, &[(0x10_0000, 1 << 20)]);
+        let qp = accel.open_queue_pair(7).unwrap();
+        let input = corpus(50_000);
+        let (src, dst) = (0x10_0000u64, 0x18_0000u64);
+        let mut scratch = Scratch::new();
+
+        for op in Opcode::ALL {
+            // Decompress opcodes need a compressed source; Compare a second buffer.
+            let (src_bytes, param) = match ops::Format::of(op) {
+                Some((format, false)) => {
+                    let mut packed = vec![0u8; 64 * 1024];
+                    let n = ops::compress(format, 6, &input, &mut packed, &mut scratch).unwrap();
+                    packed.truncate(n as usize);
+                    (packed, 0)
+                }
+                Some((_, true)) => (input.clone(), 9),
+                None if op == Opcode::Fill => (Vec::new(), 0xa5),
+                None => (input.clone(), 0),
+            };
+            let mut dst_init = vec![0x11u8; 60_000];
+            if op == Opcode::Compare {
+                dst_init = input.clone();
+                dst_init[31_337] ^= 0x40;
+            }
+            write(&mem, src, &src_bytes);
+            write(&mem, dst, &dst_init);
+            let dst_len = if op == Opcode::Compare {
+                input.len()
+            } else {
+                dst_init.len()
+            };
+            let mut j = job(
+                op,
+                src,
+                src_bytes.len() as u32,
+                dst,
+                dst_len as u32,
+                op as u64,
+            );
+            j.param = param;
+            let got = run_one(&*qp, j);
+
+            let mut want_dst = dst_init.clone();
+            let want = ops::run(
+                op,
+                &src_bytes,
+                &mut want_dst[..dst_len],
+                param,
+                &mut scratch,
+            )
+            .unwrap_or_else(|e| panic!("{op:?}: {e:?}"));
+            assert_eq!(got.status, JobStatus::Ok, "{op:?}");
+            assert_eq!((got.bytes, got.result), (want.bytes, want.result), "{op:?}");
+            // Exactly `bytes` written at dst; the rest of the buffer untouched.
+            let n = got.bytes as usize;
+            let guest_dst = read(&mem, dst, dst_init.len());
+            assert!(guest_dst[..n] == want_dst[..n], "{op:?} dst bytes");
+            assert!(guest_dst[n..] == dst_init[n..], "{op:?} wrote past bytes");
+            match op {
+                Opcode::Compare => assert_eq!(got.result, 31_338),
+                Opcode::Crc32c => assert_eq!(
+                    got.result,
+                    crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, &input) as u32
+                ),
+                Opcode::Sha256 => {
+                    use sha2::Digest;
+                    assert_eq!(read(&mem, dst, 32), sha2::Sha256::digest(&input).to_vec())
+                }
+                Opcode::DeflateDecompress | Opcode::ZlibDecompress | Opcode::GzipDecompress => {
+                    assert_eq!(read(&mem, dst, input.len()), input)
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(qp.in_flight(), 0);
+        let st = accel.stats();
+        let total: u64 = st.engines.iter().map(|e| e.counters.jobs).sum();
+        assert_eq!(total, Opcode::ALL.len() as u64);
+        assert_eq!(st.queue_pairs.len(), 1);
+        assert_eq!(st.queue_pairs[0].counters.jobs, Opcode::ALL.len() as u64);
+        assert_eq!(st.queue_pairs[0].counters.errors, 0);
+    }
+
+    #[test]
+    fn bad_addresses_touch_nothing() {
+        let accel = SoftAccel::new(1);
+        // Two regions with a hole between them.
+        let base = 0x4000_0000u64;
+        let mem = bound(
+            &accel,
+            1,
+            &[
+                (base, 16 * PAGE as usize),
+                (base + 32 * PAGE, 4 * PAGE as usize),
+            ],
+        );
+        let end = base + 16 * PAGE;
+        let qp = accel.open_queue_pair(1).unwrap();
+        write(&mem, end - 100, &[0x77; 100]);
+
+        let fill = |dst, len| Job {
+            param: 0xee,
+            ..job(Opcode::Fill, 0, 0, dst, len, 1)
+        };
+        let cases = [
+            ("fill straddles region end", fill(end - 100, 200)),
+            ("fill in the hole", fill(end + PAGE, 16)),
+            ("fill past everything", fill(base + 64 * PAGE, 16)),
+            ("fill below the map", fill(0x1000, 16)),
+            (
+                "copy src straddles",
+                job(Opcode::Copy, end - 10, 20, base, 20, 1),
+            ),
+            (
+                "copy dst straddles",
+                job(Opcode::Copy, base, 20, end - 10, 20, 1),
+            ),
+            (
+                "crc src spans hole",
+                job(Opcode::Crc32c, end - 8, PAGE as u32, 0, 0, 1),
+            ),
+            (
+                "compare dst straddles",
+                job(Opcode::Compare, base, 64, end - 32, 64, 1),
+            ),
+        ];
+        for (what, j) in cases {
+            let r = run_one(&*qp, j);
+            assert_eq!(r.status, JobStatus::BadAddress, "{what}");
+            assert_eq!((r.bytes, r.result), (0, 0), "{what}");
+        }
+        // The straddling fill must not have written its in-range part.
+        assert_eq!(read(&mem, end - 100, 100), vec![0x77; 100]);
+
+        // Address + length overflows: BadLength. Over max_xfer: BadLength.
+        let r = run_one(&*qp, fill(u64::MAX - 4, 16));
+        assert_eq!(r.status, JobStatus::BadLength);
+        let r = run_one(&*qp, fill(base, accel.max_xfer() + 1));
+        assert_eq!(r.status, JobStatus::BadLength);
+
+        // Exactly up to the end is fine.
+        let r = run_one(&*qp, fill(end - 100, 100));
+        assert_eq!((r.status, r.bytes), (JobStatus::Ok, 100));
+        assert_eq!(read(&mem, end - 100, 100), vec![0xee; 100]);
+
+        let st = qp_stats(&accel);
+        assert_eq!(st.counters.errors, 10);
+        assert_eq!(st.counters.jobs, 11);
+        assert_eq!(st.counters.bytes_out, 100);
+    }
+
+    fn qp_stats(accel: &SoftAccel) -> QueuePairStats {
+        let st = accel.stats();
+        assert_eq!(st.queue_pairs.len(), 1);
+        st.queue_pairs[0]
+    }
+
+    #[test]
+    fn unbound_pasid_is_bad_address() {
+        let accel = SoftAccel::new(1);
+        // Never bound.
+        let qp = accel.open_queue_pair(42).unwrap();
+        let r = run_one(&*qp, job(Opcode::Crc32c, 0, 16, 0, 0, 9));
+        assert_eq!((r.cookie, r.status), (9, JobStatus::BadAddress));
+
+        // Bound, then unbound: jobs stop reaching memory.
+        let mem = bound(&accel, 42, &[(0, 1 << 16)]);
+        let r = run_one(&*qp, job(Opcode::Crc32c, 0, 16, 0, 0, 10));
+        assert_eq!(r.status, JobStatus::Ok);
+        accel.unbind_pasid(42).unwrap();
+        let r = run_one(
+            &*qp,
+            Job {
+                param: 1,
+                ..job(Opcode::Fill, 0, 0, 0, 16, 11)
+            },
+        );
+        assert_eq!(r.status, JobStatus::BadAddress);
+        assert_eq!(read(&mem, 0, 16), vec![0; 16]);
+        // Nop touches no memory, but still completes.
+        let r = run_one(&*qp, job(Opcode::Nop, 0, 0, 0, 0, 12));
+        assert_eq!(r.status, JobStatus::Ok);
+    }
+
+    #[test]
+    fn pasids_see_only_their_own_memory() {
+        let accel = SoftAccel::new(2);
+        let iova = 0x2000u64;
+        let a = bound(&accel, 1, &[(0, 1 << 16)]);
+        let b = bound(&accel, 2, &[(0, 1 << 16)]);
+        write(&a, iova, b"memory of guest A");
+        write(&b, iova, b"memory of guest B");
+        let qa = accel.open_queue_pair(1).unwrap();
+        let qb = accel.open_queue_pair(2).unwrap();
+
+        let crc = |qp: &dyn QueuePair| run_one(qp, job(Opcode::Crc32c, iova, 17, 0, 0, 0)).result;
+        assert_eq!(crc(&*qa), ops::crc32c(b"memory of guest A"));
+        assert_eq!(crc(&*qb), ops::crc32c(b"memory of guest B"));
+
+        // A copy on A's queue writes only A's memory.
+        let r = run_one(&*qa, job(Opcode::Copy, iova, 17, 0x8000, 17, 0));
+        assert_eq!(r.status, JobStatus::Ok);
+        assert_eq!(read(&a, 0x8000, 17), b"memory of guest A");
+        assert_eq!(read(&b, 0x8000, 17), vec![0; 17]);
+
+        // A's queue pair cannot reach an address only B has.
+        let c = bound(&accel, 3, &[(0x10_0000, 1 << 16)]);
+        write(&c, 0x10_0000, b"C");
+        let r = run_one(&*qa, job(Opcode::Crc32c, 0x10_0000, 1, 0, 0, 0));
+        assert_eq!(r.status, JobStatus::BadAddress);
+    }
+
+    #[test]
+    fn writes_mark_dirty_pages_and_reads_do_not() {
+        let accel = SoftAccel::new(1);
+        let mem = bound(&accel, 5, &[(0, 64 * PAGE as usize)]);
+        let qp = accel.open_queue_pair(5).unwrap();
+        let dirty = |page: u64| {
+            let m = mem.memory();
+            let r = m.find_region(GuestAddress(0)).unwrap();
+            r.bitmap().dirty_at((page * PAGE) as usize)
+        };
+        // The test's own setup writes would dirty pages too: start from a
+        // clean bitmap by writing nothing before the job.
+        assert!((0..64).all(|p| !dirty(p)));
+
+        // Copy 2.5 pages from page 1 to the middle of page 10: pages 10..=12 dirty.
+        let r = run_one(
+            &*qp,
+            job(
+                Opcode::Copy,
+                PAGE,
+                (5 * PAGE / 2) as u32,
+                10 * PAGE + 100,
+                (5 * PAGE / 2) as u32,
+                0,
+            ),
+        );
+        assert_eq!(r.status, JobStatus::Ok);
+        let set: Vec<u64> = (0..64).filter(|&p| dirty(p)).collect();
+        assert_eq!(set, vec![10, 11, 12]);
+
+        // CRC and Compare only read.
+        run_one(
+            &*qp,
+            job(Opcode::Crc32c, 20 * PAGE, 4 * PAGE as u32, 0, 0, 0),
+        );
+        run_one(
+            &*qp,
+            job(
+                Opcode::Compare,
+                30 * PAGE,
+                PAGE as u32,
+                40 * PAGE,
+                PAGE as u32,
+                0,
+            ),
+        );
+        let set: Vec<u64> = (0..64).filter(|&p| dirty(p)).collect();
+        assert_eq!(set, vec![10, 11, 12]);
+
+        // SHA-256 into page 50 dirties just it.
+        run_one(&*qp, job(Opcode::Sha256, 0, 64, 50 * PAGE, 32, 0));
+        assert!(dirty(50));
+        assert!(!dirty(49) && !dirty(51));
+    }
+
+    #[test]
+    fn thousand_jobs_complete_exactly_once() {
+        let accel = SoftAccel::new(2);
+        let mem = bound(&accel, 3, &[(0, 1 << 20)]);
+        let data = corpus(64 * 1000);
+        write(&mem, 0, &data);
+        let qa = accel.open_soft_queue_pair(3).unwrap();
+        let qb = accel.open_soft_queue_pair(3).unwrap();
+        let jobs: Vec<Job> = (0..1000u64)
+            .map(|i| job(Opcode::Crc32c, i * 64, 64, 0, 0, i))
+            .collect();
+        // A second queue pair on the same PASID works while A's batch is queued.
+        qa.submit(&jobs).unwrap();
+        let rb = run_one(&qb, job(Opcode::Crc32c, 0, 64, 0, 0, 77));
+        assert_eq!(rb.result, ops::crc32c(&data[..64]));
+
+        let mut seen = vec![false; 1000];
+        for _ in 0..1000 {
+            let r = qa.completions().recv_timeout(TIMEOUT).expect("completion");
+            let i = r.cookie as usize;
+            assert!(!seen[i], "cookie {i} twice");
+            seen[i] = true;
+            assert_eq!(r.status, JobStatus::Ok);
+            assert_eq!(r.result, ops::crc32c(&data[i * 64..(i + 1) * 64]));
+        }
+        assert!(seen.iter().all(|&s| s));
+        assert_eq!(qa.in_flight(), 0);
+        assert!(qa.completions().try_recv().is_err(), "an extra completion");
+        let st = qa.stats();
+        assert_eq!(
+            st.counters,
+            CounterSnapshot {
+                jobs: 1000,
+                bytes_in: 64_000,
+                ..Default::default()
+            }
+        );
+        let engine_jobs: u64 = accel.stats().engines.iter().map(|e| e.counters.jobs).sum();
+        assert_eq!(engine_jobs, 1001);
+    }
+
+    /// utime + stime of a thread, in clock ticks, and its state letter.
+    fn thread_cpu(tid: i32) -> (char, u64) {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        // Fields after the parenthesised command name: state is field 3,
+        // utime and stime are fields 14 and 15.
+        let rest = &stat[stat.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        let state = f[0].chars().next().unwrap();
+        (
+            state,
+            f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap(),
+        )
+    }
+
+    #[test]
+    fn idle_engines_sleep() {
+        let accel = SoftAccel::new(2);
+        let tids: Vec<i32> = {
+            let deadline = Instant::now() + TIMEOUT;
+            loop {
+                let t: Vec<i32> = accel.stats().engines.iter().map(|e| e.tid).collect();
+                if t.iter().all(|&t| t > 0) || Instant::now() > deadline {
+                    break t;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        for &t in &tids {
+            let name = std::fs::read_to_string(format!("/proc/self/task/{t}/comm")).unwrap();
+            assert!(name.starts_with("wd-engine-"), "{name}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let before: Vec<(char, u64)> = tids.iter().map(|&t| thread_cpu(t)).collect();
+        std::thread::sleep(Duration::from_millis(200));
+        let after: Vec<(char, u64)> = tids.iter().map(|&t| thread_cpu(t)).collect();
+        for (b, a) in before.iter().zip(&after) {
+            assert_eq!(a.0, 'S', "engine not sleeping");
+            // A spinning thread would gain ~20 ticks in 200 ms.
+            assert!(a.1 - b.1 <= 2, "engine used CPU while idle: {b:?} -> {a:?}");
+        }
+    }
+
+    #[test]
+    fn dropping_a_queue_pair_discards_unstarted_jobs() {
+        let accel = SoftAccel::new(1);
+        let _mem = bound(&accel, 1, &[(0, 1 << 16)]);
+        let qp = accel.open_queue_pair(1).unwrap();
+        let jobs: Vec<Job> = (0..10)
+            .map(|i| job(Opcode::Crc32c, 0, 64, 0, 0, i))
+            .collect();
+        {
+            // Hold the PASID table: the one engine blocks on its first job.
+            let table = accel.common.spaces.write();
+            qp.submit(&jobs).unwrap();
+            drop(qp);
+            drop(table);
+        }
+        assert!(accel.stats().queue_pairs.is_empty());
+        let deadline = Instant::now() + TIMEOUT;
+        let c = loop {
+            let c = accel.stats().engines[0].counters;
+            if c.jobs + c.discarded == 10 || Instant::now() > deadline {
+                break c;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        assert_eq!(c.jobs + c.discarded, 10);
+        // At most the job the engine had already picked up ran.
+        assert!(c.jobs <= 1, "{c:?}");
+    }
+
+    #[test]
+    fn shutdown_finishes_queued_jobs_then_refuses() {
+        let accel = SoftAccel::new(2);
+        let _mem = bound(&accel, 1, &[(0, 1 << 16)]);
+        let qp = accel.open_queue_pair(1).unwrap();
+        let jobs: Vec<Job> = (0..200)
+            .map(|i| job(Opcode::Crc32c, 0, 4096, 0, 0, i))
+            .collect();
+        qp.submit(&jobs).unwrap();
+        accel.shutdown();
+        assert_eq!(qp.in_flight(), 0);
+        assert_eq!(qp.completions().try_iter().count(), 200);
+        assert!(matches!(qp.submit(&jobs[..1]), Err(AccelError::Closed)));
+        assert!(matches!(accel.open_queue_pair(1), Err(AccelError::Closed)));
+        accel.shutdown(); // idempotent
+
+        // Dropping the last handle joins the threads (no hang, no leak of tids).
+        let accel = SoftAccel::new(2);
+        let weak = Arc::downgrade(&accel.common);
+        drop(accel);
+        assert!(
+            weak.upgrade().is_none(),
+            "engines still hold the accelerator state"
+        );
+    }
+
+    #[test]
+    fn pasid_table_and_queue_pair_limits() {
+        let accel = SoftAccel::with_config(SoftAccelConfig {
+            engines: 1,
+            max_xfer: 4096,
+            max_queue_pairs: 2,
+        })
+        .unwrap();
+        assert_eq!(accel.name(), "soft");
+        assert_eq!(accel.supported_ops(), wdvirt_abi::ALL_OPS);
+        assert_eq!(accel.max_xfer(), 4096);
+        accel.bind_pasid(1, space(&[(0, 4096)])).unwrap();
+        assert!(matches!(
+            accel.bind_pasid(1, space(&[(0, 4096)])),
+            Err(AccelError::PasidInUse(1))
+        ));
+        assert!(matches!(
+            accel.unbind_pasid(2),
+            Err(AccelError::UnknownPasid(2))
+        ));
+
+        let q1 = accel.open_queue_pair(1).unwrap();
+        let q2 = accel.open_queue_pair(1).unwrap();
+        assert!(matches!(
+            accel.open_queue_pair(1),
+            Err(AccelError::NoQueuePairs(2))
+        ));
+        drop(q1);
+        let _q3 = accel.open_queue_pair(1).unwrap();
+        let r = run_one(&*q2, job(Opcode::Crc32c, 0, 4097, 0, 0, 0));
+        assert_eq!(r.status, JobStatus::BadLength);
+    }
+
+    #[test]
+    fn swapped_map_is_seen_by_later_jobs() {
+        let accel = SoftAccel::new(1);
+        let mem = bound(&accel, 1, &[(0, 1 << 16)]);
+        let qp = accel.open_queue_pair(1).unwrap();
+        assert_eq!(
+            run_one(&*qp, job(Opcode::Crc32c, 0x2_0000, 8, 0, 0, 0)).status,
+            JobStatus::BadAddress
+        );
+        // DMA_MAP of a second region: publish a new map in the same AddressSpace.
+        let old = mem.memory();
+        let grown = old
+            .insert_region(Arc::new(region(0x2_0000, 1 << 16)))
+            .unwrap();
+        drop(old);
+        mem.lock().unwrap().replace(grown);
+        assert_eq!(
+            run_one(&*qp, job(Opcode::Crc32c, 0x2_0000, 8, 0, 0, 0)).status,
+            JobStatus::Ok
+        );
+    }
+}
