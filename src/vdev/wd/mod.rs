@@ -529,3 +529,6 @@ impl Drop for WdDevice {
         let _ = self.accel.unbind_pasid(self.pasid);
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -301,8 +301,9 @@ mod tests {
             lo.merge(0xaaaa_bbbb_1111_2222, 0x3333_4444),
             0xaaaa_bbbb_3333_4444
         );
+        assert_eq!(decode(regs::DEV_CTRL as u64, 8, 2), Err(RegError::BadWidth));
         assert_eq!(
-            decode(regs::DEV_CTRL as u64, 8, 2),
+            decode(regs::DEV_CTRL as u64 + 4, 8, 2),
             Err(RegError::Unaligned)
         );
         assert_eq!(
