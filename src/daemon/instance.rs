@@ -1,0 +1,172 @@
+//! One served instance: a vfio-user socket, the PCI function with the
+//! accelerator model behind it, and the thread that serves one VMM
+//! connection at a time. The device outlives connections: when a VMM goes
+//! away the device is reset and its memory dropped, and the next VMM finds a
+//! fresh function at the same socket.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::accel::{Pasid, SharedAccelerator};
+use crate::stats::{InstanceSnapshot, InstanceStats, QueueSnapshot};
+use crate::transport::server::{Listener, StopHandle};
+use crate::transport::stats::StatsSnapshot;
+use crate::transport::{self, TransportError};
+use crate::vdev::pci::{Interrupts, PciFunction};
+use crate::vdev::wd::queue::QueueShared;
+use crate::vdev::wd::{WdConfig, WdDevice};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("instance {name}: cannot serve at {path}: {source}")]
+    Socket { name: String, path: PathBuf, source: TransportError },
+    #[error("instance {name}: {source}")]
+    Device { name: String, source: crate::transport::device::DeviceError },
+    #[error("instance {name}: cannot start its thread: {source}")]
+    Thread { name: String, source: std::io::Error },
+}
+
+/// What to create.
+#[derive(Clone, Debug)]
+pub struct InstanceSpec {
+    pub name: String,
+    pub socket: PathBuf,
+    pub config: WdConfig,
+}
+
+/// What an instance has done, for listings and `--json`.
+#[derive(Clone, Debug, Serialize)]
+pub struct InstanceReport {
+    pub name: String,
+    pub socket: PathBuf,
+    pub pasid: Pasid,
+    pub connections: u64,
+    pub device: InstanceSnapshot,
+    pub queues: Vec<QueueSnapshot>,
+    /// The current (or last) connection's protocol counters.
+    pub transport: Option<StatsSnapshot>,
+}
+
+/// A running instance. Dropping it stops the server thread.
+pub struct Instance {
+    spec: InstanceSpec,
+    pasid: Pasid,
+    listener: Arc<Listener>,
+    stats: Arc<InstanceStats>,
+    queues: Vec<Arc<QueueShared>>,
+    connection: Arc<Mutex<Option<(StopHandle, Arc<transport::stats::ConnectionStats>)>>>,
+    connections: Arc<AtomicU64>,
+    stopping: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Instance {
+    /// Bind the socket, build the device and start serving.
+    pub fn start(spec: InstanceSpec, accel: SharedAccelerator, pasid: Pasid) -> Result<Instance, InstanceError> {
+        let name = spec.name.clone();
+        let listener = Listener::bind(&spec.socket)
+            .map_err(|source| InstanceError::Socket { name: name.clone(), path: spec.socket.clone(), source })?;
+        let interrupts = Interrupts::new(spec.config.queues as u16);
+        let model = WdDevice::new(spec.config, accel, pasid, Arc::new(interrupts.clone()))
+            .map_err(|source| InstanceError::Device { name: name.clone(), source })?;
+        let stats = model.stats();
+        let queues = model.queue_stats();
+        let mut device = PciFunction::new(model, interrupts);
+        let listener = Arc::new(listener);
+        let connection: Arc<Mutex<Option<_>>> = Arc::default();
+        let connections = Arc::new(AtomicU64::new(0));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (listener, connection, connections, stopping) =
+                (listener.clone(), connection.clone(), connections.clone(), stopping.clone());
+            std::thread::Builder::new()
+                .name(format!("wd-inst-{name}"))
+                .spawn(move || {
+                    while !stopping.load(Ordering::Acquire) {
+                        let mut conn = match listener.accept() {
+                            Ok(c) => c,
+                            Err(e) => {
+                                if !stopping.load(Ordering::Acquire) {
+                                    tracing::error!(instance = %name, "accept failed: {e}");
+                                }
+                                break;
+                            }
+                        };
+                        connections.fetch_add(1, Ordering::Relaxed);
+                        *connection.lock() = Some((conn.stop_handle(), conn.stats()));
+                        if stopping.load(Ordering::Acquire) {
+                            break;
+                        }
+                        match conn.run(&mut device) {
+                            Ok(how) => tracing::info!(instance = %name, "VMM disconnected: {how:?}"),
+                            Err(e) => tracing::warn!(instance = %name, "connection ended: {e}"),
+                        }
+                    }
+                })
+                .map_err(|source| InstanceError::Thread { name: spec.name.clone(), source })?
+        };
+        Ok(Instance {
+            spec,
+            pasid,
+            listener,
+            stats,
+            queues,
+            connection,
+            connections,
+            stopping,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+    pub fn socket(&self) -> &Path {
+        &self.spec.socket
+    }
+    pub fn pasid(&self) -> Pasid {
+        self.pasid
+    }
+
+    pub fn report(&self) -> InstanceReport {
+        InstanceReport {
+            name: self.spec.name.clone(),
+            socket: self.spec.socket.clone(),
+            pasid: self.pasid,
+            connections: self.connections.load(Ordering::Relaxed),
+            device: self.stats.snapshot(),
+            queues: self.queues.iter().map(|q| q.stats.snapshot()).collect(),
+            transport: self.connection.lock().as_ref().map(|(_, s)| s.snapshot()),
+        }
+    }
+
+    /// Stop serving: the current VMM connection is ended and the socket removed.
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.stopping.store(true, Ordering::Release);
+        if let Some((stop, _)) = self.connection.lock().as_ref() {
+            stop.stop();
+        }
+        // Wakes a blocked accept() (Linux returns EINVAL to it).
+        let _ = rustix::net::shutdown(&*self.listener, rustix::net::Shutdown::Both);
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!(instance = %self.spec.name, "instance thread panicked");
+        }
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}

@@ -1,0 +1,152 @@
+//! An in-process VMM: what QEMU does for a vfio-user device, reduced to what
+//! a guest driver needs. It connects to an instance's socket with the
+//! rust-vmm `vfio_user` client (an implementation independent of wdvirt's
+//! server), gives the "guest" memfd-backed RAM and maps it for the device
+//! with DMA_MAP, turns on memory decoding and bus mastering in config space,
+//! and hands the guest driver register access (REGION_READ/WRITE messages)
+//! and DMA memory (the same memfd, mapped here through `vm-memory`).
+//!
+//! Used by `wdvirt demo`, the benchmark and the end-to-end tests.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use parking_lot::Mutex;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use wdvirt_guest::{DmaError, DmaMemory, Mmio, MmioError};
+
+/// VFIO PCI region index of config space.
+pub const CONFIG_REGION: u32 = 7;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("cannot connect to {path}: {source}")]
+    Connect { path: String, source: vfio_user::Error },
+    #[error("vfio-user request failed: {0}")]
+    Request(#[from] vfio_user::Error),
+    #[error("guest RAM: {0}")]
+    Ram(String),
+}
+
+/// Guest RAM: a memfd the VMM shares with the device.
+pub struct GuestRam {
+    file: File,
+    base: u64,
+    size: u64,
+    mem: GuestMemoryMmap,
+}
+
+impl GuestRam {
+    pub fn new(base: u64, size: u64) -> Result<GuestRam, VmmError> {
+        let err = |e: &dyn std::fmt::Display| VmmError::Ram(e.to_string());
+        let fd = rustix::fs::memfd_create("wdvirt-guest-ram", rustix::fs::MemfdFlags::CLOEXEC).map_err(|e| err(&e))?;
+        rustix::fs::ftruncate(&fd, size).map_err(|e| err(&e))?;
+        let file = File::from(fd);
+        let region = GuestRegionMmap::from_range(
+            GuestAddress(base),
+            size as usize,
+            Some(FileOffset::new(file.try_clone().map_err(|e| err(&e))?, 0)),
+        )
+        .map_err(|e| err(&e))?;
+        let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(|e| err(&e))?;
+        Ok(GuestRam { file, base, size, mem })
+    }
+    pub fn base(&self) -> u64 {
+        self.base
+    }
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+fn dma_err(addr: u64, len: usize) -> DmaError {
+    DmaError::OutOfRange { addr, len: len as u64 }
+}
+
+impl DmaMemory for GuestRam {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        self.mem.read_slice(buf, GuestAddress(addr)).map_err(|_| dma_err(addr, buf.len()))
+    }
+    fn write(&self, addr: u64, data: &[u8]) -> Result<(), DmaError> {
+        self.mem.write_slice(data, GuestAddress(addr)).map_err(|_| dma_err(addr, data.len()))
+    }
+    fn read_u32(&self, addr: u64) -> Result<u32, DmaError> {
+        self.mem.load(GuestAddress(addr), Ordering::Acquire).map_err(|_| dma_err(addr, 4))
+    }
+    fn write_u32(&self, addr: u64, value: u32) -> Result<(), DmaError> {
+        self.mem.store(value, GuestAddress(addr), Ordering::Release).map_err(|_| dma_err(addr, 4))
+    }
+}
+
+/// A connected VMM with its guest RAM mapped for the device.
+pub struct LoopbackVmm {
+    client: Mutex<vfio_user::Client>,
+    ram: Arc<GuestRam>,
+}
+
+impl LoopbackVmm {
+    /// Connect, DMA_MAP `ram`, and enable memory decoding and bus mastering.
+    pub fn connect(socket: &Path, ram: GuestRam) -> Result<LoopbackVmm, VmmError> {
+        let mut client = vfio_user::Client::new(socket)
+            .map_err(|source| VmmError::Connect { path: socket.display().to_string(), source })?;
+        client.dma_map(0, ram.base, ram.size, ram.file.as_raw_fd())?;
+        let vmm = LoopbackVmm { client: Mutex::new(client), ram: Arc::new(ram) };
+        let cmd = vmm.config_read(4, 2)? as u16;
+        // PCI command register: memory space (bit 1) and bus master (bit 2).
+        vmm.config_write(4, 2, (cmd | 0b110) as u32)?;
+        Ok(vmm)
+    }
+
+    pub fn ram(&self) -> Arc<GuestRam> {
+        self.ram.clone()
+    }
+
+    /// Config-space read of 1, 2 or 4 bytes.
+    pub fn config_read(&self, offset: u64, len: usize) -> Result<u32, VmmError> {
+        let mut b = [0u8; 4];
+        self.client.lock().region_read(CONFIG_REGION, offset, &mut b[..len])?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    pub fn config_write(&self, offset: u64, len: usize, value: u32) -> Result<(), VmmError> {
+        self.client.lock().region_write(CONFIG_REGION, offset, &value.to_le_bytes()[..len])?;
+        Ok(())
+    }
+
+    /// Raw region access, for tests that write what a driver never would.
+    pub fn region_read(&self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), VmmError> {
+        Ok(self.client.lock().region_read(region, offset, data)?)
+    }
+    pub fn region_write(&self, region: u32, offset: u64, data: &[u8]) -> Result<(), VmmError> {
+        Ok(self.client.lock().region_write(region, offset, data)?)
+    }
+
+    /// BAR sizes as the VMM learnt them from region info.
+    pub fn region_size(&self, region: u32) -> Option<u64> {
+        self.client.lock().region(region).map(|r| r.size)
+    }
+
+    pub fn reset(&self) -> Result<(), VmmError> {
+        Ok(self.client.lock().reset()?)
+    }
+}
+
+impl Mmio for LoopbackVmm {
+    fn read32(&self, bar: u8, offset: u64) -> Result<u32, MmioError> {
+        let mut b = [0u8; 4];
+        self.region_read(bar as u32, offset, &mut b).map_err(|e| MmioError::Transport(e.to_string()))?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn write32(&self, bar: u8, offset: u64, value: u32) -> Result<(), MmioError> {
+        self.region_write(bar as u32, offset, &value.to_le_bytes()).map_err(|e| MmioError::Transport(e.to_string()))
+    }
+}
+
+impl Drop for LoopbackVmm {
+    fn drop(&mut self) {
+        let _ = self.client.lock().shutdown();
+    }
+}
