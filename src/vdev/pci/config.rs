@@ -52,8 +52,11 @@ pub const CMD_BUS_MASTER: u16 = 1 << 2;
 pub const CMD_PARITY_ERROR_RESPONSE: u16 = 1 << 6;
 pub const CMD_SERR_ENABLE: u16 = 1 << 8;
 pub const CMD_INTX_DISABLE: u16 = 1 << 10;
-pub const CMD_WRITABLE: u16 =
-    CMD_MEMORY_SPACE | CMD_BUS_MASTER | CMD_PARITY_ERROR_RESPONSE | CMD_SERR_ENABLE | CMD_INTX_DISABLE;
+pub const CMD_WRITABLE: u16 = CMD_MEMORY_SPACE
+    | CMD_BUS_MASTER
+    | CMD_PARITY_ERROR_RESPONSE
+    | CMD_SERR_ENABLE
+    | CMD_INTX_DISABLE;
 
 // Status register bits.
 pub const STATUS_CAP_LIST: u16 = 1 << 4;
@@ -159,7 +162,14 @@ pub struct Register {
 
 impl Register {
     const fn ro(name: &'static str, offset: u16, width: u8, reset: u32) -> Self {
-        Register { name, offset, width, reset, writable: 0, w1c: 0 }
+        Register {
+            name,
+            offset,
+            width,
+            reset,
+            writable: 0,
+            w1c: 0,
+        }
     }
     const fn writable(mut self, mask: u32) -> Self {
         self.writable = mask;
@@ -192,7 +202,9 @@ pub struct WriteEffects {
 
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("config access of {len} bytes at {offset:#x} is outside the {CONFIG_SPACE_SIZE}-byte config space")]
+    #[error(
+        "config access of {len} bytes at {offset:#x} is outside the {CONFIG_SPACE_SIZE}-byte config space"
+    )]
     OutOfRange { offset: u64, len: usize },
 }
 
@@ -218,7 +230,12 @@ pub fn registers(layout: &FunctionLayout) -> (Vec<Register>, CapLayout) {
         Register::ro("header type", HEADER_TYPE, 1, 0),
         Register::ro("bist", BIST, 1, 0),
         Register::ro("cardbus cis", CARDBUS_CIS, 4, 0),
-        Register::ro("subsystem vendor id", SUBSYSTEM_VENDOR_ID, 2, layout.subsystem_vendor_id.into()),
+        Register::ro(
+            "subsystem vendor id",
+            SUBSYSTEM_VENDOR_ID,
+            2,
+            layout.subsystem_vendor_id.into(),
+        ),
         Register::ro("subsystem id", SUBSYSTEM_ID, 2, layout.subsystem_id.into()),
         // No expansion ROM: read-only 0, so all-ones sizing reads back 0.
         Register::ro("expansion rom bar", ROM_BAR, 4, 0),
@@ -235,7 +252,12 @@ pub fn registers(layout: &FunctionLayout) -> (Vec<Register>, CapLayout) {
     r.extend([
         Register::ro("pcie cap header", p, 2, cap_header(CAP_ID_PCIE, after_pcie)),
         Register::ro("pcie flags", p + PCIE_FLAGS, 2, PCIE_FLAGS_VALUE.into()),
-        Register::ro("pcie devcap", p + PCIE_DEVCAP, 4, PCIE_DEVCAP_RBER | PCIE_DEVCAP_FLR),
+        Register::ro(
+            "pcie devcap",
+            p + PCIE_DEVCAP,
+            4,
+            PCIE_DEVCAP_RBER | PCIE_DEVCAP_FLR,
+        ),
         Register::ro("pcie devctl", p + PCIE_DEVCTL, 2, PCIE_DEVCTL_RESET.into())
             .writable(PCIE_DEVCTL_WRITABLE.into()),
         Register::ro("pcie devsta", p + PCIE_DEVSTA, 2, 0).w1c(PCIE_DEVSTA_W1C.into()),
@@ -245,7 +267,12 @@ pub fn registers(layout: &FunctionLayout) -> (Vec<Register>, CapLayout) {
         Register::ro("pcie devcap2", p + PCIE_DEVCAP2, 4, 0),
         Register::ro("pcie devctl2", p + PCIE_DEVCTL2, 2, 0),
         Register::ro("pcie lnkcap2", p + PCIE_LNKCAP2, 4, PCIE_LNKCAP2_VALUE),
-        Register::ro("pcie lnkctl2", p + PCIE_LNKCTL2, 2, PCIE_LNKCTL2_VALUE.into()),
+        Register::ro(
+            "pcie lnkctl2",
+            p + PCIE_LNKCTL2,
+            2,
+            PCIE_LNKCTL2_VALUE.into(),
+        ),
     ]);
 
     if let Some(m) = caps.msix {
@@ -256,8 +283,18 @@ pub fn registers(layout: &FunctionLayout) -> (Vec<Register>, CapLayout) {
             Register::ro("msix cap header", m, 2, cap_header(CAP_ID_MSIX, caps.pm)),
             Register::ro("msix control", m + MSIX_CONTROL, 2, table_size)
                 .writable((MSIX_CONTROL_ENABLE | MSIX_CONTROL_FUNCTION_MASK).into()),
-            Register::ro("msix table", m + MSIX_TABLE, 4, (table_off & !0x7) | u32::from(table_bir & 0x7)),
-            Register::ro("msix pba", m + MSIX_PBA, 4, (pba_off & !0x7) | u32::from(pba_bir & 0x7)),
+            Register::ro(
+                "msix table",
+                m + MSIX_TABLE,
+                4,
+                (table_off & !0x7) | u32::from(table_bir & 0x7),
+            ),
+            Register::ro(
+                "msix pba",
+                m + MSIX_PBA,
+                4,
+                (pba_off & !0x7) | u32::from(pba_bir & 0x7),
+            ),
         ]);
     }
 
@@ -290,7 +327,8 @@ fn bar_registers(layout: &FunctionLayout) -> Vec<Register> {
             }
             BarKind::Mem64 { prefetchable } if spec.size > 0 => {
                 let ty = BAR_MEM_64 | if prefetchable { BAR_MEM_PREFETCH } else { 0 };
-                Register::ro(BAR_NAMES[i], offset, 4, ty).writable(size_mask as u32 & !BAR_TYPE_BITS)
+                Register::ro(BAR_NAMES[i], offset, 4, ty)
+                    .writable(size_mask as u32 & !BAR_TYPE_BITS)
             }
             _ => match upper_of {
                 // The upper half of a 64-bit BAR: the high address bits.
@@ -334,7 +372,14 @@ impl ConfigSpace {
                 w1c[at] = (reg.w1c >> shift) as u8;
             }
         }
-        ConfigSpace { regs, caps, bytes: reset_bytes.clone(), reset_bytes, writable, w1c }
+        ConfigSpace {
+            regs,
+            caps,
+            bytes: reset_bytes.clone(),
+            reset_bytes,
+            writable,
+            w1c,
+        }
     }
 
     /// The register table (for tests and dumps).
@@ -389,8 +434,21 @@ impl ConfigSpace {
         // Initiate FLR is bit 15 of DEVCTL, i.e. bit 7 of its high byte. It is
         // not in the writable mask, so it always reads back 0.
         let flr_at = usize::from(self.caps.pcie + PCIE_DEVCTL + 1);
-        let flr = range.contains(&flr_at) && data[flr_at - range.start] & (PCIE_DEVCTL_FLR >> 8) as u8 != 0;
+        let flr = range.contains(&flr_at)
+            && data[flr_at - range.start] & (PCIE_DEVCTL_FLR >> 8) as u8 != 0;
         Ok(WriteEffects { flr })
+    }
+
+    /// Set hardware-reported status bits (e.g. STATUS "received master
+    /// abort", PCIe DEVSTA error bits). Only bits that are RW1C for software
+    /// can be set this way; others are ignored.
+    pub fn set_status_bits(&mut self, offset: u16, width: u8, bits: u32) {
+        for k in 0..usize::from(width.min(4)) {
+            let at = usize::from(offset) + k;
+            if at < CONFIG_SPACE_SIZE {
+                self.bytes[at] |= (bits >> (8 * k)) as u8 & self.w1c[at];
+            }
+        }
     }
 
     /// Little-endian read of up to 4 bytes; 0 outside the space.
@@ -466,11 +524,22 @@ mod tests {
             revision: 3,
             class_code: 0x12_00_00,
             bars: [
-                BarSpec { kind: BarKind::Mem32, size: 0x4000 },
-                BarSpec { kind: BarKind::Mem64 { prefetchable: true }, size: 0x1_0000 },
+                BarSpec {
+                    kind: BarKind::Mem32,
+                    size: 0x4000,
+                },
+                BarSpec {
+                    kind: BarKind::Mem64 { prefetchable: true },
+                    size: 0x1_0000,
+                },
                 BarSpec::NONE,
                 BarSpec::NONE,
-                BarSpec { kind: BarKind::Mem64 { prefetchable: false }, size: 0x2_0000_0000 },
+                BarSpec {
+                    kind: BarKind::Mem64 {
+                        prefetchable: false,
+                    },
+                    size: 0x2_0000_0000,
+                },
                 BarSpec::NONE,
             ],
             msix_vectors: 8,
@@ -485,7 +554,12 @@ mod tests {
         let mut owner = vec![None; CONFIG_SPACE_SIZE];
         for r in &regs {
             assert!((1..=4).contains(&r.width), "{}", r.name);
-            assert_eq!(r.writable & r.w1c, 0, "{}: a bit is both RW and RW1C", r.name);
+            assert_eq!(
+                r.writable & r.w1c,
+                0,
+                "{}: a bit is both RW and RW1C",
+                r.name
+            );
             for at in r.range() {
                 assert!(at < 0x100, "{} leaks into extended space", r.name);
                 if let Some(other) = owner[at] {
@@ -500,12 +574,26 @@ mod tests {
     fn every_register_reads_its_reset_value_and_keeps_ro_bits() {
         let mut cs = ConfigSpace::new(&layout());
         for r in cs.registers().to_vec() {
-            assert_eq!(cs.read_u32_at(r.offset, r.width), r.reset, "{} reset", r.name);
+            assert_eq!(
+                cs.read_u32_at(r.offset, r.width),
+                r.reset,
+                "{} reset",
+                r.name
+            );
             let ones = vec![0xff; usize::from(r.width)];
             let effects = cs.write(r.offset.into(), &ones).unwrap();
-            let width_mask = if r.width == 4 { u32::MAX } else { (1u32 << (8 * r.width)) - 1 };
+            let width_mask = if r.width == 4 {
+                u32::MAX
+            } else {
+                (1u32 << (8 * r.width)) - 1
+            };
             let expect = ((r.reset & !r.writable) | r.writable) & !r.w1c & width_mask;
-            assert_eq!(cs.read_u32_at(r.offset, r.width), expect, "{} after all-ones", r.name);
+            assert_eq!(
+                cs.read_u32_at(r.offset, r.width),
+                expect,
+                "{} after all-ones",
+                r.name
+            );
             if r.name == "pcie devctl" {
                 assert!(effects.flr);
             } else {
@@ -558,10 +646,13 @@ mod tests {
     #[test]
     fn bar_address_combines_halves() {
         let mut cs = ConfigSpace::new(&layout());
-        cs.write(u64::from(BAR0 + 4), &0xfe00_0000u32.to_le_bytes()).unwrap();
-        cs.write(u64::from(BAR0 + 8), &0x0000_0001u32.to_le_bytes()).unwrap();
+        cs.write(u64::from(BAR0 + 4), &0xfe00_0000u32.to_le_bytes())
+            .unwrap();
+        cs.write(u64::from(BAR0 + 8), &0x0000_0001u32.to_le_bytes())
+            .unwrap();
         assert_eq!(cs.bar_address(1), Some(0x1_fe00_0000));
-        cs.write(u64::from(BAR0), &0xfebf_c123u32.to_le_bytes()).unwrap();
+        cs.write(u64::from(BAR0), &0xfebf_c123u32.to_le_bytes())
+            .unwrap();
         assert_eq!(cs.bar_address(0), Some(0xfebf_c000));
         assert_eq!(cs.bar_address(6), None);
     }

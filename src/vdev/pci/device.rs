@@ -13,16 +13,17 @@
 //! every access to them before we run; if one arrives anyway it gets EINVAL.
 
 use vfio_bindings::bindings::vfio::{
-    VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_AUTOMASKED, VFIO_IRQ_INFO_EVENTFD,
-    VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE, VFIO_PCI_BAR5_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX,
-    VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
-    VFIO_PCI_NUM_IRQS, VFIO_PCI_REQ_IRQ_INDEX, VFIO_PCI_ROM_REGION_INDEX, VFIO_PCI_VGA_REGION_INDEX,
+    VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_AUTOMASKED,
+    VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE,
+    VFIO_PCI_BAR5_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_ERR_IRQ_INDEX,
+    VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS,
+    VFIO_PCI_REQ_IRQ_INDEX, VFIO_PCI_ROM_REGION_INDEX, VFIO_PCI_VGA_REGION_INDEX,
     VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
 
 use super::config::{
-    CMD_BUS_MASTER, CMD_INTX_DISABLE, CONFIG_SPACE_SIZE, ConfigError, ConfigSpace, MSIX_CONTROL_ENABLE,
-    MSIX_CONTROL_FUNCTION_MASK,
+    CMD_BUS_MASTER, CMD_INTX_DISABLE, CONFIG_SPACE_SIZE, ConfigError, ConfigSpace,
+    MSIX_CONTROL_ENABLE, MSIX_CONTROL_FUNCTION_MASK,
 };
 use super::interrupts::Interrupts;
 use super::msix;
@@ -49,8 +50,15 @@ pub enum LayoutError {
     MsixVectors(u16),
     #[error("MSI-X: the Interrupts handle has {handle} vectors, the layout {layout}")]
     MsixHandleMismatch { handle: u16, layout: u16 },
-    #[error("MSI-X {what}: BAR{bar} offset {offset:#x} (+{len:#x}) is misaligned or outside the BAR")]
-    MsixPlacement { what: &'static str, bar: u8, offset: u32, len: u64 },
+    #[error(
+        "MSI-X {what}: BAR{bar} offset {offset:#x} (+{len:#x}) is misaligned or outside the BAR"
+    )]
+    MsixPlacement {
+        what: &'static str,
+        bar: u8,
+        offset: u32,
+        len: u64,
+    },
     #[error("MSI-X table and PBA overlap")]
     MsixOverlap,
 }
@@ -67,9 +75,14 @@ pub fn validate_layout(layout: &FunctionLayout) -> Result<(), LayoutError> {
             (_, size) if !size.is_power_of_two() || size < 4096 => {
                 return Err(LayoutError::BarSize { bar, size });
             }
-            (BarKind::Mem32, size) if size > 1 << 31 => return Err(LayoutError::Bar32TooLarge { bar, size }),
+            (BarKind::Mem32, size) if size > 1 << 31 => {
+                return Err(LayoutError::Bar32TooLarge { bar, size });
+            }
             (BarKind::Mem64 { .. }, _) => {
-                let free = layout.bars.get(i + 1).is_some_and(|n| n.kind == BarKind::None && n.size == 0);
+                let free = layout
+                    .bars
+                    .get(i + 1)
+                    .is_some_and(|n| n.kind == BarKind::None && n.size == 0);
                 if !free {
                     return Err(LayoutError::Bar64Upper { bar, next: bar + 1 });
                 }
@@ -100,7 +113,12 @@ fn msix_range(
     (bar, offset): (u8, u32),
     len: u64,
 ) -> Result<(u8, u64, u64), LayoutError> {
-    let err = LayoutError::MsixPlacement { what, bar, offset, len };
+    let err = LayoutError::MsixPlacement {
+        what,
+        bar,
+        offset,
+        len,
+    };
     let spec = layout.bars.get(usize::from(bar)).ok_or(err.clone())?;
     let start = u64::from(offset);
     let end = start + len;
@@ -179,7 +197,14 @@ impl<M: FunctionModel> PciFunction<M> {
             (None, None)
         };
         let config = ConfigSpace::new(&layout);
-        Ok(PciFunction { model, layout, config, interrupts, table, pba })
+        Ok(PciFunction {
+            model,
+            layout,
+            config,
+            interrupts,
+            table,
+            pba,
+        })
     }
 
     pub fn model(&self) -> &M {
@@ -198,21 +223,30 @@ impl<M: FunctionModel> PciFunction<M> {
         &self.config
     }
 
+    /// Report hardware status bits (see [`ConfigSpace::set_status_bits`]).
+    pub fn set_status_bits(&mut self, offset: u16, width: u8, bits: u32) {
+        self.config.set_status_bits(offset, width, bits);
+    }
+
     pub fn layout(&self) -> &FunctionLayout {
         &self.layout
     }
 
     fn bar_size(&self, bar: u32) -> u64 {
-        usize::try_from(bar).ok().and_then(|b| self.layout.bars.get(b)).map_or(0, |s| s.size)
+        usize::try_from(bar)
+            .ok()
+            .and_then(|b| self.layout.bars.get(b))
+            .map_or(0, |s| s.size)
     }
 
     /// Cut `[offset, offset + len)` of `bar` at the MSI-X table and PBA.
     fn pieces(&self, bar: u8, offset: u64, len: u64) -> Vec<(Target, u64, u64)> {
         let end = offset + len;
-        let windows: Vec<(Target, MsixWindow)> = [(Target::Table, self.table), (Target::Pba, self.pba)]
-            .into_iter()
-            .filter_map(|(t, w)| w.filter(|w| w.overlaps(bar, offset, end)).map(|w| (t, w)))
-            .collect();
+        let windows: Vec<(Target, MsixWindow)> =
+            [(Target::Table, self.table), (Target::Pba, self.pba)]
+                .into_iter()
+                .filter_map(|(t, w)| w.filter(|w| w.overlaps(bar, offset, end)).map(|w| (t, w)))
+                .collect();
         if windows.is_empty() {
             return vec![(Target::Model, offset, end)];
         }
@@ -224,7 +258,13 @@ impl<M: FunctionModel> PciFunction<M> {
                 out.push((*t, pos, stop));
                 pos = stop;
             } else {
-                let stop = windows.iter().map(|(_, w)| w.start).filter(|s| *s > pos).min().unwrap_or(end).min(end);
+                let stop = windows
+                    .iter()
+                    .map(|(_, w)| w.start)
+                    .filter(|s| *s > pos)
+                    .min()
+                    .unwrap_or(end)
+                    .min(end);
                 out.push((Target::Model, pos, stop));
                 pos = stop;
             }
@@ -237,7 +277,9 @@ impl<M: FunctionModel> PciFunction<M> {
             let buf = &mut data[(start - offset) as usize..(stop - offset) as usize];
             match target {
                 Target::Model => self.model.bar_read(bar, start, buf)?,
-                Target::Table => self.interrupts.msix_table_read(start - self.table_start(), buf),
+                Target::Table => self
+                    .interrupts
+                    .msix_table_read(start - self.table_start(), buf),
                 Target::Pba => self.interrupts.msix_pba_read(start - self.pba_start(), buf),
             }
         }
@@ -249,7 +291,9 @@ impl<M: FunctionModel> PciFunction<M> {
             let buf = &data[(start - offset) as usize..(stop - offset) as usize];
             match target {
                 Target::Model => self.model.bar_write(bar, start, buf)?,
-                Target::Table => self.interrupts.msix_table_write(start - self.table_start(), buf),
+                Target::Table => self
+                    .interrupts
+                    .msix_table_write(start - self.table_start(), buf),
                 // The PBA is read-only (PCI 3.0 §6.8.2.10); QEMU drops PBA
                 // writes itself.
                 Target::Pba => tracing::debug!(offset = start, "write to the MSI-X PBA ignored"),
@@ -276,12 +320,15 @@ impl<M: FunctionModel> PciFunction<M> {
             self.model.set_bus_master(new_command & CMD_BUS_MASTER != 0);
         }
         if changed & CMD_INTX_DISABLE != 0 {
-            self.interrupts.set_intx_disabled(new_command & CMD_INTX_DISABLE != 0);
+            self.interrupts
+                .set_intx_disabled(new_command & CMD_INTX_DISABLE != 0);
         }
         let new_msix_control = self.config.msix_control();
         if let Some(ctl) = new_msix_control.filter(|_| new_msix_control != msix_control) {
-            self.interrupts
-                .set_msix_control(ctl & MSIX_CONTROL_ENABLE != 0, ctl & MSIX_CONTROL_FUNCTION_MASK != 0);
+            self.interrupts.set_msix_control(
+                ctl & MSIX_CONTROL_ENABLE != 0,
+                ctl & MSIX_CONTROL_FUNCTION_MASK != 0,
+            );
         }
         if effects.flr {
             tracing::debug!("function level reset requested through PCIe DEVCTL");
@@ -333,7 +380,11 @@ impl<M: FunctionModel> VfioUserDevice for PciFunction<M> {
             VFIO_PCI_CONFIG_REGION_INDEX => (RW, CONFIG_SPACE_SIZE as u64),
             _ => return Err(DeviceError::Invalid(format!("no region {index}"))),
         };
-        Ok(RegionInfo { flags, size, mmap: None })
+        Ok(RegionInfo {
+            flags,
+            size,
+            mmap: None,
+        })
     }
 
     fn irq_info(&self, index: u32) -> Result<IrqInfo, DeviceError> {
@@ -342,12 +393,18 @@ impl<M: FunctionModel> VfioUserDevice for PciFunction<M> {
                 flags: VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED,
                 count: 1,
             },
-            VFIO_PCI_MSI_IRQ_INDEX => IrqInfo { flags: VFIO_IRQ_INFO_EVENTFD, count: 0 },
+            VFIO_PCI_MSI_IRQ_INDEX => IrqInfo {
+                flags: VFIO_IRQ_INFO_EVENTFD,
+                count: 0,
+            },
             VFIO_PCI_MSIX_IRQ_INDEX => IrqInfo {
                 flags: VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_NORESIZE,
                 count: self.layout.msix_vectors.into(),
             },
-            VFIO_PCI_ERR_IRQ_INDEX | VFIO_PCI_REQ_IRQ_INDEX => IrqInfo { flags: VFIO_IRQ_INFO_EVENTFD, count: 1 },
+            VFIO_PCI_ERR_IRQ_INDEX | VFIO_PCI_REQ_IRQ_INDEX => IrqInfo {
+                flags: VFIO_IRQ_INFO_EVENTFD,
+                count: 1,
+            },
             _ => return Err(DeviceError::Invalid(format!("no IRQ index {index}"))),
         };
         Ok(info)
@@ -355,7 +412,9 @@ impl<M: FunctionModel> VfioUserDevice for PciFunction<M> {
 
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
         match index {
-            0..=VFIO_PCI_BAR5_REGION_INDEX if in_region(offset, data.len(), self.bar_size(index)) => {
+            0..=VFIO_PCI_BAR5_REGION_INDEX
+                if in_region(offset, data.len(), self.bar_size(index)) =>
+            {
                 self.bar_read(index as u8, offset, data)
             }
             VFIO_PCI_CONFIG_REGION_INDEX => self.config.read(offset, data).map_err(config_error),
@@ -365,7 +424,9 @@ impl<M: FunctionModel> VfioUserDevice for PciFunction<M> {
 
     fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
         match index {
-            0..=VFIO_PCI_BAR5_REGION_INDEX if in_region(offset, data.len(), self.bar_size(index)) => {
+            0..=VFIO_PCI_BAR5_REGION_INDEX
+                if in_region(offset, data.len(), self.bar_size(index)) =>
+            {
                 self.bar_write(index as u8, offset, data)
             }
             VFIO_PCI_CONFIG_REGION_INDEX => self.config_write(offset, data),
@@ -414,5 +475,8 @@ impl<M: FunctionModel> VfioUserDevice for PciFunction<M> {
 /// `offset + len` inside a non-empty region of `size` bytes (checked; the
 /// transport checked already, this guards the arithmetic below).
 fn in_region(offset: u64, len: usize, size: u64) -> bool {
-    size > 0 && offset.checked_add(len as u64).is_some_and(|end| end <= size)
+    size > 0
+        && offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= size)
 }

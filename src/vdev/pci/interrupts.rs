@@ -18,8 +18,8 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use vfio_bindings::bindings::vfio::{
-    VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX,
-    VFIO_PCI_REQ_IRQ_INDEX,
+    VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
+    VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_REQ_IRQ_INDEX,
 };
 
 use super::msix::MsixTable;
@@ -110,7 +110,10 @@ fn signal(fd: &OwnedFd) -> bool {
 fn resampled(fd: &OwnedFd) -> bool {
     use rustix::event::{PollFd, PollFlags, Timespec, poll};
     let mut fds = [PollFd::new(fd, PollFlags::IN)];
-    let zero = Timespec { tv_sec: 0, tv_nsec: 0 };
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     match poll(&mut fds, Some(&zero)) {
         Ok(n) if n > 0 && fds[0].revents().contains(PollFlags::IN) => {
             let mut buf = [0u8; 8];
@@ -125,10 +128,17 @@ fn invalid(msg: impl Into<String>) -> DeviceError {
 }
 
 /// `start..start + count` inside `0..max`, checked.
-fn check_range(what: &str, start: u32, count: u32, max: u32) -> Result<std::ops::Range<u32>, DeviceError> {
+fn check_range(
+    what: &str,
+    start: u32,
+    count: u32,
+    max: u32,
+) -> Result<std::ops::Range<u32>, DeviceError> {
     match start.checked_add(count) {
         Some(end) if end <= max => Ok(start..end),
-        _ => Err(invalid(format!("{what}: vectors {start}+{count} past the {max} available"))),
+        _ => Err(invalid(format!(
+            "{what}: vectors {start}+{count} past the {max} available"
+        ))),
     }
 }
 
@@ -138,9 +148,17 @@ fn selected(range: std::ops::Range<u32>, data: &IrqData) -> Result<Vec<u32>, Dev
         IrqData::None => Ok(range.collect()),
         IrqData::Bool(flags) => {
             if flags.len() != range.len() {
-                return Err(invalid(format!("{} bools for {} vectors", flags.len(), range.len())));
+                return Err(invalid(format!(
+                    "{} bools for {} vectors",
+                    flags.len(),
+                    range.len()
+                )));
             }
-            Ok(range.zip(flags).filter(|(_, f)| **f).map(|(v, _)| v).collect())
+            Ok(range
+                .zip(flags)
+                .filter(|(_, f)| **f)
+                .map(|(v, _)| v)
+                .collect())
         }
         IrqData::Eventfds(_) => Err(invalid("eventfds where none are expected")),
     }
@@ -148,7 +166,9 @@ fn selected(range: std::ops::Range<u32>, data: &IrqData) -> Result<Vec<u32>, Dev
 
 impl State {
     fn msix_masked(&self, v: u16) -> bool {
-        self.function_masked || self.vectors[usize::from(v)].vfio_masked || self.msix.entry_masked(v)
+        self.function_masked
+            || self.vectors[usize::from(v)].vfio_masked
+            || self.msix.entry_masked(v)
     }
 
     fn trigger_msix(&mut self, v: u16) -> IrqOutcome {
@@ -228,12 +248,22 @@ impl State {
     }
 
     fn flush_intx(&mut self) {
-        if self.intx.pending && !self.intx.masked && !self.intx.disabled_by_command && !self.msix_enabled {
+        if self.intx.pending
+            && !self.intx.masked
+            && !self.intx.disabled_by_command
+            && !self.msix_enabled
+        {
             self.send_intx();
         }
     }
 
-    fn set_msix(&mut self, action: IrqAction, start: u32, count: u32, data: IrqData) -> Result<(), DeviceError> {
+    fn set_msix(
+        &mut self,
+        action: IrqAction,
+        start: u32,
+        count: u32,
+        data: IrqData,
+    ) -> Result<(), DeviceError> {
         // DATA_NONE|TRIGGER with count 0: disable the index (VFIO uapi).
         if action == IrqAction::Trigger && count == 0 && matches!(data, IrqData::None) {
             for v in &mut self.vectors {
@@ -246,7 +276,11 @@ impl State {
         match (action, data) {
             (IrqAction::Trigger, IrqData::Eventfds(fds)) => {
                 if fds.len() != range.len() {
-                    return Err(invalid(format!("{} eventfds for {} vectors", fds.len(), range.len())));
+                    return Err(invalid(format!(
+                        "{} eventfds for {} vectors",
+                        fds.len(),
+                        range.len()
+                    )));
                 }
                 for (v, fd) in range.zip(fds) {
                     self.vectors[v as usize].fd = fd;
@@ -274,7 +308,13 @@ impl State {
         Ok(())
     }
 
-    fn set_intx(&mut self, action: IrqAction, start: u32, count: u32, data: IrqData) -> Result<(), DeviceError> {
+    fn set_intx(
+        &mut self,
+        action: IrqAction,
+        start: u32,
+        count: u32,
+        data: IrqData,
+    ) -> Result<(), DeviceError> {
         if action == IrqAction::Trigger && count == 0 && matches!(data, IrqData::None) {
             self.intx.fd = None;
             self.intx.resample = None;
@@ -370,7 +410,10 @@ impl Interrupts {
             err: None,
             req: None,
         };
-        Interrupts { inner: Arc::new(Mutex::new(state)), msix_vectors }
+        Interrupts {
+            inner: Arc::new(Mutex::new(state)),
+            msix_vectors,
+        }
     }
 
     pub fn msix_vectors(&self) -> u16 {
@@ -410,7 +453,11 @@ impl Interrupts {
     }
 
     pub fn msix_counters(&self, vector: u16) -> Option<VectorCounters> {
-        self.inner.lock().vectors.get(usize::from(vector)).map(|v| v.counters)
+        self.inner
+            .lock()
+            .vectors
+            .get(usize::from(vector))
+            .map(|v| v.counters)
     }
 
     pub fn intx_counters(&self) -> VectorCounters {
@@ -425,7 +472,11 @@ impl Interrupts {
 
     /// Has the vector an eventfd? `None` out of range.
     pub fn msix_has_eventfd(&self, vector: u16) -> Option<bool> {
-        self.inner.lock().vectors.get(usize::from(vector)).map(|v| v.fd.is_some())
+        self.inner
+            .lock()
+            .vectors
+            .get(usize::from(vector))
+            .map(|v| v.fd.is_some())
     }
 
     /// A `VFIO_DEVICE_SET_IRQS` request (the transport checked the index
@@ -442,10 +493,16 @@ impl Interrupts {
         match index {
             VFIO_PCI_INTX_IRQ_INDEX => st.set_intx(action, start, count, data),
             VFIO_PCI_MSIX_IRQ_INDEX => st.set_msix(action, start, count, data),
-            VFIO_PCI_ERR_IRQ_INDEX => State::set_single(&mut st.err, "ERR", action, start, count, data),
-            VFIO_PCI_REQ_IRQ_INDEX => State::set_single(&mut st.req, "REQ", action, start, count, data),
+            VFIO_PCI_ERR_IRQ_INDEX => {
+                State::set_single(&mut st.err, "ERR", action, start, count, data)
+            }
+            VFIO_PCI_REQ_IRQ_INDEX => {
+                State::set_single(&mut st.req, "REQ", action, start, count, data)
+            }
             // No MSI capability: only the harmless "disable" is accepted.
-            VFIO_PCI_MSI_IRQ_INDEX if action == IrqAction::Trigger && count == 0 && matches!(data, IrqData::None) => {
+            VFIO_PCI_MSI_IRQ_INDEX
+                if action == IrqAction::Trigger && count == 0 && matches!(data, IrqData::None) =>
+            {
                 Ok(())
             }
             VFIO_PCI_MSI_IRQ_INDEX => Err(invalid("MSI is not supported (no MSI capability)")),
@@ -537,7 +594,8 @@ pub(crate) mod tests {
 
     fn assign(irq: &Interrupts, index: u32, start: u32, fds: Vec<Option<OwnedFd>>) {
         let n = fds.len() as u32;
-        irq.set_irqs(index, IrqAction::Trigger, start, n, IrqData::Eventfds(fds)).unwrap();
+        irq.set_irqs(index, IrqAction::Trigger, start, n, IrqData::Eventfds(fds))
+            .unwrap();
     }
 
     #[test]
@@ -563,21 +621,41 @@ pub(crate) mod tests {
         let (fd, dup) = efd();
         assign(&irq, VFIO_PCI_MSIX_IRQ_INDEX, 0, vec![Some(dup)]);
         irq.set_msix_control(true, false);
-        irq.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, IrqAction::Mask, 0, 1, IrqData::None).unwrap();
+        irq.set_irqs(
+            VFIO_PCI_MSIX_IRQ_INDEX,
+            IrqAction::Mask,
+            0,
+            1,
+            IrqData::None,
+        )
+        .unwrap();
         assert_eq!(irq.trigger_msix(0), IrqOutcome::Pending);
         assert_eq!(irq.msix_pending(0), Some(true));
         assert_eq!(count(&fd), 0);
         // Function mask also holds it back after the VFIO unmask.
         irq.set_msix_control(true, true);
-        irq.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, IrqAction::Unmask, 0, 1, IrqData::None).unwrap();
+        irq.set_irqs(
+            VFIO_PCI_MSIX_IRQ_INDEX,
+            IrqAction::Unmask,
+            0,
+            1,
+            IrqData::None,
+        )
+        .unwrap();
         assert_eq!(count(&fd), 0);
         assert_eq!(irq.msix_pending(0), Some(true));
         irq.set_msix_control(true, false);
         assert_eq!(count(&fd), 1);
         assert_eq!(irq.msix_pending(0), Some(false));
         // DATA_BOOL selects vectors.
-        irq.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, IrqAction::Mask, 0, 2, IrqData::Bool(vec![false, true]))
-            .unwrap();
+        irq.set_irqs(
+            VFIO_PCI_MSIX_IRQ_INDEX,
+            IrqAction::Mask,
+            0,
+            2,
+            IrqData::Bool(vec![false, true]),
+        )
+        .unwrap();
         assert_eq!(irq.trigger_msix(0), IrqOutcome::Delivered);
         assert_eq!(irq.trigger_msix(1), IrqOutcome::Pending);
     }
@@ -586,22 +664,69 @@ pub(crate) mod tests {
     fn set_irqs_ranges_and_disable() {
         let irq = Interrupts::new(4);
         let (_fd, dup) = efd();
-        let e = irq.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, IrqAction::Trigger, 3, 2, IrqData::Eventfds(vec![None, None]));
+        let e = irq.set_irqs(
+            VFIO_PCI_MSIX_IRQ_INDEX,
+            IrqAction::Trigger,
+            3,
+            2,
+            IrqData::Eventfds(vec![None, None]),
+        );
         assert!(matches!(e, Err(DeviceError::Invalid(_))));
-        let e = irq.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, IrqAction::Mask, u32::MAX, 2, IrqData::None);
+        let e = irq.set_irqs(
+            VFIO_PCI_MSIX_IRQ_INDEX,
+            IrqAction::Mask,
+            u32::MAX,
+            2,
+            IrqData::None,
+        );
         assert!(matches!(e, Err(DeviceError::Invalid(_))));
-        let e = irq.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, IrqAction::Trigger, 0, 2, IrqData::Eventfds(vec![None]));
+        let e = irq.set_irqs(
+            VFIO_PCI_MSIX_IRQ_INDEX,
+            IrqAction::Trigger,
+            0,
+            2,
+            IrqData::Eventfds(vec![None]),
+        );
         assert!(matches!(e, Err(DeviceError::Invalid(_))));
         assign(&irq, VFIO_PCI_MSIX_IRQ_INDEX, 3, vec![Some(dup)]);
         assert_eq!(irq.msix_has_eventfd(3), Some(true));
-        irq.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, IrqAction::Trigger, 0, 0, IrqData::None).unwrap();
+        irq.set_irqs(
+            VFIO_PCI_MSIX_IRQ_INDEX,
+            IrqAction::Trigger,
+            0,
+            0,
+            IrqData::None,
+        )
+        .unwrap();
         assert_eq!(irq.msix_has_eventfd(3), Some(false));
         // MSI: only disable.
-        irq.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, IrqAction::Trigger, 0, 0, IrqData::None).unwrap();
-        assert!(irq.set_irqs(VFIO_PCI_MSI_IRQ_INDEX, IrqAction::Trigger, 0, 1, IrqData::None).is_err());
-        assert!(irq.set_irqs(5, IrqAction::Trigger, 0, 0, IrqData::None).is_err());
+        irq.set_irqs(
+            VFIO_PCI_MSI_IRQ_INDEX,
+            IrqAction::Trigger,
+            0,
+            0,
+            IrqData::None,
+        )
+        .unwrap();
+        assert!(
+            irq.set_irqs(
+                VFIO_PCI_MSI_IRQ_INDEX,
+                IrqAction::Trigger,
+                0,
+                1,
+                IrqData::None
+            )
+            .is_err()
+        );
+        assert!(
+            irq.set_irqs(5, IrqAction::Trigger, 0, 0, IrqData::None)
+                .is_err()
+        );
         // ERR is not maskable.
-        assert!(irq.set_irqs(VFIO_PCI_ERR_IRQ_INDEX, IrqAction::Mask, 0, 1, IrqData::None).is_err());
+        assert!(
+            irq.set_irqs(VFIO_PCI_ERR_IRQ_INDEX, IrqAction::Mask, 0, 1, IrqData::None)
+                .is_err()
+        );
     }
 
     #[test]
@@ -612,23 +737,60 @@ pub(crate) mod tests {
         assert_eq!(irq.trigger_intx(), IrqOutcome::Delivered);
         assert_eq!(irq.trigger_intx(), IrqOutcome::Pending);
         assert_eq!(count(&fd), 1);
-        irq.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, IrqAction::Unmask, 0, 1, IrqData::None).unwrap();
+        irq.set_irqs(
+            VFIO_PCI_INTX_IRQ_INDEX,
+            IrqAction::Unmask,
+            0,
+            1,
+            IrqData::None,
+        )
+        .unwrap();
         assert_eq!(count(&fd), 1, "the pending level fires on unmask");
         // Command INTx Disable holds it.
-        irq.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, IrqAction::Unmask, 0, 1, IrqData::None).unwrap();
+        irq.set_irqs(
+            VFIO_PCI_INTX_IRQ_INDEX,
+            IrqAction::Unmask,
+            0,
+            1,
+            IrqData::None,
+        )
+        .unwrap();
         irq.set_intx_disabled(true);
         assert_eq!(irq.trigger_intx(), IrqOutcome::Pending);
         irq.set_intx_disabled(false);
         assert_eq!(count(&fd), 1);
         // With MSI-X enabled INTx is off.
-        irq.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, IrqAction::Unmask, 0, 1, IrqData::None).unwrap();
+        irq.set_irqs(
+            VFIO_PCI_INTX_IRQ_INDEX,
+            IrqAction::Unmask,
+            0,
+            1,
+            IrqData::None,
+        )
+        .unwrap();
         irq.set_msix_control(true, false);
         assert_eq!(irq.trigger_intx(), IrqOutcome::Disabled);
         irq.set_msix_control(false, false);
         // Disable drops the fd.
-        irq.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, IrqAction::Trigger, 0, 0, IrqData::None).unwrap();
+        irq.set_irqs(
+            VFIO_PCI_INTX_IRQ_INDEX,
+            IrqAction::Trigger,
+            0,
+            0,
+            IrqData::None,
+        )
+        .unwrap();
         assert_eq!(irq.trigger_intx(), IrqOutcome::NoEventfd);
-        assert!(irq.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, IrqAction::Mask, 0, 2, IrqData::None).is_err());
+        assert!(
+            irq.set_irqs(
+                VFIO_PCI_INTX_IRQ_INDEX,
+                IrqAction::Mask,
+                0,
+                2,
+                IrqData::None
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -637,8 +799,14 @@ pub(crate) mod tests {
         let (fd, dup) = efd();
         let (resample, rdup) = efd();
         assign(&irq, VFIO_PCI_INTX_IRQ_INDEX, 0, vec![Some(dup)]);
-        irq.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, IrqAction::Unmask, 0, 1, IrqData::Eventfds(vec![Some(rdup)]))
-            .unwrap();
+        irq.set_irqs(
+            VFIO_PCI_INTX_IRQ_INDEX,
+            IrqAction::Unmask,
+            0,
+            1,
+            IrqData::Eventfds(vec![Some(rdup)]),
+        )
+        .unwrap();
         assert_eq!(irq.trigger_intx(), IrqOutcome::Delivered);
         assert_eq!(irq.trigger_intx(), IrqOutcome::Pending);
         // The VMM signals EOI on the resample fd.
@@ -654,7 +822,14 @@ pub(crate) mod tests {
         let (fd, dup) = efd();
         assign(&irq, VFIO_PCI_ERR_IRQ_INDEX, 0, vec![Some(dup)]);
         assert_eq!(irq.trigger_err(), IrqOutcome::Delivered);
-        irq.set_irqs(VFIO_PCI_ERR_IRQ_INDEX, IrqAction::Trigger, 0, 1, IrqData::None).unwrap();
+        irq.set_irqs(
+            VFIO_PCI_ERR_IRQ_INDEX,
+            IrqAction::Trigger,
+            0,
+            1,
+            IrqData::None,
+        )
+        .unwrap();
         assert_eq!(count(&fd), 2);
         let (rfd, rdup) = efd();
         assign(&irq, VFIO_PCI_REQ_IRQ_INDEX, 0, vec![Some(rdup)]);

@@ -86,7 +86,9 @@ impl MsixTable {
 
     pub fn pending(&self, vector: u16) -> bool {
         let v = usize::from(vector);
-        self.pba.get(v / 64).is_some_and(|q| q & (1 << (v % 64)) != 0)
+        self.pba
+            .get(v / 64)
+            .is_some_and(|q| q & (1 << (v % 64)) != 0)
     }
 
     pub fn set_pending(&mut self, vector: u16, pending: bool) {
@@ -122,7 +124,8 @@ impl MsixTable {
         self.client_owned = true;
         let mut unmasked = Vec::new();
         for (k, b) in data.iter().enumerate() {
-            let Some((e, w, shift)) = offset.checked_add(k as u64).and_then(|at| self.word_of(at)) else {
+            let Some((e, w, shift)) = offset.checked_add(k as u64).and_then(|at| self.word_of(at))
+            else {
                 continue;
             };
             let old = self.entries[e][w];
@@ -201,7 +204,10 @@ mod tests {
         t.read_table(16 + 12, &mut ctrl);
         assert_eq!(u32::from_le_bytes(ctrl), 0, "reserved control bits stay 0");
         assert!(!t.entry_masked(1));
-        assert!(t.entry_masked(0), "entry 0 is masked now that the client owns the table");
+        assert!(
+            t.entry_masked(0),
+            "entry 0 is masked now that the client owns the table"
+        );
         // Masking again reports nothing; a byte write inside control works.
         assert!(t.write_table(16 + 12, &[1]).is_empty());
         assert!(t.entry_masked(1));
