@@ -272,7 +272,20 @@ impl<M: FunctionModel> PciFunction<M> {
         out
     }
 
+    /// Does the access touch the MSI-X table or PBA? (The common case, a
+    /// register access, does not and skips the splitting.)
+    fn touches_msix(&self, bar: u8, offset: u64, len: u64) -> bool {
+        let end = offset + len;
+        [self.table, self.pba]
+            .iter()
+            .flatten()
+            .any(|w| w.overlaps(bar, offset, end))
+    }
+
     fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        if !self.touches_msix(bar, offset, data.len() as u64) {
+            return self.model.bar_read(bar, offset, data);
+        }
         for (target, start, stop) in self.pieces(bar, offset, data.len() as u64) {
             let buf = &mut data[(start - offset) as usize..(stop - offset) as usize];
             match target {
@@ -287,6 +300,9 @@ impl<M: FunctionModel> PciFunction<M> {
     }
 
     fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        if !self.touches_msix(bar, offset, data.len() as u64) {
+            return self.model.bar_write(bar, offset, data);
+        }
         for (target, start, stop) in self.pieces(bar, offset, data.len() as u64) {
             let buf = &data[(start - offset) as usize..(stop - offset) as usize];
             match target {
