@@ -11,3 +11,6 @@ pub mod partition;
 pub mod stats;
 pub mod transport;
 pub mod vdev;
+pub mod cli;
+pub mod daemon;
+pub mod vmm;

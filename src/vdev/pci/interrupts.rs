@@ -857,3 +857,9 @@ pub(crate) mod tests {
         assert_eq!(count(&fd), 10);
     }
 }
+
+impl crate::vdev::function::InterruptSink for Interrupts {
+    fn msix(&self, vector: u16) -> bool {
+        self.trigger_msix(vector) == IrqOutcome::Delivered
+    }
+}

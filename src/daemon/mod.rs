@@ -1,0 +1,2 @@
+//! The daemon: instances and their lifecycle.
+pub mod instance;
