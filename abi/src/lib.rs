@@ -191,7 +191,10 @@ impl Opcode {
     }
     /// Whether the job writes to `dst`.
     pub const fn writes_dst(self) -> bool {
-        !matches!(self, Opcode::Nop | Opcode::Crc32c | Opcode::Compare)
+        !matches!(
+            self,
+            Opcode::Nop | Opcode::Crc32c | Opcode::Compare
+        )
     }
     /// Whether the job reads `src`.
     pub const fn reads_src(self) -> bool {

@@ -27,10 +27,7 @@ pub struct BarSpec {
 }
 
 impl BarSpec {
-    pub const NONE: BarSpec = BarSpec {
-        kind: BarKind::None,
-        size: 0,
-    };
+    pub const NONE: BarSpec = BarSpec { kind: BarKind::None, size: 0 };
 }
 
 /// Static identity and layout of a PCI function, declared up front.
