@@ -206,6 +206,17 @@ pub fn serve_pair() -> (Served, RawClient) {
     (served, RawClient::new(b))
 }
 
+/// A fresh listener in a temp dir; one connection accepted and served.
+pub fn serve_listener() -> (tempfile::TempDir, Served, RawClient) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vfio-user.sock");
+    let l = wdvirt::transport::Listener::bind(&path).unwrap();
+    let t = std::thread::spawn(move || l.accept().map(serve));
+    let client = RawClient::new(UnixStream::connect(&path).unwrap());
+    let served = t.join().unwrap().unwrap();
+    (dir, served, client)
+}
+
 /// A reply as read back: header, body, fds.
 #[derive(Debug)]
 pub struct Reply {
