@@ -59,7 +59,9 @@ fn rust_vmm_client_region_round_trip_dma_irqs_reset() {
     let (served, _l) = t.join().unwrap();
 
     // Region write then read back.
-    client.region_write(0, 0x20, &[1, 2, 3, 4, 5, 6, 7, 8]).unwrap();
+    client
+        .region_write(0, 0x20, &[1, 2, 3, 4, 5, 6, 7, 8])
+        .unwrap();
     let mut back = [0u8; 8];
     client.region_read(0, 0x20, &mut back).unwrap();
     assert_eq!(back, [1, 2, 3, 4, 5, 6, 7, 8]);
@@ -71,7 +73,9 @@ fn rust_vmm_client_region_round_trip_dma_irqs_reset() {
     // DMA map of a memfd: the device gets the fd, iova, size, offset.
     let mem = memfd(0x20000);
     rustix::io::pwrite(&mem, b"guest ram", 0x1000).unwrap();
-    client.dma_map(0x1000, 0x100000, 0x10000, mem.as_raw_fd()).unwrap();
+    client
+        .dma_map(0x1000, 0x100000, 0x10000, mem.as_raw_fd())
+        .unwrap();
     {
         let log = served.log.lock();
         assert_eq!(log.maps, [(0x100000, 0x10000, true, true, Some(0x1000))]);
@@ -132,6 +136,9 @@ fn listener_refuses_a_live_socket_and_replaces_a_stale_one() {
 
     // Not a socket: refused, left alone.
     std::fs::write(&path, b"x").unwrap();
-    assert!(matches!(Listener::bind(&path), Err(TransportError::Bind { .. })));
+    assert!(matches!(
+        Listener::bind(&path),
+        Err(TransportError::Bind { .. })
+    ));
     assert_eq!(std::fs::read(&path).unwrap(), b"x");
 }

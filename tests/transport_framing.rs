@@ -17,7 +17,11 @@ const EINVAL: i32 = libc::EINVAL;
 fn command_before_version_is_einval_then_version_works() {
     let (served, mut c) = serve_pair();
     assert_eq!(c.region_read(0, 0, 4).errno(), EINVAL);
-    assert_eq!(c.request(4, &[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).errno(), EINVAL);
+    assert_eq!(
+        c.request(4, &[16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[])
+            .errno(),
+        EINVAL
+    );
     c.version();
     assert_eq!(c.region_read(0, 0, 4).ok().body.len(), 16 + 4);
     // A second VERSION is refused.
@@ -32,7 +36,11 @@ fn version_reply_fits_the_request_and_is_nul_terminated() {
         let (_served, mut c) = serve_pair();
         let body = version_body(json);
         let r = c.request(1, &body, &[]).ok();
-        assert!(r.header.size as usize <= 16 + body.len(), "{json}: reply {} B", r.header.size);
+        assert!(
+            r.header.size as usize <= 16 + body.len(),
+            "{json}: reply {} B",
+            r.header.size
+        );
         assert_eq!(&r.body[..4], &[0, 0, 0, 0], "major 0 minor 0");
         assert_eq!(*r.body.last().unwrap(), 0, "NUL-terminated");
         let v: serde_json::Value = serde_json::from_slice(&r.body[4..r.body.len() - 1]).unwrap();
@@ -69,8 +77,22 @@ fn truncated_bodies_are_einval_and_the_stream_stays_in_sync() {
     let (served, mut c) = serve_pair();
     c.version();
     // Each well-framed but too short for its struct.
-    for (cmd, len) in [(2u16, 31usize), (3, 23), (4, 15), (5, 31), (7, 15), (8, 19), (9, 15), (10, 15), (15, 7)] {
-        assert_eq!(c.request(cmd, &vec![0u8; len], &[]).errno(), EINVAL, "cmd {cmd} len {len}");
+    for (cmd, len) in [
+        (2u16, 31usize),
+        (3, 23),
+        (4, 15),
+        (5, 31),
+        (7, 15),
+        (8, 19),
+        (9, 15),
+        (10, 15),
+        (15, 7),
+    ] {
+        assert_eq!(
+            c.request(cmd, &vec![0u8; len], &[]).errno(),
+            EINVAL,
+            "cmd {cmd} len {len}"
+        );
     }
     // REGION_WRITE whose data is shorter than its count.
     let mut body = RawClient::region_write_body(0, 0, &[1, 2, 3, 4]);
@@ -84,7 +106,13 @@ fn truncated_bodies_are_einval_and_the_stream_stays_in_sync() {
 fn header_size_below_16_is_einval_then_close() {
     let (served, mut c) = serve_pair();
     c.version();
-    let h = Header { id: 77, cmd: 9, size: 12, flags: 0, error: 0 };
+    let h = Header {
+        id: 77,
+        cmd: 9,
+        size: 12,
+        flags: 0,
+        error: 0,
+    };
     c.send_raw(h.as_bytes(), &[]);
     let r = c.recv();
     assert_eq!(r.header.id, 77);
@@ -97,7 +125,13 @@ fn header_size_below_16_is_einval_then_close() {
 fn oversize_header_gets_an_error_then_close() {
     let (served, mut c) = serve_pair();
     c.version();
-    let h = Header { id: 5, cmd: 10, size: 64 << 20, flags: 0, error: 0 };
+    let h = Header {
+        id: 5,
+        cmd: 10,
+        size: 64 << 20,
+        flags: 0,
+        error: 0,
+    };
     c.send_raw(h.as_bytes(), &[]);
     let r = c.recv();
     assert_eq!(r.header.id, 5);
@@ -105,7 +139,10 @@ fn oversize_header_gets_an_error_then_close() {
     c.expect_eof();
     let stats = served.stats.clone();
     let log = served.log.clone();
-    assert_eq!(served.join().unwrap(), Disconnect::BadFrame { size: 64 << 20 });
+    assert_eq!(
+        served.join().unwrap(),
+        Disconnect::BadFrame { size: 64 << 20 }
+    );
     assert_eq!(stats.snapshot().bad_frames, 1);
     assert_eq!(log.lock().disconnected, 1);
 }
@@ -114,9 +151,20 @@ fn oversize_header_gets_an_error_then_close() {
 fn unknown_command_is_enosys_and_the_next_message_is_answered() {
     let (_served, mut c) = serve_pair();
     c.version();
-    assert_eq!(c.request(99, &[1, 2, 3, 4, 5, 6, 7], &[]).errno(), libc::ENOSYS);
-    assert_eq!(c.request(6, &[0u8; 16], &[]).errno(), libc::ENOSYS, "GET_REGION_IO_FDS");
-    assert_eq!(c.request(11, &[0u8; 16], &[]).errno(), libc::ENOSYS, "DMA_READ from a client");
+    assert_eq!(
+        c.request(99, &[1, 2, 3, 4, 5, 6, 7], &[]).errno(),
+        libc::ENOSYS
+    );
+    assert_eq!(
+        c.request(6, &[0u8; 16], &[]).errno(),
+        libc::ENOSYS,
+        "GET_REGION_IO_FDS"
+    );
+    assert_eq!(
+        c.request(11, &[0u8; 16], &[]).errno(),
+        libc::ENOSYS,
+        "DMA_READ from a client"
+    );
     let r = c.region_read(7, 0, 4).ok();
     assert_eq!(r.body.len(), 20);
 }
@@ -138,8 +186,16 @@ fn fds_on_a_command_that_takes_none_are_einval() {
     let (_served, mut c) = serve_pair();
     c.version();
     let e = eventfd();
-    let a = wire::RegionAccess { offset: 0, region: 0, count: 4 };
-    assert_eq!(c.request(9, a.as_bytes(), &borrow(std::slice::from_ref(&e))).errno(), EINVAL);
+    let a = wire::RegionAccess {
+        offset: 0,
+        region: 0,
+        count: 4,
+    };
+    assert_eq!(
+        c.request(9, a.as_bytes(), &borrow(std::slice::from_ref(&e)))
+            .errno(),
+        EINVAL
+    );
     c.region_read(0, 0, 4).ok();
 }
 
@@ -148,9 +204,24 @@ fn no_reply_write_gets_no_reply_even_on_error() {
     let (served, mut c) = serve_pair();
     c.version();
     // Posted write that succeeds, one the device refuses, one out of range.
-    c.send(10, wire::FLAG_NO_REPLY, &RawClient::region_write_body(0, 0x10, &[0xaa; 4]), &[]);
-    c.send(10, wire::FLAG_NO_REPLY, &RawClient::region_write_body(0, BAR0_BUSY, &[1; 4]), &[]);
-    c.send(10, wire::FLAG_NO_REPLY, &RawClient::region_write_body(0, BAR0_SIZE, &[1; 4]), &[]);
+    c.send(
+        10,
+        wire::FLAG_NO_REPLY,
+        &RawClient::region_write_body(0, 0x10, &[0xaa; 4]),
+        &[],
+    );
+    c.send(
+        10,
+        wire::FLAG_NO_REPLY,
+        &RawClient::region_write_body(0, BAR0_BUSY, &[1; 4]),
+        &[],
+    );
+    c.send(
+        10,
+        wire::FLAG_NO_REPLY,
+        &RawClient::region_write_body(0, BAR0_SIZE, &[1; 4]),
+        &[],
+    );
     // The next thing read is the reply to this read.
     let r = c.region_read(0, 0x10, 4).ok();
     assert_eq!(&r.body[16..], &[0xaa; 4]);
@@ -192,7 +263,13 @@ fn a_stuck_peer_does_not_delay_another_connection() {
     let (_d1, stuck, mut s) = serve_listener();
     s.version();
     // Half a header, then silence.
-    let h = Header { id: 1, cmd: 9, size: 32, flags: 0, error: 0 };
+    let h = Header {
+        id: 1,
+        cmd: 9,
+        size: 32,
+        flags: 0,
+        error: 0,
+    };
     s.stream.write_all(&h.as_bytes()[..7]).unwrap();
 
     let (_d2, other, mut c) = serve_listener();
@@ -203,8 +280,14 @@ fn a_stuck_peer_does_not_delay_another_connection() {
         let r = c.region_read(0, 0x40, 4).ok();
         assert_eq!(&r.body[16..], &i.to_ne_bytes());
     }
-    assert!(t0.elapsed() < Duration::from_secs(5), "served while the other peer is stuck");
-    assert!(!stuck.thread.is_finished(), "the stuck connection is still waiting");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "served while the other peer is stuck"
+    );
+    assert!(
+        !stuck.thread.is_finished(),
+        "the stuck connection is still waiting"
+    );
 
     // The stuck one can still be stopped mid-message.
     stuck.stop.stop();
@@ -217,7 +300,13 @@ fn a_stuck_peer_does_not_delay_another_connection() {
 fn peer_closing_mid_message_is_peer_closed() {
     let (served, mut c) = serve_pair();
     c.version();
-    let h = Header { id: 1, cmd: 10, size: 40, flags: 0, error: 0 };
+    let h = Header {
+        id: 1,
+        cmd: 10,
+        size: 40,
+        flags: 0,
+        error: 0,
+    };
     c.stream.write_all(h.as_bytes()).unwrap();
     c.stream.write_all(&[0u8; 5]).unwrap();
     drop(c);

@@ -43,7 +43,7 @@ impl DmaTable {
         if size == 0 {
             return Err(TransportError::invalid("DMA map of size 0"));
         }
-        if iova % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+        if !iova.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
             return Err(TransportError::invalid(format!(
                 "DMA map {iova:#x}+{size:#x} not aligned to {PAGE_SIZE:#x}"
             )));

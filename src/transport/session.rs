@@ -208,7 +208,7 @@ impl Session {
         self.dma.check_insert(m.iova, m.size)?;
         let fd = fds.pop();
         if fd.is_some() {
-            if m.offset % wire::PAGE_SIZE != 0 {
+            if !m.offset.is_multiple_of(wire::PAGE_SIZE) {
                 return Err(invalid(format!(
                     "DMA_MAP fd offset {:#x} unaligned",
                     m.offset

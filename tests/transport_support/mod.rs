@@ -66,7 +66,14 @@ impl FakeDevice {
             rustix::fs::memfd_create("bar2", rustix::fs::MemfdFlags::CLOEXEC).expect("memfd");
         rustix::fs::ftruncate(&bar2_fd, BAR2_SIZE).expect("ftruncate");
         let log = Arc::new(Mutex::new(Log::default()));
-        (FakeDevice { regions, bar2_fd, log: log.clone() }, log)
+        (
+            FakeDevice {
+                regions,
+                bar2_fd,
+                log: log.clone(),
+            },
+            log,
+        )
     }
 }
 
@@ -74,11 +81,19 @@ const RW: u32 = 3;
 
 impl VfioUserDevice for FakeDevice {
     fn device_info(&self) -> DeviceInfo {
-        DeviceInfo { flags: 3, num_regions: NUM_REGIONS, num_irqs: NUM_IRQS }
+        DeviceInfo {
+            flags: 3,
+            num_regions: NUM_REGIONS,
+            num_irqs: NUM_IRQS,
+        }
     }
 
     fn region_info(&self, index: u32) -> Result<RegionInfo, DeviceError> {
-        let size = self.regions.get(index as usize).map(|r| r.len() as u64).unwrap_or(0);
+        let size = self
+            .regions
+            .get(index as usize)
+            .map(|r| r.len() as u64)
+            .unwrap_or(0);
         let (flags, mmap) = match index {
             2 => (
                 RW,
@@ -86,8 +101,14 @@ impl VfioUserDevice for FakeDevice {
                     fd: self.bar2_fd.as_raw_fd(),
                     file_offset: 0,
                     areas: vec![
-                        MmapArea { offset: 0x1000, size: 0x1000 },
-                        MmapArea { offset: 0x3000, size: 0x1000 },
+                        MmapArea {
+                            offset: 0x1000,
+                            size: 0x1000,
+                        },
+                        MmapArea {
+                            offset: 0x3000,
+                            size: 0x1000,
+                        },
                     ],
                 }),
             ),
@@ -149,7 +170,8 @@ impl VfioUserDevice for FakeDevice {
     fn dma_map(&mut self, map: DmaMapping) -> Result<(), DeviceError> {
         let mut log = self.log.lock();
         let off = map.fd.as_ref().map(|(_, o)| *o);
-        log.maps.push((map.iova, map.size, map.readable, map.writable, off));
+        log.maps
+            .push((map.iova, map.size, map.readable, map.writable, off));
         if let Some((fd, _)) = map.fd {
             log.map_fds.push(fd);
         }
@@ -196,7 +218,12 @@ pub fn serve(conn: Connection) -> Served {
     let stats = conn.stats();
     let mut conn = conn;
     let thread = std::thread::spawn(move || conn.run(&mut dev));
-    Served { thread, stop, stats, log }
+    Served {
+        thread,
+        stop,
+        stats,
+        log,
+    }
 }
 
 /// A socket pair: the server end served on a thread, the raw client end.
@@ -236,8 +263,15 @@ impl Reply {
         self.header.error as i32
     }
     pub fn ok(self) -> Reply {
-        assert!(!self.is_error(), "unexpected error reply: errno {}", self.header.error);
-        assert_eq!(self.header.flags & wire::FLAG_TYPE_MASK, wire::FLAG_TYPE_REPLY);
+        assert!(
+            !self.is_error(),
+            "unexpected error reply: errno {}",
+            self.header.error
+        );
+        assert_eq!(
+            self.header.flags & wire::FLAG_TYPE_MASK,
+            wire::FLAG_TYPE_REPLY
+        );
         self
     }
 }
@@ -252,8 +286,13 @@ pub const QEMU_CAPS: &str = r#"{"capabilities": {"max_msg_fds": 16, "max_data_xf
 
 impl RawClient {
     pub fn new(stream: UnixStream) -> RawClient {
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        RawClient { stream, next_id: 0x100 }
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        RawClient {
+            stream,
+            next_id: 0x100,
+        }
     }
 
     /// Sends raw bytes with fds attached to the first byte.
@@ -262,11 +301,17 @@ impl RawClient {
             self.stream.write_all(bytes).unwrap();
             return;
         }
-        let mut space = vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+        let mut space =
+            vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
         let mut control = SendAncillaryBuffer::new(&mut space);
         assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
-        let n = sendmsg(&self.stream, &[IoSlice::new(bytes)], &mut control, SendFlags::empty())
-            .unwrap();
+        let n = sendmsg(
+            &self.stream,
+            &[IoSlice::new(bytes)],
+            &mut control,
+            SendFlags::empty(),
+        )
+        .unwrap();
         self.stream.write_all(&bytes[n..]).unwrap();
     }
 
@@ -274,7 +319,13 @@ impl RawClient {
     pub fn send(&mut self, cmd: u16, flags: u32, body: &[u8], fds: &[BorrowedFd<'_>]) -> u16 {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1);
-        let h = Header { id, cmd, size: (16 + body.len()) as u32, flags, error: 0 };
+        let h = Header {
+            id,
+            cmd,
+            size: (16 + body.len()) as u32,
+            flags,
+            error: 0,
+        };
         let mut bytes = h.as_bytes().to_vec();
         bytes.extend_from_slice(body);
         self.send_raw(&bytes, fds);
@@ -285,10 +336,12 @@ impl RawClient {
     pub fn recv(&mut self) -> Reply {
         let mut hb = [0u8; 16];
         let mut fds = Vec::new();
-        self.read_exact_fds(&mut hb, &mut fds).expect("reply header");
+        self.read_exact_fds(&mut hb, &mut fds)
+            .expect("reply header");
         let header = Header::read_from_bytes(&hb).unwrap();
         let mut body = vec![0u8; header.size as usize - 16];
-        self.read_exact_fds(&mut body, &mut fds).expect("reply body");
+        self.read_exact_fds(&mut body, &mut fds)
+            .expect("reply body");
         Reply { header, body, fds }
     }
 
@@ -345,23 +398,49 @@ impl RawClient {
         self.request(1, &version_body(QEMU_CAPS), &[]).ok()
     }
 
-    pub fn dma_map(&mut self, flags: u32, offset: u64, iova: u64, size: u64, fds: &[BorrowedFd<'_>]) -> Reply {
-        let m = wire::DmaMap { argsz: 32, flags, offset, iova, size };
+    pub fn dma_map(
+        &mut self,
+        flags: u32,
+        offset: u64,
+        iova: u64,
+        size: u64,
+        fds: &[BorrowedFd<'_>],
+    ) -> Reply {
+        let m = wire::DmaMap {
+            argsz: 32,
+            flags,
+            offset,
+            iova,
+            size,
+        };
         self.request(2, m.as_bytes(), fds)
     }
 
     pub fn dma_unmap(&mut self, flags: u32, iova: u64, size: u64) -> Reply {
-        let u = wire::DmaUnmap { argsz: 24, flags, iova, size };
+        let u = wire::DmaUnmap {
+            argsz: 24,
+            flags,
+            iova,
+            size,
+        };
         self.request(3, u.as_bytes(), &[])
     }
 
     pub fn region_read(&mut self, region: u32, offset: u64, count: u32) -> Reply {
-        let a = wire::RegionAccess { offset, region, count };
+        let a = wire::RegionAccess {
+            offset,
+            region,
+            count,
+        };
         self.request(9, a.as_bytes(), &[])
     }
 
     pub fn region_write_body(region: u32, offset: u64, data: &[u8]) -> Vec<u8> {
-        let a = wire::RegionAccess { offset, region, count: data.len() as u32 };
+        let a = wire::RegionAccess {
+            offset,
+            region,
+            count: data.len() as u32,
+        };
         let mut body = a.as_bytes().to_vec();
         body.extend_from_slice(data);
         body
@@ -371,8 +450,21 @@ impl RawClient {
         self.request(10, &Self::region_write_body(region, offset, data), &[])
     }
 
-    pub fn set_irqs(&mut self, flags: u32, index: u32, start: u32, count: u32, fds: &[BorrowedFd<'_>]) -> Reply {
-        let s = wire::IrqSet { argsz: 20, flags, index, start, count };
+    pub fn set_irqs(
+        &mut self,
+        flags: u32,
+        index: u32,
+        start: u32,
+        count: u32,
+        fds: &[BorrowedFd<'_>],
+    ) -> Reply {
+        let s = wire::IrqSet {
+            argsz: 20,
+            flags,
+            index,
+            start,
+            count,
+        };
         self.request(8, s.as_bytes(), fds)
     }
 }
