@@ -50,7 +50,8 @@ impl Reply {
     }
 
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
-        // SAFETY: the fd comes from the device's `RegionInfo`, which the
+        // SAFETY: the fd is non-negative (checked in `get_region_info`) and
+        // comes from the device's `RegionInfo`, which the
         // device keeps open for as long as it lives; the device outlives this
         // reply (it is borrowed for the whole `run`), and the borrow ends when
         // the reply has been sent.
@@ -317,7 +318,16 @@ impl Session {
             ..Default::default()
         };
         let mut fd = None;
-        if let Some(mmap) = &info.mmap {
+        let mmap = info.mmap.as_ref().filter(|m| {
+            if m.fd < 0 {
+                warn!(
+                    "vfio-user: region {} offered for mmap without an fd",
+                    req.index
+                );
+            }
+            m.fd >= 0
+        });
+        if let Some(mmap) = mmap {
             flags |= VFIO_REGION_INFO_FLAG_MMAP;
             out.offset = mmap.file_offset;
             fd = Some(mmap.fd);
@@ -587,5 +597,123 @@ impl Session {
             dev.region_write(e.region, e.offset, &e.data[..e.count as usize])?;
         }
         Ok(Reply::new(h, &[]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::device::{DeviceError, DeviceInfo, IrqInfo, RegionInfo};
+
+    /// Two regions: 0 is RW of 0x100 bytes, 1 is read-only of 0x10.
+    struct Tiny;
+
+    impl VfioUserDevice for Tiny {
+        fn device_info(&self) -> DeviceInfo {
+            DeviceInfo {
+                flags: 3,
+                num_regions: 2,
+                num_irqs: 1,
+            }
+        }
+        fn region_info(&self, index: u32) -> Result<RegionInfo, DeviceError> {
+            let (flags, size) = if index == 0 { (3, 0x100) } else { (1, 0x10) };
+            Ok(RegionInfo {
+                flags,
+                size,
+                mmap: None,
+            })
+        }
+        fn irq_info(&self, _: u32) -> Result<IrqInfo, DeviceError> {
+            Ok(IrqInfo { flags: 0, count: 1 })
+        }
+        fn region_read(&mut self, _: u32, _: u64, d: &mut [u8]) -> Result<(), DeviceError> {
+            d.fill(0x5a);
+            Ok(())
+        }
+        fn region_write(&mut self, _: u32, _: u64, _: &[u8]) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn set_irqs(
+            &mut self,
+            _: u32,
+            _: IrqAction,
+            _: u32,
+            _: u32,
+            _: IrqData,
+        ) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn dma_map(&mut self, _: DmaMapping) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn dma_unmap(&mut self, _: u64, _: u64) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn dma_unmap_all(&mut self) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn reset(&mut self) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn disconnected(&mut self) {}
+    }
+
+    #[test]
+    fn access_check_uses_checked_arithmetic_and_direction() {
+        let s = Session::new(&Tiny);
+        s.check_access(0, 0xfc, 4, true).unwrap();
+        s.check_access(0, 0, 0x100, false).unwrap();
+        for (region, offset, count, write) in [
+            (0, 0xfd, 4, false),
+            (0, u64::MAX, 1, false),
+            (0, 0, 0, false),
+            (1, 0, 4, true),
+            (2, 0, 1, false),
+            (0, 0, wire::MAX_DATA_XFER_SIZE + 1, false),
+        ] {
+            let e = s.check_access(region, offset, count, write).unwrap_err();
+            assert_eq!(
+                e.errno(),
+                libc::EINVAL as u32,
+                "{region} {offset:#x} {count}"
+            );
+        }
+    }
+
+    fn msg(cmd: u16, body: Vec<u8>) -> Message {
+        let header = Header {
+            id: 1,
+            cmd,
+            size: (HEADER_SIZE + body.len()) as u32,
+            flags: 0,
+            error: 0,
+        };
+        Message {
+            header,
+            body,
+            fds: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn version_gates_everything_and_read_fills_the_reply() {
+        let mut dev = Tiny;
+        let mut s = Session::new(&dev);
+        let read = wire::RegionAccess {
+            offset: 8,
+            region: 0,
+            count: 4,
+        }
+        .as_bytes()
+        .to_vec();
+        let e = s.handle(&mut dev, &mut msg(9, read.clone())).err().unwrap();
+        assert_eq!(e.errno(), libc::EINVAL as u32);
+        s.handle(&mut dev, &mut msg(1, vec![0, 0, 0, 0, b'{', b'}', 0]))
+            .ok()
+            .unwrap();
+        let r = s.handle(&mut dev, &mut msg(9, read)).ok().unwrap();
+        assert_eq!(r.bytes.len(), 32 + 4);
+        assert_eq!(&r.bytes[32..], &[0x5a; 4]);
     }
 }
