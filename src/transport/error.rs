@@ -1,0 +1,90 @@
+//! Transport errors: socket setup, framing, and per-message refusals. Each
+//! refusal maps to exactly one positive errno sent back in the error reply.
+
+use std::path::PathBuf;
+
+use super::device::DeviceError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("socket {path} is in use by a live server")]
+    SocketInUse { path: PathBuf },
+    #[error("cannot bind {path}: {source}")]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("socket I/O: {0}")]
+    Io(#[from] std::io::Error),
+
+    // Per-message refusals: the message is consumed, an error reply is sent
+    // (unless No_reply) and the connection goes on.
+    #[error("invalid message: {0}")]
+    Invalid(String),
+    #[error("DMA range {iova:#x}+{size:#x} overlaps an existing map")]
+    DmaOverlap { iova: u64, size: u64 },
+    #[error("no DMA map at {iova:#x}+{size:#x}")]
+    DmaNotFound { iova: u64, size: u64 },
+    #[error("too many DMA maps (limit {0})")]
+    DmaTableFull(usize),
+    #[error("unsupported command {0}")]
+    UnknownCommand(u16),
+    #[error("device feature ioctl not supported")]
+    NoFeature,
+    #[error("not supported: {0}")]
+    NotSupported(String),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+}
+
+impl TransportError {
+    /// The positive errno for an error reply.
+    pub fn errno(&self) -> u32 {
+        let e = match self {
+            TransportError::Invalid(_) => libc::EINVAL,
+            TransportError::DmaOverlap { .. } => libc::EEXIST,
+            TransportError::DmaNotFound { .. } => libc::ENOENT,
+            TransportError::DmaTableFull(_) => libc::ENOSPC,
+            TransportError::UnknownCommand(_) => libc::ENOSYS,
+            TransportError::NoFeature => libc::ENOTTY,
+            TransportError::NotSupported(_) => libc::ENOTSUP,
+            TransportError::Device(d) => return d.errno(),
+            TransportError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            TransportError::SocketInUse { .. } => libc::EADDRINUSE,
+            TransportError::Bind { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        };
+        e as u32
+    }
+
+    pub(crate) fn invalid(msg: impl Into<String>) -> TransportError {
+        TransportError::Invalid(msg.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errnos_are_positive_and_distinct_where_it_matters() {
+        assert_eq!(TransportError::invalid("x").errno(), libc::EINVAL as u32);
+        assert_eq!(
+            TransportError::DmaOverlap { iova: 0, size: 1 }.errno(),
+            libc::EEXIST as u32
+        );
+        assert_eq!(
+            TransportError::DmaNotFound { iova: 0, size: 1 }.errno(),
+            libc::ENOENT as u32
+        );
+        assert_eq!(
+            TransportError::UnknownCommand(99).errno(),
+            libc::ENOSYS as u32
+        );
+        assert_eq!(TransportError::NoFeature.errno(), libc::ENOTTY as u32);
+        assert_eq!(
+            TransportError::Device(DeviceError::Busy("b".into())).errno(),
+            libc::EBUSY as u32
+        );
+    }
+}

@@ -1,0 +1,319 @@
+//! The listening socket and one served connection.
+//!
+//! A [`Connection`] serves its messages strictly in order on the caller's
+//! thread; nothing is global, so one instance's stuck VMM never delays
+//! another's. A [`StopHandle`] makes `run` return from any thread.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustix::event::{EventfdFlags, eventfd};
+use tracing::{debug, info, warn};
+
+use super::device::VfioUserDevice;
+use super::error::TransportError;
+use super::session::Session;
+use super::socket::{Message, MsgSocket, Recv, SockError};
+use super::stats::ConnectionStats;
+use super::wire::{self, FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY, HEADER_SIZE, Header};
+
+/// Why [`Connection::run`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disconnect {
+    /// The VMM closed its end (or reset the connection).
+    PeerClosed,
+    /// A [`StopHandle`] asked us to stop. The socket is still open; if the
+    /// stop came mid-message the stream is no longer in sync.
+    Stopped,
+    /// A header announced a size below 16 or over the cap. An error reply
+    /// was sent (unless No_reply) and the socket shut down: the stream
+    /// cannot be resynchronised.
+    BadFrame { size: u32 },
+}
+
+/// A bound vfio-user socket.
+pub struct Listener {
+    listener: UnixListener,
+    path: PathBuf,
+    /// (dev, ino) of the socket we created, so Drop removes only ours.
+    ident: Option<(u64, u64)>,
+}
+
+impl Listener {
+    /// Binds `path`. A live server already there is refused; a stale socket
+    /// file (nobody accepting) is removed first; any other file is refused.
+    pub fn bind(path: &Path) -> Result<Listener, TransportError> {
+        let bind_err = |source| TransportError::Bind {
+            path: path.to_owned(),
+            source,
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(TransportError::SocketInUse {
+                        path: path.to_owned(),
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                    info!("vfio-user: removing stale socket {}", path.display());
+                    std::fs::remove_file(path).map_err(bind_err)?;
+                }
+                Err(e) => return Err(bind_err(e)),
+            },
+            Ok(_) => {
+                return Err(bind_err(std::io::Error::new(
+                    std::io::ErrorKind::AlreadyExists,
+                    "path exists and is not a socket",
+                )));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(bind_err(e)),
+        }
+        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        let ident = std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        Ok(Listener {
+            listener,
+            path: path.to_owned(),
+            ident,
+        })
+    }
+
+    /// Waits for one VMM to connect.
+    pub fn accept(&self) -> Result<Connection, TransportError> {
+        let (stream, _) = self.listener.accept()?;
+        Connection::from_stream(stream)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn as_raw_fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+}
+
+impl AsFd for Listener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let ours = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if ours.is_some() && ours == self.ident {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Makes a running [`Connection::run`] return [`Disconnect::Stopped`].
+/// Cheap to clone; usable from any thread; stopping is permanent.
+#[derive(Clone, Debug)]
+pub struct StopHandle {
+    fd: Arc<OwnedFd>,
+}
+
+impl StopHandle {
+    pub fn stop(&self) {
+        // An eventfd write only fails when the counter would overflow, and
+        // then it is already signalled: either way `run` sees it.
+        let _ = rustix::io::write(&*self.fd, &1u64.to_ne_bytes());
+    }
+}
+
+/// One VMM connection.
+pub struct Connection {
+    sock: MsgSocket,
+    stop: Arc<OwnedFd>,
+    stats: Arc<ConnectionStats>,
+    /// Errors logged at warn level so far; later ones go to debug so a
+    /// misbehaving peer cannot flood the log.
+    warned: u32,
+}
+
+const WARN_LIMIT: u32 = 32;
+
+impl Connection {
+    pub fn from_stream(stream: UnixStream) -> Result<Connection, TransportError> {
+        let stop = Arc::new(
+            eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
+                .map_err(std::io::Error::from)?,
+        );
+        let sock = MsgSocket::new(stream, stop.clone())?;
+        Ok(Connection {
+            sock,
+            stop,
+            stats: Arc::default(),
+            warned: 0,
+        })
+    }
+
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle {
+            fd: self.stop.clone(),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<ConnectionStats> {
+        self.stats.clone()
+    }
+
+    pub fn stream(&self) -> &UnixStream {
+        self.sock.stream()
+    }
+
+    /// Serves messages in order until the peer closes, a stop is requested
+    /// or a frame cannot be parsed. Calls `dev.disconnected()` on the way out,
+    /// whatever the reason.
+    pub fn run(&mut self, dev: &mut dyn VfioUserDevice) -> Result<Disconnect, TransportError> {
+        let result = self.serve(dev);
+        dev.disconnected();
+        match &result {
+            Ok(d) => info!("vfio-user: connection ended: {d:?}"),
+            Err(e) => warn!("vfio-user: connection failed: {e}"),
+        }
+        result
+    }
+
+    fn serve(&mut self, dev: &mut dyn VfioUserDevice) -> Result<Disconnect, TransportError> {
+        let mut session = Session::new(dev);
+        loop {
+            let mut msg = match self.sock.read_message(wire::MAX_MESSAGE_SIZE) {
+                Ok(Recv::Message(m)) => m,
+                Ok(Recv::Closed { partial }) => {
+                    if partial {
+                        debug!("vfio-user: peer closed mid-message");
+                    }
+                    return Ok(Disconnect::PeerClosed);
+                }
+                Ok(Recv::BadFrame(h)) => return self.bad_frame(h),
+                Err(e) => return sock_end(e),
+            };
+            ConnectionStats::add(&self.stats.messages, 1);
+            ConnectionStats::add(&self.stats.bytes_received, msg.header.size as u64);
+            ConnectionStats::add(&self.stats.fds_received, msg.fds.len() as u64);
+            if let Err(e) = self.serve_one(&mut session, dev, &mut msg) {
+                return sock_end(e);
+            }
+        }
+    }
+
+    fn serve_one(
+        &mut self,
+        session: &mut Session,
+        dev: &mut dyn VfioUserDevice,
+        msg: &mut Message,
+    ) -> Result<(), SockError> {
+        let h = msg.header;
+        match h.msg_type() {
+            FLAG_TYPE_COMMAND => {}
+            FLAG_TYPE_REPLY => {
+                // We send no requests yet (DMA_READ/WRITE would be the first),
+                // so no reply can be ours. Body and fds are already consumed.
+                ConnectionStats::add(&self.stats.stray_replies, 1);
+                debug!(
+                    "vfio-user: dropping unsolicited reply id {} cmd {}",
+                    h.id, h.cmd
+                );
+                return Ok(());
+            }
+            t => {
+                let e = TransportError::invalid(format!("message type {t}"));
+                return self.refuse(&h, &e);
+            }
+        }
+        match session.handle(dev, msg) {
+            Ok(reply) if !h.no_reply() => {
+                self.sock.send(&reply.bytes, reply.fd().as_slice())?;
+                ConnectionStats::add(&self.stats.replies_sent, 1);
+                ConnectionStats::add(&self.stats.bytes_sent, reply.bytes.len() as u64);
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => self.refuse(&h, &e),
+        }
+    }
+
+    /// Reports a failed request: an error reply, or for No_reply messages
+    /// (posted writes) only a counter and a log line — QEMU must never see a
+    /// reply to those.
+    fn refuse(&mut self, h: &Header, e: &TransportError) -> Result<(), SockError> {
+        let errno = e.errno();
+        self.log(format_args!(
+            "vfio-user: cmd {} id {} refused ({}): {e}",
+            h.cmd,
+            h.id,
+            errno_name(errno)
+        ));
+        if h.no_reply() {
+            ConnectionStats::add(&self.stats.posted_write_errors, 1);
+            return Ok(());
+        }
+        let reply = h.error_reply(errno);
+        self.sock.send(zerocopy::IntoBytes::as_bytes(&reply), &[])?;
+        ConnectionStats::add(&self.stats.errors_sent, 1);
+        ConnectionStats::add(&self.stats.replies_sent, 1);
+        ConnectionStats::add(&self.stats.bytes_sent, HEADER_SIZE as u64);
+        Ok(())
+    }
+
+    fn bad_frame(&mut self, h: Header) -> Result<Disconnect, TransportError> {
+        ConnectionStats::add(&self.stats.bad_frames, 1);
+        let errno = if (h.size as usize) < HEADER_SIZE {
+            libc::EINVAL
+        } else {
+            libc::E2BIG
+        };
+        warn!(
+            "vfio-user: cmd {} id {} has size {} (allowed {}..={}); closing",
+            h.cmd,
+            h.id,
+            h.size,
+            HEADER_SIZE,
+            wire::MAX_MESSAGE_SIZE
+        );
+        if h.msg_type() == FLAG_TYPE_COMMAND && !h.no_reply() {
+            let reply = h.error_reply(errno as u32);
+            if self
+                .sock
+                .send(zerocopy::IntoBytes::as_bytes(&reply), &[])
+                .is_ok()
+            {
+                ConnectionStats::add(&self.stats.errors_sent, 1);
+                ConnectionStats::add(&self.stats.replies_sent, 1);
+            }
+        }
+        let _ = self.sock.stream().shutdown(std::net::Shutdown::Both);
+        Ok(Disconnect::BadFrame { size: h.size })
+    }
+
+    fn log(&mut self, args: std::fmt::Arguments<'_>) {
+        if self.warned < WARN_LIMIT {
+            self.warned += 1;
+            warn!("{args}");
+        } else {
+            debug!("{args}");
+        }
+    }
+}
+
+fn sock_end(e: SockError) -> Result<Disconnect, TransportError> {
+    match e {
+        SockError::Stopped => Ok(Disconnect::Stopped),
+        SockError::PeerGone => Ok(Disconnect::PeerClosed),
+        SockError::Io(e) => Err(TransportError::Io(e)),
+    }
+}
+
+fn errno_name(errno: u32) -> String {
+    std::io::Error::from_raw_os_error(errno as i32).to_string()
+}

@@ -1,0 +1,78 @@
+//! Per-connection counters, updated by the connection's thread and readable
+//! from any other (stats, the daemon API) without a lock.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+#[derive(Debug, Default)]
+pub struct ConnectionStats {
+    /// Well-framed messages read (requests and stray replies).
+    pub messages: AtomicU64,
+    /// Replies sent, error replies included.
+    pub replies_sent: AtomicU64,
+    /// Error replies sent.
+    pub errors_sent: AtomicU64,
+    /// Failures of No_reply messages (posted writes): logged and counted,
+    /// never sent (QEMU would desync).
+    pub posted_write_errors: AtomicU64,
+    /// Messages of reply type from the peer: we send no requests yet, so
+    /// they answer nothing and are dropped.
+    pub stray_replies: AtomicU64,
+    /// Fatal framing errors (size < 16 or over the cap).
+    pub bad_frames: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub fds_received: AtomicU64,
+}
+
+/// A plain copy of [`ConnectionStats`] at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StatsSnapshot {
+    pub messages: u64,
+    pub replies_sent: u64,
+    pub errors_sent: u64,
+    pub posted_write_errors: u64,
+    pub stray_replies: u64,
+    pub bad_frames: u64,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub fds_received: u64,
+}
+
+impl ConnectionStats {
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StatsSnapshot {
+            messages: g(&self.messages),
+            replies_sent: g(&self.replies_sent),
+            errors_sent: g(&self.errors_sent),
+            posted_write_errors: g(&self.posted_write_errors),
+            stray_replies: g(&self.stray_replies),
+            bad_frames: g(&self.bad_frames),
+            bytes_received: g(&self.bytes_received),
+            bytes_sent: g(&self.bytes_sent),
+            fds_received: g(&self.fds_received),
+        }
+    }
+
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_reads_every_counter() {
+        let s = ConnectionStats::default();
+        ConnectionStats::add(&s.messages, 3);
+        ConnectionStats::add(&s.posted_write_errors, 2);
+        ConnectionStats::add(&s.bytes_sent, 40);
+        let snap = s.snapshot();
+        assert_eq!(snap.messages, 3);
+        assert_eq!(snap.posted_write_errors, 2);
+        assert_eq!(snap.bytes_sent, 40);
+        assert_eq!(snap.errors_sent, 0);
+    }
+}

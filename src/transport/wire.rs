@@ -1,0 +1,309 @@
+//! vfio-user wire format: the 16-byte header, command numbers and the
+//! fixed-size message bodies (QEMU `docs/interop/vfio-user.rst`,
+//! "Protocol Specification"). All fields are host-endian, as the spec says
+//! for this revision. Structs derive `zerocopy` so parsing is a bounds-checked
+//! copy, never a cast.
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
+
+/// Size of [`Header`] on the wire.
+pub const HEADER_SIZE: usize = 16;
+
+/// The largest `count` we accept in one REGION_READ/WRITE (advertised as
+/// `max_data_xfer_size`).
+pub const MAX_DATA_XFER_SIZE: u32 = 1 << 20;
+
+/// The largest whole message we accept: a full data transfer plus room for
+/// its header and fixed body. Anything larger cannot be framed safely.
+pub const MAX_MESSAGE_SIZE: u32 = MAX_DATA_XFER_SIZE + 4096;
+
+/// File descriptors we accept in one message (advertised as `max_msg_fds`;
+/// QEMU refuses more than 16).
+pub const MAX_MSG_FDS: usize = 16;
+
+/// Advertised `max_dma_maps` (the spec's default, QEMU's ceiling).
+pub const MAX_DMA_MAPS: usize = 65535;
+
+/// The only DMA page size we support (`pgsizes`).
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Most entries in one REGION_WRITE_MULTI (spec: "up to 200").
+pub const MAX_WRITE_MULTI: u64 = 200;
+
+/// Bytes of data in one REGION_WRITE_MULTI entry.
+pub const WRITE_MULTI_DATA: usize = 8;
+
+/// Header flags (spec "Header": bits 0-3 type, bit 4 No_reply, bit 5 Error).
+pub const FLAG_TYPE_MASK: u32 = 0xf;
+pub const FLAG_TYPE_COMMAND: u32 = 0;
+pub const FLAG_TYPE_REPLY: u32 = 1;
+pub const FLAG_NO_REPLY: u32 = 1 << 4;
+pub const FLAG_ERROR: u32 = 1 << 5;
+
+/// Command numbers (spec "Commands").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Command {
+    Version = 1,
+    DmaMap = 2,
+    DmaUnmap = 3,
+    DeviceGetInfo = 4,
+    DeviceGetRegionInfo = 5,
+    DeviceGetRegionIoFds = 6,
+    DeviceGetIrqInfo = 7,
+    DeviceSetIrqs = 8,
+    RegionRead = 9,
+    RegionWrite = 10,
+    DmaRead = 11,
+    DmaWrite = 12,
+    DeviceReset = 13,
+    /// Removed from the spec (dirty pages v1); still numbered.
+    DirtyPages = 14,
+    RegionWriteMulti = 15,
+    DeviceFeature = 16,
+    MigDataRead = 17,
+    MigDataWrite = 18,
+}
+
+impl Command {
+    pub fn from_u16(cmd: u16) -> Option<Command> {
+        use Command::*;
+        Some(match cmd {
+            1 => Version,
+            2 => DmaMap,
+            3 => DmaUnmap,
+            4 => DeviceGetInfo,
+            5 => DeviceGetRegionInfo,
+            6 => DeviceGetRegionIoFds,
+            7 => DeviceGetIrqInfo,
+            8 => DeviceSetIrqs,
+            9 => RegionRead,
+            10 => RegionWrite,
+            11 => DmaRead,
+            12 => DmaWrite,
+            13 => DeviceReset,
+            14 => DirtyPages,
+            15 => RegionWriteMulti,
+            16 => DeviceFeature,
+            17 => MigDataRead,
+            18 => MigDataWrite,
+            _ => return None,
+        })
+    }
+}
+
+/// The header that starts every message, request or reply.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(C)]
+pub struct Header {
+    pub id: u16,
+    pub cmd: u16,
+    /// Whole message, header included.
+    pub size: u32,
+    pub flags: u32,
+    pub error: u32,
+}
+
+impl Header {
+    pub fn msg_type(&self) -> u32 {
+        self.flags & FLAG_TYPE_MASK
+    }
+    pub fn no_reply(&self) -> bool {
+        self.flags & FLAG_NO_REPLY != 0
+    }
+    /// The reply header for this request: same id and command, type reply.
+    pub fn reply(&self, body_len: usize) -> Header {
+        Header {
+            id: self.id,
+            cmd: self.cmd,
+            size: (HEADER_SIZE + body_len) as u32,
+            flags: FLAG_TYPE_REPLY,
+            error: 0,
+        }
+    }
+    /// A header-only error reply (spec: "the reply message must only
+    /// include the reply header").
+    pub fn error_reply(&self, errno: u32) -> Header {
+        Header {
+            id: self.id,
+            cmd: self.cmd,
+            size: HEADER_SIZE as u32,
+            flags: FLAG_TYPE_REPLY | FLAG_ERROR,
+            error: errno,
+        }
+    }
+}
+
+/// VERSION body before the JSON capabilities.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct Version {
+    pub major: u16,
+    pub minor: u16,
+}
+
+/// DMA_MAP body (32 bytes).
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct DmaMap {
+    pub argsz: u32,
+    pub flags: u32,
+    /// Offset of `iova` in the attached fd.
+    pub offset: u64,
+    pub iova: u64,
+    pub size: u64,
+}
+
+/// DMA_UNMAP body (24 bytes); the reply echoes it.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct DmaUnmap {
+    pub argsz: u32,
+    pub flags: u32,
+    pub iova: u64,
+    pub size: u64,
+}
+
+/// DEVICE_GET_INFO request and reply body (16 bytes).
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct DeviceInfo {
+    pub argsz: u32,
+    pub flags: u32,
+    pub num_regions: u32,
+    pub num_irqs: u32,
+}
+
+/// `struct vfio_region_info` (32 bytes): GET_REGION_INFO request and the
+/// fixed part of its reply.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct RegionInfo {
+    pub argsz: u32,
+    pub flags: u32,
+    pub index: u32,
+    pub cap_offset: u32,
+    pub size: u64,
+    pub offset: u64,
+}
+
+/// `struct vfio_info_cap_header` + `vfio_region_info_cap_sparse_mmap`'s
+/// fixed part (16 bytes); `nr_areas` × [`SparseArea`] follow.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct SparseMmapCap {
+    pub id: u16,
+    pub version: u16,
+    pub next: u32,
+    pub nr_areas: u32,
+    pub reserved: u32,
+}
+
+/// `struct vfio_region_sparse_mmap_area`.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct SparseArea {
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// DEVICE_GET_IRQ_INFO request and reply body (16 bytes).
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct IrqInfo {
+    pub argsz: u32,
+    pub flags: u32,
+    pub index: u32,
+    pub count: u32,
+}
+
+/// DEVICE_SET_IRQS body (20 bytes); DATA_BOOL bytes follow.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct IrqSet {
+    pub argsz: u32,
+    pub flags: u32,
+    pub index: u32,
+    pub start: u32,
+    pub count: u32,
+}
+
+/// REGION_READ/REGION_WRITE body (16 bytes); data follows (write request,
+/// read reply).
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct RegionAccess {
+    pub offset: u64,
+    pub region: u32,
+    pub count: u32,
+}
+
+/// One REGION_WRITE_MULTI entry (24 bytes).
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct WriteMultiEntry {
+    pub offset: u64,
+    pub region: u32,
+    pub count: u32,
+    pub data: [u8; WRITE_MULTI_DATA],
+}
+
+/// Reads a `T` from the start of `body`; `None` when the body is shorter.
+pub fn read_prefix<T: FromBytes>(body: &[u8]) -> Option<T> {
+    T::read_from_prefix(body).ok().map(|(value, _)| value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_sizes_match_the_spec() {
+        assert_eq!(size_of::<Header>(), HEADER_SIZE);
+        assert_eq!(size_of::<Version>(), 4);
+        assert_eq!(size_of::<DmaMap>(), 32);
+        assert_eq!(size_of::<DmaUnmap>(), 24);
+        assert_eq!(size_of::<DeviceInfo>(), 16);
+        assert_eq!(size_of::<RegionInfo>(), 32);
+        assert_eq!(size_of::<SparseMmapCap>(), 16);
+        assert_eq!(size_of::<SparseArea>(), 16);
+        assert_eq!(size_of::<IrqInfo>(), 16);
+        assert_eq!(size_of::<IrqSet>(), 20);
+        assert_eq!(size_of::<RegionAccess>(), 16);
+        assert_eq!(size_of::<WriteMultiEntry>(), 24);
+    }
+
+    #[test]
+    fn command_numbers_round_trip() {
+        for n in 0..=20u16 {
+            match Command::from_u16(n) {
+                Some(c) => assert_eq!(c as u16, n),
+                None => assert!(n == 0 || n > 18),
+            }
+        }
+    }
+
+    #[test]
+    fn error_reply_is_header_only_with_positive_errno() {
+        let req = Header {
+            id: 7,
+            cmd: 9,
+            size: 32,
+            flags: 0,
+            error: 0,
+        };
+        let r = req.error_reply(libc::EINVAL as u32);
+        assert_eq!(r.size, 16);
+        assert_eq!(r.id, 7);
+        assert_eq!(r.flags, FLAG_TYPE_REPLY | FLAG_ERROR);
+        assert_eq!(r.error, libc::EINVAL as u32);
+    }
+
+    #[test]
+    fn read_prefix_refuses_short_bodies() {
+        assert!(read_prefix::<DmaMap>(&[0u8; 31]).is_none());
+        assert!(read_prefix::<DmaMap>(&[0u8; 40]).is_some());
+    }
+}

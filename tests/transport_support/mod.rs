@@ -1,0 +1,495 @@
+//! Shared by the `transport_*` tests: a RAM-backed fake device (a test
+//! double for the transport only) and a raw vfio-user client that can send
+//! any bytes, with or without fds.
+#![allow(dead_code)]
+
+use std::io::{IoSlice, IoSliceMut, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, recvmsg, sendmsg,
+};
+use wdvirt::transport::device::{
+    DeviceError, DeviceInfo, DmaMapping, IrqAction, IrqData, IrqInfo, MmapArea, RegionInfo,
+    RegionMmap, VfioUserDevice,
+};
+use wdvirt::transport::wire::{self, Header};
+use wdvirt::transport::{Connection, ConnectionStats, Disconnect, StopHandle, TransportError};
+use zerocopy::{FromBytes, IntoBytes};
+
+pub const NUM_REGIONS: u32 = 8;
+pub const NUM_IRQS: u32 = 5;
+pub const BAR0_SIZE: u64 = 0x1000;
+pub const BAR2_SIZE: u64 = 0x4000;
+pub const CONFIG_SIZE: u64 = 256;
+/// BAR0 offset whose writes the fake device refuses with EBUSY.
+pub const BAR0_BUSY: u64 = 0x100;
+/// IRQ counts per index: INTx, MSI, MSI-X, ERR, REQ.
+pub const IRQ_COUNTS: [u32; 5] = [1, 1, 4, 1, 1];
+
+/// What the fake device was asked to do.
+#[derive(Debug, Default)]
+pub struct Log {
+    /// (iova, size, readable, writable, fd offset if an fd came)
+    pub maps: Vec<(u64, u64, bool, bool, Option<u64>)>,
+    /// The fds of the maps, kept open so a test can read through them.
+    pub map_fds: Vec<OwnedFd>,
+    pub unmaps: Vec<(u64, u64)>,
+    pub unmap_all: u32,
+    /// (index, action, start, count, data kind, fds present)
+    pub irqs: Vec<(u32, IrqAction, u32, u32, &'static str, usize)>,
+    pub irq_fds: Vec<OwnedFd>,
+    pub bools: Vec<Vec<bool>>,
+    pub writes: Vec<(u32, u64, Vec<u8>)>,
+    pub resets: u32,
+    pub disconnected: u32,
+}
+
+pub struct FakeDevice {
+    pub regions: Vec<Vec<u8>>,
+    pub bar2_fd: OwnedFd,
+    pub log: Arc<Mutex<Log>>,
+}
+
+impl FakeDevice {
+    pub fn new() -> (FakeDevice, Arc<Mutex<Log>>) {
+        let sizes = [BAR0_SIZE, 0, BAR2_SIZE, 0, 0, 0, 0x800, CONFIG_SIZE];
+        let regions = sizes.iter().map(|&s| vec![0u8; s as usize]).collect();
+        let bar2_fd =
+            rustix::fs::memfd_create("bar2", rustix::fs::MemfdFlags::CLOEXEC).expect("memfd");
+        rustix::fs::ftruncate(&bar2_fd, BAR2_SIZE).expect("ftruncate");
+        let log = Arc::new(Mutex::new(Log::default()));
+        (
+            FakeDevice {
+                regions,
+                bar2_fd,
+                log: log.clone(),
+            },
+            log,
+        )
+    }
+}
+
+const RW: u32 = 3;
+
+impl VfioUserDevice for FakeDevice {
+    fn device_info(&self) -> DeviceInfo {
+        DeviceInfo {
+            flags: 3,
+            num_regions: NUM_REGIONS,
+            num_irqs: NUM_IRQS,
+        }
+    }
+
+    fn region_info(&self, index: u32) -> Result<RegionInfo, DeviceError> {
+        let size = self
+            .regions
+            .get(index as usize)
+            .map(|r| r.len() as u64)
+            .unwrap_or(0);
+        let (flags, mmap) = match index {
+            2 => (
+                RW,
+                Some(RegionMmap {
+                    fd: self.bar2_fd.as_raw_fd(),
+                    file_offset: 0,
+                    areas: vec![
+                        MmapArea {
+                            offset: 0x1000,
+                            size: 0x1000,
+                        },
+                        MmapArea {
+                            offset: 0x3000,
+                            size: 0x1000,
+                        },
+                    ],
+                }),
+            ),
+            6 => (1, None),
+            _ if size > 0 => (RW, None),
+            _ => (0, None),
+        };
+        Ok(RegionInfo { flags, size, mmap })
+    }
+
+    fn irq_info(&self, index: u32) -> Result<IrqInfo, DeviceError> {
+        let count = *IRQ_COUNTS
+            .get(index as usize)
+            .ok_or_else(|| DeviceError::Invalid(format!("irq {index}")))?;
+        Ok(IrqInfo { flags: 0, count })
+    }
+
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+        let r = &self.regions[index as usize];
+        data.copy_from_slice(&r[offset as usize..offset as usize + data.len()]);
+        Ok(())
+    }
+
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
+        if index == 0 && offset == BAR0_BUSY {
+            return Err(DeviceError::Busy("register locked".into()));
+        }
+        let r = &mut self.regions[index as usize];
+        r[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+        self.log.lock().writes.push((index, offset, data.to_vec()));
+        Ok(())
+    }
+
+    fn set_irqs(
+        &mut self,
+        index: u32,
+        action: IrqAction,
+        start: u32,
+        count: u32,
+        data: IrqData,
+    ) -> Result<(), DeviceError> {
+        let mut log = self.log.lock();
+        let (kind, fds) = match data {
+            IrqData::None => ("none", 0),
+            IrqData::Bool(b) => {
+                log.bools.push(b);
+                ("bool", 0)
+            }
+            IrqData::Eventfds(v) => {
+                let n = v.iter().filter(|f| f.is_some()).count();
+                log.irq_fds.extend(v.into_iter().flatten());
+                ("eventfd", n)
+            }
+        };
+        log.irqs.push((index, action, start, count, kind, fds));
+        Ok(())
+    }
+
+    fn dma_map(&mut self, map: DmaMapping) -> Result<(), DeviceError> {
+        let mut log = self.log.lock();
+        let off = map.fd.as_ref().map(|(_, o)| *o);
+        log.maps
+            .push((map.iova, map.size, map.readable, map.writable, off));
+        if let Some((fd, _)) = map.fd {
+            log.map_fds.push(fd);
+        }
+        Ok(())
+    }
+
+    fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<(), DeviceError> {
+        self.log.lock().unmaps.push((iova, size));
+        Ok(())
+    }
+
+    fn dma_unmap_all(&mut self) -> Result<(), DeviceError> {
+        self.log.lock().unmap_all += 1;
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Result<(), DeviceError> {
+        self.log.lock().resets += 1;
+        Ok(())
+    }
+
+    fn disconnected(&mut self) {
+        self.log.lock().disconnected += 1;
+    }
+}
+
+/// A connection served on its own thread.
+pub struct Served {
+    pub thread: JoinHandle<Result<Disconnect, TransportError>>,
+    pub stop: StopHandle,
+    pub stats: Arc<ConnectionStats>,
+    pub log: Arc<Mutex<Log>>,
+}
+
+impl Served {
+    pub fn join(self) -> Result<Disconnect, TransportError> {
+        self.thread.join().expect("server thread panicked")
+    }
+}
+
+pub fn serve(conn: Connection) -> Served {
+    let (mut dev, log) = FakeDevice::new();
+    let stop = conn.stop_handle();
+    let stats = conn.stats();
+    let mut conn = conn;
+    let thread = std::thread::spawn(move || conn.run(&mut dev));
+    Served {
+        thread,
+        stop,
+        stats,
+        log,
+    }
+}
+
+/// A socket pair: the server end served on a thread, the raw client end.
+pub fn serve_pair() -> (Served, RawClient) {
+    let (a, b) = UnixStream::pair().unwrap();
+    let served = serve(Connection::from_stream(a).unwrap());
+    (served, RawClient::new(b))
+}
+
+/// A fresh listener in a temp dir; one connection accepted and served.
+pub fn serve_listener() -> (tempfile::TempDir, Served, RawClient) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vfio-user.sock");
+    let l = wdvirt::transport::Listener::bind(&path).unwrap();
+    let t = std::thread::spawn(move || l.accept().map(serve));
+    let client = RawClient::new(UnixStream::connect(&path).unwrap());
+    let served = t.join().unwrap().unwrap();
+    (dir, served, client)
+}
+
+/// A reply as read back: header, body, fds.
+#[derive(Debug)]
+pub struct Reply {
+    pub header: Header,
+    pub body: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Reply {
+    pub fn is_error(&self) -> bool {
+        self.header.flags & wire::FLAG_ERROR != 0
+    }
+    /// The errno of an error reply (panics in the test otherwise).
+    pub fn errno(&self) -> i32 {
+        assert!(self.is_error(), "expected an error reply, got {self:?}");
+        assert_eq!(self.header.size, 16, "error replies are header only");
+        self.header.error as i32
+    }
+    pub fn ok(self) -> Reply {
+        assert!(
+            !self.is_error(),
+            "unexpected error reply: errno {}",
+            self.header.error
+        );
+        assert_eq!(
+            self.header.flags & wire::FLAG_TYPE_MASK,
+            wire::FLAG_TYPE_REPLY
+        );
+        self
+    }
+}
+
+pub struct RawClient {
+    pub stream: UnixStream,
+    next_id: u16,
+}
+
+/// QEMU 11.1's VERSION JSON (214-byte request).
+pub const QEMU_CAPS: &str = r#"{"capabilities": {"max_msg_fds": 16, "max_data_xfer_size": 1048576, "pgsizes": 4096, "max_dma_maps": 65535, "write_multiple": true, "migration": {"pgsize": 4096, "max_bitmap_size": 268435456}}}"#;
+
+impl RawClient {
+    pub fn new(stream: UnixStream) -> RawClient {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        RawClient {
+            stream,
+            next_id: 0x100,
+        }
+    }
+
+    /// Sends raw bytes with fds attached to the first byte.
+    pub fn send_raw(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
+        if fds.is_empty() {
+            self.stream.write_all(bytes).unwrap();
+            return;
+        }
+        let mut space =
+            vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
+        let n = sendmsg(
+            &self.stream,
+            &[IoSlice::new(bytes)],
+            &mut control,
+            SendFlags::empty(),
+        )
+        .unwrap();
+        self.stream.write_all(&bytes[n..]).unwrap();
+    }
+
+    /// Sends a message with a correct header; returns its id.
+    pub fn send(&mut self, cmd: u16, flags: u32, body: &[u8], fds: &[BorrowedFd<'_>]) -> u16 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let h = Header {
+            id,
+            cmd,
+            size: (16 + body.len()) as u32,
+            flags,
+            error: 0,
+        };
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.extend_from_slice(body);
+        self.send_raw(&bytes, fds);
+        id
+    }
+
+    /// Reads one whole message (fds collected).
+    pub fn recv(&mut self) -> Reply {
+        let mut hb = [0u8; 16];
+        let mut fds = Vec::new();
+        self.read_exact_fds(&mut hb, &mut fds)
+            .expect("reply header");
+        let header = Header::read_from_bytes(&hb).unwrap();
+        let mut body = vec![0u8; header.size as usize - 16];
+        self.read_exact_fds(&mut body, &mut fds)
+            .expect("reply body");
+        Reply { header, body, fds }
+    }
+
+    /// Ok(()) when the server closed the connection (EOF) before any byte.
+    pub fn expect_eof(&mut self) {
+        let mut b = [0u8; 1];
+        let mut fds = Vec::new();
+        match self.recv_some(&mut b, &mut fds) {
+            Ok(0) => {}
+            other => panic!("expected EOF, got {other:?}"),
+        }
+    }
+
+    fn read_exact_fds(&mut self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> std::io::Result<()> {
+        let mut got = 0;
+        while got < buf.len() {
+            let n = self.recv_some(&mut buf[got..], fds)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            got += n;
+        }
+        Ok(())
+    }
+
+    fn recv_some(&mut self, buf: &mut [u8], fds: &mut Vec<OwnedFd>) -> std::io::Result<usize> {
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(4))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let r = recvmsg(
+            &self.stream,
+            &mut [IoSliceMut::new(buf)],
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC,
+        )?;
+        for m in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(r) = m {
+                fds.extend(r);
+            }
+        }
+        Ok(r.bytes)
+    }
+
+    /// Sends a request and reads the reply, checking id and command.
+    pub fn request(&mut self, cmd: u16, body: &[u8], fds: &[BorrowedFd<'_>]) -> Reply {
+        let id = self.send(cmd, 0, body, fds);
+        let r = self.recv();
+        assert_eq!(r.header.id, id, "reply id");
+        assert_eq!(r.header.cmd, cmd, "reply command");
+        r
+    }
+
+    /// VERSION with QEMU's capabilities; returns the reply.
+    pub fn version(&mut self) -> Reply {
+        self.request(1, &version_body(QEMU_CAPS), &[]).ok()
+    }
+
+    pub fn dma_map(
+        &mut self,
+        flags: u32,
+        offset: u64,
+        iova: u64,
+        size: u64,
+        fds: &[BorrowedFd<'_>],
+    ) -> Reply {
+        let m = wire::DmaMap {
+            argsz: 32,
+            flags,
+            offset,
+            iova,
+            size,
+        };
+        self.request(2, m.as_bytes(), fds)
+    }
+
+    pub fn dma_unmap(&mut self, flags: u32, iova: u64, size: u64) -> Reply {
+        let u = wire::DmaUnmap {
+            argsz: 24,
+            flags,
+            iova,
+            size,
+        };
+        self.request(3, u.as_bytes(), &[])
+    }
+
+    pub fn region_read(&mut self, region: u32, offset: u64, count: u32) -> Reply {
+        let a = wire::RegionAccess {
+            offset,
+            region,
+            count,
+        };
+        self.request(9, a.as_bytes(), &[])
+    }
+
+    pub fn region_write_body(region: u32, offset: u64, data: &[u8]) -> Vec<u8> {
+        let a = wire::RegionAccess {
+            offset,
+            region,
+            count: data.len() as u32,
+        };
+        let mut body = a.as_bytes().to_vec();
+        body.extend_from_slice(data);
+        body
+    }
+
+    pub fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Reply {
+        self.request(10, &Self::region_write_body(region, offset, data), &[])
+    }
+
+    pub fn set_irqs(
+        &mut self,
+        flags: u32,
+        index: u32,
+        start: u32,
+        count: u32,
+        fds: &[BorrowedFd<'_>],
+    ) -> Reply {
+        let s = wire::IrqSet {
+            argsz: 20,
+            flags,
+            index,
+            start,
+            count,
+        };
+        self.request(8, s.as_bytes(), fds)
+    }
+}
+
+pub fn version_body(json: &str) -> Vec<u8> {
+    let mut b = vec![0u8, 0, 0, 0];
+    b.extend_from_slice(json.as_bytes());
+    b.push(0);
+    b
+}
+
+pub fn memfd(size: u64) -> OwnedFd {
+    let fd = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+    rustix::fs::ftruncate(&fd, size).unwrap();
+    fd
+}
+
+pub fn eventfd() -> OwnedFd {
+    rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap()
+}
+
+pub fn borrow(fds: &[OwnedFd]) -> Vec<BorrowedFd<'_>> {
+    fds.iter().map(|f| f.as_fd()).collect()
+}
+
+pub fn raw(fd: &OwnedFd) -> RawFd {
+    fd.as_raw_fd()
+}
