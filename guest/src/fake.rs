@@ -384,7 +384,7 @@ impl Mmio for FakeDevice {
     }
 }
 
-pub type FakeQueueHandle = crate::Queue<Arc<FakeDevice>, Arc<HeapMemory>>;
+
 
 /// A fake, a probed and enabled driver over it, and a pool over all of its memory.
 pub fn setup(mode: Mode) -> (Arc<FakeDevice>, crate::Device<Arc<FakeDevice>>, crate::DmaPool<Arc<HeapMemory>>) {

@@ -194,3 +194,80 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
         Ok(cqe.result.checked_sub(1))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use wdvirt_abi::{ALL_OPS, JobStatus};
+
+    use super::*;
+    use crate::fake::{self, Mode};
+
+    #[test]
+    fn staged_operations_round_trip_through_the_device() {
+        let (_f, d, pool) = fake::setup(Mode::Reverse);
+        let mut q = d.queue(0, 4, ALL_OPS, &pool).unwrap();
+        let before = pool.free_bytes();
+        assert_eq!(q.crc32c(b"123456789").unwrap(), 0xe306_9283);
+        let data: Vec<u8> = (0..5000u32).map(|i| (i * 7) as u8).collect();
+        assert_eq!(q.copy(&data).unwrap(), data);
+        assert_eq!(q.fill(0xa5, 300).unwrap(), vec![0xa5; 300]);
+        let mut other = data.clone();
+        assert_eq!(q.compare(&data, &other).unwrap(), None);
+        other[4321] ^= 1;
+        assert_eq!(q.compare(&data, &other).unwrap(), Some(4321));
+        assert!(matches!(q.compare(&data, &other[1..]), Err(DriverError::InvalidArgument(_))));
+        assert_eq!(pool.free_bytes(), before, "staging buffers are returned");
+    }
+
+    #[test]
+    fn oversized_inputs_are_refused_before_submission() {
+        let (f, d, pool) = fake::setup(Mode::InOrder);
+        let mut q = d.queue(0, 4, ALL_OPS, &pool).unwrap();
+        let big = vec![0u8; fake::MAX_XFER as usize + 1];
+        assert!(matches!(q.crc32c(&big), Err(DriverError::TooLarge { max: fake::MAX_XFER, .. })));
+        assert!(matches!(q.sha256(&big), Err(DriverError::TooLarge { .. })));
+        assert!(matches!(q.compress(Format::Gzip, 1, &big), Err(DriverError::TooLarge { .. })));
+        assert_eq!(f.doorbells(0), 0);
+    }
+
+    #[test]
+    fn engine_failures_surface_as_job_failed() {
+        let (_f, d, pool) = fake::setup(Mode::InOrder);
+        let mut q = d.queue(0, 4, ALL_OPS, &pool).unwrap();
+        // The fake has no compressor: it fails the job, and the driver says so.
+        let e = q.compress(Format::Zlib, 3, b"hello hello hello").unwrap_err();
+        assert_eq!(e.job_status(), Some(JobStatus::EngineError));
+    }
+
+    #[test]
+    fn run_staged_windows_more_inputs_than_the_ring() {
+        let (f, d, pool) = fake::setup(Mode::Reverse);
+        let mut q = d.queue(0, 4, ALL_OPS, &pool).unwrap();
+        let inputs: Vec<Vec<u8>> = (0..11u8).map(|i| vec![i; 100 + usize::from(i)]).collect();
+        let refs: Vec<&[u8]> = inputs.iter().map(|v| v.as_slice()).collect();
+        let caps: Vec<usize> = refs.iter().map(|r| r.len()).collect();
+        let out = q.run_staged(Opcode::Copy, 0, &refs, &caps).unwrap();
+        assert_eq!(out, inputs);
+        assert!(f.max_in_flight(0) <= 4);
+        // A failing job is reported with its index in the whole input.
+        let caps_small: Vec<usize> = caps.iter().enumerate().map(|(i, c)| if i == 6 { 1 } else { *c }).collect();
+        let e = q.run_staged(Opcode::Copy, 0, &refs, &caps_small).unwrap_err();
+        assert!(matches!(e, DriverError::JobFailed { tag: 6, .. }));
+        assert_eq!(e.job_status(), Some(JobStatus::DstTooSmall));
+    }
+
+    #[test]
+    fn run_staged_shrinks_windows_when_memory_is_short() {
+        let f = fake::FakeDevice::new(Mode::InOrder);
+        let d = crate::Device::probe(f.clone()).unwrap();
+        d.enable().unwrap();
+        // 8 KiB: rings (4*64+4*16+64) plus room for about two 1 KiB src+dst pairs.
+        let pool = crate::DmaPool::new(f.memory(), crate::DmaAllocator::new(fake::MEM_BASE, 5 * 1024).unwrap());
+        let mut q = d.queue(0, 4, ALL_OPS, &pool).unwrap();
+        let inputs: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 1024]).collect();
+        let refs: Vec<&[u8]> = inputs.iter().map(|v| v.as_slice()).collect();
+        let out = q.run_staged(Opcode::Copy, 0, &refs, &[1024; 5]).unwrap();
+        assert_eq!(out, inputs);
+        assert!(f.max_in_flight(0) < 4, "windows were limited by memory, not by the ring");
+    }
+}

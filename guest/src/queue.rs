@@ -310,3 +310,171 @@ impl<M: Mmio, D: DmaMemory> Drop for Queue<M, D> {
         let _ = self.mmio.write32(pci::BAR_CONTROL, self.reg(regs::Q_CTRL), regs::Q_CTRL_RESET);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use wdvirt_abi::{ALL_OPS, JobStatus, Opcode};
+
+    use super::*;
+    use crate::fake::{self, Mode};
+
+    fn fill_job(pool_addr: u64, i: u32) -> JobSpec {
+        JobSpec::new(Opcode::Fill).dst(pool_addr + u64::from(i) * 64, 64).param(u64::from(i))
+    }
+
+    #[test]
+    fn submit_respects_free_space() {
+        let (f, d, pool) = fake::setup(Mode::Manual);
+        let mut q = d.queue(0, 4, ALL_OPS, &pool).unwrap();
+        let nop = |t| JobSpec::new(Opcode::Nop).to_sqe(t);
+        let sqes: Vec<_> = (0..6).map(nop).collect();
+        assert_eq!(q.submit(&sqes).unwrap(), 4);
+        assert_eq!((q.outstanding(), q.free_slots()), (4, 0));
+        assert_eq!(q.submit(&sqes[4..]).unwrap(), 0);
+        assert_eq!(f.doorbells(0), 1, "a submit that adds nothing rings nothing");
+        assert_eq!(f.pending_tags(0), vec![0, 1, 2, 3]);
+        f.complete(0, &[0, 1]);
+        let mut out = Vec::new();
+        assert_eq!(q.poll(&mut out).unwrap(), 2);
+        assert_eq!(q.free_slots(), 2);
+        assert_eq!(q.submit(&sqes[4..]).unwrap(), 2);
+        assert_eq!(f.pending_tags(0), vec![2, 3, 4, 5]);
+        assert_eq!(f.max_in_flight(0), 4);
+    }
+
+    #[test]
+    fn ring_wraps_and_phase_flips_over_many_passes() {
+        let (f, d, pool) = fake::setup(Mode::InOrder);
+        let mut q = d.queue(0, 4, ALL_OPS, &pool).unwrap();
+        let data = pool.alloc(64 * 4, 64).unwrap();
+        let mut out = Vec::new();
+        let mut tag = 0u32;
+        // Batches of 3 on a ring of 4: every slot is used in both phases.
+        for _round in 0..7 {
+            let sqes: Vec<_> = (0..3).map(|i| fill_job(data.addr(), i).to_sqe(tag + i)).collect();
+            assert_eq!(q.submit(&sqes).unwrap(), 3);
+            out.clear();
+            assert_eq!(q.wait(&mut out, Duration::from_secs(1)).unwrap(), 3);
+            let tags: Vec<u32> = out.iter().map(|c| c.tag).collect();
+            assert_eq!(tags, vec![tag, tag + 1, tag + 2]);
+            assert!(out.iter().all(|c| c.status == JobStatus::Ok.code() && c.bytes == 64));
+            tag += 3;
+        }
+        assert_eq!(q.counters(), (21, 21));
+        // The device sees the driver's published head.
+        assert_eq!(pool.memory().read_u32(q.ring_addresses().2 + idx::CQ_HEAD).unwrap(), 21);
+        assert_eq!(q.device_completed().unwrap(), 21);
+        assert_eq!(f.cq_overflows(), 0);
+        assert_eq!(data.to_vec(64 * 3).unwrap()[64 * 2], 2);
+    }
+
+    #[test]
+    fn stale_entries_from_the_last_pass_are_not_consumed() {
+        let (f, d, pool) = fake::setup(Mode::Manual);
+        let mut q = d.queue(0, 2, ALL_OPS, &pool).unwrap();
+        let nop = |t| JobSpec::new(Opcode::Nop).to_sqe(t);
+        let mut out = Vec::new();
+        q.submit(&[nop(0), nop(1)]).unwrap();
+        f.complete(0, &[0, 1]);
+        assert_eq!(q.poll(&mut out).unwrap(), 2);
+        // Both slots hold phase-1 entries; the driver now expects phase 0.
+        assert_eq!(q.poll(&mut out).unwrap(), 0);
+        q.submit(&[nop(2)]).unwrap();
+        assert_eq!(q.poll(&mut out).unwrap(), 0, "not completed yet");
+        f.complete(0, &[2]);
+        assert_eq!(q.poll(&mut out).unwrap(), 1);
+        assert_eq!(out.last().unwrap().tag, 2);
+        assert_eq!(out.last().unwrap().flags & CQE_PHASE, 0, "second pass writes phase 0");
+    }
+
+    #[test]
+    fn out_of_order_completions_are_matched_by_tag() {
+        let (f, d, pool) = fake::setup(Mode::Reverse);
+        let mut q = d.queue(0, 4, ALL_OPS, &pool).unwrap();
+        let data = pool.alloc(64 * 10, 64).unwrap();
+        let jobs: Vec<_> = (0..10).map(|i| fill_job(data.addr(), i)).collect();
+        let done = q.run_batch(&jobs).unwrap();
+        assert_eq!(done.iter().map(|c| c.tag).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
+        let bytes = data.to_vec(640).unwrap();
+        for i in 0..10 {
+            assert!(bytes[i * 64..(i + 1) * 64].iter().all(|&b| b == i as u8));
+        }
+        assert!(f.max_in_flight(0) <= 4);
+        assert_eq!(f.cq_overflows(), 0);
+        assert_eq!(q.outstanding(), 0);
+
+        // Manual order through poll as well.
+        f.set_mode(Mode::Manual);
+        let sqes: Vec<_> = (0..4).map(|t| JobSpec::new(Opcode::Nop).to_sqe(100 + t)).collect();
+        q.submit(&sqes).unwrap();
+        f.complete(0, &[102, 100, 103, 101]);
+        let mut out = Vec::new();
+        q.poll(&mut out).unwrap();
+        assert_eq!(out.iter().map(|c| c.tag).collect::<Vec<_>>(), vec![102, 100, 103, 101]);
+    }
+
+    #[test]
+    fn run_batch_fills_a_deep_ring_with_one_doorbell() {
+        let (f, d, pool) = fake::setup(Mode::InOrder);
+        let mut q = d.queue(1, 8, ALL_OPS, &pool).unwrap();
+        let jobs = vec![JobSpec::new(Opcode::Nop); 5];
+        assert_eq!(q.run_batch(&jobs).unwrap().len(), 5);
+        assert_eq!(f.doorbells(1), 1);
+        assert_eq!(q.doorbells_rung(), 1);
+    }
+
+    #[test]
+    fn doorbell_suppressed_while_device_polls() {
+        let (f, d, pool) = fake::setup(Mode::InOrder);
+        let mut q = d.queue(0, 4, ALL_OPS, &pool).unwrap();
+        f.set_no_doorbell(0, true);
+        q.submit(&[JobSpec::new(Opcode::Nop).to_sqe(7)]).unwrap();
+        assert_eq!(f.doorbells(0), 0);
+        assert_eq!(q.doorbells_rung(), 0);
+        f.fetch(0);
+        assert_eq!(q.device_sq_head().unwrap(), 1);
+        f.complete(0, &[7]);
+        let mut out = Vec::new();
+        assert_eq!(q.poll(&mut out).unwrap(), 1);
+        f.set_no_doorbell(0, false);
+        q.submit(&[JobSpec::new(Opcode::Nop).to_sqe(8)]).unwrap();
+        assert_eq!(f.doorbells(0), 1);
+    }
+
+    #[test]
+    fn wait_times_out_and_idle_wait_returns_at_once() {
+        let (_f, d, pool) = fake::setup(Mode::Manual);
+        let mut q = d.queue(0, 4, ALL_OPS, &pool).unwrap();
+        let mut out = Vec::new();
+        assert_eq!(q.wait(&mut out, Duration::from_secs(100)).unwrap(), 0);
+        q.submit(&[JobSpec::new(Opcode::Nop).to_sqe(0)]).unwrap();
+        let e = q.wait(&mut out, Duration::from_millis(20)).unwrap_err();
+        assert!(matches!(e, DriverError::Timeout { outstanding: 1, waited } if waited >= Duration::from_millis(20)));
+        assert!(matches!(q.run_batch(&[JobSpec::new(Opcode::Nop)]), Err(DriverError::NotIdle { outstanding: 1 })));
+    }
+
+    #[test]
+    fn spurious_and_unknown_completions_are_errors() {
+        let (_f, d, pool) = fake::setup(Mode::TagOffset(1000));
+        let mut q = d.queue(0, 4, ALL_OPS, &pool).unwrap();
+        let e = q.run_batch(&[JobSpec::new(Opcode::Nop)]).unwrap_err();
+        assert!(matches!(e, DriverError::UnexpectedTag { tag: 1000 }));
+
+        let (f2, d2, pool2) = fake::setup(Mode::Manual);
+        let mut q2 = d2.queue(0, 4, ALL_OPS, &pool2).unwrap();
+        f2.inject(0, 5);
+        let mut out = Vec::new();
+        assert!(matches!(q2.poll(&mut out), Err(DriverError::SpuriousCompletion { tag: 5 })));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn failed_jobs_keep_their_status() {
+        let (_f, d, pool) = fake::setup(Mode::InOrder);
+        let mut q = d.queue(0, 4, Opcode::Nop.bit(), &pool).unwrap();
+        let done = q.run_batch(&[JobSpec::new(Opcode::Nop), JobSpec::new(Opcode::Copy)]).unwrap();
+        assert_eq!(done[0].status, JobStatus::Ok.code());
+        assert_eq!(done[1].status, JobStatus::OpNotAllowed.code());
+        assert_eq!(crate::check(&done[1]).unwrap_err().job_status(), Some(JobStatus::OpNotAllowed));
+    }
+}
