@@ -7,10 +7,10 @@
 //! line into actions.
 
 pub mod accel;
+pub mod cli;
+pub mod daemon;
 pub mod partition;
 pub mod stats;
 pub mod transport;
 pub mod vdev;
-pub mod cli;
-pub mod daemon;
 pub mod vmm;

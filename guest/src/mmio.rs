@@ -13,7 +13,12 @@ pub enum MmioError {
     #[error("BAR{bar} is not mapped")]
     NoSuchBar { bar: u8 },
     #[error("BAR{bar} access at {offset:#x} (width {width}) is outside the BAR (size {size:#x})")]
-    OutOfRange { bar: u8, offset: u64, width: u8, size: u64 },
+    OutOfRange {
+        bar: u8,
+        offset: u64,
+        width: u8,
+        size: u64,
+    },
     #[error("BAR{bar} access at {offset:#x} is not aligned to its width {width}")]
     Unaligned { bar: u8, offset: u64, width: u8 },
     #[error("register access failed: {0}")]

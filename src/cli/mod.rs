@@ -37,7 +37,10 @@ pub enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Serve(a) => serve::run(a),
@@ -56,12 +59,20 @@ pub fn parse_ops(s: &str) -> Result<u32, String> {
     if s == "all" {
         return Ok(wdvirt_abi::ALL_OPS);
     }
-    s.split(',').map(str::trim).filter(|t| !t.is_empty()).try_fold(0u32, |mask, name| {
-        wdvirt_abi::Opcode::from_name(name).map(|op| mask | op.bit()).ok_or_else(|| {
-            let known: Vec<_> = wdvirt_abi::Opcode::ALL.iter().map(|o| o.name()).collect();
-            format!("unknown operation '{name}' (known: all, {})", known.join(", "))
+    s.split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .try_fold(0u32, |mask, name| {
+            wdvirt_abi::Opcode::from_name(name)
+                .map(|op| mask | op.bit())
+                .ok_or_else(|| {
+                    let known: Vec<_> = wdvirt_abi::Opcode::ALL.iter().map(|o| o.name()).collect();
+                    format!(
+                        "unknown operation '{name}' (known: all, {})",
+                        known.join(", ")
+                    )
+                })
         })
-    })
 }
 
 #[cfg(test)]
@@ -72,8 +83,14 @@ mod tests {
     fn ops_lists_parse_and_unknown_names_are_named_in_the_error() {
         assert_eq!(parse_ops("all"), Ok(wdvirt_abi::ALL_OPS));
         let m = parse_ops("sha256, crc32c").unwrap();
-        assert_eq!(m, wdvirt_abi::Opcode::Sha256.bit() | wdvirt_abi::Opcode::Crc32c.bit());
+        assert_eq!(
+            m,
+            wdvirt_abi::Opcode::Sha256.bit() | wdvirt_abi::Opcode::Crc32c.bit()
+        );
         let e = parse_ops("sha256,bogus").unwrap_err();
-        assert!(e.contains("'bogus'") && e.contains("deflate-compress"), "{e}");
+        assert!(
+            e.contains("'bogus'") && e.contains("deflate-compress"),
+            "{e}"
+        );
     }
 }

@@ -51,10 +51,22 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
     let accel = SoftAccel::new(a.engines as usize);
     let pasids = PasidAllocator::default();
     let pasid = pasids.allocate()?;
-    let config = WdConfig { queues: a.queues, max_depth: a.max_depth, ops: a.ops, ..WdConfig::default() };
-    let spec = InstanceSpec { name: a.name.clone(), socket: a.socket.clone(), config };
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-        .context("cannot install signal handlers")?;
+    let config = WdConfig {
+        queues: a.queues,
+        max_depth: a.max_depth,
+        ops: a.ops,
+        ..WdConfig::default()
+    };
+    let spec = InstanceSpec {
+        name: a.name.clone(),
+        socket: a.socket.clone(),
+        config,
+    };
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .context("cannot install signal handlers")?;
     let instance = Instance::start(spec, accel, pasid)?;
     eprintln!(
         "wdvirt: serving instance {} (PASID {pasid}, {} queues) at {}\n\

@@ -24,11 +24,21 @@ use crate::vdev::wd::{WdConfig, WdDevice};
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
     #[error("instance {name}: cannot serve at {path}: {source}")]
-    Socket { name: String, path: PathBuf, source: TransportError },
+    Socket {
+        name: String,
+        path: PathBuf,
+        source: TransportError,
+    },
     #[error("instance {name}: {source}")]
-    Device { name: String, source: crate::transport::device::DeviceError },
+    Device {
+        name: String,
+        source: crate::transport::device::DeviceError,
+    },
     #[error("instance {name}: cannot start its thread: {source}")]
-    Thread { name: String, source: std::io::Error },
+    Thread {
+        name: String,
+        source: std::io::Error,
+    },
 }
 
 /// What to create.
@@ -67,13 +77,23 @@ pub struct Instance {
 
 impl Instance {
     /// Bind the socket, build the device and start serving.
-    pub fn start(spec: InstanceSpec, accel: SharedAccelerator, pasid: Pasid) -> Result<Instance, InstanceError> {
+    pub fn start(
+        spec: InstanceSpec,
+        accel: SharedAccelerator,
+        pasid: Pasid,
+    ) -> Result<Instance, InstanceError> {
         let name = spec.name.clone();
-        let listener = Listener::bind(&spec.socket)
-            .map_err(|source| InstanceError::Socket { name: name.clone(), path: spec.socket.clone(), source })?;
+        let listener = Listener::bind(&spec.socket).map_err(|source| InstanceError::Socket {
+            name: name.clone(),
+            path: spec.socket.clone(),
+            source,
+        })?;
         let interrupts = Interrupts::new(spec.config.queues as u16);
         let model = WdDevice::new(spec.config, accel, pasid, Arc::new(interrupts.clone()))
-            .map_err(|source| InstanceError::Device { name: name.clone(), source })?;
+            .map_err(|source| InstanceError::Device {
+                name: name.clone(),
+                source,
+            })?;
         let stats = model.stats();
         let queues = model.queue_stats();
         let mut device = PciFunction::new(model, interrupts);
@@ -82,8 +102,12 @@ impl Instance {
         let connections = Arc::new(AtomicU64::new(0));
         let stopping = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (listener, connection, connections, stopping) =
-                (listener.clone(), connection.clone(), connections.clone(), stopping.clone());
+            let (listener, connection, connections, stopping) = (
+                listener.clone(),
+                connection.clone(),
+                connections.clone(),
+                stopping.clone(),
+            );
             std::thread::Builder::new()
                 .name(format!("wd-inst-{name}"))
                 .spawn(move || {
@@ -103,12 +127,17 @@ impl Instance {
                             break;
                         }
                         match conn.run(&mut device) {
-                            Ok(how) => tracing::info!(instance = %name, "VMM disconnected: {how:?}"),
+                            Ok(how) => {
+                                tracing::info!(instance = %name, "VMM disconnected: {how:?}")
+                            }
                             Err(e) => tracing::warn!(instance = %name, "connection ended: {e}"),
                         }
                     }
                 })
-                .map_err(|source| InstanceError::Thread { name: spec.name.clone(), source })?
+                .map_err(|source| InstanceError::Thread {
+                    name: spec.name.clone(),
+                    source,
+                })?
         };
         Ok(Instance {
             spec,

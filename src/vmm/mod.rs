@@ -24,7 +24,10 @@ pub const CONFIG_REGION: u32 = 7;
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
     #[error("cannot connect to {path}: {source}")]
-    Connect { path: String, source: vfio_user::Error },
+    Connect {
+        path: String,
+        source: vfio_user::Error,
+    },
     #[error("vfio-user request failed: {0}")]
     Request(#[from] vfio_user::Error),
     #[error("guest RAM: {0}")]
@@ -42,7 +45,8 @@ pub struct GuestRam {
 impl GuestRam {
     pub fn new(base: u64, size: u64) -> Result<GuestRam, VmmError> {
         let err = |e: &dyn std::fmt::Display| VmmError::Ram(e.to_string());
-        let fd = rustix::fs::memfd_create("wdvirt-guest-ram", rustix::fs::MemfdFlags::CLOEXEC).map_err(|e| err(&e))?;
+        let fd = rustix::fs::memfd_create("wdvirt-guest-ram", rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(|e| err(&e))?;
         rustix::fs::ftruncate(&fd, size).map_err(|e| err(&e))?;
         let file = File::from(fd);
         let region = GuestRegionMmap::from_range(
@@ -52,7 +56,12 @@ impl GuestRam {
         )
         .map_err(|e| err(&e))?;
         let mem = GuestMemoryMmap::from_regions(vec![region]).map_err(|e| err(&e))?;
-        Ok(GuestRam { file, base, size, mem })
+        Ok(GuestRam {
+            file,
+            base,
+            size,
+            mem,
+        })
     }
     pub fn base(&self) -> u64 {
         self.base
@@ -63,21 +72,32 @@ impl GuestRam {
 }
 
 fn dma_err(addr: u64, len: usize) -> DmaError {
-    DmaError::OutOfRange { addr, len: len as u64 }
+    DmaError::OutOfRange {
+        addr,
+        len: len as u64,
+    }
 }
 
 impl DmaMemory for GuestRam {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-        self.mem.read_slice(buf, GuestAddress(addr)).map_err(|_| dma_err(addr, buf.len()))
+        self.mem
+            .read_slice(buf, GuestAddress(addr))
+            .map_err(|_| dma_err(addr, buf.len()))
     }
     fn write(&self, addr: u64, data: &[u8]) -> Result<(), DmaError> {
-        self.mem.write_slice(data, GuestAddress(addr)).map_err(|_| dma_err(addr, data.len()))
+        self.mem
+            .write_slice(data, GuestAddress(addr))
+            .map_err(|_| dma_err(addr, data.len()))
     }
     fn read_u32(&self, addr: u64) -> Result<u32, DmaError> {
-        self.mem.load(GuestAddress(addr), Ordering::Acquire).map_err(|_| dma_err(addr, 4))
+        self.mem
+            .load(GuestAddress(addr), Ordering::Acquire)
+            .map_err(|_| dma_err(addr, 4))
     }
     fn write_u32(&self, addr: u64, value: u32) -> Result<(), DmaError> {
-        self.mem.store(value, GuestAddress(addr), Ordering::Release).map_err(|_| dma_err(addr, 4))
+        self.mem
+            .store(value, GuestAddress(addr), Ordering::Release)
+            .map_err(|_| dma_err(addr, 4))
     }
 }
 
@@ -90,10 +110,15 @@ pub struct LoopbackVmm {
 impl LoopbackVmm {
     /// Connect, DMA_MAP `ram`, and enable memory decoding and bus mastering.
     pub fn connect(socket: &Path, ram: GuestRam) -> Result<LoopbackVmm, VmmError> {
-        let mut client = vfio_user::Client::new(socket)
-            .map_err(|source| VmmError::Connect { path: socket.display().to_string(), source })?;
+        let mut client = vfio_user::Client::new(socket).map_err(|source| VmmError::Connect {
+            path: socket.display().to_string(),
+            source,
+        })?;
         client.dma_map(0, ram.base, ram.size, ram.file.as_raw_fd())?;
-        let vmm = LoopbackVmm { client: Mutex::new(client), ram: Arc::new(ram) };
+        let vmm = LoopbackVmm {
+            client: Mutex::new(client),
+            ram: Arc::new(ram),
+        };
         let cmd = vmm.config_read(4, 2)? as u16;
         // PCI command register: memory space (bit 1) and bus master (bit 2).
         vmm.config_write(4, 2, (cmd | 0b110) as u32)?;
@@ -107,12 +132,16 @@ impl LoopbackVmm {
     /// Config-space read of 1, 2 or 4 bytes.
     pub fn config_read(&self, offset: u64, len: usize) -> Result<u32, VmmError> {
         let mut b = [0u8; 4];
-        self.client.lock().region_read(CONFIG_REGION, offset, &mut b[..len])?;
+        self.client
+            .lock()
+            .region_read(CONFIG_REGION, offset, &mut b[..len])?;
         Ok(u32::from_le_bytes(b))
     }
 
     pub fn config_write(&self, offset: u64, len: usize, value: u32) -> Result<(), VmmError> {
-        self.client.lock().region_write(CONFIG_REGION, offset, &value.to_le_bytes()[..len])?;
+        self.client
+            .lock()
+            .region_write(CONFIG_REGION, offset, &value.to_le_bytes()[..len])?;
         Ok(())
     }
 
@@ -137,11 +166,13 @@ impl LoopbackVmm {
 impl Mmio for LoopbackVmm {
     fn read32(&self, bar: u8, offset: u64) -> Result<u32, MmioError> {
         let mut b = [0u8; 4];
-        self.region_read(bar as u32, offset, &mut b).map_err(|e| MmioError::Transport(e.to_string()))?;
+        self.region_read(bar as u32, offset, &mut b)
+            .map_err(|e| MmioError::Transport(e.to_string()))?;
         Ok(u32::from_le_bytes(b))
     }
     fn write32(&self, bar: u8, offset: u64, value: u32) -> Result<(), MmioError> {
-        self.region_write(bar as u32, offset, &value.to_le_bytes()).map_err(|e| MmioError::Transport(e.to_string()))
+        self.region_write(bar as u32, offset, &value.to_le_bytes())
+            .map_err(|e| MmioError::Transport(e.to_string()))
     }
 }
 
