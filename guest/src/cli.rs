@@ -26,7 +26,11 @@ BYTES accepts K, M suffixes (1024-based).";
 pub enum Command {
     Probe,
     Run(RunOptions),
-    Garbage { count: u32, seed: u64, widths: Vec<u8> },
+    Garbage {
+        count: u32,
+        seed: u64,
+        widths: Vec<u8>,
+    },
     Cmdline,
     Help,
 }
@@ -73,7 +77,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<ToolOptions
         hugepages: 4,
         timeout_secs: 30,
     };
-    let (mut jobs, mut size, mut seed, mut level, mut count, mut widths) = (None, None, 1u64, 0u32, None, vec![4u8]);
+    let (mut jobs, mut size, mut seed, mut level, mut count, mut widths) =
+        (None, None, 1u64, 0u32, None, vec![4u8]);
     while let Some(flag) = it.next() {
         if flag == "-h" || flag == "--help" {
             o.command = Command::Help;
@@ -113,7 +118,11 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<ToolOptions
             seed,
             level,
         }),
-        "garbage" => Command::Garbage { count: count.ok_or("garbage needs --count")?, seed, widths },
+        "garbage" => Command::Garbage {
+            count: count.ok_or("garbage needs --count")?,
+            seed,
+            widths,
+        },
         "cmdline" => Command::Cmdline,
         "help" | "-h" | "--help" => Command::Help,
         other => return Err(format!("unknown command {other:?}")),
@@ -128,8 +137,12 @@ pub fn args_from_cmdline(cmdline: &str) -> Vec<String> {
     let mut mode = "probe".to_string();
     let mut rest = Vec::new();
     for word in cmdline.split_whitespace() {
-        let Some(kv) = word.strip_prefix("wdvirt.") else { continue };
-        let Some((k, v)) = kv.split_once('=') else { continue };
+        let Some(kv) = word.strip_prefix("wdvirt.") else {
+            continue;
+        };
+        let Some((k, v)) = kv.split_once('=') else {
+            continue;
+        };
         if k == "mode" {
             mode = v.to_string();
         } else {
@@ -179,20 +192,46 @@ mod tests {
 
     #[test]
     fn errors_name_the_problem() {
-        assert!(parse_args(args("run --size 10")).unwrap_err().contains("--jobs"));
-        assert!(parse_args(args("run --jobs crc32c --size")).unwrap_err().contains("needs a value"));
-        assert!(parse_args(args("probe --frobnicate 1")).unwrap_err().contains("--frobnicate"));
+        assert!(
+            parse_args(args("run --size 10"))
+                .unwrap_err()
+                .contains("--jobs")
+        );
+        assert!(
+            parse_args(args("run --jobs crc32c --size"))
+                .unwrap_err()
+                .contains("needs a value")
+        );
+        assert!(
+            parse_args(args("probe --frobnicate 1"))
+                .unwrap_err()
+                .contains("--frobnicate")
+        );
         assert!(parse_args(args("fly")).unwrap_err().contains("fly"));
-        assert!(parse_args(args("garbage --count 5 --widths 3")).unwrap_err().contains("3"));
+        assert!(
+            parse_args(args("garbage --count 5 --widths 3"))
+                .unwrap_err()
+                .contains("3")
+        );
         assert!(parse_args(args("run --jobs crc32c --size 10 --queue 99999999999")).is_err());
     }
 
     #[test]
     fn garbage_and_help() {
         let o = parse_args(args("garbage --count 100 --seed 9 --widths 1,4")).unwrap();
-        assert_eq!(o.command, Command::Garbage { count: 100, seed: 9, widths: vec![1, 4] });
+        assert_eq!(
+            o.command,
+            Command::Garbage {
+                count: 100,
+                seed: 9,
+                widths: vec![1, 4]
+            }
+        );
         assert_eq!(parse_args(Vec::new()).unwrap().command, Command::Help);
-        assert_eq!(parse_args(args("run --help")).unwrap().command, Command::Help);
+        assert_eq!(
+            parse_args(args("run --help")).unwrap().command,
+            Command::Help
+        );
     }
 
     #[test]
@@ -201,7 +240,10 @@ mod tests {
         let a = args_from_cmdline(line);
         assert_eq!(a, args("run --jobs deflate,crc32c --size 64K"));
         let o = parse_args(a).unwrap();
-        assert!(matches!(o.command, Command::Run(RunOptions { size: 65536, .. })));
+        assert!(matches!(
+            o.command,
+            Command::Run(RunOptions { size: 65536, .. })
+        ));
         assert_eq!(args_from_cmdline("root=/dev/vda"), args("probe"));
     }
 }

@@ -28,7 +28,10 @@ impl DeviceInfo {
     }
     /// Opcodes in `CAP_OPS`.
     pub fn ops(&self) -> Vec<Opcode> {
-        Opcode::ALL.into_iter().filter(|op| self.cap_ops & op.bit() != 0).collect()
+        Opcode::ALL
+            .into_iter()
+            .filter(|op| self.cap_ops & op.bit() != 0)
+            .collect()
     }
     pub fn supports(&self, op: Opcode) -> bool {
         self.cap_ops & op.bit() != 0
@@ -66,7 +69,10 @@ impl<M: Mmio> Device<M> {
             max_depth: rd(regs::MAX_DEPTH)?,
             max_xfer: rd(regs::MAX_XFER)?,
         };
-        Ok(Device { mmio: Arc::new(mmio), info })
+        Ok(Device {
+            mmio: Arc::new(mmio),
+            info,
+        })
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -119,7 +125,10 @@ impl<M: Mmio> Device<M> {
         if self.read(regs::ERR_STATUS)? & regs::ERR_STATUS_LATCHED == 0 {
             return Ok(None);
         }
-        Ok(Some(RegFault { code: self.read(regs::ERR_CODE)?, offset: self.read(regs::ERR_OFFSET)? }))
+        Ok(Some(RegFault {
+            code: self.read(regs::ERR_CODE)?,
+            offset: self.read(regs::ERR_OFFSET)?,
+        }))
     }
 
     /// Clears the latched register error (`ERR_STATUS` is write-1-to-clear).
@@ -151,7 +160,9 @@ impl<M: Mmio> Device<M> {
             )));
         }
         if depth == 0 || depth > DRIVER_MAX_DEPTH {
-            return Err(DriverError::InvalidArgument(format!("queue depth {depth} not in 1..={DRIVER_MAX_DEPTH}")));
+            return Err(DriverError::InvalidArgument(format!(
+                "queue depth {depth} not in 1..={DRIVER_MAX_DEPTH}"
+            )));
         }
         let d = u64::from(depth);
         let sq = pool.alloc(d * wdvirt_abi::SQE_SIZE as u64, RING_ALIGN)?;
@@ -174,14 +185,26 @@ impl<M: Mmio> Device<M> {
         let status = m.read32(BAR0, base + u64::from(regs::Q_STATUS))?;
         if status & regs::Q_STATUS_ENABLED != 0 {
             let rings = Rings { sq, cq, idx: ix };
-            return Ok(Queue::new(self.mmio.clone(), pool.clone(), q, depth, ops_mask, self.info.max_xfer, rings));
+            return Ok(Queue::new(
+                self.mmio.clone(),
+                pool.clone(),
+                q,
+                depth,
+                ops_mask,
+                self.info.max_xfer,
+                rings,
+            ));
         }
         let fault = self.last_register_error()?;
         // Leave the queue's registers clean; the refusal is what matters.
         let _ = m.write32(BAR0, base + u64::from(regs::Q_CTRL), regs::Q_CTRL_RESET);
         match fault {
             Some(f) => Err(DriverError::RegisterRefused(f)),
-            None => Err(DriverError::QueueRefused { queue: q, status, code: QueueErrorCode((status >> 8) as u8) }),
+            None => Err(DriverError::QueueRefused {
+                queue: q,
+                status,
+                code: QueueErrorCode((status >> 8) as u8),
+            }),
         }
     }
 }
@@ -199,7 +222,10 @@ mod tests {
         let d = Device::probe(f).unwrap();
         let i = d.info();
         assert_eq!((i.version_major(), i.version_minor()), (1, 0));
-        assert_eq!((i.num_queues, i.max_depth, i.max_xfer), (fake::NUM_QUEUES, fake::MAX_DEPTH, fake::MAX_XFER));
+        assert_eq!(
+            (i.num_queues, i.max_depth, i.max_xfer),
+            (fake::NUM_QUEUES, fake::MAX_DEPTH, fake::MAX_XFER)
+        );
         assert_eq!(i.ops().len(), Opcode::ALL.len());
         assert!(i.supports(Opcode::Sha256));
     }
@@ -208,11 +234,20 @@ mod tests {
     fn probe_refuses_wrong_magic_and_major_version() {
         let f = FakeDevice::new(Mode::InOrder);
         f.set_identity(0x1234_5678, regs::ABI_VERSION);
-        assert!(matches!(Device::probe(f.clone()), Err(DriverError::BadMagic { found: 0x1234_5678 })));
+        assert!(matches!(
+            Device::probe(f.clone()),
+            Err(DriverError::BadMagic { found: 0x1234_5678 })
+        ));
         f.set_identity(regs::ID_MAGIC, 2 << 16);
-        assert!(matches!(Device::probe(f.clone()), Err(DriverError::UnsupportedVersion { version: 0x20000 })));
+        assert!(matches!(
+            Device::probe(f.clone()),
+            Err(DriverError::UnsupportedVersion { version: 0x20000 })
+        ));
         f.set_identity(regs::ID_MAGIC, 1 << 16 | 7);
-        assert!(Device::probe(f).is_ok(), "a newer minor version is compatible");
+        assert!(
+            Device::probe(f).is_ok(),
+            "a newer minor version is compatible"
+        );
     }
 
     #[test]
@@ -225,9 +260,15 @@ mod tests {
         assert!(sq % 64 == 0 && cq % 64 == 0 && ix % 64 == 0);
         assert_eq!(before - pool.free_bytes(), 8 * 64 + 8 * 16 + 64);
         assert!(f.queue_enabled(1));
-        assert_eq!(q.status().unwrap() & regs::Q_STATUS_ENABLED, regs::Q_STATUS_ENABLED);
+        assert_eq!(
+            q.status().unwrap() & regs::Q_STATUS_ENABLED,
+            regs::Q_STATUS_ENABLED
+        );
         drop(q);
-        assert!(!f.queue_enabled(1), "dropping a queue resets it on the device");
+        assert!(
+            !f.queue_enabled(1),
+            "dropping a queue resets it on the device"
+        );
         assert_eq!(pool.free_bytes(), before, "and returns its rings");
     }
 
@@ -238,12 +279,28 @@ mod tests {
         let q_ctrl = regs::queue(0) + regs::Q_CTRL;
         let e = d.queue(0, 3, ALL_OPS, &pool).err().unwrap();
         assert_eq!(e.reg_error(), Some(RegError::BadDepth));
-        assert!(matches!(e, DriverError::RegisterRefused(RegFault { offset, .. }) if offset == q_ctrl));
+        assert!(
+            matches!(e, DriverError::RegisterRefused(RegFault { offset, .. }) if offset == q_ctrl)
+        );
         let e = d.queue(0, 4, ALL_OPS | 1 << 20, &pool).err().unwrap();
-        assert_eq!(e.reg_error(), Some(RegError::OpNotAllowed), "the previous error was cleared first");
-        assert!(matches!(d.queue(2, 4, ALL_OPS, &pool), Err(DriverError::InvalidArgument(_))));
-        assert!(matches!(d.queue(0, 0, ALL_OPS, &pool), Err(DriverError::InvalidArgument(_))));
-        assert_eq!(pool.free_bytes(), before, "refused queues return their memory");
+        assert_eq!(
+            e.reg_error(),
+            Some(RegError::OpNotAllowed),
+            "the previous error was cleared first"
+        );
+        assert!(matches!(
+            d.queue(2, 4, ALL_OPS, &pool),
+            Err(DriverError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            d.queue(0, 0, ALL_OPS, &pool),
+            Err(DriverError::InvalidArgument(_))
+        ));
+        assert_eq!(
+            pool.free_bytes(),
+            before,
+            "refused queues return their memory"
+        );
         // After refusals the queue can still be set up properly.
         assert!(d.queue(0, 4, ALL_OPS, &pool).is_ok());
     }
@@ -252,7 +309,10 @@ mod tests {
     fn queue_before_enable_is_refused_as_device_disabled() {
         let f = FakeDevice::new(Mode::InOrder);
         let d = Device::probe(f.clone()).unwrap();
-        let pool = DmaPool::new(f.memory(), crate::DmaAllocator::new(fake::MEM_BASE, 1 << 16).unwrap());
+        let pool = DmaPool::new(
+            f.memory(),
+            crate::DmaAllocator::new(fake::MEM_BASE, 1 << 16).unwrap(),
+        );
         let e = d.queue(0, 4, ALL_OPS, &pool).err().unwrap();
         assert_eq!(e.reg_error(), Some(RegError::DeviceDisabled));
     }
@@ -261,7 +321,10 @@ mod tests {
     fn ring_outside_device_memory_is_refused() {
         let (f, d, _) = fake::setup(Mode::InOrder);
         // A pool whose addresses the device does not consider mapped.
-        let far = DmaPool::new(crate::HeapMemory::new(0x1000_0000, 4096), crate::DmaAllocator::new(0x1000_0000, 4096).unwrap());
+        let far = DmaPool::new(
+            crate::HeapMemory::new(0x1000_0000, 4096),
+            crate::DmaAllocator::new(0x1000_0000, 4096).unwrap(),
+        );
         let e = d.queue(0, 2, ALL_OPS, &far).err().unwrap();
         assert_eq!(e.reg_error(), Some(RegError::RingUnmapped));
         assert!(!f.queue_enabled(0));
@@ -274,7 +337,11 @@ mod tests {
         f.write32(0, u64::from(regs::CAP_OPS), 1).unwrap();
         f.write32(0, u64::from(regs::ID), 1).unwrap();
         let fault = d.last_register_error().unwrap().unwrap();
-        assert_eq!((fault.error(), fault.offset), (Some(RegError::ReadOnly), regs::CAP_OPS), "first error wins");
+        assert_eq!(
+            (fault.error(), fault.offset),
+            (Some(RegError::ReadOnly), regs::CAP_OPS),
+            "first error wins"
+        );
         assert_eq!(d.register_error_count().unwrap(), 2);
         d.clear_register_error().unwrap();
         assert_eq!(d.last_register_error().unwrap(), None);

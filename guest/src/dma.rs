@@ -83,7 +83,10 @@ pub struct HeapMemory {
 
 impl HeapMemory {
     pub fn new(base: u64, len: usize) -> Self {
-        HeapMemory { base, bytes: Mutex::new(vec![0; len]) }
+        HeapMemory {
+            base,
+            bytes: Mutex::new(vec![0; len]),
+        }
     }
     pub fn base(&self) -> u64 {
         self.base
@@ -94,8 +97,16 @@ impl HeapMemory {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-    fn range(&self, addr: u64, len: usize, total: usize) -> Result<std::ops::Range<usize>, DmaError> {
-        let err = DmaError::OutOfRange { addr, len: len as u64 };
+    fn range(
+        &self,
+        addr: u64,
+        len: usize,
+        total: usize,
+    ) -> Result<std::ops::Range<usize>, DmaError> {
+        let err = DmaError::OutOfRange {
+            addr,
+            len: len as u64,
+        };
         let start = addr.checked_sub(self.base).ok_or(err.clone())?;
         let end = start.checked_add(len as u64).ok_or(err.clone())?;
         if end > total as u64 {
@@ -119,7 +130,7 @@ impl DmaMemory for HeapMemory {
         Ok(())
     }
     fn read_u32(&self, addr: u64) -> Result<u32, DmaError> {
-        if addr % 4 != 0 {
+        if !addr.is_multiple_of(4) {
             return Err(DmaError::Unaligned { addr });
         }
         let mut b = [0u8; 4];
@@ -127,7 +138,7 @@ impl DmaMemory for HeapMemory {
         Ok(u32::from_le_bytes(b))
     }
     fn write_u32(&self, addr: u64, value: u32) -> Result<(), DmaError> {
-        if addr % 4 != 0 {
+        if !addr.is_multiple_of(4) {
             return Err(DmaError::Unaligned { addr });
         }
         self.write(addr, &value.to_le_bytes())
@@ -219,7 +230,12 @@ impl DmaAllocator {
     pub fn free(&mut self, buf: DmaBuffer) -> Result<(), DmaError> {
         match self.used.get(&buf.addr) {
             Some(&end) if end == buf.addr + buf.len => {}
-            _ => return Err(DmaError::BadFree { addr: buf.addr, len: buf.len }),
+            _ => {
+                return Err(DmaError::BadFree {
+                    addr: buf.addr,
+                    len: buf.len,
+                });
+            }
         }
         self.used.remove(&buf.addr);
         let (region_start, region_end) = self
@@ -227,7 +243,10 @@ impl DmaAllocator {
             .range(..=buf.addr)
             .next_back()
             .map(|(&s, &e)| (s, e))
-            .ok_or(DmaError::BadFree { addr: buf.addr, len: buf.len })?;
+            .ok_or(DmaError::BadFree {
+                addr: buf.addr,
+                len: buf.len,
+            })?;
         let mut start = buf.addr;
         let mut end = buf.end();
         // Merge with the free piece just before, if it ends here (same region).
@@ -260,7 +279,10 @@ impl DmaAllocator {
 
     /// The ranges given to the allocator, as buffers.
     pub fn regions(&self) -> impl Iterator<Item = DmaBuffer> + '_ {
-        self.regions.iter().map(|(&s, &e)| DmaBuffer { addr: s, len: e - s })
+        self.regions.iter().map(|(&s, &e)| DmaBuffer {
+            addr: s,
+            len: e - s,
+        })
     }
 }
 
@@ -277,13 +299,20 @@ pub struct DmaPool<D: DmaMemory> {
 
 impl<D: DmaMemory> Clone for DmaPool<D> {
     fn clone(&self) -> Self {
-        DmaPool { inner: self.inner.clone() }
+        DmaPool {
+            inner: self.inner.clone(),
+        }
     }
 }
 
 impl<D: DmaMemory> DmaPool<D> {
     pub fn new(mem: D, alloc: DmaAllocator) -> Self {
-        DmaPool { inner: Arc::new(PoolInner { alloc: Mutex::new(alloc), mem }) }
+        DmaPool {
+            inner: Arc::new(PoolInner {
+                alloc: Mutex::new(alloc),
+                mem,
+            }),
+        }
     }
 
     pub fn memory(&self) -> &D {
@@ -294,7 +323,10 @@ impl<D: DmaMemory> DmaPool<D> {
     /// whatever was there before; use [`PoolBuffer::zero`] where that matters.
     pub fn alloc(&self, len: u64, align: u64) -> Result<PoolBuffer<D>, DmaError> {
         let buf = self.inner.alloc.lock().alloc(len, align)?;
-        Ok(PoolBuffer { pool: self.clone(), buf })
+        Ok(PoolBuffer {
+            pool: self.clone(),
+            buf,
+        })
     }
 
     pub fn free_bytes(&self) -> u64 {
@@ -330,7 +362,10 @@ impl<D: DmaMemory> PoolBuffer<D> {
         let end = offset.checked_add(len as u64);
         match end {
             Some(e) if e <= self.buf.len => Ok(self.buf.addr + offset),
-            _ => Err(DmaError::OutOfRange { addr: self.buf.addr.wrapping_add(offset), len: len as u64 }),
+            _ => Err(DmaError::OutOfRange {
+                addr: self.buf.addr.wrapping_add(offset),
+                len: len as u64,
+            }),
         }
     }
 
@@ -376,7 +411,10 @@ impl<D: DmaMemory> Drop for PoolBuffer<D> {
 
 impl<D: DmaMemory> std::fmt::Debug for PoolBuffer<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PoolBuffer").field("addr", &self.buf.addr).field("len", &self.buf.len).finish()
+        f.debug_struct("PoolBuffer")
+            .field("addr", &self.buf.addr)
+            .field("len", &self.buf.len)
+            .finish()
     }
 }
 
@@ -391,9 +429,18 @@ mod tests {
         assert_eq!(b.addr % 64, 0);
         assert!(b.addr >= 0x1003 && b.end() <= 0x2003);
         let c = a.alloc(100, 4096).unwrap_err();
-        assert_eq!(c, DmaError::Exhausted { len: 100, align: 4096 });
+        assert_eq!(
+            c,
+            DmaError::Exhausted {
+                len: 100,
+                align: 4096
+            }
+        );
         let d = a.alloc(1, 1).unwrap();
-        assert_eq!(d.addr, 0x1003, "the gap before the aligned buffer is reused");
+        assert_eq!(
+            d.addr, 0x1003,
+            "the gap before the aligned buffer is reused"
+        );
     }
 
     #[test]
@@ -408,17 +455,29 @@ mod tests {
         }
         assert_eq!(a.free_bytes(), 1024);
         assert_eq!(a.largest_free(), 1024);
-        assert_eq!(a.alloc(1024, 1024).unwrap(), DmaBuffer { addr: 0, len: 1024 });
+        assert_eq!(
+            a.alloc(1024, 1024).unwrap(),
+            DmaBuffer { addr: 0, len: 1024 }
+        );
     }
 
     #[test]
     fn double_free_and_foreign_free_are_refused() {
         let mut a = DmaAllocator::new(0x10000, 0x1000).unwrap();
         let b = a.alloc(128, 64).unwrap();
-        assert!(matches!(a.free(DmaBuffer { addr: b.addr, len: 64 }), Err(DmaError::BadFree { .. })));
+        assert!(matches!(
+            a.free(DmaBuffer {
+                addr: b.addr,
+                len: 64
+            }),
+            Err(DmaError::BadFree { .. })
+        ));
         a.free(b).unwrap();
         assert!(matches!(a.free(b), Err(DmaError::BadFree { .. })));
-        assert!(matches!(a.free(DmaBuffer { addr: 5, len: 5 }), Err(DmaError::BadFree { .. })));
+        assert!(matches!(
+            a.free(DmaBuffer { addr: 5, len: 5 }),
+            Err(DmaError::BadFree { .. })
+        ));
     }
 
     #[test]
@@ -426,7 +485,10 @@ mod tests {
         let mut a = DmaAllocator::new(0, 0x1000).unwrap();
         a.add_region(0x1000, 0x1000).unwrap();
         assert_eq!(a.largest_free(), 0x1000);
-        assert!(matches!(a.alloc(0x1800, 1), Err(DmaError::Exhausted { .. })));
+        assert!(matches!(
+            a.alloc(0x1800, 1),
+            Err(DmaError::Exhausted { .. })
+        ));
         let x = a.alloc(0x1000, 1).unwrap();
         let y = a.alloc(0x1000, 1).unwrap();
         a.free(x).unwrap();
@@ -438,10 +500,22 @@ mod tests {
     #[test]
     fn bad_regions_and_requests_are_refused() {
         let mut a = DmaAllocator::new(0x1000, 0x1000).unwrap();
-        assert!(matches!(a.add_region(0x1800, 0x100), Err(DmaError::BadRegion { .. })));
-        assert!(matches!(a.add_region(0x800, 0x1000), Err(DmaError::BadRegion { .. })));
-        assert!(matches!(a.add_region(u64::MAX, 2), Err(DmaError::BadRegion { .. })));
-        assert!(matches!(a.add_region(0x5000, 0), Err(DmaError::BadRegion { .. })));
+        assert!(matches!(
+            a.add_region(0x1800, 0x100),
+            Err(DmaError::BadRegion { .. })
+        ));
+        assert!(matches!(
+            a.add_region(0x800, 0x1000),
+            Err(DmaError::BadRegion { .. })
+        ));
+        assert!(matches!(
+            a.add_region(u64::MAX, 2),
+            Err(DmaError::BadRegion { .. })
+        ));
+        assert!(matches!(
+            a.add_region(0x5000, 0),
+            Err(DmaError::BadRegion { .. })
+        ));
         assert!(matches!(a.alloc(0, 1), Err(DmaError::BadRequest { .. })));
         assert!(matches!(a.alloc(1, 3), Err(DmaError::BadRequest { .. })));
     }
@@ -451,16 +525,31 @@ mod tests {
         let m = HeapMemory::new(0x4000, 64);
         m.write_u32(0x4000 + 60, 0xdead_beef).unwrap();
         assert_eq!(m.read_u32(0x4000 + 60).unwrap(), 0xdead_beef);
-        assert!(matches!(m.read_u32(0x4002), Err(DmaError::Unaligned { .. })));
-        assert!(matches!(m.write_u32(0x4000 + 64, 0), Err(DmaError::OutOfRange { .. })));
-        assert!(matches!(m.write(0x3fff, &[1]), Err(DmaError::OutOfRange { .. })));
+        assert!(matches!(
+            m.read_u32(0x4002),
+            Err(DmaError::Unaligned { .. })
+        ));
+        assert!(matches!(
+            m.write_u32(0x4000 + 64, 0),
+            Err(DmaError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            m.write(0x3fff, &[1]),
+            Err(DmaError::OutOfRange { .. })
+        ));
         let mut b = [0u8; 4];
-        assert!(matches!(m.read(u64::MAX - 1, &mut b), Err(DmaError::OutOfRange { .. })));
+        assert!(matches!(
+            m.read(u64::MAX - 1, &mut b),
+            Err(DmaError::OutOfRange { .. })
+        ));
     }
 
     #[test]
     fn pool_buffers_return_on_drop_and_check_bounds() {
-        let pool = DmaPool::new(HeapMemory::new(0, 4096), DmaAllocator::new(0, 4096).unwrap());
+        let pool = DmaPool::new(
+            HeapMemory::new(0, 4096),
+            DmaAllocator::new(0, 4096).unwrap(),
+        );
         {
             let b = pool.alloc(100, 64).unwrap();
             assert_eq!(pool.free_bytes(), 4096 - 100);

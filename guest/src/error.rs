@@ -27,7 +27,11 @@ impl fmt::Display for RegFault {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.error() {
             Some(e) => write!(f, "{} ({}) at BAR0 {:#x}", e.name(), e.text(), self.offset),
-            None => write!(f, "unknown register error code {} at BAR0 {:#x}", self.code, self.offset),
+            None => write!(
+                f,
+                "unknown register error code {} at BAR0 {:#x}",
+                self.code, self.offset
+            ),
         }
     }
 }
@@ -81,7 +85,11 @@ pub enum DriverError {
     #[error("register access refused: {0}")]
     RegisterRefused(RegFault),
     #[error("queue {queue} did not enable: Q_STATUS {status:#x}, {code}")]
-    QueueRefused { queue: u32, status: u32, code: QueueErrorCode },
+    QueueRefused {
+        queue: u32,
+        status: u32,
+        code: QueueErrorCode,
+    },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("{len} bytes is more than one job may move (MAX_XFER {max})")]
@@ -125,29 +133,60 @@ mod tests {
 
     #[test]
     fn reg_fault_names_known_codes_and_keeps_unknown_ones() {
-        let f = RegFault { code: RegError::ReadOnly.code() as u32, offset: 0x8 };
+        let f = RegFault {
+            code: RegError::ReadOnly.code() as u32,
+            offset: 0x8,
+        };
         assert_eq!(f.error(), Some(RegError::ReadOnly));
-        assert_eq!(f.to_string(), "ReadOnly (write to a read-only register) at BAR0 0x8");
-        let u = RegFault { code: 0x1_0004, offset: 0 };
-        assert_eq!(u.error(), None, "a code above u16 must not alias a known one");
+        assert_eq!(
+            f.to_string(),
+            "ReadOnly (write to a read-only register) at BAR0 0x8"
+        );
+        let u = RegFault {
+            code: 0x1_0004,
+            offset: 0,
+        };
+        assert_eq!(
+            u.error(),
+            None,
+            "a code above u16 must not alias a known one"
+        );
         assert!(u.to_string().contains("unknown register error code 65540"));
     }
 
     #[test]
     fn job_failed_names_status() {
-        let e = DriverError::JobFailed { tag: 3, status: StatusCode(JobStatus::DstTooSmall.code()) };
+        let e = DriverError::JobFailed {
+            tag: 3,
+            status: StatusCode(JobStatus::DstTooSmall.code()),
+        };
         assert_eq!(e.job_status(), Some(JobStatus::DstTooSmall));
-        assert_eq!(e.to_string(), "job 3 failed: DstTooSmall (output does not fit in dst_len)");
-        let u = DriverError::JobFailed { tag: 1, status: StatusCode(999) };
+        assert_eq!(
+            e.to_string(),
+            "job 3 failed: DstTooSmall (output does not fit in dst_len)"
+        );
+        let u = DriverError::JobFailed {
+            tag: 1,
+            status: StatusCode(999),
+        };
         assert_eq!(u.job_status(), None);
         assert!(u.to_string().contains("unknown job status 999"));
     }
 
     #[test]
     fn version_and_queue_errors_render() {
-        let e = DriverError::UnsupportedVersion { version: 2 << 16 | 5 };
-        assert_eq!(e.to_string(), "unsupported ABI version 2.5 (driver speaks 1.x)");
-        let q = DriverError::QueueRefused { queue: 1, status: 6 << 8 | 2, code: QueueErrorCode(6) };
+        let e = DriverError::UnsupportedVersion {
+            version: 2 << 16 | 5,
+        };
+        assert_eq!(
+            e.to_string(),
+            "unsupported ABI version 2.5 (driver speaks 1.x)"
+        );
+        let q = DriverError::QueueRefused {
+            queue: 1,
+            status: 6 << 8 | 2,
+            code: QueueErrorCode(6),
+        };
         assert_eq!(q.reg_error(), Some(RegError::BadDepth));
         assert!(q.to_string().contains("BadDepth"));
     }

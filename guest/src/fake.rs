@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use wdvirt_abi::{
-    CQE_PHASE, CQE_SIZE, CompletionEntry, IDX_FLAG_NO_DOORBELL, JobStatus, Opcode, RegError, SQE_SIZE,
-    SubmissionEntry, idx, pci, regs,
+    CQE_PHASE, CQE_SIZE, CompletionEntry, IDX_FLAG_NO_DOORBELL, JobStatus, Opcode, RegError,
+    SQE_SIZE, SubmissionEntry, idx, pci, regs,
 };
 
 use crate::dma::{DmaMemory, HeapMemory};
@@ -101,7 +101,11 @@ impl FakeDevice {
         self.st.lock().queues[q as usize].doorbells
     }
     pub fn pending_tags(&self, q: u32) -> Vec<u32> {
-        self.st.lock().queues[q as usize].pending.iter().map(|e| e.tag).collect()
+        self.st.lock().queues[q as usize]
+            .pending
+            .iter()
+            .map(|e| e.tag)
+            .collect()
     }
     pub fn cq_overflows(&self) -> u32 {
         self.st.lock().cq_overflows
@@ -123,7 +127,9 @@ impl FakeDevice {
     pub fn set_no_doorbell(&self, q: u32, on: bool) {
         let s = self.st.lock();
         let a = s.queues[q as usize].idx + idx::FLAGS;
-        self.mem.write_u32(a, if on { IDX_FLAG_NO_DOORBELL } else { 0 }).unwrap();
+        self.mem
+            .write_u32(a, if on { IDX_FLAG_NO_DOORBELL } else { 0 })
+            .unwrap();
     }
 
     /// Fetches new SQEs as a polling device would (no doorbell).
@@ -137,7 +143,11 @@ impl FakeDevice {
         let mut s = self.st.lock();
         for &t in tags {
             let fq = &mut s.queues[q as usize];
-            let pos = fq.pending.iter().position(|e| e.tag == t).expect("tag pending");
+            let pos = fq
+                .pending
+                .iter()
+                .position(|e| e.tag == t)
+                .expect("tag pending");
             let e = fq.pending.remove(pos);
             self.finish(&mut s, q, &e, 0);
         }
@@ -146,7 +156,11 @@ impl FakeDevice {
     /// Writes a CQE with the right phase whether or not a job is pending.
     pub fn inject(&self, q: u32, tag: u32) {
         let mut s = self.st.lock();
-        let e = SubmissionEntry { opcode: Opcode::Nop as u8, tag, ..Default::default() };
+        let e = SubmissionEntry {
+            opcode: Opcode::Nop as u8,
+            tag,
+            ..Default::default()
+        };
         self.finish(&mut s, q, &e, 0);
     }
 
@@ -165,7 +179,9 @@ impl FakeDevice {
         }
         let in_flight = fq.sq_head.wrapping_sub(fq.cq_tail);
         fq.max_in_flight = fq.max_in_flight.max(in_flight);
-        self.mem.write_u32(fq.idx + idx::SQ_HEAD, fq.sq_head).unwrap();
+        self.mem
+            .write_u32(fq.idx + idx::SQ_HEAD, fq.sq_head)
+            .unwrap();
     }
 
     fn finish(&self, s: &mut State, q: u32, e: &SubmissionEntry, tag_offset: u32) {
@@ -175,7 +191,11 @@ impl FakeDevice {
         if fq.cq_tail.wrapping_sub(cq_head) >= fq.depth {
             s.cq_overflows += 1;
         }
-        let phase = if (fq.cq_tail / fq.depth) % 2 == 0 { CQE_PHASE } else { 0 };
+        let phase = if (fq.cq_tail / fq.depth).is_multiple_of(2) {
+            CQE_PHASE
+        } else {
+            0
+        };
         let cqe = CompletionEntry {
             tag: e.tag.wrapping_add(tag_offset),
             status: status.code(),
@@ -193,7 +213,9 @@ impl FakeDevice {
     }
 
     fn execute(&self, e: &SubmissionEntry, ops: u32) -> (JobStatus, u32, u32) {
-        let Some(op) = Opcode::from_u8(e.opcode) else { return (JobStatus::BadOpcode, 0, 0) };
+        let Some(op) = Opcode::from_u8(e.opcode) else {
+            return (JobStatus::BadOpcode, 0, 0);
+        };
         if ops & op.bit() == 0 {
             return (JobStatus::OpNotAllowed, 0, 0);
         }
@@ -215,7 +237,8 @@ impl FakeDevice {
                     (JobStatus::Ok, e.src_len, 0)
                 }
                 Opcode::Fill => {
-                    self.mem.write(e.dst, &vec![e.param as u8; e.dst_len as usize])?;
+                    self.mem
+                        .write(e.dst, &vec![e.param as u8; e.dst_len as usize])?;
                     (JobStatus::Ok, e.dst_len, 0)
                 }
                 Opcode::Compare => {
@@ -223,7 +246,11 @@ impl FakeDevice {
                     let diff = a.iter().zip(&b).position(|(x, y)| x != y);
                     (JobStatus::Ok, 0, diff.map_or(0, |d| d as u32 + 1))
                 }
-                Opcode::Crc32c => (JobStatus::Ok, 0, crate::crc::crc32c(&read(e.src, e.src_len)?)),
+                Opcode::Crc32c => (
+                    JobStatus::Ok,
+                    0,
+                    crate::crc::crc32c(&read(e.src, e.src_len)?),
+                ),
                 _ => (JobStatus::EngineError, 0, 0),
             })
         };
@@ -238,7 +265,9 @@ impl FakeDevice {
     }
 
     fn ring_ok(&self, a: u64, len: u64) -> bool {
-        a >= MEM_BASE && a.checked_add(len).is_some_and(|e| e <= MEM_BASE + MEM_LEN as u64)
+        a >= MEM_BASE
+            && a.checked_add(len)
+                .is_some_and(|e| e <= MEM_BASE + MEM_LEN as u64)
     }
 
     fn enable_queue(&self, s: &mut State, q: usize) -> Result<(), RegError> {
@@ -252,11 +281,12 @@ impl FakeDevice {
         if fq.ops & !CAP_OPS != 0 {
             return Err(RegError::OpNotAllowed);
         }
-        if fq.sq % 64 != 0 || fq.cq % 64 != 0 || fq.idx % 64 != 0 {
+        if ![fq.sq, fq.cq, fq.idx].iter().all(|a| a.is_multiple_of(64)) {
             return Err(RegError::Misaligned);
         }
         let d = u64::from(fq.depth);
-        if !self.ring_ok(fq.sq, d * 64) || !self.ring_ok(fq.cq, d * 16) || !self.ring_ok(fq.idx, 64) {
+        if !self.ring_ok(fq.sq, d * 64) || !self.ring_ok(fq.cq, d * 16) || !self.ring_ok(fq.idx, 64)
+        {
             return Err(RegError::RingUnmapped);
         }
         let fq = &mut s.queues[q];
@@ -368,7 +398,10 @@ impl Mmio for FakeDevice {
                     regs::Q_IRQ_COALESCE => fq.coalesce = value,
                     regs::Q_CTRL => {
                         if value & regs::Q_CTRL_RESET != 0 {
-                            s.queues[q] = FakeQueue { doorbells: s.queues[q].doorbells, ..Default::default() };
+                            s.queues[q] = FakeQueue {
+                                doorbells: s.queues[q].doorbells,
+                                ..Default::default()
+                            };
                         } else if value & regs::Q_CTRL_ENABLE != 0
                             && let Err(e) = self.enable_queue(&mut s, q)
                         {
@@ -384,13 +417,20 @@ impl Mmio for FakeDevice {
     }
 }
 
-
-
 /// A fake, a probed and enabled driver over it, and a pool over all of its memory.
-pub fn setup(mode: Mode) -> (Arc<FakeDevice>, crate::Device<Arc<FakeDevice>>, crate::DmaPool<Arc<HeapMemory>>) {
+pub fn setup(
+    mode: Mode,
+) -> (
+    Arc<FakeDevice>,
+    crate::Device<Arc<FakeDevice>>,
+    crate::DmaPool<Arc<HeapMemory>>,
+) {
     let fake = FakeDevice::new(mode);
     let dev = crate::Device::probe(fake.clone()).unwrap();
     dev.enable().unwrap();
-    let pool = crate::DmaPool::new(fake.memory(), crate::DmaAllocator::new(MEM_BASE, MEM_LEN as u64).unwrap());
+    let pool = crate::DmaPool::new(
+        fake.memory(),
+        crate::DmaAllocator::new(MEM_BASE, MEM_LEN as u64).unwrap(),
+    );
     (fake, dev, pool)
 }

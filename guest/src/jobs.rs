@@ -17,7 +17,14 @@ pub struct JobSpec {
 
 impl JobSpec {
     pub fn new(opcode: Opcode) -> Self {
-        JobSpec { opcode, src: 0, src_len: 0, dst: 0, dst_len: 0, param: 0 }
+        JobSpec {
+            opcode,
+            src: 0,
+            src_len: 0,
+            dst: 0,
+            dst_len: 0,
+            param: 0,
+        }
     }
     pub fn src(mut self, addr: u64, len: u32) -> Self {
         self.src = addr;
@@ -98,7 +105,10 @@ pub fn check(cqe: &CompletionEntry) -> Result<&CompletionEntry, DriverError> {
     if cqe.status == JobStatus::Ok.code() {
         Ok(cqe)
     } else {
-        Err(DriverError::JobFailed { tag: cqe.tag, status: StatusCode(cqe.status) })
+        Err(DriverError::JobFailed {
+            tag: cqe.tag,
+            status: StatusCode(cqe.status),
+        })
     }
 }
 
@@ -108,10 +118,16 @@ mod tests {
 
     #[test]
     fn spec_to_sqe_keeps_every_field_and_zero_reserved() {
-        let s = JobSpec::new(Opcode::Copy).src(0x1000, 10).dst(0x2000, 20).param(7);
+        let s = JobSpec::new(Opcode::Copy)
+            .src(0x1000, 10)
+            .dst(0x2000, 20)
+            .param(7);
         let e = s.to_sqe(42);
         assert_eq!(e.opcode, Opcode::Copy as u8);
-        assert_eq!((e.tag, e.src, e.src_len, e.dst, e.dst_len, e.param), (42, 0x1000, 10, 0x2000, 20, 7));
+        assert_eq!(
+            (e.tag, e.src, e.src_len, e.dst, e.dst_len, e.param),
+            (42, 0x1000, 10, 0x2000, 20, 7)
+        );
         assert_eq!((e.flags, e.reserved0, e.reserved), (0, 0, [0; 3]));
     }
 
@@ -126,9 +142,16 @@ mod tests {
 
     #[test]
     fn check_reports_status() {
-        let ok = CompletionEntry { tag: 1, ..Default::default() };
+        let ok = CompletionEntry {
+            tag: 1,
+            ..Default::default()
+        };
         assert!(check(&ok).is_ok());
-        let bad = CompletionEntry { tag: 9, status: JobStatus::CorruptInput.code(), ..Default::default() };
+        let bad = CompletionEntry {
+            tag: 9,
+            status: JobStatus::CorruptInput.code(),
+            ..Default::default()
+        };
         let e = check(&bad).unwrap_err();
         assert_eq!(e.job_status(), Some(JobStatus::CorruptInput));
         assert!(matches!(e, DriverError::JobFailed { tag: 9, .. }));

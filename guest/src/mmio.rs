@@ -13,7 +13,12 @@ pub enum MmioError {
     #[error("BAR{bar} is not mapped")]
     NoSuchBar { bar: u8 },
     #[error("BAR{bar} access at {offset:#x} (width {width}) is outside the BAR (size {size:#x})")]
-    OutOfRange { bar: u8, offset: u64, width: u8, size: u64 },
+    OutOfRange {
+        bar: u8,
+        offset: u64,
+        width: u8,
+        size: u64,
+    },
     #[error("BAR{bar} access at {offset:#x} is not aligned to its width {width}")]
     Unaligned { bar: u8, offset: u64, width: u8 },
     #[error("register access failed: {0}")]
@@ -100,8 +105,8 @@ mod tests {
     #[test]
     fn read64_combines_halves_low_first() {
         let log = Log::default();
-        let v = (&log).read64(0, 0x10).unwrap();
-        assert_eq!(v, (0x14u64 * 3) << 32 | 0x10 * 3);
+        let v = Mmio::read64(&&log, 0, 0x10).unwrap();
+        assert_eq!(v, ((0x14u64 * 3) << 32) | (0x10 * 3));
         assert_eq!(log.0.lock()[0].2, 0x10);
         assert_eq!(log.0.lock()[1].2, 0x14);
     }

@@ -15,7 +15,10 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
     fn check_len(&self, len: usize) -> Result<u32, DriverError> {
         match u32::try_from(len) {
             Ok(l) if l <= self.max_xfer => Ok(l),
-            _ => Err(DriverError::TooLarge { len, max: self.max_xfer }),
+            _ => Err(DriverError::TooLarge {
+                len,
+                max: self.max_xfer,
+            }),
         }
     }
 
@@ -32,7 +35,9 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
 
     fn run_one(&mut self, job: JobSpec) -> Result<wdvirt_abi::CompletionEntry, DriverError> {
         let cqe = self.run_batch(&[job])?.into_iter().next();
-        let cqe = cqe.ok_or(DriverError::InvalidArgument("batch returned no completion".into()))?;
+        let cqe = cqe.ok_or(DriverError::InvalidArgument(
+            "batch returned no completion".into(),
+        ))?;
         check(&cqe)?;
         Ok(cqe)
     }
@@ -40,16 +45,25 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
     /// Reads the `bytes` a job reported writing, refusing a count over the capacity it was given.
     fn read_output(buf: &PoolBuffer<D>, bytes: u32, cap: u32) -> Result<Vec<u8>, DriverError> {
         if bytes > cap {
-            return Err(DriverError::InvalidArgument(format!("device reported {bytes} bytes written into {cap}")));
+            return Err(DriverError::InvalidArgument(format!(
+                "device reported {bytes} bytes written into {cap}"
+            )));
         }
         Ok(buf.to_vec(bytes as usize)?)
     }
 
     /// Compresses `data` (at most `MAX_XFER` bytes) into one `format` stream.
     /// `level` 0 means the device default.
-    pub fn compress(&mut self, format: Format, level: u32, data: &[u8]) -> Result<Vec<u8>, DriverError> {
+    pub fn compress(
+        &mut self,
+        format: Format,
+        level: u32,
+        data: &[u8],
+    ) -> Result<Vec<u8>, DriverError> {
         let len = self.check_len(data.len())?;
-        let cap = format.compress_bound(data.len()).min(self.max_xfer as usize) as u32;
+        let cap = format
+            .compress_bound(data.len())
+            .min(self.max_xfer as usize) as u32;
         let src = self.stage_data(data)?;
         let dst = self.stage(cap as usize)?;
         let job = JobSpec::new(format.compress_op())
@@ -62,12 +76,21 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
 
     /// Decompresses one `format` stream whose output is at most `max_output`
     /// bytes (clamped to `MAX_XFER`).
-    pub fn decompress(&mut self, format: Format, data: &[u8], max_output: usize) -> Result<Vec<u8>, DriverError> {
+    pub fn decompress(
+        &mut self,
+        format: Format,
+        data: &[u8],
+        max_output: usize,
+    ) -> Result<Vec<u8>, DriverError> {
         let len = self.check_len(data.len())?;
         let cap = max_output.min(self.max_xfer as usize) as u32;
         let src = self.stage_data(data)?;
         let dst = self.stage(cap as usize)?;
-        let cqe = self.run_one(JobSpec::new(format.decompress_op()).src(src.addr(), len).dst(dst.addr(), cap))?;
+        let cqe = self.run_one(
+            JobSpec::new(format.decompress_op())
+                .src(src.addr(), len)
+                .dst(dst.addr(), cap),
+        )?;
         Self::read_output(&dst, cqe.bytes, cap)
     }
 
@@ -99,7 +122,9 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
         caps: &[usize],
     ) -> Result<Vec<Vec<u8>>, DriverError> {
         if inputs.len() != caps.len() {
-            return Err(DriverError::InvalidArgument("one capacity per input needed".into()));
+            return Err(DriverError::InvalidArgument(
+                "one capacity per input needed".into(),
+            ));
         }
         for (i, c) in inputs.iter().zip(caps) {
             self.check_len(i.len())?;
@@ -112,7 +137,9 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
             let mut staged = Vec::new();
             let mut jobs = Vec::new();
             for i in start..inputs.len().min(start + self.depth() as usize) {
-                let bufs = self.stage_data(inputs[i]).and_then(|s| Ok((s, self.stage(caps[i])?)));
+                let bufs = self
+                    .stage_data(inputs[i])
+                    .and_then(|s| Ok((s, self.stage(caps[i])?)));
                 match bufs {
                     Ok((s, d)) => {
                         jobs.push(
@@ -130,12 +157,17 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
             let cqes = self.run_batch(&jobs)?;
             for (i, cqe) in cqes.iter().enumerate() {
                 check(cqe).map_err(|e| match e {
-                    DriverError::JobFailed { status, .. } => {
-                        DriverError::JobFailed { tag: (start + i) as u32, status }
-                    }
+                    DriverError::JobFailed { status, .. } => DriverError::JobFailed {
+                        tag: (start + i) as u32,
+                        status,
+                    },
                     other => other,
                 })?;
-                outputs.push(Self::read_output(&staged[i].1, cqe.bytes, caps[start + i] as u32)?);
+                outputs.push(Self::read_output(
+                    &staged[i].1,
+                    cqe.bytes,
+                    caps[start + i] as u32,
+                )?);
             }
             start += jobs.len();
         }
@@ -146,7 +178,9 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
     pub fn crc32c(&mut self, data: &[u8]) -> Result<u32, DriverError> {
         let len = self.check_len(data.len())?;
         let src = self.stage_data(data)?;
-        Ok(self.run_one(JobSpec::new(Opcode::Crc32c).src(src.addr(), len))?.result)
+        Ok(self
+            .run_one(JobSpec::new(Opcode::Crc32c).src(src.addr(), len))?
+            .result)
     }
 
     /// SHA-256 of `data` (at most `MAX_XFER` bytes).
@@ -154,9 +188,16 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
         let len = self.check_len(data.len())?;
         let src = self.stage_data(data)?;
         let dst = self.stage(32)?;
-        let cqe = self.run_one(JobSpec::new(Opcode::Sha256).src(src.addr(), len).dst(dst.addr(), 32))?;
+        let cqe = self.run_one(
+            JobSpec::new(Opcode::Sha256)
+                .src(src.addr(), len)
+                .dst(dst.addr(), 32),
+        )?;
         if cqe.bytes != 32 {
-            return Err(DriverError::InvalidArgument(format!("SHA-256 job wrote {} bytes", cqe.bytes)));
+            return Err(DriverError::InvalidArgument(format!(
+                "SHA-256 job wrote {} bytes",
+                cqe.bytes
+            )));
         }
         let mut digest = [0u8; 32];
         dst.read(0, &mut digest)?;
@@ -168,7 +209,11 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
         let len = self.check_len(data.len())?;
         let src = self.stage_data(data)?;
         let dst = self.stage(data.len())?;
-        let cqe = self.run_one(JobSpec::new(Opcode::Copy).src(src.addr(), len).dst(dst.addr(), len))?;
+        let cqe = self.run_one(
+            JobSpec::new(Opcode::Copy)
+                .src(src.addr(), len)
+                .dst(dst.addr(), len),
+        )?;
         Self::read_output(&dst, cqe.bytes, len)
     }
 
@@ -176,7 +221,11 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
     pub fn fill(&mut self, pattern: u8, len: usize) -> Result<Vec<u8>, DriverError> {
         let l = self.check_len(len)?;
         let dst = self.stage(len)?;
-        let cqe = self.run_one(JobSpec::new(Opcode::Fill).dst(dst.addr(), l).param(u64::from(pattern)))?;
+        let cqe = self.run_one(
+            JobSpec::new(Opcode::Fill)
+                .dst(dst.addr(), l)
+                .param(u64::from(pattern)),
+        )?;
         Self::read_output(&dst, cqe.bytes, l)
     }
 
@@ -185,12 +234,20 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
     /// at `u32::MAX - 1`).
     pub fn compare(&mut self, a: &[u8], b: &[u8]) -> Result<Option<u32>, DriverError> {
         if a.len() != b.len() {
-            return Err(DriverError::InvalidArgument(format!("compare of {} and {} bytes", a.len(), b.len())));
+            return Err(DriverError::InvalidArgument(format!(
+                "compare of {} and {} bytes",
+                a.len(),
+                b.len()
+            )));
         }
         let len = self.check_len(a.len())?;
         let sa = self.stage_data(a)?;
         let sb = self.stage_data(b)?;
-        let cqe = self.run_one(JobSpec::new(Opcode::Compare).src(sa.addr(), len).dst(sb.addr(), len))?;
+        let cqe = self.run_one(
+            JobSpec::new(Opcode::Compare)
+                .src(sa.addr(), len)
+                .dst(sb.addr(), len),
+        )?;
         Ok(cqe.result.checked_sub(1))
     }
 }
@@ -215,7 +272,10 @@ mod tests {
         assert_eq!(q.compare(&data, &other).unwrap(), None);
         other[4321] ^= 1;
         assert_eq!(q.compare(&data, &other).unwrap(), Some(4321));
-        assert!(matches!(q.compare(&data, &other[1..]), Err(DriverError::InvalidArgument(_))));
+        assert!(matches!(
+            q.compare(&data, &other[1..]),
+            Err(DriverError::InvalidArgument(_))
+        ));
         assert_eq!(pool.free_bytes(), before, "staging buffers are returned");
     }
 
@@ -224,9 +284,18 @@ mod tests {
         let (f, d, pool) = fake::setup(Mode::InOrder);
         let mut q = d.queue(0, 4, ALL_OPS, &pool).unwrap();
         let big = vec![0u8; fake::MAX_XFER as usize + 1];
-        assert!(matches!(q.crc32c(&big), Err(DriverError::TooLarge { max: fake::MAX_XFER, .. })));
+        assert!(matches!(
+            q.crc32c(&big),
+            Err(DriverError::TooLarge {
+                max: fake::MAX_XFER,
+                ..
+            })
+        ));
         assert!(matches!(q.sha256(&big), Err(DriverError::TooLarge { .. })));
-        assert!(matches!(q.compress(Format::Gzip, 1, &big), Err(DriverError::TooLarge { .. })));
+        assert!(matches!(
+            q.compress(Format::Gzip, 1, &big),
+            Err(DriverError::TooLarge { .. })
+        ));
         assert_eq!(f.doorbells(0), 0);
     }
 
@@ -235,7 +304,9 @@ mod tests {
         let (_f, d, pool) = fake::setup(Mode::InOrder);
         let mut q = d.queue(0, 4, ALL_OPS, &pool).unwrap();
         // The fake has no compressor: it fails the job, and the driver says so.
-        let e = q.compress(Format::Zlib, 3, b"hello hello hello").unwrap_err();
+        let e = q
+            .compress(Format::Zlib, 3, b"hello hello hello")
+            .unwrap_err();
         assert_eq!(e.job_status(), Some(JobStatus::EngineError));
     }
 
@@ -250,8 +321,14 @@ mod tests {
         assert_eq!(out, inputs);
         assert!(f.max_in_flight(0) <= 4);
         // A failing job is reported with its index in the whole input.
-        let caps_small: Vec<usize> = caps.iter().enumerate().map(|(i, c)| if i == 6 { 1 } else { *c }).collect();
-        let e = q.run_staged(Opcode::Copy, 0, &refs, &caps_small).unwrap_err();
+        let caps_small: Vec<usize> = caps
+            .iter()
+            .enumerate()
+            .map(|(i, c)| if i == 6 { 1 } else { *c })
+            .collect();
+        let e = q
+            .run_staged(Opcode::Copy, 0, &refs, &caps_small)
+            .unwrap_err();
         assert!(matches!(e, DriverError::JobFailed { tag: 6, .. }));
         assert_eq!(e.job_status(), Some(JobStatus::DstTooSmall));
     }
@@ -262,12 +339,18 @@ mod tests {
         let d = crate::Device::probe(f.clone()).unwrap();
         d.enable().unwrap();
         // 8 KiB: rings (4*64+4*16+64) plus room for about two 1 KiB src+dst pairs.
-        let pool = crate::DmaPool::new(f.memory(), crate::DmaAllocator::new(fake::MEM_BASE, 5 * 1024).unwrap());
+        let pool = crate::DmaPool::new(
+            f.memory(),
+            crate::DmaAllocator::new(fake::MEM_BASE, 5 * 1024).unwrap(),
+        );
         let mut q = d.queue(0, 4, ALL_OPS, &pool).unwrap();
         let inputs: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 1024]).collect();
         let refs: Vec<&[u8]> = inputs.iter().map(|v| v.as_slice()).collect();
         let out = q.run_staged(Opcode::Copy, 0, &refs, &[1024; 5]).unwrap();
         assert_eq!(out, inputs);
-        assert!(f.max_in_flight(0) < 4, "windows were limited by memory, not by the ring");
+        assert!(
+            f.max_in_flight(0) < 4,
+            "windows were limited by memory, not by the ring"
+        );
     }
 }

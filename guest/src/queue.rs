@@ -15,7 +15,8 @@ use std::sync::atomic::{Ordering, fence};
 use std::time::{Duration, Instant};
 
 use wdvirt_abi::{
-    CQE_PHASE, CQE_SIZE, CompletionEntry, IDX_FLAG_NO_DOORBELL, SQE_SIZE, SubmissionEntry, idx, pci, regs,
+    CQE_PHASE, CQE_SIZE, CompletionEntry, IDX_FLAG_NO_DOORBELL, SQE_SIZE, SubmissionEntry, idx,
+    pci, regs,
 };
 
 use crate::dma::{DmaMemory, DmaPool, PoolBuffer};
@@ -124,7 +125,11 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
     }
     /// Device addresses of the SQ ring, CQ ring and index block.
     pub fn ring_addresses(&self) -> (u64, u64, u64) {
-        (self.rings.sq.addr(), self.rings.cq.addr(), self.rings.idx.addr())
+        (
+            self.rings.sq.addr(),
+            self.rings.cq.addr(),
+            self.rings.idx.addr(),
+        )
     }
 
     fn reg(&self, r: u32) -> u64 {
@@ -133,23 +138,32 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
 
     /// `Q_STATUS`.
     pub fn status(&self) -> Result<u32, DriverError> {
-        Ok(self.mmio.read32(pci::BAR_CONTROL, self.reg(regs::Q_STATUS))?)
+        Ok(self
+            .mmio
+            .read32(pci::BAR_CONTROL, self.reg(regs::Q_STATUS))?)
     }
 
     /// `Q_COMPLETED`: jobs the device completed on this queue (wraps).
     pub fn device_completed(&self) -> Result<u32, DriverError> {
-        Ok(self.mmio.read32(pci::BAR_CONTROL, self.reg(regs::Q_COMPLETED))?)
+        Ok(self
+            .mmio
+            .read32(pci::BAR_CONTROL, self.reg(regs::Q_COMPLETED))?)
     }
 
     /// `sq_head` as the device last published it.
     pub fn device_sq_head(&self) -> Result<u32, DriverError> {
-        Ok(self.pool.memory().read_u32(self.rings.idx.addr() + idx::SQ_HEAD)?)
+        Ok(self
+            .pool
+            .memory()
+            .read_u32(self.rings.idx.addr() + idx::SQ_HEAD)?)
     }
 
     /// Sets `Q_IRQ_COALESCE` (count in bits 15:0, microseconds in 31:16).
     pub fn set_coalescing(&self, count: u16, delay_us: u16) -> Result<(), DriverError> {
         let v = u32::from(count) | (u32::from(delay_us) << 16);
-        Ok(self.mmio.write32(pci::BAR_CONTROL, self.reg(regs::Q_IRQ_COALESCE), v)?)
+        Ok(self
+            .mmio
+            .write32(pci::BAR_CONTROL, self.reg(regs::Q_IRQ_COALESCE), v)?)
     }
 
     /// Puts as many of `entries` into the ring as there are free slots,
@@ -170,7 +184,10 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
             for e in &entries[done..done + run] {
                 bytes.extend_from_slice(&e.to_bytes());
             }
-            mem.write(self.rings.sq.addr() + u64::from(self.sq_slot) * SQE_SIZE as u64, &bytes)?;
+            mem.write(
+                self.rings.sq.addr() + u64::from(self.sq_slot) * SQE_SIZE as u64,
+                &bytes,
+            )?;
             done += run;
             self.sq_slot = (self.sq_slot + run as u32) % self.depth;
         }
@@ -184,7 +201,11 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
         fence(Ordering::SeqCst);
         let flags = mem.read_u32(self.rings.idx.addr() + idx::FLAGS)?;
         if flags & IDX_FLAG_NO_DOORBELL == 0 {
-            self.mmio.write32(pci::BAR_DOORBELL, u64::from(self.index) * pci::DOORBELL_STRIDE, tail)?;
+            self.mmio.write32(
+                pci::BAR_DOORBELL,
+                u64::from(self.index) * pci::DOORBELL_STRIDE,
+                tail,
+            )?;
             self.doorbells += 1;
         }
         Ok(n)
@@ -230,13 +251,20 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
         }
         // Our reads of the consumed entries happen before the device may reuse them.
         fence(Ordering::Release);
-        Ok(self.pool.memory().write_u32(self.rings.idx.addr() + idx::CQ_HEAD, self.cq_head)?)
+        Ok(self
+            .pool
+            .memory()
+            .write_u32(self.rings.idx.addr() + idx::CQ_HEAD, self.cq_head)?)
     }
 
     /// Waits for at least one completion (poll mode: a short spin, then
     /// yields, then sleeps of growing length up to 1 ms). Returns 0 at once
     /// if nothing is outstanding; [`DriverError::Timeout`] after `timeout`.
-    pub fn wait(&mut self, out: &mut Vec<CompletionEntry>, timeout: Duration) -> Result<usize, DriverError> {
+    pub fn wait(
+        &mut self,
+        out: &mut Vec<CompletionEntry>,
+        timeout: Duration,
+    ) -> Result<usize, DriverError> {
         if self.outstanding() == 0 {
             return Ok(0);
         }
@@ -250,7 +278,10 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
             }
             let waited = start.elapsed();
             if waited >= timeout {
-                return Err(DriverError::Timeout { outstanding: self.outstanding(), waited });
+                return Err(DriverError::Timeout {
+                    outstanding: self.outstanding(),
+                    waited,
+                });
             }
             round += 1;
             if round < 64 {
@@ -269,10 +300,15 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
     /// failures are in the entries' `status`; see [`crate::check`].
     pub fn run_batch(&mut self, jobs: &[JobSpec]) -> Result<Vec<CompletionEntry>, DriverError> {
         if self.outstanding() != 0 {
-            return Err(DriverError::NotIdle { outstanding: self.outstanding() });
+            return Err(DriverError::NotIdle {
+                outstanding: self.outstanding(),
+            });
         }
         if u32::try_from(jobs.len()).is_err() {
-            return Err(DriverError::InvalidArgument(format!("{} jobs in one batch", jobs.len())));
+            return Err(DriverError::InvalidArgument(format!(
+                "{} jobs in one batch",
+                jobs.len()
+            )));
         }
         let mut results: Vec<Option<CompletionEntry>> = vec![None; jobs.len()];
         let mut next = 0usize;
@@ -284,7 +320,12 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
             if next < jobs.len() && self.free_slots() > 0 {
                 let k = (jobs.len() - next).min(self.free_slots() as usize);
                 sqes.clear();
-                sqes.extend(jobs[next..next + k].iter().enumerate().map(|(i, j)| j.to_sqe((next + i) as u32)));
+                sqes.extend(
+                    jobs[next..next + k]
+                        .iter()
+                        .enumerate()
+                        .map(|(i, j)| j.to_sqe((next + i) as u32)),
+                );
                 next += self.submit(&sqes)?;
             }
             got.clear();
@@ -307,7 +348,9 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
 impl<M: Mmio, D: DmaMemory> Drop for Queue<M, D> {
     fn drop(&mut self) {
         // Stop the device using the rings before they return to the pool.
-        let _ = self.mmio.write32(pci::BAR_CONTROL, self.reg(regs::Q_CTRL), regs::Q_CTRL_RESET);
+        let _ = self
+            .mmio
+            .write32(pci::BAR_CONTROL, self.reg(regs::Q_CTRL), regs::Q_CTRL_RESET);
     }
 }
 
@@ -319,7 +362,9 @@ mod tests {
     use crate::fake::{self, Mode};
 
     fn fill_job(pool_addr: u64, i: u32) -> JobSpec {
-        JobSpec::new(Opcode::Fill).dst(pool_addr + u64::from(i) * 64, 64).param(u64::from(i))
+        JobSpec::new(Opcode::Fill)
+            .dst(pool_addr + u64::from(i) * 64, 64)
+            .param(u64::from(i))
     }
 
     #[test]
@@ -331,7 +376,11 @@ mod tests {
         assert_eq!(q.submit(&sqes).unwrap(), 4);
         assert_eq!((q.outstanding(), q.free_slots()), (4, 0));
         assert_eq!(q.submit(&sqes[4..]).unwrap(), 0);
-        assert_eq!(f.doorbells(0), 1, "a submit that adds nothing rings nothing");
+        assert_eq!(
+            f.doorbells(0),
+            1,
+            "a submit that adds nothing rings nothing"
+        );
         assert_eq!(f.pending_tags(0), vec![0, 1, 2, 3]);
         f.complete(0, &[0, 1]);
         let mut out = Vec::new();
@@ -351,18 +400,28 @@ mod tests {
         let mut tag = 0u32;
         // Batches of 3 on a ring of 4: every slot is used in both phases.
         for _round in 0..7 {
-            let sqes: Vec<_> = (0..3).map(|i| fill_job(data.addr(), i).to_sqe(tag + i)).collect();
+            let sqes: Vec<_> = (0..3)
+                .map(|i| fill_job(data.addr(), i).to_sqe(tag + i))
+                .collect();
             assert_eq!(q.submit(&sqes).unwrap(), 3);
             out.clear();
             assert_eq!(q.wait(&mut out, Duration::from_secs(1)).unwrap(), 3);
             let tags: Vec<u32> = out.iter().map(|c| c.tag).collect();
             assert_eq!(tags, vec![tag, tag + 1, tag + 2]);
-            assert!(out.iter().all(|c| c.status == JobStatus::Ok.code() && c.bytes == 64));
+            assert!(
+                out.iter()
+                    .all(|c| c.status == JobStatus::Ok.code() && c.bytes == 64)
+            );
             tag += 3;
         }
         assert_eq!(q.counters(), (21, 21));
         // The device sees the driver's published head.
-        assert_eq!(pool.memory().read_u32(q.ring_addresses().2 + idx::CQ_HEAD).unwrap(), 21);
+        assert_eq!(
+            pool.memory()
+                .read_u32(q.ring_addresses().2 + idx::CQ_HEAD)
+                .unwrap(),
+            21
+        );
         assert_eq!(q.device_completed().unwrap(), 21);
         assert_eq!(f.cq_overflows(), 0);
         assert_eq!(data.to_vec(64 * 3).unwrap()[64 * 2], 2);
@@ -384,7 +443,11 @@ mod tests {
         f.complete(0, &[2]);
         assert_eq!(q.poll(&mut out).unwrap(), 1);
         assert_eq!(out.last().unwrap().tag, 2);
-        assert_eq!(out.last().unwrap().flags & CQE_PHASE, 0, "second pass writes phase 0");
+        assert_eq!(
+            out.last().unwrap().flags & CQE_PHASE,
+            0,
+            "second pass writes phase 0"
+        );
     }
 
     #[test]
@@ -394,7 +457,10 @@ mod tests {
         let data = pool.alloc(64 * 10, 64).unwrap();
         let jobs: Vec<_> = (0..10).map(|i| fill_job(data.addr(), i)).collect();
         let done = q.run_batch(&jobs).unwrap();
-        assert_eq!(done.iter().map(|c| c.tag).collect::<Vec<_>>(), (0..10).collect::<Vec<_>>());
+        assert_eq!(
+            done.iter().map(|c| c.tag).collect::<Vec<_>>(),
+            (0..10).collect::<Vec<_>>()
+        );
         let bytes = data.to_vec(640).unwrap();
         for i in 0..10 {
             assert!(bytes[i * 64..(i + 1) * 64].iter().all(|&b| b == i as u8));
@@ -405,12 +471,17 @@ mod tests {
 
         // Manual order through poll as well.
         f.set_mode(Mode::Manual);
-        let sqes: Vec<_> = (0..4).map(|t| JobSpec::new(Opcode::Nop).to_sqe(100 + t)).collect();
+        let sqes: Vec<_> = (0..4)
+            .map(|t| JobSpec::new(Opcode::Nop).to_sqe(100 + t))
+            .collect();
         q.submit(&sqes).unwrap();
         f.complete(0, &[102, 100, 103, 101]);
         let mut out = Vec::new();
         q.poll(&mut out).unwrap();
-        assert_eq!(out.iter().map(|c| c.tag).collect::<Vec<_>>(), vec![102, 100, 103, 101]);
+        assert_eq!(
+            out.iter().map(|c| c.tag).collect::<Vec<_>>(),
+            vec![102, 100, 103, 101]
+        );
     }
 
     #[test]
@@ -449,8 +520,13 @@ mod tests {
         assert_eq!(q.wait(&mut out, Duration::from_secs(100)).unwrap(), 0);
         q.submit(&[JobSpec::new(Opcode::Nop).to_sqe(0)]).unwrap();
         let e = q.wait(&mut out, Duration::from_millis(20)).unwrap_err();
-        assert!(matches!(e, DriverError::Timeout { outstanding: 1, waited } if waited >= Duration::from_millis(20)));
-        assert!(matches!(q.run_batch(&[JobSpec::new(Opcode::Nop)]), Err(DriverError::NotIdle { outstanding: 1 })));
+        assert!(
+            matches!(e, DriverError::Timeout { outstanding: 1, waited } if waited >= Duration::from_millis(20))
+        );
+        assert!(matches!(
+            q.run_batch(&[JobSpec::new(Opcode::Nop)]),
+            Err(DriverError::NotIdle { outstanding: 1 })
+        ));
     }
 
     #[test]
@@ -464,7 +540,10 @@ mod tests {
         let mut q2 = d2.queue(0, 4, ALL_OPS, &pool2).unwrap();
         f2.inject(0, 5);
         let mut out = Vec::new();
-        assert!(matches!(q2.poll(&mut out), Err(DriverError::SpuriousCompletion { tag: 5 })));
+        assert!(matches!(
+            q2.poll(&mut out),
+            Err(DriverError::SpuriousCompletion { tag: 5 })
+        ));
         assert!(out.is_empty());
     }
 
@@ -472,9 +551,14 @@ mod tests {
     fn failed_jobs_keep_their_status() {
         let (_f, d, pool) = fake::setup(Mode::InOrder);
         let mut q = d.queue(0, 4, Opcode::Nop.bit(), &pool).unwrap();
-        let done = q.run_batch(&[JobSpec::new(Opcode::Nop), JobSpec::new(Opcode::Copy)]).unwrap();
+        let done = q
+            .run_batch(&[JobSpec::new(Opcode::Nop), JobSpec::new(Opcode::Copy)])
+            .unwrap();
         assert_eq!(done[0].status, JobStatus::Ok.code());
         assert_eq!(done[1].status, JobStatus::OpNotAllowed.code());
-        assert_eq!(crate::check(&done[1]).unwrap_err().job_status(), Some(JobStatus::OpNotAllowed));
+        assert_eq!(
+            crate::check(&done[1]).unwrap_err().job_status(),
+            Some(JobStatus::OpNotAllowed)
+        );
     }
 }

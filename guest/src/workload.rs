@@ -39,9 +39,30 @@ impl Rng {
 }
 
 const WORDS: [&str; 24] = [
-    "accelerator", "queue", "doorbell", "completion", "submission", "phase", "guest", "host", "vfio", "user",
-    "deflate", "zlib", "gzip", "crc32c", "sha256", "copy", "fill", "compare", "ring", "index", "device",
-    "memory", "page", "batch",
+    "accelerator",
+    "queue",
+    "doorbell",
+    "completion",
+    "submission",
+    "phase",
+    "guest",
+    "host",
+    "vfio",
+    "user",
+    "deflate",
+    "zlib",
+    "gzip",
+    "crc32c",
+    "sha256",
+    "copy",
+    "fill",
+    "compare",
+    "ring",
+    "index",
+    "device",
+    "memory",
+    "page",
+    "batch",
 ];
 
 /// `len` bytes of text-like data from `seed`: words, numbers and now and then
@@ -95,14 +116,21 @@ impl JobKind {
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
-            .map(|s| JobKind::parse(s).ok_or(format!("unknown job {s:?} (known: {})", Self::NAMES.join(","))))
+            .map(|s| {
+                JobKind::parse(s).ok_or(format!(
+                    "unknown job {s:?} (known: {})",
+                    Self::NAMES.join(",")
+                ))
+            })
             .collect();
         match kinds {
             Ok(k) if k.is_empty() => Err("empty job list".into()),
             other => other,
         }
     }
-    pub const NAMES: [&'static str; 8] = ["deflate", "zlib", "gzip", "crc32c", "sha256", "copy", "fill", "compare"];
+    pub const NAMES: [&'static str; 8] = [
+        "deflate", "zlib", "gzip", "crc32c", "sha256", "copy", "fill", "compare",
+    ];
     pub fn name(self) -> &'static str {
         match self {
             JobKind::Compress(f) => f.name(),
@@ -146,7 +174,9 @@ fn framing_ok(format: Format, stream: &[u8]) -> bool {
     match format {
         Format::Deflate => !stream.is_empty(),
         Format::Zlib => {
-            stream.len() >= 6 && stream[0] & 0x0f == 8 && (u16::from(stream[0]) << 8 | u16::from(stream[1])) % 31 == 0
+            stream.len() >= 6
+                && stream[0] & 0x0f == 8
+                && (u16::from(stream[0]) << 8 | u16::from(stream[1])) % 31 == 0
         }
         Format::Gzip => stream.len() >= 18 && stream[..3] == [0x1f, 0x8b, 8],
     }
@@ -207,9 +237,14 @@ fn run_one<M: Mmio, D: DmaMemory>(
         }
         JobKind::Fill => {
             let pattern = (opts.seed as u8) ^ 0x5a;
-            let caps: Vec<usize> = (0..data.len()).step_by(max).map(|o| (data.len() - o).min(max)).collect();
+            let caps: Vec<usize> = (0..data.len())
+                .step_by(max)
+                .map(|o| (data.len() - o).min(max))
+                .collect();
             let empties = vec![&[][..]; caps.len()];
-            let filled = q.run_staged(Opcode::Fill, u64::from(pattern), &empties, &caps)?.concat();
+            let filled = q
+                .run_staged(Opcode::Fill, u64::from(pattern), &empties, &caps)?
+                .concat();
             out.insert("pattern".into(), json!(pattern));
             filled.len() == data.len() && filled.iter().all(|&b| b == pattern)
         }
@@ -304,10 +339,20 @@ pub fn defang(offset: u64, width: u8, value: u32) -> u32 {
 /// `count` random BAR0 accesses (offsets below [`GARBAGE_LIMIT`], widths
 /// from `widths`, random values), then the device's error registers, a
 /// device reset and a check that it still answers. Returns the JSON report.
-pub fn garbage<M: Mmio>(dev: &Device<M>, bar: &dyn RawBar, count: u32, seed: u64, widths: &[u8]) -> Value {
+pub fn garbage<M: Mmio>(
+    dev: &Device<M>,
+    bar: &dyn RawBar,
+    count: u32,
+    seed: u64,
+    widths: &[u8],
+) -> Value {
     let mut r = Rng::new(seed);
     let (mut reads, mut writes, mut failures) = (0u32, 0u32, 0u32);
-    let widths = if widths.is_empty() { &[4u8][..] } else { widths };
+    let widths = if widths.is_empty() {
+        &[4u8][..]
+    } else {
+        widths
+    };
     for _ in 0..count {
         let width = widths[r.below(widths.len() as u64) as usize];
         // Naturally aligned: an unaligned access through a mapping is not
@@ -331,7 +376,12 @@ pub fn garbage<M: Mmio>(dev: &Device<M>, bar: &dyn RawBar, count: u32, seed: u64
     let id = dev.mmio().read32(pci::BAR_CONTROL, u64::from(regs::ID));
     let id_ok = matches!(id, Ok(regs::ID_MAGIC));
     let (latched, code, name, offset) = match &fault {
-        Ok(Some(f)) => (true, f.code, f.error().map_or("unknown", |e| e.name()), f.offset),
+        Ok(Some(f)) => (
+            true,
+            f.code,
+            f.error().map_or("unknown", |e| e.name()),
+            f.offset,
+        ),
         _ => (false, 0, "none", 0),
     };
     json!({
@@ -362,13 +412,21 @@ mod tests {
     impl RawBar for FakeDevice {
         fn read(&self, offset: u64, width: u8) -> Result<u32, MmioError> {
             if width != 4 {
-                return Err(MmioError::Unaligned { bar: 0, offset, width });
+                return Err(MmioError::Unaligned {
+                    bar: 0,
+                    offset,
+                    width,
+                });
             }
             self.read32(0, offset)
         }
         fn write(&self, offset: u64, width: u8, value: u32) -> Result<(), MmioError> {
             if width != 4 {
-                return Err(MmioError::Unaligned { bar: 0, offset, width });
+                return Err(MmioError::Unaligned {
+                    bar: 0,
+                    offset,
+                    width,
+                });
             }
             self.write32(0, offset, value)
         }
@@ -389,12 +447,20 @@ mod tests {
     fn job_lists_parse_and_refuse_unknown_names() {
         assert_eq!(
             JobKind::parse_list("gzip, crc32c,fill").unwrap(),
-            vec![JobKind::Compress(Format::Gzip), JobKind::Crc32c, JobKind::Fill]
+            vec![
+                JobKind::Compress(Format::Gzip),
+                JobKind::Crc32c,
+                JobKind::Fill
+            ]
         );
         for n in JobKind::NAMES {
             assert_eq!(JobKind::parse(n).unwrap().name(), n);
         }
-        assert!(JobKind::parse_list("crc32c,lz4").unwrap_err().contains("lz4"));
+        assert!(
+            JobKind::parse_list("crc32c,lz4")
+                .unwrap_err()
+                .contains("lz4")
+        );
         assert!(JobKind::parse_list(",").is_err());
     }
 
@@ -423,7 +489,10 @@ mod tests {
         let v = run(&mut q, &opts);
         let res = v["results"].as_array().unwrap();
         assert_eq!(res[0]["job"], "crc32c");
-        assert!(res[0]["error"].as_str().unwrap().contains("MAX_XFER"), "{v}");
+        assert!(
+            res[0]["error"].as_str().unwrap().contains("MAX_XFER"),
+            "{v}"
+        );
         assert_eq!(res[1]["ok"], true, "{v}");
         assert_eq!(res[2]["ok"], true, "{v}");
         assert!(res[3]["error"].is_string());
@@ -445,10 +514,20 @@ mod tests {
     fn run_reports_a_failing_engine_as_not_ok() {
         let (_f, d, pool) = fake::setup(Mode::InOrder);
         let mut q = d.queue(0, 4, ALL_OPS, &pool).unwrap();
-        let opts = RunOptions { jobs: vec![JobKind::Compress(Format::Deflate)], size: 100, seed: 1, level: 1 };
+        let opts = RunOptions {
+            jobs: vec![JobKind::Compress(Format::Deflate)],
+            size: 100,
+            seed: 1,
+            level: 1,
+        };
         let v = run(&mut q, &opts);
         assert_eq!(v["ok"], false);
-        assert!(v["results"][0]["error"].as_str().unwrap().contains("EngineError"));
+        assert!(
+            v["results"][0]["error"]
+                .as_str()
+                .unwrap()
+                .contains("EngineError")
+        );
     }
 
     #[test]
@@ -468,10 +547,17 @@ mod tests {
         let v = garbage(&d, &*f, 300, 11, &[4]);
         assert_eq!(v["ok"], true, "{v}");
         assert_eq!(v["accesses"], 300);
-        assert_eq!(v["reads"].as_u64().unwrap() + v["writes"].as_u64().unwrap(), 300);
+        assert_eq!(
+            v["reads"].as_u64().unwrap() + v["writes"].as_u64().unwrap(),
+            300
+        );
         assert_eq!(v["id_after"], regs::ID_MAGIC);
         assert!(!f.queue_enabled(0) && !f.queue_enabled(1));
-        assert_eq!(v, garbage(&d, &*f, 300, 11, &[4]), "deterministic for a seed");
+        assert_eq!(
+            v,
+            garbage(&d, &*f, 300, 11, &[4]),
+            "deterministic for a seed"
+        );
         // Unsupported widths count as access failures, not crashes.
         let v = garbage(&d, &*f, 50, 2, &[1, 2]);
         assert_eq!(v["access_failures"], 50);

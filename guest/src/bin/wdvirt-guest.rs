@@ -11,7 +11,11 @@ use wdvirt_guest::cli::{self, Command, ToolOptions};
 
 fn emit(v: &Value) -> ExitCode {
     println!("WDVIRT-RESULT {v}");
-    if v["ok"] == json!(true) { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+    if v["ok"] == json!(true) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 fn failure(mode: &str, error: impl std::fmt::Display) -> Value {
@@ -34,7 +38,9 @@ fn main() -> ExitCode {
         let args = cli::args_from_cmdline(&line);
         println!("wdvirt-guest: from /proc/cmdline: {}", args.join(" "));
         opts = match cli::parse_args(args) {
-            Ok(o) if o.command == Command::Cmdline => return emit(&failure("cmdline", "wdvirt.mode=cmdline loops")),
+            Ok(o) if o.command == Command::Cmdline => {
+                return emit(&failure("cmdline", "wdvirt.mode=cmdline loops"));
+            }
             Ok(o) => o,
             Err(e) => return emit(&failure("cmdline", e)),
         };
@@ -49,7 +55,10 @@ fn main() -> ExitCode {
     }
     #[cfg(not(target_os = "linux"))]
     {
-        emit(&failure("unsupported", "the wdvirt-guest tool runs in a Linux guest"))
+        emit(&failure(
+            "unsupported",
+            "the wdvirt-guest tool runs in a Linux guest",
+        ))
     }
 }
 
@@ -116,11 +125,25 @@ mod linux_main {
             "wdvirt-guest: found {} [{:04x}:{:04x}] class {:06x}",
             pd.bdf, pd.vendor, pd.device, pd.class
         );
-        for (i, r) in pd.resources.iter().take(6).enumerate().filter(|(_, r)| r.size() > 0) {
-            println!("wdvirt-guest:   BAR{i} {:#x} size {:#x}{}", r.start, r.size(), if r.is_mem() { " mem" } else { "" });
+        for (i, r) in pd
+            .resources
+            .iter()
+            .take(6)
+            .enumerate()
+            .filter(|(_, r)| r.size() > 0)
+        {
+            println!(
+                "wdvirt-guest:   BAR{i} {:#x} size {:#x}{}",
+                r.start,
+                r.size(),
+                if r.is_mem() { " mem" } else { "" }
+            );
         }
         let command = pci::enable_memory_and_master(&pd)?;
-        println!("wdvirt-guest: command register {:#06x} -> {:#06x}", command.0, command.1);
+        println!(
+            "wdvirt-guest: command register {:#06x} -> {:#06x}",
+            command.0, command.1
+        );
         let bars = Arc::new(BarMmio::open(&pd)?);
         let dev = Device::probe(bars.clone())?;
         let info = *dev.info();
@@ -147,15 +170,27 @@ mod linux_main {
                 }
                 let alloc = mem.allocator()?;
                 let pool = DmaPool::new(mem, alloc);
-                let depth = if opts.depth == 0 { info.max_depth.min(64) } else { opts.depth };
+                let depth = if opts.depth == 0 {
+                    info.max_depth.min(64)
+                } else {
+                    opts.depth
+                };
                 let ops = run.jobs.iter().fold(0, |m, j: &JobKind| m | j.ops_mask());
                 let mut q = dev.queue(opts.queue, depth, ops, &pool)?;
                 q.set_timeout(Duration::from_secs(opts.timeout_secs));
                 let v = workload::run(&mut q, run);
-                println!("wdvirt-guest: doorbells rung {}, device completed {}", q.doorbells_rung(), q.device_completed()?);
+                println!(
+                    "wdvirt-guest: doorbells rung {}, device completed {}",
+                    q.doorbells_rung(),
+                    q.device_completed()?
+                );
                 v
             }
-            Command::Garbage { count, seed, widths } => workload::garbage(&dev, &*bars, *count, *seed, widths),
+            Command::Garbage {
+                count,
+                seed,
+                widths,
+            } => workload::garbage(&dev, &*bars, *count, *seed, widths),
             Command::Cmdline | Command::Help => failure("internal", "nothing to run"),
         };
         result["device"] = device;

@@ -17,7 +17,10 @@ pub struct BarMmio {
 }
 
 fn map_bar(dev: &PciDevice, bar: u8) -> Result<Mapping, LinuxError> {
-    let res = dev.resource(bar).filter(|r| r.is_mem() && r.size() > 0).ok_or(LinuxError::BadBar { bar })?;
+    let res = dev
+        .resource(bar)
+        .filter(|r| r.is_mem() && r.size() > 0)
+        .ok_or(LinuxError::BadBar { bar })?;
     let path = dev.resource_path(bar);
     let f = OpenOptions::new()
         .read(true)
@@ -31,7 +34,10 @@ fn map_bar(dev: &PciDevice, bar: u8) -> Result<Mapping, LinuxError> {
 impl BarMmio {
     /// Maps the control and doorbell BARs of `dev` (memory space must be on).
     pub fn open(dev: &PciDevice) -> Result<BarMmio, LinuxError> {
-        Ok(BarMmio { bar0: map_bar(dev, pci::BAR_CONTROL)?, bar2: map_bar(dev, pci::BAR_DOORBELL)? })
+        Ok(BarMmio {
+            bar0: map_bar(dev, pci::BAR_CONTROL)?,
+            bar2: map_bar(dev, pci::BAR_DOORBELL)?,
+        })
     }
 
     fn bar(&self, bar: u8) -> Result<&Mapping, MmioError> {
@@ -44,10 +50,22 @@ impl BarMmio {
 }
 
 fn mmio_err(m: &Mapping, bar: u8, e: BadAccess) -> MmioError {
-    if e.offset.checked_add(e.width as u64).is_none_or(|end| end > m.len() as u64) {
-        MmioError::OutOfRange { bar, offset: e.offset, width: e.width as u8, size: m.len() as u64 }
+    if e.offset
+        .checked_add(e.width as u64)
+        .is_none_or(|end| end > m.len() as u64)
+    {
+        MmioError::OutOfRange {
+            bar,
+            offset: e.offset,
+            width: e.width as u8,
+            size: m.len() as u64,
+        }
     } else {
-        MmioError::Unaligned { bar, offset: e.offset, width: e.width as u8 }
+        MmioError::Unaligned {
+            bar,
+            offset: e.offset,
+            width: e.width as u8,
+        }
     }
 }
 
@@ -69,7 +87,10 @@ impl RawBar for BarMmio {
             1 => m.read_u8(offset).map(u32::from),
             2 => m.read_u16(offset).map(u32::from),
             4 => m.read_u32(offset),
-            _ => Err(BadAccess { offset, width: width as usize }),
+            _ => Err(BadAccess {
+                offset,
+                width: width as usize,
+            }),
         };
         r.map_err(|e| mmio_err(m, 0, e))
     }
@@ -79,7 +100,10 @@ impl RawBar for BarMmio {
             1 => m.write_u8(offset, value as u8),
             2 => m.write_u16(offset, value as u16),
             4 => m.write_u32(offset, value),
-            _ => Err(BadAccess { offset, width: width as usize }),
+            _ => Err(BadAccess {
+                offset,
+                width: width as usize,
+            }),
         };
         r.map_err(|e| mmio_err(m, 0, e))
     }

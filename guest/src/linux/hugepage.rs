@@ -26,7 +26,10 @@ pub fn pagemap_pfn(entry: u64) -> Option<u64> {
 
 fn read_u64(path: &str) -> Result<u64, LinuxError> {
     let text = fs::read_to_string(path).map_err(LinuxError::io("reading", path))?;
-    text.trim().parse().map_err(|_| LinuxError::Parse { path: path.into(), text })
+    text.trim().parse().map_err(|_| LinuxError::Parse {
+        path: path.into(),
+        text,
+    })
 }
 
 /// Makes sure `n` free 2 MiB hugepages exist, raising `nr_hugepages` if needed.
@@ -62,7 +65,9 @@ fn physical(pagemap: &File, vaddr: u64) -> Result<u64, LinuxError> {
         .read_exact_at(&mut b, vaddr / PAGE_SIZE * 8)
         .map_err(LinuxError::io("reading", "/proc/self/pagemap"))?;
     let entry = u64::from_le_bytes(b);
-    pagemap_pfn(entry).map(|pfn| pfn * PAGE_SIZE + vaddr % PAGE_SIZE).ok_or(LinuxError::NoPhysical { vaddr, entry })
+    pagemap_pfn(entry)
+        .map(|pfn| pfn * PAGE_SIZE + vaddr % PAGE_SIZE)
+        .ok_or(LinuxError::NoPhysical { vaddr, entry })
 }
 
 impl HugeMemory {
@@ -80,7 +85,10 @@ impl HugeMemory {
             let last = map.addr() + HUGEPAGE_SIZE as u64 - PAGE_SIZE;
             let phys_last = physical(&pagemap, last)?;
             if phys_last != phys + HUGEPAGE_SIZE as u64 - PAGE_SIZE {
-                return Err(LinuxError::NoPhysical { vaddr: last, entry: phys_last });
+                return Err(LinuxError::NoPhysical {
+                    vaddr: last,
+                    entry: phys_last,
+                });
             }
             regions.push(Region { phys, map });
         }
@@ -90,7 +98,10 @@ impl HugeMemory {
 
     /// `(physical address, length)` of each hugepage.
     pub fn regions(&self) -> Vec<(u64, u64)> {
-        self.regions.iter().map(|r| (r.phys, r.map.len() as u64)).collect()
+        self.regions
+            .iter()
+            .map(|r| (r.phys, r.map.len() as u64))
+            .collect()
     }
 
     /// An allocator with one region per hugepage.
@@ -104,9 +115,15 @@ impl HugeMemory {
 
     /// The region holding all of `[addr, addr + len)`, and the offset in it.
     fn find(&self, addr: u64, len: usize) -> Result<(&Mapping, u64), DmaError> {
-        let err = DmaError::OutOfRange { addr, len: len as u64 };
+        let err = DmaError::OutOfRange {
+            addr,
+            len: len as u64,
+        };
         let i = self.regions.partition_point(|r| r.phys <= addr);
-        let r = i.checked_sub(1).map(|i| &self.regions[i]).ok_or(err.clone())?;
+        let r = i
+            .checked_sub(1)
+            .map(|i| &self.regions[i])
+            .ok_or(err.clone())?;
         let off = addr - r.phys;
         match off.checked_add(len as u64) {
             Some(end) if end <= r.map.len() as u64 => Ok((&r.map, off)),
@@ -118,25 +135,32 @@ impl HugeMemory {
 impl DmaMemory for HugeMemory {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), DmaError> {
         let (m, off) = self.find(addr, buf.len())?;
-        m.copy_out(off, buf).map_err(|_| DmaError::OutOfRange { addr, len: buf.len() as u64 })
+        m.copy_out(off, buf).map_err(|_| DmaError::OutOfRange {
+            addr,
+            len: buf.len() as u64,
+        })
     }
     fn write(&self, addr: u64, data: &[u8]) -> Result<(), DmaError> {
         let (m, off) = self.find(addr, data.len())?;
-        m.copy_in(off, data).map_err(|_| DmaError::OutOfRange { addr, len: data.len() as u64 })
+        m.copy_in(off, data).map_err(|_| DmaError::OutOfRange {
+            addr,
+            len: data.len() as u64,
+        })
     }
     fn read_u32(&self, addr: u64) -> Result<u32, DmaError> {
-        if addr % 4 != 0 {
+        if !addr.is_multiple_of(4) {
             return Err(DmaError::Unaligned { addr });
         }
         let (m, off) = self.find(addr, 4)?;
         m.read_u32(off).map_err(|_| DmaError::Unaligned { addr })
     }
     fn write_u32(&self, addr: u64, value: u32) -> Result<(), DmaError> {
-        if addr % 4 != 0 {
+        if !addr.is_multiple_of(4) {
             return Err(DmaError::Unaligned { addr });
         }
         let (m, off) = self.find(addr, 4)?;
-        m.write_u32(off, value).map_err(|_| DmaError::Unaligned { addr })
+        m.write_u32(off, value)
+            .map_err(|_| DmaError::Unaligned { addr })
     }
 }
 
@@ -147,8 +171,36 @@ mod tests {
     #[test]
     fn pagemap_entries_decode() {
         assert_eq!(pagemap_pfn(1 << 63 | 0x1234), Some(0x1234));
-        assert_eq!(pagemap_pfn(1 << 63 | 1 << 62 | 1 << 55 | 0x10), Some(0x10), "flag bits above 54 are not PFN");
+        assert_eq!(
+            pagemap_pfn(1 << 63 | 1 << 62 | 1 << 55 | 0x10),
+            Some(0x10),
+            "flag bits above 54 are not PFN"
+        );
         assert_eq!(pagemap_pfn(0x1234), None, "not present");
         assert_eq!(pagemap_pfn(1 << 63), None, "PFN hidden from non-root");
+    }
+}
+
+#[cfg(test)]
+mod pagemap_tests {
+    use super::*;
+
+    #[test]
+    fn physical_address_keeps_the_page_offset() {
+        let buf = vec![1u8; 3 * PAGE_SIZE as usize];
+        let vaddr = buf.as_ptr() as u64 + PAGE_SIZE + 123;
+        let pagemap = File::open("/proc/self/pagemap").unwrap();
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        match physical(&pagemap, vaddr) {
+            Ok(p) => {
+                assert!(root, "only root sees PFNs");
+                assert_eq!(p % PAGE_SIZE, vaddr % PAGE_SIZE);
+            }
+            Err(e) => {
+                assert!(!root, "root must see the PFN of a touched page: {e}");
+                assert!(matches!(e, LinuxError::NoPhysical { .. }));
+            }
+        }
     }
 }

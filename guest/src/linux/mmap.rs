@@ -56,7 +56,11 @@ impl Mapping {
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_POPULATE | libc::MAP_LOCKED,
+                libc::MAP_PRIVATE
+                    | libc::MAP_ANONYMOUS
+                    | libc::MAP_HUGETLB
+                    | libc::MAP_POPULATE
+                    | libc::MAP_LOCKED,
                 -1,
                 0,
             )
@@ -66,7 +70,11 @@ impl Mapping {
 
     fn from_raw(p: *mut libc::c_void, len: usize, what: &str) -> Result<Mapping, LinuxError> {
         if p == libc::MAP_FAILED {
-            return Err(LinuxError::Mmap { what: what.to_string(), len, source: io::Error::last_os_error() });
+            return Err(LinuxError::Mmap {
+                what: what.to_string(),
+                len,
+                source: io::Error::last_os_error(),
+            });
         }
         let ptr = NonNull::new(p.cast::<u8>()).ok_or_else(|| LinuxError::Mmap {
             what: what.to_string(),
@@ -91,7 +99,7 @@ impl Mapping {
     fn at(&self, offset: u64, width: usize, align: usize) -> Result<*mut u8, BadAccess> {
         let bad = BadAccess { offset, width };
         let end = offset.checked_add(width as u64).ok_or(bad)?;
-        if end > self.len as u64 || offset % align as u64 != 0 {
+        if end > self.len as u64 || !offset.is_multiple_of(align as u64) {
             return Err(bad);
         }
         // SAFETY: offset + width <= len, so the result stays inside the mapping.
@@ -163,8 +171,15 @@ mod tests {
     use std::io::Write;
 
     fn temp_file(len: usize) -> (std::path::PathBuf, File) {
-        let path = std::env::temp_dir().join(format!("wdvirt-guest-mmap-{}-{len}", std::process::id()));
-        let mut f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let path =
+            std::env::temp_dir().join(format!("wdvirt-guest-mmap-{}-{len}", std::process::id()));
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
         f.write_all(&vec![0u8; len]).unwrap();
         (path, f)
     }
@@ -180,8 +195,20 @@ mod tests {
         m.write_u16(10, 0xaabb).unwrap();
         m.write_u8(12, 9).unwrap();
         assert_eq!(m.read_u32(8).unwrap(), 0xaabb_3344);
-        assert_eq!(m.read_u32(9), Err(BadAccess { offset: 9, width: 4 }));
-        assert_eq!(m.read_u32(4096), Err(BadAccess { offset: 4096, width: 4 }));
+        assert_eq!(
+            m.read_u32(9),
+            Err(BadAccess {
+                offset: 9,
+                width: 4
+            })
+        );
+        assert_eq!(
+            m.read_u32(4096),
+            Err(BadAccess {
+                offset: 4096,
+                width: 4
+            })
+        );
         assert!(m.write_u16(4095, 0).is_err());
         assert!(m.read_u32(u64::MAX - 1).is_err());
         let mut buf = [0u8; 4];

@@ -16,23 +16,40 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum LinuxError {
     #[error("{what} {path}: {source}")]
-    Io { what: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("no wdvirt device (vendor {vendor:#06x}, device {device:#06x}) under {root}")]
-    NoDevice { vendor: u16, device: u16, root: PathBuf },
+    NoDevice {
+        vendor: u16,
+        device: u16,
+        root: PathBuf,
+    },
     #[error("{path}: unexpected contents {text:?}")]
     Parse { path: PathBuf, text: String },
     #[error("mmap of {what} ({len:#x} bytes) failed: {source}")]
-    Mmap { what: String, len: usize, source: io::Error },
+    Mmap {
+        what: String,
+        len: usize,
+        source: io::Error,
+    },
     #[error("BAR{bar} is not a memory BAR or is empty")]
     BadBar { bar: u8 },
     #[error("only {free} free 2 MiB hugepages (need {need}); boot with hugepages=N")]
     NoHugepages { free: u64, need: u64 },
-    #[error("no physical address for {vaddr:#x} in /proc/self/pagemap (entry {entry:#x}; root needed)")]
+    #[error(
+        "no physical address for {vaddr:#x} in /proc/self/pagemap (entry {entry:#x}; root needed)"
+    )]
     NoPhysical { vaddr: u64, entry: u64 },
 }
 
 impl LinuxError {
-    pub(crate) fn io(what: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> LinuxError {
+    pub(crate) fn io(
+        what: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(io::Error) -> LinuxError {
         let path = path.into();
         move |source| LinuxError::Io { what, path, source }
     }

@@ -27,7 +27,11 @@ pub struct Resource {
 
 impl Resource {
     pub fn size(&self) -> u64 {
-        if self.start == 0 && self.end == 0 { 0 } else { self.end - self.start + 1 }
+        if self.start == 0 && self.end == 0 {
+            0
+        } else {
+            self.end - self.start + 1
+        }
     }
     pub fn is_mem(&self) -> bool {
         self.flags & IORESOURCE_MEM != 0
@@ -64,7 +68,10 @@ pub fn parse_hex(s: &str) -> Option<u64> {
 
 fn hex_file(path: &Path) -> Result<u64, LinuxError> {
     let text = read_text(path)?;
-    parse_hex(&text).ok_or(LinuxError::Parse { path: path.to_path_buf(), text })
+    parse_hex(&text).ok_or(LinuxError::Parse {
+        path: path.to_path_buf(),
+        text,
+    })
 }
 
 /// Parses a sysfs `resource` file: one `start end flags` line per resource.
@@ -73,7 +80,11 @@ pub fn parse_resource(text: &str) -> Option<Vec<Resource>> {
         .filter(|l| !l.trim().is_empty())
         .map(|l| {
             let mut it = l.split_whitespace().map(parse_hex);
-            let r = Resource { start: it.next()??, end: it.next()??, flags: it.next()?? };
+            let r = Resource {
+                start: it.next()??,
+                end: it.next()??,
+                flags: it.next()??,
+            };
             (r.end >= r.start || r.start == 0).then_some(r)
         })
         .collect()
@@ -86,7 +97,10 @@ pub fn find_devices(root: &Path) -> Result<Vec<PciDevice>, LinuxError> {
     for entry in fs::read_dir(root).map_err(LinuxError::io("listing", root))? {
         let entry = entry.map_err(LinuxError::io("listing", root))?;
         let path = entry.path();
-        let (Ok(vendor), Ok(device)) = (hex_file(&path.join("vendor")), hex_file(&path.join("device"))) else {
+        let (Ok(vendor), Ok(device)) = (
+            hex_file(&path.join("vendor")),
+            hex_file(&path.join("device")),
+        ) else {
             continue;
         };
         if vendor != u64::from(pci::VENDOR_ID) || device != u64::from(pci::DEVICE_ID) {
@@ -116,22 +130,33 @@ pub fn find_device(root: &Path, bdf: Option<&str>) -> Result<PciDevice, LinuxErr
         Some(b) => all.into_iter().find(|d| d.bdf == b),
         None => all.into_iter().next(),
     };
-    pick.ok_or(LinuxError::NoDevice { vendor: pci::VENDOR_ID, device: pci::DEVICE_ID, root: root.to_path_buf() })
+    pick.ok_or(LinuxError::NoDevice {
+        vendor: pci::VENDOR_ID,
+        device: pci::DEVICE_ID,
+        root: root.to_path_buf(),
+    })
 }
 
 /// Sets memory-space and bus-master enable by read-modify-write of the
 /// command register in the sysfs `config` file. Returns (before, after).
 pub fn enable_memory_and_master(dev: &PciDevice) -> Result<(u16, u16), LinuxError> {
     let path = dev.path.join("config");
-    let f = OpenOptions::new().read(true).write(true).open(&path).map_err(LinuxError::io("opening", &path))?;
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(LinuxError::io("opening", &path))?;
     let mut b = [0u8; 2];
-    f.read_exact_at(&mut b, COMMAND_OFFSET).map_err(LinuxError::io("reading", &path))?;
+    f.read_exact_at(&mut b, COMMAND_OFFSET)
+        .map_err(LinuxError::io("reading", &path))?;
     let before = u16::from_le_bytes(b);
     let after = before | COMMAND_MEMORY | COMMAND_MASTER;
     if after != before {
-        f.write_all_at(&after.to_le_bytes(), COMMAND_OFFSET).map_err(LinuxError::io("writing", &path))?;
+        f.write_all_at(&after.to_le_bytes(), COMMAND_OFFSET)
+            .map_err(LinuxError::io("writing", &path))?;
     }
-    f.read_exact_at(&mut b, COMMAND_OFFSET).map_err(LinuxError::io("reading", &path))?;
+    f.read_exact_at(&mut b, COMMAND_OFFSET)
+        .map_err(LinuxError::io("reading", &path))?;
     Ok((before, u16::from_le_bytes(b)))
 }
 
@@ -140,7 +165,8 @@ mod tests {
     use super::*;
 
     fn fake_sysfs(tag: &str) -> PathBuf {
-        let root = std::env::temp_dir().join(format!("wdvirt-guest-sysfs-{}-{tag}", std::process::id()));
+        let root =
+            std::env::temp_dir().join(format!("wdvirt-guest-sysfs-{}-{tag}", std::process::id()));
         let _ = fs::remove_dir_all(&root);
         let dev = |bdf: &str, vendor: &str, device: &str| {
             let d = root.join(bdf);
@@ -170,15 +196,27 @@ mod tests {
     fn finds_wdvirt_functions_sorted_with_bars() {
         let root = fake_sysfs("find");
         let all = find_devices(&root).unwrap();
-        assert_eq!(all.iter().map(|d| d.bdf.as_str()).collect::<Vec<_>>(), ["0000:00:03.0", "0000:00:05.0"]);
+        assert_eq!(
+            all.iter().map(|d| d.bdf.as_str()).collect::<Vec<_>>(),
+            ["0000:00:03.0", "0000:00:05.0"]
+        );
         let d = &all[0];
-        assert_eq!((d.vendor, d.device, d.class), (pci::VENDOR_ID, pci::DEVICE_ID, pci::CLASS_CODE));
+        assert_eq!(
+            (d.vendor, d.device, d.class),
+            (pci::VENDOR_ID, pci::DEVICE_ID, pci::CLASS_CODE)
+        );
         assert_eq!(d.resource(0).unwrap().size(), pci::BAR0_SIZE);
         assert!(d.resource(0).unwrap().is_mem());
         assert_eq!(d.resource(1).unwrap().size(), 0);
         assert_eq!(d.resource(2).unwrap().size(), 0x4000);
-        assert_eq!(find_device(&root, Some("0000:00:05.0")).unwrap().bdf, "0000:00:05.0");
-        assert!(matches!(find_device(&root, Some("0000:00:01.0")), Err(LinuxError::NoDevice { .. })));
+        assert_eq!(
+            find_device(&root, Some("0000:00:05.0")).unwrap().bdf,
+            "0000:00:05.0"
+        );
+        assert!(matches!(
+            find_device(&root, Some("0000:00:01.0")),
+            Err(LinuxError::NoDevice { .. })
+        ));
         fs::remove_dir_all(root).unwrap();
     }
 
@@ -188,7 +226,11 @@ mod tests {
         let d = find_device(&root, None).unwrap();
         assert_eq!(enable_memory_and_master(&d).unwrap(), (0x1, 0x7));
         let config = fs::read(d.path.join("config")).unwrap();
-        assert_eq!((config[4], config[5], config.len()), (0x7, 0, 64), "only the command register changed");
+        assert_eq!(
+            (config[4], config[5], config.len()),
+            (0x7, 0, 64),
+            "only the command register changed"
+        );
         assert_eq!(enable_memory_and_master(&d).unwrap(), (0x7, 0x7));
         fs::remove_dir_all(root).unwrap();
     }
@@ -197,7 +239,10 @@ mod tests {
     fn resource_parsing_refuses_junk() {
         assert!(parse_resource("0x1 0x2\n").is_none());
         assert!(parse_resource("zz 0x2 0x3\n").is_none());
-        assert!(parse_resource("0x10 0x2 0x200\n").is_none(), "end before start");
+        assert!(
+            parse_resource("0x10 0x2 0x200\n").is_none(),
+            "end before start"
+        );
         assert_eq!(parse_resource("").unwrap(), vec![]);
         assert_eq!(parse_hex("0x7764\n"), Some(0x7764));
     }
