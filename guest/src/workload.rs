@@ -552,6 +552,8 @@ mod tests {
             300
         );
         assert_eq!(v["id_after"], regs::ID_MAGIC);
+        assert_eq!(v["err_latched"], true, "{v}");
+        assert!(v["err_count"].as_u64().unwrap() > 0, "{v}");
         assert!(!f.queue_enabled(0) && !f.queue_enabled(1));
         assert_eq!(
             v,
