@@ -130,7 +130,7 @@ impl DmaMemory for HeapMemory {
         Ok(())
     }
     fn read_u32(&self, addr: u64) -> Result<u32, DmaError> {
-        if addr % 4 != 0 {
+        if !addr.is_multiple_of(4) {
             return Err(DmaError::Unaligned { addr });
         }
         let mut b = [0u8; 4];
@@ -138,7 +138,7 @@ impl DmaMemory for HeapMemory {
         Ok(u32::from_le_bytes(b))
     }
     fn write_u32(&self, addr: u64, value: u32) -> Result<(), DmaError> {
-        if addr % 4 != 0 {
+        if !addr.is_multiple_of(4) {
             return Err(DmaError::Unaligned { addr });
         }
         self.write(addr, &value.to_le_bytes())

@@ -191,7 +191,7 @@ impl FakeDevice {
         if fq.cq_tail.wrapping_sub(cq_head) >= fq.depth {
             s.cq_overflows += 1;
         }
-        let phase = if (fq.cq_tail / fq.depth) % 2 == 0 {
+        let phase = if (fq.cq_tail / fq.depth).is_multiple_of(2) {
             CQE_PHASE
         } else {
             0
@@ -281,7 +281,7 @@ impl FakeDevice {
         if fq.ops & !CAP_OPS != 0 {
             return Err(RegError::OpNotAllowed);
         }
-        if fq.sq % 64 != 0 || fq.cq % 64 != 0 || fq.idx % 64 != 0 {
+        if ![fq.sq, fq.cq, fq.idx].iter().all(|a| a.is_multiple_of(64)) {
             return Err(RegError::Misaligned);
         }
         let d = u64::from(fq.depth);

@@ -10,6 +10,7 @@
 //! Queue: submit / poll / wait / run_batch, or compress / crc32c / sha256 / ...
 //! ```
 
+pub mod cli;
 pub mod crc;
 pub mod device;
 pub mod dma;

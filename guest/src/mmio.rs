@@ -105,8 +105,8 @@ mod tests {
     #[test]
     fn read64_combines_halves_low_first() {
         let log = Log::default();
-        let v = (&log).read64(0, 0x10).unwrap();
-        assert_eq!(v, (0x14u64 * 3) << 32 | 0x10 * 3);
+        let v = Mmio::read64(&&log, 0, 0x10).unwrap();
+        assert_eq!(v, ((0x14u64 * 3) << 32) | (0x10 * 3));
         assert_eq!(log.0.lock()[0].2, 0x10);
         assert_eq!(log.0.lock()[1].2, 0x14);
     }

@@ -182,6 +182,16 @@ fn framing_ok(format: Format, stream: &[u8]) -> bool {
     }
 }
 
+/// Largest chunk for the split job kinds: `MAX_XFER`, or less when the
+/// largest free DMA piece cannot hold a chunk's compressed output (2 MiB
+/// hugepages against a large `MAX_XFER`).
+fn chunk_limit<M: Mmio, D: DmaMemory>(q: &Queue<M, D>) -> usize {
+    let largest = q.pool().largest_free() as usize;
+    // compress_bound(n) = n + n/8 + 128 must fit: n <= (largest - 128) * 8 / 9.
+    let fits = largest.saturating_sub(128) / 9 * 8;
+    (q.max_xfer() as usize).min(fits).max(1)
+}
+
 /// One job kind's outcome: `Ok(fields)` or an error message.
 fn run_one<M: Mmio, D: DmaMemory>(
     q: &mut Queue<M, D>,
@@ -189,7 +199,7 @@ fn run_one<M: Mmio, D: DmaMemory>(
     data: &[u8],
     opts: &RunOptions,
 ) -> Result<serde_json::Map<String, Value>, DriverError> {
-    let max = q.max_xfer().max(1) as usize;
+    let max = chunk_limit(q);
     let mut out = serde_json::Map::new();
     let verified = match kind {
         JobKind::Compress(f) => {
@@ -345,7 +355,9 @@ pub fn garbage<M: Mmio>(
     };
     for _ in 0..count {
         let width = widths[r.below(widths.len() as u64) as usize];
-        let offset = r.below(GARBAGE_LIMIT - u64::from(width) + 1);
+        // Naturally aligned: an unaligned access through a mapping is not
+        // something Rust can express; the device still sees sub-register widths.
+        let offset = r.below(GARBAGE_LIMIT / u64::from(width)) * u64::from(width);
         let res = if r.below(2) == 0 {
             reads += 1;
             bar.read(offset, width).map(|_| ())
@@ -540,6 +552,8 @@ mod tests {
             300
         );
         assert_eq!(v["id_after"], regs::ID_MAGIC);
+        assert_eq!(v["err_latched"], true, "{v}");
+        assert!(v["err_count"].as_u64().unwrap() > 0, "{v}");
         assert!(!f.queue_enabled(0) && !f.queue_enabled(1));
         assert_eq!(
             v,
