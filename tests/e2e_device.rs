@@ -67,7 +67,7 @@ fn corpus(len: usize, seed: u64) -> Vec<u8> {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 4 == 0 {
+        if x.is_multiple_of(4) {
             v.extend_from_slice(&x.to_le_bytes());
         } else {
             v.extend_from_slice(words[(x % 6) as usize]);

@@ -63,22 +63,39 @@ struct DemoInstance {
 
 /// Text-like data with some noise: compresses about 3:1, like real logs.
 fn corpus(len: usize, seed: u64) -> Vec<u8> {
-    let words: [&[u8]; 8] =
-        [b"queue ", b"pasid ", b"engine ", b"deflate ", b"guest ", b"mediated ", b"doorbell ", b"vfio-user "];
+    let words: [&[u8]; 8] = [
+        b"queue ",
+        b"pasid ",
+        b"engine ",
+        b"deflate ",
+        b"guest ",
+        b"mediated ",
+        b"doorbell ",
+        b"vfio-user ",
+    ];
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut v = Vec::with_capacity(len + 16);
     while v.len() < len {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 5 == 0 { v.extend_from_slice(&x.to_le_bytes()[..3]) } else { v.extend_from_slice(words[(x % 8) as usize]) }
+        if x.is_multiple_of(5) {
+            v.extend_from_slice(&x.to_le_bytes()[..3])
+        } else {
+            v.extend_from_slice(words[(x % 8) as usize])
+        }
     }
     v.truncate(len);
     v
 }
 
 /// The guest's side of one instance: connect, probe, run the mix, verify.
-fn drive(socket: &std::path::Path, rounds: u32, size: usize, seed: u64) -> anyhow::Result<GuestResult> {
+fn drive(
+    socket: &std::path::Path,
+    rounds: u32,
+    size: usize,
+    seed: u64,
+) -> anyhow::Result<GuestResult> {
     let ram = GuestRam::new(0x1_0000_0000, 64 << 20)?;
     let vmm = Arc::new(LoopbackVmm::connect(socket, ram).context("VMM connect")?);
     let dev = Device::probe(vmm.clone()).context("probe")?;
@@ -86,7 +103,13 @@ fn drive(socket: &std::path::Path, rounds: u32, size: usize, seed: u64) -> anyho
     let ram = vmm.ram();
     let pool = DmaPool::new(ram.clone(), DmaAllocator::new(ram.base(), ram.size())?);
     let mut q = dev.queue(0, 64, dev.info().cap_ops, &pool)?;
-    let mut r = GuestResult { jobs: 0, verified: 0, mismatches: Vec::new(), bytes_in: 0, seconds: 0.0 };
+    let mut r = GuestResult {
+        jobs: 0,
+        verified: 0,
+        mismatches: Vec::new(),
+        bytes_in: 0,
+        seconds: 0.0,
+    };
     let started = Instant::now();
     let check = |r: &mut GuestResult, what: &str, ok: bool, jobs: u64| {
         r.jobs += jobs;
@@ -103,18 +126,40 @@ fn drive(socket: &std::path::Path, rounds: u32, size: usize, seed: u64) -> anyho
             // The direct library call decodes the device's stream...
             let mut plain = vec![0u8; data.len()];
             let mut scratch = crate::accel::ops::Scratch::new();
-            let direct = crate::accel::ops::decompress(direct_format(f), &packed, &mut plain, &mut scratch);
-            let direct_ok = direct.map(|n| n as usize == data.len()).unwrap_or(false) && plain == data;
+            let direct =
+                crate::accel::ops::decompress(direct_format(f), &packed, &mut plain, &mut scratch);
+            let direct_ok =
+                direct.map(|n| n as usize == data.len()).unwrap_or(false) && plain == data;
             // ...and the device decodes it too.
             let back = q.decompress(f, &packed, data.len())?;
-            check(&mut r, &format!("{f:?} round {round}"), direct_ok && back == data, 2);
+            check(
+                &mut r,
+                &format!("{f:?} round {round}"),
+                direct_ok && back == data,
+                2,
+            );
         }
         let crc = q.crc32c(&data)?;
-        check(&mut r, "crc32c", crc == crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, &data) as u32, 1);
+        check(
+            &mut r,
+            "crc32c",
+            crc == crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, &data) as u32,
+            1,
+        );
         let sha = q.sha256(&data)?;
-        check(&mut r, "sha256", sha[..] == sha2::Sha256::digest(&data)[..], 1);
+        check(
+            &mut r,
+            "sha256",
+            sha[..] == sha2::Sha256::digest(&data)[..],
+            1,
+        );
         check(&mut r, "copy", q.copy(&data)? == data, 1);
-        check(&mut r, "fill", q.fill(0x5a, data.len())? == vec![0x5a; data.len()], 1);
+        check(
+            &mut r,
+            "fill",
+            q.fill(0x5a, data.len())? == vec![0x5a; data.len()],
+            1,
+        );
         check(&mut r, "compare", q.compare(&data, &data)?.is_none(), 1);
         r.bytes_in += 8 * data.len() as u64;
     }
@@ -146,7 +191,11 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let pasids = PasidAllocator::default();
     let mut instances = Vec::new();
     for i in 0..a.instances {
-        let spec = InstanceSpec { name: format!("wd{i}"), socket: dir.join(format!("wd{i}.sock")), config: WdConfig::default() };
+        let spec = InstanceSpec {
+            name: format!("wd{i}"),
+            socket: dir.join(format!("wd{i}.sock")),
+            config: WdConfig::default(),
+        };
         instances.push(Instance::start(spec, accel.clone(), pasids.allocate()?)?);
     }
     if !a.json {
@@ -163,11 +212,15 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         .enumerate()
         .map(|(i, inst)| {
             let socket = inst.socket().to_path_buf();
-            let (rounds, size, json, name) = (a.rounds, a.size as usize, a.json, inst.name().to_string());
+            let (rounds, size, json, name) =
+                (a.rounds, a.size as usize, a.json, inst.name().to_string());
             std::thread::spawn(move || {
                 let r = drive(&socket, rounds, size, i as u64 + 1);
                 if !json && let Ok(r) = &r {
-                    eprintln!("  {name}: guest finished {} jobs in {:.2} s", r.jobs, r.seconds);
+                    eprintln!(
+                        "  {name}: guest finished {} jobs in {:.2} s",
+                        r.jobs, r.seconds
+                    );
                 }
                 r
             })
@@ -175,8 +228,14 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         .collect();
     let mut results = Vec::new();
     for (g, inst) in guests.into_iter().zip(&instances) {
-        let guest = g.join().map_err(|_| anyhow::anyhow!("guest thread panicked"))?.with_context(|| inst.name().to_string())?;
-        results.push(DemoInstance { guest, device: inst.report() });
+        let guest = g
+            .join()
+            .map_err(|_| anyhow::anyhow!("guest thread panicked"))?
+            .with_context(|| inst.name().to_string())?;
+        results.push(DemoInstance {
+            guest,
+            device: inst.report(),
+        });
     }
     drop(instances);
     if a.json {
@@ -194,7 +253,16 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
 fn print_table(results: &[DemoInstance]) {
     println!(
         "{:<6} {:>5} {:>7} {:>9} {:>7} {:>7} {:>10} {:>10} {:>9} {:>9}",
-        "inst", "pasid", "jobs", "verified", "ok", "failed", "MiB in", "MiB out", "doorbells", "MB/s"
+        "inst",
+        "pasid",
+        "jobs",
+        "verified",
+        "ok",
+        "failed",
+        "MiB in",
+        "MiB out",
+        "doorbells",
+        "MB/s"
     );
     for r in results {
         let q = &r.device.queues;
@@ -215,5 +283,12 @@ fn print_table(results: &[DemoInstance]) {
         );
     }
     let all_ok = results.iter().all(|r| r.guest.mismatches.is_empty());
-    println!("{}", if all_ok { "every result matched a direct library call" } else { "MISMATCHES: see above" });
+    println!(
+        "{}",
+        if all_ok {
+            "every result matched a direct library call"
+        } else {
+            "MISMATCHES: see above"
+        }
+    );
 }

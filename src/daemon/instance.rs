@@ -62,6 +62,9 @@ pub struct InstanceReport {
     pub transport: Option<StatsSnapshot>,
 }
 
+/// How to stop the connection being served, and its counters.
+type CurrentConnection = (StopHandle, Arc<transport::stats::ConnectionStats>);
+
 /// A running instance. Dropping it stops the server thread.
 pub struct Instance {
     spec: InstanceSpec,
@@ -69,7 +72,7 @@ pub struct Instance {
     listener: Arc<Listener>,
     stats: Arc<InstanceStats>,
     queues: Vec<Arc<QueueShared>>,
-    connection: Arc<Mutex<Option<(StopHandle, Arc<transport::stats::ConnectionStats>)>>>,
+    connection: Arc<Mutex<Option<CurrentConnection>>>,
     connections: Arc<AtomicU64>,
     stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,

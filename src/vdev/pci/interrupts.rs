@@ -571,6 +571,12 @@ impl Interrupts {
     }
 }
 
+impl crate::vdev::function::InterruptSink for Interrupts {
+    fn msix(&self, vector: u16) -> bool {
+        self.trigger_msix(vector) == IrqOutcome::Delivered
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -855,11 +861,5 @@ pub(crate) mod tests {
         .join()
         .unwrap();
         assert_eq!(count(&fd), 10);
-    }
-}
-
-impl crate::vdev::function::InterruptSink for Interrupts {
-    fn msix(&self, vector: u16) -> bool {
-        self.trigger_msix(vector) == IrqOutcome::Delivered
     }
 }

@@ -229,7 +229,7 @@ impl WdDevice {
         let cfg = &mut self.queues[qi].cfg;
         match d.def.reg {
             Reg::SqBase | Reg::CqBase => {
-                if merged % RING_ALIGN != 0 {
+                if !merged.is_multiple_of(RING_ALIGN) {
                     return Err(RegError::Misaligned);
                 }
                 if d.def.reg == Reg::SqBase {
@@ -239,7 +239,7 @@ impl WdDevice {
                 }
             }
             Reg::IdxBase => {
-                if merged % IDX_ALIGN != 0 {
+                if !merged.is_multiple_of(IDX_ALIGN) {
                     return Err(RegError::Misaligned);
                 }
                 cfg.idx_base = merged;

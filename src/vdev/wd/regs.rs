@@ -207,7 +207,7 @@ pub fn decode(offset: u64, len: usize, num_queues: u32) -> Result<Decoded, RegEr
     if !matches!(len, 1 | 2 | 4 | 8) {
         return Err(RegError::BadWidth);
     }
-    if offset % len as u64 != 0 {
+    if !offset.is_multiple_of(len as u64) {
         return Err(RegError::Unaligned);
     }
     let offset = u32::try_from(offset).map_err(|_| RegError::OutOfRange)?;

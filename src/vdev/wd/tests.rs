@@ -127,7 +127,11 @@ impl Rig {
                 .read_slice(&mut raw, GuestAddress(CQ + slot * 16))
                 .unwrap();
             let cqe = CompletionEntry::from_bytes(&raw);
-            let phase = if (self.head / depth) % 2 == 0 { 1 } else { 0 };
+            let phase = if (self.head / depth).is_multiple_of(2) {
+                1
+            } else {
+                0
+            };
             if cqe.flags & 1 != phase {
                 std::thread::sleep(Duration::from_micros(50));
                 continue;
@@ -288,7 +292,8 @@ fn bad_register_accesses_latch_their_code_and_change_nothing() {
         ..WdConfig::default()
     });
     let q = r::queue(0);
-    let mut cases: Vec<(Box<dyn Fn(&mut Rig)>, RegError)> = vec![
+    type Case = (Box<dyn Fn(&mut Rig)>, RegError);
+    let mut cases: Vec<Case> = vec![
         (
             Box::new(|r: &mut Rig| r.dev.bar_write(0, r::DEV_CTRL as u64 + 2, &[1, 0]).unwrap()),
             RegError::BadWidth,
