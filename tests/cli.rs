@@ -1,0 +1,166 @@
+//! The `wdvirt` binary driven as an operator would: arguments, exit codes,
+//! messages, `--json`, and a VMM talking to `wdvirt serve`.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use wdvirt::vmm::{GuestRam, LoopbackVmm};
+use wdvirt_guest::{Device, DmaAllocator, DmaPool};
+
+fn wdvirt() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wdvirt"))
+}
+
+fn wait_for(path: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn help_teaches_the_subcommands() {
+    let out = wdvirt().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("demo") && text.contains("serve"), "{text}");
+    let out = wdvirt().args(["serve", "--help"]).output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("vfio-user-pci") && text.contains("--max-depth"),
+        "{text}"
+    );
+}
+
+#[test]
+fn bad_arguments_are_named_in_the_error() {
+    for (args, needle) in [
+        (
+            vec!["serve", "--socket", "/tmp/x.sock", "--max-depth", "3"],
+            "power of two",
+        ),
+        (
+            vec!["serve", "--socket", "/tmp/x.sock", "--ops", "crc32c,bogus"],
+            "unknown operation 'bogus'",
+        ),
+        (
+            vec!["serve", "--socket", "/tmp/x.sock", "--queues", "0"],
+            "--queues",
+        ),
+        (vec!["serve"], "--socket"),
+        (vec!["demo", "--size", "0"], "--size"),
+        (vec!["frobnicate"], "frobnicate"),
+    ] {
+        let out = wdvirt().args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn demo_json_reports_every_job_verified_and_counted_by_the_device() {
+    let out = wdvirt()
+        .args([
+            "demo",
+            "--instances",
+            "2",
+            "--rounds",
+            "2",
+            "--size",
+            "65536",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let list = v.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    let mut pasids = Vec::new();
+    for inst in list {
+        let jobs = inst["guest"]["jobs"].as_u64().unwrap();
+        assert_eq!(jobs, 22);
+        assert_eq!(inst["guest"]["verified"], jobs);
+        let ok: u64 = inst["device"]["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| q["jobs_ok"].as_u64().unwrap())
+            .sum();
+        assert_eq!(ok, jobs, "the device counted what the guest ran");
+        pasids.push(inst["device"]["pasid"].as_u64().unwrap());
+    }
+    assert_ne!(pasids[0], pasids[1], "each instance has its own PASID");
+}
+
+#[test]
+fn serve_runs_jobs_for_a_vmm_and_reports_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("wd.sock");
+    let mut child = wdvirt()
+        .args(["serve", "--json", "--queues", "2", "--socket"])
+        .arg(&socket)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for(&socket);
+    // A second server on the same live socket is refused.
+    let second = wdvirt()
+        .args(["serve", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    {
+        let vmm = Arc::new(
+            LoopbackVmm::connect(&socket, GuestRam::new(0x1_0000_0000, 4 << 20).unwrap()).unwrap(),
+        );
+        let dev = Device::probe(vmm.clone()).unwrap();
+        assert_eq!(dev.info().num_queues, 2);
+        dev.enable().unwrap();
+        let ram = vmm.ram();
+        let pool = DmaPool::new(
+            ram.clone(),
+            DmaAllocator::new(ram.base(), ram.size()).unwrap(),
+        );
+        let mut q = dev.queue(1, 8, dev.info().cap_ops, &pool).unwrap();
+        assert_eq!(q.crc32c(b"123456789").unwrap(), 0xe306_9283);
+    }
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["queues"][1]["jobs_ok"], 1);
+    // The refused second server's liveness probe was a connection too.
+    assert_eq!(v["connections"], 2);
+    assert!(!socket.exists(), "socket removed on exit");
+}
