@@ -2,7 +2,6 @@
 //! errnos, while a second instance on the same accelerator runs jobs
 //! unaffected; after the bad peer is gone, the instance serves a good VMM.
 
-#[allow(dead_code)]
 #[path = "transport_support/mod.rs"]
 mod support;
 
