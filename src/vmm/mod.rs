@@ -158,6 +158,32 @@ impl LoopbackVmm {
         self.client.lock().region(region).map(|r| r.size)
     }
 
+    /// Enable MSI-X in the function's capability (Message Control bit 15), as
+    /// a guest does, and give the device an eventfd for `vector` (SET_IRQS
+    /// EVENTFD|TRIGGER), as a VMM does when the guest unmasks it.
+    pub fn enable_msix_vector(
+        &self,
+        vector: u32,
+        eventfd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), VmmError> {
+        let mut ptr = self.config_read(0x34, 1)? as u64;
+        while ptr != 0 && self.config_read(ptr, 1)? != 0x11 {
+            ptr = self.config_read(ptr + 1, 1)? as u64;
+        }
+        if ptr == 0 {
+            return Err(VmmError::Ram("no MSI-X capability".into()));
+        }
+        let ctrl = self.config_read(ptr + 2, 2)?;
+        self.config_write(ptr + 2, 2, ctrl | 0x8000)?;
+        let flags = vfio_bindings::bindings::vfio::VFIO_IRQ_SET_DATA_EVENTFD
+            | vfio_bindings::bindings::vfio::VFIO_IRQ_SET_ACTION_TRIGGER;
+        let index = vfio_bindings::bindings::vfio::VFIO_PCI_MSIX_IRQ_INDEX;
+        self.client
+            .lock()
+            .set_irqs(index, flags, vector, 1, &[eventfd.as_raw_fd()])?;
+        Ok(())
+    }
+
     pub fn reset(&self) -> Result<(), VmmError> {
         Ok(self.client.lock().reset()?)
     }
