@@ -77,6 +77,10 @@ class Fail(Exception):
     pass
 
 
+# Jobs this script expects the server to count, over all runs.
+EXPECT = {"ok": 0, "failed": 0}
+
+
 def check(cond, what):
     if not cond:
         raise Fail(what)
@@ -326,6 +330,7 @@ def run_jobs(qt, q, first_index=0):
         f"zlib-compress output ({len(data)} -> {zlen} bytes) decompresses to the input",
     )
     check(qt.readl(IDX_ADDR + IDX_SQ_HEAD) == tail, f"device sq_head == {tail}")
+    EXPECT["ok"] += len(jobs)
     return tail
 
 
@@ -358,6 +363,7 @@ def bad_address_jobs(qt, q, first_index):
         statuses == {0x900: 3, 0x901: 3, 0x902: 3},
         "jobs on fd-less (BIOS) and unmapped addresses completed BadAddress",
     )
+    EXPECT["failed"] += len(jobs)
     return tail
 
 
@@ -488,6 +494,12 @@ def one_run(args, tag, full):
         check(qt.readl(BAR0_ADDR + R_VERSION) == ABI_VERSION, "BAR0 VERSION = 1.0")
         nq = qt.readl(BAR0_ADDR + R_NUM_QUEUES)
         check(nq >= 1, f"NUM_QUEUES = {nq}, MAX_DEPTH = {qt.readl(BAR0_ADDR + R_MAX_DEPTH)}")
+        # Nothing left over from an earlier VMM (killed with its queue on).
+        check(
+            qt.readl(BAR0_ADDR + R_DEV_STATUS) == 0 and qt.readl(qreg(0, Q_STATUS)) == 0,
+            "fresh state: device and queue 0 disabled",
+        )
+        check(qt.readl(BAR0_ADDR + 0x3000) == 0, "MSI-X PBA (read through QEMU) = 0")
         qt.writel(BAR0_ADDR + R_DEV_CTRL, 1)
         check(qt.readl(BAR0_ADDR + R_DEV_STATUS) & 1, "device enabled (DEV_STATUS)")
         vector = NO_VECTOR
@@ -549,6 +561,11 @@ def one_run(args, tag, full):
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+        for f in (pidf, msock, pidf.replace("/qemu-", "/qtest-").replace(".pid", ".sock")):
+            try:
+                os.unlink(f)
+            except FileNotFoundError:
+                pass
     if args.server_pid:
         time.sleep(0.3)
         try:
@@ -579,6 +596,7 @@ def main():
     except Fail as e:
         print(f"FAIL: {e}", flush=True)
         return 1
+    print(f"expect: {EXPECT['ok']} jobs ok, {EXPECT['failed']} failed", flush=True)
     print(f"PASS ({args.runs} QEMU runs, {time.monotonic() - t0:.1f} s)", flush=True)
     return 0
 
