@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustix::event::{EventfdFlags, eventfd};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 use super::device::VfioUserDevice;
 use super::error::TransportError;
@@ -231,7 +231,17 @@ impl Connection {
                 return self.refuse(&h, &e);
             }
         }
-        match session.handle(dev, msg) {
+        let what = tracing::enabled!(tracing::Level::TRACE)
+            .then(|| wire::describe(&h, &msg.body, msg.fds.len()));
+        let result = session.handle(dev, msg);
+        if let Some(what) = what {
+            match &result {
+                Ok(_) if h.no_reply() => trace!("vfio-user: {what}: ok"),
+                Ok(r) => trace!("vfio-user: {what}: ok, reply {} bytes", r.bytes.len()),
+                Err(e) => trace!("vfio-user: {what}: {e}"),
+            }
+        }
+        match result {
             Ok(reply) if !h.no_reply() => {
                 self.sock.send(&reply.bytes, reply.fd().as_slice())?;
                 ConnectionStats::add(&self.stats.replies_sent, 1);

@@ -255,6 +255,68 @@ pub fn read_prefix<T: FromBytes>(body: &[u8]) -> Option<T> {
     T::read_from_prefix(body).ok().map(|(value, _)| value)
 }
 
+/// A one-line description of a request for the per-message trace log:
+/// command name, id, fds, and the fields that tell requests apart (region,
+/// offset, count; iova, size; irq index, flags, start, count). Never fails:
+/// a short body just shows fewer fields.
+pub fn describe(h: &Header, body: &[u8], fds: usize) -> String {
+    use std::fmt::Write;
+    let name =
+        Command::from_u16(h.cmd).map_or_else(|| format!("cmd{}", h.cmd), |c| format!("{c:?}"));
+    let mut s = format!("{name} id {}", h.id);
+    if h.no_reply() {
+        s.push_str(" no_reply");
+    }
+    let _ = match Command::from_u16(h.cmd) {
+        Some(Command::RegionRead | Command::RegionWrite) => match read_prefix::<RegionAccess>(body)
+        {
+            Some(a) => write!(
+                s,
+                " region {} offset {:#x} count {}",
+                a.region, a.offset, a.count
+            ),
+            None => Ok(()),
+        },
+        Some(Command::DmaMap) => match read_prefix::<DmaMap>(body) {
+            Some(m) => write!(
+                s,
+                " iova {:#x} size {:#x} flags {:#x} offset {:#x}",
+                m.iova, m.size, m.flags, m.offset
+            ),
+            None => Ok(()),
+        },
+        Some(Command::DmaUnmap) => match read_prefix::<DmaUnmap>(body) {
+            Some(m) => write!(
+                s,
+                " iova {:#x} size {:#x} flags {:#x}",
+                m.iova, m.size, m.flags
+            ),
+            None => Ok(()),
+        },
+        Some(Command::DeviceGetRegionInfo) => match read_prefix::<RegionInfo>(body) {
+            Some(r) => write!(s, " index {} argsz {}", r.index, r.argsz),
+            None => Ok(()),
+        },
+        Some(Command::DeviceGetIrqInfo) => match read_prefix::<IrqInfo>(body) {
+            Some(i) => write!(s, " index {}", i.index),
+            None => Ok(()),
+        },
+        Some(Command::DeviceSetIrqs) => match read_prefix::<IrqSet>(body) {
+            Some(i) => write!(
+                s,
+                " index {} flags {:#x} start {} count {}",
+                i.index, i.flags, i.start, i.count
+            ),
+            None => Ok(()),
+        },
+        _ => Ok(()),
+    };
+    if fds > 0 {
+        let _ = write!(s, " fds {fds}");
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,5 +367,30 @@ mod tests {
     fn read_prefix_refuses_short_bodies() {
         assert!(read_prefix::<DmaMap>(&[0u8; 31]).is_none());
         assert!(read_prefix::<DmaMap>(&[0u8; 40]).is_some());
+    }
+
+    #[test]
+    fn describe_names_the_fields_that_matter() {
+        let h = Header {
+            id: 3,
+            cmd: Command::RegionWrite as u16,
+            size: 36,
+            flags: FLAG_NO_REPLY,
+            error: 0,
+        };
+        let a = RegionAccess {
+            offset: 0x1000,
+            region: 2,
+            count: 4,
+        };
+        let d = describe(&h, a.as_bytes(), 0);
+        assert_eq!(
+            d,
+            "RegionWrite id 3 no_reply region 2 offset 0x1000 count 4"
+        );
+        let unknown = Header { cmd: 99, ..h };
+        assert_eq!(describe(&unknown, &[], 2), "cmd99 id 3 no_reply fds 2");
+        // A short body shows only the name.
+        assert_eq!(describe(&h, &[0; 3], 0), "RegionWrite id 3 no_reply");
     }
 }

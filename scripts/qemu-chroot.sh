@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# Builds (idempotently) a Debian trixie chroot holding QEMU 11.1 from
+# trixie-backports, and runs commands inside it. The host is Debian 12, whose
+# QEMU (7.2) has no vfio-user-pci client; trixie-backports has 11.1.
+#
+#   bash scripts/qemu-chroot.sh [build]          build the chroot (skips what is done)
+#   bash scripts/qemu-chroot.sh run -- CMD...    mount /dev and /proc, run CMD
+#                                                inside, unmount on exit
+#   bash scripts/qemu-chroot.sh path             print the chroot directory
+#
+# DIR is $WDVIRT_CHROOT, default /var/tmp/wdvirt-trixie. Needs root. Nothing it
+# builds belongs in the repository.
+set -euo pipefail
+
+DIR=${WDVIRT_CHROOT:-/var/tmp/wdvirt-trixie}
+STAMP_DIR="$DIR/.wdvirt-stamps"
+
+log() { echo "qemu-chroot: $*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap, chroot, mount)"
+
+# The Debian mirror the host's apt already uses (deb822 or one-line format);
+# deb.debian.org if none is found.
+host_mirror() {
+  local url=""
+  url=$(grep -hsE '^[[:space:]]*URIs:' /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null |
+    awk '{print $2}' | grep -E '/debian/?$' | head -n1 || true)
+  if [ -z "$url" ]; then
+    url=$(grep -hsE '^[[:space:]]*deb[[:space:]]' /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
+      sed -E 's/\[[^]]*\]//' | awk '{print $2}' | grep -E '/debian/?$' | head -n1 || true)
+  fi
+  echo "${url:-http://deb.debian.org/debian}"
+}
+
+done_step() { [ -e "$STAMP_DIR/$1" ]; }
+mark_step() { mkdir -p "$STAMP_DIR" && touch "$STAMP_DIR/$1"; }
+
+# Mount /dev (bind) and /proc inside the chroot unless they already are.
+# Records what this call mounted in MOUNTED so cleanup only undoes its own work.
+MOUNTED=()
+mount_fs() {
+  if ! mountpoint -q "$DIR/dev"; then
+    mount --bind /dev "$DIR/dev"
+    MOUNTED+=("$DIR/dev")
+  fi
+  if ! mountpoint -q "$DIR/proc"; then
+    mount -t proc proc "$DIR/proc"
+    MOUNTED+=("$DIR/proc")
+  fi
+}
+umount_fs() {
+  local m i
+  for ((i = ${#MOUNTED[@]} - 1; i >= 0; i--)); do
+    m=${MOUNTED[$i]}
+    umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || log "warning: could not unmount $m"
+  done
+  MOUNTED=()
+}
+
+in_chroot() {
+  chroot "$DIR" /usr/bin/env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+    DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 "$@"
+}
+
+build() {
+  local t0 t
+  t0=$(date +%s)
+  if ! command -v debootstrap >/dev/null; then
+    log "installing debootstrap on the host"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+  fi
+
+  local mirror
+  mirror=$(host_mirror)
+
+  if done_step debootstrap; then
+    log "debootstrap: done already ($DIR)"
+  else
+    log "debootstrap --variant=minbase trixie $DIR $mirror"
+    t=$(date +%s)
+    mkdir -p "$DIR"
+    # A half-finished debootstrap leaves debootstrap/ behind; start it over.
+    if [ -d "$DIR/debootstrap" ]; then
+      log "removing a half-finished debootstrap in $DIR"
+      mountpoint -q "$DIR/dev" && umount "$DIR/dev" || true
+      mountpoint -q "$DIR/proc" && umount "$DIR/proc" || true
+      rm -rf --one-file-system "${DIR:?}"/*
+    fi
+    debootstrap --variant=minbase trixie "$DIR" "$mirror" >"$DIR.debootstrap.log" 2>&1 ||
+      die "debootstrap failed; see $DIR.debootstrap.log"
+    mark_step debootstrap
+    log "debootstrap: $(($(date +%s) - t)) s"
+  fi
+
+  if done_step backports; then
+    log "trixie-backports source: done already"
+  else
+    cat >"$DIR/etc/apt/sources.list.d/trixie-backports.sources" <<EOF
+Types: deb
+URIs: $mirror
+Suites: trixie-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+EOF
+    mark_step backports
+    log "trixie-backports source: added ($mirror)"
+  fi
+
+  if done_step qemu && [ -x "$DIR/usr/bin/qemu-system-x86_64" ]; then
+    log "qemu-system-x86 (trixie-backports): done already"
+  else
+    log "apt-get install -t trixie-backports qemu-system-x86 (a few minutes)"
+    t=$(date +%s)
+    trap umount_fs EXIT
+    mount_fs
+    in_chroot apt-get update -qq
+    in_chroot apt-get install -y -qq --no-install-recommends -t trixie-backports qemu-system-x86 \
+      >"$DIR.apt.log" 2>&1 || { tail -n 20 "$DIR.apt.log" >&2; die "apt-get install failed; see $DIR.apt.log"; }
+    in_chroot apt-get clean
+    umount_fs
+    trap - EXIT
+    mark_step qemu
+    log "qemu-system-x86: $(($(date +%s) - t)) s"
+  fi
+  mkdir -p "$DIR/run"
+  log "ready: $(in_chroot qemu-system-x86_64 --version | head -n1) in $DIR ($(($(date +%s) - t0)) s this run)"
+}
+
+run() {
+  [ -x "$DIR/usr/bin/qemu-system-x86_64" ] || die "no chroot at $DIR; run: bash $0 build"
+  [ $# -gt 0 ] || die "usage: $0 run -- CMD..."
+  trap umount_fs EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  mount_fs
+  local rc=0
+  in_chroot "$@" || rc=$?
+  return $rc
+}
+
+case "${1:-build}" in
+  build) build ;;
+  run)
+    shift
+    [ "${1:-}" = "--" ] && shift
+    run "$@"
+    ;;
+  path) echo "$DIR" ;;
+  *) die "usage: $0 [build | run -- CMD... | path]" ;;
+esac
