@@ -493,3 +493,27 @@ fn completions_raise_msix_through_the_vmm_eventfd_with_coalescing() {
         (17, seen + 1)
     );
 }
+
+#[test]
+fn a_second_vmm_on_a_busy_instance_is_refused_at_once_and_the_first_is_unaffected() {
+    let accel: SharedAccelerator = SoftAccel::new(1);
+    let rig = start(&accel, "busy", 10, WdConfig::default());
+    let dev = Device::probe(rig.vmm.clone()).unwrap();
+    dev.enable().unwrap();
+    let t = std::time::Instant::now();
+    let second = LoopbackVmm::connect(
+        rig.instance.socket(),
+        GuestRam::new(RAM_BASE, 4 << 20).unwrap(),
+    );
+    assert!(second.is_err(), "the second VMM must not be served");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(2),
+        "refused fast, not by timeout: {:?}",
+        t.elapsed()
+    );
+    let pool = pool(&rig.vmm);
+    let mut q = dev.queue(0, 8, dev.info().cap_ops, &pool).unwrap();
+    assert_eq!(q.crc32c(b"123456789").unwrap(), 0xe306_9283);
+    let r = rig.instance.report();
+    assert_eq!((r.connections, r.refused_connections), (1, 1));
+}

@@ -55,15 +55,99 @@ pub struct InstanceReport {
     pub name: String,
     pub socket: PathBuf,
     pub pasid: Pasid,
+    /// VMM connections served.
     pub connections: u64,
+    /// Connections closed at once because a VMM was already being served.
+    pub refused_connections: u64,
     pub device: InstanceSnapshot,
     pub queues: Vec<QueueSnapshot>,
     /// The current (or last) connection's protocol counters.
     pub transport: Option<StatsSnapshot>,
 }
 
-/// How to stop the connection being served, and its counters.
-type CurrentConnection = (StopHandle, Arc<transport::stats::ConnectionStats>);
+/// How to stop the connection being served, its counters, and its thread.
+type CurrentConnection = (
+    StopHandle,
+    Arc<transport::stats::ConnectionStats>,
+    Option<JoinHandle<()>>,
+);
+
+#[derive(Debug, Default)]
+struct ConnectionCounters {
+    served: AtomicU64,
+    refused: AtomicU64,
+    /// A VMM is being served now.
+    active: AtomicBool,
+}
+
+/// Take the instance for a new connection. A VMM that has just gone away (or
+/// a liveness probe that connected and closed) may still be finishing: give
+/// it a moment before calling the instance busy.
+fn claim(active: &AtomicBool) -> bool {
+    for _ in 0..40 {
+        if !active.swap(true, Ordering::AcqRel) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    false
+}
+
+/// Accept VMMs until stopped. One is served at a time (a PCI function has one
+/// VMM); another that connects meanwhile is closed at once, so its VMM fails
+/// fast instead of waiting out its reply timeout (QEMU: 5 s) on a socket
+/// nobody reads.
+fn accept_loop(
+    name: &str,
+    listener: &Listener,
+    device: Arc<Mutex<PciFunction<WdDevice>>>,
+    current: &Mutex<Option<CurrentConnection>>,
+    counters: &Arc<ConnectionCounters>,
+    stopping: &AtomicBool,
+) {
+    while !stopping.load(Ordering::Acquire) {
+        let mut conn = match listener.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                if !stopping.load(Ordering::Acquire) {
+                    tracing::error!(instance = %name, "accept failed: {e}");
+                }
+                break;
+            }
+        };
+        if stopping.load(Ordering::Acquire) {
+            break;
+        }
+        if !claim(&counters.active) {
+            counters.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(instance = %name, "a VMM is already connected; closing the new connection");
+            continue;
+        }
+        counters.served.fetch_add(1, Ordering::Relaxed);
+        let mut slot = current.lock();
+        if let Some(old) = slot.take().and_then(|c| c.2) {
+            let _ = old.join();
+        }
+        let (stop, stats) = (conn.stop_handle(), conn.stats());
+        let (device, active, name2) = (device.clone(), counters.clone(), name.to_string());
+        let served = std::thread::Builder::new()
+            .name(format!("wd-vmm-{name}"))
+            .spawn(move || {
+                match conn.run(&mut *device.lock()) {
+                    Ok(how) => tracing::info!(instance = %name2, "VMM disconnected: {how:?}"),
+                    Err(e) => tracing::warn!(instance = %name2, "connection ended: {e}"),
+                }
+                active.active.store(false, Ordering::Release);
+            });
+        match served {
+            Ok(t) => *slot = Some((stop, stats, Some(t))),
+            Err(e) => {
+                tracing::error!(instance = %name, "cannot start a connection thread: {e}");
+                counters.active.store(false, Ordering::Release);
+            }
+        }
+    }
+}
 
 /// A running instance. Dropping it stops the server thread.
 pub struct Instance {
@@ -73,7 +157,7 @@ pub struct Instance {
     stats: Arc<InstanceStats>,
     queues: Vec<Arc<QueueShared>>,
     connection: Arc<Mutex<Option<CurrentConnection>>>,
-    connections: Arc<AtomicU64>,
+    counters: Arc<ConnectionCounters>,
     stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -99,43 +183,22 @@ impl Instance {
             })?;
         let stats = model.stats();
         let queues = model.queue_stats();
-        let mut device = PciFunction::new(model, interrupts);
+        let device = Arc::new(Mutex::new(PciFunction::new(model, interrupts)));
         let listener = Arc::new(listener);
         let connection: Arc<Mutex<Option<_>>> = Arc::default();
-        let connections = Arc::new(AtomicU64::new(0));
+        let counters = Arc::new(ConnectionCounters::default());
         let stopping = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (listener, connection, connections, stopping) = (
+            let (listener, connection, counters, stopping) = (
                 listener.clone(),
                 connection.clone(),
-                connections.clone(),
+                counters.clone(),
                 stopping.clone(),
             );
             std::thread::Builder::new()
                 .name(format!("wd-inst-{name}"))
                 .spawn(move || {
-                    while !stopping.load(Ordering::Acquire) {
-                        let mut conn = match listener.accept() {
-                            Ok(c) => c,
-                            Err(e) => {
-                                if !stopping.load(Ordering::Acquire) {
-                                    tracing::error!(instance = %name, "accept failed: {e}");
-                                }
-                                break;
-                            }
-                        };
-                        connections.fetch_add(1, Ordering::Relaxed);
-                        *connection.lock() = Some((conn.stop_handle(), conn.stats()));
-                        if stopping.load(Ordering::Acquire) {
-                            break;
-                        }
-                        match conn.run(&mut device) {
-                            Ok(how) => {
-                                tracing::info!(instance = %name, "VMM disconnected: {how:?}")
-                            }
-                            Err(e) => tracing::warn!(instance = %name, "connection ended: {e}"),
-                        }
-                    }
+                    accept_loop(&name, &listener, device, &connection, &counters, &stopping)
                 })
                 .map_err(|source| InstanceError::Thread {
                     name: spec.name.clone(),
@@ -149,7 +212,7 @@ impl Instance {
             stats,
             queues,
             connection,
-            connections,
+            counters,
             stopping,
             thread: Some(thread),
         })
@@ -170,10 +233,11 @@ impl Instance {
             name: self.spec.name.clone(),
             socket: self.spec.socket.clone(),
             pasid: self.pasid,
-            connections: self.connections.load(Ordering::Relaxed),
+            connections: self.counters.served.load(Ordering::Relaxed),
+            refused_connections: self.counters.refused.load(Ordering::Relaxed),
             device: self.stats.snapshot(),
             queues: self.queues.iter().map(|q| q.stats.snapshot()).collect(),
-            transport: self.connection.lock().as_ref().map(|(_, s)| s.snapshot()),
+            transport: self.connection.lock().as_ref().map(|c| c.1.snapshot()),
         }
     }
 
@@ -184,15 +248,21 @@ impl Instance {
 
     fn halt(&mut self) {
         self.stopping.store(true, Ordering::Release);
-        if let Some((stop, _)) = self.connection.lock().as_ref() {
-            stop.stop();
-        }
         // Wakes a blocked accept() (Linux returns EINVAL to it).
         let _ = rustix::net::shutdown(&*self.listener, rustix::net::Shutdown::Both);
         if let Some(t) = self.thread.take()
             && t.join().is_err()
         {
             tracing::error!(instance = %self.spec.name, "instance thread panicked");
+        }
+        let served = self.connection.lock().as_mut().and_then(|c| {
+            c.0.stop();
+            c.2.take()
+        });
+        if let Some(t) = served
+            && t.join().is_err()
+        {
+            tracing::error!(instance = %self.spec.name, "connection thread panicked");
         }
     }
 }
