@@ -8,7 +8,7 @@ mod support;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
-use support::{RawClient, borrow, memfd};
+use support::{RawClient, borrow};
 use wdvirt::accel::SharedAccelerator;
 use wdvirt::accel::soft::SoftAccel;
 use wdvirt::daemon::instance::{Instance, InstanceSpec};
@@ -17,6 +17,16 @@ use wdvirt::vmm::{GuestRam, LoopbackVmm};
 use wdvirt_guest::{Device, DmaAllocator, DmaPool, Format};
 
 const RAM: u64 = 0x1_0000_0000;
+
+/// Guest RAM as QEMU's memory-backend-memfd makes it (sealed).
+fn memfd(size: u64) -> std::os::fd::OwnedFd {
+    let flags = rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING;
+    let fd = rustix::fs::memfd_create("ram", flags).unwrap();
+    rustix::fs::ftruncate(&fd, size).unwrap();
+    let seals = rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW;
+    rustix::fs::fcntl_add_seals(&fd, seals).unwrap();
+    fd
+}
 
 fn instance(accel: &SharedAccelerator, dir: &std::path::Path, name: &str, pasid: u32) -> Instance {
     let spec = InstanceSpec {

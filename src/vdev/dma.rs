@@ -151,14 +151,28 @@ impl DmaSpace {
 }
 
 /// mmap `size` bytes of `fd` at `offset` as a guest region at `iova`, with a
-/// dirty bitmap. vm-memory does not check the file is long enough (a short
-/// file would SIGBUS on access), so that is checked here first.
+/// dirty bitmap.
+///
+/// A device access beyond the end of the file raises SIGBUS, which would kill
+/// the whole daemon and every VM it serves. vm-memory does not check the
+/// length, and a VMM could shrink the file after the check, so the fd must be
+/// sealed against shrinking (`F_SEAL_SHRINK`, as QEMU's memory-backend-memfd
+/// does by default) and long enough now.
 fn map_region(
     fd: OwnedFd,
     offset: u64,
     iova: u64,
     size: u64,
 ) -> Result<GuestRegionMmap<AtomicBitmap>, DeviceError> {
+    let sealed =
+        rustix::fs::fcntl_get_seals(&fd).is_ok_and(|s| s.contains(rustix::fs::SealFlags::SHRINK));
+    if !sealed {
+        return Err(DeviceError::Invalid(
+            "guest memory fd is not sealed against shrinking (F_SEAL_SHRINK); use a memfd \
+             backend with seals (QEMU: memory-backend-memfd, where seal=on is the default)"
+                .into(),
+        ));
+    }
     let file = File::from(fd);
     let len = file.metadata()?.len();
     let end = offset
@@ -187,10 +201,42 @@ pub(crate) mod tests {
     use super::*;
     use vm_memory::Bytes;
 
+    /// Guest RAM as QEMU's memory-backend-memfd makes it: sealed against
+    /// shrinking and growing.
     pub(crate) fn memfd(size: u64) -> OwnedFd {
-        let fd = rustix::fs::memfd_create("guest", rustix::fs::MemfdFlags::CLOEXEC).unwrap();
+        let fd = unsealed_memfd(size);
+        let seals = rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW;
+        rustix::fs::fcntl_add_seals(&fd, seals).unwrap();
+        fd
+    }
+
+    fn unsealed_memfd(size: u64) -> OwnedFd {
+        let flags = rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING;
+        let fd = rustix::fs::memfd_create("guest", flags).unwrap();
         rustix::fs::ftruncate(&fd, size).unwrap();
         fd
+    }
+
+    #[test]
+    fn an_fd_that_could_shrink_under_the_device_is_refused() {
+        let mut d = DmaSpace::new();
+        let err = d
+            .map(mapping(0x10000, 0x1000, Some(unsealed_memfd(0x1000))))
+            .unwrap_err();
+        assert!(
+            matches!(err, DeviceError::Invalid(ref m) if m.contains("F_SEAL_SHRINK")),
+            "{err}"
+        );
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(0x1000).unwrap();
+        assert!(
+            d.map(mapping(0x10000, 0x1000, Some(file.into()))).is_err(),
+            "a plain file has no seals"
+        );
+        // Sealed: a VMM can no longer truncate it under the device.
+        let fd = memfd(0x1000);
+        assert!(rustix::fs::ftruncate(&fd, 0).is_err());
+        d.map(mapping(0x10000, 0x1000, Some(fd))).unwrap();
     }
 
     fn mapping(iova: u64, size: u64, fd: Option<OwnedFd>) -> DmaMapping {

@@ -45,9 +45,12 @@ pub struct GuestRam {
 impl GuestRam {
     pub fn new(base: u64, size: u64) -> Result<GuestRam, VmmError> {
         let err = |e: &dyn std::fmt::Display| VmmError::Ram(e.to_string());
-        let fd = rustix::fs::memfd_create("wdvirt-guest-ram", rustix::fs::MemfdFlags::CLOEXEC)
-            .map_err(|e| err(&e))?;
+        let flags = rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING;
+        let fd = rustix::fs::memfd_create("wdvirt-guest-ram", flags).map_err(|e| err(&e))?;
         rustix::fs::ftruncate(&fd, size).map_err(|e| err(&e))?;
+        // As QEMU's memory-backend-memfd: the size is fixed for good.
+        let seals = rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW;
+        rustix::fs::fcntl_add_seals(&fd, seals).map_err(|e| err(&e))?;
         let file = File::from(fd);
         let region = GuestRegionMmap::from_range(
             GuestAddress(base),
