@@ -299,6 +299,7 @@ impl WdDevice {
             }
             slot.cfg = QueueConfig::reset();
             slot.error = 0;
+            slot.shared.completed.store(0, Ordering::Relaxed);
             return Ok(());
         }
         let want = v & r::Q_CTRL_ENABLE != 0;
@@ -478,18 +479,29 @@ impl FunctionModel for WdDevice {
     }
 
     fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<(), DeviceError> {
-        // A running queue whose rings sit in the range would write freed memory.
-        let busy = self.queues.iter().any(|q| {
-            q.runner.is_some()
-                && q.cfg
-                    .ring_ranges()
-                    .iter()
-                    .any(|&(b, l)| overlaps(b, l, iova, size))
-        });
-        if busy {
-            return Err(DeviceError::Busy(format!(
-                "{iova:#x}+{size:#x} holds an enabled queue's rings"
-            )));
+        // The VMM has taken the memory back (QEMU only prints an unmap error
+        // and treats the range as gone), so a queue whose rings sit there is
+        // stopped first, and shows why in Q_STATUS and ERR_CODE.
+        for qi in 0..self.queues.len() {
+            let q = &self.queues[qi];
+            let hit = q
+                .cfg
+                .ring_ranges()
+                .iter()
+                .any(|&(b, l)| overlaps(b, l, iova, size));
+            if q.runner.is_some() && hit {
+                if let Some(run) = self.queues[qi].runner.take() {
+                    run.stop();
+                }
+                let code = RegError::RingUnmapped;
+                self.queues[qi].error = r::Q_STATUS_ERROR | ((code.code() as u32) << 8);
+                self.refuse(code, (r::queue(qi as u32) + r::Q_CTRL) as u64);
+                tracing::warn!(
+                    pasid = self.pasid,
+                    queue = qi,
+                    "DMA_UNMAP took a running queue's rings: queue stopped"
+                );
+            }
         }
         self.dma.unmap(iova, size)?;
         add(&self.stats.dma_unmaps, 1);
