@@ -68,7 +68,7 @@ pub mod regs {
     pub const ERR_STATUS: u32 = 0x028;
     /// RO. [`crate::RegError`] code of the first refused access since the last clear.
     pub const ERR_CODE: u32 = 0x02c;
-    /// RO. BAR0 offset of that access.
+    /// RO. Offset of that access in its BAR (BAR0, or BAR2 for a doorbell read).
     pub const ERR_OFFSET: u32 = 0x030;
     /// RO. Refused accesses since device reset (saturating).
     pub const ERR_COUNT: u32 = 0x034;
@@ -102,7 +102,7 @@ pub mod regs {
     /// RW. Interrupt coalescing: bits 15:0 completions per interrupt (0 = 1),
     /// bits 31:16 longest delay in microseconds before a pending interrupt fires.
     pub const Q_IRQ_COALESCE: u32 = 0x2c;
-    /// RO. Jobs completed on this queue since it was enabled (wraps).
+    /// RO. Completions written since the queue or the device was last reset (wraps).
     pub const Q_COMPLETED: u32 = 0x30;
 
     pub const ID_MAGIC: u32 = 0x3156_4457; // "WDV1"
@@ -391,6 +391,6 @@ codes! {
         CorruptInput = 7, "compressed input is not valid";
         ReservedNonZero = 8, "reserved field or flag not zero";
         EngineError = 9, "the engine failed the job";
-        Aborted = 10, "queue reset or device reset before the job ran";
+        Aborted = 10, "reserved: this version drops the completions of jobs stopped by a reset";
     }
 }
