@@ -17,7 +17,6 @@ use sha2::Digest;
 use wdvirt_guest::{Device, DmaAllocator, DmaPool, Format};
 
 use crate::accel::SharedAccelerator;
-use crate::accel::soft::SoftAccel;
 use crate::daemon::instance::{Instance, InstanceReport, InstanceSpec};
 use crate::partition::PasidAllocator;
 use crate::vdev::wd::WdConfig;
@@ -187,7 +186,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             tmp.path().to_path_buf()
         }
     };
-    let accel: SharedAccelerator = SoftAccel::new(a.engines as usize);
+    let accel: SharedAccelerator = super::soft_accel(a.engines)?;
     let pasids = PasidAllocator::default();
     let mut instances = Vec::new();
     for i in 0..a.instances {

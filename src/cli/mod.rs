@@ -54,6 +54,17 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The built-in software accelerator with `engines` engine threads.
+pub fn soft_accel(engines: u16) -> anyhow::Result<std::sync::Arc<crate::accel::soft::SoftAccel>> {
+    use anyhow::Context;
+    let cfg = crate::accel::soft::SoftAccelConfig {
+        engines: engines as usize,
+        ..Default::default()
+    };
+    crate::accel::soft::SoftAccel::with_config(cfg)
+        .context("cannot start the software accelerator's engines")
+}
+
 /// Parse an operation list like `deflate-compress,sha256` or `all`.
 pub fn parse_ops(s: &str) -> Result<u32, String> {
     if s == "all" {

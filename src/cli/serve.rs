@@ -6,7 +6,6 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 
-use crate::accel::soft::SoftAccel;
 use crate::daemon::instance::{Instance, InstanceSpec};
 use crate::partition::PasidAllocator;
 use crate::vdev::wd::WdConfig;
@@ -48,7 +47,7 @@ pub fn parse_depth(s: &str) -> Result<u32, String> {
 }
 
 pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
-    let accel = SoftAccel::new(a.engines as usize);
+    let accel = super::soft_accel(a.engines)?;
     let pasids = PasidAllocator::default();
     let pasid = pasids.allocate()?;
     let config = WdConfig {

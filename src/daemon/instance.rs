@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::accel::{Pasid, SharedAccelerator};
 use crate::stats::{InstanceSnapshot, InstanceStats, QueueSnapshot};
+use crate::transport::device::DeviceError;
 use crate::transport::server::{Listener, StopHandle};
 use crate::transport::stats::StatsSnapshot;
 use crate::transport::{self, TransportError};
@@ -30,10 +31,7 @@ pub enum InstanceError {
         source: TransportError,
     },
     #[error("instance {name}: {source}")]
-    Device {
-        name: String,
-        source: crate::transport::device::DeviceError,
-    },
+    Device { name: String, source: DeviceError },
     #[error("instance {name}: cannot start its thread: {source}")]
     Thread {
         name: String,
@@ -183,7 +181,12 @@ impl Instance {
             })?;
         let stats = model.stats();
         let queues = model.queue_stats();
-        let device = Arc::new(Mutex::new(PciFunction::new(model, interrupts)));
+        let device =
+            PciFunction::try_new(model, interrupts).map_err(|e| InstanceError::Device {
+                name: name.clone(),
+                source: DeviceError::Invalid(e.to_string()),
+            })?;
+        let device = Arc::new(Mutex::new(device));
         let listener = Arc::new(listener);
         let connection: Arc<Mutex<Option<_>>> = Arc::default();
         let counters = Arc::new(ConnectionCounters::default());

@@ -100,8 +100,7 @@ impl DmaSpace {
             .iter()
             .position(|m| m.iova == iova && m.size == size)
             .ok_or_else(|| DeviceError::Invalid(format!("no mapping {iova:#x}+{size:#x}")))?;
-        let entry = self.maps.remove(i);
-        if entry.reachable {
+        if self.maps[i].reachable {
             let guard = self
                 .space
                 .lock()
@@ -112,6 +111,8 @@ impl DmaSpace {
             };
             guard.replace(new);
         }
+        // Only now, so the table and the memory map never disagree.
+        self.maps.remove(i);
         Ok(())
     }
 
