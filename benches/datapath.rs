@@ -414,6 +414,14 @@ fn main() {
         .queue(0, DEPTH, dev.info().cap_ops, &pool)
         .expect("queue 0");
 
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "load average at start: {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     println!(
         "wdvirt datapath: 1 software engine, queue depth {DEPTH}, {rounds} alternating rounds of {} ms per mode and case{}",
         round.as_millis(),
@@ -472,6 +480,18 @@ fn main() {
             d.cpu_us_per_job(),
             v.cpu_us_per_job(),
             split.join(", "),
+        );
+        // Where the time went: how much of a core the direct loop and the
+        // device's engine thread got (below 100 % = preempted or starved),
+        // and the engine thread's CPU per job against the bare call.
+        let engine_ns = v.cpu.by_class.get("engine").copied().unwrap_or(0) as f64;
+        println!(
+            "    direct thread busy {:.0} %, engine thread busy {:.0} %, engine CPU/job {:.1} µs vs direct {:.1} µs, {:.3} context switches/job",
+            d.cpu.total_ns() as f64 / 1e7 / d.secs,
+            engine_ns / 1e7 / v.secs,
+            engine_ns / 1e3 / v.jobs as f64,
+            d.cpu_us_per_job(),
+            v.cpu.switches as f64 / v.jobs as f64,
         );
         if verbose {
             println!(
