@@ -378,6 +378,11 @@ fn main() {
     // targets: only `--quick` means anything here.
     let quick = std::env::args().skip(1).any(|a| a == "--quick")
         || std::env::var_os("WDVIRT_BENCH_QUICK").is_some_and(|v| v != "0" && !v.is_empty());
+    // Other arguments select cases by substring, as libtest filters do.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     let verbose = std::env::var_os("WDVIRT_BENCH_VERBOSE").is_some();
     // Direct and device alternate in short rounds, so that load from other
     // processes on this shared machine falls on both modes alike.
@@ -441,7 +446,10 @@ fn main() {
         "cpu dir",
         "cpu dev",
     );
-    for case in cases() {
+    for case in cases()
+        .into_iter()
+        .filter(|c| filters.is_empty() || filters.iter().any(|f| c.name.contains(f.as_str())))
+    {
         let inputs: Vec<Vec<u8>> = (0..SLOTS)
             .map(|i| corpus(case.len, 17 + i as u64))
             .collect();
