@@ -48,6 +48,7 @@ const DEPTH: u32 = 256;
 const SLOTS: usize = 8;
 
 type GQueue = Queue<Arc<LoopbackVmm>, Arc<GuestRam>>;
+type Buf = PoolBuffer<Arc<GuestRam>>;
 
 #[derive(Clone, Copy)]
 struct Case {
@@ -110,7 +111,7 @@ fn corpus(len: usize, seed: u64) -> Vec<u8> {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 5 == 0 {
+        if x.is_multiple_of(5) {
             v.extend_from_slice(&x.to_le_bytes()[..(x >> 8) as usize % 8]);
         } else {
             v.extend_from_slice(words[(x >> 16) as usize % words.len()]);
@@ -301,7 +302,7 @@ struct DevicePath<'a> {
     q: &'a mut GQueue,
     instance: &'a Instance,
     /// Keeps the staged buffers allocated.
-    _bufs: Vec<(PoolBuffer<Arc<GuestRam>>, PoolBuffer<Arc<GuestRam>>)>,
+    _bufs: Vec<(Buf, Buf)>,
     jobs: Vec<JobSpec>,
 }
 
@@ -388,14 +389,12 @@ impl<'a> DevicePath<'a> {
 
 /// A driver loop with the waiting this benchmark recommends for
 /// `Queue::run_batch` (guest/src/queue.rs), built on the public
-/// `submit`/`poll`: refill the ring only once a quarter of it is free, and
-/// between empty polls sleep for a quarter of the outstanding work's
-/// estimated run time (at most 1 ms; under 200 µs it only yields, as the
-/// device's worker does not nap then either) instead of 64 spins, 64 `yield_now`
-/// system calls and growing sleeps after every completion. Tags are job
+/// `submit`/`poll`: keep the ring full as `run_batch` does, but between
+/// empty polls sleep for a quarter of the outstanding work's estimated run
+/// time (at most 1 ms; under 200 µs it only yields, as the device's worker
+/// does not nap then either) instead of 64 spins, 64 `yield_now` system
+/// calls and growing sleeps after every completion. Tags are job
 /// indexes; returns the jobs completed (all checked to be `Ok`).
-
-const REFILL: usize = 1;
 fn run_adaptive(
     q: &mut GQueue,
     jobs: &[JobSpec],
@@ -412,7 +411,7 @@ fn run_adaptive(
     let (mut mark, mut seen) = (Instant::now(), 0u32);
     while done < jobs.len() {
         let free = q.free_slots() as usize;
-        if next < jobs.len() && free >= REFILL.min(jobs.len() - next) {
+        if next < jobs.len() && free > 0 {
             if q.outstanding() == 0 {
                 (mark, seen) = (Instant::now(), 0);
             }

@@ -321,7 +321,7 @@ impl Worker {
     fn complete(&mut self, mem: &GuestMemory, r: JobResult) {
         let depth = self.ctx.config.depth;
         let slot = (self.cq_tail % depth) as u64;
-        let phase = if (self.cq_tail / depth) % 2 == 0 {
+        let phase = if (self.cq_tail / depth).is_multiple_of(2) {
             CQE_PHASE
         } else {
             0
