@@ -62,17 +62,18 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let deflate = |name, len| Case {
+    // Batches of at most ~50 ms, so that rounds end close to their budget.
+    let deflate = |name, len, batch| Case {
         name,
         op: Opcode::DeflateCompress,
         len,
         dst_len: Format::Deflate.compress_bound(len),
         param: 1,
-        batch: 1024,
+        batch,
     };
     vec![
-        deflate("deflate-1 4 KiB", 4 << 10),
-        deflate("deflate-1 64 KiB", 64 << 10),
+        deflate("deflate-1 4 KiB", 4 << 10, 1024),
+        deflate("deflate-1 64 KiB", 64 << 10, 256),
         Case {
             name: "sha256 64 KiB",
             op: Opcode::Sha256,
@@ -150,17 +151,17 @@ impl Cpu {
     }
 }
 
-fn class_of(comm: &str) -> &'static str {
-    if comm.starts_with("wd-engine") {
+fn class_of(tid: &str, comm: &str) -> &'static str {
+    if tid == std::process::id().to_string() {
+        // The main thread: the guest driver in device mode, the engine
+        // call in direct mode.
+        "main"
+    } else if comm.starts_with("wd-engine") {
         "engine"
     } else if comm.starts_with("wd-queue") {
         "queue"
     } else if comm.starts_with("wd-inst") {
         "server"
-    } else if comm.starts_with("datapath") {
-        // The main thread: the guest driver in device mode, the engine
-        // call in direct mode.
-        "main"
     } else {
         "other"
     }
@@ -176,7 +177,9 @@ fn sample_cpu() -> Cpu {
                 .ok()
                 .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
                 .unwrap_or(0);
-            *cpu.by_class.entry(class_of(comm.trim())).or_default() += ns;
+            let tid = task.file_name();
+            let class = class_of(&tid.to_string_lossy(), comm.trim());
+            *cpu.by_class.entry(class).or_default() += ns;
             let status = std::fs::read_to_string(p.join("status")).unwrap_or_default();
             for line in status.lines() {
                 if let Some(v) = line
@@ -472,7 +475,7 @@ fn main() {
     let (rounds, round) = if quick {
         (2, Duration::from_millis(150))
     } else {
-        (6, Duration::from_millis(500))
+        (4, Duration::from_millis(400))
     };
 
     let accel: SharedAccelerator = SoftAccel::new(1);
@@ -516,7 +519,7 @@ fn main() {
         if quick { " (--quick)" } else { "" }
     );
     println!(
-        "{:<16} {:>10} {:>6} {:>10} {:>6} {:>6} {:>11} {:>8} {:>3} {:>7} {:>7}  device CPU µs/job by thread",
+        "{:<16} {:>10} {:>6} {:>10} {:>6} {:>6} {:>11} {:>8} {:>3} {:>7} {:>7} {:>9}  device CPU µs/job by thread",
         "case",
         "direct/s",
         "GB/s",
@@ -528,6 +531,7 @@ fn main() {
         "irq",
         "cpu dir",
         "cpu dev",
+        "cpu ratio",
     );
     for case in cases()
         .into_iter()
@@ -560,7 +564,7 @@ fn main() {
             .map(|(k, ns)| format!("{k} {:.1}", *ns as f64 / 1e3 / v.jobs as f64))
             .collect();
         println!(
-            "{:<16} {:>10.0} {:>6.3} {:>10.0} {:>6.3} {:>6.3} {:>11} {:>8.4} {:>3} {:>7.2} {:>7.2}  {}",
+            "{:<16} {:>10.0} {:>6.3} {:>10.0} {:>6.3} {:>6.3} {:>11} {:>8.4} {:>3} {:>7.2} {:>7.2} {:>9.3}  {}",
             case.name,
             d.jobs_per_s(),
             d.gb_per_s(case.len),
@@ -572,6 +576,7 @@ fn main() {
             s1.interrupts - s0.interrupts,
             d.cpu_us_per_job(),
             v.cpu_us_per_job(),
+            d.cpu_us_per_job() / v.cpu_us_per_job(),
             split.join(", "),
         );
         // Where the time went: how much of a core the direct loop and the
