@@ -7,13 +7,20 @@
 //! and re-reads `sq_tail` after every completion, so a busy queue runs
 //! without a single trap. Before it sleeps it clears the flag, fences and
 //! reads `sq_tail` once more (the virtio/NVMe shadow-doorbell handshake).
+//!
+//! Deep queues are collected in naps rather than per completion: while the
+//! engine holds a long backlog, the worker sleeps on a timer for about a
+//! quarter of the backlog's estimated run time instead of blocking on the completion
+//! channel. The engine then sends its results without waking anyone (no
+//! futex wake, no cross-CPU IPI per job) and the worker wakes once per many
+//! jobs. See [`Pace`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, select};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, select};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use wdvirt_abi::{
     CQE_PHASE, CQE_SIZE, CompletionEntry, IDX_FLAG_NO_DOORBELL, JobStatus, Opcode, SQE_SIZE,
@@ -148,7 +155,24 @@ struct Worker {
     /// Completions since the last interrupt, and when the oldest arrived.
     irq_pending: u32,
     irq_since: Option<Instant>,
+    /// The engine's measured pace, for sizing naps.
+    pace: Pace,
 }
+
+/// Completions per sample of the engine's speed.
+const ESTIMATE_WINDOW: u32 = 16;
+
+/// Naps are taken only with at least this many jobs with the engine: a
+/// shallow queue is latency-bound and keeps one wake-up per completion.
+const NAP_MIN_IN_FLIGHT: u32 = 8;
+/// Shortest nap worth taking. A timer wake-up comes up to 50 µs late (the
+/// kernel's default timer slack) and the engine must not run dry meanwhile:
+/// with naps of a quarter of the backlog, this means naps only for backlogs
+/// of at least 800 µs (deflate of 4 KiB and up at depth 256; not tiny copies,
+/// whose completions are always waiting anyway).
+const NAP_MIN: Duration = Duration::from_micros(200);
+/// Longest nap: bounds the delay a completion can see.
+const NAP_MAX: Duration = Duration::from_millis(1);
 
 impl Worker {
     fn new(ctx: WorkerContext, stop: Arc<AtomicBool>, wake: Receiver<()>) -> Worker {
@@ -162,7 +186,17 @@ impl Worker {
             held: Vec::new(),
             irq_pending: 0,
             irq_since: None,
+            pace: Pace::default(),
         }
+    }
+
+    /// Account for `n` completions just taken from the engine.
+    fn collected(&mut self, n: u32) {
+        if n == 0 {
+            return;
+        }
+        self.in_flight -= n;
+        self.pace.collected(n, self.in_flight, Instant::now());
     }
 
     fn idx_addr(&self, field: u64) -> GuestAddress {
@@ -202,10 +236,12 @@ impl Worker {
         let mut progressed = false;
         let mem = self.ctx.space.memory();
         let master = self.ctx.bus_master.load(Ordering::Acquire);
+        let mut n = 0;
         while let Ok(r) = self.ctx.qp.completions().try_recv() {
-            self.in_flight -= 1;
+            n += 1;
             self.held.push(r);
         }
+        self.collected(n);
         if master && !self.held.is_empty() {
             for r in std::mem::take(&mut self.held) {
                 self.complete(&mem, r);
@@ -257,7 +293,12 @@ impl Worker {
         self.store_idx(mem, idx::SQ_HEAD, self.sq_head);
         if !batch.is_empty() {
             match self.ctx.qp.submit(&batch) {
-                Ok(()) => self.in_flight += batch.len() as u32,
+                Ok(()) => {
+                    if self.in_flight == 0 {
+                        self.pace.started(Instant::now());
+                    }
+                    self.in_flight += batch.len() as u32;
+                }
                 Err(e) => {
                     tracing::warn!(queue = self.ctx.queue, "engine refused a batch: {e}");
                     for j in batch {
@@ -280,7 +321,7 @@ impl Worker {
     fn complete(&mut self, mem: &GuestMemory, r: JobResult) {
         let depth = self.ctx.config.depth;
         let slot = (self.cq_tail % depth) as u64;
-        let phase = if (self.cq_tail / depth) % 2 == 0 {
+        let phase = if (self.cq_tail / depth).is_multiple_of(2) {
             CQE_PHASE
         } else {
             0
@@ -354,14 +395,24 @@ impl Worker {
         if self.in_flight == 0 {
             add(&self.ctx.shared.stats.sleeps, 1);
         }
-        let completions = self.ctx.qp.completions().clone();
-        select! {
-            recv(self.wake) -> _ => {}
-            recv(completions) -> r => if let Ok(r) = r {
-                self.in_flight -= 1;
-                self.held.push(r);
-            },
-            default(timeout) => self.maybe_interrupt(true),
+        if let Some(nap) = self.pace.nap(self.in_flight) {
+            // Not registered on the completion channel: the engine's sends
+            // wake nobody. A doorbell or `stop` still ends the nap at once.
+            if let Err(RecvTimeoutError::Timeout) = self.wake.recv_timeout(nap.min(timeout))
+                && nap >= timeout
+            {
+                self.maybe_interrupt(true);
+            }
+        } else {
+            let completions = self.ctx.qp.completions().clone();
+            select! {
+                recv(self.wake) -> _ => {}
+                recv(completions) -> r => if let Ok(r) = r {
+                    self.held.push(r);
+                    self.collected(1);
+                },
+                default(timeout) => self.maybe_interrupt(true),
+            }
         }
         let mem = self.ctx.space.memory();
         self.store_idx(&mem, idx::FLAGS, IDX_FLAG_NO_DOORBELL);
@@ -385,6 +436,63 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+/// The engine's pace as the worker sees it: time per completion while the
+/// engine was busy throughout, averaged over windows of
+/// [`ESTIMATE_WINDOW`] completions (one completion may arrive at any phase of
+/// an interval, so single intervals say little).
+#[derive(Debug, Default)]
+struct Pace {
+    /// Exponential average of the windows' time per completion.
+    per_job: Option<Duration>,
+    /// Start of the current window (`None`: the engine has nothing of ours).
+    mark: Option<Instant>,
+    /// Completions collected in the current window.
+    jobs: u32,
+}
+
+impl Pace {
+    /// A batch went to an engine that had nothing of ours.
+    fn started(&mut self, now: Instant) {
+        (self.mark, self.jobs) = (Some(now), 0);
+    }
+
+    /// `n` completions collected at `now`, leaving `in_flight` with the engine.
+    fn collected(&mut self, n: u32, in_flight: u32, now: Instant) {
+        let Some(t) = self.mark else {
+            return;
+        };
+        if in_flight == 0 {
+            // The engine ran dry, perhaps long before `now`: this window
+            // measures nothing, and a nap may have been too long. Halve the
+            // estimate so that it is not repeated.
+            self.per_job = self.per_job.map(|avg| avg / 2);
+            (self.mark, self.jobs) = (None, 0);
+            return;
+        }
+        self.jobs += n;
+        if self.jobs >= ESTIMATE_WINDOW {
+            let sample = now.saturating_duration_since(t) / self.jobs;
+            self.per_job = Some(match self.per_job {
+                Some(avg) => (avg * 3 + sample) / 4,
+                None => sample,
+            });
+            (self.mark, self.jobs) = (Some(now), 0);
+        }
+    }
+
+    /// How long the worker may sleep with `in_flight` jobs at the engine
+    /// without starving it: a quarter of the backlog's estimated run time, at
+    /// most [`NAP_MAX`]. `None` (block on the completion channel) for a
+    /// shallow queue, a nap under [`NAP_MIN`], or no estimate yet.
+    fn nap(&self, in_flight: u32) -> Option<Duration> {
+        if in_flight < NAP_MIN_IN_FLIGHT {
+            return None;
+        }
+        let nap = (self.per_job? * (in_flight / 4)).min(NAP_MAX);
+        (nap >= NAP_MIN).then_some(nap)
     }
 }
 
@@ -441,4 +549,66 @@ pub fn check(
         }
     }
     Ok(job)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const US: Duration = Duration::from_micros(1);
+
+    /// A pace that has seen `windows` full windows of `per_job` each.
+    fn measured(per_job: Duration, windows: u32) -> (Pace, Instant) {
+        let mut p = Pace::default();
+        let mut t = Instant::now();
+        p.started(t);
+        for _ in 0..windows {
+            t += per_job * ESTIMATE_WINDOW;
+            p.collected(ESTIMATE_WINDOW, 200, t);
+        }
+        (p, t)
+    }
+
+    #[test]
+    fn pace_measures_full_windows_only() {
+        let mut p = Pace::default();
+        let t = Instant::now();
+        p.started(t);
+        p.collected(ESTIMATE_WINDOW - 1, 100, t + 150 * US);
+        assert_eq!(p.per_job, None, "a partial window measures nothing");
+        p.collected(1, 100, t + 320 * US);
+        assert_eq!(p.per_job, Some(20 * US));
+        // Later windows move the average a quarter of the way.
+        p.collected(
+            ESTIMATE_WINDOW,
+            100,
+            t + 320 * US + 60 * US * ESTIMATE_WINDOW,
+        );
+        assert_eq!(p.per_job, Some(30 * US));
+    }
+
+    #[test]
+    fn naps_cover_a_quarter_of_the_backlog_within_bounds() {
+        let (p, _) = measured(20 * US, 3);
+        assert_eq!(p.nap(256), Some(NAP_MAX), "64 × 20 µs, capped");
+        assert_eq!(p.nap(48), Some(240 * US));
+        assert_eq!(p.nap(36), None, "180 µs: not worth a timer");
+        assert_eq!(p.nap(NAP_MIN_IN_FLIGHT - 1), None, "shallow queue");
+        let (fast, _) = measured(US, 3);
+        assert_eq!(fast.nap(256), None, "1 µs jobs do not nap at depth 256");
+        assert_eq!(fast.nap(1024), Some(256 * US), "but do at depth 1024");
+        assert_eq!(Pace::default().nap(256), None, "no estimate yet");
+    }
+
+    #[test]
+    fn running_dry_halves_the_estimate_and_ends_the_window() {
+        let (mut p, t) = measured(40 * US, 2);
+        assert_eq!(p.per_job, Some(40 * US));
+        p.collected(5, 0, t + 10_000 * US);
+        assert_eq!(p.per_job, Some(20 * US));
+        assert_eq!(p.mark, None);
+        // Completions collected before the next `started` measure nothing.
+        p.collected(ESTIMATE_WINDOW, 3, t + 20_000 * US);
+        assert_eq!(p.per_job, Some(20 * US));
+    }
 }
