@@ -356,13 +356,20 @@ impl<M: FunctionModel> PciFunction<M> {
     /// Config, MSI-X state and masks back to reset values (eventfds kept),
     /// bus mastering off, then the model's own reset.
     fn function_reset(&mut self) -> Result<(), DeviceError> {
+        self.reset_pci_state();
+        self.model.reset()
+    }
+
+    /// Config space and MSI-X state back to reset values (eventfds kept).
+    /// COMMAND becomes 0, so a model that was bus master is told it no
+    /// longer is: nobody else will (the next MASTER=0 write is no change).
+    fn reset_pci_state(&mut self) {
         let was_master = self.config.command() & CMD_BUS_MASTER != 0;
         self.config.reset();
         self.interrupts.reset();
         if was_master {
             self.model.set_bus_master(false);
         }
-        self.model.reset()
     }
 }
 
@@ -478,12 +485,12 @@ impl<M: FunctionModel> VfioUserDevice for PciFunction<M> {
     }
 
     /// Drops every interrupt eventfd and returns config space and MSI-X state
-    /// to reset values, so a later connection finds a powered-on function;
-    /// then the model quiesces.
+    /// to reset values (telling the model bus mastering is off if it was
+    /// on), so a later connection finds a powered-on function; then the
+    /// model quiesces.
     fn disconnected(&mut self) {
         self.interrupts.drop_fds();
-        self.interrupts.reset();
-        self.config.reset();
+        self.reset_pci_state();
         self.model.disconnected();
     }
 }

@@ -829,6 +829,30 @@ fn disconnect_drops_fds_and_reaches_the_model() {
     assert!(!irq.msix_enabled());
 }
 
+/// A disconnect clears COMMAND; the model must hear that bus mastering
+/// stopped, or the next VMM's reset write (MASTER already 0) never tells it.
+#[test]
+fn disconnect_turns_bus_master_off_in_the_model() {
+    let mut f = function();
+    wr(
+        &mut f,
+        CFG,
+        COMMAND.into(),
+        2,
+        (CMD_MEMORY_SPACE | CMD_BUS_MASTER).into(),
+    );
+    f.disconnected();
+    assert_eq!(f.model().bus_master, [true, false]);
+    assert_eq!(cfg16(&mut f, COMMAND), 0);
+    // The next VMM's reset write finds MASTER clear: nothing more to say.
+    wr(&mut f, CFG, COMMAND.into(), 2, 0);
+    assert_eq!(f.model().bus_master, [true, false]);
+    // Without bus mastering a disconnect says nothing.
+    let mut g = function();
+    g.disconnected();
+    assert!(g.model().bus_master.is_empty());
+}
+
 #[test]
 fn dma_notices_are_forwarded() {
     let mut f = function();
