@@ -11,12 +11,15 @@
 //! (`SET_IRQS MASK/UNMASK`) nor the table's Mask bit (see
 //! [`msix`](super::msix) for when that counts) is set. A trigger on a masked
 //! vector sets its PBA bit; whatever clears the last mask delivers it.
-//! The lock is held across the eventfd write (one non-blocking syscall).
+//! The lock is held across the eventfd write (one non-blocking syscall:
+//! every fd is checked to be an eventfd and set `O_NONBLOCK` when assigned,
+//! and a full counter counts as delivered).
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use rustix::fs::OFlags;
 use vfio_bindings::bindings::vfio::{
     VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
     VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_REQ_IRQ_INDEX,
@@ -94,7 +97,40 @@ pub struct Interrupts {
     msix_vectors: u16,
 }
 
-/// Write 1 to an eventfd. A full counter (EAGAIN) is still signalled.
+/// What `/proc/self/fd/N` links to for an eventfd.
+const EVENTFD_LINK: &str = "anon_inode:[eventfd]";
+
+/// Accept `fd` as an interrupt eventfd: it must really be an eventfd, and its
+/// writes are made non-blocking. `signal` writes under the `Interrupts`
+/// lock, from the queue workers too; a blocking write to a full pipe, FIFO or
+/// eventfd would hang them there. (O_NONBLOCK is a property of the open file
+/// description, which the VMM shares; QEMU and cloud-hypervisor create their
+/// eventfds non-blocking anyway.) Needs `/proc`.
+fn prepare_eventfd(fd: &OwnedFd) -> Result<(), DeviceError> {
+    let raw = fd.as_raw_fd();
+    let link = std::fs::read_link(format!("/proc/self/fd/{raw}")).map_err(|e| {
+        invalid(format!(
+            "fd {raw}: cannot tell what it is (/proc/self/fd: {e})"
+        ))
+    })?;
+    if link.as_os_str() != EVENTFD_LINK {
+        return Err(invalid(format!(
+            "fd {raw} is {}, not an eventfd",
+            link.display()
+        )));
+    }
+    let flags =
+        rustix::fs::fcntl_getfl(fd).map_err(|e| invalid(format!("eventfd {raw}: F_GETFL: {e}")))?;
+    if !flags.contains(OFlags::NONBLOCK) {
+        rustix::fs::fcntl_setfl(fd, flags | OFlags::NONBLOCK)
+            .map_err(|e| invalid(format!("eventfd {raw}: F_SETFL O_NONBLOCK: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Write 1 to an eventfd (non-blocking, see [`prepare_eventfd`]). A full
+/// counter (EAGAIN) counts as signalled: it is non-zero, so the VMM's poll
+/// sees it.
 fn signal(fd: &OwnedFd) -> bool {
     match rustix::io::write(fd, &1u64.to_ne_bytes()) {
         Ok(_) | Err(rustix::io::Errno::AGAIN) => true,
@@ -489,6 +525,11 @@ impl Interrupts {
         count: u32,
         data: IrqData,
     ) -> Result<(), DeviceError> {
+        // Checked before the lock and before anything is assigned: one bad
+        // fd refuses the whole request.
+        if let IrqData::Eventfds(fds) = &data {
+            fds.iter().flatten().try_for_each(prepare_eventfd)?;
+        }
         let mut st = self.inner.lock();
         match index {
             VFIO_PCI_INTX_IRQ_INDEX => st.set_intx(action, start, count, data),
@@ -844,6 +885,113 @@ pub(crate) mod tests {
         irq.drop_fds();
         assert_eq!(irq.trigger_err(), IrqOutcome::NoEventfd);
         assert_eq!(irq.trigger_req(), IrqOutcome::NoEventfd);
+    }
+
+    /// An eventfd opened without O_NONBLOCK, as a careless VMM might send.
+    fn blocking_efd() -> (OwnedFd, OwnedFd) {
+        let fd = eventfd(0, EventfdFlags::CLOEXEC).unwrap();
+        let dup = rustix::io::dup(&fd).unwrap();
+        (fd, dup)
+    }
+
+    fn nonblocking(fd: &OwnedFd) -> bool {
+        rustix::fs::fcntl_getfl(fd)
+            .unwrap()
+            .contains(rustix::fs::OFlags::NONBLOCK)
+    }
+
+    #[test]
+    fn a_pipe_is_not_an_eventfd() {
+        let irq = Interrupts::new(2);
+        let errno = |index, action, start| {
+            let (_r, w) = rustix::pipe::pipe().unwrap();
+            irq.set_irqs(index, action, start, 1, IrqData::Eventfds(vec![Some(w)]))
+                .unwrap_err()
+                .errno()
+        };
+        let einval = libc::EINVAL as u32;
+        assert_eq!(
+            errno(VFIO_PCI_MSIX_IRQ_INDEX, IrqAction::Trigger, 1),
+            einval
+        );
+        assert_eq!(
+            errno(VFIO_PCI_INTX_IRQ_INDEX, IrqAction::Trigger, 0),
+            einval
+        );
+        assert_eq!(errno(VFIO_PCI_INTX_IRQ_INDEX, IrqAction::Unmask, 0), einval);
+        assert_eq!(errno(VFIO_PCI_ERR_IRQ_INDEX, IrqAction::Trigger, 0), einval);
+        assert_eq!(errno(VFIO_PCI_REQ_IRQ_INDEX, IrqAction::Trigger, 0), einval);
+        // One bad fd refuses the whole request: the good one is not kept.
+        let (_fd, dup) = efd();
+        let (_r, w) = rustix::pipe::pipe().unwrap();
+        let e = irq.set_irqs(
+            VFIO_PCI_MSIX_IRQ_INDEX,
+            IrqAction::Trigger,
+            0,
+            2,
+            IrqData::Eventfds(vec![Some(dup), Some(w)]),
+        );
+        assert!(matches!(e, Err(DeviceError::Invalid(_))));
+        assert_eq!(irq.msix_has_eventfd(0), Some(false));
+        assert_eq!(irq.msix_has_eventfd(1), Some(false));
+        assert_eq!(irq.trigger_err(), IrqOutcome::NoEventfd);
+    }
+
+    #[test]
+    fn assigned_eventfds_become_nonblocking() {
+        let irq = Interrupts::new(1);
+        let (msix, dup) = blocking_efd();
+        assign(&irq, VFIO_PCI_MSIX_IRQ_INDEX, 0, vec![Some(dup)]);
+        let (intx, dup) = blocking_efd();
+        assign(&irq, VFIO_PCI_INTX_IRQ_INDEX, 0, vec![Some(dup)]);
+        let (resample, dup) = blocking_efd();
+        irq.set_irqs(
+            VFIO_PCI_INTX_IRQ_INDEX,
+            IrqAction::Unmask,
+            0,
+            1,
+            IrqData::Eventfds(vec![Some(dup)]),
+        )
+        .unwrap();
+        let (err, dup) = blocking_efd();
+        assign(&irq, VFIO_PCI_ERR_IRQ_INDEX, 0, vec![Some(dup)]);
+        let (req, dup) = blocking_efd();
+        assign(&irq, VFIO_PCI_REQ_IRQ_INDEX, 0, vec![Some(dup)]);
+        for (what, fd) in [
+            ("msix", &msix),
+            ("intx", &intx),
+            ("resample", &resample),
+            ("err", &err),
+            ("req", &req),
+        ] {
+            assert!(nonblocking(fd), "{what}");
+        }
+    }
+
+    /// An eventfd whose counter is at its maximum (0xffff_ffff_ffff_fffe):
+    /// a blocking write of 1 would wait for a reader forever, holding the
+    /// lock. Every trigger must return at once and count as delivered.
+    #[test]
+    fn signalling_a_full_eventfd_does_not_block() {
+        let irq = Interrupts::new(1);
+        let (fd, dup) = blocking_efd();
+        rustix::io::write(&fd, &(u64::MAX - 1).to_ne_bytes()).unwrap();
+        assign(&irq, VFIO_PCI_MSIX_IRQ_INDEX, 0, vec![Some(dup)]);
+        let (efd, dup) = blocking_efd();
+        rustix::io::write(&efd, &(u64::MAX - 1).to_ne_bytes()).unwrap();
+        assign(&irq, VFIO_PCI_ERR_IRQ_INDEX, 0, vec![Some(dup)]);
+        irq.set_msix_control(true, false);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = irq.clone();
+        // Detached: if the write blocked, the thread would stay stuck.
+        std::thread::spawn(move || {
+            let _ = tx.send((worker.trigger_msix(0), worker.trigger_err()));
+        });
+        let outcome = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("a trigger blocked on a full eventfd");
+        assert_eq!(outcome, (IrqOutcome::Delivered, IrqOutcome::Delivered));
+        assert_eq!(count(&fd), u64::MAX - 1);
     }
 
     #[test]
