@@ -9,8 +9,10 @@
 //! An MSI-X vector is delivered (1 written to its eventfd) when MSI-X is
 //! enabled and neither the Function Mask, the VFIO-level mask
 //! (`SET_IRQS MASK/UNMASK`) nor the table's Mask bit (see
-//! [`msix`](super::msix) for when that counts) is set. A trigger on a masked
-//! vector sets its PBA bit; whatever clears the last mask delivers it.
+//! [`msix`](super::msix) for when that counts) is set, and it has an
+//! eventfd. A trigger on a masked vector, or on one without an eventfd,
+//! sets its PBA bit; whatever clears the last mask or assigns the eventfd
+//! delivers it. (Removing all eventfds, `SET_IRQS` count 0, keeps the PBA.)
 //! The lock is held across the eventfd write (one non-blocking syscall:
 //! every fd is checked to be an eventfd and set `O_NONBLOCK` when assigned,
 //! and a full counter counts as delivered).
@@ -33,9 +35,11 @@ use crate::transport::device::{DeviceError, IrqAction, IrqData};
 pub enum IrqOutcome {
     /// 1 was written to the eventfd.
     Delivered,
-    /// Masked: remembered (PBA bit for MSI-X), delivered on unmask.
+    /// Masked, or an MSI-X vector without an eventfd yet: remembered (the
+    /// PBA bit for MSI-X), delivered once unmasked and with an eventfd.
     Pending,
-    /// Unmasked but no eventfd assigned: dropped.
+    /// INTx, ERR or REQ without an eventfd, or a failed eventfd write:
+    /// dropped.
     NoEventfd,
     /// No such vector.
     OutOfRange,
@@ -49,7 +53,8 @@ pub enum IrqOutcome {
 pub struct VectorCounters {
     /// Eventfd writes, including deliveries of pending triggers.
     pub delivered: u64,
-    /// Triggers that found the vector masked.
+    /// Triggers that found the vector masked (or, for MSI-X, without an
+    /// eventfd) and were left pending.
     pub pending: u64,
     /// Triggers (or pending deliveries) lost: no eventfd, disabled, or a
     /// failed eventfd write.
@@ -201,30 +206,49 @@ fn selected(range: std::ops::Range<u32>, data: &IrqData) -> Result<Vec<u32>, Dev
 }
 
 impl State {
+    /// Is the vector held back by a mask? Out of range: masked.
     fn msix_masked(&self, v: u16) -> bool {
         self.function_masked
-            || self.vectors[usize::from(v)].vfio_masked
+            || self
+                .vectors
+                .get(usize::from(v))
+                .is_none_or(|x| x.vfio_masked)
             || self.msix.entry_masked(v)
     }
 
-    fn trigger_msix(&mut self, v: u16) -> IrqOutcome {
-        if usize::from(v) >= self.vectors.len() {
-            return IrqOutcome::OutOfRange;
-        }
-        if !self.msix_enabled {
-            self.vectors[usize::from(v)].counters.dropped += 1;
-            return IrqOutcome::Disabled;
-        }
-        if self.msix_masked(v) {
-            self.msix.set_pending(v, true);
-            self.vectors[usize::from(v)].counters.pending += 1;
-            return IrqOutcome::Pending;
-        }
-        self.send_msix(v)
+    /// Can the vector be written now: unmasked, with an eventfd?
+    fn msix_ready(&self, v: u16) -> bool {
+        !self.msix_masked(v)
+            && self
+                .vectors
+                .get(usize::from(v))
+                .is_some_and(|x| x.fd.is_some())
     }
 
-    fn send_msix(&mut self, v: u16) -> IrqOutcome {
-        let vec = &mut self.vectors[usize::from(v)];
+    /// A trigger on an enabled but masked vector, or one without an eventfd
+    /// yet, sets its PBA bit. Without an eventfd the VMM is between removing
+    /// and adding vectors (QEMU sends "enabled, no vectors" first, then one
+    /// vector at a time as the guest unmasks them); the message goes out
+    /// when one is assigned.
+    fn trigger_msix(&mut self, v: u16) -> IrqOutcome {
+        let ready = self.msix_ready(v);
+        let (enabled, pba) = (self.msix_enabled, &mut self.msix);
+        let Some(vec) = self.vectors.get_mut(usize::from(v)) else {
+            return IrqOutcome::OutOfRange;
+        };
+        if !enabled {
+            vec.counters.dropped += 1;
+            return IrqOutcome::Disabled;
+        }
+        if !ready {
+            pba.set_pending(v, true);
+            vec.counters.pending += 1;
+            return IrqOutcome::Pending;
+        }
+        Self::send_msix(vec)
+    }
+
+    fn send_msix(vec: &mut Vector) -> IrqOutcome {
         match &vec.fd {
             Some(fd) if signal(fd) => {
                 vec.counters.delivered += 1;
@@ -237,15 +261,17 @@ impl State {
         }
     }
 
-    /// Deliver every pending vector that no mask holds back any more.
+    /// Deliver every pending vector that is unmasked and has an eventfd.
     fn flush_pending(&mut self) {
         if !self.msix_enabled || self.function_masked {
             return;
         }
-        for v in 0..self.vectors.len() as u16 {
-            if self.msix.pending(v) && !self.msix_masked(v) {
+        for v in 0..self.msix.vectors() {
+            if self.msix.pending(v) && self.msix_ready(v) {
                 self.msix.set_pending(v, false);
-                self.send_msix(v);
+                if let Some(vec) = self.vectors.get_mut(usize::from(v)) {
+                    Self::send_msix(vec);
+                }
             }
         }
     }
@@ -301,6 +327,7 @@ impl State {
         data: IrqData,
     ) -> Result<(), DeviceError> {
         // DATA_NONE|TRIGGER with count 0: disable the index (VFIO uapi).
+        // The eventfds go; pending bits stay, for when vectors come back.
         if action == IrqAction::Trigger && count == 0 && matches!(data, IrqData::None) {
             for v in &mut self.vectors {
                 v.fd = None;
@@ -319,8 +346,11 @@ impl State {
                     )));
                 }
                 for (v, fd) in range.zip(fds) {
-                    self.vectors[v as usize].fd = fd;
+                    if let Some(vec) = self.vectors.get_mut(v as usize) {
+                        vec.fd = fd;
+                    }
                 }
+                self.flush_pending();
             }
             // DATA_NONE/BOOL|TRIGGER: fire (a test hook in VFIO). Goes through
             // the masks like a device-raised trigger.
@@ -655,11 +685,18 @@ pub(crate) mod tests {
         assert_eq!(irq.trigger_msix(1), IrqOutcome::Delivered);
         assert_eq!(irq.trigger_msix(1), IrqOutcome::Delivered);
         assert_eq!(count(&fd), 2);
-        assert_eq!(irq.trigger_msix(0), IrqOutcome::NoEventfd);
+        // No eventfd on vector 0 yet: pending until one is assigned.
+        assert_eq!(irq.trigger_msix(0), IrqOutcome::Pending);
+        assert_eq!(irq.msix_pending(0), Some(true));
         assert_eq!(irq.trigger_msix(4), IrqOutcome::OutOfRange);
         let c = irq.msix_counters(1).unwrap();
         assert_eq!((c.delivered, c.pending, c.dropped), (2, 0, 1));
-        assert_eq!(irq.msix_counters(0).unwrap().dropped, 1);
+        let c = irq.msix_counters(0).unwrap();
+        assert_eq!((c.delivered, c.pending, c.dropped), (0, 1, 0));
+        let (fd0, dup) = efd();
+        assign(&irq, VFIO_PCI_MSIX_IRQ_INDEX, 0, vec![Some(dup)]);
+        assert_eq!(count(&fd0), 1);
+        assert_eq!(irq.msix_pending(0), Some(false));
     }
 
     #[test]

@@ -582,7 +582,7 @@ fn msix_delivery_masking_and_pba() {
     wr(&mut f, 0, PBA + 8, 8, 0);
     assert!(pba_bit(&mut f, 65));
 
-    // De-assign: an unmasked trigger has nowhere to go.
+    // De-assign: an unmasked trigger waits in the PBA for a new eventfd.
     f.set_irqs(
         VFIO_PCI_MSIX_IRQ_INDEX,
         IrqAction::Unmask,
@@ -600,14 +600,110 @@ fn msix_delivery_masking_and_pba() {
         IrqData::Eventfds(vec![None]),
     )
     .unwrap();
-    assert_eq!(irq.trigger_msix(65), IrqOutcome::NoEventfd);
+    assert_eq!(irq.trigger_msix(65), IrqOutcome::Pending);
+    assert!(pba_bit(&mut f, 65));
     assert_eq!(irq.trigger_msix(VECTORS), IrqOutcome::OutOfRange);
     let c = irq.msix_counters(65).unwrap();
-    assert_eq!((c.delivered, c.pending, c.dropped), (5, 4, 1));
+    assert_eq!((c.delivered, c.pending, c.dropped), (5, 5, 0));
     assert!(
         f.model().accesses.is_empty(),
         "table and PBA accesses never reach the model"
     );
+}
+
+/// A completion while an unmasked vector has no eventfd (QEMU's "enabled,
+/// no vectors", or the window of a disable-and-re-add) is kept in the PBA
+/// and delivered when an eventfd arrives.
+#[test]
+fn msix_trigger_without_eventfd_waits_for_one() {
+    let mut f = function();
+    let irq = f.interrupts().clone();
+    enable_msix(&mut f, MSIX_CONTROL_ENABLE | MSIX_CONTROL_FUNCTION_MASK);
+    f.set_irqs(
+        VFIO_PCI_MSIX_IRQ_INDEX,
+        IrqAction::Trigger,
+        0,
+        1,
+        IrqData::Eventfds(vec![None]),
+    )
+    .unwrap();
+    enable_msix(&mut f, MSIX_CONTROL_ENABLE);
+    // Vector 1 not assigned yet.
+    assert_eq!(irq.trigger_msix(1), IrqOutcome::Pending);
+    assert!(pba_bit(&mut f, 1));
+    let fd1 = assign_vector(&mut f, 1);
+    assert_eq!(count(&fd1), 1, "delivered on assignment");
+    assert!(!pba_bit(&mut f, 1));
+
+    // Vector 0 assigned, then the whole index disabled (0x21, count 0) and
+    // re-added, as a NORESIZE client does: the trigger in between survives.
+    let fd0 = assign_vector(&mut f, 0);
+    f.set_irqs(
+        VFIO_PCI_MSIX_IRQ_INDEX,
+        IrqAction::Trigger,
+        0,
+        0,
+        IrqData::None,
+    )
+    .unwrap();
+    assert_eq!(irq.msix_has_eventfd(0), Some(false));
+    assert_eq!(irq.trigger_msix(0), IrqOutcome::Pending);
+    assert_eq!(count(&fd0), 0);
+    let (fd0, dup0) = efd();
+    let (fd1, dup1) = efd();
+    f.set_irqs(
+        VFIO_PCI_MSIX_IRQ_INDEX,
+        IrqAction::Trigger,
+        0,
+        2,
+        IrqData::Eventfds(vec![Some(dup0), Some(dup1)]),
+    )
+    .unwrap();
+    assert_eq!((count(&fd0), count(&fd1)), (1, 0));
+    assert!(!pba_bit(&mut f, 0));
+    let c = irq.msix_counters(0).unwrap();
+    assert_eq!((c.delivered, c.pending, c.dropped), (1, 1, 0));
+}
+
+/// The disable index form drops the eventfds but keeps pending bits; a
+/// vector that is masked as well waits for both an eventfd and the unmask.
+#[test]
+fn msix_disable_index_keeps_pending_bits() {
+    let mut f = function();
+    let irq = f.interrupts().clone();
+    let _fd = assign_vector(&mut f, 2);
+    enable_msix(&mut f, MSIX_CONTROL_ENABLE);
+    f.set_irqs(
+        VFIO_PCI_MSIX_IRQ_INDEX,
+        IrqAction::Mask,
+        2,
+        1,
+        IrqData::None,
+    )
+    .unwrap();
+    assert_eq!(irq.trigger_msix(2), IrqOutcome::Pending);
+    f.set_irqs(
+        VFIO_PCI_MSIX_IRQ_INDEX,
+        IrqAction::Trigger,
+        0,
+        0,
+        IrqData::None,
+    )
+    .unwrap();
+    assert!(pba_bit(&mut f, 2), "pending bit kept across the disable");
+    // Masked again (the disable cleared the VFIO mask; the function mask
+    // holds it now), then an eventfd: still held.
+    enable_msix(&mut f, MSIX_CONTROL_ENABLE | MSIX_CONTROL_FUNCTION_MASK);
+    let fd = assign_vector(&mut f, 2);
+    assert_eq!(count(&fd), 0);
+    assert!(pba_bit(&mut f, 2));
+    enable_msix(&mut f, MSIX_CONTROL_ENABLE);
+    assert_eq!(count(&fd), 1);
+    assert!(!pba_bit(&mut f, 2));
+    // With MSI-X Enable clear a trigger is still dropped, not kept.
+    enable_msix(&mut f, 0);
+    assert_eq!(irq.trigger_msix(3), IrqOutcome::Disabled);
+    assert!(!pba_bit(&mut f, 3));
 }
 
 #[test]
@@ -632,7 +728,9 @@ fn vfio_trigger_hook_and_disable() {
         IrqData::None,
     )
     .unwrap();
-    assert_eq!(f.interrupts().trigger_msix(3), IrqOutcome::NoEventfd);
+    assert_eq!(f.interrupts().msix_has_eventfd(3), Some(false));
+    assert_eq!(f.interrupts().trigger_msix(3), IrqOutcome::Pending);
+    assert_eq!(count(&fd), 0);
 }
 
 #[test]
@@ -742,10 +840,10 @@ fn device_and_irq_info() {
     );
     assert_eq!(f.irq_info(VFIO_PCI_MSI_IRQ_INDEX).unwrap().count, 0);
     let msix = f.irq_info(VFIO_PCI_MSIX_IRQ_INDEX).unwrap();
-    assert_eq!(
-        (msix.flags, msix.count),
-        (VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_NORESIZE, 70)
-    );
+    // No NORESIZE: QEMU then adds each vector on its own instead of
+    // tearing all of them down and re-adding them on every new vector.
+    assert_eq!((msix.flags, msix.count), (VFIO_IRQ_INFO_EVENTFD, 70));
+    assert_eq!(msix.flags & VFIO_IRQ_INFO_NORESIZE, 0);
     assert_eq!(f.irq_info(VFIO_PCI_ERR_IRQ_INDEX).unwrap().count, 1);
     assert_eq!(f.irq_info(VFIO_PCI_REQ_IRQ_INDEX).unwrap().count, 1);
     assert!(f.irq_info(5).is_err());
