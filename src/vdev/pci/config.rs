@@ -70,6 +70,8 @@ pub const BAR_MEM_PREFETCH: u32 = 0b1000;
 /// The low four bits of a memory BAR are type bits, never address bits.
 const BAR_TYPE_BITS: u32 = 0xf;
 
+/// No legacy interrupt pin: the function signals through MSI-X only.
+pub const INTERRUPT_PIN_NONE: u8 = 0;
 /// INTA#.
 pub const INTERRUPT_PIN_INTA: u8 = 1;
 
@@ -241,7 +243,11 @@ pub fn registers(layout: &FunctionLayout) -> (Vec<Register>, CapLayout) {
         Register::ro("expansion rom bar", ROM_BAR, 4, 0),
         Register::ro("capabilities pointer", CAP_POINTER, 1, caps.pcie.into()),
         Register::ro("interrupt line", INTERRUPT_LINE, 1, 0).writable(0xff),
-        Register::ro("interrupt pin", INTERRUPT_PIN, 1, INTERRUPT_PIN_INTA.into()),
+        // No INTx: no model raises it, and a pin makes QEMU arm an INTx
+        // eventfd that never fires. The PCI layer derives INTx support
+        // (IRQ info count, SET_IRQS) from this register, so offering INTx
+        // later means INTERRUPT_PIN_INTA here (from a layout flag).
+        Register::ro("interrupt pin", INTERRUPT_PIN, 1, INTERRUPT_PIN_NONE.into()),
         Register::ro("min gnt", MIN_GNT, 1, 0),
         Register::ro("max lat", MAX_LAT, 1, 0),
     ];

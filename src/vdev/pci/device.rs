@@ -1,8 +1,8 @@
 //! [`PciFunction`]: a [`FunctionModel`] served as a VFIO PCI device.
 //!
 //! Region indexes follow VFIO PCI: 0–5 BARs, 6 ROM (absent, size 0),
-//! 7 config (4 KiB), 8 VGA (absent). IRQ indexes: INTx, MSI (none), MSI-X,
-//! ERR, REQ.
+//! 7 config (4 KiB), 8 VGA (absent). IRQ indexes: INTx (none: interrupt pin
+//! 0, count 0), MSI (none), MSI-X, ERR, REQ.
 //!
 //! BAR accesses go to the model, except the MSI-X table and PBA ranges which
 //! are served here ([`Interrupts`]); an access straddling a boundary is split.
@@ -22,7 +22,7 @@ use vfio_bindings::bindings::vfio::{
 };
 
 use super::config::{
-    CMD_BUS_MASTER, CMD_INTX_DISABLE, CONFIG_SPACE_SIZE, ConfigError, ConfigSpace,
+    CMD_BUS_MASTER, CMD_INTX_DISABLE, CONFIG_SPACE_SIZE, ConfigError, ConfigSpace, INTERRUPT_PIN,
     MSIX_CONTROL_ENABLE, MSIX_CONTROL_FUNCTION_MASK,
 };
 use super::interrupts::Interrupts;
@@ -318,6 +318,11 @@ impl<M: FunctionModel> PciFunction<M> {
         Ok(())
     }
 
+    /// Does the function have an interrupt pin (and so INTx)?
+    fn has_intx(&self) -> bool {
+        self.config.read_u8(INTERRUPT_PIN) != 0
+    }
+
     fn table_start(&self) -> u64 {
         self.table.map_or(0, |w| w.start)
     }
@@ -412,9 +417,11 @@ impl<M: FunctionModel> VfioUserDevice for PciFunction<M> {
 
     fn irq_info(&self, index: u32) -> Result<IrqInfo, DeviceError> {
         let info = match index {
+            // Count 0 without an interrupt pin, as the kernel's vfio-pci
+            // reports it (cloud-hypervisor reads it as "no INTx").
             VFIO_PCI_INTX_IRQ_INDEX => IrqInfo {
                 flags: VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED,
-                count: 1,
+                count: self.has_intx().into(),
             },
             VFIO_PCI_MSI_IRQ_INDEX => IrqInfo {
                 flags: VFIO_IRQ_INFO_EVENTFD,
@@ -468,6 +475,17 @@ impl<M: FunctionModel> VfioUserDevice for PciFunction<M> {
         count: u32,
         data: IrqData,
     ) -> Result<(), DeviceError> {
+        // Without a pin only "disable INTx" (TRIGGER, DATA_NONE, count 0) is
+        // accepted: QEMU sends it before enabling MSI/MSI-X and on reset.
+        if index == VFIO_PCI_INTX_IRQ_INDEX && !self.has_intx() {
+            let disable =
+                action == IrqAction::Trigger && count == 0 && matches!(data, IrqData::None);
+            if !disable {
+                return Err(DeviceError::Invalid(
+                    "no INTx: the interrupt pin is 0".into(),
+                ));
+            }
+        }
         self.interrupts.set_irqs(index, action, start, count, data)
     }
 

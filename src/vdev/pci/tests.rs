@@ -205,7 +205,7 @@ fn ids_and_class_at_their_offsets() {
     assert_eq!(rd(&mut f, CFG, 0x0b, 1), 0x12, "base class");
     assert_eq!(rd(&mut f, CFG, 0x0a, 1), 0x00, "subclass");
     assert_eq!(rd(&mut f, CFG, HEADER_TYPE.into(), 1), 0);
-    assert_eq!(rd(&mut f, CFG, INTERRUPT_PIN.into(), 1), 1);
+    assert_eq!(rd(&mut f, CFG, INTERRUPT_PIN.into(), 1), 0, "no INTx");
     assert_eq!(rd(&mut f, CFG, CAP_POINTER.into(), 1), 0x40);
     assert_eq!(cfg16(&mut f, STATUS) & STATUS_CAP_LIST, STATUS_CAP_LIST);
     // IDs are read-only.
@@ -225,7 +225,7 @@ fn golden_first_64_bytes() {
         "00000000", // BAR0 mem32, BAR1 mem64 pf, BAR2 upper, BAR3 absent
         "04000000", "00000000", "00000000",
         "f41a4200", // BAR4 mem64, BAR5 upper, CIS, subsystem
-        "00000000", "40000000", "00000000", "00010000", // ROM, cap ptr, reserved, line/pin
+        "00000000", "40000000", "00000000", "00000000", // ROM, cap ptr, reserved, line/pin 0
     );
     assert_eq!(hex(&b), golden);
 }
@@ -389,7 +389,7 @@ fn byte_and_word_accesses_at_odd_offsets() {
     assert_eq!(f.model().bus_master, [true]);
     // Interrupt line is RW, pin RO, in one word write.
     wr(&mut f, CFG, INTERRUPT_LINE.into(), 2, 0x050b);
-    assert_eq!(cfg16(&mut f, INTERRUPT_LINE), 0x010b);
+    assert_eq!(cfg16(&mut f, INTERRUPT_LINE), 0x000b);
     // A byte write to BAR0's third byte keeps the others.
     wr(&mut f, CFG, u64::from(BAR0) + 2, 1, 0x12);
     assert_eq!(cfg32(&mut f, BAR0), 0xab12_4000);
@@ -763,43 +763,37 @@ fn set_irqs_past_the_vector_count_is_einval() {
     assert_eq!(e.unwrap_err().errno(), libc::EINVAL as u32);
 }
 
+/// Interrupt pin 0: no INTx. Only the "disable INTx" form that QEMU sends
+/// before enabling MSI-X and on reset is accepted, and it does nothing.
 #[test]
-fn intx_through_the_function() {
+fn intx_is_not_offered() {
     let mut f = function();
-    let (fd, dup) = efd();
-    f.set_irqs(
+    let einval = libc::EINVAL as u32;
+    let (_fd, dup) = efd();
+    let e = f.set_irqs(
         VFIO_PCI_INTX_IRQ_INDEX,
         IrqAction::Trigger,
         0,
         1,
         IrqData::Eventfds(vec![Some(dup)]),
-    )
-    .unwrap();
-    let irq = f.interrupts().clone();
-    assert_eq!(irq.trigger_intx(), IrqOutcome::Delivered);
-    assert_eq!(irq.trigger_intx(), IrqOutcome::Pending);
+    );
+    assert_eq!(e.unwrap_err().errno(), einval);
+    for action in [IrqAction::Mask, IrqAction::Unmask, IrqAction::Trigger] {
+        let e = f.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, action, 0, 1, IrqData::None);
+        assert_eq!(e.unwrap_err().errno(), einval, "{action:?}");
+    }
     f.set_irqs(
         VFIO_PCI_INTX_IRQ_INDEX,
-        IrqAction::Unmask,
+        IrqAction::Trigger,
         0,
-        1,
+        0,
         IrqData::None,
     )
     .unwrap();
-    assert_eq!(count(&fd), 2);
-    // Command INTx Disable, through config space.
-    f.set_irqs(
-        VFIO_PCI_INTX_IRQ_INDEX,
-        IrqAction::Unmask,
-        0,
-        1,
-        IrqData::None,
-    )
-    .unwrap();
+    assert_eq!(f.interrupts().trigger_intx(), IrqOutcome::NoEventfd);
+    // Command INTx Disable is still an ordinary writable bit.
     wr(&mut f, CFG, COMMAND.into(), 2, CMD_INTX_DISABLE.into());
-    assert_eq!(irq.trigger_intx(), IrqOutcome::Pending);
-    wr(&mut f, CFG, COMMAND.into(), 2, 0);
-    assert_eq!(count(&fd), 1);
+    assert_eq!(cfg16(&mut f, COMMAND), CMD_INTX_DISABLE);
 }
 
 #[test]
@@ -830,12 +824,13 @@ fn device_and_irq_info() {
     let info = f.device_info();
     assert_eq!(info.flags, VFIO_DEVICE_FLAGS_PCI | VFIO_DEVICE_FLAGS_RESET);
     assert_eq!((info.num_regions, info.num_irqs), (9, 5));
+    // Count 0: no INTx (cloud-hypervisor reads it so; QEMU follows pin 0).
     let intx = f.irq_info(VFIO_PCI_INTX_IRQ_INDEX).unwrap();
     assert_eq!(
         (intx.flags, intx.count),
         (
             VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED,
-            1
+            0
         )
     );
     assert_eq!(f.irq_info(VFIO_PCI_MSI_IRQ_INDEX).unwrap().count, 0);
@@ -986,16 +981,8 @@ fn qemu_realize_sequence() {
         .collect();
     assert_eq!(types, [0, 0b1100, 0b0100]);
     assert_eq!(cfg16(&mut f, MSIX_CAP + 2) & 0x7ff, VECTORS - 1);
-    assert_eq!(rd(&mut f, CFG, INTERRUPT_PIN.into(), 1), 1);
-    let (_intx, dup) = efd();
-    f.set_irqs(
-        VFIO_PCI_INTX_IRQ_INDEX,
-        IrqAction::Trigger,
-        0,
-        1,
-        IrqData::Eventfds(vec![Some(dup)]),
-    )
-    .unwrap();
+    // Pin 0: QEMU sets up no INTx eventfd.
+    assert_eq!(rd(&mut f, CFG, INTERRUPT_PIN.into(), 1), 0);
     let (_err, dup) = efd();
     f.set_irqs(
         VFIO_PCI_ERR_IRQ_INDEX,
@@ -1005,7 +992,8 @@ fn qemu_realize_sequence() {
         IrqData::Eventfds(vec![Some(dup)]),
     )
     .unwrap();
-    // Reset: disable INTx, clear command, D0, DEVICE_RESET, re-arm INTx, zero BARs.
+    // Reset: disable INTx, clear command, D0, DEVICE_RESET, (pin 0: no INTx
+    // re-arm), zero BARs.
     f.set_irqs(
         VFIO_PCI_INTX_IRQ_INDEX,
         IrqAction::Trigger,
@@ -1017,15 +1005,7 @@ fn qemu_realize_sequence() {
     let cmd = cfg16(&mut f, COMMAND);
     wr(&mut f, CFG, COMMAND.into(), 2, (cmd & !0x0407).into());
     f.reset().unwrap();
-    let (_intx, dup) = efd();
-    f.set_irqs(
-        VFIO_PCI_INTX_IRQ_INDEX,
-        IrqAction::Trigger,
-        0,
-        1,
-        IrqData::Eventfds(vec![Some(dup)]),
-    )
-    .unwrap();
+    assert_eq!(rd(&mut f, CFG, INTERRUPT_PIN.into(), 1), 0);
     for b in 0..6u16 {
         wr(&mut f, CFG, u64::from(BAR0 + 4 * b), 4, 0);
     }
