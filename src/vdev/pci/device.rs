@@ -241,7 +241,7 @@ impl<M: FunctionModel> PciFunction<M> {
 
     /// Cut `[offset, offset + len)` of `bar` at the MSI-X table and PBA.
     fn pieces(&self, bar: u8, offset: u64, len: u64) -> Vec<(Target, u64, u64)> {
-        let end = offset + len;
+        let end = offset.saturating_add(len);
         let windows: Vec<(Target, MsixWindow)> =
             [(Target::Table, self.table), (Target::Pba, self.pba)]
                 .into_iter()
@@ -275,7 +275,7 @@ impl<M: FunctionModel> PciFunction<M> {
     /// Does the access touch the MSI-X table or PBA? (The common case, a
     /// register access, does not and skips the splitting.)
     fn touches_msix(&self, bar: u8, offset: u64, len: u64) -> bool {
-        let end = offset + len;
+        let end = offset.saturating_add(len);
         [self.table, self.pba]
             .iter()
             .flatten()
@@ -287,13 +287,17 @@ impl<M: FunctionModel> PciFunction<M> {
             return self.model.bar_read(bar, offset, data);
         }
         for (target, start, stop) in self.pieces(bar, offset, data.len() as u64) {
-            let buf = &mut data[(start - offset) as usize..(stop - offset) as usize];
+            let buf = data
+                .get_mut(piece_range(offset, start, stop)?)
+                .ok_or_else(|| piece_error(offset, start, stop))?;
             match target {
                 Target::Model => self.model.bar_read(bar, start, buf)?,
                 Target::Table => self
                     .interrupts
-                    .msix_table_read(start - self.table_start(), buf),
-                Target::Pba => self.interrupts.msix_pba_read(start - self.pba_start(), buf),
+                    .msix_table_read(start.saturating_sub(self.table_start()), buf),
+                Target::Pba => self
+                    .interrupts
+                    .msix_pba_read(start.saturating_sub(self.pba_start()), buf),
             }
         }
         Ok(())
@@ -304,12 +308,14 @@ impl<M: FunctionModel> PciFunction<M> {
             return self.model.bar_write(bar, offset, data);
         }
         for (target, start, stop) in self.pieces(bar, offset, data.len() as u64) {
-            let buf = &data[(start - offset) as usize..(stop - offset) as usize];
+            let buf = data
+                .get(piece_range(offset, start, stop)?)
+                .ok_or_else(|| piece_error(offset, start, stop))?;
             match target {
                 Target::Model => self.model.bar_write(bar, start, buf)?,
                 Target::Table => self
                     .interrupts
-                    .msix_table_write(start - self.table_start(), buf),
+                    .msix_table_write(start.saturating_sub(self.table_start()), buf),
                 // The PBA is read-only (PCI 3.0 §6.8.2.10); QEMU drops PBA
                 // writes itself.
                 Target::Pba => tracing::debug!(offset = start, "write to the MSI-X PBA ignored"),
@@ -376,6 +382,22 @@ impl<M: FunctionModel> PciFunction<M> {
             self.model.set_bus_master(false);
         }
     }
+}
+
+/// Where the piece `start..stop` of an access at `offset` lies in its buffer.
+fn piece_range(offset: u64, start: u64, stop: u64) -> Result<std::ops::Range<usize>, DeviceError> {
+    let at = |x: u64| {
+        x.checked_sub(offset)
+            .and_then(|d| usize::try_from(d).ok())
+            .ok_or_else(|| piece_error(offset, start, stop))
+    };
+    Ok(at(start)?..at(stop)?)
+}
+
+fn piece_error(offset: u64, start: u64, stop: u64) -> DeviceError {
+    DeviceError::Invalid(format!(
+        "BAR access at {offset:#x}: piece {start:#x}..{stop:#x} outside it"
+    ))
 }
 
 fn config_error(e: ConfigError) -> DeviceError {

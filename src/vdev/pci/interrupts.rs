@@ -361,12 +361,16 @@ impl State {
             }
             (IrqAction::Mask, data) => {
                 for v in selected(range, &data)? {
-                    self.vectors[v as usize].vfio_masked = true;
+                    if let Some(vec) = self.vectors.get_mut(v as usize) {
+                        vec.vfio_masked = true;
+                    }
                 }
             }
             (IrqAction::Unmask, data) => {
                 for v in selected(range, &data)? {
-                    self.vectors[v as usize].vfio_masked = false;
+                    if let Some(vec) = self.vectors.get_mut(v as usize) {
+                        vec.vfio_masked = false;
+                    }
                 }
                 self.flush_pending();
             }
