@@ -70,6 +70,8 @@ pub const BAR_MEM_PREFETCH: u32 = 0b1000;
 /// The low four bits of a memory BAR are type bits, never address bits.
 const BAR_TYPE_BITS: u32 = 0xf;
 
+/// No legacy interrupt pin: the function signals through MSI-X only.
+pub const INTERRUPT_PIN_NONE: u8 = 0;
 /// INTA#.
 pub const INTERRUPT_PIN_INTA: u8 = 1;
 
@@ -241,7 +243,11 @@ pub fn registers(layout: &FunctionLayout) -> (Vec<Register>, CapLayout) {
         Register::ro("expansion rom bar", ROM_BAR, 4, 0),
         Register::ro("capabilities pointer", CAP_POINTER, 1, caps.pcie.into()),
         Register::ro("interrupt line", INTERRUPT_LINE, 1, 0).writable(0xff),
-        Register::ro("interrupt pin", INTERRUPT_PIN, 1, INTERRUPT_PIN_INTA.into()),
+        // No INTx: no model raises it, and a pin makes QEMU arm an INTx
+        // eventfd that never fires. The PCI layer derives INTx support
+        // (IRQ info count, SET_IRQS) from this register, so offering INTx
+        // later means INTERRUPT_PIN_INTA here (from a layout flag).
+        Register::ro("interrupt pin", INTERRUPT_PIN, 1, INTERRUPT_PIN_NONE.into()),
         Register::ro("min gnt", MIN_GNT, 1, 0),
         Register::ro("max lat", MAX_LAT, 1, 0),
     ];
@@ -409,7 +415,11 @@ impl ConfigSpace {
     /// Any length, any alignment.
     pub fn read(&self, offset: u64, data: &mut [u8]) -> Result<(), ConfigError> {
         let range = Self::range(offset, data.len())?;
-        data.copy_from_slice(&self.bytes[range]);
+        let src = self.bytes.get(range).ok_or(ConfigError::OutOfRange {
+            offset,
+            len: data.len(),
+        })?;
+        data.copy_from_slice(src);
         Ok(())
     }
 
@@ -417,25 +427,39 @@ impl ConfigSpace {
     /// W1C masks.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<WriteEffects, ConfigError> {
         let range = Self::range(offset, data.len())?;
+        let err = ConfigError::OutOfRange {
+            offset,
+            len: data.len(),
+        };
         let pmcsr_at = usize::from(self.caps.pm + PM_PMCSR);
-        let old_pmcsr = self.bytes[pmcsr_at];
-        for (at, &value) in range.clone().zip(data) {
-            let old = self.bytes[at];
-            let kept = (old & !self.writable[at]) | (value & self.writable[at]);
-            self.bytes[at] = kept & !(value & self.w1c[at]);
+        let old_pmcsr = self.read_u8(self.caps.pm + PM_PMCSR);
+        let (Some(bytes), Some(writable), Some(w1c)) = (
+            self.bytes.get_mut(range.clone()),
+            self.writable.get(range.clone()),
+            self.w1c.get(range.clone()),
+        ) else {
+            return Err(err);
+        };
+        for (((byte, &value), &wr), &clear) in bytes.iter_mut().zip(data).zip(writable).zip(w1c) {
+            let kept = (*byte & !wr) | (value & wr);
+            *byte = kept & !(value & clear);
         }
         // PCI PM 1.2 §7.1.4: a write of an unsupported state is discarded.
-        if range.contains(&pmcsr_at) {
-            let state = self.bytes[pmcsr_at] & PMCSR_POWER_STATE as u8;
+        if range.contains(&pmcsr_at)
+            && let Some(pmcsr) = self.bytes.get_mut(pmcsr_at)
+        {
+            let state = *pmcsr & PMCSR_POWER_STATE as u8;
             if state != PM_STATE_D0 && state != PM_STATE_D3HOT {
-                self.bytes[pmcsr_at] = old_pmcsr;
+                *pmcsr = old_pmcsr;
             }
         }
         // Initiate FLR is bit 15 of DEVCTL, i.e. bit 7 of its high byte. It is
         // not in the writable mask, so it always reads back 0.
         let flr_at = usize::from(self.caps.pcie + PCIE_DEVCTL + 1);
-        let flr = range.contains(&flr_at)
-            && data[flr_at - range.start] & (PCIE_DEVCTL_FLR >> 8) as u8 != 0;
+        let flr = flr_at
+            .checked_sub(range.start)
+            .and_then(|k| data.get(k))
+            .is_some_and(|b| b & (PCIE_DEVCTL_FLR >> 8) as u8 != 0);
         Ok(WriteEffects { flr })
     }
 
@@ -445,8 +469,8 @@ impl ConfigSpace {
     pub fn set_status_bits(&mut self, offset: u16, width: u8, bits: u32) {
         for k in 0..usize::from(width.min(4)) {
             let at = usize::from(offset) + k;
-            if at < CONFIG_SPACE_SIZE {
-                self.bytes[at] |= (bits >> (8 * k)) as u8 & self.w1c[at];
+            if let (Some(byte), Some(clear)) = (self.bytes.get_mut(at), self.w1c.get(at)) {
+                *byte |= (bits >> (8 * k)) as u8 & clear;
             }
         }
     }

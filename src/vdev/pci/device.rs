@@ -1,8 +1,8 @@
 //! [`PciFunction`]: a [`FunctionModel`] served as a VFIO PCI device.
 //!
 //! Region indexes follow VFIO PCI: 0–5 BARs, 6 ROM (absent, size 0),
-//! 7 config (4 KiB), 8 VGA (absent). IRQ indexes: INTx, MSI (none), MSI-X,
-//! ERR, REQ.
+//! 7 config (4 KiB), 8 VGA (absent). IRQ indexes: INTx (none: interrupt pin
+//! 0, count 0), MSI (none), MSI-X, ERR, REQ.
 //!
 //! BAR accesses go to the model, except the MSI-X table and PBA ranges which
 //! are served here ([`Interrupts`]); an access straddling a boundary is split.
@@ -14,15 +14,15 @@
 
 use vfio_bindings::bindings::vfio::{
     VFIO_DEVICE_FLAGS_PCI, VFIO_DEVICE_FLAGS_RESET, VFIO_IRQ_INFO_AUTOMASKED,
-    VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE, VFIO_IRQ_INFO_NORESIZE,
-    VFIO_PCI_BAR5_REGION_INDEX, VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_ERR_IRQ_INDEX,
-    VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS,
-    VFIO_PCI_REQ_IRQ_INDEX, VFIO_PCI_ROM_REGION_INDEX, VFIO_PCI_VGA_REGION_INDEX,
-    VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
+    VFIO_IRQ_INFO_EVENTFD, VFIO_IRQ_INFO_MASKABLE, VFIO_PCI_BAR5_REGION_INDEX,
+    VFIO_PCI_CONFIG_REGION_INDEX, VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_INTX_IRQ_INDEX,
+    VFIO_PCI_MSI_IRQ_INDEX, VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_NUM_IRQS, VFIO_PCI_REQ_IRQ_INDEX,
+    VFIO_PCI_ROM_REGION_INDEX, VFIO_PCI_VGA_REGION_INDEX, VFIO_REGION_INFO_FLAG_READ,
+    VFIO_REGION_INFO_FLAG_WRITE,
 };
 
 use super::config::{
-    CMD_BUS_MASTER, CMD_INTX_DISABLE, CONFIG_SPACE_SIZE, ConfigError, ConfigSpace,
+    CMD_BUS_MASTER, CMD_INTX_DISABLE, CONFIG_SPACE_SIZE, ConfigError, ConfigSpace, INTERRUPT_PIN,
     MSIX_CONTROL_ENABLE, MSIX_CONTROL_FUNCTION_MASK,
 };
 use super::interrupts::Interrupts;
@@ -241,7 +241,7 @@ impl<M: FunctionModel> PciFunction<M> {
 
     /// Cut `[offset, offset + len)` of `bar` at the MSI-X table and PBA.
     fn pieces(&self, bar: u8, offset: u64, len: u64) -> Vec<(Target, u64, u64)> {
-        let end = offset + len;
+        let end = offset.saturating_add(len);
         let windows: Vec<(Target, MsixWindow)> =
             [(Target::Table, self.table), (Target::Pba, self.pba)]
                 .into_iter()
@@ -275,7 +275,7 @@ impl<M: FunctionModel> PciFunction<M> {
     /// Does the access touch the MSI-X table or PBA? (The common case, a
     /// register access, does not and skips the splitting.)
     fn touches_msix(&self, bar: u8, offset: u64, len: u64) -> bool {
-        let end = offset + len;
+        let end = offset.saturating_add(len);
         [self.table, self.pba]
             .iter()
             .flatten()
@@ -287,13 +287,17 @@ impl<M: FunctionModel> PciFunction<M> {
             return self.model.bar_read(bar, offset, data);
         }
         for (target, start, stop) in self.pieces(bar, offset, data.len() as u64) {
-            let buf = &mut data[(start - offset) as usize..(stop - offset) as usize];
+            let buf = data
+                .get_mut(piece_range(offset, start, stop)?)
+                .ok_or_else(|| piece_error(offset, start, stop))?;
             match target {
                 Target::Model => self.model.bar_read(bar, start, buf)?,
                 Target::Table => self
                     .interrupts
-                    .msix_table_read(start - self.table_start(), buf),
-                Target::Pba => self.interrupts.msix_pba_read(start - self.pba_start(), buf),
+                    .msix_table_read(start.saturating_sub(self.table_start()), buf),
+                Target::Pba => self
+                    .interrupts
+                    .msix_pba_read(start.saturating_sub(self.pba_start()), buf),
             }
         }
         Ok(())
@@ -304,18 +308,25 @@ impl<M: FunctionModel> PciFunction<M> {
             return self.model.bar_write(bar, offset, data);
         }
         for (target, start, stop) in self.pieces(bar, offset, data.len() as u64) {
-            let buf = &data[(start - offset) as usize..(stop - offset) as usize];
+            let buf = data
+                .get(piece_range(offset, start, stop)?)
+                .ok_or_else(|| piece_error(offset, start, stop))?;
             match target {
                 Target::Model => self.model.bar_write(bar, start, buf)?,
                 Target::Table => self
                     .interrupts
-                    .msix_table_write(start - self.table_start(), buf),
+                    .msix_table_write(start.saturating_sub(self.table_start()), buf),
                 // The PBA is read-only (PCI 3.0 §6.8.2.10); QEMU drops PBA
                 // writes itself.
                 Target::Pba => tracing::debug!(offset = start, "write to the MSI-X PBA ignored"),
             }
         }
         Ok(())
+    }
+
+    /// Does the function have an interrupt pin (and so INTx)?
+    fn has_intx(&self) -> bool {
+        self.config.read_u8(INTERRUPT_PIN) != 0
     }
 
     fn table_start(&self) -> u64 {
@@ -356,14 +367,37 @@ impl<M: FunctionModel> PciFunction<M> {
     /// Config, MSI-X state and masks back to reset values (eventfds kept),
     /// bus mastering off, then the model's own reset.
     fn function_reset(&mut self) -> Result<(), DeviceError> {
+        self.reset_pci_state();
+        self.model.reset()
+    }
+
+    /// Config space and MSI-X state back to reset values (eventfds kept).
+    /// COMMAND becomes 0, so a model that was bus master is told it no
+    /// longer is: nobody else will (the next MASTER=0 write is no change).
+    fn reset_pci_state(&mut self) {
         let was_master = self.config.command() & CMD_BUS_MASTER != 0;
         self.config.reset();
         self.interrupts.reset();
         if was_master {
             self.model.set_bus_master(false);
         }
-        self.model.reset()
     }
+}
+
+/// Where the piece `start..stop` of an access at `offset` lies in its buffer.
+fn piece_range(offset: u64, start: u64, stop: u64) -> Result<std::ops::Range<usize>, DeviceError> {
+    let at = |x: u64| {
+        x.checked_sub(offset)
+            .and_then(|d| usize::try_from(d).ok())
+            .ok_or_else(|| piece_error(offset, start, stop))
+    };
+    Ok(at(start)?..at(stop)?)
+}
+
+fn piece_error(offset: u64, start: u64, stop: u64) -> DeviceError {
+    DeviceError::Invalid(format!(
+        "BAR access at {offset:#x}: piece {start:#x}..{stop:#x} outside it"
+    ))
 }
 
 fn config_error(e: ConfigError) -> DeviceError {
@@ -405,16 +439,21 @@ impl<M: FunctionModel> VfioUserDevice for PciFunction<M> {
 
     fn irq_info(&self, index: u32) -> Result<IrqInfo, DeviceError> {
         let info = match index {
+            // Count 0 without an interrupt pin, as the kernel's vfio-pci
+            // reports it (cloud-hypervisor reads it as "no INTx").
             VFIO_PCI_INTX_IRQ_INDEX => IrqInfo {
                 flags: VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_MASKABLE | VFIO_IRQ_INFO_AUTOMASKED,
-                count: 1,
+                count: self.has_intx().into(),
             },
             VFIO_PCI_MSI_IRQ_INDEX => IrqInfo {
                 flags: VFIO_IRQ_INFO_EVENTFD,
                 count: 0,
             },
+            // Not NORESIZE: with it QEMU removes every vector (count 0) and
+            // re-adds them all each time the guest unmasks a higher one;
+            // without it each vector is added on its own.
             VFIO_PCI_MSIX_IRQ_INDEX => IrqInfo {
-                flags: VFIO_IRQ_INFO_EVENTFD | VFIO_IRQ_INFO_NORESIZE,
+                flags: VFIO_IRQ_INFO_EVENTFD,
                 count: self.layout.msix_vectors.into(),
             },
             VFIO_PCI_ERR_IRQ_INDEX | VFIO_PCI_REQ_IRQ_INDEX => IrqInfo {
@@ -458,6 +497,17 @@ impl<M: FunctionModel> VfioUserDevice for PciFunction<M> {
         count: u32,
         data: IrqData,
     ) -> Result<(), DeviceError> {
+        // Without a pin only "disable INTx" (TRIGGER, DATA_NONE, count 0) is
+        // accepted: QEMU sends it before enabling MSI/MSI-X and on reset.
+        if index == VFIO_PCI_INTX_IRQ_INDEX && !self.has_intx() {
+            let disable =
+                action == IrqAction::Trigger && count == 0 && matches!(data, IrqData::None);
+            if !disable {
+                return Err(DeviceError::Invalid(
+                    "no INTx: the interrupt pin is 0".into(),
+                ));
+            }
+        }
         self.interrupts.set_irqs(index, action, start, count, data)
     }
 
@@ -478,12 +528,12 @@ impl<M: FunctionModel> VfioUserDevice for PciFunction<M> {
     }
 
     /// Drops every interrupt eventfd and returns config space and MSI-X state
-    /// to reset values, so a later connection finds a powered-on function;
-    /// then the model quiesces.
+    /// to reset values (telling the model bus mastering is off if it was
+    /// on), so a later connection finds a powered-on function; then the
+    /// model quiesces.
     fn disconnected(&mut self) {
         self.interrupts.drop_fds();
-        self.interrupts.reset();
-        self.config.reset();
+        self.reset_pci_state();
         self.model.disconnected();
     }
 }

@@ -9,14 +9,19 @@
 //! An MSI-X vector is delivered (1 written to its eventfd) when MSI-X is
 //! enabled and neither the Function Mask, the VFIO-level mask
 //! (`SET_IRQS MASK/UNMASK`) nor the table's Mask bit (see
-//! [`msix`](super::msix) for when that counts) is set. A trigger on a masked
-//! vector sets its PBA bit; whatever clears the last mask delivers it.
-//! The lock is held across the eventfd write (one non-blocking syscall).
+//! [`msix`](super::msix) for when that counts) is set, and it has an
+//! eventfd. A trigger on a masked vector, or on one without an eventfd,
+//! sets its PBA bit; whatever clears the last mask or assigns the eventfd
+//! delivers it. (Removing all eventfds, `SET_IRQS` count 0, keeps the PBA.)
+//! The lock is held across the eventfd write (one non-blocking syscall:
+//! every fd is checked to be an eventfd and set `O_NONBLOCK` when assigned,
+//! and a full counter counts as delivered).
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use rustix::fs::OFlags;
 use vfio_bindings::bindings::vfio::{
     VFIO_PCI_ERR_IRQ_INDEX, VFIO_PCI_INTX_IRQ_INDEX, VFIO_PCI_MSI_IRQ_INDEX,
     VFIO_PCI_MSIX_IRQ_INDEX, VFIO_PCI_REQ_IRQ_INDEX,
@@ -30,9 +35,11 @@ use crate::transport::device::{DeviceError, IrqAction, IrqData};
 pub enum IrqOutcome {
     /// 1 was written to the eventfd.
     Delivered,
-    /// Masked: remembered (PBA bit for MSI-X), delivered on unmask.
+    /// Masked, or an MSI-X vector without an eventfd yet: remembered (the
+    /// PBA bit for MSI-X), delivered once unmasked and with an eventfd.
     Pending,
-    /// Unmasked but no eventfd assigned: dropped.
+    /// INTx, ERR or REQ without an eventfd, or a failed eventfd write:
+    /// dropped.
     NoEventfd,
     /// No such vector.
     OutOfRange,
@@ -46,7 +53,8 @@ pub enum IrqOutcome {
 pub struct VectorCounters {
     /// Eventfd writes, including deliveries of pending triggers.
     pub delivered: u64,
-    /// Triggers that found the vector masked.
+    /// Triggers that found the vector masked (or, for MSI-X, without an
+    /// eventfd) and were left pending.
     pub pending: u64,
     /// Triggers (or pending deliveries) lost: no eventfd, disabled, or a
     /// failed eventfd write.
@@ -94,7 +102,40 @@ pub struct Interrupts {
     msix_vectors: u16,
 }
 
-/// Write 1 to an eventfd. A full counter (EAGAIN) is still signalled.
+/// What `/proc/self/fd/N` links to for an eventfd.
+const EVENTFD_LINK: &str = "anon_inode:[eventfd]";
+
+/// Accept `fd` as an interrupt eventfd: it must really be an eventfd, and its
+/// writes are made non-blocking. `signal` writes under the `Interrupts`
+/// lock, from the queue workers too; a blocking write to a full pipe, FIFO or
+/// eventfd would hang them there. (O_NONBLOCK is a property of the open file
+/// description, which the VMM shares; QEMU and cloud-hypervisor create their
+/// eventfds non-blocking anyway.) Needs `/proc`.
+fn prepare_eventfd(fd: &OwnedFd) -> Result<(), DeviceError> {
+    let raw = fd.as_raw_fd();
+    let link = std::fs::read_link(format!("/proc/self/fd/{raw}")).map_err(|e| {
+        invalid(format!(
+            "fd {raw}: cannot tell what it is (/proc/self/fd: {e})"
+        ))
+    })?;
+    if link.as_os_str() != EVENTFD_LINK {
+        return Err(invalid(format!(
+            "fd {raw} is {}, not an eventfd",
+            link.display()
+        )));
+    }
+    let flags =
+        rustix::fs::fcntl_getfl(fd).map_err(|e| invalid(format!("eventfd {raw}: F_GETFL: {e}")))?;
+    if !flags.contains(OFlags::NONBLOCK) {
+        rustix::fs::fcntl_setfl(fd, flags | OFlags::NONBLOCK)
+            .map_err(|e| invalid(format!("eventfd {raw}: F_SETFL O_NONBLOCK: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Write 1 to an eventfd (non-blocking, see [`prepare_eventfd`]). A full
+/// counter (EAGAIN) counts as signalled: it is non-zero, so the VMM's poll
+/// sees it.
 fn signal(fd: &OwnedFd) -> bool {
     match rustix::io::write(fd, &1u64.to_ne_bytes()) {
         Ok(_) | Err(rustix::io::Errno::AGAIN) => true,
@@ -165,30 +206,49 @@ fn selected(range: std::ops::Range<u32>, data: &IrqData) -> Result<Vec<u32>, Dev
 }
 
 impl State {
+    /// Is the vector held back by a mask? Out of range: masked.
     fn msix_masked(&self, v: u16) -> bool {
         self.function_masked
-            || self.vectors[usize::from(v)].vfio_masked
+            || self
+                .vectors
+                .get(usize::from(v))
+                .is_none_or(|x| x.vfio_masked)
             || self.msix.entry_masked(v)
     }
 
-    fn trigger_msix(&mut self, v: u16) -> IrqOutcome {
-        if usize::from(v) >= self.vectors.len() {
-            return IrqOutcome::OutOfRange;
-        }
-        if !self.msix_enabled {
-            self.vectors[usize::from(v)].counters.dropped += 1;
-            return IrqOutcome::Disabled;
-        }
-        if self.msix_masked(v) {
-            self.msix.set_pending(v, true);
-            self.vectors[usize::from(v)].counters.pending += 1;
-            return IrqOutcome::Pending;
-        }
-        self.send_msix(v)
+    /// Can the vector be written now: unmasked, with an eventfd?
+    fn msix_ready(&self, v: u16) -> bool {
+        !self.msix_masked(v)
+            && self
+                .vectors
+                .get(usize::from(v))
+                .is_some_and(|x| x.fd.is_some())
     }
 
-    fn send_msix(&mut self, v: u16) -> IrqOutcome {
-        let vec = &mut self.vectors[usize::from(v)];
+    /// A trigger on an enabled but masked vector, or one without an eventfd
+    /// yet, sets its PBA bit. Without an eventfd the VMM is between removing
+    /// and adding vectors (QEMU sends "enabled, no vectors" first, then one
+    /// vector at a time as the guest unmasks them); the message goes out
+    /// when one is assigned.
+    fn trigger_msix(&mut self, v: u16) -> IrqOutcome {
+        let ready = self.msix_ready(v);
+        let (enabled, pba) = (self.msix_enabled, &mut self.msix);
+        let Some(vec) = self.vectors.get_mut(usize::from(v)) else {
+            return IrqOutcome::OutOfRange;
+        };
+        if !enabled {
+            vec.counters.dropped += 1;
+            return IrqOutcome::Disabled;
+        }
+        if !ready {
+            pba.set_pending(v, true);
+            vec.counters.pending += 1;
+            return IrqOutcome::Pending;
+        }
+        Self::send_msix(vec)
+    }
+
+    fn send_msix(vec: &mut Vector) -> IrqOutcome {
         match &vec.fd {
             Some(fd) if signal(fd) => {
                 vec.counters.delivered += 1;
@@ -201,15 +261,17 @@ impl State {
         }
     }
 
-    /// Deliver every pending vector that no mask holds back any more.
+    /// Deliver every pending vector that is unmasked and has an eventfd.
     fn flush_pending(&mut self) {
         if !self.msix_enabled || self.function_masked {
             return;
         }
-        for v in 0..self.vectors.len() as u16 {
-            if self.msix.pending(v) && !self.msix_masked(v) {
+        for v in 0..self.msix.vectors() {
+            if self.msix.pending(v) && self.msix_ready(v) {
                 self.msix.set_pending(v, false);
-                self.send_msix(v);
+                if let Some(vec) = self.vectors.get_mut(usize::from(v)) {
+                    Self::send_msix(vec);
+                }
             }
         }
     }
@@ -265,6 +327,7 @@ impl State {
         data: IrqData,
     ) -> Result<(), DeviceError> {
         // DATA_NONE|TRIGGER with count 0: disable the index (VFIO uapi).
+        // The eventfds go; pending bits stay, for when vectors come back.
         if action == IrqAction::Trigger && count == 0 && matches!(data, IrqData::None) {
             for v in &mut self.vectors {
                 v.fd = None;
@@ -283,8 +346,11 @@ impl State {
                     )));
                 }
                 for (v, fd) in range.zip(fds) {
-                    self.vectors[v as usize].fd = fd;
+                    if let Some(vec) = self.vectors.get_mut(v as usize) {
+                        vec.fd = fd;
+                    }
                 }
+                self.flush_pending();
             }
             // DATA_NONE/BOOL|TRIGGER: fire (a test hook in VFIO). Goes through
             // the masks like a device-raised trigger.
@@ -295,12 +361,16 @@ impl State {
             }
             (IrqAction::Mask, data) => {
                 for v in selected(range, &data)? {
-                    self.vectors[v as usize].vfio_masked = true;
+                    if let Some(vec) = self.vectors.get_mut(v as usize) {
+                        vec.vfio_masked = true;
+                    }
                 }
             }
             (IrqAction::Unmask, data) => {
                 for v in selected(range, &data)? {
-                    self.vectors[v as usize].vfio_masked = false;
+                    if let Some(vec) = self.vectors.get_mut(v as usize) {
+                        vec.vfio_masked = false;
+                    }
                 }
                 self.flush_pending();
             }
@@ -489,6 +559,11 @@ impl Interrupts {
         count: u32,
         data: IrqData,
     ) -> Result<(), DeviceError> {
+        // Checked before the lock and before anything is assigned: one bad
+        // fd refuses the whole request.
+        if let IrqData::Eventfds(fds) = &data {
+            fds.iter().flatten().try_for_each(prepare_eventfd)?;
+        }
         let mut st = self.inner.lock();
         match index {
             VFIO_PCI_INTX_IRQ_INDEX => st.set_intx(action, start, count, data),
@@ -614,11 +689,18 @@ pub(crate) mod tests {
         assert_eq!(irq.trigger_msix(1), IrqOutcome::Delivered);
         assert_eq!(irq.trigger_msix(1), IrqOutcome::Delivered);
         assert_eq!(count(&fd), 2);
-        assert_eq!(irq.trigger_msix(0), IrqOutcome::NoEventfd);
+        // No eventfd on vector 0 yet: pending until one is assigned.
+        assert_eq!(irq.trigger_msix(0), IrqOutcome::Pending);
+        assert_eq!(irq.msix_pending(0), Some(true));
         assert_eq!(irq.trigger_msix(4), IrqOutcome::OutOfRange);
         let c = irq.msix_counters(1).unwrap();
         assert_eq!((c.delivered, c.pending, c.dropped), (2, 0, 1));
-        assert_eq!(irq.msix_counters(0).unwrap().dropped, 1);
+        let c = irq.msix_counters(0).unwrap();
+        assert_eq!((c.delivered, c.pending, c.dropped), (0, 1, 0));
+        let (fd0, dup) = efd();
+        assign(&irq, VFIO_PCI_MSIX_IRQ_INDEX, 0, vec![Some(dup)]);
+        assert_eq!(count(&fd0), 1);
+        assert_eq!(irq.msix_pending(0), Some(false));
     }
 
     #[test]
@@ -844,6 +926,113 @@ pub(crate) mod tests {
         irq.drop_fds();
         assert_eq!(irq.trigger_err(), IrqOutcome::NoEventfd);
         assert_eq!(irq.trigger_req(), IrqOutcome::NoEventfd);
+    }
+
+    /// An eventfd opened without O_NONBLOCK, as a careless VMM might send.
+    fn blocking_efd() -> (OwnedFd, OwnedFd) {
+        let fd = eventfd(0, EventfdFlags::CLOEXEC).unwrap();
+        let dup = rustix::io::dup(&fd).unwrap();
+        (fd, dup)
+    }
+
+    fn nonblocking(fd: &OwnedFd) -> bool {
+        rustix::fs::fcntl_getfl(fd)
+            .unwrap()
+            .contains(rustix::fs::OFlags::NONBLOCK)
+    }
+
+    #[test]
+    fn a_pipe_is_not_an_eventfd() {
+        let irq = Interrupts::new(2);
+        let errno = |index, action, start| {
+            let (_r, w) = rustix::pipe::pipe().unwrap();
+            irq.set_irqs(index, action, start, 1, IrqData::Eventfds(vec![Some(w)]))
+                .unwrap_err()
+                .errno()
+        };
+        let einval = libc::EINVAL as u32;
+        assert_eq!(
+            errno(VFIO_PCI_MSIX_IRQ_INDEX, IrqAction::Trigger, 1),
+            einval
+        );
+        assert_eq!(
+            errno(VFIO_PCI_INTX_IRQ_INDEX, IrqAction::Trigger, 0),
+            einval
+        );
+        assert_eq!(errno(VFIO_PCI_INTX_IRQ_INDEX, IrqAction::Unmask, 0), einval);
+        assert_eq!(errno(VFIO_PCI_ERR_IRQ_INDEX, IrqAction::Trigger, 0), einval);
+        assert_eq!(errno(VFIO_PCI_REQ_IRQ_INDEX, IrqAction::Trigger, 0), einval);
+        // One bad fd refuses the whole request: the good one is not kept.
+        let (_fd, dup) = efd();
+        let (_r, w) = rustix::pipe::pipe().unwrap();
+        let e = irq.set_irqs(
+            VFIO_PCI_MSIX_IRQ_INDEX,
+            IrqAction::Trigger,
+            0,
+            2,
+            IrqData::Eventfds(vec![Some(dup), Some(w)]),
+        );
+        assert!(matches!(e, Err(DeviceError::Invalid(_))));
+        assert_eq!(irq.msix_has_eventfd(0), Some(false));
+        assert_eq!(irq.msix_has_eventfd(1), Some(false));
+        assert_eq!(irq.trigger_err(), IrqOutcome::NoEventfd);
+    }
+
+    #[test]
+    fn assigned_eventfds_become_nonblocking() {
+        let irq = Interrupts::new(1);
+        let (msix, dup) = blocking_efd();
+        assign(&irq, VFIO_PCI_MSIX_IRQ_INDEX, 0, vec![Some(dup)]);
+        let (intx, dup) = blocking_efd();
+        assign(&irq, VFIO_PCI_INTX_IRQ_INDEX, 0, vec![Some(dup)]);
+        let (resample, dup) = blocking_efd();
+        irq.set_irqs(
+            VFIO_PCI_INTX_IRQ_INDEX,
+            IrqAction::Unmask,
+            0,
+            1,
+            IrqData::Eventfds(vec![Some(dup)]),
+        )
+        .unwrap();
+        let (err, dup) = blocking_efd();
+        assign(&irq, VFIO_PCI_ERR_IRQ_INDEX, 0, vec![Some(dup)]);
+        let (req, dup) = blocking_efd();
+        assign(&irq, VFIO_PCI_REQ_IRQ_INDEX, 0, vec![Some(dup)]);
+        for (what, fd) in [
+            ("msix", &msix),
+            ("intx", &intx),
+            ("resample", &resample),
+            ("err", &err),
+            ("req", &req),
+        ] {
+            assert!(nonblocking(fd), "{what}");
+        }
+    }
+
+    /// An eventfd whose counter is at its maximum (0xffff_ffff_ffff_fffe):
+    /// a blocking write of 1 would wait for a reader forever, holding the
+    /// lock. Every trigger must return at once and count as delivered.
+    #[test]
+    fn signalling_a_full_eventfd_does_not_block() {
+        let irq = Interrupts::new(1);
+        let (fd, dup) = blocking_efd();
+        rustix::io::write(&fd, &(u64::MAX - 1).to_ne_bytes()).unwrap();
+        assign(&irq, VFIO_PCI_MSIX_IRQ_INDEX, 0, vec![Some(dup)]);
+        let (efd, dup) = blocking_efd();
+        rustix::io::write(&efd, &(u64::MAX - 1).to_ne_bytes()).unwrap();
+        assign(&irq, VFIO_PCI_ERR_IRQ_INDEX, 0, vec![Some(dup)]);
+        irq.set_msix_control(true, false);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let worker = irq.clone();
+        // Detached: if the write blocked, the thread would stay stuck.
+        std::thread::spawn(move || {
+            let _ = tx.send((worker.trigger_msix(0), worker.trigger_err()));
+        });
+        let outcome = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("a trigger blocked on a full eventfd");
+        assert_eq!(outcome, (IrqOutcome::Delivered, IrqOutcome::Delivered));
+        assert_eq!(count(&fd), u64::MAX - 1);
     }
 
     #[test]

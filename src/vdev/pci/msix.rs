@@ -113,7 +113,7 @@ impl MsixTable {
             *b = offset
                 .checked_add(k as u64)
                 .and_then(|at| self.word_of(at))
-                .map(|(e, w, shift)| (self.entries[e][w] >> shift) as u8)
+                .and_then(|(e, w, shift)| Some((self.entries.get(e)?.get(w)? >> shift) as u8))
                 .unwrap_or(0);
         }
     }
@@ -128,10 +128,16 @@ impl MsixTable {
             else {
                 continue;
             };
-            let old = self.entries[e][w];
-            let mask = WORD_WRITABLE[w] & (0xff << shift);
+            let (Some(word), Some(writable)) = (
+                self.entries.get_mut(e).and_then(|x| x.get_mut(w)),
+                WORD_WRITABLE.get(w),
+            ) else {
+                continue;
+            };
+            let old = *word;
+            let mask = writable & (0xff << shift);
             let new = (old & !mask) | ((u32::from(*b) << shift) & mask);
-            self.entries[e][w] = new;
+            *word = new;
             if w == 3 && old & VECTOR_CTRL_MASKED != 0 && new & VECTOR_CTRL_MASKED == 0 {
                 unmasked.push(e as u16);
             }
