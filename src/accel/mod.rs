@@ -91,6 +91,10 @@ pub trait QueuePair: Send {
     fn completions(&self) -> &Receiver<JobResult>;
     /// Jobs submitted whose results have not yet been sent.
     fn in_flight(&self) -> usize;
+    /// Stop the queue pair (queue disabled or reset): later submits fail,
+    /// jobs no engine has started are discarded without a result, and jobs
+    /// running finish and send theirs, after which `in_flight()` is 0.
+    fn close(&self);
 }
 
 /// Shared handle to a backend.

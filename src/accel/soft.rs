@@ -389,7 +389,7 @@ impl SoftQueuePair {
 impl QueuePair for SoftQueuePair {
     fn submit(&self, jobs: &[Job]) -> Result<(), AccelError> {
         let running = self.common.running.read();
-        if !*running {
+        if !*running || self.shared.closed.load(Ordering::Acquire) {
             return Err(AccelError::Closed);
         }
         // Count before sending: an engine may finish a job before the loop ends.
@@ -419,6 +419,10 @@ impl QueuePair for SoftQueuePair {
 
     fn in_flight(&self) -> usize {
         self.shared.in_flight.load(Ordering::Acquire)
+    }
+
+    fn close(&self) {
+        self.shared.closed.store(true, Ordering::Release);
     }
 }
 
@@ -1088,6 +1092,36 @@ mod tests {
         assert_eq!(c.jobs + c.discarded, 10);
         // At most the job the engine had already picked up ran.
         assert!(c.jobs <= 1, "{c:?}");
+    }
+
+    #[test]
+    fn closing_a_queue_pair_discards_unstarted_jobs_and_reports_running_ones() {
+        let accel = SoftAccel::new(1);
+        let _mem = bound(&accel, 1, &[(0, 1 << 16)]);
+        let qp = accel.open_queue_pair(1).unwrap();
+        let jobs: Vec<Job> = (0..10)
+            .map(|i| job(Opcode::Crc32c, 0, 64, 0, 0, i))
+            .collect();
+        {
+            let table = accel.common.spaces.write();
+            qp.submit(&jobs).unwrap();
+            qp.close();
+            drop(table);
+        }
+        let deadline = Instant::now() + TIMEOUT;
+        while qp.in_flight() > 0 {
+            assert!(Instant::now() < deadline, "close did not drain");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let results = qp.completions().try_iter().count() as u64;
+        let c = accel.stats().engines[0].counters;
+        assert_eq!(
+            (results, c.jobs + c.discarded),
+            (c.jobs, 10),
+            "a result for each job that ran, none for the rest"
+        );
+        assert!(c.jobs <= 1, "{c:?}");
+        assert!(matches!(qp.submit(&jobs[..1]), Err(AccelError::Closed)));
     }
 
     #[test]

@@ -12,11 +12,11 @@ pub mod queue;
 pub mod regs;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
 use wdvirt_abi::{ALL_OPS, IDX_ALIGN, RING_ALIGN, RegError, pci, regs as r};
 
-use self::queue::{QueueConfig, QueueRunner, QueueShared, WorkerContext, overlaps};
+use self::queue::{BusMaster, QueueConfig, QueueRunner, QueueShared, WorkerContext, overlaps};
 use self::regs::{Access, Decoded, Reg};
 use crate::accel::{Pasid, SharedAccelerator};
 use crate::stats::{InstanceStats, add};
@@ -70,7 +70,7 @@ pub struct WdDevice {
     accel: SharedAccelerator,
     irq: Arc<dyn InterruptSink>,
     dma: DmaSpace,
-    bus_master: Arc<AtomicBool>,
+    bus_master: Arc<BusMaster>,
     enabled: bool,
     err: ErrLatch,
     queues: Vec<QueueSlot>,
@@ -108,7 +108,7 @@ impl WdDevice {
             accel,
             irq,
             dma,
-            bus_master: Arc::new(AtomicBool::new(false)),
+            bus_master: Arc::default(),
             enabled: false,
             err: ErrLatch::default(),
             queues: (0..cfg.queues)
@@ -364,12 +364,18 @@ impl WdDevice {
         Ok(())
     }
 
+    /// Stop every queue: all are told first, so their drains overlap and a
+    /// reset takes one drain budget, not one per queue.
     fn stop_queues(&mut self) {
-        for q in &mut self.queues {
-            if let Some(run) = q.runner.take() {
-                run.stop();
-            }
+        let runners: Vec<QueueRunner> = self
+            .queues
+            .iter_mut()
+            .filter_map(|q| q.runner.take())
+            .collect();
+        for r in &runners {
+            r.signal_stop();
         }
+        runners.into_iter().for_each(QueueRunner::stop);
     }
 
     /// Power-on register state (DEV_CTRL.RESET, DEVICE_RESET, FLR). DMA maps stay.
@@ -515,7 +521,8 @@ impl FunctionModel for WdDevice {
     }
 
     fn set_bus_master(&mut self, enabled: bool) {
-        self.bus_master.store(enabled, Ordering::Release);
+        // Clearing waits for DMA passes in progress (see `BusMaster`).
+        self.bus_master.set(enabled);
         if enabled {
             for q in self.queues.iter().filter_map(|q| q.runner.as_ref()) {
                 q.ring();
@@ -525,7 +532,7 @@ impl FunctionModel for WdDevice {
 
     fn reset(&mut self) -> Result<(), DeviceError> {
         self.reset_state();
-        self.bus_master.store(false, Ordering::Release);
+        self.bus_master.set(false);
         Ok(())
     }
 

@@ -70,6 +70,36 @@ pub fn overlaps(a: u64, alen: u64, b: u64, blen: u64) -> bool {
     alen != 0 && blen != 0 && a < b.saturating_add(blen) && b < a.saturating_add(alen)
 }
 
+/// The command register's Bus Master Enable bit as the queue workers see
+/// it. Every pass that touches guest memory holds a read guard, so clearing
+/// the bit waits for the passes in progress: once the config write that
+/// cleared it is answered, no worker reads or writes guest memory.
+#[derive(Debug, Default)]
+pub struct BusMaster(parking_lot::RwLock<bool>);
+
+impl BusMaster {
+    pub fn set(&self, on: bool) {
+        *self.0.write() = on;
+    }
+    pub fn is_on(&self) -> bool {
+        *self.0.read()
+    }
+    /// A guard for one pass of DMA, or `None` while bus mastering is off.
+    pub fn pass(&self) -> Option<parking_lot::RwLockReadGuard<'_, bool>> {
+        let g = self.0.read();
+        if *g { Some(g) } else { None }
+    }
+}
+
+/// Jobs one queue may have with the engines at once. The engines are shared
+/// by every instance in arrival order, so this bounds how far one queue can
+/// get ahead of the others (real fairness is the QoS layer's job).
+pub const MAX_WITH_ENGINE: u32 = 64;
+
+/// How long stopping a queue waits for jobs already running on an engine
+/// (queued ones are discarded at once). Well inside QEMU's 5 s reply timeout.
+const DRAIN_BUDGET: Duration = Duration::from_secs(2);
+
 /// State a queue shares with the device's register file.
 #[derive(Debug, Default)]
 pub struct QueueShared {
@@ -86,7 +116,7 @@ pub struct WorkerContext {
     pub space: AddressSpace,
     pub qp: Box<dyn QueuePair>,
     pub irq: Arc<dyn InterruptSink>,
-    pub bus_master: Arc<AtomicBool>,
+    pub bus_master: Arc<BusMaster>,
     pub shared: Arc<QueueShared>,
 }
 
@@ -118,15 +148,21 @@ impl QueueRunner {
         let _ = self.wake.try_send(());
     }
 
-    /// Stop the worker; jobs already with the engine finish, their results are
-    /// dropped (the queue is being disabled or reset).
+    /// Stop the worker (the queue is being disabled or reset): jobs queued for
+    /// the engines are discarded, jobs running finish, no result is written.
     pub fn stop(mut self) {
         self.halt();
     }
 
-    fn halt(&mut self) {
+    /// Ask the worker to stop without waiting; `stop` (or drop) then joins.
+    /// Stopping many queues: signal them all first, so they drain together.
+    pub fn signal_stop(&self) {
         self.stop.store(true, Ordering::Release);
         let _ = self.wake.try_send(());
+    }
+
+    fn halt(&mut self) {
+        self.signal_stop();
         if let Some(t) = self.thread.take()
             && t.join().is_err()
         {
@@ -157,6 +193,8 @@ struct Worker {
     irq_since: Option<Instant>,
     /// The engine's measured pace, for sizing naps.
     pace: Pace,
+    /// The ring setup has been written (needs bus mastering).
+    initialised: bool,
 }
 
 /// Completions per sample of the engine's speed.
@@ -187,6 +225,7 @@ impl Worker {
             irq_pending: 0,
             irq_since: None,
             pace: Pace::default(),
+            initialised: false,
         }
     }
 
@@ -195,7 +234,17 @@ impl Worker {
         if n == 0 {
             return;
         }
-        self.in_flight -= n;
+        // A backend that reports more completions than jobs is a bug; do
+        // not let it wrap the count.
+        if n > self.in_flight {
+            tracing::error!(
+                queue = self.ctx.queue,
+                n,
+                in_flight = self.in_flight,
+                "more completions than jobs"
+            );
+        }
+        self.in_flight = self.in_flight.saturating_sub(n);
         self.pace.collected(n, self.in_flight, Instant::now());
     }
 
@@ -213,11 +262,6 @@ impl Worker {
     }
 
     fn run(mut self) {
-        {
-            let mem = self.ctx.space.memory();
-            self.store_idx(&mem, idx::SQ_HEAD, 0);
-            self.store_idx(&mem, idx::FLAGS, 0);
-        }
         while !self.stop.load(Ordering::Acquire) {
             let progressed = self.step();
             if progressed {
@@ -231,26 +275,43 @@ impl Worker {
         self.drain();
     }
 
+    /// The queue's first DMA: the device's half of the index block, and a
+    /// zeroed completion ring, so entries left from an earlier run of the
+    /// same rings can never look new.
+    fn init_rings(&mut self, mem: &GuestMemory) {
+        let cq_bytes = self.ctx.config.depth as usize * CQE_SIZE;
+        let zeros = vec![0u8; cq_bytes];
+        let _ = mem.write_slice(&zeros, GuestAddress(self.ctx.config.cq_base));
+        self.store_idx(mem, idx::SQ_HEAD, 0);
+        self.store_idx(mem, idx::FLAGS, 0);
+        std::sync::atomic::fence(Ordering::Release);
+        self.initialised = true;
+    }
+
     /// One pass: completions, then submissions. Returns whether anything moved.
     fn step(&mut self) -> bool {
-        let mut progressed = false;
-        let mem = self.ctx.space.memory();
-        let master = self.ctx.bus_master.load(Ordering::Acquire);
         let mut n = 0;
         while let Ok(r) = self.ctx.qp.completions().try_recv() {
             n += 1;
             self.held.push(r);
         }
         self.collected(n);
-        if master && !self.held.is_empty() {
+        let bus_master = self.ctx.bus_master.clone();
+        let Some(_dma) = bus_master.pass() else {
+            return false;
+        };
+        let mem = self.ctx.space.memory();
+        if !self.initialised {
+            self.init_rings(&mem);
+        }
+        let mut progressed = false;
+        if !self.held.is_empty() {
             for r in std::mem::take(&mut self.held) {
                 self.complete(&mem, r);
             }
             progressed = true;
         }
-        if master {
-            progressed |= self.fetch(&mem);
-        }
+        progressed |= self.fetch(&mem);
         self.maybe_interrupt(false);
         progressed
     }
@@ -262,7 +323,10 @@ impl Worker {
         let cq_head = self.load_idx(mem, idx::CQ_HEAD);
         let start = self.sq_head;
         let mut batch = Vec::new();
-        while self.sq_head != tail && self.sq_head.wrapping_sub(cq_head) < depth {
+        while self.sq_head != tail
+            && self.sq_head.wrapping_sub(cq_head) < depth
+            && self.in_flight + (batch.len() as u32) < MAX_WITH_ENGINE
+        {
             let slot = (self.sq_head % depth) as u64;
             let addr = GuestAddress(self.ctx.config.sq_base + slot * SQE_SIZE as u64);
             self.sq_head = self.sq_head.wrapping_add(1);
@@ -298,6 +362,8 @@ impl Worker {
                         self.pace.started(Instant::now());
                     }
                     self.in_flight += batch.len() as u32;
+                    let bytes: u64 = batch.iter().map(|j| j.src_len as u64).sum();
+                    add(&self.ctx.shared.stats.bytes_in, bytes);
                 }
                 Err(e) => {
                     tracing::warn!(queue = self.ctx.queue, "engine refused a batch: {e}");
@@ -373,12 +439,20 @@ impl Worker {
     }
 
     /// Clear NO_DOORBELL, fence, look once more. True if work arrived meanwhile.
+    /// (With bus mastering off, nothing is touched: enabling it rings us.)
     fn arm_doorbell(&mut self) -> bool {
+        let bus_master = self.ctx.bus_master.clone();
+        let Some(_dma) = bus_master.pass() else {
+            return false;
+        };
+        if !self.initialised {
+            return true;
+        }
         let mem = self.ctx.space.memory();
         self.store_idx(&mem, idx::FLAGS, 0);
         std::sync::atomic::fence(Ordering::SeqCst);
         let tail = self.load_idx(&mem, idx::SQ_TAIL);
-        if tail != self.sq_head && self.ctx.bus_master.load(Ordering::Acquire) {
+        if tail != self.sq_head {
             self.store_idx(&mem, idx::FLAGS, IDX_FLAG_NO_DOORBELL);
             return true;
         }
@@ -414,27 +488,36 @@ impl Worker {
                 default(timeout) => self.maybe_interrupt(true),
             }
         }
-        let mem = self.ctx.space.memory();
-        self.store_idx(&mem, idx::FLAGS, IDX_FLAG_NO_DOORBELL);
+        let bus_master = self.ctx.bus_master.clone();
+        if let Some(_dma) = bus_master.pass()
+            && self.initialised
+        {
+            let mem = self.ctx.space.memory();
+            self.store_idx(&mem, idx::FLAGS, IDX_FLAG_NO_DOORBELL);
+        }
     }
 
-    /// Wait (bounded) for jobs still with the engine so none writes guest
-    /// memory after the queue is gone.
+    /// Close the queue pair (queued jobs are discarded) and wait, within a
+    /// budget, for the jobs engines are running, so none writes guest memory
+    /// after the queue is gone.
     fn drain(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.in_flight > 0 {
+        self.ctx.qp.close();
+        let deadline = Instant::now() + DRAIN_BUDGET;
+        while self.ctx.qp.in_flight() > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.ctx.qp.completions().recv_timeout(left) {
-                Ok(_) => self.in_flight -= 1,
-                Err(_) => {
-                    tracing::warn!(
-                        queue = self.ctx.queue,
-                        in_flight = self.in_flight,
-                        "engine did not drain"
-                    );
-                    break;
-                }
+            if left.is_zero() {
+                tracing::warn!(
+                    queue = self.ctx.queue,
+                    running = self.ctx.qp.in_flight(),
+                    "engine did not drain in time"
+                );
+                break;
             }
+            let _ = self
+                .ctx
+                .qp
+                .completions()
+                .recv_timeout(left.min(Duration::from_millis(10)));
         }
     }
 }
@@ -515,6 +598,16 @@ pub fn check(
     }
     if cfg.ops & op.bit() == 0 {
         return Err(JobStatus::OpNotAllowed);
+    }
+    // `param` is a level for compression (1..=12, 0 = 1), a byte for fill,
+    // and reserved (zero) for everything else.
+    let param_max = match op {
+        Opcode::DeflateCompress | Opcode::ZlibCompress | Opcode::GzipCompress => 12,
+        Opcode::Fill => 0xff,
+        _ => 0,
+    };
+    if sqe.param > param_max {
+        return Err(JobStatus::ReservedNonZero);
     }
     let job = Job {
         op,

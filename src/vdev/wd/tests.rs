@@ -452,3 +452,153 @@ fn unmapping_a_running_queues_rings_stops_that_queue_and_says_why() {
     assert_eq!(rig.r32(r::queue(0) + r::Q_COMPLETED), 0);
     assert_eq!(rig.r32(r::queue(0) + r::Q_STATUS), 0);
 }
+
+#[test]
+fn reset_with_a_deep_backlog_is_quick_and_nothing_is_written_after_it() {
+    let mut rig = Rig::new(WdConfig::default());
+    assert_eq!(rig.setup_queue(0, 256), r::Q_STATUS_ENABLED);
+    let data: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    rig.put(BUF, &data);
+    let jobs: Vec<_> = (0..200)
+        .map(|t| SubmissionEntry {
+            param: 12,
+            ..sqe(
+                Opcode::GzipCompress,
+                t,
+                BUF,
+                1 << 20,
+                BUF + (2 << 20),
+                1 << 20,
+            )
+        })
+        .collect();
+    rig.submit(&jobs, 256);
+    std::thread::sleep(Duration::from_millis(30));
+    let t = Instant::now();
+    rig.w32(r::DEV_CTRL, r::DEV_CTRL_RESET);
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "reset took {:?}",
+        t.elapsed()
+    );
+    let cq = rig.get(CQ, 256 * 16);
+    let idx_block = rig.get(IDX, 64);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        rig.get(CQ, 256 * 16),
+        cq,
+        "no completion written after the reset"
+    );
+    assert_eq!(
+        rig.get(IDX, 64),
+        idx_block,
+        "no index written after the reset"
+    );
+    let done = rig.dev.queue_stats()[0].stats.snapshot().jobs_ok;
+    assert!(done < 200, "the backlog was dropped, not run: {done} ran");
+}
+
+#[test]
+fn clearing_bus_master_stops_ring_dma_before_it_returns() {
+    let mut rig = Rig::new(WdConfig::default());
+    assert_eq!(rig.setup_queue(0, 64), r::Q_STATUS_ENABLED);
+    rig.put(BUF, &[7u8; 65536]);
+    let jobs: Vec<_> = (0..64)
+        .map(|t| {
+            sqe(
+                Opcode::Sha256,
+                t,
+                BUF,
+                65536,
+                BUF + 0x10000 + t as u64 * 64,
+                32,
+            )
+        })
+        .collect();
+    rig.submit(&jobs, 64);
+    std::thread::sleep(Duration::from_millis(2));
+    rig.dev.set_bus_master(false);
+    let cq = rig.get(CQ, 64 * 16);
+    let idx_block = rig.get(IDX, 64);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        rig.get(CQ, 64 * 16),
+        cq,
+        "no completion written with bus mastering off"
+    );
+    assert_eq!(
+        rig.get(IDX, 64),
+        idx_block,
+        "no index written with bus mastering off"
+    );
+    rig.dev.set_bus_master(true);
+    let done = rig.wait(64, 64);
+    assert!(done.iter().all(|c| c.status == 0));
+}
+
+#[test]
+fn a_re_enabled_queue_never_shows_old_completions_as_new() {
+    let mut rig = Rig::new(WdConfig::default());
+    assert_eq!(rig.setup_queue(0, 4), r::Q_STATUS_ENABLED);
+    rig.put(BUF, b"abc");
+    rig.submit(
+        &[
+            sqe(Opcode::Crc32c, 1, BUF, 3, 0, 0),
+            sqe(Opcode::Crc32c, 2, BUF, 3, 0, 0),
+        ],
+        4,
+    );
+    assert_eq!(rig.wait(2, 4).len(), 2);
+    // Disable and enable again on the same rings, restarting the driver's indexes.
+    rig.w32(r::queue(0) + r::Q_CTRL, 0);
+    rig.put(IDX, &[0u8; 16]);
+    (rig.tail, rig.head) = (0, 0);
+    rig.w32(r::queue(0) + r::Q_CTRL, r::Q_CTRL_ENABLE);
+    assert_eq!(rig.r32(r::queue(0) + r::Q_STATUS), r::Q_STATUS_ENABLED);
+    std::thread::sleep(Duration::from_millis(20));
+    let slot0 = CompletionEntry::from_bytes(&rig.get(CQ, 16).try_into().unwrap());
+    assert_eq!(slot0.flags & 1, 0, "the old phase-1 entry was cleared");
+    rig.submit(&[sqe(Opcode::Crc32c, 9, BUF, 3, 0, 0)], 4);
+    assert_eq!(rig.wait(1, 4)[0].tag, 9);
+}
+
+#[test]
+fn param_is_checked_per_opcode_before_the_engine() {
+    let mut rig = Rig::new(WdConfig::default());
+    assert_eq!(rig.setup_queue(0, 8), r::Q_STATUS_ENABLED);
+    rig.put(BUF, &[1u8; 4096]);
+    let with = |s: SubmissionEntry, param| SubmissionEntry { param, ..s };
+    let cases = [
+        (
+            with(
+                sqe(Opcode::DeflateCompress, 1, BUF, 4096, BUF + 8192, 8192),
+                13,
+            ),
+            JobStatus::ReservedNonZero,
+        ),
+        (
+            with(
+                sqe(Opcode::DeflateCompress, 2, BUF, 4096, BUF + 8192, 8192),
+                12,
+            ),
+            JobStatus::Ok,
+        ),
+        (
+            with(sqe(Opcode::Fill, 3, 0, 0, BUF + 8192, 16), 0x100),
+            JobStatus::ReservedNonZero,
+        ),
+        (
+            with(sqe(Opcode::Copy, 4, BUF, 16, BUF + 8192, 16), 1),
+            JobStatus::ReservedNonZero,
+        ),
+    ];
+    let sqes: Vec<_> = cases.iter().map(|c| c.0).collect();
+    rig.submit(&sqes, 8);
+    let mut got = rig.wait(cases.len(), 8);
+    got.sort_by_key(|c| c.tag);
+    for ((_, want), c) in cases.iter().zip(&got) {
+        assert_eq!(JobStatus::from_code(c.status), Some(*want), "tag {}", c.tag);
+    }
+}
