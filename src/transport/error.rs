@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use super::device::DeviceError;
+use super::socket::FdLoss;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -28,6 +29,11 @@ pub enum TransportError {
     DmaNotFound { iova: u64, size: u64 },
     #[error("too many DMA maps (limit {0})")]
     DmaTableFull(usize),
+    #[error("fds attached to the message were dropped by the kernel (MSG_CTRUNC): {}", match .0 {
+        FdLoss::Exhausted => "this process is out of file descriptors",
+        FdLoss::TooMany => "more fds than a message may carry",
+    })]
+    FdsLost(FdLoss),
     #[error("unsupported command {0}")]
     UnknownCommand(u16),
     #[error("device feature ioctl not supported")]
@@ -46,6 +52,7 @@ impl TransportError {
             TransportError::DmaOverlap { .. } => libc::EEXIST,
             TransportError::DmaNotFound { .. } => libc::ENOENT,
             TransportError::DmaTableFull(_) => libc::ENOSPC,
+            TransportError::FdsLost(loss) => return loss.errno(),
             TransportError::UnknownCommand(_) => libc::ENOSYS,
             TransportError::NoFeature => libc::ENOTTY,
             TransportError::NotSupported(_) => libc::ENOTSUP,
@@ -82,6 +89,14 @@ mod tests {
             libc::ENOSYS as u32
         );
         assert_eq!(TransportError::NoFeature.errno(), libc::ENOTTY as u32);
+        assert_eq!(
+            TransportError::FdsLost(FdLoss::Exhausted).errno(),
+            libc::EMFILE as u32
+        );
+        assert_eq!(
+            TransportError::FdsLost(FdLoss::TooMany).errno(),
+            libc::EINVAL as u32
+        );
         assert_eq!(
             TransportError::Device(DeviceError::Busy("b".into())).errno(),
             libc::EBUSY as u32

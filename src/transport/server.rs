@@ -201,6 +201,9 @@ impl Connection {
             ConnectionStats::add(&self.stats.messages, 1);
             ConnectionStats::add(&self.stats.bytes_received, msg.header.size as u64);
             ConnectionStats::add(&self.stats.fds_received, msg.fds.len() as u64);
+            if msg.fd_loss.is_some() {
+                ConnectionStats::add(&self.stats.fds_truncated, 1);
+            }
             if let Err(e) = self.serve_one(&mut session, dev, &mut msg) {
                 return sock_end(e);
             }
@@ -230,6 +233,13 @@ impl Connection {
                 let e = TransportError::invalid(format!("message type {t}"));
                 return self.refuse(&h, &e);
             }
+        }
+        if let Some(loss) = msg.fd_loss {
+            // Served short of fds, a DMA_MAP would become fd-less (its RAM
+            // unreachable) and a SET_IRQS EVENTFD a de-assign. The body is
+            // consumed, so the stream stays in sync; the fds that did
+            // arrive are closed with the message.
+            return self.refuse(&h, &TransportError::FdsLost(loss));
         }
         let what = tracing::enabled!(tracing::Level::TRACE)
             .then(|| wire::describe(&h, &msg.body, msg.fds.len()));

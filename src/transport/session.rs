@@ -693,6 +693,7 @@ mod tests {
             header,
             body,
             fds: Vec::new(),
+            fd_loss: None,
         }
     }
 

@@ -493,3 +493,73 @@ pub fn borrow(fds: &[OwnedFd]) -> Vec<BorrowedFd<'_>> {
 pub fn raw(fd: &OwnedFd) -> RawFd {
     fd.as_raw_fd()
 }
+
+/// Set (to the test's name) in a re-executed test binary that runs that one
+/// test alone, so it may change process-wide state such as RLIMIT_NOFILE
+/// without disturbing the tests running beside it.
+pub const CHILD_ENV: &str = "WDVIRT_TRANSPORT_TEST_CHILD";
+
+/// In the test process: re-runs test `name` alone in a fresh process,
+/// asserts that it ran and passed, and returns false. In that child:
+/// returns true, and the caller runs the body.
+pub fn in_child_process(name: &str) -> bool {
+    if std::env::var(CHILD_ENV).as_deref() == Ok(name) {
+        return true;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, name)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "child run of {name} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    false
+}
+
+/// This process out of fds: RLIMIT_NOFILE lowered to just above the highest
+/// open fd and every free slot below it filled. Dropping it frees the slots
+/// and restores the limit. Use only in a child process (see
+/// [`in_child_process`]).
+pub struct FdExhaustion {
+    fillers: Vec<OwnedFd>,
+    old: rustix::process::Rlimit,
+}
+
+pub fn exhaust_fds() -> FdExhaustion {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let highest = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .unwrap();
+    let old = getrlimit(Resource::Nofile);
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(highest + 1),
+            maximum: old.maximum,
+        },
+    )
+    .unwrap();
+    let stderr = std::io::stderr();
+    let mut fillers = Vec::new();
+    for _ in 0..=highest {
+        match rustix::io::fcntl_dupfd_cloexec(&stderr, 0) {
+            Ok(fd) => fillers.push(fd),
+            Err(rustix::io::Errno::MFILE) => return FdExhaustion { fillers, old },
+            Err(e) => panic!("dup: {e}"),
+        }
+    }
+    panic!("could not exhaust fds below {}", highest + 1);
+}
+
+impl Drop for FdExhaustion {
+    fn drop(&mut self) {
+        self.fillers.clear();
+        rustix::process::setrlimit(rustix::process::Resource::Nofile, self.old).unwrap();
+    }
+}
