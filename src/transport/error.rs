@@ -27,8 +27,18 @@ pub enum TransportError {
     DmaOverlap { iova: u64, size: u64 },
     #[error("no DMA map at {iova:#x}+{size:#x}")]
     DmaNotFound { iova: u64, size: u64 },
-    #[error("too many DMA maps (limit {0})")]
+    #[error("DMA map refused: this connection already holds {0} maps, its limit")]
     DmaTableFull(usize),
+    #[error(
+        "DMA map {iova:#x}+{size:#x} refused: fd-backed maps would reach {} bytes, over this connection's limit of {limit} bytes",
+        *mapped as u128 + *size as u128
+    )]
+    DmaBytesFull {
+        iova: u64,
+        size: u64,
+        mapped: u64,
+        limit: u64,
+    },
     #[error("fds attached to the message were dropped by the kernel (MSG_CTRUNC): {}", match .0 {
         FdLoss::Exhausted => "this process is out of file descriptors",
         FdLoss::TooMany => "more fds than a message may carry",
@@ -51,7 +61,7 @@ impl TransportError {
             TransportError::Invalid(_) => libc::EINVAL,
             TransportError::DmaOverlap { .. } => libc::EEXIST,
             TransportError::DmaNotFound { .. } => libc::ENOENT,
-            TransportError::DmaTableFull(_) => libc::ENOSPC,
+            TransportError::DmaTableFull(_) | TransportError::DmaBytesFull { .. } => libc::ENOSPC,
             TransportError::FdsLost(loss) => return loss.errno(),
             TransportError::UnknownCommand(_) => libc::ENOSYS,
             TransportError::NoFeature => libc::ENOTTY,

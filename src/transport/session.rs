@@ -106,7 +106,7 @@ impl Session {
             .collect();
         Session {
             caps: None,
-            dma: DmaTable::new(wire::MAX_DMA_MAPS),
+            dma: DmaTable::new(wire::MAX_DMA_MAPS, wire::MAX_DMA_FD_BYTES),
             num_regions: info.num_regions,
             num_irqs: info.num_irqs,
             regions,
@@ -206,7 +206,7 @@ impl Session {
                 m.flags & !known
             );
         }
-        self.dma.check_insert(m.iova, m.size)?;
+        self.dma.check_insert(m.iova, m.size, !fds.is_empty())?;
         let fd = fds.pop();
         if fd.is_some() {
             if !m.offset.is_multiple_of(wire::PAGE_SIZE) {
