@@ -18,6 +18,11 @@ pub enum TransportError {
     },
     #[error("socket I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// Accepting a connection (or setting it up) failed; see
+    /// [`is_transient`](TransportError::is_transient) for whether the
+    /// listener is still usable.
+    #[error("accept: {0}")]
+    Accept(#[source] std::io::Error),
 
     // Per-message refusals: the message is consumed, an error reply is sent
     // (unless No_reply) and the connection goes on.
@@ -67,11 +72,35 @@ impl TransportError {
             TransportError::NoFeature => libc::ENOTTY,
             TransportError::NotSupported(_) => libc::ENOTSUP,
             TransportError::Device(d) => return d.errno(),
-            TransportError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            TransportError::Io(e) | TransportError::Accept(e) => {
+                e.raw_os_error().unwrap_or(libc::EIO)
+            }
             TransportError::SocketInUse { .. } => libc::EADDRINUSE,
             TransportError::Bind { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         };
         e as u32
+    }
+
+    /// An accept that failed for want of a resource that may come back
+    /// (fds, memory, buffers) or for a connection that died in the
+    /// backlog: the listener is fine, and accepting again after a pause
+    /// (backoff) is right. Any other error — EINVAL after the listener was
+    /// shut down, EBADF — is final.
+    pub fn is_transient(&self) -> bool {
+        let TransportError::Accept(e) = self else {
+            return false;
+        };
+        matches!(
+            e.raw_os_error(),
+            Some(
+                libc::EMFILE
+                    | libc::ENFILE
+                    | libc::ECONNABORTED
+                    | libc::EINTR
+                    | libc::ENOBUFS
+                    | libc::ENOMEM
+            )
+        )
     }
 
     pub(crate) fn invalid(msg: impl Into<String>) -> TransportError {
@@ -82,6 +111,29 @@ impl TransportError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_resource_shortages_in_accept_are_transient() {
+        let accept = |errno| TransportError::Accept(std::io::Error::from_raw_os_error(errno));
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ECONNABORTED,
+            libc::EINTR,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+        ] {
+            assert!(accept(errno).is_transient(), "errno {errno}");
+            assert_eq!(accept(errno).errno(), errno as u32);
+        }
+        for errno in [libc::EINVAL, libc::EBADF, libc::ENOTSOCK] {
+            assert!(!accept(errno).is_transient(), "errno {errno}");
+        }
+        // The same errno outside accept says nothing about the listener.
+        let io = TransportError::Io(std::io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(!io.is_transient());
+        assert!(!TransportError::Accept(std::io::Error::other("x")).is_transient());
+    }
 
     #[test]
     fn errnos_are_positive_and_distinct_where_it_matters() {

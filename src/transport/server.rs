@@ -83,10 +83,18 @@ impl Listener {
         })
     }
 
-    /// Waits for one VMM to connect.
+    /// Waits for one VMM to connect. Every failure, including setting up
+    /// the accepted connection, is [`TransportError::Accept`]; when it
+    /// [`is_transient`](TransportError::is_transient) (out of fds or
+    /// memory) the listener is intact and the caller should retry after a
+    /// backoff — the pending VMM stays in the backlog. Otherwise (EINVAL
+    /// once the socket is shut down) stop accepting.
     pub fn accept(&self) -> Result<Connection, TransportError> {
-        let (stream, _) = self.listener.accept()?;
-        Connection::from_stream(stream)
+        let (stream, _) = self.listener.accept().map_err(TransportError::Accept)?;
+        Connection::from_stream(stream).map_err(|e| match e {
+            TransportError::Io(e) => TransportError::Accept(e),
+            e => e,
+        })
     }
 
     pub fn path(&self) -> &Path {
