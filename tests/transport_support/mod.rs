@@ -54,9 +54,15 @@ pub struct Log {
 
 pub struct FakeDevice {
     pub regions: Vec<Vec<u8>>,
-    pub bar2_fd: OwnedFd,
+    pub bar2_fd: Arc<OwnedFd>,
+    /// Hand out a new memfd (holding `FRESH_FD_MARK`) on each GET_REGION_INFO
+    /// of BAR2 and keep no copy: the reply alone holds it open.
+    pub fresh_bar2_fd: bool,
     pub log: Arc<Mutex<Log>>,
 }
+
+/// What a `fresh_bar2_fd` memfd holds at offset 0.
+pub const FRESH_FD_MARK: &[u8] = b"fresh bar2";
 
 impl FakeDevice {
     pub fn new() -> (FakeDevice, Arc<Mutex<Log>>) {
@@ -69,7 +75,8 @@ impl FakeDevice {
         (
             FakeDevice {
                 regions,
-                bar2_fd,
+                bar2_fd: Arc::new(bar2_fd),
+                fresh_bar2_fd: false,
                 log: log.clone(),
             },
             log,
@@ -98,7 +105,13 @@ impl VfioUserDevice for FakeDevice {
             2 => (
                 RW,
                 Some(RegionMmap {
-                    fd: self.bar2_fd.as_raw_fd(),
+                    fd: if self.fresh_bar2_fd {
+                        let fd = memfd(BAR2_SIZE);
+                        rustix::io::pwrite(&fd, FRESH_FD_MARK, 0).unwrap();
+                        Arc::new(fd)
+                    } else {
+                        self.bar2_fd.clone()
+                    },
                     file_offset: 0,
                     areas: vec![
                         MmapArea {
@@ -213,7 +226,12 @@ impl Served {
 }
 
 pub fn serve(conn: Connection) -> Served {
-    let (mut dev, log) = FakeDevice::new();
+    let (dev, log) = FakeDevice::new();
+    serve_device(conn, dev, log)
+}
+
+/// Serves `conn` with a device the test set up (log: `FakeDevice::new`'s).
+pub fn serve_device(conn: Connection, mut dev: FakeDevice, log: Arc<Mutex<Log>>) -> Served {
     let stop = conn.stop_handle();
     let stats = conn.stats();
     let mut conn = conn;
