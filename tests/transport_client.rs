@@ -142,3 +142,18 @@ fn listener_refuses_a_live_socket_and_replaces_a_stale_one() {
     ));
     assert_eq!(std::fs::read(&path).unwrap(), b"x");
 }
+
+#[test]
+fn accept_on_a_shut_down_listener_is_final() {
+    // The daemon stops its accept loop by shutting the socket down.
+    let (_dir, _path, l) = listen();
+    rustix::net::shutdown(&l, rustix::net::Shutdown::Both).unwrap();
+    match l.accept() {
+        Err(e @ TransportError::Accept(_)) => {
+            assert!(!e.is_transient(), "{e:?}");
+            assert_eq!(e.errno(), libc::EINVAL as u32);
+        }
+        Err(e) => panic!("wrong error: {e:?}"),
+        Ok(_) => panic!("accepted on a shut-down listener"),
+    }
+}

@@ -166,3 +166,65 @@ fn unmap_all_is_flag_0x2_and_clears_the_table() {
     c.dma_map(RW, 0, 0x10000, 0x4000, &[]).ok();
     c.dma_map(RW, 0, 0x20000, 0x4000, &[]).ok();
 }
+
+/// Per-connection caps: 1024 maps, advertised in VERSION.
+const MAX_MAPS: u64 = 1024;
+/// Per-connection cap on fd-backed bytes: 1 TiB.
+const MAX_FD_BYTES: u64 = 1 << 40;
+
+#[test]
+fn version_advertises_the_map_cap() {
+    let (_served, mut c) = serve_pair();
+    let r = c.version();
+    let json: serde_json::Value = serde_json::from_slice(&r.body[4..r.body.len() - 1]).unwrap();
+    assert_eq!(json["capabilities"]["max_dma_maps"], MAX_MAPS);
+}
+
+#[test]
+fn maps_past_the_per_connection_count_are_enospc() {
+    let (served, mut c) = ready();
+    for i in 0..MAX_MAPS {
+        c.dma_map(1, 0, i * 0x2000, 0x1000, &[]).ok();
+    }
+    let over = MAX_MAPS * 0x2000;
+    assert_eq!(c.dma_map(1, 0, over, 0x1000, &[]).errno(), libc::ENOSPC);
+    let mem = memfd(0x1000);
+    assert_eq!(
+        c.dma_map(RW, 0, over, 0x1000, &borrow(std::slice::from_ref(&mem)))
+            .errno(),
+        libc::ENOSPC,
+        "fd-backed too"
+    );
+    assert_eq!(served.log.lock().maps.len(), MAX_MAPS as usize);
+    // An unmap makes room for exactly one more.
+    c.dma_unmap(0, 0, 0x1000).ok();
+    c.dma_map(1, 0, over, 0x1000, &[]).ok();
+    assert_eq!(
+        c.dma_map(1, 0, over + 0x2000, 0x1000, &[]).errno(),
+        libc::ENOSPC
+    );
+}
+
+#[test]
+fn fd_backed_bytes_past_the_per_connection_cap_are_enospc() {
+    let (served, mut c) = ready();
+    // The transport checks sizes, not the file (the device does that).
+    let mem = memfd(0x1000);
+    let fd = borrow(std::slice::from_ref(&mem));
+    c.dma_map(RW, 0, 0, MAX_FD_BYTES - 0x1000, &fd).ok();
+    c.dma_map(RW, 0, 1 << 41, 0x1000, &fd).ok();
+    assert_eq!(
+        c.dma_map(RW, 0, 1 << 42, 0x1000, &fd).errno(),
+        libc::ENOSPC,
+        "one page over 1 TiB"
+    );
+    // Fd-less maps cost no memory and are not counted.
+    c.dma_map(1, 0, 1 << 43, MAX_FD_BYTES, &[]).ok();
+    assert_eq!(served.log.lock().maps.len(), 3);
+    // Unmapping returns the bytes; unmap-all returns them all.
+    c.dma_unmap(0, 1 << 41, 0x1000).ok();
+    c.dma_map(RW, 0, 1 << 42, 0x1000, &fd).ok();
+    assert_eq!(c.dma_map(RW, 0, 1 << 41, 0x1000, &fd).errno(), libc::ENOSPC);
+    c.dma_unmap(2, 0, 0).ok();
+    c.dma_map(RW, 0, 0, MAX_FD_BYTES, &fd).ok();
+}

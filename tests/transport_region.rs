@@ -94,6 +94,29 @@ fn region_info_with_argsz_32_is_truncated_but_says_the_full_size() {
 }
 
 #[test]
+fn region_fd_the_device_does_not_keep_still_reaches_the_vmm() {
+    // The device hands out a new fd and keeps no copy: the reply owns it
+    // until it is sent (a bare fd number would be closed by then).
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (mut dev, log) = FakeDevice::new();
+    dev.fresh_bar2_fd = true;
+    let _served = serve_device(
+        wdvirt::transport::Connection::from_stream(a).unwrap(),
+        dev,
+        log,
+    );
+    let mut c = RawClient::new(b);
+    c.version();
+    for _ in 0..2 {
+        let r = region_info(&mut c, 2, 32).ok();
+        assert_eq!(r.fds.len(), 1);
+        let mut mark = vec![0u8; FRESH_FD_MARK.len()];
+        rustix::io::pread(&r.fds[0], &mut mark, 0).unwrap();
+        assert_eq!(mark, FRESH_FD_MARK);
+    }
+}
+
+#[test]
 fn plain_region_info_has_no_fd_and_no_caps() {
     let (_s, mut c) = ready();
     let r = region_info(&mut c, 7, 32).ok();

@@ -39,7 +39,9 @@ pub struct RegionInfo {
 
 #[derive(Debug)]
 pub struct RegionMmap {
-    pub fd: std::os::fd::RawFd,
+    /// Shared, so the reply that carries it keeps it open until sent
+    /// whatever the device does with its own copy.
+    pub fd: std::sync::Arc<OwnedFd>,
     pub file_offset: u64,
     pub areas: Vec<MmapArea>,
 }

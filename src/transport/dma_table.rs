@@ -1,5 +1,6 @@
 //! The transport's own record of the VMM's DMA maps: the generic checks
-//! (alignment, overflow, overlap → EEXIST, exact-match unmap) run here
+//! (alignment, overflow, overlap → EEXIST, exact-match unmap) and the
+//! per-connection caps (map count, fd-backed bytes → ENOSPC) run here
 //! before the device hears of a map.
 
 use std::collections::BTreeMap;
@@ -20,14 +21,26 @@ pub struct DmaTable {
     /// Keyed by iova; entries never overlap.
     maps: BTreeMap<u64, DmaEntry>,
     limit: usize,
+    /// Sum of the sizes of the fd-backed entries, and its cap.
+    fd_bytes: u64,
+    fd_bytes_limit: u64,
 }
 
 impl DmaTable {
-    pub fn new(limit: usize) -> DmaTable {
+    /// A table of at most `limit` maps, whose fd-backed maps total at most
+    /// `fd_bytes_limit` bytes.
+    pub fn new(limit: usize, fd_bytes_limit: u64) -> DmaTable {
         DmaTable {
             maps: BTreeMap::new(),
             limit,
+            fd_bytes: 0,
+            fd_bytes_limit,
         }
+    }
+
+    /// Bytes of fd-backed maps held now.
+    pub fn fd_bytes(&self) -> u64 {
+        self.fd_bytes
     }
 
     pub fn len(&self) -> usize {
@@ -38,8 +51,9 @@ impl DmaTable {
         self.maps.is_empty()
     }
 
-    /// Checks that `iova..iova+size` can be added; nothing is changed.
-    pub fn check_insert(&self, iova: u64, size: u64) -> Result<(), TransportError> {
+    /// Checks that `iova..iova+size` (backed by an fd if `has_fd`) can be
+    /// added; nothing is changed.
+    pub fn check_insert(&self, iova: u64, size: u64, has_fd: bool) -> Result<(), TransportError> {
         if size == 0 {
             return Err(TransportError::invalid("DMA map of size 0"));
         }
@@ -59,13 +73,34 @@ impl DmaTable {
         if self.maps.len() >= self.limit {
             return Err(TransportError::DmaTableFull(self.limit));
         }
+        if has_fd
+            && self
+                .fd_bytes
+                .checked_add(size)
+                .is_none_or(|total| total > self.fd_bytes_limit)
+        {
+            return Err(TransportError::DmaBytesFull {
+                iova,
+                size,
+                mapped: self.fd_bytes,
+                limit: self.fd_bytes_limit,
+            });
+        }
         Ok(())
     }
 
     /// Records a map already accepted by [`check_insert`](Self::check_insert)
     /// and by the device.
     pub fn insert(&mut self, entry: DmaEntry) {
-        self.maps.insert(entry.iova, entry);
+        if entry.has_fd {
+            self.fd_bytes += entry.size;
+        }
+        if let Some(old) = self.maps.insert(entry.iova, entry)
+            && old.has_fd
+        {
+            // Not reached after check_insert (no overlap); kept exact anyway.
+            self.fd_bytes -= old.size;
+        }
     }
 
     /// Checks that `iova..iova+size` is exactly one recorded map.
@@ -86,11 +121,16 @@ impl DmaTable {
     }
 
     pub fn remove(&mut self, iova: u64) -> Option<DmaEntry> {
-        self.maps.remove(&iova)
+        let e = self.maps.remove(&iova)?;
+        if e.has_fd {
+            self.fd_bytes -= e.size;
+        }
+        Some(e)
     }
 
     pub fn clear(&mut self) {
         self.maps.clear();
+        self.fd_bytes = 0;
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &DmaEntry> {
@@ -122,8 +162,8 @@ mod tests {
 
     #[test]
     fn overlap_is_eexist_and_neighbours_are_fine() {
-        let mut t = DmaTable::new(16);
-        t.check_insert(0x10000, 0x4000).unwrap();
+        let mut t = DmaTable::new(16, u64::MAX);
+        t.check_insert(0x10000, 0x4000, true).unwrap();
         t.insert(entry(0x10000, 0x4000));
         for (iova, size) in [
             (0x10000, 0x1000),
@@ -131,16 +171,16 @@ mod tests {
             (0x13000, 0x1000),
             (0, 0x20000),
         ] {
-            let e = t.check_insert(iova, size).unwrap_err();
+            let e = t.check_insert(iova, size, true).unwrap_err();
             assert_eq!(e.errno(), libc::EEXIST as u32, "{iova:#x}+{size:#x}");
         }
-        t.check_insert(0xf000, 0x1000).unwrap();
-        t.check_insert(0x14000, 0x1000).unwrap();
+        t.check_insert(0xf000, 0x1000, true).unwrap();
+        t.check_insert(0x14000, 0x1000, true).unwrap();
     }
 
     #[test]
     fn alignment_size_and_wrap_are_einval() {
-        let t = DmaTable::new(16);
+        let t = DmaTable::new(16, u64::MAX);
         for (iova, size) in [
             (0x1001, 0x1000),
             (0x1000, 0x1001),
@@ -148,17 +188,17 @@ mod tests {
             (u64::MAX - 0xfff, 0x2000),
         ] {
             assert_eq!(
-                t.check_insert(iova, size).unwrap_err().errno(),
+                t.check_insert(iova, size, true).unwrap_err().errno(),
                 libc::EINVAL as u32
             );
         }
         // The very top page is addressable.
-        t.check_insert(u64::MAX - 0xfff, 0x1000).unwrap();
+        t.check_insert(u64::MAX - 0xfff, 0x1000, true).unwrap();
     }
 
     #[test]
     fn unmap_needs_exact_match() {
-        let mut t = DmaTable::new(16);
+        let mut t = DmaTable::new(16, u64::MAX);
         t.insert(entry(0x10000, 0x4000));
         assert_eq!(
             t.check_remove(0x10000, 0x1000).unwrap_err().errno(),
@@ -174,11 +214,55 @@ mod tests {
     }
 
     #[test]
+    fn fd_backed_bytes_are_capped_and_released() {
+        let mut t = DmaTable::new(16, 0x10000);
+        t.check_insert(0, 0xc000, true).unwrap();
+        t.insert(entry(0, 0xc000));
+        // Exactly up to the cap is fine; one page more is ENOSPC.
+        t.check_insert(0x100000, 0x4000, true).unwrap();
+        let e = t.check_insert(0x100000, 0x5000, true).unwrap_err();
+        assert_eq!(e.errno(), libc::ENOSPC as u32);
+        assert!(matches!(
+            e,
+            TransportError::DmaBytesFull {
+                mapped: 0xc000,
+                limit: 0x10000,
+                ..
+            }
+        ));
+        // The sum cannot wrap past 2^64 into "small".
+        let mut big = DmaTable::new(16, u64::MAX);
+        big.insert(entry(0, 1 << 63));
+        assert_eq!(
+            big.check_insert(1 << 63, 1 << 63, true)
+                .unwrap_err()
+                .errno(),
+            libc::ENOSPC as u32
+        );
+        // Fd-less maps hold no memory and are not counted.
+        t.check_insert(0x100000, 0x100000, false).unwrap();
+        t.insert(DmaEntry {
+            has_fd: false,
+            ..entry(0x100000, 0x100000)
+        });
+        assert_eq!(t.fd_bytes(), 0xc000);
+        // Unmapping gives the bytes back; so does clearing.
+        t.remove(0);
+        assert_eq!(t.fd_bytes(), 0);
+        t.check_insert(0x200000, 0x10000, true).unwrap();
+        t.insert(entry(0x200000, 0x10000));
+        assert_eq!(t.fd_bytes(), 0x10000);
+        t.clear();
+        assert_eq!(t.fd_bytes(), 0);
+        t.check_insert(0x200000, 0x10000, true).unwrap();
+    }
+
+    #[test]
     fn table_limit_is_enospc() {
-        let mut t = DmaTable::new(1);
+        let mut t = DmaTable::new(1, u64::MAX);
         t.insert(entry(0, 0x1000));
         assert_eq!(
-            t.check_insert(0x1000, 0x1000).unwrap_err().errno(),
+            t.check_insert(0x1000, 0x1000, true).unwrap_err().errno(),
             libc::ENOSPC as u32
         );
     }

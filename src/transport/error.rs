@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use super::device::DeviceError;
+use super::socket::FdLoss;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -17,6 +18,11 @@ pub enum TransportError {
     },
     #[error("socket I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// Accepting a connection (or setting it up) failed; see
+    /// [`is_transient`](TransportError::is_transient) for whether the
+    /// listener is still usable.
+    #[error("accept: {0}")]
+    Accept(#[source] std::io::Error),
 
     // Per-message refusals: the message is consumed, an error reply is sent
     // (unless No_reply) and the connection goes on.
@@ -26,8 +32,23 @@ pub enum TransportError {
     DmaOverlap { iova: u64, size: u64 },
     #[error("no DMA map at {iova:#x}+{size:#x}")]
     DmaNotFound { iova: u64, size: u64 },
-    #[error("too many DMA maps (limit {0})")]
+    #[error("DMA map refused: this connection already holds {0} maps, its limit")]
     DmaTableFull(usize),
+    #[error(
+        "DMA map {iova:#x}+{size:#x} refused: fd-backed maps would reach {} bytes, over this connection's limit of {limit} bytes",
+        *mapped as u128 + *size as u128
+    )]
+    DmaBytesFull {
+        iova: u64,
+        size: u64,
+        mapped: u64,
+        limit: u64,
+    },
+    #[error("fds attached to the message were dropped by the kernel (MSG_CTRUNC): {}", match .0 {
+        FdLoss::Exhausted => "this process is out of file descriptors",
+        FdLoss::TooMany => "more fds than a message may carry",
+    })]
+    FdsLost(FdLoss),
     #[error("unsupported command {0}")]
     UnknownCommand(u16),
     #[error("device feature ioctl not supported")]
@@ -45,16 +66,41 @@ impl TransportError {
             TransportError::Invalid(_) => libc::EINVAL,
             TransportError::DmaOverlap { .. } => libc::EEXIST,
             TransportError::DmaNotFound { .. } => libc::ENOENT,
-            TransportError::DmaTableFull(_) => libc::ENOSPC,
+            TransportError::DmaTableFull(_) | TransportError::DmaBytesFull { .. } => libc::ENOSPC,
+            TransportError::FdsLost(loss) => return loss.errno(),
             TransportError::UnknownCommand(_) => libc::ENOSYS,
             TransportError::NoFeature => libc::ENOTTY,
             TransportError::NotSupported(_) => libc::ENOTSUP,
             TransportError::Device(d) => return d.errno(),
-            TransportError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            TransportError::Io(e) | TransportError::Accept(e) => {
+                e.raw_os_error().unwrap_or(libc::EIO)
+            }
             TransportError::SocketInUse { .. } => libc::EADDRINUSE,
             TransportError::Bind { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         };
         e as u32
+    }
+
+    /// An accept that failed for want of a resource that may come back
+    /// (fds, memory, buffers) or for a connection that died in the
+    /// backlog: the listener is fine, and accepting again after a pause
+    /// (backoff) is right. Any other error — EINVAL after the listener was
+    /// shut down, EBADF — is final.
+    pub fn is_transient(&self) -> bool {
+        let TransportError::Accept(e) = self else {
+            return false;
+        };
+        matches!(
+            e.raw_os_error(),
+            Some(
+                libc::EMFILE
+                    | libc::ENFILE
+                    | libc::ECONNABORTED
+                    | libc::EINTR
+                    | libc::ENOBUFS
+                    | libc::ENOMEM
+            )
+        )
     }
 
     pub(crate) fn invalid(msg: impl Into<String>) -> TransportError {
@@ -65,6 +111,29 @@ impl TransportError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_resource_shortages_in_accept_are_transient() {
+        let accept = |errno| TransportError::Accept(std::io::Error::from_raw_os_error(errno));
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ECONNABORTED,
+            libc::EINTR,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+        ] {
+            assert!(accept(errno).is_transient(), "errno {errno}");
+            assert_eq!(accept(errno).errno(), errno as u32);
+        }
+        for errno in [libc::EINVAL, libc::EBADF, libc::ENOTSOCK] {
+            assert!(!accept(errno).is_transient(), "errno {errno}");
+        }
+        // The same errno outside accept says nothing about the listener.
+        let io = TransportError::Io(std::io::Error::from_raw_os_error(libc::EMFILE));
+        assert!(!io.is_transient());
+        assert!(!TransportError::Accept(std::io::Error::other("x")).is_transient());
+    }
 
     #[test]
     fn errnos_are_positive_and_distinct_where_it_matters() {
@@ -82,6 +151,14 @@ mod tests {
             libc::ENOSYS as u32
         );
         assert_eq!(TransportError::NoFeature.errno(), libc::ENOTTY as u32);
+        assert_eq!(
+            TransportError::FdsLost(FdLoss::Exhausted).errno(),
+            libc::EMFILE as u32
+        );
+        assert_eq!(
+            TransportError::FdsLost(FdLoss::TooMany).errno(),
+            libc::EINVAL as u32
+        );
         assert_eq!(
             TransportError::Device(DeviceError::Busy("b".into())).errno(),
             libc::EBUSY as u32

@@ -14,7 +14,7 @@
 //! Files by role: `wire` (structs, command numbers), `socket` (framing, fd
 //! passing), `version` (capability negotiation), `session` (per-command
 //! checks and dispatch), `dma_table`, `server` (listener, connection loop),
-//! `stats`, `error`.
+//! `stats`, `error`, `rlimit` (the fd limit connections live under).
 //!
 //! Not done yet: server→client DMA_READ/DMA_WRITE. Memory that the VMM maps
 //! without an fd (BIOS, ROM, other devices' BARs) is reachable only that
@@ -27,6 +27,7 @@
 pub mod device;
 pub mod dma_table;
 pub mod error;
+pub mod rlimit;
 pub mod server;
 mod session;
 pub mod socket;
@@ -35,5 +36,6 @@ pub mod version;
 pub mod wire;
 
 pub use error::TransportError;
+pub use rlimit::raise_fd_limit;
 pub use server::{Connection, Disconnect, Listener, StopHandle};
 pub use stats::{ConnectionStats, StatsSnapshot};

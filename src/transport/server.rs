@@ -83,10 +83,18 @@ impl Listener {
         })
     }
 
-    /// Waits for one VMM to connect.
+    /// Waits for one VMM to connect. Every failure, including setting up
+    /// the accepted connection, is [`TransportError::Accept`]; when it
+    /// [`is_transient`](TransportError::is_transient) (out of fds or
+    /// memory) the listener is intact and the caller should retry after a
+    /// backoff — the pending VMM stays in the backlog. Otherwise (EINVAL
+    /// once the socket is shut down) stop accepting.
     pub fn accept(&self) -> Result<Connection, TransportError> {
-        let (stream, _) = self.listener.accept()?;
-        Connection::from_stream(stream)
+        let (stream, _) = self.listener.accept().map_err(TransportError::Accept)?;
+        Connection::from_stream(stream).map_err(|e| match e {
+            TransportError::Io(e) => TransportError::Accept(e),
+            e => e,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -201,6 +209,9 @@ impl Connection {
             ConnectionStats::add(&self.stats.messages, 1);
             ConnectionStats::add(&self.stats.bytes_received, msg.header.size as u64);
             ConnectionStats::add(&self.stats.fds_received, msg.fds.len() as u64);
+            if msg.fd_loss.is_some() {
+                ConnectionStats::add(&self.stats.fds_truncated, 1);
+            }
             if let Err(e) = self.serve_one(&mut session, dev, &mut msg) {
                 return sock_end(e);
             }
@@ -230,6 +241,13 @@ impl Connection {
                 let e = TransportError::invalid(format!("message type {t}"));
                 return self.refuse(&h, &e);
             }
+        }
+        if let Some(loss) = msg.fd_loss {
+            // Served short of fds, a DMA_MAP would become fd-less (its RAM
+            // unreachable) and a SET_IRQS EVENTFD a de-assign. The body is
+            // consumed, so the stream stays in sync; the fds that did
+            // arrive are closed with the message.
+            return self.refuse(&h, &TransportError::FdsLost(loss));
         }
         let what = tracing::enabled!(tracing::Level::TRACE)
             .then(|| wire::describe(&h, &msg.body, msg.fds.len()));

@@ -4,7 +4,8 @@
 //! the region size, fd counts, DMA overlaps) happens here, before a device
 //! method runs; the device's own refusal comes back as its errno.
 
-use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use tracing::{debug, warn};
 use vfio_bindings::bindings::vfio::{
@@ -28,7 +29,7 @@ use super::wire::{self, Command, HEADER_SIZE, Header};
 /// fd to attach (only GET_REGION_INFO of a mappable region sends one).
 pub struct Reply {
     pub bytes: Vec<u8>,
-    pub fd: Option<RawFd>,
+    pub fd: Option<Arc<OwnedFd>>,
 }
 
 impl Reply {
@@ -50,12 +51,7 @@ impl Reply {
     }
 
     pub fn fd(&self) -> Option<BorrowedFd<'_>> {
-        // SAFETY: the fd is non-negative (checked in `get_region_info`) and
-        // comes from the device's `RegionInfo`, which the
-        // device keeps open for as long as it lives; the device outlives this
-        // reply (it is borrowed for the whole `run`), and the borrow ends when
-        // the reply has been sent.
-        self.fd.map(|fd| unsafe { BorrowedFd::borrow_raw(fd) })
+        self.fd.as_ref().map(|fd| fd.as_fd())
     }
 }
 
@@ -106,7 +102,7 @@ impl Session {
             .collect();
         Session {
             caps: None,
-            dma: DmaTable::new(wire::MAX_DMA_MAPS),
+            dma: DmaTable::new(wire::MAX_DMA_MAPS, wire::MAX_DMA_FD_BYTES),
             num_regions: info.num_regions,
             num_irqs: info.num_irqs,
             regions,
@@ -206,7 +202,7 @@ impl Session {
                 m.flags & !known
             );
         }
-        self.dma.check_insert(m.iova, m.size)?;
+        self.dma.check_insert(m.iova, m.size, !fds.is_empty())?;
         let fd = fds.pop();
         if fd.is_some() {
             if !m.offset.is_multiple_of(wire::PAGE_SIZE) {
@@ -318,19 +314,10 @@ impl Session {
             ..Default::default()
         };
         let mut fd = None;
-        let mmap = info.mmap.as_ref().filter(|m| {
-            if m.fd < 0 {
-                warn!(
-                    "vfio-user: region {} offered for mmap without an fd",
-                    req.index
-                );
-            }
-            m.fd >= 0
-        });
-        if let Some(mmap) = mmap {
+        if let Some(mmap) = &info.mmap {
             flags |= VFIO_REGION_INFO_FLAG_MMAP;
             out.offset = mmap.file_offset;
-            fd = Some(mmap.fd);
+            fd = Some(mmap.fd.clone());
             let areas: Vec<wire::SparseArea> = mmap
                 .areas
                 .iter()
@@ -693,6 +680,7 @@ mod tests {
             header,
             body,
             fds: Vec::new(),
+            fd_loss: None,
         }
     }
 

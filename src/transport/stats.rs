@@ -22,6 +22,9 @@ pub struct ConnectionStats {
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub fds_received: AtomicU64,
+    /// Messages whose fds the kernel dropped (MSG_CTRUNC: out of fds, or
+    /// too many attached); each is refused, never served short of fds.
+    pub fds_truncated: AtomicU64,
 }
 
 /// A plain copy of [`ConnectionStats`] at one moment.
@@ -36,6 +39,7 @@ pub struct StatsSnapshot {
     pub bytes_received: u64,
     pub bytes_sent: u64,
     pub fds_received: u64,
+    pub fds_truncated: u64,
 }
 
 impl ConnectionStats {
@@ -51,6 +55,7 @@ impl ConnectionStats {
             bytes_received: g(&self.bytes_received),
             bytes_sent: g(&self.bytes_sent),
             fds_received: g(&self.fds_received),
+            fds_truncated: g(&self.fds_truncated),
         }
     }
 
@@ -69,7 +74,9 @@ mod tests {
         ConnectionStats::add(&s.messages, 3);
         ConnectionStats::add(&s.posted_write_errors, 2);
         ConnectionStats::add(&s.bytes_sent, 40);
+        ConnectionStats::add(&s.fds_truncated, 1);
         let snap = s.snapshot();
+        assert_eq!(snap.fds_truncated, 1);
         assert_eq!(snap.messages, 3);
         assert_eq!(snap.posted_write_errors, 2);
         assert_eq!(snap.bytes_sent, 40);

@@ -114,8 +114,10 @@ fn our_caps() -> [(&'static str, String); 5] {
         ("max_msg_fds", wire::MAX_MSG_FDS.to_string()),
         ("max_data_xfer_size", wire::MAX_DATA_XFER_SIZE.to_string()),
         ("pgsizes", wire::PAGE_SIZE.to_string()),
-        ("write_multiple", "true".to_string()),
+        // Below the spec's default of 65535, so a client that is not told
+        // would plan on more maps than we take.
         ("max_dma_maps", wire::MAX_DMA_MAPS.to_string()),
+        ("write_multiple", "true".to_string()),
     ]
 }
 
@@ -181,6 +183,7 @@ mod tests {
         assert_eq!(v["capabilities"]["max_msg_fds"], 16);
         assert_eq!(v["capabilities"]["max_data_xfer_size"], 1048576);
         assert_eq!(v["capabilities"]["write_multiple"], true);
+        assert_eq!(v["capabilities"]["max_dma_maps"], wire::MAX_DMA_MAPS);
     }
 
     #[test]

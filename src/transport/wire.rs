@@ -21,8 +21,16 @@ pub const MAX_MESSAGE_SIZE: u32 = MAX_DATA_XFER_SIZE + 4096;
 /// QEMU refuses more than 16).
 pub const MAX_MSG_FDS: usize = 16;
 
-/// Advertised `max_dma_maps` (the spec's default, QEMU's ceiling).
-pub const MAX_DMA_MAPS: usize = 65535;
+/// DMA maps one connection may hold, advertised as `max_dma_maps` (the
+/// spec's default is 65535). Each fd-backed map keeps an fd and an mmap
+/// open in this process, which every instance of the daemon shares
+/// (RLIMIT_NOFILE, vm.max_map_count); QEMU uses about 10-20.
+pub const MAX_DMA_MAPS: usize = 1024;
+
+/// Bytes of fd-backed DMA maps one connection may hold. The device keeps a
+/// dirty bitmap of one bit per 4 KiB page for each, so 1 TiB costs at most
+/// 32 MiB of memory. Fd-less maps are not counted: nothing is mapped.
+pub const MAX_DMA_FD_BYTES: u64 = 1 << 40;
 
 /// The only DMA page size we support (`pgsizes`).
 pub const PAGE_SIZE: u64 = 4096;

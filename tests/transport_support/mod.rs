@@ -54,9 +54,15 @@ pub struct Log {
 
 pub struct FakeDevice {
     pub regions: Vec<Vec<u8>>,
-    pub bar2_fd: OwnedFd,
+    pub bar2_fd: Arc<OwnedFd>,
+    /// Hand out a new memfd (holding `FRESH_FD_MARK`) on each GET_REGION_INFO
+    /// of BAR2 and keep no copy: the reply alone holds it open.
+    pub fresh_bar2_fd: bool,
     pub log: Arc<Mutex<Log>>,
 }
+
+/// What a `fresh_bar2_fd` memfd holds at offset 0.
+pub const FRESH_FD_MARK: &[u8] = b"fresh bar2";
 
 impl FakeDevice {
     pub fn new() -> (FakeDevice, Arc<Mutex<Log>>) {
@@ -69,7 +75,8 @@ impl FakeDevice {
         (
             FakeDevice {
                 regions,
-                bar2_fd,
+                bar2_fd: Arc::new(bar2_fd),
+                fresh_bar2_fd: false,
                 log: log.clone(),
             },
             log,
@@ -98,7 +105,13 @@ impl VfioUserDevice for FakeDevice {
             2 => (
                 RW,
                 Some(RegionMmap {
-                    fd: self.bar2_fd.as_raw_fd(),
+                    fd: if self.fresh_bar2_fd {
+                        let fd = memfd(BAR2_SIZE);
+                        rustix::io::pwrite(&fd, FRESH_FD_MARK, 0).unwrap();
+                        Arc::new(fd)
+                    } else {
+                        self.bar2_fd.clone()
+                    },
                     file_offset: 0,
                     areas: vec![
                         MmapArea {
@@ -213,7 +226,12 @@ impl Served {
 }
 
 pub fn serve(conn: Connection) -> Served {
-    let (mut dev, log) = FakeDevice::new();
+    let (dev, log) = FakeDevice::new();
+    serve_device(conn, dev, log)
+}
+
+/// Serves `conn` with a device the test set up (log: `FakeDevice::new`'s).
+pub fn serve_device(conn: Connection, mut dev: FakeDevice, log: Arc<Mutex<Log>>) -> Served {
     let stop = conn.stop_handle();
     let stats = conn.stats();
     let mut conn = conn;
@@ -492,4 +510,74 @@ pub fn borrow(fds: &[OwnedFd]) -> Vec<BorrowedFd<'_>> {
 
 pub fn raw(fd: &OwnedFd) -> RawFd {
     fd.as_raw_fd()
+}
+
+/// Set (to the test's name) in a re-executed test binary that runs that one
+/// test alone, so it may change process-wide state such as RLIMIT_NOFILE
+/// without disturbing the tests running beside it.
+pub const CHILD_ENV: &str = "WDVIRT_TRANSPORT_TEST_CHILD";
+
+/// In the test process: re-runs test `name` alone in a fresh process,
+/// asserts that it ran and passed, and returns false. In that child:
+/// returns true, and the caller runs the body.
+pub fn in_child_process(name: &str) -> bool {
+    if std::env::var(CHILD_ENV).as_deref() == Ok(name) {
+        return true;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, name)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "child run of {name} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    false
+}
+
+/// This process out of fds: RLIMIT_NOFILE lowered to just above the highest
+/// open fd and every free slot below it filled. Dropping it frees the slots
+/// and restores the limit. Use only in a child process (see
+/// [`in_child_process`]).
+pub struct FdExhaustion {
+    fillers: Vec<OwnedFd>,
+    old: rustix::process::Rlimit,
+}
+
+pub fn exhaust_fds() -> FdExhaustion {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let highest = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .unwrap();
+    let old = getrlimit(Resource::Nofile);
+    setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(highest + 1),
+            maximum: old.maximum,
+        },
+    )
+    .unwrap();
+    let stderr = std::io::stderr();
+    let mut fillers = Vec::new();
+    for _ in 0..=highest {
+        match rustix::io::fcntl_dupfd_cloexec(&stderr, 0) {
+            Ok(fd) => fillers.push(fd),
+            Err(rustix::io::Errno::MFILE) => return FdExhaustion { fillers, old },
+            Err(e) => panic!("dup: {e}"),
+        }
+    }
+    panic!("could not exhaust fds below {}", highest + 1);
+}
+
+impl Drop for FdExhaustion {
+    fn drop(&mut self) {
+        self.fillers.clear();
+        rustix::process::setrlimit(rustix::process::Resource::Nofile, self.old).unwrap();
+    }
 }
