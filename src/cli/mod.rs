@@ -41,6 +41,12 @@ pub fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    // Each VMM holds fds here (guest memory, eventfds, its socket): use all
+    // the fds the hard limit allows.
+    match crate::transport::raise_fd_limit() {
+        Ok((soft, hard)) => tracing::info!("fd limit {soft} (hard {hard})"),
+        Err(e) => tracing::warn!("cannot raise RLIMIT_NOFILE: {e}"),
+    }
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Serve(a) => serve::run(a),

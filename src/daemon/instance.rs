@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -103,9 +104,21 @@ fn accept_loop(
     counters: &Arc<ConnectionCounters>,
     stopping: &AtomicBool,
 ) {
+    let mut backoff = Duration::from_millis(5);
     while !stopping.load(Ordering::Acquire) {
         let mut conn = match listener.accept() {
-            Ok(c) => c,
+            Ok(c) => {
+                backoff = Duration::from_millis(5);
+                c
+            }
+            // Out of fds or memory for a moment: wait and try again rather
+            // than stop serving this instance for good.
+            Err(e) if e.is_transient() && !stopping.load(Ordering::Acquire) => {
+                tracing::warn!(instance = %name, "accept failed, retrying in {backoff:?}: {e}");
+                std::thread::sleep(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
             Err(e) => {
                 if !stopping.load(Ordering::Acquire) {
                     tracing::error!(instance = %name, "accept failed: {e}");
