@@ -9,6 +9,10 @@ bash scripts/setup.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
+echo "== formatting and lints (cargo fmt --check, cargo clippy -D warnings)"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -q -- -D warnings
+
 echo "== unit, wire, end-to-end and CLI tests (cargo test --workspace)"
 cargo test --workspace --locked 2>&1 | tee "$log"
 
