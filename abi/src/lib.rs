@@ -199,6 +199,65 @@ impl Opcode {
     }
 }
 
+/// The compressed container formats the device speaks, and their opcodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Format {
+    /// Raw DEFLATE (RFC 1951).
+    Deflate,
+    /// zlib (RFC 1950).
+    Zlib,
+    /// gzip (RFC 1952).
+    Gzip,
+}
+
+impl Format {
+    pub const ALL: [Format; 3] = [Format::Deflate, Format::Zlib, Format::Gzip];
+
+    pub const fn compress_op(self) -> Opcode {
+        match self {
+            Format::Deflate => Opcode::DeflateCompress,
+            Format::Zlib => Opcode::ZlibCompress,
+            Format::Gzip => Opcode::GzipCompress,
+        }
+    }
+    pub const fn decompress_op(self) -> Opcode {
+        match self {
+            Format::Deflate => Opcode::DeflateDecompress,
+            Format::Zlib => Opcode::ZlibDecompress,
+            Format::Gzip => Opcode::GzipDecompress,
+        }
+    }
+    /// The format and direction (`true` = compress) of `op`, if it is a
+    /// (de)compression opcode.
+    pub const fn of(op: Opcode) -> Option<(Format, bool)> {
+        match op {
+            Opcode::DeflateCompress => Some((Format::Deflate, true)),
+            Opcode::DeflateDecompress => Some((Format::Deflate, false)),
+            Opcode::ZlibCompress => Some((Format::Zlib, true)),
+            Opcode::ZlibDecompress => Some((Format::Zlib, false)),
+            Opcode::GzipCompress => Some((Format::Gzip, true)),
+            Opcode::GzipDecompress => Some((Format::Gzip, false)),
+            _ => None,
+        }
+    }
+    pub const fn name(self) -> &'static str {
+        match self {
+            Format::Deflate => "deflate",
+            Format::Zlib => "zlib",
+            Format::Gzip => "gzip",
+        }
+    }
+    pub fn from_name(s: &str) -> Option<Format> {
+        Self::ALL.into_iter().find(|f| f.name() == s)
+    }
+    /// A destination size that holds the compressed form of `len` bytes at
+    /// any level: stored blocks cost 5 bytes per 64 KiB, plus the largest
+    /// header and trailer (gzip, 18 bytes), with margin.
+    pub const fn compress_bound(self, len: usize) -> usize {
+        len + len / 8 + 128
+    }
+}
+
 /// Every opcode.
 pub const ALL_OPS: u32 = (1 << Opcode::ALL.len()) - 1;
 

@@ -54,51 +54,7 @@ impl JobSpec {
     }
 }
 
-/// The compressed formats the device speaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    /// Raw DEFLATE (RFC 1951).
-    Deflate,
-    /// zlib (RFC 1950).
-    Zlib,
-    /// gzip (RFC 1952).
-    Gzip,
-}
-
-impl Format {
-    pub const ALL: [Format; 3] = [Format::Deflate, Format::Zlib, Format::Gzip];
-
-    pub fn compress_op(self) -> Opcode {
-        match self {
-            Format::Deflate => Opcode::DeflateCompress,
-            Format::Zlib => Opcode::ZlibCompress,
-            Format::Gzip => Opcode::GzipCompress,
-        }
-    }
-    pub fn decompress_op(self) -> Opcode {
-        match self {
-            Format::Deflate => Opcode::DeflateDecompress,
-            Format::Zlib => Opcode::ZlibDecompress,
-            Format::Gzip => Opcode::GzipDecompress,
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Format::Deflate => "deflate",
-            Format::Zlib => "zlib",
-            Format::Gzip => "gzip",
-        }
-    }
-    pub fn from_name(s: &str) -> Option<Format> {
-        Self::ALL.into_iter().find(|f| f.name() == s)
-    }
-    /// A destination size that holds the compressed form of `len` bytes at
-    /// any level: stored blocks cost 5 bytes per 64 KiB, plus the largest
-    /// header and trailer (gzip, 18 bytes), with margin.
-    pub fn compress_bound(self, len: usize) -> usize {
-        len + len / 8 + 128
-    }
-}
+pub use wdvirt_abi::Format;
 
 /// `Ok` when the completion reports success, else [`DriverError::JobFailed`].
 pub fn check(cqe: &CompletionEntry) -> Result<&CompletionEntry, DriverError> {

@@ -69,29 +69,7 @@ impl Scratch {
     }
 }
 
-/// Container format of a (de)compression opcode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
-    Deflate,
-    Zlib,
-    Gzip,
-}
-
-impl Format {
-    /// The format and direction (`true` = compress) of `op`, if it is a
-    /// (de)compression opcode.
-    pub const fn of(op: Opcode) -> Option<(Format, bool)> {
-        match op {
-            Opcode::DeflateCompress => Some((Format::Deflate, true)),
-            Opcode::DeflateDecompress => Some((Format::Deflate, false)),
-            Opcode::ZlibCompress => Some((Format::Zlib, true)),
-            Opcode::ZlibDecompress => Some((Format::Zlib, false)),
-            Opcode::GzipCompress => Some((Format::Gzip, true)),
-            Opcode::GzipDecompress => Some((Format::Gzip, false)),
-            _ => None,
-        }
-    }
-}
+pub use wdvirt_abi::Format;
 
 /// The libdeflate level for a compress job's `param`: 0 means
 /// [`DEFAULT_LEVEL`]. A level above [`MAX_LEVEL`] is refused with

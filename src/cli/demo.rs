@@ -125,8 +125,7 @@ fn drive(
             // The direct library call decodes the device's stream...
             let mut plain = vec![0u8; data.len()];
             let mut scratch = crate::accel::ops::Scratch::new();
-            let direct =
-                crate::accel::ops::decompress(direct_format(f), &packed, &mut plain, &mut scratch);
+            let direct = crate::accel::ops::decompress(f, &packed, &mut plain, &mut scratch);
             let direct_ok =
                 direct.map(|n| n as usize == data.len()).unwrap_or(false) && plain == data;
             // ...and the device decodes it too.
@@ -164,14 +163,6 @@ fn drive(
     }
     r.seconds = started.elapsed().as_secs_f64();
     Ok(r)
-}
-
-fn direct_format(f: Format) -> crate::accel::ops::Format {
-    match f {
-        Format::Deflate => crate::accel::ops::Format::Deflate,
-        Format::Zlib => crate::accel::ops::Format::Zlib,
-        Format::Gzip => crate::accel::ops::Format::Gzip,
-    }
 }
 
 pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
