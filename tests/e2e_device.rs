@@ -51,30 +51,9 @@ fn pool(vmm: &LoopbackVmm) -> DmaPool<Arc<GuestRam>> {
     )
 }
 
-/// Compressible, not trivially so: text-like runs with pseudo-random bytes.
+/// Text-like data that compresses about 3:1 (the guest tool's generator).
 fn corpus(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let words: [&[u8]; 6] = [
-        b"accelerator ",
-        b"queue ",
-        b"PASID ",
-        b"guest ",
-        b"deflate ",
-        b"vfio-user ",
-    ];
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        if x.is_multiple_of(4) {
-            v.extend_from_slice(&x.to_le_bytes());
-        } else {
-            v.extend_from_slice(words[(x % 6) as usize]);
-        }
-    }
-    v.truncate(len);
-    v
+    wdvirt_guest::workload::gen_data(seed, len)
 }
 
 #[test]

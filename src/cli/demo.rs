@@ -60,32 +60,9 @@ struct DemoInstance {
     device: InstanceReport,
 }
 
-/// Text-like data with some noise: compresses about 3:1, like real logs.
+/// Text-like data that compresses about 3:1 (the guest tool's generator).
 fn corpus(len: usize, seed: u64) -> Vec<u8> {
-    let words: [&[u8]; 8] = [
-        b"queue ",
-        b"pasid ",
-        b"engine ",
-        b"deflate ",
-        b"guest ",
-        b"mediated ",
-        b"doorbell ",
-        b"vfio-user ",
-    ];
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut v = Vec::with_capacity(len + 16);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        if x.is_multiple_of(5) {
-            v.extend_from_slice(&x.to_le_bytes()[..3])
-        } else {
-            v.extend_from_slice(words[(x % 8) as usize])
-        }
-    }
-    v.truncate(len);
-    v
+    wdvirt_guest::workload::gen_data(seed, len)
 }
 
 /// The guest's side of one instance: connect, probe, run the mix, verify.
