@@ -23,8 +23,8 @@ use wdvirt::accel::soft::SoftAccel;
 use wdvirt::daemon::instance::{Instance, InstanceSpec};
 use wdvirt::vdev::wd::WdConfig;
 use wdvirt::vmm::{CONFIG_REGION, GuestRam, LoopbackVmm};
-use wdvirt_abi::{JobStatus, SubmissionEntry, pci, regs};
-use wdvirt_guest::{Device, DmaAllocator, DmaPool, JobSpec};
+use wdvirt_abi::{JobStatus, SubmissionEntry, idx, pci, regs};
+use wdvirt_guest::{Device, DmaAllocator, DmaMemory, DmaPool, JobSpec};
 
 const SEED: u64 = 0x6877_6476_6972_7401;
 const RAM_BASE: u64 = 0x1_0000_0000;
@@ -241,13 +241,36 @@ fn hostile_guest(bad: &Rig) -> (usize, usize) {
                 failed += 1;
             }
         }
+        // Then scribble over the ring indexes the driver owns (a tail far
+        // ahead, a head that goes backwards) and ring the doorbell: the
+        // worker re-runs stale entries or waits, it must not fall over.
+        let (_, _, idx_block) = q.ring_addresses();
+        let ram = vmm.ram();
+        for _ in 0..4 {
+            let tail: u32 = rng.random();
+            ram.write_u32(idx_block + idx::SQ_TAIL, tail).unwrap();
+            ram.write_u32(idx_block + idx::CQ_HEAD, rng.random())
+                .unwrap();
+            vmm.region_write(2, qi as u64 * pci::DOORBELL_STRIDE, &tail.to_le_bytes())
+                .unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(2));
         drop(q);
     }
     (completed, failed)
 }
 
+/// Set by any panic in this process: a server, queue worker or engine
+/// thread that dies is logged, not propagated, so the test looks for it.
+static PANICKED: AtomicBool = AtomicBool::new(false);
+
 #[test]
 fn a_hostile_guest_leaves_its_device_usable_and_its_neighbour_untouched() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        PANICKED.store(true, Ordering::SeqCst);
+        default_hook(info);
+    }));
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let accel: SharedAccelerator = SoftAccel::new(2);
@@ -296,6 +319,10 @@ fn a_hostile_guest_leaves_its_device_usable_and_its_neighbour_untouched() {
         "hostile: {} register errors, {ok_jobs} jobs ok, {failed_jobs} refused, {} stray doorbells; \
          neighbour: {good_jobs} jobs",
         b.device.register_errors, b.device.stray_doorbells
+    );
+    assert!(
+        !PANICKED.load(Ordering::SeqCst),
+        "a thread panicked (see above)"
     );
     // The hostile guest did reach the interesting paths.
     assert!(b.device.register_errors > 1000, "{:?}", b.device);
