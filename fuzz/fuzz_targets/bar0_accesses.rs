@@ -79,7 +79,10 @@ fuzz_target!(|data: &[u8]| {
         // The transport refuses out-of-range accesses before the device runs;
         // the device must refuse them too, and accept every in-range BAR one.
         if !in_range {
-            assert!(result.is_err(), "region {region} {offset:#x}+{len} accepted");
+            assert!(
+                result.is_err(),
+                "region {region} {offset:#x}+{len} accepted"
+            );
         } else if region != CONFIG {
             result.expect("an in-range BAR access is never a protocol error");
         }
@@ -88,7 +91,10 @@ fuzz_target!(|data: &[u8]| {
         let after = read32(&mut f, r::ERR_COUNT);
         assert_eq!(after, f.model().error_latch().count);
         if f.model().stats().snapshot().resets == resets {
-            assert!(after >= before, "ERR_COUNT {before} -> {after} without a reset");
+            assert!(
+                after >= before,
+                "ERR_COUNT {before} -> {after} without a reset"
+            );
             if region == 2 && !write && in_range {
                 assert!(
                     after > before || before == u32::MAX,

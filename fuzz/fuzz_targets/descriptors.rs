@@ -128,9 +128,7 @@ fuzz_target!(|data: &[u8]| {
             len != 0
                 && len <= max_xfer
                 && inside(addr, len as u64)
-                && !rings
-                    .iter()
-                    .any(|&(b, l)| overlaps(addr, len as u64, b, l))
+                && !rings.iter().any(|&(b, l)| overlaps(addr, len as u64, b, l))
         };
         let valid = op.is_some_and(|op| {
             sqe.flags == 0
@@ -142,14 +140,34 @@ fuzz_target!(|data: &[u8]| {
         });
         match got {
             Ok(job) => {
-                assert!(valid, "accepted a descriptor the rules refuse: {sqe:?} {cfg:?}");
+                assert!(
+                    valid,
+                    "accepted a descriptor the rules refuse: {sqe:?} {cfg:?}"
+                );
                 assert_eq!(Some(job.op), op);
                 assert_eq!(
-                    (job.src, job.src_len, job.dst, job.dst_len, job.param, job.cookie),
-                    (sqe.src, sqe.src_len, sqe.dst, sqe.dst_len, sqe.param, sqe.tag as u64)
+                    (
+                        job.src,
+                        job.src_len,
+                        job.dst,
+                        job.dst_len,
+                        job.param,
+                        job.cookie
+                    ),
+                    (
+                        sqe.src,
+                        sqe.src_len,
+                        sqe.dst,
+                        sqe.dst_len,
+                        sqe.param,
+                        sqe.tag as u64
+                    )
                 );
                 for (addr, len) in &buffers {
-                    assert!(inside(*addr, *len as u64), "{addr:#x}+{len:#x} outside memory");
+                    assert!(
+                        inside(*addr, *len as u64),
+                        "{addr:#x}+{len:#x} outside memory"
+                    );
                 }
             }
             Err(status) => assert!(

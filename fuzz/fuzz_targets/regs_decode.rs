@@ -65,7 +65,11 @@ fuzz_target!(|data: &[u8]| {
     }
     // merge writes exactly the accessed bytes; extract reads them back.
     let bits = len as u32 * 8;
-    let mask = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+    let mask = if bits == 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
     let merged = d.merge(current, written);
     assert_eq!(d.extract(merged), written & mask);
     let shift = d.shift_bytes as u32 * 8;
@@ -73,7 +77,10 @@ fuzz_target!(|data: &[u8]| {
     if (len as u8) < d.def.width {
         assert_eq!(merged & keep, current & keep, "merge touched other bytes");
     }
-    assert_eq!(d.sets_reserved(written), d.extract(d.def.reserved) & written != 0);
+    assert_eq!(
+        d.sets_reserved(written),
+        d.extract(d.def.reserved) & written != 0
+    );
 });
 
 fn width_mask(width: u8) -> u64 {

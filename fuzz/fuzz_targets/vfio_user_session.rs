@@ -79,7 +79,8 @@ fn chunks(data: &[u8]) -> Vec<Chunk> {
             continue;
         }
         let mut body = Vec::new();
-        if h & 0x80 != 0 && (cmd == Command::RegionRead as u16 || cmd == Command::RegionWrite as u16)
+        if h & 0x80 != 0
+            && (cmd == Command::RegionRead as u16 || cmd == Command::RegionWrite as u16)
         {
             // Shaped register access: region 0..=8, an offset near the
             // start of it, 0..=16 bytes.
@@ -105,10 +106,7 @@ fn chunks(data: &[u8]) -> Vec<Chunk> {
         let fd = if h & 0x40 != 0 && cmd == Command::DmaMap as u16 {
             Some(memfd(0x1_0000))
         } else if h & 0x40 != 0 && cmd == Command::DeviceSetIrqs as u16 {
-            Some(
-                rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC)
-                    .expect("eventfd"),
-            )
+            Some(rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).expect("eventfd"))
         } else {
             None
         };
