@@ -109,6 +109,7 @@ fuzz_target!(|data: &[u8]| {
                 sqe.flags = 0;
                 sqe.reserved0 = 0;
                 sqe.reserved = [0; 3];
+                sqe.param %= 0x120;
             }
         }
         let got = check(&sqe, &cfg, max_xfer, mem);
@@ -130,8 +131,17 @@ fuzz_target!(|data: &[u8]| {
                 && inside(addr, len as u64)
                 && !rings.iter().any(|&(b, l)| overlaps(addr, len as u64, b, l))
         };
+        // `param`: a level 0..=12 for compression, a byte for fill, else 0.
+        let param_ok = |op: Opcode| match op {
+            Opcode::DeflateCompress | Opcode::ZlibCompress | Opcode::GzipCompress => {
+                sqe.param <= 12
+            }
+            Opcode::Fill => sqe.param <= 0xff,
+            _ => sqe.param == 0,
+        };
         let valid = op.is_some_and(|op| {
-            sqe.flags == 0
+            param_ok(op)
+                && sqe.flags == 0
                 && sqe.reserved0 == 0
                 && sqe.reserved == [0; 3]
                 && cfg.ops & op.bit() != 0

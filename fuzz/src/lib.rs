@@ -71,9 +71,12 @@ pub fn fresh_pasid() -> u32 {
 
 /// An anonymous memory file of `size` bytes.
 pub fn memfd(size: u64) -> OwnedFd {
-    let fd = rustix::fs::memfd_create("wdvirt-fuzz", rustix::fs::MemfdFlags::CLOEXEC)
-        .expect("memfd_create");
+    // Sealed, as QEMU's memory-backend-memfd: the device refuses unsealed RAM.
+    let flags = rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING;
+    let fd = rustix::fs::memfd_create("wdvirt-fuzz", flags).expect("memfd_create");
     rustix::fs::ftruncate(&fd, size).expect("ftruncate");
+    let seals = rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW;
+    rustix::fs::fcntl_add_seals(&fd, seals).expect("seal");
     fd
 }
 
