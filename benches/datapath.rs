@@ -136,7 +136,7 @@ fn class_of(tid: &str, comm: &str) -> &'static str {
         "engine"
     } else if comm.starts_with("wd-queue") {
         "queue"
-    } else if comm.starts_with("wd-inst") {
+    } else if comm.starts_with("wd-inst") || comm.starts_with("wd-vmm") {
         "server"
     } else {
         "other"
