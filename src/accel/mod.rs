@@ -80,6 +80,14 @@ pub trait Accelerator: Send + Sync {
     fn unbind_pasid(&self, pasid: Pasid) -> Result<(), AccelError>;
     /// A new hardware queue pair whose jobs carry `pasid`.
     fn open_queue_pair(&self, pasid: Pasid) -> Result<Box<dyn QueuePair>, AccelError>;
+    /// Whether jobs of `pasid` may touch memory (the function's Bus Master
+    /// Enable). Turning it off returns once no job of `pasid` is running;
+    /// jobs that reach an engine while it is off complete with `Aborted`.
+    fn set_dma_allowed(&self, pasid: Pasid, allowed: bool) -> Result<(), AccelError>;
+    /// Run `f` while no job of `pasid` is running and none can start (jobs
+    /// wait): an unmap done in `f` is complete for the engines when it
+    /// returns, as the vfio-user spec asks of DMA_UNMAP.
+    fn quiesced(&self, pasid: Pasid, f: &mut dyn FnMut()) -> Result<(), AccelError>;
 }
 
 /// One hardware queue pair: a submission side and a completion stream.
@@ -91,6 +99,9 @@ pub trait QueuePair: Send {
     fn completions(&self) -> &Receiver<JobResult>;
     /// Jobs submitted whose results have not yet been sent.
     fn in_flight(&self) -> usize;
+    /// Jobs an engine is executing right now (after `close`, the only ones
+    /// that can still touch memory).
+    fn running(&self) -> usize;
     /// Stop the queue pair (queue disabled or reset): later submits fail,
     /// jobs no engine has started are discarded without a result, and jobs
     /// running finish and send theirs, after which `in_flight()` is 0.

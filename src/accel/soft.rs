@@ -144,8 +144,19 @@ struct QpShared {
     pasid: Pasid,
     done: Sender<JobResult>,
     in_flight: AtomicUsize,
+    /// Jobs an engine has taken and not finished.
+    running: AtomicUsize,
     closed: AtomicBool,
     counters: Counters,
+}
+
+/// One entry of the PASID table: the address space, and the gate that DMA
+/// of this PASID passes through (running jobs hold it shared).
+struct PasidSlot {
+    space: AddressSpace,
+    gate: RwLock<()>,
+    /// Bus Master Enable of the function that owns the PASID.
+    dma_allowed: AtomicBool,
 }
 
 impl QpShared {
@@ -167,7 +178,7 @@ enum Msg {
 /// State shared by the accelerator handle, its queue pairs and its engines.
 struct Common {
     /// The IOMMU's PASID table.
-    spaces: RwLock<HashMap<Pasid, AddressSpace>>,
+    spaces: RwLock<HashMap<Pasid, Arc<PasidSlot>>>,
     queue_pairs: Mutex<HashMap<u64, Arc<QpShared>>>,
     next_qp_id: AtomicU64,
     /// False once shutdown began. Submitters hold the read lock across their
@@ -245,6 +256,15 @@ impl SoftAccel {
     /// Open a queue pair, as the concrete type (with [`SoftQueuePair::stats`]).
     /// The PASID need not be bound yet: like an IOMMU, the table is consulted
     /// per job, and jobs on an unbound PASID fail with `BadAddress`.
+    fn slot(&self, pasid: Pasid) -> Result<Arc<PasidSlot>, AccelError> {
+        self.common
+            .spaces
+            .read()
+            .get(&pasid)
+            .cloned()
+            .ok_or(AccelError::UnknownPasid(pasid))
+    }
+
     pub fn open_soft_queue_pair(&self, pasid: Pasid) -> Result<SoftQueuePair, AccelError> {
         if !*self.common.running.read() {
             return Err(AccelError::Closed);
@@ -260,6 +280,7 @@ impl SoftAccel {
             pasid,
             done,
             in_flight: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             counters: Counters::default(),
         });
@@ -349,7 +370,12 @@ impl Accelerator for SoftAccel {
         if spaces.contains_key(&pasid) {
             return Err(AccelError::PasidInUse(pasid));
         }
-        spaces.insert(pasid, space);
+        let slot = PasidSlot {
+            space,
+            gate: RwLock::new(()),
+            dma_allowed: AtomicBool::new(true),
+        };
+        spaces.insert(pasid, Arc::new(slot));
         Ok(())
     }
 
@@ -362,6 +388,23 @@ impl Accelerator for SoftAccel {
 
     fn open_queue_pair(&self, pasid: Pasid) -> Result<Box<dyn QueuePair>, AccelError> {
         Ok(Box::new(self.open_soft_queue_pair(pasid)?))
+    }
+
+    fn set_dma_allowed(&self, pasid: Pasid, allowed: bool) -> Result<(), AccelError> {
+        let slot = self.slot(pasid)?;
+        slot.dma_allowed.store(allowed, Ordering::SeqCst);
+        if !allowed {
+            // Wait for the jobs already past the check.
+            drop(slot.gate.write());
+        }
+        Ok(())
+    }
+
+    fn quiesced(&self, pasid: Pasid, f: &mut dyn FnMut()) -> Result<(), AccelError> {
+        let slot = self.slot(pasid)?;
+        let _no_dma = slot.gate.write();
+        f();
+        Ok(())
     }
 }
 
@@ -421,6 +464,10 @@ impl QueuePair for SoftQueuePair {
         self.shared.in_flight.load(Ordering::Acquire)
     }
 
+    fn running(&self) -> usize {
+        self.shared.running.load(Ordering::SeqCst)
+    }
+
     fn close(&self) {
         self.shared.closed.store(true, Ordering::Release);
     }
@@ -475,10 +522,14 @@ impl Engine {
     }
 
     fn serve(&mut self, job: Job, qp: &QpShared) {
-        if qp.closed.load(Ordering::Acquire) {
+        // `running` first, then `closed` (both SeqCst): a closer that sees
+        // `running == 0` after setting `closed` knows no job will start.
+        qp.running.fetch_add(1, Ordering::SeqCst);
+        if qp.closed.load(Ordering::SeqCst) {
             self.info.counters.discarded.fetch_add(1, Ordering::Relaxed);
             qp.counters.discarded.fetch_add(1, Ordering::Relaxed);
             qp.in_flight.fetch_sub(1, Ordering::AcqRel);
+            qp.running.fetch_sub(1, Ordering::SeqCst);
             return;
         }
         let done = self.execute(&job, qp.pasid);
@@ -508,6 +559,7 @@ impl Engine {
         });
         // After the send, so that `in_flight() == 0` means every result is queued.
         qp.in_flight.fetch_sub(1, Ordering::AcqRel);
+        qp.running.fetch_sub(1, Ordering::SeqCst);
     }
 
     fn execute(&mut self, job: &Job, pasid: Pasid) -> Done {
@@ -529,25 +581,40 @@ impl Engine {
         // walks the PASID table, as no DMA would fault on hardware.
         let src_len = if reads_src { job.src_len as usize } else { 0 };
         let dst_len = if uses_dst { job.dst_len as usize } else { 0 };
-        let mem = if src_len > 0 || dst_len > 0 {
-            // The IOMMU walk: this queue pair's PASID, looked up now. The clone
-            // is an `Arc` bump; the loaded map stays valid until the job ends.
-            let Some(space) = self.common.spaces.read().get(&pasid).cloned() else {
-                return Done::failed(JobStatus::BadAddress, 0);
-            };
-            let mem = space.memory();
-            if !mapped(&mem, job.src, src_len) || !mapped(&mem, job.dst, dst_len) {
-                return Done::failed(JobStatus::BadAddress, 0);
-            }
-            Some(mem)
-        } else {
-            None
+        if src_len == 0 && dst_len == 0 {
+            return self.compute(job, None, 0, 0, false);
+        }
+        // The IOMMU walk: this queue pair's PASID, looked up now.
+        let Some(slot) = self.common.spaces.read().get(&pasid).cloned() else {
+            return Done::failed(JobStatus::BadAddress, 0);
         };
+        // Held until the job's last write: an unmap or a bus-master clear
+        // waits for it (see `quiesced`, `set_dma_allowed`).
+        let _dma = slot.gate.read();
+        if !slot.dma_allowed.load(Ordering::SeqCst) {
+            return Done::failed(JobStatus::Aborted, 0);
+        }
+        // The loaded map stays valid until the job ends.
+        let mem = slot.space.memory();
+        if !mapped(&mem, job.src, src_len) || !mapped(&mem, job.dst, dst_len) {
+            return Done::failed(JobStatus::BadAddress, 0);
+        }
+        self.compute(job, Some(&mem), src_len, dst_len, reads_dst)
+    }
 
+    /// Bounce the inputs in, run the operation, write the output back.
+    fn compute(
+        &mut self,
+        job: &Job,
+        mem: Option<&GuestMemory>,
+        src_len: usize,
+        dst_len: usize,
+        reads_dst: bool,
+    ) -> Done {
         let src = bounce(&mut self.src, src_len);
         let dst = bounce(&mut self.dst, dst_len);
         let mut bytes_in = 0u64;
-        if let Some(mem) = &mem {
+        if let Some(mem) = mem {
             if src_len > 0 {
                 if mem.read_slice(src, GuestAddress(job.src)).is_err() {
                     return Done::failed(JobStatus::BadAddress, 0);
@@ -581,7 +648,7 @@ impl Engine {
         // Only the `out.bytes` the operation produced are written back: the
         // libraries may scribble past that in their output buffer.
         let n = (out.bytes as usize).min(dst.len());
-        if let (true, Some(mem)) = (job.op.writes_dst() && n > 0, &mem) {
+        if let (true, Some(mem)) = (job.op.writes_dst() && n > 0, mem) {
             // The range was checked above and the map cannot change under
             // `mem`, so this writes all of it; dirty pages are marked by vm-memory.
             if mem.write_slice(&dst[..n], GuestAddress(job.dst)).is_err() {

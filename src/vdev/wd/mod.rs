@@ -102,6 +102,10 @@ impl WdDevice {
         accel
             .bind_pasid(pasid, dma.address_space())
             .map_err(|e| DeviceError::Busy(e.to_string()))?;
+        // Bus mastering starts off (PCI reset value).
+        accel
+            .set_dma_allowed(pasid, false)
+            .map_err(|e| DeviceError::Busy(e.to_string()))?;
         Ok(WdDevice {
             cfg,
             pasid,
@@ -391,6 +395,22 @@ impl WdDevice {
         add(&self.stats.resets, 1);
     }
 
+    fn set_engine_dma(&self, allowed: bool) {
+        if let Err(e) = self.accel.set_dma_allowed(self.pasid, allowed) {
+            tracing::error!(
+                pasid = self.pasid,
+                "cannot set the engines' DMA permission: {e}"
+            );
+        }
+    }
+
+    fn unmap_all_quiesced(&mut self) {
+        let (accel, dma) = (self.accel.clone(), &mut self.dma);
+        if accel.quiesced(self.pasid, &mut || dma.unmap_all()).is_err() {
+            self.dma.unmap_all();
+        }
+    }
+
     fn msix_vectors(&self) -> u16 {
         self.cfg.queues as u16
     }
@@ -488,41 +508,57 @@ impl FunctionModel for WdDevice {
         // The VMM has taken the memory back (QEMU only prints an unmap error
         // and treats the range as gone), so a queue whose rings sit there is
         // stopped first, and shows why in Q_STATUS and ERR_CODE.
-        for qi in 0..self.queues.len() {
-            let q = &self.queues[qi];
-            let hit = q
-                .cfg
-                .ring_ranges()
-                .iter()
-                .any(|&(b, l)| overlaps(b, l, iova, size));
-            if q.runner.is_some() && hit {
-                if let Some(run) = self.queues[qi].runner.take() {
-                    run.stop();
-                }
-                let code = RegError::RingUnmapped;
-                self.queues[qi].error = r::Q_STATUS_ERROR | ((code.code() as u32) << 8);
-                self.refuse(code, (r::queue(qi as u32) + r::Q_CTRL) as u64);
-                tracing::warn!(
-                    pasid = self.pasid,
-                    queue = qi,
-                    "DMA_UNMAP took a running queue's rings: queue stopped"
-                );
-            }
+        let hit: Vec<usize> = (0..self.queues.len())
+            .filter(|&qi| {
+                let q = &self.queues[qi];
+                q.runner.is_some()
+                    && q.cfg
+                        .ring_ranges()
+                        .iter()
+                        .any(|&(b, l)| overlaps(b, l, iova, size))
+            })
+            .collect();
+        let runners: Vec<QueueRunner> = hit
+            .iter()
+            .filter_map(|&qi| self.queues[qi].runner.take())
+            .collect();
+        runners.iter().for_each(QueueRunner::signal_stop);
+        runners.into_iter().for_each(QueueRunner::stop);
+        for qi in hit {
+            let code = RegError::RingUnmapped;
+            self.queues[qi].error = r::Q_STATUS_ERROR | ((code.code() as u32) << 8);
+            self.refuse(code, (r::queue(qi as u32) + r::Q_CTRL) as u64);
+            tracing::warn!(
+                pasid = self.pasid,
+                queue = qi,
+                "DMA_UNMAP took a running queue's rings: queue stopped"
+            );
         }
-        self.dma.unmap(iova, size)?;
+        // The vfio-user spec: release every reference, in-flight DMA
+        // included, before replying. Jobs running on an engine finish first;
+        // later ones see the new map.
+        let (accel, dma) = (self.accel.clone(), &mut self.dma);
+        let mut result = Ok(());
+        accel
+            .quiesced(self.pasid, &mut || result = dma.unmap(iova, size))
+            .map_err(|e| DeviceError::Invalid(e.to_string()))?;
+        result?;
         add(&self.stats.dma_unmaps, 1);
         Ok(())
     }
 
     fn dma_unmap_all(&mut self) -> Result<(), DeviceError> {
         self.stop_queues();
-        self.dma.unmap_all();
+        self.unmap_all_quiesced();
         Ok(())
     }
 
     fn set_bus_master(&mut self, enabled: bool) {
-        // Clearing waits for DMA passes in progress (see `BusMaster`).
+        // Clearing waits for the queue workers' DMA passes in progress (see
+        // `BusMaster`), then for this PASID's jobs running on an engine;
+        // jobs reaching an engine while it is clear complete with Aborted.
         self.bus_master.set(enabled);
+        self.set_engine_dma(enabled);
         if enabled {
             for q in self.queues.iter().filter_map(|q| q.runner.as_ref()) {
                 q.ring();
@@ -533,12 +569,15 @@ impl FunctionModel for WdDevice {
     fn reset(&mut self) -> Result<(), DeviceError> {
         self.reset_state();
         self.bus_master.set(false);
+        self.set_engine_dma(false);
         Ok(())
     }
 
     fn disconnected(&mut self) {
         self.reset_state();
-        self.dma.unmap_all();
+        self.bus_master.set(false);
+        self.set_engine_dma(false);
+        self.unmap_all_quiesced();
     }
 }
 

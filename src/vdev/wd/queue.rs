@@ -497,18 +497,18 @@ impl Worker {
         }
     }
 
-    /// Close the queue pair (queued jobs are discarded) and wait, within a
-    /// budget, for the jobs engines are running, so none writes guest memory
-    /// after the queue is gone.
+    /// Close the queue pair (jobs no engine has started are dropped unrun)
+    /// and wait, within a budget, for the jobs engines are running, so none
+    /// writes guest memory after the queue is gone.
     fn drain(&mut self) {
         self.ctx.qp.close();
         let deadline = Instant::now() + DRAIN_BUDGET;
-        while self.ctx.qp.in_flight() > 0 {
+        while self.ctx.qp.running() > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 tracing::warn!(
                     queue = self.ctx.queue,
-                    running = self.ctx.qp.in_flight(),
+                    running = self.ctx.qp.running(),
                     "engine did not drain in time"
                 );
                 break;
