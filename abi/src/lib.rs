@@ -450,6 +450,6 @@ codes! {
         CorruptInput = 7, "compressed input is not valid";
         ReservedNonZero = 8, "reserved field or flag not zero";
         EngineError = 9, "the engine failed the job";
-        Aborted = 10, "reserved: this version drops the completions of jobs stopped by a reset";
+        Aborted = 10, "bus mastering was off when the job reached the engine; nothing was read or written";
     }
 }

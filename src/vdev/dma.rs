@@ -174,6 +174,18 @@ fn map_region(
                 .into(),
         ));
     }
+    // hugetlbfs pages are allocated on first touch and can be punched out
+    // under the seal: an empty huge-page pool then SIGBUSes the daemon.
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    // (`f_type`'s integer type differs between architectures.)
+    #[allow(clippy::unnecessary_cast)]
+    if rustix::fs::fstatfs(&fd).is_ok_and(|s| s.f_type as i64 == HUGETLBFS_MAGIC) {
+        return Err(DeviceError::Invalid(
+            "guest memory on hugetlbfs is not supported (a page missing from the pool would \
+             fault the whole service); use a memfd backend without hugetlb"
+                .into(),
+        ));
+    }
     let file = File::from(fd);
     let len = file.metadata()?.len();
     let end = offset

@@ -71,6 +71,8 @@ pub struct WdDevice {
     irq: Arc<dyn InterruptSink>,
     dma: DmaSpace,
     bus_master: Arc<BusMaster>,
+    /// Jobs all this instance's queues have with the engines.
+    engine_jobs: Arc<std::sync::atomic::AtomicU32>,
     enabled: bool,
     err: ErrLatch,
     queues: Vec<QueueSlot>,
@@ -113,6 +115,7 @@ impl WdDevice {
             irq,
             dma,
             bus_master: Arc::default(),
+            engine_jobs: Arc::default(),
             enabled: false,
             err: ErrLatch::default(),
             queues: (0..cfg.queues)
@@ -359,6 +362,7 @@ impl WdDevice {
             irq: self.irq.clone(),
             bus_master: self.bus_master.clone(),
             shared: self.queues[qi].shared.clone(),
+            instance_in_flight: self.engine_jobs.clone(),
         };
         let runner = QueueRunner::start(ctx).map_err(|e| {
             tracing::error!("cannot start queue worker: {e}");

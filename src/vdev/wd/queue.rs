@@ -91,10 +91,15 @@ impl BusMaster {
     }
 }
 
-/// Jobs one queue may have with the engines at once. The engines are shared
-/// by every instance in arrival order, so this bounds how far one queue can
-/// get ahead of the others (real fairness is the QoS layer's job).
-pub const MAX_WITH_ENGINE: u32 = 64;
+/// Jobs one instance (all its queues together) may have with the engines at
+/// once. The engines are shared by every instance in arrival order, so this
+/// bounds how far one instance can get ahead of the others (real fairness is
+/// the QoS layer's job).
+pub const MAX_WITH_ENGINE: u32 = 128;
+
+/// How long a worker with submissions waits before looking again when its
+/// instance's other queues hold all of [`MAX_WITH_ENGINE`].
+const ENGINE_BUSY_RETRY: Duration = Duration::from_millis(1);
 
 /// How long stopping a queue waits for jobs already running on an engine
 /// (queued ones are discarded at once). Well inside QEMU's 5 s reply timeout.
@@ -118,6 +123,20 @@ pub struct WorkerContext {
     pub irq: Arc<dyn InterruptSink>,
     pub bus_master: Arc<BusMaster>,
     pub shared: Arc<QueueShared>,
+    /// Jobs the whole instance has with the engines (see [`MAX_WITH_ENGINE`]).
+    pub instance_in_flight: Arc<AtomicU32>,
+}
+
+/// Whether the worker can take another submission now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fetch {
+    /// An entry is waiting and there is room for it.
+    Ready,
+    /// Nothing submitted, or the completion ring is full (a driver that
+    /// outruns `depth` stalls its own queue until its next doorbell).
+    Nothing,
+    /// Entries wait, but the instance's engine allowance is used up.
+    EngineBusy,
 }
 
 /// The device's handle on a running queue.
@@ -244,7 +263,9 @@ impl Worker {
                 "more completions than jobs"
             );
         }
-        self.in_flight = self.in_flight.saturating_sub(n);
+        let n = n.min(self.in_flight);
+        self.in_flight -= n;
+        self.ctx.instance_in_flight.fetch_sub(n, Ordering::AcqRel);
         self.pace.collected(n, self.in_flight, Instant::now());
     }
 
@@ -267,12 +288,33 @@ impl Worker {
             if progressed {
                 continue;
             }
-            if self.in_flight == 0 && self.arm_doorbell() {
-                continue;
+            if self.in_flight == 0 {
+                match self.arm_doorbell() {
+                    Fetch::Ready => continue,
+                    Fetch::EngineBusy => {
+                        let _ = self.wake.recv_timeout(ENGINE_BUSY_RETRY);
+                        continue;
+                    }
+                    Fetch::Nothing => {}
+                }
             }
             self.sleep();
         }
         self.drain();
+        // Whatever was still with the engine no longer counts against the instance.
+        self.ctx
+            .instance_in_flight
+            .fetch_sub(self.in_flight, Ordering::AcqRel);
+    }
+
+    fn fetch_state(&self, tail: u32, cq_head: u32) -> Fetch {
+        if tail == self.sq_head || self.sq_head.wrapping_sub(cq_head) >= self.ctx.config.depth {
+            Fetch::Nothing
+        } else if self.ctx.instance_in_flight.load(Ordering::Acquire) >= MAX_WITH_ENGINE {
+            Fetch::EngineBusy
+        } else {
+            Fetch::Ready
+        }
     }
 
     /// The queue's first DMA: the device's half of the index block, and a
@@ -325,7 +367,8 @@ impl Worker {
         let mut batch = Vec::new();
         while self.sq_head != tail
             && self.sq_head.wrapping_sub(cq_head) < depth
-            && self.in_flight + (batch.len() as u32) < MAX_WITH_ENGINE
+            && self.ctx.instance_in_flight.load(Ordering::Acquire) + (batch.len() as u32)
+                < MAX_WITH_ENGINE
         {
             let slot = (self.sq_head % depth) as u64;
             let addr = GuestAddress(self.ctx.config.sq_base + slot * SQE_SIZE as u64);
@@ -362,6 +405,9 @@ impl Worker {
                         self.pace.started(Instant::now());
                     }
                     self.in_flight += batch.len() as u32;
+                    self.ctx
+                        .instance_in_flight
+                        .fetch_add(batch.len() as u32, Ordering::AcqRel);
                     let bytes: u64 = batch.iter().map(|j| j.src_len as u64).sum();
                     add(&self.ctx.shared.stats.bytes_in, bytes);
                 }
@@ -429,7 +475,8 @@ impl Worker {
             return;
         }
         let (count, delay) = coalesce(self.ctx.config.coalesce);
-        let due = self.irq_since.is_some_and(|t| t.elapsed() >= delay);
+        // A delay of 0 means "no timer": count, or running out of work.
+        let due = !delay.is_zero() && self.irq_since.is_some_and(|t| t.elapsed() >= delay);
         if flush || self.irq_pending >= count || due || self.in_flight == 0 && delay.is_zero() {
             self.ctx.irq.msix(vector as u16);
             add(&self.ctx.shared.stats.interrupts, 1);
@@ -438,32 +485,43 @@ impl Worker {
         }
     }
 
-    /// Clear NO_DOORBELL, fence, look once more. True if work arrived meanwhile.
+    /// The coalescing timer fired: raise the pending interrupt, unless bus
+    /// mastering is off (an MSI is a memory write too); it stays pending.
+    fn flush_interrupt(&mut self) {
+        let bus_master = self.ctx.bus_master.clone();
+        if let Some(_dma) = bus_master.pass() {
+            self.maybe_interrupt(true);
+        }
+    }
+
+    /// Clear NO_DOORBELL, fence, look once more: did work arrive meanwhile?
     /// (With bus mastering off, nothing is touched: enabling it rings us.)
-    fn arm_doorbell(&mut self) -> bool {
+    /// Only work that can really be fetched counts: a full completion ring
+    /// leaves the doorbell armed, or a hostile `cq_head` would spin us.
+    fn arm_doorbell(&mut self) -> Fetch {
         let bus_master = self.ctx.bus_master.clone();
         let Some(_dma) = bus_master.pass() else {
-            return false;
+            return Fetch::Nothing;
         };
         if !self.initialised {
-            return true;
+            return Fetch::Ready;
         }
         let mem = self.ctx.space.memory();
         self.store_idx(&mem, idx::FLAGS, 0);
         std::sync::atomic::fence(Ordering::SeqCst);
         let tail = self.load_idx(&mem, idx::SQ_TAIL);
-        if tail != self.sq_head {
+        let cq_head = self.load_idx(&mem, idx::CQ_HEAD);
+        let state = self.fetch_state(tail, cq_head);
+        if state == Fetch::Ready {
             self.store_idx(&mem, idx::FLAGS, IDX_FLAG_NO_DOORBELL);
-            return true;
         }
-        false
+        state
     }
 
     fn sleep(&mut self) {
+        let delay = coalesce(self.ctx.config.coalesce).1;
         let timeout = match (self.irq_pending, self.irq_since) {
-            (n, Some(t)) if n > 0 => coalesce(self.ctx.config.coalesce)
-                .1
-                .saturating_sub(t.elapsed()),
+            (n, Some(t)) if n > 0 && !delay.is_zero() => delay.saturating_sub(t.elapsed()),
             _ => Duration::from_secs(3600),
         };
         if self.in_flight == 0 {
@@ -475,7 +533,7 @@ impl Worker {
             if let Err(RecvTimeoutError::Timeout) = self.wake.recv_timeout(nap.min(timeout))
                 && nap >= timeout
             {
-                self.maybe_interrupt(true);
+                self.flush_interrupt();
             }
         } else {
             let completions = self.ctx.qp.completions().clone();
@@ -485,7 +543,7 @@ impl Worker {
                     self.held.push(r);
                     self.collected(1);
                 },
-                default(timeout) => self.maybe_interrupt(true),
+                default(timeout) => self.flush_interrupt(),
             }
         }
         let bus_master = self.ctx.bus_master.clone();

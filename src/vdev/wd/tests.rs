@@ -661,3 +661,59 @@ fn param_is_checked_per_opcode_before_the_engine() {
         assert_eq!(JobStatus::from_code(c.status), Some(*want), "tag {}", c.tag);
     }
 }
+
+#[test]
+fn a_guest_that_overfills_its_rings_stalls_its_queue_without_spinning() {
+    let mut rig = Rig::new(WdConfig::default());
+    assert_eq!(rig.setup_queue(0, 4), r::Q_STATUS_ENABLED);
+    rig.put(BUF, b"abc");
+    // Six submissions on a depth-4 ring, and no completion consumed.
+    let jobs: Vec<_> = (0..6)
+        .map(|t| sqe(Opcode::Crc32c, t, BUF, 3, 0, 0))
+        .collect();
+    rig.submit(&jobs, 4);
+    std::thread::sleep(Duration::from_millis(100));
+    let stats = &rig.dev.queue_stats()[0].stats;
+    let s1 = stats.snapshot().sleeps;
+    assert!(s1 >= 1, "the worker went to sleep instead of spinning");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(stats.snapshot().sleeps, s1, "and stays asleep");
+    assert_eq!(stats.snapshot().jobs_ok, 4, "a full ring's worth ran");
+    // Consuming the completions and ringing the doorbell resumes the queue.
+    assert_eq!(rig.wait(4, 4).len(), 4);
+    rig.dev.bar_write(2, 0, &0u32.to_le_bytes()).unwrap();
+    assert_eq!(rig.wait(2, 4).len(), 2);
+}
+
+#[test]
+fn count_only_coalescing_raises_one_interrupt_per_count() {
+    let mut rig = Rig::new(WdConfig::default());
+    let q = r::queue(0);
+    assert_eq!(rig.setup_queue(0, 64), r::Q_STATUS_ENABLED);
+    rig.w32(q + r::Q_CTRL, 0);
+    rig.w32(q + r::Q_IRQ_COALESCE, 8);
+    rig.put(IDX, &[0u8; 16]);
+    rig.w32(q + r::Q_CTRL, r::Q_CTRL_ENABLE);
+    (rig.tail, rig.head) = (0, 0);
+    rig.put(BUF, &[5u8; 65536]);
+    let jobs: Vec<_> = (0..32)
+        .map(|t| {
+            sqe(
+                Opcode::Sha256,
+                t,
+                BUF,
+                65536,
+                BUF + 0x10000 + 64 * t as u64,
+                32,
+            )
+        })
+        .collect();
+    rig.submit(&jobs, 64);
+    assert_eq!(rig.wait(32, 64).len(), 32);
+    std::thread::sleep(Duration::from_millis(20));
+    let irqs = rig.irq.0.load(Ordering::SeqCst);
+    assert!(
+        (1..=5).contains(&irqs),
+        "32 completions at 8 per interrupt (plus one when idle) raised {irqs}"
+    );
+}
