@@ -38,7 +38,7 @@ use wdvirt::stats::QueueSnapshot;
 use wdvirt::vdev::wd::WdConfig;
 use wdvirt::vmm::{GuestRam, LoopbackVmm};
 use wdvirt_abi::{JobStatus, Opcode};
-use wdvirt_guest::{Device, DmaAllocator, DmaPool, Format, JobSpec, PoolBuffer, Queue};
+use wdvirt_guest::{Device, DmaPool, Format, JobSpec, PoolBuffer, Queue};
 
 const RAM_BASE: u64 = 0x1_0000_0000;
 const RAM_SIZE: u64 = 64 << 20;
@@ -472,11 +472,7 @@ fn main() {
     );
     let dev = Device::probe(vmm.clone()).expect("probe");
     dev.enable().expect("enable");
-    let ram = vmm.ram();
-    let pool = DmaPool::new(
-        ram.clone(),
-        DmaAllocator::new(ram.base(), ram.size()).expect("allocator"),
-    );
+    let pool = vmm.dma_pool().expect("allocator");
     let mut q = dev
         .queue(0, DEPTH, dev.info().cap_ops, &pool)
         .expect("queue 0");

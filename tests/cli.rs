@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wdvirt::vmm::{GuestRam, LoopbackVmm};
-use wdvirt_guest::{Device, DmaAllocator, DmaPool};
+use wdvirt_guest::Device;
 
 fn wdvirt() -> Command {
     Command::new(env!("CARGO_BIN_EXE_wdvirt"))
@@ -136,11 +136,7 @@ fn serve_runs_jobs_for_a_vmm_and_reports_on_sigterm() {
         let dev = Device::probe(vmm.clone()).unwrap();
         assert_eq!(dev.info().num_queues, 2);
         dev.enable().unwrap();
-        let ram = vmm.ram();
-        let pool = DmaPool::new(
-            ram.clone(),
-            DmaAllocator::new(ram.base(), ram.size()).unwrap(),
-        );
+        let pool = vmm.dma_pool().unwrap();
         let mut q = dev.queue(1, 8, dev.info().cap_ops, &pool).unwrap();
         assert_eq!(q.crc32c(b"123456789").unwrap(), 0xe306_9283);
     }

@@ -13,7 +13,7 @@ use wdvirt::daemon::instance::{Instance, InstanceSpec};
 use wdvirt::vdev::wd::WdConfig;
 use wdvirt::vmm::{GuestRam, LoopbackVmm};
 use wdvirt_abi::{JobStatus, Opcode, RegError, pci, regs};
-use wdvirt_guest::{Device, DmaAllocator, DmaPool, Format, JobSpec};
+use wdvirt_guest::{Device, DmaPool, Format, JobSpec};
 
 const RAM_BASE: u64 = 0x1_0000_0000;
 const RAM_SIZE: u64 = 64 << 20;
@@ -44,11 +44,7 @@ fn start(accel: &SharedAccelerator, name: &str, pasid: u32, config: WdConfig) ->
 }
 
 fn pool(vmm: &LoopbackVmm) -> DmaPool<Arc<GuestRam>> {
-    let ram = vmm.ram();
-    DmaPool::new(
-        ram.clone(),
-        DmaAllocator::new(ram.base(), ram.size()).unwrap(),
-    )
+    vmm.dma_pool().unwrap()
 }
 
 /// Text-like data that compresses about 3:1 (the guest tool's generator).

@@ -14,7 +14,7 @@ use wdvirt::accel::soft::SoftAccel;
 use wdvirt::daemon::instance::{Instance, InstanceSpec};
 use wdvirt::vdev::wd::WdConfig;
 use wdvirt::vmm::{GuestRam, LoopbackVmm};
-use wdvirt_guest::{Device, DmaAllocator, DmaPool, Format};
+use wdvirt_guest::{Device, Format};
 
 const RAM: u64 = 0x1_0000_0000;
 
@@ -42,11 +42,7 @@ fn run_jobs(socket: std::path::PathBuf, rounds: u32) -> u64 {
         Arc::new(LoopbackVmm::connect(&socket, GuestRam::new(RAM, 8 << 20).unwrap()).unwrap());
     let dev = Device::probe(vmm.clone()).unwrap();
     dev.enable().unwrap();
-    let ram = vmm.ram();
-    let pool = DmaPool::new(
-        ram.clone(),
-        DmaAllocator::new(ram.base(), ram.size()).unwrap(),
-    );
+    let pool = vmm.dma_pool().unwrap();
     let mut q = dev.queue(0, 32, dev.info().cap_ops, &pool).unwrap();
     let data: Vec<u8> = (0..200_000u32).map(|i| (i / 7 % 13) as u8).collect();
     for _ in 0..rounds {

@@ -24,7 +24,7 @@ use wdvirt::daemon::instance::{Instance, InstanceSpec};
 use wdvirt::vdev::wd::WdConfig;
 use wdvirt::vmm::{CONFIG_REGION, GuestRam, LoopbackVmm};
 use wdvirt_abi::{JobStatus, SubmissionEntry, idx, pci, regs};
-use wdvirt_guest::{Device, DmaAllocator, DmaMemory, DmaPool, JobSpec};
+use wdvirt_guest::{Device, DmaMemory, DmaPool, JobSpec};
 
 const SEED: u64 = 0x6877_6476_6972_7401;
 const RAM_BASE: u64 = 0x1_0000_0000;
@@ -64,11 +64,7 @@ fn start(accel: &SharedAccelerator, name: &str, pasid: u32) -> Rig {
 }
 
 fn pool(vmm: &LoopbackVmm) -> DmaPool<Arc<GuestRam>> {
-    let ram = vmm.ram();
-    DmaPool::new(
-        ram.clone(),
-        DmaAllocator::new(ram.base(), ram.size()).unwrap(),
-    )
+    vmm.dma_pool().unwrap()
 }
 
 /// A value a hostile guest might write: anything, small numbers, depths,

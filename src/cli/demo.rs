@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use serde::Serialize;
 use sha2::Digest;
-use wdvirt_guest::{Device, DmaAllocator, DmaPool, Format};
+use wdvirt_guest::{Device, Format};
 
 use crate::accel::SharedAccelerator;
 use crate::daemon::instance::{Instance, InstanceReport, InstanceSpec};
@@ -76,8 +76,7 @@ fn drive(
     let vmm = Arc::new(LoopbackVmm::connect(socket, ram).context("VMM connect")?);
     let dev = Device::probe(vmm.clone()).context("probe")?;
     dev.enable()?;
-    let ram = vmm.ram();
-    let pool = DmaPool::new(ram.clone(), DmaAllocator::new(ram.base(), ram.size())?);
+    let pool = vmm.dma_pool()?;
     let mut q = dev.queue(0, 64, dev.info().cap_ops, &pool)?;
     let mut r = GuestResult {
         jobs: 0,

@@ -16,7 +16,7 @@ use std::sync::atomic::Ordering;
 
 use parking_lot::Mutex;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
-use wdvirt_guest::{DmaError, DmaMemory, Mmio, MmioError};
+use wdvirt_guest::{DmaAllocator, DmaError, DmaMemory, DmaPool, Mmio, MmioError};
 
 /// VFIO PCI region index of config space.
 pub const CONFIG_REGION: u32 = 7;
@@ -130,6 +130,14 @@ impl LoopbackVmm {
 
     pub fn ram(&self) -> Arc<GuestRam> {
         self.ram.clone()
+    }
+
+    /// All of guest RAM as the driver's DMA pool (rings and job buffers).
+    pub fn dma_pool(&self) -> Result<DmaPool<Arc<GuestRam>>, DmaError> {
+        Ok(DmaPool::new(
+            self.ram.clone(),
+            DmaAllocator::new(self.ram.base, self.ram.size)?,
+        ))
     }
 
     /// Config-space read of 1, 2 or 4 bytes.
