@@ -492,3 +492,49 @@ fn a_second_vmm_on_a_busy_instance_is_refused_at_once_and_the_first_is_unaffecte
     let r = rig.instance.report();
     assert_eq!((r.connections, r.refused_connections), (1, 1));
 }
+
+/// The guest tool's BAR0 access for `garbage`, over the VMM's socket.
+struct SocketBar<'a>(&'a LoopbackVmm);
+impl wdvirt_guest::workload::RawBar for SocketBar<'_> {
+    fn read(&self, offset: u64, width: u8) -> Result<u32, wdvirt_guest::MmioError> {
+        let mut b = [0u8; 4];
+        self.0
+            .region_read(0, offset, &mut b[..width as usize])
+            .map_err(|e| wdvirt_guest::MmioError::Transport(e.to_string()))?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn write(&self, offset: u64, width: u8, value: u32) -> Result<(), wdvirt_guest::MmioError> {
+        self.0
+            .region_write(0, offset, &value.to_le_bytes()[..width as usize])
+            .map_err(|e| wdvirt_guest::MmioError::Transport(e.to_string()))
+    }
+}
+
+#[test]
+fn the_guest_tools_run_and_garbage_modes_pass_against_the_real_device() {
+    use wdvirt_guest::workload::{self, JobKind, RunOptions};
+    let accel: SharedAccelerator = SoftAccel::new(2);
+    let rig = start(&accel, "tool", 11, WdConfig::default());
+    let dev = Device::probe(rig.vmm.clone()).unwrap();
+    dev.enable().unwrap();
+    let pool = pool(&rig.vmm);
+    {
+        let mut q = dev.queue(0, 64, dev.info().cap_ops, &pool).unwrap();
+        let opts = RunOptions {
+            jobs: JobKind::parse_list("deflate,zlib,gzip,crc32c,sha256,copy,fill,compare").unwrap(),
+            size: 3 << 20,
+            seed: 42,
+            level: 1,
+        };
+        let report = workload::run(&mut q, &opts);
+        assert_eq!(report["ok"], true, "{report:#}");
+        assert_eq!(report["totals"]["failed"], 0);
+        // What the guest counted is what the device did.
+        let device_jobs = report["totals"]["device_jobs"].as_u64().unwrap();
+        let r = rig.instance.report();
+        assert_eq!(r.queues[0].jobs_ok + r.queues[0].jobs_failed, device_jobs);
+    }
+    let report = workload::garbage(&dev, &SocketBar(&rig.vmm), 3000, 7, &[1, 2, 4]);
+    assert_eq!(report["ok"], true, "{report:#}");
+    assert!(rig.instance.report().device.register_errors > 100);
+}

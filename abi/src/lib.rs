@@ -258,6 +258,16 @@ impl Format {
     }
 }
 
+/// `Sha256` `param` bit: `dst` holds the state an earlier [`SHA256_MORE`] job
+/// wrote; hashing continues from it.
+pub const SHA256_RESUME: u64 = 1 << 0;
+/// `Sha256` `param` bit: more data follows; write the running state (opaque,
+/// [`SHA256_STATE_SIZE`] bytes) to `dst` instead of the digest.
+pub const SHA256_MORE: u64 = 1 << 1;
+/// Bytes of a SHA-256 running state, and the `dst_len` a job with
+/// [`SHA256_RESUME`] or [`SHA256_MORE`] needs.
+pub const SHA256_STATE_SIZE: u32 = 128;
+
 /// Every opcode.
 pub const ALL_OPS: u32 = (1 << Opcode::ALL.len()) - 1;
 

@@ -137,6 +137,8 @@ fuzz_target!(|data: &[u8]| {
                 sqe.param <= 12
             }
             Opcode::Fill => sqe.param <= 0xff,
+            Opcode::Crc32c => sqe.param <= u64::from(u32::MAX),
+            Opcode::Sha256 => sqe.param <= 3,
             _ => sqe.param == 0,
         };
         let valid = op.is_some_and(|op| {

@@ -20,7 +20,12 @@ const TABLE: [u32; 256] = {
 };
 
 pub fn crc32c(data: &[u8]) -> u32 {
-    let mut c = !0u32;
+    crc32c_continue(0, data)
+}
+
+/// The CRC32C of `before || data`, given `prior`, the CRC32C of `before`.
+pub fn crc32c_continue(prior: u32, data: &[u8]) -> u32 {
+    let mut c = !prior;
     for &b in data {
         c = TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
     }
@@ -38,5 +43,6 @@ mod tests {
         assert_eq!(crc32c(&[0u8; 32]), 0x8a91_36aa);
         assert_eq!(crc32c(&[0xffu8; 32]), 0x62a8_ab43);
         assert_eq!(crc32c(b""), 0);
+        assert_eq!(crc32c_continue(crc32c(b"1234"), b"56789"), 0xe306_9283);
     }
 }

@@ -249,7 +249,7 @@ impl FakeDevice {
                 Opcode::Crc32c => (
                     JobStatus::Ok,
                     0,
-                    crate::crc::crc32c(&read(e.src, e.src_len)?),
+                    crate::crc::crc32c_continue(e.param as u32, &read(e.src, e.src_len)?),
                 ),
                 _ => (JobStatus::EngineError, 0, 0),
             })

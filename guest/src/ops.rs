@@ -174,33 +174,63 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
         Ok(outputs)
     }
 
-    /// CRC32C of `data` (at most `MAX_XFER` bytes).
-    pub fn crc32c(&mut self, data: &[u8]) -> Result<u32, DriverError> {
-        let len = self.check_len(data.len())?;
-        let src = self.stage_data(data)?;
-        Ok(self
-            .run_one(JobSpec::new(Opcode::Crc32c).src(src.addr(), len))?
-            .result)
+    /// The largest piece of a buffer that one job moves.
+    fn piece(&self) -> usize {
+        (self.max_xfer as usize).max(1)
     }
 
-    /// SHA-256 of `data` (at most `MAX_XFER` bytes).
+    /// CRC32C of `data`, of any length: one job per `MAX_XFER` piece, each
+    /// continuing from the CRC so far (`param`).
+    pub fn crc32c(&mut self, data: &[u8]) -> Result<u32, DriverError> {
+        let mut crc = 0u32;
+        for part in data.chunks(self.piece()) {
+            let src = self.stage_data(part)?;
+            let job = JobSpec::new(Opcode::Crc32c)
+                .src(src.addr(), part.len() as u32)
+                .param(u64::from(crc));
+            crc = self.run_one(job)?.result;
+        }
+        Ok(crc)
+    }
+
+    /// SHA-256 of `data`, of any length: one job per `MAX_XFER` piece, the
+    /// running state kept by the device in a DMA buffer between pieces
+    /// (`SHA256_MORE` / `SHA256_RESUME`).
     pub fn sha256(&mut self, data: &[u8]) -> Result<[u8; 32], DriverError> {
-        let len = self.check_len(data.len())?;
-        let src = self.stage_data(data)?;
-        let dst = self.stage(32)?;
-        let cqe = self.run_one(
-            JobSpec::new(Opcode::Sha256)
-                .src(src.addr(), len)
-                .dst(dst.addr(), 32),
-        )?;
-        if cqe.bytes != 32 {
-            return Err(DriverError::InvalidArgument(format!(
-                "SHA-256 job wrote {} bytes",
-                cqe.bytes
-            )));
+        let state_len = wdvirt_abi::SHA256_STATE_SIZE;
+        let state = self.stage(state_len as usize)?;
+        // (Empty data is still one job: the device says what it thinks of it.)
+        let pieces: Vec<&[u8]> = if data.is_empty() {
+            vec![data]
+        } else {
+            data.chunks(self.piece()).collect()
+        };
+        let mut parts = pieces.into_iter().peekable();
+        let mut first = true;
+        while let Some(part) = parts.next() {
+            let resume = if first { 0 } else { wdvirt_abi::SHA256_RESUME };
+            let more = if parts.peek().is_some() {
+                wdvirt_abi::SHA256_MORE
+            } else {
+                0
+            };
+            first = false;
+            let src = self.stage_data(part)?;
+            let job = JobSpec::new(Opcode::Sha256)
+                .src(src.addr(), part.len() as u32)
+                .dst(state.addr(), state_len)
+                .param(resume | more);
+            let cqe = self.run_one(job)?;
+            let want = if more != 0 { state_len } else { 32 };
+            if cqe.bytes != want {
+                return Err(DriverError::InvalidArgument(format!(
+                    "SHA-256 job wrote {} bytes, not {want}",
+                    cqe.bytes
+                )));
+            }
         }
         let mut digest = [0u8; 32];
-        dst.read(0, &mut digest)?;
+        state.read(0, &mut digest)?;
         Ok(digest)
     }
 
@@ -240,15 +270,23 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
                 b.len()
             )));
         }
-        let len = self.check_len(a.len())?;
-        let sa = self.stage_data(a)?;
-        let sb = self.stage_data(b)?;
-        let cqe = self.run_one(
-            JobSpec::new(Opcode::Compare)
-                .src(sa.addr(), len)
-                .dst(sb.addr(), len),
-        )?;
-        Ok(cqe.result.checked_sub(1))
+        // One job per piece; the first piece that differs decides.
+        let piece = self.piece();
+        for (k, (pa, pb)) in a.chunks(piece).zip(b.chunks(piece)).enumerate() {
+            let sa = self.stage_data(pa)?;
+            let sb = self.stage_data(pb)?;
+            let len = pa.len() as u32;
+            let cqe = self.run_one(
+                JobSpec::new(Opcode::Compare)
+                    .src(sa.addr(), len)
+                    .dst(sb.addr(), len),
+            )?;
+            if let Some(at) = cqe.result.checked_sub(1) {
+                let offset = (k * piece) as u64 + u64::from(at);
+                return Ok(Some(u32::try_from(offset).unwrap_or(u32::MAX)));
+            }
+        }
+        Ok(None)
     }
 }
 
@@ -284,14 +322,7 @@ mod tests {
         let (f, d, pool) = fake::setup(Mode::InOrder);
         let mut q = d.queue(0, 4, ALL_OPS, &pool).unwrap();
         let big = vec![0u8; fake::MAX_XFER as usize + 1];
-        assert!(matches!(
-            q.crc32c(&big),
-            Err(DriverError::TooLarge {
-                max: fake::MAX_XFER,
-                ..
-            })
-        ));
-        assert!(matches!(q.sha256(&big), Err(DriverError::TooLarge { .. })));
+        // (CRC32C, SHA-256 and compare split big inputs into pieces instead.)
         assert!(matches!(
             q.compress(Format::Gzip, 1, &big),
             Err(DriverError::TooLarge { .. })

@@ -111,9 +111,9 @@ pub fn run(
         Opcode::Nop => Ok(Output::default()),
         Opcode::Crc32c => Ok(Output {
             bytes: 0,
-            result: crc32c(src),
+            result: crc32c_continue(param as u32, src),
         }),
-        Opcode::Sha256 => sha256(src, dst).map(|bytes| Output { bytes, result: 0 }),
+        Opcode::Sha256 => sha256_part(src, dst, param).map(|bytes| Output { bytes, result: 0 }),
         Opcode::Copy => copy(src, dst).map(|bytes| Output { bytes, result: 0 }),
         Opcode::Fill => Ok(Output {
             bytes: fill(dst, param),
@@ -182,6 +182,49 @@ pub fn crc32c(src: &[u8]) -> u32 {
     crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, src) as u32
 }
 
+/// The CRC32C of `before || src`, given `prior`, the CRC32C of `before`
+/// (0 for nothing): how a buffer larger than one job is checksummed in parts.
+pub fn crc32c_continue(prior: u32, src: &[u8]) -> u32 {
+    let alg = crc_fast::CrcAlgorithm::Crc32Iscsi;
+    crc_fast::checksum_combine(alg, prior as u64, crc32c(src) as u64, src.len() as u64) as u32
+}
+
+/// One part of a SHA-256 over a buffer larger than one job. `param` bits:
+/// [`wdvirt_abi::SHA256_RESUME`] (`dst` holds the running state to continue)
+/// and [`wdvirt_abi::SHA256_MORE`] (write the running state, not the
+/// digest). Neither bit: the one-shot digest.
+pub fn sha256_part(src: &[u8], dst: &mut [u8], param: u64) -> Result<u32, JobStatus> {
+    use sha2::digest::common::hazmat::SerializableState;
+    use wdvirt_abi::{SHA256_MORE, SHA256_RESUME, SHA256_STATE_SIZE};
+    if param & !(SHA256_RESUME | SHA256_MORE) != 0 {
+        return Err(JobStatus::ReservedNonZero);
+    }
+    if param == 0 {
+        return sha256(src, dst);
+    }
+    let state = dst
+        .get_mut(..SHA256_STATE_SIZE as usize)
+        .ok_or(JobStatus::DstTooSmall)?;
+    let mut h = if param & SHA256_RESUME != 0 {
+        let n = sha2::Sha256::serialize(&Sha256::new()).len();
+        let saved = sha2::digest::common::hazmat::SerializedState::<Sha256>::try_from(&state[..n])
+            .map_err(|_| JobStatus::CorruptInput)?;
+        Sha256::deserialize(&saved).map_err(|_| JobStatus::CorruptInput)?
+    } else {
+        Sha256::new()
+    };
+    h.update(src);
+    if param & SHA256_MORE != 0 {
+        let saved = h.serialize();
+        state.fill(0);
+        state[..saved.len()].copy_from_slice(&saved);
+        Ok(SHA256_STATE_SIZE)
+    } else {
+        state[..SHA256_LEN].copy_from_slice(&h.finalize());
+        Ok(SHA256_LEN as u32)
+    }
+}
+
 /// SHA-256 of `src` into the first 32 bytes of `dst`.
 pub fn sha256(src: &[u8], dst: &mut [u8]) -> Result<u32, JobStatus> {
     let out = dst.get_mut(..SHA256_LEN).ok_or(JobStatus::DstTooSmall)?;
@@ -217,6 +260,47 @@ pub fn compare(a: &[u8], b: &[u8]) -> Result<u32, JobStatus> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn crc32c_in_parts_equals_crc32c_of_the_whole() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (a, b) = data.split_at(33_333);
+        assert_eq!(crc32c_continue(crc32c_continue(0, a), b), crc32c(&data));
+        assert_eq!(crc32c_continue(0, b"123456789"), 0xe306_9283);
+        let mut s = Scratch::new();
+        let out = run(Opcode::Crc32c, b, &mut [], crc32c(a) as u64, &mut s).unwrap();
+        assert_eq!(out.result, crc32c(&data));
+    }
+
+    #[test]
+    fn sha256_in_parts_equals_sha256_of_the_whole() {
+        use wdvirt_abi::{SHA256_MORE as MORE, SHA256_RESUME as RESUME, SHA256_STATE_SIZE};
+        let data: Vec<u8> = (0..300_001u32).map(|i| (i * 13 % 256) as u8).collect();
+        let mut state = vec![0u8; SHA256_STATE_SIZE as usize];
+        let mut s = Scratch::new();
+        let parts: Vec<&[u8]> = data.chunks(100_000).collect();
+        for (k, part) in parts.iter().enumerate() {
+            let resume = if k == 0 { 0 } else { RESUME };
+            let more = if k + 1 < parts.len() { MORE } else { 0 };
+            let out = run(Opcode::Sha256, part, &mut state, resume | more, &mut s).unwrap();
+            assert_eq!(out.bytes, if more != 0 { SHA256_STATE_SIZE } else { 32 });
+        }
+        assert_eq!(state[..32], Sha256::digest(&data)[..]);
+        // A corrupt saved state, a short state buffer and unknown bits are refused.
+        let mut junk = vec![0xffu8; SHA256_STATE_SIZE as usize];
+        assert_eq!(
+            run(Opcode::Sha256, b"x", &mut junk, RESUME, &mut s),
+            Err(JobStatus::CorruptInput)
+        );
+        assert_eq!(
+            run(Opcode::Sha256, b"x", &mut [0u8; 64], MORE, &mut s),
+            Err(JobStatus::DstTooSmall)
+        );
+        assert_eq!(
+            run(Opcode::Sha256, b"x", &mut state, 4, &mut s),
+            Err(JobStatus::ReservedNonZero)
+        );
+    }
     use std::io::Read;
 
     /// Compressible but not trivial: text with a counter, plus some noise.

@@ -568,7 +568,9 @@ impl Engine {
             return Done::failed(JobStatus::BadLength, 0);
         }
         let reads_src = job.op.reads_src();
-        let reads_dst = job.op == Opcode::Compare;
+        // Compare reads its second buffer; a resumed SHA-256 its saved state.
+        let reads_dst = job.op == Opcode::Compare
+            || (job.op == Opcode::Sha256 && job.param & wdvirt_abi::SHA256_RESUME != 0);
         let uses_dst = job.op.writes_dst() || reads_dst;
         if (reads_src && job.src.checked_add(u64::from(job.src_len)).is_none())
             || (uses_dst && job.dst.checked_add(u64::from(job.dst_len)).is_none())

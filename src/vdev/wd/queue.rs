@@ -658,10 +658,13 @@ pub fn check(
         return Err(JobStatus::OpNotAllowed);
     }
     // `param` is a level for compression (1..=12, 0 = 1), a byte for fill,
-    // and reserved (zero) for everything else.
+    // the CRC so far for CRC32C, the part bits for SHA-256, and reserved
+    // (zero) for everything else.
     let param_max = match op {
         Opcode::DeflateCompress | Opcode::ZlibCompress | Opcode::GzipCompress => 12,
         Opcode::Fill => 0xff,
+        Opcode::Crc32c => u32::MAX as u64,
+        Opcode::Sha256 => wdvirt_abi::SHA256_RESUME | wdvirt_abi::SHA256_MORE,
         _ => 0,
     };
     if sqe.param > param_max {
