@@ -209,6 +209,17 @@ pub fn sha256_part(src: &[u8], dst: &mut [u8], param: u64) -> Result<u32, JobSta
         let n = sha2::Sha256::serialize(&Sha256::new()).len();
         let saved = sha2::digest::common::hazmat::SerializedState::<Sha256>::try_from(&state[..n])
             .map_err(|_| JobStatus::CorruptInput)?;
+        // sha2 checks the buffered bytes of a saved state but not its block
+        // count (bytes 32..40, after the eight state words), which it later
+        // adds to: refuse counts no real message reaches (2^54 blocks = 2^64 bits).
+        let blocks = u64::from_le_bytes(
+            state[32..40]
+                .try_into()
+                .map_err(|_| JobStatus::CorruptInput)?,
+        );
+        if blocks >= 1 << 54 {
+            return Err(JobStatus::CorruptInput);
+        }
         Sha256::deserialize(&saved).map_err(|_| JobStatus::CorruptInput)?
     } else {
         Sha256::new()
@@ -288,6 +299,13 @@ mod tests {
         assert_eq!(state[..32], Sha256::digest(&data)[..]);
         // A corrupt saved state, a short state buffer and unknown bits are refused.
         let mut junk = vec![0xffu8; SHA256_STATE_SIZE as usize];
+        assert_eq!(
+            run(Opcode::Sha256, b"x", &mut junk, RESUME, &mut s),
+            Err(JobStatus::CorruptInput)
+        );
+        // A real state with an absurd block count (sha2 would overflow on it).
+        run(Opcode::Sha256, b"abc", &mut junk, MORE, &mut s).unwrap();
+        junk[32..40].fill(0xff);
         assert_eq!(
             run(Opcode::Sha256, b"x", &mut junk, RESUME, &mut s),
             Err(JobStatus::CorruptInput)

@@ -469,13 +469,14 @@ impl QueuePair for SoftQueuePair {
     }
 
     fn close(&self) {
-        self.shared.closed.store(true, Ordering::Release);
+        // SeqCst, paired with the engine's `running` then `closed` (see `serve`).
+        self.shared.closed.store(true, Ordering::SeqCst);
     }
 }
 
 impl Drop for SoftQueuePair {
     fn drop(&mut self) {
-        self.shared.closed.store(true, Ordering::Release);
+        self.shared.closed.store(true, Ordering::SeqCst);
         self.common.queue_pairs.lock().remove(&self.shared.id);
     }
 }

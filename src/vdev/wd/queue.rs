@@ -98,8 +98,10 @@ impl BusMaster {
 pub const MAX_WITH_ENGINE: u32 = 128;
 
 /// How long a worker with submissions waits before looking again when its
-/// instance's other queues hold all of [`MAX_WITH_ENGINE`].
+/// instance's other queues hold all of [`MAX_WITH_ENGINE`]: from the first
+/// to the last value, doubling while the allowance stays used up.
 const ENGINE_BUSY_RETRY: Duration = Duration::from_millis(1);
+const ENGINE_BUSY_RETRY_MAX: Duration = Duration::from_millis(32);
 
 /// How long stopping a queue waits for jobs already running on an engine
 /// (queued ones are discarded at once). Well inside QEMU's 5 s reply timeout.
@@ -283,16 +285,19 @@ impl Worker {
     }
 
     fn run(mut self) {
+        let mut busy_wait = ENGINE_BUSY_RETRY;
         while !self.stop.load(Ordering::Acquire) {
             let progressed = self.step();
             if progressed {
+                busy_wait = ENGINE_BUSY_RETRY;
                 continue;
             }
             if self.in_flight == 0 {
                 match self.arm_doorbell() {
                     Fetch::Ready => continue,
                     Fetch::EngineBusy => {
-                        let _ = self.wake.recv_timeout(ENGINE_BUSY_RETRY);
+                        let _ = self.wake.recv_timeout(busy_wait);
+                        busy_wait = (busy_wait * 2).min(ENGINE_BUSY_RETRY_MAX);
                         continue;
                     }
                     Fetch::Nothing => {}
@@ -305,6 +310,19 @@ impl Worker {
         self.ctx
             .instance_in_flight
             .fetch_sub(self.in_flight, Ordering::AcqRel);
+    }
+
+    /// Take up to `want` of the instance's engine allowance; returns how much.
+    fn reserve(&self, want: u32) -> u32 {
+        let mut granted = 0;
+        let _ =
+            self.ctx
+                .instance_in_flight
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                    granted = want.min(MAX_WITH_ENGINE.saturating_sub(cur));
+                    Some(cur + granted)
+                });
+        granted
     }
 
     fn fetch_state(&self, tail: u32, cq_head: u32) -> Fetch {
@@ -364,11 +382,16 @@ impl Worker {
         let tail = self.load_idx(mem, idx::SQ_TAIL);
         let cq_head = self.load_idx(mem, idx::CQ_HEAD);
         let start = self.sq_head;
+        // Reserve the instance's engine allowance before taking entries, so
+        // queues fetching at once cannot together overshoot it.
+        let waiting = tail
+            .wrapping_sub(self.sq_head)
+            .min(depth.saturating_sub(self.sq_head.wrapping_sub(cq_head)));
+        let grant = self.reserve(waiting);
         let mut batch = Vec::new();
         while self.sq_head != tail
             && self.sq_head.wrapping_sub(cq_head) < depth
-            && self.ctx.instance_in_flight.load(Ordering::Acquire) + (batch.len() as u32)
-                < MAX_WITH_ENGINE
+            && (batch.len() as u32) < grant
         {
             let slot = (self.sq_head % depth) as u64;
             let addr = GuestAddress(self.ctx.config.sq_base + slot * SQE_SIZE as u64);
@@ -394,6 +417,10 @@ impl Worker {
                 }
             }
         }
+        // Give back what no valid entry used.
+        self.ctx
+            .instance_in_flight
+            .fetch_sub(grant - batch.len() as u32, Ordering::AcqRel);
         if self.sq_head == start {
             return false;
         }
@@ -405,14 +432,14 @@ impl Worker {
                         self.pace.started(Instant::now());
                     }
                     self.in_flight += batch.len() as u32;
-                    self.ctx
-                        .instance_in_flight
-                        .fetch_add(batch.len() as u32, Ordering::AcqRel);
                     let bytes: u64 = batch.iter().map(|j| j.src_len as u64).sum();
                     add(&self.ctx.shared.stats.bytes_in, bytes);
                 }
                 Err(e) => {
                     tracing::warn!(queue = self.ctx.queue, "engine refused a batch: {e}");
+                    self.ctx
+                        .instance_in_flight
+                        .fetch_sub(batch.len() as u32, Ordering::AcqRel);
                     for j in batch {
                         let r = JobResult {
                             cookie: j.cookie,
@@ -521,7 +548,10 @@ impl Worker {
     fn sleep(&mut self) {
         let delay = coalesce(self.ctx.config.coalesce).1;
         let timeout = match (self.irq_pending, self.irq_since) {
-            (n, Some(t)) if n > 0 && !delay.is_zero() => delay.saturating_sub(t.elapsed()),
+            // (With bus mastering off the interrupt waits: setting it rings us.)
+            (n, Some(t)) if n > 0 && !delay.is_zero() && self.ctx.bus_master.is_on() => {
+                delay.saturating_sub(t.elapsed())
+            }
             _ => Duration::from_secs(3600),
         };
         if self.in_flight == 0 {
@@ -679,22 +709,25 @@ pub fn check(
         param: sqe.param,
         cookie: sqe.tag as u64,
     };
+    // (address, length, may be empty): CRC32C and SHA-256 of nothing are
+    // defined; every other buffer needs bytes.
+    let hash = matches!(op, Opcode::Crc32c | Opcode::Sha256);
     let mut buffers = Vec::with_capacity(2);
     if op.reads_src() {
-        buffers.push((sqe.src, sqe.src_len));
+        buffers.push((sqe.src, sqe.src_len, hash));
     }
     if op.writes_dst() || op == Opcode::Compare {
-        buffers.push((sqe.dst, sqe.dst_len));
+        buffers.push((sqe.dst, sqe.dst_len, false));
     }
     if op == Opcode::Compare && sqe.src_len != sqe.dst_len {
         return Err(JobStatus::BadLength);
     }
-    for &(addr, len) in &buffers {
-        if len == 0 || len > max_xfer || addr.checked_add(len as u64).is_none() {
+    for &(addr, len, may_be_empty) in &buffers {
+        if (len == 0 && !may_be_empty) || len > max_xfer || addr.checked_add(len as u64).is_none() {
             return Err(JobStatus::BadLength);
         }
     }
-    for &(addr, len) in &buffers {
+    for &(addr, len, _) in &buffers {
         if !vm_memory::GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize) {
             return Err(JobStatus::BadAddress);
         }
