@@ -481,7 +481,7 @@ fn reset_with_a_deep_backlog_is_quick_and_nothing_is_written_after_it() {
     let t = Instant::now();
     rig.w32(r::DEV_CTRL, r::DEV_CTRL_RESET);
     assert!(
-        t.elapsed() < Duration::from_millis(500),
+        t.elapsed() < Duration::from_millis(1500),
         "reset took {:?}",
         t.elapsed()
     );
