@@ -16,7 +16,6 @@ macro_rules! counters {
         pub struct $snap { $(pub $f: u64,)* }
         impl $name {
             pub fn snapshot(&self) -> $snap { $snap { $($f: self.$f.load(Relaxed),)* } }
-            pub fn reset(&self) { $(self.$f.store(0, Relaxed);)* }
         }
     };
 }

@@ -200,10 +200,6 @@ impl LoopbackVmm {
             .set_irqs(index, flags, vector, 1, &[eventfd.as_raw_fd()])?;
         Ok(())
     }
-
-    pub fn reset(&self) -> Result<(), VmmError> {
-        Ok(self.client.lock().reset()?)
-    }
 }
 
 impl Mmio for LoopbackVmm {

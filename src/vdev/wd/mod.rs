@@ -48,8 +48,8 @@ impl Default for WdConfig {
 
 /// The error latch behind `ERR_STATUS`/`ERR_CODE`/`ERR_OFFSET`/`ERR_COUNT`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ErrLatch {
-    pub code: Option<RegError>,
+struct ErrLatch {
+    code: Option<RegError>,
     pub offset: u32,
     pub count: u32,
 }
@@ -128,21 +128,12 @@ impl WdDevice {
         })
     }
 
-    pub fn config(&self) -> WdConfig {
-        self.cfg
-    }
-    pub fn pasid(&self) -> Pasid {
-        self.pasid
-    }
     pub fn stats(&self) -> Arc<InstanceStats> {
         self.stats.clone()
     }
     /// Per-queue counters, shared with the workers.
     pub fn queue_stats(&self) -> Vec<Arc<QueueShared>> {
         self.queues.iter().map(|q| q.shared.clone()).collect()
-    }
-    pub fn error_latch(&self) -> ErrLatch {
-        self.err
     }
 
     fn refuse(&mut self, code: RegError, offset: u64) {
