@@ -75,7 +75,12 @@ impl Rig {
         self.w32(off + 4, (v >> 32) as u32);
     }
     fn setup_queue(&mut self, q: u32, depth: u32) -> u32 {
+        self.setup_queue_coalescing(q, depth, 0)
+    }
+    /// As `setup_queue`, with `Q_IRQ_COALESCE` set before the enable.
+    fn setup_queue_coalescing(&mut self, q: u32, depth: u32, coalesce: u32) -> u32 {
         let b = r::queue(q);
+        self.w32(b + r::Q_IRQ_COALESCE, coalesce);
         self.w32(r::DEV_CTRL, r::DEV_CTRL_ENABLE);
         self.w64(b + r::Q_SQ_BASE, SQ);
         self.w64(b + r::Q_CQ_BASE, CQ);
@@ -86,6 +91,21 @@ impl Rig {
         self.w32(b + r::Q_MSIX_VECTOR, 0);
         self.w32(b + r::Q_CTRL, r::Q_CTRL_ENABLE);
         self.r32(b + r::Q_STATUS)
+    }
+    /// The completion ring and index block do not change for 100 ms.
+    fn assert_no_ring_writes(&self, depth: usize, after: &str) {
+        let (cq, idx_block) = (self.get(CQ, depth * 16), self.get(IDX, 64));
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(
+            self.get(CQ, depth * 16),
+            cq,
+            "a completion was written after {after}"
+        );
+        assert_eq!(
+            self.get(IDX, 64),
+            idx_block,
+            "an index was written after {after}"
+        );
     }
     fn mem(&self) -> impl std::ops::Deref<Target = crate::accel::GuestMemory> {
         self.space.memory()
@@ -485,19 +505,7 @@ fn reset_with_a_deep_backlog_is_quick_and_nothing_is_written_after_it() {
         "reset took {:?}",
         t.elapsed()
     );
-    let cq = rig.get(CQ, 256 * 16);
-    let idx_block = rig.get(IDX, 64);
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(
-        rig.get(CQ, 256 * 16),
-        cq,
-        "no completion written after the reset"
-    );
-    assert_eq!(
-        rig.get(IDX, 64),
-        idx_block,
-        "no index written after the reset"
-    );
+    rig.assert_no_ring_writes(256, "the reset");
     let done = rig.dev.queue_stats()[0].stats.snapshot().jobs_ok;
     assert!(done < 200, "the backlog was dropped, not run: {done} ran");
 }
@@ -522,19 +530,7 @@ fn clearing_bus_master_stops_ring_dma_before_it_returns() {
     rig.submit(&jobs, 64);
     std::thread::sleep(Duration::from_millis(2));
     rig.dev.set_bus_master(false);
-    let cq = rig.get(CQ, 64 * 16);
-    let idx_block = rig.get(IDX, 64);
-    std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(
-        rig.get(CQ, 64 * 16),
-        cq,
-        "no completion written with bus mastering off"
-    );
-    assert_eq!(
-        rig.get(IDX, 64),
-        idx_block,
-        "no index written with bus mastering off"
-    );
+    rig.assert_no_ring_writes(64, "bus mastering was cleared");
     rig.dev.set_bus_master(true);
     // Jobs that reached the engine while bus mastering was off were aborted
     // (never run); the rest ran once it was back on.
@@ -690,13 +686,7 @@ fn a_guest_that_overfills_its_rings_stalls_its_queue_without_spinning() {
 #[test]
 fn count_only_coalescing_raises_one_interrupt_per_count() {
     let mut rig = Rig::new(WdConfig::default());
-    let q = r::queue(0);
-    assert_eq!(rig.setup_queue(0, 64), r::Q_STATUS_ENABLED);
-    rig.w32(q + r::Q_CTRL, 0);
-    rig.w32(q + r::Q_IRQ_COALESCE, 8);
-    rig.put(IDX, &[0u8; 16]);
-    rig.w32(q + r::Q_CTRL, r::Q_CTRL_ENABLE);
-    (rig.tail, rig.head) = (0, 0);
+    assert_eq!(rig.setup_queue_coalescing(0, 64, 8), r::Q_STATUS_ENABLED);
     rig.put(BUF, &[5u8; 65536]);
     let jobs: Vec<_> = (0..32)
         .map(|t| {
@@ -723,13 +713,10 @@ fn count_only_coalescing_raises_one_interrupt_per_count() {
 #[test]
 fn an_interrupt_held_by_a_cleared_bus_master_does_not_spin_the_worker() {
     let mut rig = Rig::new(WdConfig::default());
-    let q = r::queue(0);
-    assert_eq!(rig.setup_queue(0, 8), r::Q_STATUS_ENABLED);
-    rig.w32(q + r::Q_CTRL, 0);
-    rig.w32(q + r::Q_IRQ_COALESCE, (20_000 << 16) | 1000);
-    rig.put(IDX, &[0u8; 16]);
-    (rig.tail, rig.head) = (0, 0);
-    rig.w32(q + r::Q_CTRL, r::Q_CTRL_ENABLE);
+    assert_eq!(
+        rig.setup_queue_coalescing(0, 8, (20_000 << 16) | 1000),
+        r::Q_STATUS_ENABLED
+    );
     rig.put(BUF, b"abc");
     rig.submit(&[sqe(Opcode::Crc32c, 1, BUF, 3, 0, 0)], 8);
     assert_eq!(rig.wait(1, 8).len(), 1);
