@@ -537,39 +537,10 @@ impl std::fmt::Debug for ConfigSpace {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vdev::function::BarSpec;
 
+    /// The PCI layer's test layout (two 64-bit BARs, MSI-X in BAR0).
     fn layout() -> FunctionLayout {
-        FunctionLayout {
-            vendor_id: 0x1234,
-            device_id: 0x5678,
-            subsystem_vendor_id: 0x1af4,
-            subsystem_id: 0x0042,
-            revision: 3,
-            class_code: 0x12_00_00,
-            bars: [
-                BarSpec {
-                    kind: BarKind::Mem32,
-                    size: 0x4000,
-                },
-                BarSpec {
-                    kind: BarKind::Mem64 { prefetchable: true },
-                    size: 0x1_0000,
-                },
-                BarSpec::NONE,
-                BarSpec::NONE,
-                BarSpec {
-                    kind: BarKind::Mem64 {
-                        prefetchable: false,
-                    },
-                    size: 0x2_0000_0000,
-                },
-                BarSpec::NONE,
-            ],
-            msix_vectors: 8,
-            msix_table: (0, 0x2000),
-            msix_pba: (0, 0x3000),
-        }
+        super::super::tests::test_layout()
     }
 
     #[test]

@@ -24,7 +24,7 @@ const TABLE: u64 = 0x2000;
 const PBA: u64 = 0x3000;
 const RW: u32 = VFIO_REGION_INFO_FLAG_READ | VFIO_REGION_INFO_FLAG_WRITE;
 
-fn test_layout() -> FunctionLayout {
+pub(super) fn test_layout() -> FunctionLayout {
     FunctionLayout {
         vendor_id: 0x1234,
         device_id: 0x5678,
