@@ -15,32 +15,14 @@ use wdvirt::vmm::{GuestRam, LoopbackVmm};
 use wdvirt_abi::{JobStatus, Opcode, RegError, pci, regs};
 use wdvirt_guest::{Device, DmaPool, Format, JobSpec};
 
-const RAM_BASE: u64 = 0x1_0000_0000;
+mod common;
+use common::{RAM_BASE, Rig};
+
 const RAM_SIZE: u64 = 64 << 20;
 
-struct Rig {
-    _dir: tempfile::TempDir,
-    instance: Instance,
-    vmm: Arc<LoopbackVmm>,
-}
-
+/// Ours, for the general-purpose tests.
 fn start(accel: &SharedAccelerator, name: &str, pasid: u32, config: WdConfig) -> Rig {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join(format!("{name}.sock"));
-    let spec = InstanceSpec {
-        name: name.into(),
-        socket: socket.clone(),
-        config,
-    };
-    let instance = Instance::start(spec, accel.clone(), pasid).unwrap();
-    let vmm = Arc::new(
-        LoopbackVmm::connect(&socket, GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()).unwrap(),
-    );
-    Rig {
-        _dir: dir,
-        instance,
-        vmm,
-    }
+    common::start(accel, name, pasid, config, RAM_SIZE)
 }
 
 fn pool(vmm: &LoopbackVmm) -> DmaPool<Arc<GuestRam>> {

@@ -11,12 +11,18 @@ use std::sync::Arc;
 use support::{RawClient, borrow};
 use wdvirt::accel::SharedAccelerator;
 use wdvirt::accel::soft::SoftAccel;
-use wdvirt::daemon::instance::{Instance, InstanceSpec};
+use wdvirt::daemon::instance::Instance;
 use wdvirt::vdev::wd::WdConfig;
 use wdvirt::vmm::{GuestRam, LoopbackVmm};
 use wdvirt_guest::{Device, Format};
 
-const RAM: u64 = 0x1_0000_0000;
+mod common;
+
+const RAM: u64 = common::RAM_BASE;
+
+fn instance(accel: &SharedAccelerator, dir: &std::path::Path, name: &str, pasid: u32) -> Instance {
+    common::instance(accel, dir, name, pasid, WdConfig::default())
+}
 
 /// Guest RAM as QEMU's memory-backend-memfd makes it (sealed).
 fn memfd(size: u64) -> std::os::fd::OwnedFd {
@@ -26,15 +32,6 @@ fn memfd(size: u64) -> std::os::fd::OwnedFd {
     let seals = rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW;
     rustix::fs::fcntl_add_seals(&fd, seals).unwrap();
     fd
-}
-
-fn instance(accel: &SharedAccelerator, dir: &std::path::Path, name: &str, pasid: u32) -> Instance {
-    let spec = InstanceSpec {
-        name: name.into(),
-        socket: dir.join(format!("{name}.sock")),
-        config: WdConfig::default(),
-    };
-    Instance::start(spec, accel.clone(), pasid).unwrap()
 }
 
 fn run_jobs(socket: std::path::PathBuf, rounds: u32) -> u64 {

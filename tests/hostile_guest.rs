@@ -20,47 +20,28 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use wdvirt::accel::SharedAccelerator;
 use wdvirt::accel::soft::SoftAccel;
-use wdvirt::daemon::instance::{Instance, InstanceSpec};
 use wdvirt::vdev::wd::WdConfig;
 use wdvirt::vmm::{CONFIG_REGION, GuestRam, LoopbackVmm};
 use wdvirt_abi::{JobStatus, SubmissionEntry, idx, pci, regs};
 use wdvirt_guest::{Device, DmaMemory, DmaPool, JobSpec};
 
 const SEED: u64 = 0x6877_6476_6972_7401;
-const RAM_BASE: u64 = 0x1_0000_0000;
+mod common;
+use common::{RAM_BASE, Rig};
+
 const RAM_SIZE: u64 = 4 << 20;
 const ROUNDS: usize = 20;
 const ACCESSES_PER_ROUND: usize = 1000;
 const SQES_PER_ROUND: usize = 48;
 const QUEUES: u32 = 4;
 
-struct Rig {
-    _dir: tempfile::TempDir,
-    instance: Instance,
-    vmm: Arc<LoopbackVmm>,
-}
-
 fn start(accel: &SharedAccelerator, name: &str, pasid: u32) -> Rig {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join(format!("{name}.sock"));
-    let spec = InstanceSpec {
-        name: name.into(),
-        socket: socket.clone(),
-        config: WdConfig {
-            queues: QUEUES,
-            max_depth: 64,
-            ..WdConfig::default()
-        },
+    let config = WdConfig {
+        queues: QUEUES,
+        max_depth: 64,
+        ..WdConfig::default()
     };
-    let instance = Instance::start(spec, accel.clone(), pasid).unwrap();
-    let vmm = Arc::new(
-        LoopbackVmm::connect(&socket, GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()).unwrap(),
-    );
-    Rig {
-        _dir: dir,
-        instance,
-        vmm,
-    }
+    common::start(accel, name, pasid, config, RAM_SIZE)
 }
 
 fn pool(vmm: &LoopbackVmm) -> DmaPool<Arc<GuestRam>> {

@@ -1,0 +1,55 @@
+//! What the end-to-end tests share: an instance on a real socket, with (or
+//! without) an in-process VMM connected to it.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::sync::Arc;
+
+use wdvirt::accel::SharedAccelerator;
+use wdvirt::daemon::instance::{Instance, InstanceSpec};
+use wdvirt::vdev::wd::WdConfig;
+use wdvirt::vmm::{GuestRam, LoopbackVmm};
+
+/// Where the tests put guest RAM (above 4 GiB, as QEMU puts high RAM).
+pub const RAM_BASE: u64 = 0x1_0000_0000;
+
+/// An instance serving `dir/NAME.sock`.
+pub fn instance(
+    accel: &SharedAccelerator,
+    dir: &Path,
+    name: &str,
+    pasid: u32,
+    config: WdConfig,
+) -> Instance {
+    let spec = InstanceSpec {
+        name: name.into(),
+        socket: dir.join(format!("{name}.sock")),
+        config,
+    };
+    Instance::start(spec, accel.clone(), pasid).unwrap()
+}
+
+/// An instance with a VMM connected and `ram_size` bytes of guest RAM mapped.
+pub struct Rig {
+    pub instance: Instance,
+    pub vmm: Arc<LoopbackVmm>,
+    _dir: tempfile::TempDir,
+}
+
+pub fn start(
+    accel: &SharedAccelerator,
+    name: &str,
+    pasid: u32,
+    config: WdConfig,
+    ram_size: u64,
+) -> Rig {
+    let dir = tempfile::tempdir().unwrap();
+    let instance = instance(accel, dir.path(), name, pasid, config);
+    let ram = GuestRam::new(RAM_BASE, ram_size).unwrap();
+    let vmm = Arc::new(LoopbackVmm::connect(instance.socket(), ram).unwrap());
+    Rig {
+        instance,
+        vmm,
+        _dir: dir,
+    }
+}
