@@ -351,88 +351,6 @@ impl<'a> DevicePath<'a> {
         let cpu = sample_cpu().since(&before);
         Measure { jobs: n, secs, cpu }
     }
-
-    /// The same jobs through [`run_adaptive`] instead of `run_batch`.
-    fn round_adaptive(&mut self, budget: Duration, per_job: &mut Option<Duration>) -> Measure {
-        let before = sample_cpu();
-        let start = Instant::now();
-        let mut n = 0u64;
-        while start.elapsed() < budget {
-            n += run_adaptive(self.q, &self.jobs, per_job, self.case.name);
-        }
-        let secs = start.elapsed().as_secs_f64();
-        let cpu = sample_cpu().since(&before);
-        Measure { jobs: n, secs, cpu }
-    }
-}
-
-/// A driver loop with the waiting this benchmark recommends for
-/// `Queue::run_batch` (guest/src/queue.rs), built on the public
-/// `submit`/`poll`: keep the ring full as `run_batch` does, but between
-/// empty polls sleep for a quarter of the outstanding work's estimated run
-/// time (at most 1 ms; under 200 µs it only yields, as the device's worker
-/// does not nap then either) instead of 64 spins, 64 `yield_now` system
-/// calls and growing sleeps after every completion. Tags are job
-/// indexes; returns the jobs completed (all checked to be `Ok`).
-fn run_adaptive(
-    q: &mut GQueue,
-    jobs: &[JobSpec],
-    per_job: &mut Option<Duration>,
-    name: &str,
-) -> u64 {
-    let depth = q.depth() as usize;
-    let mut sqes = Vec::with_capacity(depth);
-    let mut out = Vec::with_capacity(depth);
-    let (mut next, mut done) = (0usize, 0usize);
-    // Measuring window: since when the device has been busy throughout, and
-    // the completions seen in it (the device writes them in bursts, so
-    // single polls say little).
-    let (mut mark, mut seen) = (Instant::now(), 0u32);
-    while done < jobs.len() {
-        let free = q.free_slots() as usize;
-        if next < jobs.len() && free > 0 {
-            if q.outstanding() == 0 {
-                (mark, seen) = (Instant::now(), 0);
-            }
-            let k = free.min(jobs.len() - next);
-            sqes.clear();
-            sqes.extend(
-                jobs[next..next + k]
-                    .iter()
-                    .enumerate()
-                    .map(|(i, j)| j.to_sqe((next + i) as u32)),
-            );
-            next += q.submit(&sqes).expect("submit");
-        }
-        out.clear();
-        let n = q.poll(&mut out).expect("poll");
-        assert!(
-            out.iter().all(|c| c.status == JobStatus::Ok.code()),
-            "{name}: a job failed"
-        );
-        done += n;
-        if n > 0 {
-            // The device was busy all along only if work is still outstanding.
-            seen += n as u32;
-            if q.outstanding() > 0 && seen >= 64 {
-                let now = Instant::now();
-                let sample = now.saturating_duration_since(mark) / seen;
-                *per_job = Some(per_job.map_or(sample, |avg| (avg * 3 + sample) / 4));
-                (mark, seen) = (now, 0);
-            }
-            continue;
-        }
-        let nap = per_job
-            .map(|p| p * (q.outstanding() / 4))
-            .unwrap_or_default()
-            .min(Duration::from_millis(1));
-        if nap >= Duration::from_micros(200) {
-            std::thread::sleep(nap);
-        } else {
-            std::thread::yield_now();
-        }
-    }
-    done as u64
 }
 
 fn main() {
@@ -514,8 +432,7 @@ fn main() {
             .collect();
         let (mut direct, reference) = Direct::new(&case, &inputs);
         let mut path = DevicePath::new(&case, &inputs, &reference, &instance, &mut q, &pool);
-        let (mut d, mut v, mut w) = (Measure::default(), Measure::default(), Measure::default());
-        let mut per_job = None;
+        let (mut d, mut v) = (Measure::default(), Measure::default());
         let (mut lo, mut hi) = (f64::MAX, 0f64);
         let s0 = queue_stats(path.instance);
         for _ in 0..rounds {
@@ -525,7 +442,6 @@ fn main() {
             (lo, hi) = (lo.min(r), hi.max(r));
             d.add(a);
             v.add(b);
-            w.add(path.round_adaptive(round, &mut per_job));
         }
         let s1 = queue_stats(path.instance);
         let split: Vec<String> = v
@@ -563,15 +479,7 @@ fn main() {
             d.cpu_us_per_job(),
             v.cpu.switches as f64 / v.jobs as f64,
         );
-        println!(
-            "    with an adaptive-wait driver loop (run_adaptive): {:.0} jobs/s, ratio {:.3}, CPU {:.2} µs/job, of which driver {:.1}",
-            w.jobs_per_s(),
-            w.jobs_per_s() / d.jobs_per_s(),
-            w.cpu_us_per_job(),
-            w.cpu.by_class.get("main").copied().unwrap_or(0) as f64 / 1e3 / w.jobs as f64,
-        );
         if verbose {
-            println!("    run_adaptive's estimate: {per_job:?} per job");
             println!(
                 "    direct: {} jobs in {:.2} s, {} ticks, {} cs; device: {} jobs in {:.2} s, {} ticks, {} cs, {} worker sleeps",
                 d.jobs,
