@@ -167,6 +167,12 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Assign one eventfd to an MSI-X vector; returns the reading end.
+/// VFIO-level MASK or UNMASK of one MSI-X vector (SET_IRQS DATA_NONE).
+fn vfio_msix(f: &mut PciFunction<RamModel>, action: IrqAction, vector: u32) {
+    f.set_irqs(VFIO_PCI_MSIX_IRQ_INDEX, action, vector, 1, IrqData::None)
+        .unwrap();
+}
+
 fn assign_vector(f: &mut PciFunction<RamModel>, v: u32) -> OwnedFd {
     let (fd, dup) = efd();
     f.set_irqs(
@@ -550,23 +556,9 @@ fn msix_delivery_masking_and_pba() {
     assert!(!pba_bit(&mut f, 65));
 
     // VFIO-level mask is separate from the table mask.
-    f.set_irqs(
-        VFIO_PCI_MSIX_IRQ_INDEX,
-        IrqAction::Mask,
-        65,
-        1,
-        IrqData::None,
-    )
-    .unwrap();
+    vfio_msix(&mut f, IrqAction::Mask, 65);
     assert_eq!(irq.trigger_msix(65), IrqOutcome::Pending);
-    f.set_irqs(
-        VFIO_PCI_MSIX_IRQ_INDEX,
-        IrqAction::Unmask,
-        65,
-        1,
-        IrqData::None,
-    )
-    .unwrap();
+    vfio_msix(&mut f, IrqAction::Unmask, 65);
     assert_eq!(count(&fd), 1);
 
     // PBA writes are ignored.
@@ -583,14 +575,7 @@ fn msix_delivery_masking_and_pba() {
     assert!(pba_bit(&mut f, 65));
 
     // De-assign: an unmasked trigger waits in the PBA for a new eventfd.
-    f.set_irqs(
-        VFIO_PCI_MSIX_IRQ_INDEX,
-        IrqAction::Unmask,
-        65,
-        1,
-        IrqData::None,
-    )
-    .unwrap();
+    vfio_msix(&mut f, IrqAction::Unmask, 65);
     assert_eq!(count(&fd), 1);
     f.set_irqs(
         VFIO_PCI_MSIX_IRQ_INDEX,
@@ -673,14 +658,7 @@ fn msix_disable_index_keeps_pending_bits() {
     let irq = f.interrupts().clone();
     let _fd = assign_vector(&mut f, 2);
     enable_msix(&mut f, MSIX_CONTROL_ENABLE);
-    f.set_irqs(
-        VFIO_PCI_MSIX_IRQ_INDEX,
-        IrqAction::Mask,
-        2,
-        1,
-        IrqData::None,
-    )
-    .unwrap();
+    vfio_msix(&mut f, IrqAction::Mask, 2);
     assert_eq!(irq.trigger_msix(2), IrqOutcome::Pending);
     f.set_irqs(
         VFIO_PCI_MSIX_IRQ_INDEX,
@@ -885,14 +863,7 @@ fn device_reset_keeps_fds_and_clears_state() {
     let irq = f.interrupts().clone();
     let fd = assign_vector(&mut f, 1);
     enable_msix(&mut f, MSIX_CONTROL_ENABLE);
-    f.set_irqs(
-        VFIO_PCI_MSIX_IRQ_INDEX,
-        IrqAction::Mask,
-        1,
-        1,
-        IrqData::None,
-    )
-    .unwrap();
+    vfio_msix(&mut f, IrqAction::Mask, 1);
     assert_eq!(irq.trigger_msix(1), IrqOutcome::Pending);
     wr(&mut f, CFG, BAR0.into(), 4, 0xfebf_c000);
     f.reset().unwrap();
