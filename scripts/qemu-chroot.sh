@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Builds (idempotently) a Debian trixie chroot holding QEMU 11.1 from
-# trixie-backports, and runs commands inside it. The host is Debian 12, whose
+# trixie-backports and what a Linux guest boots from (kernel, busybox, cpio),
+# and runs commands inside it. The host is Debian 12, whose
 # QEMU (7.2) has no vfio-user-pci client; trixie-backports has 11.1.
 #
 #   bash scripts/qemu-chroot.sh [build]          build the chroot (skips what is done)
-#   bash scripts/qemu-chroot.sh run -- CMD...    mount /dev and /proc, run CMD
-#                                                inside, unmount on exit
+#   bash scripts/qemu-chroot.sh run -- CMD...    run CMD inside, with /dev and /proc
+#                                                mounted in a private mount namespace
 #   bash scripts/qemu-chroot.sh path             print the chroot directory
 #
 # DIR is $WDVIRT_CHROOT, default /var/tmp/wdvirt-trixie. Needs root. Nothing it
@@ -124,6 +125,25 @@ EOF
     mark_step qemu
     log "qemu-system-x86: $(($(date +%s) - t)) s"
   fi
+  # What a Linux guest boots from (scripts/guest-image.sh): the trixie kernel,
+  # busybox for the initramfs, and cpio to pack it (the host has none).
+  if done_step guest && [ -x "$DIR/usr/bin/cpio" ] && [ -x "$DIR/usr/bin/busybox" ] &&
+    compgen -G "$DIR/boot/vmlinuz-*" >/dev/null; then
+    log "linux-image-amd64, busybox-static, cpio: done already"
+  else
+    log "apt-get install linux-image-amd64 busybox-static cpio (about 30 s)"
+    t=$(date +%s)
+    trap umount_fs EXIT
+    mount_fs
+    in_chroot apt-get update -qq
+    in_chroot apt-get install -y -qq --no-install-recommends linux-image-amd64 busybox-static cpio \
+      >"$DIR.apt-guest.log" 2>&1 || { tail -n 20 "$DIR.apt-guest.log" >&2; die "apt-get install failed; see $DIR.apt-guest.log"; }
+    in_chroot apt-get clean
+    umount_fs
+    trap - EXIT
+    mark_step guest
+    log "guest packages: $(($(date +%s) - t)) s"
+  fi
   mkdir -p "$DIR/run"
   log "ready: $(in_chroot qemu-system-x86_64 --version | head -n1) in $DIR ($(($(date +%s) - t0)) s this run)"
 }
@@ -131,13 +151,16 @@ EOF
 run() {
   [ -x "$DIR/usr/bin/qemu-system-x86_64" ] || die "no chroot at $DIR; run: bash $0 build"
   [ $# -gt 0 ] || die "usage: $0 run -- CMD..."
-  trap umount_fs EXIT
-  trap 'exit 130' INT
-  trap 'exit 143' TERM
-  mount_fs
-  local rc=0
-  in_chroot "$@" || rc=$?
-  return $rc
+  # A private mount namespace per run: /dev and /proc are mounted for this
+  # command alone and vanish with it, so runs side by side never unmount each
+  # other's, and a killed run leaves nothing mounted on the host. exec keeps
+  # one process from here to CMD, so a signal sent to this script reaches CMD.
+  exec unshare --mount --propagation private -- /bin/sh -c '
+    d=$1
+    shift
+    mount --bind /dev "$d/dev" && mount -t proc proc "$d/proc" || exit 125
+    exec chroot "$d" /usr/bin/env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+      DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 "$@"' sh "$DIR" "$@"
 }
 
 case "${1:-build}" in
