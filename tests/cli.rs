@@ -155,8 +155,100 @@ fn serve_runs_jobs_for_a_vmm_and_reports_on_sigterm() {
         .read_to_string(&mut out)
         .unwrap();
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["queues"][1]["jobs_ok"], 1);
+    assert_eq!(v[0]["name"], "wd", "named after the socket file");
+    assert_eq!(v[0]["queues"][1]["jobs_ok"], 1);
     // The refused second server's liveness probe was a connection too.
-    assert_eq!(v["connections"], 2);
+    assert_eq!(v[0]["connections"], 2);
     assert!(!socket.exists(), "socket removed on exit");
+}
+
+#[test]
+fn serve_runs_several_instances_on_one_accelerator() {
+    let dir = tempfile::tempdir().unwrap();
+    let sockets = [dir.path().join("a.sock"), dir.path().join("b.sock")];
+    let mut child = wdvirt()
+        .args(["serve", "--json", "--engines", "1"])
+        .args(
+            sockets
+                .iter()
+                .flat_map(|s| [std::ffi::OsStr::new("--socket"), s.as_os_str()]),
+        )
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    sockets.iter().for_each(|s| wait_for(s));
+    // Both guests at once: 3 jobs on a, 5 on b.
+    std::thread::scope(|scope| {
+        for (socket, jobs) in sockets.iter().zip([3usize, 5]) {
+            scope.spawn(move || {
+                let ram = GuestRam::new(0x1_0000_0000, 4 << 20).unwrap();
+                let vmm = Arc::new(LoopbackVmm::connect(socket, ram).unwrap());
+                let dev = Device::probe(vmm.clone()).unwrap();
+                dev.enable().unwrap();
+                let pool = vmm.dma_pool().unwrap();
+                let mut q = dev.queue(0, 8, dev.info().cap_ops, &pool).unwrap();
+                for _ in 0..jobs {
+                    assert_eq!(q.crc32c(b"123456789").unwrap(), 0xe306_9283);
+                }
+            });
+        }
+    });
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(&child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success());
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let list = v.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(
+        (&list[0]["name"], &list[1]["name"]),
+        (&"a".into(), &"b".into())
+    );
+    assert_ne!(
+        list[0]["pasid"], list[1]["pasid"],
+        "each instance has its own PASID"
+    );
+    assert_eq!(list[0]["queues"][0]["jobs_ok"], 3);
+    assert_eq!(list[1]["queues"][0]["jobs_ok"], 5);
+}
+
+#[test]
+fn serve_refuses_ambiguous_instance_names() {
+    for (args, message) in [
+        (
+            vec![
+                "--name",
+                "x",
+                "--socket",
+                "/tmp/a.sock",
+                "--socket",
+                "/tmp/b.sock",
+            ],
+            "--name names one instance",
+        ),
+        (
+            vec![
+                "--socket",
+                "/tmp/one/wd.sock",
+                "--socket",
+                "/tmp/two/wd.sock",
+            ],
+            "both name an instance \"wd\"",
+        ),
+    ] {
+        let out = wdvirt().arg("serve").args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(message), "{args:?}: {err}");
+    }
 }

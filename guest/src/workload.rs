@@ -209,8 +209,17 @@ fn run_one<M: Mmio, D: DmaMemory>(
             let caps: Vec<usize> = data.chunks(max).map(<[u8]>::len).collect();
             let back = q.run_staged(f.decompress_op(), 0, &refs, &caps)?.concat();
             let compressed: usize = streams.iter().map(Vec::len).sum();
+            let mut streams_hash = sha2::Sha256::new();
+            streams.iter().for_each(|s| streams_hash.update(s));
             out.insert("compressed".into(), json!(compressed));
             out.insert("chunks".into(), json!(streams.len()));
+            // Enough for the host to recompute the exact output: the input
+            // is cut into `chunk_bytes` pieces, each its own stream.
+            out.insert("chunk_bytes".into(), json!(max));
+            out.insert(
+                "streams_sha256".into(),
+                json!(hex(&streams_hash.finalize())),
+            );
             out.insert("framing_ok".into(), json!(framed));
             out.insert("roundtrip_ok".into(), json!(back == data));
             framed && back == data

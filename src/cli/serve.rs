@@ -1,4 +1,4 @@
-//! `wdvirt serve`: one instance on the software accelerator, until interrupted.
+//! `wdvirt serve`: instances on one software accelerator, until interrupted.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,12 +13,14 @@ use crate::vdev::wd::WdConfig;
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Path of the vfio-user socket to create (a stale socket file is replaced;
-    /// a live one is refused).
-    #[arg(long, value_name = "PATH")]
-    pub socket: PathBuf,
-    /// Instance name shown in logs and reports.
-    #[arg(long, default_value = "wd0")]
-    pub name: String,
+    /// a live one is refused). Repeat it to serve several instances, each with
+    /// its own PASID, all on the same accelerator.
+    #[arg(long, value_name = "PATH", required = true)]
+    pub socket: Vec<PathBuf>,
+    /// Instance name shown in logs and reports (one socket only; by default
+    /// each instance is named after its socket file, `wd0.sock` -> `wd0`).
+    #[arg(long)]
+    pub name: Option<String>,
     /// Queues the instance offers its guest (1..=64).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub queues: u32,
@@ -32,7 +34,8 @@ pub struct ServeArgs {
     /// Software engine threads (the accelerator's "hardware engines").
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub engines: u16,
-    /// Print the instance's counters as JSON on exit instead of a summary.
+    /// Print each instance's counters on exit as a JSON array instead of a
+    /// summary.
     #[arg(long)]
     pub json: bool,
 }
@@ -46,50 +49,86 @@ pub fn parse_depth(s: &str) -> Result<u32, String> {
     }
 }
 
+/// The instances' names: `--name` for a single socket, else the socket files' stems.
+fn instance_names(a: &ServeArgs) -> anyhow::Result<Vec<String>> {
+    if let Some(name) = &a.name {
+        anyhow::ensure!(
+            a.socket.len() == 1,
+            "--name names one instance, but {} sockets were given (each is named after its socket file)",
+            a.socket.len()
+        );
+        return Ok(vec![name.clone()]);
+    }
+    let names: Vec<String> = a
+        .socket
+        .iter()
+        .map(|p| {
+            p.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .filter(|s| !s.is_empty())
+                .with_context(|| format!("socket path {} has no file name", p.display()))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    for (i, n) in names.iter().enumerate() {
+        anyhow::ensure!(
+            !names[..i].contains(n),
+            "two sockets would both name an instance {n:?}; give them different file names"
+        );
+    }
+    Ok(names)
+}
+
 pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
+    let names = instance_names(&a)?;
     let accel = super::soft_accel(a.engines)?;
     let pasids = PasidAllocator::default();
-    let pasid = pasids.allocate()?;
     let config = WdConfig {
         queues: a.queues,
         max_depth: a.max_depth,
         ops: a.ops,
         ..WdConfig::default()
     };
-    let spec = InstanceSpec {
-        name: a.name.clone(),
-        socket: a.socket.clone(),
-        config,
-    };
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
     ])
     .context("cannot install signal handlers")?;
-    let instance = Instance::start(spec, accel, pasid)?;
+    let mut instances = Vec::new();
+    for (name, socket) in names.into_iter().zip(&a.socket) {
+        let pasid = pasids.allocate()?;
+        let spec = InstanceSpec {
+            name: name.clone(),
+            socket: socket.clone(),
+            config,
+        };
+        // On an error the instances started so far stop as they drop.
+        instances.push(Instance::start(spec, accel.clone(), pasid)?);
+        eprintln!(
+            "wdvirt: serving instance {name} (PASID {pasid}, {} queues) at {}",
+            a.queues,
+            socket.display(),
+        );
+    }
     eprintln!(
-        "wdvirt: serving instance {} (PASID {pasid}, {} queues) at {}\n\
-         wdvirt: connect a VMM, e.g. QEMU: -device '{{\"driver\":\"vfio-user-pci\",\"socket\":{{\"type\":\"unix\",\"path\":\"{}\"}}}}'\n\
+        "wdvirt: connect a VMM, e.g. QEMU: -device '{{\"driver\":\"vfio-user-pci\",\"socket\":{{\"type\":\"unix\",\"path\":\"{}\"}}}}'\n\
          wdvirt: Ctrl-C to stop",
-        a.name,
-        a.queues,
-        a.socket.display(),
-        a.socket.display()
+        a.socket[0].display()
     );
     let signal = signals.forever().next();
-    let report = instance.report();
-    instance.stop();
+    let reports: Vec<_> = instances.iter().map(Instance::report).collect();
+    instances.into_iter().for_each(Instance::stop);
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", serde_json::to_string_pretty(&reports)?);
     } else {
-        let ok: u64 = report.queues.iter().map(|q| q.jobs_ok).sum();
-        let failed: u64 = report.queues.iter().map(|q| q.jobs_failed).sum();
-        println!(
-            "wdvirt: stopped by signal {}: {} connection(s), {ok} jobs ok, {failed} failed, {} refused register accesses",
-            signal.unwrap_or(0),
-            report.connections,
-            report.device.register_errors
-        );
+        for report in &reports {
+            let ok: u64 = report.queues.iter().map(|q| q.jobs_ok).sum();
+            let failed: u64 = report.queues.iter().map(|q| q.jobs_failed).sum();
+            println!(
+                "wdvirt: {}: {} connection(s), {ok} jobs ok, {failed} failed, {} refused register accesses",
+                report.name, report.connections, report.device.register_errors
+            );
+        }
+        println!("wdvirt: stopped by signal {}", signal.unwrap_or(0));
     }
     Ok(ExitCode::SUCCESS)
 }
