@@ -19,6 +19,19 @@ cargo test --workspace --locked 2>&1 | tee "$log"
 echo "== benchmark compiles (run it with: cargo bench --bench datapath)"
 cargo build --benches --locked 2>&1 | tail -1
 
+# The real QEMU 11.1 from here on (root; the trixie chroot is built once and
+# reused, see docs/linux-guest.md for what each stage costs).
+t=$SECONDS
+echo "== the real QEMU 11.1 vfio-user client, no guest OS (scripts/qemu-smoke.sh)"
+bash scripts/qemu-smoke.sh | tail -n 4
+echo "   ($((SECONDS - t)) s)"
+
+t=$SECONDS
+echo "== Linux guests under QEMU (scripts/guest-image.sh, then tests/linux_guest.rs)"
+bash scripts/guest-image.sh >/dev/null
+cargo test --locked --test linux_guest -- --ignored --test-threads=1 2>&1 | tee -a "$log"
+echo "   ($((SECONDS - t)) s)"
+
 # One closing line over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed/) p += $(i-1); if ($(i) ~ /^failed/) f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -1,0 +1,356 @@
+//! A real Linux guest drives the device: QEMU 11.1's `vfio-user-pci` (TCG,
+//! in the trixie chroot) boots the trixie kernel with a busybox initramfs,
+//! whose init runs the static `wdvirt-guest` tool against `wdvirt serve`.
+//! Everything the guest reports is checked against what the host computes
+//! for the same bytes and against the daemon's own per-instance counters.
+//!
+//! These tests need root and the guest image that `scripts/guest-image.sh`
+//! builds, so plain `cargo test` skips them; `scripts/test.sh` (the README's
+//! test command, and CI) builds the image and runs them with `--ignored`.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use wdvirt::accel::ops;
+use wdvirt_abi::{Format, pci};
+use wdvirt_guest::workload::gen_data;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn chroot() -> PathBuf {
+    let dir = PathBuf::from(
+        std::env::var_os("WDVIRT_CHROOT").unwrap_or_else(|| "/var/tmp/wdvirt-trixie".into()),
+    );
+    let image = dir.join("var/lib/wdvirt-guest/initrd.cpio");
+    assert!(
+        image.exists(),
+        "no guest image at {}: run `bash scripts/guest-image.sh` first (scripts/test.sh does)",
+        image.display()
+    );
+    dir
+}
+
+/// `wdvirt serve` with one instance per name, sockets inside the chroot.
+struct Server {
+    child: Child,
+    sockets: Vec<PathBuf>,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start(names: &[&str]) -> Server {
+        let run = chroot().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("wdvirt-test-")
+            .tempdir_in(&run)
+            .unwrap();
+        let sockets: Vec<PathBuf> = names
+            .iter()
+            .map(|n| dir.path().join(format!("{n}.sock")))
+            .collect();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wdvirt"));
+        cmd.args(["serve", "--json"]);
+        for s in &sockets {
+            cmd.arg("--socket").arg(s);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sockets.iter().all(|s| s.exists()) {
+            assert!(child.try_wait().unwrap().is_none(), "wdvirt serve exited");
+            assert!(Instant::now() < deadline, "wdvirt serve made no sockets");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Server {
+            child,
+            sockets,
+            _dir: dir,
+        }
+    }
+
+    /// SIGTERM, then each instance's report (after every guest has powered
+    /// off: QEMU 11.1 aborts if the server closes a socket in use).
+    fn stop(mut self) -> Vec<Value> {
+        rustix::process::kill_process(
+            rustix::process::Pid::from_child(&self.child),
+            rustix::process::Signal::TERM,
+        )
+        .unwrap();
+        assert!(self.child.wait().unwrap().success());
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        let reports: Value = serde_json::from_str(&out).unwrap();
+        reports.as_array().unwrap().clone()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What one guest printed.
+struct Guest {
+    console: String,
+    /// `scripts/guest-boot.sh`'s exit status: the tool's.
+    status: Option<i32>,
+    result: Value,
+}
+
+/// Boots a guest with one device on `socket`, `params` on its kernel command
+/// line (`mode=run jobs=... size=...`), and waits for it to power off.
+fn boot(socket: &Path, params: &[&str]) -> Guest {
+    let out = Command::new("bash")
+        .arg(repo().join("scripts/guest-boot.sh"))
+        .args(["--no-build", "--timeout", "240", "--socket"])
+        .arg(socket)
+        .args(params)
+        .output()
+        .unwrap();
+    // The console, then what the boot script said (shown on a failure).
+    let console = format!(
+        "{}\n-- scripts/guest-boot.sh:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = console
+        .lines()
+        .find_map(|l| l.strip_prefix("WDVIRT-RESULT "))
+        .unwrap_or_else(|| panic!("the guest printed no result:\n{console}"));
+    let result =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("bad result line ({e}):\n{console}"));
+    Guest {
+        console,
+        status: out.status.code(),
+        result,
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The device as the guest's kernel enumerated it is the one the spec documents.
+fn assert_identity(guest: &Guest, queues: u64) {
+    let d = &guest.result["device"];
+    assert_eq!(d["vendor"], format!("{:04x}", pci::VENDOR_ID));
+    assert_eq!(d["device"], format!("{:04x}", pci::DEVICE_ID));
+    assert_eq!(d["class"], format!("{:06x}", pci::CLASS_CODE));
+    let bars: Vec<(u64, u64, bool)> = d["bars"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let field = |k: &str| b[k].as_u64().unwrap();
+            (field("bar"), field("size"), b["mem"] == true)
+        })
+        .collect();
+    let want = vec![
+        (u64::from(pci::BAR_CONTROL), pci::BAR0_SIZE, true),
+        (
+            u64::from(pci::BAR_DOORBELL),
+            pci::bar2_size(queues as u32),
+            true,
+        ),
+    ];
+    assert_eq!(bars, want, "BARs in the guest");
+    assert_eq!(d["num_queues"], queues);
+}
+
+/// Every result of a `run` guest equals what the host computes for the same
+/// bytes (the tool's data is a pure function of seed and size). Returns the
+/// jobs the guest's driver submitted.
+fn assert_run_matches_host(guest: &Guest, seed: u64, size: usize) -> u64 {
+    let r = &guest.result;
+    assert_eq!(r["ok"], true, "guest run failed:\n{}", guest.console);
+    assert_eq!(guest.status, Some(0), "{}", guest.console);
+    assert_eq!(
+        (r["seed"].as_u64(), r["size"].as_u64()),
+        (Some(seed), Some(size as u64))
+    );
+    let data = gen_data(seed, size);
+    let mut scratch = ops::Scratch::new();
+    let mut checked = Vec::new();
+    for job in r["results"].as_array().unwrap() {
+        let name = job["job"].as_str().unwrap();
+        assert_eq!(job["ok"], true, "{name} failed in the guest: {job}");
+        match name {
+            "crc32c" => assert_eq!(job["crc32c"], format!("{:08x}", ops::crc32c(&data))),
+            "sha256" => {
+                let mut digest = [0u8; 32];
+                ops::sha256(&data, &mut digest).unwrap();
+                assert_eq!(job["sha256"], hex(&digest));
+            }
+            _ => {
+                let Some(format) = Format::from_name(name) else {
+                    continue;
+                };
+                // Each chunk is its own stream, compressed at the device's
+                // default level: the host makes the same bytes.
+                let chunk = job["chunk_bytes"].as_u64().unwrap() as usize;
+                let level = ops::compression_level(0).unwrap();
+                let mut streams = Vec::new();
+                for piece in data.chunks(chunk) {
+                    let mut dst = vec![0u8; piece.len() + piece.len() / 8 + 1024];
+                    let n = ops::compress(format, level, piece, &mut dst, &mut scratch).unwrap();
+                    streams.extend_from_slice(&dst[..n as usize]);
+                }
+                let mut digest = [0u8; 32];
+                ops::sha256(&streams, &mut digest).unwrap();
+                assert_eq!(job["streams_sha256"], hex(&digest), "{name} output");
+                assert_eq!(job["compressed"], streams.len());
+                assert_eq!(job["roundtrip_ok"], true);
+            }
+        }
+        checked.push(name.to_string());
+    }
+    assert!(!checked.is_empty(), "the guest reported no jobs");
+    r["totals"]["device_jobs"].as_u64().unwrap()
+}
+
+/// The daemon's counters for one instance: jobs completed ok and failed.
+fn host_jobs(report: &Value) -> (u64, u64) {
+    report["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .fold((0, 0), |(ok, failed), q| {
+            (
+                ok + q["jobs_ok"].as_u64().unwrap(),
+                failed + q["jobs_failed"].as_u64().unwrap(),
+            )
+        })
+}
+
+const ALL_JOBS: &str = "jobs=deflate,zlib,gzip,crc32c,sha256,copy,fill,compare";
+
+#[test]
+#[ignore = "boots Linux guests under QEMU: needs root and scripts/guest-image.sh; scripts/test.sh runs it"]
+fn a_linux_guest_runs_jobs_whose_results_equal_the_hosts() {
+    let server = Server::start(&["wd0"]);
+    let guest = boot(
+        &server.sockets[0],
+        &["mode=run", ALL_JOBS, "size=4M", "seed=7"],
+    );
+    assert_identity(&guest, 4);
+    let submitted = assert_run_matches_host(&guest, 7, 4 << 20);
+    let reports = server.stop();
+    assert_eq!(reports[0]["connections"], 1);
+    assert_eq!(
+        host_jobs(&reports[0]),
+        (submitted, 0),
+        "host counters vs the guest's job count"
+    );
+    assert!(submitted >= 8, "several MiB take many jobs: {submitted}");
+}
+
+#[test]
+#[ignore = "boots Linux guests under QEMU: needs root and scripts/guest-image.sh; scripts/test.sh runs it"]
+fn two_guests_at_once_on_two_instances_each_match_the_host() {
+    let server = Server::start(&["wd-a", "wd-b"]);
+    let runs = [
+        (&server.sockets[0], 11u64, "3M"),
+        (&server.sockets[1], 12, "5M"),
+    ];
+    let guests: Vec<Guest> = std::thread::scope(|s| {
+        let handles: Vec<_> = runs
+            .iter()
+            .map(|&(socket, seed, size)| {
+                s.spawn(move || {
+                    let seed = format!("seed={seed}");
+                    let size = format!("size={size}");
+                    boot(
+                        socket,
+                        &["mode=run", "jobs=gzip,sha256,crc32c", &seed, &size],
+                    )
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let submitted: Vec<u64> = guests
+        .iter()
+        .zip([(11, 3 << 20), (12, 5 << 20)])
+        .map(|(g, (seed, size))| {
+            assert_identity(g, 4);
+            assert_run_matches_host(g, seed, size)
+        })
+        .collect();
+    let reports = server.stop();
+    assert_ne!(reports[0]["pasid"], reports[1]["pasid"]);
+    for (report, jobs) in reports.iter().zip(&submitted) {
+        assert_eq!(report["connections"], 1, "{}", report["name"]);
+        assert_eq!(host_jobs(report), (*jobs, 0), "{}", report["name"]);
+    }
+}
+
+#[test]
+#[ignore = "boots Linux guests under QEMU: needs root and scripts/guest-image.sh; scripts/test.sh runs it"]
+fn a_guest_writing_garbage_gets_error_codes_while_another_guest_verifies() {
+    let server = Server::start(&["good", "noisy"]);
+    let (good, noisy) = std::thread::scope(|s| {
+        let good = s.spawn(|| {
+            boot(
+                &server.sockets[0],
+                &["mode=run", ALL_JOBS, "size=4M", "seed=21"],
+            )
+        });
+        let noisy = s.spawn(|| {
+            boot(
+                &server.sockets[1],
+                &["mode=garbage", "count=20000", "widths=1,2,4", "seed=99"],
+            )
+        });
+        (good.join().unwrap(), noisy.join().unwrap())
+    });
+    let submitted = assert_run_matches_host(&good, 21, 4 << 20);
+
+    // The noisy guest's refused accesses were latched as error codes, and the
+    // device still answered and reset afterwards.
+    let n = &noisy.result;
+    assert_eq!(n["ok"], true, "{}", noisy.console);
+    assert_eq!(n["accesses"], 20000);
+    assert_eq!(n["err_latched"], true, "{n}");
+    assert!(n["err_code"].as_u64().unwrap() > 0, "{n}");
+    assert_ne!(n["err_name"], "unknown", "{n}");
+    assert_eq!(n["reset_ok"], true);
+
+    // The same instance serves its next VM.
+    let again = boot(
+        &server.sockets[1],
+        &["mode=run", "jobs=crc32c,sha256", "size=1M", "seed=5"],
+    );
+    let again_jobs = assert_run_matches_host(&again, 5, 1 << 20);
+
+    let reports = server.stop();
+    assert_eq!(
+        host_jobs(&reports[0]),
+        (submitted, 0),
+        "the good guest's instance"
+    );
+    let noisy_report = &reports[1];
+    assert!(
+        noisy_report["device"]["register_errors"].as_u64().unwrap() > 0,
+        "{noisy_report}"
+    );
+    assert_eq!(noisy_report["connections"], 2);
+    // Only the second guest ran jobs there: the garbage guest never enables
+    // a queue (the tool strips Q_CTRL.ENABLE from its random writes).
+    assert_eq!(host_jobs(noisy_report), (again_jobs, 0));
+}
