@@ -9,7 +9,7 @@
 #
 # Needs root (chroot, mounts). Env: WDVIRT_CHROOT (default
 # /var/tmp/wdvirt-trixie), WDVIRT_SMOKE_LOGS (default: a new temp dir; kept).
-# Not part of scripts/test.sh or CI (yet).
+# scripts/test.sh runs it (after the cargo tests).
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
