@@ -68,11 +68,6 @@ done
 [[ $hugepages =~ ^[0-9]+$ ]] || die "hugepages=$hugepages is not a number"
 [ $((hugepages * 2 + 64)) -le "$mem" ] || die "hugepages=$hugepages (2 MiB each) does not fit in --mem $mem with 64 MiB to spare"
 
-if [ "$build" = 1 ]; then
-  bash scripts/guest-image.sh >/dev/null
-fi
-[ -s "$DIR$IMG_IN/initrd.cpio" ] || die "no guest image in $DIR$IMG_IN; run: bash scripts/guest-image.sh"
-
 devices=()
 root=$(realpath "$DIR")
 for s in "${sockets[@]}"; do
@@ -85,12 +80,17 @@ for s in "${sockets[@]}"; do
   devices+=(-device "{\"driver\":\"vfio-user-pci\",\"socket\":{\"type\":\"unix\",\"path\":\"${abs#"$root"}\"}}")
 done
 
+if [ "$build" = 1 ]; then
+  bash scripts/guest-image.sh >/dev/null
+fi
+[ -s "$DIR$IMG_IN/initrd.cpio" ] || die "no guest image in $DIR$IMG_IN; run: bash scripts/guest-image.sh"
+
 append="console=ttyS0 quiet panic=-1 hugepages=$hugepages ${params[*]}"
 out=$(mktemp /tmp/wdvirt-guest-console.XXXXXX)
 trap 'rm -f "$out"' EXIT
 echo "guest-boot: QEMU 11.1 (TCG), ${#sockets[@]} wdvirt device(s), $mem MiB, cmdline: $append" >&2
 
-rc=0
+set +e
 timeout --kill-after=10 "$timeout" \
   bash scripts/qemu-chroot.sh run -- qemu-system-x86_64 \
   -accel tcg -cpu max -smp 1 -m "${mem}M" \
@@ -98,8 +98,9 @@ timeout --kill-after=10 "$timeout" \
   -machine q35,memory-backend=mem \
   -nodefaults -display none -no-reboot -serial stdio \
   -kernel "$IMG_IN/vmlinuz" -initrd "$IMG_IN/initrd.cpio" -append "$append" \
-  "${devices[@]}" | tee "$out" ${logfile:+"$logfile"} || rc=$?
+  "${devices[@]}" | tee "$out" ${logfile:+"$logfile"}
 rc=${PIPESTATUS[0]}
+set -e
 status=$(sed -n 's/^WDVIRT-EXIT \([0-9]*\).*/\1/p' "$out" | tail -n1)
 if [ "$rc" = 124 ]; then
   echo "guest-boot: timed out after $timeout s" >&2

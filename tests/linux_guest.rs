@@ -353,3 +353,59 @@ fn a_guest_writing_garbage_gets_error_codes_while_another_guest_verifies() {
     // a queue (the tool strips Q_CTRL.ENABLE from its random writes).
     assert_eq!(host_jobs(noisy_report), (again_jobs, 0));
 }
+
+/// `scripts/guest-boot.sh` with bad arguments: exit 2 and a message naming
+/// the problem, before any QEMU starts.
+fn boot_refused(args: &[&str]) -> String {
+    let out = Command::new("bash")
+        .arg(repo().join("scripts/guest-boot.sh"))
+        .arg("--no-build")
+        .args(args)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{args:?}");
+    assert!(out.stdout.is_empty(), "no console: QEMU never started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+#[ignore = "boots Linux guests under QEMU: needs root and scripts/guest-image.sh; scripts/test.sh runs it"]
+fn bad_boot_arguments_and_bad_guest_job_lists_get_clear_errors() {
+    let server = Server::start(&["wd0"]);
+    let socket = server.sockets[0].to_str().unwrap();
+    let outside = std::env::temp_dir().join("wd.sock");
+    for (args, message) in [
+        (vec!["--frobnicate"], "unknown argument '--frobnicate'"),
+        (vec!["mode=run jobs"], "bad parameter"),
+        (vec!["Mode=run"], "bad parameter"),
+        (vec!["--mem", "lots"], "--mem needs a number"),
+        (
+            vec!["--socket", socket, "hugepages=200"],
+            "does not fit in --mem 256",
+        ),
+        (
+            vec!["--socket", outside.to_str().unwrap()],
+            "is outside the chroot",
+        ),
+        (
+            vec!["--socket", &format!("{socket}.missing")],
+            "no socket at",
+        ),
+    ] {
+        let err = boot_refused(&args);
+        assert!(err.contains(message), "{args:?}: {err}");
+    }
+
+    // A job list the guest tool cannot parse: the guest still boots, reports
+    // the error as its result, powers off, and the instance ran nothing.
+    let guest = boot(
+        &server.sockets[0],
+        &["mode=run", "jobs=gzip,bogus", "size=1M"],
+    );
+    assert_eq!(guest.status, Some(1), "{}", guest.console);
+    assert_eq!(guest.result["ok"], false);
+    let error = guest.result["error"].as_str().unwrap();
+    assert!(error.contains("unknown job \"bogus\""), "{error}");
+    let reports = server.stop();
+    assert_eq!(host_jobs(&reports[0]), (0, 0));
+}
