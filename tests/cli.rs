@@ -1,10 +1,11 @@
 //! The `wdvirt` binary driven as an operator would: arguments, exit codes,
 //! messages, `--json`, and a VMM talking to `wdvirt serve`.
 
-use std::io::Read;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod common;
 
 use wdvirt::vmm::{GuestRam, LoopbackVmm};
 use wdvirt_guest::Device;
@@ -140,21 +141,7 @@ fn serve_runs_jobs_for_a_vmm_and_reports_on_sigterm() {
         let mut q = dev.queue(1, 8, dev.info().cap_ops, &pool).unwrap();
         assert_eq!(q.crc32c(b"123456789").unwrap(), 0xe306_9283);
     }
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success());
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let v = common::stop_serve(&mut child);
     assert_eq!(v[0]["name"], "wd", "named after the socket file");
     assert_eq!(v[0]["queues"][1]["jobs_ok"], 1);
     // The refused second server's liveness probe was a connection too.
@@ -194,21 +181,7 @@ fn serve_runs_several_instances_on_one_accelerator() {
             });
         }
     });
-    rustix::process::kill_process(
-        rustix::process::Pid::from_child(&child),
-        rustix::process::Signal::TERM,
-    )
-    .unwrap();
-    assert!(child.wait().unwrap().success());
-    let mut out = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let list = v.as_array().unwrap();
+    let list = common::stop_serve(&mut child);
     assert_eq!(list.len(), 2);
     assert_eq!(
         (&list[0]["name"], &list[1]["name"]),

@@ -8,10 +8,11 @@
 //! builds, so plain `cargo test` skips them; `scripts/test.sh` (the README's
 //! test command, and CI) builds the image and runs them with `--ignored`.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
 
 use serde_json::Value;
 use wdvirt::accel::ops;
@@ -80,21 +81,7 @@ impl Server {
     /// SIGTERM, then each instance's report (after every guest has powered
     /// off: QEMU 11.1 aborts if the server closes a socket in use).
     fn stop(mut self) -> Vec<Value> {
-        rustix::process::kill_process(
-            rustix::process::Pid::from_child(&self.child),
-            rustix::process::Signal::TERM,
-        )
-        .unwrap();
-        assert!(self.child.wait().unwrap().success());
-        let mut out = String::new();
-        self.child
-            .stdout
-            .take()
-            .unwrap()
-            .read_to_string(&mut out)
-            .unwrap();
-        let reports: Value = serde_json::from_str(&out).unwrap();
-        reports.as_array().unwrap().clone()
+        common::stop_serve(&mut self.child)
     }
 }
 

@@ -53,3 +53,26 @@ pub fn start(
         _dir: dir,
     }
 }
+
+/// Stops a `wdvirt serve --json` child with SIGTERM, checks that it exited 0,
+/// and returns what it printed: one report per instance.
+pub fn stop_serve(child: &mut std::process::Child) -> Vec<serde_json::Value> {
+    use std::io::Read;
+    rustix::process::kill_process(
+        rustix::process::Pid::from_child(child),
+        rustix::process::Signal::TERM,
+    )
+    .unwrap();
+    assert!(child.wait().unwrap().success(), "wdvirt serve failed");
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    match serde_json::from_str(&out) {
+        Ok(serde_json::Value::Array(reports)) => reports,
+        other => panic!("wdvirt serve --json printed {other:?}: {out}"),
+    }
+}
