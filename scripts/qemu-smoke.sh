@@ -8,7 +8,8 @@
 #   bash scripts/qemu-smoke.sh
 #
 # Needs root (chroot, mounts). Env: WDVIRT_CHROOT (default
-# /var/tmp/wdvirt-trixie), WDVIRT_SMOKE_LOGS (default: a new temp dir; kept).
+# /var/tmp/wdvirt-trixie), WDVIRT_SMOKE_LOGS (default: a new temp dir; kept),
+# WDVIRT_PROFILE (release, the default, or dev).
 # scripts/test.sh runs it (after the cargo tests).
 set -euo pipefail
 
@@ -31,12 +32,15 @@ echo "== chroot ($DIR)"
 bash scripts/qemu-chroot.sh build || fail "chroot build"
 t1=$(date +%s)
 
-echo "== cargo build --release --bin wdvirt"
-cargo build --release --bin wdvirt >"$LOGS/build.log" 2>&1 || { tail -n 20 "$LOGS/build.log"; fail "build"; }
+# WDVIRT_PROFILE=dev reuses the debug build `cargo test` made (scripts/test.sh).
+PROFILE=${WDVIRT_PROFILE:-release}
+case "$PROFILE" in release) OUT=release ;; dev) OUT=debug ;; *) fail "WDVIRT_PROFILE is release or dev" ;; esac
+echo "== cargo build --profile $PROFILE --bin wdvirt"
+cargo build --profile "$PROFILE" --bin wdvirt >"$LOGS/build.log" 2>&1 || { tail -n 20 "$LOGS/build.log"; fail "build"; }
 t2=$(date +%s)
 
 echo "== wdvirt serve --socket $SOCK"
-./target/release/wdvirt serve --log "info,wdvirt::transport=trace" --socket "$SOCK" \
+./target/$OUT/wdvirt serve --log "info,wdvirt::transport=trace" --socket "$SOCK" \
   >"$LOGS/wdvirt.out" 2>"$LOGS/wdvirt.log" &
 WD=$!
 stop_wd() {

@@ -23,7 +23,7 @@ cargo build --benches --locked 2>&1 | tail -1
 # reused, see docs/linux-guest.md for what each stage costs).
 t=$SECONDS
 echo "== the real QEMU 11.1 vfio-user client, no guest OS (scripts/qemu-smoke.sh)"
-bash scripts/qemu-smoke.sh | tail -n 4
+WDVIRT_PROFILE=dev bash scripts/qemu-smoke.sh | tail -n 4
 echo "   ($((SECONDS - t)) s)"
 
 t=$SECONDS
