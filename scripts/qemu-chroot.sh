@@ -37,31 +37,29 @@ host_mirror() {
 done_step() { [ -e "$STAMP_DIR/$1" ]; }
 mark_step() { mkdir -p "$STAMP_DIR" && touch "$STAMP_DIR/$1"; }
 
-# Mount /dev (bind) and /proc inside the chroot unless they already are.
-# Records what this call mounted in MOUNTED so cleanup only undoes its own work.
-MOUNTED=()
-mount_fs() {
-  if ! mountpoint -q "$DIR/dev"; then
-    mount --bind /dev "$DIR/dev"
-    MOUNTED+=("$DIR/dev")
-  fi
-  if ! mountpoint -q "$DIR/proc"; then
-    mount -t proc proc "$DIR/proc"
-    MOUNTED+=("$DIR/proc")
-  fi
-}
-umount_fs() {
-  local m i
-  for ((i = ${#MOUNTED[@]} - 1; i >= 0; i--)); do
-    m=${MOUNTED[$i]}
-    umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || log "warning: could not unmount $m"
-  done
-  MOUNTED=()
+# CMD inside the chroot, in a private mount namespace (unshare --mount) with
+# /dev and /proc mounted: the mounts exist for this command alone and vanish
+# with it, so commands side by side never unmount each other's, and a killed
+# command leaves nothing mounted on the host. With EXEC=1 this shell becomes
+# CMD (exec all the way down), so signals sent to it reach CMD itself.
+in_chroot() {
+  ${EXEC:+exec} unshare --mount --propagation private -- /bin/sh -c '
+    d=$1
+    shift
+    mount --bind /dev "$d/dev" && mount -t proc proc "$d/proc" || exit 125
+    exec chroot "$d" /usr/bin/env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin \
+      DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 "$@"' sh "$DIR" "$@"
 }
 
-in_chroot() {
-  chroot "$DIR" /usr/bin/env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-    DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 "$@"
+# apt_install STEP LOG PACKAGE... [apt options]: one install step in the chroot.
+apt_install() {
+  local step=$1 logf=$2
+  shift 2
+  in_chroot apt-get update -qq >"$logf" 2>&1 &&
+    in_chroot apt-get install -y -qq --no-install-recommends "$@" >>"$logf" 2>&1 &&
+    in_chroot apt-get clean >>"$logf" 2>&1 ||
+    { tail -n 20 "$logf" >&2; die "$step: apt-get install failed; see $logf"; }
+  mark_step "$step"
 }
 
 build() {
@@ -112,17 +110,9 @@ EOF
   if done_step qemu && [ -x "$DIR/usr/bin/qemu-system-x86_64" ]; then
     log "qemu-system-x86 (trixie-backports): done already"
   else
-    log "apt-get install -t trixie-backports qemu-system-x86 (a few minutes)"
+    log "apt-get install -t trixie-backports qemu-system-x86 (under a minute)"
     t=$(date +%s)
-    trap umount_fs EXIT
-    mount_fs
-    in_chroot apt-get update -qq
-    in_chroot apt-get install -y -qq --no-install-recommends -t trixie-backports qemu-system-x86 \
-      >"$DIR.apt.log" 2>&1 || { tail -n 20 "$DIR.apt.log" >&2; die "apt-get install failed; see $DIR.apt.log"; }
-    in_chroot apt-get clean
-    umount_fs
-    trap - EXIT
-    mark_step qemu
+    apt_install qemu "$DIR.apt.log" -t trixie-backports qemu-system-x86
     log "qemu-system-x86: $(($(date +%s) - t)) s"
   fi
   # What a Linux guest boots from (scripts/guest-image.sh): the trixie kernel,
@@ -133,34 +123,18 @@ EOF
   else
     log "apt-get install linux-image-amd64 busybox-static cpio (about 30 s)"
     t=$(date +%s)
-    trap umount_fs EXIT
-    mount_fs
-    in_chroot apt-get update -qq
-    in_chroot apt-get install -y -qq --no-install-recommends linux-image-amd64 busybox-static cpio \
-      >"$DIR.apt-guest.log" 2>&1 || { tail -n 20 "$DIR.apt-guest.log" >&2; die "apt-get install failed; see $DIR.apt-guest.log"; }
-    in_chroot apt-get clean
-    umount_fs
-    trap - EXIT
-    mark_step guest
+    apt_install guest "$DIR.apt-guest.log" linux-image-amd64 busybox-static cpio
     log "guest packages: $(($(date +%s) - t)) s"
   fi
-  mkdir -p "$DIR/run"
+  # Where instances put their sockets so that QEMU in here can reach them.
+  mkdir -p "$DIR/run/wdvirt"
   log "ready: $(in_chroot qemu-system-x86_64 --version | head -n1) in $DIR ($(($(date +%s) - t0)) s this run)"
 }
 
 run() {
   [ -x "$DIR/usr/bin/qemu-system-x86_64" ] || die "no chroot at $DIR; run: bash $0 build"
   [ $# -gt 0 ] || die "usage: $0 run -- CMD..."
-  # A private mount namespace per run: /dev and /proc are mounted for this
-  # command alone and vanish with it, so runs side by side never unmount each
-  # other's, and a killed run leaves nothing mounted on the host. exec keeps
-  # one process from here to CMD, so a signal sent to this script reaches CMD.
-  exec unshare --mount --propagation private -- /bin/sh -c '
-    d=$1
-    shift
-    mount --bind /dev "$d/dev" && mount -t proc proc "$d/proc" || exit 125
-    exec chroot "$d" /usr/bin/env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin \
-      DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 "$@"' sh "$DIR" "$@"
+  EXEC=1 in_chroot "$@"
 }
 
 case "${1:-build}" in

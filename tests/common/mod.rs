@@ -63,7 +63,19 @@ pub fn stop_serve(child: &mut std::process::Child) -> Vec<serde_json::Value> {
         rustix::process::Signal::TERM,
     )
     .unwrap();
-    assert!(child.wait().unwrap().success(), "wdvirt serve failed");
+    // A daemon that hangs on the way out fails here, not at CI's time limit.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("wdvirt serve did not exit within 20 s of SIGTERM");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success(), "wdvirt serve failed: {status}");
     let mut out = String::new();
     child
         .stdout
