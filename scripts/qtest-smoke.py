@@ -564,8 +564,8 @@ def one_run(args, tag, full):
         print(f"[{tag}] {qt.count} qtest commands", flush=True)
     finally:
         # Kill QEMU itself (the first run with SIGKILL, as abrupt as a crash;
-        # later runs with SIGTERM, a normal shutdown); the chroot wrapper
-        # then unmounts and exits.
+        # later runs with SIGTERM, a normal shutdown); its mounts live in its
+        # own mount namespace and go with it.
         sig = signal.SIGKILL if full else signal.SIGTERM
         try:
             with open(pidf) as f:
