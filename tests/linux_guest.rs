@@ -382,7 +382,7 @@ fn two_guests_at_once_on_two_instances_each_match_the_host() {
 #[ignore = "boots Linux guests under QEMU: needs root and scripts/guest-image.sh; scripts/test.sh runs it"]
 fn a_guest_writing_garbage_gets_error_codes_while_another_guest_verifies() {
     let server = Server::start(&["good", "noisy"]);
-    // The garbage guest first, the good guest a second later. 250,000
+    // The garbage guest first, the good guest 1.5 s later. 250,000
     // accesses (20-35 us each) outlast the good guest's jobs; that the garbage
     // had started before the good guest's first job and was still going when
     // the good guest powered off is checked, not assumed.
@@ -390,7 +390,7 @@ fn a_guest_writing_garbage_gets_error_codes_while_another_guest_verifies() {
         &server.sockets[1],
         &["mode=garbage", "count=250000", "widths=1,2,4", "seed=99"],
     );
-    std::thread::sleep(Duration::from_secs(1));
+    std::thread::sleep(Duration::from_millis(1500));
     let good = Booting::start(
         &server.sockets[0],
         &["mode=run", ALL_JOBS, "size=4M", "seed=21"],
