@@ -2,8 +2,8 @@
 # Builds (idempotently) what a wdvirt test guest boots from: the trixie
 # kernel and an initramfs holding a static busybox, the static wdvirt-guest
 # tool and guest/initramfs/init. Builds the trixie chroot first if needed
-# (scripts/qemu-chroot.sh); repacks the initramfs only when the tool or the
-# init changed.
+# (scripts/qemu-chroot.sh); repacks the initramfs only when the tool, the
+# init, busybox or the kernel changed.
 #
 #   bash scripts/guest-image.sh          build, then print the image directory
 #   bash scripts/guest-image.sh --help   this text

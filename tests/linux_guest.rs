@@ -483,15 +483,50 @@ fn bad_boot_arguments_and_bad_guest_job_lists_get_clear_errors() {
         assert!(err.contains(message), "{args:?}: {err}");
     }
 
+    let image = Command::new("bash")
+        .arg(repo().join("scripts/guest-image.sh"))
+        .arg("--frobnicate")
+        .output()
+        .unwrap();
+    assert_eq!(image.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&image.stderr).contains("unknown argument '--frobnicate'"));
+
     // A job list the guest tool cannot parse: the guest still boots, reports
     // the error as its result, powers off, and the instance ran nothing.
-    let guest = boot(
-        &server.sockets[0],
-        &["mode=run", "jobs=gzip,bogus", "size=1M"],
+    // Booted from another directory: `--log` is taken from there, and
+    // `--append` reaches the kernel command line the tool reads.
+    let cwd = tempfile::tempdir().unwrap();
+    let out = Command::new("bash")
+        .current_dir(cwd.path())
+        .arg(repo().join("scripts/guest-boot.sh"))
+        .args(["--no-build", "--socket", socket, "--log", "console.txt"])
+        .args([
+            "--append",
+            "wdvirt.seed=3",
+            "mode=run",
+            "jobs=gzip,bogus",
+            "size=1M",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let console = std::fs::read_to_string(cwd.path().join("console.txt")).unwrap();
+    assert_eq!(
+        console,
+        String::from_utf8_lossy(&out.stdout),
+        "--log holds the console"
     );
-    assert_eq!(guest.status, Some(1), "{}", guest.console);
-    assert_eq!(guest.result["ok"], false);
-    let error = guest.result["error"].as_str().unwrap();
+    assert!(
+        console.contains("from /proc/cmdline: run --jobs gzip,bogus --size 1M --seed 3"),
+        "{console}"
+    );
+    let line = console
+        .lines()
+        .find_map(|l| l.strip_prefix("WDVIRT-RESULT "))
+        .unwrap_or_else(|| panic!("no result:\n{console}"));
+    let result: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(result["ok"], false);
+    let error = result["error"].as_str().unwrap();
     assert!(error.contains("unknown job \"bogus\""), "{error}");
     let reports = server.stop();
     assert_eq!(host_jobs(&reports[0]), (0, 0));
