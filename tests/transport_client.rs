@@ -6,8 +6,8 @@ mod transport_support;
 use std::os::fd::AsRawFd;
 
 use transport_support::*;
-use wdvirt::transport::device::IrqAction;
 use wdvirt::transport::{Connection, Disconnect, Listener, TransportError};
+use wdvirt::vdev::device::IrqAction;
 
 fn listen() -> (tempfile::TempDir, std::path::PathBuf, Listener) {
     let dir = tempfile::tempdir().unwrap();

@@ -4,8 +4,8 @@
 mod transport_support;
 
 use transport_support::*;
-use wdvirt::transport::device::IrqAction;
 use wdvirt::transport::wire;
+use wdvirt::vdev::device::IrqAction;
 use zerocopy::{FromBytes, IntoBytes};
 
 const MSIX: u32 = 2;

@@ -14,7 +14,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use wdvirt::transport::device::VfioUserDevice;
+use wdvirt::vdev::device::VfioUserDevice;
 use wdvirt::vdev::pci::PciFunction;
 use wdvirt::vdev::wd::{WdConfig, WdDevice};
 use wdvirt_abi::{pci, regs as r};

@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use wdvirt::accel::SharedAccelerator;
 use wdvirt::accel::soft::SoftAccel;
-use wdvirt::transport::device::{DmaMapping, VfioUserDevice};
+use wdvirt::vdev::device::{DmaMapping, VfioUserDevice};
 use wdvirt::vdev::pci::{Interrupts, PciFunction};
 use wdvirt::vdev::wd::{WdConfig, WdDevice};
 

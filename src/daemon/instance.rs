@@ -15,10 +15,10 @@ use serde::Serialize;
 
 use crate::accel::{Pasid, SharedAccelerator};
 use crate::stats::{InstanceSnapshot, InstanceStats, QueueSnapshot};
-use crate::transport::device::DeviceError;
 use crate::transport::server::{Listener, StopHandle};
 use crate::transport::stats::StatsSnapshot;
 use crate::transport::{self, TransportError};
+use crate::vdev::device::DeviceError;
 use crate::vdev::pci::{Interrupts, PciFunction};
 use crate::vdev::wd::queue::QueueShared;
 use crate::vdev::wd::{WdConfig, WdDevice};

@@ -3,8 +3,8 @@
 
 use std::path::PathBuf;
 
-use super::device::DeviceError;
 use super::socket::FdLoss;
+use crate::vdev::device::DeviceError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {

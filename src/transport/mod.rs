@@ -1,6 +1,8 @@
 //! The vfio-user transport: wdvirt's own server for the protocol (QEMU
 //! `docs/interop/vfio-user.rst`), speaking to a VMM over a UNIX socket and
-//! to one device through [`device::VfioUserDevice`].
+//! to one device through the device layer's contract,
+//! [`crate::vdev::device::VfioUserDevice`] (the transport imports it; the
+//! device never imports the transport).
 //!
 //! This layer owns framing and every generic check — message sizes, argsz,
 //! region and IRQ indexes, `offset + count` against region sizes, fd counts,
@@ -24,7 +26,6 @@
 //! by id, and no client request may wait on them (see the notes, §0). Also
 //! not served: GET_REGION_IO_FDS, MIG_DATA_*, DEVICE_FEATURE (ENOTTY).
 
-pub mod device;
 pub mod dma_table;
 pub mod error;
 pub mod rlimit;

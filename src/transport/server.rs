@@ -13,12 +13,12 @@ use std::sync::Arc;
 use rustix::event::{EventfdFlags, eventfd};
 use tracing::{debug, info, trace, warn};
 
-use super::device::VfioUserDevice;
 use super::error::TransportError;
 use super::session::Session;
 use super::socket::{Message, MsgSocket, Recv, SockError};
 use super::stats::ConnectionStats;
 use super::wire::{self, FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY, HEADER_SIZE, Header};
+use crate::vdev::device::VfioUserDevice;
 
 /// Why [`Connection::run`] returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -18,12 +18,12 @@ use vfio_bindings::bindings::vfio::{
 };
 use zerocopy::IntoBytes;
 
-use super::device::{DmaMapping, IrqAction, IrqData, VfioUserDevice};
 use super::dma_table::{DmaEntry, DmaTable};
 use super::error::TransportError;
 use super::socket::Message;
 use super::version::{self, ClientCaps};
 use super::wire::{self, Command, HEADER_SIZE, Header};
+use crate::vdev::device::{DmaMapping, IrqAction, IrqData, VfioUserDevice};
 
 /// A successful reply: the whole message (header included) and at most one
 /// fd to attach (only GET_REGION_INFO of a mappable region sends one).
@@ -590,7 +590,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::device::{DeviceError, DeviceInfo, IrqInfo, RegionInfo};
+    use crate::vdev::device::{DeviceError, DeviceInfo, IrqInfo, RegionInfo};
 
     /// Two regions: 0 is RW of 0x100 bytes, 1 is read-only of 0x10.
     struct Tiny;

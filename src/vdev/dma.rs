@@ -19,7 +19,7 @@ use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestRegionMmap};
 
 use crate::accel::{AddressSpace, GuestMemory};
-use crate::transport::device::{DeviceError, DmaMapping};
+use crate::vdev::device::{DeviceError, DmaMapping};
 
 const PAGE: usize = 4096;
 

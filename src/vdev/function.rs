@@ -6,7 +6,7 @@
 //! raises interrupts through the [`Interrupts`](super::pci::Interrupts) handle
 //! it was given.
 
-use crate::transport::device::{DeviceError, DmaMapping};
+use crate::vdev::device::{DeviceError, DmaMapping};
 
 /// What kind of BAR, for the type bits in config space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -16,12 +16,12 @@ use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags, recvmsg, sendmsg,
 };
-use wdvirt::transport::device::{
+use wdvirt::transport::wire::{self, Header};
+use wdvirt::transport::{Connection, ConnectionStats, Disconnect, StopHandle, TransportError};
+use wdvirt::vdev::device::{
     DeviceError, DeviceInfo, DmaMapping, IrqAction, IrqData, IrqInfo, MmapArea, RegionInfo,
     RegionMmap, VfioUserDevice,
 };
-use wdvirt::transport::wire::{self, Header};
-use wdvirt::transport::{Connection, ConnectionStats, Disconnect, StopHandle, TransportError};
 use zerocopy::{FromBytes, IntoBytes};
 
 pub const NUM_REGIONS: u32 = 8;

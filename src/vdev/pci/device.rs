@@ -27,7 +27,7 @@ use super::config::{
 };
 use super::interrupts::Interrupts;
 use super::msix;
-use crate::transport::device::{
+use crate::vdev::device::{
     DeviceError, DeviceInfo, DmaMapping, IrqAction, IrqData, IrqInfo, RegionInfo, VfioUserDevice,
 };
 use crate::vdev::function::{BarKind, FunctionLayout, FunctionModel};

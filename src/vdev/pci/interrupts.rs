@@ -28,7 +28,7 @@ use vfio_bindings::bindings::vfio::{
 };
 
 use super::msix::MsixTable;
-use crate::transport::device::{DeviceError, IrqAction, IrqData};
+use crate::vdev::device::{DeviceError, IrqAction, IrqData};
 
 /// What became of one trigger.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

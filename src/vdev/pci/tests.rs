@@ -15,7 +15,7 @@ use vfio_bindings::bindings::vfio::{
 use super::config::*;
 use super::interrupts::tests::{count, efd};
 use super::{Interrupts, IrqOutcome, LayoutError, PciFunction};
-use crate::transport::device::{DeviceError, DmaMapping, IrqAction, IrqData, VfioUserDevice};
+use crate::vdev::device::{DeviceError, DmaMapping, IrqAction, IrqData, VfioUserDevice};
 use crate::vdev::function::{BarKind, BarSpec, FunctionLayout, FunctionModel};
 
 const CFG: u32 = VFIO_PCI_CONFIG_REGION_INDEX;

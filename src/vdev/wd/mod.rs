@@ -20,7 +20,7 @@ use self::queue::{BusMaster, QueueConfig, QueueRunner, QueueShared, WorkerContex
 use self::regs::{Access, Decoded, Reg};
 use crate::accel::{Pasid, SharedAccelerator};
 use crate::stats::{InstanceStats, add};
-use crate::transport::device::{DeviceError, DmaMapping};
+use crate::vdev::device::{DeviceError, DmaMapping};
 use crate::vdev::dma::DmaSpace;
 use crate::vdev::function::{BarKind, BarSpec, FunctionLayout, FunctionModel, InterruptSink};
 

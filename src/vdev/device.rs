@@ -1,4 +1,6 @@
-//! The one trait between the vfio-user protocol core and a device.
+//! The device layer's contract with the vfio-user protocol core: the one
+//! trait a transport drives a device through. It lives with the devices;
+//! the transport imports it.
 //!
 //! The transport has already checked everything generic before a method here
 //! runs: message sizes, region and IRQ indexes against `device_info()`,
