@@ -183,14 +183,14 @@ fuzz_target!(|data: &[u8]| {
     let chunks = chunks(data);
     let (client, server) = UnixStream::pair().expect("socketpair");
     let mut conn = Connection::from_stream(server).expect("connection");
-    let mut dev = function(WdConfig {
+    let dev = parking_lot::Mutex::new(function(WdConfig {
         queues: 2,
         max_depth: 64,
         ..WdConfig::default()
-    });
+    }));
     let (ended, replies) = std::thread::scope(|s| {
         let server = s.spawn(|| {
-            let ended = conn.run(&mut dev);
+            let ended = conn.run(&dev);
             // Closing our end is what tells the reader we are done.
             drop(conn);
             ended

@@ -144,7 +144,7 @@ fn accept_loop(
         let served = std::thread::Builder::new()
             .name(format!("wd-vmm-{name}"))
             .spawn(move || {
-                match conn.run(&mut *device.lock()) {
+                match conn.run(&*device) {
                     Ok(how) => tracing::info!(instance = %name2, "VMM disconnected: {how:?}"),
                     Err(e) => tracing::warn!(instance = %name2, "connection ended: {e}"),
                 }

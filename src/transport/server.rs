@@ -10,6 +10,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use parking_lot::Mutex;
 use rustix::event::{EventfdFlags, eventfd};
 use tracing::{debug, info, trace, warn};
 
@@ -182,9 +183,14 @@ impl Connection {
     /// Serves messages in order until the peer closes, a stop is requested
     /// or a frame cannot be parsed. Calls `dev.disconnected()` on the way out,
     /// whatever the reason.
-    pub fn run(&mut self, dev: &mut dyn VfioUserDevice) -> Result<Disconnect, TransportError> {
+    ///
+    /// The connection is one user of the device, not its owner: it holds the
+    /// device's lock only while one message is handled, so the daemon (API
+    /// views, QoS changes, a migration's quiesce) reaches the same device
+    /// between messages. The lock is never held while waiting on the socket.
+    pub fn run(&mut self, dev: &Mutex<dyn VfioUserDevice>) -> Result<Disconnect, TransportError> {
         let result = self.serve(dev);
-        dev.disconnected();
+        dev.lock().disconnected();
         match &result {
             Ok(d) => info!("vfio-user: connection ended: {d:?}"),
             Err(e) => warn!("vfio-user: connection failed: {e}"),
@@ -192,8 +198,8 @@ impl Connection {
         result
     }
 
-    fn serve(&mut self, dev: &mut dyn VfioUserDevice) -> Result<Disconnect, TransportError> {
-        let mut session = Session::new(dev);
+    fn serve(&mut self, dev: &Mutex<dyn VfioUserDevice>) -> Result<Disconnect, TransportError> {
+        let mut session = Session::new(&*dev.lock());
         loop {
             let mut msg = match self.sock.read_message(wire::MAX_MESSAGE_SIZE) {
                 Ok(Recv::Message(m)) => m,
@@ -221,7 +227,7 @@ impl Connection {
     fn serve_one(
         &mut self,
         session: &mut Session,
-        dev: &mut dyn VfioUserDevice,
+        dev: &Mutex<dyn VfioUserDevice>,
         msg: &mut Message,
     ) -> Result<(), SockError> {
         let h = msg.header;
@@ -251,7 +257,9 @@ impl Connection {
         }
         let what = tracing::enabled!(tracing::Level::TRACE)
             .then(|| wire::describe(&h, &msg.body, msg.fds.len()));
-        let result = session.handle(dev, msg);
+        // The device is locked for the handling alone; the reply is sent
+        // after, so a VMM that stops reading cannot pin the device.
+        let result = session.handle(&mut *dev.lock(), msg);
         if let Some(what) = what {
             match &result {
                 Ok(_) if h.no_reply() => trace!("vfio-user: {what}: ok"),

@@ -231,11 +231,11 @@ pub fn serve(conn: Connection) -> Served {
 }
 
 /// Serves `conn` with a device the test set up (log: `FakeDevice::new`'s).
-pub fn serve_device(conn: Connection, mut dev: FakeDevice, log: Arc<Mutex<Log>>) -> Served {
+pub fn serve_device(conn: Connection, dev: FakeDevice, log: Arc<Mutex<Log>>) -> Served {
     let stop = conn.stop_handle();
     let stats = conn.stats();
     let mut conn = conn;
-    let thread = std::thread::spawn(move || conn.run(&mut dev));
+    let thread = std::thread::spawn(move || conn.run(&parking_lot::Mutex::new(dev)));
     Served {
         thread,
         stop,
