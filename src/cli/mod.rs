@@ -1,6 +1,9 @@
 //! The command line: a thin layer that parses arguments into an action and
 //! prints results. `anyhow` lives here and nowhere below.
 
+mod client;
+mod ctl;
+mod daemon;
 mod demo;
 mod serve;
 
@@ -18,6 +21,16 @@ pub struct Cli {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `wdvirt=debug`.
     #[arg(long, global = true, env = "WDVIRT_LOG", default_value = "warn")]
     pub log: String,
+    /// The daemon's API socket (the daemon serves it; the other commands
+    /// call it).
+    #[arg(
+        long,
+        global = true,
+        env = "WDVIRT_API",
+        value_name = "PATH",
+        default_value = "/run/wdvirt/api.sock"
+    )]
+    pub api: std::path::PathBuf,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -32,6 +45,26 @@ pub enum Command {
     /// interrupted (SIGINT/SIGTERM). A VMM connects with, for QEMU:
     /// -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"PATH"}}'
     Serve(serve::ServeArgs),
+    /// Run the daemon that owns instances: it loads instance types from YAML,
+    /// keeps definitions under --state-dir across restarts, starts `auto`
+    /// ones, and answers the commands below on its API socket (--api).
+    Daemon(daemon::DaemonArgs),
+    /// List instance types and how many more of each fit now.
+    Types(ctl::TypesArgs),
+    /// Define an instance of a type (persistent); prints its UUID.
+    ///
+    /// Example: wdvirt define --type zip --name vm1-zip --auto
+    Define(ctl::DefineArgs),
+    /// Remove a stopped instance's definition.
+    Undefine(ctl::IdArgs),
+    /// Start a defined instance; prints the vfio-user socket a VMM connects to.
+    Start(ctl::IdArgs),
+    /// Stop a started instance (its VMM loses the device).
+    Stop(ctl::IdArgs),
+    /// Change a definition (auto-start, type, NUMA hint, QoS policy).
+    Modify(ctl::ModifyArgs),
+    /// List started instances, or with --defined every definition.
+    List(ctl::ListArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -47,9 +80,18 @@ pub fn main() -> ExitCode {
         Ok((soft, hard)) => tracing::info!("fd limit {soft} (hard {hard})"),
         Err(e) => tracing::warn!("cannot raise RLIMIT_NOFILE: {e}"),
     }
+    let api = client::ApiClient::new(&cli.api);
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Daemon(a) => daemon::run(a, cli.api.clone()),
+        Command::Types(a) => ctl::types(&api, a).map(|()| ExitCode::SUCCESS),
+        Command::Define(a) => ctl::define(&api, a).map(|()| ExitCode::SUCCESS),
+        Command::Undefine(a) => ctl::undefine(&api, a).map(|()| ExitCode::SUCCESS),
+        Command::Start(a) => ctl::start(&api, a).map(|()| ExitCode::SUCCESS),
+        Command::Stop(a) => ctl::stop(&api, a).map(|()| ExitCode::SUCCESS),
+        Command::Modify(a) => ctl::modify(&api, a).map(|()| ExitCode::SUCCESS),
+        Command::List(a) => ctl::list(&api, a).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

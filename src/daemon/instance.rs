@@ -11,7 +11,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::accel::{Pasid, SharedAccelerator};
 use crate::stats::{InstanceSnapshot, InstanceStats, QueueSnapshot};
@@ -49,7 +49,7 @@ pub struct InstanceSpec {
 }
 
 /// What an instance has done, for listings and `--json`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct InstanceReport {
     pub name: String,
     pub socket: PathBuf,
@@ -242,6 +242,10 @@ impl Instance {
     }
     pub fn pasid(&self) -> Pasid {
         self.pasid
+    }
+    /// A VMM is connected now.
+    pub fn attached(&self) -> bool {
+        self.counters.active.load(Ordering::Acquire)
     }
 
     pub fn report(&self) -> InstanceReport {

@@ -1,2 +1,124 @@
-//! The daemon: instances and their lifecycle.
+//! The daemon: it owns every instance. Definitions persist under the state
+//! directory, instances serve their vfio-user sockets under the run
+//! directory, and one API socket takes [`action::Action`]s.
+//!
+//! Files by role: `action` (the one command enum and its errors), `registry`
+//! (instances by name and UUID, and carrying out actions), `store` (durable
+//! definitions), `catalog` (types, policies, accelerators and placement),
+//! `instance` (one served instance), `api` (HTTP over a UNIX socket), `view`
+//! (what listings show). Neighbours: `config` and `partition` below the
+//! catalog, `vdev`/`transport` below an instance, `cli` above.
+
+pub mod action;
+pub mod api;
+pub mod catalog;
 pub mod instance;
+pub mod registry;
+pub mod store;
+pub mod view;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use self::catalog::Catalog;
+use self::registry::Registry;
+use self::store::Store;
+
+/// Where the daemon keeps things (all overridable, so tests run in a temp
+/// directory).
+#[derive(Clone, Debug)]
+pub struct DaemonPaths {
+    /// YAML files, or directories of them.
+    pub config: Vec<PathBuf>,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    pub api: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Persist(#[from] store::PersistError),
+    #[error("cannot create the run directory {path}: {source}")]
+    RunDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot serve the API at {path}: {source}")]
+    Api {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the API's runtime: {0}")]
+    Runtime(std::io::Error),
+    #[error("{0}")]
+    Registry(#[from] action::ActionError),
+}
+
+/// Builds the registry from the configuration and the stored definitions.
+pub fn open(paths: &DaemonPaths, catalog: Catalog) -> Result<Arc<Registry>, DaemonError> {
+    let store = Store::open(&paths.state_dir)?;
+    std::fs::create_dir_all(&paths.run_dir).map_err(|source| DaemonError::RunDir {
+        path: paths.run_dir.clone(),
+        source,
+    })?;
+    Ok(Arc::new(Registry::open(
+        catalog,
+        store,
+        paths.run_dir.clone(),
+    )?))
+}
+
+/// Serves the API until SIGTERM or SIGINT, then stops every instance.
+/// `ready` runs once the API answers (with the auto-started instances up).
+pub fn run(
+    paths: &DaemonPaths,
+    registry: Arc<Registry>,
+    ready: impl FnOnce(),
+) -> Result<(), DaemonError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(DaemonError::Runtime)?;
+    let api_err = |source| DaemonError::Api {
+        path: paths.api.clone(),
+        source,
+    };
+    rt.block_on(async {
+        let listener = api::bind(&paths.api).map_err(api_err)?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(api_err)?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+            .map_err(api_err)?;
+        for (id, r) in registry.start_auto() {
+            if let Err(e) = r {
+                tracing::error!("auto-start {id}: {e}");
+            }
+        }
+        ready();
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+                _ = int.recv() => tracing::info!("SIGINT: stopping"),
+            }
+        };
+        api::serve(listener, registry.clone(), shutdown)
+            .await
+            .map_err(api_err)
+    })?;
+    let _ = std::fs::remove_file(&paths.api);
+    let attached = registry.shutdown();
+    if !attached.is_empty() {
+        tracing::warn!(
+            "stopped with VMs still attached to: {} (their devices are gone)",
+            attached.join(", ")
+        );
+        eprintln!(
+            "wdvirt: stopped with VMs still attached to: {}",
+            attached.join(", ")
+        );
+    }
+    Ok(())
+}

@@ -12,7 +12,7 @@ macro_rules! counters {
         #[derive(Debug, Default)]
         pub struct $name { $($(#[$fm])* pub $f: AtomicU64,)* }
         /// A point-in-time copy.
-        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
         pub struct $snap { $(pub $f: u64,)* }
         impl $name {
             pub fn snapshot(&self) -> $snap { $snap { $($f: self.$f.load(Relaxed),)* } }

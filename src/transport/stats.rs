@@ -28,7 +28,7 @@ pub struct ConnectionStats {
 }
 
 /// A plain copy of [`ConnectionStats`] at one moment.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StatsSnapshot {
     pub messages: u64,
     pub replies_sent: u64,

@@ -1,0 +1,331 @@
+//! Instance management in the manner of `mdevctl`: `types`, `define`,
+//! `undefine`, `start`, `stop`, `modify`, `list`. Each command is one API
+//! call to the daemon; `--json` prints the daemon's answer as it came.
+
+use clap::Args;
+use hyper::Method;
+use uuid::Uuid;
+
+use super::client::ApiClient;
+use crate::daemon::action::{DefineRequest, ModifyRequest};
+use crate::daemon::view::{InstanceView, TypeView};
+
+#[derive(Args, Debug)]
+pub struct JsonFlag {
+    /// Print JSON (for scripts) instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TypesArgs {
+    #[command(flatten)]
+    pub out: JsonFlag,
+}
+
+#[derive(Args, Debug)]
+pub struct DefineArgs {
+    /// The instance type (`wdvirt types` lists them).
+    #[arg(long = "type", short = 't', value_name = "TYPE")]
+    pub type_name: String,
+    /// Instance name (also its socket's file name); default TYPE-N.
+    #[arg(long, short = 'n')]
+    pub name: Option<String>,
+    /// The instance's UUID; default a random one.
+    #[arg(long, short = 'u')]
+    pub uuid: Option<Uuid>,
+    /// Start it whenever the daemon starts.
+    #[arg(long, short = 'a')]
+    pub auto: bool,
+    /// Place it near this NUMA node (the VM's).
+    #[arg(long, value_name = "NODE")]
+    pub numa: Option<u32>,
+    /// A QoS policy overriding the type's.
+    #[arg(long, value_name = "POLICY")]
+    pub qos: Option<String>,
+    #[command(flatten)]
+    pub out: JsonFlag,
+}
+
+#[derive(Args, Debug)]
+pub struct IdArgs {
+    /// The instance's name or UUID.
+    #[arg(value_name = "NAME|UUID")]
+    pub id: String,
+    #[command(flatten)]
+    pub out: JsonFlag,
+}
+
+#[derive(Args, Debug)]
+pub struct ModifyArgs {
+    /// The instance's name or UUID.
+    #[arg(value_name = "NAME|UUID")]
+    pub id: String,
+    /// Start with the daemon.
+    #[arg(long, conflicts_with = "manual")]
+    pub auto: bool,
+    /// Do not start with the daemon.
+    #[arg(long)]
+    pub manual: bool,
+    /// Change the type (a stopped instance only).
+    #[arg(long = "type", value_name = "TYPE")]
+    pub type_name: Option<String>,
+    /// Place near this NUMA node from the next start.
+    #[arg(long, value_name = "NODE", conflicts_with = "no_numa")]
+    pub numa: Option<u32>,
+    /// Drop the NUMA hint.
+    #[arg(long)]
+    pub no_numa: bool,
+    /// Use this QoS policy instead of the type's.
+    #[arg(long, value_name = "POLICY", conflicts_with = "type_qos")]
+    pub qos: Option<String>,
+    /// Go back to the type's QoS policy.
+    #[arg(long)]
+    pub type_qos: bool,
+    #[command(flatten)]
+    pub out: JsonFlag,
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// Every defined instance, started or not (default: started ones).
+    #[arg(long, short = 'd')]
+    pub defined: bool,
+    #[command(flatten)]
+    pub out: JsonFlag,
+}
+
+fn path_id(id: &str) -> String {
+    // Names are [A-Za-z0-9._-] and UUIDs hex and dashes; anything else the
+    // daemon refuses anyway, so percent-encode only what would break a path.
+    id.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+pub fn types(api: &ApiClient, a: TypesArgs) -> anyhow::Result<()> {
+    let types: Vec<TypeView> = api.get("/v1/types")?;
+    if a.out.json {
+        return print_json(&types);
+    }
+    let mut rows = vec![[
+        "TYPE".to_string(),
+        "QUEUES".into(),
+        "DEPTH".into(),
+        "QOS".into(),
+        "AVAILABLE".into(),
+        "OPERATIONS".into(),
+    ]];
+    for t in &types {
+        let ops = t
+            .functions
+            .iter()
+            .map(|f| format!("{}q: {}", f.queues, f.operations.join(",")))
+            .collect::<Vec<_>>()
+            .join(" + ");
+        let by: Vec<_> = t
+            .available_by_accelerator
+            .iter()
+            .map(|(a, n)| format!("{a}:{n}"))
+            .collect();
+        rows.push([
+            t.name.clone(),
+            t.queues.to_string(),
+            t.max_depth.to_string(),
+            t.qos.clone(),
+            if by.is_empty() {
+                t.available_instances.to_string()
+            } else {
+                format!("{} ({})", t.available_instances, by.join(" "))
+            },
+            ops,
+        ]);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+pub fn define(api: &ApiClient, a: DefineArgs) -> anyhow::Result<()> {
+    let req = DefineRequest {
+        type_name: a.type_name,
+        name: a.name,
+        uuid: a.uuid,
+        auto: a.auto,
+        numa: a.numa,
+        qos: a.qos,
+    };
+    let v: InstanceView = api.send(Method::POST, "/v1/instances", Some(&req))?;
+    if a.out.json {
+        return print_json(&v);
+    }
+    // Like mdevctl: the UUID alone, so `U=$(wdvirt define ...)` works.
+    println!("{}", v.uuid);
+    eprintln!("wdvirt: defined {} ({})", v.name, v.type_name);
+    Ok(())
+}
+
+pub fn undefine(api: &ApiClient, a: IdArgs) -> anyhow::Result<()> {
+    let v: InstanceView = api.send(
+        Method::DELETE,
+        &format!("/v1/instances/{}", path_id(&a.id)),
+        None::<&()>,
+    )?;
+    if a.out.json {
+        return print_json(&v);
+    }
+    eprintln!("wdvirt: undefined {} ({})", v.name, v.uuid);
+    Ok(())
+}
+
+pub fn start(api: &ApiClient, a: IdArgs) -> anyhow::Result<()> {
+    let v: InstanceView = api.send(
+        Method::POST,
+        &format!("/v1/instances/{}/start", path_id(&a.id)),
+        None::<&()>,
+    )?;
+    if a.out.json {
+        return print_json(&v);
+    }
+    // The socket path alone on stdout: what a VMM is pointed at.
+    if let Some(s) = &v.socket {
+        println!("{}", s.display());
+    }
+    eprintln!(
+        "wdvirt: started {} (PASID {}) on {}",
+        v.name,
+        v.pasid.map_or("-".into(), |p| p.to_string()),
+        v.placement
+            .iter()
+            .map(|p| p.accelerator.as_str())
+            .collect::<Vec<_>>()
+            .join(" + ")
+    );
+    Ok(())
+}
+
+pub fn stop(api: &ApiClient, a: IdArgs) -> anyhow::Result<()> {
+    let v: InstanceView = api.send(
+        Method::POST,
+        &format!("/v1/instances/{}/stop", path_id(&a.id)),
+        None::<&()>,
+    )?;
+    if a.out.json {
+        return print_json(&v);
+    }
+    eprintln!("wdvirt: stopped {}", v.name);
+    Ok(())
+}
+
+pub fn modify(api: &ApiClient, a: ModifyArgs) -> anyhow::Result<()> {
+    let changes = ModifyRequest {
+        auto: if a.auto {
+            Some(true)
+        } else if a.manual {
+            Some(false)
+        } else {
+            None
+        },
+        type_name: a.type_name,
+        numa: if a.no_numa {
+            Some(None)
+        } else {
+            a.numa.map(Some)
+        },
+        qos: if a.type_qos {
+            Some(None)
+        } else {
+            a.qos.map(Some)
+        },
+    };
+    if changes == ModifyRequest::default() {
+        anyhow::bail!(
+            "nothing to change: give --auto/--manual, --type, --numa/--no-numa or --qos/--type-qos"
+        );
+    }
+    let v: InstanceView = api.send(
+        Method::PATCH,
+        &format!("/v1/instances/{}", path_id(&a.id)),
+        Some(&changes),
+    )?;
+    if a.out.json {
+        return print_json(&v);
+    }
+    eprintln!("wdvirt: modified {}", v.name);
+    Ok(())
+}
+
+pub fn list(api: &ApiClient, a: ListArgs) -> anyhow::Result<()> {
+    let path = if a.defined {
+        "/v1/instances?defined=true"
+    } else {
+        "/v1/instances"
+    };
+    let list: Vec<InstanceView> = api.get(path)?;
+    if a.out.json {
+        return print_json(&list);
+    }
+    let mut rows = vec![[
+        "NAME".to_string(),
+        "UUID".into(),
+        "TYPE".into(),
+        "STATE".into(),
+        "AUTO".into(),
+        "PASID".into(),
+        "SOCKET".into(),
+    ]];
+    for v in &list {
+        rows.push([
+            v.name.clone(),
+            v.uuid.to_string(),
+            v.type_name.clone(),
+            v.state.name().into(),
+            if v.auto { "auto" } else { "manual" }.into(),
+            v.pasid.map_or("-".into(), |p| p.to_string()),
+            v.socket
+                .as_ref()
+                .map_or("-".into(), |s| s.display().to_string()),
+        ]);
+    }
+    print_table(&rows);
+    Ok(())
+}
+
+/// Left-aligned columns, two spaces apart; the last column unpadded.
+fn print_table<const N: usize>(rows: &[[String; N]]) {
+    let widths: Vec<usize> = (0..N)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, cell)| {
+                if i + 1 == N {
+                    cell.clone()
+                } else {
+                    format!("{cell:<w$}", w = widths[i])
+                }
+            })
+            .collect();
+        println!("{}", line.join("  ").trim_end());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::path_id;
+
+    #[test]
+    fn ids_are_escaped_for_the_url_path() {
+        assert_eq!(path_id("zip-0"), "zip-0");
+        assert_eq!(path_id("a/b c"), "a%2Fb%20c");
+    }
+}

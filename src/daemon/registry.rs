@@ -1,0 +1,423 @@
+//! The instance registry: every defined instance by UUID and by name, the
+//! running ones with their placement, and the one function that carries out
+//! an [`Action`]. Definitions are durable before an action is acknowledged.
+//!
+//! One lock guards the registry; actions are short (binding a socket,
+//! starting a thread, one atomic file write), so callers are serialised and
+//! the registry is always consistent with the disk and the partition pools.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use parking_lot::Mutex;
+use uuid::Uuid;
+
+use super::action::{Action, ActionError, DefineRequest, ModifyRequest, Outcome};
+use super::catalog::{Catalog, Placed};
+use super::instance::{Instance, InstanceSpec};
+use super::store::{Definition, Store};
+use super::view::{InstanceState, InstanceView};
+use crate::vdev::wd::WdConfig;
+
+struct Running {
+    instance: Instance,
+    placed: Placed,
+}
+
+struct Entry {
+    def: Definition,
+    running: Option<Running>,
+    /// Started at least once since the daemon started.
+    was_started: bool,
+}
+
+impl Entry {
+    fn state(&self) -> InstanceState {
+        match &self.running {
+            Some(r) if r.instance.attached() => InstanceState::Attached,
+            Some(_) => InstanceState::Started,
+            None if self.was_started => InstanceState::Stopped,
+            None => InstanceState::Defined,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Entries {
+    by_uuid: BTreeMap<Uuid, Entry>,
+    shutting_down: bool,
+}
+
+impl Entries {
+    fn find(&self, id: &str) -> Result<Uuid, ActionError> {
+        if let Ok(u) = Uuid::parse_str(id)
+            && self.by_uuid.contains_key(&u)
+        {
+            return Ok(u);
+        }
+        self.by_uuid
+            .values()
+            .find(|e| e.def.name == id)
+            .map(|e| e.def.uuid)
+            .ok_or_else(|| ActionError::NoSuchInstance(id.into()))
+    }
+
+    fn name_taken(&self, name: &str) -> bool {
+        self.by_uuid.values().any(|e| e.def.name == name)
+    }
+}
+
+/// Names an operator may use: they become socket file names.
+fn check_name(name: &str) -> Result<(), ActionError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && !name.starts_with('.')
+        && !name.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ActionError::Invalid(format!(
+            "instance name '{name}' must be 1-64 characters of A-Z a-z 0-9 - _ ., not starting with '.' or '-'"
+        )))
+    }
+}
+
+pub struct Registry {
+    catalog: Catalog,
+    store: Store,
+    run_dir: PathBuf,
+    entries: Mutex<Entries>,
+}
+
+impl Registry {
+    /// Loads every stored definition (unreadable files are reported and
+    /// skipped).
+    pub fn open(catalog: Catalog, store: Store, run_dir: PathBuf) -> Result<Registry, ActionError> {
+        let (defs, bad) = store.load()?;
+        for b in bad {
+            tracing::error!(
+                "skipping definition {}: {} (fix or remove the file)",
+                b.path.display(),
+                b.reason
+            );
+        }
+        let mut entries = Entries::default();
+        for def in defs {
+            if catalog.get_type(&def.type_name).is_none() {
+                tracing::warn!(
+                    instance = %def.name,
+                    "defined with type '{}', which the configuration no longer has; it cannot start until the type is back",
+                    def.type_name
+                );
+            }
+            entries.by_uuid.insert(
+                def.uuid,
+                Entry {
+                    def,
+                    running: None,
+                    was_started: false,
+                },
+            );
+        }
+        Ok(Registry {
+            catalog,
+            store,
+            run_dir,
+            entries: Mutex::new(entries),
+        })
+    }
+
+    /// Starts every `auto` instance; failures are logged, not fatal.
+    pub fn start_auto(&self) -> Vec<(String, Result<(), ActionError>)> {
+        let autos: Vec<String> = {
+            let e = self.entries.lock();
+            e.by_uuid
+                .values()
+                .filter(|e| e.def.auto && e.running.is_none())
+                .map(|e| e.def.uuid.to_string())
+                .collect()
+        };
+        autos
+            .into_iter()
+            .map(|id| {
+                let r = self.handle(Action::Start { id: id.clone() }).map(|_| ());
+                if let Err(e) = &r {
+                    tracing::error!("auto-start of {id}: {e}");
+                }
+                (id, r)
+            })
+            .collect()
+    }
+
+    /// Carries out one action.
+    pub fn handle(&self, action: Action) -> Result<Outcome, ActionError> {
+        let mut entries = self.entries.lock();
+        if entries.shutting_down && action.mutates() {
+            return Err(ActionError::ShuttingDown);
+        }
+        match action {
+            Action::ListTypes => Ok(Outcome::Types(self.catalog.types())),
+            Action::ListInstances { defined } => Ok(Outcome::Instances(
+                entries
+                    .by_uuid
+                    .values()
+                    .filter(|e| defined || e.running.is_some())
+                    .map(|e| self.view(e))
+                    .collect(),
+            )),
+            Action::GetInstance { id } => {
+                let u = entries.find(&id)?;
+                Ok(self.instance_outcome(&entries, u))
+            }
+            Action::Define(req) => self.define(&mut entries, req),
+            Action::Undefine { id } => {
+                let u = entries.find(&id)?;
+                let e = &entries.by_uuid[&u];
+                if e.running.is_some() {
+                    return Err(ActionError::WrongState {
+                        name: e.def.name.clone(),
+                        state: e.state().name(),
+                        what: "stop it before undefining it".into(),
+                    });
+                }
+                let view = self.view(e);
+                self.store.remove(u)?;
+                entries.by_uuid.remove(&u);
+                Ok(Outcome::Instance(Box::new(view)))
+            }
+            Action::Start { id } => {
+                let u = entries.find(&id)?;
+                self.start(&mut entries, u)?;
+                Ok(self.instance_outcome(&entries, u))
+            }
+            Action::Stop { id } => {
+                let u = entries.find(&id)?;
+                let e = entries.by_uuid.get_mut(&u).expect("found above");
+                let Some(running) = e.running.take() else {
+                    return Err(ActionError::WrongState {
+                        name: e.def.name.clone(),
+                        state: e.state().name(),
+                        what: "only a started instance can be stopped".into(),
+                    });
+                };
+                self.stop_running(&e.def.name, running);
+                Ok(self.instance_outcome(&entries, u))
+            }
+            Action::Modify { id, changes } => {
+                let u = entries.find(&id)?;
+                self.modify(&mut entries, u, changes)?;
+                Ok(self.instance_outcome(&entries, u))
+            }
+        }
+    }
+
+    fn instance_outcome(&self, entries: &Entries, u: Uuid) -> Outcome {
+        Outcome::Instance(Box::new(self.view(&entries.by_uuid[&u])))
+    }
+
+    fn check_type_and_policy(&self, type_name: &str, qos: Option<&str>) -> Result<(), ActionError> {
+        if self.catalog.get_type(type_name).is_none() {
+            return Err(ActionError::NoSuchType {
+                name: type_name.into(),
+                known: self.catalog.type_names(),
+            });
+        }
+        if let Some(q) = qos
+            && !self.catalog.has_policy(q)
+        {
+            return Err(ActionError::NoSuchPolicy {
+                name: q.into(),
+                known: self.catalog.policy_names(),
+            });
+        }
+        Ok(())
+    }
+
+    fn define(&self, entries: &mut Entries, req: DefineRequest) -> Result<Outcome, ActionError> {
+        self.check_type_and_policy(&req.type_name, req.qos.as_deref())?;
+        let name = match req.name {
+            Some(n) => {
+                check_name(&n)?;
+                if entries.name_taken(&n) {
+                    return Err(ActionError::AlreadyExists(format!(
+                        "an instance named '{n}' is already defined"
+                    )));
+                }
+                n
+            }
+            None => (0..)
+                .map(|i| format!("{}-{i}", req.type_name))
+                .find(|n| !entries.name_taken(n))
+                .expect("some index is free"),
+        };
+        let uuid = req.uuid.unwrap_or_else(Uuid::new_v4);
+        if entries.by_uuid.contains_key(&uuid) {
+            return Err(ActionError::AlreadyExists(format!(
+                "an instance with UUID {uuid} is already defined"
+            )));
+        }
+        let def = Definition {
+            uuid,
+            name,
+            type_name: req.type_name,
+            auto: req.auto,
+            numa: req.numa,
+            qos: req.qos,
+        };
+        // Durable before it is acknowledged.
+        self.store.save(&def)?;
+        tracing::info!(instance = %def.name, %uuid, "defined");
+        entries.by_uuid.insert(
+            uuid,
+            Entry {
+                def,
+                running: None,
+                was_started: false,
+            },
+        );
+        Ok(self.instance_outcome(entries, uuid))
+    }
+
+    fn modify(&self, entries: &mut Entries, u: Uuid, m: ModifyRequest) -> Result<(), ActionError> {
+        let e = entries.by_uuid.get_mut(&u).expect("found by caller");
+        let mut def = e.def.clone();
+        if let Some(a) = m.auto {
+            def.auto = a;
+        }
+        if let Some(t) = m.type_name {
+            if e.running.is_some() && t != def.type_name {
+                return Err(ActionError::WrongState {
+                    name: def.name.clone(),
+                    state: e.state().name(),
+                    what: "stop it before changing its type".into(),
+                });
+            }
+            def.type_name = t;
+        }
+        if let Some(n) = m.numa {
+            def.numa = n;
+        }
+        if let Some(q) = m.qos {
+            def.qos = q;
+        }
+        self.check_type_and_policy(&def.type_name, def.qos.as_deref())?;
+        if def != e.def {
+            self.store.save(&def)?;
+            e.def = def;
+        }
+        Ok(())
+    }
+
+    fn socket_path(&self, name: &str) -> PathBuf {
+        self.run_dir.join(format!("{name}.sock"))
+    }
+
+    fn start(&self, entries: &mut Entries, u: Uuid) -> Result<(), ActionError> {
+        let e = entries.by_uuid.get_mut(&u).expect("found by caller");
+        let name = e.def.name.clone();
+        if e.running.is_some() {
+            return Err(ActionError::WrongState {
+                name,
+                state: e.state().name(),
+                what: "it is already started".into(),
+            });
+        }
+        let ty =
+            self.catalog
+                .get_type(&e.def.type_name)
+                .ok_or_else(|| ActionError::NoSuchType {
+                    name: e.def.type_name.clone(),
+                    known: self.catalog.type_names(),
+                })?;
+        let placed =
+            self.catalog
+                .place(ty, e.def.numa)
+                .map_err(|reason| ActionError::Placement {
+                    name: name.clone(),
+                    reason,
+                })?;
+        let config = WdConfig {
+            queues: ty.queues(),
+            max_depth: ty.max_depth,
+            ops: ty.queue_ops().iter().fold(0, |a, o| a | o),
+            ..WdConfig::default()
+        };
+        let spec = InstanceSpec {
+            name: name.clone(),
+            socket: self.socket_path(&name),
+            config,
+        };
+        match Instance::start(spec, placed.accel.clone(), placed.pasid) {
+            Ok(instance) => {
+                tracing::info!(instance = %name, pasid = placed.pasid, "started at {}", instance.socket().display());
+                e.running = Some(Running { instance, placed });
+                e.was_started = true;
+                Ok(())
+            }
+            Err(err) => {
+                self.catalog.release(placed);
+                Err(ActionError::Start {
+                    name,
+                    reason: err.to_string(),
+                })
+            }
+        }
+    }
+
+    fn stop_running(&self, name: &str, running: Running) {
+        if running.instance.attached() {
+            tracing::warn!(instance = %name, "stopping with a VMM attached: its device goes away");
+        }
+        // The device is dropped (its queues drained) before the placement
+        // goes back to the pools.
+        running.instance.stop();
+        self.catalog.release(running.placed);
+        tracing::info!(instance = %name, "stopped");
+    }
+
+    /// Stops every running instance (daemon exit) and refuses changes from
+    /// now on. Returns the names of instances that had a VMM attached.
+    pub fn shutdown(&self) -> Vec<String> {
+        let mut entries = self.entries.lock();
+        entries.shutting_down = true;
+        let mut attached = Vec::new();
+        for e in entries.by_uuid.values_mut() {
+            if let Some(r) = e.running.take() {
+                if r.instance.attached() {
+                    attached.push(e.def.name.clone());
+                }
+                self.stop_running(&e.def.name, r);
+            }
+        }
+        attached
+    }
+
+    fn view(&self, e: &Entry) -> InstanceView {
+        let qos = e.def.qos.clone().unwrap_or_else(|| {
+            self.catalog
+                .get_type(&e.def.type_name)
+                .map(|t| t.qos.clone())
+                .unwrap_or_default()
+        });
+        InstanceView {
+            uuid: e.def.uuid,
+            name: e.def.name.clone(),
+            type_name: e.def.type_name.clone(),
+            state: e.state(),
+            auto: e.def.auto,
+            numa: e.def.numa,
+            qos,
+            socket: e.running.as_ref().map(|r| r.instance.socket().to_owned()),
+            pasid: e.running.as_ref().map(|r| r.placed.pasid),
+            placement: e
+                .running
+                .as_ref()
+                .map(|r| r.placed.functions.clone())
+                .unwrap_or_default(),
+            report: e.running.as_ref().map(|r| r.instance.report()),
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! What the daemon shows: plain, serialisable views of types and instances.
+//! The CLI reads the same structs back from the API's JSON.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::instance::InstanceReport;
+
+/// One function of a type: queues that run one set of operations, placed
+/// together on one accelerator.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionView {
+    pub queues: u32,
+    pub operations: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypeView {
+    pub name: String,
+    /// Queues the guest sees (all functions together).
+    pub queues: u32,
+    pub max_depth: u32,
+    pub functions: Vec<FunctionView>,
+    pub qos: String,
+    /// How many more instances of this type fit right now (mdev's
+    /// `available_instances`), in all and by accelerator.
+    pub available_instances: u32,
+    pub available_by_accelerator: BTreeMap<String, u32>,
+}
+
+/// Where an instance stands: defined → started → attached (a VMM is
+/// connected) → stopped (defined again, startable).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceState {
+    Defined,
+    Started,
+    Attached,
+    Stopped,
+}
+
+impl InstanceState {
+    pub fn name(self) -> &'static str {
+        match self {
+            InstanceState::Defined => "defined",
+            InstanceState::Started => "started",
+            InstanceState::Attached => "attached",
+            InstanceState::Stopped => "stopped",
+        }
+    }
+    pub fn running(self) -> bool {
+        matches!(self, InstanceState::Started | InstanceState::Attached)
+    }
+}
+
+/// One function of a started instance, where placement put it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlacedFunction {
+    pub accelerator: String,
+    /// The accelerator's queue pairs this function's queues run on.
+    pub queue_pairs: Vec<u32>,
+    /// The guest's queue indexes of this function.
+    pub guest_queues: Vec<u32>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InstanceView {
+    pub uuid: Uuid,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub type_name: String,
+    pub state: InstanceState,
+    pub auto: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub numa: Option<u32>,
+    /// The QoS policy in force (the definition's override or the type's).
+    pub qos: String,
+    /// The vfio-user socket while started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pasid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placement: Vec<PlacedFunction>,
+    /// Counters of the running instance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<InstanceReport>,
+}
