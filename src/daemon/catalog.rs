@@ -59,13 +59,21 @@ impl Catalog {
     /// The catalog the YAML files at `paths` describe.
     pub fn load(_paths: &[std::path::PathBuf]) -> Result<Catalog, String> {
         let all = wdvirt_abi::ALL_OPS;
-        let types = vec![TypeDef {
-            name: "all-4q".into(),
-            functions: vec![(4, all)],
-            max_depth: 1024,
-            qos: "silver".into(),
-        }];
-        Catalog::new(types, vec!["silver".into()], "soft0", 2)
+        let types = vec![
+            TypeDef {
+                name: "quad".into(),
+                functions: vec![(4, all)],
+                max_depth: 256,
+                qos: "silver".into(),
+            },
+            TypeDef {
+                name: "hash".into(),
+                functions: vec![(1, 3 << 7)],
+                max_depth: 1024,
+                qos: "silver".into(),
+            },
+        ];
+        Catalog::new(types, vec!["silver".into(), "gold".into()], "soft0", 2)
     }
 
     pub fn new(

@@ -160,14 +160,16 @@ impl Registry {
         }
         match action {
             Action::ListTypes => Ok(Outcome::Types(self.catalog.types())),
-            Action::ListInstances { defined } => Ok(Outcome::Instances(
-                entries
+            Action::ListInstances { defined } => {
+                let mut list: Vec<InstanceView> = entries
                     .by_uuid
                     .values()
                     .filter(|e| defined || e.running.is_some())
                     .map(|e| self.view(e))
-                    .collect(),
-            )),
+                    .collect();
+                list.sort_by(|a, b| a.name.cmp(&b.name));
+                Ok(Outcome::Instances(list))
+            }
             Action::GetInstance { id } => {
                 let u = entries.find(&id)?;
                 Ok(self.instance_outcome(&entries, u))

@@ -1,0 +1,361 @@
+//! `wdvirt daemon` driven as an operator drives it: a real daemon process,
+//! the CLI as a process for every change, `--json` read back, a VMM on a
+//! daemon-started instance, and the daemon killed and restarted.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use wdvirt::vmm::{GuestRam, LoopbackVmm};
+use wdvirt_guest::Device;
+
+mod common;
+
+/// One small host: a soft accelerator of 8 queue pairs and 3 PASIDs, so
+/// that running out is quick to reach.
+const SMALL_HOST: &str = r#"
+accelerators:
+  - name: soft0
+    backend: soft
+    engines: 1
+    queue_pairs: 8
+    operations: [all]
+    pasids: 3
+qos_policies:
+  - name: silver
+    weight: 100
+    max_in_flight: 64
+  - name: gold
+    weight: 400
+types:
+  - name: quad
+    queues: 4
+    operations: [all]
+    max_depth: 256
+    qos: silver
+  - name: hash
+    queues: 1
+    operations: [sha256, crc32c]
+    qos: silver
+"#;
+
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+}
+
+fn wdvirt() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wdvirt"))
+}
+
+impl Daemon {
+    /// A daemon on a fresh state directory with `config` as its only YAML.
+    pub fn start(config: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("host.yaml"), config).unwrap();
+        let mut d = Daemon { dir, child: None };
+        d.spawn();
+        d
+    }
+
+    pub fn api(&self) -> PathBuf {
+        self.dir.path().join("api.sock")
+    }
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Starts the daemon process and waits until its API answers.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none());
+        let child = wdvirt()
+            .arg("daemon")
+            .arg("--config")
+            .arg(self.dir.path().join("host.yaml"))
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--run-dir")
+            .arg(self.run_dir())
+            .arg("--api")
+            .arg(self.api())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::os::unix::net::UnixStream::connect(self.api()).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                let err = self.stderr();
+                panic!("the daemon exited ({status}) before answering: {err}");
+            }
+            assert!(Instant::now() < deadline, "the daemon never answered");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn stderr(&mut self) -> String {
+        use std::io::Read;
+        let mut s = String::new();
+        if let Some(e) = self.child.as_mut().and_then(|c| c.stderr.as_mut()) {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// The CLI against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        wdvirt()
+            .arg("--api")
+            .arg(self.api())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// The CLI with `--json`, which must succeed.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.cli(&a);
+        assert!(
+            out.status.success(),
+            "wdvirt {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The CLI, which must fail with exit 1; returns its message.
+    pub fn refused(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "wdvirt {args:?} should fail: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, and the daemon's exit status and stderr.
+    pub fn term(&mut self) -> (std::process::ExitStatus, String) {
+        let mut c = self.child.take().expect("running");
+        rustix::process::kill_process(
+            rustix::process::Pid::from_child(&c),
+            rustix::process::Signal::TERM,
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "no exit within 20 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut err = String::new();
+        use std::io::Read;
+        c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+        (status, err)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn names(list: &Value) -> Vec<String> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn available(d: &Daemon, ty: &str) -> u64 {
+    let types = d.json(&["types"]);
+    types
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == ty)
+        .unwrap_or_else(|| panic!("no type {ty} in {types}"))["available_instances"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn define_start_list_stop_undefine_through_the_cli() {
+    let mut d = Daemon::start(SMALL_HOST);
+    // define prints the UUID alone on stdout.
+    let out = d.cli(&["define", "--type", "quad", "--name", "vm1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let uuid = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(uuid::Uuid::parse_str(&uuid).is_ok(), "{uuid}");
+
+    assert!(names(&d.json(&["list"])).is_empty(), "defined, not started");
+    let defined = d.json(&["list", "--defined"]);
+    assert_eq!(names(&defined), ["vm1"]);
+    assert_eq!(defined[0]["state"], "defined");
+    assert_eq!(defined[0]["uuid"], uuid);
+
+    // start prints the socket path alone on stdout; by UUID works too.
+    let out = d.cli(&["start", &uuid]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let socket = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    assert_eq!(socket, d.run_dir().join("vm1.sock"));
+    assert!(socket.exists());
+    let list = d.json(&["list"]);
+    assert_eq!(names(&list), ["vm1"]);
+    assert_eq!(list[0]["state"], "started");
+    assert_eq!(list[0]["qos"], "silver");
+    assert!(list[0]["pasid"].as_u64().unwrap() >= 1);
+
+    // What each wrong move gets.
+    assert!(d.refused(&["start", "vm1"]).contains("already started"));
+    assert!(
+        d.refused(&["undefine", "vm1"])
+            .contains("stop it before undefining")
+    );
+    assert!(
+        d.refused(&["stop", "vm9"])
+            .contains("no instance named or with UUID 'vm9'")
+    );
+    let e = d.refused(&["define", "--type", "bogus"]);
+    assert!(
+        e.contains("unknown instance type 'bogus'") && e.contains("quad"),
+        "{e}"
+    );
+    let e = d.refused(&["define", "--type", "quad", "--name", "vm1"]);
+    assert!(e.contains("already defined"), "{e}");
+    let e = d.refused(&["define", "--type", "quad", "--name", "../etc"]);
+    assert!(e.contains("must be 1-64 characters"), "{e}");
+    let e = d.refused(&["define", "--type", "quad", "--qos", "platinum"]);
+    assert!(e.contains("unknown QoS policy 'platinum'"), "{e}");
+    assert!(d.refused(&["modify", "vm1"]).contains("nothing to change"));
+
+    // modify: the QoS override shows at once; a type change needs a stop.
+    let v = d.json(&["modify", "vm1", "--qos", "gold", "--auto"]);
+    assert_eq!(
+        (v["qos"].as_str(), v["auto"].as_bool()),
+        (Some("gold"), Some(true))
+    );
+    assert!(
+        d.refused(&["modify", "vm1", "--type", "hash"])
+            .contains("stop it before changing its type")
+    );
+
+    let v = d.json(&["stop", "vm1"]);
+    assert_eq!(v["state"], "stopped");
+    assert!(!socket.exists(), "the socket goes with the instance");
+    assert!(
+        d.refused(&["stop", "vm1"])
+            .contains("only a started instance")
+    );
+    d.json(&["undefine", "vm1"]);
+    assert!(names(&d.json(&["list", "--defined"])).is_empty());
+    let (status, _) = d.term();
+    assert!(status.success());
+}
+
+#[test]
+fn a_daemon_started_instance_serves_a_vmm_and_shows_it_attached() {
+    let d = Daemon::start(SMALL_HOST);
+    d.json(&["define", "--type", "quad", "--name", "vm1"]);
+    let v = d.json(&["start", "vm1"]);
+    let socket = PathBuf::from(v["socket"].as_str().unwrap());
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    {
+        let vmm = Arc::new(
+            LoopbackVmm::connect(&socket, GuestRam::new(common::RAM_BASE, 8 << 20).unwrap())
+                .unwrap(),
+        );
+        let dev = Device::probe(vmm.clone()).unwrap();
+        assert_eq!(dev.info().num_queues, 4);
+        assert_eq!(dev.info().max_depth, 256);
+        dev.enable().unwrap();
+        let pool = vmm.dma_pool().unwrap();
+        let mut q = dev.queue(2, 8, dev.info().cap_ops, &pool).unwrap();
+        assert_eq!(q.crc32c(b"123456789").unwrap(), 0xe306_9283);
+        let z = q.compress(wdvirt_abi::Format::Zlib, 0, &data).unwrap();
+        let mut back = Vec::new();
+        use std::io::Read;
+        flate2::read::ZlibDecoder::new(&z[..])
+            .read_to_end(&mut back)
+            .unwrap();
+        assert_eq!(back, data, "the device's zlib stream decodes to the input");
+        let list = d.json(&["list"]);
+        assert_eq!(list[0]["state"], "attached", "{list}");
+        let queues = &list[0]["report"]["queues"];
+        assert_eq!(queues[2]["jobs_ok"], 2, "{queues}");
+    }
+    // The VMM went away: the instance is started again, waiting for one.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while d.json(&["list"])[0]["state"] != "started" {
+        assert!(
+            Instant::now() < deadline,
+            "still attached after the VMM left"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn definitions_and_auto_instances_survive_sigkill() {
+    let mut d = Daemon::start(SMALL_HOST);
+    d.json(&["define", "--type", "quad", "--name", "auto1", "--auto"]);
+    d.json(&["define", "--type", "hash", "--name", "manual1"]);
+    d.json(&["start", "manual1"]);
+    d.kill9();
+    d.spawn();
+    let list = d.json(&["list", "--defined"]);
+    assert_eq!(names(&list), ["auto1", "manual1"]);
+    assert_eq!(
+        list[0]["state"], "started",
+        "auto instances start with the daemon"
+    );
+    assert_eq!(list[1]["state"], "defined", "manual ones wait for a start");
+    assert!(d.run_dir().join("auto1.sock").exists());
+    // The killed daemon's socket file was stale; starting again replaces it.
+    d.json(&["start", "manual1"]);
+    let (status, _) = d.term();
+    assert!(status.success());
+}
+
+/// Used by more than one test below.
+#[allow(dead_code)]
+fn uuids_on_disk(state: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(state.join("instances"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
