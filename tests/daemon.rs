@@ -359,3 +359,124 @@ fn uuids_on_disk(state: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// Room for hundreds of instances, so a storm never runs out.
+const ROOMY_HOST: &str = r#"
+accelerators:
+  - name: soft0
+    backend: soft
+    engines: 1
+    queue_pairs: 4096
+    operations: [all]
+    pasids: 4096
+qos_policies:
+  - name: silver
+    weight: 100
+types:
+  - name: one
+    queues: 1
+    operations: [crc32c]
+    qos: silver
+"#;
+
+/// The daemon is killed with SIGKILL at a random moment while two clients
+/// define and start instances as fast as they can; after each restart every
+/// definition the CLI saw acknowledged is there, every file on disk is whole,
+/// and every `auto` instance is started. `WDVIRT_KILL_ROUNDS` (default 50)
+/// sets the number of kills; `docs/daemon.md` records a longer run.
+#[test]
+fn sigkill_during_define_and_start_storms_loses_no_acknowledged_definition() {
+    use rand::{Rng, SeedableRng};
+    let rounds: u32 = std::env::var("WDVIRT_KILL_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50);
+    let seed: u64 = rand::random();
+    eprintln!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut d = Daemon::start(ROOMY_HOST);
+    let mut acked: Vec<(String, bool)> = Vec::new();
+    for round in 0..rounds {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let clients: Vec<_> = (0..2)
+            .map(|t| {
+                let (api, stop) = (d.api(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut mine = Vec::new();
+                    for i in 0.. {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
+                        let name = format!("r{round}-c{t}-{i}");
+                        let auto = i % 2 == 0;
+                        let mut args = vec!["define", "--type", "one", "--name", &name];
+                        if auto {
+                            args.push("--auto");
+                        }
+                        let ok = wdvirt()
+                            .arg("--api")
+                            .arg(&api)
+                            .args(&args)
+                            .output()
+                            .unwrap();
+                        if !ok.status.success() {
+                            break;
+                        }
+                        mine.push((name.clone(), auto));
+                        let _ = wdvirt()
+                            .arg("--api")
+                            .arg(&api)
+                            .args(["start", &name])
+                            .output();
+                    }
+                    mine
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..150)));
+        d.kill9();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for c in clients {
+            acked.extend(c.join().unwrap());
+        }
+        d.spawn();
+        // Nothing half-written: every file is a whole definition, and the
+        // temp files of writes cut short are gone.
+        for f in uuids_on_disk(&d.state_dir()) {
+            assert!(!f.starts_with(".tmp"), "{f} left behind");
+            let text = std::fs::read(d.state_dir().join("instances").join(&f)).unwrap();
+            let v: Value = serde_json::from_slice(&text)
+                .unwrap_or_else(|e| panic!("round {round}: {f} is not whole: {e}"));
+            assert_eq!(format!("{}.json", v["uuid"].as_str().unwrap()), f);
+        }
+        let list = d.json(&["list", "--defined"]);
+        let by_name: std::collections::BTreeMap<String, &Value> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| (v["name"].as_str().unwrap().to_string(), v))
+            .collect();
+        for (name, auto) in &acked {
+            let v = by_name
+                .get(name)
+                .unwrap_or_else(|| panic!("round {round} (seed {seed}): acknowledged {name} lost"));
+            assert_eq!(v["auto"].as_bool(), Some(*auto), "{name}");
+        }
+        for v in by_name.values() {
+            if v["auto"] == true {
+                assert_eq!(
+                    v["state"], "started",
+                    "round {round}: auto {} not back",
+                    v["name"]
+                );
+            }
+        }
+    }
+    assert!(
+        acked.len() as u32 >= rounds / 2,
+        "the storms defined too little: {}",
+        acked.len()
+    );
+    let (status, _) = d.term();
+    assert!(status.success());
+}

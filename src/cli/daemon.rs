@@ -32,6 +32,33 @@ pub fn run(a: DaemonArgs, api: PathBuf) -> anyhow::Result<ExitCode> {
     let registry = daemon::open(&paths, catalog)?;
     daemon::run(&paths, registry, || {
         eprintln!("wdvirt: daemon ready, API at {}", paths.api.display());
+        // systemd's Type=notify (dist/systemd/wdvirt.service).
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            tracing::warn!("cannot tell systemd we are ready: {e}");
+        }
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    /// The unit file's ExecStart is a command line this binary accepts.
+    #[test]
+    fn the_systemd_units_command_line_parses() {
+        let unit = include_str!("../../dist/systemd/wdvirt.service");
+        let exec = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecStart="))
+            .expect("an ExecStart line");
+        let args: Vec<&str> = exec.split_whitespace().collect();
+        assert!(args[0].ends_with("/wdvirt"));
+        let cli = crate::cli::Cli::try_parse_from(&args).unwrap();
+        let crate::cli::Command::Daemon(d) = cli.command else {
+            panic!("ExecStart does not run the daemon");
+        };
+        assert_eq!(d.run_dir, std::path::Path::new("/run/wdvirt"));
+        assert_eq!(cli.api, std::path::Path::new("/run/wdvirt/api.sock"));
+    }
 }

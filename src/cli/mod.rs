@@ -1,10 +1,11 @@
 //! The command line: a thin layer that parses arguments into an action and
 //! prints results. `anyhow` lives here and nowhere below.
 
-mod client;
+pub mod client;
 mod ctl;
 mod daemon;
 mod demo;
+mod install;
 mod serve;
 
 use std::process::ExitCode;
@@ -65,6 +66,10 @@ pub enum Command {
     Modify(ctl::ModifyArgs),
     /// List started instances, or with --defined every definition.
     List(ctl::ListArgs),
+    /// Print a shell completion script.
+    Completions(install::CompletionsArgs),
+    /// Write man pages (wdvirt.1 and one per subcommand) into a directory.
+    Man(install::ManArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -84,6 +89,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Completions(a) => install::completions(a),
+        Command::Man(a) => install::man(a),
         Command::Daemon(a) => daemon::run(a, cli.api.clone()),
         Command::Types(a) => ctl::types(&api, a).map(|()| ExitCode::SUCCESS),
         Command::Define(a) => ctl::define(&api, a).map(|()| ExitCode::SUCCESS),
