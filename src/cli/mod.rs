@@ -2,7 +2,9 @@
 //! prints results. `anyhow` lives here and nowhere below.
 
 mod demo;
+mod schema;
 mod serve;
+mod validate;
 
 use std::process::ExitCode;
 
@@ -32,6 +34,11 @@ pub enum Command {
     /// interrupted (SIGINT/SIGTERM). A VMM connects with, for QEMU:
     /// -device '{"driver":"vfio-user-pci","socket":{"type":"unix","path":"PATH"}}'
     Serve(serve::ServeArgs),
+    /// Check configuration files (accelerators, QoS policies, instance types)
+    /// without a daemon: every error with its file:line:column.
+    Validate(validate::ValidateArgs),
+    /// Print the JSON Schema of the configuration files (for editors).
+    Schema(schema::SchemaArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -50,6 +57,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(a) => demo::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Validate(a) => validate::run(a),
+        Command::Schema(a) => schema::run(a),
     };
     match result {
         Ok(code) => code,

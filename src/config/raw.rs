@@ -36,6 +36,7 @@ pub struct RawFile {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "NumaNode")]
 pub struct RawNumaNode {
     /// NUMA node id (0..=1023), as Linux numbers them.
     #[schemars(with = "u32", range(max = 1023))]
@@ -52,6 +53,7 @@ pub struct RawNumaNode {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Accelerator")]
 pub struct RawAccelerator {
     /// Unique accelerator name.
     #[schemars(with = "String")]
@@ -87,6 +89,7 @@ pub struct RawAccelerator {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Link")]
 pub struct RawLink {
     /// An accelerator's name, or `nodeN` for NUMA node N.
     #[schemars(with = "String")]
@@ -98,6 +101,7 @@ pub struct RawLink {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "QosPolicy")]
 pub struct RawQosPolicy {
     /// Unique policy name.
     #[schemars(with = "String")]
@@ -116,6 +120,7 @@ pub struct RawQosPolicy {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Rate")]
 pub struct RawRate {
     /// Sustained jobs per second (≥ 1).
     #[serde(default)]
@@ -137,6 +142,7 @@ pub struct RawRate {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Type")]
 pub struct RawType {
     /// Unique type name.
     #[schemars(with = "String")]
@@ -170,6 +176,7 @@ pub struct RawType {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Function")]
 pub struct RawFunction {
     /// Queues of this function (1..=64).
     #[schemars(with = "u32", range(min = 1, max = 64))]
@@ -181,6 +188,7 @@ pub struct RawFunction {
 
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "Placement")]
 pub struct RawPlacement {
     /// Largest distance between the functions' accelerators, and from each to
     /// the instance's NUMA node (1..=65535).

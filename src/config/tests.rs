@@ -614,6 +614,13 @@ fn the_two_node_example_combines_two_accelerators() {
     assert_eq!(t.placement.max_distance, Some(21));
     assert_eq!(t.placement.numa_node, Some(0));
     assert_eq!(t.queues(), 3);
+    assert_eq!(t.qos, "latency");
+    let h = c.instance_type("hash-node1").unwrap();
+    assert_eq!(h.placement.numa_node, Some(1));
+    assert_eq!(
+        c.instance_type("zip-near").unwrap().placement.accelerators,
+        Some(vec!["zip0".to_string()])
+    );
 }
 
 #[test]
@@ -628,6 +635,12 @@ fn every_file_in_policies_loads_alone_and_together() {
         }
     }
     assert!(n >= 2);
+    // And as one configuration, as `wdvirt daemon --config policies/` reads them.
+    let all = load_paths(&[policies_dir()]).unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<_> = all.accelerators.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["soft0", "zip0", "sec1"]);
+    assert_eq!(all.qos_policies.len(), 5);
+    assert_eq!(all.types.len(), 7);
 }
 
 #[test]
