@@ -8,6 +8,7 @@
 
 pub mod accel;
 pub mod cli;
+pub mod config;
 pub mod daemon;
 pub mod partition;
 pub mod stats;

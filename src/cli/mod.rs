@@ -6,7 +6,9 @@ mod ctl;
 mod daemon;
 mod demo;
 mod install;
+mod schema;
 mod serve;
+mod validate;
 
 use std::process::ExitCode;
 
@@ -70,6 +72,11 @@ pub enum Command {
     Completions(install::CompletionsArgs),
     /// Write man pages (wdvirt.1 and one per subcommand) into a directory.
     Man(install::ManArgs),
+    /// Check configuration files (accelerators, QoS policies, instance types)
+    /// without a daemon: every error with its file:line:column.
+    Validate(validate::ValidateArgs),
+    /// Print the JSON Schema of the configuration files (for editors).
+    Schema(schema::SchemaArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -99,6 +106,8 @@ pub fn main() -> ExitCode {
         Command::Stop(a) => ctl::stop(&api, a).map(|()| ExitCode::SUCCESS),
         Command::Modify(a) => ctl::modify(&api, a).map(|()| ExitCode::SUCCESS),
         Command::List(a) => ctl::list(&api, a).map(|()| ExitCode::SUCCESS),
+        Command::Validate(a) => validate::run(a),
+        Command::Schema(a) => schema::run(a),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,666 @@
+//! Every bad-input case with its exact place and message, the rendering, the
+//! shipped examples, and the schema.
+
+use std::path::PathBuf;
+
+use wdvirt_abi::{ALL_OPS, Opcode};
+
+use super::*;
+
+/// Accelerators and policies placed after the case under test, so the case's
+/// own line numbers start at 1.
+const REST: &str = "
+accelerators:
+  - name: soft0
+    backend: soft
+    engines: 2
+    queue_pairs: 8
+    operations: [deflate-compress, deflate-decompress, copy]
+    pasids: 16
+  - name: soft1
+    backend: soft
+    engines: 1
+    queue_pairs: 2
+    operations: [sha256, crc32c]
+    pasids: 16
+qos_policies:
+  - {name: gold, weight: 100}
+  - {name: bronze, weight: 10}
+";
+
+fn errs(yaml: &str) -> Vec<Located> {
+    match load_str("t.yaml", yaml) {
+        Ok(c) => panic!("accepted: {c:#?}"),
+        Err(ConfigErrors(v)) => v,
+    }
+}
+
+/// The one error `yaml` + REST has: its line, column and message.
+fn one(yaml: &str) -> (u32, u32, String) {
+    let v = errs(&format!("{yaml}{REST}"));
+    assert_eq!(v.len(), 1, "{}", ConfigErrors(v.clone()));
+    let e = &v[0];
+    assert_eq!(e.place.file, "t.yaml");
+    (e.place.line, e.place.column, e.error.to_string())
+}
+
+fn ok(yaml: &str) -> Config {
+    load_str("t.yaml", &format!("{yaml}{REST}")).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn a_good_file_resolves_names_and_operation_masks() {
+    let c = ok("types:\n  - {name: z, queues: 2, operations: [deflate-compress], qos: gold}\n");
+    assert_eq!(c.accelerators.len(), 2);
+    assert_eq!(c.qos_policies.len(), 2);
+    let t = c.instance_type("z").unwrap();
+    assert_eq!(
+        t.functions,
+        vec![Function {
+            queues: 2,
+            ops: Opcode::DeflateCompress.bit()
+        }]
+    );
+    assert_eq!(t.max_depth, 1024, "default depth");
+    assert_eq!(t.qos, "gold");
+    assert_eq!((t.origin.line, t.origin.column), (2, 12));
+    let a = c.accelerator("soft1").unwrap();
+    assert_eq!(a.ops, Opcode::Sha256.bit() | Opcode::Crc32c.bit());
+    assert_eq!((a.origin.line, a.origin.column), (11, 11));
+}
+
+#[test]
+fn yaml_syntax_error_is_placed() {
+    let (l, c, m) = one("types:\n  - name: z\n    operations: [sha256\n    qos: gold\n");
+    // The unclosed `[` runs on into the next line, where `:` cannot be.
+    assert_eq!((l, c), (4, 8), "{m}");
+    assert_eq!(m, "illegal placement of ':' indicator");
+}
+
+#[test]
+fn unknown_key_lists_the_known_ones() {
+    let (l, c, m) = one(
+        "types:\n  - name: z\n    queues: 1\n    operations: [all]\n    qos: gold\n    colour: blue\n",
+    );
+    assert_eq!((l, c), (6, 5));
+    assert!(
+        m.contains("unknown field `colour`") && m.contains("max_depth") && m.contains("placement"),
+        "{m}"
+    );
+}
+
+#[test]
+fn unknown_top_level_key() {
+    let v = errs("instance_types: []\n");
+    assert_eq!((v[0].place.line, v[0].place.column), (1, 1));
+    let m = v[0].error.to_string();
+    assert!(
+        m.contains("unknown field `instance_types`") && m.contains("qos_policies"),
+        "{m}"
+    );
+}
+
+#[test]
+fn wrong_type_says_what_was_expected() {
+    let (l, c, m) =
+        one("types:\n  - name: z\n    queues: four\n    operations: [all]\n    qos: gold\n");
+    assert_eq!((l, c), (3, 13));
+    assert_eq!(m, "expected a whole number from 0 to 4294967295");
+    let (l, c, m) =
+        one("types:\n  - name: z\n    queues: 1\n    operations: sha256\n    qos: gold\n");
+    assert_eq!((l, c), (4, 17));
+    assert!(m.contains("expected a list"), "{m}");
+}
+
+#[test]
+fn missing_key_is_named() {
+    let (l, c, m) = one("types:\n  - name: z\n    queues: 1\n    operations: [all]\n");
+    // serde-saphyr places it at the mapping's last key.
+    assert_eq!((l, c), (4, 5));
+    assert_eq!(m, "missing field `qos`");
+}
+
+#[test]
+fn out_of_range_values_are_each_reported_with_the_range() {
+    let v = errs(
+        "accelerators:\n  - name: a\n    backend: soft\n    engines: 65\n    queue_pairs: 0\n    operations: [all]\n    pasids: 1048576\n",
+    );
+    let got: Vec<_> = v
+        .iter()
+        .map(|e| (e.place.line, e.place.column, e.error.to_string()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                4,
+                14,
+                "engines 65 is out of range (expected 1..=64)".to_string()
+            ),
+            (
+                5,
+                18,
+                "queue_pairs 0 is out of range (expected 1..=4096)".to_string()
+            ),
+            (
+                7,
+                13,
+                "pasids 1048576 is out of range (expected 1..=1048575)".to_string()
+            ),
+        ]
+    );
+}
+
+#[test]
+fn max_depth_must_be_a_power_of_two() {
+    let (l, c, m) = one(
+        "types:\n  - name: z\n    queues: 1\n    operations: [all]\n    max_depth: 1000\n    qos: gold\n",
+    );
+    assert_eq!((l, c), (5, 16));
+    assert_eq!(
+        m,
+        "max_depth 1000 is out of range (expected a power of two in 2..=65536)"
+    );
+}
+
+#[test]
+fn qos_ranges_and_bursts_without_rates() {
+    let v = errs(
+        "qos_policies:\n  - name: p\n    weight: 0\n    rate: {burst_jobs: 5}\n    max_in_flight: 70000\n",
+    );
+    let got: Vec<_> = v
+        .iter()
+        .map(|e| (e.place.line, e.place.column, e.error.to_string()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                3,
+                13,
+                "weight 0 is out of range (expected 1..=10000)".to_string()
+            ),
+            (
+                5,
+                20,
+                "max_in_flight 70000 is out of range (expected 1..=65536)".to_string()
+            ),
+            (
+                4,
+                24,
+                "burst_jobs needs jobs_per_sec (a burst above which rate?)".to_string()
+            ),
+        ]
+    );
+}
+
+#[test]
+fn duplicate_name_in_one_file_points_at_both() {
+    let v = errs(
+        "qos_policies:\n  - {name: gold, weight: 1}\n  - {name: silver, weight: 1}\n  - {name: gold, weight: 2}\n",
+    );
+    assert_eq!(v.len(), 1, "{}", ConfigErrors(v.clone()));
+    let e = &v[0];
+    assert_eq!((e.place.line, e.place.column), (4, 12));
+    assert_eq!(
+        e.error.to_string(),
+        "duplicate QoS policy 'gold' (first defined at t.yaml:2:12)"
+    );
+    let n = e.note.as_ref().unwrap();
+    assert_eq!((n.place.line, n.place.column), (2, 12));
+    assert_eq!(
+        e.to_string(),
+        "t.yaml:4:12: error: duplicate QoS policy 'gold' (first defined at t.yaml:2:12)\n   |\n 4 |   - {name: gold, weight: 2}\n   |            ^\nt.yaml:2:12: note: first defined here\n   |\n 2 |   - {name: gold, weight: 1}\n   |            ^"
+    );
+}
+
+#[test]
+fn a_key_given_twice_is_a_yaml_error() {
+    let (l, c, m) = one(
+        "types:\n  - name: z\n    queues: 1\n    queues: 2\n    operations: [all]\n    qos: gold\n",
+    );
+    assert_eq!((l, c), (4, 5));
+    assert_eq!(m, "duplicate mapping key `queues` is not allowed here");
+}
+
+#[test]
+fn duplicate_name_across_files_names_both_files() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.yaml"), REST).unwrap();
+    std::fs::write(
+        dir.path().join("b.yml"),
+        "# more\naccelerators:\n  - {name: soft1, backend: soft, engines: 1, queue_pairs: 1, operations: [all], pasids: 1}\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "not yaml: [").unwrap();
+    let ConfigErrors(v) = load_paths(&[dir.path().to_path_buf()]).unwrap_err();
+    assert_eq!(v.len(), 1, "{}", ConfigErrors(v.clone()));
+    let a = dir.path().join("a.yaml").display().to_string();
+    let b = dir.path().join("b.yml").display().to_string();
+    assert_eq!(
+        v[0].place,
+        Place {
+            file: b,
+            line: 3,
+            column: 12
+        }
+    );
+    assert_eq!(
+        v[0].error.to_string(),
+        format!("duplicate accelerator 'soft1' (first defined at {a}:9:11)")
+    );
+    assert_eq!(
+        v[0].note.as_ref().unwrap().place,
+        Place {
+            file: a,
+            line: 9,
+            column: 11
+        }
+    );
+}
+
+#[test]
+fn files_of_a_directory_merge_and_refer_to_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("10-host.yaml"), REST).unwrap();
+    std::fs::write(
+        dir.path().join("20-types.yml"),
+        "types:\n  - {name: h, queues: 1, operations: [sha256], qos: bronze}\n",
+    )
+    .unwrap();
+    let c = load_paths(&[dir.path().to_path_buf()]).unwrap();
+    assert_eq!(
+        (c.accelerators.len(), c.qos_policies.len(), c.types.len()),
+        (2, 2, 1)
+    );
+    assert!(c.types[0].origin.file.ends_with("20-types.yml"));
+}
+
+#[test]
+fn an_empty_directory_and_a_missing_file_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.yaml");
+    let ConfigErrors(v) = load_paths(&[dir.path().to_path_buf(), missing.clone()]).unwrap_err();
+    assert_eq!(v.len(), 2);
+    assert!(
+        v[0].to_string().contains("no *.yaml or *.yml files"),
+        "{}",
+        v[0]
+    );
+    assert!(
+        v[1].to_string()
+            .starts_with(&format!("{}: error: cannot read:", missing.display())),
+        "{}",
+        v[1]
+    );
+}
+
+#[test]
+fn unknown_qos_policy_lists_the_defined_ones() {
+    let (l, c, m) =
+        one("types:\n  - name: z\n    queues: 1\n    operations: [all]\n    qos: bogus\n");
+    assert_eq!((l, c), (5, 10));
+    assert_eq!(m, "unknown QoS policy 'bogus' (defined: gold, bronze)");
+}
+
+#[test]
+fn unknown_accelerator_in_the_allow_list() {
+    let (l, c, m) = one(
+        "types:\n  - name: z\n    queues: 1\n    operations: [copy]\n    qos: gold\n    placement:\n      accelerators: [soft0, soft9]\n",
+    );
+    assert_eq!((l, c), (7, 29));
+    assert_eq!(m, "unknown accelerator 'soft9' (defined: soft0, soft1)");
+}
+
+#[test]
+fn unknown_accelerator_or_node_in_links() {
+    let v = errs(
+        "accelerators:\n  - name: a\n    backend: soft\n    engines: 1\n    queue_pairs: 1\n    operations: [all]\n    pasids: 1\n    links:\n      - {to: b, distance: 10}\n      - {to: node3, distance: 10}\n      - {to: a, distance: 10}\n",
+    );
+    let got: Vec<_> = v
+        .iter()
+        .map(|e| (e.place.line, e.place.column, e.error.to_string()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                9,
+                14,
+                "unknown accelerator 'b' (defined: a; NUMA nodes as nodeN: none)".to_string()
+            ),
+            (10, 14, "unknown NUMA node 3 (defined: none)".to_string()),
+            (11, 14, "a link to itself".to_string()),
+        ]
+    );
+}
+
+#[test]
+fn unknown_backend_and_operation() {
+    let v = errs(
+        "accelerators:\n  - name: a\n    backend: uacce\n    engines: 1\n    queue_pairs: 1\n    operations: [sha256, sha512]\n    pasids: 1\n",
+    );
+    assert_eq!((v[0].place.line, v[0].place.column), (3, 14));
+    assert_eq!(
+        v[0].error.to_string(),
+        "unknown backend 'uacce' (known: soft)"
+    );
+    assert_eq!((v[1].place.line, v[1].place.column), (6, 26));
+    assert!(
+        v[1].error
+            .to_string()
+            .starts_with("unknown operation 'sha512' (known: all, nop, deflate-compress,"),
+        "{}",
+        v[1].error
+    );
+}
+
+#[test]
+fn a_type_no_accelerator_has_the_operations_for_says_why_per_accelerator() {
+    let (l, c, m) =
+        one("types:\n  - name: z\n    queues: 1\n    operations: [sha256, copy]\n    qos: gold\n");
+    assert_eq!((l, c), (2, 11));
+    assert_eq!(
+        m,
+        "type 'z' (queues 1, operations sha256, copy) can never be placed: soft0 lacks sha256; soft1 lacks copy"
+    );
+}
+
+#[test]
+fn a_function_with_more_queues_than_any_pool() {
+    let (l, c, m) = one(
+        "types:\n  - name: z\n    qos: gold\n    functions:\n      - {queues: 2, operations: [copy]}\n      - queues: 3\n        operations: [crc32c]\n",
+    );
+    assert_eq!((l, c), (6, 9));
+    assert_eq!(
+        m,
+        "type 'z' function 2 of 2 (queues 3, operations crc32c) can never be placed: soft0 lacks crc32c and has 8 queue pairs (needs 3); soft1 has 2 queue pairs (needs 3)"
+            .replace("soft0 lacks crc32c and has 8 queue pairs (needs 3)", "soft0 lacks crc32c")
+    );
+}
+
+#[test]
+fn the_allow_list_limits_who_may_host() {
+    let (l, c, m) = one(
+        "types:\n  - name: z\n    queues: 1\n    operations: [sha256]\n    qos: gold\n    placement: {accelerators: [soft0]}\n",
+    );
+    assert_eq!((l, c), (2, 11));
+    assert_eq!(
+        m,
+        "type 'z' (queues 1, operations sha256) can never be placed: soft0 lacks sha256"
+    );
+}
+
+#[test]
+fn with_no_accelerator_nothing_can_be_hosted() {
+    let v = errs(
+        "qos_policies: [{name: g, weight: 1}]\ntypes: [{name: z, queues: 1, operations: [all], qos: g}]\n",
+    );
+    assert_eq!((v[0].place.line, v[0].place.column), (2, 16));
+    assert!(
+        v[0].error
+            .to_string()
+            .ends_with("can never be placed: no accelerator is defined"),
+        "{}",
+        v[0].error
+    );
+}
+
+#[test]
+fn shape_errors_both_or_neither_or_too_many_queues() {
+    let (l, c, m) = one("types:\n  - name: z\n    qos: gold\n");
+    assert_eq!((l, c), (2, 11));
+    assert_eq!(
+        m,
+        "type 'z' has no function (expected `queues` + `operations`, or `functions`)"
+    );
+    let (_, _, m) = one(
+        "types:\n  - name: z\n    qos: gold\n    queues: 1\n    functions: [{queues: 1, operations: [copy]}]\n",
+    );
+    assert!(m.contains("has both"), "{m}");
+    let (l, c, m) = one(
+        "types:\n  - name: z\n    qos: gold\n    functions:\n      - {queues: 40, operations: [copy]}\n      - {queues: 40, operations: [copy]}\n",
+    );
+    assert_eq!((l, c), (5, 7));
+    assert_eq!(
+        m,
+        "type 'z' has 80 queues in all (expected at most 64: one device)"
+    );
+}
+
+#[test]
+fn operation_lists_all_alone_and_not_empty() {
+    let (l, c, m) = one("types:\n  - name: z\n    queues: 1\n    operations: []\n    qos: gold\n");
+    assert_eq!((l, c), (4, 17));
+    assert!(m.starts_with("empty operation list"), "{m}");
+    let (l, c, m) =
+        one("types:\n  - name: z\n    queues: 1\n    operations: [copy, all]\n    qos: gold\n");
+    assert_eq!((l, c), (4, 24));
+    assert_eq!(m, "'all' cannot be combined with other operation names");
+}
+
+#[test]
+fn numa_nodes_cpu_lists_and_distances() {
+    let v = errs(
+        "numa_nodes:\n  - id: 0\n    cpus: \"0-3,x\"\n    distances: {0: 10, 1: 21, 2: 0}\n  - id: 1\n    cpus: \"4-2\"\n  - id: 1\n",
+    );
+    let got: Vec<_> = v
+        .iter()
+        .map(|e| (e.place.line, e.place.column, e.error.to_string()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                7,
+                9,
+                "duplicate NUMA node '1' (first defined at t.yaml:5:9)".to_string()
+            ),
+            (
+                3,
+                11,
+                "invalid cpu list '0-3,x': 'x' is not a cpu number (expected e.g. \"0-3,8\")"
+                    .to_string()
+            ),
+            (
+                4,
+                34,
+                "distance 0 is out of range (expected 1..=255)".to_string()
+            ),
+            (4, 34, "unknown NUMA node 2 (defined: 0, 1)".to_string()),
+            (
+                6,
+                11,
+                "invalid cpu list '4-2': range 4-2 runs backwards (expected e.g. \"0-3,8\")"
+                    .to_string()
+            ),
+        ]
+    );
+}
+
+#[test]
+fn cpu_lists_parse_like_linux() {
+    assert_eq!(parse_cpu_list("0-2,7, 5").unwrap(), vec![0, 1, 2, 5, 7]);
+    assert_eq!(parse_cpu_list("3").unwrap(), vec![3]);
+    assert!(parse_cpu_list("").is_err());
+    assert!(parse_cpu_list("1,,2").is_err());
+    assert!(parse_cpu_list("9000").is_err());
+}
+
+#[test]
+fn bad_names_and_reserved_node_names() {
+    let v = errs(
+        "accelerators:\n  - {name: node1, backend: soft, engines: 1, queue_pairs: 1, operations: [all], pasids: 1}\n  - {name: 'a b', backend: soft, engines: 1, queue_pairs: 1, operations: [all], pasids: 1}\n",
+    );
+    assert_eq!((v[0].place.line, v[0].place.column), (2, 12));
+    assert!(
+        v[0].error
+            .to_string()
+            .contains("reserved for NUMA node links")
+    );
+    assert_eq!((v[1].place.line, v[1].place.column), (3, 12));
+    assert!(
+        v[1].error
+            .to_string()
+            .starts_with("invalid accelerator name 'a b'")
+    );
+}
+
+#[test]
+fn the_rendering_has_place_line_and_caret() {
+    let v = errs(&format!(
+        "types:\n  - name: z\n    queues: 1\n    operations: [all]\n    qos: bogus\n{REST}"
+    ));
+    assert_eq!(
+        v[0].to_string(),
+        "t.yaml:5:10: error: unknown QoS policy 'bogus' (defined: gold, bronze)\n   |\n 5 |     qos: bogus\n   |          ^"
+    );
+}
+
+#[test]
+fn several_errors_are_collected_in_one_pass() {
+    let v = errs(&format!(
+        "types:\n  - {{name: a, queues: 0, operations: [all], qos: gold}}\n  - {{name: b, queues: 1, operations: [all], qos: nope}}\n{REST}"
+    ));
+    assert_eq!(v.len(), 2, "{}", ConfigErrors(v.clone()));
+    assert_eq!((v[0].place.line, v[1].place.line), (2, 3));
+}
+
+#[test]
+fn empty_and_comment_only_files_are_empty_configs() {
+    assert_eq!(load_str("e.yaml", "").unwrap(), Config::default());
+    assert_eq!(
+        load_str("e.yaml", "# nothing\n").unwrap(),
+        Config::default()
+    );
+    assert!(load_str("e.yaml", "[1, 2]\n").is_err());
+}
+
+fn policies_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies")
+}
+
+#[test]
+fn the_shipped_default_has_its_types_and_policies() {
+    let c = embedded_default().unwrap();
+    assert_eq!(
+        c,
+        load_paths(&[policies_dir().join("default.yaml")])
+            .map(|mut c| {
+                c.accelerators
+                    .iter_mut()
+                    .for_each(|a| a.origin.file = "policies/default.yaml".into());
+                c.qos_policies
+                    .iter_mut()
+                    .for_each(|a| a.origin.file = "policies/default.yaml".into());
+                c.types
+                    .iter_mut()
+                    .for_each(|a| a.origin.file = "policies/default.yaml".into());
+                c
+            })
+            .unwrap()
+    );
+    assert!(c.numa_nodes.is_empty());
+    let a = &c.accelerators[..];
+    assert_eq!(a.len(), 1);
+    assert_eq!(
+        (a[0].name.as_str(), a[0].backend, a[0].engines, a[0].ops),
+        ("soft0", Backend::Soft, 2, ALL_OPS)
+    );
+    let names: Vec<_> = c.qos_policies.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["gold", "silver", "bronze"]);
+    let names: Vec<_> = c.types.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["zip", "hash", "mover", "all-4q"]);
+    let zip = Format::ALL.iter().fold(0, |m, f| {
+        m | f.compress_op().bit() | f.decompress_op().bit()
+    });
+    let ops: Vec<_> = c.types.iter().map(|t| (t.queues(), t.ops())).collect();
+    assert_eq!(
+        ops,
+        [
+            (2, zip),
+            (1, Opcode::Sha256.bit() | Opcode::Crc32c.bit()),
+            (
+                2,
+                Opcode::Copy.bit() | Opcode::Fill.bit() | Opcode::Compare.bit()
+            ),
+            (4, ALL_OPS),
+        ]
+    );
+}
+
+use wdvirt_abi::Format;
+
+#[test]
+fn the_two_node_example_combines_two_accelerators() {
+    let c = load_paths(&[policies_dir().join("two-node.yaml")]).unwrap();
+    assert_eq!(c.numa_nodes.len(), 2);
+    assert_eq!(c.numa_nodes[0].distances.get(&1), Some(&21));
+    let zip0 = c.accelerator("zip0").unwrap();
+    let sec1 = c.accelerator("sec1").unwrap();
+    assert_eq!((zip0.numa_node, sec1.numa_node), (Some(0), Some(1)));
+    assert_eq!(
+        zip0.links,
+        vec![Link {
+            to: Endpoint::Accelerator("sec1".into()),
+            distance: 15
+        }]
+    );
+    let t = c.instance_type("zip-hash").unwrap();
+    assert_eq!(t.functions.len(), 2);
+    let (f0, f1) = (&t.functions[0], &t.functions[1]);
+    assert!(t.can_host(zip0, f0) && !t.can_host(sec1, f0));
+    assert!(t.can_host(sec1, f1) && !t.can_host(zip0, f1));
+    assert_eq!(t.placement.max_distance, Some(21));
+    assert_eq!(t.placement.numa_node, Some(0));
+    assert_eq!(t.queues(), 3);
+    assert_eq!(t.qos, "latency");
+    let h = c.instance_type("hash-node1").unwrap();
+    assert_eq!(h.placement.numa_node, Some(1));
+    assert_eq!(
+        c.instance_type("zip-near").unwrap().placement.accelerators,
+        Some(vec!["zip0".to_string()])
+    );
+}
+
+#[test]
+fn every_file_in_policies_loads_alone_and_together() {
+    let mut n = 0;
+    for e in std::fs::read_dir(policies_dir()).unwrap() {
+        let p = e.unwrap().path();
+        if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
+            let c = load_paths(std::slice::from_ref(&p)).unwrap_or_else(|e| panic!("{e}"));
+            assert!(!c.types.is_empty(), "{} has no types", p.display());
+            n += 1;
+        }
+    }
+    assert!(n >= 2);
+    // And as one configuration, as `wdvirt daemon --config policies/` reads them.
+    let all = load_paths(&[policies_dir()]).unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<_> = all.accelerators.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(names, ["soft0", "zip0", "sec1"]);
+    assert_eq!(all.qos_policies.len(), 5);
+    assert_eq!(all.types.len(), 7);
+}
+
+#[test]
+fn the_schema_names_every_section_and_refuses_unknown_keys() {
+    let s = schema();
+    let props = s["properties"].as_object().unwrap();
+    for k in ["numa_nodes", "accelerators", "qos_policies", "types"] {
+        assert!(props.contains_key(k), "{k}");
+    }
+    assert_eq!(s["additionalProperties"], serde_json::json!(false));
+    let text = s.to_string();
+    assert!(text.contains("\"maximum\":64"), "ranges are stated");
+}
+
+#[test]
+fn control_characters_in_names_are_escaped_in_the_rendering() {
+    let v = errs(&format!(
+        "types:\n  - {{name: \"a\\e[31mb\", queues: 1, operations: [all], qos: gold}}\n{REST}"
+    ));
+    let shown = v[0].to_string();
+    assert!(!shown.contains('\u{1b}'), "{shown:?}");
+    assert!(shown.contains("a\\u{1b}[31mb"), "{shown}");
+}

@@ -1,0 +1,570 @@
+//! From the parsed files to a `Config`: names resolved, ranges checked,
+//! duplicates found across files, and every type checked against the
+//! accelerators that could ever host it. Errors are collected, not returned at
+//! the first, so an operator fixes a file in one pass.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde_saphyr::{Location, Spanned};
+
+use super::error::{ConfigError, Located, Note, Place};
+use super::model::*;
+use super::raw::*;
+
+/// A parsed file and its text (for the offending line in errors).
+pub(crate) struct Parsed {
+    pub name: String,
+    pub text: String,
+    pub raw: RawFile,
+}
+
+/// The text of 1-based `line` of `text`.
+pub(crate) fn line_of(text: &str, line: u32) -> String {
+    if line == 0 {
+        return String::new();
+    }
+    text.lines()
+        .nth(line as usize - 1)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Names defined so far, in definition order, with where each was written.
+#[derive(Default)]
+pub(super) struct Names {
+    places: HashMap<String, Place>,
+    order: Vec<String>,
+}
+
+impl Names {
+    pub(super) fn get(&self, name: &str) -> Option<&Place> {
+        self.places.get(name)
+    }
+    pub(super) fn contains(&self, name: &str) -> bool {
+        self.places.contains_key(name)
+    }
+    fn insert(&mut self, name: &str, place: Place) {
+        self.places.insert(name.to_string(), place);
+        self.order.push(name.to_string());
+    }
+    /// For "(defined: ...)" in messages.
+    pub(super) fn list(&self) -> String {
+        defined(self.order.iter().cloned())
+    }
+}
+
+pub(super) struct Ctx<'a> {
+    files: &'a [Parsed],
+    pub(super) errors: Vec<Located>,
+    nodes: BTreeMap<u32, Place>,
+    pub(super) accels: Names,
+    pub(super) policies: Names,
+}
+
+impl Ctx<'_> {
+    fn node_list(&self) -> String {
+        defined(self.nodes.keys().map(|k| k.to_string()))
+    }
+    /// `v` if it names a defined NUMA node.
+    pub(super) fn node(&mut self, file: usize, v: &Spanned<u32>) -> Option<u32> {
+        if self.nodes.contains_key(&v.value) {
+            Some(v.value)
+        } else {
+            let defined = self.node_list();
+            self.err(
+                file,
+                v.referenced,
+                ConfigError::UnknownNumaNode {
+                    id: v.value,
+                    defined,
+                },
+            );
+            None
+        }
+    }
+    pub(super) fn place(&self, file: usize, loc: Location) -> Place {
+        Place {
+            file: self.files[file].name.clone(),
+            line: loc.line() as u32,
+            column: loc.column() as u32,
+        }
+    }
+    pub(super) fn err(&mut self, file: usize, loc: Location, error: ConfigError) {
+        let place = self.place(file, loc);
+        let source_line = line_of(&self.files[file].text, place.line);
+        self.errors.push(Located {
+            place,
+            source_line,
+            error,
+            note: None,
+        });
+    }
+    fn duplicate(
+        &mut self,
+        file: usize,
+        loc: Location,
+        what: &'static str,
+        name: String,
+        first: &Place,
+    ) {
+        let first_text = self
+            .files
+            .iter()
+            .find(|f| f.name == first.file)
+            .map(|f| line_of(&f.text, first.line))
+            .unwrap_or_default();
+        self.err(
+            file,
+            loc,
+            ConfigError::Duplicate {
+                what,
+                name,
+                first: first.to_string(),
+            },
+        );
+        if let Some(last) = self.errors.last_mut() {
+            last.note = Some(Box::new(Note {
+                place: first.clone(),
+                source_line: first_text,
+                message: "first defined here".into(),
+            }));
+        }
+    }
+    /// `v` if it lies in `lo..=hi`, else an error at its place.
+    pub(super) fn range<T: Copy + Into<u64>>(
+        &mut self,
+        file: usize,
+        v: &Spanned<T>,
+        what: &'static str,
+        lo: u64,
+        hi: u64,
+        expected: &'static str,
+    ) -> Option<T> {
+        let x: u64 = v.value.into();
+        if (lo..=hi).contains(&x) {
+            Some(v.value)
+        } else {
+            self.err(
+                file,
+                v.referenced,
+                ConfigError::OutOfRange {
+                    what,
+                    value: x,
+                    expected,
+                },
+            );
+            None
+        }
+    }
+    fn name(&mut self, file: usize, n: &Spanned<String>, what: &'static str) -> bool {
+        let s = &n.value;
+        let ok = (1..=63).contains(&s.len())
+            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if !ok {
+            self.err(
+                file,
+                n.referenced,
+                ConfigError::BadName {
+                    what,
+                    name: s.clone(),
+                },
+            );
+        }
+        ok
+    }
+    pub(super) fn ops(&mut self, file: usize, list: &Spanned<Vec<Spanned<String>>>) -> Option<u32> {
+        if list.value.is_empty() {
+            self.err(file, list.referenced, ConfigError::NoOperations);
+            return None;
+        }
+        let mut mask = 0u32;
+        let mut ok = true;
+        for item in &list.value {
+            if item.value == "all" {
+                if list.value.len() > 1 {
+                    self.err(file, item.referenced, ConfigError::AllWithOthers);
+                    ok = false;
+                }
+                mask = wdvirt_abi::ALL_OPS;
+            } else if let Some(op) = wdvirt_abi::Opcode::from_name(&item.value) {
+                mask |= op.bit();
+            } else {
+                let known: Vec<_> = wdvirt_abi::Opcode::ALL.iter().map(|o| o.name()).collect();
+                self.err(
+                    file,
+                    item.referenced,
+                    ConfigError::UnknownOperation {
+                        name: item.value.clone(),
+                        known: known.join(", "),
+                    },
+                );
+                ok = false;
+            }
+        }
+        ok.then_some(mask)
+    }
+    fn cpus(&mut self, file: usize, list: &Option<Spanned<String>>) -> Vec<u32> {
+        let Some(list) = list else { return Vec::new() };
+        match parse_cpu_list(&list.value) {
+            Ok(v) => v,
+            Err(why) => {
+                self.err(
+                    file,
+                    list.referenced,
+                    ConfigError::BadCpuList {
+                        list: list.value.clone(),
+                        why,
+                    },
+                );
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// Highest CPU number accepted in a cpu list (Linux's NR_CPUS is at most 8192).
+const MAX_CPU: u32 = 8191;
+
+/// Linux cpu-list syntax: `0-3,8,10-11` (ranges inclusive). Sorted, deduplicated.
+pub fn parse_cpu_list(s: &str) -> Result<Vec<u32>, String> {
+    let mut set = BTreeSet::new();
+    let num = |t: &str| -> Result<u32, String> {
+        let t = t.trim();
+        let v: u32 = t
+            .parse()
+            .map_err(|_| format!("'{t}' is not a cpu number"))?;
+        if v > MAX_CPU {
+            return Err(format!("cpu {v} is above {MAX_CPU}"));
+        }
+        Ok(v)
+    };
+    for part in s.split(',') {
+        if part.trim().is_empty() {
+            return Err("empty item".into());
+        }
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (num(a)?, num(b)?);
+                if a > b {
+                    return Err(format!("range {a}-{b} runs backwards"));
+                }
+                set.extend(a..=b);
+            }
+            None => {
+                set.insert(num(part)?);
+            }
+        }
+    }
+    Ok(set.into_iter().collect())
+}
+
+fn defined<I: IntoIterator<Item = String>>(names: I) -> String {
+    let v: Vec<String> = names.into_iter().collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// `nodeN` → N.
+fn node_ref(s: &str) -> Option<u32> {
+    let digits = s.strip_prefix("node")?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+pub(crate) fn validate(files: &[Parsed]) -> Result<Config, Vec<Located>> {
+    let mut cx = Ctx {
+        files,
+        errors: Vec::new(),
+        nodes: BTreeMap::new(),
+        accels: Names::default(),
+        policies: Names::default(),
+    };
+    let mut cfg = Config::default();
+
+    // NUMA nodes first: everything else may name them.
+    for (fi, f) in files.iter().enumerate() {
+        for n in &f.raw.numa_nodes {
+            let Some(id) = cx.range(fi, &n.id, "NUMA node id", 0, 1023, "0..=1023") else {
+                continue;
+            };
+            if let Some(first) = cx.nodes.get(&id) {
+                let first = first.clone();
+                cx.duplicate(fi, n.id.referenced, "NUMA node", id.to_string(), &first);
+                continue;
+            }
+            let place = cx.place(fi, n.id.referenced);
+            cx.nodes.insert(id, place);
+        }
+    }
+    let mut seen_nodes = BTreeSet::new();
+    for (fi, f) in files.iter().enumerate() {
+        for n in &f.raw.numa_nodes {
+            let id = n.id.value;
+            if !cx.nodes.contains_key(&id) || !seen_nodes.insert(id) {
+                continue;
+            }
+            let cpus = cx.cpus(fi, &n.cpus);
+            let mut distances = BTreeMap::new();
+            for (&to, d) in &n.distances {
+                let d = cx.range(fi, d, "distance", 1, 255, "1..=255");
+                if !cx.nodes.contains_key(&to) {
+                    let defined = cx.node_list();
+                    cx.err(
+                        fi,
+                        n.distances[&to].referenced,
+                        ConfigError::UnknownNumaNode { id: to, defined },
+                    );
+                } else if let Some(d) = d {
+                    distances.insert(to, d);
+                }
+            }
+            cfg.numa_nodes.push(NumaNode {
+                id,
+                cpus,
+                distances,
+                origin: cx.nodes[&id].clone(),
+            });
+        }
+    }
+    // Accelerators: names first (links may point forward).
+    for (fi, f) in files.iter().enumerate() {
+        for a in &f.raw.accelerators {
+            if !cx.name(fi, &a.name, "accelerator") {
+                continue;
+            }
+            if node_ref(&a.name.value).is_some() {
+                cx.err(
+                    fi,
+                    a.name.referenced,
+                    ConfigError::ReservedName {
+                        name: a.name.value.clone(),
+                    },
+                );
+                continue;
+            }
+            if let Some(first) = cx.accels.get(&a.name.value) {
+                let first = first.clone();
+                cx.duplicate(
+                    fi,
+                    a.name.referenced,
+                    "accelerator",
+                    a.name.value.clone(),
+                    &first,
+                );
+                continue;
+            }
+            let place = cx.place(fi, a.name.referenced);
+            cx.accels.insert(&a.name.value, place);
+        }
+    }
+    let errors_before_accels = cx.errors.len();
+    for (fi, f) in files.iter().enumerate() {
+        for a in &f.raw.accelerators {
+            let name = &a.name.value;
+            let origin = match cx.accels.get(name).cloned() {
+                Some(p) if p == cx.place(fi, a.name.referenced) => p,
+                _ => continue, // bad name or duplicate: already reported
+            };
+            let backend = Backend::from_name(&a.backend.value);
+            if backend.is_none() {
+                cx.err(
+                    fi,
+                    a.backend.referenced,
+                    ConfigError::UnknownBackend(a.backend.value.clone()),
+                );
+            }
+            let engines = cx.range(fi, &a.engines, "engines", 1, 64, "1..=64");
+            let queue_pairs = cx.range(fi, &a.queue_pairs, "queue_pairs", 1, 4096, "1..=4096");
+            let ops = cx.ops(fi, &a.operations);
+            let pasids = cx.range(fi, &a.pasids, "pasids", 1, (1 << 20) - 1, "1..=1048575");
+            let numa_node = a.numa_node.as_ref().map(|n| cx.node(fi, n));
+            let cpus = cx.cpus(fi, &a.cpus);
+            let mut links = Vec::new();
+            for l in &a.links {
+                let distance = cx.range(fi, &l.distance, "distance", 1, 255, "1..=255");
+                let to = if l.to.value == *name {
+                    cx.err(fi, l.to.referenced, ConfigError::SelfLink);
+                    None
+                } else if cx.accels.contains(&l.to.value) {
+                    Some(Endpoint::Accelerator(l.to.value.clone()))
+                } else if let Some(id) = node_ref(&l.to.value) {
+                    let s = Spanned {
+                        value: id,
+                        referenced: l.to.referenced,
+                        defined: l.to.defined,
+                    };
+                    cx.node(fi, &s).map(Endpoint::NumaNode)
+                } else {
+                    let defined = format!(
+                        "{}; NUMA nodes as nodeN: {}",
+                        cx.accels.list(),
+                        cx.node_list()
+                    );
+                    cx.err(
+                        fi,
+                        l.to.referenced,
+                        ConfigError::UnknownAccelerator {
+                            name: l.to.value.clone(),
+                            defined,
+                        },
+                    );
+                    None
+                };
+                if let (Some(to), Some(distance)) = (to, distance) {
+                    links.push(Link { to, distance });
+                }
+            }
+            if let (
+                Some(backend),
+                Some(engines),
+                Some(queue_pairs),
+                Some(ops),
+                Some(pasids),
+                Some(numa_node),
+            ) = (
+                backend,
+                engines,
+                queue_pairs,
+                ops,
+                pasids,
+                numa_node.map_or(Some(None), |n| n.map(Some)),
+            ) {
+                cfg.accelerators.push(Accelerator {
+                    name: name.clone(),
+                    backend,
+                    engines,
+                    queue_pairs,
+                    ops,
+                    pasids,
+                    numa_node,
+                    cpus,
+                    links,
+                    origin,
+                });
+            }
+        }
+    }
+    let accels_sound = cx.errors.len() == errors_before_accels;
+
+    // QoS policies.
+    for (fi, f) in files.iter().enumerate() {
+        for p in &f.raw.qos_policies {
+            if !cx.name(fi, &p.name, "QoS policy") {
+                continue;
+            }
+            if let Some(first) = cx.policies.get(&p.name.value) {
+                let first = first.clone();
+                cx.duplicate(
+                    fi,
+                    p.name.referenced,
+                    "QoS policy",
+                    p.name.value.clone(),
+                    &first,
+                );
+                continue;
+            }
+            let origin = cx.place(fi, p.name.referenced);
+            cx.policies.insert(&p.name.value, origin.clone());
+            let weight = cx.range(fi, &p.weight, "weight", 1, 10_000, "1..=10000");
+            let max_in_flight = match &p.max_in_flight {
+                None => Some(None),
+                Some(m) => cx
+                    .range(fi, m, "max_in_flight", 1, 65_536, "1..=65536")
+                    .map(Some),
+            };
+            let mut rate = RateLimit::default();
+            let mut rate_ok = true;
+            if let Some(r) = &p.rate {
+                let mut one = |cx: &mut Ctx, v: &Option<Spanned<u64>>, what: &'static str| match v {
+                    None => None,
+                    Some(v) => {
+                        let r = cx.range(fi, v, what, 1, u64::MAX, "at least 1");
+                        rate_ok &= r.is_some();
+                        r
+                    }
+                };
+                rate.jobs_per_sec = one(&mut cx, &r.jobs_per_sec, "jobs_per_sec");
+                rate.bytes_per_sec = one(&mut cx, &r.bytes_per_sec, "bytes_per_sec");
+                rate.burst_jobs = one(&mut cx, &r.burst_jobs, "burst_jobs");
+                rate.burst_bytes = one(&mut cx, &r.burst_bytes, "burst_bytes");
+                if let (Some(b), None) = (&r.burst_jobs, &r.jobs_per_sec) {
+                    cx.err(
+                        fi,
+                        b.referenced,
+                        ConfigError::Needs {
+                            field: "burst_jobs",
+                            needs: "jobs_per_sec (a burst above which rate?)",
+                        },
+                    );
+                    rate_ok = false;
+                }
+                if let (Some(b), None) = (&r.burst_bytes, &r.bytes_per_sec) {
+                    cx.err(
+                        fi,
+                        b.referenced,
+                        ConfigError::Needs {
+                            field: "burst_bytes",
+                            needs: "bytes_per_sec (a burst above which rate?)",
+                        },
+                    );
+                    rate_ok = false;
+                }
+            }
+            if let (Some(weight), Some(max_in_flight), true) = (weight, max_in_flight, rate_ok) {
+                cfg.qos_policies.push(QosPolicy {
+                    name: p.name.value.clone(),
+                    weight,
+                    rate,
+                    max_in_flight,
+                    origin,
+                });
+            }
+        }
+    }
+
+    // Instance types.
+    let mut type_names: HashMap<String, Place> = HashMap::new();
+    for (fi, f) in files.iter().enumerate() {
+        for t in &f.raw.types {
+            if !cx.name(fi, &t.name, "type") {
+                continue;
+            }
+            if let Some(first) = type_names.get(&t.name.value) {
+                let first = first.clone();
+                cx.duplicate(fi, t.name.referenced, "type", t.name.value.clone(), &first);
+                continue;
+            }
+            let origin = cx.place(fi, t.name.referenced);
+            type_names.insert(t.name.value.clone(), origin.clone());
+            let errors_before = cx.errors.len();
+            let name = t.name.value.clone();
+            if let Some(t) = super::types::check_type(&mut cx, fi, t, origin) {
+                let (ty, places) = t;
+                if accels_sound && cx.errors.len() == errors_before {
+                    super::types::check_hostable(&mut cx, fi, &ty, &places, &cfg.accelerators);
+                }
+                if cx.errors.len() == errors_before {
+                    cfg.types.push(ty);
+                }
+            } else {
+                debug_assert!(
+                    cx.errors.len() > errors_before,
+                    "type {name} refused silently"
+                );
+            }
+        }
+    }
+
+    if cx.errors.is_empty() {
+        Ok(cfg)
+    } else {
+        Err(cx.errors)
+    }
+}
