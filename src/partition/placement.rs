@@ -309,7 +309,8 @@ fn single_reasons(
     let func = &req.functions[i];
     let mut reasons = Vec::new();
     if !req.allowed[a] {
-        reasons.push(Reason::NotAllowed);
+        // The operator excluded it: anything else about it is noise.
+        return vec![Reason::NotAllowed];
     }
     if func.ops & !accel.ops != 0 {
         reasons.push(Reason::MissingOps {
