@@ -1,84 +1,35 @@
-//! Partitioning a physical accelerator into instances: today the PASID
-//! space (each instance gets its own, from the host, never from the guest).
-//! Neighbours: `daemon` asks for allocations; `vdev` receives them.
+//! Partitioning the host's accelerators into instances, and placing each
+//! instance on the accelerators that fit its type.
+//!
+//! * [`graph`]: the topology (NUMA nodes, accelerators, weighted links) and
+//!   its shortest distances — a graph, not a tree.
+//! * [`pool`]: each accelerator's queue pairs as a pool of real indexes.
+//! * [`pasid`]: the host-wide 20-bit PASID space, with draining.
+//! * [`placement`]: requests, the search for the best combination, and the
+//!   per-accelerator reasons when nothing fits.
+//! * [`partitioner`]: the thread-safe allocator the daemon calls.
+//!
+//! Neighbours: `config` builds the plain input structs ([`TopologySpec`],
+//! [`PlacementRequest`]); `daemon` calls [`Partitioner`]; `vdev` receives the
+//! resulting PASID and queue pairs. `docs/placement.md` tells the model.
 
-use std::collections::BTreeSet;
+pub mod graph;
+pub mod partitioner;
+pub mod pasid;
+pub mod placement;
+pub mod pool;
 
-use parking_lot::Mutex;
-
-use crate::accel::Pasid;
-
-/// PASIDs are 20 bits wide (PCIe); 0 is reserved for the host's own DMA.
-pub const PASID_MAX: Pasid = (1 << 20) - 1;
-
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum PartitionError {
-    #[error("all {0} PASIDs are in use")]
-    PasidsExhausted(u32),
-    #[error("PASID {0} is not allocated")]
-    NotAllocated(Pasid),
-}
-
-/// Hands out unique PASIDs in `1..=max`, lowest free first.
-#[derive(Debug)]
-pub struct PasidAllocator {
-    max: Pasid,
-    used: Mutex<BTreeSet<Pasid>>,
-}
-
-impl Default for PasidAllocator {
-    fn default() -> Self {
-        Self::new(PASID_MAX)
-    }
-}
-
-impl PasidAllocator {
-    pub fn new(max: Pasid) -> Self {
-        PasidAllocator {
-            max: max.min(PASID_MAX),
-            used: Mutex::new(BTreeSet::new()),
-        }
-    }
-
-    pub fn allocate(&self) -> Result<Pasid, PartitionError> {
-        let mut used = self.used.lock();
-        let mut candidate = 1;
-        for &p in used.iter() {
-            if p != candidate {
-                break;
-            }
-            candidate += 1;
-        }
-        if candidate > self.max {
-            return Err(PartitionError::PasidsExhausted(self.max));
-        }
-        used.insert(candidate);
-        Ok(candidate)
-    }
-
-    pub fn release(&self, pasid: Pasid) -> Result<(), PartitionError> {
-        if self.used.lock().remove(&pasid) {
-            Ok(())
-        } else {
-            Err(PartitionError::NotAllocated(pasid))
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pasids_are_unique_reused_after_release_and_bounded() {
-        let a = PasidAllocator::new(3);
-        assert_eq!(
-            (a.allocate(), a.allocate(), a.allocate()),
-            (Ok(1), Ok(2), Ok(3))
-        );
-        assert_eq!(a.allocate(), Err(PartitionError::PasidsExhausted(3)));
-        a.release(2).unwrap();
-        assert_eq!(a.allocate(), Ok(2));
-        assert_eq!(a.release(9), Err(PartitionError::NotAllocated(9)));
-    }
-}
+pub use graph::{
+    Accelerator, AcceleratorSpec, KNOWN_OPS, LinkSpec, Node, NumaNode, NumaSpec, Topology,
+    TopologyError, TopologySpec, ops_names,
+};
+pub use partitioner::{
+    AcceleratorUsage, Allocation, Availability, DistanceInfo, DrainTicket, FunctionAllocation,
+    Partitioner, ReleaseError, Snapshot,
+};
+pub use pasid::{PASID_MAX, PartitionError, PasidAllocator, PasidError, PasidSpace, PasidUsage};
+pub use placement::{
+    FunctionRequest, MAX_FUNCTIONS, PlacementError, PlacementRequest, Reason, Rejection,
+    RequestError,
+};
+pub use pool::{PoolError, QueuePairUsage, QueuePool};
