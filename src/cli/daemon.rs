@@ -28,7 +28,7 @@ pub fn run(a: DaemonArgs, api: PathBuf) -> anyhow::Result<ExitCode> {
         run_dir: a.run_dir,
         api,
     };
-    let catalog = daemon::catalog::Catalog::load(&paths.config).map_err(anyhow::Error::msg)?;
+    let catalog = daemon::catalog::Catalog::load(&paths.config)?;
     let registry = daemon::open(&paths, catalog)?;
     daemon::run(&paths, registry, || {
         eprintln!("wdvirt: daemon ready, API at {}", paths.api.display());

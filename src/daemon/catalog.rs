@@ -1,50 +1,99 @@
-//! What the daemon can make: instance types, QoS policies, the accelerators
-//! with their running backends, and placement. The adapter between the
-//! configuration and partition layers and the registry.
+//! What the daemon can make: instance types and QoS policies from the
+//! configuration, the accelerators with their running backends, and
+//! placement on the host's graph (the partition layer). The adapter between
+//! `config` and `partition` below and the registry above.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use crate::accel::{Pasid, SharedAccelerator};
-use crate::partition::PasidAllocator;
+use crate::config::{self, Backend, Config, Endpoint, InstanceType};
+use crate::partition::{
+    AcceleratorSpec, Allocation, FunctionRequest, LinkSpec, Node, NumaSpec, Partitioner,
+    PlacementRequest, Topology, TopologySpec,
+};
 
 use super::view::{FunctionView, PlacedFunction, TypeView};
+
+/// The distance from an accelerator to the NUMA node it is attached to, when
+/// the YAML gives no `distances` (ACPI SLIT's "local").
+pub const LOCAL_DISTANCE: i64 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("{0}")]
+    Config(#[from] config::ConfigErrors),
+    #[error("the configuration's topology: {0}")]
+    Topology(#[from] crate::partition::TopologyError),
+    #[error("accelerator {name}: cannot start its engines: {source}")]
+    Backend {
+        name: String,
+        source: std::io::Error,
+    },
+}
 
 /// One instance type, resolved.
 #[derive(Clone, Debug)]
 pub struct TypeDef {
     pub name: String,
-    /// (queues, ops mask) per function.
-    pub functions: Vec<(u32, u32)>,
+    pub functions: Vec<FunctionRequest>,
     pub max_depth: u32,
     pub qos: String,
+    pub placement: PlacementRequest,
 }
 
 impl TypeDef {
-    pub fn queues(&self) -> u32 {
-        self.functions.iter().map(|f| f.0).sum()
-    }
-    /// Per guest queue, the operations it runs.
-    pub fn queue_ops(&self) -> Vec<u32> {
-        self.functions
+    fn from_config(t: &InstanceType) -> TypeDef {
+        let functions: Vec<FunctionRequest> = t
+            .functions
             .iter()
-            .flat_map(|&(q, ops)| std::iter::repeat_n(ops, q as usize))
-            .collect()
+            .map(|f| FunctionRequest {
+                queues: f.queues,
+                ops: f.ops,
+            })
+            .collect();
+        TypeDef {
+            name: t.name.clone(),
+            functions: functions.clone(),
+            max_depth: t.max_depth,
+            qos: t.qos.clone(),
+            placement: PlacementRequest {
+                functions,
+                max_distance: t.placement.max_distance.map(u64::from),
+                accelerators: t.placement.accelerators.clone(),
+                numa_node: t.placement.numa_node,
+            },
+        }
+    }
+
+    pub fn queues(&self) -> u32 {
+        self.functions.iter().map(|f| f.queues).sum()
+    }
+
+    /// The request for one instance near `numa` (the definition's hint wins
+    /// over the type's).
+    fn request(&self, numa: Option<u32>) -> PlacementRequest {
+        PlacementRequest {
+            numa_node: numa.or(self.placement.numa_node),
+            ..self.placement.clone()
+        }
     }
 }
 
 /// What placement gave one started instance; returned at stop.
 pub struct Placed {
+    pub allocation: Allocation,
     pub pasid: Pasid,
-    pub accel: SharedAccelerator,
+    /// Per guest queue: the backend its jobs run on, and its operations.
+    pub queue_backends: Vec<(SharedAccelerator, u32)>,
     pub functions: Vec<PlacedFunction>,
 }
 
 pub struct Catalog {
     types: BTreeMap<String, TypeDef>,
     policies: Vec<String>,
-    accel_name: String,
-    accel: SharedAccelerator,
-    pasids: PasidAllocator,
+    backends: BTreeMap<String, SharedAccelerator>,
+    partitioner: Partitioner,
 }
 
 pub fn ops_names(mask: u32) -> Vec<String> {
@@ -55,45 +104,108 @@ pub fn ops_names(mask: u32) -> Vec<String> {
         .collect()
 }
 
+/// The host graph the configuration declares.
+fn topology(cfg: &Config) -> Result<Topology, crate::partition::TopologyError> {
+    let mut links = Vec::new();
+    for n in &cfg.numa_nodes {
+        for (&to, &d) in &n.distances {
+            // SLIT rows list each pair twice, and a node's distance to itself.
+            if to > n.id {
+                links.push(LinkSpec {
+                    a: Node::Numa(n.id),
+                    b: Node::Numa(to),
+                    distance: i64::from(d),
+                });
+            }
+        }
+    }
+    for a in &cfg.accelerators {
+        let me = Node::Accelerator(a.name.clone());
+        if let Some(n) = a.numa_node {
+            let d = cfg
+                .numa_nodes
+                .iter()
+                .find(|x| x.id == n)
+                .and_then(|x| x.distances.get(&n))
+                .map_or(LOCAL_DISTANCE, |&d| i64::from(d));
+            links.push(LinkSpec {
+                a: me.clone(),
+                b: Node::Numa(n),
+                distance: d,
+            });
+        }
+        for l in &a.links {
+            let b = match &l.to {
+                Endpoint::Accelerator(x) => Node::Accelerator(x.clone()),
+                Endpoint::NumaNode(x) => Node::Numa(*x),
+            };
+            links.push(LinkSpec {
+                a: me.clone(),
+                b,
+                distance: i64::from(l.distance),
+            });
+        }
+    }
+    Topology::new(TopologySpec {
+        numa_nodes: cfg
+            .numa_nodes
+            .iter()
+            .map(|n| NumaSpec {
+                id: n.id,
+                cpus: n.cpus.clone(),
+            })
+            .collect(),
+        accelerators: cfg
+            .accelerators
+            .iter()
+            .map(|a| AcceleratorSpec {
+                name: a.name.clone(),
+                backend: a.backend.name().to_string(),
+                engines: a.engines,
+                queue_pairs: a.queue_pairs,
+                ops: a.ops,
+                pasids: a.pasids,
+            })
+            .collect(),
+        links,
+    })
+}
+
 impl Catalog {
-    /// The catalog the YAML files at `paths` describe.
-    pub fn load(_paths: &[std::path::PathBuf]) -> Result<Catalog, String> {
-        let all = wdvirt_abi::ALL_OPS;
-        let types = vec![
-            TypeDef {
-                name: "quad".into(),
-                functions: vec![(4, all)],
-                max_depth: 256,
-                qos: "silver".into(),
-            },
-            TypeDef {
-                name: "hash".into(),
-                functions: vec![(1, 3 << 7)],
-                max_depth: 1024,
-                qos: "silver".into(),
-            },
-        ];
-        Catalog::new(types, vec!["silver".into(), "gold".into()], "soft0", 2)
+    /// The catalog the YAML files at `paths` describe, with every
+    /// accelerator's backend started.
+    pub fn load(paths: &[PathBuf]) -> Result<Catalog, CatalogError> {
+        Catalog::from_config(&config::load_paths(paths)?)
     }
 
-    pub fn new(
-        types: Vec<TypeDef>,
-        policies: Vec<String>,
-        accel_name: &str,
-        engines: u16,
-    ) -> Result<Catalog, String> {
-        let accel =
-            crate::accel::soft::SoftAccel::with_config(crate::accel::soft::SoftAccelConfig {
-                engines: engines as usize,
-                ..Default::default()
-            })
-            .map_err(|e| format!("cannot start accelerator {accel_name}: {e}"))?;
+    pub fn from_config(cfg: &Config) -> Result<Catalog, CatalogError> {
+        let topo = topology(cfg)?;
+        let mut backends = BTreeMap::new();
+        for a in &cfg.accelerators {
+            let backend: SharedAccelerator = match a.backend {
+                Backend::Soft => crate::accel::soft::SoftAccel::with_config(
+                    crate::accel::soft::SoftAccelConfig {
+                        engines: a.engines as usize,
+                        max_queue_pairs: a.queue_pairs as usize,
+                        ..Default::default()
+                    },
+                )
+                .map_err(|source| CatalogError::Backend {
+                    name: a.name.clone(),
+                    source,
+                })?,
+            };
+            backends.insert(a.name.clone(), backend);
+        }
         Ok(Catalog {
-            types: types.into_iter().map(|t| (t.name.clone(), t)).collect(),
-            policies,
-            accel_name: accel_name.into(),
-            accel,
-            pasids: PasidAllocator::default(),
+            types: cfg
+                .types
+                .iter()
+                .map(|t| (t.name.clone(), TypeDef::from_config(t)))
+                .collect(),
+            policies: cfg.qos_policies.iter().map(|p| p.name.clone()).collect(),
+            backends,
+            partitioner: Partitioner::new(topo),
         })
     }
 
@@ -116,51 +228,67 @@ impl Catalog {
     pub fn types(&self) -> Vec<TypeView> {
         self.types
             .values()
-            .map(|t| TypeView {
-                name: t.name.clone(),
-                queues: t.queues(),
-                max_depth: t.max_depth,
-                functions: t
-                    .functions
-                    .iter()
-                    .map(|&(queues, ops)| FunctionView {
-                        queues,
-                        operations: ops_names(ops),
-                    })
-                    .collect(),
-                qos: t.qos.clone(),
-                available_instances: 0,
-                available_by_accelerator: BTreeMap::new(),
+            .map(|t| {
+                let avail = self.partitioner.available_instances(&t.placement);
+                let (total, by) = match avail {
+                    Ok(a) => (a.total, a.per_accelerator),
+                    Err(e) => {
+                        tracing::warn!(r#type = %t.name, "cannot count available instances: {e}");
+                        (0, BTreeMap::new())
+                    }
+                };
+                TypeView {
+                    name: t.name.clone(),
+                    queues: t.queues(),
+                    max_depth: t.max_depth,
+                    functions: t
+                        .functions
+                        .iter()
+                        .map(|f| FunctionView {
+                            queues: f.queues,
+                            operations: ops_names(f.ops),
+                        })
+                        .collect(),
+                    qos: t.qos.clone(),
+                    available_instances: total,
+                    available_by_accelerator: by,
+                }
             })
             .collect()
     }
 
-    pub fn place(&self, ty: &TypeDef, _numa: Option<u32>) -> Result<Placed, String> {
-        let pasid = self.pasids.allocate().map_err(|e| e.to_string())?;
-        let mut next = 0;
-        let functions = ty
-            .functions
-            .iter()
-            .map(|&(q, _)| {
-                let guest_queues: Vec<u32> = (next..next + q).collect();
-                next += q;
-                PlacedFunction {
-                    accelerator: self.accel_name.clone(),
-                    queue_pairs: guest_queues.clone(),
-                    guest_queues,
-                }
-            })
-            .collect();
+    /// Places one instance of `ty`: accelerators chosen on the graph, queue
+    /// pairs taken from their pools, a PASID allocated.
+    pub fn place(&self, ty: &TypeDef, numa: Option<u32>) -> Result<Placed, String> {
+        let allocation = self
+            .partitioner
+            .place(&ty.request(numa))
+            .map_err(|e| e.to_string())?;
+        let mut queue_backends = Vec::new();
+        let mut functions = Vec::new();
+        for f in &allocation.functions {
+            let backend = self.backends[&f.accelerator].clone();
+            let first = queue_backends.len() as u32;
+            queue_backends.extend(f.queue_pairs.iter().map(|_| (backend.clone(), f.ops)));
+            functions.push(PlacedFunction {
+                accelerator: f.accelerator.clone(),
+                queue_pairs: f.queue_pairs.clone(),
+                guest_queues: (first..queue_backends.len() as u32).collect(),
+            });
+        }
         Ok(Placed {
-            pasid,
-            accel: self.accel.clone(),
+            pasid: allocation.pasid,
+            allocation,
+            queue_backends,
             functions,
         })
     }
 
+    /// Gives a stopped instance's placement back. The caller has stopped its
+    /// device (queues drained), so the PASID and queue pairs are free at once.
     pub fn release(&self, placed: Placed) {
-        if let Err(e) = self.pasids.release(placed.pasid) {
-            tracing::error!("releasing a placement: {e}");
+        if let Err(e) = self.partitioner.release_idle(&placed.allocation) {
+            tracing::error!(pasid = placed.pasid, "releasing a placement: {e}");
         }
     }
 }

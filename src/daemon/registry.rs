@@ -341,10 +341,30 @@ impl Registry {
                     name: name.clone(),
                     reason,
                 })?;
+        let backend = placed.queue_backends[0].0.clone();
+        if placed
+            .queue_backends
+            .iter()
+            .any(|(b, _)| !std::sync::Arc::ptr_eq(b, &backend))
+        {
+            let spans = placed
+                .functions
+                .iter()
+                .map(|f| f.accelerator.as_str())
+                .collect::<Vec<_>>()
+                .join(" + ");
+            self.catalog.release(placed);
+            return Err(ActionError::Start {
+                name,
+                reason: format!(
+                    "placement spans several accelerators ({spans}); the device serves one backend per instance so far"
+                ),
+            });
+        }
         let config = WdConfig {
             queues: ty.queues(),
             max_depth: ty.max_depth,
-            ops: ty.queue_ops().iter().fold(0, |a, o| a | o),
+            ops: placed.queue_backends.iter().fold(0, |a, (_, o)| a | o),
             ..WdConfig::default()
         };
         let spec = InstanceSpec {
@@ -352,7 +372,7 @@ impl Registry {
             socket: self.socket_path(&name),
             config,
         };
-        match Instance::start(spec, placed.accel.clone(), placed.pasid) {
+        match Instance::start(spec, backend, placed.pasid) {
             Ok(instance) => {
                 tracing::info!(instance = %name, pasid = placed.pasid, "started at {}", instance.socket().display());
                 e.running = Some(Running { instance, placed });
