@@ -752,3 +752,66 @@ fn a_file_over_the_cap_is_refused_unread_and_every_bad_file_is_reported() {
     std::fs::write(&big, vec![b'#'; MAX_FILE_BYTES as usize]).unwrap();
     assert_eq!(load_paths(&[big]).unwrap(), Config::default());
 }
+
+#[test]
+fn deep_nesting_hits_the_parsers_recursion_limit() {
+    let deep = format!("types: {}{}\n", "[".repeat(100_000), "]".repeat(100_000));
+    let v = errs(&deep);
+    assert_eq!(v[0].place.line, 1);
+    assert_eq!(v[0].error.to_string(), "recursion limit exceeded");
+}
+
+#[test]
+fn anchors_work_and_an_alias_error_points_at_the_alias() {
+    let v = errs("qos_policies:\n  - {name: gold, weight: &w 0}\n  - {name: iron, weight: *w}\n");
+    let got: Vec<_> = v
+        .iter()
+        .map(|e| (e.place.line, e.place.column, e.error.to_string()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                2,
+                29,
+                "weight 0 is out of range (expected 1..=10000)".to_string()
+            ),
+            (
+                3,
+                26,
+                "weight 0 is out of range (expected 1..=10000)".to_string()
+            ),
+        ]
+    );
+    let c = load_str(
+        "t.yaml",
+        "qos_policies:\n  - {name: gold, weight: &w 7}\n  - {name: iron, weight: *w}\n",
+    )
+    .unwrap();
+    assert_eq!(c.qos_policy("iron").unwrap().weight, 7);
+}
+
+#[test]
+fn a_shorthand_missing_half_says_which() {
+    let (l, c, m) = one("types:\n  - name: z\n    queues: 1\n    qos: gold\n");
+    assert_eq!((l, c), (2, 11));
+    assert_eq!(m, "queues needs operations (what the queues may run)");
+}
+
+#[test]
+fn a_long_line_is_shown_as_a_window_around_the_caret() {
+    let pad = " ".repeat(300);
+    let v = errs(&format!(
+        "types: [{{name: z,{pad} queues: 1, operations: [all], qos: nope}}]\n"
+    ));
+    let shown = v[0].to_string();
+    let lines: Vec<&str> = shown.lines().collect();
+    assert!(
+        lines[2].starts_with(" 1 | …") && lines[2].contains("qos: nope"),
+        "{shown}"
+    );
+    assert!(lines[2].chars().count() < 140, "{}", lines[2].len());
+    // The caret is under the `n` of `nope`.
+    let caret = lines[3].chars().count() - 1;
+    assert_eq!(lines[2].chars().nth(caret), Some('n'), "{shown}");
+}
