@@ -181,14 +181,14 @@ fn qos_ranges_and_bursts_without_rates() {
                 "weight 0 is out of range (expected 1..=10000)".to_string()
             ),
             (
-                5,
-                20,
-                "max_in_flight 70000 is out of range (expected 1..=65536)".to_string()
-            ),
-            (
                 4,
                 24,
                 "burst_jobs needs jobs_per_sec (a burst above which rate?)".to_string()
+            ),
+            (
+                5,
+                20,
+                "max_in_flight 70000 is out of range (expected 1..=65536)".to_string()
             ),
         ]
     );
@@ -451,11 +451,6 @@ fn numa_nodes_cpu_lists_and_distances() {
         got,
         vec![
             (
-                7,
-                9,
-                "duplicate NUMA node '1' (first defined at t.yaml:5:9)".to_string()
-            ),
-            (
                 3,
                 11,
                 "invalid cpu list '0-3,x': 'x' is not a cpu number (expected e.g. \"0-3,8\")"
@@ -472,6 +467,11 @@ fn numa_nodes_cpu_lists_and_distances() {
                 11,
                 "invalid cpu list '4-2': range 4-2 runs backwards (expected e.g. \"0-3,8\")"
                     .to_string()
+            ),
+            (
+                7,
+                9,
+                "duplicate NUMA node '1' (first defined at t.yaml:5:9)".to_string()
             ),
         ]
     );

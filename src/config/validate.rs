@@ -570,6 +570,12 @@ pub(crate) fn validate(files: &[Parsed]) -> Result<Config, Vec<Located>> {
     if cx.errors.is_empty() {
         Ok(cfg)
     } else {
+        // In reading order: files as given, then line and column.
+        let rank = |e: &Located| {
+            let file = files.iter().position(|f| f.name == e.place.file);
+            (file, e.place.line, e.place.column)
+        };
+        cx.errors.sort_by_key(rank);
         Err(cx.errors)
     }
 }
