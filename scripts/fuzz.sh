@@ -6,7 +6,7 @@
 #   SECONDS   time per target (default 30)
 #   --asan    build with AddressSanitizer (about 6x slower; needs
 #             RUSTC_BOOTSTRAP=1 on the stable toolchain, set here)
-#   TARGET    only these targets (default: all four)
+#   TARGET    only these targets (default: all five)
 # Corpora grow in fuzz/corpus/TARGET (git-ignored); committed seeds in
 # fuzz/seeds/TARGET are read too. A crash leaves its input in
 # fuzz/artifacts/TARGET and makes this script exit 1.
@@ -23,7 +23,7 @@ for arg in "$@"; do
     *) secs="$arg" ;;
   esac
 done
-[ ${#targets[@]} -gt 0 ] || targets=(regs_decode descriptors bar0_accesses vfio_user_session)
+[ ${#targets[@]} -gt 0 ] || targets=(regs_decode descriptors bar0_accesses vfio_user_session config_yaml)
 
 if ! cargo fuzz --version 2>/dev/null | grep -q '^cargo-fuzz 0\.13'; then
   echo "== installing cargo-fuzz 0.13"

@@ -115,23 +115,42 @@ pub struct Note {
     pub message: String,
 }
 
+/// Longest source line shown whole; a longer one is shown as a window of
+/// this many characters around the column.
+const SNIPPET_WIDTH: usize = 120;
+
 fn snippet(f: &mut fmt::Formatter<'_>, line: u32, column: u32, text: &str) -> fmt::Result {
     if line == 0 {
         return Ok(());
     }
     let num = line.to_string();
     let pad = " ".repeat(num.len());
-    // Keep tabs so the caret lines up under a tab-indented column.
-    let lead: String = text
-        .chars()
-        .take(column.saturating_sub(1) as usize)
-        .map(|c| if c == '\t' { '\t' } else { ' ' })
-        .collect();
-    let text: String = text
-        .chars()
-        .filter(|c| !c.is_control() || *c == '\t')
-        .collect();
-    write!(f, "\n {pad} |\n {num} | {text}\n {pad} | {lead}^")
+    let chars: Vec<char> = text.chars().collect();
+    let col = (column.max(1) - 1) as usize;
+    let (start, end) = if chars.len() <= SNIPPET_WIDTH {
+        (0, chars.len())
+    } else {
+        let start = col.saturating_sub(SNIPPET_WIDTH / 2).min(chars.len());
+        (start, (start + SNIPPET_WIDTH).min(chars.len()))
+    };
+    let mut shown = String::new();
+    let mut lead = String::new();
+    if start > 0 {
+        shown.push('…');
+        lead.push(' ');
+    }
+    for (i, &c) in chars[start..end].iter().enumerate() {
+        // Keep tabs so the caret lines up under a tab-indented column.
+        let c = if c.is_control() && c != '\t' { '?' } else { c };
+        shown.push(c);
+        if start + i < col {
+            lead.push(if c == '\t' { '\t' } else { ' ' });
+        }
+    }
+    if end < chars.len() {
+        shown.push('…');
+    }
+    write!(f, "\n {pad} |\n {num} | {shown}\n {pad} | {lead}^")
 }
 
 /// Names and values come from the file: escape control characters so that a

@@ -18,12 +18,17 @@ pub(crate) struct Parsed {
     pub raw: RawFile,
 }
 
-/// The text of 1-based `line` of `text`.
+/// The text of 1-based `line` of `text`, counting lines as YAML does: `\n`,
+/// `\r\n` and a lone `\r` each end one.
 pub(crate) fn line_of(text: &str, line: u32) -> String {
     if line == 0 {
         return String::new();
     }
-    text.lines()
+    text.split('\n')
+        .flat_map(|l| {
+            let l = l.strip_suffix('\r').unwrap_or(l);
+            l.split('\r')
+        })
         .nth(line as usize - 1)
         .unwrap_or_default()
         .to_string()
@@ -565,6 +570,12 @@ pub(crate) fn validate(files: &[Parsed]) -> Result<Config, Vec<Located>> {
     if cx.errors.is_empty() {
         Ok(cfg)
     } else {
+        // In reading order: files as given, then line and column.
+        let rank = |e: &Located| {
+            let file = files.iter().position(|f| f.name == e.place.file);
+            (file, e.place.line, e.place.column)
+        };
+        cx.errors.sort_by_key(rank);
         Err(cx.errors)
     }
 }
