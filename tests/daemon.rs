@@ -285,6 +285,44 @@ fn define_start_list_stop_undefine_through_the_cli() {
 }
 
 #[test]
+fn available_instances_fall_and_rise_and_exhaustion_names_the_resource() {
+    let d = Daemon::start(SMALL_HOST);
+    // 8 queue pairs: two 4-queue instances, or eight 1-queue ones.
+    assert_eq!((available(&d, "quad"), available(&d, "hash")), (2, 3), "3 PASIDs cap hash");
+    for n in ["q1", "q2", "q3"] {
+        d.json(&["define", "--type", "quad", "--name", n]);
+    }
+    d.json(&["start", "q1"]);
+    assert_eq!((available(&d, "quad"), available(&d, "hash")), (1, 2));
+    let types = d.json(&["types"]);
+    assert_eq!(types[1]["available_by_accelerator"]["soft0"], 1, "{types}");
+    d.json(&["start", "q2"]);
+    assert_eq!((available(&d, "quad"), available(&d, "hash")), (0, 0));
+    // The third does not fit: the message names the pool and the accelerator.
+    let e = d.refused(&["start", "q3"]);
+    assert!(
+        e.contains("cannot place instance 'q3'") && e.contains("soft0: 0 of 8 queue pairs free, need 4"),
+        "{e}"
+    );
+    assert_eq!(d.json(&["list", "--defined"])[2]["state"], "defined", "a refused start changes nothing");
+    d.json(&["stop", "q1"]);
+    assert_eq!(available(&d, "quad"), 1, "a stopped instance's queue pairs come back");
+    d.json(&["start", "q3"]);
+    // PASIDs run out before queue pairs for small instances.
+    d.json(&["stop", "q2"]);
+    d.json(&["stop", "q3"]);
+    for n in ["h1", "h2", "h3", "h4"] {
+        d.json(&["define", "--type", "hash", "--name", n]);
+    }
+    for n in ["h1", "h2", "h3"] {
+        d.json(&["start", n]);
+    }
+    assert_eq!(available(&d, "hash"), 0);
+    let e = d.refused(&["start", "h4"]);
+    assert!(e.contains("soft0: PASIDs exhausted (3)"), "{e}");
+}
+
+#[test]
 fn a_daemon_started_instance_serves_a_vmm_and_shows_it_attached() {
     let d = Daemon::start(SMALL_HOST);
     d.json(&["define", "--type", "quad", "--name", "vm1"]);
