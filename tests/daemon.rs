@@ -155,22 +155,10 @@ impl Daemon {
 
     /// SIGTERM, and the daemon's exit status and stderr.
     pub fn term(&mut self) -> (std::process::ExitStatus, String) {
-        let mut c = self.child.take().expect("running");
-        rustix::process::kill_process(
-            rustix::process::Pid::from_child(&c),
-            rustix::process::Signal::TERM,
-        )
-        .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let status = loop {
-            if let Some(s) = c.try_wait().unwrap() {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "no exit within 20 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let mut err = String::new();
         use std::io::Read;
+        let mut c = self.child.take().expect("running");
+        let status = common::terminate(&mut c);
+        let mut err = String::new();
         c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
         (status, err)
     }
@@ -288,7 +276,11 @@ fn define_start_list_stop_undefine_through_the_cli() {
 fn available_instances_fall_and_rise_and_exhaustion_names_the_resource() {
     let d = Daemon::start(SMALL_HOST);
     // 8 queue pairs: two 4-queue instances, or eight 1-queue ones.
-    assert_eq!((available(&d, "quad"), available(&d, "hash")), (2, 3), "3 PASIDs cap hash");
+    assert_eq!(
+        (available(&d, "quad"), available(&d, "hash")),
+        (2, 3),
+        "3 PASIDs cap hash"
+    );
     for n in ["q1", "q2", "q3"] {
         d.json(&["define", "--type", "quad", "--name", n]);
     }
@@ -301,12 +293,21 @@ fn available_instances_fall_and_rise_and_exhaustion_names_the_resource() {
     // The third does not fit: the message names the pool and the accelerator.
     let e = d.refused(&["start", "q3"]);
     assert!(
-        e.contains("cannot place instance 'q3'") && e.contains("soft0: 0 of 8 queue pairs free, need 4"),
+        e.contains("cannot place instance 'q3'")
+            && e.contains("soft0: 0 of 8 queue pairs free, need 4"),
         "{e}"
     );
-    assert_eq!(d.json(&["list", "--defined"])[2]["state"], "defined", "a refused start changes nothing");
+    assert_eq!(
+        d.json(&["list", "--defined"])[2]["state"],
+        "defined",
+        "a refused start changes nothing"
+    );
     d.json(&["stop", "q1"]);
-    assert_eq!(available(&d, "quad"), 1, "a stopped instance's queue pairs come back");
+    assert_eq!(
+        available(&d, "quad"),
+        1,
+        "a stopped instance's queue pairs come back"
+    );
     d.json(&["start", "q3"]);
     // PASIDs run out before queue pairs for small instances.
     d.json(&["stop", "q2"]);

@@ -1,6 +1,7 @@
 //! A real Linux guest drives the device: QEMU 11.1's `vfio-user-pci` (TCG,
 //! in the trixie chroot) boots the trixie kernel with a busybox initramfs,
-//! whose init runs the static `wdvirt-guest` tool against `wdvirt serve`.
+//! whose init runs the static `wdvirt-guest` tool against instances a
+//! `wdvirt daemon` started.
 //! Everything the guest reports is checked against what the host computes
 //! for the same bytes and against the daemon's own per-instance counters.
 //!
@@ -38,11 +39,30 @@ fn chroot() -> PathBuf {
     dir
 }
 
-/// `wdvirt serve` with one instance per name, sockets inside the chroot.
+/// A `wdvirt daemon` on the shipped default configuration
+/// (`policies/default.yaml`), with one `all-4q` instance per name defined and
+/// started through the CLI; sockets inside the chroot.
 struct Server {
     child: Child,
+    names: Vec<String>,
     sockets: Vec<PathBuf>,
+    api: PathBuf,
     _dir: tempfile::TempDir,
+}
+
+fn wdvirt_cli(api: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_wdvirt"))
+        .arg("--api")
+        .arg(api)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "wdvirt {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 impl Server {
@@ -53,37 +73,64 @@ impl Server {
             .prefix("wdvirt-test-")
             .tempdir_in(&run)
             .unwrap();
-        let sockets: Vec<PathBuf> = names
-            .iter()
-            .map(|n| dir.path().join(format!("{n}.sock")))
-            .collect();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wdvirt"));
-        cmd.args(["serve", "--json"]);
-        for s in &sockets {
-            cmd.arg("--socket").arg(s);
-        }
-        let mut child = cmd
-            .stdout(Stdio::piped())
+        let api = dir.path().join("api.sock");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wdvirt"))
+            .arg("daemon")
+            .arg("--config")
+            .arg(repo().join("policies/default.yaml"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--run-dir")
+            .arg(dir.path())
+            .arg("--api")
+            .arg(&api)
+            .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !sockets.iter().all(|s| s.exists()) {
-            assert!(child.try_wait().unwrap().is_none(), "wdvirt serve exited");
-            assert!(Instant::now() < deadline, "wdvirt serve made no sockets");
+        while std::os::unix::net::UnixStream::connect(&api).is_err() {
+            assert!(child.try_wait().unwrap().is_none(), "wdvirt daemon exited");
+            assert!(Instant::now() < deadline, "wdvirt daemon never answered");
             std::thread::sleep(Duration::from_millis(20));
         }
+        let sockets = names
+            .iter()
+            .map(|n| {
+                wdvirt_cli(&api, &["define", "--type", "all-4q", "--name", n]);
+                PathBuf::from(wdvirt_cli(&api, &["start", n]).trim())
+            })
+            .collect();
         Server {
             child,
+            names: names.iter().map(|n| n.to_string()).collect(),
             sockets,
+            api,
             _dir: dir,
         }
     }
 
-    /// SIGTERM, then each instance's report (after every guest has powered
-    /// off: QEMU 11.1 aborts if the server closes a socket in use).
+    /// Each instance's report as the daemon lists it, then SIGTERM (after
+    /// every guest has powered off: QEMU 11.1 aborts if the server closes a
+    /// socket in use).
     fn stop(mut self) -> Vec<Value> {
-        common::stop_serve(&mut self.child)
+        let list: Value =
+            serde_json::from_str(&wdvirt_cli(&self.api, &["list", "--json"])).unwrap();
+        let reports = self
+            .names
+            .iter()
+            .map(|n| {
+                let v = list
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|v| v["name"] == n.as_str())
+                    .unwrap_or_else(|| panic!("{n} is not listed: {list}"));
+                v["report"].clone()
+            })
+            .collect();
+        common::stop_daemon(&mut self.child);
+        reports
     }
 }
 

@@ -54,27 +54,38 @@ pub fn start(
     }
 }
 
-/// Stops a `wdvirt serve --json` child with SIGTERM, checks that it exited 0,
-/// and returns what it printed: one report per instance.
-pub fn stop_serve(child: &mut std::process::Child) -> Vec<serde_json::Value> {
-    use std::io::Read;
+/// SIGTERM to a `wdvirt serve` or `wdvirt daemon` child, and its exit
+/// status. One that hangs on the way out fails here, not at CI's time limit.
+pub fn terminate(child: &mut std::process::Child) -> std::process::ExitStatus {
     rustix::process::kill_process(
         rustix::process::Pid::from_child(child),
         rustix::process::Signal::TERM,
     )
     .unwrap();
-    // A daemon that hangs on the way out fails here, not at CI's time limit.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let status = loop {
+    loop {
         if let Some(status) = child.try_wait().unwrap() {
-            break status;
+            return status;
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
-            panic!("wdvirt serve did not exit within 20 s of SIGTERM");
+            panic!("wdvirt did not exit within 20 s of SIGTERM");
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
-    };
+    }
+}
+
+/// Stops a `wdvirt daemon` child with SIGTERM and checks that it exited 0.
+pub fn stop_daemon(child: &mut std::process::Child) {
+    let status = terminate(child);
+    assert!(status.success(), "wdvirt daemon failed: {status}");
+}
+
+/// Stops a `wdvirt serve --json` child with SIGTERM, checks that it exited 0,
+/// and returns what it printed: one report per instance.
+pub fn stop_serve(child: &mut std::process::Child) -> Vec<serde_json::Value> {
+    use std::io::Read;
+    let status = terminate(child);
     assert!(status.success(), "wdvirt serve failed: {status}");
     let mut out = String::new();
     child
