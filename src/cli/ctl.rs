@@ -279,9 +279,16 @@ pub fn list(api: &ApiClient, a: ListArgs) -> anyhow::Result<()> {
         "STATE".into(),
         "AUTO".into(),
         "PASID".into(),
+        "JOBS".into(),
+        "FAILED".into(),
         "SOCKET".into(),
     ]];
     for v in &list {
+        let jobs = |f: fn(&crate::stats::QueueSnapshot) -> u64| {
+            v.report.as_ref().map_or("-".to_string(), |r| {
+                r.queues.iter().map(f).sum::<u64>().to_string()
+            })
+        };
         rows.push([
             v.name.clone(),
             v.uuid.to_string(),
@@ -289,6 +296,8 @@ pub fn list(api: &ApiClient, a: ListArgs) -> anyhow::Result<()> {
             v.state.name().into(),
             if v.auto { "auto" } else { "manual" }.into(),
             v.pasid.map_or("-".into(), |p| p.to_string()),
+            jobs(|q| q.jobs_ok),
+            jobs(|q| q.jobs_failed),
             v.socket
                 .as_ref()
                 .map_or("-".into(), |s| s.display().to_string()),

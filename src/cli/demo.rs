@@ -40,6 +40,12 @@ pub struct DemoArgs {
     /// Directory for the instances' sockets (default: a fresh temporary one).
     #[arg(long, value_name = "DIR")]
     pub socket_dir: Option<PathBuf>,
+    /// Drive instances that are already served (e.g. started with `wdvirt
+    /// start`) instead of starting its own: the in-process VMM connects to
+    /// each SOCKET. Repeatable. Each instance needs every operation on its
+    /// queue 0 (type `all-4q` in policies/default.yaml).
+    #[arg(long, value_name = "SOCKET", conflicts_with_all = ["instances", "engines", "socket_dir"])]
+    pub connect: Vec<PathBuf>,
     /// Print the result as JSON (for scripts) instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -58,6 +64,100 @@ struct GuestResult {
 struct DemoInstance {
     guest: GuestResult,
     device: InstanceReport,
+}
+
+/// One served instance the demo only connects to: its counters are the
+/// daemon's (`wdvirt list`).
+#[derive(Debug, Serialize)]
+struct ConnectedInstance {
+    socket: PathBuf,
+    guest: GuestResult,
+}
+
+/// Runs the guest side on every socket at once, one thread each.
+fn drive_all(
+    sockets: &[PathBuf],
+    rounds: u32,
+    size: u32,
+    quiet: bool,
+) -> anyhow::Result<Vec<GuestResult>> {
+    let guests: Vec<_> = sockets
+        .iter()
+        .enumerate()
+        .map(|(i, socket)| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let r = drive(&socket, rounds, size as usize, i as u64 + 1);
+                if !quiet && let Ok(r) = &r {
+                    eprintln!(
+                        "  {}: guest finished {} jobs in {:.2} s",
+                        socket.display(),
+                        r.jobs,
+                        r.seconds
+                    );
+                }
+                r
+            })
+        })
+        .collect();
+    guests
+        .into_iter()
+        .zip(sockets)
+        .map(|(g, s)| {
+            g.join()
+                .map_err(|_| anyhow::anyhow!("guest thread panicked"))?
+                .with_context(|| s.display().to_string())
+        })
+        .collect()
+}
+
+fn check_all<'a>(results: impl Iterator<Item = &'a GuestResult>) -> anyhow::Result<ExitCode> {
+    let bad: usize = results.map(|r| r.mismatches.len()).sum();
+    if bad > 0 {
+        bail!("{bad} result(s) did not match the direct library call");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_connected(a: &DemoArgs) -> anyhow::Result<ExitCode> {
+    if !a.json {
+        eprintln!(
+            "wdvirt demo: driving {} served instance(s), {} rounds of 8 jobs x {} KiB each",
+            a.connect.len(),
+            a.rounds,
+            a.size / 1024
+        );
+    }
+    let results: Vec<ConnectedInstance> = drive_all(&a.connect, a.rounds, a.size, a.json)?
+        .into_iter()
+        .zip(&a.connect)
+        .map(|(guest, socket)| ConnectedInstance {
+            socket: socket.clone(),
+            guest,
+        })
+        .collect();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        println!(
+            "{:<40} {:>7} {:>9} {:>10} {:>9}",
+            "socket", "jobs", "verified", "MiB in", "MB/s"
+        );
+        for r in &results {
+            println!(
+                "{:<40} {:>7} {:>9} {:>10.1} {:>9.0}",
+                r.socket.display(),
+                r.guest.jobs,
+                r.guest.verified,
+                r.guest.bytes_in as f64 / (1 << 20) as f64,
+                r.guest.bytes_in as f64 / r.guest.seconds.max(1e-9) / 1e6,
+            );
+        }
+        if results.iter().all(|r| r.guest.mismatches.is_empty()) {
+            println!("every result matched a direct library call");
+        }
+    }
+    check_all(results.iter().map(|r| &r.guest))
 }
 
 /// Text-like data that compresses about 3:1 (the guest tool's generator).
@@ -142,6 +242,9 @@ fn drive(
 }
 
 pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
+    if !a.connect.is_empty() {
+        return run_connected(&a);
+    }
     let tmp;
     let dir = match &a.socket_dir {
         Some(d) => {
@@ -173,47 +276,22 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             a.size / 1024
         );
     }
-    let guests: Vec<_> = instances
-        .iter()
-        .enumerate()
-        .map(|(i, inst)| {
-            let socket = inst.socket().to_path_buf();
-            let (rounds, size, json, name) =
-                (a.rounds, a.size as usize, a.json, inst.name().to_string());
-            std::thread::spawn(move || {
-                let r = drive(&socket, rounds, size, i as u64 + 1);
-                if !json && let Ok(r) = &r {
-                    eprintln!(
-                        "  {name}: guest finished {} jobs in {:.2} s",
-                        r.jobs, r.seconds
-                    );
-                }
-                r
-            })
-        })
-        .collect();
-    let mut results = Vec::new();
-    for (g, inst) in guests.into_iter().zip(&instances) {
-        let guest = g
-            .join()
-            .map_err(|_| anyhow::anyhow!("guest thread panicked"))?
-            .with_context(|| inst.name().to_string())?;
-        results.push(DemoInstance {
+    let sockets: Vec<PathBuf> = instances.iter().map(|i| i.socket().to_path_buf()).collect();
+    let results: Vec<DemoInstance> = drive_all(&sockets, a.rounds, a.size, a.json)?
+        .into_iter()
+        .zip(&instances)
+        .map(|(guest, inst)| DemoInstance {
             guest,
             device: inst.report(),
-        });
-    }
+        })
+        .collect();
     drop(instances);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
         print_table(&results);
     }
-    let bad: usize = results.iter().map(|r| r.guest.mismatches.len()).sum();
-    if bad > 0 {
-        bail!("{bad} result(s) did not match the direct library call");
-    }
-    Ok(ExitCode::SUCCESS)
+    check_all(results.iter().map(|r| &r.guest))
 }
 
 fn print_table(results: &[DemoInstance]) {
