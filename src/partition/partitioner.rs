@@ -12,12 +12,10 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use super::error::{PlacementError, Reason, Rejection, RequestError};
 use super::graph::Topology;
 use super::pasid::{PASID_MAX, PasidSpace, PasidUsage};
-use super::placement::{
-    Capacity, PlacementError, PlacementRequest, Reason, Rejection, RequestError, count_successive,
-    search,
-};
+use super::placement::{Capacity, PlacementRequest, count_successive, search};
 use super::pool::{QueuePairUsage, QueuePool};
 use crate::accel::Pasid;
 
@@ -248,8 +246,7 @@ impl Partitioner {
             });
         }
         let cap = st.capacity(topo);
-        let choice = search(topo, &cap, &checked, None)
-            .map_err(|rejections| PlacementError::NoFit { rejections })?;
+        let choice = search(topo, &cap, &checked, None)?;
         let mut parts: Vec<(usize, Vec<u32>)> = Vec::new();
         for (func, &a) in checked.functions.iter().zip(&choice.accel_of) {
             match st.pools[a].take(func.queues) {
