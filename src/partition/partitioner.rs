@@ -532,6 +532,14 @@ mod tests {
         assert_eq!(p.release(&a).unwrap_err(), ReleaseError::NotLive(1));
         assert_eq!(p.drained(1), Err(ReleaseError::NotDraining(1)));
         assert_eq!(p.snapshot().accelerators[0].queue_pairs.free, 4);
+        // The daemon may keep the PASID rather than the ticket.
+        let b = p.place(&copy(4)).unwrap();
+        let ticket = p.release(&b).unwrap();
+        assert_eq!(ticket.pasid(), b.pasid);
+        drop(ticket);
+        assert_eq!(p.snapshot().accelerators[0].queue_pairs.draining, 4);
+        p.drained(b.pasid).unwrap();
+        assert_eq!(p.snapshot().accelerators[0].queue_pairs.free, 4);
     }
 
     #[test]

@@ -149,6 +149,8 @@ pub(crate) struct Choice {
     pub distinct: Vec<usize>,
     pub total: u64,
     pub max: u64,
+    /// Search steps taken (see [`SEARCH_BUDGET`]).
+    pub steps: u64,
 }
 
 /// Lexicographic order = "better first" (see the module doc).
@@ -315,6 +317,7 @@ impl Dfs<'_> {
                 distinct: self.distinct.clone(),
                 total,
                 max,
+                steps: 0,
             };
             self.best = Some((score, choice));
         }
@@ -390,7 +393,8 @@ pub(crate) fn search(
         visited: 0,
     };
     dfs.go(0, 0, 0);
-    if let Some((_, choice)) = dfs.best {
+    if let Some((_, mut choice)) = dfs.best {
+        choice.steps = dfs.visited;
         if dfs.visited >= SEARCH_BUDGET {
             tracing::warn!(
                 visited = dfs.visited,
@@ -781,6 +785,69 @@ mod tests {
             PlacementError::SearchBudget {
                 visited: SEARCH_BUDGET
             }
+        );
+    }
+
+    #[test]
+    fn identical_functions_are_tried_in_one_order_only() {
+        // Ten accelerators, one queue pair each, all 20 apart: eight
+        // identical functions need eight distinct accelerators, every choice
+        // ties. In one order only: C(10, 8) leaves, not 10!/2! (1.8 million).
+        let t = Topology::new(TopologySpec {
+            numa_nodes: vec![NumaSpec {
+                id: 0,
+                cpus: vec![],
+            }],
+            accelerators: (0..10).map(|i| accel(&format!("a{i}"), SHA, 1)).collect(),
+            links: (0..10)
+                .map(|i| link(&format!("a{i}"), Node::Numa(0), 10))
+                .collect(),
+        })
+        .unwrap();
+        let c = place(&t, &req(&[(1, SHA); 8])).unwrap();
+        assert_eq!(c.accel_of, [0, 1, 2, 3, 4, 5, 6, 7]);
+        assert!(c.steps < 10_000, "{}", c.steps);
+    }
+
+    #[test]
+    fn ordinary_requests_take_few_steps() {
+        let t = topo();
+        let mut r = req(&[(1, ZIP), (1, SHA)]);
+        r.numa_node = Some(0);
+        let c = place(&t, &r).unwrap();
+        assert!(c.steps <= 9, "{}", c.steps);
+    }
+
+    #[test]
+    fn unreachable_accelerators_are_named_not_connected() {
+        let t = Topology::new(TopologySpec {
+            numa_nodes: vec![NumaSpec {
+                id: 0,
+                cpus: vec![0],
+            }],
+            accelerators: vec![accel("island", SHA, 4), accel("other", SHA, 4)],
+            ..TopologySpec::default()
+        })
+        .unwrap();
+        let mut r = req(&[(1, SHA)]);
+        r.numa_node = Some(0);
+        r.max_distance = Some(100);
+        assert_eq!(
+            render(&place(&t, &r).unwrap_err()),
+            "island–node0 not connected; other–node0 not connected"
+        );
+        // With no maximum, an unreachable accelerator is allowed.
+        r.max_distance = None;
+        assert!(place(&t, &r).is_ok());
+        // Two functions that cannot share an accelerator, on islands.
+        let r = PlacementRequest {
+            max_distance: Some(100),
+            ..req(&[(3, SHA), (3, SHA)])
+        };
+        assert_eq!(
+            render(&place(&t, &r).unwrap_err()),
+            "island–other not connected; island: 4 of 4 queue pairs free, need 6 for functions 0+1; \
+             other: 4 of 4 queue pairs free, need 6 for functions 0+1"
         );
     }
 
