@@ -27,7 +27,7 @@ pub use graph::{
 };
 pub use partitioner::{
     AcceleratorUsage, Allocation, Availability, DistanceInfo, DrainTicket, FunctionAllocation,
-    Partitioner, ReleaseError, Snapshot,
+    Partitioner, ReleaseError, RestoreError, Snapshot,
 };
 pub use pasid::{PASID_MAX, PartitionError, PasidAllocator, PasidError, PasidSpace, PasidUsage};
 pub use placement::{FunctionRequest, MAX_FUNCTIONS, PlacementRequest, SEARCH_BUDGET};

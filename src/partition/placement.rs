@@ -551,6 +551,25 @@ fn combination_rejections(
     out
 }
 
+/// (total, max) distance of a set of accelerators, as "best" counts them:
+/// every pair, plus each to `numa` if given.
+pub(crate) fn span_distances(topo: &Topology, distinct: &[usize], numa: Option<u32>) -> (u64, u64) {
+    let (mut total, mut max) = (0u64, 0u64);
+    for (k, &a) in distinct.iter().enumerate() {
+        let to_numa = numa.map(|n| topo.numa_distance(a, n));
+        for d in distinct[..k]
+            .iter()
+            .map(|&b| topo.accel_distance(a, b))
+            .chain(to_numa)
+        {
+            let d = d.unwrap_or(u64::MAX);
+            total = total.saturating_add(d);
+            max = max.max(d);
+        }
+    }
+    (total, max)
+}
+
 /// How many instances successive placements would fit into `cap`
 /// (each taking one host PASID of `host_free`).
 pub(crate) fn count_successive(
