@@ -22,8 +22,8 @@ pub mod pool;
 
 pub use error::{PlacementError, Reason, Rejection, RequestError};
 pub use graph::{
-    Accelerator, AcceleratorSpec, KNOWN_OPS, LinkSpec, Node, NumaNode, NumaSpec, Topology,
-    TopologyError, TopologySpec, ops_names,
+    Accelerator, AcceleratorSpec, KNOWN_OPS, LinkSpec, MAX_QUEUE_PAIRS, Node, NumaNode, NumaSpec,
+    Topology, TopologyError, TopologySpec, ops_names,
 };
 pub use partitioner::{
     AcceleratorUsage, Allocation, Availability, DistanceInfo, DrainTicket, FunctionAllocation,

@@ -249,7 +249,7 @@ impl Dfs<'_> {
                 continue;
             }
             let need = self.req.functions[i].queues;
-            if self.qp_used[a] + need > self.cap.free_qp[a] {
+            if self.qp_used[a].saturating_add(need) > self.cap.free_qp[a] {
                 continue;
             }
             // queues >= 1, so an accelerator is in use iff it has queues here.
@@ -429,7 +429,7 @@ fn consistent(
     let f = &req.functions;
     let goes_with = |i: usize, a: usize, j: usize, b: usize| {
         if a == b {
-            cap.free_qp[a] >= f[i].queues + f[j].queues
+            cap.free_qp[a] >= f[i].queues.saturating_add(f[j].queues)
         } else {
             within(topo.accel_distance(a, b), req.max)
         }
@@ -510,7 +510,9 @@ fn shared_rejection(
         accelerator: accel.name.clone(),
         function: None,
         reason: Reason::SharedQueuePairs {
-            need: functions.iter().map(|&i| req.functions[i].queues).sum(),
+            need: functions
+                .iter()
+                .fold(0u32, |sum, &i| sum.saturating_add(req.functions[i].queues)),
             functions,
             free: cap.free_qp[a],
             total: accel.queue_pairs,
@@ -543,7 +545,9 @@ fn combination_rejections(
         let functions: Vec<usize> = (0..cands.len())
             .filter(|&i| cands[i].contains(&a))
             .collect();
-        let need: u32 = functions.iter().map(|&i| req.functions[i].queues).sum();
+        let need = functions
+            .iter()
+            .fold(0u32, |sum, &i| sum.saturating_add(req.functions[i].queues));
         if functions.len() > 1 && need > cap.free_qp[a] {
             out.push(shared_rejection(topo, cap, req, a, functions));
         }
@@ -826,6 +830,19 @@ mod tests {
         let c = place(&t, &req(&[(1, SHA); 8])).unwrap();
         assert_eq!(c.accel_of, [0, 1, 2, 3, 4, 5, 6, 7]);
         assert!(c.steps < 10_000, "{}", c.steps);
+    }
+
+    #[test]
+    fn huge_queue_counts_are_refused_not_overflowed() {
+        let t = topo();
+        let e = place(&t, &req(&[(u32::MAX, SHA), (u32::MAX, SHA)])).unwrap_err();
+        assert!(
+            render(&e).contains("z: 8 of 8 queue pairs free, need 4294967295 (function 0)"),
+            "{}",
+            render(&e)
+        );
+        let e = place(&t, &req(&[(4, SHA), (u32::MAX - 1, ZIP)])).unwrap_err();
+        assert!(render(&e).contains("need 4294967294"), "{}", render(&e));
     }
 
     #[test]
