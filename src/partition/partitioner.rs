@@ -275,8 +275,7 @@ impl Partitioner {
                     // The search counted these queue pairs free under this
                     // same lock; reaching here is a bug. Undo, and refuse.
                     for (b, qps) in &parts {
-                        let pool = &mut st.pools[*b];
-                        let _ = pool.retire(qps).and_then(|()| pool.restore(qps));
+                        let _ = st.pools[*b].untake(qps);
                     }
                     let accel = &topo.accelerators()[a];
                     tracing::error!(accelerator = %accel.name, "partition: pool disagrees with search");
@@ -298,8 +297,7 @@ impl Partitioner {
             Ok(p) => p,
             Err(_) => {
                 for (b, qps) in &parts {
-                    let pool = &mut st.pools[*b];
-                    let _ = pool.retire(qps).and_then(|()| pool.restore(qps));
+                    let _ = st.pools[*b].untake(qps);
                 }
                 return Err(PlacementError::HostPasidsExhausted {
                     max: st.pasids.usage().capacity,

@@ -79,6 +79,12 @@ impl QueuePool {
         move_all(&mut self.free, &mut self.used, indexes)
     }
 
+    /// Used → free at once, all or nothing: undoes a `take` whose instance
+    /// never ran (nothing can be in flight).
+    pub fn untake(&mut self, indexes: &[u32]) -> Result<(), PoolError> {
+        move_all(&mut self.used, &mut self.free, indexes)
+    }
+
     /// Used → draining, all or nothing.
     pub fn retire(&mut self, indexes: &[u32]) -> Result<(), PoolError> {
         move_all(&mut self.used, &mut self.draining, indexes)
@@ -146,6 +152,9 @@ mod tests {
         );
         p.restore(&[0, 1]).unwrap();
         assert_eq!(p.take(2), Ok(vec![0, 1]));
+        p.untake(&[1]).unwrap();
+        assert_eq!(p.untake(&[1]), Err(PoolError::WrongState(1)));
+        assert_eq!(p.take(1), Ok(vec![1]));
     }
 
     #[test]
