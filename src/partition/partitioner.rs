@@ -627,6 +627,13 @@ mod tests {
     }
 
     #[test]
+    fn the_partitioner_and_its_tickets_cross_threads() {
+        fn shareable<T: Send + Sync + 'static>() {}
+        shareable::<Partitioner>();
+        shareable::<DrainTicket>();
+    }
+
+    #[test]
     fn release_steps_are_checked() {
         let p = one(2);
         let a = p.place(&copy(1)).unwrap();
