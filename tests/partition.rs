@@ -450,3 +450,42 @@ fn pasids_stay_unique_over_1000_random_cycles_from_four_threads() {
         assert_eq!(acc.pasids.free, acc.pasids.capacity, "{}", acc.name);
     }
 }
+
+#[test]
+fn a_restarted_daemon_takes_back_multi_accelerator_allocations() {
+    let p = Partitioner::new(example());
+    let placed: Vec<Allocation> = [zip_and_hash(Some(15), Some(0)), zip_and_hash(None, Some(1))]
+        .iter()
+        .map(|r| p.place(r).unwrap())
+        .collect();
+    let q = Partitioner::new(example());
+    for a in &placed {
+        // Distances recomputed on the topology match what placement said.
+        assert_eq!(&q.restore(a).unwrap(), a);
+    }
+    assert_eq!(q.snapshot(), p.snapshot());
+}
+
+#[test]
+fn rejections_serialise_for_the_api() {
+    let p = Partitioner::new(example());
+    let e = p
+        .place(&only(&["sec1"], vec![function(17, Opcode::Crc32c)]))
+        .unwrap_err();
+    let PlacementError::NoFit { rejections } = e else {
+        panic!("{e:?}")
+    };
+    let json = serde_json::to_value(&rejections).unwrap();
+    assert_eq!(
+        json[3],
+        serde_json::json!({
+            "accelerator": "sec1",
+            "function": null,
+            "constraint": "queue_pairs",
+            "free": 16,
+            "total": 16,
+            "need": 17
+        })
+    );
+    assert_eq!(json[0]["constraint"], "not_allowed");
+}

@@ -18,6 +18,12 @@ use wdvirt_abi::Opcode;
 
 use super::pasid::PASID_MAX;
 
+/// Most queue pairs one accelerator may declare. Hardware has hundreds to a
+/// thousand or so (a HiSilicon ZIP PF: 1024); the pool keeps one entry per
+/// queue pair, so an absurd value in a config must not become an absurd
+/// allocation.
+pub const MAX_QUEUE_PAIRS: u32 = 65_536;
+
 /// Every operation bit this build knows (bit n = opcode n).
 pub const KNOWN_OPS: u32 = {
     let mut mask = 0u32;
@@ -119,6 +125,8 @@ pub enum TopologyError {
     NoEngines(String),
     #[error("accelerator {0}: needs at least one queue pair")]
     NoQueuePairs(String),
+    #[error("accelerator {name}: {queue_pairs} queue pairs, at most {max} are supported", max = MAX_QUEUE_PAIRS)]
+    TooManyQueuePairs { name: String, queue_pairs: u32 },
     #[error("accelerator {name}: PASID capacity {capacity} is outside 1..={max}", max = PASID_MAX)]
     PasidCapacity { name: String, capacity: u32 },
     #[error("accelerator {0}: runs no operation")]
@@ -339,6 +347,12 @@ fn validate_accelerator(a: &AcceleratorSpec) -> Result<(), TopologyError> {
     if a.queue_pairs == 0 {
         return Err(TopologyError::NoQueuePairs(name()));
     }
+    if a.queue_pairs > MAX_QUEUE_PAIRS {
+        return Err(TopologyError::TooManyQueuePairs {
+            name: name(),
+            queue_pairs: a.queue_pairs,
+        });
+    }
     if a.pasids == 0 || a.pasids > PASID_MAX {
         return Err(TopologyError::PasidCapacity {
             name: name(),
@@ -489,6 +503,19 @@ mod tests {
                     vec![],
                 ),
                 TopologyError::NoQueuePairs("a".into()),
+            ),
+            (
+                two_nodes(
+                    vec![AcceleratorSpec {
+                        queue_pairs: MAX_QUEUE_PAIRS + 1,
+                        ..accel("a")
+                    }],
+                    vec![],
+                ),
+                TopologyError::TooManyQueuePairs {
+                    name: "a".into(),
+                    queue_pairs: MAX_QUEUE_PAIRS + 1,
+                },
             ),
             (
                 two_nodes(

@@ -12,12 +12,10 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::graph::Topology;
-use super::pasid::{PASID_MAX, PasidSpace, PasidUsage};
-use super::placement::{
-    Capacity, PlacementError, PlacementRequest, Reason, Rejection, RequestError, count_successive,
-    search,
-};
+use super::error::{PlacementError, Reason, Rejection, RequestError};
+use super::graph::{Topology, ops_names};
+use super::pasid::{PASID_MAX, PasidError, PasidSpace, PasidUsage};
+use super::placement::{Capacity, PlacementRequest, count_successive, search, span_distances};
 use super::pool::{QueuePairUsage, QueuePool};
 use crate::accel::Pasid;
 
@@ -59,6 +57,26 @@ pub enum ReleaseError {
     Mismatch(Pasid),
     #[error("PASID {0} is not draining")]
     NotDraining(Pasid),
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum RestoreError {
+    #[error("the allocation has no function")]
+    NoFunctions,
+    #[error("function {0} has no queue pair")]
+    NoQueues(usize),
+    #[error("unknown accelerator {0:?}")]
+    UnknownAccelerator(String),
+    #[error("unknown NUMA node {0}")]
+    UnknownNumaNode(u32),
+    #[error("{accelerator}: no {}", ops_names(*missing))]
+    MissingOps { accelerator: String, missing: u32 },
+    #[error("{accelerator}: queue pair {index} is not free")]
+    QueuePair { accelerator: String, index: u32 },
+    #[error("{accelerator}: PASIDs exhausted ({capacity})")]
+    PasidsExhausted { accelerator: String, capacity: u32 },
+    #[error(transparent)]
+    Pasid(#[from] PasidError),
 }
 
 /// One accelerator in a [`Snapshot`].
@@ -248,8 +266,7 @@ impl Partitioner {
             });
         }
         let cap = st.capacity(topo);
-        let choice = search(topo, &cap, &checked, None)
-            .map_err(|rejections| PlacementError::NoFit { rejections })?;
+        let choice = search(topo, &cap, &checked, None)?;
         let mut parts: Vec<(usize, Vec<u32>)> = Vec::new();
         for (func, &a) in checked.functions.iter().zip(&choice.accel_of) {
             match st.pools[a].take(func.queues) {
@@ -258,8 +275,7 @@ impl Partitioner {
                     // The search counted these queue pairs free under this
                     // same lock; reaching here is a bug. Undo, and refuse.
                     for (b, qps) in &parts {
-                        let pool = &mut st.pools[*b];
-                        let _ = pool.retire(qps).and_then(|()| pool.restore(qps));
+                        let _ = st.pools[*b].untake(qps);
                     }
                     let accel = &topo.accelerators()[a];
                     tracing::error!(accelerator = %accel.name, "partition: pool disagrees with search");
@@ -281,8 +297,7 @@ impl Partitioner {
             Ok(p) => p,
             Err(_) => {
                 for (b, qps) in &parts {
-                    let pool = &mut st.pools[*b];
-                    let _ = pool.retire(qps).and_then(|()| pool.restore(qps));
+                    let _ = st.pools[*b].untake(qps);
                 }
                 return Err(PlacementError::HostPasidsExhausted {
                     max: st.pasids.usage().capacity,
@@ -320,6 +335,94 @@ impl Partitioner {
             },
         );
         Ok(allocation)
+    }
+
+    /// Takes back exactly `allocation` (its PASID and queue pairs), e.g. for
+    /// an instance a restarted daemon re-attaches. Checks that its
+    /// accelerators exist and still run its functions' operations, and that
+    /// the PASID, the queue pairs and a PASID slot on each accelerator are
+    /// free; all or nothing. The type's `max_distance` is not known here and
+    /// not checked. Returns the allocation with its distances recomputed on
+    /// the current topology: release that one.
+    pub fn restore(&self, allocation: &Allocation) -> Result<Allocation, RestoreError> {
+        let topo = &self.shared.topology;
+        if allocation.functions.is_empty() {
+            return Err(RestoreError::NoFunctions);
+        }
+        if let Some(node) = allocation.numa_node
+            && !topo.has_numa(node)
+        {
+            return Err(RestoreError::UnknownNumaNode(node));
+        }
+        let mut parts = Vec::new();
+        let mut spans: Vec<usize> = Vec::new();
+        for (i, f) in allocation.functions.iter().enumerate() {
+            let a = topo
+                .accelerator_index(&f.accelerator)
+                .ok_or_else(|| RestoreError::UnknownAccelerator(f.accelerator.clone()))?;
+            if f.queue_pairs.is_empty() {
+                return Err(RestoreError::NoQueues(i));
+            }
+            let missing = f.ops & !topo.accelerators()[a].ops;
+            if missing != 0 {
+                return Err(RestoreError::MissingOps {
+                    accelerator: f.accelerator.clone(),
+                    missing,
+                });
+            }
+            if !spans.contains(&a) {
+                spans.push(a);
+            }
+            parts.push((a, f.queue_pairs.clone()));
+        }
+        let mut st = self.shared.state.lock();
+        let mut wanted = std::collections::BTreeSet::new();
+        for (a, qps) in &parts {
+            for &index in qps {
+                if !st.pools[*a].is_free(index) || !wanted.insert((*a, index)) {
+                    return Err(RestoreError::QueuePair {
+                        accelerator: topo.accelerators()[*a].name.clone(),
+                        index,
+                    });
+                }
+            }
+        }
+        for &a in &spans {
+            let accel = &topo.accelerators()[a];
+            if st.slots[a].live + st.slots[a].draining >= accel.pasids {
+                return Err(RestoreError::PasidsExhausted {
+                    accelerator: accel.name.clone(),
+                    capacity: accel.pasids,
+                });
+            }
+        }
+        // Everything is checked: from here on nothing fails but the PASID,
+        // which is taken before any queue pair.
+        st.pasids.claim(allocation.pasid)?;
+        for (a, qps) in &parts {
+            if let Err(e) = st.pools[*a].claim(qps) {
+                tracing::error!(%e, "partition: pool disagrees with its own check");
+            }
+        }
+        for &a in &spans {
+            st.slots[a].live += 1;
+        }
+        let (total, max) = span_distances(topo, &spans, allocation.numa_node);
+        let mut restored = allocation.clone();
+        for (f, (a, _)) in restored.functions.iter_mut().zip(&parts) {
+            f.numa_distance = allocation.numa_node.and_then(|n| topo.numa_distance(*a, n));
+        }
+        restored.distance = DistanceInfo { total, max };
+        st.live.insert(
+            allocation.pasid,
+            Record {
+                allocation: restored.clone(),
+                parts,
+                spans,
+            },
+        );
+        tracing::debug!(pasid = allocation.pasid, "partition: restored");
+        Ok(restored)
     }
 
     /// First step of releasing `allocation`: its PASID and queue pairs are
@@ -524,6 +627,13 @@ mod tests {
     }
 
     #[test]
+    fn the_partitioner_and_its_tickets_cross_threads() {
+        fn shareable<T: Send + Sync + 'static>() {}
+        shareable::<Partitioner>();
+        shareable::<DrainTicket>();
+    }
+
+    #[test]
     fn release_steps_are_checked() {
         let p = one(2);
         let a = p.place(&copy(1)).unwrap();
@@ -535,6 +645,77 @@ mod tests {
         assert_eq!(p.release(&a).unwrap_err(), ReleaseError::NotLive(1));
         assert_eq!(p.drained(1), Err(ReleaseError::NotDraining(1)));
         assert_eq!(p.snapshot().accelerators[0].queue_pairs.free, 4);
+        // The daemon may keep the PASID rather than the ticket.
+        let b = p.place(&copy(4)).unwrap();
+        let ticket = p.release(&b).unwrap();
+        assert_eq!(ticket.pasid(), b.pasid);
+        drop(ticket);
+        assert_eq!(p.snapshot().accelerators[0].queue_pairs.draining, 4);
+        p.drained(b.pasid).unwrap();
+        assert_eq!(p.snapshot().accelerators[0].queue_pairs.free, 4);
+    }
+
+    #[test]
+    fn restore_takes_back_exactly_what_was_placed() {
+        let p = one(2);
+        let a = p.place(&copy(2)).unwrap();
+        let b = p.place(&copy(1)).unwrap();
+        // A restarted daemon: a fresh partitioner over the same topology.
+        let q = Partitioner::new(p.topology().clone());
+        assert_eq!(q.restore(&b).unwrap(), b);
+        assert_eq!(q.restore(&a).unwrap(), a);
+        assert_eq!(q.snapshot(), p.snapshot());
+        // The next placement gets what neither holds.
+        let c = q.place(&copy(1)).unwrap_err().to_string();
+        assert!(c.contains("a: PASIDs exhausted (2)"), "{c}");
+        q.release_idle(&a).unwrap();
+        let c = q.place(&copy(1)).unwrap();
+        assert_eq!((c.pasid, c.functions[0].queue_pairs.clone()), (1, vec![0]));
+    }
+
+    #[test]
+    fn restore_refuses_what_is_taken_or_gone_and_takes_nothing() {
+        let p = one(4);
+        let a = p.place(&copy(2)).unwrap();
+        assert_eq!(
+            p.restore(&a).unwrap_err(),
+            RestoreError::QueuePair {
+                accelerator: "a".into(),
+                index: 0
+            }
+        );
+        let mut other = a.clone();
+        other.functions[0].queue_pairs = vec![2, 3];
+        assert_eq!(
+            p.restore(&other).unwrap_err(),
+            RestoreError::Pasid(PasidError::InUse(1))
+        );
+        other.pasid = 7;
+        other.functions[0].queue_pairs = vec![2, 2];
+        assert_eq!(
+            p.restore(&other).unwrap_err().to_string(),
+            "a: queue pair 2 is not free"
+        );
+        other.functions[0].queue_pairs = vec![2];
+        other.functions[0].ops = Opcode::Sha256.bit();
+        assert_eq!(p.restore(&other).unwrap_err().to_string(), "a: no sha256");
+        other.functions[0].accelerator = "gone".into();
+        assert_eq!(
+            p.restore(&other).unwrap_err(),
+            RestoreError::UnknownAccelerator("gone".into())
+        );
+        assert_eq!(
+            p.snapshot().accelerators[0].queue_pairs.used,
+            2,
+            "nothing taken"
+        );
+        assert_eq!(p.snapshot().host_pasids.used, 1);
+        other = a.clone();
+        other.pasid = 7;
+        other.functions[0].queue_pairs = vec![3];
+        let restored = p.restore(&other).unwrap();
+        assert_eq!(restored, other);
+        assert_eq!(p.place(&copy(1)).unwrap().pasid, 2);
     }
 
     #[test]

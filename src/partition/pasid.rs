@@ -28,6 +28,10 @@ pub enum PasidError {
     NotAllocated(Pasid),
     #[error("PASID {0} is not draining")]
     NotDraining(Pasid),
+    #[error("PASID {pasid} is outside 1..={max}")]
+    OutOfRange { pasid: Pasid, max: Pasid },
+    #[error("PASID {0} is already live or draining")]
+    InUse(Pasid),
 }
 
 /// The old name of [`PasidError`], kept for callers written against it.
@@ -46,8 +50,9 @@ pub struct PasidUsage {
 #[derive(Clone, Debug)]
 pub struct PasidSpace {
     max: Pasid,
-    /// Lowest PASID never handed out; everything below is live, draining or
-    /// in `free`. Keeps allocation O(log n) without a 2^20-entry set.
+    /// Everything below is live, draining or in `free`; from here up, only
+    /// what [`Self::claim`] took is live or draining. Keeps allocation
+    /// O(log n) without a 2^20-entry set.
     next: Pasid,
     free: BTreeSet<Pasid>,
     live: BTreeSet<Pasid>,
@@ -70,14 +75,41 @@ impl PasidSpace {
     pub fn allocate(&mut self) -> Result<Pasid, PasidError> {
         let pasid = match self.free.pop_first() {
             Some(p) => p,
-            None if self.next <= self.max => {
+            None => {
+                while self.next <= self.max && self.taken(self.next) {
+                    self.next += 1;
+                }
+                if self.next > self.max {
+                    return Err(PasidError::PasidsExhausted(self.max));
+                }
                 self.next += 1;
                 self.next - 1
             }
-            None => return Err(PasidError::PasidsExhausted(self.max)),
         };
         self.live.insert(pasid);
         Ok(pasid)
+    }
+
+    /// Takes this very PASID (a daemon re-claiming what an instance had
+    /// before a restart).
+    pub fn claim(&mut self, pasid: Pasid) -> Result<(), PasidError> {
+        if pasid == 0 || pasid > self.max {
+            return Err(PasidError::OutOfRange {
+                pasid,
+                max: self.max,
+            });
+        }
+        if self.taken(pasid) {
+            return Err(PasidError::InUse(pasid));
+        }
+        // Below `next` it is free; at or above, nothing to move.
+        self.free.remove(&pasid);
+        self.live.insert(pasid);
+        Ok(())
+    }
+
+    fn taken(&self, pasid: Pasid) -> bool {
+        self.live.contains(&pasid) || self.draining.contains(&pasid)
     }
 
     /// Live → draining. The PASID is not handed out again until
@@ -95,7 +127,10 @@ impl PasidSpace {
         if !self.draining.remove(&pasid) {
             return Err(PasidError::NotDraining(pasid));
         }
-        self.free.insert(pasid);
+        // A claimed PASID at or above `next` is simply untaken again.
+        if pasid < self.next {
+            self.free.insert(pasid);
+        }
         Ok(())
     }
 
@@ -109,7 +144,11 @@ impl PasidSpace {
 
     /// Whether at least one more PASID can be allocated.
     pub fn has_free(&self) -> bool {
-        !self.free.is_empty() || self.next <= self.max
+        if !self.free.is_empty() {
+            return true;
+        }
+        let above = self.live.range(self.next..).count() + self.draining.range(self.next..).count();
+        self.next <= self.max && (self.max - self.next + 1) as usize > above
     }
 
     pub fn usage(&self) -> PasidUsage {
@@ -225,6 +264,32 @@ mod tests {
         s.drained(p).unwrap();
         assert_eq!(s.drained(p), Err(PasidError::NotDraining(p)));
         assert_eq!(s.release(0), Err(PasidError::NotAllocated(0)));
+    }
+
+    #[test]
+    fn a_claimed_pasid_is_skipped_and_comes_back_once_drained() {
+        let mut s = PasidSpace::new(5);
+        assert_eq!(s.allocate(), Ok(1));
+        s.claim(3).unwrap();
+        assert_eq!(s.claim(3), Err(PasidError::InUse(3)));
+        assert_eq!(s.claim(1), Err(PasidError::InUse(1)));
+        assert_eq!(s.claim(0), Err(PasidError::OutOfRange { pasid: 0, max: 5 }));
+        assert_eq!(s.claim(6), Err(PasidError::OutOfRange { pasid: 6, max: 5 }));
+        assert_eq!(s.allocate(), Ok(2));
+        assert_eq!(s.allocate(), Ok(4), "3 is claimed");
+        s.claim(5).unwrap();
+        assert!(!s.has_free());
+        assert_eq!(s.allocate(), Err(PasidError::PasidsExhausted(5)));
+        s.release(5).unwrap();
+        assert!(!s.has_free(), "5 drains");
+        s.drained(5).unwrap();
+        assert!(s.has_free());
+        assert_eq!(s.allocate(), Ok(5));
+        // A free PASID below the high-water mark can be claimed too.
+        s.release(2).unwrap();
+        s.drained(2).unwrap();
+        s.claim(2).unwrap();
+        assert_eq!(s.usage().free, 0);
     }
 
     #[test]

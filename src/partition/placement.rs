@@ -23,11 +23,11 @@
 
 use std::cmp::Reverse;
 use std::collections::BTreeSet;
-use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use super::graph::{KNOWN_OPS, Topology, ops_names};
+use super::error::{PlacementError, Reason, Rejection, RequestError};
+use super::graph::{KNOWN_OPS, Topology};
 
 /// Most functions one instance type may combine (the search is
 /// accelerators^functions before pruning).
@@ -52,141 +52,6 @@ pub struct PlacementRequest {
     pub accelerators: Option<Vec<String>>,
     /// The VM's NUMA node.
     pub numa_node: Option<u32>,
-}
-
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
-pub enum RequestError {
-    #[error("the request has no function")]
-    NoFunctions,
-    #[error("the request has {0} functions; at most {max} are supported", max = MAX_FUNCTIONS)]
-    TooManyFunctions(usize),
-    #[error("function {0} asks for no queue")]
-    NoQueues(usize),
-    #[error("function {0} asks for no operation")]
-    NoOperations(usize),
-    #[error("function {function}: unknown operation bits {bits:#x}")]
-    UnknownOperations { function: usize, bits: u32 },
-    #[error("the accelerator list is empty")]
-    EmptyAllowList,
-    #[error("unknown accelerator {0:?} in the accelerator list")]
-    UnknownAccelerator(String),
-    #[error("unknown NUMA node {0}")]
-    UnknownNumaNode(u32),
-}
-
-/// Why one accelerator cannot take (a function of) the instance.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "constraint", rename_all = "snake_case")]
-pub enum Reason {
-    /// Not in the request's accelerator list.
-    NotAllowed,
-    /// Lacks these operations (a mask).
-    MissingOps { missing: u32 },
-    /// Too few free queue pairs for one function.
-    QueuePairs { free: u32, total: u32, need: u32 },
-    /// Every PASID slot is live or draining.
-    PasidsExhausted { capacity: u32 },
-    /// Too far from the VM's NUMA node (`distance: None`: not connected).
-    NumaDistance {
-        node: u32,
-        distance: Option<u64>,
-        max: u64,
-    },
-    /// Too far from `other`, a candidate for another function.
-    PairDistance {
-        other: String,
-        distance: Option<u64>,
-        max: u64,
-    },
-    /// A candidate for several functions without room for all of them.
-    SharedQueuePairs {
-        functions: Vec<usize>,
-        free: u32,
-        total: u32,
-        need: u32,
-    },
-}
-
-/// One accelerator ruled out, and why. `function` is set when the reason
-/// concerns one function of a multi-function request.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct Rejection {
-    pub accelerator: String,
-    pub function: Option<usize>,
-    #[serde(flatten)]
-    pub reason: Reason,
-}
-
-impl fmt::Display for Rejection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let a = &self.accelerator;
-        let too_far =
-            |f: &mut fmt::Formatter<'_>, other: &dyn fmt::Display, d: &Option<u64>, max| match d {
-                Some(d) => write!(f, "{a}–{other} distance {d} > max {max}"),
-                None => write!(f, "{a}–{other} not connected"),
-            };
-        match &self.reason {
-            Reason::NotAllowed => write!(f, "{a}: not in the accelerator list")?,
-            Reason::MissingOps { missing } => write!(f, "{a}: no {}", ops_names(*missing))?,
-            Reason::QueuePairs { free, total, need } => {
-                write!(f, "{a}: {free} of {total} queue pairs free, need {need}")?
-            }
-            Reason::PasidsExhausted { capacity } => {
-                write!(f, "{a}: PASIDs exhausted ({capacity})")?
-            }
-            Reason::NumaDistance {
-                node,
-                distance,
-                max,
-            } => too_far(f, &format_args!("node{node}"), distance, max)?,
-            Reason::PairDistance {
-                other,
-                distance,
-                max,
-            } => too_far(f, other, distance, max)?,
-            Reason::SharedQueuePairs {
-                functions,
-                free,
-                total,
-                need,
-            } => {
-                let list: Vec<String> = functions.iter().map(usize::to_string).collect();
-                write!(
-                    f,
-                    "{a}: {free} of {total} queue pairs free, need {need} for functions {}",
-                    list.join("+")
-                )?
-            }
-        }
-        if let Some(function) = self.function {
-            write!(f, " (function {function})")?;
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
-pub enum PlacementError {
-    #[error(transparent)]
-    Request(#[from] RequestError),
-    /// Nothing fits; `rejections` names, per accelerator, what rules it out.
-    /// Empty when every pairwise check passes but no combination does.
-    #[error("no placement fits: {}", render(rejections))]
-    NoFit { rejections: Vec<Rejection> },
-    #[error("the host's PASID space is exhausted ({max})")]
-    HostPasidsExhausted { max: u32 },
-}
-
-fn render(rejections: &[Rejection]) -> String {
-    if rejections.is_empty() {
-        return "no combination of the candidate accelerators meets every constraint together"
-            .to_string();
-    }
-    rejections
-        .iter()
-        .map(Rejection::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 /// A request checked against a topology: names resolved to indexes.
@@ -284,6 +149,8 @@ pub(crate) struct Choice {
     pub distinct: Vec<usize>,
     pub total: u64,
     pub max: u64,
+    /// Search steps taken (see [`SEARCH_BUDGET`]).
+    pub steps: u64,
 }
 
 /// Lexicographic order = "better first" (see the module doc).
@@ -360,6 +227,8 @@ struct Dfs<'a> {
     distinct: Vec<usize>,
     qp_used: Vec<u32>,
     best: Option<(Score, Choice)>,
+    /// Candidates tried, against [`SEARCH_BUDGET`].
+    visited: u64,
 }
 
 impl Dfs<'_> {
@@ -368,9 +237,19 @@ impl Dfs<'_> {
             return self.leaf(total, max);
         }
         for k in 0..self.cands[i].len() {
+            if self.visited >= SEARCH_BUDGET {
+                return;
+            }
+            self.visited += 1;
             let a = self.cands[i][k];
+            // Identical consecutive functions are interchangeable: try each
+            // multiset of accelerators once (non-decreasing indexes).
+            if i > 0 && self.req.functions[i] == self.req.functions[i - 1] && a < self.assign[i - 1]
+            {
+                continue;
+            }
             let need = self.req.functions[i].queues;
-            if self.qp_used[a] + need > self.cap.free_qp[a] {
+            if self.qp_used[a].saturating_add(need) > self.cap.free_qp[a] {
                 continue;
             }
             // queues >= 1, so an accelerator is in use iff it has queues here.
@@ -398,9 +277,9 @@ impl Dfs<'_> {
                     m = m.max(d);
                 }
             }
-            // Distances only add up: a partial total already worse than the
-            // best complete one cannot win.
-            if self.best.as_ref().is_some_and(|(s, _)| t > s.0) {
+            // Total and maximum only grow as functions are added: a partial
+            // (total, max) already worse than the best complete one cannot win.
+            if self.best.as_ref().is_some_and(|(s, _)| (t, m) > (s.0, s.1)) {
                 continue;
             }
             self.assign.push(a);
@@ -438,11 +317,19 @@ impl Dfs<'_> {
                 distinct: self.distinct.clone(),
                 total,
                 max,
+                steps: 0,
             };
             self.best = Some((score, choice));
         }
     }
 }
+
+/// Candidates one placement may try (one step = one accelerator considered
+/// for one function). Pruning keeps ordinary requests far below it (tens to
+/// hundreds of steps); it bounds the time spent under the partitioner's lock
+/// when many accelerators tie for many functions. Past it, the best
+/// placement found so far is taken.
+pub const SEARCH_BUDGET: u64 = 1_000_000;
 
 /// The best placement of `req` in `cap`, or per accelerator why not.
 /// `must`: only placements that use this accelerator (for per-accelerator
@@ -452,7 +339,7 @@ pub(crate) fn search(
     cap: &Capacity,
     req: &Checked,
     must: Option<usize>,
-) -> Result<Choice, Vec<Rejection>> {
+) -> Result<Choice, PlacementError> {
     let n = topo.accelerators().len();
     let nf = req.functions.len();
     let name = |a: usize| topo.accelerators()[a].name.clone();
@@ -489,24 +376,148 @@ pub(crate) fn search(
                 }
             }
         }
-        return Err(out);
+        return Err(PlacementError::NoFit { rejections: out });
     }
+    let pruned = consistent(topo, cap, req, &cands)
+        .map_err(|rejections| PlacementError::NoFit { rejections })?;
     let mut dfs = Dfs {
         topo,
         cap,
         req,
-        cands,
+        cands: pruned,
         must,
         assign: Vec::new(),
         distinct: Vec::new(),
         qp_used: vec![0; n],
         best: None,
+        visited: 0,
     };
     dfs.go(0, 0, 0);
-    if let Some((_, choice)) = dfs.best {
+    if let Some((_, mut choice)) = dfs.best {
+        choice.steps = dfs.visited;
+        if dfs.visited >= SEARCH_BUDGET {
+            tracing::warn!(
+                visited = dfs.visited,
+                "placement: search budget spent; taking the best found"
+            );
+        }
         return Ok(choice);
     }
-    Err(combination_rejections(topo, cap, req, &dfs.cands))
+    if dfs.visited >= SEARCH_BUDGET {
+        return Err(PlacementError::SearchBudget {
+            visited: dfs.visited,
+        });
+    }
+    Err(PlacementError::NoFit {
+        rejections: combination_rejections(topo, cap, req, &cands),
+    })
+}
+
+/// Drops every candidate that no candidate of some other function can go
+/// with (too far, or the same accelerator without room for both), until
+/// nothing changes. Cheap (functions² × accelerators² per round), and it
+/// spares the search whole subtrees, e.g. a function whose only
+/// accelerators are far from all the others'. When a function is left with
+/// none, the error names, for each of its last candidates, every partner
+/// that failed it.
+fn consistent(
+    topo: &Topology,
+    cap: &Capacity,
+    req: &Checked,
+    cands: &[Vec<usize>],
+) -> Result<Vec<Vec<usize>>, Vec<Rejection>> {
+    let f = &req.functions;
+    let goes_with = |i: usize, a: usize, j: usize, b: usize| {
+        if a == b {
+            cap.free_qp[a] >= f[i].queues.saturating_add(f[j].queues)
+        } else {
+            within(topo.accel_distance(a, b), req.max)
+        }
+    };
+    let mut cands = cands.to_vec();
+    loop {
+        let mut changed = false;
+        for i in 0..cands.len() {
+            // The first other function that leaves `a` with no partner.
+            let lonely = |a: usize| {
+                (0..cands.len())
+                    .find(|&j| j != i && !cands[j].iter().any(|&b| goes_with(i, a, j, b)))
+            };
+            let keep: Vec<usize> = cands[i]
+                .iter()
+                .copied()
+                .filter(|&a| lonely(a).is_none())
+                .collect();
+            if keep.is_empty() {
+                let mut pairs = BTreeSet::new();
+                let mut shared = Vec::new();
+                for &a in &cands[i] {
+                    let Some(j) = lonely(a) else { continue };
+                    for &b in &cands[j] {
+                        if a == b {
+                            shared.push((a, i.min(j), i.max(j)));
+                        } else {
+                            pairs.insert((a.min(b), a.max(b)));
+                        }
+                    }
+                }
+                let mut out = pair_rejections(topo, req, pairs);
+                for (a, i, j) in shared {
+                    out.push(shared_rejection(topo, cap, req, a, vec![i, j]));
+                }
+                return Err(out);
+            }
+            changed |= keep.len() != cands[i].len();
+            cands[i] = keep;
+        }
+        if !changed {
+            return Ok(cands);
+        }
+    }
+}
+
+/// "a–b distance d > max m" for each pair (in input order).
+fn pair_rejections(
+    topo: &Topology,
+    req: &Checked,
+    pairs: BTreeSet<(usize, usize)>,
+) -> Vec<Rejection> {
+    let accels = topo.accelerators();
+    pairs
+        .into_iter()
+        .map(|(a, b)| Rejection {
+            accelerator: accels[a].name.clone(),
+            function: None,
+            reason: Reason::PairDistance {
+                other: accels[b].name.clone(),
+                distance: topo.accel_distance(a, b),
+                // Only a maximum makes a pair fail on distance.
+                max: req.max.unwrap_or(0),
+            },
+        })
+        .collect()
+}
+
+fn shared_rejection(
+    topo: &Topology,
+    cap: &Capacity,
+    req: &Checked,
+    a: usize,
+    functions: Vec<usize>,
+) -> Rejection {
+    let accel = &topo.accelerators()[a];
+    Rejection {
+        accelerator: accel.name.clone(),
+        function: None,
+        reason: Reason::SharedQueuePairs {
+            need: functions
+                .iter()
+                .fold(0u32, |sum, &i| sum.saturating_add(req.functions[i].queues)),
+            functions,
+            free: cap.free_qp[a],
+            total: accel.queue_pairs,
+        },
+    }
 }
 
 /// Every candidate passes alone but no combination does: name the pairs too
@@ -517,9 +528,6 @@ fn combination_rejections(
     req: &Checked,
     cands: &[Vec<usize>],
 ) -> Vec<Rejection> {
-    let accels = topo.accelerators();
-    let mut out: Vec<Rejection> = Vec::new();
-    // Each pair once, in input order.
     let mut pairs = BTreeSet::new();
     for i in 0..cands.len() {
         for j in i + 1..cands.len() {
@@ -532,37 +540,38 @@ fn combination_rejections(
             }
         }
     }
-    for (a, b) in pairs {
-        out.push(Rejection {
-            accelerator: accels[a].name.clone(),
-            function: None,
-            reason: Reason::PairDistance {
-                other: accels[b].name.clone(),
-                distance: topo.accel_distance(a, b),
-                // `within` fails only with a maximum.
-                max: req.max.unwrap_or(0),
-            },
-        });
-    }
-    for (a, accel) in accels.iter().enumerate() {
+    let mut out = pair_rejections(topo, req, pairs);
+    for a in 0..topo.accelerators().len() {
         let functions: Vec<usize> = (0..cands.len())
             .filter(|&i| cands[i].contains(&a))
             .collect();
-        let need: u32 = functions.iter().map(|&i| req.functions[i].queues).sum();
+        let need = functions
+            .iter()
+            .fold(0u32, |sum, &i| sum.saturating_add(req.functions[i].queues));
         if functions.len() > 1 && need > cap.free_qp[a] {
-            out.push(Rejection {
-                accelerator: accel.name.clone(),
-                function: None,
-                reason: Reason::SharedQueuePairs {
-                    functions,
-                    free: cap.free_qp[a],
-                    total: accel.queue_pairs,
-                    need,
-                },
-            });
+            out.push(shared_rejection(topo, cap, req, a, functions));
         }
     }
     out
+}
+
+/// (total, max) distance of a set of accelerators, as "best" counts them:
+/// every pair, plus each to `numa` if given.
+pub(crate) fn span_distances(topo: &Topology, distinct: &[usize], numa: Option<u32>) -> (u64, u64) {
+    let (mut total, mut max) = (0u64, 0u64);
+    for (k, &a) in distinct.iter().enumerate() {
+        let to_numa = numa.map(|n| topo.numa_distance(a, n));
+        for d in distinct[..k]
+            .iter()
+            .map(|&b| topo.accel_distance(a, b))
+            .chain(to_numa)
+        {
+            let d = d.unwrap_or(u64::MAX);
+            total = total.saturating_add(d);
+            max = max.max(d);
+        }
+    }
+    (total, max)
 }
 
 /// How many instances successive placements would fit into `cap`
@@ -592,9 +601,7 @@ impl Topology {
     /// that fails here can never be hosted (the config layer refuses it).
     pub fn check_hostable(&self, req: &PlacementRequest) -> Result<(), PlacementError> {
         let checked = req.check(self)?;
-        search(self, &Capacity::empty_host(self), &checked, None)
-            .map(drop)
-            .map_err(|rejections| PlacementError::NoFit { rejections })
+        search(self, &Capacity::empty_host(self), &checked, None).map(drop)
     }
 }
 
@@ -602,6 +609,7 @@ impl Topology {
 mod tests {
     use super::super::graph::{AcceleratorSpec, LinkSpec, Node, NumaSpec, TopologySpec};
     use super::*;
+    use crate::partition::error::render;
     use wdvirt_abi::Opcode;
 
     fn accel(name: &str, ops: u32, queue_pairs: u32) -> AcceleratorSpec {
@@ -658,7 +666,10 @@ mod tests {
     }
 
     fn place(t: &Topology, r: &PlacementRequest) -> Result<Choice, Vec<Rejection>> {
-        search(t, &Capacity::empty_host(t), &r.check(t).unwrap(), None)
+        search(t, &Capacity::empty_host(t), &r.check(t).unwrap(), None).map_err(|e| match e {
+            PlacementError::NoFit { rejections } => rejections,
+            other => panic!("{other}"),
+        })
     }
 
     #[test]
@@ -754,6 +765,152 @@ mod tests {
         );
         // Each pair once, in input order; x is no pair problem with itself
         // (x–y and x–z are 60 apart, through node0).
+    }
+
+    /// `n` accelerators on a line, each `step` from the next, one queue pair
+    /// each, every operation.
+    fn line(n: usize, step: i64) -> Topology {
+        let name = |i: usize| format!("a{i}");
+        Topology::new(TopologySpec {
+            accelerators: (0..n).map(|i| accel(&name(i), KNOWN_OPS, 1)).collect(),
+            links: (1..n)
+                .map(|i| link(&name(i), Node::Accelerator(name(i - 1)), step))
+                .collect(),
+            ..TopologySpec::default()
+        })
+        .unwrap()
+    }
+
+    /// Eight functions that cannot share an accelerator nor be swapped.
+    fn eight_distinct() -> PlacementRequest {
+        req(&Opcode::ALL[1..9]
+            .iter()
+            .map(|op| (1, op.bit()))
+            .collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn a_huge_search_space_ends_within_the_budget() {
+        // 60 accelerators, 8 distinct functions: 60^8 assignments. Feasible:
+        // the best found within the budget is taken, and is valid.
+        let t = line(60, 1);
+        let mut r = eight_distinct();
+        r.max_distance = Some(7);
+        let c = place(&t, &r).unwrap();
+        assert_eq!(c.distinct.len(), 8);
+        assert!(c.max <= 7);
+        // Infeasible: any 8 distinct accelerators span at least 7 > 6, but
+        // every pair of candidates passes (each has neighbours within 6).
+        r.max_distance = Some(6);
+        let e = search(&t, &Capacity::empty_host(&t), &r.check(&t).unwrap(), None).unwrap_err();
+        assert_eq!(
+            e,
+            PlacementError::SearchBudget {
+                visited: SEARCH_BUDGET
+            }
+        );
+    }
+
+    #[test]
+    fn identical_functions_are_tried_in_one_order_only() {
+        // Ten accelerators, one queue pair each, all 20 apart: eight
+        // identical functions need eight distinct accelerators, every choice
+        // ties. In one order only: C(10, 8) leaves, not 10!/2! (1.8 million).
+        let t = Topology::new(TopologySpec {
+            numa_nodes: vec![NumaSpec {
+                id: 0,
+                cpus: vec![],
+            }],
+            accelerators: (0..10).map(|i| accel(&format!("a{i}"), SHA, 1)).collect(),
+            links: (0..10)
+                .map(|i| link(&format!("a{i}"), Node::Numa(0), 10))
+                .collect(),
+        })
+        .unwrap();
+        let c = place(&t, &req(&[(1, SHA); 8])).unwrap();
+        assert_eq!(c.accel_of, [0, 1, 2, 3, 4, 5, 6, 7]);
+        assert!(c.steps < 10_000, "{}", c.steps);
+    }
+
+    #[test]
+    fn huge_queue_counts_are_refused_not_overflowed() {
+        let t = topo();
+        let e = place(&t, &req(&[(u32::MAX, SHA), (u32::MAX, SHA)])).unwrap_err();
+        assert!(
+            render(&e).contains("z: 8 of 8 queue pairs free, need 4294967295 (function 0)"),
+            "{}",
+            render(&e)
+        );
+        let e = place(&t, &req(&[(4, SHA), (u32::MAX - 1, ZIP)])).unwrap_err();
+        assert!(render(&e).contains("need 4294967294"), "{}", render(&e));
+    }
+
+    #[test]
+    fn ordinary_requests_take_few_steps() {
+        let t = topo();
+        let mut r = req(&[(1, ZIP), (1, SHA)]);
+        r.numa_node = Some(0);
+        let c = place(&t, &r).unwrap();
+        assert!(c.steps <= 9, "{}", c.steps);
+    }
+
+    #[test]
+    fn unreachable_accelerators_are_named_not_connected() {
+        let t = Topology::new(TopologySpec {
+            numa_nodes: vec![NumaSpec {
+                id: 0,
+                cpus: vec![0],
+            }],
+            accelerators: vec![accel("island", SHA, 4), accel("other", SHA, 4)],
+            ..TopologySpec::default()
+        })
+        .unwrap();
+        let mut r = req(&[(1, SHA)]);
+        r.numa_node = Some(0);
+        r.max_distance = Some(100);
+        assert_eq!(
+            render(&place(&t, &r).unwrap_err()),
+            "island–node0 not connected; other–node0 not connected"
+        );
+        // With no maximum, an unreachable accelerator is allowed.
+        r.max_distance = None;
+        assert!(place(&t, &r).is_ok());
+        // Two functions that cannot share an accelerator, on islands.
+        let r = PlacementRequest {
+            max_distance: Some(100),
+            ..req(&[(3, SHA), (3, SHA)])
+        };
+        assert_eq!(
+            render(&place(&t, &r).unwrap_err()),
+            "island–other not connected; island: 4 of 4 queue pairs free, need 6 for functions 0+1; \
+             other: 4 of 4 queue pairs free, need 6 for functions 0+1"
+        );
+    }
+
+    #[test]
+    fn candidates_with_no_partner_are_dropped_before_the_search() {
+        // Seven functions can go on a0..a13 (close together), the eighth
+        // only on "far", 100 away from all of them: no search needed.
+        let t = Topology::new(TopologySpec {
+            accelerators: (0..14)
+                .map(|i| accel(&format!("a{i}"), KNOWN_OPS & !Opcode::Compare.bit(), 1))
+                .chain([accel("far", Opcode::Compare.bit(), 1)])
+                .collect(),
+            links: (1..14)
+                .map(|i| link(&format!("a{i}"), Node::Accelerator("a0".into()), 1))
+                .chain([link("far", Node::Accelerator("a0".into()), 100)])
+                .collect(),
+            ..TopologySpec::default()
+        })
+        .unwrap();
+        let mut r = req(&Opcode::ALL[4..12]
+            .iter()
+            .map(|op| (1, op.bit()))
+            .collect::<Vec<_>>());
+        r.max_distance = Some(10);
+        let e = place(&t, &r).unwrap_err();
+        assert_eq!(e.len(), 14, "{}", render(&e));
+        assert_eq!(e[0].to_string(), "a0–far distance 100 > max 10");
     }
 
     #[test]

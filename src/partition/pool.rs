@@ -44,6 +44,10 @@ impl QueuePool {
         }
     }
 
+    pub fn is_free(&self, index: u32) -> bool {
+        self.free.contains(&index)
+    }
+
     pub fn free_count(&self) -> u32 {
         self.free.len() as u32
     }
@@ -60,6 +64,25 @@ impl QueuePool {
         let taken: Vec<u32> = (0..n).filter_map(|_| self.free.pop_first()).collect();
         self.used.extend(&taken);
         Ok(taken)
+    }
+
+    /// Takes these very indexes (a daemon re-claiming an instance's queue
+    /// pairs after a restart), all or nothing.
+    pub fn claim(&mut self, indexes: &[u32]) -> Result<(), PoolError> {
+        let mut seen = BTreeSet::new();
+        if let Some(&bad) = indexes
+            .iter()
+            .find(|&&i| !self.free.contains(&i) || !seen.insert(i))
+        {
+            return Err(PoolError::WrongState(bad));
+        }
+        move_all(&mut self.free, &mut self.used, indexes)
+    }
+
+    /// Used → free at once, all or nothing: undoes a `take` whose instance
+    /// never ran (nothing can be in flight).
+    pub fn untake(&mut self, indexes: &[u32]) -> Result<(), PoolError> {
+        move_all(&mut self.used, &mut self.free, indexes)
     }
 
     /// Used → draining, all or nothing.
@@ -129,6 +152,22 @@ mod tests {
         );
         p.restore(&[0, 1]).unwrap();
         assert_eq!(p.take(2), Ok(vec![0, 1]));
+        p.untake(&[1]).unwrap();
+        assert_eq!(p.untake(&[1]), Err(PoolError::WrongState(1)));
+        assert_eq!(p.take(1), Ok(vec![1]));
+    }
+
+    #[test]
+    fn claimed_indexes_must_be_free_and_distinct() {
+        let mut p = QueuePool::new(4);
+        p.claim(&[2, 0]).unwrap();
+        assert_eq!(p.take(2), Ok(vec![1, 3]));
+        p.retire(&[1]).unwrap();
+        assert_eq!(p.claim(&[1]), Err(PoolError::WrongState(1)), "draining");
+        assert_eq!(p.claim(&[4]), Err(PoolError::WrongState(4)), "out of range");
+        let mut q = QueuePool::new(4);
+        assert_eq!(q.claim(&[1, 1]), Err(PoolError::WrongState(1)));
+        assert_eq!(q.usage().used, 0, "all or nothing");
     }
 
     #[test]
