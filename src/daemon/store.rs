@@ -106,7 +106,9 @@ impl Store {
         let mut bytes = serde_json::to_vec_pretty(def).map_err(|e| err(e.into()))?;
         bytes.push(b'\n');
         tmp.write_all(&bytes).map_err(err)?;
-        tmp.as_file().sync_all().map_err(err)?;
+        // The data and the file's size; the rename's durability is the
+        // directory's fsync below.
+        tmp.as_file().sync_data().map_err(err)?;
         tmp.persist(&path).map_err(|e| err(e.error))?;
         self.sync_dir().map_err(err)
     }
