@@ -14,9 +14,13 @@ pub mod regs;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use vm_memory::GuestAddressSpace;
+
 use wdvirt_abi::{ALL_OPS, IDX_ALIGN, RING_ALIGN, RegError, pci, regs as r};
 
-use self::queue::{BusMaster, QueueConfig, QueueRunner, QueueShared, WorkerContext, overlaps};
+use self::queue::{
+    BusMaster, QueueConfig, QueueRunner, QueueShared, WorkerContext, clear_rings, overlaps,
+};
 use self::regs::{Access, Decoded, Reg};
 use crate::accel::{Pasid, SharedAccelerator};
 use crate::stats::{InstanceStats, add};
@@ -61,6 +65,8 @@ struct QueueSlot {
     error: u32,
     shared: Arc<QueueShared>,
     runner: Option<QueueRunner>,
+    /// The running queue's rings have been cleared (see `clear_rings`).
+    rings_ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// One mediated instance of the accelerator.
@@ -344,6 +350,15 @@ impl WdDevice {
             tracing::warn!(pasid = self.pasid, "no queue pair: {e}");
             RegError::NoQueuePair
         })?;
+        // The completion ring is cleared now, before Q_STATUS can show
+        // ENABLED (spec §2.2); with Bus Master clear it is cleared when the
+        // bit is set (`set_bus_master`), before any worker DMA.
+        let rings_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let Some(_dma) = self.bus_master.pass() {
+            clear_rings(&self.dma.address_space().memory(), &cfg);
+            rings_ready.store(true, Ordering::Release);
+        }
+        self.queues[qi].rings_ready = rings_ready.clone();
         let ctx = WorkerContext {
             queue: qi as u32,
             config: cfg,
@@ -354,6 +369,7 @@ impl WdDevice {
             bus_master: self.bus_master.clone(),
             shared: self.queues[qi].shared.clone(),
             instance_in_flight: self.engine_jobs.clone(),
+            rings_ready,
         };
         let runner = QueueRunner::start(ctx).map_err(|e| {
             tracing::error!("cannot start queue worker: {e}");
@@ -463,10 +479,11 @@ impl FunctionModel for WdDevice {
                     self.refuse(code, offset);
                 }
             },
-            // Doorbells are write-only; reads return 0 and are not an error
-            // (Linux may probe them), but count as a refused access.
+            // Doorbells are write-only: a read is refused like any other
+            // refused access (spec §2: all-ones, WriteOnly latched). The
+            // vfio-user message still succeeds, so a probing Linux is fine.
             pci::BAR_DOORBELL => {
-                data.fill(0);
+                data.fill(0xff);
                 self.refuse(RegError::WriteOnly, offset);
             }
             _ => return Err(DeviceError::Invalid(format!("BAR{bar} does not exist"))),
@@ -552,6 +569,16 @@ impl FunctionModel for WdDevice {
         // Clearing waits for the queue workers' DMA passes in progress (see
         // `BusMaster`), then for this PASID's jobs running on an engine;
         // jobs reaching an engine while it is clear complete with Aborted.
+        if enabled {
+            // Queues enabled while the bit was clear get their rings cleared
+            // before it is set, so before this config write completes.
+            for q in &self.queues {
+                if q.runner.is_some() && !q.rings_ready.load(Ordering::Acquire) {
+                    clear_rings(&self.dma.address_space().memory(), &q.cfg);
+                    q.rings_ready.store(true, Ordering::Release);
+                }
+            }
+        }
         self.bus_master.set(enabled);
         self.set_engine_dma(enabled);
         if enabled {
@@ -583,5 +610,7 @@ impl Drop for WdDevice {
     }
 }
 
+#[cfg(test)]
+mod contract_tests;
 #[cfg(test)]
 mod tests;

@@ -127,6 +127,25 @@ pub struct WorkerContext {
     pub shared: Arc<QueueShared>,
     /// Jobs the whole instance has with the engines (see [`MAX_WITH_ENGINE`]).
     pub instance_in_flight: Arc<AtomicU32>,
+    /// Set by the device once it has cleared the queue's completion ring and
+    /// its half of the index block ([`clear_rings`]). The worker does no DMA
+    /// before: the clear must be done before `Q_STATUS` shows ENABLED (or,
+    /// with Bus Master clear at enable, before setting it returns), never
+    /// later by the worker, or a driver polling at once reads old entries.
+    pub rings_ready: Arc<AtomicBool>,
+}
+
+/// Zero the completion ring and the device's half of the index block, so
+/// entries left from an earlier run of the same rings can never look new.
+/// The device calls it synchronously, while Bus Master is set or being set.
+pub fn clear_rings(mem: &GuestMemory, config: &QueueConfig) {
+    let cq_bytes = config.depth as usize * CQE_SIZE;
+    let zeros = vec![0u8; cq_bytes];
+    let _ = mem.write_slice(&zeros, GuestAddress(config.cq_base));
+    let at = |field| GuestAddress(config.idx_base + field);
+    let _ = mem.store(0u32, at(idx::SQ_HEAD), Ordering::Release);
+    let _ = mem.store(0u32, at(idx::FLAGS), Ordering::Release);
+    std::sync::atomic::fence(Ordering::SeqCst);
 }
 
 /// Whether the worker can take another submission now.
@@ -214,8 +233,6 @@ struct Worker {
     irq_since: Option<Instant>,
     /// The engine's measured pace, for sizing naps.
     pace: Pace,
-    /// The ring setup has been written (needs bus mastering).
-    initialised: bool,
 }
 
 /// Completions per sample of the engine's speed.
@@ -246,7 +263,6 @@ impl Worker {
             irq_pending: 0,
             irq_since: None,
             pace: Pace::default(),
-            initialised: false,
         }
     }
 
@@ -335,17 +351,10 @@ impl Worker {
         }
     }
 
-    /// The queue's first DMA: the device's half of the index block, and a
-    /// zeroed completion ring, so entries left from an earlier run of the
-    /// same rings can never look new.
-    fn init_rings(&mut self, mem: &GuestMemory) {
-        let cq_bytes = self.ctx.config.depth as usize * CQE_SIZE;
-        let zeros = vec![0u8; cq_bytes];
-        let _ = mem.write_slice(&zeros, GuestAddress(self.ctx.config.cq_base));
-        self.store_idx(mem, idx::SQ_HEAD, 0);
-        self.store_idx(mem, idx::FLAGS, 0);
-        std::sync::atomic::fence(Ordering::Release);
-        self.initialised = true;
+    /// Whether the device has cleared the rings (see
+    /// [`WorkerContext::rings_ready`]); no DMA happens before.
+    fn initialised(&self) -> bool {
+        self.ctx.rings_ready.load(Ordering::Acquire)
     }
 
     /// One pass: completions, then submissions. Returns whether anything moved.
@@ -360,10 +369,10 @@ impl Worker {
         let Some(_dma) = bus_master.pass() else {
             return false;
         };
-        let mem = self.ctx.space.memory();
-        if !self.initialised {
-            self.init_rings(&mem);
+        if !self.initialised() {
+            return false;
         }
+        let mem = self.ctx.space.memory();
         let mut progressed = false;
         if !self.held.is_empty() {
             for r in std::mem::take(&mut self.held) {
@@ -530,8 +539,8 @@ impl Worker {
         let Some(_dma) = bus_master.pass() else {
             return Fetch::Nothing;
         };
-        if !self.initialised {
-            return Fetch::Ready;
+        if !self.initialised() {
+            return Fetch::Nothing;
         }
         let mem = self.ctx.space.memory();
         self.store_idx(&mem, idx::FLAGS, 0);
@@ -578,7 +587,7 @@ impl Worker {
         }
         let bus_master = self.ctx.bus_master.clone();
         if let Some(_dma) = bus_master.pass()
-            && self.initialised
+            && self.initialised()
         {
             let mem = self.ctx.space.memory();
             self.store_idx(&mem, idx::FLAGS, IDX_FLAG_NO_DOORBELL);
