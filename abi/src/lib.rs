@@ -91,7 +91,7 @@ pub mod regs {
     pub const Q_IDX_BASE: u32 = 0x10;
     /// RW. Entries in each ring: a power of two in `2..=MAX_DEPTH`.
     pub const Q_DEPTH: u32 = 0x18;
-    /// RW. Opcodes this queue accepts; must be a subset of `CAP_OPS`.
+    /// RW. Opcodes this queue accepts; must be a subset of `Q_CAP_OPS`.
     pub const Q_OPS: u32 = 0x1c;
     /// RW. [`Q_CTRL_ENABLE`], [`Q_CTRL_RESET`].
     pub const Q_CTRL: u32 = 0x20;
@@ -104,9 +104,14 @@ pub mod regs {
     pub const Q_IRQ_COALESCE: u32 = 0x2c;
     /// RO. Completions written since the queue or the device was last reset (wraps).
     pub const Q_COMPLETED: u32 = 0x30;
+    /// RO (ABI 1.1). Opcodes this queue may be given in `Q_OPS`: `CAP_OPS`, or
+    /// a subset the host chose for this queue. A 1.0 device has no such
+    /// register (a read is refused): use `CAP_OPS` there.
+    pub const Q_CAP_OPS: u32 = 0x34;
 
     pub const ID_MAGIC: u32 = 0x3156_4457; // "WDV1"
-    pub const ABI_VERSION: u32 = 1 << 16;
+    /// 1.1: 1.0 plus `Q_CAP_OPS` and the self-describing SHA-256 state.
+    pub const ABI_VERSION: u32 = 1 << 16 | 1;
 
     pub const DEV_CTRL_ENABLE: u32 = 1 << 0;
     /// Self-clearing: disables every queue and restores reset values.
@@ -267,6 +272,33 @@ pub const SHA256_MORE: u64 = 1 << 1;
 /// Bytes of a SHA-256 running state, and the `dst_len` a job with
 /// [`SHA256_RESUME`] or [`SHA256_MORE`] needs.
 pub const SHA256_STATE_SIZE: u32 = 128;
+
+/// The layout of a SHA-256 running state ([`SHA256_STATE_SIZE`] bytes in
+/// guest memory). It is self-describing and backend-neutral: any engine
+/// (software or hardware) reads and writes exactly this, so a state can move
+/// between backends, and a buffer that is not a state (all-zero, a digest, a
+/// forgotten [`SHA256_MORE`]) is refused instead of silently hashed on.
+pub mod sha256_state {
+    /// u32 at 0: [`MAGIC`].
+    pub const MAGIC_OFFSET: usize = 0;
+    /// u16 at 4: [`VERSION`].
+    pub const VERSION_OFFSET: usize = 4;
+    /// u16 at 6: [`FLAG_VALID`]; no other bit may be set.
+    pub const FLAGS_OFFSET: usize = 6;
+    /// u64 at 8: message bytes hashed so far (less than 2^61).
+    pub const LENGTH_OFFSET: usize = 8;
+    /// 8 × u32 at 16: the chaining value H0..H7 (FIPS 180-4), each little-endian.
+    pub const H_OFFSET: usize = 16;
+    /// 64 bytes at 48: the partial block, `length % 64` bytes; the rest zero.
+    pub const BLOCK_OFFSET: usize = 48;
+    /// 16 bytes at 112: reserved, zero.
+    pub const RESERVED_OFFSET: usize = 112;
+    /// "WDS2" read as a little-endian u32.
+    pub const MAGIC: u32 = u32::from_le_bytes(*b"WDS2");
+    pub const VERSION: u16 = 1;
+    /// Set in every state a [`crate::SHA256_MORE`] job writes.
+    pub const FLAG_VALID: u16 = 1;
+}
 
 /// Every opcode.
 pub const ALL_OPS: u32 = (1 << Opcode::ALL.len()) - 1;
@@ -436,7 +468,7 @@ codes! {
         ReservedBits = 5, "write sets reserved bits";
         BadDepth = 6, "queue depth not a power of two in 2..=MAX_DEPTH";
         RingUnmapped = 7, "ring or index block not inside memory the VMM mapped writable";
-        OpNotAllowed = 8, "operation mask not a subset of CAP_OPS";
+        OpNotAllowed = 8, "operation mask not a subset of the queue's Q_CAP_OPS";
         QueueBusy = 9, "queue configuration changed while the queue is enabled";
         BadVector = 10, "MSI-X vector out of range";
         Misaligned = 11, "ring or index address not aligned";
@@ -457,7 +489,7 @@ codes! {
         BadLength = 4, "length zero where data is needed, over MAX_XFER, or address + length overflows";
         OverlapsRing = 5, "buffer overlaps this queue's rings or index block";
         DstTooSmall = 6, "output does not fit in dst_len";
-        CorruptInput = 7, "compressed input is not valid";
+        CorruptInput = 7, "compressed input, or a SHA-256 running state, is not valid";
         ReservedNonZero = 8, "reserved field or flag not zero";
         EngineError = 9, "the engine failed the job";
         Aborted = 10, "bus mastering was off when the job reached the engine; nothing was read or written";

@@ -199,6 +199,9 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
     pub fn sha256(&mut self, data: &[u8]) -> Result<[u8; 32], DriverError> {
         let state_len = wdvirt_abi::SHA256_STATE_SIZE;
         let state = self.stage(state_len as usize)?;
+        // A staging buffer may still hold a state from an abandoned chain,
+        // which the device refuses to start over (spec §4).
+        state.zero()?;
         // (Empty data is still one job: the device says what it thinks of it.)
         let pieces: Vec<&[u8]> = if data.is_empty() {
             vec![data]

@@ -565,17 +565,21 @@ impl Engine {
 
     fn execute(&mut self, job: &Job, pasid: Pasid) -> Done {
         let max = self.common.max_xfer;
-        if job.src_len > max || job.dst_len > max {
-            return Done::failed(JobStatus::BadLength, 0);
-        }
         let reads_src = job.op.reads_src();
-        // Compare reads its second buffer; a resumed SHA-256 its saved state.
+        // Compare reads its second buffer; SHA-256 its saved state (RESUME),
+        // or whether a state-sized dst already holds one (see `sha256_part`).
         let reads_dst = job.op == Opcode::Compare
-            || (job.op == Opcode::Sha256 && job.param & wdvirt_abi::SHA256_RESUME != 0);
+            || (job.op == Opcode::Sha256
+                && (job.param & wdvirt_abi::SHA256_RESUME != 0
+                    || job.dst_len >= wdvirt_abi::SHA256_STATE_SIZE));
         let uses_dst = job.op.writes_dst() || reads_dst;
-        if (reads_src && job.src.checked_add(u64::from(job.src_len)).is_none())
-            || (uses_dst && job.dst.checked_add(u64::from(job.dst_len)).is_none())
-        {
+        // Only the buffers the opcode uses are judged: a field an operation
+        // does not use is ignored, whatever it holds (spec §4; a nop with
+        // huge unused lengths completes Ok).
+        let bad = |used: bool, addr: u64, len: u32| {
+            used && (len > max || addr.checked_add(u64::from(len)).is_none())
+        };
+        if bad(reads_src, job.src, job.src_len) || bad(uses_dst, job.dst, job.dst_len) {
             return Done::failed(JobStatus::BadLength, 0);
         }
 

@@ -28,6 +28,9 @@ use crate::transport::device::{DeviceError, DmaMapping};
 use crate::vdev::dma::DmaSpace;
 use crate::vdev::function::{BarKind, BarSpec, FunctionLayout, FunctionModel, InterruptSink};
 
+/// Most queues one instance may have.
+pub const MAX_QUEUES: usize = 64;
+
 /// What an instance offers its guest, fixed when it is created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WdConfig {
@@ -37,6 +40,10 @@ pub struct WdConfig {
     /// Opcodes this instance may use (`1 << opcode`).
     pub ops: u32,
     pub max_xfer: u32,
+    /// Per queue, the opcodes that queue may run (its `Q_CAP_OPS`); `None`
+    /// means all of `ops`. A mask is narrowed to `ops`; an entry for a queue
+    /// the instance does not have is refused.
+    pub queue_ops: [Option<u32>; MAX_QUEUES],
 }
 
 impl Default for WdConfig {
@@ -46,7 +53,16 @@ impl Default for WdConfig {
             max_depth: 1024,
             ops: ALL_OPS,
             max_xfer: 1 << 20,
+            queue_ops: [None; MAX_QUEUES],
         }
+    }
+}
+
+impl WdConfig {
+    /// Queue `q`'s `Q_CAP_OPS`.
+    pub fn queue_cap_ops(&self, q: u32) -> u32 {
+        let own = self.queue_ops.get(q as usize).copied().flatten();
+        own.unwrap_or(self.ops) & self.ops
     }
 }
 
@@ -95,11 +111,24 @@ impl WdDevice {
         irq: Arc<dyn InterruptSink>,
     ) -> Result<WdDevice, DeviceError> {
         if cfg.queues == 0
-            || cfg.queues > 64
+            || cfg.queues as usize > MAX_QUEUES
             || !cfg.max_depth.is_power_of_two()
             || cfg.max_depth < 2
         {
-            return Err(DeviceError::Invalid(format!("bad instance shape {cfg:?}")));
+            return Err(DeviceError::Invalid(format!(
+                "bad instance shape: {} queues (1..={MAX_QUEUES}), max depth {} (a power of two >= 2)",
+                cfg.queues, cfg.max_depth
+            )));
+        }
+        if let Some(q) = cfg.queue_ops[cfg.queues as usize..]
+            .iter()
+            .position(Option::is_some)
+        {
+            return Err(DeviceError::Invalid(format!(
+                "an operation mask is given for queue {}, but the instance has {} queues",
+                cfg.queues as usize + q,
+                cfg.queues
+            )));
         }
         let cfg = WdConfig {
             ops: cfg.ops & accel.supported_ops(),
@@ -207,6 +236,7 @@ impl WdDevice {
             Reg::MsixVector => qcfg.vector as u64,
             Reg::IrqCoalesce => qcfg.coalesce as u64,
             Reg::Completed => q.map_or(0, |q| q.shared.completed.load(Ordering::Relaxed) as u64),
+            Reg::QueueCapOps => d.queue.map_or(0, |q| self.cfg.queue_cap_ops(q) as u64),
         }
     }
 
@@ -256,7 +286,7 @@ impl WdDevice {
                 cfg.depth = v;
             }
             Reg::Ops => {
-                if merged as u32 & !self.cfg.ops != 0 {
+                if merged as u32 & !self.cfg.queue_cap_ops(qn) != 0 {
                     return Err(RegError::OpNotAllowed);
                 }
                 cfg.ops = merged as u32;
