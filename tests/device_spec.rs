@@ -277,6 +277,87 @@ fn pci_rows_match_the_config_space() {
 }
 
 #[test]
+fn stream_param_and_context_layouts_match() {
+    use wdvirt_abi::stream as st;
+    let doc = spec();
+    let params = table(&doc, "`param` of a stream piece");
+    let bits: Vec<&str> = params.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(bits, ["1:0", "11:8", "13:12", "16"]);
+    let mask = |r: &str| -> u64 {
+        let (hi, lo) = r.split_once(':').unwrap_or((r, r));
+        let (hi, lo): (u32, u32) = (hi.parse().unwrap(), lo.parse().unwrap());
+        ((1u64 << (hi - lo + 1)) - 1) << lo
+    };
+    assert_eq!(mask(bits[0]), st::FORMAT_MASK);
+    assert_eq!(mask(bits[1]), st::LEVEL_MASK);
+    assert_eq!(mask(bits[2]), st::FLUSH_MASK);
+    assert_eq!(mask(bits[3]), st::START);
+    assert!(params[2][2].contains(&format!(
+        "{} SYNC, {} FULL, {} FINISH",
+        st::FLUSH_SYNC,
+        st::FLUSH_FULL,
+        st::FLUSH_FINISH
+    )));
+    for f in wdvirt_abi::Format::ALL {
+        let name = if f == wdvirt_abi::Format::Deflate {
+            "raw deflate"
+        } else {
+            f.name()
+        };
+        assert!(
+            params[0][2].contains(&format!("{} {name}", f.code())),
+            "{name}"
+        );
+    }
+    let ctx = table(&doc, "The context's layout");
+    let want = [
+        (st::MAGIC_OFFSET, 4, "magic"),
+        (st::VERSION_OFFSET, 2, "version"),
+        (st::FLAGS_OFFSET, 2, "flags"),
+        (st::FORMAT_OFFSET, 1, "format"),
+        (st::BITS_OFFSET, 1, "decompress: bits"),
+        (st::BIT_VALUE_OFFSET, 1, "the value"),
+        (11, 1, "reserved"),
+        (st::CHECK_OFFSET, 4, "check value"),
+        (st::PLAIN_OFFSET, 8, "uncompressed bytes"),
+        (st::PACKED_OFFSET, 8, "compressed bytes"),
+        (st::WINDOW_LEN_OFFSET, 4, "bytes of the window"),
+        (st::RESERVED_OFFSET, 28, "reserved"),
+        (st::WINDOW_OFFSET, st::WINDOW_SIZE as usize, "the window"),
+    ];
+    assert_eq!(ctx.len(), want.len());
+    let mut end = 0;
+    for (row, (off, size, field)) in ctx.iter().zip(want) {
+        assert_eq!(row[0], off.to_string(), "{field}");
+        assert_eq!(row[1], size.to_string(), "{field}");
+        assert!(row[2].starts_with(field), "{row:?}");
+        assert_eq!(off, end, "fields are contiguous");
+        end = off + size;
+    }
+    assert_eq!(end, st::CTX_SIZE as usize);
+    assert!(ctx[0][2].contains(&format!("`0x{:08x}`", st::MAGIC)));
+    let flags = &ctx[2][2];
+    for (bit, name) in [
+        (st::FLAG_VALID, "VALID"),
+        (st::FLAG_COMPRESS, "COMPRESS"),
+        (st::FLAG_HEADER_DONE, "HEADER_DONE"),
+        (st::FLAG_DEFLATE_DONE, "DEFLATE_DONE"),
+        (st::FLAG_ENDED, "ENDED"),
+    ] {
+        assert!(
+            flags.contains(&format!("{} {name}", bit.trailing_zeros())),
+            "{name}"
+        );
+    }
+    assert!(doc.contains(&format!("context** of {} bytes", st::CTX_SIZE)));
+    let cqe = table(&doc, "### 3.3 Completion entry");
+    assert!(cqe[2][3].contains(&format!(
+        "bit {} STREAM_END",
+        wdvirt_abi::CQE_STREAM_END.trailing_zeros()
+    )));
+}
+
+#[test]
 fn sha256_state_layout_matches() {
     let rows = table(&spec(), "The state is self-describing");
     let want = [
@@ -362,7 +443,8 @@ fn descriptor_layouts_match() {
         src_len: 7,
         dst_len: 8,
         param: 9,
-        reserved: [10, 0, 0],
+        ctx: 10,
+        reserved: [11, 0],
     };
     let b = probe.to_bytes();
     for row in &sqe {
@@ -377,7 +459,8 @@ fn descriptor_layouts_match() {
             "src_len" => 7,
             "dst_len" => 8,
             "param" => 9,
-            "reserved" => 10,
+            "ctx" => 10,
+            "reserved" => 11,
             f => panic!("unknown field {f}"),
         };
         assert_eq!(b[off], want, "SQE field {} at {off}", row[1]);

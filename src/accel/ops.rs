@@ -120,6 +120,8 @@ pub fn run(
             result: 0,
         }),
         Opcode::Compare => compare(src, dst).map(|result| Output { bytes: 0, result }),
+        // Stream pieces need their context: see `stream::run`.
+        Opcode::StreamCompress | Opcode::StreamDecompress => Err(JobStatus::EngineError),
         // Handled by `Format::of` above.
         Opcode::DeflateCompress
         | Opcode::DeflateDecompress

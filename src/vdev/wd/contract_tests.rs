@@ -122,6 +122,8 @@ const SRC2: u64 = BUF + 0x8_0000;
 const OUT: u64 = BUF + 0x10_0000;
 /// Not inside the rig's DMA map.
 const UNMAPPED: u64 = 0x4000_0000;
+/// A stream context, inside the rig's RAM.
+const CTX: u64 = OUT + 0x8_0000;
 
 fn rig() -> Rig {
     let mut rig = Rig::new(WdConfig::default());
@@ -365,6 +367,10 @@ fn operation_preconditions_complete_with_their_statuses() {
             JobStatus::BadLength,
         ),
         (sqe(Opcode::Fill, 5, 0, 0, OUT, 0), JobStatus::BadLength),
+        (
+            with(sqe(Opcode::Copy, 9, BUF, 100, OUT, 100), |e| e.ctx = CTX),
+            JobStatus::ReservedNonZero,
+        ),
         (sqe(Opcode::Copy, 6, BUF, 100, OUT, 100), JobStatus::Ok),
         (sqe(Opcode::Crc32c, 7, BUF, 0, 0, 0), JobStatus::Ok),
         (sqe(Opcode::Sha256, 8, BUF, 0, OUT, 32), JobStatus::Ok),
@@ -765,6 +771,16 @@ fn provoke(rig: &mut Rig, op: Opcode, want: JobStatus) -> Option<SubmissionEntry
             Opcode::Copy => sqe(op, 1, BUF, n, OUT, n),
             Opcode::Fill => sqe(op, 1, 0, 0, OUT, n),
             Opcode::Compare => sqe(op, 1, BUF, n, BUF, n),
+            Opcode::StreamCompress => with(sqe(op, 1, BUF, n, OUT, 8192), |e| {
+                (e.ctx, e.param) = (CTX, wdvirt_abi::stream::START)
+            }),
+            Opcode::StreamDecompress => {
+                let stream = zlib_like(Format::Deflate, &data);
+                rig.put(SRC2, &stream);
+                with(sqe(op, 1, SRC2, stream.len() as u32, OUT, 8192), |e| {
+                    (e.ctx, e.param) = (CTX, wdvirt_abi::stream::START)
+                })
+            }
             _ => unreachable!("compression opcodes have a format"),
         },
     };
@@ -782,7 +798,7 @@ fn provoke(rig: &mut Rig, op: Opcode, want: JobStatus) -> Option<SubmissionEntry
     let max = 1 << 20;
     let e = match want {
         JobStatus::Ok | JobStatus::OpNotAllowed | JobStatus::Aborted => base,
-        JobStatus::ReservedNonZero => with(base, |e| e.reserved[2] = 1),
+        JobStatus::ReservedNonZero => with(base, |e| e.reserved[1] = 1),
         JobStatus::BadOpcode => with(base, |e| e.opcode = 0xee),
         JobStatus::BadAddress if op != Opcode::Nop => with(base, |e| fault(e, UNMAPPED, 64)),
         JobStatus::BadLength if op != Opcode::Nop => with(base, |e| fault(e, BUF, max + 1)),
@@ -790,6 +806,7 @@ fn provoke(rig: &mut Rig, op: Opcode, want: JobStatus) -> Option<SubmissionEntry
         JobStatus::DstTooSmall => match op {
             Opcode::Copy => with(base, |e| e.dst_len = n - 1),
             Opcode::Sha256 => with(base, |e| e.dst_len = 31),
+            Opcode::StreamCompress | Opcode::StreamDecompress => with(base, |e| e.dst_len = 16),
             _ if Format::of(op).is_some() => with(base, |e| e.dst_len = 16),
             _ => return None,
         },
@@ -798,9 +815,14 @@ fn provoke(rig: &mut Rig, op: Opcode, want: JobStatus) -> Option<SubmissionEntry
                 rig.put(OUT, &[0; 128]);
                 with(base, |e| (e.param, e.dst_len) = (SHA256_RESUME, 128))
             }
-            _ if matches!(Format::of(op), Some((_, false))) => {
+            _ if matches!(Format::of(op), Some((_, false))) || op == Opcode::StreamDecompress => {
                 rig.put(SRC2, &[0xff; 64]);
                 with(base, |e| e.src_len = 64)
+            }
+            Opcode::StreamCompress => {
+                // A piece without START on a context that holds no stream.
+                rig.put(CTX, &[0; 64]);
+                with(base, |e| e.param = 0)
             }
             _ => return None,
         },

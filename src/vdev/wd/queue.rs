@@ -421,6 +421,7 @@ impl Worker {
                         status,
                         bytes: 0,
                         result: 0,
+                        stream_end: false,
                     };
                     self.complete(mem, r);
                 }
@@ -455,6 +456,7 @@ impl Worker {
                             status: JobStatus::EngineError,
                             bytes: 0,
                             result: 0,
+                            stream_end: false,
                         };
                         self.complete(mem, r);
                     }
@@ -474,10 +476,16 @@ impl Worker {
         } else {
             0
         };
+        let end = if r.stream_end {
+            wdvirt_abi::CQE_STREAM_END
+        } else {
+            0
+        };
+        let flags = phase | end;
         let cqe = CompletionEntry {
             tag: r.cookie as u32,
             status: r.status.code(),
-            flags: phase,
+            flags,
             bytes: r.bytes,
             result: r.result,
         };
@@ -486,7 +494,7 @@ impl Worker {
         let _ = mem.write_slice(&bytes[0..6], GuestAddress(base));
         let _ = mem.write_slice(&bytes[8..16], GuestAddress(base + 8));
         std::sync::atomic::fence(Ordering::Release);
-        let _ = mem.store(phase, GuestAddress(base + 6), Ordering::Release);
+        let _ = mem.store(flags, GuestAddress(base + 6), Ordering::Release);
         self.cq_tail = self.cq_tail.wrapping_add(1);
         let s = &self.ctx.shared.stats;
         if r.status == JobStatus::Ok {
@@ -682,6 +690,21 @@ pub fn coalesce(reg: u32) -> (u32, Duration) {
     (count, Duration::from_micros((reg >> 16) as u64))
 }
 
+/// A stream piece's `param`: known bits only, a format, a level and a flush
+/// in range (the engine checks again: `stream::run`).
+fn stream_param_ok(op: Opcode, param: u64) -> bool {
+    use wdvirt_abi::stream as s;
+    let allowed = if op == Opcode::StreamCompress {
+        s::COMPRESS_PARAM
+    } else {
+        s::DECOMPRESS_PARAM
+    };
+    param & !allowed == 0
+        && param & s::FORMAT_MASK != 3
+        && (param & s::LEVEL_MASK) >> s::LEVEL_SHIFT <= s::MAX_LEVEL
+        && (param & s::FLUSH_MASK) >> s::FLUSH_SHIFT <= s::FLUSH_FINISH
+}
+
 /// Check one descriptor completely before any byte of its buffers is touched.
 pub fn check(
     sqe: &SubmissionEntry,
@@ -690,7 +713,8 @@ pub fn check(
     mem: &GuestMemory,
 ) -> Result<Job, JobStatus> {
     let op = Opcode::from_u8(sqe.opcode).ok_or(JobStatus::BadOpcode)?;
-    if sqe.flags != 0 || sqe.reserved0 != 0 || sqe.reserved != [0; 3] {
+    let stream = matches!(op, Opcode::StreamCompress | Opcode::StreamDecompress);
+    if sqe.flags != 0 || sqe.reserved0 != 0 || sqe.reserved != [0; 2] || (!stream && sqe.ctx != 0) {
         return Err(JobStatus::ReservedNonZero);
     }
     if cfg.ops & op.bit() == 0 {
@@ -704,9 +728,10 @@ pub fn check(
         Opcode::Fill => 0xff,
         Opcode::Crc32c => u32::MAX as u64,
         Opcode::Sha256 => wdvirt_abi::SHA256_RESUME | wdvirt_abi::SHA256_MORE,
+        Opcode::StreamCompress | Opcode::StreamDecompress => u64::MAX,
         _ => 0,
     };
-    if sqe.param > param_max {
+    if sqe.param > param_max || (stream && !stream_param_ok(op, sqe.param)) {
         return Err(JobStatus::ReservedNonZero);
     }
     let job = Job {
@@ -716,27 +741,34 @@ pub fn check(
         dst: sqe.dst,
         dst_len: sqe.dst_len,
         param: sqe.param,
+        ctx: sqe.ctx,
         cookie: sqe.tag as u64,
     };
     // (address, length, may be empty): CRC32C and SHA-256 of nothing are
-    // defined; every other buffer needs bytes.
-    let hash = matches!(op, Opcode::Crc32c | Opcode::Sha256);
-    let mut buffers = Vec::with_capacity(2);
+    // defined, and a stream piece may bring no input (a flush, a finish);
+    // every other buffer needs bytes. A stream's context is a third buffer.
+    let may_be_empty = matches!(op, Opcode::Crc32c | Opcode::Sha256) || stream;
+    // (The context is not a transfer: MAX_XFER does not bound it.)
+    let mut buffers = Vec::with_capacity(3);
     if op.reads_src() {
-        buffers.push((sqe.src, sqe.src_len, hash));
+        buffers.push((sqe.src, sqe.src_len, may_be_empty, max_xfer));
     }
     if op.writes_dst() || op == Opcode::Compare {
-        buffers.push((sqe.dst, sqe.dst_len, false));
+        buffers.push((sqe.dst, sqe.dst_len, false, max_xfer));
+    }
+    if stream {
+        let ctx = wdvirt_abi::stream::CTX_SIZE;
+        buffers.push((sqe.ctx, ctx, false, ctx));
     }
     if op == Opcode::Compare && sqe.src_len != sqe.dst_len {
         return Err(JobStatus::BadLength);
     }
-    for &(addr, len, may_be_empty) in &buffers {
-        if (len == 0 && !may_be_empty) || len > max_xfer || addr.checked_add(len as u64).is_none() {
+    for &(addr, len, may_be_empty, max) in &buffers {
+        if (len == 0 && !may_be_empty) || len > max || addr.checked_add(len as u64).is_none() {
             return Err(JobStatus::BadLength);
         }
     }
-    for &(addr, len, _) in &buffers {
+    for &(addr, len, _, _) in &buffers {
         if !vm_memory::GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize) {
             return Err(JobStatus::BadAddress);
         }

@@ -255,7 +255,7 @@ fn bad_descriptors_complete_with_their_status_and_never_reach_the_engine() {
     assert_eq!(rig.setup_queue(0, 16), r::Q_STATUS_ENABLED);
     rig.put(BUF, &[1u8; 4096]);
     let mut reserved = sqe(Opcode::Copy, 6, BUF, 16, BUF + 0x1000, 16);
-    reserved.reserved[1] = 1;
+    reserved.reserved[0] = 1;
     let cases = [
         (
             sqe(Opcode::Copy, 1, RAM + RAM_SIZE - 8, 16, BUF, 16),
