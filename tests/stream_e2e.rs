@@ -119,3 +119,34 @@ fn concatenated_gzip_members_are_decoded_one_stream_at_a_time() {
         other => panic!("{:?}", other.map(|(o, n)| (o.len(), n))),
     }
 }
+
+/// The guest tool's `run --jobs stream-...` (what a Linux guest runs) over a
+/// real instance: one stream of the whole input, verified by round trip.
+#[test]
+fn the_guest_tools_stream_jobs_pass_over_a_real_instance() {
+    use wdvirt_guest::workload::{JobKind, RunOptions};
+    let accel: SharedAccelerator = SoftAccel::new(2);
+    let rig = common::start(&accel, "tool", 7, WdConfig::default(), RAM_SIZE);
+    let dev = Device::probe(rig.vmm.clone()).unwrap();
+    dev.enable().unwrap();
+    let pool: DmaPool<Arc<GuestRam>> = LoopbackVmm::dma_pool(&rig.vmm).unwrap();
+    let jobs: Vec<JobKind> = Format::ALL.into_iter().map(JobKind::Stream).collect();
+    let ops = jobs.iter().fold(0, |m, j| m | j.ops_mask());
+    let mut q = dev.queue(0, 8, ops, &pool).unwrap();
+    let opts = RunOptions {
+        jobs,
+        size: 5 << 20,
+        seed: 3,
+        level: 12,
+    };
+    let report = wdvirt_guest::workload::run(&mut q, &opts);
+    assert_eq!(report["ok"], true, "{report:#}");
+    for r in report["results"].as_array().unwrap() {
+        assert_eq!(
+            (&r["roundtrip_ok"], &r["consumed_all"], &r["framing_ok"]),
+            (&true.into(), &true.into(), &true.into()),
+            "{r:#}"
+        );
+        assert!(r["compressed"].as_u64().unwrap() < (5 << 20) / 2);
+    }
+}
