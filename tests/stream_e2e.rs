@@ -2,7 +2,7 @@
 //! socket: the guest driver compresses and decompresses a stream of many
 //! MAX_XFER pieces, and zlib (flate2 on zlib-rs) is the independent judge
 //! both ways. The 256 MiB run is `#[ignore]`d in the normal test run:
-//! `cargo test --release --test stream_e2e -- --ignored` (docs/device-spec.md §4.1).
+//! `cargo test --test stream_e2e -- --ignored` (docs/device-spec.md §4.1).
 
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -85,7 +85,7 @@ fn a_32_mib_stream_round_trips_through_the_device_and_zlib() {
 }
 
 #[test]
-#[ignore = "256 MiB: run with --release --ignored"]
+#[ignore = "256 MiB, about a minute: cargo test --test stream_e2e -- --ignored"]
 fn a_256_mib_stream_round_trips_through_the_device_and_zlib() {
     round_trip(256 << 20, &[Format::Gzip]);
 }

@@ -911,3 +911,32 @@ fn every_status_comes_from_the_operations_the_spec_lists() {
 fn status_of(rig: &mut Rig, e: SubmissionEntry) -> Option<JobStatus> {
     status(&run1(rig, e))
 }
+
+/// Spec §2.2: reserved bits of the writable registers are refused with
+/// ReservedBits, and the register keeps its value.
+#[test]
+fn reserved_register_bits_are_refused() {
+    let mut rig = Rig::new(WdConfig::default());
+    let b = r::queue(0);
+    rig.w32(b + r::Q_DEPTH, 8);
+    rig.w32(b + r::Q_MSIX_VECTOR, 1);
+    for (off, bit) in [
+        (r::DEV_CTRL, 1u32 << 2),
+        (r::DEV_CTRL, 1 << 31),
+        (r::ERR_STATUS, 1 << 1),
+        (b + r::Q_DEPTH, 1 << 16),
+        (b + r::Q_CTRL, 1 << 2),
+        (b + r::Q_MSIX_VECTOR, 1 << 16),
+        (b + r::Q_OPS, 1 << Opcode::ALL.len()),
+    ] {
+        let before = rig.r32(off);
+        rig.w32(r::ERR_STATUS, 1);
+        rig.w32(off, bit);
+        assert_eq!(
+            rig.r32(r::ERR_CODE),
+            RegError::ReservedBits.code() as u32,
+            "{off:#x} bit {bit:#x}"
+        );
+        assert_eq!(rig.r32(off), before, "{off:#x} kept its value");
+    }
+}
