@@ -450,6 +450,31 @@ fn the_first_fault_in_check_order_decides_the_status() {
             sqe(Opcode::Copy, 9, BUF, 16, UNMAPPED, 8),
             JobStatus::BadAddress,
         ),
+        // A stream's context comes after src and dst.
+        (
+            with(sqe(Opcode::StreamCompress, 10, BUF, 16, OUT, over), |e| {
+                (e.ctx, e.param) = (UNMAPPED, wdvirt_abi::stream::START)
+            }),
+            JobStatus::BadLength,
+        ),
+        (
+            with(sqe(Opcode::StreamCompress, 11, BUF, 16, CQ, 64), |e| {
+                (e.ctx, e.param) = (UNMAPPED, wdvirt_abi::stream::START)
+            }),
+            JobStatus::OverlapsRing,
+        ),
+        (
+            with(sqe(Opcode::StreamCompress, 12, BUF, 16, OUT, 64), |e| {
+                (e.ctx, e.param) = (u64::MAX - 8, wdvirt_abi::stream::START)
+            }),
+            JobStatus::BadLength,
+        ),
+        (
+            with(sqe(Opcode::StreamCompress, 13, BUF, 16, OUT, 64), |e| {
+                (e.ctx, e.param) = (CQ, wdvirt_abi::stream::START)
+            }),
+            JobStatus::OverlapsRing,
+        ),
     ];
     for (e, want) in cases {
         assert_eq!(status(&run1(&mut rig, e)), Some(want), "tag {}", e.tag);
