@@ -41,7 +41,7 @@ VENDOR_ID = 0x7764
 DEVICE_ID = 0x0001
 CLASS_CODE = 0x120000
 ID_MAGIC = 0x31564457
-ABI_VERSION = 1 << 16
+ABI_VERSION = 1 << 16 | 1
 R_ID, R_VERSION, R_CAP_OPS, R_NUM_QUEUES = 0x000, 0x004, 0x008, 0x00C
 R_MAX_DEPTH, R_MAX_XFER = 0x010, 0x014
 R_DEV_CTRL, R_DEV_STATUS = 0x020, 0x024
@@ -491,7 +491,7 @@ def one_run(args, tag, full):
         t = time.monotonic()
         ident = qt.readl(BAR0_ADDR + R_ID)
         check(ident == ID_MAGIC, f"BAR0 ID = {ident:#010x} ({(time.monotonic() - t) * 1e6:.0f} us round trip)")
-        check(qt.readl(BAR0_ADDR + R_VERSION) == ABI_VERSION, "BAR0 VERSION = 1.0")
+        check(qt.readl(BAR0_ADDR + R_VERSION) == ABI_VERSION, "BAR0 VERSION = 1.1")
         nq = qt.readl(BAR0_ADDR + R_NUM_QUEUES)
         check(nq >= 1, f"NUM_QUEUES = {nq}, MAX_DEPTH = {qt.readl(BAR0_ADDR + R_MAX_DEPTH)}")
         # Nothing left over from an earlier VMM (killed with its queue on).

@@ -151,10 +151,11 @@ fn random_sqe(rng: &mut StdRng, tag: u32, scratch: u64) -> SubmissionEntry {
         } else {
             rng.random()
         },
+        ctx: 0,
         reserved: if dirty && rng.random_bool(0.5) {
-            [rng.random(), 0, 0]
+            [rng.random(), 0]
         } else {
-            [0; 3]
+            [0; 2]
         },
     }
 }

@@ -91,7 +91,7 @@ pub mod regs {
     pub const Q_IDX_BASE: u32 = 0x10;
     /// RW. Entries in each ring: a power of two in `2..=MAX_DEPTH`.
     pub const Q_DEPTH: u32 = 0x18;
-    /// RW. Opcodes this queue accepts; must be a subset of `CAP_OPS`.
+    /// RW. Opcodes this queue accepts; must be a subset of `Q_CAP_OPS`.
     pub const Q_OPS: u32 = 0x1c;
     /// RW. [`Q_CTRL_ENABLE`], [`Q_CTRL_RESET`].
     pub const Q_CTRL: u32 = 0x20;
@@ -104,9 +104,14 @@ pub mod regs {
     pub const Q_IRQ_COALESCE: u32 = 0x2c;
     /// RO. Completions written since the queue or the device was last reset (wraps).
     pub const Q_COMPLETED: u32 = 0x30;
+    /// RO (ABI 1.1). Opcodes this queue may be given in `Q_OPS`: `CAP_OPS`, or
+    /// a subset the host chose for this queue. A 1.0 device has no such
+    /// register (a read is refused): use `CAP_OPS` there.
+    pub const Q_CAP_OPS: u32 = 0x34;
 
     pub const ID_MAGIC: u32 = 0x3156_4457; // "WDV1"
-    pub const ABI_VERSION: u32 = 1 << 16;
+    /// 1.1: 1.0 plus `Q_CAP_OPS` and the self-describing SHA-256 state.
+    pub const ABI_VERSION: u32 = 1 << 16 | 1;
 
     pub const DEV_CTRL_ENABLE: u32 = 1 << 0;
     /// Self-clearing: disables every queue and restores reset values.
@@ -143,10 +148,14 @@ pub enum Opcode {
     Copy = 9,
     Fill = 10,
     Compare = 11,
+    /// ABI 1.1: one piece of a compressed stream of any length (see [`stream`]).
+    StreamCompress = 12,
+    /// ABI 1.1: one piece of the decompression of a stream of any length.
+    StreamDecompress = 13,
 }
 
 impl Opcode {
-    pub const ALL: [Opcode; 12] = [
+    pub const ALL: [Opcode; 14] = [
         Opcode::Nop,
         Opcode::DeflateCompress,
         Opcode::DeflateDecompress,
@@ -159,6 +168,8 @@ impl Opcode {
         Opcode::Copy,
         Opcode::Fill,
         Opcode::Compare,
+        Opcode::StreamCompress,
+        Opcode::StreamDecompress,
     ];
     pub const fn from_u8(v: u8) -> Option<Opcode> {
         if (v as usize) < Self::ALL.len() {
@@ -184,6 +195,8 @@ impl Opcode {
             Opcode::Copy => "copy",
             Opcode::Fill => "fill",
             Opcode::Compare => "compare",
+            Opcode::StreamCompress => "stream-compress",
+            Opcode::StreamDecompress => "stream-decompress",
         }
     }
     pub fn from_name(name: &str) -> Option<Opcode> {
@@ -250,6 +263,22 @@ impl Format {
     pub fn from_name(s: &str) -> Option<Format> {
         Self::ALL.into_iter().find(|f| f.name() == s)
     }
+    /// The format's code in a stream job's `param` ([`stream::FORMAT_MASK`]).
+    pub const fn code(self) -> u64 {
+        match self {
+            Format::Deflate => 0,
+            Format::Zlib => 1,
+            Format::Gzip => 2,
+        }
+    }
+    pub const fn from_code(code: u64) -> Option<Format> {
+        match code {
+            0 => Some(Format::Deflate),
+            1 => Some(Format::Zlib),
+            2 => Some(Format::Gzip),
+            _ => None,
+        }
+    }
     /// A destination size that holds the compressed form of `len` bytes at
     /// any level: stored blocks cost 5 bytes per 64 KiB, plus the largest
     /// header and trailer (gzip, 18 bytes), with margin.
@@ -267,6 +296,114 @@ pub const SHA256_MORE: u64 = 1 << 1;
 /// Bytes of a SHA-256 running state, and the `dst_len` a job with
 /// [`SHA256_RESUME`] or [`SHA256_MORE`] needs.
 pub const SHA256_STATE_SIZE: u32 = 128;
+
+/// The layout of a SHA-256 running state ([`SHA256_STATE_SIZE`] bytes in
+/// guest memory). It is self-describing and backend-neutral: any engine
+/// (software or hardware) reads and writes exactly this, so a state can move
+/// between backends, and a buffer that is not a state (all-zero, a digest, a
+/// forgotten [`SHA256_MORE`]) is refused instead of silently hashed on.
+pub mod sha256_state {
+    /// u32 at 0: [`MAGIC`].
+    pub const MAGIC_OFFSET: usize = 0;
+    /// u16 at 4: [`VERSION`].
+    pub const VERSION_OFFSET: usize = 4;
+    /// u16 at 6: [`FLAG_VALID`]; no other bit may be set.
+    pub const FLAGS_OFFSET: usize = 6;
+    /// u64 at 8: message bytes hashed so far (less than 2^61).
+    pub const LENGTH_OFFSET: usize = 8;
+    /// 8 × u32 at 16: the chaining value H0..H7 (FIPS 180-4), each little-endian.
+    pub const H_OFFSET: usize = 16;
+    /// 64 bytes at 48: the partial block, `length % 64` bytes; the rest zero.
+    pub const BLOCK_OFFSET: usize = 48;
+    /// 16 bytes at 112: reserved, zero.
+    pub const RESERVED_OFFSET: usize = 112;
+    /// "WDS2" read as a little-endian u32.
+    pub const MAGIC: u32 = u32::from_le_bytes(*b"WDS2");
+    pub const VERSION: u16 = 1;
+    /// Set in every state a [`crate::SHA256_MORE`] job writes.
+    pub const FLAG_VALID: u16 = 1;
+}
+
+/// Stream compression and decompression across jobs (ABI 1.1): a stream of
+/// any length goes through the device one job per piece, the state between
+/// pieces kept by the device in a context of [`stream::CTX_SIZE`] bytes in
+/// guest memory at the job's `ctx`, laid out as below (backend-neutral:
+/// the window of the last 32 KiB of uncompressed data and the position in
+/// the compressed stream, never a library's internal state).
+pub mod stream {
+    /// `param` bits 1:0: the [`crate::Format`] code.
+    pub const FORMAT_MASK: u64 = 0x3;
+    /// `param` bits 11:8 (compress): the level, 1..=9 (0 means 1).
+    pub const LEVEL_SHIFT: u32 = 8;
+    pub const LEVEL_MASK: u64 = 0xf << LEVEL_SHIFT;
+    pub const MAX_LEVEL: u64 = 9;
+    /// `param` bits 13:12 (compress): how the piece ends, one of the `FLUSH_*`.
+    pub const FLUSH_SHIFT: u32 = 12;
+    pub const FLUSH_MASK: u64 = 0x3 << FLUSH_SHIFT;
+    /// The output ends on a byte boundary: everything so far decodes.
+    pub const FLUSH_SYNC: u64 = 0;
+    /// As SYNC, and later output does not refer to earlier data: a decoder
+    /// may start afresh here (the window is emptied).
+    pub const FLUSH_FULL: u64 = 1;
+    /// The stream ends: last block and the format's trailer.
+    pub const FLUSH_FINISH: u64 = 2;
+    /// `param` bit 16: the first piece of a stream; the context is
+    /// initialised, whatever it held. Without it the context must hold a
+    /// stream in progress of the same direction and format.
+    pub const START: u64 = 1 << 16;
+    /// Every `param` bit a stream-compress job may set.
+    pub const COMPRESS_PARAM: u64 = FORMAT_MASK | LEVEL_MASK | FLUSH_MASK | START;
+    /// Every `param` bit a stream-decompress job may set.
+    pub const DECOMPRESS_PARAM: u64 = FORMAT_MASK | START;
+
+    /// Bytes of a stream context: a 64-byte header and the 32 KiB window.
+    pub const CTX_SIZE: u32 = 64 + WINDOW_SIZE;
+    pub const WINDOW_SIZE: u32 = 32 * 1024;
+    /// u32 at 0: [`MAGIC`].
+    pub const MAGIC_OFFSET: usize = 0;
+    /// u16 at 4: [`VERSION`].
+    pub const VERSION_OFFSET: usize = 4;
+    /// u16 at 6: the `FLAG_*` bits.
+    pub const FLAGS_OFFSET: usize = 6;
+    /// u8 at 8: the format code.
+    pub const FORMAT_OFFSET: usize = 8;
+    /// u8 at 9 (decompress): bits (0..=7) of the next compressed byte already
+    /// taken, whose remaining high bits are held at 10.
+    pub const BITS_OFFSET: usize = 9;
+    /// u8 at 10: those bits' values, in the low bits.
+    pub const BIT_VALUE_OFFSET: usize = 10;
+    /// u32 at 12: the format's check value of the uncompressed data so far
+    /// (Adler-32 for zlib, CRC-32 for gzip, 0 for raw deflate).
+    pub const CHECK_OFFSET: usize = 12;
+    /// u64 at 16: uncompressed bytes so far.
+    pub const PLAIN_OFFSET: usize = 16;
+    /// u64 at 24: compressed bytes so far (header and trailer included).
+    pub const PACKED_OFFSET: usize = 24;
+    /// u32 at 32: bytes of the window in use (0..=32768).
+    pub const WINDOW_LEN_OFFSET: usize = 32;
+    /// 28 bytes at 36: reserved, zero.
+    pub const RESERVED_OFFSET: usize = 36;
+    /// 32 KiB at 64: the last uncompressed bytes (`window length` of them).
+    pub const WINDOW_OFFSET: usize = 64;
+    /// "WDZ1" read as a little-endian u32.
+    pub const MAGIC: u32 = u32::from_le_bytes(*b"WDZ1");
+    pub const VERSION: u16 = 1;
+    /// Set in every context a stream job wrote.
+    pub const FLAG_VALID: u16 = 1 << 0;
+    /// A compression context (else decompression).
+    pub const FLAG_COMPRESS: u16 = 1 << 1;
+    /// The format's header has been written or read.
+    pub const FLAG_HEADER_DONE: u16 = 1 << 2;
+    /// Decompress: the last deflate block has been read; the trailer is next.
+    pub const FLAG_DEFLATE_DONE: u16 = 1 << 3;
+    /// The stream has ended (a later piece needs START).
+    pub const FLAG_ENDED: u16 = 1 << 4;
+}
+
+/// `CompletionEntry::flags` bit 1: a stream-decompress job read the end of
+/// its stream (last block and trailer); `result` says how much of `src` it
+/// consumed, so any bytes after it (another gzip member) are left.
+pub const CQE_STREAM_END: u16 = 1 << 1;
 
 /// Every opcode.
 pub const ALL_OPS: u32 = (1 << Opcode::ALL.len()) - 1;
@@ -291,7 +428,9 @@ pub struct SubmissionEntry {
     pub src_len: u32,
     pub dst_len: u32,
     pub param: u64,
-    pub reserved: [u64; 3],
+    /// Stream opcodes: guest address of the stream context; 0 otherwise.
+    pub ctx: u64,
+    pub reserved: [u64; 2],
 }
 
 /// Completion queue entry, 16 bytes.
@@ -358,8 +497,9 @@ impl SubmissionEntry {
         b[24..28].copy_from_slice(&self.src_len.to_le_bytes());
         b[28..32].copy_from_slice(&self.dst_len.to_le_bytes());
         b[32..40].copy_from_slice(&self.param.to_le_bytes());
+        b[40..48].copy_from_slice(&self.ctx.to_le_bytes());
         for (i, r) in self.reserved.iter().enumerate() {
-            b[40 + 8 * i..48 + 8 * i].copy_from_slice(&r.to_le_bytes());
+            b[48 + 8 * i..56 + 8 * i].copy_from_slice(&r.to_le_bytes());
         }
         b
     }
@@ -376,7 +516,8 @@ impl SubmissionEntry {
             src_len: u32_at(24),
             dst_len: u32_at(28),
             param: u64_at(32),
-            reserved: [u64_at(40), u64_at(48), u64_at(56)],
+            ctx: u64_at(40),
+            reserved: [u64_at(48), u64_at(56)],
         }
     }
 }
@@ -436,7 +577,7 @@ codes! {
         ReservedBits = 5, "write sets reserved bits";
         BadDepth = 6, "queue depth not a power of two in 2..=MAX_DEPTH";
         RingUnmapped = 7, "ring or index block not inside memory the VMM mapped writable";
-        OpNotAllowed = 8, "operation mask not a subset of CAP_OPS";
+        OpNotAllowed = 8, "operation mask not a subset of the queue's Q_CAP_OPS";
         QueueBusy = 9, "queue configuration changed while the queue is enabled";
         BadVector = 10, "MSI-X vector out of range";
         Misaligned = 11, "ring or index address not aligned";
@@ -457,7 +598,7 @@ codes! {
         BadLength = 4, "length zero where data is needed, over MAX_XFER, or address + length overflows";
         OverlapsRing = 5, "buffer overlaps this queue's rings or index block";
         DstTooSmall = 6, "output does not fit in dst_len";
-        CorruptInput = 7, "compressed input is not valid";
+        CorruptInput = 7, "compressed input, or a SHA-256 running state, is not valid";
         ReservedNonZero = 8, "reserved field or flag not zero";
         EngineError = 9, "the engine failed the job";
         Aborted = 10, "bus mastering was off when the job reached the engine; nothing was read or written";

@@ -10,7 +10,8 @@ usage: wdvirt-guest COMMAND [OPTIONS]
 commands:
   probe                         find the device, print identity and BARs
   run --jobs LIST --size BYTES [--seed N] [--level L]
-                                LIST: comma-separated deflate,zlib,gzip,crc32c,sha256,copy,fill,compare
+                                LIST: comma-separated deflate,zlib,gzip,crc32c,sha256,copy,fill,compare,
+                                stream-deflate,stream-zlib,stream-gzip (one stream of any --size)
   garbage --count N [--seed S] [--widths 1,2,4]
                                 random BAR0 accesses, then the device's error registers
   cmdline                       read wdvirt.mode=, wdvirt.jobs=, wdvirt.size=, wdvirt.seed=,
@@ -173,6 +174,21 @@ mod tests {
         assert!(parse_size("").is_err());
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("99999999999999999999M").is_err());
+    }
+
+    #[test]
+    fn stream_jobs_parse() {
+        let o = parse_args(args("run --jobs stream-gzip,zlib --size 256M")).unwrap();
+        assert!(matches!(
+            o.command,
+            Command::Run(RunOptions { ref jobs, size, .. })
+                if jobs == &[JobKind::Stream(Format::Gzip), JobKind::Compress(Format::Zlib)]
+                    && size == 256 << 20
+        ));
+        for name in JobKind::NAMES {
+            assert_eq!(JobKind::parse(name).map(JobKind::name), Some(name));
+        }
+        assert!(parse_args(args("run --jobs stream-lz4 --size 1")).is_err());
     }
 
     #[test]

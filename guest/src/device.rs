@@ -141,8 +141,19 @@ impl<M: Mmio> Device<M> {
         self.read(regs::ERR_COUNT)
     }
 
+    /// The opcodes queue `q` may be given (`Q_CAP_OPS`, ABI 1.1), or
+    /// `CAP_OPS` on a 1.0 device, which has no such register.
+    pub fn queue_cap_ops(&self, q: u32) -> Result<u32, DriverError> {
+        if self.info.version_minor() == 0 {
+            return Ok(self.info.cap_ops);
+        }
+        self.read(regs::queue(q) + regs::Q_CAP_OPS)
+    }
+
     /// Sets up and enables queue `q` with rings of `depth` entries taken from
-    /// `pool`, accepting the opcodes in `ops_mask`. Completions are polled
+    /// `pool`, accepting the opcodes in `ops_mask` that the queue may run
+    /// ([`Device::queue_cap_ops`]; [`Queue::ops_mask`] says which it got).
+    /// Bits that name no opcode are passed on, for the device to refuse. Completions are polled
     /// (`Q_MSIX_VECTOR` is set to `NO_VECTOR`). Depth and opcode mask are
     /// judged by the device; a refusal comes back as
     /// [`DriverError::RegisterRefused`] naming the [`wdvirt_abi::RegError`].
@@ -164,6 +175,7 @@ impl<M: Mmio> Device<M> {
                 "queue depth {depth} not in 1..={DRIVER_MAX_DEPTH}"
             )));
         }
+        let ops_mask = ops_mask & (self.queue_cap_ops(q)? | !wdvirt_abi::ALL_OPS);
         let d = u64::from(depth);
         let sq = pool.alloc(d * wdvirt_abi::SQE_SIZE as u64, RING_ALIGN)?;
         let cq = pool.alloc(d * wdvirt_abi::CQE_SIZE as u64, RING_ALIGN)?;
@@ -221,7 +233,7 @@ mod tests {
         let f = FakeDevice::new(Mode::InOrder);
         let d = Device::probe(f).unwrap();
         let i = d.info();
-        assert_eq!((i.version_major(), i.version_minor()), (1, 0));
+        assert_eq!((i.version_major(), i.version_minor()), (1, 1));
         assert_eq!(
             (i.num_queues, i.max_depth, i.max_xfer),
             (fake::NUM_QUEUES, fake::MAX_DEPTH, fake::MAX_XFER)
@@ -270,6 +282,40 @@ mod tests {
             "dropping a queue resets it on the device"
         );
         assert_eq!(pool.free_bytes(), before, "and returns its rings");
+    }
+
+    #[test]
+    fn queues_get_the_opcodes_their_q_cap_ops_allows() {
+        let (f, d, pool) = fake::setup(Mode::InOrder);
+        let only = Opcode::Copy.bit() | Opcode::Crc32c.bit();
+        f.set_queue_cap_ops(1, only);
+        assert_eq!(d.queue_cap_ops(1).unwrap(), only);
+        let q = d.queue(1, 4, ALL_OPS, &pool).unwrap();
+        assert_eq!(q.ops_mask(), only);
+        assert_eq!(f.queue_config(1).4, only);
+        let q0 = d.queue(0, 4, ALL_OPS, &pool).unwrap();
+        assert_eq!(q0.ops_mask(), ALL_OPS);
+        assert_eq!(d.last_register_error().unwrap(), None);
+    }
+
+    #[test]
+    fn a_1_0_device_without_q_cap_ops_is_driven_from_cap_ops() {
+        let f = FakeDevice::new(Mode::InOrder);
+        f.set_identity(regs::ID_MAGIC, 1 << 16);
+        let d = Device::probe(f.clone()).unwrap();
+        d.enable().unwrap();
+        let pool = DmaPool::new(
+            f.memory(),
+            crate::DmaAllocator::new(fake::MEM_BASE, 1 << 16).unwrap(),
+        );
+        assert_eq!(d.queue_cap_ops(0).unwrap(), ALL_OPS);
+        let q = d.queue(0, 4, ALL_OPS, &pool).unwrap();
+        assert_eq!(q.ops_mask(), ALL_OPS);
+        assert_eq!(
+            d.register_error_count().unwrap(),
+            0,
+            "the driver never touched the register a 1.0 device lacks"
+        );
     }
 
     #[test]

@@ -106,6 +106,8 @@ pub enum DriverError {
     SpuriousCompletion { tag: u32 },
     #[error("job {tag} failed: {status}")]
     JobFailed { tag: u32, status: StatusCode },
+    #[error("the compressed stream ends early: {consumed} bytes read, no end of stream")]
+    TruncatedStream { consumed: usize },
 }
 
 impl DriverError {

@@ -49,6 +49,8 @@ struct FakeQueue {
     sq_head: u32,
     cq_tail: u32,
     pending: Vec<SubmissionEntry>,
+    /// `Q_CAP_OPS`; `None`: `CAP_OPS`.
+    cap_ops: Option<u32>,
     doorbells: u32,
     max_in_flight: u32,
 }
@@ -96,6 +98,10 @@ impl FakeDevice {
         let mut s = self.st.lock();
         s.id = id;
         s.version = version;
+    }
+    /// Narrows queue `q`'s `Q_CAP_OPS`.
+    pub fn set_queue_cap_ops(&self, q: u32, ops: u32) {
+        self.st.lock().queues[q as usize].cap_ops = Some(ops);
     }
     pub fn doorbells(&self, q: u32) -> u32 {
         self.st.lock().queues[q as usize].doorbells
@@ -278,7 +284,7 @@ impl FakeDevice {
         if !fq.depth.is_power_of_two() || !(2..=MAX_DEPTH).contains(&fq.depth) {
             return Err(RegError::BadDepth);
         }
-        if fq.ops & !CAP_OPS != 0 {
+        if fq.ops & !fq.cap_ops.unwrap_or(CAP_OPS) != 0 {
             return Err(RegError::OpNotAllowed);
         }
         if ![fq.sq, fq.cq, fq.idx].iter().all(|a| a.is_multiple_of(64)) {
@@ -303,8 +309,14 @@ impl Mmio for FakeDevice {
         if bar != pci::BAR_CONTROL {
             return Ok(0);
         }
-        let s = self.st.lock();
+        let mut s = self.st.lock();
         let o = offset as u32;
+        let in_queue = o >= regs::QUEUE_BASE && o < regs::queue(NUM_QUEUES);
+        if in_queue && o % regs::QUEUE_STRIDE == regs::Q_CAP_OPS && s.version & 0xffff == 0 {
+            // A 1.0 device has no Q_CAP_OPS: the read is refused.
+            Self::latch(&mut s, RegError::OutOfRange, offset);
+            return Ok(u32::MAX);
+        }
         Ok(match o {
             regs::ID => s.id,
             regs::VERSION => s.version,
@@ -326,6 +338,7 @@ impl Mmio for FakeDevice {
                     regs::Q_COMPLETED => fq.completed,
                     regs::Q_MSIX_VECTOR => fq.msix,
                     regs::Q_IRQ_COALESCE => fq.coalesce,
+                    regs::Q_CAP_OPS => fq.cap_ops.unwrap_or(CAP_OPS),
                     _ => 0,
                 }
             }

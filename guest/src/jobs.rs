@@ -13,6 +13,8 @@ pub struct JobSpec {
     pub dst: u64,
     pub dst_len: u32,
     pub param: u64,
+    /// Stream opcodes: the stream context's address; 0 otherwise.
+    pub ctx: u64,
 }
 
 impl JobSpec {
@@ -24,7 +26,12 @@ impl JobSpec {
             dst: 0,
             dst_len: 0,
             param: 0,
+            ctx: 0,
         }
+    }
+    pub fn ctx(mut self, addr: u64) -> Self {
+        self.ctx = addr;
+        self
     }
     pub fn src(mut self, addr: u64, len: u32) -> Self {
         self.src = addr;
@@ -49,6 +56,7 @@ impl JobSpec {
             src_len: self.src_len,
             dst_len: self.dst_len,
             param: self.param,
+            ctx: self.ctx,
             ..Default::default()
         }
     }
@@ -84,7 +92,7 @@ mod tests {
             (e.tag, e.src, e.src_len, e.dst, e.dst_len, e.param),
             (42, 0x1000, 10, 0x2000, 20, 7)
         );
-        assert_eq!((e.flags, e.reserved0, e.reserved), (0, 0, [0; 3]));
+        assert_eq!((e.flags, e.reserved0, e.ctx, e.reserved), (0, 0, 0, [0; 2]));
     }
 
     #[test]

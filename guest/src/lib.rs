@@ -21,6 +21,7 @@ pub mod linux;
 pub mod mmio;
 mod ops;
 pub mod queue;
+mod stream;
 pub mod workload;
 
 #[cfg(test)]

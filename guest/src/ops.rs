@@ -12,7 +12,7 @@ use crate::mmio::Mmio;
 use crate::queue::Queue;
 
 impl<M: Mmio, D: DmaMemory> Queue<M, D> {
-    fn check_len(&self, len: usize) -> Result<u32, DriverError> {
+    pub(crate) fn check_len(&self, len: usize) -> Result<u32, DriverError> {
         match u32::try_from(len) {
             Ok(l) if l <= self.max_xfer => Ok(l),
             _ => Err(DriverError::TooLarge {
@@ -23,17 +23,20 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
     }
 
     /// A staging buffer of at least one byte (the allocator refuses zero).
-    fn stage(&self, len: usize) -> Result<PoolBuffer<D>, DriverError> {
+    pub(crate) fn stage(&self, len: usize) -> Result<PoolBuffer<D>, DriverError> {
         Ok(self.pool.alloc(len.max(1) as u64, RING_ALIGN)?)
     }
 
-    fn stage_data(&self, data: &[u8]) -> Result<PoolBuffer<D>, DriverError> {
+    pub(crate) fn stage_data(&self, data: &[u8]) -> Result<PoolBuffer<D>, DriverError> {
         let b = self.stage(data.len())?;
         b.write(0, data)?;
         Ok(b)
     }
 
-    fn run_one(&mut self, job: JobSpec) -> Result<wdvirt_abi::CompletionEntry, DriverError> {
+    pub(crate) fn run_one(
+        &mut self,
+        job: JobSpec,
+    ) -> Result<wdvirt_abi::CompletionEntry, DriverError> {
         let cqe = self.run_batch(&[job])?.into_iter().next();
         let cqe = cqe.ok_or(DriverError::InvalidArgument(
             "batch returned no completion".into(),
@@ -43,7 +46,11 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
     }
 
     /// Reads the `bytes` a job reported writing, refusing a count over the capacity it was given.
-    fn read_output(buf: &PoolBuffer<D>, bytes: u32, cap: u32) -> Result<Vec<u8>, DriverError> {
+    pub(crate) fn read_output(
+        buf: &PoolBuffer<D>,
+        bytes: u32,
+        cap: u32,
+    ) -> Result<Vec<u8>, DriverError> {
         if bytes > cap {
             return Err(DriverError::InvalidArgument(format!(
                 "device reported {bytes} bytes written into {cap}"
@@ -199,6 +206,9 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
     pub fn sha256(&mut self, data: &[u8]) -> Result<[u8; 32], DriverError> {
         let state_len = wdvirt_abi::SHA256_STATE_SIZE;
         let state = self.stage(state_len as usize)?;
+        // A staging buffer may still hold a state from an abandoned chain,
+        // which the device refuses to start over (spec §4).
+        state.zero()?;
         // (Empty data is still one job: the device says what it thinks of it.)
         let pieces: Vec<&[u8]> = if data.is_empty() {
             vec![data]

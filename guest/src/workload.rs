@@ -93,6 +93,8 @@ pub fn gen_data(seed: u64, len: usize) -> Vec<u8> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JobKind {
     Compress(Format),
+    /// One stream of the whole input through stream pieces (ABI 1.1).
+    Stream(Format),
     Crc32c,
     Sha256,
     Copy,
@@ -108,7 +110,10 @@ impl JobKind {
             "copy" => JobKind::Copy,
             "fill" => JobKind::Fill,
             "compare" => JobKind::Compare,
-            other => JobKind::Compress(Format::from_name(other)?),
+            other => match other.strip_prefix("stream-") {
+                Some(f) => JobKind::Stream(Format::from_name(f)?),
+                None => JobKind::Compress(Format::from_name(other)?),
+            },
         })
     }
     pub fn parse_list(list: &str) -> Result<Vec<JobKind>, String> {
@@ -128,12 +133,25 @@ impl JobKind {
             other => other,
         }
     }
-    pub const NAMES: [&'static str; 8] = [
-        "deflate", "zlib", "gzip", "crc32c", "sha256", "copy", "fill", "compare",
+    pub const NAMES: [&'static str; 11] = [
+        "deflate",
+        "zlib",
+        "gzip",
+        "crc32c",
+        "sha256",
+        "copy",
+        "fill",
+        "compare",
+        "stream-deflate",
+        "stream-zlib",
+        "stream-gzip",
     ];
     pub fn name(self) -> &'static str {
         match self {
             JobKind::Compress(f) => f.name(),
+            JobKind::Stream(Format::Deflate) => "stream-deflate",
+            JobKind::Stream(Format::Zlib) => "stream-zlib",
+            JobKind::Stream(Format::Gzip) => "stream-gzip",
             JobKind::Crc32c => "crc32c",
             JobKind::Sha256 => "sha256",
             JobKind::Copy => "copy",
@@ -145,6 +163,7 @@ impl JobKind {
     pub fn ops_mask(self) -> u32 {
         match self {
             JobKind::Compress(f) => f.compress_op().bit() | f.decompress_op().bit(),
+            JobKind::Stream(_) => Opcode::StreamCompress.bit() | Opcode::StreamDecompress.bit(),
             JobKind::Crc32c => Opcode::Crc32c.bit(),
             JobKind::Sha256 => Opcode::Sha256.bit(),
             JobKind::Copy => Opcode::Copy.bit(),
@@ -223,6 +242,23 @@ fn run_one<M: Mmio, D: DmaMemory>(
             out.insert("framing_ok".into(), json!(framed));
             out.insert("roundtrip_ok".into(), json!(back == data));
             framed && back == data
+        }
+        JobKind::Stream(f) => {
+            // One stream of the whole input, whatever its size.
+            let level = opts.level.min(wdvirt_abi::stream::MAX_LEVEL as u32);
+            let packed = q.stream_compress(f, level, data, max)?;
+            let framed = framing_ok(f, &packed);
+            let (back, used) = q.stream_decompress(f, &packed)?;
+            out.insert("compressed".into(), json!(packed.len()));
+            out.insert("piece_bytes".into(), json!(max));
+            out.insert(
+                "stream_sha256".into(),
+                json!(hex(&sha2::Sha256::digest(&packed))),
+            );
+            out.insert("framing_ok".into(), json!(framed));
+            out.insert("consumed_all".into(), json!(used == packed.len()));
+            out.insert("roundtrip_ok".into(), json!(back == data));
+            framed && used == packed.len() && back == data
         }
         JobKind::Crc32c => {
             let v = q.crc32c(data)?;

@@ -11,6 +11,8 @@
 
 pub mod ops;
 pub mod soft;
+pub mod stream;
+mod zstream;
 
 use std::sync::Arc;
 
@@ -39,6 +41,9 @@ pub struct Job {
     pub dst_len: u32,
     /// Fill byte, or compression level.
     pub param: u64,
+    /// Stream opcodes: the stream context's address
+    /// ([`wdvirt_abi::stream::CTX_SIZE`] bytes); 0 otherwise.
+    pub ctx: u64,
     /// Opaque to the engine; returned in the result.
     pub cookie: u64,
 }
@@ -50,8 +55,10 @@ pub struct JobResult {
     pub status: JobStatus,
     /// Bytes written at `dst`.
     pub bytes: u32,
-    /// CRC32C value, or the compare result.
+    /// CRC32C value, the compare result, or the input a stream piece consumed.
     pub result: u32,
+    /// A stream-decompress piece read the end of its stream.
+    pub stream_end: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -120,6 +120,8 @@ pub fn run(
             result: 0,
         }),
         Opcode::Compare => compare(src, dst).map(|result| Output { bytes: 0, result }),
+        // Stream pieces need their context: see `stream::run`.
+        Opcode::StreamCompress | Opcode::StreamDecompress => Err(JobStatus::EngineError),
         // Handled by `Format::of` above.
         Opcode::DeflateCompress
         | Opcode::DeflateDecompress
@@ -193,11 +195,20 @@ pub fn crc32c_continue(prior: u32, src: &[u8]) -> u32 {
 /// [`wdvirt_abi::SHA256_RESUME`] (`dst` holds the running state to continue)
 /// and [`wdvirt_abi::SHA256_MORE`] (write the running state, not the
 /// digest). Neither bit: the one-shot digest.
+///
+/// The state is the ABI's own layout ([`wdvirt_abi::sha256_state`]), never a
+/// library's serialisation, so any backend can continue it. A job without
+/// RESUME whose `dst` (of at least a state's size) already holds a valid
+/// state is refused with `CorruptInput`: that is a chain whose driver forgot
+/// RESUME, and hashing on would give a wrong digest silently.
 pub fn sha256_part(src: &[u8], dst: &mut [u8], param: u64) -> Result<u32, JobStatus> {
-    use sha2::digest::common::hazmat::SerializableState;
     use wdvirt_abi::{SHA256_MORE, SHA256_RESUME, SHA256_STATE_SIZE};
     if param & !(SHA256_RESUME | SHA256_MORE) != 0 {
         return Err(JobStatus::ReservedNonZero);
+    }
+    let resume = param & SHA256_RESUME != 0;
+    if !resume && dst.len() >= SHA256_STATE_SIZE as usize && ShaState::is_state(dst) {
+        return Err(JobStatus::CorruptInput);
     }
     if param == 0 {
         return sha256(src, dst);
@@ -205,34 +216,151 @@ pub fn sha256_part(src: &[u8], dst: &mut [u8], param: u64) -> Result<u32, JobSta
     let state = dst
         .get_mut(..SHA256_STATE_SIZE as usize)
         .ok_or(JobStatus::DstTooSmall)?;
-    let mut h = if param & SHA256_RESUME != 0 {
-        let n = sha2::Sha256::serialize(&Sha256::new()).len();
-        let saved = sha2::digest::common::hazmat::SerializedState::<Sha256>::try_from(&state[..n])
-            .map_err(|_| JobStatus::CorruptInput)?;
-        // sha2 checks the buffered bytes of a saved state but not its block
-        // count (bytes 32..40, after the eight state words), which it later
-        // adds to: refuse counts no real message reaches (2^54 blocks = 2^64 bits).
-        let blocks = u64::from_le_bytes(
-            state[32..40]
-                .try_into()
-                .map_err(|_| JobStatus::CorruptInput)?,
-        );
-        if blocks >= 1 << 54 {
-            return Err(JobStatus::CorruptInput);
-        }
-        Sha256::deserialize(&saved).map_err(|_| JobStatus::CorruptInput)?
+    let mut h = if resume {
+        ShaState::load(state)?
     } else {
-        Sha256::new()
+        ShaState::new()
     };
-    h.update(src);
+    h.update(src)?;
     if param & SHA256_MORE != 0 {
-        let saved = h.serialize();
-        state.fill(0);
-        state[..saved.len()].copy_from_slice(&saved);
+        h.store(state);
         Ok(SHA256_STATE_SIZE)
     } else {
-        state[..SHA256_LEN].copy_from_slice(&h.finalize());
+        state[..SHA256_LEN].copy_from_slice(&h.finish());
         Ok(SHA256_LEN as u32)
+    }
+}
+
+/// SHA-256 in progress, as [`wdvirt_abi::sha256_state`] lays it out.
+struct ShaState {
+    h: [u32; 8],
+    /// Message bytes so far.
+    len: u64,
+    /// The partial block (`len % 64` bytes used).
+    block: [u8; 64],
+}
+
+/// FIPS 180-4 §5.3.3.
+const SHA256_H0: [u32; 8] = [
+    0x6a09_e667,
+    0xbb67_ae85,
+    0x3c6e_f372,
+    0xa54f_f53a,
+    0x510e_527f,
+    0x9b05_688c,
+    0x1f83_d9ab,
+    0x5be0_cd19,
+];
+
+/// SHA-256 takes messages under 2^64 bits.
+const SHA256_MAX_LEN: u64 = 1 << 61;
+
+impl ShaState {
+    fn new() -> Self {
+        ShaState {
+            h: SHA256_H0,
+            len: 0,
+            block: [0; 64],
+        }
+    }
+
+    fn header(buf: &[u8]) -> (u32, u16, u16) {
+        use wdvirt_abi::sha256_state as l;
+        let u16_at = |o: usize| u16::from_le_bytes([buf[o], buf[o + 1]]);
+        let m = &buf[l::MAGIC_OFFSET..l::MAGIC_OFFSET + 4];
+        (
+            u32::from_le_bytes([m[0], m[1], m[2], m[3]]),
+            u16_at(l::VERSION_OFFSET),
+            u16_at(l::FLAGS_OFFSET),
+        )
+    }
+
+    /// Whether `buf` (at least a state's size) starts with a valid state's header.
+    fn is_state(buf: &[u8]) -> bool {
+        use wdvirt_abi::sha256_state as l;
+        Self::header(buf) == (l::MAGIC, l::VERSION, l::FLAG_VALID)
+    }
+
+    /// Read a state back, refusing anything a `MORE` job could not have written.
+    fn load(buf: &[u8]) -> Result<Self, JobStatus> {
+        use wdvirt_abi::sha256_state as l;
+        if !Self::is_state(buf) {
+            return Err(JobStatus::CorruptInput);
+        }
+        let u64_at = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[o..o + 8]);
+            u64::from_le_bytes(b)
+        };
+        let len = u64_at(l::LENGTH_OFFSET);
+        let mut h = [0u32; 8];
+        for (i, w) in h.iter_mut().enumerate() {
+            let o = l::H_OFFSET + 4 * i;
+            *w = u32::from_le_bytes([buf[o], buf[o + 1], buf[o + 2], buf[o + 3]]);
+        }
+        let mut block = [0u8; 64];
+        block.copy_from_slice(&buf[l::BLOCK_OFFSET..l::BLOCK_OFFSET + 64]);
+        let used = (len % 64) as usize;
+        let reserved = &buf[l::RESERVED_OFFSET..wdvirt_abi::SHA256_STATE_SIZE as usize];
+        if len >= SHA256_MAX_LEN || block[used..].iter().chain(reserved).any(|&b| b != 0) {
+            return Err(JobStatus::CorruptInput);
+        }
+        Ok(ShaState { h, len, block })
+    }
+
+    fn store(&self, buf: &mut [u8]) {
+        use wdvirt_abi::sha256_state as l;
+        buf.fill(0);
+        buf[l::MAGIC_OFFSET..l::MAGIC_OFFSET + 4].copy_from_slice(&l::MAGIC.to_le_bytes());
+        buf[l::VERSION_OFFSET..l::VERSION_OFFSET + 2].copy_from_slice(&l::VERSION.to_le_bytes());
+        buf[l::FLAGS_OFFSET..l::FLAGS_OFFSET + 2].copy_from_slice(&l::FLAG_VALID.to_le_bytes());
+        buf[l::LENGTH_OFFSET..l::LENGTH_OFFSET + 8].copy_from_slice(&self.len.to_le_bytes());
+        for (i, w) in self.h.iter().enumerate() {
+            let o = l::H_OFFSET + 4 * i;
+            buf[o..o + 4].copy_from_slice(&w.to_le_bytes());
+        }
+        buf[l::BLOCK_OFFSET..l::BLOCK_OFFSET + 64].copy_from_slice(&self.block);
+    }
+
+    fn update(&mut self, mut data: &[u8]) -> Result<(), JobStatus> {
+        let total = self.len.checked_add(data.len() as u64);
+        if total.is_none_or(|t| t >= SHA256_MAX_LEN) {
+            return Err(JobStatus::BadLength);
+        }
+        let used = (self.len % 64) as usize;
+        self.len += data.len() as u64;
+        if used > 0 {
+            let take = data.len().min(64 - used);
+            self.block[used..used + take].copy_from_slice(&data[..take]);
+            data = &data[take..];
+            if used + take < 64 {
+                return Ok(());
+            }
+            sha2::block_api::compress256(&mut self.h, &[self.block]);
+            self.block = [0; 64];
+        }
+        let (blocks, rest) = data.as_chunks::<64>();
+        sha2::block_api::compress256(&mut self.h, blocks);
+        self.block[..rest.len()].copy_from_slice(rest);
+        Ok(())
+    }
+
+    /// FIPS 180-4 §5.1.1 padding, then the digest.
+    fn finish(mut self) -> [u8; 32] {
+        let bits = self.len.wrapping_mul(8);
+        let used = (self.len % 64) as usize;
+        self.block[used] = 0x80;
+        if used >= 56 {
+            sha2::block_api::compress256(&mut self.h, &[self.block]);
+            self.block = [0; 64];
+        }
+        self.block[56..].copy_from_slice(&bits.to_be_bytes());
+        sha2::block_api::compress256(&mut self.h, &[self.block]);
+        let mut out = [0u8; 32];
+        for (i, w) in self.h.iter().enumerate() {
+            out[4 * i..4 * i + 4].copy_from_slice(&w.to_be_bytes());
+        }
+        out
     }
 }
 
@@ -303,9 +431,10 @@ mod tests {
             run(Opcode::Sha256, b"x", &mut junk, RESUME, &mut s),
             Err(JobStatus::CorruptInput)
         );
-        // A real state with an absurd block count (sha2 would overflow on it).
+        // A real state with an absurd length (2^61 bytes and over).
+        let mut junk = vec![0u8; SHA256_STATE_SIZE as usize];
         run(Opcode::Sha256, b"abc", &mut junk, MORE, &mut s).unwrap();
-        junk[32..40].fill(0xff);
+        junk[8..16].copy_from_slice(&(1u64 << 61).to_le_bytes());
         assert_eq!(
             run(Opcode::Sha256, b"x", &mut junk, RESUME, &mut s),
             Err(JobStatus::CorruptInput)
@@ -319,6 +448,87 @@ mod tests {
             Err(JobStatus::ReservedNonZero)
         );
     }
+
+    /// Every split of a message into pieces (including empty pieces and
+    /// splits inside and at block edges) gives the one-shot digest.
+    #[test]
+    fn sha256_state_round_trips_at_every_block_edge() {
+        use wdvirt_abi::{SHA256_MORE as MORE, SHA256_RESUME as RESUME};
+        let data: Vec<u8> = (0..300u32).map(|i| (i * 31 % 256) as u8).collect();
+        let mut s = Scratch::new();
+        for cut in [0usize, 1, 55, 56, 63, 64, 65, 119, 120, 128, 200, 300] {
+            let mut st = vec![0u8; 128];
+            run(Opcode::Sha256, &data[..cut], &mut st, MORE, &mut s).unwrap();
+            let mid = cut + (data.len() - cut) / 2;
+            run(
+                Opcode::Sha256,
+                &data[cut..mid],
+                &mut st,
+                RESUME | MORE,
+                &mut s,
+            )
+            .unwrap();
+            let out = run(Opcode::Sha256, &data[mid..], &mut st, RESUME, &mut s).unwrap();
+            assert_eq!(out.bytes, 32);
+            assert_eq!(st[..32], Sha256::digest(&data)[..], "cut at {cut}");
+        }
+    }
+
+    /// Spec §4 (issue 14, item 10): the state is self-describing, so a
+    /// forgotten MORE or RESUME gives CorruptInput, never a wrong digest.
+    #[test]
+    fn a_forgotten_sha256_flag_is_an_error_not_a_wrong_digest() {
+        use wdvirt_abi::{SHA256_MORE as MORE, SHA256_RESUME as RESUME, sha256_state as l};
+        let mut s = Scratch::new();
+        let bad = Err(JobStatus::CorruptInput);
+        // RESUME from an all-zero buffer (the first piece was never run).
+        let mut zero = vec![0u8; 128];
+        assert_eq!(run(Opcode::Sha256, b"x", &mut zero, RESUME, &mut s), bad);
+        assert_eq!(zero, vec![0u8; 128], "a refused state is left unchanged");
+        // MORE forgotten on the first piece: a digest, not a state, follows.
+        let mut st = vec![0u8; 128];
+        run(Opcode::Sha256, b"first", &mut st, 0, &mut s).unwrap();
+        assert_eq!(run(Opcode::Sha256, b"x", &mut st, RESUME, &mut s), bad);
+        // MORE forgotten on a middle piece.
+        let mut st = vec![0u8; 128];
+        run(Opcode::Sha256, b"first", &mut st, MORE, &mut s).unwrap();
+        run(Opcode::Sha256, b"middle", &mut st, RESUME, &mut s).unwrap();
+        assert_eq!(run(Opcode::Sha256, b"x", &mut st, RESUME, &mut s), bad);
+        // RESUME forgotten on a middle or the last piece: dst holds a state.
+        for forgot in [MORE, 0] {
+            let mut st = vec![0u8; 128];
+            run(Opcode::Sha256, b"first", &mut st, MORE, &mut s).unwrap();
+            let before = st.clone();
+            assert_eq!(run(Opcode::Sha256, b"x", &mut st, forgot, &mut s), bad);
+            assert_eq!(st, before, "the state is left unchanged");
+        }
+        // A finished chain's buffer starts a new chain: the digest overwrote the header.
+        let mut st = vec![0u8; 128];
+        run(Opcode::Sha256, b"a", &mut st, MORE, &mut s).unwrap();
+        run(Opcode::Sha256, b"b", &mut st, RESUME, &mut s).unwrap();
+        run(Opcode::Sha256, b"c", &mut st, MORE, &mut s).unwrap();
+        run(Opcode::Sha256, b"d", &mut st, RESUME, &mut s).unwrap();
+        assert_eq!(st[..32], Sha256::digest(b"cd")[..]);
+        // The layout is the ABI's: header, length, H words, partial block.
+        let mut st = vec![0u8; 128];
+        run(Opcode::Sha256, &[7u8; 70], &mut st, MORE, &mut s).unwrap();
+        assert_eq!(st[..4], l::MAGIC.to_le_bytes());
+        assert_eq!(st[4..8], [1, 0, 1, 0]);
+        assert_eq!(u64::from_le_bytes(st[8..16].try_into().unwrap()), 70);
+        assert_eq!(st[l::BLOCK_OFFSET..l::BLOCK_OFFSET + 6], [7u8; 6]);
+        assert!(st[l::BLOCK_OFFSET + 6..].iter().all(|&b| b == 0));
+        // Any damage to the header, the unused block bytes or the reserved tail is refused.
+        for at in [0usize, 4, 6, 7, l::BLOCK_OFFSET + 6, 127] {
+            let mut broken = st.clone();
+            broken[at] ^= 0x40;
+            assert_eq!(
+                run(Opcode::Sha256, b"x", &mut broken, RESUME, &mut s),
+                bad,
+                "byte {at}"
+            );
+        }
+    }
+
     use std::io::Read;
 
     /// Compressible but not trivial: text with a counter, plus some noise.

@@ -14,15 +14,22 @@ pub mod regs;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use vm_memory::GuestAddressSpace;
+
 use wdvirt_abi::{ALL_OPS, IDX_ALIGN, RING_ALIGN, RegError, pci, regs as r};
 
-use self::queue::{BusMaster, QueueConfig, QueueRunner, QueueShared, WorkerContext, overlaps};
+use self::queue::{
+    BusMaster, QueueConfig, QueueRunner, QueueShared, WorkerContext, clear_rings, overlaps,
+};
 use self::regs::{Access, Decoded, Reg};
 use crate::accel::{Pasid, SharedAccelerator};
 use crate::stats::{InstanceStats, add};
 use crate::vdev::device::{DeviceError, DmaMapping};
 use crate::vdev::dma::DmaSpace;
 use crate::vdev::function::{BarKind, BarSpec, FunctionLayout, FunctionModel, InterruptSink};
+
+/// Most queues one instance may have.
+pub const MAX_QUEUES: usize = 64;
 
 /// What an instance offers its guest, fixed when it is created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +40,10 @@ pub struct WdConfig {
     /// Opcodes this instance may use (`1 << opcode`).
     pub ops: u32,
     pub max_xfer: u32,
+    /// Per queue, the opcodes that queue may run (its `Q_CAP_OPS`); `None`
+    /// means all of `ops`. A mask is narrowed to `ops`; an entry for a queue
+    /// the instance does not have is refused.
+    pub queue_ops: [Option<u32>; MAX_QUEUES],
 }
 
 impl Default for WdConfig {
@@ -42,7 +53,16 @@ impl Default for WdConfig {
             max_depth: 1024,
             ops: ALL_OPS,
             max_xfer: 1 << 20,
+            queue_ops: [None; MAX_QUEUES],
         }
+    }
+}
+
+impl WdConfig {
+    /// Queue `q`'s `Q_CAP_OPS`.
+    pub fn queue_cap_ops(&self, q: u32) -> u32 {
+        let own = self.queue_ops.get(q as usize).copied().flatten();
+        own.unwrap_or(self.ops) & self.ops
     }
 }
 
@@ -61,6 +81,8 @@ struct QueueSlot {
     error: u32,
     shared: Arc<QueueShared>,
     runner: Option<QueueRunner>,
+    /// The running queue's rings have been cleared (see `clear_rings`).
+    rings_ready: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// One mediated instance of the accelerator.
@@ -89,11 +111,24 @@ impl WdDevice {
         irq: Arc<dyn InterruptSink>,
     ) -> Result<WdDevice, DeviceError> {
         if cfg.queues == 0
-            || cfg.queues > 64
+            || cfg.queues as usize > MAX_QUEUES
             || !cfg.max_depth.is_power_of_two()
             || cfg.max_depth < 2
         {
-            return Err(DeviceError::Invalid(format!("bad instance shape {cfg:?}")));
+            return Err(DeviceError::Invalid(format!(
+                "bad instance shape: {} queues (1..={MAX_QUEUES}), max depth {} (a power of two >= 2)",
+                cfg.queues, cfg.max_depth
+            )));
+        }
+        if let Some(q) = cfg.queue_ops[cfg.queues as usize..]
+            .iter()
+            .position(Option::is_some)
+        {
+            return Err(DeviceError::Invalid(format!(
+                "an operation mask is given for queue {}, but the instance has {} queues",
+                cfg.queues as usize + q,
+                cfg.queues
+            )));
         }
         let cfg = WdConfig {
             ops: cfg.ops & accel.supported_ops(),
@@ -201,6 +236,7 @@ impl WdDevice {
             Reg::MsixVector => qcfg.vector as u64,
             Reg::IrqCoalesce => qcfg.coalesce as u64,
             Reg::Completed => q.map_or(0, |q| q.shared.completed.load(Ordering::Relaxed) as u64),
+            Reg::QueueCapOps => d.queue.map_or(0, |q| self.cfg.queue_cap_ops(q) as u64),
         }
     }
 
@@ -250,7 +286,7 @@ impl WdDevice {
                 cfg.depth = v;
             }
             Reg::Ops => {
-                if merged as u32 & !self.cfg.ops != 0 {
+                if merged as u32 & !self.cfg.queue_cap_ops(qn) != 0 {
                     return Err(RegError::OpNotAllowed);
                 }
                 cfg.ops = merged as u32;
@@ -344,6 +380,15 @@ impl WdDevice {
             tracing::warn!(pasid = self.pasid, "no queue pair: {e}");
             RegError::NoQueuePair
         })?;
+        // The completion ring is cleared now, before Q_STATUS can show
+        // ENABLED (spec §2.2); with Bus Master clear it is cleared when the
+        // bit is set (`set_bus_master`), before any worker DMA.
+        let rings_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        if let Some(_dma) = self.bus_master.pass() {
+            clear_rings(&self.dma.address_space().memory(), &cfg);
+            rings_ready.store(true, Ordering::Release);
+        }
+        self.queues[qi].rings_ready = rings_ready.clone();
         let ctx = WorkerContext {
             queue: qi as u32,
             config: cfg,
@@ -354,6 +399,7 @@ impl WdDevice {
             bus_master: self.bus_master.clone(),
             shared: self.queues[qi].shared.clone(),
             instance_in_flight: self.engine_jobs.clone(),
+            rings_ready,
         };
         let runner = QueueRunner::start(ctx).map_err(|e| {
             tracing::error!("cannot start queue worker: {e}");
@@ -463,10 +509,11 @@ impl FunctionModel for WdDevice {
                     self.refuse(code, offset);
                 }
             },
-            // Doorbells are write-only; reads return 0 and are not an error
-            // (Linux may probe them), but count as a refused access.
+            // Doorbells are write-only: a read is refused like any other
+            // refused access (spec §2: all-ones, WriteOnly latched). The
+            // vfio-user message still succeeds, so a probing Linux is fine.
             pci::BAR_DOORBELL => {
-                data.fill(0);
+                data.fill(0xff);
                 self.refuse(RegError::WriteOnly, offset);
             }
             _ => return Err(DeviceError::Invalid(format!("BAR{bar} does not exist"))),
@@ -552,6 +599,16 @@ impl FunctionModel for WdDevice {
         // Clearing waits for the queue workers' DMA passes in progress (see
         // `BusMaster`), then for this PASID's jobs running on an engine;
         // jobs reaching an engine while it is clear complete with Aborted.
+        if enabled {
+            // Queues enabled while the bit was clear get their rings cleared
+            // before it is set, so before this config write completes.
+            for q in &self.queues {
+                if q.runner.is_some() && !q.rings_ready.load(Ordering::Acquire) {
+                    clear_rings(&self.dma.address_space().memory(), &q.cfg);
+                    q.rings_ready.store(true, Ordering::Release);
+                }
+            }
+        }
         self.bus_master.set(enabled);
         self.set_engine_dma(enabled);
         if enabled {
@@ -583,5 +640,7 @@ impl Drop for WdDevice {
     }
 }
 
+#[cfg(test)]
+mod contract_tests;
 #[cfg(test)]
 mod tests;

@@ -127,6 +127,25 @@ pub struct WorkerContext {
     pub shared: Arc<QueueShared>,
     /// Jobs the whole instance has with the engines (see [`MAX_WITH_ENGINE`]).
     pub instance_in_flight: Arc<AtomicU32>,
+    /// Set by the device once it has cleared the queue's completion ring and
+    /// its half of the index block ([`clear_rings`]). The worker does no DMA
+    /// before: the clear must be done before `Q_STATUS` shows ENABLED (or,
+    /// with Bus Master clear at enable, before setting it returns), never
+    /// later by the worker, or a driver polling at once reads old entries.
+    pub rings_ready: Arc<AtomicBool>,
+}
+
+/// Zero the completion ring and the device's half of the index block, so
+/// entries left from an earlier run of the same rings can never look new.
+/// The device calls it synchronously, while Bus Master is set or being set.
+pub fn clear_rings(mem: &GuestMemory, config: &QueueConfig) {
+    let cq_bytes = config.depth as usize * CQE_SIZE;
+    let zeros = vec![0u8; cq_bytes];
+    let _ = mem.write_slice(&zeros, GuestAddress(config.cq_base));
+    let at = |field| GuestAddress(config.idx_base + field);
+    let _ = mem.store(0u32, at(idx::SQ_HEAD), Ordering::Release);
+    let _ = mem.store(0u32, at(idx::FLAGS), Ordering::Release);
+    std::sync::atomic::fence(Ordering::SeqCst);
 }
 
 /// Whether the worker can take another submission now.
@@ -214,8 +233,6 @@ struct Worker {
     irq_since: Option<Instant>,
     /// The engine's measured pace, for sizing naps.
     pace: Pace,
-    /// The ring setup has been written (needs bus mastering).
-    initialised: bool,
 }
 
 /// Completions per sample of the engine's speed.
@@ -246,7 +263,6 @@ impl Worker {
             irq_pending: 0,
             irq_since: None,
             pace: Pace::default(),
-            initialised: false,
         }
     }
 
@@ -335,17 +351,10 @@ impl Worker {
         }
     }
 
-    /// The queue's first DMA: the device's half of the index block, and a
-    /// zeroed completion ring, so entries left from an earlier run of the
-    /// same rings can never look new.
-    fn init_rings(&mut self, mem: &GuestMemory) {
-        let cq_bytes = self.ctx.config.depth as usize * CQE_SIZE;
-        let zeros = vec![0u8; cq_bytes];
-        let _ = mem.write_slice(&zeros, GuestAddress(self.ctx.config.cq_base));
-        self.store_idx(mem, idx::SQ_HEAD, 0);
-        self.store_idx(mem, idx::FLAGS, 0);
-        std::sync::atomic::fence(Ordering::Release);
-        self.initialised = true;
+    /// Whether the device has cleared the rings (see
+    /// [`WorkerContext::rings_ready`]); no DMA happens before.
+    fn initialised(&self) -> bool {
+        self.ctx.rings_ready.load(Ordering::Acquire)
     }
 
     /// One pass: completions, then submissions. Returns whether anything moved.
@@ -360,10 +369,10 @@ impl Worker {
         let Some(_dma) = bus_master.pass() else {
             return false;
         };
-        let mem = self.ctx.space.memory();
-        if !self.initialised {
-            self.init_rings(&mem);
+        if !self.initialised() {
+            return false;
         }
+        let mem = self.ctx.space.memory();
         let mut progressed = false;
         if !self.held.is_empty() {
             for r in std::mem::take(&mut self.held) {
@@ -412,6 +421,7 @@ impl Worker {
                         status,
                         bytes: 0,
                         result: 0,
+                        stream_end: false,
                     };
                     self.complete(mem, r);
                 }
@@ -446,6 +456,7 @@ impl Worker {
                             status: JobStatus::EngineError,
                             bytes: 0,
                             result: 0,
+                            stream_end: false,
                         };
                         self.complete(mem, r);
                     }
@@ -465,10 +476,16 @@ impl Worker {
         } else {
             0
         };
+        let end = if r.stream_end {
+            wdvirt_abi::CQE_STREAM_END
+        } else {
+            0
+        };
+        let flags = phase | end;
         let cqe = CompletionEntry {
             tag: r.cookie as u32,
             status: r.status.code(),
-            flags: phase,
+            flags,
             bytes: r.bytes,
             result: r.result,
         };
@@ -477,7 +494,7 @@ impl Worker {
         let _ = mem.write_slice(&bytes[0..6], GuestAddress(base));
         let _ = mem.write_slice(&bytes[8..16], GuestAddress(base + 8));
         std::sync::atomic::fence(Ordering::Release);
-        let _ = mem.store(phase, GuestAddress(base + 6), Ordering::Release);
+        let _ = mem.store(flags, GuestAddress(base + 6), Ordering::Release);
         self.cq_tail = self.cq_tail.wrapping_add(1);
         let s = &self.ctx.shared.stats;
         if r.status == JobStatus::Ok {
@@ -530,8 +547,8 @@ impl Worker {
         let Some(_dma) = bus_master.pass() else {
             return Fetch::Nothing;
         };
-        if !self.initialised {
-            return Fetch::Ready;
+        if !self.initialised() {
+            return Fetch::Nothing;
         }
         let mem = self.ctx.space.memory();
         self.store_idx(&mem, idx::FLAGS, 0);
@@ -578,7 +595,7 @@ impl Worker {
         }
         let bus_master = self.ctx.bus_master.clone();
         if let Some(_dma) = bus_master.pass()
-            && self.initialised
+            && self.initialised()
         {
             let mem = self.ctx.space.memory();
             self.store_idx(&mem, idx::FLAGS, IDX_FLAG_NO_DOORBELL);
@@ -673,6 +690,21 @@ pub fn coalesce(reg: u32) -> (u32, Duration) {
     (count, Duration::from_micros((reg >> 16) as u64))
 }
 
+/// A stream piece's `param`: known bits only, a format, a level and a flush
+/// in range (the engine checks again: `stream::run`).
+fn stream_param_ok(op: Opcode, param: u64) -> bool {
+    use wdvirt_abi::stream as s;
+    let allowed = if op == Opcode::StreamCompress {
+        s::COMPRESS_PARAM
+    } else {
+        s::DECOMPRESS_PARAM
+    };
+    param & !allowed == 0
+        && param & s::FORMAT_MASK != 3
+        && (param & s::LEVEL_MASK) >> s::LEVEL_SHIFT <= s::MAX_LEVEL
+        && (param & s::FLUSH_MASK) >> s::FLUSH_SHIFT <= s::FLUSH_FINISH
+}
+
 /// Check one descriptor completely before any byte of its buffers is touched.
 pub fn check(
     sqe: &SubmissionEntry,
@@ -681,7 +713,8 @@ pub fn check(
     mem: &GuestMemory,
 ) -> Result<Job, JobStatus> {
     let op = Opcode::from_u8(sqe.opcode).ok_or(JobStatus::BadOpcode)?;
-    if sqe.flags != 0 || sqe.reserved0 != 0 || sqe.reserved != [0; 3] {
+    let stream = matches!(op, Opcode::StreamCompress | Opcode::StreamDecompress);
+    if sqe.flags != 0 || sqe.reserved0 != 0 || sqe.reserved != [0; 2] || (!stream && sqe.ctx != 0) {
         return Err(JobStatus::ReservedNonZero);
     }
     if cfg.ops & op.bit() == 0 {
@@ -695,9 +728,10 @@ pub fn check(
         Opcode::Fill => 0xff,
         Opcode::Crc32c => u32::MAX as u64,
         Opcode::Sha256 => wdvirt_abi::SHA256_RESUME | wdvirt_abi::SHA256_MORE,
+        Opcode::StreamCompress | Opcode::StreamDecompress => u64::MAX,
         _ => 0,
     };
-    if sqe.param > param_max {
+    if sqe.param > param_max || (stream && !stream_param_ok(op, sqe.param)) {
         return Err(JobStatus::ReservedNonZero);
     }
     let job = Job {
@@ -707,27 +741,34 @@ pub fn check(
         dst: sqe.dst,
         dst_len: sqe.dst_len,
         param: sqe.param,
+        ctx: sqe.ctx,
         cookie: sqe.tag as u64,
     };
     // (address, length, may be empty): CRC32C and SHA-256 of nothing are
-    // defined; every other buffer needs bytes.
-    let hash = matches!(op, Opcode::Crc32c | Opcode::Sha256);
-    let mut buffers = Vec::with_capacity(2);
+    // defined, and a stream piece may bring no input (a flush, a finish);
+    // every other buffer needs bytes. A stream's context is a third buffer.
+    let may_be_empty = matches!(op, Opcode::Crc32c | Opcode::Sha256) || stream;
+    // (The context is not a transfer: MAX_XFER does not bound it.)
+    let mut buffers = Vec::with_capacity(3);
     if op.reads_src() {
-        buffers.push((sqe.src, sqe.src_len, hash));
+        buffers.push((sqe.src, sqe.src_len, may_be_empty, max_xfer));
     }
     if op.writes_dst() || op == Opcode::Compare {
-        buffers.push((sqe.dst, sqe.dst_len, false));
+        buffers.push((sqe.dst, sqe.dst_len, false, max_xfer));
+    }
+    if stream {
+        let ctx = wdvirt_abi::stream::CTX_SIZE;
+        buffers.push((sqe.ctx, ctx, false, ctx));
     }
     if op == Opcode::Compare && sqe.src_len != sqe.dst_len {
         return Err(JobStatus::BadLength);
     }
-    for &(addr, len, may_be_empty) in &buffers {
-        if (len == 0 && !may_be_empty) || len > max_xfer || addr.checked_add(len as u64).is_none() {
+    for &(addr, len, may_be_empty, max) in &buffers {
+        if (len == 0 && !may_be_empty) || len > max || addr.checked_add(len as u64).is_none() {
             return Err(JobStatus::BadLength);
         }
     }
-    for &(addr, len, _) in &buffers {
+    for &(addr, len, _, _) in &buffers {
         if !vm_memory::GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize) {
             return Err(JobStatus::BadAddress);
         }

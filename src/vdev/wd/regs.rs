@@ -39,6 +39,7 @@ pub enum Reg {
     MsixVector,
     IrqCoalesce,
     Completed,
+    QueueCapOps,
 }
 
 /// One row of the register table.
@@ -187,7 +188,51 @@ pub const QUEUE: &[RegDef] = &[
         ReadOnly,
         0,
     ),
+    def(
+        Reg::QueueCapOps,
+        "Q_CAP_OPS",
+        regs::Q_CAP_OPS,
+        4,
+        ReadOnly,
+        0,
+    ),
 ];
+
+/// The meaning column of docs/device-spec.md §2, one line per register (the
+/// spec test reads the document back against it).
+pub const fn meaning(reg: Reg) -> &'static str {
+    match reg {
+        Reg::Id => "`0x31564457` (\"WDV1\")",
+        Reg::Version => "ABI version, major << 16 \\| minor (1.1); a minor version only adds",
+        Reg::CapOps => "bit mask of opcodes this instance may use (`1 << opcode`)",
+        Reg::NumQueues => "queues of this instance",
+        Reg::MaxDepth => "largest ring depth (a power of two)",
+        Reg::MaxXfer => "largest source or destination of one job, bytes",
+        Reg::DevCtrl => "bit 0 ENABLE; bit 1 RESET (self-clearing; wins over ENABLE)",
+        Reg::DevStatus => "bit 0 ENABLED",
+        Reg::ErrStatus => "bit 0 set while an error is latched; write 1 to clear the latch",
+        Reg::ErrCode => "code (§5.1) of the first refused access since the last clear",
+        Reg::ErrOffset => "offset of that access in its BAR (BAR0, or BAR2 for a doorbell read)",
+        Reg::ErrCount => "refused accesses since reset (saturating)",
+        Reg::SqBase => "guest address of the submission ring, 64-byte aligned",
+        Reg::CqBase => "guest address of the completion ring, 64-byte aligned",
+        Reg::IdxBase => "guest address of the ring-index block, 64-byte aligned",
+        Reg::Depth => "entries per ring: a power of two in 2..=MAX_DEPTH",
+        Reg::Ops => "opcodes this queue accepts; a subset of Q_CAP_OPS",
+        Reg::Ctrl => "bit 0 ENABLE; bit 1 RESET (self-clearing)",
+        Reg::Status => "bit 0 ENABLED; bit 1 ERROR; bits 15:8 the code of the failed enable",
+        Reg::MsixVector => "MSI-X vector for completions, or 0xffff for none",
+        Reg::IrqCoalesce => {
+            "bits 15:0 completions per interrupt (0 = 1); bits 31:16 longest delay in µs"
+        }
+        Reg::Completed => {
+            "completions written since the queue or the device was last reset (wraps)"
+        }
+        Reg::QueueCapOps => {
+            "opcodes this queue may be given in Q_OPS (ABI 1.1): CAP_OPS, or a subset the host chose"
+        }
+    }
+}
 
 /// A decoded access: which register (and queue), and where in it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -326,7 +371,7 @@ mod tests {
             Err(RegError::OutOfRange)
         );
         assert_eq!(
-            decode(regs::queue(0) as u64 + 0x3c, 4, 2),
+            decode(regs::queue(0) as u64 + 0x38, 4, 2),
             Err(RegError::OutOfRange)
         );
         assert_eq!(decode(0, 3, 2), Err(RegError::BadWidth));

@@ -13,15 +13,15 @@ use super::*;
 use crate::accel::soft::SoftAccel;
 use crate::vdev::dma::tests::memfd;
 
-const RAM: u64 = 0x10_0000;
-const RAM_SIZE: u64 = 0x40_0000;
-const SQ: u64 = RAM;
-const CQ: u64 = RAM + 0x1_0000;
-const IDX: u64 = RAM + 0x2_0000;
-const BUF: u64 = RAM + 0x10_0000;
+pub(super) const RAM: u64 = 0x10_0000;
+pub(super) const RAM_SIZE: u64 = 0x40_0000;
+pub(super) const SQ: u64 = RAM;
+pub(super) const CQ: u64 = RAM + 0x1_0000;
+pub(super) const IDX: u64 = RAM + 0x2_0000;
+pub(super) const BUF: u64 = RAM + 0x10_0000;
 
 #[derive(Default)]
-struct CountingIrq(AtomicU32);
+pub(super) struct CountingIrq(pub(super) AtomicU32);
 impl InterruptSink for CountingIrq {
     fn msix(&self, _vector: u16) -> bool {
         self.0.fetch_add(1, Ordering::SeqCst);
@@ -29,17 +29,17 @@ impl InterruptSink for CountingIrq {
     }
 }
 
-struct Rig {
-    accel: Arc<SoftAccel>,
-    dev: WdDevice,
-    irq: Arc<CountingIrq>,
-    space: crate::accel::AddressSpace,
-    tail: u32,
-    head: u32,
+pub(super) struct Rig {
+    pub(super) accel: Arc<SoftAccel>,
+    pub(super) dev: WdDevice,
+    pub(super) irq: Arc<CountingIrq>,
+    pub(super) space: crate::accel::AddressSpace,
+    pub(super) tail: u32,
+    pub(super) head: u32,
 }
 
 impl Rig {
-    fn new(cfg: WdConfig) -> Rig {
+    pub(super) fn new(cfg: WdConfig) -> Rig {
         let accel = SoftAccel::new(1);
         let irq = Arc::new(CountingIrq::default());
         let mut dev = WdDevice::new(cfg, accel.clone(), 7, irq.clone()).unwrap();
@@ -62,23 +62,23 @@ impl Rig {
             head: 0,
         }
     }
-    fn w32(&mut self, off: u32, v: u32) {
+    pub(super) fn w32(&mut self, off: u32, v: u32) {
         self.dev.bar_write(0, off as u64, &v.to_le_bytes()).unwrap();
     }
-    fn r32(&mut self, off: u32) -> u32 {
+    pub(super) fn r32(&mut self, off: u32) -> u32 {
         let mut b = [0u8; 4];
         self.dev.bar_read(0, off as u64, &mut b).unwrap();
         u32::from_le_bytes(b)
     }
-    fn w64(&mut self, off: u32, v: u64) {
+    pub(super) fn w64(&mut self, off: u32, v: u64) {
         self.w32(off, v as u32);
         self.w32(off + 4, (v >> 32) as u32);
     }
-    fn setup_queue(&mut self, q: u32, depth: u32) -> u32 {
+    pub(super) fn setup_queue(&mut self, q: u32, depth: u32) -> u32 {
         self.setup_queue_coalescing(q, depth, 0)
     }
     /// As `setup_queue`, with `Q_IRQ_COALESCE` set before the enable.
-    fn setup_queue_coalescing(&mut self, q: u32, depth: u32, coalesce: u32) -> u32 {
+    pub(super) fn setup_queue_coalescing(&mut self, q: u32, depth: u32, coalesce: u32) -> u32 {
         let b = r::queue(q);
         self.w32(b + r::Q_IRQ_COALESCE, coalesce);
         self.w32(r::DEV_CTRL, r::DEV_CTRL_ENABLE);
@@ -93,7 +93,7 @@ impl Rig {
         self.r32(b + r::Q_STATUS)
     }
     /// The completion ring and index block do not change for 100 ms.
-    fn assert_no_ring_writes(&self, depth: usize, after: &str) {
+    pub(super) fn assert_no_ring_writes(&self, depth: usize, after: &str) {
         let (cq, idx_block) = (self.get(CQ, depth * 16), self.get(IDX, 64));
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(
@@ -107,10 +107,10 @@ impl Rig {
             "an index was written after {after}"
         );
     }
-    fn mem(&self) -> impl std::ops::Deref<Target = crate::accel::GuestMemory> {
+    pub(super) fn mem(&self) -> impl std::ops::Deref<Target = crate::accel::GuestMemory> {
         self.space.memory()
     }
-    fn submit(&mut self, sqes: &[SubmissionEntry], depth: u32) {
+    pub(super) fn submit(&mut self, sqes: &[SubmissionEntry], depth: u32) {
         for s in sqes {
             let slot = (self.tail % depth) as u64;
             self.mem()
@@ -134,7 +134,7 @@ impl Rig {
             self.dev.bar_write(2, 0, &self.tail.to_le_bytes()).unwrap();
         }
     }
-    fn wait(&mut self, n: usize, depth: u32) -> Vec<CompletionEntry> {
+    pub(super) fn wait(&mut self, n: usize, depth: u32) -> Vec<CompletionEntry> {
         let mut out = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         while out.len() < n {
@@ -170,17 +170,24 @@ impl Rig {
         }
         out
     }
-    fn put(&self, addr: u64, data: &[u8]) {
+    pub(super) fn put(&self, addr: u64, data: &[u8]) {
         self.mem().write_slice(data, GuestAddress(addr)).unwrap();
     }
-    fn get(&self, addr: u64, len: usize) -> Vec<u8> {
+    pub(super) fn get(&self, addr: u64, len: usize) -> Vec<u8> {
         let mut v = vec![0; len];
         self.mem().read_slice(&mut v, GuestAddress(addr)).unwrap();
         v
     }
 }
 
-fn sqe(op: Opcode, tag: u32, src: u64, src_len: u32, dst: u64, dst_len: u32) -> SubmissionEntry {
+pub(super) fn sqe(
+    op: Opcode,
+    tag: u32,
+    src: u64,
+    src_len: u32,
+    dst: u64,
+    dst_len: u32,
+) -> SubmissionEntry {
     SubmissionEntry {
         opcode: op as u8,
         tag,
@@ -248,7 +255,7 @@ fn bad_descriptors_complete_with_their_status_and_never_reach_the_engine() {
     assert_eq!(rig.setup_queue(0, 16), r::Q_STATUS_ENABLED);
     rig.put(BUF, &[1u8; 4096]);
     let mut reserved = sqe(Opcode::Copy, 6, BUF, 16, BUF + 0x1000, 16);
-    reserved.reserved[1] = 1;
+    reserved.reserved[0] = 1;
     let cases = [
         (
             sqe(Opcode::Copy, 1, RAM + RAM_SIZE - 8, 16, BUF, 16),

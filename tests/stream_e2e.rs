@@ -1,0 +1,152 @@
+//! Streams larger than one job, through a real instance over its vfio-user
+//! socket: the guest driver compresses and decompresses a stream of many
+//! MAX_XFER pieces, and zlib (flate2 on zlib-rs) is the independent judge
+//! both ways. The 256 MiB run is `#[ignore]`d in the normal test run:
+//! `cargo test --test stream_e2e -- --ignored` (docs/device-spec.md §4.1).
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use wdvirt::accel::SharedAccelerator;
+use wdvirt::accel::soft::SoftAccel;
+use wdvirt::vdev::wd::WdConfig;
+use wdvirt::vmm::{GuestRam, LoopbackVmm};
+use wdvirt_guest::{Device, DmaPool, DriverError, Format};
+
+mod common;
+
+const RAM_SIZE: u64 = 64 << 20;
+
+fn flate2_decode(format: Format, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    match format {
+        Format::Deflate => flate2::read::DeflateDecoder::new(data).read_to_end(&mut out),
+        Format::Zlib => flate2::read::ZlibDecoder::new(data).read_to_end(&mut out),
+        Format::Gzip => flate2::read::GzDecoder::new(data).read_to_end(&mut out),
+    }
+    .expect("flate2 refuses the device's stream");
+    out
+}
+
+fn flate2_encode(format: Format, data: &[u8]) -> Vec<u8> {
+    let lvl = flate2::Compression::new(6);
+    match format {
+        Format::Deflate => {
+            let mut e = flate2::write::DeflateEncoder::new(Vec::new(), lvl);
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        }
+        Format::Zlib => {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), lvl);
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        }
+        Format::Gzip => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), lvl);
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        }
+    }
+}
+
+fn round_trip(total: usize, formats: &[Format]) {
+    let accel: SharedAccelerator = SoftAccel::new(2);
+    let rig = common::start(&accel, "stream", 5, WdConfig::default(), RAM_SIZE);
+    let dev = Device::probe(rig.vmm.clone()).unwrap();
+    dev.enable().unwrap();
+    let pool: DmaPool<Arc<GuestRam>> = LoopbackVmm::dma_pool(&rig.vmm).unwrap();
+    let mut q = dev.queue(0, 8, dev.info().cap_ops, &pool).unwrap();
+    let max = dev.info().max_xfer as usize;
+    let data = wdvirt_guest::workload::gen_data(9, total);
+    for &format in formats {
+        // The device's stream, read back by zlib.
+        let packed = q.stream_compress(format, 1, &data, max).unwrap();
+        assert!(packed.len() > max, "{format:?}: more than one job's worth");
+        assert!(
+            flate2_decode(format, &packed) == data,
+            "{format:?}: zlib reads it back"
+        );
+        // zlib's stream, read by the device, piece by piece.
+        let theirs = flate2_encode(format, &data);
+        let (back, used) = q.stream_decompress(format, &theirs).unwrap();
+        assert_eq!(used, theirs.len(), "{format:?}: all consumed");
+        assert!(back == data, "{format:?}: the device decodes zlib's stream");
+        // And its own.
+        let (back, _) = q.stream_decompress(format, &packed).unwrap();
+        assert!(back == data, "{format:?}: round trip");
+    }
+    let r = rig.instance.report();
+    assert_eq!(r.queues[0].jobs_failed, 0);
+}
+
+#[test]
+fn a_32_mib_stream_round_trips_through_the_device_and_zlib() {
+    round_trip(32 << 20, &[Format::Gzip, Format::Zlib, Format::Deflate]);
+}
+
+#[test]
+#[ignore = "256 MiB, about a minute: cargo test --test stream_e2e -- --ignored"]
+fn a_256_mib_stream_round_trips_through_the_device_and_zlib() {
+    round_trip(256 << 20, &[Format::Gzip]);
+}
+
+#[test]
+fn concatenated_gzip_members_are_decoded_one_stream_at_a_time() {
+    let accel: SharedAccelerator = SoftAccel::new(1);
+    let rig = common::start(&accel, "members", 6, WdConfig::default(), RAM_SIZE);
+    let dev = Device::probe(rig.vmm.clone()).unwrap();
+    dev.enable().unwrap();
+    let pool: DmaPool<Arc<GuestRam>> = LoopbackVmm::dma_pool(&rig.vmm).unwrap();
+    let mut q = dev.queue(0, 8, dev.info().cap_ops, &pool).unwrap();
+    let (a, b) = (
+        wdvirt_guest::workload::gen_data(1, 3 << 20),
+        wdvirt_guest::workload::gen_data(2, 100_000),
+    );
+    let both = [
+        flate2_encode(Format::Gzip, &a),
+        flate2_encode(Format::Gzip, &b),
+    ]
+    .concat();
+    let (first, used) = q.stream_decompress(Format::Gzip, &both).unwrap();
+    assert!(first == a);
+    let (second, rest) = q.stream_decompress(Format::Gzip, &both[used..]).unwrap();
+    assert!(second == b);
+    assert_eq!(used + rest, both.len());
+    // A stream cut short says so, with how far it got.
+    let cut = &both[..used / 2];
+    match q.stream_decompress(Format::Gzip, cut) {
+        Err(DriverError::TruncatedStream { consumed }) => assert!(consumed <= cut.len()),
+        other => panic!("{:?}", other.map(|(o, n)| (o.len(), n))),
+    }
+}
+
+/// The guest tool's `run --jobs stream-...` (what a Linux guest runs) over a
+/// real instance: one stream of the whole input, verified by round trip.
+#[test]
+fn the_guest_tools_stream_jobs_pass_over_a_real_instance() {
+    use wdvirt_guest::workload::{JobKind, RunOptions};
+    let accel: SharedAccelerator = SoftAccel::new(2);
+    let rig = common::start(&accel, "tool", 7, WdConfig::default(), RAM_SIZE);
+    let dev = Device::probe(rig.vmm.clone()).unwrap();
+    dev.enable().unwrap();
+    let pool: DmaPool<Arc<GuestRam>> = LoopbackVmm::dma_pool(&rig.vmm).unwrap();
+    let jobs: Vec<JobKind> = Format::ALL.into_iter().map(JobKind::Stream).collect();
+    let ops = jobs.iter().fold(0, |m, j| m | j.ops_mask());
+    let mut q = dev.queue(0, 8, ops, &pool).unwrap();
+    let opts = RunOptions {
+        jobs,
+        size: 5 << 20,
+        seed: 3,
+        level: 12,
+    };
+    let report = wdvirt_guest::workload::run(&mut q, &opts);
+    assert_eq!(report["ok"], true, "{report:#}");
+    for r in report["results"].as_array().unwrap() {
+        assert_eq!(
+            (&r["roundtrip_ok"], &r["consumed_all"], &r["framing_ok"]),
+            (&true.into(), &true.into(), &true.into()),
+            "{r:#}"
+        );
+        assert!(r["compressed"].as_u64().unwrap() < (5 << 20) / 2);
+    }
+}
