@@ -89,9 +89,9 @@ fn serve() -> Server {
         ..WdConfig::default()
     };
     let model = WdDevice::new(cfg, SoftAccel::new(1), 1, Arc::new(interrupts.clone())).unwrap();
-    let mut dev = PciFunction::try_new(model, interrupts).unwrap();
+    let dev = PciFunction::try_new(model, interrupts).unwrap();
     let mut conn = Connection::from_stream(a).unwrap();
-    let thread = std::thread::spawn(move || conn.run(&mut dev));
+    let thread = std::thread::spawn(move || conn.run(&parking_lot::Mutex::new(dev)));
     Server {
         client: RawClient::new(b),
         thread,
