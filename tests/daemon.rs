@@ -519,3 +519,117 @@ fn sigkill_during_define_and_start_storms_loses_no_acknowledged_definition() {
     let (status, _) = d.term();
     assert!(status.success());
 }
+
+/// Two NUMA nodes 21 apart; a compression and a hashing accelerator on
+/// each. zip1 and sec1 share a switch (distance 4); zip0 and sec0 reach each
+/// other only through node 0 (10 + 10).
+const TWO_NODES: &str = r#"
+numa_nodes:
+  - {id: 0, cpus: "0", distances: {0: 10, 1: 21}}
+  - {id: 1, cpus: "1", distances: {0: 21, 1: 10}}
+accelerators:
+  - {name: zip0, backend: soft, engines: 1, queue_pairs: 8, pasids: 16, numa_node: 0,
+     operations: [deflate-compress, deflate-decompress]}
+  - {name: sec0, backend: soft, engines: 1, queue_pairs: 8, pasids: 16, numa_node: 0,
+     operations: [sha256, crc32c]}
+  - {name: zip1, backend: soft, engines: 1, queue_pairs: 8, pasids: 16, numa_node: 1,
+     operations: [deflate-compress, deflate-decompress], links: [{to: sec1, distance: 4}]}
+  - {name: sec1, backend: soft, engines: 1, queue_pairs: 8, pasids: 16, numa_node: 1,
+     operations: [sha256, crc32c]}
+qos_policies:
+  - {name: silver, weight: 100}
+types:
+  - name: zip-hash
+    functions:
+      - {queues: 2, operations: [deflate-compress, deflate-decompress]}
+      - {queues: 1, operations: [sha256, crc32c]}
+    qos: silver
+    placement: {max_distance: 25}
+  - name: zip-hash-tight
+    functions:
+      - {queues: 1, operations: [deflate-compress]}
+      - {queues: 1, operations: [sha256]}
+    qos: silver
+    placement: {max_distance: 5, numa_node: 0}
+"#;
+
+#[test]
+fn a_two_function_type_is_placed_on_the_closest_pair_and_serves_both_functions() {
+    let d = Daemon::start(TWO_NODES);
+    // No NUMA hint: the pair sharing a switch (4) beats the pair meeting at
+    // node 0 (20).
+    d.json(&["define", "--type", "zip-hash", "--name", "a"]);
+    let v = d.json(&["start", "a"]);
+    let placed: Vec<(&str, Vec<u64>)> = v["placement"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            let q = f["guest_queues"].as_array().unwrap();
+            (
+                f["accelerator"].as_str().unwrap(),
+                q.iter().map(|x| x.as_u64().unwrap()).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(placed, [("zip1", vec![0, 1]), ("sec1", vec![2])], "{v}");
+    // Near node 0 the local pair wins: zip0 and sec0 are 10 from node 0 and
+    // 20 from each other (total 40), zip1 and sec1 31 from node 0 (total 66).
+    d.json(&["define", "--type", "zip-hash", "--name", "b", "--numa", "0"]);
+    let v = d.json(&["start", "b"]);
+    assert_eq!(v["placement"][0]["accelerator"], "zip0", "{v}");
+    assert_eq!(v["placement"][1]["accelerator"], "sec0", "{v}");
+
+    // The guest sees one device: queues 0-1 compress, queue 2 hashes, each
+    // advertising only its own operations, and each runs on its accelerator.
+    let socket = PathBuf::from(d.json(&["list"])[0]["socket"].as_str().unwrap());
+    let vmm = Arc::new(
+        LoopbackVmm::connect(&socket, GuestRam::new(common::RAM_BASE, 8 << 20).unwrap()).unwrap(),
+    );
+    let dev = Device::probe(vmm.clone()).unwrap();
+    assert_eq!(dev.info().num_queues, 3);
+    let deflate =
+        wdvirt_abi::Opcode::DeflateCompress.bit() | wdvirt_abi::Opcode::DeflateDecompress.bit();
+    let hash = wdvirt_abi::Opcode::Sha256.bit() | wdvirt_abi::Opcode::Crc32c.bit();
+    assert_eq!(dev.queue_cap_ops(0).unwrap(), deflate);
+    assert_eq!(dev.queue_cap_ops(1).unwrap(), deflate);
+    assert_eq!(dev.queue_cap_ops(2).unwrap(), hash);
+    assert_eq!(dev.info().cap_ops, deflate | hash);
+    dev.enable().unwrap();
+    let pool = vmm.dma_pool().unwrap();
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 97) as u8).collect();
+    let mut zq = dev.queue(1, 8, deflate, &pool).unwrap();
+    let packed = zq.compress(wdvirt_abi::Format::Deflate, 0, &data).unwrap();
+    assert_eq!(
+        zq.decompress(wdvirt_abi::Format::Deflate, &packed, data.len())
+            .unwrap(),
+        data
+    );
+    let mut hq = dev.queue(2, 8, hash, &pool).unwrap();
+    assert_eq!(hq.crc32c(b"123456789").unwrap(), 0xe306_9283);
+    // A queue cannot be given an operation outside its Q_CAP_OPS: the
+    // write is refused and latched.
+    dev.clear_register_error().unwrap();
+    let q_ops = wdvirt_abi::regs::queue(0) + wdvirt_abi::regs::Q_OPS;
+    vmm.region_write(0, q_ops.into(), &hash.to_le_bytes())
+        .unwrap();
+    let fault = dev.last_register_error().unwrap().expect("refused");
+    assert_eq!(fault.offset, q_ops, "{fault:?}");
+    let list = d.json(&["list"]);
+    let q = &list[0]["report"]["queues"];
+    assert_eq!(
+        (q[1]["jobs_ok"].as_u64(), q[2]["jobs_ok"].as_u64()),
+        (Some(2), Some(1)),
+        "{q}"
+    );
+
+    // A constraint nothing meets is refused, naming it per accelerator.
+    d.json(&["define", "--type", "zip-hash-tight", "--name", "t"]);
+    let e = d.refused(&["start", "t"]);
+    assert!(e.contains("cannot place instance 't'"), "{e}");
+    // Local is 10 (the SLIT's own distance); node 1's accelerators are
+    // 10 + 21 away.
+    assert!(e.contains("zip0–node0 distance 10 > max 5"), "{e}");
+    assert!(e.contains("zip1–node0 distance 31 > max 5"), "{e}");
+    assert!(e.contains("sec0: no deflate-compress (function 0)"), "{e}");
+}

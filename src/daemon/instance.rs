@@ -13,13 +13,14 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::accel::{Pasid, SharedAccelerator};
+use crate::accel::Pasid;
 use crate::stats::{InstanceSnapshot, InstanceStats, QueueSnapshot};
 use crate::transport::server::{Listener, StopHandle};
 use crate::transport::stats::StatsSnapshot;
 use crate::transport::{self, TransportError};
 use crate::vdev::device::DeviceError;
 use crate::vdev::pci::{Interrupts, PciFunction};
+use crate::vdev::wd::backends::Backends;
 use crate::vdev::wd::queue::QueueShared;
 use crate::vdev::wd::{WdConfig, WdDevice};
 
@@ -177,7 +178,7 @@ impl Instance {
     /// Bind the socket, build the device and start serving.
     pub fn start(
         spec: InstanceSpec,
-        accel: SharedAccelerator,
+        backends: impl Into<Backends>,
         pasid: Pasid,
     ) -> Result<Instance, InstanceError> {
         let name = spec.name.clone();
@@ -187,7 +188,7 @@ impl Instance {
             source,
         })?;
         let interrupts = Interrupts::new(spec.config.queues as u16);
-        let model = WdDevice::new(spec.config, accel, pasid, Arc::new(interrupts.clone()))
+        let model = WdDevice::new(spec.config, backends, pasid, Arc::new(interrupts.clone()))
             .map_err(|source| InstanceError::Device {
                 name: name.clone(),
                 source,

@@ -18,6 +18,7 @@ use super::instance::{Instance, InstanceSpec};
 use super::store::{Definition, Store};
 use super::view::{InstanceState, InstanceView};
 use crate::vdev::wd::WdConfig;
+use crate::vdev::wd::backends::Backends;
 
 struct Running {
     instance: Instance,
@@ -341,38 +342,35 @@ impl Registry {
                     name: name.clone(),
                     reason,
                 })?;
-        let backend = placed.queue_backends[0].0.clone();
-        if placed
-            .queue_backends
-            .iter()
-            .any(|(b, _)| !std::sync::Arc::ptr_eq(b, &backend))
-        {
-            let spans = placed
-                .functions
-                .iter()
-                .map(|f| f.accelerator.as_str())
-                .collect::<Vec<_>>()
-                .join(" + ");
-            self.catalog.release(placed);
-            return Err(ActionError::Start {
-                name,
-                reason: format!(
-                    "placement spans several accelerators ({spans}); the device serves one backend per instance so far"
-                ),
-            });
+        let mut queue_ops = [None; crate::vdev::wd::MAX_QUEUES];
+        for (q, (_, ops)) in placed.queue_backends.iter().enumerate() {
+            queue_ops[q] = Some(*ops);
         }
         let config = WdConfig {
             queues: ty.queues(),
             max_depth: ty.max_depth,
             ops: placed.queue_backends.iter().fold(0, |a, (_, o)| a | o),
+            queue_ops,
             ..WdConfig::default()
+        };
+        let queue_accels: Vec<_> = placed
+            .queue_backends
+            .iter()
+            .map(|(b, _)| b.clone())
+            .collect();
+        let Some(backends) = Backends::per_queue(&queue_accels) else {
+            self.catalog.release(placed);
+            return Err(ActionError::Start {
+                name,
+                reason: "placement gave no queue".into(),
+            });
         };
         let spec = InstanceSpec {
             name: name.clone(),
             socket: self.socket_path(&name),
             config,
         };
-        match Instance::start(spec, backend, placed.pasid) {
+        match Instance::start(spec, backends, placed.pasid) {
             Ok(instance) => {
                 tracing::info!(instance = %name, pasid = placed.pasid, "started at {}", instance.socket().display());
                 e.running = Some(Running { instance, placed });

@@ -8,6 +8,7 @@
 //! guest and counted and logged for the operator. Neighbours: the PCI layer
 //! above (`FunctionModel`), the accelerator below (`Accelerator`).
 
+pub mod backends;
 pub mod queue;
 pub mod regs;
 
@@ -18,11 +19,12 @@ use vm_memory::GuestAddressSpace;
 
 use wdvirt_abi::{ALL_OPS, IDX_ALIGN, RING_ALIGN, RegError, pci, regs as r};
 
+use self::backends::Backends;
 use self::queue::{
     BusMaster, QueueConfig, QueueRunner, QueueShared, WorkerContext, clear_rings, overlaps,
 };
 use self::regs::{Access, Decoded, Reg};
-use crate::accel::{Pasid, SharedAccelerator};
+use crate::accel::Pasid;
 use crate::stats::{InstanceStats, add};
 use crate::vdev::device::{DeviceError, DmaMapping};
 use crate::vdev::dma::DmaSpace;
@@ -89,7 +91,7 @@ struct QueueSlot {
 pub struct WdDevice {
     cfg: WdConfig,
     pasid: Pasid,
-    accel: SharedAccelerator,
+    backends: Backends,
     irq: Arc<dyn InterruptSink>,
     dma: DmaSpace,
     bus_master: Arc<BusMaster>,
@@ -104,12 +106,15 @@ pub struct WdDevice {
 impl WdDevice {
     /// A new instance whose jobs carry `pasid` (assigned by the host, never
     /// visible to the guest). Binds the PASID to this instance's memory.
+    /// `backends`: one accelerator for every queue, or one per queue
+    /// ([`Backends::per_queue`], as many as `cfg.queues`).
     pub fn new(
         cfg: WdConfig,
-        accel: SharedAccelerator,
+        backends: impl Into<Backends>,
         pasid: Pasid,
         irq: Arc<dyn InterruptSink>,
     ) -> Result<WdDevice, DeviceError> {
+        let backends = backends.into();
         if cfg.queues == 0
             || cfg.queues as usize > MAX_QUEUES
             || !cfg.max_depth.is_power_of_two()
@@ -130,23 +135,42 @@ impl WdDevice {
                 cfg.queues
             )));
         }
-        let cfg = WdConfig {
-            ops: cfg.ops & accel.supported_ops(),
-            max_xfer: cfg.max_xfer.min(accel.max_xfer()),
+        if let Some(n) = backends.queues()
+            && n != cfg.queues as usize
+        {
+            return Err(DeviceError::Invalid(format!(
+                "{n} per-queue backends for an instance of {} queues",
+                cfg.queues
+            )));
+        }
+        let mut cfg = WdConfig {
+            ops: cfg.ops & backends.any_ops(),
+            max_xfer: cfg.max_xfer.min(backends.max_xfer()),
             ..cfg
         };
+        // A queue advertises only what its own backend runs.
+        for q in 0..cfg.queues as usize {
+            if backends.queues().is_some() || cfg.queue_ops[q].is_some() {
+                cfg.queue_ops[q] = Some(cfg.queue_cap_ops(q as u32) & backends.supported_ops(q));
+            }
+        }
         let dma = DmaSpace::new();
-        accel
-            .bind_pasid(pasid, dma.address_space())
-            .map_err(|e| DeviceError::Busy(e.to_string()))?;
-        // Bus mastering starts off (PCI reset value).
-        accel
-            .set_dma_allowed(pasid, false)
-            .map_err(|e| DeviceError::Busy(e.to_string()))?;
+        for (i, accel) in backends.all().iter().enumerate() {
+            let bound = accel.bind_pasid(pasid, dma.address_space()).and_then(|()| {
+                // Bus mastering starts off (PCI reset value).
+                accel.set_dma_allowed(pasid, false)
+            });
+            if let Err(e) = bound {
+                for a in &backends.all()[..=i] {
+                    let _ = a.unbind_pasid(pasid);
+                }
+                return Err(DeviceError::Busy(e.to_string()));
+            }
+        }
         Ok(WdDevice {
             cfg,
             pasid,
-            accel,
+            backends,
             irq,
             dma,
             bus_master: Arc::default(),
@@ -376,10 +400,14 @@ impl WdDevice {
                 return Err(RegError::RingsOverlap);
             }
         }
-        let qp = self.accel.open_queue_pair(self.pasid).map_err(|e| {
-            tracing::warn!(pasid = self.pasid, "no queue pair: {e}");
-            RegError::NoQueuePair
-        })?;
+        let qp = self
+            .backends
+            .for_queue(qi)
+            .open_queue_pair(self.pasid)
+            .map_err(|e| {
+                tracing::warn!(pasid = self.pasid, "no queue pair: {e}");
+                RegError::NoQueuePair
+            })?;
         // The completion ring is cleared now, before Q_STATUS can show
         // ENABLED (spec §2.2); with Bus Master clear it is cleared when the
         // bit is set (`set_bus_master`), before any worker DMA.
@@ -437,17 +465,23 @@ impl WdDevice {
     }
 
     fn set_engine_dma(&self, allowed: bool) {
-        if let Err(e) = self.accel.set_dma_allowed(self.pasid, allowed) {
-            tracing::error!(
-                pasid = self.pasid,
-                "cannot set the engines' DMA permission: {e}"
-            );
+        for accel in self.backends.all() {
+            if let Err(e) = accel.set_dma_allowed(self.pasid, allowed) {
+                tracing::error!(
+                    pasid = self.pasid,
+                    backend = accel.name(),
+                    "cannot set the engines' DMA permission: {e}"
+                );
+            }
         }
     }
 
     fn unmap_all_quiesced(&mut self) {
-        let (accel, dma) = (self.accel.clone(), &mut self.dma);
-        if accel.quiesced(self.pasid, &mut || dma.unmap_all()).is_err() {
+        let (backends, dma) = (self.backends.clone(), &mut self.dma);
+        if backends
+            .quiesced(self.pasid, &mut || dma.unmap_all())
+            .is_err()
+        {
             self.dma.unmap_all();
         }
     }
@@ -579,9 +613,9 @@ impl FunctionModel for WdDevice {
         // The vfio-user spec: release every reference, in-flight DMA
         // included, before replying. Jobs running on an engine finish first;
         // later ones see the new map.
-        let (accel, dma) = (self.accel.clone(), &mut self.dma);
+        let (backends, dma) = (self.backends.clone(), &mut self.dma);
         let mut result = Ok(());
-        accel
+        backends
             .quiesced(self.pasid, &mut || result = dma.unmap(iova, size))
             .map_err(|e| DeviceError::Invalid(e.to_string()))?;
         result?;
@@ -636,7 +670,9 @@ impl FunctionModel for WdDevice {
 impl Drop for WdDevice {
     fn drop(&mut self) {
         self.stop_queues();
-        let _ = self.accel.unbind_pasid(self.pasid);
+        for accel in self.backends.all() {
+            let _ = accel.unbind_pasid(self.pasid);
+        }
     }
 }
 
