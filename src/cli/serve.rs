@@ -8,7 +8,7 @@ use clap::Args;
 
 use crate::daemon::instance::{Instance, InstanceSpec};
 use crate::partition::PasidAllocator;
-use crate::vdev::wd::WdConfig;
+use crate::vdev::wd::{ShapeError, WdConfig};
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -22,7 +22,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub name: Option<String>,
     /// Queues the instance offers its guest (1..=64).
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    #[arg(long, default_value_t = 4, value_parser = parse_queues)]
     pub queues: u32,
     /// Largest ring depth the guest may program (a power of two, 2..=65536).
     #[arg(long, default_value_t = 1024, value_parser = parse_depth)]
@@ -40,13 +40,16 @@ pub struct ServeArgs {
     pub json: bool,
 }
 
+/// `--max-depth`, by the device's own rule.
 pub fn parse_depth(s: &str) -> Result<u32, String> {
     let v: u32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
-    if v.is_power_of_two() && (2..=65536).contains(&v) {
-        Ok(v)
-    } else {
-        Err(format!("{v} is not a power of two in 2..=65536"))
-    }
+    ShapeError::check_depth(v).map_err(|e| e.to_string())
+}
+
+/// `--queues`, by the device's own rule.
+pub fn parse_queues(s: &str) -> Result<u32, String> {
+    let v: u32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    ShapeError::check_queues(v).map_err(|e| e.to_string())
 }
 
 /// The instances' names: `--name` for a single socket, else the socket files' stems.

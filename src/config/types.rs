@@ -8,6 +8,7 @@ use super::error::{ConfigError, Place};
 use super::model::*;
 use super::raw::RawType;
 use super::validate::Ctx;
+use crate::vdev::wd::{MAX_QUEUES, ShapeError};
 
 pub(super) fn check_type(
     cx: &mut Ctx,
@@ -47,7 +48,14 @@ pub(super) fn check_type(
                 ok = false;
             }
             for f in &fs.value {
-                let queues = cx.range(fi, &f.value.queues, "queues", 1, 64, "1..=64");
+                let queues = cx.range(
+                    fi,
+                    &f.value.queues,
+                    "queues",
+                    1,
+                    MAX_QUEUES as u64,
+                    ShapeError::QUEUES,
+                );
                 let ops = cx.ops(fi, &f.value.operations);
                 match (queues, ops) {
                     (Some(queues), Some(ops)) => {
@@ -60,7 +68,7 @@ pub(super) fn check_type(
         }
         (q, o, None) => {
             let queues = match q {
-                Some(q) => cx.range(fi, q, "queues", 1, 64, "1..=64"),
+                Some(q) => cx.range(fi, q, "queues", 1, MAX_QUEUES as u64, ShapeError::QUEUES),
                 None => {
                     cx.err(
                         fi,
@@ -97,7 +105,7 @@ pub(super) fn check_type(
         }
     }
     let total: u32 = functions.iter().map(|f| f.queues).sum();
-    if ok && total > 64 {
+    if ok && ShapeError::check_queues(total).is_err() {
         let at = t
             .functions
             .as_ref()
@@ -114,7 +122,7 @@ pub(super) fn check_type(
     }
     let max_depth = match &t.max_depth {
         None => 1024,
-        Some(d) if d.value.is_power_of_two() && (2..=65536).contains(&d.value) => d.value,
+        Some(d) if ShapeError::check_depth(d.value).is_ok() => d.value,
         Some(d) => {
             cx.err(
                 fi,
@@ -122,7 +130,7 @@ pub(super) fn check_type(
                 ConfigError::OutOfRange {
                     what: "max_depth",
                     value: d.value.into(),
-                    expected: "a power of two in 2..=65536",
+                    expected: ShapeError::DEPTH,
                 },
             );
             ok = false;

@@ -32,6 +32,49 @@ use crate::vdev::function::{BarKind, BarSpec, FunctionLayout, FunctionModel, Int
 
 /// Most queues one instance may have.
 pub const MAX_QUEUES: usize = 64;
+/// Largest ring depth an instance may offer.
+pub const MAX_RING_DEPTH: u32 = 65536;
+
+/// An instance shape the device cannot take. The rules are stated here
+/// once; the YAML loader and `wdvirt serve` call the same checks to point at
+/// the offending line or flag before a device is built, and
+/// [`WdDevice::new`] applies them to whatever reaches it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ShapeError {
+    #[error("{0} queues (expected {expected})", expected = ShapeError::QUEUES)]
+    Queues(u32),
+    #[error("ring depth {0} (expected {expected})", expected = ShapeError::DEPTH)]
+    Depth(u32),
+}
+
+impl ShapeError {
+    pub const QUEUES: &'static str = "1..=64";
+    pub const DEPTH: &'static str = "a power of two in 2..=65536";
+
+    /// What a valid value looks like.
+    pub fn expected(self) -> &'static str {
+        match self {
+            ShapeError::Queues(_) => Self::QUEUES,
+            ShapeError::Depth(_) => Self::DEPTH,
+        }
+    }
+
+    pub fn check_queues(n: u32) -> Result<u32, ShapeError> {
+        if (1..=MAX_QUEUES as u32).contains(&n) {
+            Ok(n)
+        } else {
+            Err(ShapeError::Queues(n))
+        }
+    }
+
+    pub fn check_depth(d: u32) -> Result<u32, ShapeError> {
+        if d.is_power_of_two() && (2..=MAX_RING_DEPTH).contains(&d) {
+            Ok(d)
+        } else {
+            Err(ShapeError::Depth(d))
+        }
+    }
+}
 
 /// What an instance offers its guest, fixed when it is created.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,16 +158,9 @@ impl WdDevice {
         irq: Arc<dyn InterruptSink>,
     ) -> Result<WdDevice, DeviceError> {
         let backends = backends.into();
-        if cfg.queues == 0
-            || cfg.queues as usize > MAX_QUEUES
-            || !cfg.max_depth.is_power_of_two()
-            || cfg.max_depth < 2
-        {
-            return Err(DeviceError::Invalid(format!(
-                "bad instance shape: {} queues (1..={MAX_QUEUES}), max depth {} (a power of two >= 2)",
-                cfg.queues, cfg.max_depth
-            )));
-        }
+        ShapeError::check_queues(cfg.queues)
+            .and_then(|_| ShapeError::check_depth(cfg.max_depth))
+            .map_err(|e| DeviceError::Invalid(format!("bad instance shape: {e}")))?;
         if let Some(q) = cfg.queue_ops[cfg.queues as usize..]
             .iter()
             .position(Option::is_some)

@@ -820,3 +820,39 @@ fn queues_fetching_together_stay_within_the_instances_engine_allowance() {
     );
     assert!(most > 16, "the queues did keep the engine busy ({most})");
 }
+
+#[test]
+fn the_device_is_the_one_judge_of_an_instance_shape() {
+    let irq: Arc<dyn InterruptSink> = Arc::new(crate::vdev::pci::Interrupts::new(64));
+    let shape = |queues, max_depth| WdConfig {
+        queues,
+        max_depth,
+        ..WdConfig::default()
+    };
+    for (q, d, want) in [
+        (0, 1024, ShapeError::Queues(0)),
+        (65, 1024, ShapeError::Queues(65)),
+        (4, 3, ShapeError::Depth(3)),
+        (4, 1, ShapeError::Depth(1)),
+        (4, 1 << 17, ShapeError::Depth(1 << 17)),
+    ] {
+        let Err(e) = WdDevice::new(shape(q, d), SoftAccel::new(1), 1, irq.clone()) else {
+            panic!("{q} queues of depth {d} accepted");
+        };
+        assert!(e.to_string().contains(&want.to_string()), "{e}");
+    }
+    for (q, d) in [(1, 2), (64, 65536)] {
+        assert!(WdDevice::new(shape(q, d), SoftAccel::new(1), 1, irq.clone()).is_ok());
+    }
+    // Per-queue backends must cover exactly the instance's queues.
+    let a: crate::accel::SharedAccelerator = SoftAccel::new(1);
+    let two = Backends::per_queue(&[a.clone(), a]).unwrap();
+    let Err(e) = WdDevice::new(shape(4, 64), two, 1, irq) else {
+        panic!("2 backends for 4 queues accepted");
+    };
+    assert!(
+        e.to_string()
+            .contains("2 per-queue backends for an instance of 4 queues"),
+        "{e}"
+    );
+}
