@@ -225,3 +225,65 @@ fn serve_refuses_ambiguous_instance_names() {
         assert!(err.contains(message), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn install_stages_the_binary_unit_man_pages_completions_and_config_and_keeps_an_operators_config() {
+    let dest = tempfile::tempdir().unwrap();
+    let install = || {
+        let out = Command::new("bash")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/install.sh"))
+            .env("DESTDIR", dest.path())
+            .env("PREFIX", "/usr")
+            .env("WDVIRT_BIN", env!("CARGO_BIN_EXE_wdvirt"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    install();
+    let root = dest.path();
+    let bin = root.join("usr/bin/wdvirt");
+    let help = Command::new(&bin).arg("--help").output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("define"));
+    let unit = std::fs::read_to_string(root.join("etc/systemd/system/wdvirt.service")).unwrap();
+    assert!(unit.contains("ExecStart=/usr/bin/wdvirt daemon "), "{unit}");
+    for page in [
+        "wdvirt.1",
+        "wdvirt-daemon.1",
+        "wdvirt-define.1",
+        "wdvirt-list.1",
+    ] {
+        let p = root.join("usr/share/man/man1").join(page);
+        assert!(
+            std::fs::read_to_string(&p).unwrap().contains(".TH"),
+            "{}",
+            p.display()
+        );
+    }
+    let bash =
+        std::fs::read_to_string(root.join("usr/share/bash-completion/completions/wdvirt")).unwrap();
+    assert!(
+        bash.contains("undefine") && bash.contains("--defined"),
+        "bash completion"
+    );
+    assert!(root.join("usr/share/zsh/site-functions/_wdvirt").exists());
+    assert!(
+        root.join("usr/share/fish/vendor_completions.d/wdvirt.fish")
+            .exists()
+    );
+    let config = root.join("etc/wdvirt/default.yaml");
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/policies/default.yaml"
+    ))
+    .unwrap();
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), shipped);
+    // Run again over an operator's own configuration: it stays.
+    let own = shipped.replace("engines: 2", "engines: 1");
+    std::fs::write(&config, &own).unwrap();
+    install();
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), own);
+}

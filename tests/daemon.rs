@@ -325,7 +325,7 @@ fn available_instances_fall_and_rise_and_exhaustion_names_the_resource() {
 
 #[test]
 fn a_daemon_started_instance_serves_a_vmm_and_shows_it_attached() {
-    let d = Daemon::start(SMALL_HOST);
+    let mut d = Daemon::start(SMALL_HOST);
     d.json(&["define", "--type", "quad", "--name", "vm1"]);
     let v = d.json(&["start", "vm1"]);
     let socket = PathBuf::from(v["socket"].as_str().unwrap());
@@ -363,6 +363,64 @@ fn a_daemon_started_instance_serves_a_vmm_and_shows_it_attached() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    // SIGTERM with a VMM attached names the instance it leaves without a device.
+    let _vmm =
+        LoopbackVmm::connect(&socket, GuestRam::new(common::RAM_BASE, 1 << 20).unwrap()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while d.json(&["list"])[0]["state"] != "attached" {
+        assert!(
+            Instant::now() < deadline,
+            "the second VMM never showed as attached"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, err) = d.term();
+    assert!(status.success());
+    assert!(
+        err.contains("stopped with VMs still attached to: vm1"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_api_requests_get_typed_errors_and_change_nothing() {
+    use std::io::{Read, Write};
+    let d = Daemon::start(SMALL_HOST);
+    let raw = |req: String| -> (u16, Value) {
+        let mut s = std::os::unix::net::UnixStream::connect(d.api()).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let status = out[9..12].parse().unwrap();
+        let body = &out[out.find("\r\n\r\n").unwrap() + 4..];
+        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    };
+    let post = |path: &str, body: &str| {
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let (st, v) = raw(post("/v1/instances", r#"{"type": "quad", "bogus": 1}"#));
+    assert_eq!((st, v["kind"].as_str()), (400, Some("invalid")), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("bogus"), "{v}");
+    let (st, v) = raw(post("/v1/instances", r#"{"type": "#));
+    assert_eq!((st, v["kind"].as_str()), (400, Some("invalid")), "{v}");
+    let (st, v) = raw(post("/v1/instances", r#"{"type": "quad", "numa": 7}"#));
+    assert_eq!((st, v["kind"].as_str()), (400, Some("invalid")), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("NUMA node 7"), "{v}");
+    let (st, v) = raw(post("/v1/instances/nobody/start", ""));
+    assert_eq!(
+        (st, v["kind"].as_str()),
+        (404, Some("no-such-instance")),
+        "{v}"
+    );
+    let (st, v) = raw("GET /v2/everything HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into());
+    assert_eq!((st, v["kind"].as_str()), (404, Some("invalid")), "{v}");
+    assert!(
+        names(&d.json(&["list", "--defined"])).is_empty(),
+        "nothing was defined"
+    );
 }
 
 #[test]

@@ -221,6 +221,23 @@ impl Catalog {
         self.policies.iter().any(|p| p == name)
     }
 
+    /// `Err` names the nodes there are when `node` is not one of them.
+    pub fn check_numa(&self, node: u32) -> Result<(), String> {
+        let nodes = self.partitioner.topology().numa_nodes();
+        if nodes.iter().any(|n| n.id == node) {
+            return Ok(());
+        }
+        let known: Vec<String> = nodes.iter().map(|n| n.id.to_string()).collect();
+        Err(format!(
+            "unknown NUMA node {node} (the configuration has {})",
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
+        ))
+    }
+
     pub fn policy_names(&self) -> String {
         self.policies.join(", ")
     }

@@ -221,7 +221,15 @@ impl Registry {
         Outcome::Instance(Box::new(self.view(&entries.by_uuid[&u])))
     }
 
-    fn check_type_and_policy(&self, type_name: &str, qos: Option<&str>) -> Result<(), ActionError> {
+    fn check_definition(
+        &self,
+        type_name: &str,
+        qos: Option<&str>,
+        numa: Option<u32>,
+    ) -> Result<(), ActionError> {
+        if let Some(n) = numa {
+            self.catalog.check_numa(n).map_err(ActionError::Invalid)?;
+        }
         if self.catalog.get_type(type_name).is_none() {
             return Err(ActionError::NoSuchType {
                 name: type_name.into(),
@@ -240,7 +248,7 @@ impl Registry {
     }
 
     fn define(&self, entries: &mut Entries, req: DefineRequest) -> Result<Outcome, ActionError> {
-        self.check_type_and_policy(&req.type_name, req.qos.as_deref())?;
+        self.check_definition(&req.type_name, req.qos.as_deref(), req.numa)?;
         let name = match req.name {
             Some(n) => {
                 check_name(&n)?;
@@ -306,7 +314,7 @@ impl Registry {
         if let Some(q) = m.qos {
             def.qos = q;
         }
-        self.check_type_and_policy(&def.type_name, def.qos.as_deref())?;
+        self.check_definition(&def.type_name, def.qos.as_deref(), def.numa)?;
         if def != e.def {
             self.store.save(&def)?;
             e.def = def;
