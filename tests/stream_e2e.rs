@@ -4,7 +4,6 @@
 //! both ways. The 256 MiB run is `#[ignore]`d in the normal test run:
 //! `cargo test --test stream_e2e -- --ignored` (docs/device-spec.md §4.1).
 
-use std::io::{Read, Write};
 use std::sync::Arc;
 
 use wdvirt::accel::SharedAccelerator;
@@ -16,38 +15,6 @@ use wdvirt_guest::{Device, DmaPool, DriverError, Format};
 mod common;
 
 const RAM_SIZE: u64 = 64 << 20;
-
-fn flate2_decode(format: Format, data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    match format {
-        Format::Deflate => flate2::read::DeflateDecoder::new(data).read_to_end(&mut out),
-        Format::Zlib => flate2::read::ZlibDecoder::new(data).read_to_end(&mut out),
-        Format::Gzip => flate2::read::GzDecoder::new(data).read_to_end(&mut out),
-    }
-    .expect("flate2 refuses the device's stream");
-    out
-}
-
-fn flate2_encode(format: Format, data: &[u8]) -> Vec<u8> {
-    let lvl = flate2::Compression::new(6);
-    match format {
-        Format::Deflate => {
-            let mut e = flate2::write::DeflateEncoder::new(Vec::new(), lvl);
-            e.write_all(data).unwrap();
-            e.finish().unwrap()
-        }
-        Format::Zlib => {
-            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), lvl);
-            e.write_all(data).unwrap();
-            e.finish().unwrap()
-        }
-        Format::Gzip => {
-            let mut e = flate2::write::GzEncoder::new(Vec::new(), lvl);
-            e.write_all(data).unwrap();
-            e.finish().unwrap()
-        }
-    }
-}
 
 fn round_trip(total: usize, formats: &[Format]) {
     let accel: SharedAccelerator = SoftAccel::new(2);
@@ -63,11 +30,11 @@ fn round_trip(total: usize, formats: &[Format]) {
         let packed = q.stream_compress(format, 1, &data, max).unwrap();
         assert!(packed.len() > max, "{format:?}: more than one job's worth");
         assert!(
-            flate2_decode(format, &packed) == data,
+            common::flate2_decode(format, &packed) == data,
             "{format:?}: zlib reads it back"
         );
         // zlib's stream, read by the device, piece by piece.
-        let theirs = flate2_encode(format, &data);
+        let theirs = common::flate2_encode(format, &data);
         let (back, used) = q.stream_decompress(format, &theirs).unwrap();
         assert_eq!(used, theirs.len(), "{format:?}: all consumed");
         assert!(back == data, "{format:?}: the device decodes zlib's stream");
@@ -103,8 +70,8 @@ fn concatenated_gzip_members_are_decoded_one_stream_at_a_time() {
         wdvirt_guest::workload::gen_data(2, 100_000),
     );
     let both = [
-        flate2_encode(Format::Gzip, &a),
-        flate2_encode(Format::Gzip, &b),
+        common::flate2_encode(Format::Gzip, &a),
+        common::flate2_encode(Format::Gzip, &b),
     ]
     .concat();
     let (first, used) = q.stream_decompress(Format::Gzip, &both).unwrap();

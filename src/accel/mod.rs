@@ -10,6 +10,8 @@
 //! The embedded default is [`soft::SoftAccel`]: worker threads as engines.
 
 pub mod ops;
+#[cfg(test)]
+pub(crate) mod reference;
 pub mod soft;
 pub mod stream;
 mod zstream;

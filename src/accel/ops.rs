@@ -529,8 +529,6 @@ mod tests {
         }
     }
 
-    use std::io::Read;
-
     /// Compressible but not trivial: text with a counter, plus some noise.
     fn corpus(len: usize) -> Vec<u8> {
         let mut v = Vec::with_capacity(len + 64);
@@ -542,39 +540,6 @@ mod tests {
         }
         v.truncate(len);
         v
-    }
-
-    fn independent_decode(format: Format, data: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        match format {
-            Format::Deflate => flate2::read::DeflateDecoder::new(data).read_to_end(&mut out),
-            Format::Zlib => flate2::read::ZlibDecoder::new(data).read_to_end(&mut out),
-            Format::Gzip => flate2::read::GzDecoder::new(data).read_to_end(&mut out),
-        }
-        .expect("flate2 rejects our output");
-        out
-    }
-
-    fn independent_encode(format: Format, data: &[u8]) -> Vec<u8> {
-        use std::io::Write;
-        let lvl = flate2::Compression::new(6);
-        match format {
-            Format::Deflate => {
-                let mut e = flate2::write::DeflateEncoder::new(Vec::new(), lvl);
-                e.write_all(data).unwrap();
-                e.finish().unwrap()
-            }
-            Format::Zlib => {
-                let mut e = flate2::write::ZlibEncoder::new(Vec::new(), lvl);
-                e.write_all(data).unwrap();
-                e.finish().unwrap()
-            }
-            Format::Gzip => {
-                let mut e = flate2::write::GzEncoder::new(Vec::new(), lvl);
-                e.write_all(data).unwrap();
-                e.finish().unwrap()
-            }
-        }
     }
 
     const FORMATS: [(Format, Opcode, Opcode); 3] = [
@@ -600,7 +565,7 @@ mod tests {
                 assert!(n > 0 && n < input.len() / 2, "{format:?} L{level}: {n}");
                 packed.truncate(n);
                 assert_eq!(
-                    independent_decode(format, &packed),
+                    crate::accel::reference::decode(format, &packed),
                     input,
                     "{format:?} L{level}"
                 );
@@ -632,7 +597,7 @@ mod tests {
         let mut s = Scratch::new();
         let input = corpus(10_000);
         for (format, _, dop) in FORMATS {
-            let packed = independent_encode(format, &input);
+            let packed = crate::accel::reference::encode(format, &input);
             let mut out = vec![0u8; input.len() + 100];
             let r = run(dop, &packed, &mut out, 0, &mut s).unwrap();
             assert_eq!(&out[..r.bytes as usize], &input[..], "{format:?}");
@@ -645,7 +610,7 @@ mod tests {
         for (format, cop, dop) in FORMATS {
             let mut packed = vec![0u8; 64];
             let n = run(cop, &[], &mut packed, 1, &mut s).unwrap().bytes as usize;
-            assert!(independent_decode(format, &packed[..n]).is_empty());
+            assert!(crate::accel::reference::decode(format, &packed[..n]).is_empty());
             let mut out = [0u8; 4];
             let r = run(dop, &packed[..n], &mut out, 0, &mut s).unwrap();
             assert_eq!(r.bytes, 0);
@@ -670,7 +635,7 @@ mod tests {
         let mut s = Scratch::new();
         let input = corpus(4096);
         for (format, _, dop) in FORMATS {
-            let packed = independent_encode(format, &input);
+            let packed = crate::accel::reference::encode(format, &input);
             let mut small = vec![0u8; input.len() - 1];
             assert_eq!(
                 run(dop, &packed, &mut small, 0, &mut s),
@@ -694,7 +659,7 @@ mod tests {
                 "{format:?} garbage"
             );
             // Truncated stream.
-            let packed = independent_encode(format, &input);
+            let packed = crate::accel::reference::encode(format, &input);
             assert_eq!(
                 run(dop, &packed[..packed.len() / 2], &mut out, 0, &mut s),
                 Err(JobStatus::CorruptInput),
@@ -709,7 +674,7 @@ mod tests {
         }
         // A flipped payload bit breaks the zlib (Adler-32) and gzip (CRC-32) checks.
         for (format, _, dop) in &FORMATS[1..] {
-            let mut packed = independent_encode(*format, &input);
+            let mut packed = crate::accel::reference::encode(*format, &input);
             let last = packed.len() - 1;
             packed[last] ^= 0x01;
             let mut out = vec![0u8; 8192];

@@ -493,7 +493,6 @@ fn decompress_piece(c: &mut Ctx, src: &[u8], dst: &mut [u8]) -> Result<StreamOut
 
 #[cfg(test)]
 mod tests {
-    use std::io::{Read, Write};
 
     use super::*;
 
@@ -590,45 +589,17 @@ mod tests {
         panic!("no progress");
     }
 
-    fn flate2_decode(format: Format, data: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        match format {
-            Format::Deflate => flate2::read::DeflateDecoder::new(data).read_to_end(&mut out),
-            Format::Zlib => flate2::read::ZlibDecoder::new(data).read_to_end(&mut out),
-            Format::Gzip => flate2::read::GzDecoder::new(data).read_to_end(&mut out),
-        }
-        .expect("flate2 refuses the stream");
-        out
-    }
-
-    fn flate2_encode(format: Format, data: &[u8]) -> Vec<u8> {
-        let lvl = flate2::Compression::new(6);
-        match format {
-            Format::Deflate => {
-                let mut e = flate2::write::DeflateEncoder::new(Vec::new(), lvl);
-                e.write_all(data).unwrap();
-                e.finish().unwrap()
-            }
-            Format::Zlib => {
-                let mut e = flate2::write::ZlibEncoder::new(Vec::new(), lvl);
-                e.write_all(data).unwrap();
-                e.finish().unwrap()
-            }
-            Format::Gzip => {
-                let mut e = flate2::write::GzEncoder::new(Vec::new(), lvl);
-                e.write_all(data).unwrap();
-                e.finish().unwrap()
-            }
-        }
-    }
-
     #[test]
     fn pieces_compress_into_one_stream_flate2_decodes() {
         let data = corpus(700_000, 7);
         for format in Format::ALL {
             for flush in [s::FLUSH_SYNC, s::FLUSH_FULL] {
                 let packed = compress(format, &data, 100_003, flush);
-                assert_eq!(flate2_decode(format, &packed), data, "{format:?}");
+                assert_eq!(
+                    crate::accel::reference::decode(format, &packed),
+                    data,
+                    "{format:?}"
+                );
                 assert!(packed.len() < data.len() / 2);
             }
         }
@@ -638,7 +609,7 @@ mod tests {
     fn flate2_streams_decompress_piece_by_piece_at_any_cut() {
         let data = corpus(300_000, 11);
         for format in Format::ALL {
-            let packed = flate2_encode(format, &data);
+            let packed = crate::accel::reference::encode(format, &data);
             for (piece, room) in [
                 (1 << 20, 1 << 20),
                 (4096, 1 << 20),
@@ -657,8 +628,8 @@ mod tests {
     fn a_concatenated_gzip_member_ends_the_stream_where_it_ends() {
         let (a, b) = (corpus(50_000, 1), corpus(40_000, 2));
         let (pa, pb) = (
-            flate2_encode(Format::Gzip, &a),
-            flate2_encode(Format::Gzip, &b),
+            crate::accel::reference::encode(Format::Gzip, &a),
+            crate::accel::reference::encode(Format::Gzip, &b),
         );
         let both = [pa.clone(), pb.clone()].concat();
         let (out, used, ended) = decompress(Format::Gzip, &both, 1 << 20, 1 << 20);
@@ -742,7 +713,7 @@ mod tests {
             Err(JobStatus::ReservedNonZero)
         );
         // Corrupt data and a bad trailer.
-        let mut packed = flate2_encode(Format::Gzip, &corpus(10_000, 3));
+        let mut packed = crate::accel::reference::encode(Format::Gzip, &corpus(10_000, 3));
         let last = packed.len() - 5;
         packed[last] ^= 1;
         let mut ctx = vec![0u8; s::CTX_SIZE as usize];
@@ -814,7 +785,7 @@ mod tests {
                     .unwrap();
                     out.extend_from_slice(&dst[..r.bytes as usize]);
                 }
-                assert_eq!(flate2_decode(format, &out), noise);
+                assert_eq!(crate::accel::reference::decode(format, &out), noise);
             }
         }
     }
@@ -840,7 +811,7 @@ mod tests {
     #[test]
     fn output_too_small_for_one_block_is_dst_too_small() {
         let data = corpus(100_000, 5);
-        let packed = flate2_encode(Format::Deflate, &data);
+        let packed = crate::accel::reference::encode(Format::Deflate, &data);
         let mut ctx = vec![0u8; s::CTX_SIZE as usize];
         let mut dst = vec![0u8; 100];
         assert_eq!(

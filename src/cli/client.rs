@@ -14,9 +14,11 @@ use serde::de::DeserializeOwned;
 
 use crate::daemon::action::ErrorBody;
 
-/// Where the CLI finds the daemon.
+/// Where the CLI finds the daemon, and the runtime its calls run on (one
+/// per client: a benchmark or a script making many calls builds it once).
 pub struct ApiClient {
     socket: PathBuf,
+    rt: std::sync::OnceLock<tokio::runtime::Runtime>,
 }
 
 /// A refusal from the daemon, with its status and machine-readable kind.
@@ -32,6 +34,7 @@ impl ApiClient {
     pub fn new(socket: &Path) -> ApiClient {
         ApiClient {
             socket: socket.to_owned(),
+            rt: std::sync::OnceLock::new(),
         }
     }
 
@@ -58,10 +61,16 @@ impl ApiClient {
             Some(b) => Bytes::from(serde_json::to_vec(b)?),
             None => Bytes::new(),
         };
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_io()
-            .build()
-            .context("cannot start a runtime for the API call")?;
+        let rt = match self.rt.get() {
+            Some(rt) => rt,
+            None => {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .build()
+                    .context("cannot start a runtime for the API call")?;
+                self.rt.get_or_init(|| rt)
+            }
+        };
         let (status, bytes) = rt.block_on(self.request(method, path, body))?;
         if !(200..300).contains(&status) {
             let e: ErrorBody = serde_json::from_slice(&bytes).unwrap_or_else(|_| ErrorBody {

@@ -99,3 +99,40 @@ pub fn stop_serve(child: &mut std::process::Child) -> Vec<serde_json::Value> {
         other => panic!("wdvirt serve --json printed {other:?}: {out}"),
     }
 }
+
+/// Decodes a whole `format` stream with flate2 (an implementation
+/// independent of the device's); panics if flate2 refuses it.
+pub fn flate2_decode(format: wdvirt_abi::Format, data: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    use wdvirt_abi::Format;
+    let mut out = Vec::new();
+    match format {
+        Format::Deflate => flate2::read::DeflateDecoder::new(data).read_to_end(&mut out),
+        Format::Zlib => flate2::read::ZlibDecoder::new(data).read_to_end(&mut out),
+        Format::Gzip => flate2::read::GzDecoder::new(data).read_to_end(&mut out),
+    }
+    .expect("flate2 refuses the device's stream");
+    out
+}
+
+/// Encodes `data` as one `format` stream with flate2 at zlib's default level.
+pub fn flate2_encode(format: wdvirt_abi::Format, data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    use wdvirt_abi::Format;
+    let lvl = flate2::Compression::new(6);
+    match format {
+        Format::Deflate => {
+            let mut e = flate2::write::DeflateEncoder::new(Vec::new(), lvl);
+            e.write_all(data).and_then(|()| e.finish())
+        }
+        Format::Zlib => {
+            let mut e = flate2::write::ZlibEncoder::new(Vec::new(), lvl);
+            e.write_all(data).and_then(|()| e.finish())
+        }
+        Format::Gzip => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), lvl);
+            e.write_all(data).and_then(|()| e.finish())
+        }
+    }
+    .expect("flate2 encodes into memory")
+}
