@@ -407,11 +407,18 @@ fn a_linux_guest_streams_gzip_and_zlib_through_the_device_and_zlib_agrees() {
     let size = wdvirt_guest::cli::parse_size(&word).unwrap() as usize;
     // Four hugepages of DMA memory (8 MiB) and 256 MiB of RAM: the tool
     // makes, compresses, decompresses and hashes the stream piece by piece.
+    let started = Instant::now();
     let guest = boot(
         &server.sockets[0],
         &["mode=run", STREAM_JOBS, &format!("size={word}"), "seed=31"],
     );
+    let booted = started.elapsed();
     let submitted = assert_run_matches_host(&guest, STREAM_JOBS, 31, size);
+    eprintln!(
+        "guest booted, ran {submitted} device jobs and powered off in {:.1} s; the host's checks took {:.1} s",
+        booted.as_secs_f64(),
+        (started.elapsed() - booted).as_secs_f64()
+    );
     for job in guest.result["results"].as_array().unwrap() {
         let pieces = job["pieces"].as_u64().unwrap();
         assert!(
