@@ -325,6 +325,10 @@ fn assert_run_matches_host(guest: &Guest, jobs: &str, seed: u64, size: usize) ->
                 ops::sha256(&data, &mut digest).unwrap();
                 assert_eq!(job["sha256"], hex(&digest));
             }
+            _ if name.starts_with("stream-") => {
+                let format = Format::from_name(&name["stream-".len()..]).unwrap();
+                common::assert_stream_job_matches_host(job, format, &data);
+            }
             _ => {
                 let Some(format) = Format::from_name(name) else {
                     continue;
@@ -364,9 +368,16 @@ fn host_jobs(report: &Value) -> (u64, u64) {
         })
 }
 
+/// The stream jobs' size in CI, or `WDVIRT_GUEST_STREAM_SIZE` (`256M`,
+/// say: docs/linux-guest.md records that run).
+fn stream_size() -> String {
+    std::env::var("WDVIRT_GUEST_STREAM_SIZE").unwrap_or_else(|_| "32M".into())
+}
+
 const ALL_JOBS: &str = "jobs=deflate,zlib,gzip,crc32c,sha256,copy,fill,compare";
 const PAIR_JOBS: &str = "jobs=gzip,sha256,crc32c";
 const CHECK_JOBS: &str = "jobs=crc32c,sha256";
+const STREAM_JOBS: &str = "jobs=stream-gzip,stream-zlib";
 
 #[test]
 #[ignore = "boots Linux guests under QEMU: needs root and scripts/guest-image.sh; scripts/test.sh runs it"]
@@ -386,6 +397,47 @@ fn a_linux_guest_runs_jobs_whose_results_equal_the_hosts() {
         "host counters vs the guest's job count"
     );
     assert!(submitted >= 8, "several MiB take many jobs: {submitted}");
+}
+
+#[test]
+#[ignore = "boots Linux guests under QEMU: needs root and scripts/guest-image.sh; scripts/test.sh runs it"]
+fn a_linux_guest_streams_gzip_and_zlib_through_the_device_and_zlib_agrees() {
+    let server = Server::start(&["wd0"]);
+    let word = stream_size();
+    let size = wdvirt_guest::cli::parse_size(&word).unwrap() as usize;
+    // Four hugepages of DMA memory (8 MiB) and 256 MiB of RAM: the tool
+    // makes, compresses, decompresses and hashes the stream piece by piece.
+    let started = Instant::now();
+    let guest = boot(
+        &server.sockets[0],
+        &["mode=run", STREAM_JOBS, &format!("size={word}"), "seed=31"],
+    );
+    let booted = started.elapsed();
+    let submitted = assert_run_matches_host(&guest, STREAM_JOBS, 31, size);
+    eprintln!(
+        "guest booted, ran {submitted} device jobs and powered off in {:.1} s; the host's checks took {:.1} s",
+        booted.as_secs_f64(),
+        (started.elapsed() - booted).as_secs_f64()
+    );
+    for job in guest.result["results"].as_array().unwrap() {
+        let pieces = job["pieces"].as_u64().unwrap();
+        assert!(
+            pieces as usize >= size >> 20,
+            "one stream of many pieces: {job}"
+        );
+        eprintln!(
+            "{}: {size} bytes, {pieces} pieces, {} compressed, {} ms in the guest",
+            job["job"],
+            job["compressed"],
+            job["micros"].as_u64().unwrap() / 1000
+        );
+    }
+    let reports = server.stop();
+    assert_eq!(
+        host_jobs(&reports[0]),
+        (submitted, 0),
+        "host counters vs the guest's job count"
+    );
 }
 
 #[test]

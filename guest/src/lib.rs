@@ -33,4 +33,5 @@ pub use error::{DriverError, RegFault, StatusCode};
 pub use jobs::{Format, JobSpec, check};
 pub use mmio::{Mmio, MmioError};
 pub use queue::Queue;
+pub use stream::{StreamCompressor, StreamDecompressor};
 pub use wdvirt_abi as abi;

@@ -15,6 +15,7 @@ use crate::error::DriverError;
 use crate::jobs::Format;
 use crate::mmio::{Mmio, MmioError};
 use crate::queue::Queue;
+use crate::stream::{StreamCompressor, StreamDecompressor};
 
 /// xorshift64*: small, deterministic, good enough for test data.
 #[derive(Clone, Debug)]
@@ -66,27 +67,57 @@ const WORDS: [&str; 24] = [
 ];
 
 /// `len` bytes of text-like data from `seed`: words, numbers and now and then
-/// a short run of random bytes. Compresses to roughly a third.
+/// a short run of random bytes. Compresses to roughly a third. The same
+/// bytes as [`DataGen`] makes piece by piece.
 pub fn gen_data(seed: u64, len: usize) -> Vec<u8> {
-    let mut r = Rng::new(seed);
     let mut v = Vec::with_capacity(len + 32);
-    while v.len() < len {
-        match r.below(16) {
-            0 => {
-                for _ in 0..r.below(12) {
-                    v.push(r.next_u64() as u8);
-                }
-            }
-            1 => v.extend_from_slice(format!("{} ", r.below(100_000)).as_bytes()),
-            2 => v.push(b'\n'),
-            _ => {
-                v.extend_from_slice(WORDS[r.below(WORDS.len() as u64) as usize].as_bytes());
-                v.push(b' ');
-            }
+    DataGen::new(seed).fill(&mut v, len);
+    v
+}
+
+/// [`gen_data`]'s bytes a piece at a time, for data larger than memory:
+/// `gen_data(seed, a + b)` is `fill(a)` then `fill(b)`.
+#[derive(Clone, Debug)]
+pub struct DataGen {
+    rng: Rng,
+    /// Made by the last item, past the end of the last fill.
+    carry: Vec<u8>,
+}
+
+impl DataGen {
+    pub fn new(seed: u64) -> Self {
+        DataGen {
+            rng: Rng::new(seed),
+            carry: Vec::new(),
         }
     }
-    v.truncate(len);
-    v
+
+    /// Appends the next `len` bytes to `out`.
+    pub fn fill(&mut self, out: &mut Vec<u8>, len: usize) {
+        let end = out.len() + len;
+        let take = self.carry.len().min(len);
+        out.extend(self.carry.drain(..take));
+        let r = &mut self.rng;
+        while out.len() < end {
+            match r.below(16) {
+                0 => {
+                    for _ in 0..r.below(12) {
+                        out.push(r.next_u64() as u8);
+                    }
+                }
+                1 => out.extend_from_slice(format!("{} ", r.below(100_000)).as_bytes()),
+                2 => out.push(b'\n'),
+                _ => {
+                    out.extend_from_slice(WORDS[r.below(WORDS.len() as u64) as usize].as_bytes());
+                    out.push(b' ');
+                }
+            }
+        }
+        if out.len() > end {
+            self.carry.extend_from_slice(&out[end..]);
+            out.truncate(end);
+        }
+    }
 }
 
 /// One entry of `run --jobs`.
@@ -244,21 +275,9 @@ fn run_one<M: Mmio, D: DmaMemory>(
             framed && back == data
         }
         JobKind::Stream(f) => {
-            // One stream of the whole input, whatever its size.
-            let level = opts.level.min(wdvirt_abi::stream::MAX_LEVEL as u32);
-            let packed = q.stream_compress(f, level, data, max)?;
-            let framed = framing_ok(f, &packed);
-            let (back, used) = q.stream_decompress(f, &packed)?;
-            out.insert("compressed".into(), json!(packed.len()));
-            out.insert("piece_bytes".into(), json!(max));
-            out.insert(
-                "stream_sha256".into(),
-                json!(hex(&sha2::Sha256::digest(&packed))),
-            );
-            out.insert("framing_ok".into(), json!(framed));
-            out.insert("consumed_all".into(), json!(used == packed.len()));
-            out.insert("roundtrip_ok".into(), json!(back == data));
-            framed && used == packed.len() && back == data
+            let (fields, verified) = run_stream(q, f, opts, max)?;
+            out.extend(fields);
+            verified
         }
         JobKind::Crc32c => {
             let v = q.crc32c(data)?;
@@ -311,10 +330,83 @@ fn run_one<M: Mmio, D: DmaMemory>(
     Ok(out)
 }
 
+/// A `stream-*` job: one stream of `opts.size` bytes, made piece by piece
+/// from the seed ([`DataGen`]) so that its size is not bounded by the
+/// guest's memory. Each piece is compressed with the context carried, and
+/// its output goes straight to the decompressor; SHA-256s of the input, the
+/// compressed stream and the decompressed output are taken on the fly. The
+/// host can recompute all three from the seed, size, level and piece size.
+fn run_stream<M: Mmio, D: DmaMemory>(
+    q: &mut Queue<M, D>,
+    format: Format,
+    opts: &RunOptions,
+    max: usize,
+) -> Result<(serde_json::Map<String, Value>, bool), DriverError> {
+    let level = opts.level.min(wdvirt_abi::stream::MAX_LEVEL as u32);
+    let mut comp = StreamCompressor::new(q, format, level, max)?;
+    let mut dec = StreamDecompressor::new(q, format)?;
+    let piece = comp.piece_len();
+    let mut data = DataGen::new(opts.seed);
+    let (mut input_hash, mut stream_hash, mut output_hash) = (
+        sha2::Sha256::new(),
+        sha2::Sha256::new(),
+        sha2::Sha256::new(),
+    );
+    // The stream's first bytes, for the framing check.
+    let mut head = Vec::new();
+    let (mut compressed, mut produced, mut pieces) = (0usize, 0usize, 0usize);
+    let mut sink = |b: &[u8]| {
+        output_hash.update(b);
+        produced += b.len();
+    };
+    let mut buf = Vec::with_capacity(piece);
+    let mut left = opts.size;
+    loop {
+        let n = left.min(piece);
+        left -= n;
+        buf.clear();
+        data.fill(&mut buf, n);
+        input_hash.update(&buf);
+        let packed = comp.push(q, &buf, left == 0)?;
+        pieces += 1;
+        stream_hash.update(&packed);
+        compressed += packed.len();
+        let want = 18usize.saturating_sub(head.len()).min(packed.len());
+        head.extend_from_slice(&packed[..want]);
+        dec.push(q, &packed, &mut sink)?;
+        if left == 0 {
+            break;
+        }
+    }
+    let used = dec.finish(q, &mut sink)?;
+    let (input, output) = (input_hash.finalize(), output_hash.finalize());
+    let framed = framing_ok(format, &head);
+    let round_trip = produced == opts.size && input == output;
+    let mut out = serde_json::Map::new();
+    out.insert("level".into(), json!(level));
+    out.insert("piece_bytes".into(), json!(piece));
+    out.insert("pieces".into(), json!(pieces));
+    out.insert("compressed".into(), json!(compressed));
+    out.insert("stream_sha256".into(), json!(hex(&stream_hash.finalize())));
+    out.insert("input_sha256".into(), json!(hex(&input)));
+    out.insert("output_sha256".into(), json!(hex(&output)));
+    out.insert("output_bytes".into(), json!(produced));
+    out.insert("framing_ok".into(), json!(framed));
+    out.insert("consumed_all".into(), json!(used == compressed));
+    out.insert("roundtrip_ok".into(), json!(round_trip));
+    Ok((out, framed && used == compressed && round_trip))
+}
+
 /// Runs every job kind in `opts` on `q`, verifying each result, and returns
 /// the JSON report: per-job results and totals (device jobs, input bytes).
 pub fn run<M: Mmio, D: DmaMemory>(q: &mut Queue<M, D>, opts: &RunOptions) -> Value {
-    let data = gen_data(opts.seed, opts.size);
+    // Stream jobs make their input piece by piece; the others need it whole.
+    let whole = opts.jobs.iter().any(|k| !matches!(k, JobKind::Stream(_)));
+    let data = if whole {
+        gen_data(opts.seed, opts.size)
+    } else {
+        Vec::new()
+    };
     let mut results = Vec::new();
     let (mut ok, mut failed, mut bytes) = (0u32, 0u32, 0u64);
     let jobs_before = q.counters().0;
@@ -334,12 +426,12 @@ pub fn run<M: Mmio, D: DmaMemory>(q: &mut Queue<M, D>, opts: &RunOptions) -> Val
         let passed = entry.get("ok") == Some(&json!(true));
         if passed {
             ok += 1;
-            bytes += data.len() as u64;
+            bytes += opts.size as u64;
         } else {
             failed += 1;
         }
         entry.insert("job".into(), json!(kind.name()));
-        entry.insert("bytes".into(), json!(data.len()));
+        entry.insert("bytes".into(), json!(opts.size));
         entry.insert("micros".into(), json!(start.elapsed().as_micros() as u64));
         results.push(Value::Object(entry));
     }
@@ -486,6 +578,22 @@ mod tests {
         let spaces = a.iter().filter(|&&b| b == b' ').count();
         assert!(spaces > 500, "text-like: {spaces} spaces");
         assert_eq!(gen_data(1, 0), Vec::<u8>::new());
+    }
+
+    #[test]
+    fn data_made_piece_by_piece_is_the_same_bytes() {
+        let whole = gen_data(5, 200_000);
+        // Pieces cut inside items, a piece smaller than an item, empty pieces.
+        for sizes in [&[1usize, 2, 3, 0, 99_994, 100_000][..], &[7; 200_000 / 7]] {
+            let mut g = DataGen::new(5);
+            let mut v = Vec::new();
+            for &n in sizes {
+                let before = v.len();
+                g.fill(&mut v, n);
+                assert_eq!(v.len(), before + n);
+            }
+            assert!(v[..] == whole[..v.len()], "{} bytes", v.len());
+        }
     }
 
     #[test]

@@ -136,3 +136,74 @@ pub fn flate2_encode(format: wdvirt_abi::Format, data: &[u8]) -> Vec<u8> {
     }
     .expect("flate2 encodes into memory")
 }
+
+/// Checks a guest tool's `stream-*` job report (`wdvirt_guest::workload`)
+/// against the host, for the job's input `data`: the host cuts `data` into
+/// the job's `piece_bytes` pieces and runs them through the engine's stream
+/// code (`wdvirt::accel::stream::run`) at the job's level, which gives the
+/// guest's compressed stream byte for byte (its SHA-256 and length match);
+/// zlib (flate2) decodes that stream back to `data`; and the guest's SHA-256s
+/// of its input and of what the device decompressed equal `data`'s.
+pub fn assert_stream_job_matches_host(
+    job: &serde_json::Value,
+    format: wdvirt_abi::Format,
+    data: &[u8],
+) {
+    use wdvirt::accel::{ops, stream};
+    use wdvirt_abi::{Opcode, stream as s};
+
+    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let sha = |b: &[u8]| {
+        let mut d = [0u8; 32];
+        ops::sha256(b, &mut d).unwrap();
+        hex(&d)
+    };
+    let piece = job["piece_bytes"].as_u64().unwrap() as usize;
+    let level = job["level"].as_u64().unwrap();
+    let mut ctx = vec![0u8; s::CTX_SIZE as usize];
+    let mut dst = vec![0u8; piece + piece / 8 + 256];
+    let mut packed = Vec::with_capacity(data.len() / 2);
+    let pieces: Vec<&[u8]> = if data.is_empty() {
+        vec![data]
+    } else {
+        data.chunks(piece).collect()
+    };
+    let last = pieces.len() - 1;
+    for (i, p) in pieces.iter().enumerate() {
+        let flush = if i == last {
+            s::FLUSH_FINISH
+        } else {
+            s::FLUSH_SYNC
+        };
+        let start = if i == 0 { s::START } else { 0 };
+        let param = format.code() | level << s::LEVEL_SHIFT | flush << s::FLUSH_SHIFT | start;
+        let out = stream::run(Opcode::StreamCompress, p, &mut dst, &mut ctx, param).unwrap();
+        packed.extend_from_slice(&dst[..out.bytes as usize]);
+    }
+    assert_eq!(job["pieces"], pieces.len(), "{job}");
+    assert_eq!(job["compressed"], packed.len(), "compressed length: {job}");
+    assert_eq!(
+        job["stream_sha256"],
+        sha(&packed),
+        "the compressed stream: {job}"
+    );
+    let back = flate2_decode(format, &packed);
+    assert!(back == data, "zlib decodes the guest's stream to its input");
+    let want = sha(data);
+    assert_eq!(job["input_sha256"], want, "the guest's input: {job}");
+    assert_eq!(
+        job["output_sha256"], want,
+        "what the device decompressed: {job}"
+    );
+    assert_eq!(job["output_bytes"], data.len());
+    assert_eq!(
+        (
+            &job["framing_ok"],
+            &job["consumed_all"],
+            &job["roundtrip_ok"],
+            &job["ok"]
+        ),
+        (&true.into(), &true.into(), &true.into(), &true.into()),
+        "{job}"
+    );
+}
