@@ -691,3 +691,87 @@ fn a_two_function_type_is_placed_on_the_closest_pair_and_serves_both_functions()
     assert!(e.contains("zip1–node0 distance 31 > max 5"), "{e}");
     assert!(e.contains("sec0: no deflate-compress (function 0)"), "{e}");
 }
+
+/// 8 PASIDs for 12 instances of 1 queue: starts race for them.
+const PASID_HOST: &str = r#"
+accelerators:
+  - {name: soft0, backend: soft, engines: 1, queue_pairs: 64, operations: [all], pasids: 8}
+qos_policies:
+  - {name: silver, weight: 100}
+types:
+  - {name: one, queues: 1, operations: [crc32c], qos: silver}
+"#;
+
+/// About 1000 start/stop cycles interleaved at random from four threads through the
+/// daemon's API: no PASID is ever held by two started instances, a refused
+/// start names the exhausted PASIDs, and at the end every PASID is free again.
+#[test]
+fn pasids_stay_unique_over_1000_starts_and_stops_from_four_threads() {
+    use hyper::Method;
+    use rand::{Rng, SeedableRng};
+    use std::collections::HashMap;
+    use wdvirt::cli::client::ApiClient;
+    use wdvirt::daemon::view::InstanceView;
+
+    let d = Daemon::start(PASID_HOST);
+    for t in 0..4 {
+        for i in 0..3 {
+            d.json(&["define", "--type", "one", "--name", &format!("t{t}-{i}")]);
+        }
+    }
+    let live: Arc<parking_lot::Mutex<HashMap<u64, String>>> = Arc::default();
+    let seed: u64 = rand::random();
+    let threads: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (api, live) = (d.api(), live.clone());
+            std::thread::spawn(move || {
+                let api = ApiClient::new(&api);
+                let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ t);
+                let mut started: Vec<String> = Vec::new();
+                let (mut starts, mut refused) = (0, 0);
+                for _ in 0..500 {
+                    let name = format!("t{t}-{}", rng.random_range(0..3));
+                    if let Some(pos) = started.iter().position(|n| *n == name) {
+                        // Forget the PASID before the daemon frees it.
+                        live.lock().retain(|_, n| *n != name);
+                        let _: InstanceView = api
+                            .send(Method::POST, &format!("/v1/instances/{name}/stop"), None::<&()>)
+                            .unwrap();
+                        started.remove(pos);
+                        continue;
+                    }
+                    let r: anyhow::Result<InstanceView> =
+                        api.send(Method::POST, &format!("/v1/instances/{name}/start"), None::<&()>);
+                    match r {
+                        Ok(v) => {
+                            let pasid = v.pasid.unwrap() as u64;
+                            if let Some(other) = live.lock().insert(pasid, name.clone()) {
+                                panic!("seed {seed}: PASID {pasid} given to {name} while {other} holds it");
+                            }
+                            started.push(name);
+                            starts += 1;
+                        }
+                        Err(e) => {
+                            let msg = e.to_string();
+                            assert!(msg.contains("PASIDs exhausted (8)"), "seed {seed}: {msg}");
+                            refused += 1;
+                        }
+                    }
+                }
+                (starts, refused)
+            })
+        })
+        .collect();
+    let (mut starts, mut refused) = (0, 0);
+    for t in threads {
+        let (s, r) = t.join().unwrap();
+        starts += s;
+        refused += r;
+    }
+    eprintln!("seed {seed}: {starts} starts, {refused} refused for want of a PASID");
+    assert!(starts > 500, "too few starts to mean anything: {starts}");
+    for v in d.json(&["list"]).as_array().unwrap() {
+        d.json(&["stop", v["name"].as_str().unwrap()]);
+    }
+    assert_eq!(available(&d, "one"), 8, "every PASID is free again");
+}
