@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::client::ApiClient;
 use crate::daemon::action::{DefineRequest, ModifyRequest};
-use crate::daemon::view::{InstanceView, TypeView};
+use crate::daemon::view::{AcceleratorView, InstanceView, TypeView, Usage};
 
 #[derive(Args, Debug)]
 pub struct JsonFlag {
@@ -19,6 +19,12 @@ pub struct JsonFlag {
 
 #[derive(Args, Debug)]
 pub struct TypesArgs {
+    #[command(flatten)]
+    pub out: JsonFlag,
+}
+
+#[derive(Args, Debug)]
+pub struct AcceleratorsArgs {
     #[command(flatten)]
     pub out: JsonFlag,
 }
@@ -150,6 +156,77 @@ pub fn types(api: &ApiClient, a: TypesArgs) -> anyhow::Result<()> {
         ]);
     }
     print_table(&rows);
+    Ok(())
+}
+
+/// `used/total` with a bar: `#` used, `~` draining, `.` free.
+fn usage_bar(u: &Usage) -> String {
+    const WIDTH: u64 = 20;
+    let total = u64::from(u.total.max(1));
+    let cells = |n: u32| (u64::from(n) * WIDTH).div_ceil(total) as usize;
+    let (used, draining) = (cells(u.used), cells(u.draining));
+    let free = (WIDTH as usize).saturating_sub(used + draining);
+    format!(
+        "[{}{}{}] {}/{}",
+        "#".repeat(used),
+        "~".repeat(draining),
+        ".".repeat(free),
+        u.used,
+        u.total
+    )
+}
+
+pub fn accelerators(api: &ApiClient, a: AcceleratorsArgs) -> anyhow::Result<()> {
+    let accels: Vec<AcceleratorView> = api.get("/v1/accelerators")?;
+    if a.out.json {
+        return print_json(&accels);
+    }
+    let mut rows = vec![[
+        "ACCELERATOR".to_string(),
+        "BACKEND".into(),
+        "ENGINES".into(),
+        "QUEUE PAIRS".into(),
+        "PASIDS".into(),
+        "OPERATIONS".into(),
+    ]];
+    for x in &accels {
+        rows.push([
+            x.name.clone(),
+            x.backend.clone(),
+            x.engines.to_string(),
+            usage_bar(&x.queue_pairs),
+            usage_bar(&x.pasids),
+            x.operations.join(","),
+        ]);
+    }
+    print_table(&rows);
+    // The host graph as a distance table: shortest paths between every
+    // accelerator and every node it reaches (- where none).
+    let mut columns: Vec<String> = accels
+        .iter()
+        .flat_map(|x| x.distances.keys().cloned())
+        .chain(accels.iter().map(|x| x.name.clone()))
+        .collect();
+    columns.sort_by_key(|c| (!c.starts_with("node"), c.clone()));
+    columns.dedup();
+    if columns.len() > 1 {
+        println!();
+        let mut header = vec!["DISTANCE".to_string()];
+        header.extend(columns.iter().cloned());
+        let mut table = vec![header];
+        for x in &accels {
+            let mut row = vec![x.name.clone()];
+            row.extend(columns.iter().map(|c| {
+                if *c == x.name {
+                    "0".to_string()
+                } else {
+                    x.distances.get(c).map_or("-".into(), |d| d.to_string())
+                }
+            }));
+            table.push(row);
+        }
+        print_rows(&table);
+    }
     Ok(())
 }
 
@@ -309,15 +386,27 @@ pub fn list(api: &ApiClient, a: ListArgs) -> anyhow::Result<()> {
 
 /// Left-aligned columns, two spaces apart; the last column unpadded.
 fn print_table<const N: usize>(rows: &[[String; N]]) {
-    let widths: Vec<usize> = (0..N)
-        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+    let rows: Vec<Vec<String>> = rows.iter().map(|r| r.to_vec()).collect();
+    print_rows(&rows);
+}
+
+fn print_rows(rows: &[Vec<String>]) {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..n)
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|cell| cell.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     for r in rows {
         let line: Vec<String> = r
             .iter()
             .enumerate()
             .map(|(i, cell)| {
-                if i + 1 == N {
+                if i + 1 == r.len() {
                     cell.clone()
                 } else {
                     format!("{cell:<w$}", w = widths[i])
@@ -331,6 +420,23 @@ fn print_table<const N: usize>(rows: &[[String; N]]) {
 #[cfg(test)]
 mod tests {
     use super::path_id;
+
+    #[test]
+    fn usage_bars_show_used_draining_and_free() {
+        let u = |used, draining, total| super::Usage {
+            total,
+            used,
+            draining,
+            free: total - used - draining,
+        };
+        assert_eq!(super::usage_bar(&u(0, 0, 8)), "[....................] 0/8");
+        assert_eq!(super::usage_bar(&u(4, 0, 8)), "[##########..........] 4/8");
+        assert_eq!(
+            super::usage_bar(&u(1, 1, 64)),
+            "[#~..................] 1/64"
+        );
+        assert_eq!(super::usage_bar(&u(8, 0, 8)), "[####################] 8/8");
+    }
 
     #[test]
     fn ids_are_escaped_for_the_url_path() {

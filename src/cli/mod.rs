@@ -54,6 +54,9 @@ pub enum Command {
     Daemon(daemon::DaemonArgs),
     /// List instance types and how many more of each fit now.
     Types(ctl::TypesArgs),
+    /// List accelerators: how full their queue-pair and PASID pools are, and
+    /// the host graph's distances between them and the NUMA nodes.
+    Accelerators(ctl::AcceleratorsArgs),
     /// Define an instance of a type (persistent); prints its UUID.
     ///
     /// Example: wdvirt define --type zip --name vm1-zip --auto
@@ -100,6 +103,7 @@ pub fn main() -> ExitCode {
         Command::Man(a) => install::man(a),
         Command::Daemon(a) => daemon::run(a, cli.api.clone()),
         Command::Types(a) => ctl::types(&api, a).map(|()| ExitCode::SUCCESS),
+        Command::Accelerators(a) => ctl::accelerators(&api, a).map(|()| ExitCode::SUCCESS),
         Command::Define(a) => ctl::define(&api, a).map(|()| ExitCode::SUCCESS),
         Command::Undefine(a) => ctl::undefine(&api, a).map(|()| ExitCode::SUCCESS),
         Command::Start(a) => ctl::start(&api, a).map(|()| ExitCode::SUCCESS),

@@ -40,7 +40,24 @@ pub struct ValidateArgs {
 }
 
 pub fn run(a: ValidateArgs) -> anyhow::Result<ExitCode> {
-    match config::load_paths(&a.paths) {
+    let loaded = config::load_paths(&a.paths).and_then(|c| {
+        // What only the host graph shows: distances no placement can meet.
+        match crate::daemon::catalog::check_placeable(&c) {
+            Ok(_) => Ok(c),
+            Err(crate::daemon::catalog::CatalogError::Config(e)) => Err(e),
+            Err(other) => Err(config::ConfigErrors(vec![config::Located::at(
+                config::Place {
+                    file: a.paths.first().map(|p| p.display().to_string()).unwrap_or_default(),
+                    line: 0,
+                    column: 0,
+                },
+                config::ConfigError::Topology {
+                    reason: other.to_string(),
+                },
+            )])),
+        }
+    });
+    match loaded {
         Ok(c) => {
             if a.json {
                 let out = serde_json::json!({

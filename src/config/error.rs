@@ -69,6 +69,12 @@ pub enum ConfigError {
     TooManyQueues { name: String, queues: u32 },
     #[error("empty accelerator list (expected accelerator names, or no `accelerators` key)")]
     EmptyAllowList,
+    /// The host graph rules out every combination (distances, or functions
+    /// that fit alone but not together), even with nothing else placed.
+    #[error("type '{name}' can never be placed on this host: {reason}")]
+    NeverPlaceable { name: String, reason: String },
+    #[error("the host graph the configuration declares is inconsistent: {reason}")]
+    Topology { reason: String },
     /// Per accelerator, why it cannot host the function.
     #[error("type '{name}' {function} can never be placed: {}", reasons.join("; "))]
     Unhostable {
@@ -223,6 +229,21 @@ pub struct ErrorRecord {
 }
 
 impl Located {
+    /// An error found after loading (by a layer that knows more than YAML,
+    /// such as the host graph's distances), placed at `place` with its line
+    /// read back from the file.
+    pub fn at(place: Place, error: ConfigError) -> Located {
+        let source_line = std::fs::read_to_string(&place.file)
+            .map(|text| super::validate::line_of(&text, place.line))
+            .unwrap_or_default();
+        Located {
+            place,
+            source_line,
+            error,
+            note: None,
+        }
+    }
+
     pub fn record(&self) -> ErrorRecord {
         ErrorRecord {
             file: self.place.file.clone(),

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::view::{InstanceView, TypeView};
+use super::view::{AcceleratorView, InstanceView, TypeView};
 
 /// An instance is named by its name or its UUID wherever one is expected.
 pub type InstanceRef = String;
@@ -85,6 +85,8 @@ mod double_option {
 pub enum Action {
     /// Instance types with how many more of each fit now.
     ListTypes,
+    /// Accelerators with their pools' usage and distances.
+    ListAccelerators,
     /// Started instances, or with `defined` every definition.
     ListInstances {
         defined: bool,
@@ -113,7 +115,10 @@ impl Action {
     pub fn mutates(&self) -> bool {
         !matches!(
             self,
-            Action::ListTypes | Action::ListInstances { .. } | Action::GetInstance { .. }
+            Action::ListTypes
+                | Action::ListAccelerators
+                | Action::ListInstances { .. }
+                | Action::GetInstance { .. }
         )
     }
 }
@@ -122,6 +127,7 @@ impl Action {
 #[serde(untagged)]
 pub enum Outcome {
     Types(Vec<TypeView>),
+    Accelerators(Vec<AcceleratorView>),
     Instances(Vec<InstanceView>),
     Instance(Box<InstanceView>),
 }

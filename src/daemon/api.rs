@@ -7,6 +7,7 @@
 //! | method | path | action |
 //! |---|---|---|
 //! | GET | `/v1/types` | `ListTypes` |
+//! | GET | `/v1/accelerators` | `ListAccelerators` |
 //! | GET | `/v1/instances[?defined=true]` | `ListInstances` |
 //! | POST | `/v1/instances` | `Define` (body: `DefineRequest`) |
 //! | GET | `/v1/instances/{id}` | `GetInstance` |
@@ -127,6 +128,14 @@ pub fn router(reg: Shared) -> Router {
             get(
                 |State(r): State<Shared>, ConnectInfo(c): ConnectInfo<Caller>| async move {
                     act(r, c, Action::ListTypes, false).await
+                },
+            ),
+        )
+        .route(
+            "/v1/accelerators",
+            get(
+                |State(r): State<Shared>, ConnectInfo(c): ConnectInfo<Caller>| async move {
+                    act(r, c, Action::ListAccelerators, false).await
                 },
             ),
         )

@@ -13,11 +13,38 @@ use crate::partition::{
     PlacementRequest, Topology, TopologySpec,
 };
 
-use super::view::{FunctionView, PlacedFunction, TypeView};
+use super::view::{AcceleratorView, FunctionView, PlacedFunction, TypeView, Usage};
 
 /// The distance from an accelerator to the NUMA node it is attached to, when
 /// the YAML gives no `distances` (ACPI SLIT's "local").
 pub const LOCAL_DISTANCE: i64 = 10;
+
+/// Checks what the YAML loader cannot see alone: the host graph the
+/// configuration declares is consistent, and every type can be placed on it
+/// when nothing else is (distances included). Errors point at the type.
+pub fn check_placeable(cfg: &Config) -> Result<Topology, CatalogError> {
+    let topo = topology(cfg)?;
+    let errors: Vec<config::Located> = cfg
+        .types
+        .iter()
+        .filter_map(|t| {
+            let req = TypeDef::from_config(t).placement;
+            let reason = topo.check_hostable(&req).err()?.to_string();
+            Some(config::Located::at(
+                t.origin.clone(),
+                config::ConfigError::NeverPlaceable {
+                    name: t.name.clone(),
+                    reason,
+                },
+            ))
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(topo)
+    } else {
+        Err(config::ConfigErrors(errors).into())
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -179,7 +206,7 @@ impl Catalog {
     }
 
     pub fn from_config(cfg: &Config) -> Result<Catalog, CatalogError> {
-        let topo = topology(cfg)?;
+        let topo = check_placeable(cfg)?;
         let mut backends = BTreeMap::new();
         for a in &cfg.accelerators {
             let backend: SharedAccelerator = match a.backend {
@@ -269,6 +296,52 @@ impl Catalog {
                     qos: t.qos.clone(),
                     available_instances: total,
                     available_by_accelerator: by,
+                }
+            })
+            .collect()
+    }
+
+    /// Every accelerator with its pools' usage and its distances.
+    pub fn accelerators(&self) -> Vec<AcceleratorView> {
+        let topo = self.partitioner.topology();
+        let snap = self.partitioner.snapshot();
+        let nodes: Vec<Node> = topo
+            .numa_nodes()
+            .iter()
+            .map(|n| Node::Numa(n.id))
+            .chain(
+                topo.accelerators()
+                    .iter()
+                    .map(|a| Node::Accelerator(a.name.clone())),
+            )
+            .collect();
+        topo.accelerators()
+            .iter()
+            .zip(snap.accelerators)
+            .map(|(a, u)| {
+                let me = Node::Accelerator(a.name.clone());
+                AcceleratorView {
+                    name: a.name.clone(),
+                    backend: a.backend.clone(),
+                    engines: a.engines,
+                    operations: ops_names(a.ops),
+                    queue_pairs: Usage {
+                        total: u.queue_pairs.total,
+                        used: u.queue_pairs.used,
+                        draining: u.queue_pairs.draining,
+                        free: u.queue_pairs.free,
+                    },
+                    pasids: Usage {
+                        total: u.pasids.capacity,
+                        used: u.pasids.used,
+                        draining: u.pasids.draining,
+                        free: u.pasids.free,
+                    },
+                    distances: nodes
+                        .iter()
+                        .filter(|n| **n != me)
+                        .filter_map(|n| Some((n.to_string(), topo.distance(&me, n)?)))
+                        .collect(),
                 }
             })
             .collect()

@@ -161,6 +161,7 @@ impl Registry {
         }
         match action {
             Action::ListTypes => Ok(Outcome::Types(self.catalog.types())),
+            Action::ListAccelerators => Ok(Outcome::Accelerators(self.catalog.accelerators())),
             Action::ListInstances { defined } => {
                 let mut list: Vec<InstanceView> = entries
                     .by_uuid

@@ -89,3 +89,28 @@ pub struct InstanceView {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub report: Option<InstanceReport>,
 }
+
+/// How much of a pool is in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub total: u32,
+    pub used: u32,
+    /// Released by a stopped instance, not yet handed out again.
+    pub draining: u32,
+    pub free: u32,
+}
+
+/// One accelerator: what it runs, how full its pools are, and how far it
+/// is from every other node of the host graph.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceleratorView {
+    pub name: String,
+    pub backend: String,
+    pub engines: u32,
+    pub operations: Vec<String>,
+    pub queue_pairs: Usage,
+    pub pasids: Usage,
+    /// Shortest distance to each NUMA node (`nodeN`) and accelerator it is
+    /// connected to.
+    pub distances: BTreeMap<String, u64>,
+}
