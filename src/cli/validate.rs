@@ -47,7 +47,11 @@ pub fn run(a: ValidateArgs) -> anyhow::Result<ExitCode> {
             Err(crate::daemon::catalog::CatalogError::Config(e)) => Err(e),
             Err(other) => Err(config::ConfigErrors(vec![config::Located::at(
                 config::Place {
-                    file: a.paths.first().map(|p| p.display().to_string()).unwrap_or_default(),
+                    file: a
+                        .paths
+                        .first()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default(),
                     line: 0,
                     column: 0,
                 },

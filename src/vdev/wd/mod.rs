@@ -192,14 +192,20 @@ impl WdDevice {
         }
         let dma = DmaSpace::new();
         for (i, accel) in backends.all().iter().enumerate() {
-            let bound = accel.bind_pasid(pasid, dma.address_space()).and_then(|()| {
-                // Bus mastering starts off (PCI reset value).
-                accel.set_dma_allowed(pasid, false)
-            });
-            if let Err(e) = bound {
-                for a in &backends.all()[..=i] {
+            // Undo only our own bindings: a PASID in use belongs to someone
+            // else, whose binding must stay.
+            let undo = |upto: usize| {
+                for a in &backends.all()[..upto] {
                     let _ = a.unbind_pasid(pasid);
                 }
+            };
+            if let Err(e) = accel.bind_pasid(pasid, dma.address_space()) {
+                undo(i);
+                return Err(DeviceError::Busy(e.to_string()));
+            }
+            // Bus mastering starts off (PCI reset value).
+            if let Err(e) = accel.set_dma_allowed(pasid, false) {
+                undo(i + 1);
                 return Err(DeviceError::Busy(e.to_string()));
             }
         }

@@ -856,3 +856,47 @@ fn the_device_is_the_one_judge_of_an_instance_shape() {
         "{e}"
     );
 }
+
+#[test]
+fn a_refused_pasid_leaves_its_owners_binding_on_every_backend() {
+    let irq: Arc<dyn InterruptSink> = Arc::new(crate::vdev::pci::Interrupts::new(64));
+    let (a, b): (
+        crate::accel::SharedAccelerator,
+        crate::accel::SharedAccelerator,
+    ) = (SoftAccel::new(1), SoftAccel::new(1));
+    let two = WdConfig {
+        queues: 2,
+        ..WdConfig::default()
+    };
+    let owner = WdDevice::new(
+        two,
+        Backends::per_queue(&[a.clone(), b.clone()]).unwrap(),
+        5,
+        irq.clone(),
+    )
+    .unwrap();
+    // Same PASID on b then a (b refuses first), and on a alone.
+    assert!(
+        WdDevice::new(
+            two,
+            Backends::per_queue(&[b.clone(), a.clone()]).unwrap(),
+            5,
+            irq.clone()
+        )
+        .is_err()
+    );
+    assert!(WdDevice::new(WdConfig::default(), a.clone(), 5, irq.clone()).is_err());
+    assert!(
+        a.set_dma_allowed(5, false).is_ok(),
+        "the owner's PASID was unbound on a"
+    );
+    assert!(
+        b.set_dma_allowed(5, false).is_ok(),
+        "the owner's PASID was unbound on b"
+    );
+    drop(owner);
+    assert!(
+        a.set_dma_allowed(5, false).is_err(),
+        "unbound with its owner"
+    );
+}
