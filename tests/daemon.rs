@@ -603,12 +603,12 @@ types:
       - {queues: 1, operations: [sha256, crc32c]}
     qos: silver
     placement: {max_distance: 25}
-  - name: zip-hash-tight
+  - name: zip-hash-near
     functions:
       - {queues: 1, operations: [deflate-compress]}
       - {queues: 1, operations: [sha256]}
     qos: silver
-    placement: {max_distance: 5, numa_node: 0}
+    placement: {max_distance: 12}
 "#;
 
 #[test]
@@ -681,15 +681,27 @@ fn a_two_function_type_is_placed_on_the_closest_pair_and_serves_both_functions()
         "{q}"
     );
 
-    // A constraint nothing meets is refused, naming it per accelerator.
-    d.json(&["define", "--type", "zip-hash-tight", "--name", "t"]);
+    // A constraint nothing meets is refused, naming it per accelerator:
+    // within 12 of each other only zip1 and sec1 are (4), and they are 31
+    // from node 0 (10 + 21); zip0 and sec0 are 20 apart.
+    d.json(&[
+        "define",
+        "--type",
+        "zip-hash-near",
+        "--name",
+        "t",
+        "--numa",
+        "0",
+    ]);
     let e = d.refused(&["start", "t"]);
     assert!(e.contains("cannot place instance 't'"), "{e}");
-    // Local is 10 (the SLIT's own distance); node 1's accelerators are
-    // 10 + 21 away.
-    assert!(e.contains("zip0–node0 distance 10 > max 5"), "{e}");
-    assert!(e.contains("zip1–node0 distance 31 > max 5"), "{e}");
-    assert!(e.contains("sec0: no deflate-compress (function 0)"), "{e}");
+    assert!(e.contains("zip1–node0 distance 31 > max 12"), "{e}");
+    assert!(e.contains("sec1–node0 distance 31 > max 12"), "{e}");
+    assert!(e.contains("zip0–sec0 distance 20 > max 12"), "{e}");
+    // Without the hint it fits on the close pair.
+    d.json(&["modify", "t", "--no-numa"]);
+    let v = d.json(&["start", "t"]);
+    assert_eq!(v["placement"][0]["accelerator"], "zip1", "{v}");
 }
 
 /// 8 PASIDs for 12 instances of 1 queue: starts race for them.
@@ -774,4 +786,142 @@ fn pasids_stay_unique_over_1000_starts_and_stops_from_four_threads() {
         d.json(&["stop", v["name"].as_str().unwrap()]);
     }
     assert_eq!(available(&d, "one"), 8, "every PASID is free again");
+}
+
+/// `wdvirt daemon` that must refuse to start: its exit code and stderr.
+fn daemon_refuses(dir: &Path, config: &str, api: &Path) -> (Option<i32>, String) {
+    std::fs::write(dir.join("host.yaml"), config).unwrap();
+    let out = wdvirt()
+        .arg("daemon")
+        .arg("--config")
+        .arg(dir.join("host.yaml"))
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--run-dir")
+        .arg(dir.join("run"))
+        .arg("--api")
+        .arg(api)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_daemon_refuses_a_second_daemon_a_file_at_its_api_path_and_bad_yaml_and_says_so_once() {
+    let d = Daemon::start(SMALL_HOST);
+    // The API socket is for the owner and the group only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(d.api()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o660);
+    // A second daemon on the same state directory (another API path).
+    let other_api = d.dir.path().join("api2.sock");
+    let (code, err) = daemon_refuses(d.dir.path(), SMALL_HOST, &other_api);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("another wdvirt daemon holds the state directory"),
+        "{err}"
+    );
+    // A regular file where the API socket should go is never replaced.
+    let dir = tempfile::tempdir().unwrap();
+    let precious = dir.path().join("precious.txt");
+    std::fs::write(&precious, "keep me").unwrap();
+    let (code, err) = daemon_refuses(dir.path(), SMALL_HOST, &precious);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("is not a socket"), "{err}");
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "keep me");
+    // Bad YAML: each error once, with its place.
+    let bad = SMALL_HOST.replace("weight: 400", "weight: 0");
+    let (code, err) = daemon_refuses(dir.path(), &bad, &dir.path().join("api.sock"));
+    assert_eq!(code, Some(1), "{err}");
+    assert_eq!(err.matches("host.yaml:14:13").count(), 1, "{err}");
+    assert!(err.contains("weight"), "{err}");
+}
+
+#[test]
+fn definitions_edited_by_hand_are_held_to_the_rules_of_define() {
+    let mut d = Daemon::start(SMALL_HOST);
+    d.json(&["define", "--type", "hash", "--name", "vm1", "--auto"]);
+    d.kill9();
+    let instances = d.state_dir().join("instances");
+    for (name, auto) in [("../escaped", true), ("vm1", true), ("fine", true)] {
+        let uuid = uuid::Uuid::new_v4();
+        let def = serde_json::json!({"uuid": uuid, "name": name, "type": "hash", "auto": auto});
+        std::fs::write(instances.join(format!("{uuid}.json")), def.to_string()).unwrap();
+    }
+    d.spawn();
+    let list = d.json(&["list", "--defined"]);
+    assert_eq!(
+        names(&list),
+        ["fine", "vm1"],
+        "the bad name and the second vm1 are skipped"
+    );
+    assert!(!d.dir.path().join("escaped.sock").exists());
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|v| v["state"] == "started")
+    );
+    // Names that would pass for a UUID or the API socket are refused.
+    let u = uuid::Uuid::new_v4().to_string();
+    assert!(
+        d.refused(&["define", "--type", "hash", "--name", &u])
+            .contains("reads as a UUID")
+    );
+    assert!(
+        d.refused(&["define", "--type", "hash", "--name", "api"])
+            .contains("reserved")
+    );
+}
+
+#[test]
+fn a_stalled_api_client_does_not_keep_sigterm_from_stopping_the_daemon() {
+    use std::io::{Read, Write};
+    let mut d = Daemon::start(SMALL_HOST);
+    d.json(&["define", "--type", "hash", "--name", "vm1"]);
+    d.json(&["start", "vm1"]);
+    // Half a request, never finished.
+    let mut stalled = std::os::unix::net::UnixStream::connect(d.api()).unwrap();
+    stalled
+        .write_all(b"GET /v1/types HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let (body405, body400) = {
+        let raw = |req: &str| {
+            let mut s = std::os::unix::net::UnixStream::connect(d.api()).unwrap();
+            s.write_all(req.as_bytes()).unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        };
+        (
+            raw(
+                "PUT /v1/instances HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            ),
+            raw("GET /v1/instances?defined=yes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        )
+    };
+    assert!(
+        body405.starts_with("HTTP/1.1 405") && body405.contains(r#""kind":"invalid""#),
+        "{body405}"
+    );
+    assert!(
+        body400.starts_with("HTTP/1.1 400") && body400.contains("expected ?defined=true"),
+        "{body400}"
+    );
+    let t = Instant::now();
+    let (status, _) = d.term();
+    assert!(status.success());
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(
+        !d.run_dir().join("vm1.sock").exists(),
+        "instances were stopped"
+    );
+    drop(stalled);
 }

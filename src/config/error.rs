@@ -200,11 +200,9 @@ impl std::error::Error for Located {
     }
 }
 
-impl std::error::Error for ConfigErrors {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.0.first().map(|e| e as _)
-    }
-}
+/// No `source`: the Display already renders every error in full, and a
+/// chain would print each one again (`{:#}` in the CLI).
+impl std::error::Error for ConfigErrors {}
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -121,6 +121,44 @@ struct ListQuery {
     defined: bool,
 }
 
+/// The `{id}` of a path, or a typed 400 (bad percent-encoding, not UTF-8).
+struct Id(String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Id {
+    type Rejection = Response;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match UrlPath::<String>::from_request_parts(parts, state).await {
+            Ok(UrlPath(id)) => Ok(Id(id)),
+            Err(e) => Err(error_response(&ActionError::Invalid(format!(
+                "bad instance name or UUID in the path: {}",
+                e.body_text()
+            )))),
+        }
+    }
+}
+
+/// `?defined=true|false`, or a typed 400.
+struct Defined(bool);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Defined {
+    type Rejection = Response;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match Query::<ListQuery>::from_request_parts(parts, state).await {
+            Ok(Query(q)) => Ok(Defined(q.defined)),
+            Err(e) => Err(error_response(&ActionError::Invalid(format!(
+                "bad query (expected ?defined=true or false): {}",
+                e.body_text()
+            )))),
+        }
+    }
+}
+
 pub fn router(reg: Shared) -> Router {
     Router::new()
         .route(
@@ -144,8 +182,8 @@ pub fn router(reg: Shared) -> Router {
             get(
                 |State(r): State<Shared>,
                  ConnectInfo(c): ConnectInfo<Caller>,
-                 Query(q): Query<ListQuery>| async move {
-                    act(r, c, Action::ListInstances { defined: q.defined }, false).await
+                 Defined(defined): Defined| async move {
+                    act(r, c, Action::ListInstances { defined }, false).await
                 },
             )
             .post(
@@ -164,14 +202,14 @@ pub fn router(reg: Shared) -> Router {
             get(
                 |State(r): State<Shared>,
                  ConnectInfo(c): ConnectInfo<Caller>,
-                 UrlPath(id): UrlPath<String>| async move {
+                 Id(id): Id| async move {
                     act(r, c, Action::GetInstance { id }, false).await
                 },
             )
             .patch(
                 |State(r): State<Shared>,
                  ConnectInfo(c): ConnectInfo<Caller>,
-                 UrlPath(id): UrlPath<String>,
+                 Id(id): Id,
                  body: Result<Json<ModifyRequest>, JsonRejection>| async move {
                     match body {
                         Ok(Json(changes)) => act(r, c, Action::Modify { id, changes }, false).await,
@@ -182,7 +220,7 @@ pub fn router(reg: Shared) -> Router {
             .delete(
                 |State(r): State<Shared>,
                  ConnectInfo(c): ConnectInfo<Caller>,
-                 UrlPath(id): UrlPath<String>| async move {
+                 Id(id): Id| async move {
                     act(r, c, Action::Undefine { id }, false).await
                 },
             ),
@@ -192,7 +230,7 @@ pub fn router(reg: Shared) -> Router {
             post(
                 |State(r): State<Shared>,
                  ConnectInfo(c): ConnectInfo<Caller>,
-                 UrlPath(id): UrlPath<String>| async move {
+                 Id(id): Id| async move {
                     act(r, c, Action::Start { id }, false).await
                 },
             ),
@@ -202,15 +240,21 @@ pub fn router(reg: Shared) -> Router {
             post(
                 |State(r): State<Shared>,
                  ConnectInfo(c): ConnectInfo<Caller>,
-                 UrlPath(id): UrlPath<String>| async move {
+                 Id(id): Id| async move {
                     act(r, c, Action::Stop { id }, false).await
                 },
             ),
         )
         .fallback(|| async {
-            let e = ActionError::Invalid("no such API path (see `wdvirt --help`)".into());
+            let e = ActionError::Invalid("no such API path (see docs/daemon.md)".into());
             let mut r = error_response(&e);
             *r.status_mut() = StatusCode::NOT_FOUND;
+            r
+        })
+        .method_not_allowed_fallback(|| async {
+            let e = ActionError::Invalid("this path does not take that method (see docs/daemon.md)".into());
+            let mut r = error_response(&e);
+            *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
             r
         })
         .with_state(reg)
@@ -219,14 +263,24 @@ pub fn router(reg: Shared) -> Router {
 /// Binds the API socket: a stale socket file is replaced, a live daemon's
 /// is refused; mode 0660 so the socket's group may call.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    if std::os::unix::net::UnixStream::connect(path).is_ok() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::AddrInUse,
-            format!("a daemon already answers at {}", path.display()),
-        ));
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::AddrInUse,
+                    "a daemon already answers there",
+                ));
+            }
+            // A socket nobody answers: what a killed daemon left.
+            std::fs::remove_file(path)?;
+        }
+        Ok(_) => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket; refusing to replace it",
+            ));
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }

@@ -48,7 +48,7 @@ pub fn check_placeable(cfg: &Config) -> Result<Topology, CatalogError> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
-    #[error("{0}")]
+    #[error(transparent)]
     Config(#[from] config::ConfigErrors),
     #[error("the configuration's topology: {0}")]
     Topology(#[from] crate::partition::TopologyError),

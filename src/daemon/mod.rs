@@ -71,6 +71,9 @@ pub fn open(paths: &DaemonPaths, catalog: Catalog) -> Result<Arc<Registry>, Daem
     )?))
 }
 
+/// How long a stop waits for API calls in progress.
+const API_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Serves the API until SIGTERM or SIGINT, then stops every instance.
 /// `ready` runs once the API answers (with the auto-started instances up).
 pub fn run(
@@ -80,6 +83,7 @@ pub fn run(
 ) -> Result<(), DaemonError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
+        .enable_time()
         .build()
         .map_err(DaemonError::Runtime)?;
     let api_err = |source| DaemonError::Api {
@@ -98,15 +102,29 @@ pub fn run(
             }
         }
         ready();
+        let signalled = std::sync::Arc::new(tokio::sync::Notify::new());
+        let notify = signalled.clone();
         let shutdown = async move {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: stopping"),
                 _ = int.recv() => tracing::info!("SIGINT: stopping"),
             }
+            notify.notify_one();
         };
-        api::serve(listener, registry.clone(), shutdown)
-            .await
-            .map_err(api_err)
+        // A graceful stop waits for open API connections; a client that
+        // never finishes its request must not keep the daemon (and every
+        // instance) from stopping.
+        let deadline = async move {
+            signalled.notified().await;
+            tokio::time::sleep(API_DRAIN).await;
+            tracing::warn!(
+                "API clients still connected {API_DRAIN:?} after the signal: closing them"
+            );
+        };
+        tokio::select! {
+            r = api::serve(listener, registry.clone(), shutdown) => r.map_err(api_err),
+            () = deadline => Ok(()),
+        }
     })?;
     let _ = std::fs::remove_file(&paths.api);
     let attached = registry.shutdown();

@@ -68,7 +68,10 @@ impl Entries {
     }
 }
 
-/// Names an operator may use: they become socket file names.
+/// Names an operator may use: they become socket file names (`NAME.sock`
+/// in the run directory), so nothing that could leave it, hide as a dot
+/// file, read as an option, pass for another instance's UUID, or take the
+/// API socket's name.
 fn check_name(name: &str) -> Result<(), ActionError> {
     let ok = !name.is_empty()
         && name.len() <= 64
@@ -77,13 +80,22 @@ fn check_name(name: &str) -> Result<(), ActionError> {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
         && !name.starts_with('.')
         && !name.starts_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(ActionError::Invalid(format!(
+    if !ok {
+        return Err(ActionError::Invalid(format!(
             "instance name '{name}' must be 1-64 characters of A-Z a-z 0-9 - _ ., not starting with '.' or '-'"
-        )))
+        )));
     }
+    if Uuid::parse_str(name).is_ok() {
+        return Err(ActionError::Invalid(format!(
+            "instance name '{name}' reads as a UUID; instances are named by name or UUID, so a name cannot be one"
+        )));
+    }
+    if name == "api" {
+        return Err(ActionError::Invalid(
+            "instance name 'api' is reserved (api.sock is the daemon's own socket)".into(),
+        ));
+    }
+    Ok(())
 }
 
 pub struct Registry {
@@ -107,6 +119,22 @@ impl Registry {
         }
         let mut entries = Entries::default();
         for def in defs {
+            // A file edited by hand is held to the same rules as a define.
+            let refused = check_name(&def.name)
+                .err()
+                .map(|e| e.to_string())
+                .or_else(|| {
+                    entries.name_taken(&def.name).then(|| {
+                        format!("the name '{}' is already defined by another file", def.name)
+                    })
+                });
+            if let Some(why) = refused {
+                tracing::error!(
+                    "skipping definition {}: {why} (fix or remove the file)",
+                    store.dir().join(format!("{}.json", def.uuid)).display()
+                );
+                continue;
+            }
             if catalog.get_type(&def.type_name).is_none() {
                 tracing::warn!(
                     instance = %def.name,
@@ -260,10 +288,14 @@ impl Registry {
                 }
                 n
             }
-            None => (0..)
-                .map(|i| format!("{}-{i}", req.type_name))
-                .find(|n| !entries.name_taken(n))
-                .expect("some index is free"),
+            None => {
+                let n = (0..)
+                    .map(|i| format!("{}-{i}", req.type_name))
+                    .find(|n| !entries.name_taken(n))
+                    .expect("some index is free");
+                check_name(&n)?;
+                n
+            }
         };
         let uuid = req.uuid.unwrap_or_else(Uuid::new_v4);
         if entries.by_uuid.contains_key(&uuid) {

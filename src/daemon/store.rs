@@ -51,6 +51,10 @@ pub enum PersistError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(
+        "another wdvirt daemon holds the state directory {path} (two daemons on one state would overwrite each other's definitions)"
+    )]
+    Locked { path: PathBuf },
     #[error("cannot read the state directory {path}: {source}")]
     ReadDir {
         path: PathBuf,
@@ -66,10 +70,12 @@ pub struct Unreadable {
     pub reason: String,
 }
 
-/// Where definitions live.
+/// Where definitions live. Holding a `Store` holds an exclusive lock on
+/// its state directory (`STATE_DIR/lock`) for the daemon's life.
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
+    _lock: File,
 }
 
 const TMP_PREFIX: &str = ".tmp-";
@@ -77,11 +83,39 @@ const TMP_PREFIX: &str = ".tmp-";
 impl Store {
     pub fn open(state_dir: &Path) -> Result<Store, PersistError> {
         let dir = state_dir.join("instances");
+        let made = !dir.exists();
         std::fs::create_dir_all(&dir).map_err(|source| PersistError::CreateDir {
             path: dir.clone(),
             source,
         })?;
-        Ok(Store { dir })
+        if made {
+            // The new directories' own entries must be durable before a
+            // definition inside them is acknowledged.
+            for d in [state_dir, state_dir.parent().unwrap_or(state_dir)] {
+                File::open(d).and_then(|f| f.sync_all()).map_err(|source| {
+                    PersistError::CreateDir {
+                        path: d.to_owned(),
+                        source,
+                    }
+                })?;
+            }
+        }
+        let lock_path = state_dir.join("lock");
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| PersistError::CreateDir {
+                path: lock_path.clone(),
+                source,
+            })?;
+        if lock.try_lock().is_err() {
+            return Err(PersistError::Locked {
+                path: state_dir.to_owned(),
+            });
+        }
+        Ok(Store { dir, _lock: lock })
     }
 
     pub fn dir(&self) -> &Path {
@@ -195,6 +229,16 @@ mod tests {
         store.remove(a.uuid).unwrap();
         store.remove(a.uuid).unwrap();
         assert_eq!(store.load().unwrap().0, vec![b]);
+    }
+
+    #[test]
+    fn one_store_per_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path()).unwrap();
+        let e = Store::open(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("another wdvirt daemon holds"), "{e}");
+        drop(first);
+        Store::open(dir.path()).unwrap();
     }
 
     #[test]

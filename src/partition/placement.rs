@@ -378,8 +378,41 @@ pub(crate) fn search(
         }
         return Err(PlacementError::NoFit { rejections: out });
     }
-    let pruned = consistent(topo, cap, req, &cands)
-        .map_err(|rejections| PlacementError::NoFit { rejections })?;
+    // Accelerators that are a candidate for no function at all never appear
+    // in a pair or pool refusal: say what ruled them out (other than missing
+    // operations, which the type's other accelerators explain), so every
+    // accelerator that could have served is named.
+    let excluded = |later: Vec<Rejection>| {
+        let mut out: Vec<Rejection> = Vec::new();
+        for a in (0..n).filter(|a| cands.iter().all(|c| !c.contains(a))) {
+            for (i, per_accel) in singles.iter().enumerate() {
+                for reason in per_accel[a]
+                    .iter()
+                    .filter(|r| !matches!(r, Reason::MissingOps { .. }))
+                {
+                    let r = Rejection {
+                        accelerator: name(a),
+                        function: (nf > 1 && per_function(reason)).then_some(i),
+                        reason: reason.clone(),
+                    };
+                    if !out.contains(&r) {
+                        out.push(r);
+                    }
+                }
+            }
+        }
+        out.extend(
+            later
+                .into_iter()
+                .filter(|r| !out.contains(r))
+                .collect::<Vec<_>>(),
+        );
+        out
+    };
+    let pruned =
+        consistent(topo, cap, req, &cands).map_err(|rejections| PlacementError::NoFit {
+            rejections: excluded(rejections),
+        })?;
     let mut dfs = Dfs {
         topo,
         cap,
@@ -409,7 +442,7 @@ pub(crate) fn search(
         });
     }
     Err(PlacementError::NoFit {
-        rejections: combination_rejections(topo, cap, req, &cands),
+        rejections: excluded(combination_rejections(topo, cap, req, &cands)),
     })
 }
 
