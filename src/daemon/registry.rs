@@ -28,6 +28,8 @@ struct Running {
 struct Entry {
     def: Definition,
     running: Option<Running>,
+    /// Being stopped, outside the registry's lock (its device draining).
+    stopping: bool,
     /// Started at least once since the daemon started.
     was_started: bool,
 }
@@ -37,9 +39,22 @@ impl Entry {
         match &self.running {
             Some(r) if r.instance.attached() => InstanceState::Attached,
             Some(_) => InstanceState::Started,
+            None if self.stopping => InstanceState::Stopping,
             None if self.was_started => InstanceState::Stopped,
             None => InstanceState::Defined,
         }
+    }
+
+    /// Refuses what cannot be done while the instance runs or stops.
+    fn must_be_idle(&self, what: &str) -> Result<(), ActionError> {
+        if self.running.is_some() || self.stopping {
+            return Err(ActionError::WrongState {
+                name: self.def.name.clone(),
+                state: self.state().name(),
+                what: what.into(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -147,6 +162,7 @@ impl Registry {
                 Entry {
                     def,
                     running: None,
+                    stopping: false,
                     was_started: false,
                 },
             );
@@ -183,6 +199,9 @@ impl Registry {
 
     /// Carries out one action.
     pub fn handle(&self, action: Action) -> Result<Outcome, ActionError> {
+        if let Action::Stop { id } = &action {
+            return self.stop(id);
+        }
         let mut entries = self.entries.lock();
         if entries.shutting_down && action.mutates() {
             return Err(ActionError::ShuttingDown);
@@ -208,13 +227,7 @@ impl Registry {
             Action::Undefine { id } => {
                 let u = entries.find(&id)?;
                 let e = &entries.by_uuid[&u];
-                if e.running.is_some() {
-                    return Err(ActionError::WrongState {
-                        name: e.def.name.clone(),
-                        state: e.state().name(),
-                        what: "stop it before undefining it".into(),
-                    });
-                }
+                e.must_be_idle("stop it before undefining it")?;
                 let view = self.view(e);
                 self.store.remove(u)?;
                 entries.by_uuid.remove(&u);
@@ -225,19 +238,7 @@ impl Registry {
                 self.start(&mut entries, u)?;
                 Ok(self.instance_outcome(&entries, u))
             }
-            Action::Stop { id } => {
-                let u = entries.find(&id)?;
-                let e = entries.by_uuid.get_mut(&u).expect("found above");
-                let Some(running) = e.running.take() else {
-                    return Err(ActionError::WrongState {
-                        name: e.def.name.clone(),
-                        state: e.state().name(),
-                        what: "only a started instance can be stopped".into(),
-                    });
-                };
-                self.stop_running(&e.def.name, running);
-                Ok(self.instance_outcome(&entries, u))
-            }
+            Action::Stop { .. } => unreachable!("handled above, outside the lock"),
             Action::Modify { id, changes } => {
                 let u = entries.find(&id)?;
                 self.modify(&mut entries, u, changes)?;
@@ -319,6 +320,7 @@ impl Registry {
             Entry {
                 def,
                 running: None,
+                stopping: false,
                 was_started: false,
             },
         );
@@ -332,12 +334,8 @@ impl Registry {
             def.auto = a;
         }
         if let Some(t) = m.type_name {
-            if e.running.is_some() && t != def.type_name {
-                return Err(ActionError::WrongState {
-                    name: def.name.clone(),
-                    state: e.state().name(),
-                    what: "stop it before changing its type".into(),
-                });
+            if t != def.type_name {
+                e.must_be_idle("stop it before changing its type")?;
             }
             def.type_name = t;
         }
@@ -362,11 +360,15 @@ impl Registry {
     fn start(&self, entries: &mut Entries, u: Uuid) -> Result<(), ActionError> {
         let e = entries.by_uuid.get_mut(&u).expect("found by caller");
         let name = e.def.name.clone();
-        if e.running.is_some() {
+        if e.running.is_some() || e.stopping {
             return Err(ActionError::WrongState {
                 name,
                 state: e.state().name(),
-                what: "it is already started".into(),
+                what: if e.stopping {
+                    "wait for its stop to finish".into()
+                } else {
+                    "it is already started".into()
+                },
             });
         }
         let ty =
@@ -428,6 +430,37 @@ impl Registry {
         }
     }
 
+    /// Stops an instance without holding the registry's lock while its
+    /// device drains (up to the 2 s reset budget): listings and other
+    /// instances' actions go on meanwhile; the instance shows `stopping`.
+    fn stop(&self, id: &str) -> Result<Outcome, ActionError> {
+        let (u, name, running) = {
+            let mut entries = self.entries.lock();
+            if entries.shutting_down {
+                return Err(ActionError::ShuttingDown);
+            }
+            let u = entries.find(id)?;
+            let e = entries.by_uuid.get_mut(&u).expect("found above");
+            let Some(running) = e.running.take() else {
+                return Err(ActionError::WrongState {
+                    name: e.def.name.clone(),
+                    state: e.state().name(),
+                    what: "only a started instance can be stopped".into(),
+                });
+            };
+            e.stopping = true;
+            (u, e.def.name.clone(), running)
+        };
+        self.stop_running(&name, running);
+        let mut entries = self.entries.lock();
+        let e = entries
+            .by_uuid
+            .get_mut(&u)
+            .expect("a stopping instance stays defined");
+        e.stopping = false;
+        Ok(self.instance_outcome(&entries, u))
+    }
+
     fn stop_running(&self, name: &str, running: Running) {
         if running.instance.attached() {
             tracing::warn!(instance = %name, "stopping with a VMM attached: its device goes away");
@@ -442,17 +475,26 @@ impl Registry {
     /// Stops every running instance (daemon exit) and refuses changes from
     /// now on. Returns the names of instances that had a VMM attached.
     pub fn shutdown(&self) -> Vec<String> {
-        let mut entries = self.entries.lock();
-        entries.shutting_down = true;
-        let mut attached = Vec::new();
-        for e in entries.by_uuid.values_mut() {
-            if let Some(r) = e.running.take() {
-                if r.instance.attached() {
-                    attached.push(e.def.name.clone());
-                }
-                self.stop_running(&e.def.name, r);
+        let running: Vec<(String, Running)> = {
+            let mut entries = self.entries.lock();
+            entries.shutting_down = true;
+            entries
+                .by_uuid
+                .values_mut()
+                .filter_map(|e| Some((e.def.name.clone(), e.running.take()?)))
+                .collect()
+        };
+        let attached = running
+            .iter()
+            .filter(|(_, r)| r.instance.attached())
+            .map(|(n, _)| n.clone())
+            .collect();
+        // Side by side: each may wait out its drain budget.
+        std::thread::scope(|s| {
+            for (name, r) in running {
+                s.spawn(move || self.stop_running(&name, r));
             }
-        }
+        });
         attached
     }
 

@@ -39,6 +39,8 @@ pub enum InstanceState {
     Defined,
     Started,
     Attached,
+    /// Being stopped: its device drains (at most 2 s).
+    Stopping,
     Stopped,
 }
 
@@ -48,6 +50,7 @@ impl InstanceState {
             InstanceState::Defined => "defined",
             InstanceState::Started => "started",
             InstanceState::Attached => "attached",
+            InstanceState::Stopping => "stopping",
             InstanceState::Stopped => "stopped",
         }
     }
