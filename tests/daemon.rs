@@ -421,6 +421,27 @@ fn bad_api_requests_get_typed_errors_and_change_nothing() {
         names(&d.json(&["list", "--defined"])).is_empty(),
         "nothing was defined"
     );
+    // The status of each kind the CLI reports: 201, 409, 507.
+    for n in ["q1", "q2", "q3"] {
+        let (st, v) = raw(post(
+            "/v1/instances",
+            &format!(r#"{{"type": "quad", "name": "{n}"}}"#),
+        ));
+        assert_eq!((st, v["name"].as_str()), (201, Some(n)), "{v}");
+    }
+    let (st, v) = raw(post("/v1/instances", r#"{"type": "quad", "name": "q1"}"#));
+    assert_eq!(
+        (st, v["kind"].as_str()),
+        (409, Some("already-exists")),
+        "{v}"
+    );
+    for n in ["q1", "q2"] {
+        assert_eq!(raw(post(&format!("/v1/instances/{n}/start"), "")).0, 200);
+    }
+    let (st, v) = raw(post("/v1/instances/q1/start", ""));
+    assert_eq!((st, v["kind"].as_str()), (409, Some("wrong-state")), "{v}");
+    let (st, v) = raw(post("/v1/instances/q3/start", ""));
+    assert_eq!((st, v["kind"].as_str()), (507, Some("placement")), "{v}");
 }
 
 #[test]
