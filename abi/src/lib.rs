@@ -181,6 +181,11 @@ impl Opcode {
     pub const fn bit(self) -> u32 {
         1 << (self as u8)
     }
+    /// The opcodes whose bits are set in `mask` (`CAP_OPS`, `Q_OPS`, ...),
+    /// in opcode order; bits of no opcode are skipped.
+    pub fn in_mask(mask: u32) -> impl Iterator<Item = Opcode> {
+        Self::ALL.into_iter().filter(move |op| mask & op.bit() != 0)
+    }
     pub const fn name(self) -> &'static str {
         match self {
             Opcode::Nop => "nop",

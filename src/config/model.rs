@@ -191,9 +191,7 @@ pub fn ops_names(mask: u32) -> Vec<&'static str> {
     if mask == wdvirt_abi::ALL_OPS {
         return vec!["all"];
     }
-    wdvirt_abi::Opcode::ALL
-        .iter()
-        .filter(|op| mask & op.bit() != 0)
+    wdvirt_abi::Opcode::in_mask(mask)
         .map(|op| op.name())
         .collect()
 }

@@ -610,7 +610,7 @@ fn the_two_node_example_combines_two_accelerators() {
     let (f0, f1) = (&t.functions[0], &t.functions[1]);
     assert!(t.can_host(zip0, f0) && !t.can_host(sec1, f0));
     assert!(t.can_host(sec1, f1) && !t.can_host(zip0, f1));
-    assert_eq!(t.placement.max_distance, Some(21));
+    assert_eq!(t.placement.max_distance, Some(25));
     assert_eq!(t.placement.numa_node, Some(0));
     assert_eq!(t.queues(), 3);
     assert_eq!(t.qos, "latency");

@@ -123,10 +123,9 @@ pub struct Catalog {
     partitioner: Partitioner,
 }
 
-pub fn ops_names(mask: u32) -> Vec<String> {
-    wdvirt_abi::Opcode::ALL
-        .iter()
-        .filter(|o| mask & o.bit() != 0)
+/// Operation names for listings.
+fn ops_names(mask: u32) -> Vec<String> {
+    wdvirt_abi::Opcode::in_mask(mask)
         .map(|o| o.name().to_string())
         .collect()
 }

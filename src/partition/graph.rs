@@ -38,14 +38,11 @@ pub const KNOWN_OPS: u32 = {
 /// Names of the operations in `mask`, joined by `/` (`sha256/crc32c`);
 /// unknown bits print as `op<N>`.
 pub fn ops_names(mask: u32) -> String {
-    (0..32)
-        .filter(|bit| mask & (1 << bit) != 0)
-        .map(|bit| match Opcode::from_u8(bit as u8) {
-            Some(op) => op.name().to_string(),
-            None => format!("op{bit}"),
-        })
-        .collect::<Vec<_>>()
-        .join("/")
+    let known = Opcode::in_mask(mask).map(|op| op.name().to_string());
+    let unknown = (0..32)
+        .filter(|bit| mask & !KNOWN_OPS & (1 << bit) != 0)
+        .map(|bit| format!("op{bit}"));
+    known.chain(unknown).collect::<Vec<_>>().join("/")
 }
 
 /// A vertex of the topology as the caller names it.
