@@ -353,6 +353,14 @@ fn a_daemon_started_instance_serves_a_vmm_and_shows_it_attached() {
         assert_eq!(list[0]["state"], "attached", "{list}");
         let queues = &list[0]["report"]["queues"];
         assert_eq!(queues[2]["jobs_ok"], 2, "{queues}");
+        // The API reaches the live device between the VMM's messages: what
+        // the guest set up shows as it is.
+        assert_eq!(
+            list[0]["report"]["live"],
+            serde_json::json!({"bus_master": true, "enabled": true,
+                               "queues_enabled": [false, false, true, false]}),
+            "{list}"
+        );
     }
     // The VMM went away: the instance is started again, waiting for one.
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -63,6 +63,20 @@ pub struct InstanceReport {
     pub queues: Vec<QueueSnapshot>,
     /// The current (or last) connection's protocol counters.
     pub transport: Option<StatsSnapshot>,
+    /// The device as its guest sees it now, read under the device's lock
+    /// between two of the VMM's messages.
+    pub live: DeviceLive,
+}
+
+/// What the guest has set up, read from the live device.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceLive {
+    /// PCI command register's Bus Master Enable.
+    pub bus_master: bool,
+    /// `DEV_STATUS.ENABLED`.
+    pub enabled: bool,
+    /// Each queue's `Q_STATUS.ENABLED`.
+    pub queues_enabled: Vec<bool>,
 }
 
 /// How to stop the connection being served, its counters, and its thread.
@@ -164,6 +178,8 @@ fn accept_loop(
 /// A running instance. Dropping it stops the server thread.
 pub struct Instance {
     spec: InstanceSpec,
+    /// Shared with the connection, which locks it one message at a time.
+    device: Arc<Mutex<PciFunction<WdDevice>>>,
     pasid: Pasid,
     listener: Arc<Listener>,
     stats: Arc<InstanceStats>,
@@ -214,8 +230,9 @@ impl Instance {
             );
             std::thread::Builder::new()
                 .name(format!("wd-inst-{name}"))
-                .spawn(move || {
-                    accept_loop(&name, &listener, device, &connection, &counters, &stopping)
+                .spawn({
+                    let device = device.clone();
+                    move || accept_loop(&name, &listener, device, &connection, &counters, &stopping)
                 })
                 .map_err(|source| InstanceError::Thread {
                     name: spec.name.clone(),
@@ -224,6 +241,7 @@ impl Instance {
         };
         Ok(Instance {
             spec,
+            device,
             pasid,
             listener,
             stats,
@@ -244,6 +262,17 @@ impl Instance {
     pub fn pasid(&self) -> Pasid {
         self.pasid
     }
+    /// The live device's state, taken between two of the VMM's messages.
+    pub fn live(&self) -> DeviceLive {
+        let dev = self.device.lock();
+        let (enabled, queues_enabled) = dev.model().enabled_state();
+        DeviceLive {
+            bus_master: dev.config().command() & crate::vdev::pci::config::CMD_BUS_MASTER != 0,
+            enabled,
+            queues_enabled,
+        }
+    }
+
     /// A VMM is connected now.
     pub fn attached(&self) -> bool {
         self.counters.active.load(Ordering::Acquire)
@@ -259,6 +288,7 @@ impl Instance {
             device: self.stats.snapshot(),
             queues: self.queues.iter().map(|q| q.stats.snapshot()).collect(),
             transport: self.connection.lock().as_ref().map(|c| c.1.snapshot()),
+            live: self.live(),
         }
     }
 

@@ -229,6 +229,15 @@ impl WdDevice {
         })
     }
 
+    /// `DEV_STATUS.ENABLED`, and each queue's `Q_STATUS.ENABLED`, as the
+    /// guest would read them now.
+    pub fn enabled_state(&self) -> (bool, Vec<bool>) {
+        (
+            self.enabled,
+            self.queues.iter().map(|q| q.runner.is_some()).collect(),
+        )
+    }
+
     pub fn stats(&self) -> Arc<InstanceStats> {
         self.stats.clone()
     }
