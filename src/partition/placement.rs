@@ -356,15 +356,15 @@ pub(crate) fn search(
         }
         singles.push(per);
     }
-    let empty: Vec<usize> = (0..nf).filter(|&i| cands[i].is_empty()).collect();
-    if !empty.is_empty() {
-        // Some function fits nowhere: say why, per accelerator, for those
-        // functions only (the others are not the problem).
+    // The single-accelerator reasons of accelerators `accels` for functions
+    // `funcs` that pass `keep`, each once, in accelerator order.
+    let reasons_of = |accels: &mut dyn Iterator<Item = usize>,
+                      funcs: &[usize],
+                      keep: &dyn Fn(&Reason) -> bool| {
         let mut out: Vec<Rejection> = Vec::new();
-        for a in 0..n {
-            for &i in &empty {
-                let per_accel: &Vec<Vec<Reason>> = &singles[i];
-                for reason in &per_accel[a] {
+        for a in accels {
+            for &i in funcs {
+                for reason in singles[i][a].iter().filter(|r| keep(r)) {
                     let r = Rejection {
                         accelerator: name(a),
                         function: (nf > 1 && per_function(reason)).then_some(i),
@@ -376,37 +376,27 @@ pub(crate) fn search(
                 }
             }
         }
-        return Err(PlacementError::NoFit { rejections: out });
+        out
+    };
+    let all_functions: Vec<usize> = (0..nf).collect();
+    let empty: Vec<usize> = (0..nf).filter(|&i| cands[i].is_empty()).collect();
+    if !empty.is_empty() {
+        // Some function fits nowhere: say why, per accelerator, for those
+        // functions only (the others are not the problem).
+        let rejections = reasons_of(&mut (0..n), &empty, &|_| true);
+        return Err(PlacementError::NoFit { rejections });
     }
     // Accelerators that are a candidate for no function at all never appear
     // in a pair or pool refusal: say what ruled them out (other than missing
     // operations, which the type's other accelerators explain), so every
     // accelerator that could have served is named.
     let excluded = |later: Vec<Rejection>| {
-        let mut out: Vec<Rejection> = Vec::new();
-        for a in (0..n).filter(|a| cands.iter().all(|c| !c.contains(a))) {
-            for (i, per_accel) in singles.iter().enumerate() {
-                for reason in per_accel[a]
-                    .iter()
-                    .filter(|r| !matches!(r, Reason::MissingOps { .. }))
-                {
-                    let r = Rejection {
-                        accelerator: name(a),
-                        function: (nf > 1 && per_function(reason)).then_some(i),
-                        reason: reason.clone(),
-                    };
-                    if !out.contains(&r) {
-                        out.push(r);
-                    }
-                }
-            }
-        }
-        out.extend(
-            later
-                .into_iter()
-                .filter(|r| !out.contains(r))
-                .collect::<Vec<_>>(),
-        );
+        let mut unused = (0..n).filter(|a| cands.iter().all(|c| !c.contains(a)));
+        let mut out = reasons_of(&mut unused, &all_functions, &|r| {
+            !matches!(r, Reason::MissingOps { .. })
+        });
+        let later: Vec<Rejection> = later.into_iter().filter(|r| !out.contains(r)).collect();
+        out.extend(later);
         out
     };
     let pruned =
