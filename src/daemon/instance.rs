@@ -2,7 +2,9 @@
 //! accelerator model behind it, and the thread that serves one VMM
 //! connection at a time. The device outlives connections: when a VMM goes
 //! away the device is reset and its memory dropped, and the next VMM finds a
-//! fresh function at the same socket.
+//! fresh function at the same socket. The instance and its connection
+//! share the device; the connection locks it one message at a time, so the
+//! daemon reads it between messages ([`Instance::live`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

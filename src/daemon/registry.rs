@@ -5,6 +5,8 @@
 //! One lock guards the registry; actions are short (binding a socket,
 //! starting a thread, one atomic file write), so callers are serialised and
 //! the registry is always consistent with the disk and the partition pools.
+//! The one long step, a stopping device's drain (at most 2 s), runs outside
+//! the lock, with the instance marked `stopping`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
