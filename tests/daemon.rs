@@ -954,3 +954,48 @@ fn a_stalled_api_client_does_not_keep_sigterm_from_stopping_the_daemon() {
     );
     drop(stalled);
 }
+
+#[test]
+fn relative_paths_work_on_the_first_start_and_sockets_are_given_absolute() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("host.yaml"), SMALL_HOST).unwrap();
+    let mut child = wdvirt()
+        .current_dir(dir.path())
+        .args(["daemon", "--config", "host.yaml", "--state-dir", "state"])
+        .args(["--run-dir", "run", "--api", "api.sock"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let api = dir.path().join("api.sock");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&api).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            use std::io::Read;
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
+            panic!("the daemon exited ({status}): {err}");
+        }
+        assert!(Instant::now() < deadline, "the daemon never answered");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let cli = |args: &[&str]| wdvirt().arg("--api").arg(&api).args(args).output().unwrap();
+    assert!(
+        cli(&["define", "--type", "hash", "--name", "vm1"])
+            .status
+            .success()
+    );
+    let out = cli(&["start", "vm1"]);
+    let socket = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        Path::new(socket.trim()),
+        dir.path().canonicalize().unwrap().join("run/vm1.sock"),
+        "a VMM anywhere can use the path"
+    );
+    assert!(dir.path().join("state/instances").is_dir());
+    assert!(common::terminate(&mut child).success());
+}

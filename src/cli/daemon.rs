@@ -22,11 +22,14 @@ pub struct DaemonArgs {
 }
 
 pub fn run(a: DaemonArgs, api: PathBuf) -> anyhow::Result<ExitCode> {
+    // Absolute, so sockets handed to VMMs and the state directory's parent
+    // mean the same whatever the daemon's working directory.
+    let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
     let paths = DaemonPaths {
         config: a.config,
-        state_dir: a.state_dir,
-        run_dir: a.run_dir,
-        api,
+        state_dir: abs(a.state_dir),
+        run_dir: abs(a.run_dir),
+        api: abs(api),
     };
     let catalog = daemon::catalog::Catalog::load(&paths.config)?;
     let registry = daemon::open(&paths, catalog)?;

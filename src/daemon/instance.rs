@@ -66,9 +66,13 @@ pub struct InstanceReport {
     /// The current (or last) connection's protocol counters.
     pub transport: Option<StatsSnapshot>,
     /// The device as its guest sees it now, read under the device's lock
-    /// between two of the VMM's messages.
-    pub live: DeviceLive,
+    /// between two of the VMM's messages; `None` while a message holds the
+    /// device longer than a listing should wait (a reset draining its jobs).
+    pub live: Option<DeviceLive>,
 }
+
+/// How long a listing waits for a device a message holds.
+const LIVE_WAIT: Duration = Duration::from_millis(20);
 
 /// What the guest has set up, read from the live device.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,14 +269,16 @@ impl Instance {
         self.pasid
     }
     /// The live device's state, taken between two of the VMM's messages.
-    pub fn live(&self) -> DeviceLive {
-        let dev = self.device.lock();
+    /// A guest's reset holds the device while its jobs drain (up to 2 s):
+    /// a listing does not wait for that, it says the device is busy.
+    pub fn live(&self) -> Option<DeviceLive> {
+        let dev = self.device.try_lock_for(LIVE_WAIT)?;
         let (enabled, queues_enabled) = dev.model().enabled_state();
-        DeviceLive {
+        Some(DeviceLive {
             bus_master: dev.config().command() & crate::vdev::pci::config::CMD_BUS_MASTER != 0,
             enabled,
             queues_enabled,
-        }
+        })
     }
 
     /// A VMM is connected now.

@@ -491,10 +491,22 @@ impl Registry {
             .filter(|(_, r)| r.instance.attached())
             .map(|(n, _)| n.clone())
             .collect();
-        // Side by side: each may wait out its drain budget.
+        // Side by side: each may wait out its drain budget. Where no thread
+        // can be had, the stop runs here.
         std::thread::scope(|s| {
             for (name, r) in running {
-                s.spawn(move || self.stop_running(&name, r));
+                let slot = std::sync::Arc::new(parking_lot::Mutex::new(Some((name, r))));
+                let theirs = slot.clone();
+                let spawned = std::thread::Builder::new().spawn_scoped(s, move || {
+                    if let Some((name, r)) = theirs.lock().take() {
+                        self.stop_running(&name, r);
+                    }
+                });
+                if spawned.is_err()
+                    && let Some((name, r)) = slot.lock().take()
+                {
+                    self.stop_running(&name, r);
+                }
             }
         });
         attached

@@ -91,7 +91,11 @@ impl Store {
         if made {
             // The new directories' own entries must be durable before a
             // definition inside them is acknowledged.
-            for d in [state_dir, state_dir.parent().unwrap_or(state_dir)] {
+            let parent = match state_dir.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => Path::new("."),
+            };
+            for d in [state_dir, parent] {
                 File::open(d).and_then(|f| f.sync_all()).map_err(|source| {
                     PersistError::CreateDir {
                         path: d.to_owned(),
@@ -110,10 +114,19 @@ impl Store {
                 path: lock_path.clone(),
                 source,
             })?;
-        if lock.try_lock().is_err() {
-            return Err(PersistError::Locked {
-                path: state_dir.to_owned(),
-            });
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(PersistError::Locked {
+                    path: state_dir.to_owned(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(PersistError::CreateDir {
+                    path: lock_path,
+                    source,
+                });
+            }
         }
         Ok(Store { dir, _lock: lock })
     }
@@ -187,7 +200,9 @@ impl Store {
                 Err(reason) => bad.push(Unreadable { path, reason }),
             }
         }
-        defs.sort_by(|a, b| a.name.cmp(&b.name));
+        // By name, then UUID: of two files claiming one name, the same one
+        // wins on every load.
+        defs.sort_by(|a, b| (&a.name, a.uuid).cmp(&(&b.name, b.uuid)));
         Ok((defs, bad))
     }
 }
