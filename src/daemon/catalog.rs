@@ -13,6 +13,9 @@ use crate::partition::{
     PlacementRequest, Topology, TopologySpec,
 };
 
+use crate::vdev::wd::WdConfig;
+use crate::vdev::wd::backends::Backends;
+
 use super::view::{AcceleratorView, FunctionView, PlacedFunction, TypeView, Usage};
 
 /// The distance from an accelerator to the NUMA node it is attached to, when
@@ -59,11 +62,10 @@ pub enum CatalogError {
     },
 }
 
-/// One instance type, resolved.
+/// One instance type, resolved: its functions are its placement request's.
 #[derive(Clone, Debug)]
 pub struct TypeDef {
     pub name: String,
-    pub functions: Vec<FunctionRequest>,
     pub max_depth: u32,
     pub qos: String,
     pub placement: PlacementRequest,
@@ -71,21 +73,19 @@ pub struct TypeDef {
 
 impl TypeDef {
     fn from_config(t: &InstanceType) -> TypeDef {
-        let functions: Vec<FunctionRequest> = t
-            .functions
-            .iter()
-            .map(|f| FunctionRequest {
-                queues: f.queues,
-                ops: f.ops,
-            })
-            .collect();
         TypeDef {
             name: t.name.clone(),
-            functions: functions.clone(),
             max_depth: t.max_depth,
             qos: t.qos.clone(),
             placement: PlacementRequest {
-                functions,
+                functions: t
+                    .functions
+                    .iter()
+                    .map(|f| FunctionRequest {
+                        queues: f.queues,
+                        ops: f.ops,
+                    })
+                    .collect(),
                 max_distance: t.placement.max_distance.map(u64::from),
                 accelerators: t.placement.accelerators.clone(),
                 numa_node: t.placement.numa_node,
@@ -93,8 +93,12 @@ impl TypeDef {
         }
     }
 
+    pub fn functions(&self) -> &[FunctionRequest] {
+        &self.placement.functions
+    }
+
     pub fn queues(&self) -> u32 {
-        self.functions.iter().map(|f| f.queues).sum()
+        self.functions().iter().map(|f| f.queues).sum()
     }
 
     /// The request for one instance near `numa` (the definition's hint wins
@@ -107,13 +111,22 @@ impl TypeDef {
     }
 }
 
-/// What placement gave one started instance; returned at stop.
+/// What placement gave one started instance, in the device's terms; the
+/// allocation goes back at stop.
 pub struct Placed {
     pub allocation: Allocation,
-    pub pasid: Pasid,
-    /// Per guest queue: the backend its jobs run on, and its operations.
-    pub queue_backends: Vec<(SharedAccelerator, u32)>,
+    /// The instance's shape: its type's, each queue advertising its
+    /// function's operations.
+    pub config: WdConfig,
+    /// Each queue's accelerator.
+    pub backends: Backends,
     pub functions: Vec<PlacedFunction>,
+}
+
+impl Placed {
+    pub fn pasid(&self) -> Pasid {
+        self.allocation.pasid
+    }
 }
 
 pub struct Catalog {
@@ -285,7 +298,7 @@ impl Catalog {
                     queues: t.queues(),
                     max_depth: t.max_depth,
                     functions: t
-                        .functions
+                        .functions()
                         .iter()
                         .map(|f| FunctionView {
                             queues: f.queues,
@@ -353,31 +366,45 @@ impl Catalog {
             .partitioner
             .place(&ty.request(numa))
             .map_err(|e| e.to_string())?;
-        let mut queue_backends = Vec::new();
+        let mut config = WdConfig {
+            queues: ty.queues(),
+            max_depth: ty.max_depth,
+            ops: 0,
+            ..WdConfig::default()
+        };
+        let mut queue_accels = Vec::new();
         let mut functions = Vec::new();
         for f in &allocation.functions {
-            let backend = self.backends[&f.accelerator].clone();
-            let first = queue_backends.len() as u32;
-            queue_backends.extend(f.queue_pairs.iter().map(|_| (backend.clone(), f.ops)));
+            let first = queue_accels.len();
+            for _ in &f.queue_pairs {
+                config.queue_ops[queue_accels.len()] = Some(f.ops);
+                queue_accels.push(self.backends[&f.accelerator].clone());
+            }
+            config.ops |= f.ops;
             functions.push(PlacedFunction {
                 accelerator: f.accelerator.clone(),
                 queue_pairs: f.queue_pairs.clone(),
-                guest_queues: (first..queue_backends.len() as u32).collect(),
+                guest_queues: (first as u32..queue_accels.len() as u32).collect(),
             });
         }
+        // Types have at least one queue (the configuration checks it).
+        let Some(backends) = Backends::per_queue(&queue_accels) else {
+            self.release(allocation);
+            return Err(format!("type '{}' has no queue", ty.name));
+        };
         Ok(Placed {
-            pasid: allocation.pasid,
             allocation,
-            queue_backends,
+            config,
+            backends,
             functions,
         })
     }
 
     /// Gives a stopped instance's placement back. The caller has stopped its
     /// device (queues drained), so the PASID and queue pairs are free at once.
-    pub fn release(&self, placed: Placed) {
-        if let Err(e) = self.partitioner.release_idle(&placed.allocation) {
-            tracing::error!(pasid = placed.pasid, "releasing a placement: {e}");
+    pub fn release(&self, allocation: Allocation) {
+        if let Err(e) = self.partitioner.release_idle(&allocation) {
+            tracing::error!(pasid = allocation.pasid, "releasing a placement: {e}");
         }
     }
 }

@@ -37,8 +37,6 @@ pub struct DaemonPaths {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("{0}")]
-    Config(String),
     #[error(transparent)]
     Persist(#[from] store::PersistError),
     #[error("cannot create the run directory {path}: {source}")]
@@ -96,11 +94,7 @@ pub fn run(
             .map_err(api_err)?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
             .map_err(api_err)?;
-        for (id, r) in registry.start_auto() {
-            if let Err(e) = r {
-                tracing::error!("auto-start {id}: {e}");
-            }
-        }
+        registry.start_auto();
         ready();
         let signalled = std::sync::Arc::new(tokio::sync::Notify::new());
         let notify = signalled.clone();

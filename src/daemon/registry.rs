@@ -19,8 +19,6 @@ use super::catalog::{Catalog, Placed};
 use super::instance::{Instance, InstanceSpec};
 use super::store::{Definition, Store};
 use super::view::{InstanceState, InstanceView};
-use crate::vdev::wd::WdConfig;
-use crate::vdev::wd::backends::Backends;
 
 struct Running {
     instance: Instance,
@@ -37,6 +35,15 @@ struct Entry {
 }
 
 impl Entry {
+    fn new(def: Definition) -> Entry {
+        Entry {
+            def,
+            running: None,
+            stopping: false,
+            was_started: false,
+        }
+    }
+
     fn state(&self) -> InstanceState {
         match &self.running {
             Some(r) if r.instance.attached() => InstanceState::Attached,
@@ -159,15 +166,7 @@ impl Registry {
                     def.type_name
                 );
             }
-            entries.by_uuid.insert(
-                def.uuid,
-                Entry {
-                    def,
-                    running: None,
-                    stopping: false,
-                    was_started: false,
-                },
-            );
+            entries.by_uuid.insert(def.uuid, Entry::new(def));
         }
         Ok(Registry {
             catalog,
@@ -178,7 +177,7 @@ impl Registry {
     }
 
     /// Starts every `auto` instance; failures are logged, not fatal.
-    pub fn start_auto(&self) -> Vec<(String, Result<(), ActionError>)> {
+    pub fn start_auto(&self) {
         let autos: Vec<String> = {
             let e = self.entries.lock();
             e.by_uuid
@@ -187,16 +186,11 @@ impl Registry {
                 .map(|e| e.def.uuid.to_string())
                 .collect()
         };
-        autos
-            .into_iter()
-            .map(|id| {
-                let r = self.handle(Action::Start { id: id.clone() }).map(|_| ());
-                if let Err(e) = &r {
-                    tracing::error!("auto-start of {id}: {e}");
-                }
-                (id, r)
-            })
-            .collect()
+        for id in autos {
+            if let Err(e) = self.handle(Action::Start { id: id.clone() }) {
+                tracing::error!("auto-start of {id}: {e}");
+            }
+        }
     }
 
     /// Carries out one action.
@@ -317,15 +311,7 @@ impl Registry {
         // Durable before it is acknowledged.
         self.store.save(&def)?;
         tracing::info!(instance = %def.name, %uuid, "defined");
-        entries.by_uuid.insert(
-            uuid,
-            Entry {
-                def,
-                running: None,
-                stopping: false,
-                was_started: false,
-            },
-        );
+        entries.by_uuid.insert(uuid, Entry::new(def));
         Ok(self.instance_outcome(entries, uuid))
     }
 
@@ -387,43 +373,20 @@ impl Registry {
                     name: name.clone(),
                     reason,
                 })?;
-        let mut queue_ops = [None; crate::vdev::wd::MAX_QUEUES];
-        for (q, (_, ops)) in placed.queue_backends.iter().enumerate() {
-            queue_ops[q] = Some(*ops);
-        }
-        let config = WdConfig {
-            queues: ty.queues(),
-            max_depth: ty.max_depth,
-            ops: placed.queue_backends.iter().fold(0, |a, (_, o)| a | o),
-            queue_ops,
-            ..WdConfig::default()
-        };
-        let queue_accels: Vec<_> = placed
-            .queue_backends
-            .iter()
-            .map(|(b, _)| b.clone())
-            .collect();
-        let Some(backends) = Backends::per_queue(&queue_accels) else {
-            self.catalog.release(placed);
-            return Err(ActionError::Start {
-                name,
-                reason: "placement gave no queue".into(),
-            });
-        };
         let spec = InstanceSpec {
             name: name.clone(),
             socket: self.socket_path(&name),
-            config,
+            config: placed.config,
         };
-        match Instance::start(spec, backends, placed.pasid) {
+        match Instance::start(spec, placed.backends.clone(), placed.pasid()) {
             Ok(instance) => {
-                tracing::info!(instance = %name, pasid = placed.pasid, "started at {}", instance.socket().display());
+                tracing::info!(instance = %name, pasid = placed.pasid(), "started at {}", instance.socket().display());
                 e.running = Some(Running { instance, placed });
                 e.was_started = true;
                 Ok(())
             }
             Err(err) => {
-                self.catalog.release(placed);
+                self.catalog.release(placed.allocation);
                 Err(ActionError::Start {
                     name,
                     reason: err.to_string(),
@@ -470,7 +433,7 @@ impl Registry {
         // The device is dropped (its queues drained) before the placement
         // goes back to the pools.
         running.instance.stop();
-        self.catalog.release(running.placed);
+        self.catalog.release(running.placed.allocation);
         tracing::info!(instance = %name, "stopped");
     }
 
@@ -528,7 +491,7 @@ impl Registry {
             numa: e.def.numa,
             qos,
             socket: e.running.as_ref().map(|r| r.instance.socket().to_owned()),
-            pasid: e.running.as_ref().map(|r| r.placed.pasid),
+            pasid: e.running.as_ref().map(|r| r.placed.pasid()),
             placement: e
                 .running
                 .as_ref()
