@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use axum::extract::connect_info::Connected;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
+use axum::extract::{ConnectInfo, Path as UrlPath, Query};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -43,6 +43,15 @@ pub struct Caller {
     pub gid: u32,
 }
 
+impl Caller {
+    /// Credentials the kernel would not give.
+    const UNKNOWN: Caller = Caller {
+        pid: 0,
+        uid: u32::MAX,
+        gid: u32::MAX,
+    };
+}
+
 impl Connected<IncomingStream<'_, UnixListener>> for Caller {
     fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
         match rustix::net::sockopt::socket_peercred(stream.io()) {
@@ -51,11 +60,7 @@ impl Connected<IncomingStream<'_, UnixListener>> for Caller {
                 uid: c.uid.as_raw(),
                 gid: c.gid.as_raw(),
             },
-            Err(_) => Caller {
-                pid: 0,
-                uid: u32::MAX,
-                gid: u32::MAX,
-            },
+            Err(_) => Caller::UNKNOWN,
         }
     }
 }
@@ -67,50 +72,77 @@ fn error_response(e: &ActionError) -> Response {
     (status, Json(ErrorBody::from(e))).into_response()
 }
 
-fn bad_body(r: JsonRejection) -> Response {
-    let e = ActionError::Invalid(format!("bad request body: {}", r.body_text()));
-    error_response(&e)
+fn invalid(msg: String) -> Response {
+    error_response(&ActionError::Invalid(msg))
 }
 
-/// Runs `action` on a blocking thread (an action may fsync or join a
-/// thread) and answers with its outcome.
-async fn act(reg: Shared, caller: Caller, action: Action, created: bool) -> Response {
-    let mutates = action.mutates();
-    let what = mutates.then(|| format!("{action:?}"));
-    let result = tokio::task::spawn_blocking(move || reg.handle(action)).await;
-    match result {
-        Ok(Ok(outcome)) => {
-            if let Some(what) = what {
-                tracing::info!(
-                    pid = caller.pid,
-                    uid = caller.uid,
-                    gid = caller.gid,
-                    "{what}: ok"
-                );
+/// What every handler has: the registry and who called.
+struct Call {
+    reg: Shared,
+    caller: Caller,
+}
+
+impl axum::extract::FromRequestParts<Shared> for Call {
+    type Rejection = std::convert::Infallible;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        reg: &Shared,
+    ) -> Result<Self, Self::Rejection> {
+        // Served with `into_make_service_with_connect_info::<Caller>`, so
+        // every request carries its caller.
+        let caller = parts
+            .extensions
+            .get::<ConnectInfo<Caller>>()
+            .map_or(Caller::UNKNOWN, |c| c.0);
+        Ok(Call {
+            reg: reg.clone(),
+            caller,
+        })
+    }
+}
+
+impl Call {
+    /// Runs `action` on a blocking thread (an action may fsync or join a
+    /// thread) and answers with its outcome: 201 for a definition, else 200.
+    async fn act(self, action: Action) -> Response {
+        let Call { reg, caller } = self;
+        let created = matches!(action, Action::Define(_));
+        let what = action.mutates().then(|| format!("{action:?}"));
+        let result = tokio::task::spawn_blocking(move || reg.handle(action)).await;
+        match result {
+            Ok(Ok(outcome)) => {
+                if let Some(what) = what {
+                    tracing::info!(
+                        pid = caller.pid,
+                        uid = caller.uid,
+                        gid = caller.gid,
+                        "{what}: ok"
+                    );
+                }
+                let status = if created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                };
+                (status, Json(outcome)).into_response()
             }
-            let status = if created {
-                StatusCode::CREATED
-            } else {
-                StatusCode::OK
-            };
-            (status, Json(outcome)).into_response()
-        }
-        Ok(Err(e)) => {
-            if mutates {
-                tracing::info!(pid = caller.pid, uid = caller.uid, "{e}");
+            Ok(Err(e)) => {
+                if what.is_some() {
+                    tracing::info!(pid = caller.pid, uid = caller.uid, "{e}");
+                }
+                error_response(&e)
             }
-            error_response(&e)
-        }
-        Err(join) => {
-            tracing::error!("an action panicked: {join}");
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                Json(ErrorBody {
-                    error: "internal error (see the daemon's log)".into(),
-                    kind: "internal".into(),
-                }),
-            )
-                .into_response()
+            Err(join) => {
+                tracing::error!("an action panicked: {join}");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Json(ErrorBody {
+                        error: "internal error (see the daemon's log)".into(),
+                        kind: "internal".into(),
+                    }),
+                )
+                    .into_response()
+            }
         }
     }
 }
@@ -130,13 +162,15 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Id {
         parts: &mut axum::http::request::Parts,
         state: &S,
     ) -> Result<Self, Self::Rejection> {
-        match UrlPath::<String>::from_request_parts(parts, state).await {
-            Ok(UrlPath(id)) => Ok(Id(id)),
-            Err(e) => Err(error_response(&ActionError::Invalid(format!(
-                "bad instance name or UUID in the path: {}",
-                e.body_text()
-            )))),
-        }
+        UrlPath::<String>::from_request_parts(parts, state)
+            .await
+            .map(|UrlPath(id)| Id(id))
+            .map_err(|e| {
+                invalid(format!(
+                    "bad instance name or UUID in the path: {}",
+                    e.body_text()
+                ))
+            })
     }
 }
 
@@ -149,113 +183,72 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Defined {
         parts: &mut axum::http::request::Parts,
         state: &S,
     ) -> Result<Self, Self::Rejection> {
-        match Query::<ListQuery>::from_request_parts(parts, state).await {
-            Ok(Query(q)) => Ok(Defined(q.defined)),
-            Err(e) => Err(error_response(&ActionError::Invalid(format!(
-                "bad query (expected ?defined=true or false): {}",
-                e.body_text()
-            )))),
-        }
+        Query::<ListQuery>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| Defined(q.defined))
+            .map_err(|e| {
+                invalid(format!(
+                    "bad query (expected ?defined=true or false): {}",
+                    e.body_text()
+                ))
+            })
     }
+}
+
+/// A JSON body, or a typed 400 naming what is wrong with it.
+struct Body<T>(T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> axum::extract::FromRequest<S> for Body<T> {
+    type Rejection = Response;
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
+        Json::<T>::from_request(req, state)
+            .await
+            .map(|Json(v)| Body(v))
+            .map_err(|e: JsonRejection| invalid(format!("bad request body: {}", e.body_text())))
+    }
+}
+
+/// A typed error with `status` for requests the router has no handler for.
+fn unrouted(status: StatusCode, msg: &str) -> Response {
+    let mut r = invalid(format!("{msg} (see docs/daemon.md)"));
+    *r.status_mut() = status;
+    r
 }
 
 pub fn router(reg: Shared) -> Router {
     Router::new()
-        .route(
-            "/v1/types",
-            get(
-                |State(r): State<Shared>, ConnectInfo(c): ConnectInfo<Caller>| async move {
-                    act(r, c, Action::ListTypes, false).await
-                },
-            ),
-        )
+        .route("/v1/types", get(|c: Call| c.act(Action::ListTypes)))
         .route(
             "/v1/accelerators",
-            get(
-                |State(r): State<Shared>, ConnectInfo(c): ConnectInfo<Caller>| async move {
-                    act(r, c, Action::ListAccelerators, false).await
-                },
-            ),
+            get(|c: Call| c.act(Action::ListAccelerators)),
         )
         .route(
             "/v1/instances",
-            get(
-                |State(r): State<Shared>,
-                 ConnectInfo(c): ConnectInfo<Caller>,
-                 Defined(defined): Defined| async move {
-                    act(r, c, Action::ListInstances { defined }, false).await
-                },
-            )
-            .post(
-                |State(r): State<Shared>,
-                 ConnectInfo(c): ConnectInfo<Caller>,
-                 body: Result<Json<DefineRequest>, JsonRejection>| async move {
-                    match body {
-                        Ok(Json(req)) => act(r, c, Action::Define(req), true).await,
-                        Err(e) => bad_body(e),
-                    }
-                },
-            ),
+            get(|c: Call, Defined(defined): Defined| c.act(Action::ListInstances { defined }))
+                .post(|c: Call, Body(req): Body<DefineRequest>| c.act(Action::Define(req))),
         )
         .route(
             "/v1/instances/{id}",
-            get(
-                |State(r): State<Shared>,
-                 ConnectInfo(c): ConnectInfo<Caller>,
-                 Id(id): Id| async move {
-                    act(r, c, Action::GetInstance { id }, false).await
-                },
-            )
-            .patch(
-                |State(r): State<Shared>,
-                 ConnectInfo(c): ConnectInfo<Caller>,
-                 Id(id): Id,
-                 body: Result<Json<ModifyRequest>, JsonRejection>| async move {
-                    match body {
-                        Ok(Json(changes)) => act(r, c, Action::Modify { id, changes }, false).await,
-                        Err(e) => bad_body(e),
-                    }
-                },
-            )
-            .delete(
-                |State(r): State<Shared>,
-                 ConnectInfo(c): ConnectInfo<Caller>,
-                 Id(id): Id| async move {
-                    act(r, c, Action::Undefine { id }, false).await
-                },
-            ),
+            get(|c: Call, Id(id): Id| c.act(Action::GetInstance { id }))
+                .patch(|c: Call, Id(id): Id, Body(changes): Body<ModifyRequest>| {
+                    c.act(Action::Modify { id, changes })
+                })
+                .delete(|c: Call, Id(id): Id| c.act(Action::Undefine { id })),
         )
         .route(
             "/v1/instances/{id}/start",
-            post(
-                |State(r): State<Shared>,
-                 ConnectInfo(c): ConnectInfo<Caller>,
-                 Id(id): Id| async move {
-                    act(r, c, Action::Start { id }, false).await
-                },
-            ),
+            post(|c: Call, Id(id): Id| c.act(Action::Start { id })),
         )
         .route(
             "/v1/instances/{id}/stop",
-            post(
-                |State(r): State<Shared>,
-                 ConnectInfo(c): ConnectInfo<Caller>,
-                 Id(id): Id| async move {
-                    act(r, c, Action::Stop { id }, false).await
-                },
-            ),
+            post(|c: Call, Id(id): Id| c.act(Action::Stop { id })),
         )
-        .fallback(|| async {
-            let e = ActionError::Invalid("no such API path (see docs/daemon.md)".into());
-            let mut r = error_response(&e);
-            *r.status_mut() = StatusCode::NOT_FOUND;
-            r
-        })
+        .fallback(|| async { unrouted(StatusCode::NOT_FOUND, "no such API path") })
         .method_not_allowed_fallback(|| async {
-            let e = ActionError::Invalid("this path does not take that method (see docs/daemon.md)".into());
-            let mut r = error_response(&e);
-            *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-            r
+            unrouted(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this path does not take that method",
+            )
         })
         .with_state(reg)
 }
