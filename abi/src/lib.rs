@@ -181,6 +181,10 @@ impl Opcode {
     pub const fn bit(self) -> u32 {
         1 << (self as u8)
     }
+    /// A stream piece: it carries a context (`SubmissionEntry::ctx`).
+    pub const fn is_stream(self) -> bool {
+        matches!(self, Opcode::StreamCompress | Opcode::StreamDecompress)
+    }
     /// The opcodes whose bits are set in `mask` (`CAP_OPS`, `Q_OPS`, ...),
     /// in opcode order; bits of no opcode are skipped.
     pub fn in_mask(mask: u32) -> impl Iterator<Item = Opcode> {

@@ -588,7 +588,7 @@ impl Engine {
         if bad(reads_src, job.src, job.src_len) || bad(uses_dst, job.dst, job.dst_len) {
             return Done::failed(JobStatus::BadLength, 0);
         }
-        let stream = matches!(job.op, Opcode::StreamCompress | Opcode::StreamDecompress);
+        let stream = job.op.is_stream();
         let ctx_len = if stream {
             wdvirt_abi::stream::CTX_SIZE as usize
         } else {
@@ -878,7 +878,7 @@ mod tests {
         let mut scratch = Scratch::new();
 
         for op in Opcode::ALL {
-            if matches!(op, Opcode::StreamCompress | Opcode::StreamDecompress) {
+            if op.is_stream() {
                 // Pieces of a stream need a context: `stream::run`'s tests, and
                 // the device's `stream_*` tests through this engine.
                 continue;

@@ -157,8 +157,10 @@ impl Ctx {
     }
 }
 
-/// The piece's `param`, checked: (format, level, flush, start).
-fn params(op: Opcode, param: u64) -> Result<(Format, u64, u64, bool), JobStatus> {
+/// A stream piece's `param`, decoded: (format, level, flush, start);
+/// `ReservedNonZero` for anything the ABI does not define. The device's
+/// descriptor check uses this too, so the rule is written once.
+pub(crate) fn params(op: Opcode, param: u64) -> Result<(Format, u64, u64, bool), JobStatus> {
     let allowed = match op {
         Opcode::StreamCompress => s::COMPRESS_PARAM,
         _ => s::DECOMPRESS_PARAM,

@@ -692,19 +692,6 @@ pub fn coalesce(reg: u32) -> (u32, Duration) {
 
 /// A stream piece's `param`: known bits only, a format, a level and a flush
 /// in range (the engine checks again: `stream::run`).
-fn stream_param_ok(op: Opcode, param: u64) -> bool {
-    use wdvirt_abi::stream as s;
-    let allowed = if op == Opcode::StreamCompress {
-        s::COMPRESS_PARAM
-    } else {
-        s::DECOMPRESS_PARAM
-    };
-    param & !allowed == 0
-        && param & s::FORMAT_MASK != 3
-        && (param & s::LEVEL_MASK) >> s::LEVEL_SHIFT <= s::MAX_LEVEL
-        && (param & s::FLUSH_MASK) >> s::FLUSH_SHIFT <= s::FLUSH_FINISH
-}
-
 /// Check one descriptor completely before any byte of its buffers is touched.
 pub fn check(
     sqe: &SubmissionEntry,
@@ -713,7 +700,7 @@ pub fn check(
     mem: &GuestMemory,
 ) -> Result<Job, JobStatus> {
     let op = Opcode::from_u8(sqe.opcode).ok_or(JobStatus::BadOpcode)?;
-    let stream = matches!(op, Opcode::StreamCompress | Opcode::StreamDecompress);
+    let stream = op.is_stream();
     if sqe.flags != 0 || sqe.reserved0 != 0 || sqe.reserved != [0; 2] || (!stream && sqe.ctx != 0) {
         return Err(JobStatus::ReservedNonZero);
     }
@@ -731,7 +718,7 @@ pub fn check(
         Opcode::StreamCompress | Opcode::StreamDecompress => u64::MAX,
         _ => 0,
     };
-    if sqe.param > param_max || (stream && !stream_param_ok(op, sqe.param)) {
+    if sqe.param > param_max || (stream && crate::accel::stream::params(op, sqe.param).is_err()) {
         return Err(JobStatus::ReservedNonZero);
     }
     let job = Job {
