@@ -256,27 +256,9 @@ pub fn router(reg: Shared) -> Router {
 /// Binds the API socket: a stale socket file is replaced, a live daemon's
 /// is refused; mode 0660 so the socket's group may call.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::FileTypeExt;
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::AddrInUse,
-                    "a daemon already answers there",
-                ));
-            }
-            // A socket nobody answers: what a killed daemon left.
-            std::fs::remove_file(path)?;
-        }
-        Ok(_) => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "the path exists and is not a socket; refusing to replace it",
-            ));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
+    // The same rules as an instance's socket (a live daemon refused, a
+    // killed one's socket replaced, any other file left alone).
+    crate::transport::server::free_socket_path(path).map_err(std::io::Error::other)?;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }

@@ -35,6 +35,34 @@ pub enum Disconnect {
     BadFrame { size: u32 },
 }
 
+/// Makes `path` ready for a new socket: a live server there is refused
+/// ([`TransportError::SocketInUse`]), a stale socket file (nobody accepting,
+/// what a killed server leaves) is removed, and any other file is refused.
+pub fn free_socket_path(path: &Path) -> Result<(), TransportError> {
+    let bind_err = |source| TransportError::Bind {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
+            Ok(_) => Err(TransportError::SocketInUse {
+                path: path.to_owned(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                info!("vfio-user: removing stale socket {}", path.display());
+                std::fs::remove_file(path).map_err(bind_err)
+            }
+            Err(e) => Err(bind_err(e)),
+        },
+        Ok(_) => Err(bind_err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "path exists and is not a socket",
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(bind_err(e)),
+    }
+}
+
 /// A bound vfio-user socket.
 pub struct Listener {
     listener: UnixListener,
@@ -51,28 +79,7 @@ impl Listener {
             path: path.to_owned(),
             source,
         };
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if meta.file_type().is_socket() => match UnixStream::connect(path) {
-                Ok(_) => {
-                    return Err(TransportError::SocketInUse {
-                        path: path.to_owned(),
-                    });
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
-                    info!("vfio-user: removing stale socket {}", path.display());
-                    std::fs::remove_file(path).map_err(bind_err)?;
-                }
-                Err(e) => return Err(bind_err(e)),
-            },
-            Ok(_) => {
-                return Err(bind_err(std::io::Error::new(
-                    std::io::ErrorKind::AlreadyExists,
-                    "path exists and is not a socket",
-                )));
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(bind_err(e)),
-        }
+        free_socket_path(path)?;
         let listener = UnixListener::bind(path).map_err(bind_err)?;
         let ident = std::fs::symlink_metadata(path)
             .ok()
