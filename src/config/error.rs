@@ -54,6 +54,19 @@ pub enum ConfigError {
     UnknownNumaNode { id: u32, defined: String },
     #[error("a link to itself")]
     SelfLink,
+    #[error(
+        "{a} and {b} are already linked (a `numa_node` is a link too; expected one link per pair)"
+    )]
+    DuplicateLink { a: String, b: String },
+    #[error(
+        "node{a}–node{b} distance {here}, but node{b} gives node{a} {there} (expected the same both ways)"
+    )]
+    AsymmetricDistance {
+        a: u32,
+        b: u32,
+        here: u32,
+        there: u32,
+    },
     #[error("{field} needs {needs}")]
     Needs {
         field: &'static str,

@@ -815,3 +815,44 @@ fn a_long_line_is_shown_as_a_window_around_the_caret() {
     let caret = lines[3].chars().count() - 1;
     assert_eq!(lines[2].chars().nth(caret), Some('n'), "{shown}");
 }
+
+#[test]
+fn a_pair_linked_twice_and_a_distance_that_differs_by_direction_are_placed() {
+    let v = errs(
+        "numa_nodes:\n  - {id: 0, distances: {1: 20}}\n  - {id: 1, distances: {0: 30}}\naccelerators:\n  - name: a\n    backend: soft\n    engines: 1\n    queue_pairs: 1\n    operations: [all]\n    pasids: 1\n    numa_node: 0\n    links:\n      - {to: node0, distance: 5}\n      - {to: b, distance: 4}\n  - name: b\n    backend: soft\n    engines: 1\n    queue_pairs: 1\n    operations: [all]\n    pasids: 1\n    links:\n      - {to: a, distance: 4}\n",
+    );
+    let got: Vec<_> = v
+        .iter()
+        .map(|e| (e.place.line, e.place.column, e.error.to_string()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                3,
+                28,
+                "node1–node0 distance 30, but node0 gives node1 20 (expected the same both ways)"
+                    .to_string()
+            ),
+            (
+                13,
+                14,
+                "a and node0 are already linked (a `numa_node` is a link too; expected one link per pair)"
+                    .to_string()
+            ),
+            (
+                22,
+                14,
+                "b and a are already linked (a `numa_node` is a link too; expected one link per pair)"
+                    .to_string()
+            ),
+        ]
+    );
+    // The same distance from both ends is one edge, and so is one end alone.
+    let c = load_str(
+        "t.yaml",
+        "numa_nodes:\n  - {id: 0, distances: {1: 20}}\n  - {id: 1, distances: {0: 20}}\n",
+    )
+    .unwrap();
+    assert_eq!(c.numa_nodes.len(), 2);
+}

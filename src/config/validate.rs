@@ -309,6 +309,9 @@ pub(crate) fn validate(files: &[Parsed]) -> Result<Config, Vec<Located>> {
         }
     }
     let mut seen_nodes = BTreeSet::new();
+    // Each ordered pair's distance, to hold the two rows of a pair to one
+    // value (the host graph has one edge per pair).
+    let mut pair_distance: BTreeMap<(u32, u32), u32> = BTreeMap::new();
     for (fi, f) in files.iter().enumerate() {
         for n in &f.raw.numa_nodes {
             let id = n.id.value;
@@ -327,7 +330,22 @@ pub(crate) fn validate(files: &[Parsed]) -> Result<Config, Vec<Located>> {
                         ConfigError::UnknownNumaNode { id: to, defined },
                     );
                 } else if let Some(d) = d {
-                    distances.insert(to, d);
+                    match pair_distance.get(&(to, id)) {
+                        Some(&there) if there != d && to != id => cx.err(
+                            fi,
+                            n.distances[&to].referenced,
+                            ConfigError::AsymmetricDistance {
+                                a: id,
+                                b: to,
+                                here: d,
+                                there,
+                            },
+                        ),
+                        _ => {
+                            pair_distance.insert((id, to), d);
+                            distances.insert(to, d);
+                        }
+                    }
                 }
             }
             cfg.numa_nodes.push(NumaNode {
@@ -370,6 +388,13 @@ pub(crate) fn validate(files: &[Parsed]) -> Result<Config, Vec<Located>> {
         }
     }
     let errors_before_accels = cx.errors.len();
+    // Every edge an accelerator declares (its `numa_node` and its links),
+    // unordered: the host graph has one edge per pair.
+    let mut edges: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut new_edge = |a: &str, b: &str| {
+        let key = if a < b { (a, b) } else { (b, a) };
+        edges.insert((key.0.to_string(), key.1.to_string()))
+    };
     for (fi, f) in files.iter().enumerate() {
         for a in &f.raw.accelerators {
             let name = &a.name.value;
@@ -390,6 +415,9 @@ pub(crate) fn validate(files: &[Parsed]) -> Result<Config, Vec<Located>> {
             let ops = cx.ops(fi, &a.operations);
             let pasids = cx.range(fi, &a.pasids, "pasids", 1, (1 << 20) - 1, "1..=1048575");
             let numa_node = a.numa_node.as_ref().map(|n| cx.node(fi, n));
+            if let Some(Some(n)) = numa_node {
+                new_edge(name, &format!("node{n}"));
+            }
             let cpus = cx.cpus(fi, &a.cpus);
             let mut links = Vec::new();
             for l in &a.links {
@@ -423,7 +451,22 @@ pub(crate) fn validate(files: &[Parsed]) -> Result<Config, Vec<Located>> {
                     None
                 };
                 if let (Some(to), Some(distance)) = (to, distance) {
-                    links.push(Link { to, distance });
+                    let other = match &to {
+                        Endpoint::Accelerator(x) => x.clone(),
+                        Endpoint::NumaNode(x) => format!("node{x}"),
+                    };
+                    if new_edge(name, &other) {
+                        links.push(Link { to, distance });
+                    } else {
+                        cx.err(
+                            fi,
+                            l.to.referenced,
+                            ConfigError::DuplicateLink {
+                                a: name.clone(),
+                                b: other,
+                            },
+                        );
+                    }
                 }
             }
             if let (

@@ -146,10 +146,12 @@ fn ops_names(mask: u32) -> Vec<String> {
 /// The host graph the configuration declares.
 fn topology(cfg: &Config) -> Result<Topology, crate::partition::TopologyError> {
     let mut links = Vec::new();
+    // SLIT rows may list a pair from either end or both (the loader holds
+    // both to one value), and a node's distance to itself: one edge a pair.
+    let mut pairs = std::collections::BTreeSet::new();
     for n in &cfg.numa_nodes {
         for (&to, &d) in &n.distances {
-            // SLIT rows list each pair twice, and a node's distance to itself.
-            if to > n.id {
+            if to != n.id && pairs.insert((n.id.min(to), n.id.max(to))) {
                 links.push(LinkSpec {
                     a: Node::Numa(n.id),
                     b: Node::Numa(to),
