@@ -24,16 +24,8 @@ use super::pasid::PASID_MAX;
 /// allocation.
 pub const MAX_QUEUE_PAIRS: u32 = 65_536;
 
-/// Every operation bit this build knows (bit n = opcode n).
-pub const KNOWN_OPS: u32 = {
-    let mut mask = 0u32;
-    let mut i = 0;
-    while i < Opcode::ALL.len() {
-        mask |= Opcode::ALL[i].bit();
-        i += 1;
-    }
-    mask
-};
+/// Every operation bit this build knows (bit n = opcode n): the ABI's.
+pub use wdvirt_abi::ALL_OPS as KNOWN_OPS;
 
 /// Names of the operations in `mask`, joined by `/` (`sha256/crc32c`);
 /// unknown bits print as `op<N>`.
