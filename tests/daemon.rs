@@ -999,3 +999,90 @@ fn relative_paths_work_on_the_first_start_and_sockets_are_given_absolute() {
     assert!(dir.path().join("state/instances").is_dir());
     assert!(common::terminate(&mut child).success());
 }
+
+#[test]
+fn accelerators_demo_connect_and_an_absent_daemon_as_an_operator_sees_them() {
+    let d = Daemon::start(SMALL_HOST);
+    d.json(&["define", "--type", "quad", "--name", "vm1"]);
+    let v = d.json(&["start", "vm1"]);
+    // Pools as the partitioner counts them, in JSON and as bars.
+    let a = d.json(&["accelerators"]);
+    assert_eq!(a[0]["name"], "soft0");
+    assert_eq!(a[0]["queue_pairs"]["used"], 4, "{a}");
+    assert_eq!(a[0]["queue_pairs"]["free"], 4, "{a}");
+    assert_eq!(a[0]["pasids"]["used"], 1, "{a}");
+    let out = d.cli(&["accelerators"]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("[##########..........] 4/8"), "{table}");
+    // The in-process VMM drives a daemon-started instance and verifies
+    // every result against a direct library call.
+    let socket = v["socket"].as_str().unwrap();
+    let out = wdvirt()
+        .args([
+            "demo",
+            "--json",
+            "--rounds",
+            "1",
+            "--size",
+            "4096",
+            "--connect",
+            socket,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let guest = &r[0]["guest"];
+    assert!(guest["jobs"].as_u64().unwrap() >= 8, "{r}");
+    assert_eq!(guest["verified"], guest["jobs"], "{r}");
+    let jobs: u64 = d.json(&["list"])[0]["report"]["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["jobs_ok"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        jobs,
+        guest["jobs"].as_u64().unwrap(),
+        "the daemon counted each job"
+    );
+    // No daemon at --api: the CLI says where it looked and what to do.
+    let out = wdvirt()
+        .args(["--api", "/nonexistent/wdvirt.sock", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("cannot reach the wdvirt daemon at /nonexistent/wdvirt.sock")
+            && e.contains("wdvirt daemon"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_type_the_host_graph_can_never_place_is_refused_at_its_line() {
+    let far = TWO_NODES.replace(
+        "    placement: {max_distance: 12}",
+        "    placement: {max_distance: 12}\n  - name: never\n    functions:\n      - {queues: 1, operations: [deflate-compress]}\n      - {queues: 1, operations: [sha256]}\n    qos: silver\n    placement: {max_distance: 3}",
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (code, err) = daemon_refuses(dir.path(), &far, &dir.path().join("api.sock"));
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("host.yaml:29:11: error: type 'never' can never be placed on this host")
+            && err.contains("zip1–sec1 distance 4 > max 3"),
+        "{err}"
+    );
+    let out = wdvirt()
+        .arg("validate")
+        .arg(dir.path().join("host.yaml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("host.yaml:29:11"));
+}
