@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod partition;
 pub mod stats;
+pub mod topology;
 pub mod transport;
 pub mod vdev;
 pub mod vmm;

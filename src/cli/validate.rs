@@ -42,7 +42,10 @@ pub struct ValidateArgs {
 pub fn run(a: ValidateArgs) -> anyhow::Result<ExitCode> {
     let loaded = config::load_paths(&a.paths).and_then(|c| {
         // What only the host graph shows: distances no placement can meet.
-        match crate::daemon::catalog::check_placeable(&c) {
+        // On this host: what discovery finds under /sys merged with the files.
+        let host =
+            crate::daemon::catalog::host(&c, std::path::Path::new(crate::topology::DEFAULT_SYSFS));
+        match host.and_then(|h| crate::daemon::catalog::check_placeable(&c, &h)) {
             Ok(_) => Ok(c),
             Err(crate::daemon::catalog::CatalogError::Config(e)) => Err(e),
             Err(other) => Err(config::ConfigErrors(vec![config::Located::at(

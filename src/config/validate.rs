@@ -595,7 +595,11 @@ pub(crate) fn validate(files: &[Parsed]) -> Result<Config, Vec<Located>> {
             let name = t.name.value.clone();
             if let Some(t) = super::types::check_type(&mut cx, fi, t, origin) {
                 let (ty, places) = t;
-                if accels_sound && cx.errors.len() == errors_before {
+                // With no software accelerator declared, the daemon uses the
+                // ones discovery finds: the merged graph is checked then
+                // (`daemon::catalog::check_placeable`), not the YAML alone.
+                let declares_soft = cfg.accelerators.iter().any(|a| a.backend == Backend::Soft);
+                if accels_sound && declares_soft && cx.errors.len() == errors_before {
                     super::types::check_hostable(&mut cx, fi, &ty, &places, &cfg.accelerators);
                 }
                 if cx.errors.len() == errors_before {
