@@ -8,6 +8,7 @@ mod demo;
 mod install;
 mod schema;
 mod serve;
+mod topology;
 mod validate;
 
 use std::process::ExitCode;
@@ -80,6 +81,15 @@ pub enum Command {
     Validate(validate::ValidateArgs),
     /// Print the JSON Schema of the configuration files (for editors).
     Schema(schema::SchemaArgs),
+    /// Show the host graph: NUMA nodes (CPUs, memory, distances), the
+    /// accelerators found behind UACCE, IDXD and the software engines, with
+    /// their free queue pairs and PASIDs, and the links between them; as
+    /// text, --json, --dot or an --svg picture.
+    Topology(topology::TopologyArgs),
+    /// Dry-run placement of a type: whether, where and how many instances
+    /// fit now, and what stops each accelerator that cannot take one.
+    /// Exits 2 when fewer than --count fit.
+    Plan(topology::PlanArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -112,6 +122,8 @@ pub fn main() -> ExitCode {
         Command::List(a) => ctl::list(&api, a).map(|()| ExitCode::SUCCESS),
         Command::Validate(a) => validate::run(a),
         Command::Schema(a) => schema::run(a),
+        Command::Topology(a) => topology::topology(a, &api, &cli.api),
+        Command::Plan(a) => topology::plan(a, &api, &cli.api),
     };
     match result {
         Ok(code) => code,
