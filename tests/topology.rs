@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use wdvirt::config;
 use wdvirt::partition::{Partitioner, PlacementRequest};
-use wdvirt::topology::host::{self, Host, Origin};
+use wdvirt::topology::host::{self, Host};
 use wdvirt::topology::{self, Detail, Discovery, Interface, PasidCap, ProblemKind, Sysfs};
 use wdvirt::vmm::{GuestRam, LoopbackVmm};
 use wdvirt_guest::Device;
@@ -650,8 +650,7 @@ fn yaml_restricts_and_overrides_and_conflicts_are_placed_errors() {
         "numa_nodes:\n  - {id: 0, distances: {1: 15}}\n  - {id: 1}\n\
          accelerators:\n  - name: hisi_zip-0\n    backend: uacce\n    engines: 1\n    queue_pairs: 16\n    \
          operations: [deflate-compress]\n    pasids: 64\n    links: [{to: hisi_sec2-3, distance: 5}]\n  \
-         - {name: hisi_sec2-3, backend: uacce, engines: 1, queue_pairs: 256, operations: [sha256], pasids: 1048575}\n  \
-         - {name: mine, backend: soft, engines: 1, queue_pairs: 4, operations: [all], pasids: 8, numa_node: 1}\n",
+         - {name: mine, backend: soft, engines: 1, queue_pairs: 4, operations: [all], pasids: 8, numa_node: 3}\n",
     );
     assert!(
         out.status.success(),
@@ -685,7 +684,9 @@ fn yaml_restricts_and_overrides_and_conflicts_are_placed_errors() {
             })
             .cloned()
     };
+    // A link to a device the YAML does not declare, a node only the host has.
     assert_eq!(link("hisi_zip-0", "hisi_sec2-3").unwrap()["distance"], 5);
+    assert_eq!(link("mine", "\"numa\":3").unwrap()["origin"], "yaml");
     assert_eq!(link("hisi_zip-0", "hisi_sec2-3").unwrap()["origin"], "yaml");
     let n01 = links
         .iter()
@@ -840,5 +841,34 @@ fn a_daemon_with_no_accelerator_section_serves_on_the_discovered_engines() {
         u["queue_pairs"].as_u64().unwrap(),
         "{v}"
     );
-    let _ = Origin::Discovered;
+    // `wdvirt plan` plans against the daemon's pools: one instance fewer fits.
+    let plan = |offline: bool| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_wdvirt"));
+        c.arg("--api").arg(d.dir.path().join("api.sock"));
+        c.args(["plan", "pair", "--json", "--config"]);
+        c.arg(d.dir.path().join("types.yaml"));
+        if offline {
+            c.arg("--offline");
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let (live, fresh) = (plan(false), plan(true));
+    assert!(
+        live["usage_from"]
+            .as_str()
+            .unwrap()
+            .starts_with("the daemon at "),
+        "{live}"
+    );
+    assert_eq!(
+        live["plan"]["fit"].as_u64().unwrap() + 1,
+        fresh["plan"]["fit"].as_u64().unwrap(),
+        "{live} {fresh}"
+    );
 }

@@ -152,6 +152,7 @@ fn load(
     api_path: &std::path::Path,
     default_types: bool,
 ) -> anyhow::Result<Loaded> {
+    let found = topo::discover_with(&topo::Sysfs::new(&a.sysfs), &sources(&a.sources)?);
     let cfg = if a.config.is_empty() {
         if default_types {
             let mut c = config::embedded_default()?;
@@ -161,9 +162,8 @@ fn load(
             Config::default()
         }
     } else {
-        config::load_paths(&a.config)?
+        config::load_paths_on(&a.config, &found.names())?
     };
-    let found = topo::discover_with(&topo::Sysfs::new(&a.sysfs), &sources(&a.sources)?);
     let host = host::merge(&cfg, &found)?;
     let mut usage: BTreeMap<String, PoolUsage> = host
         .accelerators

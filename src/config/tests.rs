@@ -855,3 +855,24 @@ fn a_pair_linked_twice_and_a_distance_that_differs_by_direction_are_placed() {
     .unwrap();
     assert_eq!(c.numa_nodes.len(), 2);
 }
+
+#[test]
+fn names_discovery_found_may_be_named_without_being_declared() {
+    let host = crate::config::HostNames {
+        accelerators: vec!["hisi_zip-0".into()],
+        numa_nodes: vec![0, 2],
+    };
+    let text = "accelerators:\n  - {name: s, backend: soft, engines: 1, queue_pairs: 4, operations: [all], pasids: 4, numa_node: 2, links: [{to: hisi_zip-0, distance: 5}]}\n";
+    let cfg = crate::config::load_str_on("t.yaml", text, &host).unwrap();
+    assert_eq!(cfg.accelerators[0].numa_node, Some(2));
+    // Without discovery they are unknown, and the message lists what is.
+    let e = crate::config::load_str("t.yaml", text).unwrap_err();
+    assert!(e.to_string().contains("unknown NUMA node 2"), "{e}");
+    let e = crate::config::load_str_on("t.yaml", &text.replace("hisi_zip-0", "hisi_zip-9"), &host)
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("unknown accelerator 'hisi_zip-9' (defined: s; found on this host: hisi_zip-0; NUMA nodes as nodeN: 0, 2)"),
+        "{e}"
+    );
+}

@@ -48,8 +48,17 @@ pub fn check_placeable(cfg: &Config, host: &Host) -> Result<Topology, CatalogErr
 
 /// The host as the daemon sees it: discovery under `sysfs` merged with the
 /// configuration (`docs/topology.md`).
-pub fn host(cfg: &Config, sysfs: &Path) -> Result<Host, CatalogError> {
-    Ok(topology::host::merge(cfg, &topology::discover(sysfs))?)
+pub fn host(cfg: &Config, found: &topology::Discovery) -> Result<Host, CatalogError> {
+    Ok(topology::host::merge(cfg, found)?)
+}
+
+/// The configuration at `paths` on the host whose sysfs is `sysfs`: the
+/// files may name what discovery found there.
+pub fn load_on(paths: &[PathBuf], sysfs: &Path) -> Result<(Config, Host), CatalogError> {
+    let found = topology::discover(sysfs);
+    let cfg = config::load_paths_on(paths, &found.names())?;
+    let host = host(&cfg, &found)?;
+    Ok((cfg, host))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -150,8 +159,7 @@ impl Catalog {
     /// The catalog the YAML files at `paths` describe on the host whose
     /// sysfs is `sysfs`, with every accelerator's backend started.
     pub fn load(paths: &[PathBuf], sysfs: &Path) -> Result<Catalog, CatalogError> {
-        let cfg = config::load_paths(paths)?;
-        let host = host(&cfg, sysfs)?;
+        let (cfg, host) = load_on(paths, sysfs)?;
         Catalog::from_config(&cfg, &host)
     }
 

@@ -353,9 +353,24 @@ pub fn merge(cfg: &Config, found: &Discovery) -> Result<Host, ConfigErrors> {
         if !accels.iter().any(|a| a.name == y.name) {
             continue; // refused above
         }
+        let accels = &accels;
         for l in &y.links {
             let to = match &l.to {
-                Endpoint::Accelerator(x) => Node::Accelerator(x.clone()),
+                Endpoint::Accelerator(x) => {
+                    if !accels.iter().any(|a| &a.name == x) {
+                        // Found, but left out (a discovered software engine
+                        // the YAML's own replace).
+                        errors.push(conflict(
+                            &y.origin,
+                            format!(
+                                "'{}' links to '{x}', which the host graph does not have",
+                                y.name
+                            ),
+                        ));
+                        continue;
+                    }
+                    Node::Accelerator(x.clone())
+                }
                 Endpoint::NumaNode(x) => Node::Numa(*x),
             };
             let key = pair(Node::Accelerator(y.name.clone()), to);

@@ -231,4 +231,12 @@ impl Discovery {
     pub fn accelerator(&self, name: &str) -> Option<&FoundAccelerator> {
         self.accelerators.iter().find(|a| a.name == name)
     }
+
+    /// What the YAML may name without declaring (`config::load_paths_on`).
+    pub fn names(&self) -> crate::config::HostNames {
+        crate::config::HostNames {
+            accelerators: self.accelerators.iter().map(|a| a.name.clone()).collect(),
+            numa_nodes: self.numa.iter().map(|n| n.id).collect(),
+        }
+    }
 }
