@@ -465,7 +465,10 @@ fn this_machine_shows_its_nodes_cpus_memory_and_software_engines() {
     let mut in_nodes: Vec<u32> = d.numa.iter().flat_map(|n| n.cpus.clone()).collect();
     in_nodes.sort();
     if nodes > 0 {
-        assert_eq!(in_nodes, online, "every online CPU is in one node");
+        assert!(
+            online.iter().all(|c| in_nodes.contains(c)),
+            "every online CPU is in a node: {online:?} {in_nodes:?}"
+        );
         assert!(d.numa.iter().any(|n| n.memory_kib.is_some_and(|m| m > 0)));
     }
     // No hardware accelerator here (none of UACCE or IDXD is loaded).
@@ -492,7 +495,23 @@ fn this_machine_shows_its_nodes_cpus_memory_and_software_engines() {
         .map(|a| a.engines)
         .sum();
     assert!(engines >= 1);
-    assert_eq!(engines, usable.min(64 * d.numa.len().max(1) as u32));
+    let per_node: u32 = if d.numa.is_empty() {
+        usable.clamp(1, 64)
+    } else {
+        d.numa
+            .iter()
+            .map(|n| {
+                n.cpus
+                    .iter()
+                    .filter(|c| online.contains(c) && allowed.contains(c))
+                    .count() as u32
+            })
+            .filter(|&k| k > 0)
+            .map(|k| k.min(64))
+            .sum()
+    };
+    assert_eq!(engines, per_node);
+    assert!(engines <= usable.max(1));
     // The CLI says the same.
     let v = ok_json(&["topology", "--json"]);
     let soft: Vec<&Value> = v["host"]["accelerators"]

@@ -57,8 +57,13 @@ impl Source for NumaSource {
         }
         ids.sort();
         // The `distance` row lists every online node, in id order
-        // (drivers/base/node.c: for_each_online_node).
-        let order: Vec<u32> = ids.iter().map(|(id, _)| *id).collect();
+        // (drivers/base/node.c: for_each_online_node); without `online`,
+        // the node directories stand for it.
+        let online_path = dir.join("online");
+        let order: Vec<u32> = match cx.optional(&online_path, sys.read_cpulist(&online_path)) {
+            Some(list) if !list.is_empty() => list,
+            _ => ids.iter().map(|(id, _)| *id).collect(),
+        };
         for (id, path) in ids {
             if let Some(n) = read_node(&mut cx, id, &path, &order, &gi) {
                 cx.found.numa.push(n);
