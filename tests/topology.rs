@@ -358,6 +358,8 @@ fn malformed_trees_give_per_entry_problems_and_no_panic() {
         0,
     )
     .unwrap();
+    // A software engine's name taken by a device: the second one is left out.
+    uacce_dev(r, "soft0", &good);
     // IDXD: garbage op_cap.
     put(r, "bus/dsa/devices/dsa0/state", "enabled\n");
     put(r, "bus/dsa/devices/dsa0/op_cap", "not a bitmap\n");
@@ -424,7 +426,12 @@ fn malformed_trees_give_per_entry_problems_and_no_panic() {
         .filter(|a| a.interface == Interface::Uacce)
         .map(|a| a.name.as_str())
         .collect();
-    assert_eq!(found, ["good-0"]);
+    assert_eq!(found, ["good-0", "soft0"]);
+    assert!(
+        problem(&d, "devices/system/node/node0")
+            .to_string()
+            .contains("another accelerator is already named 'soft0'")
+    );
     // And the command line shows the same, without failing.
     let out = run(&["topology", "--offline", "--sysfs", r.to_str().unwrap()]);
     assert!(out.status.success());

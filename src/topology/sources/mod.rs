@@ -63,6 +63,28 @@ pub fn discover_with(sys: &Sysfs, sources: &[Box<dyn Source>]) -> Discovery {
     for s in sources {
         s.read(sys, &mut found);
     }
+    // Names identify accelerators everywhere (YAML, API, placement): a name
+    // found twice (two interfaces, or a software engine named like a
+    // device) keeps its first finding only.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut dropped = Vec::new();
+    found.accelerators.retain(|a| {
+        let first = seen.insert(a.name.clone());
+        if !first {
+            dropped.push(a.clone());
+        }
+        first
+    });
+    for a in dropped {
+        found.problems.push(Problem {
+            path: a.path,
+            reader: a.interface.backend(),
+            kind: ProblemKind::Skipped(format!(
+                "another accelerator is already named '{}'; this one is left out",
+                a.name
+            )),
+        });
+    }
     for p in &found.problems {
         tracing::debug!(reader = p.reader, "discovery: {p}");
     }
