@@ -586,6 +586,8 @@ fn topology_prints_text_json_dot_and_an_svg_of_a_recorded_tree() {
     );
     let picture = std::fs::read_to_string(&svg).unwrap();
     assert!(picture.contains("<svg") && picture.contains("hisi_sec2-1"));
+    let beside = std::fs::read_to_string(dir.path().join("host.dot")).unwrap();
+    assert_eq!(beside, dot, "the DOT the picture was drawn from, beside it");
     // Bad arguments get a clear message.
     let out = run(&["topology", "--sources", "numa,gpu"]);
     assert_eq!(out.status.code(), Some(1));

@@ -69,7 +69,8 @@ pub struct TopologyArgs {
     /// Print the graph in Graphviz DOT.
     #[arg(long)]
     pub dot: bool,
-    /// Also write the graph as SVG to FILE, drawn without Graphviz.
+    /// Also write the graph as SVG to FILE, drawn without Graphviz, and
+    /// its DOT beside it (FILE with the extension .dot).
     #[arg(long, value_name = "FILE")]
     pub svg: Option<PathBuf>,
     /// Draw the SVG with Graphviz's `dot` instead (it must be installed).
@@ -222,7 +223,15 @@ pub fn topology(
             render::svg(&dot)?
         };
         std::fs::write(path, svg).with_context(|| format!("cannot write {}", path.display()))?;
-        eprintln!("wdvirt: wrote {}", path.display());
+        // The DOT it was drawn from, beside it, for Graphviz or an editor.
+        let dot_path = path.with_extension("dot");
+        std::fs::write(&dot_path, &dot)
+            .with_context(|| format!("cannot write {}", dot_path.display()))?;
+        eprintln!(
+            "wdvirt: wrote {} and {}",
+            path.display(),
+            dot_path.display()
+        );
     }
     if a.json {
         let out = serde_json::json!({
