@@ -900,3 +900,25 @@ fn a_daemon_with_no_accelerator_section_serves_on_the_discovered_engines() {
         "{live} {fresh}"
     );
 }
+
+#[test]
+fn the_daemons_catalog_places_only_on_what_this_build_drives() {
+    // The seed's host with its software engines: the daemon's catalog has
+    // soft0 and soft1; the UACCE devices are in the graph, not placed on.
+    let cfg = config::load_str(
+        "t.yaml",
+        "qos_policies: [{name: std, weight: 1}]\ntypes: [{name: z, queues: 1, operations: [deflate-compress], qos: std}]\n",
+    )
+    .unwrap();
+    let found = topology::discover(&tree("hbm-shared"));
+    let h = host::merge(&cfg, &found).unwrap();
+    assert_eq!(h.accelerators.len(), 6);
+    let catalog = wdvirt::daemon::catalog::Catalog::from_config(&cfg, &h).unwrap();
+    let served: Vec<String> = catalog.accelerators().into_iter().map(|a| a.name).collect();
+    assert_eq!(served, ["soft0", "soft1"]);
+    let types = catalog.types();
+    assert_eq!(
+        types[0].available_instances, 512,
+        "256 queue pairs on each soft"
+    );
+}
