@@ -207,3 +207,57 @@ pub(crate) fn parent_pci(cx: &mut Ctx, entry: &Path) -> Option<String> {
     let name = dir.file_name()?.to_string_lossy().into_owned();
     pci::is_pci_address(&name).then_some(name)
 }
+
+#[cfg(test)]
+mod tests {
+    use rand::{Rng, SeedableRng};
+
+    use crate::topology::sysfs::{parse_cpulist, parse_uint};
+
+    /// Every parser of attribute text and config space, on random and
+    /// mutated input: an answer or a typed problem, never a panic.
+    #[test]
+    fn parsers_never_panic_on_random_input() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+        let seeds = [
+            "0-3,8",
+            "Node 0 MemTotal:  5596920 kB",
+            "10 21 31",
+            "0x3f03ff 0xc 0x0 0x0",
+            "00000000,0000000c,00000000,003f03ff",
+            "0x1f",
+        ];
+        for _ in 0..20_000 {
+            let mut bytes: Vec<u8> = seeds[rng.random_range(0..seeds.len())].as_bytes().to_vec();
+            for _ in 0..rng.random_range(0..6) {
+                let at = rng.random_range(0..=bytes.len());
+                match rng.random_range(0..3) {
+                    0 => bytes.insert(at, rng.random()),
+                    1 if at < bytes.len() => {
+                        bytes.remove(at);
+                    }
+                    _ if at < bytes.len() => {
+                        bytes[at] = b"0123456789abcdefx-, \n"[rng.random_range(0..21)]
+                    }
+                    _ => {}
+                }
+            }
+            let text = String::from_utf8_lossy(&bytes);
+            let _ = parse_cpulist(&text);
+            let _ = parse_uint(&text, u64::MAX, "x");
+            let _ = super::numa::mem_total(&text);
+            let _ = super::numa::parse_distances(&text, &[0, 1, 2]);
+            let _ = super::idxd::parse_op_cap(&text);
+        }
+        for _ in 0..2_000 {
+            let len = [0usize, 64, 256, 4096][rng.random_range(0..4)];
+            let mut cfg: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+            if len == 4096 && rng.random_bool(0.5) {
+                // A plausible first header pointing anywhere.
+                let next: u32 = rng.random_range(0..0x1000);
+                cfg[0x100..0x104].copy_from_slice(&(0x000f | next << 20).to_le_bytes());
+            }
+            let _ = super::pci::pasid_cap(&cfg);
+        }
+    }
+}

@@ -105,7 +105,7 @@ fn read_node(cx: &mut Ctx, id: u32, dir: &Path, order: &[u32], gi: &[u32]) -> Op
 }
 
 /// `Node 0 MemTotal:  5596920 kB` → 5596920.
-fn mem_total(text: &str) -> Result<u64, ProblemKind> {
+pub(super) fn mem_total(text: &str) -> Result<u64, ProblemKind> {
     for line in text.lines() {
         let mut words = line.split_whitespace();
         if let (Some("Node"), Some(_), Some("MemTotal:"), Some(v)) =
@@ -124,7 +124,10 @@ fn mem_total(text: &str) -> Result<u64, ProblemKind> {
 }
 
 /// One SLIT row: a distance 1..=255 per node of `order`.
-fn parse_distances(text: &str, order: &[u32]) -> Result<BTreeMap<u32, u32>, ProblemKind> {
+pub(super) fn parse_distances(
+    text: &str,
+    order: &[u32],
+) -> Result<BTreeMap<u32, u32>, ProblemKind> {
     let values: Vec<&str> = text.split_whitespace().collect();
     if values.len() != order.len() {
         return Err(ProblemKind::Garbage {
