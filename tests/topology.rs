@@ -576,6 +576,21 @@ fn topology_prints_text_json_dot_and_an_svg_of_a_recorded_tree() {
             || dot.contains("\"node3\" -- \"hisi_zip-0\" [label=\"10\""),
         "{dot}"
     );
+    // An IDXD device's work queues are vertices of their own.
+    let t2 = tree("spr-dsa-iaa");
+    let out = run(&[
+        "topology",
+        "--offline",
+        "--dot",
+        "--sysfs",
+        t2.to_str().unwrap(),
+    ]);
+    let dot2 = String::from_utf8_lossy(&out.stdout);
+    assert!(dot2.contains("\"dsa2/wq2.0\" [label=\"wq2.0\\nkernel dedicated enabled\\nsize 32\", shape=box, style=dashed]"), "{dot2}");
+    assert!(
+        dot2.contains("\"dsa2\" -- \"dsa2/wq2.1\" [style=dotted]"),
+        "{dot2}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let svg = dir.path().join("host.svg");
     let out = run(&[&base[..], &["--svg", svg.to_str().unwrap()]].concat());

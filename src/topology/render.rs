@@ -89,8 +89,9 @@ fn vertex(n: &Node) -> String {
 }
 
 /// The graph in DOT: NUMA nodes as boxes (memory-only ones shaded),
-/// accelerators as ellipses with their free queue pairs and PASIDs, links
-/// labelled with their distance (dashed: declared in YAML).
+/// accelerators as ellipses with their free queue pairs and PASIDs (an IDXD
+/// device's work queues as boxes of their own, dashed when not usable),
+/// links labelled with their distance (dashed: declared in YAML).
 pub fn to_dot(host: &Host, usage: &BTreeMap<String, PoolUsage>) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "graph host {{");
@@ -130,12 +131,31 @@ pub fn to_dot(host: &Host, usage: &BTreeMap<String, PoolUsage>) -> String {
             "uacce" => "lightsalmon",
             _ => "plum",
         };
+        let me = vertex(&Node::Accelerator(a.name.clone()));
         let _ = writeln!(
             s,
-            "  {} [label={}, shape=ellipse, style=filled, fillcolor=\"{fill}\"];",
-            vertex(&Node::Accelerator(a.name.clone())),
+            "  {me} [label={}, shape=ellipse, style=filled, fillcolor=\"{fill}\"];",
             quote(&label)
         );
+        // An IDXD device's queue pools are its work queues: one vertex each.
+        if let Some(super::model::Detail::Idxd { work_queues, .. }) =
+            a.found.as_ref().map(|f| &f.detail)
+        {
+            for w in work_queues {
+                let id = quote(&format!("{}/{}", a.name, w.name));
+                let label = format!(
+                    "{}\n{} {} {}\nsize {}",
+                    w.name, w.kind, w.mode, w.state, w.size
+                );
+                let style = if w.usable() { "solid" } else { "dashed" };
+                let _ = writeln!(
+                    s,
+                    "  {id} [label={}, shape=box, style={style}];",
+                    quote(&label)
+                );
+                let _ = writeln!(s, "  {me} -- {id} [style=dotted];");
+            }
+        }
     }
     for l in &host.links {
         let style = match l.origin {
