@@ -280,7 +280,10 @@ mod tests {
     #[test]
     fn refusals_name_their_reason_and_carry_einval() {
         use MigState::*;
-        assert_eq!(next_step(StopCopy, PreCopy), Err(Refusal::StopCopyToPreCopy));
+        assert_eq!(
+            next_step(StopCopy, PreCopy),
+            Err(Refusal::StopCopyToPreCopy)
+        );
         assert_eq!(next_step(Running, Error), Err(Refusal::ErrorRequested));
         assert_eq!(next_step(Error, Running), Err(Refusal::InError));
         assert_eq!(next_step(Error, Error), Err(Refusal::ErrorRequested));
