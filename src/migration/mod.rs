@@ -8,5 +8,6 @@
 //! for every pair of states.
 
 pub mod fsm;
+pub mod stream;
 
 pub use fsm::{MigState, Refusal};
