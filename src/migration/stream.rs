@@ -370,7 +370,8 @@ mod tests {
     #[test]
     fn each_field_of_the_compatibility_block_is_checked() {
         let s = encode(&compat(), &[]);
-        let cases: [(fn(&mut Compat), &str); 4] = [
+        type Change = fn(&mut Compat);
+        let cases: [(Change, &str); 4] = [
             (|c| c.abi_version = 2 << 16, "device ABI 2.0 here, 1.1"),
             (
                 |c| c.queues[3].ops = 1,
