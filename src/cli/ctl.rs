@@ -101,7 +101,7 @@ pub struct ListArgs {
     pub out: JsonFlag,
 }
 
-fn path_id(id: &str) -> String {
+pub(super) fn path_id(id: &str) -> String {
     // Names are [A-Za-z0-9._-] and UUIDs hex and dashes; anything else the
     // daemon refuses anyway, so percent-encode only what would break a path.
     id.bytes()
@@ -238,6 +238,7 @@ pub fn define(api: &ApiClient, a: DefineArgs) -> anyhow::Result<()> {
         auto: a.auto,
         numa: a.numa,
         qos: a.qos,
+        vm: None,
     };
     let v: InstanceView = api.send(Method::POST, "/v1/instances", Some(&req))?;
     if a.out.json {
@@ -321,6 +322,7 @@ pub fn modify(api: &ApiClient, a: ModifyArgs) -> anyhow::Result<()> {
         } else {
             a.qos.map(Some)
         },
+        vm: None,
     };
     if changes == ModifyRequest::default() {
         anyhow::bail!(
