@@ -1,0 +1,611 @@
+//! The libvirt hook as libvirt runs it: `wdvirt hook qemu NAME OPERATION
+//! SUBOPERATION EXTRA` as a process, the domain XML libvirt 11.3 passed to
+//! a hook here (recorded in `tests/libvirt/`) on stdin, against a real
+//! `wdvirt daemon`; what the daemon holds afterwards is read back with the
+//! CLI. The `#[ignore]`d test at the end runs a real libvirtd (see there).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use wdvirt::vmm::{GuestRam, LoopbackVmm};
+
+mod common;
+
+/// One soft accelerator of 8 queue pairs: two `quad` instances fit.
+const SMALL_HOST: &str = r#"
+accelerators:
+  - name: soft0
+    backend: soft
+    engines: 1
+    queue_pairs: 8
+    operations: [all]
+    pasids: 8
+qos_policies:
+  - name: silver
+    weight: 100
+  - name: gold
+    weight: 400
+types:
+  - name: quad
+    queues: 4
+    operations: [all]
+    max_depth: 256
+    qos: silver
+  - name: hash
+    queues: 1
+    operations: [sha256, crc32c]
+    qos: silver
+"#;
+
+fn wdvirt() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_wdvirt"))
+}
+
+fn recorded(file: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/libvirt")
+        .join(file);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// A recorded domain's XML with its wdvirt metadata asking for `count` of
+/// `ty`, and its `<qemu:commandline>` naming their sockets in `run_dir`.
+fn asking(file: &str, ty: &str, count: u32, run_dir: &Path) -> String {
+    let xml = recorded(file);
+    let name = xml
+        .split_once("<name>")
+        .and_then(|(_, r)| r.split_once("</name>"))
+        .unwrap()
+        .0
+        .to_string();
+    let xml = replace_between(
+        &xml,
+        "<wdvirt:instance ",
+        "/>",
+        &format!("<wdvirt:instance type='{ty}' count='{count}'/>"),
+    );
+    let args: String = (0..count)
+        .map(|i| {
+            let path = run_dir.join(format!("{name}-wd{i}.sock"));
+            format!(
+                "<qemu:arg value='-device'/><qemu:arg value='{{\"driver\":\"vfio-user-pci\",\"socket\":{{\"type\":\"unix\",\"path\":\"{}\"}}}}'/>",
+                path.display()
+            )
+        })
+        .collect();
+    let cmdline = format!("<qemu:commandline>{args}</qemu:commandline>");
+    if xml.contains("<qemu:commandline>") {
+        replace_between(&xml, "<qemu:commandline>", "</qemu:commandline>", &cmdline)
+    } else {
+        xml.replacen(
+            "<domain ",
+            "<domain xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0' ",
+            1,
+        )
+        .replacen("</domain>", &format!("{cmdline}</domain>"), 1)
+    }
+}
+
+/// `s` with the first `start ... end` (inclusive) replaced.
+fn replace_between(s: &str, start: &str, end: &str, with: &str) -> String {
+    let a = s.find(start).unwrap_or_else(|| panic!("no {start} in {s}"));
+    let b = a + s[a..].find(end).unwrap() + end.len();
+    format!("{}{with}{}", &s[..a], &s[b..])
+}
+
+struct Daemon {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("host.yaml"), SMALL_HOST).unwrap();
+        let child = wdvirt()
+            .arg("daemon")
+            .arg("--config")
+            .arg(dir.path().join("host.yaml"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--run-dir")
+            .arg(dir.path().join("run"))
+            .arg("--api")
+            .arg(dir.path().join("api.sock"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let d = Daemon { dir, child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(d.api()).is_err() {
+            assert!(Instant::now() < deadline, "the daemon never answered");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        d
+    }
+
+    fn api(&self) -> PathBuf {
+        self.dir.path().join("api.sock")
+    }
+    fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let out = wdvirt()
+            .arg("--api")
+            .arg(self.api())
+            .args(args)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn defined(&self) -> Vec<Value> {
+        self.json(&["list", "--defined"])
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    fn available(&self, ty: &str) -> u64 {
+        let types = self.json(&["types"]);
+        types
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == ty)
+            .unwrap()["available_instances"]
+            .as_u64()
+            .unwrap()
+    }
+
+    fn hook(&self, name: &str, op: &str, sub: &str, xml: &str) -> Output {
+        hook_at(&self.api(), &[name, op, sub, "-"], xml)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The hook as a process with `xml` on stdin, against the API at `api`.
+fn hook_at(api: &Path, args: &[&str], xml: &str) -> Output {
+    let mut child = wdvirt()
+        .arg("--api")
+        .arg(api)
+        .args(["hook", "qemu"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(xml.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "the hook failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // libvirt reads a hook's stdout as XML for some operations.
+    assert!(out.stdout.is_empty(), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn refused(out: &Output) -> String {
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty(), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// An API socket path nothing listens on: a hook that reaches for the
+/// daemon there fails to connect, so succeeding proves it did not.
+fn no_daemon() -> PathBuf {
+    PathBuf::from("/nonexistent/wdvirt/api.sock")
+}
+
+fn attach(socket: &Path) -> LoopbackVmm {
+    LoopbackVmm::connect(socket, GuestRam::new(common::RAM_BASE, 1 << 20).unwrap()).unwrap()
+}
+
+fn wait_state(d: &Daemon, name: &str, state: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = d.json(&["list", "--defined"]);
+        if let Some(i) = v.as_array().unwrap().iter().find(|i| i["name"] == name)
+            && i["state"] == state
+        {
+            return i.clone();
+        }
+        assert!(Instant::now() < deadline, "{name} never {state}: {v}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn prepare_started_release_define_start_record_and_remove_the_domains_instances() {
+    let d = Daemon::start();
+    assert_eq!(d.available("quad"), 2);
+    let xml = asking("prepare-begin.xml", "quad", 1, &d.run_dir());
+    let said = ok(&d.hook("rec1", "prepare", "begin", &xml));
+    assert!(
+        said.contains("started rec1-wd0 (quad) for domain 'rec1'"),
+        "{said}"
+    );
+    let list = d.json(&["list"]);
+    let inst = &list[0];
+    assert_eq!(inst["name"], "rec1-wd0");
+    assert_eq!(inst["vm"], "rec1", "{inst}");
+    assert_eq!(inst["state"], "started");
+    assert_eq!(inst["auto"], false);
+    let socket = d.run_dir().join("rec1-wd0.sock");
+    assert_eq!(inst["socket"], socket.to_str().unwrap());
+    assert_eq!(d.available("quad"), 1);
+
+    // QEMU connects, then libvirt says the domain has started.
+    let vmm = attach(&socket);
+    wait_state(&d, "rec1-wd0", "attached");
+    let started = asking("started-begin.xml", "quad", 1, &d.run_dir()).replace("rec2", "rec1");
+    let said = ok(&d.hook("rec1", "started", "begin", &started));
+    assert!(
+        said.contains("rec1-wd0 attached to domain 'rec1'"),
+        "{said}"
+    );
+    assert_eq!(d.json(&["list"])[0]["vm"], "rec1");
+
+    // QEMU gone, libvirt releases the domain.
+    drop(vmm);
+    let release = asking("release-end.xml", "quad", 1, &d.run_dir());
+    let said = ok(&d.hook("rec1", "release", "end", &release));
+    assert!(said.contains("released rec1-wd0"), "{said}");
+    assert!(d.defined().is_empty(), "nothing left defined");
+    assert_eq!(d.available("quad"), 2, "its queues back in the pool");
+    // A second release (libvirt calls it after a failed prepare too) is
+    // harmless.
+    let said = ok(&d.hook("rec1", "release", "end", &release));
+    assert!(said.contains("already gone"), "{said}");
+}
+
+#[test]
+fn restore_prepares_like_prepare_and_a_leftover_from_an_earlier_run_is_made_afresh() {
+    let d = Daemon::start();
+    let xml = asking("prepare-begin.xml", "hash", 2, &d.run_dir());
+    ok(&d.hook("rec1", "restore", "begin", &xml));
+    let first: Vec<_> = d.defined().iter().map(|i| i["uuid"].clone()).collect();
+    assert_eq!(first.len(), 2);
+    // libvirtd died before `release`: the next prepare finds them.
+    let said = ok(&d.hook("rec1", "prepare", "begin", &xml));
+    assert!(
+        said.contains("removed rec1-wd0 left from an earlier run"),
+        "{said}"
+    );
+    let again = d.defined();
+    assert_eq!(again.len(), 2);
+    assert!(
+        again
+            .iter()
+            .all(|i| i["state"] == "started" && !first.contains(&i["uuid"]))
+    );
+}
+
+#[test]
+fn a_domain_asking_for_more_than_fits_fails_and_leaves_nothing_allocated() {
+    let d = Daemon::start();
+    let xml = asking("prepare-begin.xml", "quad", 3, &d.run_dir());
+    let err = refused(&d.hook("rec1", "prepare", "begin", &xml));
+    assert!(err.contains("prepare begin refused"), "{err}");
+    assert!(
+        err.contains("instance rec1-wd2: cannot place instance 'rec1-wd2'"),
+        "{err}"
+    );
+    // The two that fitted were undone.
+    assert!(d.defined().is_empty(), "{:?}", d.defined());
+    assert_eq!(d.available("quad"), 2);
+    assert_eq!(d.json(&["accelerators"])[0]["pasids"]["used"], 0);
+}
+
+#[test]
+fn unknown_types_and_policies_fail_prepare_with_the_daemons_message() {
+    let d = Daemon::start();
+    let xml = asking("prepare-begin.xml", "nosuch", 1, &d.run_dir());
+    let err = refused(&d.hook("rec1", "prepare", "begin", &xml));
+    assert!(
+        err.contains("unknown instance type 'nosuch' (known: hash, quad)"),
+        "{err}"
+    );
+    let xml = asking("prepare-begin.xml", "quad", 1, &d.run_dir())
+        .replace("count='1'/>", "count='1' qos='platinum'/>");
+    let err = refused(&d.hook("rec1", "prepare", "begin", &xml));
+    assert!(err.contains("unknown QoS policy 'platinum'"), "{err}");
+    assert!(d.defined().is_empty());
+}
+
+#[test]
+fn bad_metadata_and_bad_xml_fail_before_any_daemon_call() {
+    let run = PathBuf::from("/run/wdvirt");
+    let good = asking("prepare-begin.xml", "quad", 1, &run);
+    let cases = [
+        (
+            good[..good.len() / 2].to_string(),
+            "the domain XML is not well-formed",
+        ),
+        (
+            good.replace("count='1'", "count='lots'"),
+            "count=\"lots\": a whole number from 1 to 16",
+        ),
+        (
+            good.replace("count='1'", "count='1' colour='red'"),
+            "unknown attribute 'colour'",
+        ),
+        (
+            good.replace("type='quad' ", ""),
+            "has no type=\"...\" attribute",
+        ),
+        (
+            good.replace("<wdvirt:instance ", "<wdvirt:device "),
+            "<wdvirt:device> is not a wdvirt metadata element",
+        ),
+        (
+            replace_between(&good, "<memoryBacking>", "</memoryBacking>", ""),
+            "its guest RAM is not shared",
+        ),
+        (
+            replace_between(&good, "<qemu:commandline>", "</qemu:commandline>", ""),
+            "adds no vfio-user-pci device at a socket named rec1-wd0.sock",
+        ),
+        (String::new(), "not well-formed"),
+    ];
+    for (xml, want) in cases {
+        for op in ["prepare", "restore"] {
+            let err = refused(&hook_at(&no_daemon(), &["rec1", op, "begin", "-"], &xml));
+            assert!(err.contains(want), "{op}: {want:?} not in {err}");
+            assert!(
+                err.contains("domain 'rec1'") || err.contains("domain rec1"),
+                "{err}"
+            );
+            assert!(!err.contains("cannot reach"), "no daemon call: {err}");
+        }
+    }
+}
+
+#[test]
+fn a_domain_without_wdvirt_metadata_costs_no_daemon_call_in_any_operation() {
+    let plain = replace_between(
+        &recorded("prepare-begin.xml"),
+        "<metadata>",
+        "</metadata>",
+        "",
+    );
+    for (op, sub) in [
+        ("prepare", "begin"),
+        ("start", "begin"),
+        ("started", "begin"),
+        ("stopped", "end"),
+        ("release", "end"),
+        ("reconnect", "begin"),
+        ("restore", "begin"),
+        ("migrate", "begin"),
+        ("attach", "begin"),
+    ] {
+        let said = ok(&hook_at(&no_daemon(), &["rec1", op, sub, "-"], &plain));
+        assert!(said.is_empty(), "{op}: {said}");
+    }
+    // Operations the hook does not act on do not even read the XML.
+    ok(&hook_at(
+        &no_daemon(),
+        &["rec1", "stopped", "end", "-"],
+        "<<garbage",
+    ));
+}
+
+#[test]
+fn migrate_is_refused_with_the_reason_and_no_daemon_call() {
+    let xml = asking("prepare-begin.xml", "quad", 2, Path::new("/run/wdvirt"));
+    let err = refused(&hook_at(
+        &no_daemon(),
+        &["rec1", "migrate", "begin", "-"],
+        &xml,
+    ));
+    assert!(
+        err.contains("migrate begin refused: domain 'rec1' cannot be migrated"),
+        "{err}"
+    );
+    assert!(err.contains("rec1-wd0, rec1-wd1"), "{err}");
+    assert!(
+        err.contains("QEMU 11.1's vfio-user-pci cannot carry a vfio-user device's state"),
+        "{err}"
+    );
+}
+
+#[test]
+fn reconnect_leaves_running_instances_alone_adopts_known_ones_and_never_fails() {
+    let d = Daemon::start();
+    let xml = asking("prepare-begin.xml", "quad", 1, &d.run_dir());
+    ok(&d.hook("rec1", "prepare", "begin", &xml));
+    let socket = d.run_dir().join("rec1-wd0.sock");
+    let vmm = attach(&socket);
+    let before = wait_state(&d, "rec1-wd0", "attached");
+    let reconnect = asking("reconnect-begin.xml", "quad", 1, &d.run_dir()).replace("rec2", "rec1");
+    let said = ok(&d.hook("rec1", "reconnect", "begin", &reconnect));
+    assert!(
+        said.contains("rec1-wd0 is attached; left as it is"),
+        "{said}"
+    );
+    let after = wait_state(&d, "rec1-wd0", "attached");
+    for k in ["uuid", "pasid", "socket", "placement"] {
+        assert_eq!(before[k], after[k], "{k}");
+    }
+    assert_eq!(
+        after["report"]["connections"], 1,
+        "the VMM's connection kept"
+    );
+    drop(vmm);
+
+    // An instance the daemon knows under the domain's name but without a
+    // VM (defined by hand) is adopted; a missing one is reported.
+    let out = wdvirt()
+        .arg("--api")
+        .arg(d.api())
+        .args(["define", "--type", "hash", "--name", "rec2-wd0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let rec2 = asking("reconnect-begin.xml", "hash", 2, &d.run_dir());
+    let said = ok(&d.hook("rec2", "reconnect", "begin", &rec2));
+    assert!(said.contains("adopted rec2-wd0 (defined)"), "{said}");
+    assert!(
+        said.contains("rec2-wd1: the daemon has no such instance"),
+        "{said}"
+    );
+    let adopted = d
+        .defined()
+        .into_iter()
+        .find(|i| i["name"] == "rec2-wd0")
+        .unwrap();
+    assert_eq!(adopted["vm"], "rec2");
+
+    // With no daemon at all, reconnect still succeeds (a failing reconnect
+    // hook makes libvirt kill the domain).
+    let said = ok(&hook_at(
+        &no_daemon(),
+        &["rec1", "reconnect", "begin", "-"],
+        &reconnect,
+    ));
+    assert!(said.contains("cannot ask the daemon"), "{said}");
+}
+
+#[test]
+fn an_instance_not_made_for_the_domain_is_never_taken_or_released() {
+    let d = Daemon::start();
+    let out = wdvirt()
+        .arg("--api")
+        .arg(d.api())
+        .args(["define", "--type", "hash", "--name", "rec1-wd0"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let xml = asking("prepare-begin.xml", "quad", 1, &d.run_dir());
+    let err = refused(&d.hook("rec1", "prepare", "begin", &xml));
+    assert!(
+        err.contains(
+            "the wdvirt instance name rec1-wd0 is taken by an instance an operator defined"
+        ),
+        "{err}"
+    );
+    let said = ok(&d.hook("rec1", "release", "end", &xml));
+    assert!(
+        said.contains("rec1-wd0: not made for domain 'rec1'; left alone"),
+        "{said}"
+    );
+    let left = d.defined();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0]["type"], "hash", "the operator's instance as it was");
+}
+
+#[test]
+fn the_snippet_gives_a_domain_that_the_hook_prepares_at_the_sockets_it_names() {
+    let d = Daemon::start();
+    let out = wdvirt()
+        .args([
+            "libvirt", "snippet", "--type", "hash", "--count", "2", "--domain", "web 1", "--qos",
+            "gold",
+        ])
+        .arg("--run-dir")
+        .arg(d.run_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let snippet = String::from_utf8(out.stdout).unwrap();
+    let xml = format!(
+        "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>web 1</name>{snippet}</domain>"
+    );
+    ok(&d.hook("web 1", "prepare", "begin", &xml));
+    let list = d.json(&["list"]);
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    for i in list {
+        assert_eq!(i["vm"], "web 1");
+        assert_eq!(i["qos"], "gold");
+        let socket = PathBuf::from(i["socket"].as_str().unwrap());
+        assert!(
+            snippet.contains(socket.to_str().unwrap()),
+            "{socket:?} in\n{snippet}"
+        );
+        assert!(socket.exists());
+    }
+    let bad = wdvirt()
+        .args(["libvirt", "snippet", "--type", "hash", "--count", "17"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("17 is not in 1..=16"),
+        "{bad:?}"
+    );
+}
+
+#[test]
+fn install_hook_writes_a_script_that_libvirt_can_run_and_is_idempotent() {
+    let d = Daemon::start();
+    let hooks = tempfile::tempdir().unwrap();
+    let install = || {
+        wdvirt()
+            .arg("--api")
+            .arg(d.api())
+            .args(["libvirt", "install-hook", "--hooks-dir"])
+            .arg(hooks.path())
+            .output()
+            .unwrap()
+    };
+    let first = install();
+    assert!(first.status.success(), "{first:?}");
+    let script = hooks.path().join("qemu.d/wdvirt");
+    assert_eq!(
+        String::from_utf8_lossy(&first.stdout).trim(),
+        script.to_str().unwrap()
+    );
+    assert!(String::from_utf8_lossy(&first.stderr).contains("installed"));
+    let second = install();
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("is up to date"),
+        "{second:?}"
+    );
+
+    // Run as libvirt runs it: argv, XML on stdin, an environment of its own.
+    let xml = asking("prepare-begin.xml", "hash", 1, &d.run_dir());
+    let mut child = Command::new(&script)
+        .args(["rec1", "prepare", "begin", "-"])
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(xml.as_bytes())
+        .unwrap();
+    ok(&child.wait_with_output().unwrap());
+    assert_eq!(d.json(&["list"])[0]["vm"], "rec1");
+}
