@@ -609,3 +609,497 @@ fn install_hook_writes_a_script_that_libvirt_can_run_and_is_idempotent() {
     ok(&child.wait_with_output().unwrap());
     assert_eq!(d.json(&["list"])[0]["vm"], "rec1");
 }
+
+// ---------------------------------------------------------------------
+// A real libvirtd: libvirt 11.3 in the trixie chroot beside QEMU 11.1
+// (`scripts/qemu-chroot.sh libvirt`), the hook installed there with
+// `wdvirt libvirt install-hook`, a `wdvirt daemon` on the host serving its
+// API and instance sockets inside the chroot's /run, the wdvirt binary
+// linked into the same directory so the hook (run by libvirtd inside the
+// chroot) finds both.
+
+/// What QEMU boots (`scripts/guest-image.sh`), as seen inside the chroot.
+const IMAGE_IN: &str = "/var/lib/wdvirt-guest";
+const GUEST_JOBS: &str = "crc32c,sha256,gzip";
+
+fn chroot_dir() -> PathBuf {
+    PathBuf::from(
+        std::env::var_os("WDVIRT_CHROOT").unwrap_or_else(|| "/var/tmp/wdvirt-trixie".into()),
+    )
+}
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// CMD inside the chroot (`scripts/qemu-chroot.sh run`, with sysfs).
+fn in_chroot(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new("bash")
+        .arg(repo().join("scripts/qemu-chroot.sh"))
+        .args(["run", "--"])
+        .args(args)
+        .env("SYSFS", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn virsh(args: &[&str]) -> Output {
+    let mut a = vec!["virsh", "-c", "qemu:///system"];
+    a.extend_from_slice(args);
+    in_chroot(&a, None)
+}
+
+fn virsh_ok(args: &[&str]) -> String {
+    let out = virsh(args);
+    assert!(out.status.success(), "virsh {args:?}: {out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The process a pid file in the chroot's /run names, if it is alive.
+fn running_pid(chroot: &Path, pidfile: &str) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(chroot.join("run").join(pidfile))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+}
+
+fn stop_pid(pid: i32) {
+    let _ = rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::TERM,
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}/exe")).exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+struct Libvirt {
+    chroot: PathBuf,
+    /// The test's directory, on the host and inside the chroot.
+    dir: tempfile::TempDir,
+    dir_in: String,
+    daemon: Child,
+    hook: PathBuf,
+    recorder: PathBuf,
+    domains: Vec<String>,
+}
+
+impl Libvirt {
+    fn start() -> Libvirt {
+        let chroot = chroot_dir();
+        assert!(
+            chroot.join("var/lib/wdvirt-guest/initrd.cpio").exists(),
+            "no guest image: run `bash scripts/guest-image.sh` (scripts/test.sh does)"
+        );
+        assert!(
+            chroot.join("usr/sbin/libvirtd").exists(),
+            "no libvirt in the chroot: run `bash scripts/qemu-chroot.sh libvirt` (scripts/test.sh does)"
+        );
+        // A libvirtd left by an earlier run would not see the hooks below.
+        for pidfile in ["libvirtd.pid"] {
+            if let Some(pid) = running_pid(&chroot, pidfile) {
+                stop_pid(pid);
+            }
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("wdvirt-lv-")
+            .tempdir_in(chroot.join("run"))
+            .unwrap();
+        let dir_in = format!("/run/{}", dir.path().file_name().unwrap().to_str().unwrap());
+        std::fs::write(dir.path().join("host.yaml"), SMALL_HOST).unwrap();
+        // The hook runs inside the chroot: the binary goes where it can see it.
+        let bin = dir.path().join("wdvirt");
+        std::fs::hard_link(env!("CARGO_BIN_EXE_wdvirt"), &bin)
+            .or_else(|_| std::fs::copy(env!("CARGO_BIN_EXE_wdvirt"), &bin).map(drop))
+            .unwrap();
+        let daemon = wdvirt()
+            .arg("daemon")
+            .arg("--config")
+            .arg(dir.path().join("host.yaml"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .arg("--run-dir")
+            .arg(dir.path())
+            .arg("--api")
+            .arg(dir.path().join("api.sock"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let hooks = chroot.join("etc/libvirt/hooks");
+        let out = wdvirt()
+            .arg("--api")
+            .arg(format!("{dir_in}/api.sock"))
+            .args(["libvirt", "install-hook", "--hooks-dir"])
+            .arg(&hooks)
+            .arg("--wdvirt")
+            .arg(format!("{dir_in}/wdvirt"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "install-hook: {out:?}");
+        let hook = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        // Beside it, a recorder of every call libvirt makes (libvirt runs
+        // every script in qemu.d, in order).
+        let recorder = hooks.join("qemu.d/zz-wdvirt-test-calls");
+        std::fs::write(
+            &recorder,
+            format!("#!/bin/sh\ncat >/dev/null\necho \"$*\" >>{dir_in}/hook-calls.log\n"),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&recorder, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let lv = Libvirt {
+            chroot,
+            dir,
+            dir_in,
+            daemon,
+            hook,
+            recorder,
+            domains: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(lv.api()).is_err() {
+            assert!(Instant::now() < deadline, "the daemon never answered");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        lv.start_libvirtd();
+        lv
+    }
+
+    fn api(&self) -> PathBuf {
+        self.dir.path().join("api.sock")
+    }
+
+    fn start_libvirtd(&self) {
+        let out = in_chroot(
+            &["/bin/sh", "-c", "virtlogd -d 2>/dev/null; libvirtd -d"],
+            None,
+        );
+        assert!(out.status.success(), "libvirtd -d: {out:?}");
+        let sock = self.chroot.join("run/libvirt/libvirt-sock");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(Instant::now() < deadline, "libvirtd never answered");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop_libvirtd(&self) {
+        if let Some(pid) = running_pid(&self.chroot, "libvirtd.pid") {
+            stop_pid(pid);
+        }
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let out = wdvirt()
+            .arg("--api")
+            .arg(self.api())
+            .args(args)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn defined(&self) -> Vec<String> {
+        let v = self.json(&["list", "--defined"]);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["name"].as_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn instance(&self, name: &str) -> Value {
+        let v = self.json(&["list", "--defined"]);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {v}"))
+            .clone()
+    }
+
+    fn available(&self) -> u64 {
+        let types = self.json(&["types"]);
+        types
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == "quad")
+            .unwrap()["available_instances"]
+            .as_u64()
+            .unwrap()
+    }
+
+    /// Defines a domain whose fragments come from `wdvirt libvirt snippet`
+    /// (then `edit`ed), with the guest tool running `params`.
+    fn define(&mut self, name: &str, count: u32, params: &str, edit: impl Fn(String) -> String) {
+        let out = wdvirt()
+            .args(["libvirt", "snippet", "--type", "quad", "--domain", name])
+            .args(["--count", &count.to_string(), "--run-dir", &self.dir_in])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let snippet = edit(String::from_utf8(out.stdout).unwrap());
+        let dir_in = &self.dir_in;
+        let xml = format!(
+            "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+  <name>{name}</name>
+  <memory unit='MiB'>256</memory>
+  <vcpu>1</vcpu>
+  <cpu mode='maximum'/>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{IMAGE_IN}/vmlinuz</kernel>
+    <initrd>{IMAGE_IN}/initrd.cpio</initrd>
+    <cmdline>console=ttyS0 quiet loglevel=1 panic=-1 hugepages=8 {params}</cmdline>
+  </os>
+  <on_poweroff>destroy</on_poweroff>
+  <on_reboot>destroy</on_reboot>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <serial type='file'><source path='{dir_in}/{name}.console'/></serial>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+{snippet}</domain>
+"
+        );
+        let file = self.dir.path().join(format!("{name}.xml"));
+        std::fs::write(&file, xml).unwrap();
+        virsh_ok(&["define", &format!("{}/{name}.xml", self.dir_in)]);
+        self.domains.push(name.into());
+    }
+
+    fn console(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{name}.console"))).unwrap_or_default()
+    }
+
+    /// Waits for a console line starting with `prefix`.
+    fn wait_console(&self, name: &str, prefix: &str, secs: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let text = self.console(name);
+            if let Some(l) = text.lines().find(|l| l.starts_with(prefix)) {
+                return l.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {prefix:?} on {name}'s console after {secs} s:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_call(&self, call: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.calls().contains(call) {
+            assert!(
+                Instant::now() < deadline,
+                "libvirt never called the hook with {call:?}:\n{}",
+                self.calls()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn calls(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("hook-calls.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Libvirt {
+    fn drop(&mut self) {
+        for d in &self.domains {
+            let _ = virsh(&["destroy", d]);
+            let _ = virsh(&["undefine", d]);
+        }
+        self.stop_libvirtd();
+        if let Some(pid) = running_pid(&self.chroot, "virtlogd.pid") {
+            stop_pid(pid);
+        }
+        let _ = std::fs::remove_file(&self.hook);
+        let _ = std::fs::remove_file(&self.recorder);
+        let _ = self.daemon.kill();
+        let _ = self.daemon.wait();
+    }
+}
+
+/// The daemon's jobs for one instance: completed ok and failed.
+fn host_jobs(inst: &Value) -> (u64, u64) {
+    inst["report"]["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .fold((0, 0), |(ok, failed), q| {
+            (
+                ok + q["jobs_ok"].as_u64().unwrap(),
+                failed + q["jobs_failed"].as_u64().unwrap(),
+            )
+        })
+}
+
+/// The guest's results equal what the host computes for the same bytes.
+fn assert_guest_results(result: &Value, seed: u64, size: usize) -> u64 {
+    use wdvirt::accel::ops;
+    assert_eq!(result["ok"], true, "{result}");
+    let data = wdvirt_guest::workload::gen_data(seed, size);
+    let jobs: Vec<&str> = result["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["job"].as_str().unwrap())
+        .collect();
+    assert_eq!(jobs, GUEST_JOBS.split(',').collect::<Vec<_>>());
+    for job in result["results"].as_array().unwrap() {
+        assert_eq!(job["ok"], true, "{job}");
+        match job["job"].as_str().unwrap() {
+            "crc32c" => assert_eq!(job["crc32c"], format!("{:08x}", ops::crc32c(&data))),
+            "sha256" => {
+                let mut digest = [0u8; 32];
+                ops::sha256(&data, &mut digest).unwrap();
+                let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+                assert_eq!(job["sha256"], hex);
+            }
+            _ => assert_eq!(job["roundtrip_ok"], true, "{job}"),
+        }
+    }
+    result["totals"]["device_jobs"].as_u64().unwrap()
+}
+
+#[test]
+#[ignore = "runs libvirtd and a Linux guest in the trixie chroot: needs root, scripts/qemu-chroot.sh libvirt and scripts/guest-image.sh; scripts/test.sh runs it"]
+fn a_real_libvirtd_gives_a_guest_its_instance_and_refuses_what_wdvirt_cannot_do() {
+    let mut lv = Libvirt::start();
+    let before = lv.available();
+    assert_eq!(before, 2);
+
+    // 1. A domain asking for one instance starts; the guest finds the
+    // device and runs jobs. libvirtd is restarted while it does.
+    let a = "wdvirt-lv-a";
+    let params = format!(
+        "wdvirt.mode=run wdvirt.jobs={GUEST_JOBS} wdvirt.size=2M wdvirt.seed=9 wdvirt.shell=1"
+    );
+    lv.define(a, 1, &params, |s| s);
+    let t = Instant::now();
+    virsh_ok(&["start", a]);
+    let inst = format!("{a}-wd0");
+    let first = lv.instance(&inst);
+    assert_eq!(first["vm"], a);
+    assert_eq!(lv.available(), before - 1);
+    lv.wait_console(a, "wdvirt-guest: found", 120);
+    let attached = lv.instance(&inst);
+    assert_eq!(attached["state"], "attached", "{attached}");
+
+    lv.stop_libvirtd();
+    lv.start_libvirtd();
+    // libvirtd reconnects to its domains in threads of their own, after it
+    // answers on its socket.
+    lv.wait_call(&format!("{a} reconnect begin"));
+    assert_eq!(virsh_ok(&["domstate", a]).trim(), "running");
+
+    let line = lv.wait_console(a, "WDVIRT-RESULT ", 240);
+    let result: Value = serde_json::from_str(line.strip_prefix("WDVIRT-RESULT ").unwrap()).unwrap();
+    let device_jobs = assert_guest_results(&result, 9, 2 << 20);
+    eprintln!(
+        "guest started by libvirtd ran {device_jobs} device jobs, verified, in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let after = lv.instance(&inst);
+    assert_eq!(after["vm"], a, "listed under the domain's name");
+    assert_eq!(after["state"], "attached");
+    for k in ["uuid", "pasid", "socket", "placement"] {
+        assert_eq!(after[k], first[k], "{k} changed across libvirtd's restart");
+    }
+    assert_eq!(after["report"]["connections"], 1, "QEMU's one connection");
+    assert_eq!(host_jobs(&after), (device_jobs, 0));
+
+    // 2. More than fits: one quad is left, this asks for two.
+    let b = "wdvirt-lv-b";
+    lv.define(b, 2, "", |s| s);
+    let out = virsh(&["start", b]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("cannot place instance '{b}-wd1'")),
+        "{err}"
+    );
+    eprintln!("virsh start {b} (more than fits):\n{}", err.trim());
+    assert_eq!(lv.defined(), [inst.clone()], "nothing of {b} left");
+    assert_eq!(lv.available(), before - 1);
+
+    // 3. Bad metadata.
+    let c = "wdvirt-lv-c";
+    lv.define(c, 1, "", |s| {
+        s.replace("type='quad'", "type='quad' count='lots'")
+    });
+    let out = virsh(&["start", c]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("count=\"lots\": a whole number from 1 to 16"),
+        "{err}"
+    );
+    eprintln!("virsh start {c} (bad metadata):\n{}", err.trim());
+    assert_eq!(lv.defined(), [inst.clone()]);
+
+    // 4. A migration of the running domain: the hook refuses it as libvirt
+    // calls it on a destination (the live XML on stdin), and the source
+    // runs on.
+    let live = virsh_ok(&["dumpxml", a]);
+    let hook_in = format!(
+        "/etc/libvirt/hooks/qemu.d/{}",
+        lv.hook.file_name().unwrap().to_str().unwrap()
+    );
+    let out = in_chroot(&[&hook_in, a, "migrate", "begin", "-"], Some(&live));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("domain '{a}' cannot be migrated")),
+        "{err}"
+    );
+    assert!(
+        err.contains("QEMU 11.1's vfio-user-pci cannot carry"),
+        "{err}"
+    );
+    assert_eq!(virsh_ok(&["domstate", a]).trim(), "running");
+    assert_eq!(lv.instance(&inst)["state"], "attached");
+
+    // 5. virsh destroy releases the instance.
+    virsh_ok(&["destroy", a]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !lv.defined().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "not released: {:?}",
+            lv.defined()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(lv.available(), before);
+    let calls = lv.calls();
+    for want in [
+        format!("{a} prepare begin -"),
+        format!("{a} started begin -"),
+        format!("{a} reconnect begin -"),
+        format!("{a} release end destroyed"),
+        format!("{b} release end failed"),
+    ] {
+        assert!(calls.contains(&want), "{want:?} not in\n{calls}");
+    }
+}
