@@ -1040,7 +1040,11 @@ fn a_real_libvirtd_gives_a_guest_its_instance_and_refuses_what_wdvirt_cannot_do(
         "{err}"
     );
     eprintln!("virsh start {b} (more than fits):\n{}", err.trim());
-    assert_eq!(lv.defined(), [inst.clone()], "nothing of {b} left");
+    assert_eq!(
+        lv.defined(),
+        std::slice::from_ref(&inst),
+        "nothing of {b} left"
+    );
     assert_eq!(lv.available(), before - 1);
 
     // 3. Bad metadata.
@@ -1056,7 +1060,7 @@ fn a_real_libvirtd_gives_a_guest_its_instance_and_refuses_what_wdvirt_cannot_do(
         "{err}"
     );
     eprintln!("virsh start {c} (bad metadata):\n{}", err.trim());
-    assert_eq!(lv.defined(), [inst.clone()]);
+    assert_eq!(lv.defined(), std::slice::from_ref(&inst));
 
     // 4. A migration of the running domain: the hook refuses it as libvirt
     // calls it on a destination (the live XML on stdin), and the source
