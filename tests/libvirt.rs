@@ -621,6 +621,8 @@ fn install_hook_writes_a_script_that_libvirt_can_run_and_is_idempotent() {
 /// What QEMU boots (`scripts/guest-image.sh`), as seen inside the chroot.
 const IMAGE_IN: &str = "/var/lib/wdvirt-guest";
 const GUEST_JOBS: &str = "crc32c,sha256,gzip";
+/// The destination libvirtd's host name.
+const DESTINATION: &str = "wdvirt-dst";
 
 fn chroot_dir() -> PathBuf {
     PathBuf::from(
@@ -664,13 +666,9 @@ fn virsh_ok(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The process a pid file in the chroot's /run names, if it is alive.
-fn running_pid(chroot: &Path, pidfile: &str) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(chroot.join("run").join(pidfile))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
+/// The process a pid file names, if it is alive.
+fn running_pid(pidfile: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pidfile).ok()?.trim().parse().ok()?;
     Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
 }
 
@@ -708,10 +706,8 @@ impl Libvirt {
             "no libvirt in the chroot: run `bash scripts/qemu-chroot.sh libvirt` (scripts/test.sh does)"
         );
         // A libvirtd left by an earlier run would not see the hooks below.
-        for pidfile in ["libvirtd.pid"] {
-            if let Some(pid) = running_pid(&chroot, pidfile) {
-                stop_pid(pid);
-            }
+        if let Some(pid) = running_pid(&chroot.join("run/libvirtd.pid")) {
+            stop_pid(pid);
         }
         let dir = tempfile::Builder::new()
             .prefix("wdvirt-lv-")
@@ -751,11 +747,14 @@ impl Libvirt {
         assert!(out.status.success(), "install-hook: {out:?}");
         let hook = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
         // Beside it, a recorder of every call libvirt makes (libvirt runs
-        // every script in qemu.d, in order).
-        let recorder = hooks.join("qemu.d/zz-wdvirt-test-calls");
+        // every script in qemu.d in name order; this one first, so that it
+        // sees the calls wdvirt's hook fails too).
+        let recorder = hooks.join("qemu.d/00-wdvirt-test-calls");
         std::fs::write(
             &recorder,
-            format!("#!/bin/sh\ncat >/dev/null\necho \"$*\" >>{dir_in}/hook-calls.log\n"),
+            format!(
+                "#!/bin/sh\ncat >/dev/null\necho \"$(hostname) $*\" >>{dir_in}/hook-calls.log\n"
+            ),
         )
         .unwrap();
         use std::os::unix::fs::PermissionsExt;
@@ -797,7 +796,7 @@ impl Libvirt {
     }
 
     fn stop_libvirtd(&self) {
-        if let Some(pid) = running_pid(&self.chroot, "libvirtd.pid") {
+        if let Some(pid) = running_pid(&self.chroot.join("run/libvirtd.pid")) {
             stop_pid(pid);
         }
     }
@@ -906,6 +905,39 @@ impl Libvirt {
         }
     }
 
+    /// A second libvirtd in the chroot, standing in for another host: its
+    /// own UTS namespace (host name), and tmpfs over libvirt's state and
+    /// configuration directories (a copy, with another host UUID and its
+    /// sockets in the test's directory). Returns its URI.
+    fn start_destination(&self) -> String {
+        let dst_in = format!("{}/dst", self.dir_in);
+        std::fs::create_dir_all(self.dir.path().join("dst")).unwrap();
+        let script = format!(
+            "set -e
+hostname {DESTINATION}
+cp -a /etc/libvirt {dst_in}/etc
+for d in /run/libvirt /var/lib/libvirt /var/cache/libvirt /var/log/libvirt /etc/libvirt; do
+  mkdir -p $d && mount -t tmpfs tmpfs $d
+done
+cp -a {dst_in}/etc/. /etc/libvirt/
+echo 'host_uuid = \"6b1f0c1e-6a4e-4d0e-9a57-2d1e0e5f0a01\"' >>/etc/libvirt/libvirtd.conf
+echo 'unix_sock_dir = \"{dst_in}\"' >>/etc/libvirt/libvirtd.conf
+mkdir -p /var/lib/libvirt/qemu /var/cache/libvirt/qemu /var/log/libvirt/qemu /run/libvirt/qemu
+virtlogd -d -p {dst_in}/virtlogd.pid
+libvirtd -d -p {dst_in}/libvirtd.pid
+"
+        );
+        let out = in_chroot(&["unshare", "--uts", "/bin/sh", "-c", &script], None);
+        assert!(out.status.success(), "the destination libvirtd: {out:?}");
+        let sock = self.dir.path().join("dst/libvirt-sock");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(Instant::now() < deadline, "the destination never answered");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        format!("qemu+unix:///system?socket={dst_in}/libvirt-sock")
+    }
+
     fn wait_call(&self, call: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !self.calls().contains(call) {
@@ -930,8 +962,15 @@ impl Drop for Libvirt {
             let _ = virsh(&["undefine", d]);
         }
         self.stop_libvirtd();
-        if let Some(pid) = running_pid(&self.chroot, "virtlogd.pid") {
-            stop_pid(pid);
+        let dst = self.dir.path().join("dst");
+        for pidfile in [
+            self.chroot.join("run/virtlogd.pid"),
+            dst.join("libvirtd.pid"),
+            dst.join("virtlogd.pid"),
+        ] {
+            if let Some(pid) = running_pid(&pidfile) {
+                stop_pid(pid);
+            }
         }
         let _ = std::fs::remove_file(&self.hook);
         let _ = std::fs::remove_file(&self.recorder);
@@ -1062,17 +1101,15 @@ fn a_real_libvirtd_gives_a_guest_its_instance_and_refuses_what_wdvirt_cannot_do(
     eprintln!("virsh start {c} (bad metadata):\n{}", err.trim());
     assert_eq!(lv.defined(), std::slice::from_ref(&inst));
 
-    // 4. A migration of the running domain: the hook refuses it as libvirt
-    // calls it on a destination (the live XML on stdin), and the source
-    // runs on.
-    let live = virsh_ok(&["dumpxml", a]);
-    let hook_in = format!(
-        "/etc/libvirt/hooks/qemu.d/{}",
-        lv.hook.file_name().unwrap().to_str().unwrap()
-    );
-    let out = in_chroot(&[&hook_in, a, "migrate", "begin", "-"], Some(&live));
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    // 4. `virsh migrate` of the running domain to a second libvirtd (its
+    // own host name, host UUID and state, the same hooks): the destination's
+    // hook refuses it, and the source runs on.
+    let uri = lv.start_destination();
+    let out = virsh(&["migrate", "--live", a, &uri]);
+    assert!(!out.status.success(), "{out:?}");
+    lv.wait_call(&format!("{DESTINATION} {a} migrate begin -"));
     let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("virsh migrate {a}:\n{}", err.trim());
     assert!(
         err.contains(&format!("domain '{a}' cannot be migrated")),
         "{err}"
@@ -1082,7 +1119,18 @@ fn a_real_libvirtd_gives_a_guest_its_instance_and_refuses_what_wdvirt_cannot_do(
         "{err}"
     );
     assert_eq!(virsh_ok(&["domstate", a]).trim(), "running");
-    assert_eq!(lv.instance(&inst)["state"], "attached");
+    let kept = lv.instance(&inst);
+    assert_eq!(kept["state"], "attached");
+    assert_eq!(
+        (&kept["uuid"], &kept["pasid"]),
+        (&first["uuid"], &first["pasid"])
+    );
+    assert_eq!(host_jobs(&kept), (device_jobs, 0));
+    assert_eq!(
+        lv.defined(),
+        std::slice::from_ref(&inst),
+        "the destination made nothing"
+    );
 
     // 5. virsh destroy releases the instance.
     virsh_ok(&["destroy", a]);
