@@ -400,6 +400,71 @@ mod tests {
         );
     }
 
+    /// The XML libvirt 11.3 passed to a hook here, mangled a few thousand
+    /// ways (seeded): never a panic, and whatever parses keeps the bounds.
+    #[test]
+    fn mangled_domain_xml_never_panics_and_parses_only_within_bounds() {
+        use rand::{Rng, SeedableRng};
+        let xml = include_str!("../../tests/libvirt/prepare-begin.xml");
+        let pieces = [
+            "<",
+            ">",
+            "/>",
+            "'",
+            "\"",
+            "&amp;",
+            "&#0;",
+            "count='16'",
+            "count='99999999999'",
+            "numa='-1'",
+            "xmlns:wdvirt='http://wdvirt.org/xmlns/libvirt/1'",
+            "<wdvirt:instance type='a' count='16'/>",
+            "]]>",
+            "<!--",
+            "\u{0}",
+            "\u{1F600}",
+        ];
+        let mut rng = rand::rngs::StdRng::seed_from_u64(16);
+        let (mut parsed, mut refused) = (0, 0);
+        for _ in 0..3000 {
+            let mut s = xml.to_string();
+            for _ in 0..rng.random_range(1..4) {
+                let mut at = rng.random_range(0..=s.len());
+                while !s.is_char_boundary(at) {
+                    at -= 1;
+                }
+                let mut end = (at + rng.random_range(0..8)).min(s.len());
+                while !s.is_char_boundary(end) {
+                    end -= 1;
+                }
+                let with = if rng.random_bool(0.5) {
+                    pieces[rng.random_range(0..pieces.len())]
+                } else {
+                    ""
+                };
+                s.replace_range(at..end, with);
+            }
+            match Domain::parse(&s) {
+                Ok(d) => {
+                    parsed += 1;
+                    let planned = d.planned();
+                    assert!(planned.len() <= MAX_INSTANCES as usize);
+                    for p in planned {
+                        assert!(p.name.len() <= 64 && !p.type_name.is_empty(), "{p:?}");
+                    }
+                }
+                Err(e) => {
+                    refused += 1;
+                    assert!(!e.to_string().is_empty());
+                }
+            }
+        }
+        assert!(
+            parsed > 0 && refused > 0,
+            "{parsed} parsed, {refused} refused"
+        );
+    }
+
     #[test]
     fn names_are_stable_valid_and_distinct() {
         assert_eq!(instance_names("web-1", 2), ["web-1-wd0", "web-1-wd1"]);
