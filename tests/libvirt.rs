@@ -417,6 +417,20 @@ fn a_domain_without_wdvirt_metadata_costs_no_daemon_call_in_any_operation() {
 }
 
 #[test]
+fn prepare_with_no_daemon_says_where_it_looked() {
+    let xml = asking("prepare-begin.xml", "quad", 1, Path::new("/run/wdvirt"));
+    let err = refused(&hook_at(
+        &no_daemon(),
+        &["rec1", "prepare", "begin", "-"],
+        &xml,
+    ));
+    assert!(
+        err.contains("cannot reach the wdvirt daemon at /nonexistent/wdvirt/api.sock"),
+        "{err}"
+    );
+}
+
+#[test]
 fn migrate_is_refused_with_the_reason_and_no_daemon_call() {
     let xml = asking("prepare-begin.xml", "quad", 2, Path::new("/run/wdvirt"));
     let err = refused(&hook_at(
