@@ -148,7 +148,7 @@ build_libvirt() {
   if done_step libvirt && [ -x "$DIR/usr/sbin/libvirtd" ] && [ -x "$DIR/usr/bin/virsh" ]; then
     log "libvirt: done already"
   else
-    log "apt-get install libvirt-daemon-driver-qemu libvirt-daemon libvirt-clients (about a minute)"
+    log "apt-get install libvirt-daemon-driver-qemu libvirt-daemon libvirt-clients (about 30 s)"
     t=$(date +%s)
     apt_install libvirt "$DIR.apt-libvirt.log" libvirt-daemon-driver-qemu libvirt-daemon libvirt-clients
     log "libvirt: $(($(date +%s) - t)) s"
