@@ -335,6 +335,25 @@ fn unknown_types_and_policies_fail_prepare_with_the_daemons_message() {
         .replace("count='1'/>", "count='1' qos='platinum'/>");
     let err = refused(&d.hook("rec1", "prepare", "begin", &xml));
     assert!(err.contains("unknown QoS policy 'platinum'"), "{err}");
+    // The VM's name lands in listings and logs: bounded, no control
+    // characters (XML allows a tab in a name).
+    let snippet = |domain: &str| {
+        let out = wdvirt()
+            .args(["libvirt", "snippet", "--type", "hash", "--domain", domain])
+            .arg("--run-dir")
+            .arg(d.run_dir())
+            .output()
+            .unwrap();
+        format!(
+            "<domain xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'><name>{domain}</name>{}</domain>",
+            String::from_utf8(out.stdout).unwrap()
+        )
+    };
+    let err = refused(&d.hook("a\tb", "prepare", "begin", &snippet("a\tb")));
+    assert!(err.contains("no control characters"), "{err}");
+    let long = "v".repeat(300);
+    let err = refused(&d.hook(&long, "prepare", "begin", &snippet(&long)));
+    assert!(err.contains("must be 1-256 characters"), "{err}");
     assert!(d.defined().is_empty());
 }
 
