@@ -554,6 +554,34 @@ fn an_instance_not_made_for_the_domain_is_never_taken_or_released() {
 }
 
 #[test]
+fn an_operator_labels_an_instance_with_its_vm_through_the_cli() {
+    let d = Daemon::start();
+    let cli = |args: &[&str]| {
+        wdvirt()
+            .arg("--api")
+            .arg(d.api())
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(
+        cli(&["define", "--type", "hash", "--name", "h1", "--vm", "db 1"])
+            .status
+            .success()
+    );
+    assert_eq!(d.defined()[0]["vm"], "db 1");
+    assert!(cli(&["modify", "h1", "--vm", "db-2"]).status.success());
+    assert_eq!(d.defined()[0]["vm"], "db-2");
+    assert!(cli(&["modify", "h1", "--no-vm"]).status.success());
+    assert!(d.defined()[0].get("vm").is_none(), "{:?}", d.defined());
+    let bad = cli(&["modify", "h1", "--vm", ""]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("must be 1-256 characters"));
+    let both = cli(&["modify", "h1", "--vm", "x", "--no-vm"]);
+    assert_eq!(both.status.code(), Some(2), "clap refuses both");
+}
+
+#[test]
 fn the_snippet_gives_a_domain_that_the_hook_prepares_at_the_sockets_it_names() {
     let d = Daemon::start();
     let out = wdvirt()
