@@ -5,7 +5,9 @@ pub mod client;
 mod ctl;
 mod daemon;
 mod demo;
+mod hook;
 mod install;
+mod libvirt;
 mod schema;
 mod serve;
 mod validate;
@@ -80,6 +82,12 @@ pub enum Command {
     Validate(validate::ValidateArgs),
     /// Print the JSON Schema of the configuration files (for editors).
     Schema(schema::SchemaArgs),
+    /// What libvirt runs around a domain's QEMU (installed by `wdvirt
+    /// libvirt install-hook`): NAME OPERATION SUBOPERATION EXTRA, the
+    /// domain XML on stdin.
+    Hook(hook::HookArgs),
+    /// libvirt integration: the domain XML fragments, the hook's install.
+    Libvirt(libvirt::LibvirtArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -112,6 +120,8 @@ pub fn main() -> ExitCode {
         Command::List(a) => ctl::list(&api, a).map(|()| ExitCode::SUCCESS),
         Command::Validate(a) => validate::run(a),
         Command::Schema(a) => schema::run(a),
+        Command::Hook(a) => hook::run(&api, a),
+        Command::Libvirt(a) => libvirt::run(&cli.api, a).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
