@@ -10,6 +10,8 @@ pub mod accel;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod libvirt;
+pub mod migration;
 pub mod partition;
 pub mod stats;
 pub mod topology;

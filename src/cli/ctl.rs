@@ -49,6 +49,9 @@ pub struct DefineArgs {
     /// A QoS policy overriding the type's.
     #[arg(long, value_name = "POLICY")]
     pub qos: Option<String>,
+    /// The VM the instance is for (the libvirt hook sets the domain's name).
+    #[arg(long, value_name = "NAME")]
+    pub vm: Option<String>,
     #[command(flatten)]
     pub out: JsonFlag,
 }
@@ -88,6 +91,12 @@ pub struct ModifyArgs {
     /// Go back to the type's QoS policy.
     #[arg(long)]
     pub type_qos: bool,
+    /// The VM using the instance.
+    #[arg(long, value_name = "NAME", conflicts_with = "no_vm")]
+    pub vm: Option<String>,
+    /// The instance is no VM's.
+    #[arg(long)]
+    pub no_vm: bool,
     #[command(flatten)]
     pub out: JsonFlag,
 }
@@ -101,7 +110,7 @@ pub struct ListArgs {
     pub out: JsonFlag,
 }
 
-fn path_id(id: &str) -> String {
+pub(super) fn path_id(id: &str) -> String {
     // Names are [A-Za-z0-9._-] and UUIDs hex and dashes; anything else the
     // daemon refuses anyway, so percent-encode only what would break a path.
     id.bytes()
@@ -238,6 +247,7 @@ pub fn define(api: &ApiClient, a: DefineArgs) -> anyhow::Result<()> {
         auto: a.auto,
         numa: a.numa,
         qos: a.qos,
+        vm: a.vm,
     };
     let v: InstanceView = api.send(Method::POST, "/v1/instances", Some(&req))?;
     if a.out.json {
@@ -321,10 +331,11 @@ pub fn modify(api: &ApiClient, a: ModifyArgs) -> anyhow::Result<()> {
         } else {
             a.qos.map(Some)
         },
+        vm: if a.no_vm { Some(None) } else { a.vm.map(Some) },
     };
     if changes == ModifyRequest::default() {
         anyhow::bail!(
-            "nothing to change: give --auto/--manual, --type, --numa/--no-numa or --qos/--type-qos"
+            "nothing to change: give --auto/--manual, --type, --numa/--no-numa, --qos/--type-qos or --vm/--no-vm"
         );
     }
     let v: InstanceView = api.send(

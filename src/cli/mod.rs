@@ -5,7 +5,9 @@ pub mod client;
 mod ctl;
 mod daemon;
 mod demo;
+mod hook;
 mod install;
+mod libvirt;
 mod schema;
 mod serve;
 mod topology;
@@ -90,6 +92,12 @@ pub enum Command {
     /// fit now, and what stops each accelerator that cannot take one.
     /// Exits 2 when fewer than --count fit.
     Plan(topology::PlanArgs),
+    /// What libvirt runs around a domain's QEMU (installed by `wdvirt
+    /// libvirt install-hook`): NAME OPERATION SUBOPERATION EXTRA, the
+    /// domain XML on stdin.
+    Hook(hook::HookArgs),
+    /// libvirt integration: the domain XML fragments, the hook's install.
+    Libvirt(libvirt::LibvirtArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -124,6 +132,8 @@ pub fn main() -> ExitCode {
         Command::Schema(a) => schema::run(a),
         Command::Topology(a) => topology::topology(a, &api, &cli.api),
         Command::Plan(a) => topology::plan(a, &api, &cli.api),
+        Command::Hook(a) => hook::run(&api, a),
+        Command::Libvirt(a) => libvirt::run(&cli.api, a).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

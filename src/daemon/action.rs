@@ -31,6 +31,9 @@ pub struct DefineRequest {
     /// A QoS policy overriding the type's.
     #[serde(default)]
     pub qos: Option<String>,
+    /// The VM the instance is for (a libvirt domain's name).
+    #[serde(default)]
+    pub vm: Option<String>,
 }
 
 /// Changes to a definition; absent fields stay as they are. A running
@@ -57,6 +60,14 @@ pub struct ModifyRequest {
         skip_serializing_if = "Option::is_none"
     )]
     pub qos: Option<Option<String>>,
+    /// The VM using the instance; `Some(None)` clears it. Takes effect at
+    /// once (the libvirt hook records it when the domain has started).
+    #[serde(
+        default,
+        with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub vm: Option<Option<String>>,
 }
 
 /// Distinguishes an absent field (no change) from `null` (clear it).

@@ -122,6 +122,19 @@ fn check_name(name: &str) -> Result<(), ActionError> {
     Ok(())
 }
 
+/// A VM's name is the operator's (libvirt allows nearly any text), but it
+/// lands in listings and logs: bounded, and no control characters.
+fn check_vm(vm: Option<&str>) -> Result<(), ActionError> {
+    match vm {
+        Some(v) if v.is_empty() || v.len() > 256 || v.chars().any(char::is_control) => {
+            Err(ActionError::Invalid(format!(
+                "VM name {v:?} must be 1-256 characters with no control characters"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 pub struct Registry {
     catalog: Catalog,
     store: Store,
@@ -275,6 +288,7 @@ impl Registry {
 
     fn define(&self, entries: &mut Entries, req: DefineRequest) -> Result<Outcome, ActionError> {
         self.check_definition(&req.type_name, req.qos.as_deref(), req.numa)?;
+        check_vm(req.vm.as_deref())?;
         let name = match req.name {
             Some(n) => {
                 check_name(&n)?;
@@ -307,6 +321,7 @@ impl Registry {
             auto: req.auto,
             numa: req.numa,
             qos: req.qos,
+            vm: req.vm,
         };
         // Durable before it is acknowledged.
         self.store.save(&def)?;
@@ -332,6 +347,10 @@ impl Registry {
         }
         if let Some(q) = m.qos {
             def.qos = q;
+        }
+        if let Some(vm) = m.vm {
+            check_vm(vm.as_deref())?;
+            def.vm = vm;
         }
         self.check_definition(&def.type_name, def.qos.as_deref(), def.numa)?;
         if def != e.def {
@@ -490,6 +509,7 @@ impl Registry {
             auto: e.def.auto,
             numa: e.def.numa,
             qos,
+            vm: e.def.vm.clone(),
             socket: e.running.as_ref().map(|r| r.instance.socket().to_owned()),
             pasid: e.running.as_ref().map(|r| r.placed.pasid()),
             placement: e

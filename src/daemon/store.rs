@@ -32,6 +32,10 @@ pub struct Definition {
     /// A QoS policy overriding the type's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qos: Option<String>,
+    /// The VM the instance is for (a libvirt domain's name): shown in
+    /// listings, and how the libvirt hook knows the instances it made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -228,6 +232,7 @@ mod tests {
             auto: true,
             numa: Some(1),
             qos: None,
+            vm: None,
         }
     }
 
