@@ -19,7 +19,7 @@ use crate::accel::Pasid;
 use crate::stats::{InstanceSnapshot, InstanceStats, QueueSnapshot};
 use crate::transport::server::{Listener, StopHandle};
 use crate::transport::stats::StatsSnapshot;
-use crate::transport::{self, TransportError};
+use crate::transport::{self, Limits, LogBudget, TransportError};
 use crate::vdev::device::DeviceError;
 use crate::vdev::pci::{Interrupts, PciFunction};
 use crate::vdev::wd::backends::Backends;
@@ -61,6 +61,9 @@ pub struct InstanceReport {
     pub connections: u64,
     /// Connections closed at once because a VMM was already being served.
     pub refused_connections: u64,
+    /// Connection threads that panicked (contained; each one a bug).
+    #[serde(default)]
+    pub connection_panics: u64,
     pub device: InstanceSnapshot,
     pub queues: Vec<QueueSnapshot>,
     /// The current (or last) connection's protocol counters.
@@ -96,8 +99,20 @@ type CurrentConnection = (
 struct ConnectionCounters {
     served: AtomicU64,
     refused: AtomicU64,
+    /// Connections whose thread panicked (contained: the device was reset
+    /// and the instance serves again).
+    panics: AtomicU64,
     /// A VMM is being served now.
     active: AtomicBool,
+}
+
+/// Clears `active` when the connection thread ends, however it ends.
+struct Release(Arc<ConnectionCounters>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.0.active.store(false, Ordering::Release);
+    }
 }
 
 /// Take the instance for a new connection. A VMM that has just gone away (or
@@ -117,6 +132,7 @@ fn claim(active: &AtomicBool) -> bool {
 /// VMM); another that connects meanwhile is closed at once, so its VMM fails
 /// fast instead of waiting out its reply timeout (QEMU: 5 s) on a socket
 /// nobody reads.
+#[allow(clippy::too_many_arguments)]
 fn accept_loop(
     name: &str,
     listener: &Listener,
@@ -124,10 +140,12 @@ fn accept_loop(
     current: &Mutex<Option<CurrentConnection>>,
     counters: &Arc<ConnectionCounters>,
     stopping: &AtomicBool,
+    limits: &Limits,
+    log_budget: &Arc<LogBudget>,
 ) {
     let mut backoff = Duration::from_millis(5);
     while !stopping.load(Ordering::Acquire) {
-        let mut conn = match listener.accept() {
+        let conn = match listener.accept() {
             Ok(c) => {
                 backoff = Duration::from_millis(5);
                 c
@@ -156,6 +174,7 @@ fn accept_loop(
             continue;
         }
         counters.served.fetch_add(1, Ordering::Relaxed);
+        let mut conn = conn.with_limits(limits, log_budget.clone());
         let mut slot = current.lock();
         if let Some(old) = slot.take().and_then(|c| c.2) {
             let _ = old.join();
@@ -165,11 +184,15 @@ fn accept_loop(
         let served = std::thread::Builder::new()
             .name(format!("wd-vmm-{name}"))
             .spawn(move || {
+                let release = Release(active);
                 match conn.run(&*device) {
                     Ok(how) => tracing::info!(instance = %name2, "VMM disconnected: {how:?}"),
+                    Err(e @ TransportError::Panicked(_)) => {
+                        release.0.panics.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(instance = %name2, "connection ended: {e}");
+                    }
                     Err(e) => tracing::warn!(instance = %name2, "connection ended: {e}"),
                 }
-                active.active.store(false, Ordering::Release);
             });
         match served {
             Ok(t) => *slot = Some((stop, stats, Some(t))),
@@ -197,11 +220,22 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// Bind the socket, build the device and start serving.
+    /// Bind the socket, build the device and start serving, under the
+    /// transport's default [`Limits`].
     pub fn start(
         spec: InstanceSpec,
         backends: impl Into<Backends>,
         pasid: Pasid,
+    ) -> Result<Instance, InstanceError> {
+        Instance::start_with_limits(spec, backends, pasid, Limits::default())
+    }
+
+    /// [`start`](Instance::start) with the given transport limits.
+    pub fn start_with_limits(
+        spec: InstanceSpec,
+        backends: impl Into<Backends>,
+        pasid: Pasid,
+        limits: Limits,
     ) -> Result<Instance, InstanceError> {
         let name = spec.name.clone();
         let listener = Listener::bind(&spec.socket).map_err(|source| InstanceError::Socket {
@@ -238,7 +272,19 @@ impl Instance {
                 .name(format!("wd-inst-{name}"))
                 .spawn({
                     let device = device.clone();
-                    move || accept_loop(&name, &listener, device, &connection, &counters, &stopping)
+                    let budget = Arc::new(LogBudget::new(limits.log_lines_per_sec));
+                    move || {
+                        accept_loop(
+                            &name,
+                            &listener,
+                            device,
+                            &connection,
+                            &counters,
+                            &stopping,
+                            &limits,
+                            &budget,
+                        )
+                    }
                 })
                 .map_err(|source| InstanceError::Thread {
                     name: spec.name.clone(),
@@ -293,6 +339,7 @@ impl Instance {
             pasid: self.pasid,
             connections: self.counters.served.load(Ordering::Relaxed),
             refused_connections: self.counters.refused.load(Ordering::Relaxed),
+            connection_panics: self.counters.panics.load(Ordering::Relaxed),
             device: self.stats.snapshot(),
             queues: self.queues.iter().map(|q| q.stats.snapshot()).collect(),
             transport: self.connection.lock().as_ref().map(|c| c.1.snapshot()),

@@ -1,0 +1,628 @@
+//! The attack suite: a hostile VMM against its own instance, with a victim
+//! instance on the same process (this test process serves both, as the
+//! daemon does) running verified jobs throughout.
+//!
+//! After each attack: the process is alive and serving, every one of the
+//! victim's results verified and the victim kept completing jobs while the
+//! attack ran (no gap), the attacker's socket takes a fresh, well-behaved
+//! VMM that runs a job, and this process's fd count and RSS are back within
+//! bounds. The tests run one at a time (fd counts are process-wide).
+//!
+//! `docs/security.md` lists every attack, what it gets and which test here
+//! shows it.
+
+mod common;
+
+use std::io::{IoSlice, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::RAM_BASE;
+use parking_lot::Mutex;
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
+use wdvirt::accel::SharedAccelerator;
+use wdvirt::accel::soft::SoftAccel;
+use wdvirt::daemon::instance::{Instance, InstanceSpec};
+use wdvirt::transport::Limits;
+use wdvirt::transport::wire::Header;
+use wdvirt::vdev::wd::WdConfig;
+use wdvirt::vmm::{GuestRam, LoopbackVmm};
+use wdvirt_abi::regs;
+use wdvirt_guest::{Device, DmaPool};
+use zerocopy::IntoBytes;
+
+/// One attack at a time: fd counts and RSS are the whole process's.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const RAM_SIZE: u64 = 4 << 20;
+
+fn config() -> WdConfig {
+    WdConfig {
+        queues: 2,
+        max_depth: 64,
+        ..WdConfig::default()
+    }
+}
+
+fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn rss_kib() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4
+}
+
+/// The victim: a VMM on its own instance running CRC32C and copy jobs,
+/// each checked against a direct computation, until stopped.
+struct Victim {
+    stop: Arc<AtomicBool>,
+    jobs: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+    _instance: Instance,
+    _dir: tempfile::TempDir,
+}
+
+impl Victim {
+    fn start(accel: &SharedAccelerator) -> Victim {
+        let dir = tempfile::tempdir().unwrap();
+        let instance = common::instance(accel, dir.path(), "victim", 1, config());
+        let vmm = Arc::new(
+            LoopbackVmm::connect(
+                instance.socket(),
+                GuestRam::new(RAM_BASE, RAM_SIZE).unwrap(),
+            )
+            .unwrap(),
+        );
+        let (stop, jobs) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let thread = {
+            let (stop, jobs) = (stop.clone(), jobs.clone());
+            std::thread::spawn(move || {
+                let dev = Device::probe(vmm.clone()).unwrap();
+                dev.enable().unwrap();
+                let pool: DmaPool<_> = vmm.dma_pool().unwrap();
+                let mut q = dev.queue(0, 32, dev.info().cap_ops, &pool).unwrap();
+                let mut n = 0u32;
+                while !stop.load(Ordering::Acquire) {
+                    let data: Vec<u8> = (0..8192u32)
+                        .map(|i| (i ^ n).wrapping_mul(31) as u8)
+                        .collect();
+                    let crc = wdvirt_guest::crc::crc32c(&data);
+                    assert_eq!(q.crc32c(&data).unwrap(), crc, "victim job {n}");
+                    assert_eq!(
+                        q.copy(&data[..4096]).unwrap(),
+                        &data[..4096],
+                        "victim copy {n}"
+                    );
+                    n += 1;
+                    jobs.fetch_add(2, Ordering::Release);
+                }
+            })
+        };
+        Victim {
+            stop,
+            jobs,
+            thread: Some(thread),
+            _instance: instance,
+            _dir: dir,
+        }
+    }
+
+    fn jobs(&self) -> u64 {
+        self.jobs.load(Ordering::Acquire)
+    }
+
+    /// Waits until the victim completes more jobs than `since`: it was not
+    /// stopped (a gap would show as no progress).
+    fn assert_progress(&self, since: u64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.jobs() <= since {
+            assert!(
+                !self.thread.as_ref().unwrap().is_finished(),
+                "{what}: the victim's jobs failed"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the victim made no progress"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Release);
+        self.thread
+            .take()
+            .unwrap()
+            .join()
+            .expect("a victim job failed");
+        self.jobs()
+    }
+}
+
+/// The attacker's instance and the process state before the attack.
+struct Arena {
+    accel: SharedAccelerator,
+    attacker: Instance,
+    victim: Victim,
+    fds_before: usize,
+    rss_before: u64,
+    jobs_before: u64,
+    _dir: tempfile::TempDir,
+    _serial: parking_lot::MutexGuard<'static, ()>,
+}
+
+impl Arena {
+    fn new(limits: Limits) -> Arena {
+        let serial = SERIAL.lock();
+        watchdog();
+        let accel: SharedAccelerator = SoftAccel::new(1);
+        let victim = Victim::start(&accel);
+        let dir = tempfile::tempdir().unwrap();
+        let spec = InstanceSpec {
+            name: "attacker".into(),
+            socket: dir.path().join("attacker.sock"),
+            config: config(),
+        };
+        let attacker = Instance::start_with_limits(spec, accel.clone(), 2, limits).unwrap();
+        // A first well-behaved VMM on each side, so lazily made threads and
+        // maps are counted in the baseline.
+        fresh_vmm_runs_a_job(attacker.socket());
+        victim.assert_progress(0, "before the attack");
+        Arena {
+            accel,
+            attacker,
+            fds_before: fd_count(),
+            rss_before: rss_kib(),
+            jobs_before: victim.jobs(),
+            victim,
+            _dir: dir,
+            _serial: serial,
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.attacker.socket().to_owned()
+    }
+
+    /// What every attack must leave: the victim ran throughout and
+    /// verified, the attacker's socket serves a fresh VMM, and fds and
+    /// memory are back within bounds.
+    fn after(self, what: &str) {
+        self.victim.assert_progress(self.jobs_before, what);
+        fresh_vmm_runs_a_job(self.attacker.socket());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let fds = fd_count();
+            if fds <= self.fds_before + 8 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {fds} fds open, {} before the attack",
+                self.fds_before
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let rss = rss_kib();
+        assert!(
+            rss < self.rss_before + 64 * 1024,
+            "{what}: RSS {rss} KiB, {} KiB before",
+            self.rss_before
+        );
+        let report = self.attacker.report();
+        assert_eq!(report.connection_panics, 0, "{what}");
+        let jobs = self.victim.finish();
+        assert!(jobs > self.jobs_before, "{what}");
+        drop(self.accel);
+        FINISHED.lock().push(*CURRENT.lock());
+    }
+}
+
+/// A hang is a failure, not a CI timeout: the whole process exits if a
+/// test is still running after a minute.
+fn watchdog() {
+    static STARTED: AtomicU64 = AtomicU64::new(0);
+    let me = STARTED.fetch_add(1, Ordering::AcqRel) + 1;
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(60));
+        if STARTED.load(Ordering::Acquire) == me && !FINISHED.lock().contains(&me) {
+            eprintln!("attack test {me} hung for 60 s: something is wedged");
+            std::process::exit(101);
+        }
+    });
+    *CURRENT.lock() = me;
+}
+
+static FINISHED: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+static CURRENT: Mutex<u64> = Mutex::new(0);
+
+/// A well-behaved VMM connects (retrying while the last one is being torn
+/// down) and runs one verified job.
+fn fresh_vmm_runs_a_job(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let vmm = loop {
+        match LoopbackVmm::connect(socket, GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()) {
+            Ok(v) => break Arc::new(v),
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the attacker's socket takes no new VMM: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    let dev = Device::probe(vmm.clone()).unwrap();
+    dev.reset().unwrap();
+    dev.enable().unwrap();
+    let pool = vmm.dma_pool().unwrap();
+    let mut q = dev.queue(1, 16, dev.info().cap_ops, &pool).unwrap();
+    assert_eq!(q.crc32c(b"123456789").unwrap(), 0xe306_9283);
+}
+
+fn memfds(n: usize) -> Vec<OwnedFd> {
+    (0..n)
+        .map(|_| rustix::fs::memfd_create("attack", rustix::fs::MemfdFlags::CLOEXEC).unwrap())
+        .collect()
+}
+
+/// One `sendmsg` of `bytes` with `fds` attached.
+fn send_with_fds(s: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+    let mut space =
+        vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len().max(1)))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() {
+        assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
+    }
+    sendmsg(s, &[IoSlice::new(bytes)], &mut control, SendFlags::NOSIGNAL)?;
+    Ok(())
+}
+
+fn header(cmd: u16, size: u32) -> Header {
+    Header {
+        id: 1,
+        cmd,
+        size,
+        flags: 0,
+        error: 0,
+    }
+}
+
+/// Waits until the peer closed `s` (EOF or reset), or fails after `within`.
+fn assert_closed_by_server(s: &mut UnixStream, within: Duration, what: &str) {
+    s.set_read_timeout(Some(within)).unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {} // an error reply before the close
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("{what}: not closed after {:?}: {e}", t.elapsed()),
+        }
+    }
+}
+
+/// Containment failure 1 of issue 21: an unfinished GET_INFO, one byte per
+/// `sendmsg`, each byte with 253 fds. Before: the server kept every fd until
+/// the message was whole (7,800 fds for 31 bytes; 20,000 in half a second).
+/// Now fds past a message's budget (none for GET_INFO) are closed as they
+/// arrive, and the control buffer takes only one more than a message may
+/// carry, so the kernel never installs the rest.
+#[test]
+fn fds_past_a_messages_budget_are_refused_as_they_arrive() {
+    let arena = Arena::new(Limits::default());
+    let fds = memfds(253);
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+    let base = fd_count();
+    let mut s = UnixStream::connect(arena.socket()).unwrap();
+    let mut msg = header(4, 32).as_bytes().to_vec();
+    msg.extend_from_slice(&[0; 16]);
+    for b in &msg[..31] {
+        send_with_fds(&s, std::slice::from_ref(b), &borrowed).unwrap();
+    }
+    // Let the server read all 31 bytes.
+    std::thread::sleep(Duration::from_millis(300));
+    let during = fd_count();
+    assert!(
+        during < base + 64,
+        "the server holds {} fds for one unfinished message",
+        during - base
+    );
+    arena
+        .victim
+        .assert_progress(arena.jobs_before, "during the fd flood");
+    // The last byte: the message is refused (EINVAL), the stream in sync.
+    send_with_fds(&s, &msg[31..], &borrowed).unwrap();
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply).unwrap();
+    let error = u32::from_ne_bytes(reply[12..16].try_into().unwrap());
+    assert_eq!(error, libc::EINVAL as u32, "GET_INFO with fds");
+    let stats = arena.attacker.report().transport.unwrap();
+    assert!(stats.fds_refused >= 31 * 16, "{stats:?}");
+    drop(s);
+    drop(fds);
+    arena.after("fds flood");
+}
+
+/// A message carrying a socket is refused and the socket closed at once;
+/// over the limit of fds per message, the rest never arrive.
+#[test]
+fn a_message_carrying_hundreds_of_fds_is_refused() {
+    let arena = Arena::new(Limits::default());
+    let fds = memfds(253);
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+    let mut s = UnixStream::connect(arena.socket()).unwrap();
+    // SET_IRQS takes fds, but at most max_msg_fds (16).
+    let mut msg = header(8, 16 + 20).as_bytes().to_vec();
+    msg.extend_from_slice(&[0; 20]);
+    send_with_fds(&s, &msg, &borrowed).unwrap();
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(
+        u32::from_ne_bytes(reply[12..16].try_into().unwrap()),
+        libc::EINVAL as u32
+    );
+    drop(s);
+    drop(fds);
+    arena.after("hundreds of fds in one message");
+}
+
+/// Containment failure 3: a VMM sends 17 bytes of a 116-byte message, the
+/// 17th carrying its own end of the connection, then closes. Before: the
+/// server held the peer end itself, never saw EOF, and that instance never
+/// served a VMM again. Now the socket is refused on arrival (closed at
+/// once, so the close is seen), and a message that does not finish within
+/// the deadline ends the connection anyway.
+#[test]
+fn half_a_message_carrying_the_vmms_own_socket_does_not_keep_it_open() {
+    let arena = Arena::new(Limits::default());
+    let s = UnixStream::connect(arena.socket()).unwrap();
+    let mut msg = header(2, 116).as_bytes().to_vec();
+    msg.extend_from_slice(&[0; 100]);
+    s.write_all_ref(&msg[..16]);
+    send_with_fds(&s, &msg[16..17], &[s.as_fd()]).unwrap();
+    drop(s);
+    // Well within the 5 s message deadline: the close itself is seen.
+    let t = Instant::now();
+    fresh_vmm_runs_a_job(&arena.socket());
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "the server waited {:?} for the rest of the message",
+        t.elapsed()
+    );
+    arena.after("own socket in half a message");
+}
+
+/// Half a header, then silence: the connection is closed once the message
+/// deadline passes (here 300 ms), and its instance serves the next VMM.
+#[test]
+fn half_a_header_then_a_stall_is_closed_at_the_deadline() {
+    let limits = Limits {
+        message_timeout_ms: 300,
+        ..Limits::default()
+    };
+    let arena = Arena::new(limits);
+    let mut s = UnixStream::connect(arena.socket()).unwrap();
+    s.write_all(&header(1, 64).as_bytes()[..7]).unwrap();
+    assert_closed_by_server(&mut s, Duration::from_secs(5), "half a header");
+    // Half a body too.
+    let mut s = UnixStream::connect(arena.socket()).unwrap();
+    let mut msg = header(1, 64).as_bytes().to_vec();
+    msg.extend_from_slice(&[b' '; 20]);
+    s.write_all(&msg).unwrap();
+    assert_closed_by_server(&mut s, Duration::from_secs(5), "half a body");
+    let stats = arena.attacker.report().transport.unwrap();
+    assert_eq!(stats.stalled, 1, "{stats:?}");
+    arena.after("half a message, then a stall");
+}
+
+/// Containment failure 2: the VMM clears O_NONBLOCK on its MSI-X eventfd
+/// (the open file description is shared with the server) and fills the
+/// counter. Before: the queue worker's completion interrupt blocked forever
+/// holding the interrupt lock and the bus-master guard; the instance then
+/// refused every later VMM as "already connected". Now an eventfd write
+/// never blocks, whatever the flags.
+#[test]
+fn a_vmm_making_its_eventfd_blocking_and_full_wedges_nothing() {
+    let arena = Arena::new(Limits::default());
+    let vmm = Arc::new(
+        LoopbackVmm::connect(&arena.socket(), GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()).unwrap(),
+    );
+    let efd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
+    vmm.enable_msix_vector(0, efd.as_fd()).unwrap();
+    // The server made it non-blocking; make it blocking again, and full.
+    rustix::fs::fcntl_setfl(&efd, rustix::fs::OFlags::empty()).unwrap();
+    rustix::io::write(&efd, &(u64::MAX - 1).to_ne_bytes()).unwrap();
+
+    // Jobs on a queue that interrupts on vector 0 after every completion.
+    let dev = Device::probe(vmm.clone()).unwrap();
+    dev.enable().unwrap();
+    let (sq, idx) = (RAM_BASE + 0x10_0000, RAM_BASE + 0x30_0000);
+    let b = regs::queue(0) as u64;
+    let w32 = |off: u64, v: u32| vmm.region_write(0, off, &v.to_le_bytes()).unwrap();
+    let w64 = |off: u64, v: u64| vmm.region_write(0, off, &v.to_le_bytes()).unwrap();
+    w64(b + regs::Q_SQ_BASE as u64, sq);
+    w64(b + regs::Q_CQ_BASE as u64, RAM_BASE + 0x20_0000);
+    w64(b + regs::Q_IDX_BASE as u64, idx);
+    w32(b + regs::Q_DEPTH as u64, 16);
+    w32(b + regs::Q_OPS as u64, wdvirt_abi::ALL_OPS);
+    w32(b + regs::Q_MSIX_VECTOR as u64, 0);
+    w32(b + regs::Q_IRQ_COALESCE as u64, 1);
+    w32(b + regs::Q_CTRL as u64, regs::Q_CTRL_ENABLE);
+    let ram = vmm.ram();
+    use wdvirt_guest::DmaMemory;
+    let buf = RAM_BASE + 0x38_0000;
+    ram.write(buf, b"123456789").unwrap();
+    for t in 0..8u32 {
+        let e = wdvirt_abi::SubmissionEntry {
+            opcode: wdvirt_abi::Opcode::Crc32c as u8,
+            tag: t,
+            src: buf,
+            src_len: 9,
+            ..Default::default()
+        };
+        ram.write(sq + t as u64 * 64, &e.to_bytes()).unwrap();
+    }
+    ram.write_u32(idx, 8).unwrap();
+    vmm.region_write(2, 0, &0u32.to_le_bytes()).unwrap();
+    // The jobs complete and the connection still answers promptly.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while arena.attacker.report().queues[0].jobs_ok < 8 {
+        assert!(Instant::now() < deadline, "the attacker's jobs stalled");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t = Instant::now();
+    for _ in 0..10 {
+        let mut id = [0u8; 4];
+        vmm.region_read(0, regs::ID as u64, &mut id).unwrap();
+    }
+    assert!(t.elapsed() < Duration::from_secs(2));
+    // The counter is still full: nothing was lost or waited on.
+    let mut st = [0u8; 8];
+    rustix::fs::fcntl_setfl(&efd, rustix::fs::OFlags::NONBLOCK).unwrap();
+    rustix::io::read(&efd, &mut st).unwrap();
+    assert_eq!(u64::from_ne_bytes(st), u64::MAX - 1);
+    rustix::fs::fcntl_setfl(&efd, rustix::fs::OFlags::empty()).unwrap();
+    rustix::io::write(&efd, &(u64::MAX - 1).to_ne_bytes()).unwrap();
+    // Disconnect (the device resets, joining its workers) with the counter
+    // full and blocking, then a fresh VMM.
+    drop(dev);
+    drop(vmm);
+    arena.after("blocking, full eventfd");
+    drop(efd);
+}
+
+trait WriteAllRef {
+    fn write_all_ref(&self, bytes: &[u8]);
+}
+
+impl WriteAllRef for UnixStream {
+    fn write_all_ref(&self, bytes: &[u8]) {
+        (&*self).write_all(bytes).unwrap();
+    }
+}
+
+/// A device that panics on one magic BAR0 write — a stand-in for a bug, the
+/// only way to make the serving thread panic (no input may). Everything
+/// else goes to the real device stack.
+struct Panicky(wdvirt::vdev::pci::PciFunction<wdvirt::vdev::wd::WdDevice>);
+
+const PANIC_OFFSET: u64 = 0x38;
+const PANIC_VALUE: [u8; 4] = *b"BUG!";
+
+mod panicky {
+    use super::*;
+    use wdvirt::vdev::device::*;
+
+    impl VfioUserDevice for Panicky {
+        fn device_info(&self) -> DeviceInfo {
+            self.0.device_info()
+        }
+        fn region_info(&self, index: u32) -> Result<RegionInfo, DeviceError> {
+            self.0.region_info(index)
+        }
+        fn irq_info(&self, index: u32) -> Result<IrqInfo, DeviceError> {
+            self.0.irq_info(index)
+        }
+        fn region_read(&mut self, i: u32, off: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+            self.0.region_read(i, off, data)
+        }
+        fn region_write(&mut self, i: u32, off: u64, data: &[u8]) -> Result<(), DeviceError> {
+            if i == 0 && off == PANIC_OFFSET && data == PANIC_VALUE {
+                panic!("injected bug");
+            }
+            self.0.region_write(i, off, data)
+        }
+        fn set_irqs(
+            &mut self,
+            index: u32,
+            action: IrqAction,
+            start: u32,
+            count: u32,
+            data: IrqData,
+        ) -> Result<(), DeviceError> {
+            self.0.set_irqs(index, action, start, count, data)
+        }
+        fn dma_map(&mut self, map: DmaMapping) -> Result<(), DeviceError> {
+            self.0.dma_map(map)
+        }
+        fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<(), DeviceError> {
+            self.0.dma_unmap(iova, size)
+        }
+        fn dma_unmap_all(&mut self) -> Result<(), DeviceError> {
+            self.0.dma_unmap_all()
+        }
+        fn reset(&mut self) -> Result<(), DeviceError> {
+            self.0.reset()
+        }
+        fn disconnected(&mut self) {
+            self.0.disconnected()
+        }
+    }
+}
+
+/// Containment 4: a panic while serving a connection (a bug) is contained
+/// and counted; the device is reset as after any disconnect, the same
+/// device serves the next VMM through the real socket, and the victim on
+/// the same accelerator never notices.
+#[test]
+fn a_panic_in_a_connection_is_contained_counted_and_the_device_serves_again() {
+    use wdvirt::transport::{Listener, TransportError};
+    use wdvirt::vdev::pci::{Interrupts, PciFunction};
+    use wdvirt::vdev::wd::WdDevice;
+    let _serial = SERIAL.lock();
+    let accel: SharedAccelerator = SoftAccel::new(1);
+    let victim = Victim::start(&accel);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("panicky.sock");
+    let listener = Listener::bind(&path).unwrap();
+    let interrupts = Interrupts::new(2);
+    let model = WdDevice::new(config(), accel.clone(), 3, Arc::new(interrupts.clone())).unwrap();
+    let device = Arc::new(Mutex::new(Panicky(PciFunction::new(model, interrupts))));
+    let server = {
+        let device = device.clone();
+        std::thread::spawn(move || {
+            let mut ends = Vec::new();
+            for _ in 0..2 {
+                let mut conn = listener.accept().unwrap();
+                let stats = conn.stats();
+                let end = conn.run(&*device);
+                ends.push((end, stats.snapshot().panics));
+            }
+            ends
+        })
+    };
+    let jobs_before = victim.jobs();
+    {
+        let vmm = Arc::new(
+            LoopbackVmm::connect(&path, GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()).unwrap(),
+        );
+        let dev = Device::probe(vmm.clone()).unwrap();
+        dev.enable().unwrap();
+        // The bug: the server thread unwinds mid-message and the socket
+        // is shut, so this VMM sees its connection end.
+        assert!(vmm.region_write(0, PANIC_OFFSET, &PANIC_VALUE).is_err());
+    }
+    // The device was reset: the next VMM finds it disabled and runs a job.
+    fresh_vmm_runs_a_job(&path);
+    let ends = server.join().unwrap();
+    match &ends[0] {
+        (Err(TransportError::Panicked(m)), 1) => assert!(m.contains("injected bug"), "{m}"),
+        other => panic!("the first connection ended with {other:?}"),
+    }
+    assert!(ends[1].0.is_ok(), "{:?}", ends[1]);
+    victim.assert_progress(jobs_before, "after the panic");
+    victim.finish();
+}
