@@ -12,6 +12,7 @@
 //! shows it.
 
 mod common;
+mod transport_support;
 
 use std::io::{IoSlice, Read, Write};
 use std::mem::MaybeUninit;
@@ -198,7 +199,16 @@ impl Arena {
     /// What every attack must leave: the victim ran throughout and
     /// verified, the attacker's socket serves a fresh VMM, and fds and
     /// memory are back within bounds.
-    fn after(self, what: &str) {
+    fn after(mut self, what: &str) {
+        self.check(what);
+        let jobs = self.victim.finish();
+        assert!(jobs > self.jobs_before, "{what}");
+        drop(self.accel);
+        FINISHED.lock().push(*CURRENT.lock());
+    }
+
+    /// [`after`](Arena::after), with the arena kept for the next attack.
+    fn check(&mut self, what: &str) {
         self.victim.assert_progress(self.jobs_before, what);
         fresh_vmm_runs_a_job(self.attacker.socket());
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -222,10 +232,7 @@ impl Arena {
         );
         let report = self.attacker.report();
         assert_eq!(report.connection_panics, 0, "{what}");
-        let jobs = self.victim.finish();
-        assert!(jobs > self.jobs_before, "{what}");
-        drop(self.accel);
-        FINISHED.lock().push(*CURRENT.lock());
+        self.jobs_before = self.victim.jobs();
     }
 }
 
@@ -625,4 +632,221 @@ fn a_panic_in_a_connection_is_contained_counted_and_the_device_serves_again() {
     assert!(ends[1].0.is_ok(), "{:?}", ends[1]);
     victim.assert_progress(jobs_before, "after the panic");
     victim.finish();
+}
+
+/// A raw VMM on the attacker's socket, past VERSION.
+fn raw_client(arena: &Arena) -> transport_support::RawClient {
+    let mut c = transport_support::RawClient::new(UnixStream::connect(arena.socket()).unwrap());
+    c.version();
+    c
+}
+
+/// A sealed memfd of `size` bytes, as QEMU's memory-backend-memfd.
+fn sealed_memfd(size: u64) -> OwnedFd {
+    let flags = rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING;
+    let fd = rustix::fs::memfd_create("attack", flags).unwrap();
+    rustix::fs::ftruncate(&fd, size).unwrap();
+    let seals = rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW;
+    rustix::fs::fcntl_add_seals(&fd, seals).unwrap();
+    fd
+}
+
+const RW: u32 = 3;
+
+/// Every fd a DMA_MAP must not take, each refused with its errno while the
+/// connection goes on serving; then overlapping maps, and a hundred
+/// thousand tiny maps stopped at the map limit.
+#[test]
+fn dma_map_with_fds_that_are_not_guest_memory_is_refused() {
+    let arena = Arena::new(Limits::default());
+    let mut c = raw_client(&arena);
+    let (pipe_r, _pipe_w) = rustix::pipe::pipe().unwrap();
+    let dir: OwnedFd = std::fs::File::open("/tmp").unwrap().into();
+    let (sock, _sock2) = UnixStream::pair().unwrap();
+    let sock: OwnedFd = sock.into();
+    let zero: OwnedFd = std::fs::File::open("/dev/zero").unwrap().into();
+    let unsealed = transport_support::memfd(0x10_0000);
+    let small = sealed_memfd(0x1000);
+    let good = sealed_memfd(0x10_0000);
+    let cases: [(&str, &OwnedFd, u64, u64, i32); 7] = [
+        ("a pipe", &pipe_r, 0, 0x1000, libc::EINVAL),
+        ("a directory", &dir, 0, 0x1000, libc::EINVAL),
+        ("a socket", &sock, 0, 0x1000, libc::EINVAL),
+        ("/dev/zero", &zero, 0, 0x1000, libc::EINVAL),
+        ("an unsealed memfd", &unsealed, 0, 0x1000, libc::EINVAL),
+        (
+            "a sealed memfd smaller than the map",
+            &small,
+            0,
+            0x10_0000,
+            libc::EINVAL,
+        ),
+        (
+            "an offset past the end",
+            &good,
+            0x20_0000,
+            0x1000,
+            libc::EINVAL,
+        ),
+    ];
+    let mut got = Vec::new();
+    for (what, fd, offset, size, _) in &cases {
+        let r = c.dma_map(RW, *offset, 0x1000_0000, *size, &[fd.as_fd()]);
+        got.push((*what, if r.is_error() { r.errno() } else { 0 }));
+    }
+    let want: Vec<(&str, i32)> = cases.iter().map(|c| (c.0, c.4)).collect();
+    assert_eq!(got, want);
+    // Overlapping maps: the second is refused with EEXIST.
+    c.dma_map(RW, 0, 0x2000_0000, 0x10_0000, &[good.as_fd()])
+        .ok();
+    let r = c.dma_map(RW, 0, 0x2008_0000, 0x10_0000, &[good.as_fd()]);
+    assert_eq!(r.errno(), libc::EEXIST, "overlapping map");
+    // Tiny fd-less maps until the limit: ENOSPC, then still in sync.
+    let limit = Limits::default().max_dma_maps as u64;
+    let mut refused_at = None;
+    for i in 0..limit + 10 {
+        let r = c.dma_map(RW, 0, 0x1_0000_0000 + i * 0x1000, 0x1000, &[]);
+        if r.is_error() {
+            assert_eq!(r.errno(), libc::ENOSPC);
+            refused_at.get_or_insert(i);
+        }
+    }
+    // One map (the good one) was already held.
+    assert_eq!(refused_at, Some(limit - 1), "the map limit");
+    assert!(!c.region_read(0, 0, 4).is_error());
+
+    // SET_IRQS with fds that are not eventfds.
+    let flags = vfio_bindings::bindings::vfio::VFIO_IRQ_SET_DATA_EVENTFD
+        | vfio_bindings::bindings::vfio::VFIO_IRQ_SET_ACTION_TRIGGER;
+    for fd in [&pipe_r, &good, &zero] {
+        let r = c.set_irqs(flags, 2, 0, 1, &[fd.as_fd()]);
+        assert_eq!(r.errno(), libc::EINVAL, "SET_IRQS with a non-eventfd");
+    }
+    drop(c);
+    drop((
+        pipe_r, _pipe_w, dir, sock, _sock2, zero, unsealed, small, good,
+    ));
+    arena.after("DMA_MAP and SET_IRQS with bad fds");
+}
+
+/// Framing attacks, one connection each: a header claiming 4 GiB; VERSION
+/// with a megabyte of JSON, and with more than a message may hold; random
+/// bytes after a valid VERSION; thousands of requests whose replies are
+/// never read.
+#[test]
+fn framing_attacks_end_only_their_own_connection() {
+    let limits = Limits {
+        message_timeout_ms: 500,
+        ..Limits::default()
+    };
+    let mut arena = Arena::new(limits);
+
+    // A header claiming a huge size: E2BIG, then closed.
+    let mut c = transport_support::RawClient::new(UnixStream::connect(arena.socket()).unwrap());
+    c.send_raw(header(1, u32::MAX).as_bytes(), &[]);
+    assert_eq!(c.recv().errno(), libc::E2BIG);
+    c.expect_eof();
+    arena.check("a header claiming 4 GiB");
+
+    // VERSION with a megabyte of JSON (an unknown capability, ignored): an
+    // ordinary reply, and the connection goes on.
+    let mut c = transport_support::RawClient::new(UnixStream::connect(arena.socket()).unwrap());
+    let mut json = String::from(r#"{"capabilities":{"x":""#);
+    json.push_str(&"a".repeat(1 << 20));
+    json.push_str(r#""}}"#);
+    let body = transport_support::version_body(&json);
+    let id = c.send(1, 0, &body, &[]);
+    let r = c.recv().ok();
+    assert_eq!(r.header.id, id);
+    assert!(r.header.size < 256, "reply of {} bytes", r.header.size);
+    assert!(!c.region_read(0, 0, 4).is_error());
+    drop(c);
+    // More than a message may hold: E2BIG and closed.
+    let mut c = transport_support::RawClient::new(UnixStream::connect(arena.socket()).unwrap());
+    c.send_raw(header(1, 2 << 20).as_bytes(), &[]);
+    assert_eq!(c.recv().errno(), libc::E2BIG);
+    c.expect_eof();
+    arena.check("VERSION with a megabyte of JSON");
+
+    // Random bytes after a valid VERSION: whatever they frame is refused or
+    // ends the connection; the instance is not harmed.
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    for _ in 0..4 {
+        let mut s = UnixStream::connect(arena.socket()).unwrap();
+        let mut c = transport_support::RawClient::new(s.try_clone().unwrap());
+        c.version();
+        let junk: Vec<u8> = (0..4096).map(|_| rng.random()).collect();
+        let _ = s.write_all(&junk);
+        assert_closed_by_server(&mut s, Duration::from_secs(5), "random bytes");
+    }
+    arena.check("random bytes after VERSION");
+
+    // Thousands of requests, replies never read: the server's reply waits
+    // past the deadline and the connection is closed.
+    let s = UnixStream::connect(arena.socket()).unwrap();
+    let mut c = transport_support::RawClient::new(s.try_clone().unwrap());
+    c.version();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let read = transport_support::RawClient::region_write_body(0, 0, &[0; 4]);
+    let mut msg = header(9, 32).as_bytes().to_vec();
+    msg.extend_from_slice(&read[..16]);
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < 20_000 && (&s).write_all(&msg).is_ok() {
+        sent += 1;
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "sending took {:?}",
+        t.elapsed()
+    );
+    drop(c);
+    drop(s);
+    let stats = arena.attacker.report().transport.unwrap();
+    assert!(
+        stats.stalled >= 1 || sent == 20_000,
+        "{stats:?}, {sent} sent"
+    );
+    arena.after("requests whose replies are never read");
+}
+
+/// Hundreds of connections at once: one is served, the rest closed at
+/// once; the accept thread is not held 200 ms for each.
+#[test]
+fn hundreds_of_connections_are_closed_at_once() {
+    let arena = Arena::new(Limits::default());
+    let busy = raw_client(&arena);
+    let t = Instant::now();
+    let mut conns: Vec<UnixStream> = (0..300)
+        .map(|_| UnixStream::connect(arena.socket()).unwrap())
+        .collect();
+    for s in &mut conns {
+        assert_closed_by_server(s, Duration::from_secs(10), "an extra connection");
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "300 refusals took {:?}",
+        t.elapsed()
+    );
+    assert!(arena.attacker.report().refused_connections >= 300);
+    drop(conns);
+    drop(busy);
+    arena.after("hundreds of connections");
+}
+
+/// A doorbell storm: 20,000 doorbell writes, posted (No_reply) as QEMU
+/// sends them, on queues that are enabled and not.
+#[test]
+fn a_doorbell_storm_harms_nobody() {
+    let arena = Arena::new(Limits::default());
+    let mut c = raw_client(&arena);
+    for i in 0..20_000u64 {
+        let body =
+            transport_support::RawClient::region_write_body(2, (i % 2) * 0x1000, &[1, 0, 0, 0]);
+        c.send(10, wdvirt::transport::wire::FLAG_NO_REPLY, &body, &[]);
+    }
+    assert!(!c.region_read(0, 0, 4).is_error());
+    drop(c);
+    arena.after("a doorbell storm");
 }

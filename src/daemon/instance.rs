@@ -88,11 +88,13 @@ pub struct DeviceLive {
     pub queues_enabled: Vec<bool>,
 }
 
-/// How to stop the connection being served, its counters, and its thread.
+/// How to stop the connection being served, its counters, its thread, and
+/// a second handle on its socket (to tell whether its VMM hung up).
 type CurrentConnection = (
     StopHandle,
     Arc<transport::stats::ConnectionStats>,
     Option<JoinHandle<()>>,
+    Option<std::os::unix::net::UnixStream>,
 );
 
 #[derive(Debug, Default)]
@@ -116,16 +118,50 @@ impl Drop for Release {
 }
 
 /// Take the instance for a new connection. A VMM that has just gone away (or
-/// a liveness probe that connected and closed) may still be finishing: give
-/// it a moment before calling the instance busy.
-fn claim(active: &AtomicBool) -> bool {
+/// a liveness probe that connected and closed) may still be finishing: when
+/// the connection being served has seen its peer hang up, give it a moment
+/// before calling the instance busy. While its VMM is still there the new
+/// connection is refused at once, so a burst of connections costs the
+/// accept thread nothing.
+fn claim(active: &AtomicBool, current: &Mutex<Option<CurrentConnection>>) -> bool {
+    if !active.swap(true, Ordering::AcqRel) {
+        return true;
+    }
+    let finishing = current
+        .lock()
+        .as_ref()
+        .and_then(|c| c.3.as_ref())
+        .is_none_or(peer_gone);
+    if !finishing {
+        return false;
+    }
     for _ in 0..40 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
         if !active.swap(true, Ordering::AcqRel) {
             return true;
         }
-        std::thread::sleep(std::time::Duration::from_millis(5));
     }
     false
+}
+
+/// Has the VMM at the other end of `stream` hung up (or the connection
+/// been shut down)?
+fn peer_gone(stream: &std::os::unix::net::UnixStream) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut fds = [PollFd::new(stream, PollFlags::RDHUP)];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match poll(&mut fds, Some(&zero)) {
+        Ok(n) => {
+            n > 0
+                && fds[0]
+                    .revents()
+                    .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR)
+        }
+        Err(_) => true,
+    }
 }
 
 /// Accept VMMs until stopped. One is served at a time (a PCI function has one
@@ -168,9 +204,11 @@ fn accept_loop(
         if stopping.load(Ordering::Acquire) {
             break;
         }
-        if !claim(&counters.active) {
+        if !claim(&counters.active, current) {
             counters.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(instance = %name, "a VMM is already connected; closing the new connection");
+            if log_budget.take() {
+                tracing::warn!(instance = %name, "a VMM is already connected; closing the new connection");
+            }
             continue;
         }
         counters.served.fetch_add(1, Ordering::Relaxed);
@@ -180,6 +218,7 @@ fn accept_loop(
             let _ = old.join();
         }
         let (stop, stats) = (conn.stop_handle(), conn.stats());
+        let probe = conn.stream().try_clone().ok();
         let (device, active, name2) = (device.clone(), counters.clone(), name.to_string());
         let served = std::thread::Builder::new()
             .name(format!("wd-vmm-{name}"))
@@ -195,7 +234,7 @@ fn accept_loop(
                 }
             });
         match served {
-            Ok(t) => *slot = Some((stop, stats, Some(t))),
+            Ok(t) => *slot = Some((stop, stats, Some(t), probe)),
             Err(e) => {
                 tracing::error!(instance = %name, "cannot start a connection thread: {e}");
                 counters.active.store(false, Ordering::Release);
