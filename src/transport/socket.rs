@@ -577,6 +577,66 @@ mod tests {
     }
 
     #[test]
+    fn fds_past_the_budget_and_sockets_are_closed_on_arrival() {
+        let (s, peer, _) = pair();
+        let h = Header {
+            id: 1,
+            cmd: 4,
+            size: 20,
+            flags: 0,
+            error: 0,
+        };
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.extend_from_slice(&[0; 4]);
+        send_with_fds(&peer, &bytes, &memfds(3));
+        let (sock, _other) = UnixStream::pair().unwrap();
+        let mut map = Header { cmd: 2, ..h }.as_bytes().to_vec();
+        map.extend_from_slice(&[0; 4]);
+        send_with_fds(&peer, &map, &[OwnedFd::from(sock)]);
+        let budget = |h: &Header| if h.cmd == 2 { 1 } else { 0 };
+        match s.read_message(1 << 20, budget).unwrap() {
+            Recv::Message(m) => {
+                assert!(m.fds.is_empty());
+                assert_eq!((m.fds_refused, m.fd_loss), (3, Some(FdLoss::TooMany)));
+            }
+            other => panic!("{other:?}"),
+        }
+        match s.read_message(1 << 20, budget).unwrap() {
+            Recv::Message(m) => {
+                assert!(m.fds.is_empty(), "a socket is never kept");
+                assert_eq!((m.fds_refused, m.fd_loss), (1, Some(FdLoss::Socket)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unfinished_message_stalls_at_the_deadline_an_idle_socket_does_not() {
+        let (mut s, mut peer, _) = pair();
+        s.set_limits(16, std::time::Duration::from_millis(50));
+        let h = Header {
+            id: 1,
+            cmd: 4,
+            size: 32,
+            flags: 0,
+            error: 0,
+        };
+        peer.write_all(&h.as_bytes()[..5]).unwrap();
+        let t = Instant::now();
+        assert!(matches!(
+            s.read_message(1 << 20, |_| 0).unwrap(),
+            Recv::Stalled { got: 5 }
+        ));
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        let (s, _peer, stop) = pair();
+        let t = std::thread::spawn(move || s.read_message(1 << 20, |_| 0).map(|_| ()));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!t.is_finished(), "an idle connection has no deadline");
+        rustix::io::write(&*stop, &1u64.to_ne_bytes()).unwrap();
+        assert!(matches!(t.join().unwrap(), Err(SockError::Stopped)));
+    }
+
+    #[test]
     fn stop_fd_interrupts_a_blocked_read() {
         let (s, _peer, stop) = pair();
         let t = std::thread::spawn(move || s.read_message(1 << 20, |_| 16).map(|_| ()));
