@@ -850,3 +850,152 @@ fn a_doorbell_storm_harms_nobody() {
     drop(c);
     arena.after("a doorbell storm");
 }
+
+fn proc_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+fn proc_rss_kib(pid: u32) -> u64 {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap();
+    statm
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 4
+}
+
+/// The same containment seen from outside, against a `wdvirt serve` process
+/// hosting a victim and an attacker, with limits set on its command line:
+/// an fd flood in an unfinished message and a stalled half header leave
+/// the process's fd count and RSS where they were, the victim's jobs
+/// verify throughout, a fresh VMM runs a job on the attacker's socket, and
+/// the hits are counted in the attacker's `transport_totals`.
+#[test]
+fn a_wdvirt_serve_process_contains_an_fd_flood_and_a_stall() {
+    let _serial = SERIAL.lock();
+    watchdog();
+    let dir = tempfile::tempdir().unwrap();
+    let (victim_sock, attacker_sock) = (
+        dir.path().join("victim.sock"),
+        dir.path().join("attacker.sock"),
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wdvirt"))
+        .args([
+            "serve",
+            "--json",
+            "--queues",
+            "2",
+            "--message-timeout-ms",
+            "300",
+            "--socket",
+        ])
+        .arg(&victim_sock)
+        .arg("--socket")
+        .arg(&attacker_sock)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(victim_sock.exists() && attacker_sock.exists()) {
+        assert!(Instant::now() < deadline, "wdvirt serve did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let jobs = Arc::new(AtomicU64::new(0));
+    let victim = {
+        let (stop, jobs, sock) = (stop.clone(), jobs.clone(), victim_sock.clone());
+        std::thread::spawn(move || {
+            let vmm = Arc::new(
+                LoopbackVmm::connect(&sock, GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()).unwrap(),
+            );
+            let dev = Device::probe(vmm.clone()).unwrap();
+            dev.enable().unwrap();
+            let pool = vmm.dma_pool().unwrap();
+            let mut q = dev.queue(0, 32, dev.info().cap_ops, &pool).unwrap();
+            let mut n = 0u32;
+            while !stop.load(Ordering::Acquire) {
+                let data: Vec<u8> = (0..8192u32)
+                    .map(|i| (i ^ n).wrapping_mul(13) as u8)
+                    .collect();
+                assert_eq!(q.crc32c(&data).unwrap(), wdvirt_guest::crc::crc32c(&data));
+                n += 1;
+                jobs.fetch_add(1, Ordering::Release);
+            }
+        })
+    };
+    fresh_vmm_runs_a_job(&attacker_sock);
+    while jobs.load(Ordering::Acquire) == 0 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (fds_before, rss_before) = (proc_fds(pid), proc_rss_kib(pid));
+    let jobs_before = jobs.load(Ordering::Acquire);
+
+    // The fd flood: 31 bytes of GET_INFO, each with 253 fds.
+    let fds = memfds(253);
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+    let s = UnixStream::connect(&attacker_sock).unwrap();
+    let mut msg = header(4, 32).as_bytes().to_vec();
+    msg.extend_from_slice(&[0; 16]);
+    for b in &msg[..31] {
+        send_with_fds(&s, std::slice::from_ref(b), &borrowed).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let during = proc_fds(pid);
+    assert!(
+        during < fds_before + 64,
+        "wdvirt serve holds {during} fds, {fds_before} before"
+    );
+    // Unfinished: closed at the 300 ms deadline, its fds with it.
+    let mut s = s;
+    assert_closed_by_server(&mut s, Duration::from_secs(5), "the unfinished GET_INFO");
+    drop(fds);
+    // Half a header, then a stall.
+    let mut s = UnixStream::connect(&attacker_sock).unwrap();
+    s.write_all(&header(1, 64).as_bytes()[..7]).unwrap();
+    assert_closed_by_server(&mut s, Duration::from_secs(5), "half a header");
+
+    fresh_vmm_runs_a_job(&attacker_sock);
+    let t = Instant::now();
+    while jobs.load(Ordering::Acquire) <= jobs_before {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the victim made no progress"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proc_fds(pid) > fds_before + 4 {
+        assert!(
+            Instant::now() < deadline,
+            "wdvirt serve: {} fds, {fds_before} before",
+            proc_fds(pid)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rss = proc_rss_kib(pid);
+    assert!(
+        rss < rss_before + 64 * 1024,
+        "RSS {rss} KiB, {rss_before} KiB before"
+    );
+    stop.store(true, Ordering::Release);
+    victim.join().expect("a victim job failed");
+
+    let reports = common::stop_serve(&mut child);
+    let attacker = reports.iter().find(|r| r["name"] == "attacker").unwrap();
+    let totals = &attacker["transport_totals"];
+    assert!(
+        totals["fds_refused"].as_u64().unwrap() >= 31 * 16,
+        "{totals}"
+    );
+    assert_eq!(totals["stalled"], 2, "{totals}");
+    assert_eq!(attacker["connection_panics"], 0);
+    let victim = reports.iter().find(|r| r["name"] == "victim").unwrap();
+    assert_eq!(victim["transport_totals"]["errors_sent"], 0, "{victim}");
+    FINISHED.lock().push(*CURRENT.lock());
+}

@@ -68,6 +68,11 @@ pub struct InstanceReport {
     pub queues: Vec<QueueSnapshot>,
     /// The current (or last) connection's protocol counters.
     pub transport: Option<StatsSnapshot>,
+    /// Protocol counters over every connection this instance served (the
+    /// current one included): where limit hits (`fds_refused`, `stalled`,
+    /// `bad_frames`, `log_lines_suppressed`, ...) add up.
+    #[serde(default)]
+    pub transport_totals: StatsSnapshot,
     /// The device as its guest sees it now, read under the device's lock
     /// between two of the VMM's messages; `None` while a message holds the
     /// device longer than a listing should wait (a reset draining its jobs).
@@ -106,6 +111,9 @@ struct ConnectionCounters {
     panics: AtomicU64,
     /// A VMM is being served now.
     active: AtomicBool,
+    /// Protocol counters of the connections that have ended, and which
+    /// connection's counters (by address) were added last.
+    ended: Mutex<(StatsSnapshot, usize)>,
 }
 
 /// Clears `active` when the connection thread ends, however it ends.
@@ -224,7 +232,14 @@ fn accept_loop(
             .name(format!("wd-vmm-{name}"))
             .spawn(move || {
                 let release = Release(active);
-                match conn.run(&*device) {
+                let stats = conn.stats();
+                let ended = conn.run(&*device);
+                {
+                    let mut ended = release.0.ended.lock();
+                    ended.0.accumulate(&stats.snapshot());
+                    ended.1 = Arc::as_ptr(&stats) as usize;
+                }
+                match ended {
                     Ok(how) => tracing::info!(instance = %name2, "VMM disconnected: {how:?}"),
                     Err(e @ TransportError::Panicked(_)) => {
                         release.0.panics.fetch_add(1, Ordering::Relaxed);
@@ -366,12 +381,30 @@ impl Instance {
         })
     }
 
+    /// Protocol counters over every connection served, the current one
+    /// included.
+    pub fn transport_totals(&self) -> StatsSnapshot {
+        let current = self.connection.lock().as_ref().map(|c| c.1.clone());
+        let ended = self.counters.ended.lock();
+        let mut totals = ended.0;
+        // The current connection, unless it has ended and been added.
+        if let Some(c) = current
+            && Arc::as_ptr(&c) as usize != ended.1
+        {
+            totals.accumulate(&c.snapshot());
+        }
+        totals
+    }
+
     /// A VMM is connected now.
     pub fn attached(&self) -> bool {
         self.counters.active.load(Ordering::Acquire)
     }
 
     pub fn report(&self) -> InstanceReport {
+        // Before the literal: its `connection.lock()` temporary lives to
+        // the end of the statement, and the totals take the same lock.
+        let transport_totals = self.transport_totals();
         InstanceReport {
             name: self.spec.name.clone(),
             socket: self.spec.socket.clone(),
@@ -382,6 +415,7 @@ impl Instance {
             device: self.stats.snapshot(),
             queues: self.queues.iter().map(|q| q.stats.snapshot()).collect(),
             transport: self.connection.lock().as_ref().map(|c| c.1.snapshot()),
+            transport_totals,
             live: self.live(),
         }
     }

@@ -30,9 +30,6 @@ pub struct Limits {
     /// (milliseconds); a reply must be taken by the peer within it too.
     /// Past it the connection is closed: the stream is out of sync.
     pub message_timeout_ms: u64,
-    /// Connections one instance socket keeps waiting besides the one it
-    /// serves; more are closed at once (the accept loop's limit).
-    pub pending_connections: u32,
     /// Warning lines one instance may log per second; the rest are counted
     /// and logged at debug level. Per instance, not per connection: a VMM
     /// can reconnect in a loop.
@@ -47,7 +44,6 @@ impl Default for Limits {
             max_dma_maps: wire::MAX_DMA_MAPS,
             max_dma_fd_bytes: wire::MAX_DMA_FD_BYTES,
             message_timeout_ms: 5_000,
-            pending_connections: 0,
             log_lines_per_sec: 10,
         }
     }

@@ -254,6 +254,7 @@ impl Connection {
             let read = self
                 .sock
                 .read_message(self.limits.max_message_size, fd_budget);
+            ConnectionStats::add(&self.stats.fds_refused, self.sock.take_refused());
             let mut msg = match read {
                 Ok(Recv::Message(m)) => m,
                 Ok(Recv::Stalled { got }) => return Ok(self.stalled(got)),
@@ -269,7 +270,6 @@ impl Connection {
             ConnectionStats::add(&self.stats.messages, 1);
             ConnectionStats::add(&self.stats.bytes_received, msg.header.size as u64);
             ConnectionStats::add(&self.stats.fds_received, msg.fds.len() as u64);
-            ConnectionStats::add(&self.stats.fds_refused, msg.fds_refused as u64);
             if msg.fd_loss.is_some() {
                 ConnectionStats::add(&self.stats.fds_truncated, 1);
             }

@@ -149,6 +149,9 @@ pub struct MsgSocket {
     /// How long the rest of a message may take once its first byte came,
     /// and how long a reply may wait for the peer to read it.
     deadline: Duration,
+    /// Fds closed on arrival since the last [`take_refused`](Self::take_refused),
+    /// whatever became of their message.
+    refused: std::cell::Cell<u64>,
 }
 
 /// What has arrived of the message being read.
@@ -173,7 +176,13 @@ impl MsgSocket {
             control_len: rustix::cmsg_space!(ScmRights((max_fds + 1).min(SCM_MAX_FD))),
             max_fds,
             deadline: Duration::from_secs(5),
+            refused: std::cell::Cell::new(0),
         })
+    }
+
+    /// Fds closed on arrival since the last call.
+    pub fn take_refused(&self) -> u64 {
+        self.refused.take()
     }
 
     /// Sets the most fds one message may carry and the message deadline.
@@ -220,10 +229,9 @@ impl MsgSocket {
         }
         // Now the command is known: fds it does not take go at once.
         p.budget = fd_budget(&header).min(self.max_fds);
-        if p.fds.len() > p.budget {
-            p.refused += p.fds.len() - p.budget;
-            p.fds.truncate(p.budget);
-            p.fd_loss.get_or_insert(FdLoss::TooMany);
+        while p.fds.len() > p.budget {
+            p.fds.pop();
+            self.refuse_fd(&mut p, FdLoss::TooMany);
         }
         let mut body = vec![0u8; header.size as usize - HEADER_SIZE];
         match self.read_exact(&mut body, &mut p)? {
@@ -242,6 +250,16 @@ impl MsgSocket {
             fd_loss: p.fd_loss,
             fds_refused: p.refused,
         }))
+    }
+
+    fn refuse_fd(&self, p: &mut Partial, loss: FdLoss) {
+        p.refused += 1;
+        self.refused.set(self.refused.get() + 1);
+        if loss == FdLoss::Socket {
+            p.fd_loss = Some(loss);
+        } else {
+            p.fd_loss.get_or_insert(loss);
+        }
     }
 
     /// Fills `buf`.
@@ -284,13 +302,11 @@ impl MsgSocket {
                                 arrived += 1;
                                 p.started.get_or_insert_with(Instant::now);
                                 if is_socket(&fd) {
-                                    p.refused += 1;
-                                    p.fd_loss = Some(FdLoss::Socket);
+                                    self.refuse_fd(p, FdLoss::Socket);
                                 } else if p.fds.len() < p.budget {
                                     p.fds.push(fd);
                                 } else {
-                                    p.refused += 1;
-                                    p.fd_loss.get_or_insert(FdLoss::TooMany);
+                                    self.refuse_fd(p, FdLoss::TooMany);
                                 }
                                 // A refused fd is dropped (closed) here.
                             }

@@ -58,6 +58,32 @@ pub struct StatsSnapshot {
     pub log_lines_suppressed: u64,
 }
 
+impl StatsSnapshot {
+    /// Adds `other`'s counts to these (an instance's totals over its
+    /// connections).
+    pub fn accumulate(&mut self, other: &StatsSnapshot) {
+        let fields = [
+            (&mut self.messages, other.messages),
+            (&mut self.replies_sent, other.replies_sent),
+            (&mut self.errors_sent, other.errors_sent),
+            (&mut self.posted_write_errors, other.posted_write_errors),
+            (&mut self.stray_replies, other.stray_replies),
+            (&mut self.bad_frames, other.bad_frames),
+            (&mut self.bytes_received, other.bytes_received),
+            (&mut self.bytes_sent, other.bytes_sent),
+            (&mut self.fds_received, other.fds_received),
+            (&mut self.fds_truncated, other.fds_truncated),
+            (&mut self.fds_refused, other.fds_refused),
+            (&mut self.stalled, other.stalled),
+            (&mut self.panics, other.panics),
+            (&mut self.log_lines_suppressed, other.log_lines_suppressed),
+        ];
+        for (mine, theirs) in fields {
+            *mine = mine.saturating_add(theirs);
+        }
+    }
+}
+
 impl ConnectionStats {
     pub fn snapshot(&self) -> StatsSnapshot {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
