@@ -999,3 +999,100 @@ fn a_wdvirt_serve_process_contains_an_fd_flood_and_a_stall() {
     assert_eq!(victim["transport_totals"]["errors_sent"], 0, "{victim}");
     FINISHED.lock().push(*CURRENT.lock());
 }
+
+/// The guest's own device pulled from under its jobs: while a thread runs
+/// jobs on the attacker's queue, another turns Bus Master off and on,
+/// resets the device (`DEV_CTRL_RESET`) and rewrites ring bases, for a
+/// second. The attacker's jobs may fail (its own doing); nothing else may.
+/// Then rings placed at the very end of RAM and on top of each other.
+#[test]
+fn resets_bus_master_off_and_ring_changes_mid_job_stay_inside_the_instance() {
+    let arena = Arena::new(Limits::default());
+    let vmm = Arc::new(
+        LoopbackVmm::connect(&arena.socket(), GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()).unwrap(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let (vmm, stop) = (vmm.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut rounds = 0u32;
+            while !stop.load(Ordering::Acquire) {
+                // Each round sets the device up again; any step may fail
+                // while the other thread pulls it away.
+                let Ok(dev) = Device::probe(vmm.clone()) else {
+                    continue;
+                };
+                if dev.enable().is_err() {
+                    continue;
+                }
+                let Ok(pool) = vmm.dma_pool() else { continue };
+                let Ok(mut q) = dev.queue(0, 16, dev.info().cap_ops, &pool) else {
+                    continue;
+                };
+                for _ in 0..20 {
+                    let _ = q.crc32c(&[7u8; 4096]);
+                }
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let t = Instant::now();
+    let b = regs::queue(0) as u64;
+    while t.elapsed() < Duration::from_secs(1) {
+        let cmd = vmm.config_read(4, 2).unwrap();
+        vmm.config_write(4, 2, cmd & !0x4).unwrap();
+        std::thread::sleep(Duration::from_millis(3));
+        vmm.config_write(4, 2, cmd | 0x6).unwrap();
+        vmm.region_write(
+            0,
+            b + regs::Q_SQ_BASE as u64,
+            &(RAM_BASE + 0x8000).to_le_bytes(),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(3));
+        vmm.region_write(
+            0,
+            regs::DEV_CTRL as u64,
+            &regs::DEV_CTRL_RESET.to_le_bytes(),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    stop.store(true, Ordering::Release);
+    worker.join().expect("the attacker's own driver thread");
+
+    // Rings at the very end of RAM (the SQ runs past it) and on top of
+    // each other: the queue refuses to start, with its error bit.
+    let w32 = |off: u64, v: u32| vmm.region_write(0, off, &v.to_le_bytes()).unwrap();
+    let w64 = |off: u64, v: u64| vmm.region_write(0, off, &v.to_le_bytes()).unwrap();
+    let status = || {
+        let mut st = [0u8; 4];
+        vmm.region_read(0, b + regs::Q_STATUS as u64, &mut st)
+            .unwrap();
+        u32::from_le_bytes(st)
+    };
+    let end = RAM_BASE + RAM_SIZE;
+    for (sq, cq, idx) in [
+        (end - 64 * 8, RAM_BASE, RAM_BASE + 0x1_0000),
+        (RAM_BASE, RAM_BASE, RAM_BASE + 0x1_0000),
+        (RAM_BASE, RAM_BASE + 0x2_0000, RAM_BASE + 0x2_0000),
+    ] {
+        w32(regs::DEV_CTRL as u64, regs::DEV_CTRL_RESET);
+        w32(regs::DEV_CTRL as u64, regs::DEV_CTRL_ENABLE);
+        w64(b + regs::Q_SQ_BASE as u64, sq);
+        w64(b + regs::Q_CQ_BASE as u64, cq);
+        w64(b + regs::Q_IDX_BASE as u64, idx);
+        w32(b + regs::Q_DEPTH as u64, 16);
+        w32(b + regs::Q_OPS as u64, wdvirt_abi::ALL_OPS);
+        w32(b + regs::Q_CTRL as u64, regs::Q_CTRL_ENABLE);
+        let st = status();
+        assert_eq!(
+            st & (regs::Q_STATUS_ENABLED | regs::Q_STATUS_ERROR),
+            regs::Q_STATUS_ERROR,
+            "rings {sq:#x} {cq:#x} {idx:#x}: Q_STATUS {st:#x}"
+        );
+    }
+    drop(vmm);
+    arena.after("resets, Bus Master and ring changes mid-job");
+}
