@@ -152,6 +152,7 @@ fn main() {
             auto: false,
             numa: None,
             qos: None,
+            vm: None,
         };
         let _: InstanceView = api.send(Method::POST, "/v1/instances", Some(&req)).unwrap();
     }

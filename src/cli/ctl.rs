@@ -49,6 +49,9 @@ pub struct DefineArgs {
     /// A QoS policy overriding the type's.
     #[arg(long, value_name = "POLICY")]
     pub qos: Option<String>,
+    /// The VM the instance is for (`wdvirt stats --vm` shows it there).
+    #[arg(long, value_name = "VM")]
+    pub vm: Option<String>,
     #[command(flatten)]
     pub out: JsonFlag,
 }
@@ -88,6 +91,12 @@ pub struct ModifyArgs {
     /// Go back to the type's QoS policy.
     #[arg(long)]
     pub type_qos: bool,
+    /// Attach the instance to this VM (at once, also while it runs).
+    #[arg(long, value_name = "VM", conflicts_with = "no_vm")]
+    pub vm: Option<String>,
+    /// Forget the instance's VM.
+    #[arg(long)]
+    pub no_vm: bool,
     #[command(flatten)]
     pub out: JsonFlag,
 }
@@ -238,6 +247,7 @@ pub fn define(api: &ApiClient, a: DefineArgs) -> anyhow::Result<()> {
         auto: a.auto,
         numa: a.numa,
         qos: a.qos,
+        vm: a.vm,
     };
     let v: InstanceView = api.send(Method::POST, "/v1/instances", Some(&req))?;
     if a.out.json {
@@ -321,10 +331,11 @@ pub fn modify(api: &ApiClient, a: ModifyArgs) -> anyhow::Result<()> {
         } else {
             a.qos.map(Some)
         },
+        vm: if a.no_vm { Some(None) } else { a.vm.map(Some) },
     };
     if changes == ModifyRequest::default() {
         anyhow::bail!(
-            "nothing to change: give --auto/--manual, --type, --numa/--no-numa or --qos/--type-qos"
+            "nothing to change: give --auto/--manual, --type, --numa/--no-numa, --qos/--type-qos or --vm/--no-vm"
         );
     }
     let v: InstanceView = api.send(

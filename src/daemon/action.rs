@@ -31,6 +31,9 @@ pub struct DefineRequest {
     /// A QoS policy overriding the type's.
     #[serde(default)]
     pub qos: Option<String>,
+    /// The VM the instance is for (its statistics are shown under it).
+    #[serde(default)]
+    pub vm: Option<String>,
 }
 
 /// Changes to a definition; absent fields stay as they are. A running
@@ -57,6 +60,14 @@ pub struct ModifyRequest {
         skip_serializing_if = "Option::is_none"
     )]
     pub qos: Option<Option<String>>,
+    /// The VM the instance is attached to (takes effect at once, also while
+    /// it runs); `Some(None)` clears it.
+    #[serde(
+        default,
+        with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub vm: Option<Option<String>>,
 }
 
 /// Distinguishes an absent field (no change) from `null` (clear it).
@@ -108,6 +119,13 @@ pub enum Action {
         id: InstanceRef,
         changes: ModifyRequest,
     },
+    /// Statistics of started instances: all, one instance, or one VM's.
+    Stats {
+        #[serde(default)]
+        vm: Option<String>,
+        #[serde(default)]
+        instance: Option<InstanceRef>,
+    },
 }
 
 impl Action {
@@ -119,6 +137,7 @@ impl Action {
                 | Action::ListAccelerators
                 | Action::ListInstances { .. }
                 | Action::GetInstance { .. }
+                | Action::Stats { .. }
         )
     }
 }
@@ -130,6 +149,7 @@ pub enum Outcome {
     Accelerators(Vec<AcceleratorView>),
     Instances(Vec<InstanceView>),
     Instance(Box<InstanceView>),
+    Stats(Box<crate::stats::report::StatsReport>),
 }
 
 /// Why an action failed; each maps to one HTTP status.
@@ -137,6 +157,10 @@ pub enum Outcome {
 pub enum ActionError {
     #[error("no instance named or with UUID '{0}' (see `wdvirt list --defined`)")]
     NoSuchInstance(String),
+    #[error(
+        "no VM named '{0}' (an instance names its VM with `wdvirt define --vm` or `wdvirt modify --vm`; see `wdvirt list --defined`)"
+    )]
+    NoSuchVm(String),
     #[error("unknown instance type '{name}' (known: {known})")]
     NoSuchType { name: String, known: String },
     #[error("unknown QoS policy '{name}' (known: {known})")]
@@ -165,7 +189,7 @@ impl ActionError {
     /// The HTTP status the API answers with.
     pub fn status(&self) -> u16 {
         match self {
-            ActionError::NoSuchInstance(_) => 404,
+            ActionError::NoSuchInstance(_) | ActionError::NoSuchVm(_) => 404,
             ActionError::NoSuchType { .. } | ActionError::NoSuchPolicy { .. } => 400,
             ActionError::Invalid(_) => 400,
             ActionError::AlreadyExists(_) | ActionError::WrongState { .. } => 409,
@@ -180,6 +204,7 @@ impl ActionError {
     pub fn kind(&self) -> &'static str {
         match self {
             ActionError::NoSuchInstance(_) => "no-such-instance",
+            ActionError::NoSuchVm(_) => "no-such-vm",
             ActionError::NoSuchType { .. } => "no-such-type",
             ActionError::NoSuchPolicy { .. } => "no-such-policy",
             ActionError::AlreadyExists(_) => "already-exists",

@@ -19,6 +19,7 @@ use super::catalog::{Catalog, Placed};
 use super::instance::{Instance, InstanceSpec};
 use super::store::{Definition, Store};
 use super::view::{InstanceState, InstanceView};
+use crate::stats::report::StatsReport;
 
 struct Running {
     instance: Instance,
@@ -120,6 +121,19 @@ fn check_name(name: &str) -> Result<(), ActionError> {
         ));
     }
     Ok(())
+}
+
+/// VM names come from the operator or libvirt (a domain's name): any
+/// printable text, as they are only shown and used as a metrics label.
+fn check_vm_name(vm: Option<&str>) -> Result<(), ActionError> {
+    match vm {
+        Some(v) if v.is_empty() || v.chars().count() > 256 || v.chars().any(char::is_control) => {
+            Err(ActionError::Invalid(format!(
+                "VM name {v:?} must be 1-256 characters with no control characters"
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 pub struct Registry {
@@ -240,6 +254,9 @@ impl Registry {
                 self.modify(&mut entries, u, changes)?;
                 Ok(self.instance_outcome(&entries, u))
             }
+            Action::Stats { vm, instance } => self
+                .stats(&entries, vm, instance)
+                .map(|r| Outcome::Stats(Box::new(r))),
         }
     }
 
@@ -275,6 +292,7 @@ impl Registry {
 
     fn define(&self, entries: &mut Entries, req: DefineRequest) -> Result<Outcome, ActionError> {
         self.check_definition(&req.type_name, req.qos.as_deref(), req.numa)?;
+        check_vm_name(req.vm.as_deref())?;
         let name = match req.name {
             Some(n) => {
                 check_name(&n)?;
@@ -307,6 +325,7 @@ impl Registry {
             auto: req.auto,
             numa: req.numa,
             qos: req.qos,
+            vm: req.vm,
         };
         // Durable before it is acknowledged.
         self.store.save(&def)?;
@@ -332,6 +351,10 @@ impl Registry {
         }
         if let Some(q) = m.qos {
             def.qos = q;
+        }
+        if let Some(vm) = m.vm {
+            check_vm_name(vm.as_deref())?;
+            def.vm = vm;
         }
         self.check_definition(&def.type_name, def.qos.as_deref(), def.numa)?;
         if def != e.def {
@@ -475,13 +498,74 @@ impl Registry {
         attached
     }
 
-    fn view(&self, e: &Entry) -> InstanceView {
-        let qos = e.def.qos.clone().unwrap_or_else(|| {
+    /// The statistics of started instances: every one, one instance (which
+    /// must be started), or those of one VM (which some definition must name).
+    fn stats(
+        &self,
+        entries: &Entries,
+        vm: Option<String>,
+        instance: Option<String>,
+    ) -> Result<StatsReport, ActionError> {
+        if let Some(v) = &vm
+            && !entries
+                .by_uuid
+                .values()
+                .any(|e| e.def.vm.as_ref() == Some(v))
+        {
+            return Err(ActionError::NoSuchVm(v.clone()));
+        }
+        let only = match &instance {
+            Some(id) => {
+                let u = entries.find(id)?;
+                let e = &entries.by_uuid[&u];
+                if e.running.is_none() {
+                    return Err(ActionError::WrongState {
+                        name: e.def.name.clone(),
+                        state: e.state().name(),
+                        what: "an instance has statistics only while it is started".into(),
+                    });
+                }
+                if let Some(v) = &vm
+                    && e.def.vm.as_ref() != Some(v)
+                {
+                    return Err(ActionError::Invalid(format!(
+                        "instance '{}' is not attached to VM '{v}'",
+                        e.def.name
+                    )));
+                }
+                Some(u)
+            }
+            None => None,
+        };
+        let samples = entries
+            .by_uuid
+            .values()
+            .filter(|e| only.is_none_or(|u| u == e.def.uuid))
+            .filter(|e| vm.is_none() || e.def.vm == vm)
+            .filter_map(|e| {
+                let r = e.running.as_ref()?;
+                Some(
+                    r.instance
+                        .stats_sample(e.def.uuid, e.def.vm.clone(), self.qos_name(e)),
+                )
+            })
+            .collect();
+        let named: Vec<String> = vm.into_iter().collect();
+        Ok(StatsReport::build(samples, &named))
+    }
+
+    /// The QoS policy in force (the definition's override or the type's).
+    fn qos_name(&self, e: &Entry) -> String {
+        e.def.qos.clone().unwrap_or_else(|| {
             self.catalog
                 .get_type(&e.def.type_name)
                 .map(|t| t.qos.clone())
                 .unwrap_or_default()
-        });
+        })
+    }
+
+    fn view(&self, e: &Entry) -> InstanceView {
+        let qos = self.qos_name(e);
         InstanceView {
             uuid: e.def.uuid,
             name: e.def.name.clone(),
@@ -490,6 +574,7 @@ impl Registry {
             auto: e.def.auto,
             numa: e.def.numa,
             qos,
+            vm: e.def.vm.clone(),
             socket: e.running.as_ref().map(|r| r.instance.socket().to_owned()),
             pasid: e.running.as_ref().map(|r| r.placed.pasid()),
             placement: e

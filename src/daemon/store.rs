@@ -32,6 +32,9 @@ pub struct Definition {
     /// A QoS policy overriding the type's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qos: Option<String>,
+    /// The VM the instance is for; its statistics are shown under it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -228,6 +231,7 @@ mod tests {
             auto: true,
             numa: Some(1),
             qos: None,
+            vm: None,
         }
     }
 
