@@ -110,7 +110,7 @@ pub struct ListArgs {
     pub out: JsonFlag,
 }
 
-fn path_id(id: &str) -> String {
+pub(super) fn path_id(id: &str) -> String {
     // Names are [A-Za-z0-9._-] and UUIDs hex and dashes; anything else the
     // daemon refuses anyway, so percent-encode only what would break a path.
     id.bytes()

@@ -8,6 +8,8 @@ mod demo;
 mod install;
 mod schema;
 mod serve;
+mod stats;
+mod top;
 mod validate;
 
 use std::process::ExitCode;
@@ -71,6 +73,12 @@ pub enum Command {
     Modify(ctl::ModifyArgs),
     /// List started instances, or with --defined every definition.
     List(ctl::ListArgs),
+    /// Statistics of started instances per VM, instance and queue: jobs,
+    /// failures by status, bytes, ring occupancy, latency percentiles.
+    Stats(stats::StatsArgs),
+    /// A live view per VM (throughput, share, latency, who waits on whom),
+    /// refreshed in place; q quits.
+    Top(top::TopArgs),
     /// Print a shell completion script.
     Completions(install::CompletionsArgs),
     /// Write man pages (wdvirt.1 and one per subcommand) into a directory.
@@ -110,6 +118,8 @@ pub fn main() -> ExitCode {
         Command::Stop(a) => ctl::stop(&api, a).map(|()| ExitCode::SUCCESS),
         Command::Modify(a) => ctl::modify(&api, a).map(|()| ExitCode::SUCCESS),
         Command::List(a) => ctl::list(&api, a).map(|()| ExitCode::SUCCESS),
+        Command::Stats(a) => stats::run(&api, a).map(|()| ExitCode::SUCCESS),
+        Command::Top(a) => top::run(&api, a).map(|()| ExitCode::SUCCESS),
         Command::Validate(a) => validate::run(a),
         Command::Schema(a) => schema::run(a),
     };
