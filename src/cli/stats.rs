@@ -243,7 +243,10 @@ mod tests {
     #[test]
     fn filters_become_a_query_with_odd_characters_encoded() {
         assert_eq!(stats_path(None, None), "/v1/stats");
-        assert_eq!(stats_path(Some("web 1&x"), None), "/v1/stats?vm=web%201%26x");
+        assert_eq!(
+            stats_path(Some("web 1&x"), None),
+            "/v1/stats?vm=web%201%26x"
+        );
         assert_eq!(
             stats_path(Some("a"), Some("b")),
             "/v1/stats?vm=a&instance=b"

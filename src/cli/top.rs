@@ -115,7 +115,9 @@ pub fn rows(
     let mut held = Vec::new();
     let names: BTreeMap<Uuid, String> = now.instances.iter().map(|i| (i.uuid, group(i))).collect();
     for i in &now.instances {
-        let p = before.get(&i.uuid).filter(|p| p.totals.jobs_submitted <= i.totals.jobs_submitted);
+        let p = before
+            .get(&i.uuid)
+            .filter(|p| p.totals.jobs_submitted <= i.totals.jobs_submitted);
         let (t, pt) = (&i.totals, p.map(|p| &p.totals));
         let was = |f: fn(&crate::stats::report::Counts) -> u64| pt.map_or(0, f);
         let g = groups.entry(group(i)).or_default();
@@ -149,7 +151,9 @@ pub fn rows(
                     held.push(Interfering {
                         victim: group(i),
                         neighbour: names.get(&n.neighbour).cloned().unwrap_or_else(|| {
-                            n.neighbour_vm.clone().unwrap_or_else(|| n.neighbour_name.clone())
+                            n.neighbour_vm
+                                .clone()
+                                .unwrap_or_else(|| n.neighbour_name.clone())
                         }),
                         held_per_s: ns as f64 / 1e9 / dt,
                     });
@@ -230,8 +234,19 @@ fn draw(
         title,
     );
     let header = Row::new([
-        "VM", "INST", "JOBS/S", "MB/S IN", "MB/S OUT", "SHARE", "ENTITLED", "AVG LAT", "P99",
-        "FAILED/S", "INFLIGHT", "WAITING", "THROTTLED",
+        "VM",
+        "INST",
+        "JOBS/S",
+        "MB/S IN",
+        "MB/S OUT",
+        "SHARE",
+        "ENTITLED",
+        "AVG LAT",
+        "P99",
+        "FAILED/S",
+        "INFLIGHT",
+        "WAITING",
+        "THROTTLED",
     ])
     .style(Style::new().add_modifier(Modifier::REVERSED));
     let body = vms.iter().map(|v| {
@@ -248,7 +263,8 @@ fn draw(
             format!("{:.0}", v.failed_per_s),
             v.in_flight.to_string(),
             v.waiting.to_string(),
-            v.throttled.map_or("-".into(), |t| format!("{:.0}%", t * 100.0)),
+            v.throttled
+                .map_or("-".into(), |t| format!("{:.0}%", t * 100.0)),
         ])
     });
     let widths = [
@@ -351,7 +367,7 @@ mod tests {
 
     fn inst(name: &str, vm: Option<&str>, jobs: u64, lat_sum: u64) -> InstanceStatsView {
         InstanceStatsView {
-            uuid: Uuid::new_v5(&Uuid::NAMESPACE_OID, name.as_bytes()),
+            uuid: Uuid::from_u128(name.bytes().fold(0u128, |h, b| h * 131 + b as u128)),
             name: name.into(),
             vm: vm.map(String::from),
             qos: "q".into(),
@@ -417,7 +433,10 @@ mod tests {
             instances: vec![a0.clone(), b0.clone()],
             vms: vec![],
         };
-        let (mut a1, mut b1) = (inst("a", Some("web"), 10, 0), inst("b", Some("batch"), 1, 0));
+        let (mut a1, mut b1) = (
+            inst("a", Some("web"), 10, 0),
+            inst("b", Some("batch"), 1, 0),
+        );
         a1.scheduler = sched(
             250_000_000,
             vec![Interference {

@@ -247,7 +247,8 @@ impl Collector for ReportCollector {
                 }
             }
         }
-        let per_instance: [(&str, &str, fn(&InstanceStatsView) -> u64); 5] = [
+        type Field = fn(&InstanceStatsView) -> u64;
+        let per_instance: [(&str, &str, Field); 5] = [
             (
                 "wdvirt_instance_register_errors",
                 "BAR0 accesses refused.",
