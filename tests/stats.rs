@@ -611,3 +611,72 @@ fn top_in_a_real_terminal_shows_each_vm_live_and_quits_on_q() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     load.join().unwrap();
 }
+
+#[test]
+fn a_vmm_gone_mid_flight_leaves_every_taken_job_counted_once() {
+    let d = Daemon::start(None);
+    d.json(&["define", "--type", "quad", "--name", "z", "--vm", "zip"]);
+    d.json(&["start", "z"]);
+    let submitted = {
+        let vmm = Arc::new(
+            LoopbackVmm::connect(
+                &d.socket("z"),
+                GuestRam::new(common::RAM_BASE, 4 << 20).unwrap(),
+            )
+            .unwrap(),
+        );
+        let dev = Device::probe(vmm.clone()).unwrap();
+        dev.enable().unwrap();
+        let pool = vmm.dma_pool().unwrap();
+        let mut q = dev
+            .queue(1, 64, dev.queue_cap_ops(1).unwrap(), &pool)
+            .unwrap();
+        let src = pool.alloc(256 << 10, 64).unwrap();
+        let data: Vec<u8> = (0..256u32 << 10)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        src.write(0, &data).unwrap();
+        let dst = pool.alloc(320 << 10, 64).unwrap();
+        // Level-12 deflate of 256 KiB: tens of ms each, far more work than
+        // the two engines finish before the VMM goes.
+        let jobs: Vec<SubmissionEntry> = (0..48)
+            .map(|i| SubmissionEntry {
+                opcode: Opcode::DeflateCompress as u8,
+                tag: i,
+                src: src.addr(),
+                src_len: 256 << 10,
+                dst: dst.addr(),
+                dst_len: 320 << 10,
+                param: 12,
+                ..Default::default()
+            })
+            .collect();
+        assert_eq!(q.submit(&jobs).unwrap(), 48);
+        // Let the device take them all, then leave without waiting.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while q.device_sq_head().unwrap() != 48 {
+            assert!(Instant::now() < deadline, "the device never took the jobs");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        48u64
+    };
+    // The reset that follows the VMM's departure drains (at most 2 s).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let t = loop {
+        let s = d.json(&["stats", "--vm", "zip"]);
+        let t = s["vms"][0]["totals"].clone();
+        if t["in_flight"] == 0 {
+            break t;
+        }
+        assert!(Instant::now() < deadline, "jobs stayed in flight: {t}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let n = |k: &str| t[k].as_u64().unwrap();
+    assert_eq!(n("jobs_submitted"), submitted, "{t}");
+    assert!(n("jobs_dropped") > 0, "the reset dropped queued jobs: {t}");
+    assert_eq!(
+        n("jobs_ok") + n("jobs_failed") + n("jobs_dropped"),
+        submitted,
+        "each taken job is completed or dropped, once: {t}"
+    );
+}

@@ -82,7 +82,8 @@ impl Throttled {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Interference {
     pub neighbour: Uuid,
-    /// The neighbour's instance name and VM, filled in by the daemon.
+    /// The neighbour's instance name and VM (the scheduler knows instances
+    /// by UUID; whoever builds the sample adds the names).
     #[serde(default)]
     pub neighbour_name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
