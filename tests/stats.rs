@@ -569,6 +569,7 @@ fn top_in_a_real_terminal_shows_each_vm_live_and_quits_on_q() {
         "AVG LAT",
         "P99",
         "batch",
+        "per instance",
         "who waits on whom",
         "q quits",
     ] {
@@ -588,6 +589,16 @@ fn top_in_a_real_terminal_shows_each_vm_live_and_quits_on_q() {
         .find(|l| l.trim_start_matches('│').starts_with("web "))
         .unwrap();
     assert!(web.contains("100.0%"), "web has all of the jobs: {web}");
+    let w = screen
+        .lines()
+        .find(|l| l.trim_start_matches('│').starts_with("w "))
+        .unwrap();
+    let cells: Vec<&str> = w.trim_start_matches('│').split_whitespace().collect();
+    assert_eq!(
+        cells[..3],
+        ["w", "web", "1"],
+        "one busy queue on instance w: {w}"
+    );
     let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("top-capture.txt");
     std::fs::write(&target, &screen).unwrap();
     // The screen is redrawn in place: still one title line after refreshes.

@@ -205,6 +205,60 @@ pub fn rows(
     (out, basis, held)
 }
 
+/// One instance over one refresh interval.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct InstRow {
+    pub name: String,
+    pub vm: String,
+    /// Queues that completed a job in the interval.
+    pub busy_queues: usize,
+    pub jobs_per_s: f64,
+    pub mb_in_per_s: f64,
+    pub avg_latency_ns: Option<u64>,
+    pub p99_ns: Option<u64>,
+    pub in_flight: u64,
+    pub waiting: u64,
+    pub failed_per_s: f64,
+}
+
+/// Per-instance rows for the interval from `prev` to `now`.
+pub fn instance_rows(prev: &StatsReport, now: &StatsReport, dt: f64) -> Vec<InstRow> {
+    let before: BTreeMap<Uuid, &InstanceStatsView> =
+        prev.instances.iter().map(|i| (i.uuid, i)).collect();
+    now.instances
+        .iter()
+        .map(|i| {
+            let p = before
+                .get(&i.uuid)
+                .filter(|p| p.totals.jobs_submitted <= i.totals.jobs_submitted);
+            let was = |f: fn(&InstanceStatsView) -> u64| p.map_or(0, |p| f(p));
+            let d = |f: fn(&InstanceStatsView) -> u64| f(i).saturating_sub(was(f));
+            let busy = i
+                .queues
+                .iter()
+                .filter(|q| {
+                    let before = p
+                        .and_then(|p| p.queues.iter().find(|x| x.queue == q.queue))
+                        .map_or(0, |x| x.counts.jobs_completed);
+                    q.counts.jobs_completed > before
+                })
+                .count();
+            InstRow {
+                name: i.name.clone(),
+                vm: i.vm.clone().unwrap_or_else(|| "-".into()),
+                busy_queues: busy,
+                jobs_per_s: d(|i| i.totals.jobs_completed) as f64 / dt,
+                mb_in_per_s: d(|i| i.totals.bytes_in) as f64 / 1e6 / dt,
+                avg_latency_ns: d(|i| i.latency.sum_ns).checked_div(d(|i| i.latency.count)),
+                p99_ns: (i.latency.count > 0).then_some(i.latency.p99_ns),
+                in_flight: i.totals.in_flight,
+                waiting: i.totals.ring_waiting,
+                failed_per_s: d(|i| i.totals.jobs_failed) as f64 / dt,
+            }
+        })
+        .collect()
+}
+
 fn pct(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{:.1}%", v * 100.0))
 }
@@ -213,11 +267,13 @@ fn draw(
     f: &mut ratatui::Frame,
     now: &StatsReport,
     (vms, basis, held): &(Vec<VmRow>, ShareBasis, Vec<Interfering>),
+    instances: &[InstRow],
     interval: Duration,
     status: &str,
 ) {
-    let [title, vm_area, held_area, foot] = Layout::vertical([
+    let [title, vm_area, inst_area, held_area, foot] = Layout::vertical([
         Constraint::Length(1),
+        Constraint::Length(vms.len() as u16 + 3),
         Constraint::Min(4),
         Constraint::Length((held.len().min(8) + 2).max(3) as u16),
         Constraint::Length(1),
@@ -288,6 +344,43 @@ fn draw(
             .block(Block::bordered().title(" per VM ")),
         vm_area,
     );
+    let header = Row::new([
+        "INSTANCE", "VM", "BUSY Q", "JOBS/S", "MB/S IN", "AVG LAT", "P99", "FAILED/S", "INFLIGHT",
+        "WAITING",
+    ])
+    .style(Style::new().add_modifier(Modifier::REVERSED));
+    let body = instances.iter().map(|i| {
+        Row::new([
+            i.name.clone(),
+            i.vm.clone(),
+            i.busy_queues.to_string(),
+            format!("{:.0}", i.jobs_per_s),
+            format!("{:.1}", i.mb_in_per_s),
+            i.avg_latency_ns.map_or("-".into(), fmt_ns),
+            i.p99_ns.map_or("-".into(), fmt_ns),
+            format!("{:.0}", i.failed_per_s),
+            i.in_flight.to_string(),
+            i.waiting.to_string(),
+        ])
+    });
+    let widths = [
+        Constraint::Min(12),
+        Constraint::Min(12),
+        Constraint::Length(6),
+        Constraint::Length(8),
+        Constraint::Length(8),
+        Constraint::Length(8),
+        Constraint::Length(8),
+        Constraint::Length(8),
+        Constraint::Length(8),
+        Constraint::Length(7),
+    ];
+    f.render_widget(
+        Table::new(body, widths)
+            .header(header)
+            .block(Block::bordered().title(" per instance ")),
+        inst_area,
+    );
     let lines: Vec<Line> = if held.is_empty() {
         vec![Line::from(match basis {
             ShareBasis::EngineTime => "no job waited on a neighbour's in this interval",
@@ -324,12 +417,13 @@ pub fn run(api: &ApiClient, a: TopArgs) -> anyhow::Result<()> {
     let mut terminal = ratatui::try_init().context("wdvirt top needs a terminal")?;
     let result = (|| -> anyhow::Result<()> {
         let mut view = rows(&prev, &prev, 1.0);
+        let mut insts = instance_rows(&prev, &prev, 1.0);
         let mut now = prev.clone();
         let mut status = String::from("waiting for the first interval");
         let mut next = Instant::now() + a.interval;
         let mut refreshes = 0u64;
         loop {
-            terminal.draw(|f| draw(f, &now, &view, a.interval, &status))?;
+            terminal.draw(|f| draw(f, &now, &view, &insts, a.interval, &status))?;
             let wait = next.saturating_duration_since(Instant::now());
             if event::poll(wait)? {
                 if let Event::Key(k) = event::read()?
@@ -348,6 +442,7 @@ pub fn run(api: &ApiClient, a: TopArgs) -> anyhow::Result<()> {
                     let at = Instant::now();
                     let dt = at.duration_since(prev_at).as_secs_f64().max(1e-3);
                     view = rows(&prev, &r, dt);
+                    insts = instance_rows(&prev, &r, dt);
                     (prev, prev_at, now) = (r.clone(), at, r);
                     refreshes += 1;
                     status = format!("refresh {refreshes}");
@@ -413,6 +508,11 @@ mod tests {
         assert_eq!(web.share, Some(0.75));
         assert_eq!(web.avg_latency_ns, Some(2_000));
         assert_eq!(rows[0].share, Some(0.25));
+        let inst = instance_rows(&prev, &now, 2.0);
+        assert_eq!(inst[0].name, "a");
+        assert_eq!(inst[0].jobs_per_s, 150.0);
+        assert_eq!(inst[0].avg_latency_ns, Some(2_000));
+        assert_eq!((inst[1].vm.as_str(), inst[1].jobs_per_s), ("-", 50.0));
     }
 
     #[test]
