@@ -7,6 +7,9 @@
 #   DESTDIR=/tmp/pkg bash scripts/install.sh   stage into a directory instead
 #   WDVIRT_BIN=path/to/wdvirt ...           install this binary instead of building
 #
+# Where libvirt is installed ($DESTDIR/etc/libvirt exists), also the libvirt
+# hook /etc/libvirt/hooks/qemu.d/wdvirt (docs/libvirt.md).
+#
 # Then: systemctl daemon-reload && systemctl enable --now wdvirt
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,4 +42,8 @@ if ! ls "$etc"/*.yaml >/dev/null 2>&1; then
   install -m 0644 policies/default.yaml "$etc/default.yaml"
 fi
 "$bin/wdvirt" validate "$etc" >/dev/null
+# libvirt looks for hooks when libvirtd starts: restart it if it had none.
+if [ -d "$DESTDIR/etc/libvirt" ]; then
+  "$bin/wdvirt" libvirt install-hook --hooks-dir "$DESTDIR/etc/libvirt/hooks" --wdvirt "$PREFIX/bin/wdvirt" >/dev/null
+fi
 echo "install: wdvirt installed under ${DESTDIR:-/}${PREFIX#/} (unit: $unit/wdvirt.service, config: $etc)"

@@ -8,6 +8,11 @@
 #   bash scripts/qemu-chroot.sh run -- CMD...    run CMD inside, with /dev and /proc
 #                                                mounted in a private mount namespace
 #   bash scripts/qemu-chroot.sh path             print the chroot directory
+#   bash scripts/qemu-chroot.sh libvirt          build, then add libvirt 11.3 (libvirtd,
+#                                                virsh) set to run QEMU as root
+#                                                (docs/libvirt.md)
+#
+# With SYSFS=1, `run` also mounts sysfs on the chroot's /sys (libvirtd needs it).
 #
 # DIR is $WDVIRT_CHROOT, default /var/tmp/wdvirt-trixie. Needs root. Nothing it
 # builds belongs in the repository.
@@ -43,10 +48,11 @@ mark_step() { mkdir -p "$STAMP_DIR" && touch "$STAMP_DIR/$1"; }
 # command leaves nothing mounted on the host. With EXEC=1 this shell becomes
 # CMD (exec all the way down), so signals sent to it reach CMD itself.
 in_chroot() {
-  ${EXEC:+exec} unshare --mount --propagation private -- /bin/sh -c '
+  SYSFS=${SYSFS:-} ${EXEC:+exec} unshare --mount --propagation private -- /bin/sh -c '
     d=$1
     shift
     mount --bind /dev "$d/dev" && mount -t proc proc "$d/proc" || exit 125
+    if [ -n "$SYSFS" ]; then mount -t sysfs sysfs "$d/sys" || exit 125; fi
     exec chroot "$d" /usr/bin/env -i HOME=/root PATH=/usr/sbin:/usr/bin:/sbin:/bin \
       DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8 "$@"' sh "$DIR" "$@"
 }
@@ -131,6 +137,40 @@ EOF
   log "ready: $(in_chroot qemu-system-x86_64 --version | head -n1) in $DIR ($(($(date +%s) - t0)) s this run)"
 }
 
+# libvirt 11.3 from trixie beside QEMU 11.1, run as root with what the
+# chroot lacks turned off (DESIGN.md): no cgroups, no security driver, and no
+# private mount namespace per domain (QEMU fails without `namespaces = [ ]`:
+# "Failed disable mount propagation out of the root filesystem").
+QEMU_CONF_MARK="# wdvirt test settings (scripts/qemu-chroot.sh)"
+build_libvirt() {
+  local t
+  build
+  if done_step libvirt && [ -x "$DIR/usr/sbin/libvirtd" ] && [ -x "$DIR/usr/bin/virsh" ]; then
+    log "libvirt: done already"
+  else
+    log "apt-get install libvirt-daemon-driver-qemu libvirt-daemon libvirt-clients (about 30 s)"
+    t=$(date +%s)
+    apt_install libvirt "$DIR.apt-libvirt.log" libvirt-daemon-driver-qemu libvirt-daemon libvirt-clients
+    log "libvirt: $(($(date +%s) - t)) s"
+  fi
+  local conf="$DIR/etc/libvirt/qemu.conf"
+  [ -f "$conf" ] || die "no $conf after installing libvirt"
+  if ! grep -qF "$QEMU_CONF_MARK" "$conf"; then
+    cat >>"$conf" <<EOF
+
+$QEMU_CONF_MARK
+user = "root"
+group = "root"
+cgroup_controllers = [ ]
+security_driver = "none"
+namespaces = [ ]
+EOF
+    log "libvirt: qemu.conf set to run QEMU as root, without cgroups or namespaces"
+  fi
+  mkdir -p "$DIR/etc/libvirt/hooks/qemu.d"
+  log "libvirt ready: $(in_chroot libvirtd --version)"
+}
+
 run() {
   [ -x "$DIR/usr/bin/qemu-system-x86_64" ] || die "no chroot at $DIR; run: bash $0 build"
   [ $# -gt 0 ] || die "usage: $0 run -- CMD..."
@@ -145,5 +185,6 @@ case "${1:-build}" in
     run "$@"
     ;;
   path) echo "$DIR" ;;
-  *) die "usage: $0 [build | run -- CMD... | path]" ;;
+  libvirt) build_libvirt ;;
+  *) die "usage: $0 [build | run -- CMD... | path | libvirt]" ;;
 esac

@@ -32,6 +32,12 @@ bash scripts/guest-image.sh >/dev/null
 cargo test --locked --test linux_guest -- --ignored --test-threads=1 2>&1 | tee -a "$log"
 echo "   ($((SECONDS - t)) s)"
 
+t=$SECONDS
+echo "== libvirt 11.3 starts a guest with an instance (scripts/qemu-chroot.sh libvirt, then tests/libvirt.rs)"
+bash scripts/qemu-chroot.sh libvirt 2>&1 | tail -n 1
+cargo test --locked --test libvirt -- --ignored --test-threads=1 2>&1 | tee -a "$log"
+echo "   ($((SECONDS - t)) s)"
+
 # One closing line over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i) ~ /^passed/) p += $(i-1); if ($(i) ~ /^failed/) f += $(i-1) } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -133,7 +133,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<ToolOptions
 
 /// Builds the tool's arguments from a kernel command line: `wdvirt.mode=M`
 /// is the command (default `probe`), every other `wdvirt.KEY=VALUE` becomes
-/// `--KEY VALUE`.
+/// `--KEY VALUE`, except `wdvirt.shell=`, which is init's (a shell after
+/// the tool, before power-off).
 pub fn args_from_cmdline(cmdline: &str) -> Vec<String> {
     let mut mode = "probe".to_string();
     let mut rest = Vec::new();
@@ -146,6 +147,8 @@ pub fn args_from_cmdline(cmdline: &str) -> Vec<String> {
         };
         if k == "mode" {
             mode = v.to_string();
+        } else if k == "shell" {
+            continue;
         } else {
             rest.push(format!("--{k}"));
             rest.push(v.to_string());
@@ -261,5 +264,10 @@ mod tests {
             Command::Run(RunOptions { size: 65536, .. })
         ));
         assert_eq!(args_from_cmdline("root=/dev/vda"), args("probe"));
+        assert_eq!(
+            args_from_cmdline("wdvirt.mode=run wdvirt.shell=1 wdvirt.size=1M"),
+            args("run --size 1M"),
+            "shell= is init's, not the tool's"
+        );
     }
 }

@@ -49,8 +49,8 @@ pub struct DefineArgs {
     /// A QoS policy overriding the type's.
     #[arg(long, value_name = "POLICY")]
     pub qos: Option<String>,
-    /// The VM the instance is for (`wdvirt stats --vm` shows it there).
-    #[arg(long, value_name = "VM")]
+    /// The VM the instance is for (the libvirt hook sets the domain's name).
+    #[arg(long, value_name = "NAME")]
     pub vm: Option<String>,
     #[command(flatten)]
     pub out: JsonFlag,
@@ -91,10 +91,10 @@ pub struct ModifyArgs {
     /// Go back to the type's QoS policy.
     #[arg(long)]
     pub type_qos: bool,
-    /// Attach the instance to this VM (at once, also while it runs).
-    #[arg(long, value_name = "VM", conflicts_with = "no_vm")]
+    /// The VM using the instance.
+    #[arg(long, value_name = "NAME", conflicts_with = "no_vm")]
     pub vm: Option<String>,
-    /// Forget the instance's VM.
+    /// The instance is no VM's.
     #[arg(long)]
     pub no_vm: bool,
     #[command(flatten)]

@@ -19,6 +19,10 @@ pub struct DaemonArgs {
     /// Where instance sockets are created (`NAME.sock`).
     #[arg(long, value_name = "DIR", default_value = "/run/wdvirt")]
     pub run_dir: PathBuf,
+    /// The sysfs tree accelerators, NUMA nodes and CPUs are discovered in
+    /// (merged with the YAML; `wdvirt topology --help`).
+    #[arg(long, value_name = "DIR", default_value = crate::topology::DEFAULT_SYSFS)]
+    pub sysfs: PathBuf,
     /// Also serve Prometheus `/metrics` over TCP: a PORT (on 127.0.0.1) or
     /// an IP:PORT. The API socket serves `/metrics` in any case.
     #[arg(long, value_name = "[IP:]PORT", value_parser = parse_metrics_addr)]
@@ -46,7 +50,7 @@ pub fn run(a: DaemonArgs, api: PathBuf) -> anyhow::Result<ExitCode> {
         api: abs(api),
         metrics_addr: a.metrics_addr,
     };
-    let catalog = daemon::catalog::Catalog::load(&paths.config)?;
+    let catalog = daemon::catalog::Catalog::load(&paths.config, &a.sysfs)?;
     let registry = daemon::open(&paths, catalog)?;
     daemon::run(&paths, registry, || {
         eprintln!("wdvirt: daemon ready, API at {}", paths.api.display());

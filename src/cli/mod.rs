@@ -5,11 +5,14 @@ pub mod client;
 mod ctl;
 mod daemon;
 mod demo;
+mod hook;
 mod install;
+mod libvirt;
 mod schema;
 mod serve;
 mod stats;
 mod top;
+mod topology;
 mod validate;
 
 use std::process::ExitCode;
@@ -88,6 +91,21 @@ pub enum Command {
     Validate(validate::ValidateArgs),
     /// Print the JSON Schema of the configuration files (for editors).
     Schema(schema::SchemaArgs),
+    /// Show the host graph: NUMA nodes (CPUs, memory, distances), the
+    /// accelerators found behind UACCE, IDXD and the software engines, with
+    /// their free queue pairs and PASIDs, and the links between them; as
+    /// text, --json, --dot or an --svg picture.
+    Topology(topology::TopologyArgs),
+    /// Dry-run placement of a type: whether, where and how many instances
+    /// fit now, and what stops each accelerator that cannot take one.
+    /// Exits 2 when fewer than --count fit.
+    Plan(topology::PlanArgs),
+    /// What libvirt runs around a domain's QEMU (installed by `wdvirt
+    /// libvirt install-hook`): NAME OPERATION SUBOPERATION EXTRA, the
+    /// domain XML on stdin.
+    Hook(hook::HookArgs),
+    /// libvirt integration: the domain XML fragments, the hook's install.
+    Libvirt(libvirt::LibvirtArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -122,6 +140,10 @@ pub fn main() -> ExitCode {
         Command::Top(a) => top::run(&api, a).map(|()| ExitCode::SUCCESS),
         Command::Validate(a) => validate::run(a),
         Command::Schema(a) => schema::run(a),
+        Command::Topology(a) => topology::topology(a, &api, &cli.api),
+        Command::Plan(a) => topology::plan(a, &api, &cli.api),
+        Command::Hook(a) => hook::run(&api, a),
+        Command::Libvirt(a) => libvirt::run(&cli.api, a).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -40,9 +40,12 @@ pub struct ValidateArgs {
 }
 
 pub fn run(a: ValidateArgs) -> anyhow::Result<ExitCode> {
-    let loaded = config::load_paths(&a.paths).and_then(|c| {
+    // On this host: what discovery finds under /sys, merged with the files.
+    let found = crate::topology::discover(std::path::Path::new(crate::topology::DEFAULT_SYSFS));
+    let loaded = config::load_paths_on(&a.paths, &found.names()).and_then(|c| {
         // What only the host graph shows: distances no placement can meet.
-        match crate::daemon::catalog::check_placeable(&c) {
+        let host = crate::daemon::catalog::host(&c, &found);
+        match host.and_then(|h| crate::daemon::catalog::check_placeable(&c, &h)) {
             Ok(_) => Ok(c),
             Err(crate::daemon::catalog::CatalogError::Config(e)) => Err(e),
             Err(other) => Err(config::ConfigErrors(vec![config::Located::at(

@@ -36,7 +36,7 @@ pub enum ConfigError {
         name: String,
         first: String,
     },
-    #[error("unknown backend '{0}' (known: soft)")]
+    #[error("unknown backend '{0}' (known: soft, uacce, idxd)")]
     UnknownBackend(String),
     #[error("unknown operation '{name}' (known: all, {known})")]
     UnknownOperation { name: String, known: String },
@@ -86,6 +86,10 @@ pub enum ConfigError {
     /// that fit alone but not together), even with nothing else placed.
     #[error("type '{name}' can never be placed on this host: {reason}")]
     NeverPlaceable { name: String, reason: String },
+    /// What the YAML declares contradicts what discovery found on the host
+    /// (`docs/topology.md`, merge rules).
+    #[error("conflicts with this host: {message}")]
+    HostConflict { message: String },
     #[error("the host graph the configuration declares is inconsistent: {reason}")]
     Topology { reason: String },
     /// Per accelerator, why it cannot host the function.

@@ -23,7 +23,7 @@ pub use model::{
     Accelerator, Backend, Config, Endpoint, Function, InstanceType, Link, NumaNode, Placement,
     QosPolicy, RateLimit, ops_names,
 };
-pub use validate::parse_cpu_list;
+pub use validate::{HostNames, parse_cpu_list};
 
 use validate::{Parsed, line_of};
 
@@ -41,8 +41,13 @@ pub fn embedded_default() -> Result<Config, ConfigErrors> {
 
 /// Parse and validate one document; `name` is what errors call the file.
 pub fn load_str(name: &str, text: &str) -> Result<Config, ConfigErrors> {
+    load_str_on(name, text, &HostNames::default())
+}
+
+/// As [`load_str`], on a host where discovery found `host`'s names.
+pub fn load_str_on(name: &str, text: &str, host: &HostNames) -> Result<Config, ConfigErrors> {
     let parsed = parse(name, text).map_err(|e| ConfigErrors(vec![*e]))?;
-    validate::validate(&[parsed]).map_err(ConfigErrors)
+    validate::validate(&[parsed], host).map_err(ConfigErrors)
 }
 
 /// Load files and directories (each directory's `*.yaml` and `*.yml` files,
@@ -51,6 +56,12 @@ pub fn load_str(name: &str, text: &str) -> Result<Config, ConfigErrors> {
 /// files and a type may name a policy from another file. Every file is parsed
 /// even after one fails, and every error found is returned.
 pub fn load_paths(paths: &[PathBuf]) -> Result<Config, ConfigErrors> {
+    load_paths_on(paths, &HostNames::default())
+}
+
+/// As [`load_paths`], on a host where discovery found `host`'s names: the
+/// files may name those accelerators and NUMA nodes without declaring them.
+pub fn load_paths_on(paths: &[PathBuf], host: &HostNames) -> Result<Config, ConfigErrors> {
     let mut errors = Vec::new();
     let mut files = Vec::new();
     for p in expand(paths, &mut errors) {
@@ -66,7 +77,7 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Config, ConfigErrors> {
     if !errors.is_empty() {
         return Err(ConfigErrors(errors));
     }
-    validate::validate(&files).map_err(ConfigErrors)
+    validate::validate(&files, host).map_err(ConfigErrors)
 }
 
 /// The JSON Schema of a configuration file (draft 2020-12), for editors.

@@ -51,13 +51,21 @@ pub struct NumaNode {
 pub enum Backend {
     /// The built-in software accelerator (`crate::accel::soft`).
     Soft,
+    /// A UACCE device found on the host (`/sys/class/uacce/NAME`): the YAML
+    /// entry restricts or overrides what discovery found (`docs/topology.md`).
+    Uacce,
+    /// An IDXD device found on the host (`/sys/bus/dsa/devices/NAME`), as
+    /// for `Uacce`.
+    Idxd,
 }
 
 impl Backend {
-    pub const ALL: [Backend; 1] = [Backend::Soft];
+    pub const ALL: [Backend; 3] = [Backend::Soft, Backend::Uacce, Backend::Idxd];
     pub const fn name(self) -> &'static str {
         match self {
             Backend::Soft => "soft",
+            Backend::Uacce => "uacce",
+            Backend::Idxd => "idxd",
         }
     }
     pub fn from_name(s: &str) -> Option<Backend> {

@@ -59,7 +59,8 @@ pub struct RawAccelerator {
     #[schemars(with = "String")]
     pub name: Spanned<String>,
     /// Backend driving the accelerator. Known: `soft` (the built-in software
-    /// accelerator).
+    /// accelerator); `uacce` and `idxd` name a device discovery found, to
+    /// restrict or override it.
     #[schemars(with = "String")]
     pub backend: Spanned<String>,
     /// Engine threads (1..=64).

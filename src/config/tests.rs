@@ -338,12 +338,12 @@ fn unknown_accelerator_or_node_in_links() {
 #[test]
 fn unknown_backend_and_operation() {
     let v = errs(
-        "accelerators:\n  - name: a\n    backend: uacce\n    engines: 1\n    queue_pairs: 1\n    operations: [sha256, sha512]\n    pasids: 1\n",
+        "accelerators:\n  - name: a\n    backend: fpga\n    engines: 1\n    queue_pairs: 1\n    operations: [sha256, sha512]\n    pasids: 1\n",
     );
     assert_eq!((v[0].place.line, v[0].place.column), (3, 14));
     assert_eq!(
         v[0].error.to_string(),
-        "unknown backend 'uacce' (known: soft)"
+        "unknown backend 'fpga' (known: soft, uacce, idxd)"
     );
     assert_eq!((v[1].place.line, v[1].place.column), (6, 26));
     assert!(
@@ -391,18 +391,17 @@ fn the_allow_list_limits_who_may_host() {
 }
 
 #[test]
-fn with_no_accelerator_nothing_can_be_hosted() {
-    let v = errs(
+fn with_no_software_accelerator_types_wait_for_the_discovered_ones() {
+    // No accelerator declared: the host's discovered software engines serve
+    // the types, so the YAML alone cannot refuse them (the merged graph is
+    // checked by `daemon::catalog::check_placeable`; tests/topology.rs).
+    let cfg = crate::config::load_str(
+        "t.yaml",
         "qos_policies: [{name: g, weight: 1}]\ntypes: [{name: z, queues: 1, operations: [all], qos: g}]\n",
-    );
-    assert_eq!((v[0].place.line, v[0].place.column), (2, 16));
-    assert!(
-        v[0].error
-            .to_string()
-            .ends_with("can never be placed: no accelerator is defined"),
-        "{}",
-        v[0].error
-    );
+    )
+    .unwrap();
+    assert_eq!(cfg.types.len(), 1);
+    assert!(cfg.accelerators.is_empty());
 }
 
 #[test]
@@ -855,4 +854,25 @@ fn a_pair_linked_twice_and_a_distance_that_differs_by_direction_are_placed() {
     )
     .unwrap();
     assert_eq!(c.numa_nodes.len(), 2);
+}
+
+#[test]
+fn names_discovery_found_may_be_named_without_being_declared() {
+    let host = crate::config::HostNames {
+        accelerators: vec!["hisi_zip-0".into()],
+        numa_nodes: vec![0, 2],
+    };
+    let text = "accelerators:\n  - {name: s, backend: soft, engines: 1, queue_pairs: 4, operations: [all], pasids: 4, numa_node: 2, links: [{to: hisi_zip-0, distance: 5}]}\n";
+    let cfg = crate::config::load_str_on("t.yaml", text, &host).unwrap();
+    assert_eq!(cfg.accelerators[0].numa_node, Some(2));
+    // Without discovery they are unknown, and the message lists what is.
+    let e = crate::config::load_str("t.yaml", text).unwrap_err();
+    assert!(e.to_string().contains("unknown NUMA node 2"), "{e}");
+    let e = crate::config::load_str_on("t.yaml", &text.replace("hisi_zip-0", "hisi_zip-9"), &host)
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("unknown accelerator 'hisi_zip-9' (defined: s; found on this host: hisi_zip-0; NUMA nodes as nodeN: 0, 2)"),
+        "{e}"
+    );
 }

@@ -162,10 +162,10 @@ pub(super) fn check_type(
             }
             let mut names = Vec::new();
             for a in &list.value {
-                if cx.accels.contains(&a.value) {
+                if cx.has_accel(&a.value) {
                     names.push(a.value.clone());
                 } else {
-                    let defined = cx.accels.list();
+                    let defined = cx.accel_list();
                     cx.err(
                         fi,
                         a.referenced,
@@ -208,6 +208,12 @@ pub(super) fn check_hostable(
     places: &[Location],
     accels: &[Accelerator],
 ) {
+    // An allow-list naming what discovery found: the merged graph decides.
+    if let Some(list) = &t.placement.accelerators
+        && list.iter().any(|n| !accels.iter().any(|a| &a.name == n))
+    {
+        return;
+    }
     let n = t.functions.len();
     for (i, (f, at)) in t.functions.iter().zip(places).enumerate() {
         if accels.iter().any(|a| t.can_host(a, f)) {

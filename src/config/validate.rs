@@ -60,6 +60,8 @@ impl Names {
 
 pub(super) struct Ctx<'a> {
     files: &'a [Parsed],
+    /// What discovery found on the host, which the files may name too.
+    host: &'a HostNames,
     pub(super) errors: Vec<Located>,
     nodes: BTreeMap<u32, Place>,
     pub(super) accels: Names,
@@ -68,11 +70,36 @@ pub(super) struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn node_list(&self) -> String {
-        defined(self.nodes.keys().map(|k| k.to_string()))
+        let mut ids: BTreeSet<u32> = self.nodes.keys().copied().collect();
+        ids.extend(self.host.numa_nodes.iter().copied());
+        defined(ids.into_iter().map(|k| k.to_string()))
+    }
+    /// A NUMA node the files define or the host has.
+    fn has_node(&self, id: u32) -> bool {
+        self.nodes.contains_key(&id) || self.host.numa_nodes.contains(&id)
+    }
+    /// An accelerator the files define or the host has.
+    pub(super) fn has_accel(&self, name: &str) -> bool {
+        self.accels.contains(name) || self.host.accelerators.iter().any(|a| a == name)
+    }
+    /// Accelerators for "(defined: ...)" in messages.
+    pub(super) fn accel_list(&self) -> String {
+        let mut list = self.accels.list();
+        let extra: Vec<&str> = self
+            .host
+            .accelerators
+            .iter()
+            .filter(|a| !self.accels.contains(a))
+            .map(String::as_str)
+            .collect();
+        if !extra.is_empty() {
+            list = format!("{list}; found on this host: {}", extra.join(", "));
+        }
+        list
     }
     /// `v` if it names a defined NUMA node.
     pub(super) fn node(&mut self, file: usize, v: &Spanned<u32>) -> Option<u32> {
-        if self.nodes.contains_key(&v.value) {
+        if self.has_node(v.value) {
             Some(v.value)
         } else {
             let defined = self.node_list();
@@ -283,9 +310,19 @@ fn node_ref(s: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
-pub(crate) fn validate(files: &[Parsed]) -> Result<Config, Vec<Located>> {
+/// Names that discovery found on the host (`docs/topology.md`): the files
+/// may link to these accelerators, list them in a type's allow-list and
+/// name these NUMA nodes, without declaring them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostNames {
+    pub accelerators: Vec<String>,
+    pub numa_nodes: Vec<u32>,
+}
+
+pub(crate) fn validate(files: &[Parsed], host: &HostNames) -> Result<Config, Vec<Located>> {
     let mut cx = Ctx {
         files,
+        host,
         errors: Vec::new(),
         nodes: BTreeMap::new(),
         accels: Names::default(),
@@ -322,7 +359,7 @@ pub(crate) fn validate(files: &[Parsed]) -> Result<Config, Vec<Located>> {
             let mut distances = BTreeMap::new();
             for (&to, d) in &n.distances {
                 let d = cx.range(fi, d, "distance", 1, 255, "1..=255");
-                if !cx.nodes.contains_key(&to) {
+                if !cx.has_node(to) {
                     let defined = cx.node_list();
                     cx.err(
                         fi,
@@ -425,7 +462,7 @@ pub(crate) fn validate(files: &[Parsed]) -> Result<Config, Vec<Located>> {
                 let to = if l.to.value == *name {
                     cx.err(fi, l.to.referenced, ConfigError::SelfLink);
                     None
-                } else if cx.accels.contains(&l.to.value) {
+                } else if cx.has_accel(&l.to.value) {
                     Some(Endpoint::Accelerator(l.to.value.clone()))
                 } else if let Some(id) = node_ref(&l.to.value) {
                     let s = Spanned {
@@ -437,7 +474,7 @@ pub(crate) fn validate(files: &[Parsed]) -> Result<Config, Vec<Located>> {
                 } else {
                     let defined = format!(
                         "{}; NUMA nodes as nodeN: {}",
-                        cx.accels.list(),
+                        cx.accel_list(),
                         cx.node_list()
                     );
                     cx.err(
@@ -595,7 +632,11 @@ pub(crate) fn validate(files: &[Parsed]) -> Result<Config, Vec<Located>> {
             let name = t.name.value.clone();
             if let Some(t) = super::types::check_type(&mut cx, fi, t, origin) {
                 let (ty, places) = t;
-                if accels_sound && cx.errors.len() == errors_before {
+                // With no software accelerator declared, the daemon uses the
+                // ones discovery finds: the merged graph is checked then
+                // (`daemon::catalog::check_placeable`), not the YAML alone.
+                let declares_soft = cfg.accelerators.iter().any(|a| a.backend == Backend::Soft);
+                if accels_sound && declares_soft && cx.errors.len() == errors_before {
                     super::types::check_hostable(&mut cx, fi, &ty, &places, &cfg.accelerators);
                 }
                 if cx.errors.len() == errors_before {

@@ -31,7 +31,7 @@ pub struct DefineRequest {
     /// A QoS policy overriding the type's.
     #[serde(default)]
     pub qos: Option<String>,
-    /// The VM the instance is for (its statistics are shown under it).
+    /// The VM the instance is for (a libvirt domain's name).
     #[serde(default)]
     pub vm: Option<String>,
 }
@@ -60,8 +60,8 @@ pub struct ModifyRequest {
         skip_serializing_if = "Option::is_none"
     )]
     pub qos: Option<Option<String>>,
-    /// The VM the instance is attached to (takes effect at once, also while
-    /// it runs); `Some(None)` clears it.
+    /// The VM using the instance; `Some(None)` clears it. Takes effect at
+    /// once (the libvirt hook records it when the domain has started).
     #[serde(
         default,
         with = "double_option",

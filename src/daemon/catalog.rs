@@ -4,29 +4,26 @@
 //! `config` and `partition` below and the registry above.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::accel::{Pasid, SharedAccelerator};
-use crate::config::{self, Backend, Config, Endpoint, InstanceType};
+use crate::config::{self, Config, InstanceType};
 use crate::partition::{
-    AcceleratorSpec, Allocation, FunctionRequest, LinkSpec, Node, NumaSpec, Partitioner,
-    PlacementRequest, Topology, TopologySpec,
+    Allocation, FunctionRequest, Node, Partitioner, PlacementRequest, Topology,
 };
+use crate::topology::{self, host::Host};
 
 use crate::vdev::wd::WdConfig;
 use crate::vdev::wd::backends::Backends;
 
 use super::view::{AcceleratorView, FunctionView, PlacedFunction, TypeView, Usage};
 
-/// The distance from an accelerator to the NUMA node it is attached to, when
-/// the YAML gives no `distances` (ACPI SLIT's "local").
-pub const LOCAL_DISTANCE: i64 = 10;
-
-/// Checks what the YAML loader cannot see alone: the host graph the
-/// configuration declares is consistent, and every type can be placed on it
-/// when nothing else is (distances included). Errors point at the type.
-pub fn check_placeable(cfg: &Config) -> Result<Topology, CatalogError> {
-    let topo = topology(cfg)?;
+/// Checks what the YAML loader cannot see alone: the host graph (what
+/// discovery found merged with the configuration) is consistent, and every
+/// type can be placed on the accelerators this build drives when nothing
+/// else is placed (distances included). Errors point at the type.
+pub fn check_placeable(cfg: &Config, host: &Host) -> Result<Topology, CatalogError> {
+    let topo = host.topology(true)?;
     let errors: Vec<config::Located> = cfg
         .types
         .iter()
@@ -47,6 +44,21 @@ pub fn check_placeable(cfg: &Config) -> Result<Topology, CatalogError> {
     } else {
         Err(config::ConfigErrors(errors).into())
     }
+}
+
+/// The host as the daemon sees it: discovery under `sysfs` merged with the
+/// configuration (`docs/topology.md`).
+pub fn host(cfg: &Config, found: &topology::Discovery) -> Result<Host, CatalogError> {
+    Ok(topology::host::merge(cfg, found)?)
+}
+
+/// The configuration at `paths` on the host whose sysfs is `sysfs`: the
+/// files may name what discovery found there.
+pub fn load_on(paths: &[PathBuf], sysfs: &Path) -> Result<(Config, Host), CatalogError> {
+    let found = topology::discover(sysfs);
+    let cfg = config::load_paths_on(paths, &found.names())?;
+    let host = host(&cfg, &found)?;
+    Ok((cfg, host))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +84,7 @@ pub struct TypeDef {
 }
 
 impl TypeDef {
-    fn from_config(t: &InstanceType) -> TypeDef {
+    pub fn from_config(t: &InstanceType) -> TypeDef {
         TypeDef {
             name: t.name.clone(),
             max_depth: t.max_depth,
@@ -143,99 +155,37 @@ fn ops_names(mask: u32) -> Vec<String> {
         .collect()
 }
 
-/// The host graph the configuration declares.
-fn topology(cfg: &Config) -> Result<Topology, crate::partition::TopologyError> {
-    let mut links = Vec::new();
-    // SLIT rows may list a pair from either end or both (the loader holds
-    // both to one value), and a node's distance to itself: one edge a pair.
-    let mut pairs = std::collections::BTreeSet::new();
-    for n in &cfg.numa_nodes {
-        for (&to, &d) in &n.distances {
-            if to != n.id && pairs.insert((n.id.min(to), n.id.max(to))) {
-                links.push(LinkSpec {
-                    a: Node::Numa(n.id),
-                    b: Node::Numa(to),
-                    distance: i64::from(d),
-                });
-            }
-        }
-    }
-    for a in &cfg.accelerators {
-        let me = Node::Accelerator(a.name.clone());
-        if let Some(n) = a.numa_node {
-            let d = cfg
-                .numa_nodes
-                .iter()
-                .find(|x| x.id == n)
-                .and_then(|x| x.distances.get(&n))
-                .map_or(LOCAL_DISTANCE, |&d| i64::from(d));
-            links.push(LinkSpec {
-                a: me.clone(),
-                b: Node::Numa(n),
-                distance: d,
-            });
-        }
-        for l in &a.links {
-            let b = match &l.to {
-                Endpoint::Accelerator(x) => Node::Accelerator(x.clone()),
-                Endpoint::NumaNode(x) => Node::Numa(*x),
-            };
-            links.push(LinkSpec {
-                a: me.clone(),
-                b,
-                distance: i64::from(l.distance),
-            });
-        }
-    }
-    Topology::new(TopologySpec {
-        numa_nodes: cfg
-            .numa_nodes
-            .iter()
-            .map(|n| NumaSpec {
-                id: n.id,
-                cpus: n.cpus.clone(),
-            })
-            .collect(),
-        accelerators: cfg
-            .accelerators
-            .iter()
-            .map(|a| AcceleratorSpec {
-                name: a.name.clone(),
-                backend: a.backend.name().to_string(),
-                engines: a.engines,
-                queue_pairs: a.queue_pairs,
-                ops: a.ops,
-                pasids: a.pasids,
-            })
-            .collect(),
-        links,
-    })
-}
-
 impl Catalog {
-    /// The catalog the YAML files at `paths` describe, with every
-    /// accelerator's backend started.
-    pub fn load(paths: &[PathBuf]) -> Result<Catalog, CatalogError> {
-        Catalog::from_config(&config::load_paths(paths)?)
+    /// The catalog the YAML files at `paths` describe on the host whose
+    /// sysfs is `sysfs`, with every accelerator's backend started.
+    pub fn load(paths: &[PathBuf], sysfs: &Path) -> Result<Catalog, CatalogError> {
+        let (cfg, host) = load_on(paths, sysfs)?;
+        Catalog::from_config(&cfg, &host)
     }
 
-    pub fn from_config(cfg: &Config) -> Result<Catalog, CatalogError> {
-        let topo = check_placeable(cfg)?;
+    pub fn from_config(cfg: &Config, host: &Host) -> Result<Catalog, CatalogError> {
+        let topo = check_placeable(cfg, host)?;
         let mut backends = BTreeMap::new();
-        for a in &cfg.accelerators {
-            let backend: SharedAccelerator = match a.backend {
-                Backend::Soft => crate::accel::soft::SoftAccel::with_config(
-                    crate::accel::soft::SoftAccelConfig {
-                        engines: a.engines as usize,
-                        max_queue_pairs: a.queue_pairs as usize,
-                        ..Default::default()
-                    },
-                )
+        for a in &host.accelerators {
+            if !a.drivable {
+                tracing::warn!(
+                    accelerator = %a.name,
+                    backend = %a.backend,
+                    "found, but this build has no {} backend: shown by `wdvirt topology`, not placed on",
+                    a.backend
+                );
+                continue;
+            }
+            let backend: SharedAccelerator =
+                crate::accel::soft::SoftAccel::with_config(crate::accel::soft::SoftAccelConfig {
+                    engines: a.engines as usize,
+                    max_queue_pairs: a.queue_pairs as usize,
+                    ..Default::default()
+                })
                 .map_err(|source| CatalogError::Backend {
                     name: a.name.clone(),
                     source,
-                })?,
-            };
+                })?;
             backends.insert(a.name.clone(), backend);
         }
         Ok(Catalog {

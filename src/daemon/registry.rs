@@ -123,11 +123,11 @@ fn check_name(name: &str) -> Result<(), ActionError> {
     Ok(())
 }
 
-/// VM names come from the operator or libvirt (a domain's name): any
-/// printable text, as they are only shown and used as a metrics label.
-fn check_vm_name(vm: Option<&str>) -> Result<(), ActionError> {
+/// A VM's name is the operator's (libvirt allows nearly any text), but it
+/// lands in listings and logs: bounded, and no control characters.
+fn check_vm(vm: Option<&str>) -> Result<(), ActionError> {
     match vm {
-        Some(v) if v.is_empty() || v.chars().count() > 256 || v.chars().any(char::is_control) => {
+        Some(v) if v.is_empty() || v.len() > 256 || v.chars().any(char::is_control) => {
             Err(ActionError::Invalid(format!(
                 "VM name {v:?} must be 1-256 characters with no control characters"
             )))
@@ -292,7 +292,7 @@ impl Registry {
 
     fn define(&self, entries: &mut Entries, req: DefineRequest) -> Result<Outcome, ActionError> {
         self.check_definition(&req.type_name, req.qos.as_deref(), req.numa)?;
-        check_vm_name(req.vm.as_deref())?;
+        check_vm(req.vm.as_deref())?;
         let name = match req.name {
             Some(n) => {
                 check_name(&n)?;
@@ -353,7 +353,7 @@ impl Registry {
             def.qos = q;
         }
         if let Some(vm) = m.vm {
-            check_vm_name(vm.as_deref())?;
+            check_vm(vm.as_deref())?;
             def.vm = vm;
         }
         self.check_definition(&def.type_name, def.qos.as_deref(), def.numa)?;

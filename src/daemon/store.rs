@@ -32,7 +32,8 @@ pub struct Definition {
     /// A QoS policy overriding the type's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub qos: Option<String>,
-    /// The VM the instance is for; its statistics are shown under it.
+    /// The VM the instance is for (a libvirt domain's name): shown in
+    /// listings, and how the libvirt hook knows the instances it made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<String>,
 }

@@ -81,7 +81,7 @@ pub struct InstanceView {
     pub numa: Option<u32>,
     /// The QoS policy in force (the definition's override or the type's).
     pub qos: String,
-    /// The VM the instance is for, when one was named.
+    /// The VM the instance is for (a libvirt domain's name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<String>,
     /// The vfio-user socket while started.

@@ -30,5 +30,7 @@ pub use partitioner::{
     Partitioner, ReleaseError, RestoreError, Snapshot,
 };
 pub use pasid::{PASID_MAX, PartitionError, PasidAllocator, PasidError, PasidSpace, PasidUsage};
-pub use placement::{FunctionRequest, MAX_FUNCTIONS, PlacementRequest, SEARCH_BUDGET};
+pub use placement::{
+    FunctionRequest, MAX_FUNCTIONS, PlacementRequest, Plan, PlannedInstance, SEARCH_BUDGET,
+};
 pub use pool::{PoolError, QueuePairUsage, QueuePool};

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::{PlacementError, Reason, Rejection, RequestError};
 use super::graph::{KNOWN_OPS, Topology};
+use super::pasid::PASID_MAX;
 
 /// Most functions one instance type may combine (the search is
 /// accelerators^functions before pruning).
@@ -625,6 +626,83 @@ impl Topology {
     pub fn check_hostable(&self, req: &PlacementRequest) -> Result<(), PlacementError> {
         let checked = req.check(self)?;
         search(self, &Capacity::empty_host(self), &checked, None).map(drop)
+    }
+}
+
+/// One instance a dry run placed: each function's accelerator, and the
+/// distances "best" counts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PlannedInstance {
+    pub accelerators: Vec<String>,
+    pub total_distance: u64,
+    pub max_distance: u64,
+}
+
+/// What a dry run of successive placements found (`wdvirt plan`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    /// How many instances fit now, in all (successive placements).
+    pub fit: u32,
+    /// The first `count` of them (or fewer, if fewer fit).
+    pub placed: Vec<PlannedInstance>,
+    /// Why the next instance does not fit, when fewer than `count` fit.
+    pub refusal: Option<String>,
+    /// The same, per accelerator (placement's reasons).
+    pub rejections: Vec<Rejection>,
+}
+
+impl Topology {
+    /// A dry run: places `req` up to `count` times on what is free (`free`:
+    /// per accelerator in [`Topology::accelerators`] order, free queue pairs
+    /// and free PASID slots; `None` for an empty host), without taking
+    /// anything, and says how many fit in all and why the next does not.
+    pub fn plan(
+        &self,
+        req: &PlacementRequest,
+        free: Option<&[(u32, u32)]>,
+        count: u32,
+    ) -> Result<Plan, RequestError> {
+        let checked = req.check(self)?;
+        let mut cap = Capacity::empty_host(self);
+        if let Some(free) = free {
+            for (i, &(qp, slots)) in free.iter().enumerate().take(cap.free_qp.len()) {
+                cap.free_qp[i] = qp.min(cap.free_qp[i]);
+                cap.free_slots[i] = slots.min(cap.free_slots[i]);
+            }
+        }
+        let fit = count_successive(self, cap.clone(), &checked, PASID_MAX, None);
+        let mut placed = Vec::new();
+        let mut refusal = None;
+        let mut rejections = Vec::new();
+        while placed.len() < count as usize {
+            match search(self, &cap, &checked, None) {
+                Ok(choice) => {
+                    cap.consume(&checked, &choice);
+                    placed.push(PlannedInstance {
+                        accelerators: choice
+                            .accel_of
+                            .iter()
+                            .map(|&a| self.accelerators()[a].name.clone())
+                            .collect(),
+                        total_distance: choice.total,
+                        max_distance: choice.max,
+                    });
+                }
+                Err(e) => {
+                    if let PlacementError::NoFit { rejections: r } = &e {
+                        rejections = r.clone();
+                    }
+                    refusal = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        Ok(Plan {
+            fit,
+            placed,
+            refusal,
+            rejections,
+        })
     }
 }
 

@@ -1,0 +1,125 @@
+//! `wdvirt hook qemu NAME OPERATION SUBOPERATION EXTRA`: what libvirt runs
+//! (through `/etc/libvirt/hooks/qemu.d/wdvirt`) around a domain's QEMU,
+//! with the domain XML on stdin. The work is `libvirt::hook`'s; this reads
+//! stdin, reaches the daemon over its API, and reports on stderr (libvirt
+//! reads a hook's stdout as XML for some operations, so nothing goes there).
+//! A failure exits 1 with the message libvirt shows its user.
+
+use std::io::Read;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand};
+use hyper::Method;
+
+use super::client::{ApiClient, ApiError};
+use crate::daemon::action::{Action, Outcome};
+use crate::daemon::view::{AcceleratorView, InstanceView, TypeView};
+use crate::libvirt::hook::{self, Daemon, DaemonError, Operation};
+
+#[derive(Args, Debug)]
+pub struct HookArgs {
+    #[command(subcommand)]
+    pub driver: HookDriver,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum HookDriver {
+    /// libvirt's QEMU driver hook (docs/libvirt.md).
+    Qemu(QemuHookArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct QemuHookArgs {
+    /// The domain's name.
+    #[arg(allow_hyphen_values = true)]
+    pub name: String,
+    /// prepare, start, started, stopped, release, migrate, restore,
+    /// reconnect, attach, ...
+    #[arg(allow_hyphen_values = true)]
+    pub operation: String,
+    /// begin or end.
+    #[arg(allow_hyphen_values = true)]
+    pub suboperation: String,
+    /// libvirt's extra argument (`-` mostly).
+    #[arg(allow_hyphen_values = true, default_value = "-")]
+    pub extra: String,
+}
+
+/// One path per action, as `src/daemon/api.rs` routes them.
+impl Daemon for ApiClient {
+    fn handle(&self, action: Action) -> Result<Outcome, DaemonError> {
+        let one = |method: Method, path: String, body: Option<serde_json::Value>| {
+            self.send::<InstanceView, _>(method, &path, body.as_ref())
+                .map(|v| Outcome::Instance(Box::new(v)))
+        };
+        let inst = |id: &str| format!("/v1/instances/{}", super::ctl::path_id(id));
+        let r = match action {
+            Action::ListTypes => self.get::<Vec<TypeView>>("/v1/types").map(Outcome::Types),
+            Action::ListAccelerators => self
+                .get::<Vec<AcceleratorView>>("/v1/accelerators")
+                .map(Outcome::Accelerators),
+            Action::ListInstances { defined } => self
+                .get::<Vec<InstanceView>>(&format!("/v1/instances?defined={defined}"))
+                .map(Outcome::Instances),
+            Action::GetInstance { id } => one(Method::GET, inst(&id), None),
+            Action::Define(req) => one(
+                Method::POST,
+                "/v1/instances".into(),
+                Some(serde_json::to_value(req).expect("a request serialises")),
+            ),
+            Action::Undefine { id } => one(Method::DELETE, inst(&id), None),
+            Action::Start { id } => one(Method::POST, format!("{}/start", inst(&id)), None),
+            Action::Stop { id } => one(Method::POST, format!("{}/stop", inst(&id)), None),
+            Action::Modify { id, changes } => one(
+                Method::PATCH,
+                inst(&id),
+                Some(serde_json::to_value(changes).expect("a request serialises")),
+            ),
+            Action::Stats { vm, instance } => self
+                .get::<crate::stats::report::StatsReport>(&super::stats::stats_path(
+                    vm.as_deref(),
+                    instance.as_deref(),
+                ))
+                .map(|r| Outcome::Stats(Box::new(r))),
+        };
+        r.map_err(|e| DaemonError {
+            status: e.downcast_ref::<ApiError>().map(|a| a.status),
+            message: format!("{e:#}"),
+        })
+    }
+}
+
+pub fn run(api: &ApiClient, a: HookArgs) -> anyhow::Result<ExitCode> {
+    let HookDriver::Qemu(a) = a.driver;
+    // Always read the whole XML: libvirt writes it to every hook, and a
+    // hook that exits without reading it gets libvirt a broken pipe.
+    let mut xml = String::new();
+    std::io::stdin()
+        .read_to_string(&mut xml)
+        .map_err(|e| anyhow::anyhow!("cannot read the domain XML on stdin: {e}"))?;
+    let op = Operation::from_args(&a.operation, &a.suboperation);
+    tracing::debug!(domain = %a.name, "hook {} {} {}: {op:?}", a.operation, a.suboperation, a.extra);
+    match hook::run(op, &a.name, &xml, api) {
+        Ok(report) => {
+            for line in report {
+                eprintln!("wdvirt: {line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            // The source is already in the message for Metadata and Daemon;
+            // deeper causes are not.
+            if let Some(s) = src {
+                src = s.source();
+            }
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            eprintln!("wdvirt: {} {} refused: {msg}", a.operation, a.suboperation);
+            Ok(ExitCode::from(1))
+        }
+    }
+}
