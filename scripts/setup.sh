@@ -7,6 +7,7 @@ need_apt=()
 command -v cc >/dev/null || need_apt+=(gcc)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v python3 >/dev/null || need_apt+=(python3) # scripts/qtest-smoke.py, scripts/guest-image.sh
+command -v tmux >/dev/null || need_apt+=(tmux) # tests/stats.rs: wdvirt top in a real terminal
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]}"
   apt-get update -qq

@@ -23,6 +23,20 @@ pub struct DaemonArgs {
     /// (merged with the YAML; `wdvirt topology --help`).
     #[arg(long, value_name = "DIR", default_value = crate::topology::DEFAULT_SYSFS)]
     pub sysfs: PathBuf,
+    /// Also serve Prometheus `/metrics` over TCP: a PORT (on 127.0.0.1) or
+    /// an IP:PORT. The API socket serves `/metrics` in any case.
+    #[arg(long, value_name = "[IP:]PORT", value_parser = parse_metrics_addr)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// `9808` is loopback's port 9808; `0.0.0.0:9808` says where on purpose.
+fn parse_metrics_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok((std::net::Ipv4Addr::LOCALHOST, port).into());
+    }
+    s.parse().map_err(|_| {
+        format!("'{s}' is neither a PORT nor an IP:PORT (e.g. 9808, 127.0.0.1:9808, [::1]:9808)")
+    })
 }
 
 pub fn run(a: DaemonArgs, api: PathBuf) -> anyhow::Result<ExitCode> {
@@ -34,6 +48,7 @@ pub fn run(a: DaemonArgs, api: PathBuf) -> anyhow::Result<ExitCode> {
         state_dir: abs(a.state_dir),
         run_dir: abs(a.run_dir),
         api: abs(api),
+        metrics_addr: a.metrics_addr,
     };
     let catalog = daemon::catalog::Catalog::load(&paths.config, &a.sysfs)?;
     let registry = daemon::open(&paths, catalog)?;

@@ -75,6 +75,12 @@ impl Daemon for ApiClient {
                 inst(&id),
                 Some(serde_json::to_value(changes).expect("a request serialises")),
             ),
+            Action::Stats { vm, instance } => self
+                .get::<crate::stats::report::StatsReport>(&super::stats::stats_path(
+                    vm.as_deref(),
+                    instance.as_deref(),
+                ))
+                .map(|r| Outcome::Stats(Box::new(r))),
         };
         r.map_err(|e| DaemonError {
             status: e.downcast_ref::<ApiError>().map(|a| a.status),

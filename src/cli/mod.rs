@@ -10,6 +10,8 @@ mod install;
 mod libvirt;
 mod schema;
 mod serve;
+mod stats;
+mod top;
 mod topology;
 mod validate;
 
@@ -74,6 +76,12 @@ pub enum Command {
     Modify(ctl::ModifyArgs),
     /// List started instances, or with --defined every definition.
     List(ctl::ListArgs),
+    /// Statistics of started instances per VM, instance and queue: jobs,
+    /// failures by status, bytes, ring occupancy, latency percentiles.
+    Stats(stats::StatsArgs),
+    /// A live view per VM (throughput, share, latency, who waits on whom),
+    /// refreshed in place; q quits.
+    Top(top::TopArgs),
     /// Print a shell completion script.
     Completions(install::CompletionsArgs),
     /// Write man pages (wdvirt.1 and one per subcommand) into a directory.
@@ -128,6 +136,8 @@ pub fn main() -> ExitCode {
         Command::Stop(a) => ctl::stop(&api, a).map(|()| ExitCode::SUCCESS),
         Command::Modify(a) => ctl::modify(&api, a).map(|()| ExitCode::SUCCESS),
         Command::List(a) => ctl::list(&api, a).map(|()| ExitCode::SUCCESS),
+        Command::Stats(a) => stats::run(&api, a).map(|()| ExitCode::SUCCESS),
+        Command::Top(a) => top::run(&api, a).map(|()| ExitCode::SUCCESS),
         Command::Validate(a) => validate::run(a),
         Command::Schema(a) => schema::run(a),
         Command::Topology(a) => topology::topology(a, &api, &cli.api),

@@ -119,6 +119,13 @@ pub enum Action {
         id: InstanceRef,
         changes: ModifyRequest,
     },
+    /// Statistics of started instances: all, one instance, or one VM's.
+    Stats {
+        #[serde(default)]
+        vm: Option<String>,
+        #[serde(default)]
+        instance: Option<InstanceRef>,
+    },
 }
 
 impl Action {
@@ -130,6 +137,7 @@ impl Action {
                 | Action::ListAccelerators
                 | Action::ListInstances { .. }
                 | Action::GetInstance { .. }
+                | Action::Stats { .. }
         )
     }
 }
@@ -141,6 +149,7 @@ pub enum Outcome {
     Accelerators(Vec<AcceleratorView>),
     Instances(Vec<InstanceView>),
     Instance(Box<InstanceView>),
+    Stats(Box<crate::stats::report::StatsReport>),
 }
 
 /// Why an action failed; each maps to one HTTP status.
@@ -148,6 +157,10 @@ pub enum Outcome {
 pub enum ActionError {
     #[error("no instance named or with UUID '{0}' (see `wdvirt list --defined`)")]
     NoSuchInstance(String),
+    #[error(
+        "no VM named '{0}' (an instance names its VM with `wdvirt define --vm` or `wdvirt modify --vm`; see `wdvirt list --defined`)"
+    )]
+    NoSuchVm(String),
     #[error("unknown instance type '{name}' (known: {known})")]
     NoSuchType { name: String, known: String },
     #[error("unknown QoS policy '{name}' (known: {known})")]
@@ -176,7 +189,7 @@ impl ActionError {
     /// The HTTP status the API answers with.
     pub fn status(&self) -> u16 {
         match self {
-            ActionError::NoSuchInstance(_) => 404,
+            ActionError::NoSuchInstance(_) | ActionError::NoSuchVm(_) => 404,
             ActionError::NoSuchType { .. } | ActionError::NoSuchPolicy { .. } => 400,
             ActionError::Invalid(_) => 400,
             ActionError::AlreadyExists(_) | ActionError::WrongState { .. } => 409,
@@ -191,6 +204,7 @@ impl ActionError {
     pub fn kind(&self) -> &'static str {
         match self {
             ActionError::NoSuchInstance(_) => "no-such-instance",
+            ActionError::NoSuchVm(_) => "no-such-vm",
             ActionError::NoSuchType { .. } => "no-such-type",
             ActionError::NoSuchPolicy { .. } => "no-such-policy",
             ActionError::AlreadyExists(_) => "already-exists",

@@ -15,6 +15,8 @@
 //! | DELETE | `/v1/instances/{id}` | `Undefine` |
 //! | POST | `/v1/instances/{id}/start` | `Start` |
 //! | POST | `/v1/instances/{id}/stop` | `Stop` |
+//! | GET | `/v1/stats[?vm=NAME][&instance=ID]` | `Stats` |
+//! | GET | `/metrics` | `Stats`, as Prometheus text (also on `--metrics-addr`) |
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -22,7 +24,7 @@ use std::sync::Arc;
 
 use axum::extract::connect_info::Connected;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{ConnectInfo, Path as UrlPath, Query};
+use axum::extract::{ConnectInfo, Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -147,6 +149,81 @@ impl Call {
     }
 }
 
+/// `?vm=NAME&instance=ID`, both optional.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatsQuery {
+    #[serde(default)]
+    vm: Option<String>,
+    #[serde(default)]
+    instance: Option<String>,
+}
+
+struct StatsFilter(StatsQuery);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for StatsFilter {
+    type Rejection = Response;
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Query::<StatsQuery>::from_request_parts(parts, state)
+            .await
+            .map(|Query(q)| StatsFilter(q))
+            .map_err(|e| {
+                invalid(format!(
+                    "bad query (expected ?vm=NAME and/or ?instance=NAME|UUID): {}",
+                    e.body_text()
+                ))
+            })
+    }
+}
+
+/// Every started instance's statistics as Prometheus text: the same
+/// `Stats` action as `/v1/stats`, encoded by `crate::stats::prometheus`.
+async fn metrics(reg: Shared) -> Response {
+    let all = Action::Stats {
+        vm: None,
+        instance: None,
+    };
+    match tokio::task::spawn_blocking(move || reg.handle(all)).await {
+        Ok(Ok(super::action::Outcome::Stats(report))) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                crate::stats::prometheus::CONTENT_TYPE,
+            )],
+            crate::stats::prometheus::encode(&report),
+        )
+            .into_response(),
+        Ok(Err(e)) => error_response(&e),
+        _ => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot collect the metrics\n",
+        )
+            .into_response(),
+    }
+}
+
+/// Only `/metrics`, for a TCP address (`--metrics-addr`): the API itself
+/// (which changes instances) stays on the UNIX socket, behind its mode.
+pub fn metrics_router(reg: Shared) -> Router {
+    Router::new()
+        .route("/metrics", get(|State(reg): State<Shared>| metrics(reg)))
+        .fallback(|| async { unrouted(StatusCode::NOT_FOUND, "only /metrics is served here") })
+        .with_state(reg)
+}
+
+/// Serves [`metrics_router`] on `listener` until `shutdown` resolves.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    reg: Shared,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, metrics_router(reg))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
 #[derive(Deserialize)]
 struct ListQuery {
     #[serde(default)]
@@ -243,6 +320,16 @@ pub fn router(reg: Shared) -> Router {
             "/v1/instances/{id}/stop",
             post(|c: Call, Id(id): Id| c.act(Action::Stop { id })),
         )
+        .route(
+            "/v1/stats",
+            get(|c: Call, StatsFilter(q): StatsFilter| {
+                c.act(Action::Stats {
+                    vm: q.vm,
+                    instance: q.instance,
+                })
+            }),
+        )
+        .route("/metrics", get(|State(reg): State<Shared>| metrics(reg)))
         .fallback(|| async { unrouted(StatusCode::NOT_FOUND, "no such API path") })
         .method_not_allowed_fallback(|| async {
             unrouted(

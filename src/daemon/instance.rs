@@ -401,6 +401,29 @@ impl Instance {
         self.counters.active.load(Ordering::Acquire)
     }
 
+    /// The instance's statistics now (see `crate::stats::report`).
+    pub fn stats_sample(
+        &self,
+        uuid: uuid::Uuid,
+        vm: Option<String>,
+        qos: String,
+    ) -> crate::stats::report::InstanceSample {
+        use crate::stats::report::{InstanceSample, QueueSample};
+        InstanceSample {
+            uuid,
+            name: self.spec.name.clone(),
+            vm,
+            qos,
+            device: self.stats.snapshot(),
+            queues: (self.queues.iter().enumerate())
+                .map(|(i, q)| QueueSample::take(i as u32, &q.stats))
+                .collect(),
+            // Filled from the QoS scheduler's snapshot once it reports
+            // (src/qos); until then no instance has one.
+            scheduler: None,
+        }
+    }
+
     pub fn report(&self) -> InstanceReport {
         // Before the literal: its `connection.lock()` temporary lives to
         // the end of the statement, and the totals take the same lock.

@@ -33,6 +33,8 @@ pub struct DaemonPaths {
     pub state_dir: PathBuf,
     pub run_dir: PathBuf,
     pub api: PathBuf,
+    /// Also serve `/metrics` over TCP here (`--metrics-addr`).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +49,11 @@ pub enum DaemonError {
     #[error("cannot serve the API at {path}: {source}")]
     Api {
         path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot serve metrics at {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
         source: std::io::Error,
     },
     #[error("cannot start the API's runtime: {0}")]
@@ -90,6 +97,18 @@ pub fn run(
     };
     rt.block_on(async {
         let listener = api::bind(&paths.api).map_err(api_err)?;
+        let metrics = match paths.metrics_addr {
+            Some(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| DaemonError::Metrics { addr, source })?;
+                if !addr.ip().is_loopback() {
+                    tracing::warn!("serving /metrics beyond this host, at {addr}");
+                }
+                Some(l)
+            }
+            None => None,
+        };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(api_err)?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
@@ -98,13 +117,21 @@ pub fn run(
         ready();
         let signalled = std::sync::Arc::new(tokio::sync::Notify::new());
         let notify = signalled.clone();
+        let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
         let shutdown = async move {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: stopping"),
                 _ = int.recv() => tracing::info!("SIGINT: stopping"),
             }
+            let _ = stop_metrics.send(());
             notify.notify_one();
         };
+        if let Some(l) = metrics {
+            let stopped = async move {
+                let _ = metrics_stopped.await;
+            };
+            tokio::spawn(api::serve_metrics(l, registry.clone(), stopped));
+        }
         // A graceful stop waits for open API connections; a client that
         // never finishes its request must not keep the daemon (and every
         // instance) from stopping.

@@ -19,6 +19,7 @@ use super::catalog::{Catalog, Placed};
 use super::instance::{Instance, InstanceSpec};
 use super::store::{Definition, Store};
 use super::view::{InstanceState, InstanceView};
+use crate::stats::report::StatsReport;
 
 struct Running {
     instance: Instance,
@@ -253,6 +254,9 @@ impl Registry {
                 self.modify(&mut entries, u, changes)?;
                 Ok(self.instance_outcome(&entries, u))
             }
+            Action::Stats { vm, instance } => self
+                .stats(&entries, vm, instance)
+                .map(|r| Outcome::Stats(Box::new(r))),
         }
     }
 
@@ -494,13 +498,74 @@ impl Registry {
         attached
     }
 
-    fn view(&self, e: &Entry) -> InstanceView {
-        let qos = e.def.qos.clone().unwrap_or_else(|| {
+    /// The statistics of started instances: every one, one instance (which
+    /// must be started), or those of one VM (which some definition must name).
+    fn stats(
+        &self,
+        entries: &Entries,
+        vm: Option<String>,
+        instance: Option<String>,
+    ) -> Result<StatsReport, ActionError> {
+        if let Some(v) = &vm
+            && !entries
+                .by_uuid
+                .values()
+                .any(|e| e.def.vm.as_ref() == Some(v))
+        {
+            return Err(ActionError::NoSuchVm(v.clone()));
+        }
+        let only = match &instance {
+            Some(id) => {
+                let u = entries.find(id)?;
+                let e = &entries.by_uuid[&u];
+                if e.running.is_none() {
+                    return Err(ActionError::WrongState {
+                        name: e.def.name.clone(),
+                        state: e.state().name(),
+                        what: "an instance has statistics only while it is started".into(),
+                    });
+                }
+                if let Some(v) = &vm
+                    && e.def.vm.as_ref() != Some(v)
+                {
+                    return Err(ActionError::Invalid(format!(
+                        "instance '{}' is not attached to VM '{v}'",
+                        e.def.name
+                    )));
+                }
+                Some(u)
+            }
+            None => None,
+        };
+        let samples = entries
+            .by_uuid
+            .values()
+            .filter(|e| only.is_none_or(|u| u == e.def.uuid))
+            .filter(|e| vm.is_none() || e.def.vm == vm)
+            .filter_map(|e| {
+                let r = e.running.as_ref()?;
+                Some(
+                    r.instance
+                        .stats_sample(e.def.uuid, e.def.vm.clone(), self.qos_name(e)),
+                )
+            })
+            .collect();
+        let named: Vec<String> = vm.into_iter().collect();
+        Ok(StatsReport::build(samples, &named))
+    }
+
+    /// The QoS policy in force (the definition's override or the type's).
+    fn qos_name(&self, e: &Entry) -> String {
+        e.def.qos.clone().unwrap_or_else(|| {
             self.catalog
                 .get_type(&e.def.type_name)
                 .map(|t| t.qos.clone())
                 .unwrap_or_default()
-        });
+        })
+    }
+
+    fn view(&self, e: &Entry) -> InstanceView {
+        let qos = self.qos_name(e);
         InstanceView {
             uuid: e.def.uuid,
             name: e.def.name.clone(),

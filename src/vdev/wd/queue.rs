@@ -322,6 +322,8 @@ impl Worker {
             self.sleep();
         }
         self.drain();
+        let dropped = self.in_flight as u64 + self.held.len() as u64;
+        self.ctx.shared.stats.dropped(dropped);
         // Whatever was still with the engine no longer counts against the instance.
         self.ctx
             .instance_in_flight
@@ -431,6 +433,14 @@ impl Worker {
         self.ctx
             .instance_in_flight
             .fetch_sub(grant - batch.len() as u32, Ordering::AcqRel);
+        let (taken, waiting) = (
+            self.sq_head.wrapping_sub(start),
+            tail.wrapping_sub(self.sq_head),
+        );
+        self.ctx
+            .shared
+            .stats
+            .fetched(taken, waiting.min(depth), &mut batch);
         if self.sq_head == start {
             return false;
         }
@@ -496,13 +506,7 @@ impl Worker {
         std::sync::atomic::fence(Ordering::Release);
         let _ = mem.store(flags, GuestAddress(base + 6), Ordering::Release);
         self.cq_tail = self.cq_tail.wrapping_add(1);
-        let s = &self.ctx.shared.stats;
-        if r.status == JobStatus::Ok {
-            add(&s.jobs_ok, 1);
-            add(&s.bytes_out, r.bytes as u64);
-        } else {
-            add(&s.jobs_failed, 1);
-        }
+        self.ctx.shared.stats.completed(&r);
         self.ctx.shared.completed.fetch_add(1, Ordering::Relaxed);
         if self.irq_pending == 0 {
             self.irq_since = Some(Instant::now());
