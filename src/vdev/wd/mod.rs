@@ -454,7 +454,7 @@ impl WdDevice {
         let qp = self
             .backends
             .for_queue(qi)
-            .open_queue_pair(self.pasid)
+            .open_queue_pair(self.pasid, qi as u32)
             .map_err(|e| {
                 tracing::warn!(pasid = self.pasid, "no queue pair: {e}");
                 RegError::NoQueuePair

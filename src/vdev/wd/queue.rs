@@ -171,6 +171,12 @@ impl QueueRunner {
     pub fn start(ctx: WorkerContext) -> std::io::Result<QueueRunner> {
         let stop = Arc::new(AtomicBool::new(false));
         let (wake, wake_rx) = crossbeam_channel::bounded(1);
+        // The scheduler above the engines wakes the worker when a queue pair
+        // that refused part of a batch has room again.
+        let room = wake.clone();
+        ctx.qp.set_wake(Arc::new(move || {
+            let _ = room.try_send(());
+        }));
         let worker = Worker::new(ctx, stop.clone(), wake_rx);
         let name = format!("wd-queue-{}", worker.ctx.queue);
         let thread = std::thread::Builder::new()
@@ -221,8 +227,11 @@ struct Worker {
     ctx: WorkerContext,
     stop: Arc<AtomicBool>,
     wake: Receiver<()>,
-    /// Submissions consumed (free-running).
-    sq_head: u32,
+    /// Where the worker is in the submission ring.
+    sq: SqCursor,
+    /// The queue pair took fewer jobs than offered on the last pass: wait
+    /// for its wake-up before offering again.
+    throttled: bool,
     /// Completions written (free-running).
     cq_tail: u32,
     in_flight: u32,
@@ -233,6 +242,54 @@ struct Worker {
     irq_since: Option<Instant>,
     /// The engine's measured pace, for sizing naps.
     pace: Pace,
+}
+
+/// Most submissions read in one pass (one batch offered to the engines).
+const FETCH_BATCH: u32 = 256;
+
+/// The worker's position in the submission ring. Entries are popped without
+/// the guest seeing it; [`SqCursor::undo_pop`] puts the newest back
+/// (Firecracker's `Queue::undo_pop`), and only [`SqCursor::publish`] says
+/// how far `sq_head` goes, so a batch the engines do not take now stays in
+/// the ring, queued as far as the guest (or a snapshot of the queue) can tell.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct SqCursor {
+    /// `sq_head` as last published (free-running).
+    published: u32,
+    /// The next entry to read (free-running).
+    next: u32,
+}
+
+impl SqCursor {
+    /// Take the next entry's position.
+    fn pop(&mut self) -> u32 {
+        let pos = self.next;
+        self.next = self.next.wrapping_add(1);
+        pos
+    }
+
+    /// Entries popped since the last publish.
+    fn popped(&self) -> u32 {
+        self.next.wrapping_sub(self.published)
+    }
+
+    /// Put back the `n` newest entries popped (never past the published head).
+    fn undo_pop(&mut self, n: u32) {
+        self.next = self.next.wrapping_sub(n.min(self.popped()));
+    }
+
+    /// Whether `pos` was popped since the last publish and not put back.
+    fn holds(&self, pos: u32) -> bool {
+        pos.wrapping_sub(self.published) < self.popped()
+    }
+
+    /// The new `sq_head` to write, if it moved.
+    fn publish(&mut self) -> Option<u32> {
+        (self.popped() > 0).then(|| {
+            self.published = self.next;
+            self.next
+        })
+    }
 }
 
 /// Completions per sample of the engine's speed.
@@ -256,7 +313,8 @@ impl Worker {
             ctx,
             stop,
             wake,
-            sq_head: 0,
+            sq: SqCursor::default(),
+            throttled: false,
             cq_tail: 0,
             in_flight: 0,
             held: Vec::new(),
@@ -293,7 +351,7 @@ impl Worker {
 
     fn load_idx(&self, mem: &GuestMemory, field: u64) -> u32 {
         mem.load(self.idx_addr(field), Ordering::Acquire)
-            .unwrap_or(self.sq_head)
+            .unwrap_or(self.sq.next)
     }
 
     fn store_idx(&self, mem: &GuestMemory, field: u64, v: u32) {
@@ -308,7 +366,9 @@ impl Worker {
                 busy_wait = ENGINE_BUSY_RETRY;
                 continue;
             }
-            if self.in_flight == 0 {
+            // Throttled: the queue pair's wake-up (or a doorbell, or a
+            // completion) ends the sleep; the doorbell stays suppressed.
+            if self.in_flight == 0 && !self.throttled {
                 match self.arm_doorbell() {
                     Fetch::Ready => continue,
                     Fetch::EngineBusy => {
@@ -342,7 +402,8 @@ impl Worker {
     }
 
     fn fetch_state(&self, tail: u32, cq_head: u32) -> Fetch {
-        if tail == self.sq_head || self.sq_head.wrapping_sub(cq_head) >= self.ctx.config.depth {
+        let head = self.sq.next;
+        if tail == head || head.wrapping_sub(cq_head) >= self.ctx.config.depth {
             Fetch::Nothing
         } else if self.ctx.instance_in_flight.load(Ordering::Acquire) >= MAX_WITH_ENGINE {
             Fetch::EngineBusy
@@ -385,26 +446,33 @@ impl Worker {
         progressed
     }
 
-    /// Read and check new submissions; submit the valid ones as one batch.
+    /// Read and check new submissions and offer the valid ones as one batch.
+    /// What the queue pair does not take is put back in the ring
+    /// ([`SqCursor::undo_pop`]): `sq_head` is published only for entries
+    /// taken (or refused with an error CQE), so a throttled batch is read
+    /// again on a later pass, and the guest sees it still queued.
     fn fetch(&mut self, mem: &GuestMemory) -> bool {
         let depth = self.ctx.config.depth;
         let tail = self.load_idx(mem, idx::SQ_TAIL);
         let cq_head = self.load_idx(mem, idx::CQ_HEAD);
-        let start = self.sq_head;
+        let mut batch = Vec::new();
+        // Ring positions of the batch's jobs, and the refused entries.
+        let mut job_at = Vec::new();
+        let mut refused: Vec<(u32, JobResult)> = Vec::new();
         // Reserve the instance's engine allowance before taking entries, so
         // queues fetching at once cannot together overshoot it.
         let waiting = tail
-            .wrapping_sub(self.sq_head)
-            .min(depth.saturating_sub(self.sq_head.wrapping_sub(cq_head)));
-        let grant = self.reserve(waiting);
-        let mut batch = Vec::new();
-        while self.sq_head != tail
-            && self.sq_head.wrapping_sub(cq_head) < depth
+            .wrapping_sub(self.sq.next)
+            .min(depth.saturating_sub(self.sq.next.wrapping_sub(cq_head)));
+        let grant = self.reserve(waiting.min(FETCH_BATCH));
+        while self.sq.next != tail
+            && self.sq.next.wrapping_sub(cq_head) < depth
+            && self.sq.popped() < FETCH_BATCH
             && (batch.len() as u32) < grant
         {
-            let slot = (self.sq_head % depth) as u64;
+            let pos = self.sq.pop();
+            let slot = (pos % depth) as u64;
             let addr = GuestAddress(self.ctx.config.sq_base + slot * SQE_SIZE as u64);
-            self.sq_head = self.sq_head.wrapping_add(1);
             let mut raw = [0u8; SQE_SIZE];
             let sqe = match mem.read_slice(&mut raw, addr) {
                 Ok(()) => SubmissionEntry::from_bytes(&raw),
@@ -414,43 +482,36 @@ impl Worker {
                 },
             };
             match check(&sqe, &self.ctx.config, self.ctx.max_xfer, mem) {
-                Ok(job) => batch.push(job),
-                Err(status) => {
-                    let r = JobResult {
+                Ok(job) => {
+                    batch.push(job);
+                    job_at.push(pos);
+                }
+                Err(status) => refused.push((
+                    pos,
+                    JobResult {
                         cookie: sqe.tag as u64,
                         status,
                         bytes: 0,
                         result: 0,
                         stream_end: false,
-                    };
-                    self.complete(mem, r);
-                }
+                    },
+                )),
             }
         }
-        // Give back what no valid entry used.
-        self.ctx
-            .instance_in_flight
-            .fetch_sub(grant - batch.len() as u32, Ordering::AcqRel);
-        if self.sq_head == start {
+        if self.sq.popped() == 0 {
+            self.ctx
+                .instance_in_flight
+                .fetch_sub(grant, Ordering::AcqRel);
             return false;
         }
-        self.store_idx(mem, idx::SQ_HEAD, self.sq_head);
-        if !batch.is_empty() {
+        let taken = if batch.is_empty() {
+            0
+        } else {
             match self.ctx.qp.submit(&batch) {
-                Ok(()) => {
-                    if self.in_flight == 0 {
-                        self.pace.started(Instant::now());
-                    }
-                    self.in_flight += batch.len() as u32;
-                    let bytes: u64 = batch.iter().map(|j| j.src_len as u64).sum();
-                    add(&self.ctx.shared.stats.bytes_in, bytes);
-                }
+                Ok(n) => n.min(batch.len()),
                 Err(e) => {
                     tracing::warn!(queue = self.ctx.queue, "engine refused a batch: {e}");
-                    self.ctx
-                        .instance_in_flight
-                        .fetch_sub(batch.len() as u32, Ordering::AcqRel);
-                    for j in batch {
+                    for j in std::mem::take(&mut batch) {
                         let r = JobResult {
                             cookie: j.cookie,
                             status: JobStatus::EngineError,
@@ -460,10 +521,40 @@ impl Worker {
                         };
                         self.complete(mem, r);
                     }
+                    0
                 }
             }
+        };
+        // Give back what no job taken used.
+        self.ctx
+            .instance_in_flight
+            .fetch_sub(grant - taken as u32, Ordering::AcqRel);
+        self.throttled = taken < batch.len();
+        if self.throttled {
+            // Back to the first job not taken; entries after it, refused
+            // ones included, are read again later.
+            self.sq.undo_pop(self.sq.next.wrapping_sub(job_at[taken]));
         }
-        true
+        for (pos, r) in refused {
+            if self.sq.holds(pos) {
+                self.complete(mem, r);
+            }
+        }
+        if taken > 0 {
+            if self.in_flight == 0 {
+                self.pace.started(Instant::now());
+            }
+            self.in_flight += taken as u32;
+            let bytes: u64 = batch[..taken].iter().map(|j| j.src_len as u64).sum();
+            add(&self.ctx.shared.stats.bytes_in, bytes);
+        }
+        match self.sq.publish() {
+            Some(head) => {
+                self.store_idx(mem, idx::SQ_HEAD, head);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Write one CQE: body first, then (after a release fence) the flags word
@@ -782,6 +873,33 @@ mod tests {
             p.collected(ESTIMATE_WINDOW, 200, t);
         }
         (p, t)
+    }
+
+    #[test]
+    fn an_undone_pop_is_read_again_and_never_published() {
+        // Near the wrap of the free-running index, as after 2^32 entries.
+        let mut sq = SqCursor {
+            published: u32::MAX - 1,
+            next: u32::MAX - 1,
+        };
+        let popped: Vec<u32> = (0..4).map(|_| sq.pop()).collect();
+        assert_eq!(popped, [u32::MAX - 1, u32::MAX, 0, 1]);
+        assert_eq!(sq.popped(), 4);
+        // The engines took two: the other two go back.
+        sq.undo_pop(2);
+        assert!(sq.holds(u32::MAX) && !sq.holds(0) && !sq.holds(1));
+        assert_eq!(sq.publish(), Some(0), "sq_head covers only what was taken");
+        assert_eq!(sq.publish(), None, "nothing new to publish");
+        assert_eq!(sq.pop(), 0, "the entry put back is read again");
+        // Never back past what the guest was told.
+        sq.undo_pop(10);
+        assert_eq!(
+            sq,
+            SqCursor {
+                published: 0,
+                next: 0
+            }
+        );
     }
 
     #[test]
