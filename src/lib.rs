@@ -11,6 +11,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod partition;
+pub mod qos;
 pub mod stats;
 pub mod transport;
 pub mod vdev;
