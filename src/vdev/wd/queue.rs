@@ -14,6 +14,12 @@
 //! channel. The engine then sends its results without waking anyone (no
 //! futex wake, no cross-CPU IPI per job) and the worker wakes once per many
 //! jobs. See [`Pace`].
+//!
+//! Who goes first is not the worker's business: the queue pair may take
+//! only part of a batch (the QoS scheduler above the engines holds back an
+//! instance over its share, rate or cap). What it does not take is put back
+//! in the ring unpublished ([`SqCursor`]) and offered again when the queue
+//! pair's wake-up says there is room.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -91,18 +97,6 @@ impl BusMaster {
     }
 }
 
-/// Jobs one instance (all its queues together) may have with the engines at
-/// once. The engines are shared by every instance in arrival order, so this
-/// bounds how far one instance can get ahead of the others (real fairness is
-/// the QoS layer's job).
-pub const MAX_WITH_ENGINE: u32 = 128;
-
-/// How long a worker with submissions waits before looking again when its
-/// instance's other queues hold all of [`MAX_WITH_ENGINE`]: from the first
-/// to the last value, doubling while the allowance stays used up.
-const ENGINE_BUSY_RETRY: Duration = Duration::from_millis(1);
-const ENGINE_BUSY_RETRY_MAX: Duration = Duration::from_millis(32);
-
 /// How long stopping a queue waits for jobs already running on an engine
 /// (queued ones are discarded at once). Well inside QEMU's 5 s reply timeout.
 const DRAIN_BUDGET: Duration = Duration::from_secs(2);
@@ -125,8 +119,6 @@ pub struct WorkerContext {
     pub irq: Arc<dyn InterruptSink>,
     pub bus_master: Arc<BusMaster>,
     pub shared: Arc<QueueShared>,
-    /// Jobs the whole instance has with the engines (see [`MAX_WITH_ENGINE`]).
-    pub instance_in_flight: Arc<AtomicU32>,
     /// Set by the device once it has cleared the queue's completion ring and
     /// its half of the index block ([`clear_rings`]). The worker does no DMA
     /// before: the clear must be done before `Q_STATUS` shows ENABLED (or,
@@ -156,8 +148,6 @@ enum Fetch {
     /// Nothing submitted, or the completion ring is full (a driver that
     /// outruns `depth` stalls its own queue until its next doorbell).
     Nothing,
-    /// Entries wait, but the instance's engine allowance is used up.
-    EngineBusy,
 }
 
 /// The device's handle on a running queue.
@@ -341,7 +331,6 @@ impl Worker {
         }
         let n = n.min(self.in_flight);
         self.in_flight -= n;
-        self.ctx.instance_in_flight.fetch_sub(n, Ordering::AcqRel);
         self.pace.collected(n, self.in_flight, Instant::now());
     }
 
@@ -359,54 +348,24 @@ impl Worker {
     }
 
     fn run(mut self) {
-        let mut busy_wait = ENGINE_BUSY_RETRY;
         while !self.stop.load(Ordering::Acquire) {
-            let progressed = self.step();
-            if progressed {
-                busy_wait = ENGINE_BUSY_RETRY;
+            if self.step() {
                 continue;
             }
             // Throttled: the queue pair's wake-up (or a doorbell, or a
             // completion) ends the sleep; the doorbell stays suppressed.
-            if self.in_flight == 0 && !self.throttled {
-                match self.arm_doorbell() {
-                    Fetch::Ready => continue,
-                    Fetch::EngineBusy => {
-                        let _ = self.wake.recv_timeout(busy_wait);
-                        busy_wait = (busy_wait * 2).min(ENGINE_BUSY_RETRY_MAX);
-                        continue;
-                    }
-                    Fetch::Nothing => {}
-                }
+            if self.in_flight == 0 && !self.throttled && self.arm_doorbell() == Fetch::Ready {
+                continue;
             }
             self.sleep();
         }
         self.drain();
-        // Whatever was still with the engine no longer counts against the instance.
-        self.ctx
-            .instance_in_flight
-            .fetch_sub(self.in_flight, Ordering::AcqRel);
-    }
-
-    /// Take up to `want` of the instance's engine allowance; returns how much.
-    fn reserve(&self, want: u32) -> u32 {
-        let mut granted = 0;
-        let _ =
-            self.ctx
-                .instance_in_flight
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-                    granted = want.min(MAX_WITH_ENGINE.saturating_sub(cur));
-                    Some(cur + granted)
-                });
-        granted
     }
 
     fn fetch_state(&self, tail: u32, cq_head: u32) -> Fetch {
         let head = self.sq.next;
         if tail == head || head.wrapping_sub(cq_head) >= self.ctx.config.depth {
             Fetch::Nothing
-        } else if self.ctx.instance_in_flight.load(Ordering::Acquire) >= MAX_WITH_ENGINE {
-            Fetch::EngineBusy
         } else {
             Fetch::Ready
         }
@@ -459,16 +418,9 @@ impl Worker {
         // Ring positions of the batch's jobs, and the refused entries.
         let mut job_at = Vec::new();
         let mut refused: Vec<(u32, JobResult)> = Vec::new();
-        // Reserve the instance's engine allowance before taking entries, so
-        // queues fetching at once cannot together overshoot it.
-        let waiting = tail
-            .wrapping_sub(self.sq.next)
-            .min(depth.saturating_sub(self.sq.next.wrapping_sub(cq_head)));
-        let grant = self.reserve(waiting.min(FETCH_BATCH));
         while self.sq.next != tail
             && self.sq.next.wrapping_sub(cq_head) < depth
             && self.sq.popped() < FETCH_BATCH
-            && (batch.len() as u32) < grant
         {
             let pos = self.sq.pop();
             let slot = (pos % depth) as u64;
@@ -499,9 +451,6 @@ impl Worker {
             }
         }
         if self.sq.popped() == 0 {
-            self.ctx
-                .instance_in_flight
-                .fetch_sub(grant, Ordering::AcqRel);
             return false;
         }
         let taken = if batch.is_empty() {
@@ -525,10 +474,6 @@ impl Worker {
                 }
             }
         };
-        // Give back what no job taken used.
-        self.ctx
-            .instance_in_flight
-            .fetch_sub(grant - taken as u32, Ordering::AcqRel);
         self.throttled = taken < batch.len();
         if self.throttled {
             // Back to the first job not taken; entries after it, refused
