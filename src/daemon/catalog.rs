@@ -6,12 +6,15 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
 use crate::accel::{Pasid, SharedAccelerator};
 use crate::config::{self, Backend, Config, Endpoint, InstanceType};
 use crate::partition::{
     AcceleratorSpec, Allocation, FunctionRequest, LinkSpec, Node, NumaSpec, Partitioner,
     PlacementRequest, Topology, TopologySpec,
 };
+use crate::qos::{Policy, ScheduledAccel, TenantSnapshot};
 
 use crate::vdev::wd::WdConfig;
 use crate::vdev::wd::backends::Backends;
@@ -131,8 +134,11 @@ impl Placed {
 
 pub struct Catalog {
     types: BTreeMap<String, TypeDef>,
-    policies: Vec<String>,
+    /// QoS policies by name, in file order.
+    policies: Vec<(String, Policy)>,
     backends: BTreeMap<String, SharedAccelerator>,
+    /// Each accelerator's scheduler (the same object as its backend).
+    schedulers: BTreeMap<String, Arc<ScheduledAccel>>,
     partitioner: Partitioner,
 }
 
@@ -222,8 +228,13 @@ impl Catalog {
     pub fn from_config(cfg: &Config) -> Result<Catalog, CatalogError> {
         let topo = check_placeable(cfg)?;
         let mut backends = BTreeMap::new();
+        let mut schedulers = BTreeMap::new();
         for a in &cfg.accelerators {
-            let backend: SharedAccelerator = match a.backend {
+            let err = |source| CatalogError::Backend {
+                name: a.name.clone(),
+                source,
+            };
+            let engines: SharedAccelerator = match a.backend {
                 Backend::Soft => crate::accel::soft::SoftAccel::with_config(
                     crate::accel::soft::SoftAccelConfig {
                         engines: a.engines as usize,
@@ -231,12 +242,12 @@ impl Catalog {
                         ..Default::default()
                     },
                 )
-                .map_err(|source| CatalogError::Backend {
-                    name: a.name.clone(),
-                    source,
-                })?,
+                .map_err(err)?,
             };
-            backends.insert(a.name.clone(), backend);
+            // Every instance's jobs reach the engines through the scheduler.
+            let scheduled = ScheduledAccel::new(engines, a.engines as usize).map_err(err)?;
+            backends.insert(a.name.clone(), scheduled.clone() as SharedAccelerator);
+            schedulers.insert(a.name.clone(), scheduled);
         }
         Ok(Catalog {
             types: cfg
@@ -244,8 +255,13 @@ impl Catalog {
                 .iter()
                 .map(|t| (t.name.clone(), TypeDef::from_config(t)))
                 .collect(),
-            policies: cfg.qos_policies.iter().map(|p| p.name.clone()).collect(),
+            policies: cfg
+                .qos_policies
+                .iter()
+                .map(|p| (p.name.clone(), Policy::from_config(p)))
+                .collect(),
             backends,
+            schedulers,
             partitioner: Partitioner::new(topo),
         })
     }
@@ -259,7 +275,55 @@ impl Catalog {
     }
 
     pub fn has_policy(&self, name: &str) -> bool {
-        self.policies.iter().any(|p| p == name)
+        self.policy(name).is_some()
+    }
+
+    pub fn policy(&self, name: &str) -> Option<&Policy> {
+        self.policies.iter().find(|p| p.0 == name).map(|p| &p.1)
+    }
+
+    /// Puts the instance of `placed` under `policy` on every accelerator it
+    /// uses, at once: jobs it has queued stay queued, its next turns follow
+    /// the new policy. A name the configuration lacks leaves it as it is.
+    pub fn apply_policy(&self, placed: &Placed, policy: &str) {
+        let Some(p) = self.policy(policy) else {
+            tracing::error!(policy, "no such QoS policy to apply");
+            return;
+        };
+        for s in self.schedulers_of(&placed.allocation) {
+            s.set_policy(placed.pasid(), p.clone());
+        }
+    }
+
+    /// The schedulers' accounting for the instance of `placed`, by
+    /// accelerator name.
+    pub fn qos_snapshots(&self, placed: &Placed) -> Vec<(String, TenantSnapshot)> {
+        let mut names: Vec<&str> = placed
+            .allocation
+            .functions
+            .iter()
+            .map(|f| f.accelerator.as_str())
+            .collect();
+        names.dedup();
+        names
+            .into_iter()
+            .filter_map(|n| {
+                Some((
+                    n.to_string(),
+                    self.schedulers.get(n)?.snapshot(placed.pasid())?,
+                ))
+            })
+            .collect()
+    }
+
+    fn schedulers_of(&self, allocation: &Allocation) -> Vec<&Arc<ScheduledAccel>> {
+        let mut v: Vec<&Arc<ScheduledAccel>> = allocation
+            .functions
+            .iter()
+            .filter_map(|f| self.schedulers.get(&f.accelerator))
+            .collect();
+        v.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        v
     }
 
     /// `Err` names the nodes there are when `node` is not one of them.
@@ -280,7 +344,8 @@ impl Catalog {
     }
 
     pub fn policy_names(&self) -> String {
-        self.policies.join(", ")
+        let names: Vec<&str> = self.policies.iter().map(|p| p.0.as_str()).collect();
+        names.join(", ")
     }
 
     pub fn types(&self) -> Vec<TypeView> {
@@ -405,6 +470,9 @@ impl Catalog {
     /// Gives a stopped instance's placement back. The caller has stopped its
     /// device (queues drained), so the PASID and queue pairs are free at once.
     pub fn release(&self, allocation: Allocation) {
+        for s in self.schedulers_of(&allocation) {
+            s.remove_tenant(allocation.pasid);
+        }
         if let Err(e) = self.partitioner.release_idle(&allocation) {
             tracing::error!(pasid = allocation.pasid, "releasing a placement: {e}");
         }

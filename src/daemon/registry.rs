@@ -19,6 +19,7 @@ use super::catalog::{Catalog, Placed};
 use super::instance::{Instance, InstanceSpec};
 use super::store::{Definition, Store};
 use super::view::{InstanceState, InstanceView};
+use crate::qos::TenantSnapshot;
 
 struct Running {
     instance: Instance,
@@ -336,9 +337,38 @@ impl Registry {
         self.check_definition(&def.type_name, def.qos.as_deref(), def.numa)?;
         if def != e.def {
             self.store.save(&def)?;
+            let policy = self.effective_qos(&def);
+            let changed = policy != self.effective_qos(&e.def);
             e.def = def;
+            // A running instance's QoS changes at once (nothing else does).
+            if let (true, Some(r)) = (changed, &e.running) {
+                self.catalog.apply_policy(&r.placed, &policy);
+                tracing::info!(instance = %e.def.name, policy, "QoS policy applied");
+            }
         }
         Ok(())
+    }
+
+    /// The QoS policy an instance runs under: its own, else its type's.
+    fn effective_qos(&self, def: &Definition) -> String {
+        def.qos.clone().unwrap_or_else(|| {
+            self.catalog
+                .get_type(&def.type_name)
+                .map(|t| t.qos.clone())
+                .unwrap_or_default()
+        })
+    }
+
+    /// The scheduler's accounting for a started instance (by name or UUID),
+    /// per accelerator it uses; empty while it is not started.
+    pub fn qos_snapshots(&self, id: &str) -> Result<Vec<(String, TenantSnapshot)>, ActionError> {
+        let entries = self.entries.lock();
+        let u = entries.find(id)?;
+        Ok(entries.by_uuid[&u]
+            .running
+            .as_ref()
+            .map(|r| self.catalog.qos_snapshots(&r.placed))
+            .unwrap_or_default())
     }
 
     fn socket_path(&self, name: &str) -> PathBuf {
@@ -378,6 +408,9 @@ impl Registry {
             socket: self.socket_path(&name),
             config: placed.config,
         };
+        // Under its policy before its first job.
+        self.catalog
+            .apply_policy(&placed, &self.effective_qos(&e.def));
         match Instance::start(spec, placed.backends.clone(), placed.pasid()) {
             Ok(instance) => {
                 tracing::info!(instance = %name, pasid = placed.pasid(), "started at {}", instance.socket().display());
@@ -476,12 +509,7 @@ impl Registry {
     }
 
     fn view(&self, e: &Entry) -> InstanceView {
-        let qos = e.def.qos.clone().unwrap_or_else(|| {
-            self.catalog
-                .get_type(&e.def.type_name)
-                .map(|t| t.qos.clone())
-                .unwrap_or_default()
-        });
+        let qos = self.effective_qos(&e.def);
         InstanceView {
             uuid: e.def.uuid,
             name: e.def.name.clone(),
