@@ -45,11 +45,14 @@ pub const MAX_JOBS_PER_ENGINE: u32 = 512;
 /// Most jobs in one batch.
 pub const MAX_BATCH: usize = 64;
 /// Jobs a queue may have waiting in the scheduler; more stay in its ring.
-/// Queues of small jobs may hold more: enough for two quanta of engine
-/// time, so that a tenant of tiny jobs is never short of work to show the
-/// scheduler (up to [`LANE_HELD_MAX`]).
+/// Queues of small jobs may hold more: enough for [`LANE_HOLD_NS`] of
+/// engine time (up to [`LANE_HELD_MAX`]), so that a tenant of tiny jobs is
+/// not left without work to show the scheduler while its worker is being
+/// woken for more (and loses its share to the work-conserving rule).
 pub const LANE_HELD: usize = 128;
-pub const LANE_HELD_MAX: usize = 4096;
+pub const LANE_HELD_MAX: usize = 1024;
+/// Engine time of the jobs a queue may hold waiting.
+pub const LANE_HOLD_NS: u64 = 5_000_000;
 /// Bytes a job is counted as beyond its source, in the cost model (the
 /// fixed cost of a job, however small).
 const JOB_OVERHEAD_BYTES: u64 = 1024;
@@ -404,7 +407,7 @@ impl<J: Work> Fair<J> {
             .first()
             .and_then(|j| self.tenants.get(&l.tenant)?.estimate(j))
             .map_or(LANE_HELD, |e| {
-                ((2 * QUANTUM_NS / e.max(1)) as usize).clamp(LANE_HELD, LANE_HELD_MAX)
+                ((LANE_HOLD_NS / e.max(1)) as usize).clamp(LANE_HELD, LANE_HELD_MAX)
             });
         let l = self.lanes.get_mut(&lane).expect("looked up above");
         l.held_limit = limit;

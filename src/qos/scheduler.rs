@@ -55,8 +55,7 @@ struct Shared {
 impl Shared {
     /// Hand the engines every batch that may go now. Returns the wake-ups
     /// to call once the lock is released.
-    fn pump(&self, st: &mut State) -> Vec<Wake> {
-        let now = self.clock.now_ns();
+    fn pump(&self, st: &mut State, now: u64) -> Vec<Wake> {
         for b in st.fair.dispatch(now) {
             let Some(io) = st.lanes.get(&b.lane) else {
                 continue;
@@ -93,8 +92,8 @@ impl Shared {
             .collect()
     }
 
-    fn pump_unlocked(&self, mut st: MutexGuard<'_, State>) {
-        let wakes = self.pump(&mut st);
+    fn pump_unlocked(&self, mut st: MutexGuard<'_, State>, now: u64) {
+        let wakes = self.pump(&mut st, now);
         drop(st);
         for w in wakes {
             w();
@@ -113,7 +112,7 @@ impl Shared {
                 }
                 Some(_) => {
                     st.timer_at = None;
-                    let wakes = self.pump(&mut st);
+                    let wakes = self.pump(&mut st, now);
                     if !wakes.is_empty() {
                         MutexGuard::unlocked(&mut st, || wakes.iter().for_each(|w| w()));
                     }
@@ -187,7 +186,7 @@ impl ScheduledAccel {
         let mut st = self.shared.state.lock();
         let now = self.shared.clock.now_ns();
         st.fair.set_policy(pasid, policy, now);
-        self.shared.pump_unlocked(st);
+        self.shared.pump_unlocked(st, now);
     }
 
     pub fn policy(&self, pasid: Pasid) -> Option<Policy> {
@@ -198,7 +197,8 @@ impl ScheduledAccel {
     pub fn remove_tenant(&self, pasid: Pasid) {
         let mut st = self.shared.state.lock();
         st.fair.remove_tenant(pasid);
-        self.shared.pump_unlocked(st);
+        let now = self.shared.clock.now_ns();
+        self.shared.pump_unlocked(st, now);
     }
 
     /// The scheduler's accounting for the instance of `pasid`.
@@ -299,7 +299,7 @@ impl EngineObserver for LaneObserver {
             let mut st = shared.state.lock();
             let now = shared.clock.now_ns();
             st.fair.finished(self.lane, job, engine_ns, now);
-            shared.pump_unlocked(st);
+            shared.pump_unlocked(st, now);
         }
         if let Some(o) = self.outer.get() {
             o.job_finished(job, engine_ns);
@@ -327,7 +327,7 @@ impl QueuePair for Lane {
             // Refused with nothing of ours waiting: the lane is closed.
             return Err(AccelError::Closed);
         }
-        self.shared.pump_unlocked(st);
+        self.shared.pump_unlocked(st, now);
         Ok(taken)
     }
 
@@ -362,7 +362,7 @@ impl QueuePair for Lane {
             let mut st = self.shared.state.lock();
             let now = self.shared.clock.now_ns();
             st.fair.close_lane(self.id, now);
-            self.shared.pump_unlocked(st);
+            self.shared.pump_unlocked(st, now);
         }
         self.qp.close();
     }
@@ -374,7 +374,8 @@ impl Drop for Lane {
             let mut st = self.shared.state.lock();
             st.fair.remove_lane(self.id);
             let io = st.lanes.remove(&self.id);
-            self.shared.pump_unlocked(st);
+            let now = self.shared.clock.now_ns();
+            self.shared.pump_unlocked(st, now);
             io
         };
         // The backend's queue pair goes last, outside the lock.
