@@ -8,7 +8,7 @@ use wdvirt_abi::{JobStatus, Opcode};
 
 use super::*;
 use crate::accel::soft::SoftAccel;
-use crate::qos::fair::LANE_HELD;
+use crate::qos::fair::{LANE_HELD, LANE_HELD_MAX};
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -76,7 +76,15 @@ fn jobs_of_two_instances_each_complete_exactly_once_and_are_charged_to_their_own
         }
         assert!(qp.completions().try_recv().is_err(), "an extra completion");
     }
-    let (sa, sb) = (accel.snapshot(1).unwrap(), accel.snapshot(2).unwrap());
+    // The engine reports a job's time just after sending its result.
+    let deadline = Instant::now() + TIMEOUT;
+    let (sa, sb) = loop {
+        let (sa, sb) = (accel.snapshot(1).unwrap(), accel.snapshot(2).unwrap());
+        if (sa.jobs_finished, sb.jobs_finished) == (2000, 2000) || Instant::now() > deadline {
+            break (sa, sb);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
     assert_eq!((sa.jobs_finished, sb.jobs_finished), (2000, 2000));
     assert!(sa.engine_ns > 0 && sb.engine_ns > 0);
     assert_eq!(sa.policy.weight, 300);
@@ -130,12 +138,23 @@ fn a_full_queue_is_refused_then_woken_and_closing_drops_what_waits() {
     qp.set_wake(Arc::new(move || {
         w.fetch_add(1, Ordering::SeqCst);
     }));
-    let jobs: Vec<Job> = (0..1000).map(nop).collect();
+    let jobs: Vec<Job> = (0..3000).map(nop).collect();
     let mut taken = qp.submit(&jobs).unwrap();
-    assert_eq!(taken, LANE_HELD, "as many as a queue may hold waiting");
-    // One went to the engines at once: room for one more, then none.
-    taken += qp.submit(&jobs[taken..]).unwrap();
-    assert_eq!(taken, LANE_HELD + 1);
+    assert_eq!(taken, LANE_HELD, "a queue of unmeasured jobs holds 128");
+    // One went to the engines at once, and once it is measured (a nop
+    // costs next to nothing) the queue may hold more of them: offers are
+    // taken until it is full, and then refused.
+    loop {
+        let n = qp.submit(&jobs[taken..]).unwrap();
+        if n == 0 {
+            break;
+        }
+        taken += n;
+    }
+    assert!(
+        (LANE_HELD + 1..=LANE_HELD_MAX + 1).contains(&taken),
+        "{taken} taken"
+    );
     assert_eq!(qp.submit(&jobs[taken..]).unwrap(), 0, "full");
     let r = qp.completions().recv_timeout(TIMEOUT).unwrap();
     assert_eq!(r.cookie, 0);
@@ -159,7 +178,7 @@ fn a_full_queue_is_refused_then_woken_and_closing_drops_what_waits() {
         },
     );
     let more = qp.submit(&jobs[..50]).unwrap();
-    assert!(more >= 49, "{more}");
+    assert_eq!(more, 50, "room again");
     qp.close();
     assert!(qp.submit(&jobs[..1]).is_err());
     std::thread::sleep(Duration::from_millis(20));

@@ -832,21 +832,34 @@ fn a_throttled_batch_stays_in_the_ring_and_every_job_runs_once_when_the_limit_li
         queues: 1,
         ..WdConfig::default()
     });
-    // 10 jobs a second: nearly everything is held back.
+    // 2 jobs a second: one goes at once, the next not before 500 ms.
     rig.sched.set_policy(
         7,
         crate::qos::Policy {
-            jobs_per_sec: Some(10),
+            jobs_per_sec: Some(2),
             burst_jobs: Some(1),
             ..Default::default()
         },
     );
     assert_eq!(rig.setup_queue(0, 1024), r::Q_STATUS_ENABLED);
     let n = 600u32;
+    // 64 KiB deflates: a class whose jobs cost well over 5 ms / 128, so the
+    // scheduler holds at most 128 of them waiting.
     let jobs: Vec<_> = (0..n)
-        .map(|t| sqe(Opcode::Crc32c, t, BUF, 64, 0, 0))
+        .map(|t| {
+            let mut e = sqe(
+                Opcode::DeflateCompress,
+                t,
+                BUF,
+                65536,
+                BUF + 0x1_0000,
+                0x1_1000,
+            );
+            e.param = 1;
+            e
+        })
         .collect();
-    rig.put(BUF, &[5u8; 64]);
+    rig.put(BUF, &[5u8; 65536]);
     rig.submit(&jobs, 1024);
     std::thread::sleep(Duration::from_millis(100));
     // The worker took what the scheduler would hold and put the rest back:
@@ -857,12 +870,18 @@ fn a_throttled_batch_stays_in_the_ring_and_every_job_runs_once_when_the_limit_li
             .unwrap()
     };
     let head = sq_head(&rig);
+    let s = rig.sched.snapshot(7).unwrap();
+    assert_eq!(
+        u64::from(head),
+        s.jobs_dispatched + s.jobs_waiting,
+        "sq_head covers exactly what the scheduler took"
+    );
     let held = crate::qos::fair::LANE_HELD as u32;
     assert!(
         (held..=held + 2).contains(&head),
         "sq_head {head}: the refused entries were published"
     );
-    assert!(rig.sched.snapshot(7).unwrap().throttled_ns.rate > 0);
+    assert!(s.throttled_ns.rate > 0);
     // Lifted: the worker is woken and everything runs, each job once.
     rig.sched.set_policy(7, crate::qos::Policy::default());
     let done = rig.wait(n as usize, 1024);
