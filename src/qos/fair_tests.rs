@@ -45,6 +45,11 @@ const SHA_64K: Kind = Kind {
     bytes: 64 << 10,
     class: 3,
 };
+const COPY_64K: Kind = Kind {
+    cost_ns: 5 * US,
+    bytes: 64 << 10,
+    class: 5,
+};
 const COPY_64: Kind = Kind {
     cost_ns: 400,
     bytes: 64,
@@ -188,11 +193,12 @@ fn within(got: f64, want: f64, rel: f64) -> bool {
 
 #[test]
 fn weights_1_2_4_with_different_operations_share_engine_time_within_3_percent() {
-    // Deflate (240 µs a job) at weight 1, SHA-256 (38 µs) at 2, copies
-    // (0.4 µs) at 4: bytes or job counts would give nothing like 1:2:4.
+    // Deflate (240 µs a 64 KiB job) at weight 1, SHA-256 (38 µs) at 2,
+    // copies (5 µs) at 4, all of 64 KiB: bytes or job counts would give
+    // nothing like 1:2:4.
     for engines in [1, 2] {
         let mut sim = Sim::new(engines);
-        for (t, w, kind) in [(1, 1, DEFLATE_64K), (2, 2, SHA_64K), (3, 4, COPY_64)] {
+        for (t, w, kind) in [(1, 1, DEFLATE_64K), (2, 2, SHA_64K), (3, 4, COPY_64K)] {
             sim.tenant(t, w);
             sim.lane(t as u64, t, 0, Some(kind));
         }
