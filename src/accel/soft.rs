@@ -16,7 +16,11 @@
 //!   themselves.
 //! * **Queue pairs** send each job as its own work item, so a 1000-job batch is
 //!   1000 items other queue pairs' jobs can interleave with (no fairness is
-//!   promised here: the QoS layer sits above).
+//!   promised here: the QoS layer sits above, `crate::qos`, and keeps this
+//!   FIFO short). An engine reports each job's engine time to its queue
+//!   pair's [`EngineObserver`] on its own thread, after the result is sent:
+//!   one clock read per job while it is busy (a job found waiting starts when
+//!   the previous one ended).
 //!
 //! Dropping a queue pair **discards** its jobs that no engine has started (no
 //! completion is sent: the receiver is gone with it); a job already running
