@@ -18,7 +18,7 @@
 //! Who goes first is not the worker's business: the queue pair may take
 //! only part of a batch (the QoS scheduler above the engines holds back an
 //! instance over its share, rate or cap). What it does not take is put back
-//! in the ring unpublished ([`SqCursor`]) and offered again when the queue
+//! in the ring unpublished (`SqCursor`) and offered again when the queue
 //! pair's wake-up says there is room.
 
 use std::sync::Arc;
