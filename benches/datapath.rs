@@ -372,7 +372,10 @@ fn main() {
         (4, Duration::from_millis(400))
     };
 
-    let accel: SharedAccelerator = SoftAccel::new(1);
+    // The production path: the engine under the QoS scheduler (as the
+    // daemon, `serve` and `demo` run it).
+    let accel: SharedAccelerator =
+        wdvirt::qos::ScheduledAccel::new(SoftAccel::new(1), 1).expect("scheduler");
     let dir = tempfile::tempdir().expect("temp dir");
     let socket = dir.path().join("bench.sock");
     let spec = InstanceSpec {

@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod libvirt;
 pub mod migration;
 pub mod partition;
+pub mod qos;
 pub mod stats;
 pub mod topology;
 pub mod transport;

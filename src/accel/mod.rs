@@ -87,8 +87,10 @@ pub trait Accelerator: Send + Sync {
     fn bind_pasid(&self, pasid: Pasid, space: AddressSpace) -> Result<(), AccelError>;
     /// Remove the binding; later jobs with this PASID fail with `BadAddress`.
     fn unbind_pasid(&self, pasid: Pasid) -> Result<(), AccelError>;
-    /// A new hardware queue pair whose jobs carry `pasid`.
-    fn open_queue_pair(&self, pasid: Pasid) -> Result<Box<dyn QueuePair>, AccelError>;
+    /// A new hardware queue pair whose jobs carry `pasid`, serving the
+    /// instance's queue `queue` (the guest's index: a scheduler above uses it
+    /// for priorities between one instance's queues; a backend may ignore it).
+    fn open_queue_pair(&self, pasid: Pasid, queue: u32) -> Result<Box<dyn QueuePair>, AccelError>;
     /// Whether jobs of `pasid` may touch memory (the function's Bus Master
     /// Enable). Turning it off returns once no job of `pasid` is running;
     /// jobs that reach an engine while it is off complete with `Aborted`.
@@ -99,11 +101,32 @@ pub trait Accelerator: Send + Sync {
     fn quiesced(&self, pasid: Pasid, f: &mut dyn FnMut()) -> Result<(), AccelError>;
 }
 
+/// Called from any thread when a queue pair that took fewer jobs than it
+/// was offered has room again (the queue worker's wake-up).
+pub type Wake = Arc<dyn Fn() + Send + Sync>;
+
+/// Told, on the engine's own thread, of every job an engine finishes (after
+/// its result is sent): how long the engine worked on it. The scheduler
+/// charges instances by it (`crate::qos`). A hardware backend reports the
+/// best it can measure (completion time minus the later of the job's
+/// submission and the engine's previous completion).
+pub trait EngineObserver: Send + Sync {
+    fn job_finished(&self, job: &Job, engine_ns: u64);
+}
+
 /// One hardware queue pair: a submission side and a completion stream.
-pub trait QueuePair: Send {
+pub trait QueuePair: Send + Sync {
     /// Queue jobs for the engines; results arrive on `completions()`, one per
-    /// job, in any order.
-    fn submit(&self, jobs: &[Job]) -> Result<(), AccelError>;
+    /// job, in any order. Returns how many jobs, a prefix of `jobs`, were
+    /// taken: the rest stay the caller's, to offer again once `set_wake`'s
+    /// wake-up says there is room (a scheduler above refuses what an
+    /// instance may not queue yet; a bare backend takes everything).
+    fn submit(&self, jobs: &[Job]) -> Result<usize, AccelError>;
+    /// The wake-up to call when room opens after a partial `submit`.
+    fn set_wake(&self, wake: Wake);
+    /// Have `observer` told of each job this queue pair's engines finish.
+    /// Set once, before the first `submit`; a second call is ignored.
+    fn observe(&self, observer: Arc<dyn EngineObserver>);
     /// The completion stream.
     fn completions(&self) -> &Receiver<JobResult>;
     /// Jobs submitted whose results have not yet been sent.

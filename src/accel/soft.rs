@@ -16,7 +16,11 @@
 //!   themselves.
 //! * **Queue pairs** send each job as its own work item, so a 1000-job batch is
 //!   1000 items other queue pairs' jobs can interleave with (no fairness is
-//!   promised here: the QoS layer sits above).
+//!   promised here: the QoS layer sits above, `crate::qos`, and keeps this
+//!   FIFO short). An engine reports each job's engine time to its queue
+//!   pair's [`EngineObserver`] on its own thread, after the result is sent:
+//!   one clock read per job while it is busy (a job found waiting starts when
+//!   the previous one ended).
 //!
 //! Dropping a queue pair **discards** its jobs that no engine has started (no
 //! completion is sent: the receiver is gone with it); a job already running
@@ -27,9 +31,10 @@
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::{Mutex, RwLock};
@@ -37,7 +42,10 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use wdvirt_abi::{ALL_OPS, JobStatus, Opcode};
 
 use super::ops::{self, Scratch};
-use super::{AccelError, Accelerator, AddressSpace, GuestMemory, Job, JobResult, Pasid, QueuePair};
+use super::{
+    AccelError, Accelerator, AddressSpace, EngineObserver, GuestMemory, Job, JobResult, Pasid,
+    QueuePair, Wake,
+};
 
 /// How to build a [`SoftAccel`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -148,6 +156,8 @@ struct QpShared {
     running: AtomicUsize,
     closed: AtomicBool,
     counters: Counters,
+    /// Told of each finished job's engine time (the scheduler above).
+    observer: OnceLock<Arc<dyn EngineObserver>>,
 }
 
 /// One entry of the PASID table: the address space, and the gate that DMA
@@ -284,6 +294,7 @@ impl SoftAccel {
             running: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
             counters: Counters::default(),
+            observer: OnceLock::new(),
         });
         qps.insert(id, Arc::clone(&shared));
         Ok(SoftQueuePair {
@@ -387,7 +398,7 @@ impl Accelerator for SoftAccel {
         }
     }
 
-    fn open_queue_pair(&self, pasid: Pasid) -> Result<Box<dyn QueuePair>, AccelError> {
+    fn open_queue_pair(&self, pasid: Pasid, _queue: u32) -> Result<Box<dyn QueuePair>, AccelError> {
         Ok(Box::new(self.open_soft_queue_pair(pasid)?))
     }
 
@@ -431,7 +442,7 @@ impl SoftQueuePair {
 }
 
 impl QueuePair for SoftQueuePair {
-    fn submit(&self, jobs: &[Job]) -> Result<(), AccelError> {
+    fn submit(&self, jobs: &[Job]) -> Result<usize, AccelError> {
         let running = self.common.running.read();
         if !*running || self.shared.closed.load(Ordering::Acquire) {
             return Err(AccelError::Closed);
@@ -454,7 +465,14 @@ impl QueuePair for SoftQueuePair {
                 return Err(AccelError::Closed);
             }
         }
-        Ok(())
+        Ok(jobs.len())
+    }
+
+    /// Never needed: a bare software queue pair takes every job offered.
+    fn set_wake(&self, _wake: Wake) {}
+
+    fn observe(&self, observer: Arc<dyn EngineObserver>) {
+        let _ = self.shared.observer.set(observer);
     }
 
     fn completions(&self) -> &Receiver<JobResult> {
@@ -517,17 +535,34 @@ impl Done {
 impl Engine {
     fn run(&mut self) {
         self.info.tid.store(current_tid(), Ordering::Relaxed);
-        // `recv` blocks: an idle engine sleeps in the kernel.
-        while let Ok(msg) = self.jobs.recv() {
+        // When the last job ended: a job found waiting starts then, so one
+        // clock read per job measures engine time while the engine is busy.
+        let mut last_end: Option<Instant> = None;
+        loop {
+            let waiting = last_end.and_then(|_| self.jobs.try_recv().ok());
+            let msg = match waiting {
+                Some(msg) => msg,
+                None => {
+                    // `recv` blocks: an idle engine sleeps in the kernel.
+                    let Ok(msg) = self.jobs.recv() else { break };
+                    last_end = None;
+                    msg
+                }
+            };
             match msg {
                 Msg::Stop => break,
-                Msg::Job { job, qp } => self.serve(job, &qp),
+                Msg::Job { job, qp } => {
+                    let start = last_end.unwrap_or_else(Instant::now);
+                    last_end = self.serve(job, &qp, start);
+                }
             }
         }
         tracing::trace!("software engine stopped");
     }
 
-    fn serve(&mut self, job: Job, qp: &QpShared) {
+    /// Runs one job that the engine took at `start`; returns when it ended
+    /// (`None` for a job discarded unrun, which took no engine time).
+    fn serve(&mut self, job: Job, qp: &QpShared, start: Instant) -> Option<Instant> {
         // `running` first, then `closed` (both SeqCst): a closer that sees
         // `running == 0` after setting `closed` knows no job will start.
         qp.running.fetch_add(1, Ordering::SeqCst);
@@ -536,7 +571,7 @@ impl Engine {
             qp.counters.discarded.fetch_add(1, Ordering::Relaxed);
             qp.in_flight.fetch_sub(1, Ordering::AcqRel);
             qp.running.fetch_sub(1, Ordering::SeqCst);
-            return;
+            return None;
         }
         let done = self.execute(&job, qp.pasid);
         let bytes_out = if done.status == JobStatus::Ok {
@@ -567,6 +602,12 @@ impl Engine {
         // After the send, so that `in_flight() == 0` means every result is queued.
         qp.in_flight.fetch_sub(1, Ordering::AcqRel);
         qp.running.fetch_sub(1, Ordering::SeqCst);
+        let end = Instant::now();
+        if let Some(o) = qp.observer.get() {
+            // Last: the observer may hand this engine its next jobs.
+            o.job_finished(&job, end.saturating_duration_since(start).as_nanos() as u64);
+        }
+        Some(end)
     }
 
     fn execute(&mut self, job: &Job, pasid: Pasid) -> Done {
@@ -872,7 +913,7 @@ mod tests {
     fn every_opcode_matches_ops_run() {
         let accel = SoftAccel::new(2);
         let mem = bound(&accel, 7, &[(0x10_0000, 1 << 20)]);
-        let qp = accel.open_queue_pair(7).unwrap();
+        let qp = accel.open_queue_pair(7, 0).unwrap();
         let input = corpus(50_000);
         let (src, dst) = (0x10_0000u64, 0x18_0000u64);
         let mut scratch = Scratch::new();
@@ -980,7 +1021,7 @@ mod tests {
             ],
         );
         let end = base + 16 * PAGE;
-        let qp = accel.open_queue_pair(1).unwrap();
+        let qp = accel.open_queue_pair(1, 0).unwrap();
         write(&mem, end - 100, &[0x77; 100]);
 
         let fill = |dst, len| Job {
@@ -1041,10 +1082,47 @@ mod tests {
     }
 
     #[test]
+    fn every_finished_job_reports_its_engine_time_to_the_observer() {
+        struct Count(Mutex<Vec<(u64, u64)>>);
+        impl EngineObserver for Count {
+            fn job_finished(&self, job: &Job, engine_ns: u64) {
+                self.0.lock().push((job.cookie, engine_ns));
+            }
+        }
+        let accel = SoftAccel::new(1);
+        let mem = bound(&accel, 1, &[(0, 1 << 20)]);
+        write(&mem, 0, &corpus(256 << 10));
+        let qp = accel.open_queue_pair(1, 0).unwrap();
+        let seen = Arc::new(Count(Mutex::new(Vec::new())));
+        qp.observe(seen.clone());
+        let jobs: Vec<Job> = (0..20)
+            .map(|i| job(Opcode::Sha256, 0, 256 << 10, 0x8_0000 + i * 64, 32, i))
+            .chain((20..40).map(|i| job(Opcode::Nop, 0, 0, 0, 0, i)))
+            .collect();
+        run_jobs(&*qp, &jobs);
+        let deadline = Instant::now() + TIMEOUT;
+        while seen.0.lock().len() < 40 {
+            assert!(Instant::now() < deadline, "not every job was reported");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let seen = seen.0.lock().clone();
+        let mut cookies: Vec<u64> = seen.iter().map(|s| s.0).collect();
+        cookies.sort_unstable();
+        assert_eq!(cookies, (0..40).collect::<Vec<_>>(), "each job once");
+        // Hashing 256 KiB takes the engine far longer than a nop.
+        let sha: u64 = seen.iter().filter(|s| s.0 < 20).map(|s| s.1).sum();
+        let nop: u64 = seen.iter().filter(|s| s.0 >= 20).map(|s| s.1).sum();
+        assert!(
+            sha > 10 * nop && sha > 20 * 10_000,
+            "sha {sha} ns, nop {nop} ns"
+        );
+    }
+
+    #[test]
     fn unbound_pasid_is_bad_address() {
         let accel = SoftAccel::new(1);
         // Never bound.
-        let qp = accel.open_queue_pair(42).unwrap();
+        let qp = accel.open_queue_pair(42, 0).unwrap();
         let r = run_one(&*qp, job(Opcode::Crc32c, 0, 16, 0, 0, 9));
         assert_eq!((r.cookie, r.status), (9, JobStatus::BadAddress));
 
@@ -1075,8 +1153,8 @@ mod tests {
         let b = bound(&accel, 2, &[(0, 1 << 16)]);
         write(&a, iova, b"memory of guest A");
         write(&b, iova, b"memory of guest B");
-        let qa = accel.open_queue_pair(1).unwrap();
-        let qb = accel.open_queue_pair(2).unwrap();
+        let qa = accel.open_queue_pair(1, 0).unwrap();
+        let qb = accel.open_queue_pair(2, 0).unwrap();
 
         let crc = |qp: &dyn QueuePair| run_one(qp, job(Opcode::Crc32c, iova, 17, 0, 0, 0)).result;
         assert_eq!(crc(&*qa), ops::crc32c(b"memory of guest A"));
@@ -1099,7 +1177,7 @@ mod tests {
     fn writes_mark_dirty_pages_and_reads_do_not() {
         let accel = SoftAccel::new(1);
         let mem = bound(&accel, 5, &[(0, 64 * PAGE as usize)]);
-        let qp = accel.open_queue_pair(5).unwrap();
+        let qp = accel.open_queue_pair(5, 0).unwrap();
         let dirty = |page: u64| {
             let m = mem.memory();
             let r = m.find_region(GuestAddress(0)).unwrap();
@@ -1260,7 +1338,7 @@ mod tests {
     fn dropping_a_queue_pair_discards_unstarted_jobs() {
         let accel = SoftAccel::new(1);
         let _mem = bound(&accel, 1, &[(0, 1 << 16)]);
-        let qp = accel.open_queue_pair(1).unwrap();
+        let qp = accel.open_queue_pair(1, 0).unwrap();
         let jobs: Vec<Job> = (0..10)
             .map(|i| job(Opcode::Crc32c, 0, 64, 0, 0, i))
             .collect();
@@ -1289,7 +1367,7 @@ mod tests {
     fn closing_a_queue_pair_discards_unstarted_jobs_and_reports_running_ones() {
         let accel = SoftAccel::new(1);
         let _mem = bound(&accel, 1, &[(0, 1 << 16)]);
-        let qp = accel.open_queue_pair(1).unwrap();
+        let qp = accel.open_queue_pair(1, 0).unwrap();
         let jobs: Vec<Job> = (0..10)
             .map(|i| job(Opcode::Crc32c, 0, 64, 0, 0, i))
             .collect();
@@ -1319,7 +1397,7 @@ mod tests {
     fn shutdown_finishes_queued_jobs_then_refuses() {
         let accel = SoftAccel::new(2);
         let _mem = bound(&accel, 1, &[(0, 1 << 16)]);
-        let qp = accel.open_queue_pair(1).unwrap();
+        let qp = accel.open_queue_pair(1, 0).unwrap();
         let jobs: Vec<Job> = (0..200)
             .map(|i| job(Opcode::Crc32c, 0, 4096, 0, 0, i))
             .collect();
@@ -1328,7 +1406,10 @@ mod tests {
         assert_eq!(qp.in_flight(), 0);
         assert_eq!(qp.completions().try_iter().count(), 200);
         assert!(matches!(qp.submit(&jobs[..1]), Err(AccelError::Closed)));
-        assert!(matches!(accel.open_queue_pair(1), Err(AccelError::Closed)));
+        assert!(matches!(
+            accel.open_queue_pair(1, 0),
+            Err(AccelError::Closed)
+        ));
         accel.shutdown(); // idempotent
 
         // Dropping the last handle joins the threads (no hang, no leak of tids).
@@ -1362,14 +1443,14 @@ mod tests {
             Err(AccelError::UnknownPasid(2))
         ));
 
-        let q1 = accel.open_queue_pair(1).unwrap();
-        let q2 = accel.open_queue_pair(1).unwrap();
+        let q1 = accel.open_queue_pair(1, 0).unwrap();
+        let q2 = accel.open_queue_pair(1, 0).unwrap();
         assert!(matches!(
-            accel.open_queue_pair(1),
+            accel.open_queue_pair(1, 0),
             Err(AccelError::NoQueuePairs(2))
         ));
         drop(q1);
-        let _q3 = accel.open_queue_pair(1).unwrap();
+        let _q3 = accel.open_queue_pair(1, 0).unwrap();
         let r = run_one(&*q2, job(Opcode::Crc32c, 0, 4097, 0, 0, 0));
         assert_eq!(r.status, JobStatus::BadLength);
     }
@@ -1378,7 +1459,7 @@ mod tests {
     fn swapped_map_is_seen_by_later_jobs() {
         let accel = SoftAccel::new(1);
         let mem = bound(&accel, 1, &[(0, 1 << 16)]);
-        let qp = accel.open_queue_pair(1).unwrap();
+        let qp = accel.open_queue_pair(1, 0).unwrap();
         assert_eq!(
             run_one(&*qp, job(Opcode::Crc32c, 0x2_0000, 8, 0, 0, 0)).status,
             JobStatus::BadAddress

@@ -154,15 +154,18 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// The built-in software accelerator with `engines` engine threads.
-pub fn soft_accel(engines: u16) -> anyhow::Result<std::sync::Arc<crate::accel::soft::SoftAccel>> {
+/// The built-in software accelerator with `engines` engine threads, its
+/// engines shared between instances by the QoS scheduler (equal weights).
+pub fn soft_accel(engines: u16) -> anyhow::Result<std::sync::Arc<crate::qos::ScheduledAccel>> {
     use anyhow::Context;
     let cfg = crate::accel::soft::SoftAccelConfig {
         engines: engines as usize,
         ..Default::default()
     };
-    crate::accel::soft::SoftAccel::with_config(cfg)
-        .context("cannot start the software accelerator's engines")
+    let soft = crate::accel::soft::SoftAccel::with_config(cfg)
+        .context("cannot start the software accelerator's engines")?;
+    let n = soft.engines();
+    crate::qos::ScheduledAccel::new(soft, n).context("cannot start the QoS scheduler")
 }
 
 /// Parse an operation list like `deflate-compress,sha256` or `all`.

@@ -133,6 +133,8 @@ pub struct QosPolicy {
     pub rate: RateLimit,
     /// 1..=65536, or no cap.
     pub max_in_flight: Option<u32>,
+    /// Per queue, in queue order, 0..=7 (higher first); empty if not given.
+    pub queue_priorities: Vec<u8>,
     pub origin: Place,
 }
 

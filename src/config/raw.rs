@@ -117,6 +117,11 @@ pub struct RawQosPolicy {
     #[serde(default)]
     #[schemars(with = "Option<u32>", range(min = 1, max = 65536))]
     pub max_in_flight: Option<Spanned<u32>>,
+    /// Per queue of an instance, in queue order, its priority (0..=7, higher
+    /// first) among the instance's queues; queues not listed have 0.
+    #[serde(default)]
+    #[schemars(with = "Option<Vec<u8>>")]
+    pub queue_priorities: Option<Vec<Spanned<u32>>>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

@@ -195,6 +195,30 @@ fn qos_ranges_and_bursts_without_rates() {
 }
 
 #[test]
+fn queue_priorities_are_read_in_queue_order_and_each_is_checked_at_its_place() {
+    let c = load_str(
+        "t.yaml",
+        "qos_policies:\n  - {name: p, weight: 1, queue_priorities: [0, 7, 3]}\n  - {name: q, weight: 1}\n",
+    )
+    .unwrap();
+    assert_eq!(c.qos_policy("p").unwrap().queue_priorities, vec![0, 7, 3]);
+    assert!(c.qos_policy("q").unwrap().queue_priorities.is_empty());
+    let v = errs("qos_policies:\n  - name: p\n    weight: 1\n    queue_priorities: [1, 8]\n");
+    let got: Vec<_> = v
+        .iter()
+        .map(|e| (e.place.line, e.place.column, e.error.to_string()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![(
+            4,
+            27,
+            "queue_priorities 8 is out of range (expected 0..=7)".to_string()
+        )]
+    );
+}
+
+#[test]
 fn duplicate_name_in_one_file_points_at_both() {
     let v = errs(
         "qos_policies:\n  - {name: gold, weight: 1}\n  - {name: silver, weight: 1}\n  - {name: gold, weight: 2}\n",

@@ -602,12 +602,23 @@ pub(crate) fn validate(files: &[Parsed], host: &HostNames) -> Result<Config, Vec
                     rate_ok = false;
                 }
             }
-            if let (Some(weight), Some(max_in_flight), true) = (weight, max_in_flight, rate_ok) {
+            let priorities: Vec<Option<u32>> = p
+                .queue_priorities
+                .iter()
+                .flatten()
+                .map(|q| cx.range(fi, q, "queue_priorities", 0, 7, "0..=7"))
+                .collect();
+            let queue_priorities: Option<Vec<u8>> =
+                priorities.into_iter().map(|q| q.map(|q| q as u8)).collect();
+            if let (Some(weight), Some(max_in_flight), true, Some(queue_priorities)) =
+                (weight, max_in_flight, rate_ok, queue_priorities)
+            {
                 cfg.qos_policies.push(QosPolicy {
                     name: p.name.value.clone(),
                     weight,
                     rate,
                     max_in_flight,
+                    queue_priorities,
                     origin,
                 });
             }

@@ -37,8 +37,9 @@ pub struct DefineRequest {
 }
 
 /// Changes to a definition; absent fields stay as they are. A running
-/// instance takes effect at its next start, except `auto`, which only
-/// matters at the daemon's start.
+/// instance's QoS policy changes at once (no job lost or repeated); the
+/// rest takes effect at its next start, except `auto`, which only matters
+/// at the daemon's start.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModifyRequest {

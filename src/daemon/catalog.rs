@@ -6,11 +6,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use crate::accel::{Pasid, SharedAccelerator};
 use crate::config::{self, Config, InstanceType};
 use crate::partition::{
     Allocation, FunctionRequest, Node, Partitioner, PlacementRequest, Topology,
 };
+use crate::qos::{Policy, ScheduledAccel, TenantSnapshot};
 use crate::topology::{self, host::Host};
 
 use crate::vdev::wd::WdConfig;
@@ -143,8 +146,11 @@ impl Placed {
 
 pub struct Catalog {
     types: BTreeMap<String, TypeDef>,
-    policies: Vec<String>,
+    /// QoS policies by name, in file order.
+    policies: Vec<(String, Policy)>,
     backends: BTreeMap<String, SharedAccelerator>,
+    /// Each accelerator's scheduler (the same object as its backend).
+    schedulers: BTreeMap<String, Arc<ScheduledAccel>>,
     partitioner: Partitioner,
 }
 
@@ -166,6 +172,7 @@ impl Catalog {
     pub fn from_config(cfg: &Config, host: &Host) -> Result<Catalog, CatalogError> {
         let topo = check_placeable(cfg, host)?;
         let mut backends = BTreeMap::new();
+        let mut schedulers = BTreeMap::new();
         for a in &host.accelerators {
             if !a.drivable {
                 tracing::warn!(
@@ -176,17 +183,21 @@ impl Catalog {
                 );
                 continue;
             }
-            let backend: SharedAccelerator =
+            let err = |source| CatalogError::Backend {
+                name: a.name.clone(),
+                source,
+            };
+            let engines: SharedAccelerator =
                 crate::accel::soft::SoftAccel::with_config(crate::accel::soft::SoftAccelConfig {
                     engines: a.engines as usize,
                     max_queue_pairs: a.queue_pairs as usize,
                     ..Default::default()
                 })
-                .map_err(|source| CatalogError::Backend {
-                    name: a.name.clone(),
-                    source,
-                })?;
-            backends.insert(a.name.clone(), backend);
+                .map_err(err)?;
+            // Every instance's jobs reach the engines through the scheduler.
+            let scheduled = ScheduledAccel::new(engines, a.engines as usize).map_err(err)?;
+            backends.insert(a.name.clone(), scheduled.clone() as SharedAccelerator);
+            schedulers.insert(a.name.clone(), scheduled);
         }
         Ok(Catalog {
             types: cfg
@@ -194,8 +205,13 @@ impl Catalog {
                 .iter()
                 .map(|t| (t.name.clone(), TypeDef::from_config(t)))
                 .collect(),
-            policies: cfg.qos_policies.iter().map(|p| p.name.clone()).collect(),
+            policies: cfg
+                .qos_policies
+                .iter()
+                .map(|p| (p.name.clone(), Policy::from_config(p)))
+                .collect(),
             backends,
+            schedulers,
             partitioner: Partitioner::new(topo),
         })
     }
@@ -209,7 +225,55 @@ impl Catalog {
     }
 
     pub fn has_policy(&self, name: &str) -> bool {
-        self.policies.iter().any(|p| p == name)
+        self.policy(name).is_some()
+    }
+
+    pub fn policy(&self, name: &str) -> Option<&Policy> {
+        self.policies.iter().find(|p| p.0 == name).map(|p| &p.1)
+    }
+
+    /// Puts the instance of `placed` under `policy` on every accelerator it
+    /// uses, at once: jobs it has queued stay queued, its next turns follow
+    /// the new policy. A name the configuration lacks leaves it as it is.
+    pub fn apply_policy(&self, placed: &Placed, policy: &str) {
+        let Some(p) = self.policy(policy) else {
+            tracing::error!(policy, "no such QoS policy to apply");
+            return;
+        };
+        for s in self.schedulers_of(&placed.allocation) {
+            s.set_policy(placed.pasid(), p.clone());
+        }
+    }
+
+    /// The schedulers' accounting for the instance of `placed`, by
+    /// accelerator name.
+    pub fn qos_snapshots(&self, placed: &Placed) -> Vec<(String, TenantSnapshot)> {
+        let mut names: Vec<&str> = placed
+            .allocation
+            .functions
+            .iter()
+            .map(|f| f.accelerator.as_str())
+            .collect();
+        names.dedup();
+        names
+            .into_iter()
+            .filter_map(|n| {
+                Some((
+                    n.to_string(),
+                    self.schedulers.get(n)?.snapshot(placed.pasid())?,
+                ))
+            })
+            .collect()
+    }
+
+    fn schedulers_of(&self, allocation: &Allocation) -> Vec<&Arc<ScheduledAccel>> {
+        let mut v: Vec<&Arc<ScheduledAccel>> = allocation
+            .functions
+            .iter()
+            .filter_map(|f| self.schedulers.get(&f.accelerator))
+            .collect();
+        v.dedup_by(|a, b| Arc::ptr_eq(a, b));
+        v
     }
 
     /// `Err` names the nodes there are when `node` is not one of them.
@@ -230,7 +294,8 @@ impl Catalog {
     }
 
     pub fn policy_names(&self) -> String {
-        self.policies.join(", ")
+        let names: Vec<&str> = self.policies.iter().map(|p| p.0.as_str()).collect();
+        names.join(", ")
     }
 
     pub fn types(&self) -> Vec<TypeView> {
@@ -355,6 +420,9 @@ impl Catalog {
     /// Gives a stopped instance's placement back. The caller has stopped its
     /// device (queues drained), so the PASID and queue pairs are free at once.
     pub fn release(&self, allocation: Allocation) {
+        for s in self.schedulers_of(&allocation) {
+            s.remove_tenant(allocation.pasid);
+        }
         if let Err(e) = self.partitioner.release_idle(&allocation) {
             tracing::error!(pasid = allocation.pasid, "releasing a placement: {e}");
         }

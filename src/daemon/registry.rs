@@ -19,6 +19,7 @@ use super::catalog::{Catalog, Placed};
 use super::instance::{Instance, InstanceSpec};
 use super::store::{Definition, Store};
 use super::view::{InstanceState, InstanceView};
+use crate::qos::TenantSnapshot;
 use crate::stats::report::StatsReport;
 
 struct Running {
@@ -359,9 +360,38 @@ impl Registry {
         self.check_definition(&def.type_name, def.qos.as_deref(), def.numa)?;
         if def != e.def {
             self.store.save(&def)?;
+            let policy = self.effective_qos(&def);
+            let changed = policy != self.effective_qos(&e.def);
             e.def = def;
+            // A running instance's QoS changes at once (nothing else does).
+            if let (true, Some(r)) = (changed, &e.running) {
+                self.catalog.apply_policy(&r.placed, &policy);
+                tracing::info!(instance = %e.def.name, policy, "QoS policy applied");
+            }
         }
         Ok(())
+    }
+
+    /// The QoS policy an instance runs under: its own, else its type's.
+    fn effective_qos(&self, def: &Definition) -> String {
+        def.qos.clone().unwrap_or_else(|| {
+            self.catalog
+                .get_type(&def.type_name)
+                .map(|t| t.qos.clone())
+                .unwrap_or_default()
+        })
+    }
+
+    /// The scheduler's accounting for a started instance (by name or UUID),
+    /// per accelerator it uses; empty while it is not started.
+    pub fn qos_snapshots(&self, id: &str) -> Result<Vec<(String, TenantSnapshot)>, ActionError> {
+        let entries = self.entries.lock();
+        let u = entries.find(id)?;
+        Ok(entries.by_uuid[&u]
+            .running
+            .as_ref()
+            .map(|r| self.catalog.qos_snapshots(&r.placed))
+            .unwrap_or_default())
     }
 
     fn socket_path(&self, name: &str) -> PathBuf {
@@ -401,6 +431,9 @@ impl Registry {
             socket: self.socket_path(&name),
             config: placed.config,
         };
+        // Under its policy before its first job.
+        self.catalog
+            .apply_policy(&placed, &self.effective_qos(&e.def));
         match Instance::start(spec, placed.backends.clone(), placed.pasid()) {
             Ok(instance) => {
                 tracing::info!(instance = %name, pasid = placed.pasid(), "started at {}", instance.socket().display());
@@ -546,7 +579,7 @@ impl Registry {
                 let r = e.running.as_ref()?;
                 Some(
                     r.instance
-                        .stats_sample(e.def.uuid, e.def.vm.clone(), self.qos_name(e)),
+                        .stats_sample(e.def.uuid, e.def.vm.clone(), self.effective_qos(&e.def)),
                 )
             })
             .collect();
@@ -554,18 +587,8 @@ impl Registry {
         Ok(StatsReport::build(samples, &named))
     }
 
-    /// The QoS policy in force (the definition's override or the type's).
-    fn qos_name(&self, e: &Entry) -> String {
-        e.def.qos.clone().unwrap_or_else(|| {
-            self.catalog
-                .get_type(&e.def.type_name)
-                .map(|t| t.qos.clone())
-                .unwrap_or_default()
-        })
-    }
-
     fn view(&self, e: &Entry) -> InstanceView {
-        let qos = self.qos_name(e);
+        let qos = self.effective_qos(&e.def);
         InstanceView {
             uuid: e.def.uuid,
             name: e.def.name.clone(),

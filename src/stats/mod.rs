@@ -98,21 +98,25 @@ impl QueueStats {
     }
 
     /// The worker's pass over the submission ring: `taken` descriptors
-    /// consumed, `waiting` left behind (the guest's `sq_tail` minus the new
-    /// head, at most the depth), and `batch` the valid ones about to go to
-    /// an engine, whose cookies are stamped with the time for
-    /// [`QueueStats::completed`]. Two relaxed atomics and one clock read.
-    pub fn fetched(&self, taken: u32, waiting: u32, batch: &mut [Job]) {
+    /// consumed for good (`sq_head` published past them: run, or refused
+    /// with an error completion), `waiting` left behind (the guest's
+    /// `sq_tail` minus the new head, at most the depth). Entries the
+    /// scheduler did not take stay in the ring and are counted when taken.
+    pub fn fetched(&self, taken: u32, waiting: u32) {
         self.ring_waiting.store(waiting as u64, Relaxed);
-        if taken == 0 {
-            return;
+        if taken > 0 {
+            add(&self.counters.jobs_submitted, taken as u64);
         }
-        add(&self.counters.jobs_submitted, taken as u64);
-        if !batch.is_empty() {
-            let now = latency::now();
-            for j in batch {
-                j.cookie = latency::stamp(j.cookie, now);
-            }
+    }
+
+    /// Stamp the cookies of `batch`, the valid jobs about to be offered to
+    /// an engine, with the time for [`QueueStats::completed`]. One clock
+    /// read. A job the scheduler puts back is stamped again when offered
+    /// again: latency runs from the offer that was taken.
+    pub fn stamp(&self, batch: &mut [Job]) {
+        let now = latency::now();
+        for j in batch {
+            j.cookie = latency::stamp(j.cookie, now);
         }
     }
 
@@ -208,7 +212,8 @@ mod tests {
         let s = QueueStats::default();
         let mut batch = [job(7), job(u32::MAX)];
         // Three taken: one was refused by the descriptor check (not in the batch).
-        s.fetched(3, 5, &mut batch);
+        s.stamp(&mut batch);
+        s.fetched(3, 5);
         assert_eq!(
             batch[0].cookie as u32, 7,
             "the guest's tag survives the stamp"
@@ -245,7 +250,7 @@ mod tests {
     #[test]
     fn an_empty_pass_updates_only_the_ring_level() {
         let s = QueueStats::default();
-        s.fetched(0, 4, &mut []);
+        s.fetched(0, 4);
         assert_eq!(s.ring_waiting.load(Relaxed), 4);
         assert_eq!(s.snapshot(), QueueSnapshot::default());
         assert!(

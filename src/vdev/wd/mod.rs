@@ -138,8 +138,6 @@ pub struct WdDevice {
     irq: Arc<dyn InterruptSink>,
     dma: DmaSpace,
     bus_master: Arc<BusMaster>,
-    /// Jobs all this instance's queues have with the engines.
-    engine_jobs: Arc<std::sync::atomic::AtomicU32>,
     enabled: bool,
     err: ErrLatch,
     queues: Vec<QueueSlot>,
@@ -216,7 +214,6 @@ impl WdDevice {
             irq,
             dma,
             bus_master: Arc::default(),
-            engine_jobs: Arc::default(),
             enabled: false,
             err: ErrLatch::default(),
             queues: (0..cfg.queues)
@@ -454,7 +451,7 @@ impl WdDevice {
         let qp = self
             .backends
             .for_queue(qi)
-            .open_queue_pair(self.pasid)
+            .open_queue_pair(self.pasid, qi as u32)
             .map_err(|e| {
                 tracing::warn!(pasid = self.pasid, "no queue pair: {e}");
                 RegError::NoQueuePair
@@ -477,7 +474,6 @@ impl WdDevice {
             irq: self.irq.clone(),
             bus_master: self.bus_master.clone(),
             shared: self.queues[qi].shared.clone(),
-            instance_in_flight: self.engine_jobs.clone(),
             rings_ready,
         };
         let runner = QueueRunner::start(ctx).map_err(|e| {

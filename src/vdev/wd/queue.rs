@@ -14,6 +14,12 @@
 //! channel. The engine then sends its results without waking anyone (no
 //! futex wake, no cross-CPU IPI per job) and the worker wakes once per many
 //! jobs. See [`Pace`].
+//!
+//! Who goes first is not the worker's business: the queue pair may take
+//! only part of a batch (the QoS scheduler above the engines holds back an
+//! instance over its share, rate or cap). What it does not take is put back
+//! in the ring unpublished (`SqCursor`) and offered again when the queue
+//! pair's wake-up says there is room.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -91,18 +97,6 @@ impl BusMaster {
     }
 }
 
-/// Jobs one instance (all its queues together) may have with the engines at
-/// once. The engines are shared by every instance in arrival order, so this
-/// bounds how far one instance can get ahead of the others (real fairness is
-/// the QoS layer's job).
-pub const MAX_WITH_ENGINE: u32 = 128;
-
-/// How long a worker with submissions waits before looking again when its
-/// instance's other queues hold all of [`MAX_WITH_ENGINE`]: from the first
-/// to the last value, doubling while the allowance stays used up.
-const ENGINE_BUSY_RETRY: Duration = Duration::from_millis(1);
-const ENGINE_BUSY_RETRY_MAX: Duration = Duration::from_millis(32);
-
 /// How long stopping a queue waits for jobs already running on an engine
 /// (queued ones are discarded at once). Well inside QEMU's 5 s reply timeout.
 const DRAIN_BUDGET: Duration = Duration::from_secs(2);
@@ -125,8 +119,6 @@ pub struct WorkerContext {
     pub irq: Arc<dyn InterruptSink>,
     pub bus_master: Arc<BusMaster>,
     pub shared: Arc<QueueShared>,
-    /// Jobs the whole instance has with the engines (see [`MAX_WITH_ENGINE`]).
-    pub instance_in_flight: Arc<AtomicU32>,
     /// Set by the device once it has cleared the queue's completion ring and
     /// its half of the index block ([`clear_rings`]). The worker does no DMA
     /// before: the clear must be done before `Q_STATUS` shows ENABLED (or,
@@ -156,8 +148,6 @@ enum Fetch {
     /// Nothing submitted, or the completion ring is full (a driver that
     /// outruns `depth` stalls its own queue until its next doorbell).
     Nothing,
-    /// Entries wait, but the instance's engine allowance is used up.
-    EngineBusy,
 }
 
 /// The device's handle on a running queue.
@@ -171,6 +161,12 @@ impl QueueRunner {
     pub fn start(ctx: WorkerContext) -> std::io::Result<QueueRunner> {
         let stop = Arc::new(AtomicBool::new(false));
         let (wake, wake_rx) = crossbeam_channel::bounded(1);
+        // The scheduler above the engines wakes the worker when a queue pair
+        // that refused part of a batch has room again.
+        let room = wake.clone();
+        ctx.qp.set_wake(Arc::new(move || {
+            let _ = room.try_send(());
+        }));
         let worker = Worker::new(ctx, stop.clone(), wake_rx);
         let name = format!("wd-queue-{}", worker.ctx.queue);
         let thread = std::thread::Builder::new()
@@ -221,8 +217,11 @@ struct Worker {
     ctx: WorkerContext,
     stop: Arc<AtomicBool>,
     wake: Receiver<()>,
-    /// Submissions consumed (free-running).
-    sq_head: u32,
+    /// Where the worker is in the submission ring.
+    sq: SqCursor,
+    /// The queue pair took fewer jobs than offered on the last pass: wait
+    /// for its wake-up before offering again.
+    throttled: bool,
     /// Completions written (free-running).
     cq_tail: u32,
     in_flight: u32,
@@ -233,6 +232,54 @@ struct Worker {
     irq_since: Option<Instant>,
     /// The engine's measured pace, for sizing naps.
     pace: Pace,
+}
+
+/// Most submissions read in one pass (one batch offered to the engines).
+const FETCH_BATCH: u32 = 256;
+
+/// The worker's position in the submission ring. Entries are popped without
+/// the guest seeing it; [`SqCursor::undo_pop`] puts the newest back
+/// (Firecracker's `Queue::undo_pop`), and only [`SqCursor::publish`] says
+/// how far `sq_head` goes, so a batch the engines do not take now stays in
+/// the ring, queued as far as the guest (or a snapshot of the queue) can tell.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct SqCursor {
+    /// `sq_head` as last published (free-running).
+    published: u32,
+    /// The next entry to read (free-running).
+    next: u32,
+}
+
+impl SqCursor {
+    /// Take the next entry's position.
+    fn pop(&mut self) -> u32 {
+        let pos = self.next;
+        self.next = self.next.wrapping_add(1);
+        pos
+    }
+
+    /// Entries popped since the last publish.
+    fn popped(&self) -> u32 {
+        self.next.wrapping_sub(self.published)
+    }
+
+    /// Put back the `n` newest entries popped (never past the published head).
+    fn undo_pop(&mut self, n: u32) {
+        self.next = self.next.wrapping_sub(n.min(self.popped()));
+    }
+
+    /// Whether `pos` was popped since the last publish and not put back.
+    fn holds(&self, pos: u32) -> bool {
+        pos.wrapping_sub(self.published) < self.popped()
+    }
+
+    /// The new `sq_head` to write, if it moved.
+    fn publish(&mut self) -> Option<u32> {
+        (self.popped() > 0).then(|| {
+            self.published = self.next;
+            self.next
+        })
+    }
 }
 
 /// Completions per sample of the engine's speed.
@@ -256,7 +303,8 @@ impl Worker {
             ctx,
             stop,
             wake,
-            sq_head: 0,
+            sq: SqCursor::default(),
+            throttled: false,
             cq_tail: 0,
             in_flight: 0,
             held: Vec::new(),
@@ -283,7 +331,6 @@ impl Worker {
         }
         let n = n.min(self.in_flight);
         self.in_flight -= n;
-        self.ctx.instance_in_flight.fetch_sub(n, Ordering::AcqRel);
         self.pace.collected(n, self.in_flight, Instant::now());
     }
 
@@ -293,7 +340,7 @@ impl Worker {
 
     fn load_idx(&self, mem: &GuestMemory, field: u64) -> u32 {
         mem.load(self.idx_addr(field), Ordering::Acquire)
-            .unwrap_or(self.sq_head)
+            .unwrap_or(self.sq.next)
     }
 
     fn store_idx(&self, mem: &GuestMemory, field: u64, v: u32) {
@@ -301,53 +348,26 @@ impl Worker {
     }
 
     fn run(mut self) {
-        let mut busy_wait = ENGINE_BUSY_RETRY;
         while !self.stop.load(Ordering::Acquire) {
-            let progressed = self.step();
-            if progressed {
-                busy_wait = ENGINE_BUSY_RETRY;
+            if self.step() {
                 continue;
             }
-            if self.in_flight == 0 {
-                match self.arm_doorbell() {
-                    Fetch::Ready => continue,
-                    Fetch::EngineBusy => {
-                        let _ = self.wake.recv_timeout(busy_wait);
-                        busy_wait = (busy_wait * 2).min(ENGINE_BUSY_RETRY_MAX);
-                        continue;
-                    }
-                    Fetch::Nothing => {}
-                }
+            // Throttled: the queue pair's wake-up (or a doorbell, or a
+            // completion) ends the sleep; the doorbell stays suppressed.
+            if self.in_flight == 0 && !self.throttled && self.arm_doorbell() == Fetch::Ready {
+                continue;
             }
             self.sleep();
         }
         self.drain();
         let dropped = self.in_flight as u64 + self.held.len() as u64;
         self.ctx.shared.stats.dropped(dropped);
-        // Whatever was still with the engine no longer counts against the instance.
-        self.ctx
-            .instance_in_flight
-            .fetch_sub(self.in_flight, Ordering::AcqRel);
-    }
-
-    /// Take up to `want` of the instance's engine allowance; returns how much.
-    fn reserve(&self, want: u32) -> u32 {
-        let mut granted = 0;
-        let _ =
-            self.ctx
-                .instance_in_flight
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-                    granted = want.min(MAX_WITH_ENGINE.saturating_sub(cur));
-                    Some(cur + granted)
-                });
-        granted
     }
 
     fn fetch_state(&self, tail: u32, cq_head: u32) -> Fetch {
-        if tail == self.sq_head || self.sq_head.wrapping_sub(cq_head) >= self.ctx.config.depth {
+        let head = self.sq.next;
+        if tail == head || head.wrapping_sub(cq_head) >= self.ctx.config.depth {
             Fetch::Nothing
-        } else if self.ctx.instance_in_flight.load(Ordering::Acquire) >= MAX_WITH_ENGINE {
-            Fetch::EngineBusy
         } else {
             Fetch::Ready
         }
@@ -387,26 +407,27 @@ impl Worker {
         progressed
     }
 
-    /// Read and check new submissions; submit the valid ones as one batch.
+    /// Read and check new submissions and offer the valid ones as one batch.
+    /// What the queue pair does not take is put back in the ring
+    /// ([`SqCursor::undo_pop`]): `sq_head` is published only for entries
+    /// taken (or refused with an error CQE), so a throttled batch is read
+    /// again on a later pass, and the guest sees it still queued.
     fn fetch(&mut self, mem: &GuestMemory) -> bool {
         let depth = self.ctx.config.depth;
         let tail = self.load_idx(mem, idx::SQ_TAIL);
         let cq_head = self.load_idx(mem, idx::CQ_HEAD);
-        let start = self.sq_head;
-        // Reserve the instance's engine allowance before taking entries, so
-        // queues fetching at once cannot together overshoot it.
-        let waiting = tail
-            .wrapping_sub(self.sq_head)
-            .min(depth.saturating_sub(self.sq_head.wrapping_sub(cq_head)));
-        let grant = self.reserve(waiting);
+        let head_before = self.sq.published;
         let mut batch = Vec::new();
-        while self.sq_head != tail
-            && self.sq_head.wrapping_sub(cq_head) < depth
-            && (batch.len() as u32) < grant
+        // Ring positions of the batch's jobs, and the refused entries.
+        let mut job_at = Vec::new();
+        let mut refused: Vec<(u32, JobResult)> = Vec::new();
+        while self.sq.next != tail
+            && self.sq.next.wrapping_sub(cq_head) < depth
+            && self.sq.popped() < FETCH_BATCH
         {
-            let slot = (self.sq_head % depth) as u64;
+            let pos = self.sq.pop();
+            let slot = (pos % depth) as u64;
             let addr = GuestAddress(self.ctx.config.sq_base + slot * SQE_SIZE as u64);
-            self.sq_head = self.sq_head.wrapping_add(1);
             let mut raw = [0u8; SQE_SIZE];
             let sqe = match mem.read_slice(&mut raw, addr) {
                 Ok(()) => SubmissionEntry::from_bytes(&raw),
@@ -416,51 +437,36 @@ impl Worker {
                 },
             };
             match check(&sqe, &self.ctx.config, self.ctx.max_xfer, mem) {
-                Ok(job) => batch.push(job),
-                Err(status) => {
-                    let r = JobResult {
+                Ok(job) => {
+                    batch.push(job);
+                    job_at.push(pos);
+                }
+                Err(status) => refused.push((
+                    pos,
+                    JobResult {
                         cookie: sqe.tag as u64,
                         status,
                         bytes: 0,
                         result: 0,
                         stream_end: false,
-                    };
-                    self.complete(mem, r);
-                }
+                    },
+                )),
             }
         }
-        // Give back what no valid entry used.
-        self.ctx
-            .instance_in_flight
-            .fetch_sub(grant - batch.len() as u32, Ordering::AcqRel);
-        let (taken, waiting) = (
-            self.sq_head.wrapping_sub(start),
-            tail.wrapping_sub(self.sq_head),
-        );
-        self.ctx
-            .shared
-            .stats
-            .fetched(taken, waiting.min(depth), &mut batch);
-        if self.sq_head == start {
+        if self.sq.popped() == 0 {
+            let waiting = tail.wrapping_sub(self.sq.next).min(depth);
+            self.ctx.shared.stats.fetched(0, waiting);
             return false;
         }
-        self.store_idx(mem, idx::SQ_HEAD, self.sq_head);
-        if !batch.is_empty() {
+        let taken = if batch.is_empty() {
+            0
+        } else {
+            self.ctx.shared.stats.stamp(&mut batch);
             match self.ctx.qp.submit(&batch) {
-                Ok(()) => {
-                    if self.in_flight == 0 {
-                        self.pace.started(Instant::now());
-                    }
-                    self.in_flight += batch.len() as u32;
-                    let bytes: u64 = batch.iter().map(|j| j.src_len as u64).sum();
-                    add(&self.ctx.shared.stats.bytes_in, bytes);
-                }
+                Ok(n) => n.min(batch.len()),
                 Err(e) => {
                     tracing::warn!(queue = self.ctx.queue, "engine refused a batch: {e}");
-                    self.ctx
-                        .instance_in_flight
-                        .fetch_sub(batch.len() as u32, Ordering::AcqRel);
-                    for j in batch {
+                    for j in std::mem::take(&mut batch) {
                         let r = JobResult {
                             cookie: j.cookie,
                             status: JobStatus::EngineError,
@@ -470,10 +476,43 @@ impl Worker {
                         };
                         self.complete(mem, r);
                     }
+                    0
                 }
             }
+        };
+        self.throttled = taken < batch.len();
+        if self.throttled {
+            // Back to the first job not taken; entries after it, refused
+            // ones included, are read again later.
+            self.sq.undo_pop(self.sq.next.wrapping_sub(job_at[taken]));
         }
-        true
+        for (pos, r) in refused {
+            if self.sq.holds(pos) {
+                self.complete(mem, r);
+            }
+        }
+        if taken > 0 {
+            if self.in_flight == 0 {
+                self.pace.started(Instant::now());
+            }
+            self.in_flight += taken as u32;
+            let bytes: u64 = batch[..taken].iter().map(|j| j.src_len as u64).sum();
+            add(&self.ctx.shared.stats.bytes_in, bytes);
+        }
+        let published = self.sq.publish();
+        let head = published.unwrap_or(self.sq.next);
+        let advanced = published.map_or(0, |h| h.wrapping_sub(head_before));
+        self.ctx
+            .shared
+            .stats
+            .fetched(advanced, tail.wrapping_sub(head).min(depth));
+        match published {
+            Some(head) => {
+                self.store_idx(mem, idx::SQ_HEAD, head);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Write one CQE: body first, then (after a release fence) the flags word
@@ -786,6 +825,33 @@ mod tests {
             p.collected(ESTIMATE_WINDOW, 200, t);
         }
         (p, t)
+    }
+
+    #[test]
+    fn an_undone_pop_is_read_again_and_never_published() {
+        // Near the wrap of the free-running index, as after 2^32 entries.
+        let mut sq = SqCursor {
+            published: u32::MAX - 1,
+            next: u32::MAX - 1,
+        };
+        let popped: Vec<u32> = (0..4).map(|_| sq.pop()).collect();
+        assert_eq!(popped, [u32::MAX - 1, u32::MAX, 0, 1]);
+        assert_eq!(sq.popped(), 4);
+        // The engines took two: the other two go back.
+        sq.undo_pop(2);
+        assert!(sq.holds(u32::MAX) && !sq.holds(0) && !sq.holds(1));
+        assert_eq!(sq.publish(), Some(0), "sq_head covers only what was taken");
+        assert_eq!(sq.publish(), None, "nothing new to publish");
+        assert_eq!(sq.pop(), 0, "the entry put back is read again");
+        // Never back past what the guest was told.
+        sq.undo_pop(10);
+        assert_eq!(
+            sq,
+            SqCursor {
+                published: 0,
+                next: 0
+            }
+        );
     }
 
     #[test]

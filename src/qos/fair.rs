@@ -1,0 +1,713 @@
+//! The scheduling core: which instance's jobs the engines take next, and
+//! what each instance is charged. Plain data and arithmetic on a time passed
+//! in: no threads, no locks, no queue pairs, so the tests drive it with a
+//! simulated engine on a hand-moved clock.
+//!
+//! * **Fair share of engine time** (start-time fair queueing). Each tenant
+//!   (an instance on this accelerator, by PASID) has a virtual time: the
+//!   engine nanoseconds it has used, divided by its weight. The engines'
+//!   next batch goes to the backlogged, eligible tenant whose virtual time
+//!   plus the estimated cost of its jobs already dispatched is smallest. A
+//!   job is charged what the engine measured when it ends, not bytes or a
+//!   count: a 64 KiB deflate costs what it costs. An idle tenant takes no
+//!   part, so its share goes to the busy ones at once (work-conserving);
+//!   coming back, it starts from the current virtual time, with no credit
+//!   for its rest.
+//! * **Eligibility.** A tenant at its `max_in_flight` waits for a
+//!   completion (cap); one whose token buckets (jobs/s, bytes/s) do not
+//!   hold its next job waits for them to fill (rate); otherwise it waits
+//!   only for its turn (share). Time in each state is accounted.
+//! * **Batches.** The engines hold at most about `engines × QUANTUM_NS` of
+//!   estimated work (and at least one job per engine), and are refilled
+//!   when half of it is done, in batches from one queue: a batch of tiny
+//!   copies is many jobs, one of large deflates is one. Per-job cost is a
+//!   few arithmetic operations under the caller's lock.
+//! * **Queues of one tenant**: strict priority, equal priorities in turn.
+//! * **Interference**: when a job ends, its engine time is added, for every
+//!   other tenant that was waiting for its turn meanwhile, to what that
+//!   tenant lost to this one.
+
+use std::collections::{HashMap, VecDeque};
+
+use super::bucket::TokenBucket;
+use super::policy::Policy;
+use super::snapshot::{Interference, TenantSnapshot, Throttled};
+
+/// An instance on one accelerator: its PASID.
+pub type TenantId = u32;
+/// One queue pair of a tenant.
+pub type LaneId = u64;
+
+/// Estimated engine time a batch may add, per engine.
+pub const QUANTUM_NS: u64 = 200_000;
+/// Jobs the engines may hold at once, per engine, however small.
+pub const MAX_JOBS_PER_ENGINE: u32 = 512;
+/// Most jobs in one batch.
+pub const MAX_BATCH: usize = 64;
+/// Jobs a queue may have waiting in the scheduler; more stay in its ring.
+/// Queues of small jobs may hold more: enough for [`LANE_HOLD_NS`] of
+/// engine time (up to [`LANE_HELD_MAX`]), so that a tenant of tiny jobs is
+/// not left without work to show the scheduler while its worker is being
+/// woken for more (and loses its share to the work-conserving rule).
+pub const LANE_HELD: usize = 128;
+pub const LANE_HELD_MAX: usize = 1024;
+/// Engine time of the jobs a queue may hold waiting.
+pub const LANE_HOLD_NS: u64 = 5_000_000;
+/// Bytes a job is counted as beyond its source, in the cost model (the
+/// fixed cost of a job, however small).
+const JOB_OVERHEAD_BYTES: u64 = 1024;
+
+/// What the scheduler needs to know of a job.
+pub trait Work {
+    /// Source bytes (what a bytes/s limit counts).
+    fn bytes(&self) -> u64;
+    /// Jobs of one class cost about the same per byte (an opcode and, for
+    /// compression, its level). Estimates are kept per tenant and class, so
+    /// cheap jobs cannot make a batch of expensive ones look cheap.
+    fn class(&self) -> u32;
+}
+
+impl Work for crate::accel::Job {
+    fn bytes(&self) -> u64 {
+        u64::from(self.src_len)
+    }
+    fn class(&self) -> u32 {
+        let level = if self.op.is_stream() {
+            0
+        } else {
+            self.param.min(255) as u32
+        };
+        u32::from(self.op as u8) | level << 8
+    }
+}
+
+/// Jobs of one queue, for the engines.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Batch<J> {
+    pub lane: LaneId,
+    pub jobs: Vec<J>,
+}
+
+/// Why a tenant with jobs waiting is not at the engines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wait {
+    /// Nothing waiting.
+    None,
+    /// Eligible: waiting for its turn or for engine room.
+    Share,
+    /// Its token buckets do not hold its next job.
+    Rate,
+    /// At its `max_in_flight`.
+    Cap,
+}
+
+#[derive(Debug)]
+struct Lane<J> {
+    tenant: TenantId,
+    queue: u32,
+    pending: VecDeque<J>,
+    /// Jobs dispatched, not finished, and their summed estimate.
+    in_flight: u32,
+    est_in_flight: u64,
+    /// Estimated engine time dispatched, for turns between equal queues.
+    served_ns: u64,
+    /// Refused jobs at its last offer: wake its worker when room opens.
+    wants_wake: bool,
+    /// Jobs it may hold waiting, from the estimate of its last offer.
+    held_limit: usize,
+    /// Closed: takes nothing more, waits only for its jobs to finish.
+    closed: bool,
+}
+
+#[derive(Debug, Default)]
+struct Account {
+    engine_ns: u64,
+    dispatched: u64,
+    finished: u64,
+    rate_ns: u64,
+    cap_ns: u64,
+    share_ns: u64,
+    /// Engine time other tenants' jobs held while this one waited its turn.
+    lost_to: HashMap<TenantId, u64>,
+}
+
+#[derive(Debug)]
+struct Tenant {
+    policy: Policy,
+    /// Its lanes, highest priority first.
+    lanes: Vec<LaneId>,
+    /// Engine ns used / weight.
+    vtime: f64,
+    in_flight: u32,
+    est_in_flight: u64,
+    pending: usize,
+    jobs: Option<TokenBucket>,
+    bytes: Option<TokenBucket>,
+    /// Engine ns per byte (source plus a fixed overhead), by job class.
+    costs: HashMap<u32, f64>,
+    wait: Wait,
+    wait_since: u64,
+    acct: Account,
+}
+
+impl Tenant {
+    fn new(policy: Policy, now: u64) -> Tenant {
+        let mut t = Tenant {
+            policy: Policy::default(),
+            lanes: Vec::new(),
+            vtime: 0.0,
+            in_flight: 0,
+            est_in_flight: 0,
+            pending: 0,
+            jobs: None,
+            bytes: None,
+            costs: HashMap::new(),
+            wait: Wait::None,
+            wait_since: now,
+            acct: Account::default(),
+        };
+        t.set_policy(policy, now);
+        t
+    }
+
+    fn set_policy(&mut self, p: Policy, now: u64) {
+        let tune = |old: Option<TokenBucket>, spec: Option<(u64, u64)>| {
+            spec.map(|(rate, burst)| match old {
+                Some(b) => b.retuned(rate, burst, now),
+                None => TokenBucket::new(rate, burst, now),
+            })
+        };
+        self.jobs = tune(self.jobs, p.jobs_bucket());
+        self.bytes = tune(self.bytes, p.bytes_bucket());
+        self.policy = p;
+    }
+
+    /// Virtual time counting what is dispatched and not yet charged.
+    fn key(&self) -> f64 {
+        self.vtime + self.est_in_flight as f64 / self.policy.weight() as f64
+    }
+
+    fn capped(&self) -> bool {
+        self.policy
+            .max_in_flight
+            .is_some_and(|m| self.in_flight >= m)
+    }
+
+    /// Whether the buckets hold a job of `bytes` now.
+    fn rate_allows(&self, bytes: u64) -> bool {
+        self.jobs.as_ref().is_none_or(|b| b.allows(1))
+            && self.bytes.as_ref().is_none_or(|b| b.allows(bytes))
+    }
+
+    /// When the buckets will hold a job of `bytes`.
+    fn rate_ready_at(&self, bytes: u64) -> u64 {
+        let j = self.jobs.as_ref().map_or(0, |b| b.ready_at(1));
+        let b = self.bytes.as_ref().map_or(0, |b| b.ready_at(bytes));
+        j.max(b)
+    }
+
+    /// A job's estimated engine time; `None` for a class not measured yet.
+    fn estimate<J: Work>(&self, j: &J) -> Option<u64> {
+        let per_byte = self.costs.get(&j.class())?;
+        Some(((j.bytes() + JOB_OVERHEAD_BYTES) as f64 * per_byte) as u64 + 1)
+    }
+
+    fn measured<J: Work>(&mut self, j: &J, engine_ns: u64) {
+        if engine_ns == 0 {
+            // Not run (the backend refused it): says nothing of its cost.
+            return;
+        }
+        let sample = engine_ns as f64 / (j.bytes() + JOB_OVERHEAD_BYTES) as f64;
+        self.costs
+            .entry(j.class())
+            .and_modify(|c| *c = (*c * 7.0 + sample) / 8.0)
+            .or_insert(sample);
+    }
+
+    fn refill(&mut self, now: u64) {
+        if let Some(b) = &mut self.jobs {
+            b.refill(now);
+        }
+        if let Some(b) = &mut self.bytes {
+            b.refill(now);
+        }
+    }
+
+    /// Close the current wait interval at `now` and start `next`.
+    fn enter(&mut self, next: Wait, now: u64) {
+        let spent = now.saturating_sub(self.wait_since);
+        match self.wait {
+            Wait::None => {}
+            Wait::Share => self.acct.share_ns += spent,
+            Wait::Rate => self.acct.rate_ns += spent,
+            Wait::Cap => self.acct.cap_ns += spent,
+        }
+        self.wait = next;
+        self.wait_since = now;
+    }
+}
+
+/// The scheduling state of one accelerator. See the module documentation.
+#[derive(Debug)]
+pub struct Fair<J> {
+    engines: u32,
+    tenants: HashMap<TenantId, Tenant>,
+    lanes: HashMap<LaneId, Lane<J>>,
+    /// Tenants with jobs pending.
+    backlog: Vec<TenantId>,
+    /// Dispatched and not finished, over all tenants.
+    out_jobs: u32,
+    out_est: u64,
+    /// The virtual time of the last tenant served.
+    vnow: f64,
+    /// Lanes whose worker is to be woken (room opened).
+    wakes: Vec<LaneId>,
+}
+
+impl<J: Work> Fair<J> {
+    pub fn new(engines: u32) -> Fair<J> {
+        Fair {
+            engines: engines.max(1),
+            tenants: HashMap::new(),
+            lanes: HashMap::new(),
+            backlog: Vec::new(),
+            out_jobs: 0,
+            out_est: 0,
+            vnow: 0.0,
+            wakes: Vec::new(),
+        }
+    }
+
+    /// Apply `policy` to `tenant` (created if new). Jobs already taken stay
+    /// where they are: nothing is dropped or repeated, only the next
+    /// decisions change.
+    pub fn set_policy(&mut self, tenant: TenantId, policy: Policy, now: u64) {
+        match self.tenants.get_mut(&tenant) {
+            Some(t) => t.set_policy(policy, now),
+            None => {
+                let mut t = Tenant::new(policy, now);
+                t.vtime = self.vnow;
+                self.tenants.insert(tenant, t);
+            }
+        }
+        self.sort_lanes(tenant);
+    }
+
+    pub fn policy(&self, tenant: TenantId) -> Option<&Policy> {
+        self.tenants.get(&tenant).map(|t| &t.policy)
+    }
+
+    /// Forget a tenant whose lanes are all gone (its instance stopped).
+    pub fn remove_tenant(&mut self, tenant: TenantId) {
+        let lanes: Vec<LaneId> = self
+            .tenants
+            .get(&tenant)
+            .map(|t| t.lanes.clone())
+            .unwrap_or_default();
+        for l in lanes {
+            self.remove_lane(l);
+        }
+        self.backlog.retain(|&t| t != tenant);
+        self.tenants.remove(&tenant);
+    }
+
+    pub fn add_lane(&mut self, lane: LaneId, tenant: TenantId, queue: u32, now: u64) {
+        if !self.tenants.contains_key(&tenant) {
+            self.set_policy(tenant, Policy::default(), now);
+        }
+        self.lanes.insert(
+            lane,
+            Lane {
+                tenant,
+                queue,
+                pending: VecDeque::new(),
+                in_flight: 0,
+                est_in_flight: 0,
+                served_ns: 0,
+                wants_wake: false,
+                held_limit: LANE_HELD,
+                closed: false,
+            },
+        );
+        if let Some(t) = self.tenants.get_mut(&tenant) {
+            t.lanes.push(lane);
+        }
+        self.sort_lanes(tenant);
+    }
+
+    fn sort_lanes(&mut self, tenant: TenantId) {
+        let Some(t) = self.tenants.get_mut(&tenant) else {
+            return;
+        };
+        let lanes = &self.lanes;
+        let prio = |l: &LaneId| lanes.get(l).map_or(0, |l| t.policy.priority(l.queue));
+        let mut order = std::mem::take(&mut t.lanes);
+        order.sort_by_key(|l| std::cmp::Reverse(prio(l)));
+        t.lanes = order;
+    }
+
+    /// Drop a lane's pending jobs (its queue is stopping); it takes no more.
+    /// Returns how many were dropped. Its dispatched jobs still finish.
+    pub fn close_lane(&mut self, lane: LaneId, now: u64) -> usize {
+        let Some(l) = self.lanes.get_mut(&lane) else {
+            return 0;
+        };
+        l.closed = true;
+        l.wants_wake = false;
+        let dropped = l.pending.len();
+        l.pending.clear();
+        let tenant = l.tenant;
+        self.unpend(tenant, dropped, now);
+        dropped
+    }
+
+    /// Forget a lane. Jobs of it still running are no longer counted as
+    /// the engines' (their completions will name a lane that is gone).
+    pub fn remove_lane(&mut self, lane: LaneId) {
+        let Some(l) = self.lanes.remove(&lane) else {
+            return;
+        };
+        self.out_jobs -= l.in_flight;
+        self.out_est -= l.est_in_flight;
+        if let Some(t) = self.tenants.get_mut(&l.tenant) {
+            t.lanes.retain(|&x| x != lane);
+            t.in_flight -= l.in_flight;
+            t.est_in_flight -= l.est_in_flight;
+            t.pending -= l.pending.len();
+            if t.pending == 0 {
+                self.backlog.retain(|&x| x != l.tenant);
+            }
+        }
+    }
+
+    fn unpend(&mut self, tenant: TenantId, n: usize, now: u64) {
+        if let Some(t) = self.tenants.get_mut(&tenant) {
+            t.pending -= n;
+            if t.pending == 0 && n > 0 {
+                t.enter(Wait::None, now);
+                self.backlog.retain(|&x| x != tenant);
+            }
+        }
+    }
+
+    /// Take jobs from a queue's ring: as many as it may hold waiting (a
+    /// prefix of `jobs`); the rest stay in the ring and the lane is marked
+    /// to be woken when room opens.
+    pub fn offer(&mut self, lane: LaneId, jobs: &[J], now: u64) -> usize
+    where
+        J: Clone,
+    {
+        let Some(l) = self.lanes.get(&lane) else {
+            return 0;
+        };
+        if l.closed {
+            return 0;
+        }
+        let limit = jobs
+            .first()
+            .and_then(|j| self.tenants.get(&l.tenant)?.estimate(j))
+            .map_or(LANE_HELD, |e| {
+                ((LANE_HOLD_NS / e.max(1)) as usize).clamp(LANE_HELD, LANE_HELD_MAX)
+            });
+        let l = self.lanes.get_mut(&lane).expect("looked up above");
+        l.held_limit = limit;
+        let n = jobs.len().min(limit.saturating_sub(l.pending.len()));
+        let was_idle = l.pending.is_empty();
+        l.pending.extend(jobs[..n].iter().cloned());
+        l.wants_wake |= n < jobs.len();
+        let tenant = l.tenant;
+        if n == 0 {
+            return 0;
+        }
+        if was_idle {
+            // No credit among the tenant's queues for a rest either.
+            let floor = self.tenants[&tenant]
+                .lanes
+                .iter()
+                .filter(|&&x| x != lane)
+                .filter_map(|x| self.lanes.get(x))
+                .filter(|x| !x.pending.is_empty())
+                .map(|x| x.served_ns)
+                .min();
+            if let (Some(f), Some(l)) = (floor, self.lanes.get_mut(&lane)) {
+                l.served_ns = l.served_ns.max(f);
+            }
+        }
+        let vnow = self.vnow;
+        let t = self
+            .tenants
+            .get_mut(&tenant)
+            .expect("a lane's tenant exists");
+        if t.pending == 0 {
+            // Back from idle: no credit for the rest.
+            t.vtime = t
+                .vtime
+                .max(vnow - t.est_in_flight as f64 / t.policy.weight() as f64);
+            t.enter(Wait::Share, now);
+            self.backlog.push(tenant);
+        }
+        t.pending += n;
+        n
+    }
+
+    fn engines_full(&self) -> bool {
+        self.out_jobs >= self.engines * MAX_JOBS_PER_ENGINE
+            || (self.out_jobs >= self.engines
+                && self.out_est >= u64::from(self.engines) * QUANTUM_NS)
+    }
+
+    /// Whether the engines are low enough to take more: below one job per
+    /// engine, or under half their time budget (so batches are large).
+    fn engines_hungry(&self) -> bool {
+        self.out_jobs < self.engines || self.out_est * 2 < u64::from(self.engines) * QUANTUM_NS
+    }
+
+    /// Every batch the engines should take now, in order. Also brings the
+    /// tenants' wait accounting up to `now`.
+    pub fn dispatch(&mut self, now: u64) -> Vec<Batch<J>> {
+        let mut out = Vec::new();
+        if self.engines_hungry() {
+            while !self.engines_full() {
+                match self.next_batch(now) {
+                    Some(b) => out.push(b),
+                    None => break,
+                }
+            }
+        }
+        self.account_waits(now);
+        out
+    }
+
+    /// The tenant whose turn it is, if any may go.
+    fn pick(&mut self, now: u64) -> Option<TenantId> {
+        let mut best: Option<(f64, TenantId)> = None;
+        for &id in &self.backlog {
+            let t = self.tenants.get_mut(&id).expect("backlogged tenants exist");
+            t.refill(now);
+            let Some(head) = first_pending(&self.lanes, t) else {
+                continue;
+            };
+            if t.capped() || !t.rate_allows(head) {
+                continue;
+            }
+            let k = t.key();
+            if best.is_none_or(|(bk, bid)| k < bk || (k == bk && id < bid)) {
+                best = Some((k, id));
+            }
+        }
+        best.map(|(_, id)| id)
+    }
+
+    fn next_batch(&mut self, now: u64) -> Option<Batch<J>> {
+        let id = self.pick(now)?;
+        let budget = u64::from(self.engines) * QUANTUM_NS;
+        let room_ns = budget.saturating_sub(self.out_est);
+        let room_jobs = self.engines * MAX_JOBS_PER_ENGINE - self.out_jobs;
+        let t = self.tenants.get_mut(&id).expect("picked");
+        self.vnow = self.vnow.max(t.key());
+        // The lane: the first of the top priority with work, in turn.
+        let top = t
+            .lanes
+            .iter()
+            .filter_map(|l| self.lanes.get(l))
+            .find(|l| !l.pending.is_empty())
+            .map(|l| t.policy.priority(l.queue))?;
+        // Among those, the one served least so far.
+        let lane_id = t
+            .lanes
+            .iter()
+            .copied()
+            .filter_map(|id| self.lanes.get(&id).map(|l| (id, l)))
+            .filter(|(_, l)| !l.pending.is_empty() && t.policy.priority(l.queue) == top)
+            .min_by_key(|(id, l)| (l.served_ns, *id))
+            .map(|(id, _)| id)?;
+        let lane = self.lanes.get_mut(&lane_id).expect("listed");
+        let mut jobs = Vec::new();
+        let mut est = 0u64;
+        let cap_room = t
+            .policy
+            .max_in_flight
+            .map_or(u32::MAX, |m| m.saturating_sub(t.in_flight));
+        while let Some(j) = lane.pending.front() {
+            let n = jobs.len() as u32;
+            // A class never measured goes alone, counted as a whole
+            // quantum, until its first job says what it costs.
+            let e = t.estimate(j);
+            let e_ns = e.unwrap_or(QUANTUM_NS);
+            if !jobs.is_empty()
+                && (jobs.len() >= MAX_BATCH
+                    || e.is_none()
+                    || est + e_ns > room_ns
+                    || n >= room_jobs
+                    || n >= cap_room
+                    || !t.rate_allows(j.bytes()))
+            {
+                break;
+            }
+            if let Some(b) = &mut t.jobs {
+                b.take(1);
+            }
+            if let Some(b) = &mut t.bytes {
+                b.take(j.bytes());
+            }
+            est += e_ns;
+            jobs.push(lane.pending.pop_front().expect("front exists"));
+            if e.is_none() {
+                break;
+            }
+        }
+        let n = jobs.len();
+        lane.in_flight += n as u32;
+        lane.est_in_flight += est;
+        lane.served_ns += est;
+        if lane.wants_wake && lane.pending.len() <= lane.held_limit / 2 {
+            lane.wants_wake = false;
+            self.wakes.push(lane_id);
+        }
+        t.in_flight += n as u32;
+        t.est_in_flight += est;
+        t.acct.dispatched += n as u64;
+        self.out_jobs += n as u32;
+        self.out_est += est;
+        self.unpend(id, n, now);
+        Some(Batch {
+            lane: lane_id,
+            jobs,
+        })
+    }
+
+    /// `job` of `lane` ended after `engine_ns` of engine time.
+    pub fn finished(&mut self, lane: LaneId, job: &J, engine_ns: u64, now: u64) {
+        let Some(l) = self.lanes.get_mut(&lane) else {
+            return;
+        };
+        if l.in_flight == 0 {
+            return;
+        }
+        // Each job gives back the average estimate of those in flight, so
+        // the sums reach 0 together.
+        let est = l.est_in_flight / u64::from(l.in_flight);
+        l.in_flight -= 1;
+        l.est_in_flight -= est;
+        let tenant = l.tenant;
+        self.out_jobs -= 1;
+        self.out_est -= est;
+        let t = self
+            .tenants
+            .get_mut(&tenant)
+            .expect("a lane's tenant exists");
+        t.in_flight -= 1;
+        t.est_in_flight -= est;
+        t.vtime += engine_ns as f64 / t.policy.weight() as f64;
+        t.measured(job, engine_ns);
+        t.acct.engine_ns += engine_ns;
+        t.acct.finished += 1;
+        for id in &self.backlog {
+            if *id == tenant {
+                continue;
+            }
+            if let Some(o) = self.tenants.get_mut(id)
+                && o.wait == Wait::Share
+            {
+                *o.acct.lost_to.entry(tenant).or_default() += engine_ns;
+            }
+        }
+        let _ = now;
+    }
+
+    fn account_waits(&mut self, now: u64) {
+        for id in &self.backlog {
+            let t = self.tenants.get_mut(id).expect("backlogged tenants exist");
+            let head = first_pending(&self.lanes, t).unwrap_or(0);
+            let w = if t.capped() {
+                Wait::Cap
+            } else if !t.rate_allows(head) {
+                Wait::Rate
+            } else {
+                Wait::Share
+            };
+            if w != t.wait {
+                t.enter(w, now);
+            }
+        }
+    }
+
+    /// When a rate-limited tenant's buckets will hold its next job, if any
+    /// tenant waits for that alone (the caller sets a timer).
+    pub fn next_wake(&self) -> Option<u64> {
+        self.backlog
+            .iter()
+            .filter_map(|id| {
+                let t = &self.tenants[id];
+                let head = first_pending(&self.lanes, t)?;
+                (!t.capped() && !t.rate_allows(head)).then(|| t.rate_ready_at(head))
+            })
+            .min()
+    }
+
+    /// Lanes whose workers should now be woken.
+    pub fn take_wakes(&mut self) -> Vec<LaneId> {
+        std::mem::take(&mut self.wakes)
+    }
+
+    /// Jobs a lane holds waiting.
+    pub fn lane_pending(&self, lane: LaneId) -> usize {
+        self.lanes.get(&lane).map_or(0, |l| l.pending.len())
+    }
+
+    /// Jobs a lane has at the engines.
+    pub fn lane_in_flight(&self, lane: LaneId) -> u32 {
+        self.lanes.get(&lane).map_or(0, |l| l.in_flight)
+    }
+
+    /// A tenant's accounting up to `now`.
+    pub fn snapshot(&self, tenant: TenantId, now: u64) -> Option<TenantSnapshot> {
+        let t = self.tenants.get(&tenant)?;
+        let ongoing = now.saturating_sub(t.wait_since);
+        let plus = |w: Wait, v: u64| if t.wait == w { v + ongoing } else { v };
+        let mut lost: Vec<Interference> = t
+            .acct
+            .lost_to
+            .iter()
+            .map(|(&pasid, &engine_ns)| Interference {
+                neighbour_pasid: pasid,
+                engine_ns,
+            })
+            .collect();
+        lost.sort_by_key(|i| (std::cmp::Reverse(i.engine_ns), i.neighbour_pasid));
+        Some(TenantSnapshot {
+            pasid: tenant,
+            policy: t.policy.clone(),
+            engine_ns: t.acct.engine_ns,
+            jobs_dispatched: t.acct.dispatched,
+            jobs_finished: t.acct.finished,
+            jobs_waiting: t.pending as u64,
+            jobs_in_flight: u64::from(t.in_flight),
+            throttled_ns: Throttled {
+                rate: plus(Wait::Rate, t.acct.rate_ns),
+                cap: plus(Wait::Cap, t.acct.cap_ns),
+                share: plus(Wait::Share, t.acct.share_ns),
+            },
+            interference: lost,
+        })
+    }
+
+    pub fn tenants(&self) -> Vec<TenantId> {
+        let mut v: Vec<TenantId> = self.tenants.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// Source bytes of the tenant's next job (its top lane's head), if any.
+fn first_pending<J: Work>(lanes: &HashMap<LaneId, Lane<J>>, t: &Tenant) -> Option<u64> {
+    t.lanes
+        .iter()
+        .filter_map(|l| lanes.get(l))
+        .find_map(|l| l.pending.front())
+        .map(Work::bytes)
+}
+
+#[cfg(test)]
+#[path = "fair_tests.rs"]
+mod tests;

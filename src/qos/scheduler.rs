@@ -1,0 +1,388 @@
+//! The scheduler as the device and the backends meet it: a decorator of
+//! an [`Accelerator`] whose queue pairs ([`Lane`]s) queue jobs in the
+//! scheduling core ([`Fair`]) and submit them to the backend's own queue
+//! pairs when their turn comes.
+//!
+//! The decisions are taken where something changes, on the thread that
+//! changed it, under one lock per accelerator: a queue worker offering a
+//! batch, an engine finishing a job (the backend's [`EngineObserver`]
+//! call, so a freed engine is refilled without waking anyone), and a timer
+//! thread for the one event nothing else marks, a rate-limited instance's
+//! bucket filling. An idle accelerator's timer sleeps without a deadline.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::Receiver;
+use parking_lot::{Condvar, Mutex, MutexGuard};
+
+use super::clock::{Clock, MonotonicClock};
+use super::fair::{Fair, LaneId, TenantId};
+use super::policy::Policy;
+use super::snapshot::TenantSnapshot;
+use crate::accel::{
+    AccelError, Accelerator, AddressSpace, EngineObserver, Job, JobResult, Pasid, QueuePair,
+    SharedAccelerator, Wake,
+};
+
+/// How often the timer looks again at a rate-limited instance whose
+/// tokens are there but whose jobs wait for engine room (completions
+/// dispatch it first, as a rule).
+const BUSY_RECHECK: Duration = Duration::from_millis(1);
+
+struct LaneIo {
+    qp: Arc<dyn QueuePair>,
+    wake: Option<Wake>,
+}
+
+struct State {
+    fair: Fair<Job>,
+    lanes: HashMap<LaneId, LaneIo>,
+    next_lane: LaneId,
+    /// The deadline the timer thread sleeps to (`None`: no deadline).
+    timer_at: Option<u64>,
+    stop: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    timer: Condvar,
+    clock: Arc<dyn Clock>,
+}
+
+impl Shared {
+    /// Hand the engines every batch that may go now. Returns the wake-ups
+    /// to call once the lock is released.
+    fn pump(&self, st: &mut State, now: u64) -> Vec<Wake> {
+        for b in st.fair.dispatch(now) {
+            let Some(io) = st.lanes.get(&b.lane) else {
+                continue;
+            };
+            match io.qp.submit(&b.jobs) {
+                Ok(n) if n == b.jobs.len() => {}
+                Ok(n) => {
+                    // A backend queue pair takes all it is given: never here.
+                    tracing::error!(
+                        taken = n,
+                        offered = b.jobs.len(),
+                        "a backend queue pair took part of a batch"
+                    );
+                }
+                Err(e) => {
+                    // The backend is shutting down: its queue pairs' jobs
+                    // are gone with it.
+                    tracing::warn!("the engines refused a batch: {e}");
+                    for j in &b.jobs {
+                        st.fair.finished(b.lane, j, 0, now);
+                    }
+                }
+            }
+        }
+        if let Some(at) = st.fair.next_wake()
+            && st.timer_at.is_none_or(|t| at < t)
+        {
+            self.timer.notify_one();
+        }
+        st.fair
+            .take_wakes()
+            .into_iter()
+            .filter_map(|l| st.lanes.get(&l).and_then(|io| io.wake.clone()))
+            .collect()
+    }
+
+    fn pump_unlocked(&self, mut st: MutexGuard<'_, State>, now: u64) {
+        let wakes = self.pump(&mut st, now);
+        drop(st);
+        for w in wakes {
+            w();
+        }
+    }
+
+    /// The timer thread: sleeps until a rate-limited instance may go again.
+    fn timer_loop(&self) {
+        let mut st = self.state.lock();
+        while !st.stop {
+            let now = self.clock.now_ns();
+            match st.fair.next_wake() {
+                Some(at) if at > now => {
+                    st.timer_at = Some(at);
+                    let _ = self.timer.wait_for(&mut st, Duration::from_nanos(at - now));
+                }
+                Some(_) => {
+                    st.timer_at = None;
+                    let wakes = self.pump(&mut st, now);
+                    if !wakes.is_empty() {
+                        MutexGuard::unlocked(&mut st, || wakes.iter().for_each(|w| w()));
+                    }
+                    // Still due: the engines are full, and their
+                    // completions pump. Look again in a while rather than
+                    // spin on a deadline already past.
+                    let now = self.clock.now_ns();
+                    if st.fair.next_wake().is_some_and(|at| at <= now) {
+                        st.timer_at = Some(now + BUSY_RECHECK.as_nanos() as u64);
+                        let _ = self.timer.wait_for(&mut st, BUSY_RECHECK);
+                    }
+                }
+                None => {
+                    st.timer_at = None;
+                    self.timer.wait(&mut st);
+                }
+            }
+        }
+    }
+}
+
+/// An accelerator whose engines take jobs in the scheduler's order. See
+/// the module documentation.
+pub struct ScheduledAccel {
+    inner: SharedAccelerator,
+    shared: Arc<Shared>,
+    timer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl ScheduledAccel {
+    /// Schedule `inner`'s `engines` engines.
+    pub fn new(inner: SharedAccelerator, engines: usize) -> std::io::Result<Arc<ScheduledAccel>> {
+        Self::with_clock(inner, engines, Arc::new(MonotonicClock::default()))
+    }
+
+    pub fn with_clock(
+        inner: SharedAccelerator,
+        engines: usize,
+        clock: Arc<dyn Clock>,
+    ) -> std::io::Result<Arc<ScheduledAccel>> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                fair: Fair::new(engines as u32),
+                lanes: HashMap::new(),
+                next_lane: 0,
+                timer_at: None,
+                stop: false,
+            }),
+            timer: Condvar::new(),
+            clock,
+        });
+        let theirs = shared.clone();
+        let timer = std::thread::Builder::new()
+            .name(format!("wd-qos-{}", inner.name()))
+            .spawn(move || theirs.timer_loop())?;
+        Ok(Arc::new(ScheduledAccel {
+            inner,
+            shared,
+            timer: Mutex::new(Some(timer)),
+        }))
+    }
+
+    /// The backend scheduled.
+    pub fn inner(&self) -> &SharedAccelerator {
+        &self.inner
+    }
+
+    /// Apply `policy` to the instance of `pasid`, now: the jobs it has
+    /// queued stay queued and its next turns follow the new policy.
+    pub fn set_policy(&self, pasid: Pasid, policy: Policy) {
+        let mut st = self.shared.state.lock();
+        let now = self.shared.clock.now_ns();
+        st.fair.set_policy(pasid, policy, now);
+        self.shared.pump_unlocked(st, now);
+    }
+
+    pub fn policy(&self, pasid: Pasid) -> Option<Policy> {
+        self.shared.state.lock().fair.policy(pasid).cloned()
+    }
+
+    /// Forget an instance that has stopped (its queues are closed).
+    pub fn remove_tenant(&self, pasid: Pasid) {
+        let mut st = self.shared.state.lock();
+        st.fair.remove_tenant(pasid);
+        let now = self.shared.clock.now_ns();
+        self.shared.pump_unlocked(st, now);
+    }
+
+    /// The scheduler's accounting for the instance of `pasid`.
+    pub fn snapshot(&self, pasid: Pasid) -> Option<TenantSnapshot> {
+        let st = self.shared.state.lock();
+        st.fair.snapshot(pasid, self.shared.clock.now_ns())
+    }
+
+    /// Every instance's accounting, by PASID.
+    pub fn snapshots(&self) -> Vec<TenantSnapshot> {
+        let st = self.shared.state.lock();
+        let now = self.shared.clock.now_ns();
+        st.fair
+            .tenants()
+            .into_iter()
+            .filter_map(|t| st.fair.snapshot(t, now))
+            .collect()
+    }
+}
+
+impl Drop for ScheduledAccel {
+    fn drop(&mut self) {
+        self.shared.state.lock().stop = true;
+        self.shared.timer.notify_all();
+        if let Some(t) = self.timer.lock().take()
+            && t.join().is_err()
+        {
+            tracing::error!("the scheduler's timer thread panicked");
+        }
+    }
+}
+
+impl Accelerator for ScheduledAccel {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn supported_ops(&self) -> u32 {
+        self.inner.supported_ops()
+    }
+    fn max_xfer(&self) -> u32 {
+        self.inner.max_xfer()
+    }
+    fn bind_pasid(&self, pasid: Pasid, space: AddressSpace) -> Result<(), AccelError> {
+        self.inner.bind_pasid(pasid, space)
+    }
+    fn unbind_pasid(&self, pasid: Pasid) -> Result<(), AccelError> {
+        self.inner.unbind_pasid(pasid)
+    }
+    fn set_dma_allowed(&self, pasid: Pasid, allowed: bool) -> Result<(), AccelError> {
+        self.inner.set_dma_allowed(pasid, allowed)
+    }
+    fn quiesced(&self, pasid: Pasid, f: &mut dyn FnMut()) -> Result<(), AccelError> {
+        self.inner.quiesced(pasid, f)
+    }
+
+    fn open_queue_pair(&self, pasid: Pasid, queue: u32) -> Result<Box<dyn QueuePair>, AccelError> {
+        let qp: Arc<dyn QueuePair> = Arc::from(self.inner.open_queue_pair(pasid, queue)?);
+        let id = {
+            let mut st = self.shared.state.lock();
+            let id = st.next_lane;
+            st.next_lane += 1;
+            let now = self.shared.clock.now_ns();
+            st.fair.add_lane(id, pasid as TenantId, queue, now);
+            st.lanes.insert(
+                id,
+                LaneIo {
+                    qp: qp.clone(),
+                    wake: None,
+                },
+            );
+            id
+        };
+        let outer = Arc::new(OnceLock::new());
+        qp.observe(Arc::new(LaneObserver {
+            shared: Arc::downgrade(&self.shared),
+            lane: id,
+            outer: outer.clone(),
+        }));
+        Ok(Box::new(Lane {
+            id,
+            shared: self.shared.clone(),
+            qp,
+            outer,
+        }))
+    }
+}
+
+/// The backend's report of a finished job, for one lane.
+struct LaneObserver {
+    shared: Weak<Shared>,
+    lane: LaneId,
+    outer: Arc<OnceLock<Arc<dyn EngineObserver>>>,
+}
+
+impl EngineObserver for LaneObserver {
+    fn job_finished(&self, job: &Job, engine_ns: u64) {
+        if let Some(shared) = self.shared.upgrade() {
+            let mut st = shared.state.lock();
+            let now = shared.clock.now_ns();
+            st.fair.finished(self.lane, job, engine_ns, now);
+            shared.pump_unlocked(st, now);
+        }
+        if let Some(o) = self.outer.get() {
+            o.job_finished(job, engine_ns);
+        }
+    }
+}
+
+/// One queue pair as the device sees it: jobs wait here for their turn.
+pub struct Lane {
+    id: LaneId,
+    shared: Arc<Shared>,
+    qp: Arc<dyn QueuePair>,
+    outer: Arc<OnceLock<Arc<dyn EngineObserver>>>,
+}
+
+impl QueuePair for Lane {
+    fn submit(&self, jobs: &[Job]) -> Result<usize, AccelError> {
+        let mut st = self.shared.state.lock();
+        if !st.lanes.contains_key(&self.id) {
+            return Err(AccelError::Closed);
+        }
+        let now = self.shared.clock.now_ns();
+        let taken = st.fair.offer(self.id, jobs, now);
+        if taken == 0 && !jobs.is_empty() && st.fair.lane_pending(self.id) == 0 {
+            // Refused with nothing of ours waiting: the lane is closed.
+            return Err(AccelError::Closed);
+        }
+        self.shared.pump_unlocked(st, now);
+        Ok(taken)
+    }
+
+    fn set_wake(&self, wake: Wake) {
+        if let Some(io) = self.shared.state.lock().lanes.get_mut(&self.id) {
+            io.wake = Some(wake);
+        }
+    }
+
+    fn observe(&self, observer: Arc<dyn EngineObserver>) {
+        let _ = self.outer.set(observer);
+    }
+
+    fn completions(&self) -> &Receiver<JobResult> {
+        self.qp.completions()
+    }
+
+    fn in_flight(&self) -> usize {
+        let waiting = self.shared.state.lock().fair.lane_pending(self.id);
+        waiting + self.qp.in_flight()
+    }
+
+    fn running(&self) -> usize {
+        self.qp.running()
+    }
+
+    /// Jobs still waiting for their turn are dropped without a result (as a
+    /// backend drops the jobs no engine started), then the backend's queue
+    /// pair is closed.
+    fn close(&self) {
+        {
+            let mut st = self.shared.state.lock();
+            let now = self.shared.clock.now_ns();
+            st.fair.close_lane(self.id, now);
+            self.shared.pump_unlocked(st, now);
+        }
+        self.qp.close();
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        let io = {
+            let mut st = self.shared.state.lock();
+            st.fair.remove_lane(self.id);
+            let io = st.lanes.remove(&self.id);
+            let now = self.shared.clock.now_ns();
+            self.shared.pump_unlocked(st, now);
+            io
+        };
+        // The backend's queue pair goes last, outside the lock.
+        drop(io);
+    }
+}
+
+#[cfg(test)]
+#[path = "scheduler_tests.rs"]
+mod tests;
