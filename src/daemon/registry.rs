@@ -577,10 +577,11 @@ impl Registry {
             .filter(|e| vm.is_none() || e.def.vm == vm)
             .filter_map(|e| {
                 let r = e.running.as_ref()?;
-                Some(
-                    r.instance
-                        .stats_sample(e.def.uuid, e.def.vm.clone(), self.effective_qos(&e.def)),
-                )
+                Some(r.instance.stats_sample(
+                    e.def.uuid,
+                    e.def.vm.clone(),
+                    self.effective_qos(&e.def),
+                ))
             })
             .collect();
         let named: Vec<String> = vm.into_iter().collect();
