@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs each fuzz target in fuzz/ for a bounded time, one after another, and
-# prints how many inputs each executed. Not part of CI (see docs/fuzzing.md).
+# prints how many inputs each executed. CI (scripts/test.sh) runs it with a
+# short time per target so a regression fails the build; longer runs are
+# for finding new bugs (see docs/fuzzing.md).
 #
 # Usage: bash scripts/fuzz.sh [SECONDS] [--asan] [TARGET...]
 #   SECONDS   time per target (default 30)
@@ -25,6 +27,12 @@ for arg in "$@"; do
 done
 [ ${#targets[@]} -gt 0 ] || targets=(regs_decode descriptors bar0_accesses vfio_user_session config_yaml)
 
+# libfuzzer-sys compiles libFuzzer, which is C++.
+if ! command -v c++ >/dev/null; then
+  echo "== installing g++ (libFuzzer is C++)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++
+fi
 if ! cargo fuzz --version 2>/dev/null | grep -q '^cargo-fuzz 0\.13'; then
   echo "== installing cargo-fuzz 0.13"
   cargo install cargo-fuzz --version '^0.13' --locked

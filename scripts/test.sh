@@ -16,6 +16,11 @@ cargo clippy --workspace --all-targets --locked -q -- -D warnings
 echo "== unit, wire, end-to-end and CLI tests (cargo test --workspace)"
 cargo test --workspace --locked 2>&1 | tee "$log"
 
+t=$SECONDS
+echo "== fuzz targets, 15 s each (scripts/fuzz.sh; a crash fails CI; long runs: docs/fuzzing.md)"
+bash scripts/fuzz.sh 15 | tail -n 8
+echo "   ($((SECONDS - t)) s)"
+
 echo "== benchmark compiles (run it with: cargo bench --bench datapath)"
 cargo build --benches --locked 2>&1 | tail -1
 

@@ -8,6 +8,7 @@ use clap::Args;
 
 use crate::daemon::instance::{Instance, InstanceSpec};
 use crate::partition::PasidAllocator;
+use crate::transport::Limits;
 use crate::vdev::wd::{ShapeError, WdConfig};
 
 #[derive(Args, Debug)]
@@ -38,6 +39,45 @@ pub struct ServeArgs {
     /// summary.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// What one VMM may cost the process (docs/security.md). Hitting a limit
+/// gets the VMM an errno (or its connection closed) and counts in the
+/// instance's `transport_totals`.
+#[derive(Args, Debug)]
+pub struct LimitArgs {
+    /// Most fds one vfio-user message may carry.
+    #[arg(long, default_value_t = Limits::default().max_msg_fds)]
+    pub max_msg_fds: usize,
+    /// DMA maps one VMM may hold.
+    #[arg(long, default_value_t = Limits::default().max_dma_maps)]
+    pub max_dma_maps: usize,
+    /// Largest vfio-user message in bytes.
+    #[arg(long, default_value_t = Limits::default().max_message_size)]
+    pub max_message_size: u32,
+    /// Milliseconds a started message (or an unread reply) may take before
+    /// the connection is closed.
+    #[arg(long, default_value_t = Limits::default().message_timeout_ms)]
+    pub message_timeout_ms: u64,
+    /// Warning lines per second per instance; the rest go to debug level.
+    #[arg(long, default_value_t = Limits::default().log_lines_per_sec)]
+    pub log_lines_per_sec: u32,
+}
+
+impl LimitArgs {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_msg_fds: self.max_msg_fds,
+            max_dma_maps: self.max_dma_maps,
+            max_message_size: self.max_message_size,
+            message_timeout_ms: self.message_timeout_ms,
+            log_lines_per_sec: self.log_lines_per_sec,
+            ..Limits::default()
+        }
+        .clamped()
+    }
 }
 
 /// `--max-depth`, by the device's own rule.
@@ -105,7 +145,12 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
             config,
         };
         // On an error the instances started so far stop as they drop.
-        instances.push(Instance::start(spec, accel.clone(), pasid)?);
+        instances.push(Instance::start_with_limits(
+            spec,
+            accel.clone(),
+            pasid,
+            a.limits.limits(),
+        )?);
         eprintln!(
             "wdvirt: serving instance {name} (PASID {pasid}, {} queues) at {}",
             a.queues,

@@ -19,7 +19,7 @@ use crate::accel::Pasid;
 use crate::stats::{InstanceSnapshot, InstanceStats, QueueSnapshot};
 use crate::transport::server::{Listener, StopHandle};
 use crate::transport::stats::StatsSnapshot;
-use crate::transport::{self, TransportError};
+use crate::transport::{self, Limits, LogBudget, TransportError};
 use crate::vdev::device::DeviceError;
 use crate::vdev::pci::{Interrupts, PciFunction};
 use crate::vdev::wd::backends::Backends;
@@ -61,10 +61,18 @@ pub struct InstanceReport {
     pub connections: u64,
     /// Connections closed at once because a VMM was already being served.
     pub refused_connections: u64,
+    /// Connection threads that panicked (contained; each one a bug).
+    #[serde(default)]
+    pub connection_panics: u64,
     pub device: InstanceSnapshot,
     pub queues: Vec<QueueSnapshot>,
     /// The current (or last) connection's protocol counters.
     pub transport: Option<StatsSnapshot>,
+    /// Protocol counters over every connection this instance served (the
+    /// current one included): where limit hits (`fds_refused`, `stalled`,
+    /// `bad_frames`, `log_lines_suppressed`, ...) add up.
+    #[serde(default)]
+    pub transport_totals: StatsSnapshot,
     /// The device as its guest sees it now, read under the device's lock
     /// between two of the VMM's messages; `None` while a message holds the
     /// device longer than a listing should wait (a reset draining its jobs).
@@ -85,38 +93,90 @@ pub struct DeviceLive {
     pub queues_enabled: Vec<bool>,
 }
 
-/// How to stop the connection being served, its counters, and its thread.
+/// How to stop the connection being served, its counters, its thread, and
+/// a second handle on its socket (to tell whether its VMM hung up).
 type CurrentConnection = (
     StopHandle,
     Arc<transport::stats::ConnectionStats>,
     Option<JoinHandle<()>>,
+    Option<std::os::unix::net::UnixStream>,
 );
 
 #[derive(Debug, Default)]
 struct ConnectionCounters {
     served: AtomicU64,
     refused: AtomicU64,
+    /// Connections whose thread panicked (contained: the device was reset
+    /// and the instance serves again).
+    panics: AtomicU64,
     /// A VMM is being served now.
     active: AtomicBool,
+    /// Protocol counters of the connections that have ended, and which
+    /// connection's counters (by address) were added last.
+    ended: Mutex<(StatsSnapshot, usize)>,
+}
+
+/// Clears `active` when the connection thread ends, however it ends.
+struct Release(Arc<ConnectionCounters>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.0.active.store(false, Ordering::Release);
+    }
 }
 
 /// Take the instance for a new connection. A VMM that has just gone away (or
-/// a liveness probe that connected and closed) may still be finishing: give
-/// it a moment before calling the instance busy.
-fn claim(active: &AtomicBool) -> bool {
+/// a liveness probe that connected and closed) may still be finishing: when
+/// the connection being served has seen its peer hang up, give it a moment
+/// before calling the instance busy. While its VMM is still there the new
+/// connection is refused at once, so a burst of connections costs the
+/// accept thread nothing.
+fn claim(active: &AtomicBool, current: &Mutex<Option<CurrentConnection>>) -> bool {
+    if !active.swap(true, Ordering::AcqRel) {
+        return true;
+    }
+    let finishing = current
+        .lock()
+        .as_ref()
+        .and_then(|c| c.3.as_ref())
+        .is_none_or(peer_gone);
+    if !finishing {
+        return false;
+    }
     for _ in 0..40 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
         if !active.swap(true, Ordering::AcqRel) {
             return true;
         }
-        std::thread::sleep(std::time::Duration::from_millis(5));
     }
     false
+}
+
+/// Has the VMM at the other end of `stream` hung up (or the connection
+/// been shut down)?
+fn peer_gone(stream: &std::os::unix::net::UnixStream) -> bool {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let mut fds = [PollFd::new(stream, PollFlags::RDHUP)];
+    let zero = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    match poll(&mut fds, Some(&zero)) {
+        Ok(n) => {
+            n > 0
+                && fds[0]
+                    .revents()
+                    .intersects(PollFlags::RDHUP | PollFlags::HUP | PollFlags::ERR)
+        }
+        Err(_) => true,
+    }
 }
 
 /// Accept VMMs until stopped. One is served at a time (a PCI function has one
 /// VMM); another that connects meanwhile is closed at once, so its VMM fails
 /// fast instead of waiting out its reply timeout (QEMU: 5 s) on a socket
 /// nobody reads.
+#[allow(clippy::too_many_arguments)]
 fn accept_loop(
     name: &str,
     listener: &Listener,
@@ -124,10 +184,12 @@ fn accept_loop(
     current: &Mutex<Option<CurrentConnection>>,
     counters: &Arc<ConnectionCounters>,
     stopping: &AtomicBool,
+    limits: &Limits,
+    log_budget: &Arc<LogBudget>,
 ) {
     let mut backoff = Duration::from_millis(5);
     while !stopping.load(Ordering::Acquire) {
-        let mut conn = match listener.accept() {
+        let conn = match listener.accept() {
             Ok(c) => {
                 backoff = Duration::from_millis(5);
                 c
@@ -150,29 +212,44 @@ fn accept_loop(
         if stopping.load(Ordering::Acquire) {
             break;
         }
-        if !claim(&counters.active) {
+        if !claim(&counters.active, current) {
             counters.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(instance = %name, "a VMM is already connected; closing the new connection");
+            if log_budget.take() {
+                tracing::warn!(instance = %name, "a VMM is already connected; closing the new connection");
+            }
             continue;
         }
         counters.served.fetch_add(1, Ordering::Relaxed);
+        let mut conn = conn.with_limits(limits, log_budget.clone());
         let mut slot = current.lock();
         if let Some(old) = slot.take().and_then(|c| c.2) {
             let _ = old.join();
         }
         let (stop, stats) = (conn.stop_handle(), conn.stats());
+        let probe = conn.stream().try_clone().ok();
         let (device, active, name2) = (device.clone(), counters.clone(), name.to_string());
         let served = std::thread::Builder::new()
             .name(format!("wd-vmm-{name}"))
             .spawn(move || {
-                match conn.run(&*device) {
+                let release = Release(active);
+                let stats = conn.stats();
+                let ended = conn.run(&*device);
+                {
+                    let mut ended = release.0.ended.lock();
+                    ended.0.accumulate(&stats.snapshot());
+                    ended.1 = Arc::as_ptr(&stats) as usize;
+                }
+                match ended {
                     Ok(how) => tracing::info!(instance = %name2, "VMM disconnected: {how:?}"),
+                    Err(e @ TransportError::Panicked(_)) => {
+                        release.0.panics.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(instance = %name2, "connection ended: {e}");
+                    }
                     Err(e) => tracing::warn!(instance = %name2, "connection ended: {e}"),
                 }
-                active.active.store(false, Ordering::Release);
             });
         match served {
-            Ok(t) => *slot = Some((stop, stats, Some(t))),
+            Ok(t) => *slot = Some((stop, stats, Some(t), probe)),
             Err(e) => {
                 tracing::error!(instance = %name, "cannot start a connection thread: {e}");
                 counters.active.store(false, Ordering::Release);
@@ -197,11 +274,22 @@ pub struct Instance {
 }
 
 impl Instance {
-    /// Bind the socket, build the device and start serving.
+    /// Bind the socket, build the device and start serving, under the
+    /// transport's default [`Limits`].
     pub fn start(
         spec: InstanceSpec,
         backends: impl Into<Backends>,
         pasid: Pasid,
+    ) -> Result<Instance, InstanceError> {
+        Instance::start_with_limits(spec, backends, pasid, Limits::default())
+    }
+
+    /// [`start`](Instance::start) with the given transport limits.
+    pub fn start_with_limits(
+        spec: InstanceSpec,
+        backends: impl Into<Backends>,
+        pasid: Pasid,
+        limits: Limits,
     ) -> Result<Instance, InstanceError> {
         let name = spec.name.clone();
         let listener = Listener::bind(&spec.socket).map_err(|source| InstanceError::Socket {
@@ -238,7 +326,19 @@ impl Instance {
                 .name(format!("wd-inst-{name}"))
                 .spawn({
                     let device = device.clone();
-                    move || accept_loop(&name, &listener, device, &connection, &counters, &stopping)
+                    let budget = Arc::new(LogBudget::new(limits.log_lines_per_sec));
+                    move || {
+                        accept_loop(
+                            &name,
+                            &listener,
+                            device,
+                            &connection,
+                            &counters,
+                            &stopping,
+                            &limits,
+                            &budget,
+                        )
+                    }
                 })
                 .map_err(|source| InstanceError::Thread {
                     name: spec.name.clone(),
@@ -281,6 +381,21 @@ impl Instance {
         })
     }
 
+    /// Protocol counters over every connection served, the current one
+    /// included.
+    pub fn transport_totals(&self) -> StatsSnapshot {
+        let current = self.connection.lock().as_ref().map(|c| c.1.clone());
+        let ended = self.counters.ended.lock();
+        let mut totals = ended.0;
+        // The current connection, unless it has ended and been added.
+        if let Some(c) = current
+            && Arc::as_ptr(&c) as usize != ended.1
+        {
+            totals.accumulate(&c.snapshot());
+        }
+        totals
+    }
+
     /// A VMM is connected now.
     pub fn attached(&self) -> bool {
         self.counters.active.load(Ordering::Acquire)
@@ -310,15 +425,20 @@ impl Instance {
     }
 
     pub fn report(&self) -> InstanceReport {
+        // Before the literal: its `connection.lock()` temporary lives to
+        // the end of the statement, and the totals take the same lock.
+        let transport_totals = self.transport_totals();
         InstanceReport {
             name: self.spec.name.clone(),
             socket: self.spec.socket.clone(),
             pasid: self.pasid,
             connections: self.counters.served.load(Ordering::Relaxed),
             refused_connections: self.counters.refused.load(Ordering::Relaxed),
+            connection_panics: self.counters.panics.load(Ordering::Relaxed),
             device: self.stats.snapshot(),
             queues: self.queues.iter().map(|q| q.stats.snapshot()).collect(),
             transport: self.connection.lock().as_ref().map(|c| c.1.snapshot()),
+            transport_totals,
             live: self.live(),
         }
     }

@@ -46,7 +46,8 @@ pub enum TransportError {
     },
     #[error("fds attached to the message were dropped by the kernel (MSG_CTRUNC): {}", match .0 {
         FdLoss::Exhausted => "this process is out of file descriptors",
-        FdLoss::TooMany => "more fds than a message may carry",
+        FdLoss::TooMany => "more fds than this message may carry (closed on arrival)",
+        FdLoss::Socket => "a socket was attached (no command takes one; closed on arrival)",
     })]
     FdsLost(FdLoss),
     #[error("unsupported command {0}")]
@@ -57,6 +58,10 @@ pub enum TransportError {
     NotSupported(String),
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// Serving the connection panicked (a bug); contained, counted, and the
+    /// device reset.
+    #[error("the connection's thread panicked (contained; the device was reset): {0}")]
+    Panicked(String),
 }
 
 impl TransportError {
@@ -76,6 +81,7 @@ impl TransportError {
                 e.raw_os_error().unwrap_or(libc::EIO)
             }
             TransportError::SocketInUse { .. } => libc::EADDRINUSE,
+            TransportError::Panicked(_) => libc::EIO,
             TransportError::Bind { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         };
         e as u32

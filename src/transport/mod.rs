@@ -16,7 +16,8 @@
 //! Files by role: `wire` (structs, command numbers), `socket` (framing, fd
 //! passing), `version` (capability negotiation), `session` (per-command
 //! checks and dispatch), `dma_table`, `server` (listener, connection loop),
-//! `stats`, `error`, `rlimit` (the fd limit connections live under).
+//! `stats`, `error`, `rlimit` (the fd limit connections live under),
+//! `limits` (what one VMM may cost the process).
 //!
 //! Not done yet: server→client DMA_READ/DMA_WRITE. Memory that the VMM maps
 //! without an fd (BIOS, ROM, other devices' BARs) is reachable only that
@@ -28,6 +29,7 @@
 
 pub mod dma_table;
 pub mod error;
+pub mod limits;
 pub mod rlimit;
 pub mod server;
 mod session;
@@ -37,6 +39,7 @@ pub mod version;
 pub mod wire;
 
 pub use error::TransportError;
+pub use limits::{Limits, LogBudget};
 pub use rlimit::raise_fd_limit;
 pub use server::{Connection, Disconnect, Listener, StopHandle};
 pub use stats::{ConnectionStats, StatsSnapshot};

@@ -15,10 +15,11 @@ use rustix::event::{EventfdFlags, eventfd};
 use tracing::{debug, info, trace, warn};
 
 use super::error::TransportError;
+use super::limits::{Limits, LogBudget};
 use super::session::Session;
 use super::socket::{Message, MsgSocket, Recv, SockError};
 use super::stats::ConnectionStats;
-use super::wire::{self, FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY, HEADER_SIZE, Header};
+use super::wire::{self, Command, FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY, HEADER_SIZE, Header};
 use crate::vdev::device::VfioUserDevice;
 
 /// Why [`Connection::run`] returned.
@@ -33,6 +34,10 @@ pub enum Disconnect {
     /// was sent (unless No_reply) and the socket shut down: the stream
     /// cannot be resynchronised.
     BadFrame { size: u32 },
+    /// A message began and did not finish within the message deadline, or
+    /// the peer did not take a reply within it: the socket was shut down
+    /// and the unfinished message's fds closed.
+    Stalled,
 }
 
 /// Makes `path` ready for a new socket: a live server there is refused
@@ -151,12 +156,12 @@ pub struct Connection {
     sock: MsgSocket,
     stop: Arc<OwnedFd>,
     stats: Arc<ConnectionStats>,
-    /// Errors logged at warn level so far; later ones go to debug so a
-    /// misbehaving peer cannot flood the log.
-    warned: u32,
+    limits: Limits,
+    /// Warning lines left this second, shared by the instance's
+    /// connections; past it errors go to debug so a misbehaving peer
+    /// cannot flood the log.
+    log_budget: Arc<LogBudget>,
 }
-
-const WARN_LIMIT: u32 = 32;
 
 impl Connection {
     pub fn from_stream(stream: UnixStream) -> Result<Connection, TransportError> {
@@ -164,13 +169,26 @@ impl Connection {
             eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
                 .map_err(std::io::Error::from)?,
         );
-        let sock = MsgSocket::new(stream, stop.clone())?;
+        let mut sock = MsgSocket::new(stream, stop.clone())?;
+        let limits = Limits::default();
+        sock.set_limits(limits.max_msg_fds, limits.message_timeout());
         Ok(Connection {
             sock,
             stop,
             stats: Arc::default(),
-            warned: 0,
+            limits,
+            log_budget: Arc::default(),
         })
+    }
+
+    /// Serves under `limits` (clamped to what the protocol allows), logging
+    /// warnings from `log_budget`, which the instance's connections share.
+    pub fn with_limits(mut self, limits: &Limits, log_budget: Arc<LogBudget>) -> Connection {
+        self.limits = limits.clone().clamped();
+        self.sock
+            .set_limits(self.limits.max_msg_fds, self.limits.message_timeout());
+        self.log_budget = log_budget;
+        self
     }
 
     pub fn stop_handle(&self) -> StopHandle {
@@ -195,9 +213,27 @@ impl Connection {
     /// device's lock only while one message is handled, so the daemon (API
     /// views, QoS changes, a migration's quiesce) reaches the same device
     /// between messages. The lock is never held while waiting on the socket.
+    ///
+    /// A panic while serving (a bug: no input may cause one) is contained
+    /// here: it is counted, the device is reset as after any disconnect,
+    /// and `run` returns [`TransportError::Panicked`], so the instance
+    /// serves its next VMM as usual.
     pub fn run(&mut self, dev: &Mutex<dyn VfioUserDevice>) -> Result<Disconnect, TransportError> {
-        let result = self.serve(dev);
-        dev.lock().disconnected();
+        use std::panic::{AssertUnwindSafe, catch_unwind};
+        let result = match catch_unwind(AssertUnwindSafe(|| self.serve(dev))) {
+            Ok(r) => r,
+            Err(payload) => {
+                ConnectionStats::add(&self.stats.panics, 1);
+                let _ = self.sock.stream().shutdown(std::net::Shutdown::Both);
+                Err(TransportError::Panicked(panic_message(&*payload)))
+            }
+        };
+        // The device lock is not poisoned (parking_lot); a device whose
+        // state a panic left half-changed is reset here.
+        if catch_unwind(AssertUnwindSafe(|| dev.lock().disconnected())).is_err() {
+            ConnectionStats::add(&self.stats.panics, 1);
+            tracing::error!("vfio-user: the device panicked while being reset after a disconnect");
+        }
         match &result {
             Ok(d) => info!("vfio-user: connection ended: {d:?}"),
             Err(e) => warn!("vfio-user: connection failed: {e}"),
@@ -206,10 +242,22 @@ impl Connection {
     }
 
     fn serve(&mut self, dev: &Mutex<dyn VfioUserDevice>) -> Result<Disconnect, TransportError> {
-        let mut session = Session::new(&*dev.lock());
+        let mut session = Session::new(&*dev.lock(), &self.limits);
+        let max_msg_fds = self.limits.max_msg_fds;
+        // What each command may carry, judged as the fds arrive.
+        let fd_budget = |h: &Header| match Command::from_u16(h.cmd) {
+            Some(Command::DmaMap) => 1,
+            Some(Command::DeviceSetIrqs) => max_msg_fds,
+            _ => 0,
+        };
         loop {
-            let mut msg = match self.sock.read_message(wire::MAX_MESSAGE_SIZE) {
+            let read = self
+                .sock
+                .read_message(self.limits.max_message_size, fd_budget);
+            ConnectionStats::add(&self.stats.fds_refused, self.sock.take_refused());
+            let mut msg = match read {
                 Ok(Recv::Message(m)) => m,
+                Ok(Recv::Stalled { got }) => return Ok(self.stalled(got)),
                 Ok(Recv::Closed { partial }) => {
                     if partial {
                         debug!("vfio-user: peer closed mid-message");
@@ -225,8 +273,10 @@ impl Connection {
             if msg.fd_loss.is_some() {
                 ConnectionStats::add(&self.stats.fds_truncated, 1);
             }
-            if let Err(e) = self.serve_one(&mut session, dev, &mut msg) {
-                return sock_end(e);
+            match self.serve_one(&mut session, dev, &mut msg) {
+                Ok(()) => {}
+                Err(SockError::Stalled) => return Ok(self.stalled(0)),
+                Err(e) => return sock_end(e),
             }
         }
     }
@@ -318,11 +368,7 @@ impl Connection {
         };
         warn!(
             "vfio-user: cmd {} id {} has size {} (allowed {}..={}); closing",
-            h.cmd,
-            h.id,
-            h.size,
-            HEADER_SIZE,
-            wire::MAX_MESSAGE_SIZE
+            h.cmd, h.id, h.size, HEADER_SIZE, self.limits.max_message_size
         );
         if h.msg_type() == FLAG_TYPE_COMMAND && !h.no_reply() {
             let reply = h.error_reply(errno as u32);
@@ -339,20 +385,47 @@ impl Connection {
         Ok(Disconnect::BadFrame { size: h.size })
     }
 
+    /// A message that did not finish in time (`got` bytes of it arrived;
+    /// 0 for a reply the peer did not take): the stream is out of sync, so
+    /// the connection ends, and with it the message's fds.
+    fn stalled(&mut self, got: usize) -> Disconnect {
+        ConnectionStats::add(&self.stats.stalled, 1);
+        let what = if got > 0 {
+            format!("message ({got} bytes so far)")
+        } else {
+            "message or reply".to_string()
+        };
+        let ms = self.limits.message_timeout_ms;
+        self.log(format_args!(
+            "vfio-user: {what} not done within {ms} ms; closing"
+        ));
+        let _ = self.sock.stream().shutdown(std::net::Shutdown::Both);
+        Disconnect::Stalled
+    }
+
     fn log(&mut self, args: std::fmt::Arguments<'_>) {
-        if self.warned < WARN_LIMIT {
-            self.warned += 1;
+        if self.log_budget.take() {
             warn!("{args}");
         } else {
+            ConnectionStats::add(&self.stats.log_lines_suppressed, 1);
             debug!("{args}");
         }
     }
+}
+
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string())
 }
 
 fn sock_end(e: SockError) -> Result<Disconnect, TransportError> {
     match e {
         SockError::Stopped => Ok(Disconnect::Stopped),
         SockError::PeerGone => Ok(Disconnect::PeerClosed),
+        SockError::Stalled => Ok(Disconnect::Stalled),
         SockError::Io(e) => Err(TransportError::Io(e)),
     }
 }

@@ -20,6 +20,7 @@ use zerocopy::IntoBytes;
 
 use super::dma_table::{DmaEntry, DmaTable};
 use super::error::TransportError;
+use super::limits::Limits;
 use super::socket::Message;
 use super::version::{self, ClientCaps};
 use super::wire::{self, Command, HEADER_SIZE, Header};
@@ -69,6 +70,8 @@ pub struct Session {
     /// Region sizes and access flags, read once from the device: a PCI
     /// function's regions are fixed for its lifetime.
     regions: Vec<RegionShape>,
+    max_msg_fds: usize,
+    max_dma_maps: usize,
 }
 
 fn invalid(msg: impl Into<String>) -> TransportError {
@@ -86,7 +89,7 @@ fn body_struct<T: zerocopy::FromBytes>(body: &[u8], what: &str) -> Result<T, Tra
 }
 
 impl Session {
-    pub fn new(dev: &dyn VfioUserDevice) -> Session {
+    pub fn new(dev: &dyn VfioUserDevice, limits: &Limits) -> Session {
         let info = dev.device_info();
         let regions = (0..info.num_regions)
             .map(|i| match dev.region_info(i) {
@@ -102,7 +105,9 @@ impl Session {
             .collect();
         Session {
             caps: None,
-            dma: DmaTable::new(wire::MAX_DMA_MAPS, wire::MAX_DMA_FD_BYTES),
+            dma: DmaTable::new(limits.max_dma_maps, limits.max_dma_fd_bytes),
+            max_msg_fds: limits.max_msg_fds,
+            max_dma_maps: limits.max_dma_maps,
             num_regions: info.num_regions,
             num_irqs: info.num_irqs,
             regions,
@@ -126,7 +131,7 @@ impl Session {
                 msg.fds.len()
             )));
         }
-        if msg.fds.len() > wire::MAX_MSG_FDS {
+        if msg.fds.len() > self.max_msg_fds {
             return Err(invalid(format!("{} fds exceed max_msg_fds", msg.fds.len())));
         }
         // Spec "VFIO_USER_VERSION": the first message, and only once.
@@ -176,7 +181,7 @@ impl Session {
         self.caps = Some(caps);
         Ok(Reply::new(
             &msg.header,
-            &version::build_reply(msg.body.len()),
+            &version::build_reply(msg.body.len(), self.max_msg_fds, self.max_dma_maps),
         ))
     }
 
@@ -648,7 +653,7 @@ mod tests {
 
     #[test]
     fn access_check_uses_checked_arithmetic_and_direction() {
-        let s = Session::new(&Tiny);
+        let s = Session::new(&Tiny, &Limits::default());
         s.check_access(0, 0xfc, 4, true).unwrap();
         s.check_access(0, 0, 0x100, false).unwrap();
         for (region, offset, count, write) in [
@@ -681,13 +686,14 @@ mod tests {
             body,
             fds: Vec::new(),
             fd_loss: None,
+            fds_refused: 0,
         }
     }
 
     #[test]
     fn version_gates_everything_and_read_fills_the_reply() {
         let mut dev = Tiny;
-        let mut s = Session::new(&dev);
+        let mut s = Session::new(&dev, &Limits::default());
         let read = wire::RegionAccess {
             offset: 8,
             region: 0,

@@ -14,14 +14,27 @@
 //! [`FdLoss`], so the connection refuses it instead of serving it short of
 //! fds (a DMA_MAP without its fd, a SET_IRQS EVENTFD that reads as
 //! "de-assign").
+//!
+//! A peer controls when fds arrive, so they are judged as they arrive, not
+//! once the message is whole: the control buffer has room for only one
+//! more fd than a message may carry (the kernel never installs the rest in
+//! our fd table), fds past the message's budget (none for a command that
+//! takes none, once its header is known) and sockets (never a DMA or IRQ
+//! fd, and a VMM's own end of the connection would keep it open forever)
+//! are closed at once, and the message is marked. Once a message's first
+//! byte has arrived the rest must follow within a deadline; an unfinished
+//! message is dropped with its fds and the connection closed
+//! ([`Recv::Stalled`]). A reply the peer does not read within the same kind
+//! of deadline ends the connection too ([`SockError::Stalled`]).
 
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use rustix::event::{PollFd, PollFlags, poll};
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::io::Errno;
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
@@ -31,8 +44,8 @@ use zerocopy::IntoBytes;
 
 use super::wire::{HEADER_SIZE, Header};
 
-/// The kernel's own per-message limit (SCM_MAX_FD): with room for this many
-/// the control data is never truncated, so no fd is silently lost.
+/// The kernel's own per-message limit (SCM_MAX_FD): no control buffer
+/// needs room for more.
 const SCM_MAX_FD: usize = 253;
 
 /// One whole message as read from the socket.
@@ -42,9 +55,12 @@ pub struct Message {
     /// Exactly `header.size - 16` bytes.
     pub body: Vec<u8>,
     pub fds: Vec<OwnedFd>,
-    /// Some of the fds the peer attached never arrived (MSG_CTRUNC); `fds`
-    /// holds only those that did. Such a message must not be served.
+    /// Some of the fds the peer attached never arrived (MSG_CTRUNC) or were
+    /// closed on arrival; `fds` holds only those kept. Such a message must
+    /// not be served.
     pub fd_loss: Option<FdLoss>,
+    /// Fds closed on arrival (past the message's budget, or sockets).
+    pub fds_refused: usize,
 }
 
 /// Why a `recvmsg` came back with MSG_CTRUNC: the kernel installs the
@@ -56,8 +72,13 @@ pub enum FdLoss {
     /// this process is out of fds (RLIMIT_NOFILE, or the system's file
     /// table; an LSM refusing the fd looks the same and is rare).
     Exhausted,
-    /// The buffer was full: the peer attached more fds than we take.
+    /// The peer attached more fds than the message may carry (the buffer
+    /// was full, or fds came past the message's budget and were closed on
+    /// arrival).
     TooMany,
+    /// A socket was attached: no command takes one (a DMA fd must be
+    /// mappable, an IRQ fd an eventfd), so it was closed on arrival.
+    Socket,
 }
 
 impl FdLoss {
@@ -75,7 +96,7 @@ impl FdLoss {
     pub fn errno(self) -> u32 {
         match self {
             FdLoss::Exhausted => libc::EMFILE as u32,
-            FdLoss::TooMany => libc::EINVAL as u32,
+            FdLoss::TooMany | FdLoss::Socket => libc::EINVAL as u32,
         }
     }
 }
@@ -91,6 +112,12 @@ pub enum Recv {
     /// A header whose size is below 16 or over the cap: the stream cannot
     /// be resynchronised. The header's fds have been closed.
     BadFrame(Header),
+    /// A message began but did not finish within the deadline: its bytes
+    /// and fds are dropped and the stream is out of sync.
+    Stalled {
+        /// Bytes of the message that had arrived.
+        got: usize,
+    },
 }
 
 #[derive(Debug)]
@@ -99,6 +126,8 @@ pub enum SockError {
     Stopped,
     /// The peer went away while we were writing.
     PeerGone,
+    /// The peer did not take a reply within the deadline.
+    Stalled,
     Io(std::io::Error),
 }
 
@@ -111,19 +140,56 @@ impl From<Errno> for SockError {
 pub struct MsgSocket {
     stream: UnixStream,
     stop: Arc<OwnedFd>,
-    /// Control buffer bytes offered to `recvmsg` (at most room for
-    /// SCM_MAX_FD fds; smaller only in tests, to provoke MSG_CTRUNC).
+    /// Control buffer bytes offered to `recvmsg`: room for one fd more than
+    /// a message may carry, so a message with too many is told apart and
+    /// the kernel never installs the rest.
     control_len: usize,
+    /// Most fds one message may carry.
+    max_fds: usize,
+    /// How long the rest of a message may take once its first byte came,
+    /// and how long a reply may wait for the peer to read it.
+    deadline: Duration,
+    /// Fds closed on arrival since the last [`take_refused`](Self::take_refused),
+    /// whatever became of their message.
+    refused: std::cell::Cell<u64>,
+}
+
+/// What has arrived of the message being read.
+struct Partial {
+    fds: Vec<OwnedFd>,
+    fd_loss: Option<FdLoss>,
+    /// Fds closed on arrival (over budget, or sockets).
+    refused: usize,
+    /// Fds this message may still keep.
+    budget: usize,
+    /// When its first byte (or fd) arrived.
+    started: Option<Instant>,
 }
 
 impl MsgSocket {
     pub fn new(stream: UnixStream, stop: Arc<OwnedFd>) -> std::io::Result<MsgSocket> {
         stream.set_nonblocking(true)?;
+        let max_fds = super::wire::MAX_MSG_FDS;
         Ok(MsgSocket {
             stream,
             stop,
-            control_len: rustix::cmsg_space!(ScmRights(SCM_MAX_FD)),
+            control_len: rustix::cmsg_space!(ScmRights((max_fds + 1).min(SCM_MAX_FD))),
+            max_fds,
+            deadline: Duration::from_secs(5),
+            refused: std::cell::Cell::new(0),
         })
+    }
+
+    /// Fds closed on arrival since the last call.
+    pub fn take_refused(&self) -> u64 {
+        self.refused.take()
+    }
+
+    /// Sets the most fds one message may carry and the message deadline.
+    pub fn set_limits(&mut self, max_fds: usize, deadline: Duration) {
+        self.max_fds = max_fds.min(SCM_MAX_FD - 1);
+        self.control_len = rustix::cmsg_space!(ScmRights(self.max_fds + 1));
+        self.deadline = deadline;
     }
 
     /// Offers `recvmsg` room for only about `n` fds, to provoke MSG_CTRUNC.
@@ -137,56 +203,85 @@ impl MsgSocket {
         &self.stream
     }
 
-    /// Reads one message whose total size is at most `cap`.
-    pub fn read_message(&self, cap: u32) -> Result<Recv, SockError> {
-        let mut fds = Vec::new();
-        let mut fd_loss = None;
+    /// Reads one message whose total size is at most `cap`. `fd_budget`
+    /// says how many fds a message with this header may carry (at most the
+    /// socket's per-message limit); fds past it are closed as they arrive.
+    pub fn read_message(
+        &self,
+        cap: u32,
+        fd_budget: impl Fn(&Header) -> usize,
+    ) -> Result<Recv, SockError> {
+        let mut p = Partial {
+            fds: Vec::new(),
+            fd_loss: None,
+            refused: 0,
+            budget: self.max_fds,
+            started: None,
+        };
         let mut header = Header::default();
-        if let Some(partial) = self.read_exact(header.as_mut_bytes(), &mut fds, &mut fd_loss)? {
-            return Ok(Recv::Closed { partial });
+        match self.read_exact(header.as_mut_bytes(), &mut p)? {
+            Filled::Done => {}
+            Filled::Eof(partial) => return Ok(Recv::Closed { partial }),
+            Filled::Stalled(got) => return Ok(Recv::Stalled { got }),
         }
         if (header.size as usize) < HEADER_SIZE || header.size > cap {
             return Ok(Recv::BadFrame(header));
         }
+        // Now the command is known: fds it does not take go at once.
+        p.budget = fd_budget(&header).min(self.max_fds);
+        while p.fds.len() > p.budget {
+            p.fds.pop();
+            self.refuse_fd(&mut p, FdLoss::TooMany);
+        }
         let mut body = vec![0u8; header.size as usize - HEADER_SIZE];
-        if self
-            .read_exact(&mut body, &mut fds, &mut fd_loss)?
-            .is_some()
-        {
-            return Ok(Recv::Closed { partial: true });
+        match self.read_exact(&mut body, &mut p)? {
+            Filled::Done => {}
+            Filled::Eof(_) => return Ok(Recv::Closed { partial: true }),
+            Filled::Stalled(got) => {
+                return Ok(Recv::Stalled {
+                    got: got + HEADER_SIZE,
+                });
+            }
         }
         Ok(Recv::Message(Message {
             header,
             body,
-            fds,
-            fd_loss,
+            fds: p.fds,
+            fd_loss: p.fd_loss,
+            fds_refused: p.refused,
         }))
     }
 
-    /// Fills `buf`; `Some(partial)` on EOF (partial: some bytes were read).
-    fn read_exact(
-        &self,
-        buf: &mut [u8],
-        fds: &mut Vec<OwnedFd>,
-        fd_loss: &mut Option<FdLoss>,
-    ) -> Result<Option<bool>, SockError> {
-        let mut got = 0;
-        while got < buf.len() {
-            let n = self.recv_some(&mut buf[got..], fds, fd_loss)?;
-            if n == 0 {
-                return Ok(Some(got > 0 || !fds.is_empty()));
-            }
-            got += n;
+    fn refuse_fd(&self, p: &mut Partial, loss: FdLoss) {
+        p.refused += 1;
+        self.refused.set(self.refused.get() + 1);
+        if loss == FdLoss::Socket {
+            p.fd_loss = Some(loss);
+        } else {
+            p.fd_loss.get_or_insert(loss);
         }
-        Ok(None)
     }
 
-    fn recv_some(
-        &self,
-        buf: &mut [u8],
-        fds: &mut Vec<OwnedFd>,
-        fd_loss: &mut Option<FdLoss>,
-    ) -> Result<usize, SockError> {
+    /// Fills `buf`.
+    fn read_exact(&self, buf: &mut [u8], p: &mut Partial) -> Result<Filled, SockError> {
+        let mut got = 0;
+        while got < buf.len() {
+            let n = match self.recv_some(&mut buf[got..], p) {
+                Err(SockError::Stalled) => return Ok(Filled::Stalled(got)),
+                r => r?,
+            };
+            if n == 0 {
+                return Ok(Filled::Eof(
+                    got > 0 || !p.fds.is_empty() || p.started.is_some(),
+                ));
+            }
+            got += n;
+            p.started.get_or_insert_with(Instant::now);
+        }
+        Ok(Filled::Done)
+    }
+
+    fn recv_some(&self, buf: &mut [u8], p: &mut Partial) -> Result<usize, SockError> {
         let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(SCM_MAX_FD))];
         let space = &mut space[..self.control_len];
         let capacity = fd_capacity(space.len());
@@ -200,21 +295,32 @@ impl MsgSocket {
                 RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
             ) {
                 Ok(r) => {
-                    let before = fds.len();
+                    let mut arrived = 0;
                     for msg in control.drain() {
                         if let RecvAncillaryMessage::ScmRights(rights) = msg {
-                            fds.extend(rights);
+                            for fd in rights {
+                                arrived += 1;
+                                p.started.get_or_insert_with(Instant::now);
+                                if is_socket(&fd) {
+                                    self.refuse_fd(p, FdLoss::Socket);
+                                } else if p.fds.len() < p.budget {
+                                    p.fds.push(fd);
+                                } else {
+                                    self.refuse_fd(p, FdLoss::TooMany);
+                                }
+                                // A refused fd is dropped (closed) here.
+                            }
                         }
                     }
                     if r.flags.contains(ReturnFlags::CTRUNC) {
                         // The kernel closed the fds it could not give us;
                         // the caller refuses the message (the first loss
                         // seen says why).
-                        fd_loss.get_or_insert(FdLoss::classify(fds.len() - before, capacity));
+                        p.fd_loss.get_or_insert(FdLoss::classify(arrived, capacity));
                     }
                     return Ok(r.bytes);
                 }
-                Err(Errno::AGAIN) => self.wait(PollFlags::IN)?,
+                Err(Errno::AGAIN) => self.wait(PollFlags::IN, p.started)?,
                 Err(Errno::INTR) => {}
                 Err(Errno::CONNRESET) => return Ok(0),
                 Err(e) => return Err(e.into()),
@@ -235,6 +341,7 @@ impl MsgSocket {
             &mut big_space
         };
         let mut fds_pending = !fds.is_empty();
+        let started = Some(Instant::now());
         while sent < bytes.len() {
             let mut control = SendAncillaryBuffer::new(space);
             if fds_pending && !control.push(SendAncillaryMessage::ScmRights(fds)) {
@@ -253,7 +360,7 @@ impl MsgSocket {
                     fds_pending = false;
                     sent += n;
                 }
-                Err(Errno::AGAIN) => self.wait(PollFlags::OUT)?,
+                Err(Errno::AGAIN) => self.wait(PollFlags::OUT, started)?,
                 Err(Errno::INTR) => {}
                 Err(Errno::PIPE | Errno::CONNRESET) => return Err(SockError::PeerGone),
                 Err(e) => return Err(e.into()),
@@ -262,14 +369,29 @@ impl MsgSocket {
         Ok(())
     }
 
-    /// Blocks until the socket is ready for `what` or the stop fd fires.
-    fn wait(&self, what: PollFlags) -> Result<(), SockError> {
+    /// Blocks until the socket is ready for `what` or the stop fd fires;
+    /// with `started`, at most until the deadline after it
+    /// ([`SockError::Stalled`]).
+    fn wait(&self, what: PollFlags, started: Option<Instant>) -> Result<(), SockError> {
         loop {
+            let timeout = match started {
+                None => None,
+                Some(t) => {
+                    let left = self.deadline.saturating_sub(t.elapsed());
+                    if left.is_zero() {
+                        return Err(SockError::Stalled);
+                    }
+                    Some(Timespec {
+                        tv_sec: left.as_secs() as i64,
+                        tv_nsec: left.subsec_nanos() as i64,
+                    })
+                }
+            };
             let mut pfds = [
                 PollFd::new(&self.stream, what),
                 PollFd::from_borrowed_fd(self.stop.as_fd(), PollFlags::IN),
             ];
-            match poll(&mut pfds, None) {
+            match poll(&mut pfds, timeout.as_ref()) {
                 Ok(_) => {}
                 Err(Errno::INTR) => continue,
                 Err(e) => return Err(e.into()),
@@ -283,6 +405,22 @@ impl MsgSocket {
             }
         }
     }
+}
+
+/// How far a read of the message got.
+enum Filled {
+    Done,
+    /// EOF; `true` if anything of the message had arrived.
+    Eof(bool),
+    /// The deadline passed after this many bytes.
+    Stalled(usize),
+}
+
+/// Is `fd` a socket? (An fd we cannot stat is treated as one: refused.)
+fn is_socket(fd: &OwnedFd) -> bool {
+    rustix::fs::fstat(fd).map_or(true, |st| {
+        rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Socket
+    })
 }
 
 /// The fewest fds the kernel can put in a control buffer of `len` bytes
@@ -325,7 +463,7 @@ mod tests {
             peer.write_all(&bytes[5..]).unwrap();
             peer
         });
-        match s.read_message(1 << 20).unwrap() {
+        match s.read_message(1 << 20, |_| 16).unwrap() {
             Recv::Message(m) => {
                 assert_eq!(m.header, h);
                 assert_eq!(m.body, [1, 2, 3, 4]);
@@ -335,7 +473,7 @@ mod tests {
         }
         drop(t.join().unwrap());
         assert!(matches!(
-            s.read_message(1 << 20).unwrap(),
+            s.read_message(1 << 20, |_| 16).unwrap(),
             Recv::Closed { partial: false }
         ));
     }
@@ -351,10 +489,14 @@ mod tests {
             error: 0,
         };
         peer.write_all(h.as_bytes()).unwrap();
-        assert!(matches!(s.read_message(1 << 20).unwrap(), Recv::BadFrame(x) if x.size == 8));
+        assert!(
+            matches!(s.read_message(1 << 20, |_| 16).unwrap(), Recv::BadFrame(x) if x.size == 8)
+        );
         let h = Header { size: 4096, ..h };
         peer.write_all(h.as_bytes()).unwrap();
-        assert!(matches!(s.read_message(1024).unwrap(), Recv::BadFrame(x) if x.size == 4096));
+        assert!(
+            matches!(s.read_message(1024, |_| 16).unwrap(), Recv::BadFrame(x) if x.size == 4096)
+        );
     }
 
     fn send_with_fds(peer: &UnixStream, bytes: &[u8], fds: &[OwnedFd]) {
@@ -391,11 +533,11 @@ mod tests {
         };
         let mut bytes = h.as_bytes().to_vec();
         bytes.extend_from_slice(&[0; 4]);
-        // The full buffer holds the kernel's maximum, so only an install
-        // failure can truncate it.
-        assert!(fd_capacity(s.control_len) >= SCM_MAX_FD);
+        // The buffer holds one more than a message may carry, so a message
+        // within the limit is only truncated by an install failure.
+        assert!(fd_capacity(s.control_len) > super::super::wire::MAX_MSG_FDS);
         send_with_fds(&peer, &bytes, &memfds(16));
-        match s.read_message(1 << 20).unwrap() {
+        match s.read_message(1 << 20, |_| 16).unwrap() {
             Recv::Message(m) => {
                 assert_eq!(m.fds.len(), 16);
                 assert_eq!(m.fd_loss, None);
@@ -422,7 +564,7 @@ mod tests {
         let mut next_bytes = next.as_bytes().to_vec();
         next_bytes.extend_from_slice(&[1; 8]);
         send_with_fds(&peer, &next_bytes, &[]);
-        match s.read_message(1 << 20).unwrap() {
+        match s.read_message(1 << 20, |_| 16).unwrap() {
             Recv::Message(m) => {
                 assert_eq!(m.header, h);
                 assert_eq!(m.body, [9; 8], "the body is consumed whole");
@@ -431,7 +573,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        match s.read_message(1 << 20).unwrap() {
+        match s.read_message(1 << 20, |_| 16).unwrap() {
             Recv::Message(m) => {
                 assert_eq!(m.header, next);
                 assert_eq!(m.fd_loss, None);
@@ -451,9 +593,69 @@ mod tests {
     }
 
     #[test]
+    fn fds_past_the_budget_and_sockets_are_closed_on_arrival() {
+        let (s, peer, _) = pair();
+        let h = Header {
+            id: 1,
+            cmd: 4,
+            size: 20,
+            flags: 0,
+            error: 0,
+        };
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.extend_from_slice(&[0; 4]);
+        send_with_fds(&peer, &bytes, &memfds(3));
+        let (sock, _other) = UnixStream::pair().unwrap();
+        let mut map = Header { cmd: 2, ..h }.as_bytes().to_vec();
+        map.extend_from_slice(&[0; 4]);
+        send_with_fds(&peer, &map, &[OwnedFd::from(sock)]);
+        let budget = |h: &Header| if h.cmd == 2 { 1 } else { 0 };
+        match s.read_message(1 << 20, budget).unwrap() {
+            Recv::Message(m) => {
+                assert!(m.fds.is_empty());
+                assert_eq!((m.fds_refused, m.fd_loss), (3, Some(FdLoss::TooMany)));
+            }
+            other => panic!("{other:?}"),
+        }
+        match s.read_message(1 << 20, budget).unwrap() {
+            Recv::Message(m) => {
+                assert!(m.fds.is_empty(), "a socket is never kept");
+                assert_eq!((m.fds_refused, m.fd_loss), (1, Some(FdLoss::Socket)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unfinished_message_stalls_at_the_deadline_an_idle_socket_does_not() {
+        let (mut s, mut peer, _) = pair();
+        s.set_limits(16, std::time::Duration::from_millis(50));
+        let h = Header {
+            id: 1,
+            cmd: 4,
+            size: 32,
+            flags: 0,
+            error: 0,
+        };
+        peer.write_all(&h.as_bytes()[..5]).unwrap();
+        let t = Instant::now();
+        assert!(matches!(
+            s.read_message(1 << 20, |_| 0).unwrap(),
+            Recv::Stalled { got: 5 }
+        ));
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        let (s, _peer, stop) = pair();
+        let t = std::thread::spawn(move || s.read_message(1 << 20, |_| 0).map(|_| ()));
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!t.is_finished(), "an idle connection has no deadline");
+        rustix::io::write(&*stop, &1u64.to_ne_bytes()).unwrap();
+        assert!(matches!(t.join().unwrap(), Err(SockError::Stopped)));
+    }
+
+    #[test]
     fn stop_fd_interrupts_a_blocked_read() {
         let (s, _peer, stop) = pair();
-        let t = std::thread::spawn(move || s.read_message(1 << 20).map(|_| ()));
+        let t = std::thread::spawn(move || s.read_message(1 << 20, |_| 16).map(|_| ()));
         std::thread::sleep(std::time::Duration::from_millis(20));
         rustix::io::write(&*stop, &1u64.to_ne_bytes()).unwrap();
         assert!(matches!(t.join().unwrap(), Err(SockError::Stopped)));

@@ -23,12 +23,24 @@ pub struct ConnectionStats {
     pub bytes_sent: AtomicU64,
     pub fds_received: AtomicU64,
     /// Messages whose fds the kernel dropped (MSG_CTRUNC: out of fds, or
-    /// too many attached); each is refused, never served short of fds.
+    /// too many attached) or that we closed on arrival; each is refused,
+    /// never served short of fds.
     pub fds_truncated: AtomicU64,
+    /// Fds closed as they arrived: past the message's budget (the limit,
+    /// or any on a command that takes none) or sockets.
+    pub fds_refused: AtomicU64,
+    /// Connections ended because a message (or a reply) was not done
+    /// within the message deadline.
+    pub stalled: AtomicU64,
+    /// Panics contained while serving (each one a bug).
+    pub panics: AtomicU64,
+    /// Warning lines not logged (the instance's per-second budget).
+    pub log_lines_suppressed: AtomicU64,
 }
 
 /// A plain copy of [`ConnectionStats`] at one moment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct StatsSnapshot {
     pub messages: u64,
     pub replies_sent: u64,
@@ -40,6 +52,36 @@ pub struct StatsSnapshot {
     pub bytes_sent: u64,
     pub fds_received: u64,
     pub fds_truncated: u64,
+    pub fds_refused: u64,
+    pub stalled: u64,
+    pub panics: u64,
+    pub log_lines_suppressed: u64,
+}
+
+impl StatsSnapshot {
+    /// Adds `other`'s counts to these (an instance's totals over its
+    /// connections).
+    pub fn accumulate(&mut self, other: &StatsSnapshot) {
+        let fields = [
+            (&mut self.messages, other.messages),
+            (&mut self.replies_sent, other.replies_sent),
+            (&mut self.errors_sent, other.errors_sent),
+            (&mut self.posted_write_errors, other.posted_write_errors),
+            (&mut self.stray_replies, other.stray_replies),
+            (&mut self.bad_frames, other.bad_frames),
+            (&mut self.bytes_received, other.bytes_received),
+            (&mut self.bytes_sent, other.bytes_sent),
+            (&mut self.fds_received, other.fds_received),
+            (&mut self.fds_truncated, other.fds_truncated),
+            (&mut self.fds_refused, other.fds_refused),
+            (&mut self.stalled, other.stalled),
+            (&mut self.panics, other.panics),
+            (&mut self.log_lines_suppressed, other.log_lines_suppressed),
+        ];
+        for (mine, theirs) in fields {
+            *mine = mine.saturating_add(theirs);
+        }
+    }
 }
 
 impl ConnectionStats {
@@ -56,6 +98,10 @@ impl ConnectionStats {
             bytes_sent: g(&self.bytes_sent),
             fds_received: g(&self.fds_received),
             fds_truncated: g(&self.fds_truncated),
+            fds_refused: g(&self.fds_refused),
+            stalled: g(&self.stalled),
+            panics: g(&self.panics),
+            log_lines_suppressed: g(&self.log_lines_suppressed),
         }
     }
 

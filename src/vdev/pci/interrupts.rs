@@ -13,9 +13,11 @@
 //! eventfd. A trigger on a masked vector, or on one without an eventfd,
 //! sets its PBA bit; whatever clears the last mask or assigns the eventfd
 //! delivers it. (Removing all eventfds, `SET_IRQS` count 0, keeps the PBA.)
-//! The lock is held across the eventfd write (one non-blocking syscall:
-//! every fd is checked to be an eventfd and set `O_NONBLOCK` when assigned,
-//! and a full counter counts as delivered).
+//! The lock is held across the eventfd write, which never blocks (every fd
+//! is checked to be an eventfd when assigned, and written through
+//! [`nowait`](super::nowait), since the VMM can clear `O_NONBLOCK` on the
+//! description it shares with us at any time; a full counter counts as
+//! delivered).
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
@@ -133,35 +135,23 @@ fn prepare_eventfd(fd: &OwnedFd) -> Result<(), DeviceError> {
     Ok(())
 }
 
-/// Write 1 to an eventfd (non-blocking, see [`prepare_eventfd`]). A full
-/// counter (EAGAIN) counts as signalled: it is non-zero, so the VMM's poll
-/// sees it.
+/// Write 1 to an eventfd. Never blocks, whatever the VMM did to the flags
+/// of the file description it shares with us ([`super::nowait`]). A full
+/// counter counts as signalled: it is non-zero, so the VMM's poll sees it.
 fn signal(fd: &OwnedFd) -> bool {
-    match rustix::io::write(fd, &1u64.to_ne_bytes()) {
-        Ok(_) | Err(rustix::io::Errno::AGAIN) => true,
+    match super::nowait::signal_eventfd(fd) {
+        Ok(_) => true,
         Err(e) => {
-            tracing::warn!(error = %e, "eventfd write failed");
+            tracing::debug!(error = %e, "eventfd write failed");
             false
         }
     }
 }
 
-/// Has the resample eventfd been signalled? Consumes the count. Polls first
-/// so a blocking fd never blocks the caller.
+/// Has the resample eventfd been signalled? Consumes the count; never
+/// blocks.
 fn resampled(fd: &OwnedFd) -> bool {
-    use rustix::event::{PollFd, PollFlags, Timespec, poll};
-    let mut fds = [PollFd::new(fd, PollFlags::IN)];
-    let zero = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    match poll(&mut fds, Some(&zero)) {
-        Ok(n) if n > 0 && fds[0].revents().contains(PollFlags::IN) => {
-            let mut buf = [0u8; 8];
-            rustix::io::read(fd, &mut buf).is_ok()
-        }
-        _ => false,
-    }
+    super::nowait::consume_eventfd(fd).is_some()
 }
 
 fn invalid(msg: impl Into<String>) -> DeviceError {

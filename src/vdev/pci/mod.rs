@@ -13,6 +13,7 @@ pub mod config;
 mod device;
 pub mod interrupts;
 pub mod msix;
+mod nowait;
 
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,1093 @@
+//! The attack suite: a hostile VMM against its own instance, with a victim
+//! instance on the same process (this test process serves both, as the
+//! daemon does) running verified jobs throughout.
+//!
+//! After each attack: the process is alive and serving, every one of the
+//! victim's results verified and the victim kept completing jobs while the
+//! attack ran (no gap), the attacker's socket takes a fresh, well-behaved
+//! VMM that runs a job, and this process's fd count and RSS are back within
+//! bounds. The tests run one at a time (fd counts are process-wide).
+//!
+//! `docs/security.md` lists every attack, what it gets and which test here
+//! shows it.
+
+mod common;
+mod transport_support;
+
+use std::io::{IoSlice, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::RAM_BASE;
+use parking_lot::Mutex;
+use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
+use wdvirt::accel::SharedAccelerator;
+use wdvirt::accel::soft::SoftAccel;
+use wdvirt::daemon::instance::{Instance, InstanceSpec};
+use wdvirt::transport::Limits;
+use wdvirt::transport::wire::Header;
+use wdvirt::vdev::wd::WdConfig;
+use wdvirt::vmm::{GuestRam, LoopbackVmm};
+use wdvirt_abi::regs;
+use wdvirt_guest::{Device, DmaPool};
+use zerocopy::IntoBytes;
+
+/// One attack at a time: fd counts and RSS are the whole process's.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const RAM_SIZE: u64 = 4 << 20;
+
+fn config() -> WdConfig {
+    WdConfig {
+        queues: 2,
+        max_depth: 64,
+        ..WdConfig::default()
+    }
+}
+
+fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn rss_kib() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
+    let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+    pages * 4
+}
+
+/// The victim: a VMM on its own instance running CRC32C and copy jobs,
+/// each checked against a direct computation, until stopped.
+struct Victim {
+    stop: Arc<AtomicBool>,
+    jobs: Arc<AtomicU64>,
+    thread: Option<JoinHandle<()>>,
+    _instance: Instance,
+    _dir: tempfile::TempDir,
+}
+
+impl Victim {
+    fn start(accel: &SharedAccelerator) -> Victim {
+        let dir = tempfile::tempdir().unwrap();
+        let instance = common::instance(accel, dir.path(), "victim", 1, config());
+        let vmm = Arc::new(
+            LoopbackVmm::connect(
+                instance.socket(),
+                GuestRam::new(RAM_BASE, RAM_SIZE).unwrap(),
+            )
+            .unwrap(),
+        );
+        let (stop, jobs) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let thread = {
+            let (stop, jobs) = (stop.clone(), jobs.clone());
+            std::thread::spawn(move || {
+                let dev = Device::probe(vmm.clone()).unwrap();
+                dev.enable().unwrap();
+                let pool: DmaPool<_> = vmm.dma_pool().unwrap();
+                let mut q = dev.queue(0, 32, dev.info().cap_ops, &pool).unwrap();
+                let mut n = 0u32;
+                while !stop.load(Ordering::Acquire) {
+                    let data: Vec<u8> = (0..8192u32)
+                        .map(|i| (i ^ n).wrapping_mul(31) as u8)
+                        .collect();
+                    let crc = wdvirt_guest::crc::crc32c(&data);
+                    assert_eq!(q.crc32c(&data).unwrap(), crc, "victim job {n}");
+                    assert_eq!(
+                        q.copy(&data[..4096]).unwrap(),
+                        &data[..4096],
+                        "victim copy {n}"
+                    );
+                    n += 1;
+                    jobs.fetch_add(2, Ordering::Release);
+                }
+            })
+        };
+        Victim {
+            stop,
+            jobs,
+            thread: Some(thread),
+            _instance: instance,
+            _dir: dir,
+        }
+    }
+
+    fn jobs(&self) -> u64 {
+        self.jobs.load(Ordering::Acquire)
+    }
+
+    /// Waits until the victim completes more jobs than `since`: it was not
+    /// stopped (a gap would show as no progress).
+    fn assert_progress(&self, since: u64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.jobs() <= since {
+            assert!(
+                !self.thread.as_ref().unwrap().is_finished(),
+                "{what}: the victim's jobs failed"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the victim made no progress"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn finish(mut self) -> u64 {
+        self.stop.store(true, Ordering::Release);
+        self.thread
+            .take()
+            .unwrap()
+            .join()
+            .expect("a victim job failed");
+        self.jobs()
+    }
+}
+
+/// The attacker's instance and the process state before the attack.
+struct Arena {
+    accel: SharedAccelerator,
+    attacker: Instance,
+    victim: Victim,
+    fds_before: usize,
+    rss_before: u64,
+    jobs_before: u64,
+    _dir: tempfile::TempDir,
+    _serial: parking_lot::MutexGuard<'static, ()>,
+}
+
+impl Arena {
+    fn new(limits: Limits) -> Arena {
+        let serial = SERIAL.lock();
+        watchdog();
+        let accel: SharedAccelerator = SoftAccel::new(1);
+        let victim = Victim::start(&accel);
+        let dir = tempfile::tempdir().unwrap();
+        let spec = InstanceSpec {
+            name: "attacker".into(),
+            socket: dir.path().join("attacker.sock"),
+            config: config(),
+        };
+        let attacker = Instance::start_with_limits(spec, accel.clone(), 2, limits).unwrap();
+        // A first well-behaved VMM on each side, so lazily made threads and
+        // maps are counted in the baseline.
+        fresh_vmm_runs_a_job(attacker.socket());
+        victim.assert_progress(0, "before the attack");
+        Arena {
+            accel,
+            attacker,
+            fds_before: fd_count(),
+            rss_before: rss_kib(),
+            jobs_before: victim.jobs(),
+            victim,
+            _dir: dir,
+            _serial: serial,
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.attacker.socket().to_owned()
+    }
+
+    /// What every attack must leave: the victim ran throughout and
+    /// verified, the attacker's socket serves a fresh VMM, and fds and
+    /// memory are back within bounds.
+    fn after(mut self, what: &str) {
+        self.check(what);
+        let jobs = self.victim.finish();
+        assert!(jobs > self.jobs_before, "{what}");
+        drop(self.accel);
+        FINISHED.lock().push(*CURRENT.lock());
+    }
+
+    /// [`after`](Arena::after), with the arena kept for the next attack.
+    fn check(&mut self, what: &str) {
+        self.victim.assert_progress(self.jobs_before, what);
+        fresh_vmm_runs_a_job(self.attacker.socket());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let fds = fd_count();
+            if fds <= self.fds_before + 8 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: {fds} fds open, {} before the attack",
+                self.fds_before
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let rss = rss_kib();
+        assert!(
+            rss < self.rss_before + 64 * 1024,
+            "{what}: RSS {rss} KiB, {} KiB before",
+            self.rss_before
+        );
+        let report = self.attacker.report();
+        assert_eq!(report.connection_panics, 0, "{what}");
+        self.jobs_before = self.victim.jobs();
+    }
+}
+
+/// A hang is a failure, not a CI timeout: the whole process exits if a
+/// test is still running after a minute.
+fn watchdog() {
+    static STARTED: AtomicU64 = AtomicU64::new(0);
+    let me = STARTED.fetch_add(1, Ordering::AcqRel) + 1;
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(60));
+        if STARTED.load(Ordering::Acquire) == me && !FINISHED.lock().contains(&me) {
+            eprintln!("attack test {me} hung for 60 s: something is wedged");
+            std::process::exit(101);
+        }
+    });
+    *CURRENT.lock() = me;
+}
+
+static FINISHED: Mutex<Vec<u64>> = Mutex::new(Vec::new());
+static CURRENT: Mutex<u64> = Mutex::new(0);
+
+/// A well-behaved VMM connects (retrying while the last one is being torn
+/// down) and runs one verified job.
+fn fresh_vmm_runs_a_job(socket: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let vmm = loop {
+        match LoopbackVmm::connect(socket, GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()) {
+            Ok(v) => break Arc::new(v),
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the attacker's socket takes no new VMM: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    let dev = Device::probe(vmm.clone()).unwrap();
+    dev.reset().unwrap();
+    dev.enable().unwrap();
+    let pool = vmm.dma_pool().unwrap();
+    let mut q = dev.queue(1, 16, dev.info().cap_ops, &pool).unwrap();
+    assert_eq!(q.crc32c(b"123456789").unwrap(), 0xe306_9283);
+}
+
+fn memfds(n: usize) -> Vec<OwnedFd> {
+    (0..n)
+        .map(|_| rustix::fs::memfd_create("attack", rustix::fs::MemfdFlags::CLOEXEC).unwrap())
+        .collect()
+}
+
+/// One `sendmsg` of `bytes` with `fds` attached.
+fn send_with_fds(s: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+    let mut space =
+        vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len().max(1)))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() {
+        assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
+    }
+    sendmsg(s, &[IoSlice::new(bytes)], &mut control, SendFlags::NOSIGNAL)?;
+    Ok(())
+}
+
+fn header(cmd: u16, size: u32) -> Header {
+    Header {
+        id: 1,
+        cmd,
+        size,
+        flags: 0,
+        error: 0,
+    }
+}
+
+/// Waits until the peer closed `s` (EOF or reset), or fails after `within`.
+fn assert_closed_by_server(s: &mut UnixStream, within: Duration, what: &str) {
+    s.set_read_timeout(Some(within)).unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {} // an error reply before the close
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
+            Err(e) => panic!("{what}: not closed after {:?}: {e}", t.elapsed()),
+        }
+    }
+}
+
+/// Containment failure 1 of issue 21: an unfinished GET_INFO, one byte per
+/// `sendmsg`, each byte with 253 fds. Before: the server kept every fd until
+/// the message was whole (7,800 fds for 31 bytes; 20,000 in half a second).
+/// Now fds past a message's budget (none for GET_INFO) are closed as they
+/// arrive, and the control buffer takes only one more than a message may
+/// carry, so the kernel never installs the rest.
+#[test]
+fn fds_past_a_messages_budget_are_refused_as_they_arrive() {
+    let arena = Arena::new(Limits::default());
+    let fds = memfds(253);
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+    let base = fd_count();
+    let mut s = UnixStream::connect(arena.socket()).unwrap();
+    let mut msg = header(4, 32).as_bytes().to_vec();
+    msg.extend_from_slice(&[0; 16]);
+    for b in &msg[..31] {
+        send_with_fds(&s, std::slice::from_ref(b), &borrowed).unwrap();
+    }
+    // Let the server read all 31 bytes.
+    std::thread::sleep(Duration::from_millis(300));
+    let during = fd_count();
+    assert!(
+        during < base + 64,
+        "the server holds {} fds for one unfinished message",
+        during - base
+    );
+    arena
+        .victim
+        .assert_progress(arena.jobs_before, "during the fd flood");
+    // The last byte: the message is refused (EINVAL), the stream in sync.
+    send_with_fds(&s, &msg[31..], &borrowed).unwrap();
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply).unwrap();
+    let error = u32::from_ne_bytes(reply[12..16].try_into().unwrap());
+    assert_eq!(error, libc::EINVAL as u32, "GET_INFO with fds");
+    let stats = arena.attacker.report().transport.unwrap();
+    assert!(stats.fds_refused >= 31 * 16, "{stats:?}");
+    drop(s);
+    drop(fds);
+    arena.after("fds flood");
+}
+
+/// A message carrying a socket is refused and the socket closed at once;
+/// over the limit of fds per message, the rest never arrive.
+#[test]
+fn a_message_carrying_hundreds_of_fds_is_refused() {
+    let arena = Arena::new(Limits::default());
+    let fds = memfds(253);
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+    let mut s = UnixStream::connect(arena.socket()).unwrap();
+    // SET_IRQS takes fds, but at most max_msg_fds (16).
+    let mut msg = header(8, 16 + 20).as_bytes().to_vec();
+    msg.extend_from_slice(&[0; 20]);
+    send_with_fds(&s, &msg, &borrowed).unwrap();
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(
+        u32::from_ne_bytes(reply[12..16].try_into().unwrap()),
+        libc::EINVAL as u32
+    );
+    drop(s);
+    drop(fds);
+    arena.after("hundreds of fds in one message");
+}
+
+/// Containment failure 3: a VMM sends 17 bytes of a 116-byte message, the
+/// 17th carrying its own end of the connection, then closes. Before: the
+/// server held the peer end itself, never saw EOF, and that instance never
+/// served a VMM again. Now the socket is refused on arrival (closed at
+/// once, so the close is seen), and a message that does not finish within
+/// the deadline ends the connection anyway.
+#[test]
+fn half_a_message_carrying_the_vmms_own_socket_does_not_keep_it_open() {
+    let arena = Arena::new(Limits::default());
+    let s = UnixStream::connect(arena.socket()).unwrap();
+    let mut msg = header(2, 116).as_bytes().to_vec();
+    msg.extend_from_slice(&[0; 100]);
+    s.write_all_ref(&msg[..16]);
+    send_with_fds(&s, &msg[16..17], &[s.as_fd()]).unwrap();
+    drop(s);
+    // Well within the 5 s message deadline: the close itself is seen.
+    let t = Instant::now();
+    fresh_vmm_runs_a_job(&arena.socket());
+    assert!(
+        t.elapsed() < Duration::from_secs(4),
+        "the server waited {:?} for the rest of the message",
+        t.elapsed()
+    );
+    arena.after("own socket in half a message");
+}
+
+/// Half a header, then silence: the connection is closed once the message
+/// deadline passes (here 300 ms), and its instance serves the next VMM.
+#[test]
+fn half_a_header_then_a_stall_is_closed_at_the_deadline() {
+    let limits = Limits {
+        message_timeout_ms: 300,
+        ..Limits::default()
+    };
+    let arena = Arena::new(limits);
+    let mut s = UnixStream::connect(arena.socket()).unwrap();
+    s.write_all(&header(1, 64).as_bytes()[..7]).unwrap();
+    assert_closed_by_server(&mut s, Duration::from_secs(5), "half a header");
+    // Half a body too.
+    let mut s = UnixStream::connect(arena.socket()).unwrap();
+    let mut msg = header(1, 64).as_bytes().to_vec();
+    msg.extend_from_slice(&[b' '; 20]);
+    s.write_all(&msg).unwrap();
+    assert_closed_by_server(&mut s, Duration::from_secs(5), "half a body");
+    let stats = arena.attacker.report().transport.unwrap();
+    assert_eq!(stats.stalled, 1, "{stats:?}");
+    arena.after("half a message, then a stall");
+}
+
+/// Containment failure 2: the VMM clears O_NONBLOCK on its MSI-X eventfd
+/// (the open file description is shared with the server) and fills the
+/// counter. Before: the queue worker's completion interrupt blocked forever
+/// holding the interrupt lock and the bus-master guard; the instance then
+/// refused every later VMM as "already connected". Now an eventfd write
+/// never blocks, whatever the flags.
+#[test]
+fn a_vmm_making_its_eventfd_blocking_and_full_wedges_nothing() {
+    let arena = Arena::new(Limits::default());
+    let vmm = Arc::new(
+        LoopbackVmm::connect(&arena.socket(), GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()).unwrap(),
+    );
+    let efd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
+    vmm.enable_msix_vector(0, efd.as_fd()).unwrap();
+    // The server made it non-blocking; make it blocking again, and full.
+    rustix::fs::fcntl_setfl(&efd, rustix::fs::OFlags::empty()).unwrap();
+    rustix::io::write(&efd, &(u64::MAX - 1).to_ne_bytes()).unwrap();
+
+    // Jobs on a queue that interrupts on vector 0 after every completion.
+    let dev = Device::probe(vmm.clone()).unwrap();
+    dev.enable().unwrap();
+    let (sq, idx) = (RAM_BASE + 0x10_0000, RAM_BASE + 0x30_0000);
+    let b = regs::queue(0) as u64;
+    let w32 = |off: u64, v: u32| vmm.region_write(0, off, &v.to_le_bytes()).unwrap();
+    let w64 = |off: u64, v: u64| vmm.region_write(0, off, &v.to_le_bytes()).unwrap();
+    w64(b + regs::Q_SQ_BASE as u64, sq);
+    w64(b + regs::Q_CQ_BASE as u64, RAM_BASE + 0x20_0000);
+    w64(b + regs::Q_IDX_BASE as u64, idx);
+    w32(b + regs::Q_DEPTH as u64, 16);
+    w32(b + regs::Q_OPS as u64, wdvirt_abi::ALL_OPS);
+    w32(b + regs::Q_MSIX_VECTOR as u64, 0);
+    w32(b + regs::Q_IRQ_COALESCE as u64, 1);
+    w32(b + regs::Q_CTRL as u64, regs::Q_CTRL_ENABLE);
+    let ram = vmm.ram();
+    use wdvirt_guest::DmaMemory;
+    let buf = RAM_BASE + 0x38_0000;
+    ram.write(buf, b"123456789").unwrap();
+    for t in 0..8u32 {
+        let e = wdvirt_abi::SubmissionEntry {
+            opcode: wdvirt_abi::Opcode::Crc32c as u8,
+            tag: t,
+            src: buf,
+            src_len: 9,
+            ..Default::default()
+        };
+        ram.write(sq + t as u64 * 64, &e.to_bytes()).unwrap();
+    }
+    ram.write_u32(idx, 8).unwrap();
+    vmm.region_write(2, 0, &0u32.to_le_bytes()).unwrap();
+    // The jobs complete and the connection still answers promptly.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while arena.attacker.report().queues[0].jobs_ok < 8 {
+        assert!(Instant::now() < deadline, "the attacker's jobs stalled");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let t = Instant::now();
+    for _ in 0..10 {
+        let mut id = [0u8; 4];
+        vmm.region_read(0, regs::ID as u64, &mut id).unwrap();
+    }
+    assert!(t.elapsed() < Duration::from_secs(2));
+    // The counter is still full: nothing was lost or waited on.
+    let mut st = [0u8; 8];
+    rustix::fs::fcntl_setfl(&efd, rustix::fs::OFlags::NONBLOCK).unwrap();
+    rustix::io::read(&efd, &mut st).unwrap();
+    assert_eq!(u64::from_ne_bytes(st), u64::MAX - 1);
+    rustix::fs::fcntl_setfl(&efd, rustix::fs::OFlags::empty()).unwrap();
+    rustix::io::write(&efd, &(u64::MAX - 1).to_ne_bytes()).unwrap();
+    // Disconnect (the device resets, joining its workers) with the counter
+    // full and blocking, then a fresh VMM.
+    drop(dev);
+    drop(vmm);
+    arena.after("blocking, full eventfd");
+    drop(efd);
+}
+
+trait WriteAllRef {
+    fn write_all_ref(&self, bytes: &[u8]);
+}
+
+impl WriteAllRef for UnixStream {
+    fn write_all_ref(&self, bytes: &[u8]) {
+        (&*self).write_all(bytes).unwrap();
+    }
+}
+
+/// A device that panics on one magic BAR0 write — a stand-in for a bug, the
+/// only way to make the serving thread panic (no input may). Everything
+/// else goes to the real device stack.
+struct Panicky(wdvirt::vdev::pci::PciFunction<wdvirt::vdev::wd::WdDevice>);
+
+const PANIC_OFFSET: u64 = 0x38;
+const PANIC_VALUE: [u8; 4] = *b"BUG!";
+
+mod panicky {
+    use super::*;
+    use wdvirt::vdev::device::*;
+
+    impl VfioUserDevice for Panicky {
+        fn device_info(&self) -> DeviceInfo {
+            self.0.device_info()
+        }
+        fn region_info(&self, index: u32) -> Result<RegionInfo, DeviceError> {
+            self.0.region_info(index)
+        }
+        fn irq_info(&self, index: u32) -> Result<IrqInfo, DeviceError> {
+            self.0.irq_info(index)
+        }
+        fn region_read(&mut self, i: u32, off: u64, data: &mut [u8]) -> Result<(), DeviceError> {
+            self.0.region_read(i, off, data)
+        }
+        fn region_write(&mut self, i: u32, off: u64, data: &[u8]) -> Result<(), DeviceError> {
+            if i == 0 && off == PANIC_OFFSET && data == PANIC_VALUE {
+                panic!("injected bug");
+            }
+            self.0.region_write(i, off, data)
+        }
+        fn set_irqs(
+            &mut self,
+            index: u32,
+            action: IrqAction,
+            start: u32,
+            count: u32,
+            data: IrqData,
+        ) -> Result<(), DeviceError> {
+            self.0.set_irqs(index, action, start, count, data)
+        }
+        fn dma_map(&mut self, map: DmaMapping) -> Result<(), DeviceError> {
+            self.0.dma_map(map)
+        }
+        fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<(), DeviceError> {
+            self.0.dma_unmap(iova, size)
+        }
+        fn dma_unmap_all(&mut self) -> Result<(), DeviceError> {
+            self.0.dma_unmap_all()
+        }
+        fn reset(&mut self) -> Result<(), DeviceError> {
+            self.0.reset()
+        }
+        fn disconnected(&mut self) {
+            self.0.disconnected()
+        }
+    }
+}
+
+/// Containment 4: a panic while serving a connection (a bug) is contained
+/// and counted; the device is reset as after any disconnect, the same
+/// device serves the next VMM through the real socket, and the victim on
+/// the same accelerator never notices.
+#[test]
+fn a_panic_in_a_connection_is_contained_counted_and_the_device_serves_again() {
+    use wdvirt::transport::{Listener, TransportError};
+    use wdvirt::vdev::pci::{Interrupts, PciFunction};
+    use wdvirt::vdev::wd::WdDevice;
+    let _serial = SERIAL.lock();
+    let accel: SharedAccelerator = SoftAccel::new(1);
+    let victim = Victim::start(&accel);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("panicky.sock");
+    let listener = Listener::bind(&path).unwrap();
+    let interrupts = Interrupts::new(2);
+    let model = WdDevice::new(config(), accel.clone(), 3, Arc::new(interrupts.clone())).unwrap();
+    let device = Arc::new(Mutex::new(Panicky(PciFunction::new(model, interrupts))));
+    let server = {
+        let device = device.clone();
+        std::thread::spawn(move || {
+            let mut ends = Vec::new();
+            for _ in 0..2 {
+                let mut conn = listener.accept().unwrap();
+                let stats = conn.stats();
+                let end = conn.run(&*device);
+                ends.push((end, stats.snapshot().panics));
+            }
+            ends
+        })
+    };
+    let jobs_before = victim.jobs();
+    {
+        let vmm = Arc::new(
+            LoopbackVmm::connect(&path, GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()).unwrap(),
+        );
+        let dev = Device::probe(vmm.clone()).unwrap();
+        dev.enable().unwrap();
+        // The bug: the server thread unwinds mid-message and the socket
+        // is shut, so this VMM sees its connection end.
+        assert!(vmm.region_write(0, PANIC_OFFSET, &PANIC_VALUE).is_err());
+    }
+    // The device was reset: the next VMM finds it disabled and runs a job.
+    fresh_vmm_runs_a_job(&path);
+    let ends = server.join().unwrap();
+    match &ends[0] {
+        (Err(TransportError::Panicked(m)), 1) => assert!(m.contains("injected bug"), "{m}"),
+        other => panic!("the first connection ended with {other:?}"),
+    }
+    assert!(ends[1].0.is_ok(), "{:?}", ends[1]);
+    victim.assert_progress(jobs_before, "after the panic");
+    victim.finish();
+}
+
+/// A raw VMM on the attacker's socket, past VERSION.
+fn raw_client(arena: &Arena) -> transport_support::RawClient {
+    let mut c = transport_support::RawClient::new(UnixStream::connect(arena.socket()).unwrap());
+    c.version();
+    c
+}
+
+/// A sealed memfd of `size` bytes, as QEMU's memory-backend-memfd.
+fn sealed_memfd(size: u64) -> OwnedFd {
+    let flags = rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING;
+    let fd = rustix::fs::memfd_create("attack", flags).unwrap();
+    rustix::fs::ftruncate(&fd, size).unwrap();
+    let seals = rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW;
+    rustix::fs::fcntl_add_seals(&fd, seals).unwrap();
+    fd
+}
+
+const RW: u32 = 3;
+
+/// Every fd a DMA_MAP must not take, each refused with its errno while the
+/// connection goes on serving; then overlapping maps, and a hundred
+/// thousand tiny maps stopped at the map limit.
+#[test]
+fn dma_map_with_fds_that_are_not_guest_memory_is_refused() {
+    let arena = Arena::new(Limits::default());
+    let mut c = raw_client(&arena);
+    let (pipe_r, _pipe_w) = rustix::pipe::pipe().unwrap();
+    let dir: OwnedFd = std::fs::File::open("/tmp").unwrap().into();
+    let (sock, _sock2) = UnixStream::pair().unwrap();
+    let sock: OwnedFd = sock.into();
+    let zero: OwnedFd = std::fs::File::open("/dev/zero").unwrap().into();
+    let unsealed = transport_support::memfd(0x10_0000);
+    let small = sealed_memfd(0x1000);
+    let good = sealed_memfd(0x10_0000);
+    let cases: [(&str, &OwnedFd, u64, u64, i32); 7] = [
+        ("a pipe", &pipe_r, 0, 0x1000, libc::EINVAL),
+        ("a directory", &dir, 0, 0x1000, libc::EINVAL),
+        ("a socket", &sock, 0, 0x1000, libc::EINVAL),
+        ("/dev/zero", &zero, 0, 0x1000, libc::EINVAL),
+        ("an unsealed memfd", &unsealed, 0, 0x1000, libc::EINVAL),
+        (
+            "a sealed memfd smaller than the map",
+            &small,
+            0,
+            0x10_0000,
+            libc::EINVAL,
+        ),
+        (
+            "an offset past the end",
+            &good,
+            0x20_0000,
+            0x1000,
+            libc::EINVAL,
+        ),
+    ];
+    let mut got = Vec::new();
+    for (what, fd, offset, size, _) in &cases {
+        let r = c.dma_map(RW, *offset, 0x1000_0000, *size, &[fd.as_fd()]);
+        got.push((*what, if r.is_error() { r.errno() } else { 0 }));
+    }
+    let want: Vec<(&str, i32)> = cases.iter().map(|c| (c.0, c.4)).collect();
+    assert_eq!(got, want);
+    // Overlapping maps: the second is refused with EEXIST.
+    c.dma_map(RW, 0, 0x2000_0000, 0x10_0000, &[good.as_fd()])
+        .ok();
+    let r = c.dma_map(RW, 0, 0x2008_0000, 0x10_0000, &[good.as_fd()]);
+    assert_eq!(r.errno(), libc::EEXIST, "overlapping map");
+    // Tiny fd-less maps until the limit: ENOSPC, then still in sync.
+    let limit = Limits::default().max_dma_maps as u64;
+    let mut refused_at = None;
+    for i in 0..limit + 10 {
+        let r = c.dma_map(RW, 0, 0x1_0000_0000 + i * 0x1000, 0x1000, &[]);
+        if r.is_error() {
+            assert_eq!(r.errno(), libc::ENOSPC);
+            refused_at.get_or_insert(i);
+        }
+    }
+    // One map (the good one) was already held.
+    assert_eq!(refused_at, Some(limit - 1), "the map limit");
+    assert!(!c.region_read(0, 0, 4).is_error());
+
+    // SET_IRQS with fds that are not eventfds.
+    let flags = vfio_bindings::bindings::vfio::VFIO_IRQ_SET_DATA_EVENTFD
+        | vfio_bindings::bindings::vfio::VFIO_IRQ_SET_ACTION_TRIGGER;
+    for fd in [&pipe_r, &good, &zero] {
+        let r = c.set_irqs(flags, 2, 0, 1, &[fd.as_fd()]);
+        assert_eq!(r.errno(), libc::EINVAL, "SET_IRQS with a non-eventfd");
+    }
+    drop(c);
+    drop((
+        pipe_r, _pipe_w, dir, sock, _sock2, zero, unsealed, small, good,
+    ));
+    arena.after("DMA_MAP and SET_IRQS with bad fds");
+}
+
+/// Framing attacks, one connection each: a header claiming 4 GiB; VERSION
+/// with a megabyte of JSON, and with more than a message may hold; random
+/// bytes after a valid VERSION; thousands of requests whose replies are
+/// never read.
+#[test]
+fn framing_attacks_end_only_their_own_connection() {
+    let limits = Limits {
+        message_timeout_ms: 500,
+        ..Limits::default()
+    };
+    let mut arena = Arena::new(limits);
+
+    // A header claiming a huge size: E2BIG, then closed.
+    let mut c = transport_support::RawClient::new(UnixStream::connect(arena.socket()).unwrap());
+    c.send_raw(header(1, u32::MAX).as_bytes(), &[]);
+    assert_eq!(c.recv().errno(), libc::E2BIG);
+    c.expect_eof();
+    arena.check("a header claiming 4 GiB");
+
+    // VERSION with a megabyte of JSON (an unknown capability, ignored): an
+    // ordinary reply, and the connection goes on.
+    let mut c = transport_support::RawClient::new(UnixStream::connect(arena.socket()).unwrap());
+    let mut json = String::from(r#"{"capabilities":{"x":""#);
+    json.push_str(&"a".repeat(1 << 20));
+    json.push_str(r#""}}"#);
+    let body = transport_support::version_body(&json);
+    let id = c.send(1, 0, &body, &[]);
+    let r = c.recv().ok();
+    assert_eq!(r.header.id, id);
+    assert!(r.header.size < 256, "reply of {} bytes", r.header.size);
+    assert!(!c.region_read(0, 0, 4).is_error());
+    drop(c);
+    // More than a message may hold: E2BIG and closed.
+    let mut c = transport_support::RawClient::new(UnixStream::connect(arena.socket()).unwrap());
+    c.send_raw(header(1, 2 << 20).as_bytes(), &[]);
+    assert_eq!(c.recv().errno(), libc::E2BIG);
+    c.expect_eof();
+    arena.check("VERSION with a megabyte of JSON");
+
+    // Random bytes after a valid VERSION: whatever they frame is refused or
+    // ends the connection; the instance is not harmed.
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    for _ in 0..4 {
+        let mut s = UnixStream::connect(arena.socket()).unwrap();
+        let mut c = transport_support::RawClient::new(s.try_clone().unwrap());
+        c.version();
+        let junk: Vec<u8> = (0..4096).map(|_| rng.random()).collect();
+        let _ = s.write_all(&junk);
+        assert_closed_by_server(&mut s, Duration::from_secs(5), "random bytes");
+    }
+    arena.check("random bytes after VERSION");
+
+    // Thousands of requests, replies never read: the server's reply waits
+    // past the deadline and the connection is closed.
+    let s = UnixStream::connect(arena.socket()).unwrap();
+    let mut c = transport_support::RawClient::new(s.try_clone().unwrap());
+    c.version();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    let read = transport_support::RawClient::region_write_body(0, 0, &[0; 4]);
+    let mut msg = header(9, 32).as_bytes().to_vec();
+    msg.extend_from_slice(&read[..16]);
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < 20_000 && (&s).write_all(&msg).is_ok() {
+        sent += 1;
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "sending took {:?}",
+        t.elapsed()
+    );
+    drop(c);
+    drop(s);
+    let stats = arena.attacker.report().transport.unwrap();
+    assert!(
+        stats.stalled >= 1 || sent == 20_000,
+        "{stats:?}, {sent} sent"
+    );
+    arena.after("requests whose replies are never read");
+}
+
+/// Hundreds of connections at once: one is served, the rest closed at
+/// once; the accept thread is not held 200 ms for each.
+#[test]
+fn hundreds_of_connections_are_closed_at_once() {
+    let arena = Arena::new(Limits::default());
+    let busy = raw_client(&arena);
+    let t = Instant::now();
+    let mut conns: Vec<UnixStream> = (0..300)
+        .map(|_| UnixStream::connect(arena.socket()).unwrap())
+        .collect();
+    for s in &mut conns {
+        assert_closed_by_server(s, Duration::from_secs(10), "an extra connection");
+    }
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "300 refusals took {:?}",
+        t.elapsed()
+    );
+    assert!(arena.attacker.report().refused_connections >= 300);
+    drop(conns);
+    drop(busy);
+    arena.after("hundreds of connections");
+}
+
+/// A doorbell storm: 20,000 doorbell writes, posted (No_reply) as QEMU
+/// sends them, on queues that are enabled and not.
+#[test]
+fn a_doorbell_storm_harms_nobody() {
+    let arena = Arena::new(Limits::default());
+    let mut c = raw_client(&arena);
+    for i in 0..20_000u64 {
+        let body =
+            transport_support::RawClient::region_write_body(2, (i % 2) * 0x1000, &[1, 0, 0, 0]);
+        c.send(10, wdvirt::transport::wire::FLAG_NO_REPLY, &body, &[]);
+    }
+    assert!(!c.region_read(0, 0, 4).is_error());
+    drop(c);
+    arena.after("a doorbell storm");
+}
+
+fn proc_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+fn proc_rss_kib(pid: u32) -> u64 {
+    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap();
+    statm
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 4
+}
+
+/// The same containment seen from outside, against a `wdvirt serve` process
+/// hosting a victim and an attacker, with limits set on its command line:
+/// an fd flood in an unfinished message and a stalled half header leave
+/// the process's fd count and RSS where they were, the victim's jobs
+/// verify throughout, a fresh VMM runs a job on the attacker's socket, and
+/// the hits are counted in the attacker's `transport_totals`.
+#[test]
+fn a_wdvirt_serve_process_contains_an_fd_flood_and_a_stall() {
+    let _serial = SERIAL.lock();
+    watchdog();
+    let dir = tempfile::tempdir().unwrap();
+    let (victim_sock, attacker_sock) = (
+        dir.path().join("victim.sock"),
+        dir.path().join("attacker.sock"),
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_wdvirt"))
+        .args([
+            "serve",
+            "--json",
+            "--queues",
+            "2",
+            "--message-timeout-ms",
+            "300",
+            "--socket",
+        ])
+        .arg(&victim_sock)
+        .arg("--socket")
+        .arg(&attacker_sock)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(victim_sock.exists() && attacker_sock.exists()) {
+        assert!(Instant::now() < deadline, "wdvirt serve did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let jobs = Arc::new(AtomicU64::new(0));
+    let victim = {
+        let (stop, jobs, sock) = (stop.clone(), jobs.clone(), victim_sock.clone());
+        std::thread::spawn(move || {
+            let vmm = Arc::new(
+                LoopbackVmm::connect(&sock, GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()).unwrap(),
+            );
+            let dev = Device::probe(vmm.clone()).unwrap();
+            dev.enable().unwrap();
+            let pool = vmm.dma_pool().unwrap();
+            let mut q = dev.queue(0, 32, dev.info().cap_ops, &pool).unwrap();
+            let mut n = 0u32;
+            while !stop.load(Ordering::Acquire) {
+                let data: Vec<u8> = (0..8192u32)
+                    .map(|i| (i ^ n).wrapping_mul(13) as u8)
+                    .collect();
+                assert_eq!(q.crc32c(&data).unwrap(), wdvirt_guest::crc::crc32c(&data));
+                n += 1;
+                jobs.fetch_add(1, Ordering::Release);
+            }
+        })
+    };
+    fresh_vmm_runs_a_job(&attacker_sock);
+    while jobs.load(Ordering::Acquire) == 0 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (fds_before, rss_before) = (proc_fds(pid), proc_rss_kib(pid));
+    let jobs_before = jobs.load(Ordering::Acquire);
+
+    // The fd flood: 31 bytes of GET_INFO, each with 253 fds.
+    let fds = memfds(253);
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+    let s = UnixStream::connect(&attacker_sock).unwrap();
+    let mut msg = header(4, 32).as_bytes().to_vec();
+    msg.extend_from_slice(&[0; 16]);
+    for b in &msg[..31] {
+        send_with_fds(&s, std::slice::from_ref(b), &borrowed).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let during = proc_fds(pid);
+    assert!(
+        during < fds_before + 64,
+        "wdvirt serve holds {during} fds, {fds_before} before"
+    );
+    // Unfinished: closed at the 300 ms deadline, its fds with it.
+    let mut s = s;
+    assert_closed_by_server(&mut s, Duration::from_secs(5), "the unfinished GET_INFO");
+    drop(fds);
+    // Half a header, then a stall.
+    let mut s = UnixStream::connect(&attacker_sock).unwrap();
+    s.write_all(&header(1, 64).as_bytes()[..7]).unwrap();
+    assert_closed_by_server(&mut s, Duration::from_secs(5), "half a header");
+
+    fresh_vmm_runs_a_job(&attacker_sock);
+    let t = Instant::now();
+    while jobs.load(Ordering::Acquire) <= jobs_before {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the victim made no progress"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proc_fds(pid) > fds_before + 4 {
+        assert!(
+            Instant::now() < deadline,
+            "wdvirt serve: {} fds, {fds_before} before",
+            proc_fds(pid)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rss = proc_rss_kib(pid);
+    assert!(
+        rss < rss_before + 64 * 1024,
+        "RSS {rss} KiB, {rss_before} KiB before"
+    );
+    stop.store(true, Ordering::Release);
+    victim.join().expect("a victim job failed");
+
+    let reports = common::stop_serve(&mut child);
+    let attacker = reports.iter().find(|r| r["name"] == "attacker").unwrap();
+    let totals = &attacker["transport_totals"];
+    assert!(
+        totals["fds_refused"].as_u64().unwrap() >= 31 * 16,
+        "{totals}"
+    );
+    assert_eq!(totals["stalled"], 2, "{totals}");
+    assert_eq!(attacker["connection_panics"], 0);
+    let victim = reports.iter().find(|r| r["name"] == "victim").unwrap();
+    assert_eq!(victim["transport_totals"]["errors_sent"], 0, "{victim}");
+    FINISHED.lock().push(*CURRENT.lock());
+}
+
+/// The guest's own device pulled from under its jobs: while a thread runs
+/// jobs on the attacker's queue, another turns Bus Master off and on,
+/// resets the device (`DEV_CTRL_RESET`) and rewrites ring bases, for a
+/// second. The attacker's jobs may fail (its own doing); nothing else may.
+/// Then rings placed at the very end of RAM and on top of each other.
+#[test]
+fn resets_bus_master_off_and_ring_changes_mid_job_stay_inside_the_instance() {
+    let arena = Arena::new(Limits::default());
+    let vmm = Arc::new(
+        LoopbackVmm::connect(&arena.socket(), GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()).unwrap(),
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let (vmm, stop) = (vmm.clone(), stop.clone());
+        std::thread::spawn(move || {
+            // Set up once; the jobs then run while the device is pulled
+            // away (a guest driver's enable would wait out its own 30 s
+            // timeout on a device being reset under it).
+            let dev = Device::probe(vmm.clone()).unwrap();
+            dev.enable().unwrap();
+            let pool = vmm.dma_pool().unwrap();
+            let mut q = dev.queue(0, 16, dev.info().cap_ops, &pool).unwrap();
+            // A job lost to a reset is waited for this long.
+            q.set_timeout(Duration::from_millis(100));
+            let mut rounds = 0u32;
+            while !stop.load(Ordering::Acquire) {
+                let _ = q.crc32c(&[7u8; 4096]);
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let t = Instant::now();
+    let b = regs::queue(0) as u64;
+    while t.elapsed() < Duration::from_secs(1) {
+        let cmd = vmm.config_read(4, 2).unwrap();
+        vmm.config_write(4, 2, cmd & !0x4).unwrap();
+        std::thread::sleep(Duration::from_millis(3));
+        vmm.config_write(4, 2, cmd | 0x6).unwrap();
+        vmm.region_write(
+            0,
+            b + regs::Q_SQ_BASE as u64,
+            &(RAM_BASE + 0x8000).to_le_bytes(),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(3));
+        vmm.region_write(
+            0,
+            regs::DEV_CTRL as u64,
+            &regs::DEV_CTRL_RESET.to_le_bytes(),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(3));
+    }
+    stop.store(true, Ordering::Release);
+    worker.join().expect("the attacker's own driver thread");
+
+    // Rings at the very end of RAM (the SQ runs past it) and on top of
+    // each other: the queue refuses to start, with its error bit.
+    let w32 = |off: u64, v: u32| vmm.region_write(0, off, &v.to_le_bytes()).unwrap();
+    let w64 = |off: u64, v: u64| vmm.region_write(0, off, &v.to_le_bytes()).unwrap();
+    let status = || {
+        let mut st = [0u8; 4];
+        vmm.region_read(0, b + regs::Q_STATUS as u64, &mut st)
+            .unwrap();
+        u32::from_le_bytes(st)
+    };
+    let end = RAM_BASE + RAM_SIZE;
+    for (sq, cq, idx) in [
+        (end - 64 * 8, RAM_BASE, RAM_BASE + 0x1_0000),
+        (RAM_BASE, RAM_BASE, RAM_BASE + 0x1_0000),
+        (RAM_BASE, RAM_BASE + 0x2_0000, RAM_BASE + 0x2_0000),
+    ] {
+        w32(regs::DEV_CTRL as u64, regs::DEV_CTRL_RESET);
+        w32(regs::DEV_CTRL as u64, regs::DEV_CTRL_ENABLE);
+        w64(b + regs::Q_SQ_BASE as u64, sq);
+        w64(b + regs::Q_CQ_BASE as u64, cq);
+        w64(b + regs::Q_IDX_BASE as u64, idx);
+        w32(b + regs::Q_DEPTH as u64, 16);
+        w32(b + regs::Q_OPS as u64, wdvirt_abi::ALL_OPS);
+        w32(b + regs::Q_CTRL as u64, regs::Q_CTRL_ENABLE);
+        let st = status();
+        assert_eq!(
+            st & (regs::Q_STATUS_ENABLED | regs::Q_STATUS_ERROR),
+            regs::Q_STATUS_ERROR,
+            "rings {sq:#x} {cq:#x} {idx:#x}: Q_STATUS {st:#x}"
+        );
+    }
+    drop(vmm);
+    arena.after("resets, Bus Master and ring changes mid-job");
+}
