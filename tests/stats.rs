@@ -347,6 +347,12 @@ fn counters_equal_what_each_driver_counted_by_vm_and_metrics_say_the_same() {
     assert_eq!(q.as_array().unwrap().len(), 4);
     assert_eq!(q[2]["jobs_ok"], 150, "{q}");
     assert_eq!(q[0]["jobs_submitted"], 0, "{q}");
+    // The QoS scheduler's side: engine time its jobs used, and its share
+    // (three instances of equal weight on soft0: a third each).
+    let sched = &one["instances"][0]["scheduler"];
+    assert!(sched["engine_ns"].as_u64().unwrap() > 0, "{sched}");
+    let entitled = sched["entitlement"].as_f64().unwrap();
+    assert!((entitled - 1.0 / 3.0).abs() < 1e-9, "{sched}");
     let table = String::from_utf8(d.cli(&["stats", "--vm", "web"]).stdout).unwrap();
     assert!(
         table

@@ -266,6 +266,16 @@ impl Catalog {
             .collect()
     }
 
+    /// The share of engine time the instance of `placed` is entitled to on
+    /// `accelerator` now: its weight over the weights of every instance the
+    /// scheduler holds there.
+    pub fn entitlement(&self, accelerator: &str, placed: &Placed) -> Option<f64> {
+        let all = self.schedulers.get(accelerator)?.snapshots();
+        let mine = all.iter().find(|t| t.pasid == placed.pasid())?;
+        let total: u64 = all.iter().map(|t| u64::from(t.policy.weight)).sum();
+        (total > 0).then(|| f64::from(mine.policy.weight) / total as f64)
+    }
+
     fn schedulers_of(&self, allocation: &Allocation) -> Vec<&Arc<ScheduledAccel>> {
         let mut v: Vec<&Arc<ScheduledAccel>> = allocation
             .functions

@@ -418,8 +418,8 @@ impl Instance {
             queues: (self.queues.iter().enumerate())
                 .map(|(i, q)| QueueSample::take(i as u32, &q.stats))
                 .collect(),
-            // Filled from the QoS scheduler's snapshot once it reports
-            // (src/qos); until then no instance has one.
+            // The registry fills it from the QoS schedulers' snapshots: the
+            // instance does not know its neighbours' names.
             scheduler: None,
         }
     }

@@ -20,7 +20,7 @@ use super::instance::{Instance, InstanceSpec};
 use super::store::{Definition, Store};
 use super::view::{InstanceState, InstanceView};
 use crate::qos::TenantSnapshot;
-use crate::stats::report::StatsReport;
+use crate::stats::report::{Interference, SchedulerStats, StatsReport, Throttled};
 
 struct Running {
     instance: Instance,
@@ -570,6 +570,13 @@ impl Registry {
             }
             None => None,
         };
+        // Every started instance by PASID, to name the neighbours the
+        // scheduler reports (it knows tenants only by PASID).
+        let by_pasid: BTreeMap<u32, &Entry> = entries
+            .by_uuid
+            .values()
+            .filter_map(|e| Some((e.running.as_ref()?.placed.pasid(), e)))
+            .collect();
         let samples = entries
             .by_uuid
             .values()
@@ -577,15 +584,59 @@ impl Registry {
             .filter(|e| vm.is_none() || e.def.vm == vm)
             .filter_map(|e| {
                 let r = e.running.as_ref()?;
-                Some(r.instance.stats_sample(
+                let mut sample = r.instance.stats_sample(
                     e.def.uuid,
                     e.def.vm.clone(),
                     self.effective_qos(&e.def),
-                ))
+                );
+                sample.scheduler = self.scheduler_stats(&r.placed, &by_pasid);
+                Some(sample)
             })
             .collect();
         let named: Vec<String> = vm.into_iter().collect();
         Ok(StatsReport::build(samples, &named))
+    }
+
+    /// What the QoS schedulers of the instance's accelerators report for
+    /// it, summed over them; the entitlement when it uses one accelerator.
+    fn scheduler_stats(
+        &self,
+        placed: &Placed,
+        by_pasid: &BTreeMap<u32, &Entry>,
+    ) -> Option<SchedulerStats> {
+        let snaps = self.catalog.qos_snapshots(placed);
+        let mut out = SchedulerStats::default();
+        let mut held: BTreeMap<u32, u64> = BTreeMap::new();
+        for (_, t) in &snaps {
+            out.engine_ns += t.engine_ns;
+            out.throttled.add(&Throttled {
+                rate_ns: t.throttled_ns.rate,
+                cap_ns: t.throttled_ns.cap,
+                share_ns: t.throttled_ns.share,
+            });
+            for i in &t.interference {
+                *held.entry(i.neighbour_pasid).or_default() += i.engine_ns;
+            }
+        }
+        if let [(accelerator, _)] = snaps.as_slice() {
+            out.entitlement = self.catalog.entitlement(accelerator, placed);
+        }
+        // A neighbour stopped since is no longer named (its PASID may be
+        // someone else's by now).
+        out.interference = held
+            .into_iter()
+            .filter_map(|(pasid, held_ns)| {
+                let n = by_pasid.get(&pasid)?;
+                Some(Interference {
+                    neighbour: n.def.uuid,
+                    neighbour_name: n.def.name.clone(),
+                    neighbour_vm: n.def.vm.clone(),
+                    held_ns,
+                })
+            })
+            .collect();
+        out.interference.sort_by(|a, b| b.held_ns.cmp(&a.held_ns));
+        (!snaps.is_empty()).then_some(out)
     }
 
     fn view(&self, e: &Entry) -> InstanceView {

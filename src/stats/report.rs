@@ -70,7 +70,7 @@ pub struct Throttled {
 }
 
 impl Throttled {
-    fn add(&mut self, o: &Throttled) {
+    pub fn add(&mut self, o: &Throttled) {
         self.rate_ns += o.rate_ns;
         self.cap_ns += o.cap_ns;
         self.share_ns += o.share_ns;
