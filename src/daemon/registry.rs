@@ -635,7 +635,8 @@ impl Registry {
                 })
             })
             .collect();
-        out.interference.sort_by(|a, b| b.held_ns.cmp(&a.held_ns));
+        out.interference
+            .sort_by_key(|i| std::cmp::Reverse(i.held_ns));
         (!snaps.is_empty()).then_some(out)
     }
 
