@@ -1128,6 +1128,13 @@ fn a_real_libvirtd_gives_a_guest_its_instance_and_refuses_what_wdvirt_cannot_do(
     }
     assert_eq!(after["report"]["connections"], 1, "QEMU's one connection");
     assert_eq!(host_jobs(&after), (device_jobs, 0));
+    // `wdvirt stats --vm` shows the guest's jobs under the domain's name.
+    let stats = lv.json(&["stats", "--vm", a]);
+    let vm = &stats["vms"][0];
+    assert_eq!(vm["vm"], a, "{stats}");
+    assert_eq!(vm["instances"], serde_json::json!([inst]), "{stats}");
+    assert_eq!(vm["totals"]["jobs_ok"], device_jobs, "{stats}");
+    assert_eq!(vm["totals"]["jobs_failed"], 0, "{stats}");
 
     // 2. More than fits: one quad is left, this asks for two.
     let b = "wdvirt-lv-b";

@@ -262,10 +262,12 @@ impl StreamReader {
             });
         }
         self.total = Some(total as usize);
-        if b.len() as u64 == total {
-            Ok(Progress::Complete)
-        } else {
-            Ok(Progress::Accepted)
+        match (b.len() as u64).cmp(&total) {
+            std::cmp::Ordering::Less => Ok(Progress::Accepted),
+            std::cmp::Ordering::Equal => Ok(Progress::Complete),
+            std::cmp::Ordering::Greater => Err(StreamError::Trailing {
+                extra: (b.len() as u64 - total) as usize,
+            }),
         }
     }
 
@@ -438,12 +440,19 @@ mod tests {
         let err = decode(&huge, &compat(), DEFAULT_MAX_STREAM).unwrap_err();
         assert_eq!(err, StreamError::CompatTooLarge { len: u32::MAX });
 
-        // Bytes past the announced end.
+        // Bytes past the announced end, in a later piece.
         let mut r = StreamReader::new(compat(), DEFAULT_MAX_STREAM);
         r.push(&s).unwrap();
         assert_eq!(
             r.push(b"x").unwrap_err(),
             StreamError::Trailing { extra: 1 }
+        );
+        // In the same piece as the rest.
+        let mut longer = s.clone();
+        longer.extend_from_slice(b"xy");
+        assert_eq!(
+            decode(&longer, &compat(), DEFAULT_MAX_STREAM).unwrap_err(),
+            StreamError::Trailing { extra: 2 }
         );
     }
 
