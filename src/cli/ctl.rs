@@ -401,7 +401,8 @@ fn print_table<const N: usize>(rows: &[[String; N]]) {
     print_rows(&rows);
 }
 
-fn print_rows(rows: &[Vec<String>]) {
+/// Left-aligned columns, two spaces apart; the last column unpadded.
+pub(super) fn print_rows(rows: &[Vec<String>]) {
     let n = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..n)
         .map(|c| {

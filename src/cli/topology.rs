@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 
 use super::client::ApiClient;
+use super::ctl::print_rows;
 use crate::config::{self, Config};
 use crate::daemon::catalog::TypeDef;
 use crate::daemon::view::AcceleratorView;
@@ -516,30 +517,3 @@ pub fn plan(a: PlanArgs, api: &ApiClient, api_path: &std::path::Path) -> anyhow:
     })
 }
 
-/// Left-aligned columns, two spaces apart; the last column unpadded.
-fn print_rows(rows: &[Vec<String>]) {
-    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> = (0..n)
-        .map(|c| {
-            rows.iter()
-                .filter_map(|r| r.get(c))
-                .map(|cell| cell.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    for r in rows {
-        let line: Vec<String> = r
-            .iter()
-            .enumerate()
-            .map(|(i, cell)| {
-                if i + 1 == r.len() {
-                    cell.clone()
-                } else {
-                    format!("{cell:<w$}", w = widths[i])
-                }
-            })
-            .collect();
-        println!("{}", line.join("  ").trim_end());
-    }
-}
