@@ -516,4 +516,3 @@ pub fn plan(a: PlanArgs, api: &ApiClient, api_path: &std::path::Path) -> anyhow:
         ExitCode::from(2)
     })
 }
-
