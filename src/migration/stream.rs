@@ -157,10 +157,7 @@ pub fn encode(compat: &Compat, state: &[u8]) -> Vec<u8> {
 
 /// The length of the header and compatibility block: what PRE_COPY carries.
 pub fn compat_prefix_len(stream: &[u8]) -> usize {
-    match stream.get(12..16) {
-        Some(b) => 16 + u32::from_le_bytes(b.try_into().unwrap()) as usize,
-        None => stream.len(),
-    }
+    read_u32(stream, 12).map_or(stream.len(), |clen| 16 + clen as usize)
 }
 
 /// Where the reader stands.
@@ -226,11 +223,10 @@ impl StreamReader {
                 found: b[..8].try_into().unwrap(),
             });
         }
-        if b.len() >= 12 {
-            let found = u32::from_le_bytes(b[8..12].try_into().unwrap());
-            if found != STREAM_VERSION {
-                return Err(StreamError::Version { found });
-            }
+        if let Some(found) = read_u32(b, 8)
+            && found != STREAM_VERSION
+        {
+            return Err(StreamError::Version { found });
         }
         let Some(clen) = read_u32(b, 12) else {
             return Ok(Progress::Header);
@@ -273,7 +269,7 @@ impl StreamReader {
 
     /// The state bytes, once the whole stream has arrived and its checksum
     /// matched.
-    pub fn finish(self) -> Result<Vec<u8>, StreamError> {
+    pub fn finish(mut self) -> Result<Vec<u8>, StreamError> {
         let have = self.buf.len();
         let part = match self.total {
             Some(total) if have == total => None,
@@ -284,14 +280,18 @@ impl StreamReader {
         if let Some(part) = part {
             return Err(StreamError::Truncated { have, part });
         }
-        let (body, tail) = self.buf.split_at(have - 4);
-        let found = u32::from_le_bytes(tail.try_into().unwrap());
-        let computed = crate::accel::ops::crc32c(body);
+        let body = have - 4;
+        let found = read_u32(&self.buf, body).expect("a whole stream ends in its checksum");
+        let computed = crate::accel::ops::crc32c(&self.buf[..body]);
         if found != computed {
             return Err(StreamError::Checksum { found, computed });
         }
-        let clen = read_u32(body, 12).unwrap_or(0) as usize;
-        Ok(body[16 + clen + 4..].to_vec())
+        let clen = read_u32(&self.buf, 12).unwrap_or(0) as usize;
+        // The state is handed on in the reader's buffer: no second
+        // allocation of up to the cap.
+        self.buf.truncate(body);
+        self.buf.drain(..16 + clen + 4);
+        Ok(self.buf)
     }
 }
 
