@@ -10,7 +10,7 @@ use crate::topology::sysfs::{ProblemKind, Sysfs, parse_cpulist};
 
 /// Most engine threads one software accelerator runs (the configuration's
 /// limit for `engines`).
-pub const MAX_SOFT_ENGINES: u32 = 64;
+pub const MAX_SOFT_ENGINES: u32 = crate::config::MAX_ENGINES;
 
 /// What each discovered software accelerator offers, as `policies/default.yaml`
 /// declares its `soft0`.
