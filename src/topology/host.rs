@@ -19,12 +19,16 @@
 //! other configuration error.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use super::model::{Discovery, FoundAccelerator, Interface, Problem};
-use super::sysfs::ProblemKind;
-use crate::config::{Backend, Config, ConfigError, ConfigErrors, Endpoint, Located, Place};
+use super::sources::{Source, discover_with};
+use super::sysfs::{ProblemKind, Sysfs};
+use crate::config::{
+    Backend, Config, ConfigError, ConfigErrors, Endpoint, HostNames, Located, Place,
+};
 use crate::partition::{
     AcceleratorSpec, LinkSpec, Node, NumaSpec, Topology, TopologyError, TopologySpec, ops_names,
 };
@@ -90,6 +94,47 @@ pub struct Host {
     pub accelerators: Vec<HostAccelerator>,
     pub links: Vec<HostLink>,
     pub problems: Vec<Problem>,
+}
+
+/// Why the host could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "sysfs root {}: not a directory (give --sysfs the running machine's /sys or a recorded tree)",
+        .0.display()
+    )]
+    NoSysfs(PathBuf),
+    #[error(transparent)]
+    Config(#[from] ConfigErrors),
+}
+
+/// What a command starts from: the configuration, what discovery read and
+/// the merged graph.
+#[derive(Debug, Clone)]
+pub struct OnHost {
+    pub cfg: Config,
+    pub found: Discovery,
+    pub host: Host,
+}
+
+/// Discovers the host under `sysfs` with `sources`, loads the configuration
+/// with `config` (which is given the names discovery found, for the YAML to
+/// use) and merges the two. The one way the daemon, `wdvirt validate`,
+/// `topology` and `plan` see a host. A root that is not a directory fails:
+/// an empty host is never what was meant.
+pub fn load(
+    sysfs: &Path,
+    sources: &[Box<dyn Source>],
+    config: impl FnOnce(&HostNames) -> Result<Config, ConfigErrors>,
+) -> Result<OnHost, LoadError> {
+    let sys = Sysfs::new(sysfs);
+    if !sys.exists() {
+        return Err(LoadError::NoSysfs(sysfs.to_path_buf()));
+    }
+    let found = discover_with(&sys, sources);
+    let cfg = config(&found.names())?;
+    let host = merge(&cfg, &found)?;
+    Ok(OnHost { cfg, found, host })
 }
 
 fn pair(a: Node, b: Node) -> (Node, Node) {
