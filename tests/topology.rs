@@ -681,6 +681,9 @@ fn plan_says_where_and_how_many_fit_and_why_not() {
     );
     // hisi_zip-1 has 40 free queue pairs: 20 of 2 there, then hisi_zip-0's 32.
     assert_eq!(v["plan"]["fit"], 52);
+    // Counted past the two listed, with no refusal: two fit.
+    assert_eq!(v["plan"]["placed"].as_array().unwrap().len(), 2);
+    assert_eq!(v["plan"]["refusal"], Value::Null);
     assert_eq!(v["no_backend"].as_array().unwrap().len(), 4);
     let a = args("zip-hash-near", &["--near", "3"]);
     let a: Vec<&str> = a.iter().map(String::as_str).collect();

@@ -446,7 +446,7 @@ pub fn plan(a: PlanArgs, api: &ApiClient, api_path: &std::path::Path) -> anyhow:
             })
         })
         .collect();
-    let plan = topo.plan(&req, Some(&free), a.count)?;
+    let plan = topo.plan(&req, &free, a.count)?;
     let no_backend: Vec<&str> = l
         .host
         .accelerators
