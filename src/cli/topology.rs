@@ -336,7 +336,7 @@ fn print_text(a: &HostArgs, l: &Loaded) {
         rows.push(vec![
             x.name.clone(),
             if x.drivable {
-                x.backend.clone()
+                x.backend.to_string()
             } else {
                 format!("{} (no backend)", x.backend)
             },

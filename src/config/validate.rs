@@ -554,6 +554,10 @@ pub(crate) fn validate(files: &[Parsed], host: &HostNames) -> Result<Config, Vec
         }
     }
     let accels_sound = cx.errors.len() == errors_before_accels;
+    // With no software accelerator declared, the daemon uses the ones
+    // discovery finds: the merged graph is checked then
+    // (`daemon::catalog::check_placeable`), not the YAML alone.
+    let declares_soft = cfg.accelerators.iter().any(|a| a.backend == Backend::Soft);
 
     // QoS policies.
     for (fi, f) in files.iter().enumerate() {
@@ -660,10 +664,6 @@ pub(crate) fn validate(files: &[Parsed], host: &HostNames) -> Result<Config, Vec
             let name = t.name.value.clone();
             if let Some(t) = super::types::check_type(&mut cx, fi, t, origin) {
                 let (ty, places) = t;
-                // With no software accelerator declared, the daemon uses the
-                // ones discovery finds: the merged graph is checked then
-                // (`daemon::catalog::check_placeable`), not the YAML alone.
-                let declares_soft = cfg.accelerators.iter().any(|a| a.backend == Backend::Soft);
                 if accels_sound && declares_soft && cx.errors.len() == errors_before {
                     super::types::check_hostable(&mut cx, fi, &ty, &places, &cfg.accelerators);
                 }

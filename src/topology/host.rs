@@ -61,16 +61,16 @@ pub struct HostNuma {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HostAccelerator {
     pub name: String,
-    /// `soft`, `uacce` or `idxd`.
-    pub backend: String,
+    pub backend: Backend,
     pub engines: u32,
     pub queue_pairs: u32,
     pub ops: u32,
     pub pasids: u32,
     pub numa_node: Option<u32>,
     pub origin: Origin,
-    /// Whether this build has a backend to run it (today: `soft` only). The
-    /// daemon places instances on these; `wdvirt plan` shows every one.
+    /// `backend.drivable()`, kept for the JSON listings: whether this build
+    /// runs it. The daemon places instances on these; `wdvirt plan` shows
+    /// every one.
     pub drivable: bool,
     /// What discovery read, when it was found.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -89,7 +89,6 @@ pub struct HostLink {
 /// from and what discovery had to skip.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Host {
-    pub sysfs: String,
     pub numa: Vec<HostNuma>,
     pub accelerators: Vec<HostAccelerator>,
     pub links: Vec<HostLink>,
@@ -269,14 +268,14 @@ pub fn merge(cfg: &Config, found: &Discovery) -> Result<Host, ConfigErrors> {
         .filter(|f| !(declares_soft && f.interface == Interface::Soft))
         .map(|f| HostAccelerator {
             name: f.name.clone(),
-            backend: f.interface.backend().to_string(),
+            backend: f.interface.backend(),
             engines: f.engines,
             queue_pairs: f.queue_pairs,
             ops: f.ops,
             pasids: f.pasids,
             numa_node: f.numa_node,
             origin: Origin::Discovered,
-            drivable: f.interface == Interface::Soft,
+            drivable: f.interface.backend().drivable(),
             found: Some(f.clone()),
         })
         .collect();
@@ -291,27 +290,26 @@ pub fn merge(cfg: &Config, found: &Discovery) -> Result<Host, ConfigErrors> {
         match (y.backend, existing) {
             (Backend::Soft, None) => accels.push(HostAccelerator {
                 name: y.name.clone(),
-                backend: "soft".into(),
+                backend: Backend::Soft,
                 engines: y.engines,
                 queue_pairs: y.queue_pairs,
                 ops: y.ops,
                 pasids: y.pasids,
                 numa_node: y.numa_node,
                 origin: Origin::Yaml,
-                drivable: true,
+                drivable: Backend::Soft.drivable(),
                 found: None,
             }),
             (backend, Some(a)) => {
                 let f = a.found.clone();
                 let path = f.as_ref().map_or(String::new(), |f| f.path.clone());
-                if a.backend != backend.name() {
+                if a.backend != backend {
                     errors.push(conflict(
                         &y.origin,
                         format!(
                             "'{}' is a {} device on this host ({path}), declared here with backend {}",
                             y.name,
-                            a.backend,
-                            backend.name()
+                            a.backend, backend
                         ),
                     ));
                     continue;
@@ -384,10 +382,13 @@ pub fn merge(cfg: &Config, found: &Discovery) -> Result<Host, ConfigErrors> {
             });
             continue;
         }
-        let origin = match a.origin {
-            Origin::Discovered => Origin::Discovered,
-            _ if cfg.accelerator(&a.name).and_then(|y| y.numa_node).is_some() => Origin::Yaml,
-            _ => Origin::Discovered,
+        // The YAML's when it moved the accelerator to another node.
+        let origin = if a.origin != Origin::Discovered
+            && cfg.accelerator(&a.name).and_then(|y| y.numa_node).is_some()
+        {
+            Origin::Yaml
+        } else {
+            Origin::Discovered
         };
         edges.insert(
             pair(Node::Accelerator(a.name.clone()), Node::Numa(n)),
@@ -431,7 +432,6 @@ pub fn merge(cfg: &Config, found: &Discovery) -> Result<Host, ConfigErrors> {
         return Err(ConfigErrors(errors));
     }
     Ok(Host {
-        sysfs: found.root.clone(),
         numa: numa.into_values().collect(),
         accelerators: accels,
         links: edges
@@ -471,7 +471,7 @@ impl Host {
                 .filter(|a| keep(&a.name))
                 .map(|a| AcceleratorSpec {
                     name: a.name.clone(),
-                    backend: a.backend.clone(),
+                    backend: a.backend.name().to_string(),
                     engines: a.engines.max(1),
                     queue_pairs: a.queue_pairs,
                     ops: a.ops,
@@ -499,9 +499,5 @@ impl Host {
     /// The graph with shortest distances (see [`Self::spec`]).
     pub fn topology(&self, drivable_only: bool) -> Result<Topology, TopologyError> {
         Topology::new(self.spec(drivable_only))
-    }
-
-    pub fn accelerator(&self, name: &str) -> Option<&HostAccelerator> {
-        self.accelerators.iter().find(|a| a.name == name)
     }
 }

@@ -37,7 +37,7 @@ pub fn all_sources() -> Vec<Box<dyn Source>> {
         Box::new(PciSource),
         Box::new(UacceSource),
         Box::new(IdxdSource),
-        Box::new(SoftSource::default()),
+        Box::new(SoftSource),
     ]
 }
 
@@ -89,7 +89,7 @@ pub fn discover_with(sys: &Sysfs, sources: &[Box<dyn Source>]) -> Discovery {
     for a in dropped {
         found.problems.push(Problem {
             path: a.path,
-            reader: a.interface.backend(),
+            reader: a.interface.backend().name(),
             kind: ProblemKind::Skipped(format!(
                 "another accelerator is already named '{}'; this one is left out",
                 a.name
