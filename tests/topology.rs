@@ -1124,10 +1124,14 @@ fn merge_rules_each_give_their_message() {
 #[test]
 fn a_daemon_on_a_sysfs_root_that_is_not_a_directory_exits_1_saying_so() {
     let dir = tempfile::tempdir().unwrap();
+    // Like /nonexistent, but sure not to exist.
+    let missing = dir.path().join("nonexistent");
     let out = Command::new(env!("CARGO_BIN_EXE_wdvirt"))
         .arg("--api")
         .arg(dir.path().join("api.sock"))
-        .args(["daemon", "--sysfs", "/nonexistent", "--config"])
+        .args(["daemon", "--sysfs"])
+        .arg(&missing)
+        .arg("--config")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/default.yaml"))
         .arg("--state-dir")
         .arg(dir.path().join("state"))
@@ -1138,7 +1142,10 @@ fn a_daemon_on_a_sysfs_root_that_is_not_a_directory_exits_1_saying_so() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("sysfs root /nonexistent: not a directory"),
+        err.contains(&format!(
+            "wdvirt: error: sysfs root {}: not a directory",
+            missing.display()
+        )),
         "{err}"
     );
     assert!(!dir.path().join("api.sock").exists());
@@ -1187,7 +1194,9 @@ fn a_type_never_placeable_on_the_merged_graph_is_refused_by_validate_and_the_dae
         "ok: 0 accelerators, 4 types, 1 policies\n"
     );
     // The daemon refuses the same file on the same tree.
-    let out = wdvirt()
+    let out = Command::new(env!("CARGO_BIN_EXE_wdvirt"))
+        .arg("--api")
+        .arg(dir.path().join("api.sock"))
         .args([
             "daemon",
             "--sysfs",
@@ -1237,4 +1246,48 @@ fn placement_reads_only_the_pci_functions_behind_accelerators() {
         problem(&d, "0000:02:00.0/vendor").kind,
         ProblemKind::Garbage { .. }
     ));
+}
+
+#[test]
+fn the_daemon_logs_each_discovery_problem_once_at_warn() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wdvirt"))
+        .arg("--api")
+        .arg(dir.path().join("api.sock"))
+        .env_remove("WDVIRT_LOG")
+        .args(["daemon", "--sysfs"])
+        .arg(tree("kunpeng920-2s"))
+        .arg("--config")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/default.yaml"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("daemon ready") || Instant::now() > deadline {
+            break text;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the daemon exited ({status}): {text}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(text.contains("daemon ready"), "{text}");
+    for dev in ["hisi_hpre-4", "hisi_hpre-5"] {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(&format!("discovery: class/uacce/{dev}: runs none")))
+            .collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        assert!(lines[0].contains("WARN"), "{text}");
+    }
 }

@@ -8,10 +8,6 @@ use super::{Ctx, Source};
 use crate::topology::model::{Detail, Discovery, FoundAccelerator, Interface};
 use crate::topology::sysfs::{ProblemKind, Sysfs, parse_cpulist};
 
-/// Most engine threads one software accelerator runs (the configuration's
-/// limit for `engines`).
-pub const MAX_SOFT_ENGINES: u32 = crate::config::MAX_ENGINES;
-
 /// What each discovered software accelerator offers, as `policies/default.yaml`
 /// declares its `soft0`: queue pairs and PASIDs.
 const QUEUE_PAIRS: u32 = 256;
@@ -83,7 +79,7 @@ impl Source for SoftSource {
                 ),
                 name,
                 interface: Interface::Soft,
-                engines: (cpus.len() as u32).clamp(1, MAX_SOFT_ENGINES),
+                engines: (cpus.len() as u32).clamp(1, crate::config::MAX_ENGINES),
                 queue_pairs: QUEUE_PAIRS,
                 ops: wdvirt_abi::ALL_OPS,
                 pasids: PASIDS,
