@@ -278,3 +278,16 @@ fn the_schema_accepts_every_shipped_policy_file_and_refuses_a_bad_key() {
         Err("$.accelerators[0].engines: 65 out of range".into())
     );
 }
+
+#[test]
+fn daemon_refuses_a_metrics_address_that_is_neither_port_nor_ip_port() {
+    let o = wdvirt(&["daemon", "--metrics-addr", "localhost:x"]);
+    assert_eq!(o.status.code(), Some(2), "clap usage error");
+    let err = text(&o.stderr);
+    assert!(
+        err.contains(
+            "'localhost:x' is neither a PORT nor an IP:PORT (e.g. 9808, 127.0.0.1:9808, [::1]:9808)"
+        ),
+        "{err}"
+    );
+}

@@ -307,6 +307,8 @@ fn malformed_trees_give_per_entry_problems_and_no_panic() {
     put(r, "devices/system/node/node7/distance", "10\n");
     put(r, "devices/system/node/node7/meminfo", "garbage\n");
     put(r, "devices/system/node/node99999999999/cpulist", "0\n");
+    // A CPU listed by two nodes: kept in the first.
+    put(r, "devices/system/node/node8/cpulist", "1\n");
     // UACCE: one good device, then every way an entry can be bad.
     uacce_dev(r, "good-0", &good);
     uacce_dev(
@@ -363,6 +365,21 @@ fn malformed_trees_give_per_entry_problems_and_no_panic() {
     // IDXD: garbage op_cap.
     put(r, "bus/dsa/devices/dsa0/state", "enabled\n");
     put(r, "bus/dsa/devices/dsa0/op_cap", "not a bitmap\n");
+    // IDXD: a DSA whose only work queue is the kernel's; a disabled one,
+    // whose (garbage) work queue is not read.
+    put(r, "bus/dsa/devices/dsa1/state", "enabled\n");
+    put(r, "bus/dsa/devices/dsa1/op_cap", "0x18 0x0 0x0 0x0\n");
+    for (k, v) in [
+        ("type", "kernel"),
+        ("mode", "dedicated"),
+        ("state", "enabled"),
+        ("size", "16"),
+    ] {
+        put(r, &format!("bus/dsa/devices/wq1.0/{k}"), &format!("{v}\n"));
+    }
+    put(r, "bus/dsa/devices/dsa2/state", "disabled\n");
+    put(r, "bus/dsa/devices/dsa2/op_cap", "0x18 0x0 0x0 0x0\n");
+    put(r, "bus/dsa/devices/wq2.0/size", "lots\n");
     // PCI: a loop in the extended capability list, a numa_node of 5000.
     let mut cfg = vec![0u8; 4096];
     cfg[0x100..0x104].copy_from_slice(&(0x000f_u32 | 1 << 16 | 0x100 << 20).to_le_bytes());
@@ -417,8 +434,26 @@ fn malformed_trees_give_per_entry_problems_and_no_panic() {
         kind("not-an-address"),
         ProblemKind::Garbage { .. }
     ));
+    assert_eq!(
+        problem(&d, "node8/cpulist").to_string(),
+        "devices/system/node/node8/cpulist: CPU 1 is already in node0; left out of node8"
+    );
+    assert_eq!(
+        problem(&d, "bus/dsa/devices/dsa1").to_string(),
+        "bus/dsa/devices/dsa1: no enabled user work queue (configure one with accel-config)"
+    );
+    assert_eq!(
+        problem(&d, "bus/dsa/devices/dsa2").to_string(),
+        "bus/dsa/devices/dsa2: device state is \"disabled\", not enabled"
+    );
+    assert!(
+        !d.problems.iter().any(|p| p.path.contains("wq2.0")),
+        "a disabled device's work queues are not read: {:#?}",
+        d.problems
+    );
     let nodes: Vec<u32> = d.numa.iter().map(|n| n.id).collect();
-    assert_eq!(nodes, [0, 7]);
+    assert_eq!(nodes, [0, 7, 8]);
+    assert!(d.numa[2].cpus.is_empty());
     assert!(d.numa[1].distances.is_empty());
     let found: Vec<&str> = d
         .accelerators
@@ -646,6 +681,9 @@ fn plan_says_where_and_how_many_fit_and_why_not() {
     );
     // hisi_zip-1 has 40 free queue pairs: 20 of 2 there, then hisi_zip-0's 32.
     assert_eq!(v["plan"]["fit"], 52);
+    // Counted past the two listed, with no refusal: two fit.
+    assert_eq!(v["plan"]["placed"].as_array().unwrap().len(), 2);
+    assert_eq!(v["plan"]["refusal"], Value::Null);
     assert_eq!(v["no_backend"].as_array().unwrap().len(), 4);
     let a = args("zip-hash-near", &["--near", "3"]);
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
@@ -936,4 +974,320 @@ fn the_daemons_catalog_places_only_on_what_this_build_drives() {
         types[0].available_instances, 512,
         "256 queue pairs on each soft"
     );
+}
+
+/// A small recorded host made here: node0 (CPUs 0-3) and node1 (4-7) with
+/// the SLIT rows given, and one UACCE device `zip-0` without SVA (so it
+/// holds one PASID) on the PCI function 0000:01:00.0 of node `pci_node`.
+fn small_tree(root: &Path, row0: &str, row1: &str, pci_node: u32) {
+    put(root, "devices/system/cpu/online", "0-7\n");
+    put(root, "devices/system/node/node0/cpulist", "0-3\n");
+    put(root, "devices/system/node/node0/distance", row0);
+    put(root, "devices/system/node/node1/cpulist", "4-7\n");
+    put(root, "devices/system/node/node1/distance", row1);
+    let pci = "devices/pci0000:00/0000:01:00.0";
+    put(root, &format!("{pci}/numa_node"), &format!("{pci_node}\n"));
+    std::fs::create_dir_all(root.join("bus/pci/devices")).unwrap();
+    std::os::unix::fs::symlink(root.join(pci), root.join("bus/pci/devices/0000:01:00.0")).unwrap();
+    let dev = root.join(pci).join("uacce/zip-0");
+    for (k, v) in [
+        ("api", "hisi_qm_v2\n"),
+        ("flags", "0\n"),
+        ("available_instances", "4\n"),
+        ("algorithms", "deflate\n"),
+    ] {
+        put(&dev, k, v);
+    }
+    std::os::unix::fs::symlink("../..", dev.join("device")).unwrap();
+    std::fs::create_dir_all(root.join("class/uacce")).unwrap();
+    std::os::unix::fs::symlink(&dev, root.join("class/uacce/zip-0")).unwrap();
+}
+
+/// `wdvirt topology --json` of `root` merged with `yaml` (written to a file
+/// in `root`'s parent).
+fn topology_with(root: &Path, yaml: &str) -> (Output, String) {
+    let f = root.parent().unwrap().join("host.yaml");
+    std::fs::write(&f, yaml).unwrap();
+    let out = run(&[
+        "topology",
+        "--offline",
+        "--json",
+        "--sysfs",
+        root.to_str().unwrap(),
+        "--config",
+        f.to_str().unwrap(),
+    ]);
+    (out, f.display().to_string())
+}
+
+#[test]
+fn merge_rules_each_give_their_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("sys");
+    // An asymmetric SLIT, and a device on node 5, which the host lacks.
+    small_tree(&root, "10 20\n", "21 10\n", 5);
+
+    // YAML cpus override a found node's; a new id adds a node.
+    let (out, _) = topology_with(
+        &root,
+        "numa_nodes:\n  - {id: 0, cpus: \"0-1\"}\n  - {id: 9, cpus: \"100-101\"}\n",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let node = |id: u64| {
+        v["host"]["numa"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["id"] == id)
+            .cloned()
+            .unwrap_or_else(|| panic!("no node{id}: {v:#}"))
+    };
+    assert_eq!(node(0)["cpus"], serde_json::json!([0, 1]));
+    assert_eq!(node(0)["origin"], "merged");
+    assert_eq!(node(1)["cpus"], serde_json::json!([4, 5, 6, 7]));
+    assert_eq!(
+        (
+            node(9)["cpus"].clone(),
+            node(9)["role"].as_str(),
+            node(9)["origin"].as_str()
+        ),
+        (
+            serde_json::json!([100, 101]),
+            Some("declared"),
+            Some("yaml")
+        )
+    );
+    // The two merge problems, each named once, with what was done.
+    let problems: Vec<String> = v["host"]["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| format!("{}: {}", p["path"].as_str().unwrap(), p["detail"]))
+        .collect();
+    let has = |want: &str| problems.iter().filter(|p| p.contains(want)).count();
+    assert_eq!(
+        has("node0–node1 is 20 one way and 21 the other; using 21"),
+        1,
+        "{problems:#?}"
+    );
+    assert_eq!(
+        has("zip-0 is on NUMA node 5, which the host graph does not have; left unlinked"),
+        1,
+        "{problems:#?}"
+    );
+    assert!(v["discovered"].get("problems").is_none(), "problems once");
+    let links = v["host"]["links"].as_array().unwrap();
+    let n01 = links
+        .iter()
+        .find(|l| {
+            l["a"] == serde_json::json!({"numa": 0}) && l["b"] == serde_json::json!({"numa": 1})
+        })
+        .unwrap();
+    assert_eq!(n01["distance"], 21);
+    assert!(
+        !links.iter().any(|l| l.to_string().contains("zip-0")),
+        "zip-0 left unlinked: {links:#?}"
+    );
+
+    // More PASIDs than a device without SVA holds (one).
+    let (out, f) = topology_with(
+        &root,
+        "accelerators:\n  - {name: zip-0, backend: uacce, engines: 1, queue_pairs: 2, operations: [deflate-compress], pasids: 2}\n",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = format!(
+        "{f}:2:12: error: conflicts with this host: 'zip-0' (class/uacce/zip-0) can only be restricted: pasids 2 but the device can hold 1"
+    );
+    assert!(err.contains(&want), "missing {want:?} in\n{err}");
+
+    // A declared software accelerator linking to a discovered one, which
+    // the declared ones replace: refused at the accelerator.
+    let (out, f) = topology_with(
+        &root,
+        "accelerators:\n  - name: mine\n    backend: soft\n    engines: 1\n    queue_pairs: 4\n    \
+         operations: [all]\n    pasids: 8\n    links: [{to: soft0, distance: 5}]\n",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = format!(
+        "{f}:2:11: error: conflicts with this host: 'mine' links to 'soft0', which the host graph does not have"
+    );
+    assert!(err.contains(&want), "missing {want:?} in\n{err}");
+}
+
+#[test]
+fn a_daemon_on_a_sysfs_root_that_is_not_a_directory_exits_1_saying_so() {
+    let dir = tempfile::tempdir().unwrap();
+    // Like /nonexistent, but sure not to exist.
+    let missing = dir.path().join("nonexistent");
+    let out = Command::new(env!("CARGO_BIN_EXE_wdvirt"))
+        .arg("--api")
+        .arg(dir.path().join("api.sock"))
+        .args(["daemon", "--sysfs"])
+        .arg(&missing)
+        .arg("--config")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/default.yaml"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "wdvirt: error: sysfs root {}: not a directory",
+            missing.display()
+        )),
+        "{err}"
+    );
+    assert!(!dir.path().join("api.sock").exists());
+}
+
+#[test]
+fn a_type_never_placeable_on_the_merged_graph_is_refused_by_validate_and_the_daemon() {
+    // No accelerator section: the discovered software engines serve, and
+    // none is within distance 5 of node0 (its own is at 10).
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("types.yaml");
+    std::fs::write(
+        &f,
+        "qos_policies: [{name: s, weight: 1}]\ntypes:\n  \
+         - {name: far, queues: 1, operations: [deflate-compress], qos: s, placement: {numa_node: 0, max_distance: 5}}\n",
+    )
+    .unwrap();
+    let t = tree("kunpeng920-2s");
+    let out = run(&[
+        "validate",
+        "--sysfs",
+        t.to_str().unwrap(),
+        f.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = format!(
+        "{}:3:12: error: type 'far' can never be placed on this host: no placement fits: soft0–node0 distance 10 > max 5",
+        f.display()
+    );
+    assert!(err.contains(&want), "missing {want:?} in\n{err}");
+    // The recorded tree's own types fit it.
+    let out = run(&[
+        "validate",
+        "--sysfs",
+        t.to_str().unwrap(),
+        types_yaml().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "ok: 0 accelerators, 4 types, 1 policies\n"
+    );
+    // The daemon refuses the same file on the same tree.
+    let out = Command::new(env!("CARGO_BIN_EXE_wdvirt"))
+        .arg("--api")
+        .arg(dir.path().join("api.sock"))
+        .args([
+            "daemon",
+            "--sysfs",
+            t.to_str().unwrap(),
+            "--config",
+            f.to_str().unwrap(),
+        ])
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("type 'far' can never be placed"), "{err}");
+}
+
+#[test]
+fn placement_reads_only_the_pci_functions_behind_accelerators() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("sys");
+    small_tree(&root, "10 20\n", "20 10\n", 1);
+    // A function no accelerator sits on, with a config space that would
+    // file a problem if it were read.
+    put(&root, "bus/pci/devices/0000:02:00.0/numa_node", "0\n");
+    put(&root, "bus/pci/devices/0000:02:00.0/config", "short");
+    put(&root, "bus/pci/devices/0000:02:00.0/vendor", "garbage\n");
+    let addresses =
+        |d: &Discovery| -> Vec<String> { d.pci.iter().map(|f| f.address.clone()).collect() };
+    // The daemon's and validate's discovery: the one function, on demand.
+    let d = topology::discover_with(&Sysfs::new(&root), &topology::placement_sources());
+    assert_eq!(addresses(&d), ["0000:01:00.0"]);
+    assert_eq!(d.accelerator("zip-0").unwrap().numa_node, Some(1));
+    assert!(
+        d.problems.iter().all(|p| !p.path.contains("0000:02:00.0")),
+        "{:#?}",
+        d.problems
+    );
+    // `wdvirt topology`'s: every function, each read once.
+    let d = topology::discover(&root);
+    let mut all = addresses(&d);
+    all.sort();
+    assert_eq!(all, ["0000:01:00.0", "0000:02:00.0"]);
+    assert_eq!(d.accelerator("zip-0").unwrap().numa_node, Some(1));
+    assert!(matches!(
+        problem(&d, "0000:02:00.0/vendor").kind,
+        ProblemKind::Garbage { .. }
+    ));
+}
+
+#[test]
+fn the_daemon_logs_each_discovery_problem_once_at_warn() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("stderr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wdvirt"))
+        .arg("--api")
+        .arg(dir.path().join("api.sock"))
+        .env_remove("WDVIRT_LOG")
+        .args(["daemon", "--sysfs"])
+        .arg(tree("kunpeng920-2s"))
+        .arg("--config")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("policies/default.yaml"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--run-dir")
+        .arg(dir.path().join("run"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("daemon ready") || Instant::now() > deadline {
+            break text;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the daemon exited ({status}): {text}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(text.contains("daemon ready"), "{text}");
+    for dev in ["hisi_hpre-4", "hisi_hpre-5"] {
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains(&format!("discovery: class/uacce/{dev}: runs none")))
+            .collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        assert!(lines[0].contains("WARN"), "{text}");
+    }
 }

@@ -154,19 +154,17 @@ fn load(
     api_path: &std::path::Path,
     default_types: bool,
 ) -> anyhow::Result<Loaded> {
-    let found = topo::discover_with(&topo::Sysfs::new(&a.sysfs), &sources(&a.sources)?);
-    let cfg = if a.config.is_empty() {
-        if default_types {
+    let host::OnHost { cfg, found, host } = host::load(&a.sysfs, &sources(&a.sources)?, |names| {
+        if !a.config.is_empty() {
+            config::load_paths_on(&a.config, names)
+        } else if default_types {
             let mut c = config::embedded_default()?;
             c.accelerators.clear();
-            c
+            Ok(c)
         } else {
-            Config::default()
+            Ok(Config::default())
         }
-    } else {
-        config::load_paths_on(&a.config, &found.names())?
-    };
-    let host = host::merge(&cfg, &found)?;
+    })?;
     let mut usage: BTreeMap<String, PoolUsage> = host
         .accelerators
         .iter()
@@ -235,13 +233,18 @@ pub fn topology(
         );
     }
     if a.json {
+        // The problems once: under `host` (discovery's and the merge's).
+        let mut discovered = serde_json::to_value(&l.found)?;
+        if let Some(o) = discovered.as_object_mut() {
+            o.remove("problems");
+        }
         let out = serde_json::json!({
             "sysfs": a.host.sysfs,
             "config": a.host.config,
             "usage_from": l.usage_from,
             "host": l.host,
             "usage": l.usage,
-            "discovered": l.found,
+            "discovered": discovered,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else if a.dot {
@@ -333,7 +336,7 @@ fn print_text(a: &HostArgs, l: &Loaded) {
         rows.push(vec![
             x.name.clone(),
             if x.drivable {
-                x.backend.clone()
+                x.backend.to_string()
             } else {
                 format!("{} (no backend)", x.backend)
             },
@@ -443,7 +446,7 @@ pub fn plan(a: PlanArgs, api: &ApiClient, api_path: &std::path::Path) -> anyhow:
             })
         })
         .collect();
-    let plan = topo.plan(&req, Some(&free), a.count)?;
+    let plan = topo.plan(&req, &free, a.count)?;
     let no_backend: Vec<&str> = l
         .host
         .accelerators

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use crate::config;
+use crate::topology::{self, host};
 
 #[derive(Args, Debug)]
 #[command(after_help = "\
@@ -13,6 +14,8 @@ Examples:
   wdvirt validate policies/default.yaml
   wdvirt validate /etc/wdvirt/            # every *.yaml and *.yml file in it
   wdvirt validate host.yaml types.yaml    # one configuration from two files
+  wdvirt validate --sysfs tests/sysfs/kunpeng920-2s tests/sysfs/types.yaml
+                                          # on a recorded host, not this one
 
 A good configuration prints, for example:
   ok: 1 accelerators, 4 types, 3 policies
@@ -37,16 +40,24 @@ pub struct ValidateArgs {
     /// "rendered"}]}` (exit status 1).
     #[arg(long)]
     pub json: bool,
+    /// The sysfs tree whose host the files are checked on (merged as the
+    /// daemon merges them): `/sys`, or a recorded tree of another machine.
+    #[arg(long, value_name = "DIR", default_value = topology::DEFAULT_SYSFS)]
+    pub sysfs: PathBuf,
 }
 
 pub fn run(a: ValidateArgs) -> anyhow::Result<ExitCode> {
-    // On this host: what discovery finds under /sys, merged with the files.
-    let found = crate::topology::discover(std::path::Path::new(crate::topology::DEFAULT_SYSFS));
-    let loaded = config::load_paths_on(&a.paths, &found.names()).and_then(|c| {
-        // What only the host graph shows: distances no placement can meet.
-        let host = crate::daemon::catalog::host(&c, &found);
-        match host.and_then(|h| crate::daemon::catalog::check_placeable(&c, &h)) {
-            Ok(_) => Ok(c),
+    // On the host under --sysfs: what discovery finds, merged with the files,
+    // as the daemon would see it (`daemon::catalog::load_on`).
+    let on = host::load(&a.sysfs, &topology::placement_sources(), |names| {
+        config::load_paths_on(&a.paths, names)
+    });
+    let loaded = match on {
+        Err(host::LoadError::Config(e)) => Err(e),
+        Err(e) => return Err(e.into()),
+        // What only the host graph shows: types no placement can meet.
+        Ok(on) => match crate::daemon::catalog::check_placeable(&on.cfg, &on.host) {
+            Ok(_) => Ok(on.cfg),
             Err(crate::daemon::catalog::CatalogError::Config(e)) => Err(e),
             Err(other) => Err(config::ConfigErrors(vec![config::Located::at(
                 config::Place {
@@ -62,8 +73,8 @@ pub fn run(a: ValidateArgs) -> anyhow::Result<ExitCode> {
                     reason: other.to_string(),
                 },
             )])),
-        }
-    });
+        },
+    };
     match loaded {
         Ok(c) => {
             if a.json {

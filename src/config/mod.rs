@@ -23,7 +23,10 @@ pub use model::{
     Accelerator, Backend, Config, Endpoint, Function, InstanceType, Link, NumaNode, Placement,
     QosPolicy, RateLimit, ops_names,
 };
-pub use validate::{HostNames, parse_cpu_list};
+pub use validate::{
+    HostNames, MAX_CPU, MAX_ENGINES, MAX_NODE, accelerator_name_ok, node_ref, parse_cpu_list,
+    valid_name,
+};
 
 use validate::{Parsed, line_of};
 

@@ -71,6 +71,17 @@ impl Backend {
     pub fn from_name(s: &str) -> Option<Backend> {
         Self::ALL.into_iter().find(|b| b.name() == s)
     }
+    /// Whether this build has a backend that runs such an accelerator
+    /// (today: `soft` only). The daemon places instances on these.
+    pub const fn drivable(self) -> bool {
+        matches!(self, Backend::Soft)
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// A physical accelerator and the pools it gives instances.

@@ -418,7 +418,8 @@ fn the_allow_list_limits_who_may_host() {
 fn with_no_software_accelerator_types_wait_for_the_discovered_ones() {
     // No accelerator declared: the host's discovered software engines serve
     // the types, so the YAML alone cannot refuse them (the merged graph is
-    // checked by `daemon::catalog::check_placeable`; tests/topology.rs).
+    // checked by `daemon::catalog::check_placeable`; tests/topology.rs:
+    // a_type_never_placeable_on_the_merged_graph_is_refused_by_validate_and_the_daemon).
     let cfg = crate::config::load_str(
         "t.yaml",
         "qos_policies: [{name: g, weight: 1}]\ntypes: [{name: z, queues: 1, operations: [all], qos: g}]\n",

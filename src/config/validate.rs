@@ -190,10 +190,7 @@ impl Ctx<'_> {
     }
     fn name(&mut self, file: usize, n: &Spanned<String>, what: &'static str) -> bool {
         let s = &n.value;
-        let ok = (1..=63).contains(&s.len())
-            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        let ok = valid_name(s);
         if !ok {
             self.err(
                 file,
@@ -257,7 +254,26 @@ impl Ctx<'_> {
 }
 
 /// Highest CPU number accepted in a cpu list (Linux's NR_CPUS is at most 8192).
-const MAX_CPU: u32 = 8191;
+pub const MAX_CPU: u32 = 8191;
+/// Highest NUMA node id accepted (Linux's MAX_NUMNODES is 1024 at most).
+pub const MAX_NODE: u32 = 1023;
+/// Most engine threads one accelerator runs.
+pub const MAX_ENGINES: u32 = 64;
+
+/// The rule for every name (accelerators, types, policies): 1 to 63 of
+/// `[A-Za-z0-9._-]`, starting with a letter or digit.
+pub fn valid_name(s: &str) -> bool {
+    (1..=63).contains(&s.len())
+        && s.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Whether `s` can name an accelerator: a [`valid_name`] that is not a NUMA
+/// node's `nodeN`. Discovery skips devices named otherwise.
+pub fn accelerator_name_ok(s: &str) -> bool {
+    valid_name(s) && node_ref(s).is_none()
+}
 
 /// Linux cpu-list syntax: `0-3,8,10-11` (ranges inclusive). Sorted, deduplicated.
 pub fn parse_cpu_list(s: &str) -> Result<Vec<u32>, String> {
@@ -302,7 +318,7 @@ fn defined<I: IntoIterator<Item = String>>(names: I) -> String {
 }
 
 /// `nodeN` → N.
-fn node_ref(s: &str) -> Option<u32> {
+pub fn node_ref(s: &str) -> Option<u32> {
     let digits = s.strip_prefix("node")?;
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
@@ -333,7 +349,8 @@ pub(crate) fn validate(files: &[Parsed], host: &HostNames) -> Result<Config, Vec
     // NUMA nodes first: everything else may name them.
     for (fi, f) in files.iter().enumerate() {
         for n in &f.raw.numa_nodes {
-            let Some(id) = cx.range(fi, &n.id, "NUMA node id", 0, 1023, "0..=1023") else {
+            let Some(id) = cx.range(fi, &n.id, "NUMA node id", 0, MAX_NODE.into(), "0..=1023")
+            else {
                 continue;
             };
             if let Some(first) = cx.nodes.get(&id) {
@@ -447,7 +464,7 @@ pub(crate) fn validate(files: &[Parsed], host: &HostNames) -> Result<Config, Vec
                     ConfigError::UnknownBackend(a.backend.value.clone()),
                 );
             }
-            let engines = cx.range(fi, &a.engines, "engines", 1, 64, "1..=64");
+            let engines = cx.range(fi, &a.engines, "engines", 1, MAX_ENGINES.into(), "1..=64");
             let queue_pairs = cx.range(fi, &a.queue_pairs, "queue_pairs", 1, 4096, "1..=4096");
             let ops = cx.ops(fi, &a.operations);
             let pasids = cx.range(fi, &a.pasids, "pasids", 1, (1 << 20) - 1, "1..=1048575");
@@ -537,6 +554,10 @@ pub(crate) fn validate(files: &[Parsed], host: &HostNames) -> Result<Config, Vec
         }
     }
     let accels_sound = cx.errors.len() == errors_before_accels;
+    // With no software accelerator declared, the daemon uses the ones
+    // discovery finds: the merged graph is checked then
+    // (`daemon::catalog::check_placeable`), not the YAML alone.
+    let declares_soft = cfg.accelerators.iter().any(|a| a.backend == Backend::Soft);
 
     // QoS policies.
     for (fi, f) in files.iter().enumerate() {
@@ -643,10 +664,6 @@ pub(crate) fn validate(files: &[Parsed], host: &HostNames) -> Result<Config, Vec
             let name = t.name.value.clone();
             if let Some(t) = super::types::check_type(&mut cx, fi, t, origin) {
                 let (ty, places) = t;
-                // With no software accelerator declared, the daemon uses the
-                // ones discovery finds: the merged graph is checked then
-                // (`daemon::catalog::check_placeable`), not the YAML alone.
-                let declares_soft = cfg.accelerators.iter().any(|a| a.backend == Backend::Soft);
                 if accels_sound && declares_soft && cx.errors.len() == errors_before {
                     super::types::check_hostable(&mut cx, fi, &ty, &places, &cfg.accelerators);
                 }

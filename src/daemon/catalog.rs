@@ -57,11 +57,22 @@ pub fn host(cfg: &Config, found: &topology::Discovery) -> Result<Host, CatalogEr
 
 /// The configuration at `paths` on the host whose sysfs is `sysfs`: the
 /// files may name what discovery found there.
+/// Each problem discovery or the merge met is logged once, at warn.
 pub fn load_on(paths: &[PathBuf], sysfs: &Path) -> Result<(Config, Host), CatalogError> {
-    let found = topology::discover(sysfs);
-    let cfg = config::load_paths_on(paths, &found.names())?;
-    let host = host(&cfg, &found)?;
-    Ok((cfg, host))
+    let on = topology::host::load(sysfs, &topology::placement_sources(), |names| {
+        config::load_paths_on(paths, names)
+    })
+    .map_err(|e| match e {
+        topology::host::LoadError::Config(e) => CatalogError::Config(e),
+        e => CatalogError::Host(e),
+    })?;
+    let mut logged = std::collections::BTreeSet::new();
+    for p in &on.host.problems {
+        if logged.insert(p.to_string()) {
+            tracing::warn!(reader = p.reader, "discovery: {p}");
+        }
+    }
+    Ok((on.cfg, on.host))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +81,8 @@ pub enum CatalogError {
     Config(#[from] config::ConfigErrors),
     #[error("the configuration's topology: {0}")]
     Topology(#[from] crate::partition::TopologyError),
+    #[error(transparent)]
+    Host(topology::host::LoadError),
     #[error("accelerator {name}: cannot start its engines: {source}")]
     Backend {
         name: String,

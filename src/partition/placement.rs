@@ -654,45 +654,52 @@ pub struct Plan {
 impl Topology {
     /// A dry run: places `req` up to `count` times on what is free (`free`:
     /// per accelerator in [`Topology::accelerators`] order, free queue pairs
-    /// and free PASID slots; `None` for an empty host), without taking
-    /// anything, and says how many fit in all and why the next does not.
+    /// and free PASID slots; accelerators past its end are taken as empty),
+    /// without taking anything, and says how many fit in all and why the
+    /// next does not. One run of successive placements: the first `count`
+    /// are listed, the rest only counted.
     pub fn plan(
         &self,
         req: &PlacementRequest,
-        free: Option<&[(u32, u32)]>,
+        free: &[(u32, u32)],
         count: u32,
     ) -> Result<Plan, RequestError> {
         let checked = req.check(self)?;
         let mut cap = Capacity::empty_host(self);
-        if let Some(free) = free {
-            for (i, &(qp, slots)) in free.iter().enumerate().take(cap.free_qp.len()) {
-                cap.free_qp[i] = qp.min(cap.free_qp[i]);
-                cap.free_slots[i] = slots.min(cap.free_slots[i]);
-            }
+        for (i, &(qp, slots)) in free.iter().enumerate().take(cap.free_qp.len()) {
+            cap.free_qp[i] = qp.min(cap.free_qp[i]);
+            cap.free_slots[i] = slots.min(cap.free_slots[i]);
         }
-        let fit = count_successive(self, cap.clone(), &checked, PASID_MAX, None);
+        let mut fit = 0u32;
         let mut placed = Vec::new();
         let mut refusal = None;
         let mut rejections = Vec::new();
-        while placed.len() < count as usize {
+        // Each round takes at least one queue pair, so this ends; at most one
+        // instance per host PASID, as count_successive.
+        while fit < PASID_MAX {
             match search(self, &cap, &checked, None) {
                 Ok(choice) => {
                     cap.consume(&checked, &choice);
-                    placed.push(PlannedInstance {
-                        accelerators: choice
-                            .accel_of
-                            .iter()
-                            .map(|&a| self.accelerators()[a].name.clone())
-                            .collect(),
-                        total_distance: choice.total,
-                        max_distance: choice.max,
-                    });
+                    fit += 1;
+                    if placed.len() < count as usize {
+                        placed.push(PlannedInstance {
+                            accelerators: choice
+                                .accel_of
+                                .iter()
+                                .map(|&a| self.accelerators()[a].name.clone())
+                                .collect(),
+                            total_distance: choice.total,
+                            max_distance: choice.max,
+                        });
+                    }
                 }
                 Err(e) => {
-                    if let PlacementError::NoFit { rejections: r } = &e {
-                        rejections = r.clone();
+                    if placed.len() < count as usize {
+                        if let PlacementError::NoFit { rejections: r } = &e {
+                            rejections = r.clone();
+                        }
+                        refusal = Some(e.to_string());
                     }
-                    refusal = Some(e.to_string());
                     break;
                 }
             }

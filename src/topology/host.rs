@@ -19,12 +19,16 @@
 //! other configuration error.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use super::model::{Discovery, FoundAccelerator, Interface, Problem};
-use super::sysfs::ProblemKind;
-use crate::config::{Backend, Config, ConfigError, ConfigErrors, Endpoint, Located, Place};
+use super::sources::{Source, discover_with};
+use super::sysfs::{ProblemKind, Sysfs};
+use crate::config::{
+    Backend, Config, ConfigError, ConfigErrors, Endpoint, HostNames, Located, Place,
+};
 use crate::partition::{
     AcceleratorSpec, LinkSpec, Node, NumaSpec, Topology, TopologyError, TopologySpec, ops_names,
 };
@@ -57,16 +61,16 @@ pub struct HostNuma {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HostAccelerator {
     pub name: String,
-    /// `soft`, `uacce` or `idxd`.
-    pub backend: String,
+    pub backend: Backend,
     pub engines: u32,
     pub queue_pairs: u32,
     pub ops: u32,
     pub pasids: u32,
     pub numa_node: Option<u32>,
     pub origin: Origin,
-    /// Whether this build has a backend to run it (today: `soft` only). The
-    /// daemon places instances on these; `wdvirt plan` shows every one.
+    /// `backend.drivable()`, kept for the JSON listings: whether this build
+    /// runs it. The daemon places instances on these; `wdvirt plan` shows
+    /// every one.
     pub drivable: bool,
     /// What discovery read, when it was found.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -85,11 +89,51 @@ pub struct HostLink {
 /// from and what discovery had to skip.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Host {
-    pub sysfs: String,
     pub numa: Vec<HostNuma>,
     pub accelerators: Vec<HostAccelerator>,
     pub links: Vec<HostLink>,
     pub problems: Vec<Problem>,
+}
+
+/// Why the host could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(
+        "sysfs root {}: not a directory (give --sysfs the running machine's /sys or a recorded tree)",
+        .0.display()
+    )]
+    NoSysfs(PathBuf),
+    #[error(transparent)]
+    Config(#[from] ConfigErrors),
+}
+
+/// What a command starts from: the configuration, what discovery read and
+/// the merged graph.
+#[derive(Debug, Clone)]
+pub struct OnHost {
+    pub cfg: Config,
+    pub found: Discovery,
+    pub host: Host,
+}
+
+/// Discovers the host under `sysfs` with `sources`, loads the configuration
+/// with `config` (which is given the names discovery found, for the YAML to
+/// use) and merges the two. The one way the daemon, `wdvirt validate`,
+/// `topology` and `plan` see a host. A root that is not a directory fails:
+/// an empty host is never what was meant.
+pub fn load(
+    sysfs: &Path,
+    sources: &[Box<dyn Source>],
+    config: impl FnOnce(&HostNames) -> Result<Config, ConfigErrors>,
+) -> Result<OnHost, LoadError> {
+    let sys = Sysfs::new(sysfs);
+    if !sys.exists() {
+        return Err(LoadError::NoSysfs(sysfs.to_path_buf()));
+    }
+    let found = discover_with(&sys, sources);
+    let cfg = config(&found.names())?;
+    let host = merge(&cfg, &found)?;
+    Ok(OnHost { cfg, found, host })
 }
 
 fn pair(a: Node, b: Node) -> (Node, Node) {
@@ -224,14 +268,14 @@ pub fn merge(cfg: &Config, found: &Discovery) -> Result<Host, ConfigErrors> {
         .filter(|f| !(declares_soft && f.interface == Interface::Soft))
         .map(|f| HostAccelerator {
             name: f.name.clone(),
-            backend: f.interface.backend().to_string(),
+            backend: f.interface.backend(),
             engines: f.engines,
             queue_pairs: f.queue_pairs,
             ops: f.ops,
             pasids: f.pasids,
             numa_node: f.numa_node,
             origin: Origin::Discovered,
-            drivable: f.interface == Interface::Soft,
+            drivable: f.interface.backend().drivable(),
             found: Some(f.clone()),
         })
         .collect();
@@ -246,27 +290,26 @@ pub fn merge(cfg: &Config, found: &Discovery) -> Result<Host, ConfigErrors> {
         match (y.backend, existing) {
             (Backend::Soft, None) => accels.push(HostAccelerator {
                 name: y.name.clone(),
-                backend: "soft".into(),
+                backend: Backend::Soft,
                 engines: y.engines,
                 queue_pairs: y.queue_pairs,
                 ops: y.ops,
                 pasids: y.pasids,
                 numa_node: y.numa_node,
                 origin: Origin::Yaml,
-                drivable: true,
+                drivable: Backend::Soft.drivable(),
                 found: None,
             }),
             (backend, Some(a)) => {
                 let f = a.found.clone();
                 let path = f.as_ref().map_or(String::new(), |f| f.path.clone());
-                if a.backend != backend.name() {
+                if a.backend != backend {
                     errors.push(conflict(
                         &y.origin,
                         format!(
                             "'{}' is a {} device on this host ({path}), declared here with backend {}",
                             y.name,
-                            a.backend,
-                            backend.name()
+                            a.backend, backend
                         ),
                     ));
                     continue;
@@ -339,10 +382,13 @@ pub fn merge(cfg: &Config, found: &Discovery) -> Result<Host, ConfigErrors> {
             });
             continue;
         }
-        let origin = match a.origin {
-            Origin::Discovered => Origin::Discovered,
-            _ if cfg.accelerator(&a.name).and_then(|y| y.numa_node).is_some() => Origin::Yaml,
-            _ => Origin::Discovered,
+        // The YAML's when it moved the accelerator to another node.
+        let origin = if a.origin != Origin::Discovered
+            && cfg.accelerator(&a.name).and_then(|y| y.numa_node).is_some()
+        {
+            Origin::Yaml
+        } else {
+            Origin::Discovered
         };
         edges.insert(
             pair(Node::Accelerator(a.name.clone()), Node::Numa(n)),
@@ -386,7 +432,6 @@ pub fn merge(cfg: &Config, found: &Discovery) -> Result<Host, ConfigErrors> {
         return Err(ConfigErrors(errors));
     }
     Ok(Host {
-        sysfs: found.root.clone(),
         numa: numa.into_values().collect(),
         accelerators: accels,
         links: edges
@@ -426,7 +471,7 @@ impl Host {
                 .filter(|a| keep(&a.name))
                 .map(|a| AcceleratorSpec {
                     name: a.name.clone(),
-                    backend: a.backend.clone(),
+                    backend: a.backend.name().to_string(),
                     engines: a.engines.max(1),
                     queue_pairs: a.queue_pairs,
                     ops: a.ops,
@@ -454,9 +499,5 @@ impl Host {
     /// The graph with shortest distances (see [`Self::spec`]).
     pub fn topology(&self, drivable_only: bool) -> Result<Topology, TopologyError> {
         Topology::new(self.spec(drivable_only))
-    }
-
-    pub fn accelerator(&self, name: &str) -> Option<&HostAccelerator> {
-        self.accelerators.iter().find(|a| a.name == name)
     }
 }

@@ -23,7 +23,7 @@ pub use model::{
     Detail, Discovery, FoundAccelerator, Interface, NumaInfo, PasidCap, PciFunction, Problem,
     WorkQueue,
 };
-pub use sources::{Source, all_sources, discover, discover_with};
+pub use sources::{Source, all_sources, discover, discover_with, placement_sources};
 pub use sysfs::{ProblemKind, Sysfs};
 
 /// The running machine's sysfs.

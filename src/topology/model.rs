@@ -126,12 +126,13 @@ pub enum Interface {
 }
 
 impl Interface {
-    /// The backend name used in YAML and listings.
-    pub fn backend(self) -> &'static str {
+    /// The configuration's backend for what is found behind it.
+    pub fn backend(self) -> crate::config::Backend {
+        use crate::config::Backend;
         match self {
-            Interface::Uacce => "uacce",
-            Interface::Idxd => "idxd",
-            Interface::Soft => "soft",
+            Interface::Uacce => Backend::Uacce,
+            Interface::Idxd => Backend::Idxd,
+            Interface::Soft => Backend::Soft,
         }
     }
 }

@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use serde::{Deserialize, Serialize};
 
 use super::host::{Host, Origin};
+use crate::config::Backend;
 use crate::partition::Node;
 
 /// How full one accelerator's pools are, from the daemon or a fresh
@@ -126,10 +127,10 @@ pub fn to_dot(host: &Host, usage: &BTreeMap<String, PoolUsage>) -> String {
             None => format!("qp {}, PASIDs {}", a.queue_pairs, a.pasids),
         };
         let label = format!("{}\n{} — {}\n{}", a.name, a.backend, ops, pools);
-        let fill = match a.backend.as_str() {
-            "soft" => "palegreen",
-            "uacce" => "lightsalmon",
-            _ => "plum",
+        let fill = match a.backend {
+            Backend::Soft => "palegreen",
+            Backend::Uacce => "lightsalmon",
+            Backend::Idxd => "plum",
         };
         let me = vertex(&Node::Accelerator(a.name.clone()));
         let _ = writeln!(

@@ -228,9 +228,6 @@ pub fn parse_uint(t: &str, max: u64, expected: &'static str) -> Result<u64, Prob
     }
 }
 
-/// Highest CPU number accepted (Linux's NR_CPUS is at most 8192).
-pub const MAX_CPU: u32 = 8191;
-
 /// Linux cpu-list syntax (`0-3,8`; empty for no CPU), sorted, deduplicated.
 pub fn parse_cpulist(t: &str) -> Result<Vec<u32>, ProblemKind> {
     let t = t.trim();

@@ -126,6 +126,14 @@ fn read_device(
     let sys = cx.sys;
     let attr = |a: &str| path.join(a);
     let state = cx.need(&attr("state"), sys.read_text(&attr("state")))?;
+    let skip = |cx: &mut Ctx, why: String| {
+        cx.problem(path, ProblemKind::Skipped(why));
+        None::<FoundAccelerator>
+    };
+    // A disabled device is skipped before its work queues are read.
+    if state != "enabled" {
+        return skip(cx, format!("device state is {state:?}, not enabled"));
+    }
     let op_cap_text = cx.need(&attr("op_cap"), sys.read_text(&attr("op_cap")))?;
     let words = cx.need(&attr("op_cap"), parse_op_cap(&op_cap_text))?;
     let small = |cx: &mut Ctx, a: &str| {
@@ -141,6 +149,10 @@ fn read_device(
         )
         .is_some_and(|v| v == 1);
     let version = cx.optional(&attr("version"), sys.read_text(&attr("version")));
+    let ops = idxd_ops(device_type, &words);
+    if ops == 0 {
+        return skip(cx, "runs none of wdvirt's operations (op_cap)".into());
+    }
     let mut work_queues = Vec::new();
     for (wq_name, wq_path) in wqs {
         let a = |x: &str| wq_path.join(x);
@@ -164,23 +176,15 @@ fn read_device(
         });
     }
     let pci = parent_pci(cx, path);
-    let ops = idxd_ops(device_type, &words);
     let usable = work_queues.iter().filter(|w| w.usable()).count() as u32;
-    let skip = |cx: &mut Ctx, why: String| {
-        cx.problem(path, ProblemKind::Skipped(why));
-        None::<FoundAccelerator>
-    };
-    if state != "enabled" {
-        return skip(cx, format!("device state is {state:?}, not enabled"));
-    }
-    if ops == 0 {
-        return skip(cx, "runs none of wdvirt's operations (op_cap)".into());
-    }
     if usable == 0 {
         return skip(
             cx,
             "no enabled user work queue (configure one with accel-config)".into(),
         );
+    }
+    if let Some(a) = &pci {
+        super::pci::ensure(cx, a);
     }
     let pasids = if pasid_enabled {
         pci.as_deref()
@@ -194,7 +198,7 @@ fn read_device(
     let numa_node = locality(cx.found, pci.as_deref()).or_else(|| {
         let p = attr("numa_node");
         match sys.read_int(&p) {
-            Ok(n) if (0..=1023).contains(&n) => Some(n as u32),
+            Ok(n) if (0..=i64::from(crate::config::MAX_NODE)).contains(&n) => Some(n as u32),
             _ => None,
         }
     });
@@ -202,7 +206,9 @@ fn read_device(
         name: name.to_string(),
         interface: Interface::Idxd,
         path: cx.sys.show(path),
-        engines: max_engines.unwrap_or(1).clamp(1, 64),
+        engines: max_engines
+            .unwrap_or(1)
+            .clamp(1, crate::config::MAX_ENGINES),
         queue_pairs: usable,
         ops,
         pasids,

@@ -37,11 +37,22 @@ pub fn all_sources() -> Vec<Box<dyn Source>> {
         Box::new(PciSource),
         Box::new(UacceSource),
         Box::new(IdxdSource),
-        Box::new(SoftSource::default()),
+        Box::new(SoftSource),
     ]
 }
 
-/// Reads the whole tree under `root` with every source.
+/// What placement needs: every source but the walk of all PCI functions.
+/// The functions behind an accelerator are still read, on demand
+/// ([`pci::function`]); the others only `wdvirt topology` shows.
+pub fn placement_sources() -> Vec<Box<dyn Source>> {
+    all_sources()
+        .into_iter()
+        .filter(|s| s.name() != PciSource.name())
+        .collect()
+}
+
+/// Reads the whole tree under `root` with every source (all PCI functions
+/// included).
 pub fn discover(root: &Path) -> Discovery {
     discover_with(&Sysfs::new(root), &all_sources())
 }
@@ -78,7 +89,7 @@ pub fn discover_with(sys: &Sysfs, sources: &[Box<dyn Source>]) -> Discovery {
     for a in dropped {
         found.problems.push(Problem {
             path: a.path,
-            reader: a.interface.backend(),
+            reader: a.interface.backend().name(),
             kind: ProblemKind::Skipped(format!(
                 "another accelerator is already named '{}'; this one is left out",
                 a.name
@@ -150,19 +161,6 @@ impl Ctx<'_> {
             }
         }
     }
-}
-
-/// Whether `name` can name an accelerator (the config's rule: 1 to 63 of
-/// `[A-Za-z0-9._-]`, starting with a letter or digit, not `nodeN`).
-pub(crate) fn usable_name(name: &str) -> bool {
-    (1..=63).contains(&name.len())
-        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && !name
-            .strip_prefix("node")
-            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// The NUMA node of a device: the PCI function's `numa_node`, else the one

@@ -10,9 +10,7 @@ use super::{Ctx, Source};
 use crate::topology::model::{Discovery, NumaInfo};
 use crate::topology::sysfs::{ProblemKind, Sysfs, clip};
 
-/// Highest node id accepted (the configuration's limit; Linux's
-/// MAX_NUMNODES is 1024 at most).
-pub const MAX_NODE: u32 = 1023;
+use crate::config::MAX_NODE;
 
 pub struct NumaSource;
 

@@ -48,84 +48,118 @@ impl Source for PciSource {
                 );
                 continue;
             }
-            if let Err(k) = sys.resolve(&path) {
-                cx.problem(&path, k);
-                continue;
+            if cx.found.pci_function(&name).is_some() {
+                continue; // read already, for an accelerator
             }
-            let hex16 = |cx: &mut Ctx, attr: &str| {
-                let p = path.join(attr);
-                cx.optional(&p, sys.read_uint(&p, 0xffff, "a 16-bit hex id"))
-                    .map(|v| v as u16)
-            };
-            let vendor = hex16(&mut cx, "vendor");
-            let device = hex16(&mut cx, "device");
-            let p = path.join("class");
-            let class = cx
-                .optional(&p, sys.read_uint(&p, 0xff_ffff, "a 24-bit class code"))
-                .map(|v| v as u32);
-            let p = path.join("numa_node");
-            let numa_node = match cx.optional(&p, sys.read_int(&p)) {
-                Some(-1) | None => None,
-                Some(n) if (0..=i64::from(super::numa::MAX_NODE)).contains(&n) => Some(n as u32),
-                Some(n) => {
+            if let Some(f) = read_function(&mut cx, name, &path) {
+                cx.found.pci.push(f);
+            }
+        }
+    }
+}
+
+/// The PCI function at `address` read into `cx.found.pci`, unless it is
+/// there already: the functions behind accelerators are read on demand, so
+/// placement never walks every function of the host. An address with no
+/// `bus/pci/devices` entry is left unread, silently (a device that is not on
+/// PCI).
+pub(crate) fn ensure(cx: &mut Ctx, address: &str) {
+    if cx.found.pci_function(address).is_some() {
+        return;
+    }
+    let path = cx.sys.path("bus/pci/devices").join(address);
+    if std::fs::symlink_metadata(&path).is_err() {
+        return;
+    }
+    let mut pcx = Ctx {
+        sys: cx.sys,
+        found: &mut *cx.found,
+        source: "pci",
+    };
+    if let Some(f) = read_function(&mut pcx, address.to_string(), &path) {
+        cx.found.pci.push(f);
+    }
+}
+
+/// One function's attributes and the PASID capability of its config space.
+fn read_function(cx: &mut Ctx, name: String, path: &std::path::Path) -> Option<PciFunction> {
+    let sys = cx.sys;
+    if let Err(k) = sys.resolve(path) {
+        cx.problem(path, k);
+        return None;
+    }
+    let hex16 = |cx: &mut Ctx, attr: &str| {
+        let p = path.join(attr);
+        cx.optional(&p, sys.read_uint(&p, 0xffff, "a 16-bit hex id"))
+            .map(|v| v as u16)
+    };
+    let vendor = hex16(cx, "vendor");
+    let device = hex16(cx, "device");
+    let p = path.join("class");
+    let class = cx
+        .optional(&p, sys.read_uint(&p, 0xff_ffff, "a 24-bit class code"))
+        .map(|v| v as u32);
+    let p = path.join("numa_node");
+    let numa_node = match cx.optional(&p, sys.read_int(&p)) {
+        Some(-1) | None => None,
+        Some(n) if (0..=i64::from(crate::config::MAX_NODE)).contains(&n) => Some(n as u32),
+        Some(n) => {
+            cx.problem(
+                &p,
+                ProblemKind::OutOfRange {
+                    value: n.to_string(),
+                    expected: "-1 or a node id 0..=1023 (config::MAX_NODE)",
+                },
+            );
+            None
+        }
+    };
+    let p = path.join("local_cpulist");
+    let local_cpus = cx.optional(&p, sys.read_cpulist(&p)).unwrap_or_default();
+    let p = path.join("iommu_group");
+    let iommu_group = if std::fs::symlink_metadata(&p).is_ok() {
+        cx.need(&p, sys.link_name(&p))
+            .and_then(|n| match n.parse() {
+                Ok(g) => Some(g),
+                Err(_) => {
                     cx.problem(
                         &p,
-                        ProblemKind::OutOfRange {
-                            value: n.to_string(),
-                            expected: "-1 or a node id 0..=1023",
+                        ProblemKind::Garbage {
+                            expected: "a link to kernel/iommu_groups/N",
+                            found: n,
                         },
                     );
                     None
                 }
-            };
-            let p = path.join("local_cpulist");
-            let local_cpus = cx.optional(&p, sys.read_cpulist(&p)).unwrap_or_default();
-            let p = path.join("iommu_group");
-            let iommu_group = if std::fs::symlink_metadata(&p).is_ok() {
-                cx.need(&p, sys.link_name(&p))
-                    .and_then(|n| match n.parse() {
-                        Ok(g) => Some(g),
-                        Err(_) => {
-                            cx.problem(
-                                &p,
-                                ProblemKind::Garbage {
-                                    expected: "a link to kernel/iommu_groups/N",
-                                    found: n,
-                                },
-                            );
-                            None
-                        }
-                    })
-            } else {
-                None
-            };
-            let p = path.join("config");
-            let pasid = match sys.read_bytes(&p, 4096) {
-                Ok(bytes) => match pasid_cap(&bytes) {
-                    Ok(c) => c,
-                    Err(why) => {
-                        cx.problem(&p, ProblemKind::Skipped(why));
-                        PasidCap::Unknown
-                    }
-                },
-                Err(ProblemKind::Missing) => PasidCap::Unknown,
-                Err(k) => {
-                    cx.problem(&p, k);
-                    PasidCap::Unknown
-                }
-            };
-            cx.found.pci.push(PciFunction {
-                address: name,
-                vendor,
-                device,
-                class,
-                numa_node,
-                local_cpus,
-                iommu_group,
-                pasid,
-            });
+            })
+    } else {
+        None
+    };
+    let p = path.join("config");
+    let pasid = match sys.read_bytes(&p, 4096) {
+        Ok(bytes) => match pasid_cap(&bytes) {
+            Ok(c) => c,
+            Err(why) => {
+                cx.problem(&p, ProblemKind::Skipped(why));
+                PasidCap::Unknown
+            }
+        },
+        Err(ProblemKind::Missing) => PasidCap::Unknown,
+        Err(k) => {
+            cx.problem(&p, k);
+            PasidCap::Unknown
         }
-    }
+    };
+    Some(PciFunction {
+        address: name,
+        vendor,
+        device,
+        class,
+        numa_node,
+        local_cpus,
+        iommu_group,
+        pasid,
+    })
 }
 
 /// Walks the extended capability list of a config space image for the

@@ -8,26 +8,13 @@ use super::{Ctx, Source};
 use crate::topology::model::{Detail, Discovery, FoundAccelerator, Interface};
 use crate::topology::sysfs::{ProblemKind, Sysfs, parse_cpulist};
 
-/// Most engine threads one software accelerator runs (the configuration's
-/// limit for `engines`).
-pub const MAX_SOFT_ENGINES: u32 = 64;
-
 /// What each discovered software accelerator offers, as `policies/default.yaml`
-/// declares its `soft0`.
-#[derive(Clone, Debug)]
-pub struct SoftSource {
-    pub queue_pairs: u32,
-    pub pasids: u32,
-}
+/// declares its `soft0`: queue pairs and PASIDs.
+const QUEUE_PAIRS: u32 = 256;
+const PASIDS: u32 = 1024;
 
-impl Default for SoftSource {
-    fn default() -> Self {
-        SoftSource {
-            queue_pairs: 256,
-            pasids: 1024,
-        }
-    }
-}
+#[derive(Clone, Debug, Default)]
+pub struct SoftSource;
 
 /// This process's CPU affinity (`Cpus_allowed_list` of /proc/self/status).
 fn own_affinity() -> Option<Vec<u32>> {
@@ -92,10 +79,10 @@ impl Source for SoftSource {
                 ),
                 name,
                 interface: Interface::Soft,
-                engines: (cpus.len() as u32).clamp(1, MAX_SOFT_ENGINES),
-                queue_pairs: self.queue_pairs,
+                engines: (cpus.len() as u32).clamp(1, crate::config::MAX_ENGINES),
+                queue_pairs: QUEUE_PAIRS,
                 ops: wdvirt_abi::ALL_OPS,
-                pasids: self.pasids,
+                pasids: PASIDS,
                 numa_node: node,
                 pci: None,
                 detail: Detail::Soft { cpus },

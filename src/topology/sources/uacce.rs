@@ -7,7 +7,8 @@
 
 use wdvirt_abi::Opcode;
 
-use super::{Ctx, Source, locality, parent_pci, usable_name};
+use super::{Ctx, Source, locality, parent_pci};
+use crate::config::accelerator_name_ok;
 use crate::partition::{MAX_QUEUE_PAIRS, PASID_MAX};
 use crate::topology::model::{Detail, Discovery, FoundAccelerator, Interface};
 use crate::topology::sysfs::{ProblemKind, Sysfs, clip};
@@ -52,7 +53,7 @@ impl Source for UacceSource {
 }
 
 fn read_device(cx: &mut Ctx, name: &str, path: &std::path::Path) -> Option<FoundAccelerator> {
-    if !usable_name(name) {
+    if !accelerator_name_ok(name) {
         cx.problem(
             path,
             ProblemKind::Skipped(format!(
@@ -134,6 +135,9 @@ fn read_device(cx: &mut Ctx, name: &str, path: &std::path::Path) -> Option<Found
     }
     if available == 0 {
         return skip(cx, "no free queue (available_instances = 0)".into());
+    }
+    if let Some(a) = &pci {
+        super::pci::ensure(cx, a);
     }
     let pasid_cap = pci
         .as_deref()
