@@ -15,11 +15,10 @@ use parking_lot::Mutex;
 use uuid::Uuid;
 
 use super::action::{Action, ActionError, DefineRequest, ModifyRequest, Outcome};
-use super::catalog::{Catalog, Placed};
+use super::catalog::{Catalog, Placed, QosAccounts};
 use super::instance::{Instance, InstanceSpec};
 use super::store::{Definition, Store};
 use super::view::{InstanceState, InstanceView};
-use crate::qos::TenantSnapshot;
 use crate::stats::report::{Interference, SchedulerStats, StatsReport, Throttled};
 
 struct Running {
@@ -382,18 +381,6 @@ impl Registry {
         })
     }
 
-    /// The scheduler's accounting for a started instance (by name or UUID),
-    /// per accelerator it uses; empty while it is not started.
-    pub fn qos_snapshots(&self, id: &str) -> Result<Vec<(String, TenantSnapshot)>, ActionError> {
-        let entries = self.entries.lock();
-        let u = entries.find(id)?;
-        Ok(entries.by_uuid[&u]
-            .running
-            .as_ref()
-            .map(|r| self.catalog.qos_snapshots(&r.placed))
-            .unwrap_or_default())
-    }
-
     fn socket_path(&self, name: &str) -> PathBuf {
         self.run_dir.join(format!("{name}.sock"))
     }
@@ -577,6 +564,8 @@ impl Registry {
             .values()
             .filter_map(|e| Some((e.running.as_ref()?.placed.pasid(), e)))
             .collect();
+        // Each scheduler's lock once per report, not once per instance.
+        let accounts = self.catalog.qos_accounts();
         let samples = entries
             .by_uuid
             .values()
@@ -589,55 +578,12 @@ impl Registry {
                     e.def.vm.clone(),
                     self.effective_qos(&e.def),
                 );
-                sample.scheduler = self.scheduler_stats(&r.placed, &by_pasid);
+                sample.scheduler = scheduler_stats(&accounts, &r.placed, &by_pasid);
                 Some(sample)
             })
             .collect();
         let named: Vec<String> = vm.into_iter().collect();
         Ok(StatsReport::build(samples, &named))
-    }
-
-    /// What the QoS schedulers of the instance's accelerators report for
-    /// it, summed over them; the entitlement when it uses one accelerator.
-    fn scheduler_stats(
-        &self,
-        placed: &Placed,
-        by_pasid: &BTreeMap<u32, &Entry>,
-    ) -> Option<SchedulerStats> {
-        let snaps = self.catalog.qos_snapshots(placed);
-        let mut out = SchedulerStats::default();
-        let mut held: BTreeMap<u32, u64> = BTreeMap::new();
-        for (_, t) in &snaps {
-            out.engine_ns += t.engine_ns;
-            out.throttled.add(&Throttled {
-                rate_ns: t.throttled_ns.rate,
-                cap_ns: t.throttled_ns.cap,
-                share_ns: t.throttled_ns.share,
-            });
-            for i in &t.interference {
-                *held.entry(i.neighbour_pasid).or_default() += i.engine_ns;
-            }
-        }
-        if let [(accelerator, _)] = snaps.as_slice() {
-            out.entitlement = self.catalog.entitlement(accelerator, placed);
-        }
-        // A neighbour stopped since is no longer named (its PASID may be
-        // someone else's by now).
-        out.interference = held
-            .into_iter()
-            .filter_map(|(pasid, held_ns)| {
-                let n = by_pasid.get(&pasid)?;
-                Some(Interference {
-                    neighbour: n.def.uuid,
-                    neighbour_name: n.def.name.clone(),
-                    neighbour_vm: n.def.vm.clone(),
-                    held_ns,
-                })
-            })
-            .collect();
-        out.interference
-            .sort_by_key(|i| std::cmp::Reverse(i.held_ns));
-        (!snaps.is_empty()).then_some(out)
     }
 
     fn view(&self, e: &Entry) -> InstanceView {
@@ -661,4 +607,47 @@ impl Registry {
             report: e.running.as_ref().map(|r| r.instance.report()),
         }
     }
+}
+
+/// What the QoS schedulers of the instance's accelerators report for
+/// it, summed over them; the entitlement when it uses one accelerator.
+fn scheduler_stats(
+    accounts: &QosAccounts,
+    placed: &Placed,
+    by_pasid: &BTreeMap<u32, &Entry>,
+) -> Option<SchedulerStats> {
+    let snaps = accounts.of(placed);
+    let mut out = SchedulerStats::default();
+    let mut held: BTreeMap<u32, u64> = BTreeMap::new();
+    for (t, _) in &snaps {
+        out.engine_ns += t.engine_ns;
+        out.throttled.add(&Throttled {
+            rate_ns: t.throttled_ns.rate,
+            cap_ns: t.throttled_ns.cap,
+            share_ns: t.throttled_ns.share,
+        });
+        for i in &t.interference {
+            *held.entry(i.neighbour_pasid).or_default() += i.engine_ns;
+        }
+    }
+    if let [(_, share)] = snaps.as_slice() {
+        out.entitlement = *share;
+    }
+    // A neighbour stopped since is no longer named (its PASID may be
+    // someone else's by now).
+    out.interference = held
+        .into_iter()
+        .filter_map(|(pasid, held_ns)| {
+            let n = by_pasid.get(&pasid)?;
+            Some(Interference {
+                neighbour: n.def.uuid,
+                neighbour_name: n.def.name.clone(),
+                neighbour_vm: n.def.vm.clone(),
+                held_ns,
+            })
+        })
+        .collect();
+    out.interference
+        .sort_by_key(|i| std::cmp::Reverse(i.held_ns));
+    (!snaps.is_empty()).then_some(out)
 }
