@@ -450,8 +450,13 @@ fn bad_filters_are_refused_by_name_and_change_nothing() {
         e.contains("'h2' is defined") && e.contains("only while it is started"),
         "{e}"
     );
+    // Started, but another VM's (none's): named as not the VM's.
+    d.json(&["start", "h2"]);
     let e = d.refused(&["stats", "--vm", "web", "--instance", "h2"]);
-    assert!(e.contains("'h2'"), "{e}");
+    assert!(
+        e.contains("instance 'h2' is not attached to VM 'web'"),
+        "{e}"
+    );
     let e = d.refused(&["modify", "h2", "--vm", "bad\nname"]);
     assert!(e.contains("control characters"), "{e}");
     let (status, _, body) = http_unix(&d.api(), "/v1/stats?vm=web&bogus=1");
