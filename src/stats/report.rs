@@ -101,9 +101,6 @@ pub struct SchedulerStats {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entitlement: Option<f64>,
     pub throttled: Throttled,
-    /// Per queue, when the scheduler tells queues apart.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub queue_throttled: Vec<Throttled>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interference: Vec<Interference>,
 }
@@ -168,8 +165,6 @@ pub struct QueueView {
     #[serde(flatten)]
     pub counts: Counts,
     pub latency: LatencySummary,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub throttled: Option<Throttled>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -238,10 +233,6 @@ impl StatsReport {
                         queue: q.queue,
                         counts: q.counts.clone(),
                         latency: LatencySummary::of(q.histogram.as_ref(), q.latency_sum_ns),
-                        throttled: s
-                            .scheduler
-                            .as_ref()
-                            .and_then(|x| x.queue_throttled.get(q.queue as usize).copied()),
                     }
                 })
                 .collect();
@@ -380,7 +371,7 @@ mod tests {
     }
 
     #[test]
-    fn scheduler_figures_go_to_their_queues_and_add_up_per_vm() {
+    fn scheduler_figures_add_up_per_vm() {
         let mut i = instance("a", Some("vm"), vec![queue(0, 1, 0, 1), queue(1, 1, 0, 1)]);
         i.scheduler = Some(SchedulerStats {
             engine_ns: 500,
@@ -389,17 +380,9 @@ mod tests {
                 cap_ns: 2,
                 share_ns: 3,
             },
-            queue_throttled: vec![
-                Throttled::default(),
-                Throttled {
-                    rate_ns: 1,
-                    ..Default::default()
-                },
-            ],
             ..Default::default()
         });
         let r = StatsReport::build(vec![i], &[]);
-        assert_eq!(r.instances[0].queues[1].throttled.unwrap().rate_ns, 1);
         assert_eq!(r.vms[0].engine_ns, Some(500));
         assert_eq!(r.vms[0].throttled.unwrap().share_ns, 3);
         let json = serde_json::to_value(&r).unwrap();
