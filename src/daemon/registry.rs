@@ -9,7 +9,7 @@
 //! the lock, with the instance marked `stopping`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
 use uuid::Uuid;
@@ -93,19 +93,33 @@ impl Entries {
     }
 }
 
+/// A character instance names may have: A-Z a-z 0-9 - _ .
+pub fn name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+/// Whether `name` is 1 to `max` bytes of [`name_char`]s, not starting
+/// with '.' or '-': the shape of an instance name (the libvirt hook keeps
+/// a domain's name as its instances' base only when it has this shape).
+pub fn plain_name(name: &str, max: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max
+        && name.chars().all(name_char)
+        && !name.starts_with(['.', '-'])
+}
+
+/// Where instance `name`'s socket is in `run_dir`: `NAME.sock`, what the
+/// daemon serves and what a VMM (or `<qemu:commandline>`) names.
+pub fn socket_path(run_dir: &Path, name: &str) -> PathBuf {
+    run_dir.join(format!("{name}.sock"))
+}
+
 /// Names an operator may use: they become socket file names (`NAME.sock`
 /// in the run directory), so nothing that could leave it, hide as a dot
 /// file, read as an option, pass for another instance's UUID, or take the
 /// API socket's name.
 fn check_name(name: &str) -> Result<(), ActionError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && !name.starts_with('.')
-        && !name.starts_with('-');
-    if !ok {
+    if !plain_name(name, 64) {
         return Err(ActionError::Invalid(format!(
             "instance name '{name}' must be 1-64 characters of A-Z a-z 0-9 - _ ., not starting with '.' or '-'"
         )));
@@ -381,10 +395,6 @@ impl Registry {
         })
     }
 
-    fn socket_path(&self, name: &str) -> PathBuf {
-        self.run_dir.join(format!("{name}.sock"))
-    }
-
     fn start(&self, entries: &mut Entries, u: Uuid) -> Result<(), ActionError> {
         let e = entries.by_uuid.get_mut(&u).expect("found by caller");
         let name = e.def.name.clone();
@@ -415,7 +425,7 @@ impl Registry {
                 })?;
         let spec = InstanceSpec {
             name: name.clone(),
-            socket: self.socket_path(&name),
+            socket: socket_path(&self.run_dir, &name),
             config: placed.config,
         };
         // Under its policy before its first job.

@@ -16,7 +16,7 @@
 
 use std::path::Path;
 
-use super::metadata::{Domain, MetadataError, Planned};
+use super::metadata::{Domain, MetadataError, Planned, socket_path};
 use crate::daemon::action::{Action, DefineRequest, ModifyRequest, Outcome};
 use crate::daemon::view::{InstanceState, InstanceView};
 
@@ -194,10 +194,11 @@ fn prepare(domain: &Domain, daemon: &dyn Daemon) -> Result<Report, HookError> {
     }
     let planned = domain.planned();
     for p in &planned {
+        let socket = socket_path(Path::new("/"), &p.name);
         let named = domain
             .vfio_user_sockets
             .iter()
-            .any(|s| s.file_name() == Path::new(&format!("{}.sock", p.name)).file_name());
+            .any(|s| s.file_name() == socket.file_name());
         if !named {
             return Err(HookError::SocketNotNamed {
                 domain: domain.name.clone(),
