@@ -401,6 +401,11 @@ fn bad_metadata_and_bad_xml_fail_before_any_daemon_call() {
                 "{err}"
             );
             assert!(!err.contains("cannot reach"), "no daemon call: {err}");
+            // The parser's message once, not again as its cause.
+            if let Some((_, tail)) = err.split_once("not well-formed: ") {
+                let detail = tail.trim().split(": ").next().unwrap();
+                assert_eq!(err.matches(detail).count(), 1, "{err}");
+            }
         }
     }
 }

@@ -26,6 +26,9 @@ use crate::daemon::view::{InstanceState, InstanceView};
 pub struct DaemonError {
     /// `None` when the daemon could not be reached.
     pub status: Option<u16>,
+    /// The daemon's machine-readable kind (`no-such-instance`, ...), when
+    /// it answered.
+    pub kind: Option<String>,
     pub message: String,
 }
 
@@ -164,9 +167,12 @@ fn get(daemon: &dyn Daemon, name: &str) -> Result<Option<InstanceView>, DaemonEr
         Ok(Outcome::Instance(v)) => Ok(Some(*v)),
         Ok(_) => Err(DaemonError {
             status: None,
+            kind: None,
             message: "the daemon's answer to get-instance was not an instance".into(),
         }),
-        Err(e) if e.status == Some(404) => Ok(None),
+        // Only the instance's absence: any other 404 (a daemon without the
+        // route, say) is an error.
+        Err(e) if e.kind.as_deref() == Some("no-such-instance") => Ok(None),
         Err(e) => Err(e),
     }
 }
