@@ -559,6 +559,30 @@ fn an_instance_not_made_for_the_domain_is_never_taken_or_released() {
 }
 
 #[test]
+fn started_labels_only_an_instance_of_its_own_domain_or_of_none() {
+    let d = Daemon::start();
+    d.json(&[
+        "define", "--type", "hash", "--name", "rec1-wd0", "--vm", "other",
+    ]);
+    let xml = asking("prepare-begin.xml", "quad", 1, &d.run_dir());
+    let said = ok(&d.hook("rec1", "started", "begin", &xml));
+    assert!(
+        said.contains("rec1-wd0: belongs to VM 'other', not 'rec1'; left alone"),
+        "{said}"
+    );
+    assert_eq!(
+        d.defined()[0]["vm"],
+        "other",
+        "another VM's instance keeps its VM"
+    );
+    // One of no VM's is the domain's from now on (as at reconnect).
+    d.json(&["modify", "rec1-wd0", "--no-vm"]);
+    let said = ok(&d.hook("rec1", "started", "begin", &xml));
+    assert!(said.contains("rec1-wd0 is defined, not attached"), "{said}");
+    assert_eq!(d.defined()[0]["vm"], "rec1");
+}
+
+#[test]
 fn an_operator_labels_an_instance_with_its_vm_through_the_cli() {
     let d = Daemon::start();
     let cli = |args: &[&str]| {

@@ -288,6 +288,28 @@ fn prepare_one(
 fn started(domain: &Domain, daemon: &dyn Daemon) -> Result<Report, HookError> {
     let mut report = Report::new();
     for p in domain.planned() {
+        // Only an instance of this domain's (or of none) is labelled: one
+        // of the same name another VM holds is left alone.
+        match get(daemon, &p.name) {
+            Err(e) => {
+                report.push(format!("{}: cannot ask the daemon: {e}", p.name));
+                continue;
+            }
+            Ok(None) => {
+                report.push(format!("{}: the daemon has no such instance", p.name));
+                continue;
+            }
+            Ok(Some(v)) if v.vm.as_ref().is_some_and(|vm| *vm != domain.name) => {
+                report.push(format!(
+                    "{}: belongs to VM '{}', not '{}'; left alone",
+                    p.name,
+                    v.vm.as_deref().unwrap_or("?"),
+                    domain.name
+                ));
+                continue;
+            }
+            Ok(Some(_)) => {}
+        }
         let changes = ModifyRequest {
             vm: Some(Some(domain.name.clone())),
             ..Default::default()
