@@ -117,8 +117,10 @@ pub struct QueueSample {
 impl QueueSample {
     pub fn take(queue: u32, s: &QueueStats) -> QueueSample {
         let c = s.snapshot();
-        // Read the histogram after the counters: a job counted complete
-        // has been timed (the worker times it within `completed`).
+        // The counters, then the histogram: not one atomic read. `completed`
+        // counts a job before it times it, so the two can differ by the jobs
+        // completing while they are read (the counts are not ordered with
+        // the latency count).
         let histogram = s.latency.load();
         let latency_sum_ns = s.latency.sum_ns();
         let completed = c.jobs_ok + c.jobs_failed;
