@@ -403,6 +403,12 @@ fn print_table<const N: usize>(rows: &[[String; N]]) {
 
 /// Left-aligned columns, two spaces apart; the last column unpadded.
 pub(super) fn print_rows(rows: &[Vec<String>]) {
+    print!("{}", columns(rows));
+}
+
+/// `rows` as left-aligned columns two spaces apart, the last unpadded, one
+/// line each.
+pub(super) fn columns(rows: &[Vec<String>]) -> String {
     let n = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..n)
         .map(|c| {
@@ -413,6 +419,7 @@ pub(super) fn print_rows(rows: &[Vec<String>]) {
                 .unwrap_or(0)
         })
         .collect();
+    let mut out = String::new();
     for r in rows {
         let line: Vec<String> = r
             .iter()
@@ -425,8 +432,10 @@ pub(super) fn print_rows(rows: &[Vec<String>]) {
                 }
             })
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
     }
+    out
 }
 
 #[cfg(test)]
