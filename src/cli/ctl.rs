@@ -372,10 +372,13 @@ pub fn list(api: &ApiClient, a: ListArgs) -> anyhow::Result<()> {
         "SOCKET".into(),
     ]];
     for v in &list {
+        let total = v.report.as_ref().map(|r| {
+            let mut t = crate::stats::QueueSnapshot::default();
+            r.queues.iter().for_each(|q| t.add(q));
+            t
+        });
         let jobs = |f: fn(&crate::stats::QueueSnapshot) -> u64| {
-            v.report.as_ref().map_or("-".to_string(), |r| {
-                r.queues.iter().map(f).sum::<u64>().to_string()
-            })
+            total.as_ref().map_or("-".to_string(), |t| f(t).to_string())
         };
         rows.push([
             v.name.clone(),

@@ -514,10 +514,13 @@ mod tests {
             vm: vm.map(String::from),
             qos: "q".into(),
             totals: Counts {
-                jobs_submitted: jobs,
+                counters: crate::stats::QueueSnapshot {
+                    jobs_submitted: jobs,
+                    jobs_ok: jobs,
+                    bytes_in: jobs * 1_000_000,
+                    ..Default::default()
+                },
                 jobs_completed: jobs,
-                jobs_ok: jobs,
-                bytes_in: jobs * 1_000_000,
                 ..Default::default()
             },
             latency: crate::stats::latency::LatencySummary {

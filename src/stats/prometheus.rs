@@ -342,10 +342,13 @@ mod tests {
         let q = QueueSample {
             queue: 1,
             counts: Counts {
-                jobs_submitted: 3,
+                counters: crate::stats::QueueSnapshot {
+                    jobs_submitted: 3,
+                    jobs_ok: 2,
+                    jobs_failed: 1,
+                    ..Default::default()
+                },
                 jobs_completed: 3,
-                jobs_ok: 2,
-                jobs_failed: 1,
                 failed_by_status: [("BadAddress".to_string(), 1)].into(),
                 ..Default::default()
             },

@@ -10,50 +10,42 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::latency::{LatencySummary, merge};
-use super::{InstanceSnapshot, QueueStats};
+use super::{InstanceSnapshot, QueueSnapshot, QueueStats};
 
-/// Counts that add up from queues to instances to VMs.
+/// Counts that add up from queues to instances to VMs: the queue counters
+/// (read through `Deref`: `c.jobs_ok`) and what is derived from them and
+/// the ring.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
-    /// Descriptors taken from the submission rings.
-    pub jobs_submitted: u64,
+    #[serde(flatten)]
+    pub counters: QueueSnapshot,
     /// Completions written (OK and failed).
     pub jobs_completed: u64,
-    pub jobs_ok: u64,
-    pub jobs_failed: u64,
     /// Failed completions by status name (`BadAddress`, ...).
     #[serde(default)]
     pub failed_by_status: BTreeMap<String, u64>,
-    /// Taken but never completed: the queue was stopped or reset first.
-    pub jobs_dropped: u64,
     /// Taken and not yet completed (with the scheduler or an engine).
     pub in_flight: u64,
     /// Posted by the guest, not yet taken (at the device's last look).
     pub ring_waiting: u64,
-    /// Source bytes of jobs handed to an engine.
-    pub bytes_in: u64,
-    /// Bytes written by jobs completed OK.
-    pub bytes_out: u64,
-    pub doorbells: u64,
-    pub interrupts: u64,
+}
+
+impl std::ops::Deref for Counts {
+    type Target = QueueSnapshot;
+    fn deref(&self) -> &QueueSnapshot {
+        &self.counters
+    }
 }
 
 impl Counts {
     fn add(&mut self, o: &Counts) {
-        self.jobs_submitted += o.jobs_submitted;
+        self.counters.add(&o.counters);
         self.jobs_completed += o.jobs_completed;
-        self.jobs_ok += o.jobs_ok;
-        self.jobs_failed += o.jobs_failed;
         for (k, v) in &o.failed_by_status {
             *self.failed_by_status.entry(k.clone()).or_default() += v;
         }
-        self.jobs_dropped += o.jobs_dropped;
         self.in_flight += o.in_flight;
         self.ring_waiting += o.ring_waiting;
-        self.bytes_in += o.bytes_in;
-        self.bytes_out += o.bytes_out;
-        self.doorbells += o.doorbells;
-        self.interrupts += o.interrupts;
     }
 }
 
@@ -128,20 +120,13 @@ impl QueueSample {
         QueueSample {
             queue,
             counts: Counts {
-                jobs_submitted: c.jobs_submitted,
+                counters: c,
                 jobs_completed: completed,
-                jobs_ok: c.jobs_ok,
-                jobs_failed: c.jobs_failed,
                 failed_by_status: s.failed_by_status(),
-                jobs_dropped: dropped,
                 // (The worker counts a batch taken after the refusals in it
                 // were completed, so a reader can see completions first.)
                 in_flight: c.jobs_submitted.saturating_sub(completed + dropped),
                 ring_waiting: s.ring_waiting.load(std::sync::atomic::Ordering::Relaxed),
-                bytes_in: c.bytes_in,
-                bytes_out: c.bytes_out,
-                doorbells: c.doorbells,
-                interrupts: c.interrupts,
             },
             histogram,
             latency_sum_ns,
@@ -300,16 +285,19 @@ mod tests {
         QueueSample {
             queue,
             counts: Counts {
-                jobs_submitted: ok + failed,
+                counters: QueueSnapshot {
+                    jobs_submitted: ok + failed,
+                    jobs_ok: ok,
+                    jobs_failed: failed,
+                    bytes_out: ok * 10,
+                    ..Default::default()
+                },
                 jobs_completed: ok + failed,
-                jobs_ok: ok,
-                jobs_failed: failed,
                 failed_by_status: if failed > 0 {
                     [("BadAddress".to_string(), failed)].into()
                 } else {
                     BTreeMap::new()
                 },
-                bytes_out: ok * 10,
                 ..Default::default()
             },
             histogram: l.load(),
