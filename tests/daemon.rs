@@ -3,7 +3,7 @@
 //! daemon-started instance, and the daemon killed and restarted.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,6 +12,8 @@ use wdvirt::vmm::{GuestRam, LoopbackVmm};
 use wdvirt_guest::Device;
 
 mod common;
+
+use common::daemon::{Daemon, wdvirt};
 
 /// One small host: a soft accelerator of 8 queue pairs and 3 PASIDs, so
 /// that running out is quick to reach.
@@ -41,133 +43,9 @@ types:
     qos: silver
 "#;
 
-pub struct Daemon {
-    pub dir: tempfile::TempDir,
-    pub child: Option<Child>,
-}
-
-fn wdvirt() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_wdvirt"))
-}
-
-impl Daemon {
-    /// A daemon on a fresh state directory with `config` as its only YAML.
-    pub fn start(config: &str) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("host.yaml"), config).unwrap();
-        let mut d = Daemon { dir, child: None };
-        d.spawn();
-        d
-    }
-
-    pub fn api(&self) -> PathBuf {
-        self.dir.path().join("api.sock")
-    }
-    pub fn run_dir(&self) -> PathBuf {
-        self.dir.path().join("run")
-    }
-    pub fn state_dir(&self) -> PathBuf {
-        self.dir.path().join("state")
-    }
-
-    /// Starts the daemon process and waits until its API answers.
-    pub fn spawn(&mut self) {
-        assert!(self.child.is_none());
-        let child = wdvirt()
-            .arg("daemon")
-            .arg("--config")
-            .arg(self.dir.path().join("host.yaml"))
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .arg("--run-dir")
-            .arg(self.run_dir())
-            .arg("--api")
-            .arg(self.api())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if std::os::unix::net::UnixStream::connect(self.api()).is_ok() {
-                return;
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                let err = self.stderr();
-                panic!("the daemon exited ({status}) before answering: {err}");
-            }
-            assert!(Instant::now() < deadline, "the daemon never answered");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    fn stderr(&mut self) -> String {
-        use std::io::Read;
-        let mut s = String::new();
-        if let Some(e) = self.child.as_mut().and_then(|c| c.stderr.as_mut()) {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    }
-
-    /// The CLI against this daemon.
-    pub fn cli(&self, args: &[&str]) -> Output {
-        wdvirt()
-            .arg("--api")
-            .arg(self.api())
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    /// The CLI with `--json`, which must succeed.
-    pub fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.push("--json");
-        let out = self.cli(&a);
-        assert!(
-            out.status.success(),
-            "wdvirt {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    /// The CLI, which must fail with exit 1; returns its message.
-    pub fn refused(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert_eq!(
-            out.status.code(),
-            Some(1),
-            "wdvirt {args:?} should fail: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-
-    pub fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    /// SIGTERM, and the daemon's exit status and stderr.
-    pub fn term(&mut self) -> (std::process::ExitStatus, String) {
-        use std::io::Read;
-        let mut c = self.child.take().expect("running");
-        let status = common::terminate(&mut c);
-        let mut err = String::new();
-        c.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-        (status, err)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill9();
-    }
+/// The daemon with its stderr kept: `term()` reads what it logged.
+fn daemon(config: &str) -> Daemon {
+    Daemon::builder(config).capture_stderr().start()
 }
 
 fn names(list: &Value) -> Vec<String> {
@@ -178,21 +56,9 @@ fn names(list: &Value) -> Vec<String> {
         .collect()
 }
 
-fn available(d: &Daemon, ty: &str) -> u64 {
-    let types = d.json(&["types"]);
-    types
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|t| t["name"] == ty)
-        .unwrap_or_else(|| panic!("no type {ty} in {types}"))["available_instances"]
-        .as_u64()
-        .unwrap()
-}
-
 #[test]
 fn define_start_list_stop_undefine_through_the_cli() {
-    let mut d = Daemon::start(SMALL_HOST);
+    let mut d = daemon(SMALL_HOST);
     // define prints the UUID alone on stdout.
     let out = d.cli(&["define", "--type", "quad", "--name", "vm1"]);
     assert!(
@@ -274,10 +140,10 @@ fn define_start_list_stop_undefine_through_the_cli() {
 
 #[test]
 fn available_instances_fall_and_rise_and_exhaustion_names_the_resource() {
-    let d = Daemon::start(SMALL_HOST);
+    let d = daemon(SMALL_HOST);
     // 8 queue pairs: two 4-queue instances, or eight 1-queue ones.
     assert_eq!(
-        (available(&d, "quad"), available(&d, "hash")),
+        (d.available("quad"), d.available("hash")),
         (2, 3),
         "3 PASIDs cap hash"
     );
@@ -285,11 +151,11 @@ fn available_instances_fall_and_rise_and_exhaustion_names_the_resource() {
         d.json(&["define", "--type", "quad", "--name", n]);
     }
     d.json(&["start", "q1"]);
-    assert_eq!((available(&d, "quad"), available(&d, "hash")), (1, 2));
+    assert_eq!((d.available("quad"), d.available("hash")), (1, 2));
     let types = d.json(&["types"]);
     assert_eq!(types[1]["available_by_accelerator"]["soft0"], 1, "{types}");
     d.json(&["start", "q2"]);
-    assert_eq!((available(&d, "quad"), available(&d, "hash")), (0, 0));
+    assert_eq!((d.available("quad"), d.available("hash")), (0, 0));
     // The third does not fit: the message names the pool and the accelerator.
     let e = d.refused(&["start", "q3"]);
     assert!(
@@ -304,7 +170,7 @@ fn available_instances_fall_and_rise_and_exhaustion_names_the_resource() {
     );
     d.json(&["stop", "q1"]);
     assert_eq!(
-        available(&d, "quad"),
+        d.available("quad"),
         1,
         "a stopped instance's queue pairs come back"
     );
@@ -318,14 +184,14 @@ fn available_instances_fall_and_rise_and_exhaustion_names_the_resource() {
     for n in ["h1", "h2", "h3"] {
         d.json(&["start", n]);
     }
-    assert_eq!(available(&d, "hash"), 0);
+    assert_eq!(d.available("hash"), 0);
     let e = d.refused(&["start", "h4"]);
     assert!(e.contains("soft0: PASIDs exhausted (3)"), "{e}");
 }
 
 #[test]
 fn a_daemon_started_instance_serves_a_vmm_and_shows_it_attached() {
-    let mut d = Daemon::start(SMALL_HOST);
+    let mut d = daemon(SMALL_HOST);
     d.json(&["define", "--type", "quad", "--name", "vm1"]);
     let v = d.json(&["start", "vm1"]);
     let socket = PathBuf::from(v["socket"].as_str().unwrap());
@@ -393,7 +259,7 @@ fn a_daemon_started_instance_serves_a_vmm_and_shows_it_attached() {
 #[test]
 fn bad_api_requests_get_typed_errors_and_change_nothing() {
     use std::io::{Read, Write};
-    let d = Daemon::start(SMALL_HOST);
+    let d = daemon(SMALL_HOST);
     let raw = |req: String| -> (u16, Value) {
         let mut s = std::os::unix::net::UnixStream::connect(d.api()).unwrap();
         s.write_all(req.as_bytes()).unwrap();
@@ -454,7 +320,7 @@ fn bad_api_requests_get_typed_errors_and_change_nothing() {
 
 #[test]
 fn definitions_and_auto_instances_survive_sigkill() {
-    let mut d = Daemon::start(SMALL_HOST);
+    let mut d = daemon(SMALL_HOST);
     d.json(&["define", "--type", "quad", "--name", "auto1", "--auto"]);
     d.json(&["define", "--type", "hash", "--name", "manual1"]);
     d.json(&["start", "manual1"]);
@@ -520,7 +386,7 @@ fn sigkill_during_define_and_start_storms_loses_no_acknowledged_definition() {
     let seed: u64 = rand::random();
     eprintln!("seed {seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut d = Daemon::start(ROOMY_HOST);
+    let mut d = daemon(ROOMY_HOST);
     let mut acked: Vec<(String, bool)> = Vec::new();
     for round in 0..rounds {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -642,7 +508,7 @@ types:
 
 #[test]
 fn a_two_function_type_is_placed_on_the_closest_pair_and_serves_both_functions() {
-    let d = Daemon::start(TWO_NODES);
+    let d = daemon(TWO_NODES);
     // No NUMA hint: the pair sharing a switch (4) beats the pair meeting at
     // node 0 (20).
     d.json(&["define", "--type", "zip-hash", "--name", "a"]);
@@ -754,7 +620,7 @@ fn pasids_stay_unique_over_1000_starts_and_stops_from_four_threads() {
     use wdvirt::cli::client::ApiClient;
     use wdvirt::daemon::view::InstanceView;
 
-    let d = Daemon::start(PASID_HOST);
+    let d = daemon(PASID_HOST);
     for t in 0..4 {
         for i in 0..3 {
             d.json(&["define", "--type", "one", "--name", &format!("t{t}-{i}")]);
@@ -814,7 +680,7 @@ fn pasids_stay_unique_over_1000_starts_and_stops_from_four_threads() {
     for v in d.json(&["list"]).as_array().unwrap() {
         d.json(&["stop", v["name"].as_str().unwrap()]);
     }
-    assert_eq!(available(&d, "one"), 8, "every PASID is free again");
+    assert_eq!(d.available("one"), 8, "every PASID is free again");
 }
 
 /// `wdvirt daemon` that must refuse to start: its exit code and stderr.
@@ -840,7 +706,7 @@ fn daemon_refuses(dir: &Path, config: &str, api: &Path) -> (Option<i32>, String)
 
 #[test]
 fn the_daemon_refuses_a_second_daemon_a_file_at_its_api_path_and_bad_yaml_and_says_so_once() {
-    let d = Daemon::start(SMALL_HOST);
+    let d = daemon(SMALL_HOST);
     // The API socket is for the owner and the group only.
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(d.api()).unwrap().permissions().mode() & 0o777;
@@ -871,7 +737,7 @@ fn the_daemon_refuses_a_second_daemon_a_file_at_its_api_path_and_bad_yaml_and_sa
 
 #[test]
 fn definitions_edited_by_hand_are_held_to_the_rules_of_define() {
-    let mut d = Daemon::start(SMALL_HOST);
+    let mut d = daemon(SMALL_HOST);
     d.json(&["define", "--type", "hash", "--name", "vm1", "--auto"]);
     d.kill9();
     let instances = d.state_dir().join("instances");
@@ -909,7 +775,7 @@ fn definitions_edited_by_hand_are_held_to_the_rules_of_define() {
 #[test]
 fn a_stalled_api_client_does_not_keep_sigterm_from_stopping_the_daemon() {
     use std::io::{Read, Write};
-    let mut d = Daemon::start(SMALL_HOST);
+    let mut d = daemon(SMALL_HOST);
     d.json(&["define", "--type", "hash", "--name", "vm1"]);
     d.json(&["start", "vm1"]);
     // Half a request, never finished.
@@ -1002,7 +868,7 @@ fn relative_paths_work_on_the_first_start_and_sockets_are_given_absolute() {
 
 #[test]
 fn accelerators_demo_connect_and_an_absent_daemon_as_an_operator_sees_them() {
-    let d = Daemon::start(SMALL_HOST);
+    let d = daemon(SMALL_HOST);
     d.json(&["define", "--type", "quad", "--name", "vm1"]);
     let v = d.json(&["start", "vm1"]);
     // Pools as the partitioner counts them, in JSON and as bars.

@@ -14,6 +14,8 @@ use wdvirt::vmm::{GuestRam, LoopbackVmm};
 
 mod common;
 
+use common::daemon::{Daemon, wdvirt};
+
 /// One soft accelerator of 8 queue pairs: two `quad` instances fit.
 const SMALL_HOST: &str = r#"
 accelerators:
@@ -39,10 +41,6 @@ types:
     operations: [sha256, crc32c]
     qos: silver
 "#;
-
-fn wdvirt() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_wdvirt"))
-}
 
 fn recorded(file: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -96,85 +94,13 @@ fn replace_between(s: &str, start: &str, end: &str, with: &str) -> String {
     format!("{}{with}{}", &s[..a], &s[b..])
 }
 
-struct Daemon {
-    dir: tempfile::TempDir,
-    child: Child,
+fn daemon() -> Daemon {
+    Daemon::start(SMALL_HOST)
 }
 
 impl Daemon {
-    fn start() -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("host.yaml"), SMALL_HOST).unwrap();
-        let child = wdvirt()
-            .arg("daemon")
-            .arg("--config")
-            .arg(dir.path().join("host.yaml"))
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--run-dir")
-            .arg(dir.path().join("run"))
-            .arg("--api")
-            .arg(dir.path().join("api.sock"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let d = Daemon { dir, child };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(d.api()).is_err() {
-            assert!(Instant::now() < deadline, "the daemon never answered");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        d
-    }
-
-    fn api(&self) -> PathBuf {
-        self.dir.path().join("api.sock")
-    }
-    fn run_dir(&self) -> PathBuf {
-        self.dir.path().join("run")
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let out = wdvirt()
-            .arg("--api")
-            .arg(self.api())
-            .args(args)
-            .arg("--json")
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{args:?}: {out:?}");
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    fn defined(&self) -> Vec<Value> {
-        self.json(&["list", "--defined"])
-            .as_array()
-            .unwrap()
-            .clone()
-    }
-
-    fn available(&self, ty: &str) -> u64 {
-        let types = self.json(&["types"]);
-        types
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["name"] == ty)
-            .unwrap()["available_instances"]
-            .as_u64()
-            .unwrap()
-    }
-
     fn hook(&self, name: &str, op: &str, sub: &str, xml: &str) -> Output {
         hook_at(&self.api(), &[name, op, sub, "-"], xml)
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -242,7 +168,7 @@ fn wait_state(d: &Daemon, name: &str, state: &str) -> Value {
 
 #[test]
 fn prepare_started_release_define_start_record_and_remove_the_domains_instances() {
-    let d = Daemon::start();
+    let d = daemon();
     assert_eq!(d.available("quad"), 2);
     let xml = asking("prepare-begin.xml", "quad", 1, &d.run_dir());
     let said = ok(&d.hook("rec1", "prepare", "begin", &xml));
@@ -286,7 +212,7 @@ fn prepare_started_release_define_start_record_and_remove_the_domains_instances(
 
 #[test]
 fn restore_prepares_like_prepare_and_a_leftover_from_an_earlier_run_is_made_afresh() {
-    let d = Daemon::start();
+    let d = daemon();
     let xml = asking("prepare-begin.xml", "hash", 2, &d.run_dir());
     ok(&d.hook("rec1", "restore", "begin", &xml));
     let first: Vec<_> = d.defined().iter().map(|i| i["uuid"].clone()).collect();
@@ -308,7 +234,7 @@ fn restore_prepares_like_prepare_and_a_leftover_from_an_earlier_run_is_made_afre
 
 #[test]
 fn a_domain_asking_for_more_than_fits_fails_and_leaves_nothing_allocated() {
-    let d = Daemon::start();
+    let d = daemon();
     let xml = asking("prepare-begin.xml", "quad", 3, &d.run_dir());
     let err = refused(&d.hook("rec1", "prepare", "begin", &xml));
     assert!(err.contains("prepare begin refused"), "{err}");
@@ -324,7 +250,7 @@ fn a_domain_asking_for_more_than_fits_fails_and_leaves_nothing_allocated() {
 
 #[test]
 fn unknown_types_and_policies_fail_prepare_with_the_daemons_message() {
-    let d = Daemon::start();
+    let d = daemon();
     let xml = asking("prepare-begin.xml", "nosuch", 1, &d.run_dir());
     let err = refused(&d.hook("rec1", "prepare", "begin", &xml));
     assert!(
@@ -401,6 +327,11 @@ fn bad_metadata_and_bad_xml_fail_before_any_daemon_call() {
                 "{err}"
             );
             assert!(!err.contains("cannot reach"), "no daemon call: {err}");
+            // The parser's message once, not again as its cause.
+            if let Some((_, tail)) = err.split_once("not well-formed: ") {
+                let detail = tail.trim().split(": ").next().unwrap();
+                assert_eq!(err.matches(detail).count(), 1, "{err}");
+            }
         }
     }
 }
@@ -470,7 +401,7 @@ fn migrate_is_refused_with_the_reason_and_no_daemon_call() {
 
 #[test]
 fn reconnect_leaves_running_instances_alone_adopts_known_ones_and_never_fails() {
-    let d = Daemon::start();
+    let d = daemon();
     let xml = asking("prepare-begin.xml", "quad", 1, &d.run_dir());
     ok(&d.hook("rec1", "prepare", "begin", &xml));
     let socket = d.run_dir().join("rec1-wd0.sock");
@@ -527,7 +458,7 @@ fn reconnect_leaves_running_instances_alone_adopts_known_ones_and_never_fails() 
 
 #[test]
 fn an_instance_not_made_for_the_domain_is_never_taken_or_released() {
-    let d = Daemon::start();
+    let d = daemon();
     let out = wdvirt()
         .arg("--api")
         .arg(d.api())
@@ -554,8 +485,32 @@ fn an_instance_not_made_for_the_domain_is_never_taken_or_released() {
 }
 
 #[test]
+fn started_labels_only_an_instance_of_its_own_domain_or_of_none() {
+    let d = daemon();
+    d.json(&[
+        "define", "--type", "hash", "--name", "rec1-wd0", "--vm", "other",
+    ]);
+    let xml = asking("prepare-begin.xml", "quad", 1, &d.run_dir());
+    let said = ok(&d.hook("rec1", "started", "begin", &xml));
+    assert!(
+        said.contains("rec1-wd0: belongs to VM 'other', not 'rec1'; left alone"),
+        "{said}"
+    );
+    assert_eq!(
+        d.defined()[0]["vm"],
+        "other",
+        "another VM's instance keeps its VM"
+    );
+    // One of no VM's is the domain's from now on (as at reconnect).
+    d.json(&["modify", "rec1-wd0", "--no-vm"]);
+    let said = ok(&d.hook("rec1", "started", "begin", &xml));
+    assert!(said.contains("rec1-wd0 is defined, not attached"), "{said}");
+    assert_eq!(d.defined()[0]["vm"], "rec1");
+}
+
+#[test]
 fn an_operator_labels_an_instance_with_its_vm_through_the_cli() {
-    let d = Daemon::start();
+    let d = daemon();
     let cli = |args: &[&str]| {
         wdvirt()
             .arg("--api")
@@ -583,7 +538,7 @@ fn an_operator_labels_an_instance_with_its_vm_through_the_cli() {
 
 #[test]
 fn the_snippet_gives_a_domain_that_the_hook_prepares_at_the_sockets_it_names() {
-    let d = Daemon::start();
+    let d = daemon();
     let out = wdvirt()
         .args([
             "libvirt", "snippet", "--type", "hash", "--count", "2", "--domain", "web 1", "--qos",
@@ -625,7 +580,7 @@ fn the_snippet_gives_a_domain_that_the_hook_prepares_at_the_sockets_it_names() {
 
 #[test]
 fn install_hook_writes_a_script_that_libvirt_can_run_and_is_idempotent() {
-    let d = Daemon::start();
+    let d = daemon();
     let hooks = tempfile::tempdir().unwrap();
     let install = || {
         wdvirt()

@@ -4,17 +4,17 @@
 //! counting and checking every job meanwhile.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use serde_json::Value;
 use wdvirt::vmm::{GuestRam, LoopbackVmm};
 use wdvirt_guest::Device;
 
 mod common;
+
+use common::daemon::Daemon;
 
 /// One engine; a free policy and one of 200 jobs/s with a burst of 20.
 const HOST: &str = r#"
@@ -33,69 +33,17 @@ types:
 const SLOW_RATE: f64 = 200.0;
 const SLOW_BURST: f64 = 20.0;
 
-struct Daemon {
-    dir: tempfile::TempDir,
-    child: Child,
+/// The daemon on [`HOST`]; SIGTERM at the end must stop it.
+fn daemon() -> Daemon {
+    Daemon::builder(HOST).terminate_on_drop().start()
 }
 
 impl Daemon {
-    fn start() -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("host.yaml"), HOST).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_wdvirt"))
-            .arg("daemon")
-            .arg("--config")
-            .arg(dir.path().join("host.yaml"))
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--run-dir")
-            .arg(dir.path().join("run"))
-            .arg("--api")
-            .arg(dir.path().join("api.sock"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let d = Daemon { dir, child };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(d.api()).is_err() {
-            assert!(Instant::now() < deadline, "the daemon never answered");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        d
-    }
-
-    fn api(&self) -> PathBuf {
-        self.dir.path().join("api.sock")
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let out = Command::new(env!("CARGO_BIN_EXE_wdvirt"))
-            .arg("--api")
-            .arg(self.api())
-            .args(args)
-            .arg("--json")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "wdvirt {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
     /// Defines and starts an instance of `ty`; returns its socket.
     fn started(&self, ty: &str, name: &str) -> PathBuf {
         self.json(&["define", "--type", ty, "--name", name]);
         let v = self.json(&["start", name]);
         PathBuf::from(v["socket"].as_str().unwrap())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        common::terminate(&mut self.child);
     }
 }
 
@@ -163,7 +111,7 @@ fn jobs_ok(d: &Daemon, name: &str) -> u64 {
 
 #[test]
 fn the_types_policy_holds_from_the_first_job() {
-    let d = Daemon::start();
+    let d = daemon();
     let socket = d.started("slow-one", "vm1");
     let guest = Guest::start(&socket);
     let t0 = Instant::now();
@@ -188,7 +136,7 @@ fn the_types_policy_holds_from_the_first_job() {
 
 #[test]
 fn modify_qos_on_a_running_instance_takes_effect_at_once_and_no_job_is_lost_or_repeated() {
-    let d = Daemon::start();
+    let d = daemon();
     let socket = d.started("one", "vm1");
     let guest = Guest::start(&socket);
     std::thread::sleep(Duration::from_millis(300));

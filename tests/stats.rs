@@ -7,16 +7,17 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use wdvirt::vmm::{GuestRam, LoopbackVmm};
 use wdvirt_abi::{JobStatus, Opcode, SubmissionEntry};
 use wdvirt_guest::Device;
 
 mod common;
+
+use common::daemon::Daemon;
 
 const HOST: &str = r#"
 accelerators:
@@ -41,87 +42,14 @@ types:
     qos: silver
 "#;
 
-struct Daemon {
-    dir: tempfile::TempDir,
-    child: Child,
-}
-
-fn wdvirt() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_wdvirt"))
-}
-
-impl Daemon {
-    fn start(metrics: Option<u16>) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("host.yaml"), HOST).unwrap();
-        let mut cmd = wdvirt();
-        cmd.arg("daemon")
-            .arg("--config")
-            .arg(dir.path().join("host.yaml"))
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--run-dir")
-            .arg(dir.path().join("run"))
-            .arg("--api")
-            .arg(dir.path().join("api.sock"));
-        if let Some(port) = metrics {
-            cmd.arg("--metrics-addr").arg(port.to_string());
-        }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let d = Daemon { dir, child };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(d.api()).is_err() {
-            assert!(Instant::now() < deadline, "the daemon never answered");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        d
+/// The daemon on [`HOST`], serving `/metrics` at `127.0.0.1:PORT` too when
+/// asked.
+fn daemon(metrics: Option<u16>) -> Daemon {
+    let mut b = Daemon::builder(HOST);
+    if let Some(port) = metrics {
+        b = b.arg("--metrics-addr").arg(port.to_string());
     }
-
-    fn api(&self) -> PathBuf {
-        self.dir.path().join("api.sock")
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        wdvirt()
-            .arg("--api")
-            .arg(self.api())
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn json(&self, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.push("--json");
-        let out = self.cli(&a);
-        assert!(
-            out.status.success(),
-            "wdvirt {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    fn refused(&self, args: &[&str]) -> String {
-        let out = self.cli(args);
-        assert_eq!(out.status.code(), Some(1), "wdvirt {args:?} should fail");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-
-    fn socket(&self, name: &str) -> PathBuf {
-        self.dir.path().join("run").join(format!("{name}.sock"))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    b.start()
 }
 
 /// What a guest driver counted: completions by status name.
@@ -290,7 +218,7 @@ fn counters_equal_what_each_driver_counted_by_vm_and_metrics_say_the_same() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let d = Daemon::start(Some(port));
+    let d = daemon(Some(port));
     d.json(&["define", "--type", "quad", "--name", "web-0", "--vm", "web"]);
     d.json(&["define", "--type", "hash", "--name", "web-1", "--vm", "web"]);
     d.json(&["define", "--type", "hash", "--name", "batch-0"]);
@@ -437,7 +365,7 @@ fn counters_equal_what_each_driver_counted_by_vm_and_metrics_say_the_same() {
 
 #[test]
 fn bad_filters_are_refused_by_name_and_change_nothing() {
-    let d = Daemon::start(None);
+    let d = daemon(None);
     d.json(&["define", "--type", "hash", "--name", "h1", "--vm", "web"]);
     d.json(&["define", "--type", "hash", "--name", "h2"]);
     d.json(&["start", "h1"]);
@@ -450,8 +378,13 @@ fn bad_filters_are_refused_by_name_and_change_nothing() {
         e.contains("'h2' is defined") && e.contains("only while it is started"),
         "{e}"
     );
+    // Started, but another VM's (none's): named as not the VM's.
+    d.json(&["start", "h2"]);
     let e = d.refused(&["stats", "--vm", "web", "--instance", "h2"]);
-    assert!(e.contains("'h2'"), "{e}");
+    assert!(
+        e.contains("instance 'h2' is not attached to VM 'web'"),
+        "{e}"
+    );
     let e = d.refused(&["modify", "h2", "--vm", "bad\nname"]);
     assert!(e.contains("control characters"), "{e}");
     let (status, _, body) = http_unix(&d.api(), "/v1/stats?vm=web&bogus=1");
@@ -496,7 +429,7 @@ impl Drop for Tmux {
 
 #[test]
 fn top_in_a_real_terminal_shows_each_vm_live_and_quits_on_q() {
-    let d = Daemon::start(None);
+    let d = daemon(None);
     d.json(&["define", "--type", "quad", "--name", "w", "--vm", "web"]);
     d.json(&[
         "define", "--type", "hash", "--name", "idle", "--vm", "batch",
@@ -631,7 +564,7 @@ fn top_in_a_real_terminal_shows_each_vm_live_and_quits_on_q() {
 
 #[test]
 fn a_vmm_gone_mid_flight_leaves_every_taken_job_counted_once() {
-    let d = Daemon::start(None);
+    let d = daemon(None);
     d.json(&["define", "--type", "quad", "--name", "z", "--vm", "zip"]);
     d.json(&["start", "z"]);
     let submitted = {

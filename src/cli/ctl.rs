@@ -372,10 +372,13 @@ pub fn list(api: &ApiClient, a: ListArgs) -> anyhow::Result<()> {
         "SOCKET".into(),
     ]];
     for v in &list {
+        let total = v.report.as_ref().map(|r| {
+            let mut t = crate::stats::QueueSnapshot::default();
+            r.queues.iter().for_each(|q| t.add(q));
+            t
+        });
         let jobs = |f: fn(&crate::stats::QueueSnapshot) -> u64| {
-            v.report.as_ref().map_or("-".to_string(), |r| {
-                r.queues.iter().map(f).sum::<u64>().to_string()
-            })
+            total.as_ref().map_or("-".to_string(), |t| f(t).to_string())
         };
         rows.push([
             v.name.clone(),
@@ -403,6 +406,12 @@ fn print_table<const N: usize>(rows: &[[String; N]]) {
 
 /// Left-aligned columns, two spaces apart; the last column unpadded.
 pub(super) fn print_rows(rows: &[Vec<String>]) {
+    print!("{}", columns(rows));
+}
+
+/// `rows` as left-aligned columns two spaces apart, the last unpadded, one
+/// line each.
+pub(super) fn columns(rows: &[Vec<String>]) -> String {
     let n = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..n)
         .map(|c| {
@@ -413,6 +422,7 @@ pub(super) fn print_rows(rows: &[Vec<String>]) {
                 .unwrap_or(0)
         })
         .collect();
+    let mut out = String::new();
     for r in rows {
         let line: Vec<String> = r
             .iter()
@@ -425,8 +435,10 @@ pub(super) fn print_rows(rows: &[Vec<String>]) {
                 }
             })
             .collect();
-        println!("{}", line.join("  ").trim_end());
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
     }
+    out
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use hyper::Method;
 
 use super::client::{ApiClient, ApiError};
 use crate::daemon::action::{Action, Outcome};
-use crate::daemon::view::{AcceleratorView, InstanceView, TypeView};
+use crate::daemon::view::InstanceView;
 use crate::libvirt::hook::{self, Daemon, DaemonError, Operation};
 
 #[derive(Args, Debug)]
@@ -45,47 +45,44 @@ pub struct QemuHookArgs {
     pub extra: String,
 }
 
-/// One path per action, as `src/daemon/api.rs` routes them.
+/// The actions the hook sends, each at its path as `src/daemon/api.rs`
+/// routes it.
 impl Daemon for ApiClient {
     fn handle(&self, action: Action) -> Result<Outcome, DaemonError> {
-        let one = |method: Method, path: String, body: Option<serde_json::Value>| {
-            self.send::<InstanceView, _>(method, &path, body.as_ref())
-                .map(|v| Outcome::Instance(Box::new(v)))
-        };
         let inst = |id: &str| format!("/v1/instances/{}", super::ctl::path_id(id));
-        let r = match action {
-            Action::ListTypes => self.get::<Vec<TypeView>>("/v1/types").map(Outcome::Types),
-            Action::ListAccelerators => self
-                .get::<Vec<AcceleratorView>>("/v1/accelerators")
-                .map(Outcome::Accelerators),
-            Action::ListInstances { defined } => self
-                .get::<Vec<InstanceView>>(&format!("/v1/instances?defined={defined}"))
-                .map(Outcome::Instances),
-            Action::GetInstance { id } => one(Method::GET, inst(&id), None),
-            Action::Define(req) => one(
+        let (method, path, body) = match action {
+            Action::GetInstance { id } => (Method::GET, inst(&id), None),
+            Action::Define(req) => (
                 Method::POST,
                 "/v1/instances".into(),
                 Some(serde_json::to_value(req).expect("a request serialises")),
             ),
-            Action::Undefine { id } => one(Method::DELETE, inst(&id), None),
-            Action::Start { id } => one(Method::POST, format!("{}/start", inst(&id)), None),
-            Action::Stop { id } => one(Method::POST, format!("{}/stop", inst(&id)), None),
-            Action::Modify { id, changes } => one(
+            Action::Undefine { id } => (Method::DELETE, inst(&id), None),
+            Action::Start { id } => (Method::POST, format!("{}/start", inst(&id)), None),
+            Action::Stop { id } => (Method::POST, format!("{}/stop", inst(&id)), None),
+            Action::Modify { id, changes } => (
                 Method::PATCH,
                 inst(&id),
                 Some(serde_json::to_value(changes).expect("a request serialises")),
             ),
-            Action::Stats { vm, instance } => self
-                .get::<crate::stats::report::StatsReport>(&super::stats::stats_path(
-                    vm.as_deref(),
-                    instance.as_deref(),
-                ))
-                .map(|r| Outcome::Stats(Box::new(r))),
+            other => {
+                return Err(DaemonError {
+                    status: None,
+                    kind: None,
+                    message: format!("the hook does not send {other:?}"),
+                });
+            }
         };
-        r.map_err(|e| DaemonError {
-            status: e.downcast_ref::<ApiError>().map(|a| a.status),
-            message: format!("{e:#}"),
-        })
+        self.send::<InstanceView, _>(method, &path, body.as_ref())
+            .map(|v| Outcome::Instance(Box::new(v)))
+            .map_err(|e| {
+                let api = e.downcast_ref::<ApiError>();
+                DaemonError {
+                    status: api.map(|a| a.status),
+                    kind: api.map(|a| a.kind.clone()),
+                    message: format!("{e:#}"),
+                }
+            })
     }
 }
 
@@ -107,18 +104,8 @@ pub fn run(api: &ApiClient, a: HookArgs) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            // The source is already in the message for Metadata and Daemon;
-            // deeper causes are not.
-            if let Some(s) = src {
-                src = s.source();
-            }
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            eprintln!("wdvirt: {} {} refused: {msg}", a.operation, a.suboperation);
+            // Every variant's message carries its cause already.
+            eprintln!("wdvirt: {} {} refused: {e}", a.operation, a.suboperation);
             Ok(ExitCode::from(1))
         }
     }

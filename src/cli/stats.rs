@@ -114,35 +114,11 @@ const COUNT_HEADERS: [&str; 12] = [
     "FAILURES",
 ];
 
-/// Left-aligned columns two spaces apart, the last unpadded.
-fn columns(rows: &[Vec<String>]) -> String {
-    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
-    let width = |c: usize| {
-        rows.iter()
-            .filter_map(|r| r.get(c))
-            .map(|s| s.chars().count())
-            .max()
-            .unwrap_or(0)
-    };
-    let widths: Vec<usize> = (0..n).map(width).collect();
-    let mut out = String::new();
-    for r in rows {
-        let cells: Vec<String> = r
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
-}
-
 /// The tables: VMs, then each instance with a row per queue.
 pub fn render(r: &StatsReport) -> String {
     let mut out = String::new();
     let table = |out: &mut String, rows: &[Vec<String>]| {
-        out.push_str(&columns(rows));
+        out.push_str(&super::ctl::columns(rows));
         out.push('\n');
     };
     if !r.vms.is_empty() {

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use super::client::ApiClient;
 use super::stats::fmt_ns;
-use crate::stats::report::{InstanceStatsView, StatsReport};
+use crate::stats::report::{InstanceStatsView, Interference, StatsReport, Throttled};
 
 #[derive(Args, Debug)]
 pub struct TopArgs {
@@ -79,6 +79,86 @@ fn group(i: &InstanceStatsView) -> String {
     i.vm.clone().unwrap_or_else(|| format!("({})", i.name))
 }
 
+/// One instance's change over an interval: the difference of two answers,
+/// from zero when it is new or was restarted in between (counters lower
+/// than before).
+struct Delta<'a> {
+    now: &'a InstanceStatsView,
+    jobs: u64,
+    failed: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    lat_count: u64,
+    lat_sum: u64,
+    /// Queues that completed a job in the interval.
+    busy_queues: usize,
+    /// Engine and throttled nanoseconds, when the scheduler reports.
+    engine: Option<u64>,
+    throttled: Option<u64>,
+    /// Nanoseconds each neighbour held the engines while its jobs waited.
+    held: Vec<(&'a Interference, u64)>,
+}
+
+fn deltas<'a>(prev: &'a StatsReport, now: &'a StatsReport) -> Vec<Delta<'a>> {
+    let before: BTreeMap<Uuid, &InstanceStatsView> =
+        prev.instances.iter().map(|i| (i.uuid, i)).collect();
+    let d = |a: u64, b: u64| a.saturating_sub(b);
+    let throttled = |t: &Throttled| t.rate_ns + t.cap_ns + t.share_ns;
+    now.instances
+        .iter()
+        .map(|i| {
+            let p = before
+                .get(&i.uuid)
+                .copied()
+                .filter(|p| p.totals.jobs_submitted <= i.totals.jobs_submitted);
+            let was = |f: fn(&InstanceStatsView) -> u64| p.map_or(0, f);
+            let delta = |f: fn(&InstanceStatsView) -> u64| d(f(i), was(f));
+            let busy_queues = i
+                .queues
+                .iter()
+                .filter(|q| {
+                    let before = p
+                        .and_then(|p| p.queues.iter().find(|x| x.queue == q.queue))
+                        .map_or(0, |x| x.counts.jobs_completed);
+                    q.counts.jobs_completed > before
+                })
+                .count();
+            let s = i.scheduler.as_ref();
+            let ps = p.and_then(|p| p.scheduler.as_ref());
+            Delta {
+                now: i,
+                jobs: delta(|i| i.totals.jobs_completed),
+                failed: delta(|i| i.totals.jobs_failed),
+                bytes_in: delta(|i| i.totals.bytes_in),
+                bytes_out: delta(|i| i.totals.bytes_out),
+                lat_count: delta(|i| i.latency.count),
+                lat_sum: delta(|i| i.latency.sum_ns),
+                busy_queues,
+                engine: s.map(|s| d(s.engine_ns, ps.map_or(0, |x| x.engine_ns))),
+                throttled: s.map(|s| {
+                    d(
+                        throttled(&s.throttled),
+                        ps.map_or(0, |x| throttled(&x.throttled)),
+                    )
+                }),
+                held: s
+                    .into_iter()
+                    .flat_map(|s| &s.interference)
+                    .map(|n| {
+                        let was = ps
+                            .and_then(|x| {
+                                x.interference.iter().find(|m| m.neighbour == n.neighbour)
+                            })
+                            .map_or(0, |m| m.held_ns);
+                        (n, d(n.held_ns, was))
+                    })
+                    .filter(|(_, ns)| *ns > 0)
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
 #[derive(Default)]
 struct Acc {
     instances: usize,
@@ -96,6 +176,16 @@ struct Acc {
     p99: Option<u64>,
 }
 
+impl ShareBasis {
+    /// What a group's share is measured in.
+    fn of(self, g: &Acc) -> u64 {
+        match self {
+            ShareBasis::EngineTime => g.engine,
+            ShareBasis::Jobs => g.jobs,
+        }
+    }
+}
+
 /// Rows for the interval from `prev` to `now`, `dt` seconds apart. An
 /// instance restarted in between (counters lower than before) counts from zero.
 pub fn rows(
@@ -103,9 +193,6 @@ pub fn rows(
     now: &StatsReport,
     dt: f64,
 ) -> (Vec<VmRow>, ShareBasis, Vec<Interfering>) {
-    let before: BTreeMap<Uuid, &InstanceStatsView> =
-        prev.instances.iter().map(|i| (i.uuid, i)).collect();
-    let d = |a: u64, b: u64| a.saturating_sub(b);
     let basis = if now.instances.iter().any(|i| i.scheduler.is_some()) {
         ShareBasis::EngineTime
     } else {
@@ -114,51 +201,39 @@ pub fn rows(
     let mut groups: BTreeMap<String, Acc> = BTreeMap::new();
     let mut held = Vec::new();
     let names: BTreeMap<Uuid, String> = now.instances.iter().map(|i| (i.uuid, group(i))).collect();
-    for i in &now.instances {
-        let p = before
-            .get(&i.uuid)
-            .filter(|p| p.totals.jobs_submitted <= i.totals.jobs_submitted);
-        let (t, pt) = (&i.totals, p.map(|p| &p.totals));
-        let was = |f: fn(&crate::stats::report::Counts) -> u64| pt.map_or(0, f);
+    for x in deltas(prev, now) {
+        let i = x.now;
         let g = groups.entry(group(i)).or_default();
         g.instances += 1;
-        g.jobs += d(t.jobs_completed, was(|c| c.jobs_completed));
-        g.failed += d(t.jobs_failed, was(|c| c.jobs_failed));
-        g.bytes_in += d(t.bytes_in, was(|c| c.bytes_in));
-        g.bytes_out += d(t.bytes_out, was(|c| c.bytes_out));
-        g.lat_count += d(i.latency.count, p.map_or(0, |p| p.latency.count));
-        g.lat_sum += d(i.latency.sum_ns, p.map_or(0, |p| p.latency.sum_ns));
-        g.in_flight += t.in_flight;
-        g.waiting += t.ring_waiting;
+        g.jobs += x.jobs;
+        g.failed += x.failed;
+        g.bytes_in += x.bytes_in;
+        g.bytes_out += x.bytes_out;
+        g.lat_count += x.lat_count;
+        g.lat_sum += x.lat_sum;
+        g.in_flight += i.totals.in_flight;
+        g.waiting += i.totals.ring_waiting;
+        // Replaced below by the VM's merged p99 when the report has it.
         if i.latency.count > 0 {
             g.p99 = Some(g.p99.unwrap_or(0).max(i.latency.p99_ns));
         }
-        if let Some(s) = &i.scheduler {
-            let ps = p.and_then(|p| p.scheduler.as_ref());
-            g.engine += d(s.engine_ns, ps.map_or(0, |x| x.engine_ns));
-            if let Some(e) = s.entitlement {
-                *g.entitled.get_or_insert(0.0) += e;
-            }
-            let total = |t: &crate::stats::report::Throttled| t.rate_ns + t.cap_ns + t.share_ns;
-            *g.throttled.get_or_insert(0) +=
-                d(total(&s.throttled), ps.map_or(0, |x| total(&x.throttled)));
-            for n in &s.interference {
-                let was = ps
-                    .and_then(|x| x.interference.iter().find(|m| m.neighbour == n.neighbour))
-                    .map_or(0, |m| m.held_ns);
-                let ns = d(n.held_ns, was);
-                if ns > 0 {
-                    held.push(Interfering {
-                        victim: group(i),
-                        neighbour: names.get(&n.neighbour).cloned().unwrap_or_else(|| {
-                            n.neighbour_vm
-                                .clone()
-                                .unwrap_or_else(|| n.neighbour_name.clone())
-                        }),
-                        held_per_s: ns as f64 / 1e9 / dt,
-                    });
-                }
-            }
+        if let Some(e) = i.scheduler.as_ref().and_then(|s| s.entitlement) {
+            *g.entitled.get_or_insert(0.0) += e;
+        }
+        g.engine += x.engine.unwrap_or(0);
+        if let Some(t) = x.throttled {
+            *g.throttled.get_or_insert(0) += t;
+        }
+        for (n, ns) in x.held {
+            held.push(Interfering {
+                victim: group(i),
+                neighbour: names.get(&n.neighbour).cloned().unwrap_or_else(|| {
+                    n.neighbour_vm
+                        .clone()
+                        .unwrap_or_else(|| n.neighbour_name.clone())
+                }),
+                held_per_s: ns as f64 / 1e9 / dt,
+            });
         }
     }
     // A VM's p99 is its merged histogram's, when the daemon gave one.
@@ -169,36 +244,24 @@ pub fn rows(
             g.p99 = Some(v.latency.p99_ns);
         }
     }
-    let total: u64 = groups
-        .values()
-        .map(|g| match basis {
-            ShareBasis::EngineTime => g.engine,
-            ShareBasis::Jobs => g.jobs,
-        })
-        .sum();
+    let total: u64 = groups.values().map(|g| basis.of(g)).sum();
     let mb = |b: u64| b as f64 / 1e6 / dt;
     let out = groups
         .into_iter()
-        .map(|(name, g)| {
-            let mine = match basis {
-                ShareBasis::EngineTime => g.engine,
-                ShareBasis::Jobs => g.jobs,
-            };
-            VmRow {
-                name,
-                instances: g.instances,
-                jobs_per_s: g.jobs as f64 / dt,
-                mb_in_per_s: mb(g.bytes_in),
-                mb_out_per_s: mb(g.bytes_out),
-                failed_per_s: g.failed as f64 / dt,
-                share: (total > 0).then(|| mine as f64 / total as f64),
-                entitled: g.entitled,
-                avg_latency_ns: g.lat_sum.checked_div(g.lat_count),
-                p99_ns: g.p99,
-                in_flight: g.in_flight,
-                waiting: g.waiting,
-                throttled: g.throttled.map(|ns| ns as f64 / 1e9 / dt),
-            }
+        .map(|(name, g)| VmRow {
+            share: (total > 0).then(|| basis.of(&g) as f64 / total as f64),
+            name,
+            instances: g.instances,
+            jobs_per_s: g.jobs as f64 / dt,
+            mb_in_per_s: mb(g.bytes_in),
+            mb_out_per_s: mb(g.bytes_out),
+            failed_per_s: g.failed as f64 / dt,
+            entitled: g.entitled,
+            avg_latency_ns: g.lat_sum.checked_div(g.lat_count),
+            p99_ns: g.p99,
+            in_flight: g.in_flight,
+            waiting: g.waiting,
+            throttled: g.throttled.map(|ns| ns as f64 / 1e9 / dt),
         })
         .collect();
     held.sort_by(|a, b| b.held_per_s.total_cmp(&a.held_per_s));
@@ -223,37 +286,21 @@ pub struct InstRow {
 
 /// Per-instance rows for the interval from `prev` to `now`.
 pub fn instance_rows(prev: &StatsReport, now: &StatsReport, dt: f64) -> Vec<InstRow> {
-    let before: BTreeMap<Uuid, &InstanceStatsView> =
-        prev.instances.iter().map(|i| (i.uuid, i)).collect();
-    now.instances
-        .iter()
-        .map(|i| {
-            let p = before
-                .get(&i.uuid)
-                .filter(|p| p.totals.jobs_submitted <= i.totals.jobs_submitted);
-            let was = |f: fn(&InstanceStatsView) -> u64| p.map_or(0, |p| f(p));
-            let d = |f: fn(&InstanceStatsView) -> u64| f(i).saturating_sub(was(f));
-            let busy = i
-                .queues
-                .iter()
-                .filter(|q| {
-                    let before = p
-                        .and_then(|p| p.queues.iter().find(|x| x.queue == q.queue))
-                        .map_or(0, |x| x.counts.jobs_completed);
-                    q.counts.jobs_completed > before
-                })
-                .count();
+    deltas(prev, now)
+        .into_iter()
+        .map(|x| {
+            let i = x.now;
             InstRow {
                 name: i.name.clone(),
                 vm: i.vm.clone().unwrap_or_else(|| "-".into()),
-                busy_queues: busy,
-                jobs_per_s: d(|i| i.totals.jobs_completed) as f64 / dt,
-                mb_in_per_s: d(|i| i.totals.bytes_in) as f64 / 1e6 / dt,
-                avg_latency_ns: d(|i| i.latency.sum_ns).checked_div(d(|i| i.latency.count)),
+                busy_queues: x.busy_queues,
+                jobs_per_s: x.jobs as f64 / dt,
+                mb_in_per_s: x.bytes_in as f64 / 1e6 / dt,
+                avg_latency_ns: x.lat_sum.checked_div(x.lat_count),
                 p99_ns: (i.latency.count > 0).then_some(i.latency.p99_ns),
                 in_flight: i.totals.in_flight,
                 waiting: i.totals.ring_waiting,
-                failed_per_s: d(|i| i.totals.jobs_failed) as f64 / dt,
+                failed_per_s: x.failed as f64 / dt,
             }
         })
         .collect()
@@ -412,13 +459,13 @@ fn draw(
 
 pub fn run(api: &ApiClient, a: TopArgs) -> anyhow::Result<()> {
     // Errors (no daemon, no terminal) are reported before the screen changes.
-    let mut prev: StatsReport = api.get("/v1/stats")?;
-    let mut prev_at = Instant::now();
+    // The last answer, shown and differenced against the next one.
+    let mut now: StatsReport = api.get("/v1/stats")?;
+    let mut now_at = Instant::now();
     let mut terminal = ratatui::try_init().context("wdvirt top needs a terminal")?;
     let result = (|| -> anyhow::Result<()> {
-        let mut view = rows(&prev, &prev, 1.0);
-        let mut insts = instance_rows(&prev, &prev, 1.0);
-        let mut now = prev.clone();
+        let mut view = rows(&now, &now, 1.0);
+        let mut insts = instance_rows(&now, &now, 1.0);
         let mut status = String::from("waiting for the first interval");
         let mut next = Instant::now() + a.interval;
         let mut refreshes = 0u64;
@@ -440,10 +487,10 @@ pub fn run(api: &ApiClient, a: TopArgs) -> anyhow::Result<()> {
             match api.get::<StatsReport>("/v1/stats") {
                 Ok(r) => {
                     let at = Instant::now();
-                    let dt = at.duration_since(prev_at).as_secs_f64().max(1e-3);
-                    view = rows(&prev, &r, dt);
-                    insts = instance_rows(&prev, &r, dt);
-                    (prev, prev_at, now) = (r.clone(), at, r);
+                    let dt = at.duration_since(now_at).as_secs_f64().max(1e-3);
+                    view = rows(&now, &r, dt);
+                    insts = instance_rows(&now, &r, dt);
+                    (now, now_at) = (r, at);
                     refreshes += 1;
                     status = format!("refresh {refreshes}");
                 }
@@ -458,7 +505,7 @@ pub fn run(api: &ApiClient, a: TopArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::report::{Counts, Interference, SchedulerStats};
+    use crate::stats::report::{Counts, SchedulerStats};
 
     fn inst(name: &str, vm: Option<&str>, jobs: u64, lat_sum: u64) -> InstanceStatsView {
         InstanceStatsView {
@@ -467,10 +514,13 @@ mod tests {
             vm: vm.map(String::from),
             qos: "q".into(),
             totals: Counts {
-                jobs_submitted: jobs,
+                counters: crate::stats::QueueSnapshot {
+                    jobs_submitted: jobs,
+                    jobs_ok: jobs,
+                    bytes_in: jobs * 1_000_000,
+                    ..Default::default()
+                },
                 jobs_completed: jobs,
-                jobs_ok: jobs,
-                bytes_in: jobs * 1_000_000,
                 ..Default::default()
             },
             latency: crate::stats::latency::LatencySummary {

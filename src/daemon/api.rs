@@ -192,7 +192,7 @@ async fn metrics(reg: Shared) -> Response {
                 axum::http::header::CONTENT_TYPE,
                 crate::stats::prometheus::CONTENT_TYPE,
             )],
-            crate::stats::prometheus::encode(&report),
+            crate::stats::prometheus::encode(*report),
         )
             .into_response(),
         Ok(Err(e)) => error_response(&e),

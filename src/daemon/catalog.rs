@@ -3,7 +3,7 @@
 //! placement on the host's graph (the partition layer). The adapter between
 //! `config` and `partition` below and the registry above.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use std::sync::Arc;
@@ -157,6 +157,38 @@ impl Placed {
     }
 }
 
+/// The accelerators an allocation's functions are on, each once (whatever
+/// the order of its functions).
+fn accelerators_of(allocation: &Allocation) -> BTreeSet<&str> {
+    allocation
+        .functions
+        .iter()
+        .map(|f| f.accelerator.as_str())
+        .collect()
+}
+
+/// What every scheduler reported at one moment, by accelerator name (see
+/// [`Catalog::qos_accounts`]).
+pub struct QosAccounts(BTreeMap<String, Vec<TenantSnapshot>>);
+
+impl QosAccounts {
+    /// The instance of `placed`'s accounting on each accelerator it uses,
+    /// with its entitled share there: its weight over the weights of every
+    /// instance that scheduler holds.
+    pub fn of(&self, placed: &Placed) -> Vec<(&TenantSnapshot, Option<f64>)> {
+        accelerators_of(&placed.allocation)
+            .into_iter()
+            .filter_map(|n| {
+                let all = self.0.get(n)?;
+                let mine = all.iter().find(|t| t.pasid == placed.pasid())?;
+                let total: u64 = all.iter().map(|t| u64::from(t.policy.weight)).sum();
+                let share = (total > 0).then(|| f64::from(mine.policy.weight) / total as f64);
+                Some((mine, share))
+            })
+            .collect()
+    }
+}
+
 pub struct Catalog {
     types: BTreeMap<String, TypeDef>,
     /// QoS policies by name, in file order.
@@ -258,45 +290,23 @@ impl Catalog {
         }
     }
 
-    /// The schedulers' accounting for the instance of `placed`, by
-    /// accelerator name.
-    pub fn qos_snapshots(&self, placed: &Placed) -> Vec<(String, TenantSnapshot)> {
-        let mut names: Vec<&str> = placed
-            .allocation
-            .functions
-            .iter()
-            .map(|f| f.accelerator.as_str())
-            .collect();
-        names.dedup();
-        names
-            .into_iter()
-            .filter_map(|n| {
-                Some((
-                    n.to_string(),
-                    self.schedulers.get(n)?.snapshot(placed.pasid())?,
-                ))
-            })
-            .collect()
-    }
-
-    /// The share of engine time the instance of `placed` is entitled to on
-    /// `accelerator` now: its weight over the weights of every instance the
-    /// scheduler holds there.
-    pub fn entitlement(&self, accelerator: &str, placed: &Placed) -> Option<f64> {
-        let all = self.schedulers.get(accelerator)?.snapshots();
-        let mine = all.iter().find(|t| t.pasid == placed.pasid())?;
-        let total: u64 = all.iter().map(|t| u64::from(t.policy.weight)).sum();
-        (total > 0).then(|| f64::from(mine.policy.weight) / total as f64)
+    /// Every scheduler's accounting, each taken once (one lock per
+    /// accelerator), by accelerator name: a report reads every instance's
+    /// figures and entitlement from it.
+    pub fn qos_accounts(&self) -> QosAccounts {
+        QosAccounts(
+            self.schedulers
+                .iter()
+                .map(|(name, s)| (name.clone(), s.snapshots()))
+                .collect(),
+        )
     }
 
     fn schedulers_of(&self, allocation: &Allocation) -> Vec<&Arc<ScheduledAccel>> {
-        let mut v: Vec<&Arc<ScheduledAccel>> = allocation
-            .functions
-            .iter()
-            .filter_map(|f| self.schedulers.get(&f.accelerator))
-            .collect();
-        v.dedup_by(|a, b| Arc::ptr_eq(a, b));
-        v
+        accelerators_of(allocation)
+            .into_iter()
+            .filter_map(|n| self.schedulers.get(n))
+            .collect()
     }
 
     /// `Err` names the nodes there are when `node` is not one of them.

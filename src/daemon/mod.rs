@@ -130,7 +130,12 @@ pub fn run(
             let stopped = async move {
                 let _ = metrics_stopped.await;
             };
-            tokio::spawn(api::serve_metrics(l, registry.clone(), stopped));
+            let reg = registry.clone();
+            tokio::spawn(async move {
+                if let Err(e) = api::serve_metrics(l, reg, stopped).await {
+                    tracing::error!("the /metrics listener stopped: {e}");
+                }
+            });
         }
         // A graceful stop waits for open API connections; a client that
         // never finishes its request must not keep the daemon (and every

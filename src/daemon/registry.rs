@@ -9,17 +9,16 @@
 //! the lock, with the instance marked `stopping`.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
 use uuid::Uuid;
 
 use super::action::{Action, ActionError, DefineRequest, ModifyRequest, Outcome};
-use super::catalog::{Catalog, Placed};
+use super::catalog::{Catalog, Placed, QosAccounts};
 use super::instance::{Instance, InstanceSpec};
 use super::store::{Definition, Store};
 use super::view::{InstanceState, InstanceView};
-use crate::qos::TenantSnapshot;
 use crate::stats::report::{Interference, SchedulerStats, StatsReport, Throttled};
 
 struct Running {
@@ -94,19 +93,33 @@ impl Entries {
     }
 }
 
+/// A character instance names may have: A-Z a-z 0-9 - _ .
+pub fn name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+/// Whether `name` is 1 to `max` bytes of [`name_char`]s, not starting
+/// with '.' or '-': the shape of an instance name (the libvirt hook keeps
+/// a domain's name as its instances' base only when it has this shape).
+pub fn plain_name(name: &str, max: usize) -> bool {
+    !name.is_empty()
+        && name.len() <= max
+        && name.chars().all(name_char)
+        && !name.starts_with(['.', '-'])
+}
+
+/// Where instance `name`'s socket is in `run_dir`: `NAME.sock`, what the
+/// daemon serves and what a VMM (or `<qemu:commandline>`) names.
+pub fn socket_path(run_dir: &Path, name: &str) -> PathBuf {
+    run_dir.join(format!("{name}.sock"))
+}
+
 /// Names an operator may use: they become socket file names (`NAME.sock`
 /// in the run directory), so nothing that could leave it, hide as a dot
 /// file, read as an option, pass for another instance's UUID, or take the
 /// API socket's name.
 fn check_name(name: &str) -> Result<(), ActionError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && !name.starts_with('.')
-        && !name.starts_with('-');
-    if !ok {
+    if !plain_name(name, 64) {
         return Err(ActionError::Invalid(format!(
             "instance name '{name}' must be 1-64 characters of A-Z a-z 0-9 - _ ., not starting with '.' or '-'"
         )));
@@ -382,22 +395,6 @@ impl Registry {
         })
     }
 
-    /// The scheduler's accounting for a started instance (by name or UUID),
-    /// per accelerator it uses; empty while it is not started.
-    pub fn qos_snapshots(&self, id: &str) -> Result<Vec<(String, TenantSnapshot)>, ActionError> {
-        let entries = self.entries.lock();
-        let u = entries.find(id)?;
-        Ok(entries.by_uuid[&u]
-            .running
-            .as_ref()
-            .map(|r| self.catalog.qos_snapshots(&r.placed))
-            .unwrap_or_default())
-    }
-
-    fn socket_path(&self, name: &str) -> PathBuf {
-        self.run_dir.join(format!("{name}.sock"))
-    }
-
     fn start(&self, entries: &mut Entries, u: Uuid) -> Result<(), ActionError> {
         let e = entries.by_uuid.get_mut(&u).expect("found by caller");
         let name = e.def.name.clone();
@@ -428,7 +425,7 @@ impl Registry {
                 })?;
         let spec = InstanceSpec {
             name: name.clone(),
-            socket: self.socket_path(&name),
+            socket: socket_path(&self.run_dir, &name),
             config: placed.config,
         };
         // Under its policy before its first job.
@@ -577,6 +574,8 @@ impl Registry {
             .values()
             .filter_map(|e| Some((e.running.as_ref()?.placed.pasid(), e)))
             .collect();
+        // Each scheduler's lock once per report, not once per instance.
+        let accounts = self.catalog.qos_accounts();
         let samples = entries
             .by_uuid
             .values()
@@ -589,55 +588,12 @@ impl Registry {
                     e.def.vm.clone(),
                     self.effective_qos(&e.def),
                 );
-                sample.scheduler = self.scheduler_stats(&r.placed, &by_pasid);
+                sample.scheduler = scheduler_stats(&accounts, &r.placed, &by_pasid);
                 Some(sample)
             })
             .collect();
         let named: Vec<String> = vm.into_iter().collect();
         Ok(StatsReport::build(samples, &named))
-    }
-
-    /// What the QoS schedulers of the instance's accelerators report for
-    /// it, summed over them; the entitlement when it uses one accelerator.
-    fn scheduler_stats(
-        &self,
-        placed: &Placed,
-        by_pasid: &BTreeMap<u32, &Entry>,
-    ) -> Option<SchedulerStats> {
-        let snaps = self.catalog.qos_snapshots(placed);
-        let mut out = SchedulerStats::default();
-        let mut held: BTreeMap<u32, u64> = BTreeMap::new();
-        for (_, t) in &snaps {
-            out.engine_ns += t.engine_ns;
-            out.throttled.add(&Throttled {
-                rate_ns: t.throttled_ns.rate,
-                cap_ns: t.throttled_ns.cap,
-                share_ns: t.throttled_ns.share,
-            });
-            for i in &t.interference {
-                *held.entry(i.neighbour_pasid).or_default() += i.engine_ns;
-            }
-        }
-        if let [(accelerator, _)] = snaps.as_slice() {
-            out.entitlement = self.catalog.entitlement(accelerator, placed);
-        }
-        // A neighbour stopped since is no longer named (its PASID may be
-        // someone else's by now).
-        out.interference = held
-            .into_iter()
-            .filter_map(|(pasid, held_ns)| {
-                let n = by_pasid.get(&pasid)?;
-                Some(Interference {
-                    neighbour: n.def.uuid,
-                    neighbour_name: n.def.name.clone(),
-                    neighbour_vm: n.def.vm.clone(),
-                    held_ns,
-                })
-            })
-            .collect();
-        out.interference
-            .sort_by_key(|i| std::cmp::Reverse(i.held_ns));
-        (!snaps.is_empty()).then_some(out)
     }
 
     fn view(&self, e: &Entry) -> InstanceView {
@@ -661,4 +617,47 @@ impl Registry {
             report: e.running.as_ref().map(|r| r.instance.report()),
         }
     }
+}
+
+/// What the QoS schedulers of the instance's accelerators report for
+/// it, summed over them; the entitlement when it uses one accelerator.
+fn scheduler_stats(
+    accounts: &QosAccounts,
+    placed: &Placed,
+    by_pasid: &BTreeMap<u32, &Entry>,
+) -> Option<SchedulerStats> {
+    let snaps = accounts.of(placed);
+    let mut out = SchedulerStats::default();
+    let mut held: BTreeMap<u32, u64> = BTreeMap::new();
+    for (t, _) in &snaps {
+        out.engine_ns += t.engine_ns;
+        out.throttled.add(&Throttled {
+            rate_ns: t.throttled_ns.rate,
+            cap_ns: t.throttled_ns.cap,
+            share_ns: t.throttled_ns.share,
+        });
+        for i in &t.interference {
+            *held.entry(i.neighbour_pasid).or_default() += i.engine_ns;
+        }
+    }
+    if let [(_, share)] = snaps.as_slice() {
+        out.entitlement = *share;
+    }
+    // A neighbour stopped since is no longer named (its PASID may be
+    // someone else's by now).
+    out.interference = held
+        .into_iter()
+        .filter_map(|(pasid, held_ns)| {
+            let n = by_pasid.get(&pasid)?;
+            Some(Interference {
+                neighbour: n.def.uuid,
+                neighbour_name: n.def.name.clone(),
+                neighbour_vm: n.def.vm.clone(),
+                held_ns,
+            })
+        })
+        .collect();
+    out.interference
+        .sort_by_key(|i| std::cmp::Reverse(i.held_ns));
+    (!snaps.is_empty()).then_some(out)
 }

@@ -84,6 +84,33 @@ pub struct Store {
 
 const TMP_PREFIX: &str = ".tmp-";
 
+/// Writes `bytes` to `path` atomically and durably: a temporary file
+/// (named `prefix...`) in the same directory, given `mode` when there is
+/// one, synced, renamed over `path`, and the directory synced.
+pub fn write_atomically(
+    path: &Path,
+    prefix: &str,
+    bytes: &[u8],
+    mode: Option<u32>,
+) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().prefix(prefix).tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    if let Some(mode) = mode {
+        use std::os::unix::fs::PermissionsExt;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(mode))?;
+    }
+    // The data and the file's size; the rename's durability is the
+    // directory's fsync below.
+    tmp.as_file().sync_data()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    File::open(dir)?.sync_all()
+}
+
 impl Store {
     pub fn open(state_dir: &Path) -> Result<Store, PersistError> {
         let dir = state_dir.join("instances");
@@ -150,18 +177,9 @@ impl Store {
             path: path.clone(),
             source,
         };
-        let mut tmp = tempfile::Builder::new()
-            .prefix(TMP_PREFIX)
-            .tempfile_in(&self.dir)
-            .map_err(err)?;
         let mut bytes = serde_json::to_vec_pretty(def).map_err(|e| err(e.into()))?;
         bytes.push(b'\n');
-        tmp.write_all(&bytes).map_err(err)?;
-        // The data and the file's size; the rename's durability is the
-        // directory's fsync below.
-        tmp.as_file().sync_data().map_err(err)?;
-        tmp.persist(&path).map_err(|e| err(e.error))?;
-        self.sync_dir().map_err(err)
+        write_atomically(&path, TMP_PREFIX, &bytes, None).map_err(err)
     }
 
     /// Removes `uuid`'s definition durably (absent already is fine).

@@ -16,7 +16,7 @@
 
 use std::path::Path;
 
-use super::metadata::{Domain, MetadataError, Planned};
+use super::metadata::{Domain, MetadataError, Planned, socket_path};
 use crate::daemon::action::{Action, DefineRequest, ModifyRequest, Outcome};
 use crate::daemon::view::{InstanceState, InstanceView};
 
@@ -26,6 +26,9 @@ use crate::daemon::view::{InstanceState, InstanceView};
 pub struct DaemonError {
     /// `None` when the daemon could not be reached.
     pub status: Option<u16>,
+    /// The daemon's machine-readable kind (`no-such-instance`, ...), when
+    /// it answered.
+    pub kind: Option<String>,
     pub message: String,
 }
 
@@ -34,18 +37,16 @@ pub trait Daemon {
     fn handle(&self, action: Action) -> Result<Outcome, DaemonError>;
 }
 
-/// The operations libvirt's QEMU driver calls hooks with.
+/// The operations libvirt's QEMU driver calls hooks with that the hook
+/// acts on; every other one (`start`, `stopped`, `attach`, ...) is `Other`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Operation {
     Prepare,
-    Start,
     Started,
-    Stopped,
     Release,
     Migrate,
     Restore,
     Reconnect,
-    Attach,
     Other,
 }
 
@@ -55,29 +56,18 @@ impl Operation {
     pub fn from_args(op: &str, sub: &str) -> Operation {
         match (op, sub) {
             ("prepare", "begin") => Operation::Prepare,
-            ("start", "begin") => Operation::Start,
             ("started", "begin") => Operation::Started,
-            ("stopped", "end") => Operation::Stopped,
             ("release", "end") => Operation::Release,
             ("migrate", "begin") => Operation::Migrate,
             ("restore", "begin") => Operation::Restore,
             ("reconnect", "begin") => Operation::Reconnect,
-            ("attach", "begin") => Operation::Attach,
             _ => Operation::Other,
         }
     }
 
-    /// Whether the domain XML matters (the others are not even parsed).
+    /// Whether the domain XML matters (`Other`'s is not even parsed).
     fn reads_xml(self) -> bool {
-        matches!(
-            self,
-            Operation::Prepare
-                | Operation::Restore
-                | Operation::Started
-                | Operation::Release
-                | Operation::Reconnect
-                | Operation::Migrate
-        )
+        self != Operation::Other
     }
 }
 
@@ -164,9 +154,12 @@ fn get(daemon: &dyn Daemon, name: &str) -> Result<Option<InstanceView>, DaemonEr
         Ok(Outcome::Instance(v)) => Ok(Some(*v)),
         Ok(_) => Err(DaemonError {
             status: None,
+            kind: None,
             message: "the daemon's answer to get-instance was not an instance".into(),
         }),
-        Err(e) if e.status == Some(404) => Ok(None),
+        // Only the instance's absence: any other 404 (a daemon without the
+        // route, say) is an error.
+        Err(e) if e.kind.as_deref() == Some("no-such-instance") => Ok(None),
         Err(e) => Err(e),
     }
 }
@@ -194,10 +187,11 @@ fn prepare(domain: &Domain, daemon: &dyn Daemon) -> Result<Report, HookError> {
     }
     let planned = domain.planned();
     for p in &planned {
+        let socket = socket_path(Path::new("/"), &p.name);
         let named = domain
             .vfio_user_sockets
             .iter()
-            .any(|s| s.file_name() == Path::new(&format!("{}.sock", p.name)).file_name());
+            .any(|s| s.file_name() == socket.file_name());
         if !named {
             return Err(HookError::SocketNotNamed {
                 domain: domain.name.clone(),
@@ -294,6 +288,28 @@ fn prepare_one(
 fn started(domain: &Domain, daemon: &dyn Daemon) -> Result<Report, HookError> {
     let mut report = Report::new();
     for p in domain.planned() {
+        // Only an instance of this domain's (or of none) is labelled: one
+        // of the same name another VM holds is left alone.
+        match get(daemon, &p.name) {
+            Err(e) => {
+                report.push(format!("{}: cannot ask the daemon: {e}", p.name));
+                continue;
+            }
+            Ok(None) => {
+                report.push(format!("{}: the daemon has no such instance", p.name));
+                continue;
+            }
+            Ok(Some(v)) if v.vm.as_ref().is_some_and(|vm| *vm != domain.name) => {
+                report.push(format!(
+                    "{}: belongs to VM '{}', not '{}'; left alone",
+                    p.name,
+                    v.vm.as_deref().unwrap_or("?"),
+                    domain.name
+                ));
+                continue;
+            }
+            Ok(Some(_)) => {}
+        }
         let changes = ModifyRequest {
             vm: Some(Some(domain.name.clone())),
             ..Default::default()
@@ -420,7 +436,9 @@ mod tests {
 
     #[test]
     fn operations_that_need_nothing_never_parse_or_call() {
-        for op in [Operation::Start, Operation::Stopped, Operation::Other] {
+        for (op, sub) in [("start", "begin"), ("stopped", "end"), ("attach", "begin")] {
+            let op = Operation::from_args(op, sub);
+            assert_eq!(op, Operation::Other);
             assert!(
                 run(op, "x", "not xml at all", &NoDaemon)
                     .unwrap()

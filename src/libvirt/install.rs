@@ -3,7 +3,6 @@
 //! a minimal environment). Idempotent: an identical script is left as it
 //! is; a different one is replaced atomically.
 
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
@@ -66,16 +65,8 @@ pub fn install(hooks_dir: &Path, script: &str) -> Result<bool, InstallError> {
         return Ok(false);
     }
     std::fs::create_dir_all(dir).map_err(werr)?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".wdvirt-hook")
-        .tempfile_in(dir)
+    crate::daemon::store::write_atomically(&path, ".wdvirt-hook", script.as_bytes(), Some(0o755))
         .map_err(werr)?;
-    tmp.write_all(script.as_bytes()).map_err(werr)?;
-    tmp.as_file()
-        .set_permissions(std::fs::Permissions::from_mode(0o755))
-        .map_err(werr)?;
-    tmp.as_file().sync_all().map_err(werr)?;
-    tmp.persist(&path).map_err(|e| werr(e.error))?;
     Ok(true)
 }
 

@@ -16,8 +16,9 @@
 //! (`NAME-wd0`, `NAME-wd1`, ...; [`instance_names`]), so their socket paths
 //! are known before the daemon runs and a domain can name them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use crate::daemon::registry::{name_char, plain_name};
 use sha2::{Digest, Sha256};
 
 /// wdvirt's XML namespace for domain metadata.
@@ -258,17 +259,12 @@ pub fn instance_names(domain: &str, count: u32) -> Vec<String> {
 }
 
 fn instance_base(domain: &str) -> String {
-    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
-    let plain = !domain.is_empty()
-        && domain.len() <= 48
-        && domain.chars().all(allowed)
-        && !domain.starts_with(['.', '-']);
-    if plain {
+    if plain_name(domain, 48) {
         return domain.to_string();
     }
     let cleaned: String = domain
         .chars()
-        .map(|c| if allowed(c) { c } else { '_' })
+        .map(|c| if name_char(c) { c } else { '_' })
         .take(40)
         .collect();
     let digest = Sha256::digest(domain.as_bytes());
@@ -280,9 +276,7 @@ fn instance_base(domain: &str) -> String {
 
 /// Where an instance's socket is in `run_dir`: what the daemon serves, and
 /// what `<qemu:commandline>` names.
-pub fn socket_path(run_dir: &Path, instance: &str) -> PathBuf {
-    run_dir.join(format!("{instance}.sock"))
-}
+pub use crate::daemon::registry::socket_path;
 
 #[cfg(test)]
 mod tests {

@@ -36,6 +36,10 @@ macro_rules! counters {
         impl $name {
             pub fn snapshot(&self) -> $snap { $snap { $($f: self.$f.load(Relaxed),)* } }
         }
+        impl $snap {
+            /// Adds `o`'s counts to these, field by field.
+            pub fn add(&mut self, o: &$snap) { $(self.$f += o.$f;)* }
+        }
     };
 }
 

@@ -16,10 +16,11 @@ use super::report::{Counts, InstanceStatsView, QueueView, StatsReport, Throttled
 /// The content type of [`encode`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// The text exposition of `report`.
-pub fn encode(report: &StatsReport) -> String {
+/// The text exposition of `report` (taken whole: the registry owns its
+/// collectors).
+pub fn encode(report: StatsReport) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(ReportCollector(report.clone())));
+    registry.register_collector(Box::new(ReportCollector(report)));
     let mut out = String::new();
     // Writing into a String cannot fail, and no value of ours is refused.
     if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &registry) {
@@ -232,21 +233,6 @@ impl Collector for ReportCollector {
                 }
             }
         }
-        {
-            let mut m = enc.encode_descriptor(
-                "wdvirt_queue_throttled",
-                "Time the queue's jobs were held back by the scheduler, by reason (rate, cap, share).",
-                Some(&Unit::Seconds),
-                c,
-            )?;
-            for i in &r.instances {
-                for q in &i.queues {
-                    if let Some(t) = &q.throttled {
-                        throttled(&mut m, &queue_labels(i, q), t)?;
-                    }
-                }
-            }
-        }
         type Field = fn(&InstanceStatsView) -> u64;
         let per_instance: [(&str, &str, Field); 5] = [
             (
@@ -356,10 +342,13 @@ mod tests {
         let q = QueueSample {
             queue: 1,
             counts: Counts {
-                jobs_submitted: 3,
+                counters: crate::stats::QueueSnapshot {
+                    jobs_submitted: 3,
+                    jobs_ok: 2,
+                    jobs_failed: 1,
+                    ..Default::default()
+                },
                 jobs_completed: 3,
-                jobs_ok: 2,
-                jobs_failed: 1,
                 failed_by_status: [("BadAddress".to_string(), 1)].into(),
                 ..Default::default()
             },
@@ -381,7 +370,7 @@ mod tests {
             }],
             &[],
         );
-        let text = encode(&r);
+        let text = encode(r);
         let labels = r#"vm="web",instance="00000000-0000-0000-0000-000000000000",instance_name="a\"b",queue="1""#;
         for line in [
             format!("wdvirt_queue_jobs_submitted_total{{{labels}}} 3"),

@@ -10,50 +10,42 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::latency::{LatencySummary, merge};
-use super::{InstanceSnapshot, QueueStats};
+use super::{InstanceSnapshot, QueueSnapshot, QueueStats};
 
-/// Counts that add up from queues to instances to VMs.
+/// Counts that add up from queues to instances to VMs: the queue counters
+/// (read through `Deref`: `c.jobs_ok`) and what is derived from them and
+/// the ring.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
-    /// Descriptors taken from the submission rings.
-    pub jobs_submitted: u64,
+    #[serde(flatten)]
+    pub counters: QueueSnapshot,
     /// Completions written (OK and failed).
     pub jobs_completed: u64,
-    pub jobs_ok: u64,
-    pub jobs_failed: u64,
     /// Failed completions by status name (`BadAddress`, ...).
     #[serde(default)]
     pub failed_by_status: BTreeMap<String, u64>,
-    /// Taken but never completed: the queue was stopped or reset first.
-    pub jobs_dropped: u64,
     /// Taken and not yet completed (with the scheduler or an engine).
     pub in_flight: u64,
     /// Posted by the guest, not yet taken (at the device's last look).
     pub ring_waiting: u64,
-    /// Source bytes of jobs handed to an engine.
-    pub bytes_in: u64,
-    /// Bytes written by jobs completed OK.
-    pub bytes_out: u64,
-    pub doorbells: u64,
-    pub interrupts: u64,
+}
+
+impl std::ops::Deref for Counts {
+    type Target = QueueSnapshot;
+    fn deref(&self) -> &QueueSnapshot {
+        &self.counters
+    }
 }
 
 impl Counts {
     fn add(&mut self, o: &Counts) {
-        self.jobs_submitted += o.jobs_submitted;
+        self.counters.add(&o.counters);
         self.jobs_completed += o.jobs_completed;
-        self.jobs_ok += o.jobs_ok;
-        self.jobs_failed += o.jobs_failed;
         for (k, v) in &o.failed_by_status {
             *self.failed_by_status.entry(k.clone()).or_default() += v;
         }
-        self.jobs_dropped += o.jobs_dropped;
         self.in_flight += o.in_flight;
         self.ring_waiting += o.ring_waiting;
-        self.bytes_in += o.bytes_in;
-        self.bytes_out += o.bytes_out;
-        self.doorbells += o.doorbells;
-        self.interrupts += o.interrupts;
     }
 }
 
@@ -101,9 +93,6 @@ pub struct SchedulerStats {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entitlement: Option<f64>,
     pub throttled: Throttled,
-    /// Per queue, when the scheduler tells queues apart.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub queue_throttled: Vec<Throttled>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interference: Vec<Interference>,
 }
@@ -120,8 +109,10 @@ pub struct QueueSample {
 impl QueueSample {
     pub fn take(queue: u32, s: &QueueStats) -> QueueSample {
         let c = s.snapshot();
-        // Read the histogram after the counters: a job counted complete
-        // has been timed (the worker times it within `completed`).
+        // The counters, then the histogram: not one atomic read. `completed`
+        // counts a job before it times it, so the two can differ by the jobs
+        // completing while they are read (the counts are not ordered with
+        // the latency count).
         let histogram = s.latency.load();
         let latency_sum_ns = s.latency.sum_ns();
         let completed = c.jobs_ok + c.jobs_failed;
@@ -129,20 +120,13 @@ impl QueueSample {
         QueueSample {
             queue,
             counts: Counts {
-                jobs_submitted: c.jobs_submitted,
+                counters: c,
                 jobs_completed: completed,
-                jobs_ok: c.jobs_ok,
-                jobs_failed: c.jobs_failed,
                 failed_by_status: s.failed_by_status(),
-                jobs_dropped: dropped,
                 // (The worker counts a batch taken after the refusals in it
                 // were completed, so a reader can see completions first.)
                 in_flight: c.jobs_submitted.saturating_sub(completed + dropped),
                 ring_waiting: s.ring_waiting.load(std::sync::atomic::Ordering::Relaxed),
-                bytes_in: c.bytes_in,
-                bytes_out: c.bytes_out,
-                doorbells: c.doorbells,
-                interrupts: c.interrupts,
             },
             histogram,
             latency_sum_ns,
@@ -168,8 +152,6 @@ pub struct QueueView {
     #[serde(flatten)]
     pub counts: Counts,
     pub latency: LatencySummary,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub throttled: Option<Throttled>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -238,10 +220,6 @@ impl StatsReport {
                         queue: q.queue,
                         counts: q.counts.clone(),
                         latency: LatencySummary::of(q.histogram.as_ref(), q.latency_sum_ns),
-                        throttled: s
-                            .scheduler
-                            .as_ref()
-                            .and_then(|x| x.queue_throttled.get(q.queue as usize).copied()),
                     }
                 })
                 .collect();
@@ -307,16 +285,19 @@ mod tests {
         QueueSample {
             queue,
             counts: Counts {
-                jobs_submitted: ok + failed,
+                counters: QueueSnapshot {
+                    jobs_submitted: ok + failed,
+                    jobs_ok: ok,
+                    jobs_failed: failed,
+                    bytes_out: ok * 10,
+                    ..Default::default()
+                },
                 jobs_completed: ok + failed,
-                jobs_ok: ok,
-                jobs_failed: failed,
                 failed_by_status: if failed > 0 {
                     [("BadAddress".to_string(), failed)].into()
                 } else {
                     BTreeMap::new()
                 },
-                bytes_out: ok * 10,
                 ..Default::default()
             },
             histogram: l.load(),
@@ -380,7 +361,7 @@ mod tests {
     }
 
     #[test]
-    fn scheduler_figures_go_to_their_queues_and_add_up_per_vm() {
+    fn scheduler_figures_add_up_per_vm() {
         let mut i = instance("a", Some("vm"), vec![queue(0, 1, 0, 1), queue(1, 1, 0, 1)]);
         i.scheduler = Some(SchedulerStats {
             engine_ns: 500,
@@ -389,17 +370,9 @@ mod tests {
                 cap_ns: 2,
                 share_ns: 3,
             },
-            queue_throttled: vec![
-                Throttled::default(),
-                Throttled {
-                    rate_ns: 1,
-                    ..Default::default()
-                },
-            ],
             ..Default::default()
         });
         let r = StatsReport::build(vec![i], &[]);
-        assert_eq!(r.instances[0].queues[1].throttled.unwrap().rate_ns, 1);
         assert_eq!(r.vms[0].engine_ns, Some(500));
         assert_eq!(r.vms[0].throttled.unwrap().share_ns, 3);
         let json = serde_json::to_value(&r).unwrap();

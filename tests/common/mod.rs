@@ -2,6 +2,8 @@
 //! without) an in-process VMM connected to it.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::path::Path;
 use std::sync::Arc;
 
