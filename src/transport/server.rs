@@ -254,7 +254,10 @@ impl Connection {
             let read = self
                 .sock
                 .read_message(self.limits.max_message_size, fd_budget);
-            ConnectionStats::add(&self.stats.fds_refused, self.sock.take_refused());
+            let refused = self.sock.take_refused();
+            if refused != 0 {
+                ConnectionStats::add(&self.stats.fds_refused, refused);
+            }
             let mut msg = match read {
                 Ok(Recv::Message(m)) => m,
                 Ok(Recv::Stalled { got }) => return Ok(self.stalled(got)),

@@ -341,7 +341,9 @@ impl MsgSocket {
             &mut big_space
         };
         let mut fds_pending = !fds.is_empty();
-        let started = Some(Instant::now());
+        // The reply's deadline runs from the first time the peer's buffer
+        // is full: a reply that goes out at once costs no clock read.
+        let mut started = None;
         while sent < bytes.len() {
             let mut control = SendAncillaryBuffer::new(space);
             if fds_pending && !control.push(SendAncillaryMessage::ScmRights(fds)) {
@@ -360,7 +362,10 @@ impl MsgSocket {
                     fds_pending = false;
                     sent += n;
                 }
-                Err(Errno::AGAIN) => self.wait(PollFlags::OUT, started)?,
+                Err(Errno::AGAIN) => {
+                    let since = *started.get_or_insert_with(Instant::now);
+                    self.wait(PollFlags::OUT, Some(since))?
+                }
                 Err(Errno::INTR) => {}
                 Err(Errno::PIPE | Errno::CONNRESET) => return Err(SockError::PeerGone),
                 Err(e) => return Err(e.into()),
