@@ -686,7 +686,6 @@ mod tests {
             body,
             fds: Vec::new(),
             fd_loss: None,
-            fds_refused: 0,
         }
     }
 

@@ -59,8 +59,6 @@ pub struct Message {
     /// closed on arrival; `fds` holds only those kept. Such a message must
     /// not be served.
     pub fd_loss: Option<FdLoss>,
-    /// Fds closed on arrival (past the message's budget, or sockets).
-    pub fds_refused: usize,
 }
 
 /// Why a `recvmsg` came back with MSG_CTRUNC: the kernel installs the
@@ -158,8 +156,6 @@ pub struct MsgSocket {
 struct Partial {
     fds: Vec<OwnedFd>,
     fd_loss: Option<FdLoss>,
-    /// Fds closed on arrival (over budget, or sockets).
-    refused: usize,
     /// Fds this message may still keep.
     budget: usize,
     /// When its first byte (or fd) arrived.
@@ -214,7 +210,6 @@ impl MsgSocket {
         let mut p = Partial {
             fds: Vec::new(),
             fd_loss: None,
-            refused: 0,
             budget: self.max_fds,
             started: None,
         };
@@ -248,12 +243,10 @@ impl MsgSocket {
             body,
             fds: p.fds,
             fd_loss: p.fd_loss,
-            fds_refused: p.refused,
         }))
     }
 
     fn refuse_fd(&self, p: &mut Partial, loss: FdLoss) {
-        p.refused += 1;
         self.refused.set(self.refused.get() + 1);
         if loss == FdLoss::Socket {
             p.fd_loss = Some(loss);
@@ -618,14 +611,14 @@ mod tests {
         match s.read_message(1 << 20, budget).unwrap() {
             Recv::Message(m) => {
                 assert!(m.fds.is_empty());
-                assert_eq!((m.fds_refused, m.fd_loss), (3, Some(FdLoss::TooMany)));
+                assert_eq!((s.take_refused(), m.fd_loss), (3, Some(FdLoss::TooMany)));
             }
             other => panic!("{other:?}"),
         }
         match s.read_message(1 << 20, budget).unwrap() {
             Recv::Message(m) => {
                 assert!(m.fds.is_empty(), "a socket is never kept");
-                assert_eq!((m.fds_refused, m.fd_loss), (1, Some(FdLoss::Socket)));
+                assert_eq!((s.take_refused(), m.fd_loss), (1, Some(FdLoss::Socket)));
             }
             other => panic!("{other:?}"),
         }
