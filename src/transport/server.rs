@@ -260,7 +260,6 @@ impl Connection {
             }
             let mut msg = match read {
                 Ok(Recv::Message(m)) => m,
-                Ok(Recv::Stalled { got }) => return Ok(self.stalled(got)),
                 Ok(Recv::Closed { partial }) => {
                     if partial {
                         debug!("vfio-user: peer closed mid-message");
@@ -268,7 +267,7 @@ impl Connection {
                     return Ok(Disconnect::PeerClosed);
                 }
                 Ok(Recv::BadFrame(h)) => return self.bad_frame(h),
-                Err(e) => return sock_end(e),
+                Err(e) => return self.end(e),
             };
             ConnectionStats::add(&self.stats.messages, 1);
             ConnectionStats::add(&self.stats.bytes_received, msg.header.size as u64);
@@ -276,10 +275,8 @@ impl Connection {
             if msg.fd_loss.is_some() {
                 ConnectionStats::add(&self.stats.fds_truncated, 1);
             }
-            match self.serve_one(&mut session, dev, &mut msg) {
-                Ok(()) => {}
-                Err(SockError::Stalled) => return Ok(self.stalled(0)),
-                Err(e) => return sock_end(e),
+            if let Err(e) = self.serve_one(&mut session, dev, &mut msg) {
+                return self.end(e);
             }
         }
     }
@@ -406,6 +403,16 @@ impl Connection {
         Disconnect::Stalled
     }
 
+    /// How a socket error ends the connection.
+    fn end(&mut self, e: SockError) -> Result<Disconnect, TransportError> {
+        match e {
+            SockError::Stopped => Ok(Disconnect::Stopped),
+            SockError::PeerGone => Ok(Disconnect::PeerClosed),
+            SockError::Stalled { got } => Ok(self.stalled(got)),
+            SockError::Io(e) => Err(TransportError::Io(e)),
+        }
+    }
+
     fn log(&mut self, args: std::fmt::Arguments<'_>) {
         if self.log_budget.take() {
             warn!("{args}");
@@ -424,14 +431,6 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "(no message)".to_string())
 }
 
-fn sock_end(e: SockError) -> Result<Disconnect, TransportError> {
-    match e {
-        SockError::Stopped => Ok(Disconnect::Stopped),
-        SockError::PeerGone => Ok(Disconnect::PeerClosed),
-        SockError::Stalled => Ok(Disconnect::Stalled),
-        SockError::Io(e) => Err(TransportError::Io(e)),
-    }
-}
 
 fn errno_name(errno: u32) -> String {
     std::io::Error::from_raw_os_error(errno as i32).to_string()

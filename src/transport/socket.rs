@@ -23,9 +23,9 @@
 //! fd, and a VMM's own end of the connection would keep it open forever)
 //! are closed at once, and the message is marked. Once a message's first
 //! byte has arrived the rest must follow within a deadline; an unfinished
-//! message is dropped with its fds and the connection closed
-//! ([`Recv::Stalled`]). A reply the peer does not read within the same kind
-//! of deadline ends the connection too ([`SockError::Stalled`]).
+//! message is dropped with its fds and the connection closed; a reply the
+//! peer does not read within the same kind of deadline ends the connection
+//! too (both [`SockError::Stalled`]).
 
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
@@ -110,12 +110,6 @@ pub enum Recv {
     /// A header whose size is below 16 or over the cap: the stream cannot
     /// be resynchronised. The header's fds have been closed.
     BadFrame(Header),
-    /// A message began but did not finish within the deadline: its bytes
-    /// and fds are dropped and the stream is out of sync.
-    Stalled {
-        /// Bytes of the message that had arrived.
-        got: usize,
-    },
 }
 
 #[derive(Debug)]
@@ -124,8 +118,13 @@ pub enum SockError {
     Stopped,
     /// The peer went away while we were writing.
     PeerGone,
-    /// The peer did not take a reply within the deadline.
-    Stalled,
+    /// A message began but did not finish within the deadline (its bytes
+    /// and fds are dropped), or the peer did not take a reply within it:
+    /// either way the stream is out of sync.
+    Stalled {
+        /// Bytes of the message that had arrived (0 for a reply).
+        got: usize,
+    },
     Io(std::io::Error),
 }
 
@@ -214,10 +213,8 @@ impl MsgSocket {
             started: None,
         };
         let mut header = Header::default();
-        match self.read_exact(header.as_mut_bytes(), &mut p)? {
-            Filled::Done => {}
-            Filled::Eof(partial) => return Ok(Recv::Closed { partial }),
-            Filled::Stalled(got) => return Ok(Recv::Stalled { got }),
+        if let Filled::Eof(partial) = self.read_exact(header.as_mut_bytes(), &mut p)? {
+            return Ok(Recv::Closed { partial });
         }
         if (header.size as usize) < HEADER_SIZE || header.size > cap {
             return Ok(Recv::BadFrame(header));
@@ -229,14 +226,15 @@ impl MsgSocket {
             self.refuse_fd(&mut p, FdLoss::TooMany);
         }
         let mut body = vec![0u8; header.size as usize - HEADER_SIZE];
-        match self.read_exact(&mut body, &mut p)? {
-            Filled::Done => {}
-            Filled::Eof(_) => return Ok(Recv::Closed { partial: true }),
-            Filled::Stalled(got) => {
-                return Ok(Recv::Stalled {
+        match self.read_exact(&mut body, &mut p) {
+            Ok(Filled::Done) => {}
+            Ok(Filled::Eof(_)) => return Ok(Recv::Closed { partial: true }),
+            Err(SockError::Stalled { got }) => {
+                return Err(SockError::Stalled {
                     got: got + HEADER_SIZE,
                 });
             }
+            Err(e) => return Err(e),
         }
         Ok(Recv::Message(Message {
             header,
@@ -255,12 +253,13 @@ impl MsgSocket {
         }
     }
 
-    /// Fills `buf`.
+    /// Fills `buf`; past the deadline, [`SockError::Stalled`] says how
+    /// much of it arrived.
     fn read_exact(&self, buf: &mut [u8], p: &mut Partial) -> Result<Filled, SockError> {
         let mut got = 0;
         while got < buf.len() {
             let n = match self.recv_some(&mut buf[got..], p) {
-                Err(SockError::Stalled) => return Ok(Filled::Stalled(got)),
+                Err(SockError::Stalled { .. }) => return Err(SockError::Stalled { got }),
                 r => r?,
             };
             if n == 0 {
@@ -369,7 +368,7 @@ impl MsgSocket {
 
     /// Blocks until the socket is ready for `what` or the stop fd fires;
     /// with `started`, at most until the deadline after it
-    /// ([`SockError::Stalled`]).
+    /// ([`SockError::Stalled`], `got` 0: the caller knows how much came).
     fn wait(&self, what: PollFlags, started: Option<Instant>) -> Result<(), SockError> {
         loop {
             let timeout = match started {
@@ -377,7 +376,7 @@ impl MsgSocket {
                 Some(t) => {
                     let left = self.deadline.saturating_sub(t.elapsed());
                     if left.is_zero() {
-                        return Err(SockError::Stalled);
+                        return Err(SockError::Stalled { got: 0 });
                     }
                     Some(Timespec {
                         tv_sec: left.as_secs() as i64,
@@ -410,8 +409,6 @@ enum Filled {
     Done,
     /// EOF; `true` if anything of the message had arrived.
     Eof(bool),
-    /// The deadline passed after this many bytes.
-    Stalled(usize),
 }
 
 /// Is `fd` a socket? (An fd we cannot stat is treated as one: refused.)
@@ -638,8 +635,8 @@ mod tests {
         peer.write_all(&h.as_bytes()[..5]).unwrap();
         let t = Instant::now();
         assert!(matches!(
-            s.read_message(1 << 20, |_| 0).unwrap(),
-            Recv::Stalled { got: 5 }
+            s.read_message(1 << 20, |_| 0),
+            Err(SockError::Stalled { got: 5 })
         ));
         assert!(t.elapsed() >= Duration::from_millis(50));
         let (s, _peer, stop) = pair();
