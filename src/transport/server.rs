@@ -16,10 +16,10 @@ use tracing::{debug, info, trace, warn};
 
 use super::error::TransportError;
 use super::limits::{Limits, LogBudget};
-use super::session::Session;
+use super::session::{Session, fd_budget};
 use super::socket::{Message, MsgSocket, Recv, SockError};
 use super::stats::ConnectionStats;
-use super::wire::{self, Command, FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY, HEADER_SIZE, Header};
+use super::wire::{self, FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY, HEADER_SIZE, Header};
 use crate::vdev::device::VfioUserDevice;
 
 /// Why [`Connection::run`] returned.
@@ -244,16 +244,12 @@ impl Connection {
     fn serve(&mut self, dev: &Mutex<dyn VfioUserDevice>) -> Result<Disconnect, TransportError> {
         let mut session = Session::new(&*dev.lock(), &self.limits);
         let max_msg_fds = self.limits.max_msg_fds;
-        // What each command may carry, judged as the fds arrive.
-        let fd_budget = |h: &Header| match Command::from_u16(h.cmd) {
-            Some(Command::DmaMap) => 1,
-            Some(Command::DeviceSetIrqs) => max_msg_fds,
-            _ => 0,
-        };
         loop {
             let read = self
                 .sock
-                .read_message(self.limits.max_message_size, fd_budget);
+                .read_message(self.limits.max_message_size, |h| {
+                    fd_budget(h, max_msg_fds)
+                });
             let refused = self.sock.take_refused();
             if refused != 0 {
                 ConnectionStats::add(&self.stats.fds_refused, refused);
