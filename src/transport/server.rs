@@ -27,8 +27,8 @@ use crate::vdev::device::VfioUserDevice;
 pub enum Disconnect {
     /// The VMM closed its end (or reset the connection).
     PeerClosed,
-    /// A [`StopHandle`] asked us to stop. The socket is still open; if the
-    /// stop came mid-message the stream is no longer in sync.
+    /// A [`StopHandle`] asked us to stop. The socket was shut down, as on
+    /// every way out of [`Connection::run`].
     Stopped,
     /// A header announced a size below 16 or over the cap. An error reply
     /// was sent (unless No_reply) and the socket shut down: the stream
@@ -169,9 +169,8 @@ impl Connection {
             eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
                 .map_err(std::io::Error::from)?,
         );
-        let mut sock = MsgSocket::new(stream, stop.clone())?;
         let limits = Limits::default();
-        sock.set_limits(limits.max_msg_fds, limits.message_timeout());
+        let sock = MsgSocket::new(stream, stop.clone(), &limits)?;
         Ok(Connection {
             sock,
             stop,
@@ -206,8 +205,10 @@ impl Connection {
     }
 
     /// Serves messages in order until the peer closes, a stop is requested
-    /// or a frame cannot be parsed. Calls `dev.disconnected()` on the way out,
-    /// whatever the reason.
+    /// or a frame cannot be parsed. On the way out, whatever the reason, the
+    /// socket is shut down (so the VMM sees EOF even while another handle
+    /// on it stays open, such as an instance's liveness probe) and
+    /// `dev.disconnected()` is called.
     ///
     /// The connection is one user of the device, not its owner: it holds the
     /// device's lock only while one message is handled, so the daemon (API
@@ -224,19 +225,21 @@ impl Connection {
             Ok(r) => r,
             Err(payload) => {
                 ConnectionStats::add(&self.stats.panics, 1);
-                let _ = self.sock.stream().shutdown(std::net::Shutdown::Both);
                 Err(TransportError::Panicked(panic_message(&*payload)))
             }
         };
+        let _ = self.sock.stream().shutdown(std::net::Shutdown::Both);
         // The device lock is not poisoned (parking_lot); a device whose
         // state a panic left half-changed is reset here.
         if catch_unwind(AssertUnwindSafe(|| dev.lock().disconnected())).is_err() {
             ConnectionStats::add(&self.stats.panics, 1);
             tracing::error!("vfio-user: the device panicked while being reset after a disconnect");
         }
+        // Whoever runs the connection says how it ended (an instance logs
+        // it with its name, under its log budget).
         match &result {
-            Ok(d) => info!("vfio-user: connection ended: {d:?}"),
-            Err(e) => warn!("vfio-user: connection failed: {e}"),
+            Ok(d) => debug!("vfio-user: connection ended: {d:?}"),
+            Err(e) => debug!("vfio-user: connection failed: {e}"),
         }
         result
     }
@@ -247,9 +250,7 @@ impl Connection {
         loop {
             let read = self
                 .sock
-                .read_message(self.limits.max_message_size, |h| {
-                    fd_budget(h, max_msg_fds)
-                });
+                .read_message(self.limits.max_message_size, |h| fd_budget(h, max_msg_fds));
             let refused = self.sock.take_refused();
             if refused != 0 {
                 ConnectionStats::add(&self.stats.fds_refused, refused);
@@ -362,10 +363,10 @@ impl Connection {
         } else {
             libc::E2BIG
         };
-        warn!(
+        self.log(format_args!(
             "vfio-user: cmd {} id {} has size {} (allowed {}..={}); closing",
             h.cmd, h.id, h.size, HEADER_SIZE, self.limits.max_message_size
-        );
+        ));
         if h.msg_type() == FLAG_TYPE_COMMAND && !h.no_reply() {
             let reply = h.error_reply(errno as u32);
             if self
@@ -409,11 +410,12 @@ impl Connection {
         }
     }
 
-    fn log(&mut self, args: std::fmt::Arguments<'_>) {
+    /// A warning line under the instance's budget (past it, debug level
+    /// and counted in [`LogBudget::suppressed`]).
+    fn log(&self, args: std::fmt::Arguments<'_>) {
         if self.log_budget.take() {
             warn!("{args}");
         } else {
-            ConnectionStats::add(&self.stats.log_lines_suppressed, 1);
             debug!("{args}");
         }
     }
@@ -426,7 +428,6 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(no message)".to_string())
 }
-
 
 fn errno_name(errno: u32) -> String {
     std::io::Error::from_raw_os_error(errno as i32).to_string()

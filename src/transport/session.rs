@@ -70,8 +70,8 @@ pub struct Session {
     /// Region sizes and access flags, read once from the device: a PCI
     /// function's regions are fixed for its lifetime.
     regions: Vec<RegionShape>,
-    max_msg_fds: usize,
-    max_dma_maps: usize,
+    /// What VERSION advertises and the checks hold to.
+    limits: Limits,
 }
 
 fn invalid(msg: impl Into<String>) -> TransportError {
@@ -117,8 +117,7 @@ impl Session {
         Session {
             caps: None,
             dma: DmaTable::new(limits.max_dma_maps, limits.max_dma_fd_bytes),
-            max_msg_fds: limits.max_msg_fds,
-            max_dma_maps: limits.max_dma_maps,
+            limits: limits.clone(),
             num_regions: info.num_regions,
             num_irqs: info.num_irqs,
             regions,
@@ -137,7 +136,7 @@ impl Session {
         // The socket closed the fds past this as they arrived, and a message
         // that lost any is refused before it gets here.
         debug_assert!(
-            msg.fds.len() <= fd_budget(&h, self.max_msg_fds),
+            msg.fds.len() <= fd_budget(&h, self.limits.max_msg_fds),
             "command {} reached the session with {} fds",
             h.cmd,
             msg.fds.len()
@@ -189,7 +188,7 @@ impl Session {
         self.caps = Some(caps);
         Ok(Reply::new(
             &msg.header,
-            &version::build_reply(msg.body.len(), self.max_msg_fds, self.max_dma_maps),
+            &version::build_reply(msg.body.len(), &self.limits),
         ))
     }
 
@@ -497,7 +496,7 @@ impl Session {
             .regions
             .get(region as usize)
             .ok_or_else(|| invalid(format!("region {region} of {}", self.num_regions)))?;
-        if count == 0 || count > wire::MAX_DATA_XFER_SIZE {
+        if count == 0 || count > self.limits.max_data_xfer_size() {
             return Err(invalid(format!("region access count {count}")));
         }
         let need = if write {

@@ -42,6 +42,7 @@ use rustix::net::{
 };
 use zerocopy::IntoBytes;
 
+use super::limits::Limits;
 use super::wire::{HEADER_SIZE, Header};
 
 /// The kernel's own per-message limit (SCM_MAX_FD): no control buffer
@@ -162,17 +163,23 @@ struct Partial {
 }
 
 impl MsgSocket {
-    pub fn new(stream: UnixStream, stop: Arc<OwnedFd>) -> std::io::Result<MsgSocket> {
+    /// A socket reading under `limits`' fds per message and deadline.
+    pub fn new(
+        stream: UnixStream,
+        stop: Arc<OwnedFd>,
+        limits: &Limits,
+    ) -> std::io::Result<MsgSocket> {
         stream.set_nonblocking(true)?;
-        let max_fds = super::wire::MAX_MSG_FDS;
-        Ok(MsgSocket {
+        let mut sock = MsgSocket {
             stream,
             stop,
-            control_len: rustix::cmsg_space!(ScmRights((max_fds + 1).min(SCM_MAX_FD))),
-            max_fds,
-            deadline: Duration::from_secs(5),
+            control_len: 0,
+            max_fds: 0,
+            deadline: Duration::ZERO,
             refused: std::cell::Cell::new(0),
-        })
+        };
+        sock.set_limits(limits.max_msg_fds, limits.message_timeout());
+        Ok(sock)
     }
 
     /// Fds closed on arrival since the last call.
@@ -437,7 +444,11 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let stop =
             Arc::new(rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap());
-        (MsgSocket::new(a, stop.clone()).unwrap(), b, stop)
+        (
+            MsgSocket::new(a, stop.clone(), &Limits::default()).unwrap(),
+            b,
+            stop,
+        )
     }
 
     #[test]
