@@ -18,7 +18,9 @@ cargo test --workspace --locked 2>&1 | tee "$log"
 
 t=$SECONDS
 echo "== fuzz targets, 15 s each (scripts/fuzz.sh; a crash fails CI; long runs: docs/fuzzing.md)"
-bash scripts/fuzz.sh 15 | tail -n 8
+fuzz_log=$(mktemp)
+bash scripts/fuzz.sh 15 >"$fuzz_log" 2>&1 || { cat "$fuzz_log"; rm -f "$fuzz_log"; exit 1; }
+tail -n 8 "$fuzz_log"; rm -f "$fuzz_log"
 echo "   ($((SECONDS - t)) s)"
 
 echo "== benchmark compiles (run it with: cargo bench --bench datapath)"

@@ -25,14 +25,7 @@ fn instance(accel: &SharedAccelerator, dir: &std::path::Path, name: &str, pasid:
 }
 
 /// Guest RAM as QEMU's memory-backend-memfd makes it (sealed).
-fn memfd(size: u64) -> std::os::fd::OwnedFd {
-    let flags = rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING;
-    let fd = rustix::fs::memfd_create("ram", flags).unwrap();
-    rustix::fs::ftruncate(&fd, size).unwrap();
-    let seals = rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW;
-    rustix::fs::fcntl_add_seals(&fd, seals).unwrap();
-    fd
-}
+use support::sealed_memfd as memfd;
 
 fn run_jobs(socket: std::path::PathBuf, rounds: u32) -> u64 {
     let vmm =

@@ -106,14 +106,7 @@ fn ready() -> Server {
 }
 
 /// Guest RAM as QEMU's memory-backend-memfd makes it (sealed against resizing).
-fn sealed(size: u64) -> OwnedFd {
-    let flags = rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING;
-    let fd = rustix::fs::memfd_create("ram", flags).unwrap();
-    rustix::fs::ftruncate(&fd, size).unwrap();
-    let seals = rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW;
-    rustix::fs::fcntl_add_seals(&fd, seals).unwrap();
-    fd
-}
+use transport_support::sealed_memfd as sealed;
 
 fn one(fd: &OwnedFd) -> Vec<std::os::fd::BorrowedFd<'_>> {
     vec![fd.as_fd()]

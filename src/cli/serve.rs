@@ -45,25 +45,41 @@ pub struct ServeArgs {
 
 /// What one VMM may cost the process (docs/security.md). Hitting a limit
 /// gets the VMM an errno (or its connection closed) and counts in the
-/// instance's `transport_totals`.
+/// instance's `transport_totals`. A value outside a limit's range is
+/// refused here, with the range in the message.
 #[derive(Args, Debug)]
 pub struct LimitArgs {
-    /// Most fds one vfio-user message may carry.
-    #[arg(long, default_value_t = Limits::default().max_msg_fds)]
+    /// Most fds one vfio-user message may carry (1..=252).
+    #[arg(long, default_value_t = Limits::default().max_msg_fds,
+          value_parser = ranged(Limits::MSG_FDS_RANGE))]
     pub max_msg_fds: usize,
-    /// DMA maps one VMM may hold.
-    #[arg(long, default_value_t = Limits::default().max_dma_maps)]
+    /// DMA maps one VMM may hold (1..=65535).
+    #[arg(long, default_value_t = Limits::default().max_dma_maps,
+          value_parser = ranged(Limits::DMA_MAPS_RANGE))]
     pub max_dma_maps: usize,
-    /// Largest vfio-user message in bytes.
-    #[arg(long, default_value_t = Limits::default().max_message_size)]
+    /// Largest vfio-user message in bytes (4096..=1052672); VERSION
+    /// advertises the largest region access that fits in it.
+    #[arg(long, default_value_t = Limits::default().max_message_size,
+          value_parser = ranged(Limits::MESSAGE_SIZE_RANGE))]
     pub max_message_size: u32,
     /// Milliseconds a started message (or an unread reply) may take before
-    /// the connection is closed.
-    #[arg(long, default_value_t = Limits::default().message_timeout_ms)]
+    /// the connection is closed (10..=600000).
+    #[arg(long, default_value_t = Limits::default().message_timeout_ms,
+          value_parser = ranged(Limits::MESSAGE_TIMEOUT_MS_RANGE))]
     pub message_timeout_ms: u64,
     /// Warning lines per second per instance; the rest go to debug level.
     #[arg(long, default_value_t = Limits::default().log_lines_per_sec)]
     pub log_lines_per_sec: u32,
+}
+
+/// A clap parser for an integer limit that refuses values outside `range`.
+fn ranged<T>(range: std::ops::RangeInclusive<T>) -> clap::builder::RangedU64ValueParser<T>
+where
+    T: TryFrom<u64> + TryInto<u64> + Copy + Clone + Send + Sync + 'static,
+    <T as TryFrom<u64>>::Error: std::error::Error + Send + Sync + 'static,
+{
+    let wide = |v: T| v.try_into().unwrap_or(u64::MAX);
+    clap::builder::RangedU64ValueParser::<T>::new().range(wide(*range.start())..=wide(*range.end()))
 }
 
 impl LimitArgs {
@@ -76,7 +92,6 @@ impl LimitArgs {
             log_lines_per_sec: self.log_lines_per_sec,
             ..Limits::default()
         }
-        .clamped()
     }
 }
 

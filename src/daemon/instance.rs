@@ -61,18 +61,19 @@ pub struct InstanceReport {
     pub connections: u64,
     /// Connections closed at once because a VMM was already being served.
     pub refused_connections: u64,
-    /// Connection threads that panicked (contained; each one a bug).
-    #[serde(default)]
-    pub connection_panics: u64,
     pub device: InstanceSnapshot,
     pub queues: Vec<QueueSnapshot>,
     /// The current (or last) connection's protocol counters.
     pub transport: Option<StatsSnapshot>,
     /// Protocol counters over every connection this instance served (the
     /// current one included): where limit hits (`fds_refused`, `stalled`,
-    /// `bad_frames`, `log_lines_suppressed`, ...) add up.
+    /// `bad_frames`, ...) and contained panics (`panics`) add up.
     #[serde(default)]
     pub transport_totals: StatsSnapshot,
+    /// Warning lines the instance did not log (its per-second budget,
+    /// shared by its connections and its accept loop).
+    #[serde(default)]
+    pub log_lines_suppressed: u64,
     /// The device as its guest sees it now, read under the device's lock
     /// between two of the VMM's messages; `None` while a message holds the
     /// device longer than a listing should wait (a reset draining its jobs).
@@ -93,27 +94,25 @@ pub struct DeviceLive {
     pub queues_enabled: Vec<bool>,
 }
 
-/// How to stop the connection being served, its counters, its thread, and
-/// a second handle on its socket (to tell whether its VMM hung up).
-type CurrentConnection = (
-    StopHandle,
-    Arc<transport::stats::ConnectionStats>,
-    Option<JoinHandle<()>>,
-    Option<std::os::unix::net::UnixStream>,
-);
+/// The connection being served (or the last one served).
+struct CurrentConnection {
+    stop: StopHandle,
+    stats: Arc<transport::stats::ConnectionStats>,
+    /// `None` once joined.
+    thread: Option<JoinHandle<()>>,
+    /// A second handle on its socket, to tell whether its VMM hung up.
+    probe: Option<std::os::unix::net::UnixStream>,
+}
 
 #[derive(Debug, Default)]
 struct ConnectionCounters {
     served: AtomicU64,
     refused: AtomicU64,
-    /// Connections whose thread panicked (contained: the device was reset
-    /// and the instance serves again).
-    panics: AtomicU64,
     /// A VMM is being served now.
     active: AtomicBool,
-    /// Protocol counters of the connections that have ended, and which
-    /// connection's counters (by address) were added last.
-    ended: Mutex<(StatsSnapshot, usize)>,
+    /// Protocol counters of the connections before the current one, added
+    /// when the next one replaces it (under the current connection's lock).
+    ended: Mutex<StatsSnapshot>,
 }
 
 /// Clears `active` when the connection thread ends, however it ends.
@@ -138,7 +137,7 @@ fn claim(active: &AtomicBool, current: &Mutex<Option<CurrentConnection>>) -> boo
     let finishing = current
         .lock()
         .as_ref()
-        .and_then(|c| c.3.as_ref())
+        .and_then(|c| c.probe.as_ref())
         .is_none_or(peer_gone);
     if !finishing {
         return false;
@@ -222,34 +221,44 @@ fn accept_loop(
         counters.served.fetch_add(1, Ordering::Relaxed);
         let mut conn = conn.with_limits(limits, log_budget.clone());
         let mut slot = current.lock();
-        if let Some(old) = slot.take().and_then(|c| c.2) {
-            let _ = old.join();
+        if let Some(old) = slot.take() {
+            // Its thread has released the instance, so it is ending; once
+            // joined its counters are final and move into `ended`.
+            if let Some(t) = old.thread {
+                let _ = t.join();
+            }
+            counters.ended.lock().accumulate(&old.stats.snapshot());
         }
         let (stop, stats) = (conn.stop_handle(), conn.stats());
         let probe = conn.stream().try_clone().ok();
         let (device, active, name2) = (device.clone(), counters.clone(), name.to_string());
+        let budget = log_budget.clone();
         let served = std::thread::Builder::new()
             .name(format!("wd-vmm-{name}"))
             .spawn(move || {
-                let release = Release(active);
-                let stats = conn.stats();
-                let ended = conn.run(&*device);
-                {
-                    let mut ended = release.0.ended.lock();
-                    ended.0.accumulate(&stats.snapshot());
-                    ended.1 = Arc::as_ptr(&stats) as usize;
-                }
-                match ended {
-                    Ok(how) => tracing::info!(instance = %name2, "VMM disconnected: {how:?}"),
+                let _release = Release(active);
+                match conn.run(&*device) {
+                    // A bug, contained: always logged.
                     Err(e @ TransportError::Panicked(_)) => {
-                        release.0.panics.fetch_add(1, Ordering::Relaxed);
-                        tracing::error!(instance = %name2, "connection ended: {e}");
+                        tracing::error!(instance = %name2, "connection ended: {e}")
                     }
+                    // A VMM can reconnect in a loop: under the budget.
+                    end if !budget.take() => {
+                        tracing::debug!(instance = %name2, "VMM disconnected: {end:?}")
+                    }
+                    Ok(how) => tracing::info!(instance = %name2, "VMM disconnected: {how:?}"),
                     Err(e) => tracing::warn!(instance = %name2, "connection ended: {e}"),
                 }
             });
         match served {
-            Ok(t) => *slot = Some((stop, stats, Some(t), probe)),
+            Ok(t) => {
+                *slot = Some(CurrentConnection {
+                    stop,
+                    stats,
+                    thread: Some(t),
+                    probe,
+                })
+            }
             Err(e) => {
                 tracing::error!(instance = %name, "cannot start a connection thread: {e}");
                 counters.active.store(false, Ordering::Release);
@@ -269,6 +278,8 @@ pub struct Instance {
     queues: Vec<Arc<QueueShared>>,
     connection: Arc<Mutex<Option<CurrentConnection>>>,
     counters: Arc<ConnectionCounters>,
+    /// Warning lines per second, shared by the accept loop and connections.
+    log_budget: Arc<LogBudget>,
     stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -315,6 +326,7 @@ impl Instance {
         let connection: Arc<Mutex<Option<_>>> = Arc::default();
         let counters = Arc::new(ConnectionCounters::default());
         let stopping = Arc::new(AtomicBool::new(false));
+        let log_budget = Arc::new(LogBudget::new(limits.log_lines_per_sec));
         let thread = {
             let (listener, connection, counters, stopping) = (
                 listener.clone(),
@@ -326,7 +338,7 @@ impl Instance {
                 .name(format!("wd-inst-{name}"))
                 .spawn({
                     let device = device.clone();
-                    let budget = Arc::new(LogBudget::new(limits.log_lines_per_sec));
+                    let budget = log_budget.clone();
                     move || {
                         accept_loop(
                             &name,
@@ -354,6 +366,7 @@ impl Instance {
             queues,
             connection,
             counters,
+            log_budget,
             stopping,
             thread: Some(thread),
         })
@@ -384,14 +397,12 @@ impl Instance {
     /// Protocol counters over every connection served, the current one
     /// included.
     pub fn transport_totals(&self) -> StatsSnapshot {
-        let current = self.connection.lock().as_ref().map(|c| c.1.clone());
-        let ended = self.counters.ended.lock();
-        let mut totals = ended.0;
-        // The current connection, unless it has ended and been added.
-        if let Some(c) = current
-            && Arc::as_ptr(&c) as usize != ended.1
-        {
-            totals.accumulate(&c.snapshot());
+        // Under the connection's lock, which the accept loop holds while it
+        // moves a finished connection's counters into `ended`.
+        let current = self.connection.lock();
+        let mut totals = *self.counters.ended.lock();
+        if let Some(c) = current.as_ref() {
+            totals.accumulate(&c.stats.snapshot());
         }
         totals
     }
@@ -434,11 +445,11 @@ impl Instance {
             pasid: self.pasid,
             connections: self.counters.served.load(Ordering::Relaxed),
             refused_connections: self.counters.refused.load(Ordering::Relaxed),
-            connection_panics: self.counters.panics.load(Ordering::Relaxed),
             device: self.stats.snapshot(),
             queues: self.queues.iter().map(|q| q.stats.snapshot()).collect(),
-            transport: self.connection.lock().as_ref().map(|c| c.1.snapshot()),
+            transport: self.connection.lock().as_ref().map(|c| c.stats.snapshot()),
             transport_totals,
+            log_lines_suppressed: self.log_budget.suppressed(),
             live: self.live(),
         }
     }
@@ -458,8 +469,8 @@ impl Instance {
             tracing::error!(instance = %self.spec.name, "instance thread panicked");
         }
         let served = self.connection.lock().as_mut().and_then(|c| {
-            c.0.stop();
-            c.2.take()
+            c.stop.stop();
+            c.thread.take()
         });
         if let Some(t) = served
             && t.join().is_err()

@@ -44,9 +44,9 @@ pub enum TransportError {
         mapped: u64,
         limit: u64,
     },
-    #[error("fds attached to the message were dropped by the kernel (MSG_CTRUNC): {}", match .0 {
-        FdLoss::Exhausted => "this process is out of file descriptors",
-        FdLoss::TooMany => "more fds than this message may carry (closed on arrival)",
+    #[error("the message's fds were not all kept: {}", match .0 {
+        FdLoss::Exhausted => "the kernel could not install them (MSG_CTRUNC): this process is out of file descriptors",
+        FdLoss::TooMany => "more fds than this message may carry (the rest closed on arrival, or by the kernel past the control buffer)",
         FdLoss::Socket => "a socket was attached (no command takes one; closed on arrival)",
     })]
     FdsLost(FdLoss),

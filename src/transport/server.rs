@@ -16,10 +16,10 @@ use tracing::{debug, info, trace, warn};
 
 use super::error::TransportError;
 use super::limits::{Limits, LogBudget};
-use super::session::Session;
+use super::session::{Session, fd_budget};
 use super::socket::{Message, MsgSocket, Recv, SockError};
 use super::stats::ConnectionStats;
-use super::wire::{self, Command, FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY, HEADER_SIZE, Header};
+use super::wire::{self, FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY, HEADER_SIZE, Header};
 use crate::vdev::device::VfioUserDevice;
 
 /// Why [`Connection::run`] returned.
@@ -27,8 +27,8 @@ use crate::vdev::device::VfioUserDevice;
 pub enum Disconnect {
     /// The VMM closed its end (or reset the connection).
     PeerClosed,
-    /// A [`StopHandle`] asked us to stop. The socket is still open; if the
-    /// stop came mid-message the stream is no longer in sync.
+    /// A [`StopHandle`] asked us to stop. The socket was shut down, as on
+    /// every way out of [`Connection::run`].
     Stopped,
     /// A header announced a size below 16 or over the cap. An error reply
     /// was sent (unless No_reply) and the socket shut down: the stream
@@ -169,9 +169,8 @@ impl Connection {
             eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)
                 .map_err(std::io::Error::from)?,
         );
-        let mut sock = MsgSocket::new(stream, stop.clone())?;
         let limits = Limits::default();
-        sock.set_limits(limits.max_msg_fds, limits.message_timeout());
+        let sock = MsgSocket::new(stream, stop.clone(), &limits)?;
         Ok(Connection {
             sock,
             stop,
@@ -206,8 +205,10 @@ impl Connection {
     }
 
     /// Serves messages in order until the peer closes, a stop is requested
-    /// or a frame cannot be parsed. Calls `dev.disconnected()` on the way out,
-    /// whatever the reason.
+    /// or a frame cannot be parsed. On the way out, whatever the reason, the
+    /// socket is shut down (so the VMM sees EOF even while another handle
+    /// on it stays open, such as an instance's liveness probe) and
+    /// `dev.disconnected()` is called.
     ///
     /// The connection is one user of the device, not its owner: it holds the
     /// device's lock only while one message is handled, so the daemon (API
@@ -224,19 +225,21 @@ impl Connection {
             Ok(r) => r,
             Err(payload) => {
                 ConnectionStats::add(&self.stats.panics, 1);
-                let _ = self.sock.stream().shutdown(std::net::Shutdown::Both);
                 Err(TransportError::Panicked(panic_message(&*payload)))
             }
         };
+        let _ = self.sock.stream().shutdown(std::net::Shutdown::Both);
         // The device lock is not poisoned (parking_lot); a device whose
         // state a panic left half-changed is reset here.
         if catch_unwind(AssertUnwindSafe(|| dev.lock().disconnected())).is_err() {
             ConnectionStats::add(&self.stats.panics, 1);
             tracing::error!("vfio-user: the device panicked while being reset after a disconnect");
         }
+        // Whoever runs the connection says how it ended (an instance logs
+        // it with its name, under its log budget).
         match &result {
-            Ok(d) => info!("vfio-user: connection ended: {d:?}"),
-            Err(e) => warn!("vfio-user: connection failed: {e}"),
+            Ok(d) => debug!("vfio-user: connection ended: {d:?}"),
+            Err(e) => debug!("vfio-user: connection failed: {e}"),
         }
         result
     }
@@ -244,20 +247,16 @@ impl Connection {
     fn serve(&mut self, dev: &Mutex<dyn VfioUserDevice>) -> Result<Disconnect, TransportError> {
         let mut session = Session::new(&*dev.lock(), &self.limits);
         let max_msg_fds = self.limits.max_msg_fds;
-        // What each command may carry, judged as the fds arrive.
-        let fd_budget = |h: &Header| match Command::from_u16(h.cmd) {
-            Some(Command::DmaMap) => 1,
-            Some(Command::DeviceSetIrqs) => max_msg_fds,
-            _ => 0,
-        };
         loop {
             let read = self
                 .sock
-                .read_message(self.limits.max_message_size, fd_budget);
-            ConnectionStats::add(&self.stats.fds_refused, self.sock.take_refused());
+                .read_message(self.limits.max_message_size, |h| fd_budget(h, max_msg_fds));
+            let refused = self.sock.take_refused();
+            if refused != 0 {
+                ConnectionStats::add(&self.stats.fds_refused, refused);
+            }
             let mut msg = match read {
                 Ok(Recv::Message(m)) => m,
-                Ok(Recv::Stalled { got }) => return Ok(self.stalled(got)),
                 Ok(Recv::Closed { partial }) => {
                     if partial {
                         debug!("vfio-user: peer closed mid-message");
@@ -265,7 +264,7 @@ impl Connection {
                     return Ok(Disconnect::PeerClosed);
                 }
                 Ok(Recv::BadFrame(h)) => return self.bad_frame(h),
-                Err(e) => return sock_end(e),
+                Err(e) => return self.end(e),
             };
             ConnectionStats::add(&self.stats.messages, 1);
             ConnectionStats::add(&self.stats.bytes_received, msg.header.size as u64);
@@ -273,10 +272,8 @@ impl Connection {
             if msg.fd_loss.is_some() {
                 ConnectionStats::add(&self.stats.fds_truncated, 1);
             }
-            match self.serve_one(&mut session, dev, &mut msg) {
-                Ok(()) => {}
-                Err(SockError::Stalled) => return Ok(self.stalled(0)),
-                Err(e) => return sock_end(e),
+            if let Err(e) = self.serve_one(&mut session, dev, &mut msg) {
+                return self.end(e);
             }
         }
     }
@@ -366,10 +363,10 @@ impl Connection {
         } else {
             libc::E2BIG
         };
-        warn!(
+        self.log(format_args!(
             "vfio-user: cmd {} id {} has size {} (allowed {}..={}); closing",
             h.cmd, h.id, h.size, HEADER_SIZE, self.limits.max_message_size
-        );
+        ));
         if h.msg_type() == FLAG_TYPE_COMMAND && !h.no_reply() {
             let reply = h.error_reply(errno as u32);
             if self
@@ -403,11 +400,22 @@ impl Connection {
         Disconnect::Stalled
     }
 
-    fn log(&mut self, args: std::fmt::Arguments<'_>) {
+    /// How a socket error ends the connection.
+    fn end(&mut self, e: SockError) -> Result<Disconnect, TransportError> {
+        match e {
+            SockError::Stopped => Ok(Disconnect::Stopped),
+            SockError::PeerGone => Ok(Disconnect::PeerClosed),
+            SockError::Stalled { got } => Ok(self.stalled(got)),
+            SockError::Io(e) => Err(TransportError::Io(e)),
+        }
+    }
+
+    /// A warning line under the instance's budget (past it, debug level
+    /// and counted in [`LogBudget::suppressed`]).
+    fn log(&self, args: std::fmt::Arguments<'_>) {
         if self.log_budget.take() {
             warn!("{args}");
         } else {
-            ConnectionStats::add(&self.stats.log_lines_suppressed, 1);
             debug!("{args}");
         }
     }
@@ -419,15 +427,6 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "(no message)".to_string())
-}
-
-fn sock_end(e: SockError) -> Result<Disconnect, TransportError> {
-    match e {
-        SockError::Stopped => Ok(Disconnect::Stopped),
-        SockError::PeerGone => Ok(Disconnect::PeerClosed),
-        SockError::Stalled => Ok(Disconnect::Stalled),
-        SockError::Io(e) => Err(TransportError::Io(e)),
-    }
 }
 
 fn errno_name(errno: u32) -> String {

@@ -70,8 +70,8 @@ pub struct Session {
     /// Region sizes and access flags, read once from the device: a PCI
     /// function's regions are fixed for its lifetime.
     regions: Vec<RegionShape>,
-    max_msg_fds: usize,
-    max_dma_maps: usize,
+    /// What VERSION advertises and the checks hold to.
+    limits: Limits,
 }
 
 fn invalid(msg: impl Into<String>) -> TransportError {
@@ -86,6 +86,17 @@ fn body_struct<T: zerocopy::FromBytes>(body: &[u8], what: &str) -> Result<T, Tra
             size_of::<T>()
         ))
     })
+}
+
+/// Fds a message with this header may carry: DMA_MAP one (its memory),
+/// SET_IRQS up to `max_msg_fds` (eventfds), anything else none. The socket
+/// judges arriving fds by it; [`Session::handle`] relies on it.
+pub fn fd_budget(h: &Header, max_msg_fds: usize) -> usize {
+    match Command::from_u16(h.cmd) {
+        Some(Command::DmaMap) => 1,
+        Some(Command::DeviceSetIrqs) => max_msg_fds,
+        _ => 0,
+    }
 }
 
 impl Session {
@@ -106,8 +117,7 @@ impl Session {
         Session {
             caps: None,
             dma: DmaTable::new(limits.max_dma_maps, limits.max_dma_fd_bytes),
-            max_msg_fds: limits.max_msg_fds,
-            max_dma_maps: limits.max_dma_maps,
+            limits: limits.clone(),
             num_regions: info.num_regions,
             num_irqs: info.num_irqs,
             regions,
@@ -123,17 +133,14 @@ impl Session {
     ) -> Result<Reply, TransportError> {
         let h = msg.header;
         let cmd = Command::from_u16(h.cmd);
-        let takes_fds = matches!(cmd, Some(Command::DmaMap | Command::DeviceSetIrqs));
-        if !msg.fds.is_empty() && !takes_fds {
-            return Err(invalid(format!(
-                "command {} carries {} fds",
-                h.cmd,
-                msg.fds.len()
-            )));
-        }
-        if msg.fds.len() > self.max_msg_fds {
-            return Err(invalid(format!("{} fds exceed max_msg_fds", msg.fds.len())));
-        }
+        // The socket closed the fds past this as they arrived, and a message
+        // that lost any is refused before it gets here.
+        debug_assert!(
+            msg.fds.len() <= fd_budget(&h, self.limits.max_msg_fds),
+            "command {} reached the session with {} fds",
+            h.cmd,
+            msg.fds.len()
+        );
         // Spec "VFIO_USER_VERSION": the first message, and only once.
         match (cmd, self.caps.is_some()) {
             (Some(Command::Version), false) => return self.version(msg),
@@ -181,7 +188,7 @@ impl Session {
         self.caps = Some(caps);
         Ok(Reply::new(
             &msg.header,
-            &version::build_reply(msg.body.len(), self.max_msg_fds, self.max_dma_maps),
+            &version::build_reply(msg.body.len(), &self.limits),
         ))
     }
 
@@ -195,9 +202,6 @@ impl Session {
         let m: wire::DmaMap = body_struct(body, "DMA_MAP")?;
         if (m.argsz as usize) < size_of::<wire::DmaMap>() {
             return Err(invalid(format!("DMA_MAP argsz {}", m.argsz)));
-        }
-        if fds.len() > 1 {
-            return Err(invalid(format!("DMA_MAP with {} fds", fds.len())));
         }
         let known = VFIO_DMA_MAP_FLAG_READ | VFIO_DMA_MAP_FLAG_WRITE;
         if m.flags & !known != 0 {
@@ -492,7 +496,7 @@ impl Session {
             .regions
             .get(region as usize)
             .ok_or_else(|| invalid(format!("region {region} of {}", self.num_regions)))?;
-        if count == 0 || count > wire::MAX_DATA_XFER_SIZE {
+        if count == 0 || count > self.limits.max_data_xfer_size() {
             return Err(invalid(format!("region access count {count}")));
         }
         let need = if write {
@@ -686,7 +690,6 @@ mod tests {
             body,
             fds: Vec::new(),
             fd_loss: None,
-            fds_refused: 0,
         }
     }
 

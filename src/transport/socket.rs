@@ -23,9 +23,9 @@
 //! fd, and a VMM's own end of the connection would keep it open forever)
 //! are closed at once, and the message is marked. Once a message's first
 //! byte has arrived the rest must follow within a deadline; an unfinished
-//! message is dropped with its fds and the connection closed
-//! ([`Recv::Stalled`]). A reply the peer does not read within the same kind
-//! of deadline ends the connection too ([`SockError::Stalled`]).
+//! message is dropped with its fds and the connection closed; a reply the
+//! peer does not read within the same kind of deadline ends the connection
+//! too (both [`SockError::Stalled`]).
 
 use std::io::{IoSlice, IoSliceMut};
 use std::mem::MaybeUninit;
@@ -42,6 +42,7 @@ use rustix::net::{
 };
 use zerocopy::IntoBytes;
 
+use super::limits::Limits;
 use super::wire::{HEADER_SIZE, Header};
 
 /// The kernel's own per-message limit (SCM_MAX_FD): no control buffer
@@ -59,8 +60,6 @@ pub struct Message {
     /// closed on arrival; `fds` holds only those kept. Such a message must
     /// not be served.
     pub fd_loss: Option<FdLoss>,
-    /// Fds closed on arrival (past the message's budget, or sockets).
-    pub fds_refused: usize,
 }
 
 /// Why a `recvmsg` came back with MSG_CTRUNC: the kernel installs the
@@ -112,12 +111,6 @@ pub enum Recv {
     /// A header whose size is below 16 or over the cap: the stream cannot
     /// be resynchronised. The header's fds have been closed.
     BadFrame(Header),
-    /// A message began but did not finish within the deadline: its bytes
-    /// and fds are dropped and the stream is out of sync.
-    Stalled {
-        /// Bytes of the message that had arrived.
-        got: usize,
-    },
 }
 
 #[derive(Debug)]
@@ -126,8 +119,13 @@ pub enum SockError {
     Stopped,
     /// The peer went away while we were writing.
     PeerGone,
-    /// The peer did not take a reply within the deadline.
-    Stalled,
+    /// A message began but did not finish within the deadline (its bytes
+    /// and fds are dropped), or the peer did not take a reply within it:
+    /// either way the stream is out of sync.
+    Stalled {
+        /// Bytes of the message that had arrived (0 for a reply).
+        got: usize,
+    },
     Io(std::io::Error),
 }
 
@@ -158,8 +156,6 @@ pub struct MsgSocket {
 struct Partial {
     fds: Vec<OwnedFd>,
     fd_loss: Option<FdLoss>,
-    /// Fds closed on arrival (over budget, or sockets).
-    refused: usize,
     /// Fds this message may still keep.
     budget: usize,
     /// When its first byte (or fd) arrived.
@@ -167,17 +163,23 @@ struct Partial {
 }
 
 impl MsgSocket {
-    pub fn new(stream: UnixStream, stop: Arc<OwnedFd>) -> std::io::Result<MsgSocket> {
+    /// A socket reading under `limits`' fds per message and deadline.
+    pub fn new(
+        stream: UnixStream,
+        stop: Arc<OwnedFd>,
+        limits: &Limits,
+    ) -> std::io::Result<MsgSocket> {
         stream.set_nonblocking(true)?;
-        let max_fds = super::wire::MAX_MSG_FDS;
-        Ok(MsgSocket {
+        let mut sock = MsgSocket {
             stream,
             stop,
-            control_len: rustix::cmsg_space!(ScmRights((max_fds + 1).min(SCM_MAX_FD))),
-            max_fds,
-            deadline: Duration::from_secs(5),
+            control_len: 0,
+            max_fds: 0,
+            deadline: Duration::ZERO,
             refused: std::cell::Cell::new(0),
-        })
+        };
+        sock.set_limits(limits.max_msg_fds, limits.message_timeout());
+        Ok(sock)
     }
 
     /// Fds closed on arrival since the last call.
@@ -214,15 +216,12 @@ impl MsgSocket {
         let mut p = Partial {
             fds: Vec::new(),
             fd_loss: None,
-            refused: 0,
             budget: self.max_fds,
             started: None,
         };
         let mut header = Header::default();
-        match self.read_exact(header.as_mut_bytes(), &mut p)? {
-            Filled::Done => {}
-            Filled::Eof(partial) => return Ok(Recv::Closed { partial }),
-            Filled::Stalled(got) => return Ok(Recv::Stalled { got }),
+        if let Filled::Eof(partial) = self.read_exact(header.as_mut_bytes(), &mut p)? {
+            return Ok(Recv::Closed { partial });
         }
         if (header.size as usize) < HEADER_SIZE || header.size > cap {
             return Ok(Recv::BadFrame(header));
@@ -234,26 +233,25 @@ impl MsgSocket {
             self.refuse_fd(&mut p, FdLoss::TooMany);
         }
         let mut body = vec![0u8; header.size as usize - HEADER_SIZE];
-        match self.read_exact(&mut body, &mut p)? {
-            Filled::Done => {}
-            Filled::Eof(_) => return Ok(Recv::Closed { partial: true }),
-            Filled::Stalled(got) => {
-                return Ok(Recv::Stalled {
+        match self.read_exact(&mut body, &mut p) {
+            Ok(Filled::Done) => {}
+            Ok(Filled::Eof(_)) => return Ok(Recv::Closed { partial: true }),
+            Err(SockError::Stalled { got }) => {
+                return Err(SockError::Stalled {
                     got: got + HEADER_SIZE,
                 });
             }
+            Err(e) => return Err(e),
         }
         Ok(Recv::Message(Message {
             header,
             body,
             fds: p.fds,
             fd_loss: p.fd_loss,
-            fds_refused: p.refused,
         }))
     }
 
     fn refuse_fd(&self, p: &mut Partial, loss: FdLoss) {
-        p.refused += 1;
         self.refused.set(self.refused.get() + 1);
         if loss == FdLoss::Socket {
             p.fd_loss = Some(loss);
@@ -262,12 +260,13 @@ impl MsgSocket {
         }
     }
 
-    /// Fills `buf`.
+    /// Fills `buf`; past the deadline, [`SockError::Stalled`] says how
+    /// much of it arrived.
     fn read_exact(&self, buf: &mut [u8], p: &mut Partial) -> Result<Filled, SockError> {
         let mut got = 0;
         while got < buf.len() {
             let n = match self.recv_some(&mut buf[got..], p) {
-                Err(SockError::Stalled) => return Ok(Filled::Stalled(got)),
+                Err(SockError::Stalled { .. }) => return Err(SockError::Stalled { got }),
                 r => r?,
             };
             if n == 0 {
@@ -341,7 +340,9 @@ impl MsgSocket {
             &mut big_space
         };
         let mut fds_pending = !fds.is_empty();
-        let started = Some(Instant::now());
+        // The reply's deadline runs from the first time the peer's buffer
+        // is full: a reply that goes out at once costs no clock read.
+        let mut started = None;
         while sent < bytes.len() {
             let mut control = SendAncillaryBuffer::new(space);
             if fds_pending && !control.push(SendAncillaryMessage::ScmRights(fds)) {
@@ -360,7 +361,10 @@ impl MsgSocket {
                     fds_pending = false;
                     sent += n;
                 }
-                Err(Errno::AGAIN) => self.wait(PollFlags::OUT, started)?,
+                Err(Errno::AGAIN) => {
+                    let since = *started.get_or_insert_with(Instant::now);
+                    self.wait(PollFlags::OUT, Some(since))?
+                }
                 Err(Errno::INTR) => {}
                 Err(Errno::PIPE | Errno::CONNRESET) => return Err(SockError::PeerGone),
                 Err(e) => return Err(e.into()),
@@ -371,7 +375,7 @@ impl MsgSocket {
 
     /// Blocks until the socket is ready for `what` or the stop fd fires;
     /// with `started`, at most until the deadline after it
-    /// ([`SockError::Stalled`]).
+    /// ([`SockError::Stalled`], `got` 0: the caller knows how much came).
     fn wait(&self, what: PollFlags, started: Option<Instant>) -> Result<(), SockError> {
         loop {
             let timeout = match started {
@@ -379,7 +383,7 @@ impl MsgSocket {
                 Some(t) => {
                     let left = self.deadline.saturating_sub(t.elapsed());
                     if left.is_zero() {
-                        return Err(SockError::Stalled);
+                        return Err(SockError::Stalled { got: 0 });
                     }
                     Some(Timespec {
                         tv_sec: left.as_secs() as i64,
@@ -412,8 +416,6 @@ enum Filled {
     Done,
     /// EOF; `true` if anything of the message had arrived.
     Eof(bool),
-    /// The deadline passed after this many bytes.
-    Stalled(usize),
 }
 
 /// Is `fd` a socket? (An fd we cannot stat is treated as one: refused.)
@@ -442,7 +444,11 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let stop =
             Arc::new(rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap());
-        (MsgSocket::new(a, stop.clone()).unwrap(), b, stop)
+        (
+            MsgSocket::new(a, stop.clone(), &Limits::default()).unwrap(),
+            b,
+            stop,
+        )
     }
 
     #[test]
@@ -613,14 +619,14 @@ mod tests {
         match s.read_message(1 << 20, budget).unwrap() {
             Recv::Message(m) => {
                 assert!(m.fds.is_empty());
-                assert_eq!((m.fds_refused, m.fd_loss), (3, Some(FdLoss::TooMany)));
+                assert_eq!((s.take_refused(), m.fd_loss), (3, Some(FdLoss::TooMany)));
             }
             other => panic!("{other:?}"),
         }
         match s.read_message(1 << 20, budget).unwrap() {
             Recv::Message(m) => {
                 assert!(m.fds.is_empty(), "a socket is never kept");
-                assert_eq!((m.fds_refused, m.fd_loss), (1, Some(FdLoss::Socket)));
+                assert_eq!((s.take_refused(), m.fd_loss), (1, Some(FdLoss::Socket)));
             }
             other => panic!("{other:?}"),
         }
@@ -640,8 +646,8 @@ mod tests {
         peer.write_all(&h.as_bytes()[..5]).unwrap();
         let t = Instant::now();
         assert!(matches!(
-            s.read_message(1 << 20, |_| 0).unwrap(),
-            Recv::Stalled { got: 5 }
+            s.read_message(1 << 20, |_| 0),
+            Err(SockError::Stalled { got: 5 })
         ));
         assert!(t.elapsed() >= Duration::from_millis(50));
         let (s, _peer, stop) = pair();

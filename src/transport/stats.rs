@@ -34,8 +34,6 @@ pub struct ConnectionStats {
     pub stalled: AtomicU64,
     /// Panics contained while serving (each one a bug).
     pub panics: AtomicU64,
-    /// Warning lines not logged (the instance's per-second budget).
-    pub log_lines_suppressed: AtomicU64,
 }
 
 /// A plain copy of [`ConnectionStats`] at one moment.
@@ -55,7 +53,6 @@ pub struct StatsSnapshot {
     pub fds_refused: u64,
     pub stalled: u64,
     pub panics: u64,
-    pub log_lines_suppressed: u64,
 }
 
 impl StatsSnapshot {
@@ -76,7 +73,6 @@ impl StatsSnapshot {
             (&mut self.fds_refused, other.fds_refused),
             (&mut self.stalled, other.stalled),
             (&mut self.panics, other.panics),
-            (&mut self.log_lines_suppressed, other.log_lines_suppressed),
         ];
         for (mine, theirs) in fields {
             *mine = mine.saturating_add(theirs);
@@ -101,7 +97,6 @@ impl ConnectionStats {
             fds_refused: g(&self.fds_refused),
             stalled: g(&self.stalled),
             panics: g(&self.panics),
-            log_lines_suppressed: g(&self.log_lines_suppressed),
         }
     }
 

@@ -7,6 +7,7 @@
 use serde_json::Value;
 
 use super::error::TransportError;
+use super::limits::Limits;
 use super::wire::{self, Version};
 
 /// What the client told us about itself (spec defaults where absent).
@@ -109,22 +110,26 @@ pub fn parse_request(body: &[u8]) -> Result<ClientCaps, TransportError> {
 
 /// Our capabilities, most important first: the reply keeps the longest
 /// prefix of this list that fits.
-fn our_caps(max_msg_fds: usize, max_dma_maps: usize) -> [(&'static str, String); 5] {
+fn our_caps(limits: &Limits) -> [(&'static str, String); 5] {
     [
-        ("max_msg_fds", max_msg_fds.to_string()),
-        ("max_data_xfer_size", wire::MAX_DATA_XFER_SIZE.to_string()),
+        ("max_msg_fds", limits.max_msg_fds.to_string()),
+        (
+            "max_data_xfer_size",
+            limits.max_data_xfer_size().to_string(),
+        ),
         ("pgsizes", wire::PAGE_SIZE.to_string()),
         // Below the spec's default of 65535, so a client that is not told
         // would plan on more maps than we take.
-        ("max_dma_maps", max_dma_maps.to_string()),
+        ("max_dma_maps", limits.max_dma_maps.to_string()),
         ("write_multiple", "true".to_string()),
     ]
 }
 
 /// The VERSION reply body (major 0, minor 0, NUL-terminated JSON), no longer
 /// than `request_body_len` so that header + body ≤ the request's size.
-/// If the request carried no JSON at all, neither does the reply.
-pub fn build_reply(request_body_len: usize, max_msg_fds: usize, max_dma_maps: usize) -> Vec<u8> {
+/// If the request carried no JSON at all, neither does the reply. The
+/// numbers advertised are the connection's `limits`.
+pub fn build_reply(request_body_len: usize, limits: &Limits) -> Vec<u8> {
     let mut body = Vec::with_capacity(request_body_len);
     body.extend_from_slice(zerocopy::IntoBytes::as_bytes(&Version {
         major: 0,
@@ -134,7 +139,7 @@ pub fn build_reply(request_body_len: usize, max_msg_fds: usize, max_dma_maps: us
         return body;
     }
     let room = request_body_len - size_of::<Version>();
-    let caps = our_caps(max_msg_fds, max_dma_maps);
+    let caps = our_caps(limits);
     let json = (0..=caps.len())
         .rev()
         .map(|n| {
@@ -176,7 +181,7 @@ mod tests {
         let caps = parse_request(&req).unwrap();
         assert_eq!(caps.max_msg_fds, 16);
         assert!(caps.write_multiple);
-        let reply = build_reply(req.len(), wire::MAX_MSG_FDS, wire::MAX_DMA_MAPS);
+        let reply = build_reply(req.len(), &Limits::default());
         assert!(reply.len() <= req.len());
         assert_eq!(*reply.last().unwrap(), 0);
         let v: Value = serde_json::from_slice(&reply[4..reply.len() - 1]).unwrap();
@@ -189,7 +194,7 @@ mod tests {
     #[test]
     fn short_requests_get_shorter_replies() {
         for len in [7, 8, 20, 40, 60, 100] {
-            let r = build_reply(len, wire::MAX_MSG_FDS, wire::MAX_DMA_MAPS);
+            let r = build_reply(len, &Limits::default());
             assert!(r.len() <= len, "len {len} -> {}", r.len());
             assert_eq!(*r.last().unwrap(), 0);
             assert!(
@@ -198,7 +203,7 @@ mod tests {
                     .is_object()
             );
         }
-        assert_eq!(build_reply(4, 16, 1024).len(), 4);
+        assert_eq!(build_reply(4, &Limits::default()).len(), 4);
     }
 
     #[test]

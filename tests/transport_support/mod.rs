@@ -500,6 +500,17 @@ pub fn memfd(size: u64) -> OwnedFd {
     fd
 }
 
+/// Guest RAM as QEMU's memory-backend-memfd makes it: a memfd of `size`
+/// bytes sealed against shrinking and growing.
+pub fn sealed_memfd(size: u64) -> OwnedFd {
+    let flags = rustix::fs::MemfdFlags::CLOEXEC | rustix::fs::MemfdFlags::ALLOW_SEALING;
+    let fd = rustix::fs::memfd_create("ram", flags).unwrap();
+    rustix::fs::ftruncate(&fd, size).unwrap();
+    let seals = rustix::fs::SealFlags::SHRINK | rustix::fs::SealFlags::GROW;
+    rustix::fs::fcntl_add_seals(&fd, seals).unwrap();
+    fd
+}
+
 pub fn eventfd() -> OwnedFd {
     rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap()
 }

@@ -197,6 +197,42 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(1));
     }
 
+    /// What the guard costs per MSI-X delivery: a plain write to a
+    /// non-blocking eventfd against [`signal_eventfd`] (poll, arm, write,
+    /// disarm). A measurement, not a check: it prints and asserts nothing
+    /// about speed. `cargo test --lib -- --ignored --nocapture
+    /// vdev::pci::nowait::tests::cost_of_a_guarded_signal`
+    #[test]
+    #[ignore = "a measurement; run it by name with --ignored --nocapture"]
+    fn cost_of_a_guarded_signal() {
+        const N: u32 = 200_000;
+        let fd = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap();
+        let mut rounds = Vec::new();
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            for _ in 0..N {
+                rustix::io::write(&fd, &1u64.to_ne_bytes()).unwrap();
+            }
+            let plain = t.elapsed();
+            let t = std::time::Instant::now();
+            for _ in 0..N {
+                assert_eq!(signal_eventfd(&fd), Ok(Signalled::Written));
+            }
+            let guarded = t.elapsed();
+            assert_eq!(consume_eventfd(&fd), Some(2 * N as u64));
+            rounds.push((plain, guarded));
+        }
+        for (plain, guarded) in rounds {
+            let per = |d: Duration| d.as_nanos() as f64 / N as f64;
+            println!(
+                "plain write {:.0} ns, signal_eventfd {:.0} ns, ratio {:.2}",
+                per(plain),
+                per(guarded),
+                per(guarded) / per(plain)
+            );
+        }
+    }
+
     #[test]
     fn a_write_that_would_wait_is_interrupted() {
         // The race the poll cannot close, forced: the write itself waits.
