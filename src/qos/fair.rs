@@ -72,10 +72,15 @@ impl Work for crate::accel::Job {
         u64::from(self.src_len)
     }
     fn class(&self) -> u32 {
-        let level = if self.op.is_stream() {
-            0
-        } else {
-            self.param.min(255) as u32
+        use wdvirt_abi::Opcode;
+        // Only a compression level changes what a byte costs; other
+        // opcodes' `param` (a CRC seed, a fill byte, SHA-256 flags) does
+        // not, and must not split their jobs into classes measured apart.
+        let level = match self.op {
+            Opcode::DeflateCompress | Opcode::ZlibCompress | Opcode::GzipCompress => {
+                self.param.min(255) as u32
+            }
+            _ => 0,
         };
         u32::from(self.op as u8) | level << 8
     }

@@ -317,7 +317,7 @@ fn a_policy_change_takes_effect_at_once_and_no_job_is_lost_or_repeated() {
     );
     let s = sim.shares(&[1, 2], 100 * MS);
     assert!(within(s[0], 0.75, 0.03), "{s:?}");
-    // Then a cap of one job at a time and a rate, then back.
+    // Then a rate of 1000 jobs/s, then back.
     sim.fair.set_policy(
         1,
         Policy {
@@ -473,4 +473,34 @@ fn a_queue_holds_a_bounded_number_waiting_and_is_woken_when_room_opens() {
     let waiting = f.lane_pending(7);
     assert_eq!(f.close_lane(7, 0), waiting);
     assert_eq!(f.offer(7, &jobs, 0), 0);
+}
+
+#[test]
+fn a_job_class_splits_on_param_only_for_a_compression_level() {
+    use crate::accel::Job;
+    use wdvirt_abi::Opcode;
+    let job = |op, param| Job {
+        op,
+        src: 0,
+        src_len: 64,
+        dst: 0,
+        dst_len: 64,
+        param,
+        ctx: 0,
+        cookie: 0,
+    };
+    // Fill bytes, CRC seeds, SHA-256 flags: one class per opcode.
+    for op in [Opcode::Fill, Opcode::Crc32c, Opcode::Sha256, Opcode::Copy] {
+        let classes: std::collections::HashSet<u32> =
+            (0..256).map(|p| job(op, p).class()).collect();
+        assert_eq!(classes.len(), 1, "{op:?}");
+    }
+    for op in [Opcode::DeflateCompress, Opcode::ZlibCompress, Opcode::GzipCompress] {
+        assert_ne!(job(op, 1).class(), job(op, 9).class(), "{op:?}");
+    }
+    assert_ne!(
+        job(Opcode::Fill, 0).class(),
+        job(Opcode::Copy, 0).class(),
+        "opcodes apart"
+    );
 }
