@@ -127,8 +127,6 @@ struct Lane<J> {
 #[derive(Debug, Default)]
 struct Account {
     engine_ns: u64,
-    dispatched: u64,
-    finished: u64,
     rate_ns: u64,
     cap_ns: u64,
     share_ns: u64,
@@ -571,7 +569,6 @@ impl<J: Work> Fair<J> {
         }
         t.in_flight += n as u32;
         t.est_in_flight += est;
-        t.acct.dispatched += n as u64;
         self.out_jobs += n as u32;
         self.out_est += est;
         self.unpend(id, n, now);
@@ -606,7 +603,6 @@ impl<J: Work> Fair<J> {
         t.vtime += engine_ns as f64 / t.policy.weight() as f64;
         t.measured(job, engine_ns);
         t.acct.engine_ns += engine_ns;
-        t.acct.finished += 1;
         for id in &self.backlog {
             if *id == tenant {
                 continue;
@@ -684,10 +680,7 @@ impl<J: Work> Fair<J> {
             pasid: tenant,
             policy: t.policy.clone(),
             engine_ns: t.acct.engine_ns,
-            jobs_dispatched: t.acct.dispatched,
-            jobs_finished: t.acct.finished,
             jobs_waiting: t.pending as u64,
-            jobs_in_flight: u64::from(t.in_flight),
             throttled_ns: Throttled {
                 rate: plus(Wait::Rate, t.acct.rate_ns),
                 cap: plus(Wait::Cap, t.acct.cap_ns),
