@@ -125,7 +125,10 @@ pub trait QueuePair: Send + Sync {
     /// The wake-up to call when room opens after a partial `submit`.
     fn set_wake(&self, wake: Wake);
     /// Have `observer` told of each job this queue pair's engines finish.
-    /// Set once, before the first `submit`; a second call is ignored.
+    /// Set once, before the first `submit`; a second call is ignored. A
+    /// scheduled queue pair (`crate::qos`) is already its backend's
+    /// observed one and ignores this: nothing above the scheduler reads
+    /// engine time.
     fn observe(&self, observer: Arc<dyn EngineObserver>);
     /// The completion stream.
     fn completions(&self) -> &Receiver<JobResult>;

@@ -1,7 +1,7 @@
 //! The scheduling core: which instance's jobs the engines take next, and
 //! what each instance is charged. Plain data and arithmetic on a time passed
 //! in: no threads, no locks, no queue pairs, so the tests drive it with a
-//! simulated engine on a hand-moved clock.
+//! simulated engine on a clock they move by hand.
 //!
 //! * **Fair share of engine time** (start-time fair queueing). Each tenant
 //!   (an instance on this accelerator, by PASID) has a virtual time: the
@@ -579,7 +579,7 @@ impl<J: Work> Fair<J> {
     }
 
     /// `job` of `lane` ended after `engine_ns` of engine time.
-    pub fn finished(&mut self, lane: LaneId, job: &J, engine_ns: u64, now: u64) {
+    pub fn finished(&mut self, lane: LaneId, job: &J, engine_ns: u64) {
         let Some(l) = self.lanes.get_mut(&lane) else {
             return;
         };
@@ -613,7 +613,6 @@ impl<J: Work> Fair<J> {
                 *o.acct.lost_to.entry(tenant).or_default() += engine_ns;
             }
         }
-        let _ = now;
     }
 
     fn account_waits(&mut self, now: u64) {
@@ -654,11 +653,6 @@ impl<J: Work> Fair<J> {
     /// Jobs a lane holds waiting.
     pub fn lane_pending(&self, lane: LaneId) -> usize {
         self.lanes.get(&lane).map_or(0, |l| l.pending.len())
-    }
-
-    /// Jobs a lane has at the engines.
-    pub fn lane_in_flight(&self, lane: LaneId) -> u32 {
-        self.lanes.get(&lane).map_or(0, |l| l.in_flight)
     }
 
     /// A tenant's accounting up to `now`.

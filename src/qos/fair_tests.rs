@@ -160,7 +160,7 @@ impl Sim {
                 if let Some((l, j, end)) = e.clone()
                     && end <= self.now
                 {
-                    self.fair.finished(l, &j, j.cost_ns, self.now);
+                    self.fair.finished(l, &j, j.cost_ns);
                     self.finished.push(j.id);
                     *e = None;
                 }
@@ -471,7 +471,7 @@ fn a_queue_holds_a_bounded_number_waiting_and_is_woken_when_room_opens() {
     for now in 0..200 {
         for b in f.dispatch(now) {
             for j in &b.jobs {
-                f.finished(b.lane, j, j.cost_ns, now);
+                f.finished(b.lane, j, j.cost_ns);
             }
         }
         woken.extend(f.take_wakes());

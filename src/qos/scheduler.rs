@@ -11,14 +11,14 @@
 //! bucket filling. An idle accelerator's timer sleeps without a deadline.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::Receiver;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-use super::clock::{Clock, MonotonicClock};
+use super::clock::MonotonicClock;
 use super::fair::{Fair, LaneId, TenantId};
 use super::policy::Policy;
 use super::snapshot::TenantSnapshot;
@@ -49,7 +49,7 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     timer: Condvar,
-    clock: Arc<dyn Clock>,
+    clock: MonotonicClock,
 }
 
 impl Shared {
@@ -75,7 +75,7 @@ impl Shared {
                     // are gone with it.
                     tracing::warn!("the engines refused a batch: {e}");
                     for j in &b.jobs {
-                        st.fair.finished(b.lane, j, 0, now);
+                        st.fair.finished(b.lane, j, 0);
                     }
                 }
             }
@@ -145,14 +145,6 @@ pub struct ScheduledAccel {
 impl ScheduledAccel {
     /// Schedule `inner`'s `engines` engines.
     pub fn new(inner: SharedAccelerator, engines: usize) -> std::io::Result<Arc<ScheduledAccel>> {
-        Self::with_clock(inner, engines, Arc::new(MonotonicClock::default()))
-    }
-
-    pub fn with_clock(
-        inner: SharedAccelerator,
-        engines: usize,
-        clock: Arc<dyn Clock>,
-    ) -> std::io::Result<Arc<ScheduledAccel>> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 fair: Fair::new(engines as u32),
@@ -162,7 +154,7 @@ impl ScheduledAccel {
                 stop: false,
             }),
             timer: Condvar::new(),
-            clock,
+            clock: MonotonicClock::default(),
         });
         let theirs = shared.clone();
         let timer = std::thread::Builder::new()
@@ -173,11 +165,6 @@ impl ScheduledAccel {
             shared,
             timer: Mutex::new(Some(timer)),
         }))
-    }
-
-    /// The backend scheduled.
-    pub fn inner(&self) -> &SharedAccelerator {
-        &self.inner
     }
 
     /// Apply `policy` to the instance of `pasid`, now: the jobs it has
@@ -271,17 +258,14 @@ impl Accelerator for ScheduledAccel {
             );
             id
         };
-        let outer = Arc::new(OnceLock::new());
         qp.observe(Arc::new(LaneObserver {
             shared: Arc::downgrade(&self.shared),
             lane: id,
-            outer: outer.clone(),
         }));
         Ok(Box::new(Lane {
             id,
             shared: self.shared.clone(),
             qp,
-            outer,
         }))
     }
 }
@@ -290,7 +274,6 @@ impl Accelerator for ScheduledAccel {
 struct LaneObserver {
     shared: Weak<Shared>,
     lane: LaneId,
-    outer: Arc<OnceLock<Arc<dyn EngineObserver>>>,
 }
 
 impl EngineObserver for LaneObserver {
@@ -298,11 +281,8 @@ impl EngineObserver for LaneObserver {
         if let Some(shared) = self.shared.upgrade() {
             let mut st = shared.state.lock();
             let now = shared.clock.now_ns();
-            st.fair.finished(self.lane, job, engine_ns, now);
+            st.fair.finished(self.lane, job, engine_ns);
             shared.pump_unlocked(st, now);
-        }
-        if let Some(o) = self.outer.get() {
-            o.job_finished(job, engine_ns);
         }
     }
 }
@@ -312,7 +292,6 @@ pub struct Lane {
     id: LaneId,
     shared: Arc<Shared>,
     qp: Arc<dyn QueuePair>,
-    outer: Arc<OnceLock<Arc<dyn EngineObserver>>>,
 }
 
 impl QueuePair for Lane {
@@ -337,9 +316,9 @@ impl QueuePair for Lane {
         }
     }
 
-    fn observe(&self, observer: Arc<dyn EngineObserver>) {
-        let _ = self.outer.set(observer);
-    }
+    /// The scheduler is the backend's observer; nothing above it watches
+    /// engine time (a second observer is ignored, as the trait allows).
+    fn observe(&self, _observer: Arc<dyn EngineObserver>) {}
 
     fn completions(&self) -> &Receiver<JobResult> {
         self.qp.completions()

@@ -140,16 +140,6 @@ pub fn clear_rings(mem: &GuestMemory, config: &QueueConfig) {
     std::sync::atomic::fence(Ordering::SeqCst);
 }
 
-/// Whether the worker can take another submission now.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Fetch {
-    /// An entry is waiting and there is room for it.
-    Ready,
-    /// Nothing submitted, or the completion ring is full (a driver that
-    /// outruns `depth` stalls its own queue until its next doorbell).
-    Nothing,
-}
-
 /// The device's handle on a running queue.
 pub struct QueueRunner {
     stop: Arc<AtomicBool>,
@@ -354,7 +344,7 @@ impl Worker {
             }
             // Throttled: the queue pair's wake-up (or a doorbell, or a
             // completion) ends the sleep; the doorbell stays suppressed.
-            if self.in_flight == 0 && !self.throttled && self.arm_doorbell() == Fetch::Ready {
+            if self.in_flight == 0 && !self.throttled && self.arm_doorbell() {
                 continue;
             }
             self.sleep();
@@ -364,13 +354,12 @@ impl Worker {
         self.ctx.shared.stats.dropped(dropped);
     }
 
-    fn fetch_state(&self, tail: u32, cq_head: u32) -> Fetch {
+    /// Whether the worker can take another submission now: an entry is
+    /// waiting and there is room for its completion (a driver that outruns
+    /// `depth` stalls its own queue until its next doorbell).
+    fn can_fetch(&self, tail: u32, cq_head: u32) -> bool {
         let head = self.sq.next;
-        if tail == head || head.wrapping_sub(cq_head) >= self.ctx.config.depth {
-            Fetch::Nothing
-        } else {
-            Fetch::Ready
-        }
+        tail != head && head.wrapping_sub(cq_head) < self.ctx.config.depth
     }
 
     /// Whether the device has cleared the rings (see
@@ -585,24 +574,25 @@ impl Worker {
     /// (With bus mastering off, nothing is touched: enabling it rings us.)
     /// Only work that can really be fetched counts: a full completion ring
     /// leaves the doorbell armed, or a hostile `cq_head` would spin us.
-    fn arm_doorbell(&mut self) -> Fetch {
+    /// Returns whether work can be fetched.
+    fn arm_doorbell(&mut self) -> bool {
         let bus_master = self.ctx.bus_master.clone();
         let Some(_dma) = bus_master.pass() else {
-            return Fetch::Nothing;
+            return false;
         };
         if !self.initialised() {
-            return Fetch::Nothing;
+            return false;
         }
         let mem = self.ctx.space.memory();
         self.store_idx(&mem, idx::FLAGS, 0);
         std::sync::atomic::fence(Ordering::SeqCst);
         let tail = self.load_idx(&mem, idx::SQ_TAIL);
         let cq_head = self.load_idx(&mem, idx::CQ_HEAD);
-        let state = self.fetch_state(tail, cq_head);
-        if state == Fetch::Ready {
+        let ready = self.can_fetch(tail, cq_head);
+        if ready {
             self.store_idx(&mem, idx::FLAGS, IDX_FLAG_NO_DOORBELL);
         }
-        state
+        ready
     }
 
     fn sleep(&mut self) {
