@@ -111,7 +111,8 @@ pub type Wake = Arc<dyn Fn() + Send + Sync>;
 /// best it can measure (completion time minus the later of the job's
 /// submission and the engine's previous completion).
 pub trait EngineObserver: Send + Sync {
-    fn job_finished(&self, job: &Job, engine_ns: u64);
+    /// `job` ended at `end` after `engine_ns` of engine time.
+    fn job_finished(&self, job: &Job, engine_ns: u64, end: std::time::Instant);
 }
 
 /// One hardware queue pair: a submission side and a completion stream.

@@ -238,7 +238,10 @@ impl Tenant {
 
     /// Close the current wait interval at `now` and start `next`.
     fn enter(&mut self, next: Wait, now: u64) {
-        let spent = now.saturating_sub(self.wait_since);
+        // Engines report their end times from several threads: a time may
+        // come a little behind the last one seen.
+        let now = now.max(self.wait_since);
+        let spent = now - self.wait_since;
         match self.wait {
             Wait::None => {}
             Wait::Share => self.acct.share_ns += spent,
@@ -578,13 +581,17 @@ impl<J: Work> Fair<J> {
         })
     }
 
-    /// `job` of `lane` ended after `engine_ns` of engine time.
-    pub fn finished(&mut self, lane: LaneId, job: &J, engine_ns: u64) {
+    /// `job` of `lane` ended after `engine_ns` of engine time. Returns
+    /// whether [`Fair::dispatch`] may now have something to do: the engines
+    /// are hungry, or the job's tenant has just left its cap. (Otherwise
+    /// nothing changed that a dispatch would act on: what waits for engine
+    /// room waits for hunger, a rate for the timer.)
+    pub fn finished(&mut self, lane: LaneId, job: &J, engine_ns: u64) -> bool {
         let Some(l) = self.lanes.get_mut(&lane) else {
-            return;
+            return false;
         };
         if l.in_flight == 0 {
-            return;
+            return false;
         }
         // Each job gives back the average estimate of those in flight, so
         // the sums reach 0 together.
@@ -598,8 +605,10 @@ impl<J: Work> Fair<J> {
             .tenants
             .get_mut(&tenant)
             .expect("a lane's tenant exists");
+        let was_capped = t.capped();
         t.in_flight -= 1;
         t.est_in_flight -= est;
+        let uncapped = was_capped && !t.capped();
         t.vtime += engine_ns as f64 / t.policy.weight() as f64;
         t.measured(job, engine_ns);
         t.acct.engine_ns += engine_ns;
@@ -613,6 +622,7 @@ impl<J: Work> Fair<J> {
                 *o.acct.lost_to.entry(tenant).or_default() += engine_ns;
             }
         }
+        uncapped || self.engines_hungry()
     }
 
     fn account_waits(&mut self, now: u64) {

@@ -13,13 +13,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::clock::MonotonicClock;
-use super::fair::{Fair, LaneId, TenantId};
+use super::fair::{Batch, Fair, LaneId, TenantId};
 use super::policy::Policy;
 use super::snapshot::TenantSnapshot;
 use crate::accel::{
@@ -52,15 +52,46 @@ struct Shared {
     clock: MonotonicClock,
 }
 
+/// What a decision hands out once the lock is released: batches for the
+/// backend's queue pairs, and wake-ups for queue workers.
+#[derive(Default)]
+struct Pumped {
+    batches: Vec<(Arc<dyn QueuePair>, Batch<Job>)>,
+    wakes: Vec<Wake>,
+}
+
 impl Shared {
-    /// Hand the engines every batch that may go now. Returns the wake-ups
-    /// to call once the lock is released.
-    fn pump(&self, st: &mut State, now: u64) -> Vec<Wake> {
+    /// Decide every batch that may go now. The caller hands them out
+    /// ([`Shared::deliver`]) once the lock is released.
+    fn pump(&self, st: &mut State, now: u64) -> Pumped {
+        let mut out = Pumped::default();
         for b in st.fair.dispatch(now) {
-            let Some(io) = st.lanes.get(&b.lane) else {
-                continue;
-            };
-            match io.qp.submit(&b.jobs) {
+            if let Some(io) = st.lanes.get(&b.lane) {
+                out.batches.push((io.qp.clone(), b));
+            }
+        }
+        if let Some(at) = st.fair.next_wake()
+            && st.timer_at.is_none_or(|t| at < t)
+        {
+            self.timer.notify_one();
+        }
+        for l in st.fair.take_wakes() {
+            if let Some(w) = st.lanes.get(&l).and_then(|io| io.wake.clone()) {
+                out.wakes.push(w);
+            }
+        }
+        out
+    }
+
+    /// Submit the batches to the backend and call the wake-ups, without the
+    /// lock: the backend's submit (a channel send, an engine woken) and the
+    /// workers' wake-ups are no one else's wait. Batches of one lane decided
+    /// by two threads may reach the backend in either order, which the
+    /// queue-pair contract allows (results come in any order; the pieces of
+    /// a stream are submitted one after another's completion).
+    fn deliver(&self, p: Pumped) {
+        for (qp, b) in p.batches {
+            match qp.submit(&b.jobs) {
                 Ok(n) if n == b.jobs.len() => {}
                 Ok(n) => {
                     // A backend queue pair takes all it is given: never here.
@@ -71,33 +102,25 @@ impl Shared {
                     );
                 }
                 Err(e) => {
-                    // The backend is shutting down: its queue pairs' jobs
-                    // are gone with it.
+                    // The backend is shutting down, or the queue closing:
+                    // its jobs are gone with it.
                     tracing::warn!("the engines refused a batch: {e}");
+                    let mut st = self.state.lock();
                     for j in &b.jobs {
                         st.fair.finished(b.lane, j, 0);
                     }
                 }
             }
         }
-        if let Some(at) = st.fair.next_wake()
-            && st.timer_at.is_none_or(|t| at < t)
-        {
-            self.timer.notify_one();
+        for w in p.wakes {
+            w();
         }
-        st.fair
-            .take_wakes()
-            .into_iter()
-            .filter_map(|l| st.lanes.get(&l).and_then(|io| io.wake.clone()))
-            .collect()
     }
 
     fn pump_unlocked(&self, mut st: MutexGuard<'_, State>, now: u64) {
-        let wakes = self.pump(&mut st, now);
+        let p = self.pump(&mut st, now);
         drop(st);
-        for w in wakes {
-            w();
-        }
+        self.deliver(p);
     }
 
     /// The timer thread: sleeps until a rate-limited instance may go again.
@@ -112,9 +135,9 @@ impl Shared {
                 }
                 Some(_) => {
                     st.timer_at = None;
-                    let wakes = self.pump(&mut st, now);
-                    if !wakes.is_empty() {
-                        MutexGuard::unlocked(&mut st, || wakes.iter().for_each(|w| w()));
+                    let p = self.pump(&mut st, now);
+                    if !p.batches.is_empty() || !p.wakes.is_empty() {
+                        MutexGuard::unlocked(&mut st, || self.deliver(p));
                     }
                     // Still due: the engines are full, and their
                     // completions pump. Look again in a while rather than
@@ -277,11 +300,15 @@ struct LaneObserver {
 }
 
 impl EngineObserver for LaneObserver {
-    fn job_finished(&self, job: &Job, engine_ns: u64) {
-        if let Some(shared) = self.shared.upgrade() {
-            let mut st = shared.state.lock();
-            let now = shared.clock.now_ns();
-            st.fair.finished(self.lane, job, engine_ns);
+    fn job_finished(&self, job: &Job, engine_ns: u64, end: Instant) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        let mut st = shared.state.lock();
+        // Most completions leave nothing to decide: the engines still hold
+        // enough, and the job's instance was not held at its cap.
+        if st.fair.finished(self.lane, job, engine_ns) {
+            let now = shared.clock.at(end);
             shared.pump_unlocked(st, now);
         }
     }
