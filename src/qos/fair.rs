@@ -20,8 +20,10 @@
 //! * **Batches.** The engines hold at most about `engines × QUANTUM_NS` of
 //!   estimated work (and at least one job per engine), and are refilled
 //!   when half of it is done, in batches from one queue: a batch of tiny
-//!   copies is many jobs, one of large deflates is one. Per-job cost is a
-//!   few arithmetic operations under the caller's lock.
+//!   copies is many jobs, one of large deflates is one. Per finished job:
+//!   three hash-map look-ups, a pass over the waiting tenants
+//!   (interference), and a dispatch only when the engines are hungry or
+//!   the tenant left its cap ([`Fair::finished`] says which).
 //! * **Queues of one tenant**: strict priority, equal priorities in turn.
 //! * **Interference**: when a job ends, its engine time is added, for every
 //!   other tenant that was waiting for its turn meanwhile, to what that
@@ -582,10 +584,10 @@ impl<J: Work> Fair<J> {
     }
 
     /// `job` of `lane` ended after `engine_ns` of engine time. Returns
-    /// whether [`Fair::dispatch`] may now have something to do: the engines
-    /// are hungry, or the job's tenant has just left its cap. (Otherwise
-    /// nothing changed that a dispatch would act on: what waits for engine
-    /// room waits for hunger, a rate for the timer.)
+    /// whether [`Fair::dispatch`] may now have something to do: jobs wait,
+    /// and the engines are hungry or the job's tenant has just left its
+    /// cap. (Otherwise nothing changed that a dispatch would act on: what
+    /// waits for engine room waits for hunger, a rate for the timer.)
     pub fn finished(&mut self, lane: LaneId, job: &J, engine_ns: u64) -> bool {
         let Some(l) = self.lanes.get_mut(&lane) else {
             return false;
@@ -622,7 +624,7 @@ impl<J: Work> Fair<J> {
                 *o.acct.lost_to.entry(tenant).or_default() += engine_ns;
             }
         }
-        uncapped || self.engines_hungry()
+        !self.backlog.is_empty() && (uncapped || self.engines_hungry())
     }
 
     fn account_waits(&mut self, now: u64) {

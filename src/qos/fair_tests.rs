@@ -516,3 +516,43 @@ fn a_job_class_splits_on_param_only_for_a_compression_level() {
         "opcodes apart"
     );
 }
+
+#[test]
+fn a_finished_job_asks_for_a_dispatch_only_when_jobs_wait_and_engines_are_hungry_or_a_cap_lifts() {
+    let job = |id| TJob {
+        id,
+        cost_ns: 150 * US,
+        bytes: 0,
+        class: 1,
+    };
+    // Two engines: hungry below two jobs or 200 µs of estimated work out.
+    let mut f: Fair<TJob> = Fair::new(2);
+    f.add_lane(1, 1, 0, 0);
+    // Nothing waits: no dispatch to do.
+    f.offer(1, &[job(0)], 0);
+    let b = f.dispatch(0);
+    assert_eq!(b.len(), 1);
+    assert!(!f.finished(1, &job(0), 150 * US), "nothing waits");
+    // The class is measured (150 µs): three go out (450 µs), one waits.
+    f.offer(1, &[job(1), job(2), job(3), job(4)], 0);
+    let out: usize = f.dispatch(0).iter().map(|b| b.jobs.len()).sum();
+    assert_eq!((out, f.lane_pending(1)), (3, 1));
+    assert!(
+        !f.finished(1, &job(1), 150 * US),
+        "two jobs and 300 µs still out: not hungry"
+    );
+    assert!(f.finished(1, &job(2), 150 * US), "one job out: hungry");
+    // A tenant at its cap, with jobs waiting, asks when it leaves it.
+    f.set_policy(
+        2,
+        Policy {
+            max_in_flight: Some(1),
+            ..Policy::default()
+        },
+        0,
+    );
+    f.add_lane(2, 2, 0, 0);
+    f.offer(2, &[job(10), job(11)], 0);
+    let _ = f.dispatch(0);
+    assert!(f.finished(2, &job(10), 150 * US));
+}
