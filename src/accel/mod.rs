@@ -111,7 +111,8 @@ pub type Wake = Arc<dyn Fn() + Send + Sync>;
 /// best it can measure (completion time minus the later of the job's
 /// submission and the engine's previous completion).
 pub trait EngineObserver: Send + Sync {
-    fn job_finished(&self, job: &Job, engine_ns: u64);
+    /// `job` ended at `end` after `engine_ns` of engine time.
+    fn job_finished(&self, job: &Job, engine_ns: u64, end: std::time::Instant);
 }
 
 /// One hardware queue pair: a submission side and a completion stream.
@@ -125,7 +126,10 @@ pub trait QueuePair: Send + Sync {
     /// The wake-up to call when room opens after a partial `submit`.
     fn set_wake(&self, wake: Wake);
     /// Have `observer` told of each job this queue pair's engines finish.
-    /// Set once, before the first `submit`; a second call is ignored.
+    /// Set once, before the first `submit`; a second call is ignored. A
+    /// scheduled queue pair (`crate::qos`) is already its backend's
+    /// observed one and ignores this: nothing above the scheduler reads
+    /// engine time.
     fn observe(&self, observer: Arc<dyn EngineObserver>);
     /// The completion stream.
     fn completions(&self) -> &Receiver<JobResult>;

@@ -18,9 +18,10 @@
 //!   1000 items other queue pairs' jobs can interleave with (no fairness is
 //!   promised here: the QoS layer sits above, `crate::qos`, and keeps this
 //!   FIFO short). An engine reports each job's engine time to its queue
-//!   pair's [`EngineObserver`] on its own thread, after the result is sent:
-//!   one clock read per job while it is busy (a job found waiting starts when
-//!   the previous one ended).
+//!   pair's [`EngineObserver`] on its own thread, after the result is sent,
+//!   with the time it ended: one clock read per job while it is busy (a job
+//!   found waiting starts when the previous one ended), and one more after
+//!   an observer returns (the next job starts then).
 //!
 //! Dropping a queue pair **discards** its jobs that no engine has started (no
 //! completion is sent: the receiver is gone with it); a job already running
@@ -535,8 +536,9 @@ impl Done {
 impl Engine {
     fn run(&mut self) {
         self.info.tid.store(current_tid(), Ordering::Relaxed);
-        // When the last job ended: a job found waiting starts then, so one
-        // clock read per job measures engine time while the engine is busy.
+        // When the last job ended (or its observer returned): a job found
+        // waiting starts then, so engine time is measured with one clock
+        // read per job (two with an observer) while the engine is busy.
         let mut last_end: Option<Instant> = None;
         loop {
             let waiting = last_end.and_then(|_| self.jobs.try_recv().ok());
@@ -603,11 +605,18 @@ impl Engine {
         qp.in_flight.fetch_sub(1, Ordering::AcqRel);
         qp.running.fetch_sub(1, Ordering::SeqCst);
         let end = Instant::now();
-        if let Some(o) = qp.observer.get() {
-            // Last: the observer may hand this engine its next jobs.
-            o.job_finished(&job, end.saturating_duration_since(start).as_nanos() as u64);
-        }
-        Some(end)
+        let Some(o) = qp.observer.get() else {
+            return Some(end);
+        };
+        // Last: the observer may hand this engine its next jobs.
+        o.job_finished(
+            &job,
+            end.saturating_duration_since(start).as_nanos() as u64,
+            end,
+        );
+        // The next job starts after the observer returns: time it spent
+        // (waiting for the scheduler's lock, say) is no job's engine time.
+        Some(Instant::now())
     }
 
     fn execute(&mut self, job: &Job, pasid: Pasid) -> Done {
@@ -1085,7 +1094,7 @@ mod tests {
     fn every_finished_job_reports_its_engine_time_to_the_observer() {
         struct Count(Mutex<Vec<(u64, u64)>>);
         impl EngineObserver for Count {
-            fn job_finished(&self, job: &Job, engine_ns: u64) {
+            fn job_finished(&self, job: &Job, engine_ns: u64, _end: Instant) {
                 self.0.lock().push((job.cookie, engine_ns));
             }
         }

@@ -1,16 +1,11 @@
-//! Time as the scheduler sees it: nanoseconds on a monotonic clock, behind a
-//! trait so that the unit tests drive the scheduler with a simulated engine
-//! on a clock they advance by hand.
+//! Time as the scheduler sees it: nanoseconds on the host's monotonic
+//! clock, from an origin fixed when the scheduler starts. (The scheduling
+//! core, [`super::fair`], takes the time as an argument; its tests pass a
+//! simulated one.)
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-pub trait Clock: Send + Sync {
-    /// Nanoseconds since an arbitrary fixed origin; never goes back.
-    fn now_ns(&self) -> u64;
-}
-
-/// The host's monotonic clock.
+/// The host's monotonic clock, as nanoseconds since its creation.
 #[derive(Debug)]
 pub struct MonotonicClock(Instant);
 
@@ -20,27 +15,14 @@ impl Default for MonotonicClock {
     }
 }
 
-impl Clock for MonotonicClock {
-    fn now_ns(&self) -> u64 {
-        self.0.elapsed().as_nanos() as u64
+impl MonotonicClock {
+    /// Nanoseconds since the origin; never goes back.
+    pub fn now_ns(&self) -> u64 {
+        self.at(Instant::now())
     }
-}
 
-/// A clock that moves only when told to.
-#[derive(Debug, Default)]
-pub struct ManualClock(AtomicU64);
-
-impl ManualClock {
-    pub fn advance(&self, ns: u64) {
-        self.0.fetch_add(ns, Ordering::AcqRel);
-    }
-    pub fn set(&self, ns: u64) {
-        self.0.fetch_max(ns, Ordering::AcqRel);
-    }
-}
-
-impl Clock for ManualClock {
-    fn now_ns(&self) -> u64 {
-        self.0.load(Ordering::Acquire)
+    /// `t` as nanoseconds since the origin (0 for a time before it).
+    pub fn at(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.0).as_nanos() as u64
     }
 }

@@ -1,7 +1,7 @@
 //! The scheduling core: which instance's jobs the engines take next, and
 //! what each instance is charged. Plain data and arithmetic on a time passed
 //! in: no threads, no locks, no queue pairs, so the tests drive it with a
-//! simulated engine on a hand-moved clock.
+//! simulated engine on a clock they move by hand.
 //!
 //! * **Fair share of engine time** (start-time fair queueing). Each tenant
 //!   (an instance on this accelerator, by PASID) has a virtual time: the
@@ -20,8 +20,10 @@
 //! * **Batches.** The engines hold at most about `engines × QUANTUM_NS` of
 //!   estimated work (and at least one job per engine), and are refilled
 //!   when half of it is done, in batches from one queue: a batch of tiny
-//!   copies is many jobs, one of large deflates is one. Per-job cost is a
-//!   few arithmetic operations under the caller's lock.
+//!   copies is many jobs, one of large deflates is one. Per finished job:
+//!   three hash-map look-ups, a pass over the waiting tenants
+//!   (interference), and a dispatch only when the engines are hungry or
+//!   the tenant left its cap ([`Fair::finished`] says which).
 //! * **Queues of one tenant**: strict priority, equal priorities in turn.
 //! * **Interference**: when a job ends, its engine time is added, for every
 //!   other tenant that was waiting for its turn meanwhile, to what that
@@ -72,10 +74,15 @@ impl Work for crate::accel::Job {
         u64::from(self.src_len)
     }
     fn class(&self) -> u32 {
-        let level = if self.op.is_stream() {
-            0
-        } else {
-            self.param.min(255) as u32
+        use wdvirt_abi::Opcode;
+        // Only a compression level changes what a byte costs; other
+        // opcodes' `param` (a CRC seed, a fill byte, SHA-256 flags) does
+        // not, and must not split their jobs into classes measured apart.
+        let level = match self.op {
+            Opcode::DeflateCompress | Opcode::ZlibCompress | Opcode::GzipCompress => {
+                self.param.min(255) as u32
+            }
+            _ => 0,
         };
         u32::from(self.op as u8) | level << 8
     }
@@ -122,8 +129,6 @@ struct Lane<J> {
 #[derive(Debug, Default)]
 struct Account {
     engine_ns: u64,
-    dispatched: u64,
-    finished: u64,
     rate_ns: u64,
     cap_ns: u64,
     share_ns: u64,
@@ -235,7 +240,10 @@ impl Tenant {
 
     /// Close the current wait interval at `now` and start `next`.
     fn enter(&mut self, next: Wait, now: u64) {
-        let spent = now.saturating_sub(self.wait_since);
+        // Engines report their end times from several threads: a time may
+        // come a little behind the last one seen.
+        let now = now.max(self.wait_since);
+        let spent = now - self.wait_since;
         match self.wait {
             Wait::None => {}
             Wait::Share => self.acct.share_ns += spent,
@@ -566,7 +574,6 @@ impl<J: Work> Fair<J> {
         }
         t.in_flight += n as u32;
         t.est_in_flight += est;
-        t.acct.dispatched += n as u64;
         self.out_jobs += n as u32;
         self.out_est += est;
         self.unpend(id, n, now);
@@ -576,13 +583,17 @@ impl<J: Work> Fair<J> {
         })
     }
 
-    /// `job` of `lane` ended after `engine_ns` of engine time.
-    pub fn finished(&mut self, lane: LaneId, job: &J, engine_ns: u64, now: u64) {
+    /// `job` of `lane` ended after `engine_ns` of engine time. Returns
+    /// whether [`Fair::dispatch`] may now have something to do: jobs wait,
+    /// and the engines are hungry or the job's tenant has just left its
+    /// cap. (Otherwise nothing changed that a dispatch would act on: what
+    /// waits for engine room waits for hunger, a rate for the timer.)
+    pub fn finished(&mut self, lane: LaneId, job: &J, engine_ns: u64) -> bool {
         let Some(l) = self.lanes.get_mut(&lane) else {
-            return;
+            return false;
         };
         if l.in_flight == 0 {
-            return;
+            return false;
         }
         // Each job gives back the average estimate of those in flight, so
         // the sums reach 0 together.
@@ -596,12 +607,13 @@ impl<J: Work> Fair<J> {
             .tenants
             .get_mut(&tenant)
             .expect("a lane's tenant exists");
+        let was_capped = t.capped();
         t.in_flight -= 1;
         t.est_in_flight -= est;
+        let uncapped = was_capped && !t.capped();
         t.vtime += engine_ns as f64 / t.policy.weight() as f64;
         t.measured(job, engine_ns);
         t.acct.engine_ns += engine_ns;
-        t.acct.finished += 1;
         for id in &self.backlog {
             if *id == tenant {
                 continue;
@@ -612,7 +624,7 @@ impl<J: Work> Fair<J> {
                 *o.acct.lost_to.entry(tenant).or_default() += engine_ns;
             }
         }
-        let _ = now;
+        !self.backlog.is_empty() && (uncapped || self.engines_hungry())
     }
 
     fn account_waits(&mut self, now: u64) {
@@ -655,11 +667,6 @@ impl<J: Work> Fair<J> {
         self.lanes.get(&lane).map_or(0, |l| l.pending.len())
     }
 
-    /// Jobs a lane has at the engines.
-    pub fn lane_in_flight(&self, lane: LaneId) -> u32 {
-        self.lanes.get(&lane).map_or(0, |l| l.in_flight)
-    }
-
     /// A tenant's accounting up to `now`.
     pub fn snapshot(&self, tenant: TenantId, now: u64) -> Option<TenantSnapshot> {
         let t = self.tenants.get(&tenant)?;
@@ -679,10 +686,7 @@ impl<J: Work> Fair<J> {
             pasid: tenant,
             policy: t.policy.clone(),
             engine_ns: t.acct.engine_ns,
-            jobs_dispatched: t.acct.dispatched,
-            jobs_finished: t.acct.finished,
             jobs_waiting: t.pending as u64,
-            jobs_in_flight: u64::from(t.in_flight),
             throttled_ns: Throttled {
                 rate: plus(Wait::Rate, t.acct.rate_ns),
                 cap: plus(Wait::Cap, t.acct.cap_ns),

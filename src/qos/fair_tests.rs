@@ -160,12 +160,24 @@ impl Sim {
                 if let Some((l, j, end)) = e.clone()
                     && end <= self.now
                 {
-                    self.fair.finished(l, &j, j.cost_ns, self.now);
+                    self.fair.finished(l, &j, j.cost_ns);
                     self.finished.push(j.id);
                     *e = None;
                 }
             }
         }
+    }
+
+    /// Jobs of `lane` dispatched so far.
+    fn dispatched_of(&self, lane: LaneId) -> u64 {
+        self.starts.get(&lane).map_or(0, |s| s.len() as u64)
+    }
+
+    /// Jobs of `lane` at the engines or in the backend's FIFO now.
+    fn in_flight_of(&self, lane: LaneId) -> u64 {
+        let running = self.engines.iter().flatten().filter(|e| e.0 == lane);
+        let queued = self.fifo.iter().filter(|e| e.0 == lane);
+        (running.count() + queued.count()) as u64
     }
 
     fn engine_ns(&self, t: TenantId) -> u64 {
@@ -232,7 +244,7 @@ fn a_bytes_rate_limit_holds_within_2_percent_over_10_s() {
     sim.lane(2, 2, 0, Some(DEFLATE_64K));
     sim.run(10 * SEC);
     let s = sim.fair.snapshot(1, sim.now).unwrap();
-    let bytes = s.jobs_dispatched * (64 << 10);
+    let bytes = sim.dispatched_of(1) * (64 << 10);
     let want = rate as f64 * 10.0;
     assert!(
         within(bytes as f64, want, 0.02),
@@ -258,10 +270,10 @@ fn a_jobs_rate_limit_holds_within_2_percent_and_lets_its_burst_through_first() {
     );
     sim.lane(1, 1, 0, Some(COPY_64));
     sim.run(MS);
-    let first = sim.fair.snapshot(1, sim.now).unwrap().jobs_dispatched;
+    let first = sim.dispatched_of(1);
     assert!((500..=520).contains(&first), "burst: {first} in 1 ms");
     sim.run(10 * SEC);
-    let n = sim.fair.snapshot(1, sim.now).unwrap().jobs_dispatched;
+    let n = sim.dispatched_of(1);
     assert!(within(n as f64, 200_500.0, 0.02), "{n} jobs in 10 s");
 }
 
@@ -317,7 +329,7 @@ fn a_policy_change_takes_effect_at_once_and_no_job_is_lost_or_repeated() {
     );
     let s = sim.shares(&[1, 2], 100 * MS);
     assert!(within(s[0], 0.75, 0.03), "{s:?}");
-    // Then a cap of one job at a time and a rate, then back.
+    // Then a rate of 1000 jobs/s, then back.
     sim.fair.set_policy(
         1,
         Policy {
@@ -327,9 +339,9 @@ fn a_policy_change_takes_effect_at_once_and_no_job_is_lost_or_repeated() {
         },
         sim.now,
     );
-    let before = sim.fair.snapshot(1, sim.now).unwrap().jobs_dispatched;
+    let before = sim.dispatched_of(1);
     sim.run(sim.now + 100 * MS);
-    let n = sim.fair.snapshot(1, sim.now).unwrap().jobs_dispatched - before;
+    let n = sim.dispatched_of(1) - before;
     assert!(
         (100..=201).contains(&n),
         "{n} jobs in 100 ms at 1000/s (burst 100)"
@@ -367,7 +379,7 @@ fn max_in_flight_caps_the_jobs_at_the_engines_and_the_wait_is_accounted_as_cap()
     for _ in 0..200 {
         let t = sim.now + MS;
         sim.run(t);
-        most = most.max(sim.fair.snapshot(1, sim.now).unwrap().jobs_in_flight);
+        most = most.max(sim.in_flight_of(1));
     }
     assert_eq!(most, 2);
     let s = sim.fair.snapshot(1, sim.now).unwrap();
@@ -459,7 +471,7 @@ fn a_queue_holds_a_bounded_number_waiting_and_is_woken_when_room_opens() {
     for now in 0..200 {
         for b in f.dispatch(now) {
             for j in &b.jobs {
-                f.finished(b.lane, j, j.cost_ns, now);
+                f.finished(b.lane, j, j.cost_ns);
             }
         }
         woken.extend(f.take_wakes());
@@ -473,4 +485,74 @@ fn a_queue_holds_a_bounded_number_waiting_and_is_woken_when_room_opens() {
     let waiting = f.lane_pending(7);
     assert_eq!(f.close_lane(7, 0), waiting);
     assert_eq!(f.offer(7, &jobs, 0), 0);
+}
+
+#[test]
+fn a_job_class_splits_on_param_only_for_a_compression_level() {
+    use crate::accel::Job;
+    use wdvirt_abi::Opcode;
+    let job = |op, param| Job {
+        op,
+        src: 0,
+        src_len: 64,
+        dst: 0,
+        dst_len: 64,
+        param,
+        ctx: 0,
+        cookie: 0,
+    };
+    // Fill bytes, CRC seeds, SHA-256 flags: one class per opcode.
+    for op in [Opcode::Fill, Opcode::Crc32c, Opcode::Sha256, Opcode::Copy] {
+        let classes: std::collections::HashSet<u32> =
+            (0..256).map(|p| job(op, p).class()).collect();
+        assert_eq!(classes.len(), 1, "{op:?}");
+    }
+    for op in [Opcode::DeflateCompress, Opcode::ZlibCompress, Opcode::GzipCompress] {
+        assert_ne!(job(op, 1).class(), job(op, 9).class(), "{op:?}");
+    }
+    assert_ne!(
+        job(Opcode::Fill, 0).class(),
+        job(Opcode::Copy, 0).class(),
+        "opcodes apart"
+    );
+}
+
+#[test]
+fn a_finished_job_asks_for_a_dispatch_only_when_jobs_wait_and_engines_are_hungry_or_a_cap_lifts() {
+    let job = |id| TJob {
+        id,
+        cost_ns: 150 * US,
+        bytes: 0,
+        class: 1,
+    };
+    // Two engines: hungry below two jobs or 200 µs of estimated work out.
+    let mut f: Fair<TJob> = Fair::new(2);
+    f.add_lane(1, 1, 0, 0);
+    // Nothing waits: no dispatch to do.
+    f.offer(1, &[job(0)], 0);
+    let b = f.dispatch(0);
+    assert_eq!(b.len(), 1);
+    assert!(!f.finished(1, &job(0), 150 * US), "nothing waits");
+    // The class is measured (150 µs): three go out (450 µs), one waits.
+    f.offer(1, &[job(1), job(2), job(3), job(4)], 0);
+    let out: usize = f.dispatch(0).iter().map(|b| b.jobs.len()).sum();
+    assert_eq!((out, f.lane_pending(1)), (3, 1));
+    assert!(
+        !f.finished(1, &job(1), 150 * US),
+        "two jobs and 300 µs still out: not hungry"
+    );
+    assert!(f.finished(1, &job(2), 150 * US), "one job out: hungry");
+    // A tenant at its cap, with jobs waiting, asks when it leaves it.
+    f.set_policy(
+        2,
+        Policy {
+            max_in_flight: Some(1),
+            ..Policy::default()
+        },
+        0,
+    );
+    f.add_lane(2, 2, 0, 0);
+    f.offer(2, &[job(10), job(11)], 0);
+    let _ = f.dispatch(0);
+    assert!(f.finished(2, &job(10), 150 * US));
 }

@@ -11,15 +11,15 @@
 //! bucket filling. An idle accelerator's timer sleeps without a deadline.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-use super::clock::{Clock, MonotonicClock};
-use super::fair::{Fair, LaneId, TenantId};
+use super::clock::MonotonicClock;
+use super::fair::{Batch, Fair, LaneId, TenantId};
 use super::policy::Policy;
 use super::snapshot::TenantSnapshot;
 use crate::accel::{
@@ -49,18 +49,49 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     timer: Condvar,
-    clock: Arc<dyn Clock>,
+    clock: MonotonicClock,
+}
+
+/// What a decision hands out once the lock is released: batches for the
+/// backend's queue pairs, and wake-ups for queue workers.
+#[derive(Default)]
+struct Pumped {
+    batches: Vec<(Arc<dyn QueuePair>, Batch<Job>)>,
+    wakes: Vec<Wake>,
 }
 
 impl Shared {
-    /// Hand the engines every batch that may go now. Returns the wake-ups
-    /// to call once the lock is released.
-    fn pump(&self, st: &mut State, now: u64) -> Vec<Wake> {
+    /// Decide every batch that may go now. The caller hands them out
+    /// ([`Shared::deliver`]) once the lock is released.
+    fn pump(&self, st: &mut State, now: u64) -> Pumped {
+        let mut out = Pumped::default();
         for b in st.fair.dispatch(now) {
-            let Some(io) = st.lanes.get(&b.lane) else {
-                continue;
-            };
-            match io.qp.submit(&b.jobs) {
+            if let Some(io) = st.lanes.get(&b.lane) {
+                out.batches.push((io.qp.clone(), b));
+            }
+        }
+        if let Some(at) = st.fair.next_wake()
+            && st.timer_at.is_none_or(|t| at < t)
+        {
+            self.timer.notify_one();
+        }
+        for l in st.fair.take_wakes() {
+            if let Some(w) = st.lanes.get(&l).and_then(|io| io.wake.clone()) {
+                out.wakes.push(w);
+            }
+        }
+        out
+    }
+
+    /// Submit the batches to the backend and call the wake-ups, without the
+    /// lock: the backend's submit (a channel send, an engine woken) and the
+    /// workers' wake-ups are no one else's wait. Batches of one lane decided
+    /// by two threads may reach the backend in either order, which the
+    /// queue-pair contract allows (results come in any order; the pieces of
+    /// a stream are submitted one after another's completion).
+    fn deliver(&self, p: Pumped) {
+        for (qp, b) in p.batches {
+            match qp.submit(&b.jobs) {
                 Ok(n) if n == b.jobs.len() => {}
                 Ok(n) => {
                     // A backend queue pair takes all it is given: never here.
@@ -71,33 +102,25 @@ impl Shared {
                     );
                 }
                 Err(e) => {
-                    // The backend is shutting down: its queue pairs' jobs
-                    // are gone with it.
+                    // The backend is shutting down, or the queue closing:
+                    // its jobs are gone with it.
                     tracing::warn!("the engines refused a batch: {e}");
+                    let mut st = self.state.lock();
                     for j in &b.jobs {
-                        st.fair.finished(b.lane, j, 0, now);
+                        st.fair.finished(b.lane, j, 0);
                     }
                 }
             }
         }
-        if let Some(at) = st.fair.next_wake()
-            && st.timer_at.is_none_or(|t| at < t)
-        {
-            self.timer.notify_one();
+        for w in p.wakes {
+            w();
         }
-        st.fair
-            .take_wakes()
-            .into_iter()
-            .filter_map(|l| st.lanes.get(&l).and_then(|io| io.wake.clone()))
-            .collect()
     }
 
     fn pump_unlocked(&self, mut st: MutexGuard<'_, State>, now: u64) {
-        let wakes = self.pump(&mut st, now);
+        let p = self.pump(&mut st, now);
         drop(st);
-        for w in wakes {
-            w();
-        }
+        self.deliver(p);
     }
 
     /// The timer thread: sleeps until a rate-limited instance may go again.
@@ -112,9 +135,9 @@ impl Shared {
                 }
                 Some(_) => {
                     st.timer_at = None;
-                    let wakes = self.pump(&mut st, now);
-                    if !wakes.is_empty() {
-                        MutexGuard::unlocked(&mut st, || wakes.iter().for_each(|w| w()));
+                    let p = self.pump(&mut st, now);
+                    if !p.batches.is_empty() || !p.wakes.is_empty() {
+                        MutexGuard::unlocked(&mut st, || self.deliver(p));
                     }
                     // Still due: the engines are full, and their
                     // completions pump. Look again in a while rather than
@@ -145,14 +168,6 @@ pub struct ScheduledAccel {
 impl ScheduledAccel {
     /// Schedule `inner`'s `engines` engines.
     pub fn new(inner: SharedAccelerator, engines: usize) -> std::io::Result<Arc<ScheduledAccel>> {
-        Self::with_clock(inner, engines, Arc::new(MonotonicClock::default()))
-    }
-
-    pub fn with_clock(
-        inner: SharedAccelerator,
-        engines: usize,
-        clock: Arc<dyn Clock>,
-    ) -> std::io::Result<Arc<ScheduledAccel>> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 fair: Fair::new(engines as u32),
@@ -162,7 +177,7 @@ impl ScheduledAccel {
                 stop: false,
             }),
             timer: Condvar::new(),
-            clock,
+            clock: MonotonicClock::default(),
         });
         let theirs = shared.clone();
         let timer = std::thread::Builder::new()
@@ -173,11 +188,6 @@ impl ScheduledAccel {
             shared,
             timer: Mutex::new(Some(timer)),
         }))
-    }
-
-    /// The backend scheduled.
-    pub fn inner(&self) -> &SharedAccelerator {
-        &self.inner
     }
 
     /// Apply `policy` to the instance of `pasid`, now: the jobs it has
@@ -271,17 +281,14 @@ impl Accelerator for ScheduledAccel {
             );
             id
         };
-        let outer = Arc::new(OnceLock::new());
         qp.observe(Arc::new(LaneObserver {
             shared: Arc::downgrade(&self.shared),
             lane: id,
-            outer: outer.clone(),
         }));
         Ok(Box::new(Lane {
             id,
             shared: self.shared.clone(),
             qp,
-            outer,
         }))
     }
 }
@@ -290,19 +297,19 @@ impl Accelerator for ScheduledAccel {
 struct LaneObserver {
     shared: Weak<Shared>,
     lane: LaneId,
-    outer: Arc<OnceLock<Arc<dyn EngineObserver>>>,
 }
 
 impl EngineObserver for LaneObserver {
-    fn job_finished(&self, job: &Job, engine_ns: u64) {
-        if let Some(shared) = self.shared.upgrade() {
-            let mut st = shared.state.lock();
-            let now = shared.clock.now_ns();
-            st.fair.finished(self.lane, job, engine_ns, now);
+    fn job_finished(&self, job: &Job, engine_ns: u64, end: Instant) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        let mut st = shared.state.lock();
+        // Most completions leave nothing to decide: the engines still hold
+        // enough, and the job's instance was not held at its cap.
+        if st.fair.finished(self.lane, job, engine_ns) {
+            let now = shared.clock.at(end);
             shared.pump_unlocked(st, now);
-        }
-        if let Some(o) = self.outer.get() {
-            o.job_finished(job, engine_ns);
         }
     }
 }
@@ -312,7 +319,6 @@ pub struct Lane {
     id: LaneId,
     shared: Arc<Shared>,
     qp: Arc<dyn QueuePair>,
-    outer: Arc<OnceLock<Arc<dyn EngineObserver>>>,
 }
 
 impl QueuePair for Lane {
@@ -337,9 +343,9 @@ impl QueuePair for Lane {
         }
     }
 
-    fn observe(&self, observer: Arc<dyn EngineObserver>) {
-        let _ = self.outer.set(observer);
-    }
+    /// The scheduler is the backend's observer; nothing above it watches
+    /// engine time (a second observer is ignored, as the trait allows).
+    fn observe(&self, _observer: Arc<dyn EngineObserver>) {}
 
     fn completions(&self) -> &Receiver<JobResult> {
         self.qp.completions()

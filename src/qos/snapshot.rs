@@ -15,14 +15,9 @@ pub struct TenantSnapshot {
     pub policy: Policy,
     /// Engine nanoseconds its jobs used, as the engines measured them.
     pub engine_ns: u64,
-    /// Jobs handed to the engines, and jobs they finished.
-    pub jobs_dispatched: u64,
-    pub jobs_finished: u64,
     /// Jobs taken from its rings that wait in the scheduler now (more may
     /// wait in the rings themselves).
     pub jobs_waiting: u64,
-    /// Jobs at the engines now.
-    pub jobs_in_flight: u64,
     /// Time it had jobs waiting, by why they waited.
     pub throttled_ns: Throttled,
     /// Of the time it waited for its turn, engine time each neighbour's jobs

@@ -79,7 +79,8 @@ pub const STATUS_SLOTS: usize = 16;
 #[derive(Debug, Default)]
 pub struct QueueStats {
     pub counters: QueueCounters,
-    /// Completions by `JobStatus` code (OK included).
+    /// Failed completions by `JobStatus` code (the OK slot stays 0: OKs
+    /// are `jobs_ok`).
     pub by_status: [AtomicU64; STATUS_SLOTS],
     /// Submissions the guest had posted that the device had not taken yet,
     /// at the worker's last pass over the ring (at most its depth).
@@ -132,9 +133,9 @@ impl QueueStats {
             add(&c.bytes_out, r.bytes as u64);
         } else {
             add(&c.jobs_failed, 1);
+            let slot = (r.status.code() as usize).min(STATUS_SLOTS - 1);
+            add(&self.by_status[slot], 1);
         }
-        let slot = (r.status.code() as usize).min(STATUS_SLOTS - 1);
-        add(&self.by_status[slot], 1);
         if let Some(since) = latency::stamped_at(r.cookie) {
             self.latency.record(latency::elapsed_ns(since));
         }

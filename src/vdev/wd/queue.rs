@@ -140,16 +140,6 @@ pub fn clear_rings(mem: &GuestMemory, config: &QueueConfig) {
     std::sync::atomic::fence(Ordering::SeqCst);
 }
 
-/// Whether the worker can take another submission now.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Fetch {
-    /// An entry is waiting and there is room for it.
-    Ready,
-    /// Nothing submitted, or the completion ring is full (a driver that
-    /// outruns `depth` stalls its own queue until its next doorbell).
-    Nothing,
-}
-
 /// The device's handle on a running queue.
 pub struct QueueRunner {
     stop: Arc<AtomicBool>,
@@ -162,12 +152,15 @@ impl QueueRunner {
         let stop = Arc::new(AtomicBool::new(false));
         let (wake, wake_rx) = crossbeam_channel::bounded(1);
         // The scheduler above the engines wakes the worker when a queue pair
-        // that refused part of a batch has room again.
-        let room = wake.clone();
+        // that refused part of a batch has room again; `room` says that it
+        // was this wake-up (and not a completion or a doorbell).
+        let room = Arc::new(AtomicBool::new(false));
+        let (waker, flag) = (wake.clone(), room.clone());
         ctx.qp.set_wake(Arc::new(move || {
-            let _ = room.try_send(());
+            flag.store(true, Ordering::Release);
+            let _ = waker.try_send(());
         }));
-        let worker = Worker::new(ctx, stop.clone(), wake_rx);
+        let worker = Worker::new(ctx, stop.clone(), wake_rx, room);
         let name = format!("wd-queue-{}", worker.ctx.queue);
         let thread = std::thread::Builder::new()
             .name(name)
@@ -222,6 +215,13 @@ struct Worker {
     /// The queue pair took fewer jobs than offered on the last pass: wait
     /// for its wake-up before offering again.
     throttled: bool,
+    /// Set by the queue pair's wake-up: it has room again.
+    room: Arc<AtomicBool>,
+    /// One pass's valid jobs, their ring positions, and the entries
+    /// refused by the descriptor check (kept to reuse their allocations).
+    batch: Vec<Job>,
+    job_at: Vec<u32>,
+    refused: Vec<(u32, JobResult)>,
     /// Completions written (free-running).
     cq_tail: u32,
     in_flight: u32,
@@ -298,13 +298,22 @@ const NAP_MIN: Duration = Duration::from_micros(200);
 const NAP_MAX: Duration = Duration::from_millis(1);
 
 impl Worker {
-    fn new(ctx: WorkerContext, stop: Arc<AtomicBool>, wake: Receiver<()>) -> Worker {
+    fn new(
+        ctx: WorkerContext,
+        stop: Arc<AtomicBool>,
+        wake: Receiver<()>,
+        room: Arc<AtomicBool>,
+    ) -> Worker {
         Worker {
             ctx,
             stop,
             wake,
             sq: SqCursor::default(),
             throttled: false,
+            room,
+            batch: Vec::new(),
+            job_at: Vec::new(),
+            refused: Vec::new(),
             cq_tail: 0,
             in_flight: 0,
             held: Vec::new(),
@@ -354,7 +363,7 @@ impl Worker {
             }
             // Throttled: the queue pair's wake-up (or a doorbell, or a
             // completion) ends the sleep; the doorbell stays suppressed.
-            if self.in_flight == 0 && !self.throttled && self.arm_doorbell() == Fetch::Ready {
+            if self.in_flight == 0 && !self.throttled && self.arm_doorbell() {
                 continue;
             }
             self.sleep();
@@ -364,13 +373,12 @@ impl Worker {
         self.ctx.shared.stats.dropped(dropped);
     }
 
-    fn fetch_state(&self, tail: u32, cq_head: u32) -> Fetch {
+    /// Whether the worker can take another submission now: an entry is
+    /// waiting and there is room for its completion (a driver that outruns
+    /// `depth` stalls its own queue until its next doorbell).
+    fn can_fetch(&self, tail: u32, cq_head: u32) -> bool {
         let head = self.sq.next;
-        if tail == head || head.wrapping_sub(cq_head) >= self.ctx.config.depth {
-            Fetch::Nothing
-        } else {
-            Fetch::Ready
-        }
+        tail != head && head.wrapping_sub(cq_head) < self.ctx.config.depth
     }
 
     /// Whether the device has cleared the rings (see
@@ -402,7 +410,13 @@ impl Worker {
             }
             progressed = true;
         }
-        progressed |= self.fetch(&mem);
+        // A throttled queue reads its ring again only once the queue pair
+        // said it has room (about half its jobs waiting went to the
+        // engines), not on every completion or nap: the refused entries
+        // would only be read, checked and refused again.
+        if !self.throttled || self.room.swap(false, Ordering::AcqRel) {
+            progressed |= self.fetch(&mem);
+        }
         self.maybe_interrupt(false);
         progressed
     }
@@ -417,10 +431,13 @@ impl Worker {
         let tail = self.load_idx(mem, idx::SQ_TAIL);
         let cq_head = self.load_idx(mem, idx::CQ_HEAD);
         let head_before = self.sq.published;
-        let mut batch = Vec::new();
+        let mut batch = std::mem::take(&mut self.batch);
         // Ring positions of the batch's jobs, and the refused entries.
-        let mut job_at = Vec::new();
-        let mut refused: Vec<(u32, JobResult)> = Vec::new();
+        let mut job_at = std::mem::take(&mut self.job_at);
+        let mut refused = std::mem::take(&mut self.refused);
+        batch.clear();
+        job_at.clear();
+        refused.clear();
         while self.sq.next != tail
             && self.sq.next.wrapping_sub(cq_head) < depth
             && self.sq.popped() < FETCH_BATCH
@@ -456,17 +473,20 @@ impl Worker {
         if self.sq.popped() == 0 {
             let waiting = tail.wrapping_sub(self.sq.next).min(depth);
             self.ctx.shared.stats.fetched(0, waiting);
+            (self.batch, self.job_at, self.refused) = (batch, job_at, refused);
             return false;
         }
         let taken = if batch.is_empty() {
             0
         } else {
             self.ctx.shared.stats.stamp(&mut batch);
+            // A wake-up from now on is for what this submit refuses.
+            self.room.store(false, Ordering::Release);
             match self.ctx.qp.submit(&batch) {
                 Ok(n) => n.min(batch.len()),
                 Err(e) => {
                     tracing::warn!(queue = self.ctx.queue, "engine refused a batch: {e}");
-                    for j in std::mem::take(&mut batch) {
+                    for j in batch.drain(..) {
                         let r = JobResult {
                             cookie: j.cookie,
                             status: JobStatus::EngineError,
@@ -486,7 +506,7 @@ impl Worker {
             // ones included, are read again later.
             self.sq.undo_pop(self.sq.next.wrapping_sub(job_at[taken]));
         }
-        for (pos, r) in refused {
+        for (pos, r) in refused.drain(..) {
             if self.sq.holds(pos) {
                 self.complete(mem, r);
             }
@@ -499,6 +519,7 @@ impl Worker {
             let bytes: u64 = batch[..taken].iter().map(|j| j.src_len as u64).sum();
             add(&self.ctx.shared.stats.bytes_in, bytes);
         }
+        (self.batch, self.job_at, self.refused) = (batch, job_at, refused);
         let published = self.sq.publish();
         let head = published.unwrap_or(self.sq.next);
         let advanced = published.map_or(0, |h| h.wrapping_sub(head_before));
@@ -585,24 +606,25 @@ impl Worker {
     /// (With bus mastering off, nothing is touched: enabling it rings us.)
     /// Only work that can really be fetched counts: a full completion ring
     /// leaves the doorbell armed, or a hostile `cq_head` would spin us.
-    fn arm_doorbell(&mut self) -> Fetch {
+    /// Returns whether work can be fetched.
+    fn arm_doorbell(&mut self) -> bool {
         let bus_master = self.ctx.bus_master.clone();
         let Some(_dma) = bus_master.pass() else {
-            return Fetch::Nothing;
+            return false;
         };
         if !self.initialised() {
-            return Fetch::Nothing;
+            return false;
         }
         let mem = self.ctx.space.memory();
         self.store_idx(&mem, idx::FLAGS, 0);
         std::sync::atomic::fence(Ordering::SeqCst);
         let tail = self.load_idx(&mem, idx::SQ_TAIL);
         let cq_head = self.load_idx(&mem, idx::CQ_HEAD);
-        let state = self.fetch_state(tail, cq_head);
-        if state == Fetch::Ready {
+        let ready = self.can_fetch(tail, cq_head);
+        if ready {
             self.store_idx(&mem, idx::FLAGS, IDX_FLAG_NO_DOORBELL);
         }
-        state
+        ready
     }
 
     fn sleep(&mut self) {

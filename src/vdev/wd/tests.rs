@@ -822,8 +822,8 @@ fn queues_fetching_together_leave_the_engines_a_short_backlog() {
     assert!(most <= 24, "{most} jobs were with the engines at once");
     assert!(most >= 2, "the queues did keep the engine busy ({most})");
     let s = rig.sched.snapshot(7).unwrap();
-    assert_eq!(s.jobs_finished, 800);
-    assert_eq!((s.jobs_waiting, s.jobs_in_flight), (0, 0));
+    assert_eq!(s.jobs_waiting, 0);
+    assert!(s.engine_ns > 0, "the engine time was charged to the instance");
 }
 
 #[test]
@@ -843,22 +843,11 @@ fn a_throttled_batch_stays_in_the_ring_and_every_job_runs_once_when_the_limit_li
     );
     assert_eq!(rig.setup_queue(0, 1024), r::Q_STATUS_ENABLED);
     let n = 600u32;
-    // 64 KiB deflates: a class whose jobs cost well over 5 ms / 128, so the
-    // scheduler holds at most 128 of them waiting.
-    let jobs: Vec<_> = (0..n)
-        .map(|t| {
-            let mut e = sqe(
-                Opcode::DeflateCompress,
-                t,
-                BUF,
-                65536,
-                BUF + 0x1_0000,
-                0x1_1000,
-            );
-            e.param = 1;
-            e
-        })
-        .collect();
+    let mut jobs = deflates(n);
+    // A bad descriptor past the cut: read and refused on the first pass,
+    // put back with the batch, and completed (once) only when taken.
+    let bad = 300;
+    jobs[bad as usize].opcode = 0xee;
     rig.put(BUF, &[5u8; 65536]);
     rig.submit(&jobs, 1024);
     std::thread::sleep(Duration::from_millis(100));
@@ -871,9 +860,17 @@ fn a_throttled_batch_stays_in_the_ring_and_every_job_runs_once_when_the_limit_li
     };
     let head = sq_head(&rig);
     let s = rig.sched.snapshot(7).unwrap();
+    // What reached the engines: finished, discarded or still queued there.
+    let engines: u64 = rig
+        .accel
+        .stats()
+        .queue_pairs
+        .iter()
+        .map(|qp| qp.counters.jobs + qp.counters.discarded + qp.in_flight as u64)
+        .sum();
     assert_eq!(
         u64::from(head),
-        s.jobs_dispatched + s.jobs_waiting,
+        engines + s.jobs_waiting,
         "sq_head covers exactly what the scheduler took"
     );
     let held = crate::qos::fair::LANE_HELD as u32;
@@ -888,8 +885,77 @@ fn a_throttled_batch_stays_in_the_ring_and_every_job_runs_once_when_the_limit_li
     let mut tags: Vec<u32> = done.iter().map(|c| c.tag).collect();
     tags.sort_unstable();
     assert_eq!(tags, (0..n).collect::<Vec<_>>());
-    assert!(done.iter().all(|c| c.status == 0));
+    let failed: Vec<_> = done.iter().filter(|c| c.status != 0).collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(
+        (failed[0].tag, failed[0].status),
+        (bad, JobStatus::BadOpcode.code())
+    );
     assert_eq!(sq_head(&rig), n);
+    assert_eq!(rig.dev.queue_stats()[0].stats.snapshot().jobs_ok, u64::from(n) - 1);
+}
+
+/// `n` deflates of 64 KiB at level 1 (tags 0..n) from `BUF`: a class whose
+/// jobs cost well over 5 ms / 128, so the scheduler holds at most 128 of
+/// them waiting.
+fn deflates(n: u32) -> Vec<SubmissionEntry> {
+    (0..n)
+        .map(|t| {
+            let mut e = sqe(
+                Opcode::DeflateCompress,
+                t,
+                BUF,
+                65536,
+                BUF + 0x1_0000,
+                0x1_1000,
+            );
+            e.param = 1;
+            e
+        })
+        .collect()
+}
+
+#[test]
+fn a_throttled_queue_reads_its_ring_again_only_once_the_scheduler_has_room() {
+    let mut rig = Rig::new(WdConfig {
+        queues: 1,
+        ..WdConfig::default()
+    });
+    // 20 jobs a second: the 128 jobs the scheduler holds take seconds to
+    // fall to half, while completions keep waking the worker.
+    rig.sched.set_policy(
+        7,
+        crate::qos::Policy {
+            jobs_per_sec: Some(20),
+            burst_jobs: Some(1),
+            ..Default::default()
+        },
+    );
+    assert_eq!(rig.setup_queue(0, 1024), r::Q_STATUS_ENABLED);
+    let n = 600u32;
+    rig.put(BUF, &[5u8; 65536]);
+    rig.submit(&deflates(n), 1024);
+    std::thread::sleep(Duration::from_millis(100));
+    let stats = rig.dev.queue_stats()[0].clone();
+    let ok = stats.stats.snapshot().jobs_ok;
+    // Every pass over the ring stores how many entries it left there: a
+    // mark that no pass overwrites says no pass happened.
+    stats.stats.ring_waiting.store(u64::MAX, Ordering::Relaxed);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        stats.stats.snapshot().jobs_ok >= ok + 3,
+        "completions woke the worker meanwhile"
+    );
+    assert_eq!(
+        stats.stats.ring_waiting.load(Ordering::Relaxed),
+        u64::MAX,
+        "a throttled worker read its ring again before the scheduler had room"
+    );
+    // Room: the scheduler's wake-up, and the worker takes everything.
+    rig.sched.set_policy(7, crate::qos::Policy::default());
+    let done = rig.wait(n as usize, 1024);
+    assert!(done.iter().all(|c| c.status == 0));
+    assert_eq!(stats.stats.ring_waiting.load(Ordering::Relaxed), 0);
 }
 
 #[test]
