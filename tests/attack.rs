@@ -669,6 +669,9 @@ mod panicky {
         fn disconnected(&mut self) {
             self.0.disconnected()
         }
+        fn migration(&mut self) -> Option<&mut dyn wdvirt::vdev::device::Migratable> {
+            self.0.migration()
+        }
     }
 }
 

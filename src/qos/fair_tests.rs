@@ -507,7 +507,11 @@ fn a_job_class_splits_on_param_only_for_a_compression_level() {
             (0..256).map(|p| job(op, p).class()).collect();
         assert_eq!(classes.len(), 1, "{op:?}");
     }
-    for op in [Opcode::DeflateCompress, Opcode::ZlibCompress, Opcode::GzipCompress] {
+    for op in [
+        Opcode::DeflateCompress,
+        Opcode::ZlibCompress,
+        Opcode::GzipCompress,
+    ] {
         assert_ne!(job(op, 1).class(), job(op, 9).class(), "{op:?}");
     }
     assert_ne!(

@@ -653,6 +653,9 @@ mod tests {
             Ok(())
         }
         fn disconnected(&mut self) {}
+        fn migration(&mut self) -> Option<&mut dyn crate::vdev::device::Migratable> {
+            None
+        }
     }
 
     #[test]

@@ -147,4 +147,52 @@ pub trait VfioUserDevice: Send {
     fn reset(&mut self) -> Result<(), DeviceError>;
     /// The VMM went away: drop its fds and mappings, quiesce.
     fn disconnected(&mut self);
+    /// The device's migration side (VFIO migration v2), or `None` for a
+    /// device that cannot migrate: the transport then leaves the MIGRATION
+    /// and DMA_LOGGING features out of DEVICE_FEATURE (ENOTSUP).
+    fn migration(&mut self) -> Option<&mut dyn Migratable>;
+}
+
+/// What the transport needs from a device to migrate it. The transport owns
+/// the state machine (`migration::fsm`), the stream's envelope
+/// (`migration::stream`: magic, version, compatibility block, checksum, size
+/// cap) and the MIG_DATA_READ / MIG_DATA_WRITE chunking; the device owns what
+/// its state is. Calls come from the connection's thread, in the order of the
+/// state machine's arcs.
+pub trait Migratable {
+    /// RUNNING (or PRE_COPY) to STOP: after this returns the device writes
+    /// nothing to guest memory and raises no interrupt until `resume`, and no
+    /// job the guest handed it is lost: each has either completed (its
+    /// completion is in guest memory) or is still the guest's, on its ring, to
+    /// be taken again after `resume` or on the destination.
+    fn quiesce(&mut self) -> Result<(), DeviceError>;
+    /// STOP to RUNNING: take work again, from where `quiesce` or `restore`
+    /// left each queue.
+    fn resume(&mut self) -> Result<(), DeviceError>;
+    /// What a destination must match: the first thing it receives, checked
+    /// before anything else is read.
+    fn compat(&self) -> crate::migration::stream::Compat;
+    /// The device's whole state (registers, config space, interrupt state
+    /// without fds, each queue's ring positions), called only while quiesced.
+    fn save(&mut self) -> Result<Vec<u8>, DeviceError>;
+    /// Become the state `save` produced on a source whose `compat()` equals
+    /// this device's (the transport has checked the envelope). Nothing in
+    /// `state` is trusted; on any error the device is unchanged. The device
+    /// stays quiesced until `resume`.
+    fn restore(&mut self, state: &[u8]) -> Result<(), DeviceError>;
+    /// Start logging the guest pages the device writes (DMA_LOGGING_START):
+    /// from now on `dirty` reports them.
+    fn dirty_log_start(&mut self, page_size: u64) -> Result<(), DeviceError>;
+    fn dirty_log_stop(&mut self);
+    /// One bit per `page_size` page of `[iova, iova + size)`, set for each
+    /// page written since the last report of it, which this clears
+    /// (DMA_LOGGING_REPORT). `bitmap` is `size / page_size` bits, rounded up
+    /// to whole u64s.
+    fn dirty_report(
+        &mut self,
+        iova: u64,
+        size: u64,
+        page_size: u64,
+        bitmap: &mut [u8],
+    ) -> Result<(), DeviceError>;
 }

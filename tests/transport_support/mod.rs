@@ -209,6 +209,9 @@ impl VfioUserDevice for FakeDevice {
     fn disconnected(&mut self) {
         self.log.lock().disconnected += 1;
     }
+    fn migration(&mut self) -> Option<&mut dyn wdvirt::vdev::device::Migratable> {
+        None
+    }
 }
 
 /// A connection served on its own thread.

@@ -536,6 +536,9 @@ impl<M: FunctionModel> VfioUserDevice for PciFunction<M> {
         self.reset_pci_state();
         self.model.disconnected();
     }
+    fn migration(&mut self) -> Option<&mut dyn crate::vdev::device::Migratable> {
+        None
+    }
 }
 
 /// `offset + len` inside a non-empty region of `size` bytes (checked; the

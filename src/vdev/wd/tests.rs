@@ -823,7 +823,10 @@ fn queues_fetching_together_leave_the_engines_a_short_backlog() {
     assert!(most >= 2, "the queues did keep the engine busy ({most})");
     let s = rig.sched.snapshot(7).unwrap();
     assert_eq!(s.jobs_waiting, 0);
-    assert!(s.engine_ns > 0, "the engine time was charged to the instance");
+    assert!(
+        s.engine_ns > 0,
+        "the engine time was charged to the instance"
+    );
 }
 
 #[test]
@@ -892,7 +895,10 @@ fn a_throttled_batch_stays_in_the_ring_and_every_job_runs_once_when_the_limit_li
         (bad, JobStatus::BadOpcode.code())
     );
     assert_eq!(sq_head(&rig), n);
-    assert_eq!(rig.dev.queue_stats()[0].stats.snapshot().jobs_ok, u64::from(n) - 1);
+    assert_eq!(
+        rig.dev.queue_stats()[0].stats.snapshot().jobs_ok,
+        u64::from(n) - 1
+    );
 }
 
 /// `n` deflates of 64 KiB at level 1 (tags 0..n) from `BUF`: a class whose
