@@ -52,6 +52,12 @@ pub struct DefineArgs {
     /// The VM the instance is for (the libvirt hook sets the domain's name).
     #[arg(long, value_name = "NAME")]
     pub vm: Option<String>,
+    /// The user the VMM runs as (a name or a uid). The instance's socket is
+    /// created mode 0600 and owned by this user, so only it (and root) can
+    /// connect. Default: the daemon's --instance-owner, else the daemon's
+    /// own user.
+    #[arg(long, value_name = "USER|UID")]
+    pub owner: Option<String>,
     #[command(flatten)]
     pub out: JsonFlag,
 }
@@ -248,6 +254,7 @@ pub fn define(api: &ApiClient, a: DefineArgs) -> anyhow::Result<()> {
         numa: a.numa,
         qos: a.qos,
         vm: a.vm,
+        owner: a.owner,
     };
     let v: InstanceView = api.send(Method::POST, "/v1/instances", Some(&req))?;
     if a.out.json {

@@ -272,6 +272,7 @@ fn prepare_one(
             numa: p.numa,
             qos: p.qos.clone(),
             vm: Some(domain.name.clone()),
+            owner: None,
         }))
         .map_err(err)?;
     match daemon.handle(Action::Start { id: p.name.clone() }) {
