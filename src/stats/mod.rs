@@ -177,6 +177,13 @@ counters! {
         dma_maps,
         dma_unmaps,
         resets,
+        /// Bus Master changes the engines did not take (a backend that
+        /// could not grant or revoke the PASID's DMA).
+        engine_dma_failures,
+        /// Unmap-alls done without the engines quiesced first (a backend
+        /// that could not quiesce the PASID): the maps are gone, but a job
+        /// running then may have finished with the old memory.
+        unquiesced_unmaps,
     }
 }
 

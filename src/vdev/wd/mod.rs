@@ -514,6 +514,7 @@ impl WdDevice {
     fn set_engine_dma(&self, allowed: bool) {
         for accel in self.backends.all() {
             if let Err(e) = accel.set_dma_allowed(self.pasid, allowed) {
+                add(&self.stats.engine_dma_failures, 1);
                 tracing::error!(
                     pasid = self.pasid,
                     backend = accel.name(),
@@ -529,6 +530,8 @@ impl WdDevice {
             .quiesced(self.pasid, &mut || dma.unmap_all())
             .is_err()
         {
+            add(&self.stats.unquiesced_unmaps, 1);
+            tracing::warn!(pasid = self.pasid, "unmap-all without the engines quiesced");
             self.dma.unmap_all();
         }
     }

@@ -1043,3 +1043,30 @@ fn a_refused_pasid_leaves_its_owners_binding_on_every_backend() {
         "unbound with its owner"
     );
 }
+
+/// Errors once swallowed (issue 21): a backend that cannot change the
+/// engines' DMA permission (Bus Master) or quiesce for an unmap-all — here
+/// because the PASID's binding is gone from under the device — was only
+/// logged, or not even that. Each failure is now counted for the operator
+/// (`InstanceSnapshot`, shown by `wdvirt list --json` and `wdvirt stats`),
+/// and the unmap-all still removes every map.
+#[test]
+fn a_failed_bus_master_change_and_an_unquiesced_unmap_all_are_counted() {
+    let mut rig = Rig::new(WdConfig::default());
+    crate::accel::Accelerator::unbind_pasid(&*rig.sched, 7).unwrap();
+    assert_eq!(rig.dev.stats().snapshot().engine_dma_failures, 0);
+    rig.dev.set_bus_master(false);
+    rig.dev.set_bus_master(true);
+    assert_eq!(rig.dev.stats().snapshot().engine_dma_failures, 2);
+    assert_eq!(rig.dev.stats().snapshot().unquiesced_unmaps, 0);
+    rig.dev.dma_unmap_all().unwrap();
+    assert!(
+        !rig.dev.dma.contains(RAM, 4),
+        "the maps are gone all the same"
+    );
+    assert_eq!(rig.dev.stats().snapshot().unquiesced_unmaps, 1);
+    // A disconnect does both: Bus Master off, then unmap-all.
+    rig.dev.disconnected();
+    let s = rig.dev.stats().snapshot();
+    assert_eq!((s.engine_dma_failures, s.unquiesced_unmaps), (3, 2));
+}
