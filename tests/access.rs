@@ -8,6 +8,9 @@
 //! * An instance socket is 0600, owned by the VMM's user: that user's VMM
 //!   runs jobs, anyone else's is refused at `connect(2)`.
 //!
+//! * What a VMM may map ends below 2^64: the transport and the device hold
+//!   one rule for the address space's last page.
+//!
 //! Needs root (to switch users), as the rest of the suite does.
 
 use std::io::{Read, Write};
@@ -18,6 +21,7 @@ use std::process::Output;
 use serde_json::Value;
 
 mod common;
+mod transport_support;
 
 use common::daemon::Daemon;
 
@@ -331,4 +335,34 @@ fn an_unknown_api_group_or_owner_stops_the_daemon_with_the_setting_named() {
     ] {
         assert!(help.contains(needle), "{needle} not in:\n{help}");
     }
+}
+
+/// The last page of the 64-bit address space, through a served instance's
+/// socket: refused by the transport with EINVAL (fd-backed or not, the
+/// device's own verdict), while the page below it is mapped by both the
+/// transport and the device, and unmapped again.
+#[test]
+fn a_dma_map_reaching_the_end_of_the_address_space_is_refused_and_the_page_below_is_not() {
+    use transport_support::{RawClient, borrow, sealed_memfd};
+    let dir = tempfile::tempdir().unwrap();
+    let accel: wdvirt::accel::SharedAccelerator = wdvirt::accel::soft::SoftAccel::new(1);
+    let inst = common::instance(&accel, dir.path(), "edge", 1, Default::default());
+    let mut c = RawClient::new(std::os::unix::net::UnixStream::connect(inst.socket()).unwrap());
+    c.version();
+    const RW: u32 = 3;
+    let top = u64::MAX - 0xfff;
+    let below = top - 0x1000;
+    let ram = [sealed_memfd(0x1000)];
+    for (iova, size) in [(top, 0x1000), (below, 0x2000)] {
+        assert_eq!(
+            c.dma_map(RW, 0, iova, size, &borrow(&ram)).errno(),
+            libc::EINVAL
+        );
+        assert_eq!(c.dma_map(RW, 0, iova, size, &[]).errno(), libc::EINVAL);
+    }
+    assert_eq!(inst.report().device.dma_maps, 0);
+    c.dma_map(RW, 0, below, 0x1000, &borrow(&ram)).ok();
+    assert_eq!(inst.report().device.dma_maps, 1, "the device mapped it too");
+    c.dma_unmap(0, below, 0x1000).ok();
+    assert_eq!(inst.report().device.dma_unmaps, 1);
 }
