@@ -54,7 +54,8 @@ counters! {
         /// Jobs completed with an error status.
         jobs_failed,
         /// Jobs taken but never completed: the queue was stopped or reset
-        /// while they were with the engines.
+        /// while they were with the engines, or their completion entry
+        /// could not be written.
         jobs_dropped,
         /// Source bytes of the jobs handed to an engine.
         bytes_in,

@@ -561,10 +561,21 @@ impl Worker {
         };
         let bytes = cqe.to_bytes();
         let base = self.ctx.config.cq_base + slot * CQE_SIZE as u64;
-        let _ = mem.write_slice(&bytes[0..6], GuestAddress(base));
-        let _ = mem.write_slice(&bytes[8..16], GuestAddress(base + 8));
+        let body = mem.write_slice(&bytes[0..6], GuestAddress(base)).is_ok()
+            && mem
+                .write_slice(&bytes[8..16], GuestAddress(base + 8))
+                .is_ok();
         std::sync::atomic::fence(Ordering::Release);
-        let _ = mem.store(flags, GuestAddress(base + 6), Ordering::Release);
+        if !body
+            || mem
+                .store(flags, GuestAddress(base + 6), Ordering::Release)
+                .is_err()
+        {
+            // The guest can never see it finish: dropped, not done.
+            self.ctx.shared.stats.dropped(1);
+            tracing::debug!(queue = self.ctx.queue, "completion entry not written");
+            return;
+        }
         self.cq_tail = self.cq_tail.wrapping_add(1);
         self.ctx.shared.stats.completed(&r);
         self.ctx.shared.completed.fetch_add(1, Ordering::Relaxed);
