@@ -366,3 +366,67 @@ fn a_dma_map_reaching_the_end_of_the_address_space_is_refused_and_the_page_below
     c.dma_unmap(0, below, 0x1000).ok();
     assert_eq!(inst.report().device.dma_unmaps, 1);
 }
+
+/// A libvirt domain whose XML names the user QEMU runs as (a static DAC
+/// label) gets instance sockets owned by that user through the hook; one
+/// that does not (libvirt generates a dynamic label only after `prepare`,
+/// see `tests/libvirt/prepare-begin.xml`) gets the daemon's
+/// `--instance-owner`.
+#[test]
+fn the_libvirt_hook_gives_a_domains_sockets_to_the_user_its_dac_label_names() {
+    needs_root();
+    let d = Daemon::start(HOST);
+    let domain = |name: &str, seclabel: &str| {
+        let socket = d.run_dir().join(format!("{name}-wd0.sock"));
+        format!(
+            "<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>\
+             <name>{name}</name>\
+             <metadata><wdvirt:instances xmlns:wdvirt='http://wdvirt.org/xmlns/libvirt/1'>\
+             <wdvirt:instance type='one' count='1'/></wdvirt:instances></metadata>\
+             <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>\
+             {seclabel}\
+             <qemu:commandline><qemu:arg value='-device'/>\
+             <qemu:arg value='{{\"driver\":\"vfio-user-pci\",\"socket\":{{\"type\":\"unix\",\"path\":\"{}\"}}}}'/>\
+             </qemu:commandline></domain>",
+            socket.display()
+        )
+    };
+    let hook = |name: &str, xml: &str| {
+        let mut child = common::daemon::wdvirt()
+            .arg("--api")
+            .arg(d.api())
+            .args(["hook", "qemu", name, "prepare", "begin", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(xml.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+    };
+    hook(
+        "dom1",
+        &domain(
+            "dom1",
+            "<seclabel type='static' model='dac' relabel='yes'><label>nobody:nogroup</label></seclabel>",
+        ),
+    );
+    hook("dom2", &domain("dom2", ""));
+    let owner = |name: &str| {
+        std::fs::metadata(d.run_dir().join(format!("{name}-wd0.sock")))
+            .unwrap()
+            .uid()
+    };
+    assert_eq!(owner("dom1"), NOBODY_UID);
+    assert_eq!(owner("dom2"), 0);
+    let list = d.json(&["list"]);
+    assert_eq!(list[0]["name"], "dom1-wd0", "{list}");
+    assert_eq!(list[0]["owner"], "nobody", "{list}");
+    assert_eq!(list[1]["socket_owner"], "root", "{list}");
+}
