@@ -256,9 +256,20 @@ fn instance_sockets_are_0600_owned_by_the_vmms_user_and_refuse_everyone_else() {
     let out = vmm_as(OUTSIDER, s2);
     assert!(out.status.success(), "vm2's own user: {}", text(&out));
 
-    // An owner the host does not know is refused at define.
+    // An owner the host does not know is refused at define and modify.
     let e = d.refused(&["define", "--type", "one", "--owner", "no-such-user-wdvirt"]);
     assert!(e.contains("no user named 'no-such-user-wdvirt'"), "{e}");
+    let e = d.refused(&["modify", "vm2", "--owner", "no-such-user-wdvirt"]);
+    assert!(e.contains("no user named 'no-such-user-wdvirt'"), "{e}");
+    // A changed owner holds from the next start: back to the daemon's.
+    let v = d.json(&["modify", "vm2", "--default-owner"]);
+    assert_eq!(v["owner"], Value::Null, "{v}");
+    assert_eq!(v["socket_owner"], "daemon", "until the next start: {v}");
+    d.json(&["stop", "vm2"]);
+    let v = d.json(&["start", "vm2"]);
+    assert_eq!(v["socket_owner"], "nobody", "{v}");
+    let meta = std::fs::metadata(v["socket"].as_str().unwrap()).unwrap();
+    assert_eq!(meta.uid(), NOBODY_UID);
 }
 
 #[test]

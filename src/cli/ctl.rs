@@ -103,6 +103,13 @@ pub struct ModifyArgs {
     /// The instance is no VM's.
     #[arg(long)]
     pub no_vm: bool,
+    /// The user its VMM runs as (a name or a uid), from the next start: the
+    /// socket is 0600 and owned by this user.
+    #[arg(long, value_name = "USER|UID", conflicts_with = "default_owner")]
+    pub owner: Option<String>,
+    /// Its socket is owned by the daemon's --instance-owner again.
+    #[arg(long)]
+    pub default_owner: bool,
     #[command(flatten)]
     pub out: JsonFlag,
 }
@@ -339,10 +346,15 @@ pub fn modify(api: &ApiClient, a: ModifyArgs) -> anyhow::Result<()> {
             a.qos.map(Some)
         },
         vm: if a.no_vm { Some(None) } else { a.vm.map(Some) },
+        owner: if a.default_owner {
+            Some(None)
+        } else {
+            a.owner.map(Some)
+        },
     };
     if changes == ModifyRequest::default() {
         anyhow::bail!(
-            "nothing to change: give --auto/--manual, --type, --numa/--no-numa, --qos/--type-qos or --vm/--no-vm"
+            "nothing to change: give --auto/--manual, --type, --numa/--no-numa, --qos/--type-qos, --vm/--no-vm or --owner/--default-owner"
         );
     }
     let v: InstanceView = api.send(

@@ -74,6 +74,14 @@ pub struct ModifyRequest {
         skip_serializing_if = "Option::is_none"
     )]
     pub vm: Option<Option<String>>,
+    /// The user the VMM runs as, from the next start; `Some(None)` goes
+    /// back to the daemon's instance owner.
+    #[serde(
+        default,
+        with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub owner: Option<Option<String>>,
 }
 
 /// Distinguishes an absent field (no change) from `null` (clear it).

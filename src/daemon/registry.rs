@@ -402,6 +402,11 @@ impl Registry {
             check_vm(vm.as_deref())?;
             def.vm = vm;
         }
+        if let Some(owner) = m.owner {
+            def.owner = owner;
+            self.socket_owner(&def)
+                .map_err(|e| ActionError::Invalid(format!("owner: {e}")))?;
+        }
         self.check_definition(&def.type_name, def.qos.as_deref(), def.numa)?;
         if def != e.def {
             self.store.save(&def)?;
