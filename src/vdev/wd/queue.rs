@@ -27,6 +27,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, select};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use wdvirt_abi::{
     CQE_PHASE, CQE_SIZE, CompletionEntry, IDX_FLAG_NO_DOORBELL, JobStatus, Opcode, SQE_SIZE,
@@ -37,8 +38,12 @@ use crate::accel::{AddressSpace, GuestMemory, Job, JobResult, QueuePair};
 use crate::stats::{QueueStats, add};
 use crate::vdev::function::InterruptSink;
 
-/// A queue's programmed configuration, frozen when it is enabled.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// A queue's programmed configuration, frozen when it is enabled. It is
+/// also the queue's register part of the migration state
+/// ([`super::state::QueueState`]): every field is checked again on restore
+/// as its register write checks it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     pub sq_base: u64,
     pub cq_base: u64,
@@ -101,6 +106,80 @@ impl BusMaster {
 /// (queued ones are discarded at once). Well inside QEMU's 5 s reply timeout.
 const DRAIN_BUDGET: Duration = Duration::from_secs(2);
 
+/// How long parking a queue (a migration's quiesce) waits for every job the
+/// queue pair has taken to complete and its completion to be written. All
+/// queues of a device are parked together, so this bounds the whole
+/// quiesce; past it the quiesce fails (`EBUSY`) and the queues run on.
+/// Well inside the 5 s a VMM waits for a reply.
+pub const PARK_BUDGET: Duration = Duration::from_secs(2);
+
+/// Where a queue stands in its rings, as a worker leaves it when parked and
+/// takes it up when started again (here or on a migration's destination).
+/// Every job the guest handed the queue is accounted for by these numbers:
+/// entries before `sq_head` were taken; of those, `cq_tail` have their
+/// completion in the ring and `held` have a result not yet written (bus
+/// mastering was off), so `sq_head - cq_tail == held.len()` once parked.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RingState {
+    /// `sq_head` as published to the guest (free-running).
+    pub sq_head: u32,
+    /// Completions written (free-running); the next one's slot and phase
+    /// follow from it.
+    pub cq_tail: u32,
+    /// Completions written since the last interrupt (coalescing); raised
+    /// when the queue runs again.
+    pub irq_pending: u32,
+    /// Results held back while bus mastering was off, oldest first.
+    pub held: Vec<HeldCompletion>,
+}
+
+/// A job's result not yet written to the completion ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldCompletion {
+    pub tag: u32,
+    /// A `JobStatus` code.
+    pub status: u16,
+    pub bytes: u32,
+    pub result: u32,
+    pub stream_end: bool,
+}
+
+impl HeldCompletion {
+    fn of(r: &JobResult) -> HeldCompletion {
+        HeldCompletion {
+            tag: r.cookie as u32,
+            status: r.status.code(),
+            bytes: r.bytes,
+            result: r.result,
+            stream_end: r.stream_end,
+        }
+    }
+
+    /// The engine's result again; `None` for a status code no job has.
+    pub fn result(&self) -> Option<JobResult> {
+        Some(JobResult {
+            cookie: self.tag as u64,
+            status: JobStatus::from_code(self.status)?,
+            bytes: self.bytes,
+            result: self.result,
+            stream_end: self.stream_end,
+        })
+    }
+}
+
+/// A queue whose worker has stopped without closing anything: its queue
+/// pair, its configuration and its [`RingState`]. Started again by
+/// [`QueueRunner::start`]; dropped, it closes the queue pair.
+pub struct Parked {
+    pub ctx: WorkerContext,
+    /// Jobs the queue pair still holds. 0 after a successful park; more
+    /// only when [`PARK_BUDGET`] ran out, and then the queue must run again
+    /// so that their results are written.
+    pub in_flight: u32,
+}
+
 /// State a queue shares with the device's register file.
 #[derive(Debug, Default)]
 pub struct QueueShared {
@@ -125,6 +204,9 @@ pub struct WorkerContext {
     /// with Bus Master clear at enable, before setting it returns), never
     /// later by the worker, or a driver polling at once reads old entries.
     pub rings_ready: Arc<AtomicBool>,
+    /// Where the worker starts in the rings: zero for a queue just enabled,
+    /// the parked or restored positions otherwise.
+    pub ring: RingState,
 }
 
 /// Zero the completion ring and the device's half of the index block, so
@@ -143,13 +225,18 @@ pub fn clear_rings(mem: &GuestMemory, config: &QueueConfig) {
 /// The device's handle on a running queue.
 pub struct QueueRunner {
     stop: Arc<AtomicBool>,
+    /// With `stop`: park instead (keep every job, close nothing).
+    park: Arc<AtomicBool>,
     wake: Sender<()>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Option<Parked>>>,
 }
 
 impl QueueRunner {
-    pub fn start(ctx: WorkerContext) -> std::io::Result<QueueRunner> {
+    /// Start a worker on `ctx`, from `ctx.ring`; `in_flight` jobs of its
+    /// queue pair are already taken (a queue parked past its budget).
+    pub fn start(ctx: WorkerContext, in_flight: u32) -> std::io::Result<QueueRunner> {
         let stop = Arc::new(AtomicBool::new(false));
+        let park = Arc::new(AtomicBool::new(false));
         let (wake, wake_rx) = crossbeam_channel::bounded(1);
         // The scheduler above the engines wakes the worker when a queue pair
         // that refused part of a batch has room again; `room` says that it
@@ -160,16 +247,40 @@ impl QueueRunner {
             flag.store(true, Ordering::Release);
             let _ = waker.try_send(());
         }));
-        let worker = Worker::new(ctx, stop.clone(), wake_rx, room);
+        let worker = Worker::new(ctx, stop.clone(), park.clone(), wake_rx, room, in_flight);
         let name = format!("wd-queue-{}", worker.ctx.queue);
         let thread = std::thread::Builder::new()
             .name(name)
             .spawn(move || worker.run())?;
         Ok(QueueRunner {
             stop,
+            park,
             wake,
             thread: Some(thread),
         })
+    }
+
+    /// Ask the worker to park without waiting; [`QueueRunner::join_parked`]
+    /// then waits. Parking: no submission is fetched any more; every job the
+    /// queue pair took completes and its completion is written (within
+    /// [`PARK_BUDGET`]); a pending coalesced interrupt is raised; then the
+    /// worker ends, closing nothing.
+    pub fn signal_park(&self) {
+        self.park.store(true, Ordering::Release);
+        self.signal_stop();
+    }
+
+    /// Wait for a worker told to park; `None` if it panicked.
+    pub fn join_parked(mut self) -> Option<Parked> {
+        self.signal_park();
+        let t = self.thread.take()?;
+        match t.join() {
+            Ok(parked) => parked,
+            Err(_) => {
+                tracing::error!("queue worker panicked");
+                None
+            }
+        }
     }
 
     /// A doorbell: wake the worker if it sleeps. Never blocks.
@@ -209,6 +320,7 @@ impl Drop for QueueRunner {
 struct Worker {
     ctx: WorkerContext,
     stop: Arc<AtomicBool>,
+    park: Arc<AtomicBool>,
     wake: Receiver<()>,
     /// Where the worker is in the submission ring.
     sq: SqCursor,
@@ -299,26 +411,38 @@ const NAP_MAX: Duration = Duration::from_millis(1);
 
 impl Worker {
     fn new(
-        ctx: WorkerContext,
+        mut ctx: WorkerContext,
         stop: Arc<AtomicBool>,
+        park: Arc<AtomicBool>,
         wake: Receiver<()>,
         room: Arc<AtomicBool>,
+        in_flight: u32,
     ) -> Worker {
+        let ring = std::mem::take(&mut ctx.ring);
+        let held = ring
+            .held
+            .iter()
+            .filter_map(HeldCompletion::result)
+            .collect();
         Worker {
             ctx,
             stop,
+            park,
             wake,
-            sq: SqCursor::default(),
+            sq: SqCursor {
+                published: ring.sq_head,
+                next: ring.sq_head,
+            },
             throttled: false,
             room,
             batch: Vec::new(),
             job_at: Vec::new(),
             refused: Vec::new(),
-            cq_tail: 0,
-            in_flight: 0,
-            held: Vec::new(),
-            irq_pending: 0,
-            irq_since: None,
+            cq_tail: ring.cq_tail,
+            in_flight,
+            held,
+            irq_pending: ring.irq_pending,
+            irq_since: (ring.irq_pending > 0).then(Instant::now),
             pace: Pace::default(),
         }
     }
@@ -356,7 +480,7 @@ impl Worker {
         let _ = mem.store(v, self.idx_addr(field), Ordering::Release);
     }
 
-    fn run(mut self) {
+    fn run(mut self) -> Option<Parked> {
         while !self.stop.load(Ordering::Acquire) {
             if self.step() {
                 continue;
@@ -368,9 +492,75 @@ impl Worker {
             }
             self.sleep();
         }
+        if self.park.load(Ordering::Acquire) {
+            return Some(self.settle());
+        }
         self.drain();
         let dropped = self.in_flight as u64 + self.held.len() as u64;
         self.ctx.shared.stats.dropped(dropped);
+        None
+    }
+
+    /// Parking: fetch nothing more; wait (within [`PARK_BUDGET`]) for every
+    /// job the queue pair took and write its completion; raise the
+    /// interrupt those completions are owed; hand back the queue as it
+    /// stands. `sq_head` was published only for entries taken (what a
+    /// throttled batch left is back in the ring, unpublished), so nothing
+    /// between `sq_head` and the guest's `sq_tail` was read for good.
+    fn settle(mut self) -> Parked {
+        let deadline = Instant::now() + PARK_BUDGET;
+        loop {
+            let mut n = 0;
+            while let Ok(r) = self.ctx.qp.completions().try_recv() {
+                n += 1;
+                self.held.push(r);
+            }
+            self.collected(n);
+            let bus_master = self.ctx.bus_master.clone();
+            if let Some(_dma) = bus_master.pass()
+                && self.initialised()
+                && !self.held.is_empty()
+            {
+                let mem = self.ctx.space.memory();
+                for r in std::mem::take(&mut self.held) {
+                    self.complete(&mem, r);
+                }
+            }
+            if self.in_flight == 0 {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(
+                    queue = self.ctx.queue,
+                    in_flight = self.in_flight,
+                    "queue did not settle within the park budget"
+                );
+                break;
+            }
+            if let Ok(r) = self
+                .ctx
+                .qp
+                .completions()
+                .recv_timeout(left.min(Duration::from_millis(10)))
+            {
+                self.held.push(r);
+                self.collected(1);
+            }
+        }
+        // After this the queue raises nothing until it runs again. With bus
+        // mastering off the interrupt stays owed (`irq_pending`).
+        self.flush_interrupt();
+        let ring = RingState {
+            sq_head: self.sq.published,
+            cq_tail: self.cq_tail,
+            irq_pending: self.irq_pending,
+            held: self.held.iter().map(HeldCompletion::of).collect(),
+        };
+        let in_flight = self.in_flight;
+        let mut ctx = self.ctx;
+        ctx.ring = ring;
+        Parked { ctx, in_flight }
     }
 
     /// Whether the worker can take another submission now: an entry is

@@ -1,0 +1,152 @@
+//! The accelerator model's state as one plain structure: what a migration
+//! carries, and what a restarted device would be rebuilt from.
+//!
+//! [`WdState`] is derived exactly from a parked device (every queue worker
+//! stopped with its positions handed back, see `queue::Parked`) and a
+//! device is rebuilt from it only after every value has been checked again
+//! as the register write that set it would check it, plus what only a
+//! restore can get wrong: ring positions that do not add up, counts larger
+//! than a ring, rings outside the destination's DMA maps. The PASID, the
+//! queue pairs and the memory are the destination's own: none of them is in
+//! the state.
+
+use serde::{Deserialize, Serialize};
+
+use super::queue::{QueueConfig, RingState};
+
+/// The format of [`WdState`]; a restore refuses any other.
+pub const WD_STATE_VERSION: u32 = 1;
+
+/// The whole model: registers, error latch, queues.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WdState {
+    pub version: u32,
+    /// `DEV_CTRL.ENABLE`.
+    pub enabled: bool,
+    pub err: ErrState,
+    /// One per queue of the instance, in order.
+    pub queues: Vec<QueueState>,
+}
+
+/// `ERR_STATUS`/`ERR_CODE`/`ERR_OFFSET`/`ERR_COUNT`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrState {
+    /// The latched `RegError` code, 0 when nothing is latched.
+    pub code: u16,
+    pub offset: u32,
+    pub count: u32,
+}
+
+/// One queue: its registers, and where it stands in its rings if enabled.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueState {
+    pub config: QueueConfig,
+    /// `Q_STATUS` error bits (ERROR | code << 8).
+    pub error: u32,
+    /// `Q_COMPLETED`.
+    pub completed: u32,
+    /// Present exactly when the queue is enabled.
+    pub ring: Option<RingState>,
+    /// The enabled queue's completion ring was cleared (it was enabled with
+    /// Bus Master set, or Bus Master was set since); if not, it is cleared
+    /// when Bus Master is set, as on the source.
+    pub rings_ready: bool,
+}
+
+/// Why a state was refused. Every variant names the queue and the values.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum StateError {
+    #[error("the device state does not parse: {0}")]
+    Decode(String),
+    #[error("device state version {found}, this wdvirt reads version {WD_STATE_VERSION}")]
+    Version { found: u32 },
+    #[error("the state has {found} queues, this instance {expected}")]
+    QueueCount { found: usize, expected: u32 },
+    #[error("queue {queue}: depth {depth} (expected 0, or a power of two in 2..={max})")]
+    Depth { queue: usize, depth: u32, max: u32 },
+    #[error("queue {queue}: operations {ops:#x} not within the queue's {allowed:#x}")]
+    Ops {
+        queue: usize,
+        ops: u32,
+        allowed: u32,
+    },
+    #[error("queue {queue}: MSI-X vector {vector} (the function has {vectors})")]
+    Vector {
+        queue: usize,
+        vector: u32,
+        vectors: u32,
+    },
+    #[error("queue {queue}: {what} address {addr:#x} is not aligned")]
+    Misaligned {
+        queue: usize,
+        what: &'static str,
+        addr: u64,
+    },
+    #[error("queue {queue}: an enabled queue on a disabled device")]
+    EnabledOnDisabledDevice { queue: usize },
+    #[error("queue {queue}: enabled with depth 0")]
+    EnabledWithoutDepth { queue: usize },
+    #[error(
+        "queue {queue}: {what} at {addr:#x} (+{len:#x}) is not inside the memory this destination's VMM mapped"
+    )]
+    RingOutsideMaps {
+        queue: usize,
+        what: &'static str,
+        addr: u64,
+        len: u64,
+    },
+    #[error("queue {queue}: its submission ring, completion ring and index block overlap")]
+    RingsOverlap { queue: usize },
+    #[error(
+        "queue {queue}: positions do not add up (sq_head {sq_head}, cq_tail {cq_tail}, {held} results held)"
+    )]
+    Positions {
+        queue: usize,
+        sq_head: u32,
+        cq_tail: u32,
+        held: usize,
+    },
+    #[error("queue {queue}: {count} {what}, more than its depth {depth}")]
+    TooMany {
+        queue: usize,
+        what: &'static str,
+        count: u64,
+        depth: u32,
+    },
+    #[error("queue {queue}: a held result has status {status}, which no job has")]
+    HeldStatus { queue: usize, status: u16 },
+    #[error("queue {queue}: a disabled queue carries ring state")]
+    RingOnDisabledQueue { queue: usize },
+    #[error(
+        "queue {queue}: Q_STATUS error bits {bits:#x} are not ERROR with a register error code"
+    )]
+    QueueError { queue: usize, bits: u32 },
+    #[error("ERR_CODE {code} names no register error")]
+    ErrCode { code: u16 },
+    #[error("ERR_OFFSET {offset:#x} is outside BAR0 ({size:#x} bytes)")]
+    ErrOffset { offset: u32, size: u64 },
+    #[error("queue {queue}: rings not cleared although Bus Master is set")]
+    RingsNotReady { queue: usize },
+    #[error("queue {queue}: no queue pair on this destination: {reason}")]
+    NoQueuePair { queue: usize, reason: String },
+    #[error("the device is running: quiesce it before {0}")]
+    NotQuiesced(&'static str),
+    #[error("queue {queue} has jobs the engine has not finished")]
+    Unsettled { queue: usize },
+}
+
+impl From<StateError> for crate::vdev::device::DeviceError {
+    fn from(e: StateError) -> Self {
+        use crate::vdev::device::DeviceError;
+        match e {
+            StateError::NoQueuePair { .. } => DeviceError::Busy(e.to_string()),
+            StateError::NotQuiesced(_) | StateError::Unsettled { .. } => {
+                DeviceError::Busy(e.to_string())
+            }
+            _ => DeviceError::Invalid(e.to_string()),
+        }
+    }
+}
