@@ -224,6 +224,11 @@ impl WdDevice {
         }
         for (what, count) in [
             ("held results", ring.held.len() as u64),
+            ("pending jobs", ring.pending.len() as u64),
+            (
+                "held results and pending jobs",
+                ring.held.len() as u64 + ring.pending.len() as u64,
+            ),
             ("owed interrupts", u64::from(ring.irq_pending)),
         ] {
             if count > u64::from(c.depth) {
@@ -235,12 +240,14 @@ impl WdDevice {
                 });
             }
         }
-        if ring.sq_head.wrapping_sub(ring.cq_tail) as usize != ring.held.len() {
+        if ring.sq_head.wrapping_sub(ring.cq_tail) as usize != ring.held.len() + ring.pending.len()
+        {
             return Err(StateError::Positions {
                 queue: qi,
                 sq_head: ring.sq_head,
                 cq_tail: ring.cq_tail,
                 held: ring.held.len(),
+                pending: ring.pending.len(),
             });
         }
         if let Some(h) = ring.held.iter().find(|h| h.result().is_none()) {

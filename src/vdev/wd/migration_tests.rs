@@ -72,6 +72,7 @@ impl Ram {
 /// One side: a function on its own engines, its RAM mapped for it.
 struct Host {
     _accel: Arc<SoftAccel>,
+    sched: Arc<crate::qos::ScheduledAccel>,
     dev: Arc<Mutex<Function>>,
     ram: Arc<Ram>,
 }
@@ -89,7 +90,8 @@ impl Host {
         let accel = SoftAccel::new(1);
         let sched = crate::qos::ScheduledAccel::new(accel.clone(), 1).unwrap();
         let interrupts = Interrupts::new(cfg.queues as u16);
-        let mut model = WdDevice::new(cfg, sched, pasid, Arc::new(interrupts.clone())).unwrap();
+        let mut model =
+            WdDevice::new(cfg, sched.clone(), pasid, Arc::new(interrupts.clone())).unwrap();
         model.set_type_name(type_name);
         let mut dev = PciFunction::new(model, interrupts);
         let ram = Ram::new();
@@ -106,6 +108,7 @@ impl Host {
             .unwrap();
         Host {
             _accel: accel,
+            sched,
             dev: Arc::new(Mutex::new(dev)),
             ram,
         }
@@ -239,8 +242,8 @@ impl DmaMemory for Machine {
 
 /// The VMM moves the running guest from `from` to `to`: pause the guest,
 /// stop and save the source, copy RAM, load and resume the destination,
-/// point the guest at it.
-fn migrate(m: &Machine, from: &Host, to: &Host) {
+/// point the guest at it. Returns the device state that moved.
+fn migrate(m: &Machine, from: &Host, to: &Host) -> FunctionState {
     let mut active = m.0.write();
     assert!(Arc::ptr_eq(&active.dev, &from.dev));
     let s = from.stop_and_save();
@@ -249,6 +252,18 @@ fn migrate(m: &Machine, from: &Host, to: &Host) {
     to.resume();
     active.dev = to.dev.clone();
     active.ram = to.ram.clone();
+    let state = stream::decode(&s, &to.compat(), DEFAULT_MAX_STREAM).unwrap();
+    serde_json::from_slice(&state).unwrap()
+}
+
+/// Jobs given back by the scheduler at the stop, over all queues.
+fn pending_jobs(st: &FunctionState) -> usize {
+    st.model["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|q| q["ring"]["pending"].as_array().map_or(0, Vec::len))
+        .sum()
 }
 
 const SLOT_SRC: u64 = 8 << 10;
@@ -534,6 +549,43 @@ fn a_loaded_guest_migrated_back_and_forth_fifty_times_sees_every_job_once_and_ri
             .all(|&e| e),
         "every queue still enabled on the last destination"
     );
+}
+
+#[test]
+fn jobs_a_rate_limit_holds_back_move_with_the_device_and_run_once_there() {
+    const QUEUES: u32 = 2;
+    let a = Host::new(config(QUEUES, 1024), 5, "zip");
+    let b = Host::new(config(QUEUES, 1024), 9, "zip");
+    // About 2000 jobs a second on each side: the scheduler holds most of
+    // each ring back, so a stop finds jobs taken that no engine started.
+    for (h, pasid) in [(&a, 5), (&b, 9)] {
+        h.sched.set_policy(
+            pasid,
+            crate::qos::Policy {
+                jobs_per_sec: Some(2000),
+                burst_jobs: Some(4),
+                ..crate::qos::Policy::default()
+            },
+        );
+    }
+    let m = Machine::on(&a);
+    let guest = Guest::start(&m, QUEUES, 64);
+    let mut hosts = [&a, &b];
+    let mut before = 0;
+    let mut moved = 0;
+    for _ in 0..10 {
+        wait_progress(&m, QUEUES, before + 10);
+        let st = migrate(&m, hosts[0], hosts[1]);
+        moved += pending_jobs(&st);
+        hosts.swap(0, 1);
+        before = completed_total(&m, QUEUES);
+    }
+    assert!(moved > 0, "no stop found a job held back by the scheduler");
+    let loads = guest.finish();
+    for l in &loads {
+        assert_eq!(l.completed, u64::from(l.next), "queue {}", l.index);
+        assert!(l.seen.iter().all(|&s| s), "queue {}", l.index);
+    }
 }
 
 #[test]

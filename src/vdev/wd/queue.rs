@@ -117,8 +117,9 @@ pub const PARK_BUDGET: Duration = Duration::from_secs(2);
 /// takes it up when started again (here or on a migration's destination).
 /// Every job the guest handed the queue is accounted for by these numbers:
 /// entries before `sq_head` were taken; of those, `cq_tail` have their
-/// completion in the ring and `held` have a result not yet written (bus
-/// mastering was off), so `sq_head - cq_tail == held.len()` once parked.
+/// completion in the ring, `held` have a result not yet written (bus
+/// mastering was off) and `pending` were taken but no engine started them,
+/// so `sq_head - cq_tail == held.len() + pending.len()` once parked.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RingState {
@@ -132,6 +133,70 @@ pub struct RingState {
     pub irq_pending: u32,
     /// Results held back while bus mastering was off, oldest first.
     pub held: Vec<HeldCompletion>,
+    /// Jobs taken from the ring (`sq_head` is past them, so the guest may
+    /// already have reused their slots) that no engine started: the
+    /// scheduler gave them back at the park. Their descriptors, oldest
+    /// first, to be checked again and submitted before anything new.
+    pub pending: Vec<PendingJob>,
+}
+
+/// A descriptor taken but not run: the submission entry's fields (the
+/// reserved ones are zero, or it would not have been taken).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PendingJob {
+    pub opcode: u8,
+    pub tag: u32,
+    pub src: u64,
+    pub src_len: u32,
+    pub dst: u64,
+    pub dst_len: u32,
+    pub param: u64,
+    pub ctx: u64,
+}
+
+impl PendingJob {
+    fn of(sqe: &SubmissionEntry) -> PendingJob {
+        PendingJob {
+            opcode: sqe.opcode,
+            tag: sqe.tag,
+            src: sqe.src,
+            src_len: sqe.src_len,
+            dst: sqe.dst,
+            dst_len: sqe.dst_len,
+            param: sqe.param,
+            ctx: sqe.ctx,
+        }
+    }
+
+    fn entry(&self) -> SubmissionEntry {
+        SubmissionEntry {
+            opcode: self.opcode,
+            tag: self.tag,
+            src: self.src,
+            src_len: self.src_len,
+            dst: self.dst,
+            dst_len: self.dst_len,
+            param: self.param,
+            ctx: self.ctx,
+            ..SubmissionEntry::default()
+        }
+    }
+}
+
+/// The submission entry a job was checked from.
+fn entry_of(job: &Job) -> SubmissionEntry {
+    SubmissionEntry {
+        opcode: job.op as u8,
+        tag: job.cookie as u32,
+        src: job.src,
+        src_len: job.src_len,
+        dst: job.dst,
+        dst_len: job.dst_len,
+        param: job.param,
+        ctx: job.ctx,
+        ..SubmissionEntry::default()
+    }
 }
 
 /// A job's result not yet written to the completion ring.
@@ -339,6 +404,9 @@ struct Worker {
     in_flight: u32,
     /// Results held back while bus mastering is off.
     held: Vec<JobResult>,
+    /// Jobs taken that no engine started, given back at a park (here or on
+    /// the source): submitted again before the ring is read.
+    pending: std::collections::VecDeque<SubmissionEntry>,
     /// Completions since the last interrupt, and when the oldest arrived.
     irq_pending: u32,
     irq_since: Option<Instant>,
@@ -441,6 +509,7 @@ impl Worker {
             cq_tail: ring.cq_tail,
             in_flight,
             held,
+            pending: ring.pending.iter().map(PendingJob::entry).collect(),
             irq_pending: ring.irq_pending,
             irq_since: (ring.irq_pending > 0).then(Instant::now),
             pace: Pace::default(),
@@ -496,7 +565,7 @@ impl Worker {
             return Some(self.settle());
         }
         self.drain();
-        let dropped = self.in_flight as u64 + self.held.len() as u64;
+        let dropped = self.in_flight as u64 + self.held.len() as u64 + self.pending.len() as u64;
         self.ctx.shared.stats.dropped(dropped);
         None
     }
@@ -509,6 +578,11 @@ impl Worker {
     /// between `sq_head` and the guest's `sq_tail` was read for good.
     fn settle(mut self) -> Parked {
         let deadline = Instant::now() + PARK_BUDGET;
+        // Jobs a scheduler still holds move with the queue rather than
+        // being waited for (a rate-limited instance may hold many).
+        let back = self.ctx.qp.withdraw();
+        self.in_flight = self.in_flight.saturating_sub(back.len() as u32);
+        self.pending.extend(back.iter().map(entry_of));
         loop {
             let mut n = 0;
             while let Ok(r) = self.ctx.qp.completions().try_recv() {
@@ -556,6 +630,7 @@ impl Worker {
             cq_tail: self.cq_tail,
             irq_pending: self.irq_pending,
             held: self.held.iter().map(HeldCompletion::of).collect(),
+            pending: self.pending.iter().map(PendingJob::of).collect(),
         };
         let in_flight = self.in_flight;
         let mut ctx = self.ctx;
@@ -617,6 +692,9 @@ impl Worker {
     /// taken (or refused with an error CQE), so a throttled batch is read
     /// again on a later pass, and the guest sees it still queued.
     fn fetch(&mut self, mem: &GuestMemory) -> bool {
+        if !self.pending.is_empty() {
+            return self.resubmit(mem);
+        }
         let depth = self.ctx.config.depth;
         let tail = self.load_idx(mem, idx::SQ_TAIL);
         let cq_head = self.load_idx(mem, idx::CQ_HEAD);
@@ -724,6 +802,72 @@ impl Worker {
             }
             None => false,
         }
+    }
+
+    /// Offer the jobs given back at a park before anything new from the
+    /// ring. Each is checked again, against this queue's memory now (it may
+    /// come from another host's stream); one refused completes with the
+    /// check's status, as a bad descriptor does.
+    fn resubmit(&mut self, mem: &GuestMemory) -> bool {
+        let mut kept = std::collections::VecDeque::with_capacity(self.pending.len());
+        let mut jobs = Vec::new();
+        let mut refused = Vec::new();
+        for sqe in self.pending.drain(..) {
+            match check(&sqe, &self.ctx.config, self.ctx.max_xfer, mem) {
+                Ok(job) => {
+                    if jobs.len() < FETCH_BATCH as usize {
+                        jobs.push(job);
+                    }
+                    kept.push_back(sqe);
+                }
+                Err(status) => refused.push(JobResult {
+                    cookie: sqe.tag as u64,
+                    status,
+                    bytes: 0,
+                    result: 0,
+                    stream_end: false,
+                }),
+            }
+        }
+        self.pending = kept;
+        let progressed = !refused.is_empty();
+        for r in refused {
+            self.complete(mem, r);
+        }
+        if jobs.is_empty() {
+            return progressed;
+        }
+        self.ctx.shared.stats.stamp(&mut jobs);
+        self.room.store(false, Ordering::Release);
+        let taken = match self.ctx.qp.submit(&jobs) {
+            Ok(n) => n.min(jobs.len()),
+            Err(e) => {
+                tracing::warn!(queue = self.ctx.queue, "engine refused a batch: {e}");
+                for j in &jobs {
+                    let r = JobResult {
+                        cookie: j.cookie,
+                        status: JobStatus::EngineError,
+                        bytes: 0,
+                        result: 0,
+                        stream_end: false,
+                    };
+                    self.complete(mem, r);
+                }
+                self.pending.drain(..jobs.len());
+                return true;
+            }
+        };
+        self.pending.drain(..taken);
+        self.throttled = taken < jobs.len();
+        if taken > 0 {
+            if self.in_flight == 0 {
+                self.pace.started(Instant::now());
+            }
+            self.in_flight += taken as u32;
+            let bytes: u64 = jobs[..taken].iter().map(|j| j.src_len as u64).sum();
+            add(&self.ctx.shared.stats.bytes_in, bytes);
+        }
+        true
     }
 
     /// Write one CQE: body first, then (after a release fence) the flags word

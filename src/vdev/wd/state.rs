@@ -101,13 +101,14 @@ pub enum StateError {
     #[error("queue {queue}: its submission ring, completion ring and index block overlap")]
     RingsOverlap { queue: usize },
     #[error(
-        "queue {queue}: positions do not add up (sq_head {sq_head}, cq_tail {cq_tail}, {held} results held)"
+        "queue {queue}: positions do not add up (sq_head {sq_head}, cq_tail {cq_tail}, {held} results held, {pending} jobs pending)"
     )]
     Positions {
         queue: usize,
         sq_head: u32,
         cq_tail: u32,
         held: usize,
+        pending: usize,
     },
     #[error("queue {queue}: {count} {what}, more than its depth {depth}")]
     TooMany {
