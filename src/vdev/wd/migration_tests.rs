@@ -965,3 +965,48 @@ fn the_state_of_sixteen_queues_is_small() {
     drop(paused);
     drop(guest.finish());
 }
+
+/// Figures for docs/migration.md: the whole stream (envelope, compatibility
+/// block, state) of an instance with its rings in use, and the time from
+/// the quiesce to the end of the save on the source and from the restore to
+/// the end of the resume on the destination. Run with
+/// `cargo test --lib migration_tests::print_ -- --ignored --nocapture`.
+#[test]
+#[ignore = "prints figures"]
+fn print_stream_size_and_device_stop_times() {
+    for queues in [1u32, 4, 16] {
+        let a = Host::new(config(queues, 1024), 5, "t");
+        let b = Host::new(config(queues, 1024), 9, "t");
+        let m = Machine::on(&a);
+        let guest = Guest::start(&m, queues, 16);
+        wait_progress(&m, queues, 20 * queues);
+        let paused = m.0.write();
+        let t0 = Instant::now();
+        let s = a.stop_and_save();
+        let stop = t0.elapsed();
+        a.ram.copy_to(&b.ram);
+        let t1 = Instant::now();
+        b.load(&s).unwrap();
+        b.resume();
+        let start = t1.elapsed();
+        let st: FunctionState = serde_json::from_slice(
+            &stream::decode(&s, &a.compat(), DEFAULT_MAX_STREAM).unwrap(),
+        )
+        .unwrap();
+        println!(
+            "{queues:>2} queues: stream {:>6} bytes, {} jobs pending; quiesce+save {:>8.3} ms, restore+resume {:>7.3} ms",
+            s.len(),
+            pending_jobs(&st),
+            stop.as_secs_f64() * 1e3,
+            start.as_secs_f64() * 1e3
+        );
+        // Back to the source, so that the guest finishes where it began.
+        b.dev.lock().migration().unwrap().quiesce().unwrap();
+        let back = b.dev.lock().migration().unwrap().save().unwrap();
+        b.ram.copy_to(&a.ram);
+        a.load(&stream::encode(&b.compat(), &back)).unwrap();
+        a.resume();
+        drop(paused);
+        drop(guest.finish());
+    }
+}
