@@ -278,23 +278,30 @@ impl WdDevice {
         {
             return Err(StateError::RingsNotReady { queue });
         }
+        // A queue parked here keeps its queue pair (settled: nothing is in
+        // it); any other enabled queue gets a new one, opened before
+        // anything changes. `Some(None)`: reuse the parked one.
         let mut pairs = Vec::new();
         for (qi, q) in st.queues.iter().enumerate() {
             if q.ring.is_none() {
                 pairs.push(None);
-                continue;
+            } else if self.queues[qi].parked.is_some() {
+                pairs.push(Some(None));
+            } else {
+                let qp = self
+                    .backends
+                    .for_queue(qi)
+                    .open_queue_pair(self.pasid, qi as u32)
+                    .map_err(|e| StateError::NoQueuePair {
+                        queue: qi,
+                        reason: e.to_string(),
+                    })?;
+                pairs.push(Some(Some(qp)));
             }
-            let qp = self
-                .backends
-                .for_queue(qi)
-                .open_queue_pair(self.pasid, qi as u32)
-                .map_err(|e| StateError::NoQueuePair {
-                    queue: qi,
-                    reason: e.to_string(),
-                })?;
-            pairs.push(Some(qp));
         }
         // Nothing can fail from here on.
+        let mut old: Vec<Option<Parked>> =
+            self.queues.iter_mut().map(|s| s.parked.take()).collect();
         self.stop_queues();
         self.enabled = st.enabled;
         self.err = ErrLatch {
@@ -304,7 +311,12 @@ impl WdDevice {
         };
         self.bus_master.set(bus_master);
         self.set_engine_dma(bus_master);
-        for ((qi, q), qp) in st.queues.into_iter().enumerate().zip(pairs) {
+        for ((qi, q), pair) in st.queues.into_iter().enumerate().zip(pairs) {
+            let qp = match pair {
+                Some(Some(qp)) => Some(qp),
+                Some(None) => old[qi].take().map(|p| p.ctx.qp),
+                None => None,
+            };
             let slot = &mut self.queues[qi];
             slot.cfg = q.config;
             slot.error = q.error;

@@ -87,7 +87,10 @@ fn config(queues: u32, max_depth: u32) -> WdConfig {
 
 impl Host {
     fn new(cfg: WdConfig, pasid: u32, type_name: &str) -> Host {
-        let accel = SoftAccel::new(1);
+        Host::on(SoftAccel::new(1), cfg, pasid, type_name)
+    }
+
+    fn on(accel: Arc<SoftAccel>, cfg: WdConfig, pasid: u32, type_name: &str) -> Host {
         let sched = crate::qos::ScheduledAccel::new(accel.clone(), 1).unwrap();
         let interrupts = Interrupts::new(cfg.queues as u16);
         let mut model =
@@ -589,6 +592,34 @@ fn jobs_a_rate_limit_holds_back_move_with_the_device_and_run_once_there() {
 }
 
 #[test]
+fn a_restore_onto_a_parked_device_reuses_its_queue_pairs() {
+    // Each side's engines have exactly one queue pair per queue: a restore
+    // that opened new ones beside the parked ones would find none free.
+    let tight = || {
+        SoftAccel::with_config(crate::accel::soft::SoftAccelConfig {
+            engines: 1,
+            max_queue_pairs: 2,
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    let a = Host::on(tight(), config(2, 1024), 5, "zip");
+    let b = Host::on(tight(), config(2, 1024), 9, "zip");
+    let m = Machine::on(&a);
+    let guest = Guest::start(&m, 2, 32);
+    let mut hosts = [&a, &b];
+    let mut before = 0;
+    for _ in 0..6 {
+        wait_progress(&m, 2, before + 20);
+        migrate(&m, hosts[0], hosts[1]);
+        hosts.swap(0, 1);
+        before = completed_total(&m, 2);
+    }
+    let loads = guest.finish();
+    assert!(loads.iter().all(|l| l.completed == u64::from(l.next)));
+}
+
+#[test]
 fn quiesce_and_resume_in_place_under_load_keep_every_job() {
     const QUEUES: u32 = 2;
     let a = Host::new(config(QUEUES, 1024), 5, "zip");
@@ -989,10 +1020,9 @@ fn print_stream_size_and_device_stop_times() {
         b.load(&s).unwrap();
         b.resume();
         let start = t1.elapsed();
-        let st: FunctionState = serde_json::from_slice(
-            &stream::decode(&s, &a.compat(), DEFAULT_MAX_STREAM).unwrap(),
-        )
-        .unwrap();
+        let st: FunctionState =
+            serde_json::from_slice(&stream::decode(&s, &a.compat(), DEFAULT_MAX_STREAM).unwrap())
+                .unwrap();
         println!(
             "{queues:>2} queues: stream {:>6} bytes, {} jobs pending; quiesce+save {:>8.3} ms, restore+resume {:>7.3} ms",
             s.len(),

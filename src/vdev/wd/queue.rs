@@ -34,6 +34,7 @@ use wdvirt_abi::{
     SubmissionEntry, idx,
 };
 
+pub use super::state::{HeldCompletion, PendingJob, RingState};
 use crate::accel::{AddressSpace, GuestMemory, Job, JobResult, QueuePair};
 use crate::stats::{QueueStats, add};
 use crate::vdev::function::InterruptSink;
@@ -113,77 +114,6 @@ const DRAIN_BUDGET: Duration = Duration::from_secs(2);
 /// Well inside the 5 s a VMM waits for a reply.
 pub const PARK_BUDGET: Duration = Duration::from_secs(2);
 
-/// Where a queue stands in its rings, as a worker leaves it when parked and
-/// takes it up when started again (here or on a migration's destination).
-/// Every job the guest handed the queue is accounted for by these numbers:
-/// entries before `sq_head` were taken; of those, `cq_tail` have their
-/// completion in the ring, `held` have a result not yet written (bus
-/// mastering was off) and `pending` were taken but no engine started them,
-/// so `sq_head - cq_tail == held.len() + pending.len()` once parked.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RingState {
-    /// `sq_head` as published to the guest (free-running).
-    pub sq_head: u32,
-    /// Completions written (free-running); the next one's slot and phase
-    /// follow from it.
-    pub cq_tail: u32,
-    /// Completions written since the last interrupt (coalescing); raised
-    /// when the queue runs again.
-    pub irq_pending: u32,
-    /// Results held back while bus mastering was off, oldest first.
-    pub held: Vec<HeldCompletion>,
-    /// Jobs taken from the ring (`sq_head` is past them, so the guest may
-    /// already have reused their slots) that no engine started: the
-    /// scheduler gave them back at the park. Their descriptors, oldest
-    /// first, to be checked again and submitted before anything new.
-    pub pending: Vec<PendingJob>,
-}
-
-/// A descriptor taken but not run: the submission entry's fields (the
-/// reserved ones are zero, or it would not have been taken).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PendingJob {
-    pub opcode: u8,
-    pub tag: u32,
-    pub src: u64,
-    pub src_len: u32,
-    pub dst: u64,
-    pub dst_len: u32,
-    pub param: u64,
-    pub ctx: u64,
-}
-
-impl PendingJob {
-    fn of(sqe: &SubmissionEntry) -> PendingJob {
-        PendingJob {
-            opcode: sqe.opcode,
-            tag: sqe.tag,
-            src: sqe.src,
-            src_len: sqe.src_len,
-            dst: sqe.dst,
-            dst_len: sqe.dst_len,
-            param: sqe.param,
-            ctx: sqe.ctx,
-        }
-    }
-
-    fn entry(&self) -> SubmissionEntry {
-        SubmissionEntry {
-            opcode: self.opcode,
-            tag: self.tag,
-            src: self.src,
-            src_len: self.src_len,
-            dst: self.dst,
-            dst_len: self.dst_len,
-            param: self.param,
-            ctx: self.ctx,
-            ..SubmissionEntry::default()
-        }
-    }
-}
-
 /// The submission entry a job was checked from.
 fn entry_of(job: &Job) -> SubmissionEntry {
     SubmissionEntry {
@@ -196,41 +126,6 @@ fn entry_of(job: &Job) -> SubmissionEntry {
         param: job.param,
         ctx: job.ctx,
         ..SubmissionEntry::default()
-    }
-}
-
-/// A job's result not yet written to the completion ring.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HeldCompletion {
-    pub tag: u32,
-    /// A `JobStatus` code.
-    pub status: u16,
-    pub bytes: u32,
-    pub result: u32,
-    pub stream_end: bool,
-}
-
-impl HeldCompletion {
-    fn of(r: &JobResult) -> HeldCompletion {
-        HeldCompletion {
-            tag: r.cookie as u32,
-            status: r.status.code(),
-            bytes: r.bytes,
-            result: r.result,
-            stream_end: r.stream_end,
-        }
-    }
-
-    /// The engine's result again; `None` for a status code no job has.
-    pub fn result(&self) -> Option<JobResult> {
-        Some(JobResult {
-            cookie: self.tag as u64,
-            status: JobStatus::from_code(self.status)?,
-            bytes: self.bytes,
-            result: self.result,
-            stream_end: self.stream_end,
-        })
     }
 }
 

@@ -11,8 +11,10 @@
 //! the state.
 
 use serde::{Deserialize, Serialize};
+use wdvirt_abi::{JobStatus, SubmissionEntry};
 
-use super::queue::{QueueConfig, RingState};
+use super::queue::QueueConfig;
+use crate::accel::JobResult;
 
 /// The format of [`WdState`]; a restore refuses any other.
 pub const WD_STATE_VERSION: u32 = 1;
@@ -54,6 +56,112 @@ pub struct QueueState {
     /// Bus Master set, or Bus Master was set since); if not, it is cleared
     /// when Bus Master is set, as on the source.
     pub rings_ready: bool,
+}
+
+/// Where a queue stands in its rings, as a worker leaves it when parked and
+/// takes it up when started again (here or on a migration's destination).
+/// Every job the guest handed the queue is accounted for by these numbers:
+/// entries before `sq_head` were taken; of those, `cq_tail` have their
+/// completion in the ring, `held` have a result not yet written (bus
+/// mastering was off) and `pending` were taken but no engine started them,
+/// so `sq_head - cq_tail == held.len() + pending.len()` once parked.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RingState {
+    /// `sq_head` as published to the guest (free-running).
+    pub sq_head: u32,
+    /// Completions written (free-running); the next one's slot and phase
+    /// follow from it.
+    pub cq_tail: u32,
+    /// Completions written since the last interrupt (coalescing); raised
+    /// when the queue runs again.
+    pub irq_pending: u32,
+    /// Results held back while bus mastering was off, oldest first.
+    pub held: Vec<HeldCompletion>,
+    /// Jobs taken from the ring (`sq_head` is past them, so the guest may
+    /// already have reused their slots) that no engine started: the
+    /// scheduler gave them back at the park. Their descriptors, oldest
+    /// first, to be checked again and submitted before anything new.
+    pub pending: Vec<PendingJob>,
+}
+
+/// A descriptor taken but not run: the submission entry's fields (the
+/// reserved ones are zero, or it would not have been taken).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PendingJob {
+    pub opcode: u8,
+    pub tag: u32,
+    pub src: u64,
+    pub src_len: u32,
+    pub dst: u64,
+    pub dst_len: u32,
+    pub param: u64,
+    pub ctx: u64,
+}
+
+impl PendingJob {
+    pub(super) fn of(sqe: &SubmissionEntry) -> PendingJob {
+        PendingJob {
+            opcode: sqe.opcode,
+            tag: sqe.tag,
+            src: sqe.src,
+            src_len: sqe.src_len,
+            dst: sqe.dst,
+            dst_len: sqe.dst_len,
+            param: sqe.param,
+            ctx: sqe.ctx,
+        }
+    }
+
+    pub(super) fn entry(&self) -> SubmissionEntry {
+        SubmissionEntry {
+            opcode: self.opcode,
+            tag: self.tag,
+            src: self.src,
+            src_len: self.src_len,
+            dst: self.dst,
+            dst_len: self.dst_len,
+            param: self.param,
+            ctx: self.ctx,
+            ..SubmissionEntry::default()
+        }
+    }
+}
+
+/// A job's result not yet written to the completion ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldCompletion {
+    pub tag: u32,
+    /// A `JobStatus` code.
+    pub status: u16,
+    pub bytes: u32,
+    pub result: u32,
+    pub stream_end: bool,
+}
+
+impl HeldCompletion {
+    pub(super) fn of(r: &JobResult) -> HeldCompletion {
+        HeldCompletion {
+            tag: r.cookie as u32,
+            status: r.status.code(),
+            bytes: r.bytes,
+            result: r.result,
+            stream_end: r.stream_end,
+        }
+    }
+
+    /// The engine's result again; `None` for a status code no job has.
+    pub fn result(&self) -> Option<JobResult> {
+        Some(JobResult {
+            cookie: self.tag as u64,
+            status: JobStatus::from_code(self.status)?,
+            bytes: self.bytes,
+            result: self.result,
+            stream_end: self.stream_end,
+        })
+    }
 }
 
 /// Why a state was refused. Every variant names the queue and the values.
