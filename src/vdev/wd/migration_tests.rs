@@ -1040,3 +1040,194 @@ fn print_stream_size_and_device_stop_times() {
         drop(guest.finish());
     }
 }
+
+/// A hand-driven queue 0 at fixed addresses, for the paths the guest
+/// driver never takes (an interrupt vector, Bus Master cleared under load).
+struct RawQueue {
+    depth: u32,
+    tail: u32,
+    head: u32,
+}
+
+const SQ: u64 = RAM;
+const CQ: u64 = RAM + 0x1_0000;
+const IDX: u64 = RAM + 0x2_0000;
+const BUF: u64 = RAM + 0x10_0000;
+
+impl RawQueue {
+    fn enable(m: &Machine, depth: u32, vector: u32, coalesce: u32) -> RawQueue {
+        let b = u64::from(r::queue(0));
+        m.write32(0, u64::from(r::DEV_CTRL), r::DEV_CTRL_ENABLE)
+            .unwrap();
+        m.write64(0, b + u64::from(r::Q_SQ_BASE), SQ).unwrap();
+        m.write64(0, b + u64::from(r::Q_CQ_BASE), CQ).unwrap();
+        m.write64(0, b + u64::from(r::Q_IDX_BASE), IDX).unwrap();
+        m.write32(0, b + u64::from(r::Q_DEPTH), depth).unwrap();
+        let ops = m.read32(0, u64::from(r::CAP_OPS)).unwrap();
+        m.write32(0, b + u64::from(r::Q_OPS), ops).unwrap();
+        m.write32(0, b + u64::from(r::Q_MSIX_VECTOR), vector)
+            .unwrap();
+        m.write32(0, b + u64::from(r::Q_IRQ_COALESCE), coalesce)
+            .unwrap();
+        m.write32(0, b + u64::from(r::Q_CTRL), r::Q_CTRL_ENABLE)
+            .unwrap();
+        let status = m.read32(0, b + u64::from(r::Q_STATUS)).unwrap();
+        assert_eq!(status, r::Q_STATUS_ENABLED);
+        RawQueue {
+            depth,
+            tail: 0,
+            head: 0,
+        }
+    }
+
+    /// `n` copies of 64 KiB, each from its own buffer.
+    fn submit_copies(&mut self, m: &Machine, n: u32) {
+        self.submit(m, n, |i| {
+            JobSpec::new(Opcode::Copy)
+                .src(BUF + i * (128 << 10), 64 << 10)
+                .dst(BUF + i * (128 << 10) + (64 << 10), 64 << 10)
+        });
+    }
+
+    /// `n` SHA-256 digests of the same 1 MiB (a few ms each).
+    fn submit_digests(&mut self, m: &Machine, n: u32) {
+        self.submit(m, n, |i| {
+            JobSpec::new(Opcode::Sha256)
+                .src(BUF, 1 << 20)
+                .dst(BUF + (2 << 20) + i * 64, 32)
+        });
+    }
+
+    fn submit(&mut self, m: &Machine, n: u32, job: impl Fn(u64) -> JobSpec) {
+        for _ in 0..n {
+            let i = u64::from(self.tail % self.depth);
+            let sqe = job(i).to_sqe(self.tail);
+            m.write(SQ + i * 64, &sqe.to_bytes()).unwrap();
+            self.tail += 1;
+        }
+        m.write_u32(IDX + wdvirt_abi::idx::SQ_TAIL, self.tail)
+            .unwrap();
+        m.write32(2, 0, self.tail).unwrap();
+    }
+
+    /// Completions written since the last call, by phase bit.
+    fn reap(&mut self, m: &Machine) -> Vec<CompletionEntry> {
+        let mut out = Vec::new();
+        loop {
+            let slot = u64::from(self.head % self.depth);
+            let mut b = [0u8; 16];
+            m.read(CQ + slot * 16, &mut b).unwrap();
+            let c = CompletionEntry::from_bytes(&b);
+            let phase = u16::from((self.head / self.depth).is_multiple_of(2));
+            if c.flags & 1 != phase {
+                break;
+            }
+            out.push(c);
+            self.head += 1;
+        }
+        m.write_u32(IDX + wdvirt_abi::idx::CQ_HEAD, self.head)
+            .unwrap();
+        out
+    }
+}
+
+/// MSI-X Enable in the function's capability (Message Control at 0x82).
+fn enable_msix(h: &Host) {
+    h.dev
+        .lock()
+        .region_write(CONFIG, 0x82, &0x8000u16.to_le_bytes())
+        .unwrap();
+}
+
+#[test]
+fn the_coalesced_interrupt_owed_at_the_stop_is_raised_before_quiesce_returns() {
+    let a = Host::new(config(1, 1024), 5, "one");
+    let b = Host::new(config(1, 1024), 9, "one");
+    enable_msix(&a);
+    let m = Machine::on(&a);
+    // An interrupt every 100 completions or after 65 ms: three jobs leave
+    // one owed for a long while.
+    let mut q = RawQueue::enable(&m, 64, 0, 0xffff << 16 | 100);
+    q.submit_copies(&m, 3);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut done = Vec::new();
+    while done.len() < 3 {
+        assert!(Instant::now() < deadline);
+        done.extend(q.reap(&m));
+    }
+    let irq = |h: &Host| {
+        let d = h.dev.lock();
+        (
+            d.interrupts().msix_pending(0),
+            d.interrupts().msix_counters(0).unwrap().pending,
+        )
+    };
+    assert_eq!(irq(&a), (Some(false), 0), "not yet raised: coalescing");
+    let paused = m.0.write();
+    let s = a.stop_and_save();
+    // No eventfd: the raised vector is left pending in the PBA.
+    assert_eq!(irq(&a), (Some(true), 1), "raised by the park");
+    a.ram.copy_to(&b.ram);
+    b.load(&s).unwrap();
+    assert_eq!(b.dev.lock().interrupts().msix_pending(0), Some(true));
+    b.resume();
+    drop(paused);
+    let st: FunctionState =
+        serde_json::from_slice(&stream::decode(&s, &a.compat(), DEFAULT_MAX_STREAM).unwrap())
+            .unwrap();
+    assert_eq!(st.model["queues"][0]["ring"]["irq_pending"], 0);
+}
+
+#[test]
+fn results_held_while_bus_master_is_off_travel_and_are_written_once_it_is_set() {
+    let a = Host::new(config(1, 1024), 5, "one");
+    let b = Host::new(config(1, 1024), 9, "one");
+    let m = Machine::on(&a);
+    let mut q = RawQueue::enable(&m, 64, r::NO_VECTOR, 0);
+    q.submit_digests(&m, 60);
+    // Every entry taken, most still waiting for the one engine.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while m.read_u32(IDX + wdvirt_abi::idx::SQ_HEAD).unwrap() != 60 {
+        assert!(Instant::now() < deadline, "the queue did not take its ring");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    // Bus Master off with the engine busy: jobs reaching it now end
+    // Aborted and their results wait for Bus Master.
+    a.dev
+        .lock()
+        .region_write(CONFIG, 4, &0b010u16.to_le_bytes())
+        .unwrap();
+    let st = migrate(&m, &a, &b);
+    let ring = &st.model["queues"][0]["ring"];
+    let held = ring["held"].as_array().unwrap().len();
+    let written = ring["cq_tail"].as_u64().unwrap() as usize;
+    assert!(held > 0, "no result was held: {ring}");
+    assert_eq!(
+        written + held + ring["pending"].as_array().unwrap().len(),
+        60
+    );
+    // Nothing is written while Bus Master stays off on the destination...
+    std::thread::sleep(Duration::from_millis(50));
+    let mut tags: Vec<u32> = q.reap(&m).iter().map(|c| c.tag).collect();
+    assert_eq!(tags.len(), written);
+    // ...and everything once it is set: each job exactly once.
+    b.dev
+        .lock()
+        .region_write(CONFIG, 4, &0b110u16.to_le_bytes())
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tags.len() < 60 {
+        assert!(Instant::now() < deadline, "{} of 60", tags.len());
+        for c in q.reap(&m) {
+            // Aborted: the job reached an engine while Bus Master was off.
+            assert!(
+                c.status == JobStatus::Aborted.code() || c.status == JobStatus::Ok.code(),
+                "status {}",
+                c.status
+            );
+            tags.push(c.tag);
+        }
+    }
+    tags.sort();
+    assert_eq!(tags, (0..60).collect::<Vec<_>>());
+}
