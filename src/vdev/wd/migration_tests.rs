@@ -1231,3 +1231,49 @@ fn results_held_while_bus_master_is_off_travel_and_are_written_once_it_is_set() 
     tags.sort();
     assert_eq!(tags, (0..60).collect::<Vec<_>>());
 }
+
+/// The fuzz target `device_state`'s seed, and what that target asserts,
+/// over every truncation of it and a spread of single-bit flips: never a
+/// panic; a refusal leaves the device's own state unchanged; an acceptance
+/// saves to a state that restores to itself.
+#[test]
+fn a_stopped_device_takes_the_fuzz_seed_and_refuses_its_damaged_copies_unchanged() {
+    let seed: &[u8] = include_bytes!("../../../fuzz/seeds/device_state/state");
+    let a = Host::new(config(2, 64), 5, "t");
+    let mut d = a.dev.lock();
+    let m = d.migration().unwrap();
+    m.quiesce().unwrap();
+    m.restore(seed).expect("the seed is a valid state");
+    let base = m.save().unwrap();
+    let mut accepted = 0;
+    let mut damaged: Vec<Vec<u8>> = (0..seed.len())
+        .step_by(5)
+        .map(|n| seed[..n].to_vec())
+        .collect();
+    for i in (0..seed.len()).step_by(3) {
+        let mut v = seed.to_vec();
+        v[i] ^= 1 << (i % 8);
+        damaged.push(v);
+    }
+    for input in damaged {
+        match m.restore(&input) {
+            Err(e) => {
+                assert_eq!(e.errno(), libc::EINVAL as u32, "{e}");
+                assert_eq!(m.save().unwrap(), base, "refused, yet changed");
+            }
+            Ok(()) => {
+                accepted += 1;
+                let after = m.save().unwrap();
+                m.restore(&after).unwrap();
+                assert_eq!(m.save().unwrap(), after);
+                m.restore(&base).unwrap();
+            }
+        }
+    }
+    // Flips inside numbers give other valid states; most damage is refused.
+    assert!(
+        accepted > 0 && accepted < seed.len() / 6,
+        "{accepted} accepted"
+    );
+    m.resume().unwrap();
+}
