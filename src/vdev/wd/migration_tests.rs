@@ -259,6 +259,26 @@ fn migrate(m: &Machine, from: &Host, to: &Host) -> FunctionState {
     serde_json::from_slice(&state).unwrap()
 }
 
+/// Submissions in the rings the device had not taken at the stop (the
+/// guest's `sq_tail` against the saved `sq_head`), over all queues.
+fn untaken(st: &FunctionState, ram: &Ram) -> usize {
+    st.model["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|q| !q["ring"].is_null())
+        .map(|q| {
+            let idx = q["config"]["idx_base"].as_u64().unwrap();
+            let tail: u32 = ram
+                .mem
+                .read_obj(GuestAddress(idx + wdvirt_abi::idx::SQ_TAIL))
+                .unwrap();
+            let head = q["ring"]["sq_head"].as_u64().unwrap() as u32;
+            tail.wrapping_sub(head) as usize
+        })
+        .sum()
+}
+
 /// Jobs given back by the scheduler at the stop, over all queues.
 fn pending_jobs(st: &FunctionState) -> usize {
     st.model["queues"]
@@ -512,10 +532,13 @@ fn a_loaded_guest_migrated_back_and_forth_fifty_times_sees_every_job_once_and_ri
     let guest = Guest::start(&m, QUEUES, DEPTH);
     let mut hosts = [&a, &b];
     let mut before = 0;
+    let (mut moved, mut waiting) = (0, 0);
     for round in 0..ROUNDS {
         // Work in flight on every queue at the moment of the stop.
         wait_progress(&m, QUEUES, before + 40);
-        migrate(&m, hosts[0], hosts[1]);
+        let st = migrate(&m, hosts[0], hosts[1]);
+        moved += pending_jobs(&st);
+        waiting += untaken(&st, &hosts[1].ram);
         hosts.swap(0, 1);
         // Q_COMPLETED travelled with the state: the count goes on.
         let now = completed_total(&m, QUEUES);
@@ -523,6 +546,8 @@ fn a_loaded_guest_migrated_back_and_forth_fifty_times_sees_every_job_once_and_ri
         before = now;
     }
     wait_progress(&m, QUEUES, before + 40);
+    eprintln!("over {ROUNDS} stops: {moved} jobs moved pending, {waiting} entries left in rings");
+    assert!(moved > 0 && waiting > 0, "no stop found work in flight");
     let loads = guest.finish();
     for l in &loads {
         assert!(l.out.is_empty());
