@@ -336,6 +336,7 @@ impl WdDevice {
                         shared: slot.shared.clone(),
                         rings_ready,
                         ring,
+                        park_budget: self.park_budget,
                     },
                     in_flight: 0,
                 });

@@ -1123,6 +1123,18 @@ impl RawQueue {
         });
     }
 
+    /// `n` deflates of the same 1 MiB at level 12 (tens of ms each), all
+    /// into one output buffer (the jobs run one after another).
+    fn submit_deflates(&mut self, m: &Machine, n: u32) {
+        m.write(BUF, &input(0, 0, 1 << 20)).unwrap();
+        self.submit(m, n, |_| {
+            JobSpec::new(Opcode::DeflateCompress)
+                .src(BUF, 1 << 20)
+                .dst(BUF + (4 << 20), 1 << 20)
+                .param(12)
+        });
+    }
+
     fn submit(&mut self, m: &Machine, n: u32, job: impl Fn(u64) -> JobSpec) {
         for _ in 0..n {
             let i = u64::from(self.tail % self.depth);
@@ -1301,4 +1313,49 @@ fn a_stopped_device_takes_the_fuzz_seed_and_refuses_its_damaged_copies_unchanged
         "{accepted} accepted"
     );
     m.resume().unwrap();
+}
+
+#[test]
+fn a_quiesce_past_its_budget_fails_busy_and_the_queues_run_on_losing_nothing() {
+    let a = Host::new(config(1, 1024), 5, "one");
+    // A budget shorter than one job: deflating 1 MiB at level 12 takes
+    // tens of milliseconds.
+    a.dev
+        .lock()
+        .model_mut()
+        .set_park_budget(Duration::from_micros(500));
+    let m = Machine::on(&a);
+    let mut q = RawQueue::enable(&m, 64, r::NO_VECTOR, 0);
+    q.submit_deflates(&m, 6);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while m.read_u32(IDX + wdvirt_abi::idx::SQ_HEAD).unwrap() != 6 {
+        assert!(Instant::now() < deadline, "the queue did not take its ring");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    {
+        let mut d = a.dev.lock();
+        let err = d.migration().unwrap().quiesce().unwrap_err();
+        assert_eq!(err.errno(), libc::EBUSY as u32, "{err}");
+        assert!(err.to_string().contains("not finished"), "{err}");
+        assert!(
+            !d.is_stopped(),
+            "a failed quiesce leaves the device running"
+        );
+    }
+    // Still running: registers take writes, and every job completes once.
+    m.write32(2, 0, 6).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut tags = Vec::new();
+    while tags.len() < 6 {
+        assert!(Instant::now() < deadline, "{} of 6", tags.len());
+        for c in q.reap(&m) {
+            assert_eq!(c.status, JobStatus::Ok.code());
+            tags.push(c.tag);
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    tags.sort();
+    assert_eq!(tags, (0..6).collect::<Vec<_>>());
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(q.reap(&m).is_empty(), "a job completed twice");
 }

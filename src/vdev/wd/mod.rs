@@ -169,6 +169,8 @@ pub struct WdDevice {
     quiesced: bool,
     /// The instance type's name, for the migration compatibility block.
     type_name: String,
+    /// How long a park waits for the jobs engines have (`queue::PARK_BUDGET`).
+    park_budget: std::time::Duration,
 }
 
 impl WdDevice {
@@ -252,6 +254,7 @@ impl WdDevice {
             stats: Arc::new(InstanceStats::default()),
             quiesced: false,
             type_name: DEFAULT_TYPE_NAME.to_string(),
+            park_budget: queue::PARK_BUDGET,
         })
     }
 
@@ -259,6 +262,12 @@ impl WdDevice {
     /// destination must be of the same type.
     pub fn set_type_name(&mut self, name: impl Into<String>) {
         self.type_name = name.into();
+    }
+
+    /// How long a migration's quiesce may wait for the jobs the engines
+    /// have, for queues enabled (or restored) from now on.
+    pub fn set_park_budget(&mut self, budget: std::time::Duration) {
+        self.park_budget = budget;
     }
 
     pub fn type_name(&self) -> &str {
@@ -515,6 +524,7 @@ impl WdDevice {
             shared: self.queues[qi].shared.clone(),
             rings_ready,
             ring: RingState::default(),
+            park_budget: self.park_budget,
         };
         let runner = QueueRunner::start(ctx, 0).map_err(|e| {
             tracing::error!("cannot start queue worker: {e}");

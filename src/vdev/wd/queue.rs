@@ -167,6 +167,9 @@ pub struct WorkerContext {
     /// Where the worker starts in the rings: zero for a queue just enabled,
     /// the parked or restored positions otherwise.
     pub ring: RingState,
+    /// How long a park may wait ([`PARK_BUDGET`] unless the device says
+    /// otherwise).
+    pub park_budget: Duration,
 }
 
 /// Zero the completion ring and the device's half of the index block, so
@@ -472,7 +475,7 @@ impl Worker {
     /// throttled batch left is back in the ring, unpublished), so nothing
     /// between `sq_head` and the guest's `sq_tail` was read for good.
     fn settle(mut self) -> Parked {
-        let deadline = Instant::now() + PARK_BUDGET;
+        let deadline = Instant::now() + self.ctx.park_budget;
         // Jobs a scheduler still holds move with the queue rather than
         // being waited for (a rate-limited instance may hold many).
         let back = self.ctx.qp.withdraw();
