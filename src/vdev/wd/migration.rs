@@ -25,8 +25,9 @@ impl WdDevice {
     }
 
     /// Park every running queue (see `QueueRunner::signal_park`): all are
-    /// told first so that they settle together, within one
-    /// [`PARK_BUDGET`](super::queue::PARK_BUDGET). If a queue pair still
+    /// told first so that they settle together, within one park budget
+    /// ([`PARK_BUDGET`](super::queue::PARK_BUDGET) unless
+    /// [`WdDevice::set_park_budget`] said otherwise). If a queue pair still
     /// holds jobs when its budget runs out, every queue runs again and the
     /// quiesce fails with `Busy`: no job is left without a worker to write
     /// its completion.
@@ -77,7 +78,11 @@ impl WdDevice {
             match QueueRunner::start(p.ctx, p.in_flight) {
                 Ok(runner) => self.queues[qi].runner = Some(runner),
                 Err(e) => {
+                    // The thread was refused with the context in it: the
+                    // queue is gone, and says so as a failed enable does.
                     tracing::error!(queue = qi, "cannot start queue worker: {e}");
+                    let code = RegError::NoQueuePair;
+                    self.queues[qi].error = r::Q_STATUS_ERROR | ((code.code() as u32) << 8);
                     return Err(DeviceError::Io(e));
                 }
             }
