@@ -1359,3 +1359,25 @@ fn a_quiesce_past_its_budget_fails_busy_and_the_queues_run_on_losing_nothing() {
     std::thread::sleep(Duration::from_millis(20));
     assert!(q.reap(&m).is_empty(), "a job completed twice");
 }
+
+#[test]
+fn unmapping_a_parked_queues_rings_stops_that_queue_as_when_running() {
+    let a = Host::new(config(1, 1024), 5, "one");
+    let m = Machine::on(&a);
+    let _q = RawQueue::enable(&m, 64, r::NO_VECTOR, 0);
+    let mut d = a.dev.lock();
+    d.migration().unwrap().quiesce().unwrap();
+    d.dma_unmap(RAM, RAM_SIZE).unwrap();
+    let mut b = [0u8; 4];
+    d.region_read(0, u64::from(r::queue(0) + r::Q_STATUS), &mut b)
+        .unwrap();
+    let status = u32::from_le_bytes(b);
+    assert_eq!(status & r::Q_STATUS_ENABLED, 0);
+    assert_eq!(
+        status >> 8,
+        u32::from(wdvirt_abi::RegError::RingUnmapped.code())
+    );
+    let st: FunctionState =
+        serde_json::from_slice(&d.migration().unwrap().save().unwrap()).unwrap();
+    assert!(st.model["queues"][0]["ring"].is_null(), "saved as disabled");
+}
