@@ -14,6 +14,7 @@ mod device;
 pub mod interrupts;
 pub mod msix;
 mod nowait;
+pub mod state;
 
 #[cfg(test)]
 mod tests;
