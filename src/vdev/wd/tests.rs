@@ -1092,17 +1092,22 @@ fn a_completion_that_could_not_be_written_is_dropped_not_done() {
         vector: wdvirt_abi::regs::NO_VECTOR,
         coalesce: 0,
     };
-    let runner = QueueRunner::start(WorkerContext {
-        queue: 0,
-        config,
-        max_xfer: WdConfig::default().max_xfer,
-        space: rig.space.clone(),
-        qp: rig.sched.open_queue_pair(7, 0).unwrap(),
-        irq: rig.irq.clone(),
-        bus_master: rig.dev.bus_master.clone(),
-        shared: shared.clone(),
-        rings_ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-    })
+    let runner = QueueRunner::start(
+        WorkerContext {
+            queue: 0,
+            config,
+            max_xfer: WdConfig::default().max_xfer,
+            space: rig.space.clone(),
+            qp: rig.sched.open_queue_pair(7, 0).unwrap(),
+            irq: rig.irq.clone(),
+            bus_master: rig.dev.bus_master.clone(),
+            shared: shared.clone(),
+            rings_ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            ring: Default::default(),
+            park_budget: crate::vdev::wd::queue::PARK_BUDGET,
+        },
+        0,
+    )
     .unwrap();
     let job = sqe(Opcode::Nop, 1, 0, 0, 0, 0);
     rig.put(SQ, &job.to_bytes());
