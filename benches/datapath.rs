@@ -382,6 +382,7 @@ fn main() {
         name: "bench".into(),
         socket: socket.clone(),
         config: WdConfig::default(),
+        type_name: wdvirt::vdev::wd::DEFAULT_TYPE_NAME.into(),
     };
     let instance = Instance::start(spec, accel.clone(), 1).expect("start instance");
     let vmm = Arc::new(

@@ -92,6 +92,7 @@ impl Tenant {
             name: format!("t{pasid}"),
             socket: socket.clone(),
             config: WdConfig::default(),
+            type_name: wdvirt::vdev::wd::DEFAULT_TYPE_NAME.into(),
         };
         let instance = Instance::start(spec, accel.clone(), pasid).expect("instance");
         let stop = Arc::new(AtomicBool::new(false));
@@ -360,6 +361,7 @@ fn main() {
             name: "victim".into(),
             socket: dir.path().join("victim.sock"),
             config: WdConfig::default(),
+            type_name: wdvirt::vdev::wd::DEFAULT_TYPE_NAME.into(),
         },
         accel.clone(),
         10,

@@ -198,6 +198,7 @@ impl Arena {
             name: "attacker".into(),
             socket: dir.path().join("attacker.sock"),
             config: config(),
+            type_name: wdvirt::vdev::wd::DEFAULT_TYPE_NAME.into(),
         };
         let attacker = Instance::start_with_limits(spec, accel.clone(), 2, limits).unwrap();
         // A first well-behaved VMM on each side, so lazily made threads and

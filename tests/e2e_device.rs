@@ -327,6 +327,7 @@ fn a_vmm_reconnecting_finds_a_fresh_device() {
         name: "re".into(),
         socket: socket.clone(),
         config: WdConfig::default(),
+        type_name: wdvirt::vdev::wd::DEFAULT_TYPE_NAME.into(),
     };
     let instance = Instance::start(spec, accel, 9).unwrap();
     for round in 0..2 {

@@ -264,6 +264,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             name: format!("wd{i}"),
             socket: dir.join(format!("wd{i}.sock")),
             config: WdConfig::default(),
+            type_name: crate::vdev::wd::DEFAULT_TYPE_NAME.into(),
         };
         instances.push(Instance::start(spec, accel.clone(), pasids.allocate()?)?);
     }

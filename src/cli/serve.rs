@@ -158,6 +158,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
             name: name.clone(),
             socket: socket.clone(),
             config,
+            type_name: crate::vdev::wd::DEFAULT_TYPE_NAME.into(),
         };
         // On an error the instances started so far stop as they drop.
         instances.push(Instance::start_with_limits(

@@ -49,6 +49,9 @@ pub struct InstanceSpec {
     pub name: String,
     pub socket: PathBuf,
     pub config: WdConfig,
+    /// The instance type's name, in the migration compatibility block: a
+    /// destination of another type refuses the stream.
+    pub type_name: String,
 }
 
 /// What an instance has done, for listings and `--json`.
@@ -323,11 +326,12 @@ impl Instance {
                 source,
             })?;
         let interrupts = Interrupts::new(spec.config.queues as u16);
-        let model = WdDevice::new(spec.config, backends, pasid, Arc::new(interrupts.clone()))
+        let mut model = WdDevice::new(spec.config, backends, pasid, Arc::new(interrupts.clone()))
             .map_err(|source| InstanceError::Device {
-                name: name.clone(),
-                source,
-            })?;
+            name: name.clone(),
+            source,
+        })?;
+        model.set_type_name(spec.type_name.clone());
         let stats = model.stats();
         let queues = model.queue_stats();
         let device =

@@ -472,6 +472,7 @@ impl Registry {
             name: name.clone(),
             socket: socket_path(&self.run_dir, &name),
             config: placed.config,
+            type_name: e.def.type_name.clone(),
         };
         // Under its policy before its first job.
         self.catalog

@@ -27,6 +27,7 @@ pub fn instance(
         name: name.into(),
         socket: dir.join(format!("{name}.sock")),
         config,
+        type_name: wdvirt::vdev::wd::DEFAULT_TYPE_NAME.into(),
     };
     Instance::start(spec, accel.clone(), pasid).unwrap()
 }
