@@ -246,6 +246,16 @@ impl Connection {
 
     fn serve(&mut self, dev: &Mutex<dyn VfioUserDevice>) -> Result<Disconnect, TransportError> {
         let mut session = Session::new(&*dev.lock(), &self.limits);
+        let result = self.serve_messages(&mut session, dev);
+        session.ended(&mut *dev.lock());
+        result
+    }
+
+    fn serve_messages(
+        &mut self,
+        session: &mut Session,
+        dev: &Mutex<dyn VfioUserDevice>,
+    ) -> Result<Disconnect, TransportError> {
         let max_msg_fds = self.limits.max_msg_fds;
         loop {
             let read = self
@@ -272,7 +282,7 @@ impl Connection {
             if msg.fd_loss.is_some() {
                 ConnectionStats::add(&self.stats.fds_truncated, 1);
             }
-            if let Err(e) = self.serve_one(&mut session, dev, &mut msg) {
+            if let Err(e) = self.serve_one(session, dev, &mut msg) {
                 return self.end(e);
             }
         }

@@ -11,6 +11,7 @@
 
 pub mod config;
 mod device;
+mod dirty;
 pub mod interrupts;
 pub mod msix;
 mod nowait;

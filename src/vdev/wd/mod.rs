@@ -235,6 +235,12 @@ impl WdDevice {
         )
     }
 
+    /// What the VMM mapped and the guest memory built from it (the dirty
+    /// log for migration lives there).
+    pub fn dma_space_mut(&mut self) -> &mut DmaSpace {
+        &mut self.dma
+    }
+
     pub fn stats(&self) -> Arc<InstanceStats> {
         self.stats.clone()
     }
