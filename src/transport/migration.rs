@@ -72,6 +72,8 @@ pub enum ArcError {
     Stream(#[from] StreamError),
     #[error("the saved state makes a stream of {len} bytes, more than the cap of {max}")]
     TooLarge { len: usize, max: usize },
+    #[error("the stream was refused while it arrived: {0}")]
+    Refused(String, u32),
 }
 
 impl MigrationError {
@@ -84,6 +86,7 @@ impl MigrationError {
                 ArcError::Device(d) => d.errno(),
                 ArcError::Stream(s) => s.errno(),
                 ArcError::TooLarge { .. } => libc::EFBIG as u32,
+                ArcError::Refused(_, errno) => *errno,
             },
             MigrationError::WrongState { .. } => libc::EINVAL as u32,
             MigrationError::Stream(s) => s.errno(),
@@ -208,12 +211,7 @@ impl MigrationSession {
             }
             (Resuming, Stop) => match self.incoming.take() {
                 Some(Incoming::Reading(r)) => dev.restore(&r.finish()?)?,
-                Some(Incoming::Refused(msg, _)) => {
-                    return Err(DeviceError::Invalid(format!(
-                        "the stream was refused while it arrived: {msg}"
-                    ))
-                    .into());
-                }
+                Some(Incoming::Refused(msg, errno)) => return Err(ArcError::Refused(msg, errno)),
                 None => {
                     return Err(StreamError::Truncated {
                         have: 0,
