@@ -328,6 +328,11 @@ fn a_stream_read_in_chunks_and_written_to_another_server_equals_a_direct_save() 
     dst.mig_write(&pre, 5).unwrap();
 
     src.set_mig_state(MigState::StopCopy).unwrap();
+    assert_eq!(
+        errno(src.region_write(0, 0x10, &[0])),
+        libc::EBUSY,
+        "quiesced: the register block takes no write"
+    );
     let rest = src.mig_read_all(1000).unwrap();
     assert!(src.mig_read(1000).unwrap().is_empty());
     let mut whole = pre.clone();
@@ -471,6 +476,21 @@ fn a_destination_with_another_compat_refuses_during_pre_copy() {
         src.region_write(0, 0, &[9]).unwrap();
         assert_eq!(bar0(&mut src)[1..], regs[1..]);
     }
+}
+
+#[test]
+fn a_connection_that_ends_while_logging_stops_the_log() {
+    let (served, mut c, log) = fake(1);
+    c.dirty_log_start(4096, &[]).unwrap();
+    c.set_mig_state(MigState::PreCopy).unwrap();
+    drop(c);
+    served.join().unwrap();
+    let log = log.lock();
+    assert_eq!(
+        log.mig_calls,
+        ["dirty_log_start", "compat", "dirty_log_stop"]
+    );
+    assert_eq!(log.disconnected, 1);
 }
 
 #[test]
