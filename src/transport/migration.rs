@@ -299,3 +299,111 @@ impl MigrationSession {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::stream::{DEFAULT_MAX_STREAM, QueueCompat};
+
+    /// A device whose state is a fixed byte string.
+    struct Blob(Vec<u8>);
+
+    impl Migratable for Blob {
+        fn quiesce(&mut self) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn resume(&mut self) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn compat(&self) -> Compat {
+            Compat {
+                abi_version: 1,
+                type_name: "blob".into(),
+                queues: vec![QueueCompat {
+                    max_depth: 8,
+                    ops: 1,
+                }],
+                max_xfer: 64,
+            }
+        }
+        fn save(&mut self) -> Result<Vec<u8>, DeviceError> {
+            Ok(self.0.clone())
+        }
+        fn restore(&mut self, state: &[u8]) -> Result<(), DeviceError> {
+            self.0 = state.to_vec();
+            Ok(())
+        }
+        fn dirty_log_start(&mut self, _: u64) -> Result<(), DeviceError> {
+            Ok(())
+        }
+        fn dirty_log_stop(&mut self) {}
+        fn dirty_report(
+            &mut self,
+            _: u64,
+            _: u64,
+            _: u64,
+            _: &mut [u8],
+        ) -> Result<(), DeviceError> {
+            Ok(())
+        }
+    }
+
+    fn read_all(s: &mut MigrationSession, piece: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        loop {
+            let got = s.read(piece).unwrap().to_vec();
+            out.extend_from_slice(&got);
+            if got.len() < piece {
+                return out;
+            }
+        }
+    }
+
+    #[test]
+    fn stop_copy_goes_on_from_wherever_pre_copy_stopped() {
+        let mut dev = Blob((0..300u32).map(|i| i as u8).collect());
+        let whole = stream::encode(&dev.compat(), &dev.0);
+        let prefix = stream::compat_prefix_len(&whole);
+        for read_in_pre_copy in [0, 1, 5, prefix - 1, prefix] {
+            let mut s = MigrationSession::new(DEFAULT_MAX_STREAM);
+            s.set_state(&mut dev, MigState::PreCopy as u32).unwrap();
+            let pre = s.read(read_in_pre_copy).unwrap().to_vec();
+            assert_eq!(pre, whole[..read_in_pre_copy]);
+            s.set_state(&mut dev, MigState::StopCopy as u32).unwrap();
+            let rest = read_all(&mut s, 7);
+            assert_eq!([pre, rest].concat(), whole, "{read_in_pre_copy}");
+            assert!(s.read(7).unwrap().is_empty());
+        }
+        // Without PRE_COPY: the whole stream from byte 0.
+        let mut s = MigrationSession::new(DEFAULT_MAX_STREAM);
+        s.set_state(&mut dev, MigState::StopCopy as u32).unwrap();
+        assert_eq!(read_all(&mut s, 1000), whole);
+        // PRE_COPY gives the prefix only, however much is asked.
+        let mut s = MigrationSession::new(DEFAULT_MAX_STREAM);
+        s.set_state(&mut dev, MigState::PreCopy as u32).unwrap();
+        assert_eq!(read_all(&mut s, 1 << 20), whole[..prefix]);
+    }
+
+    #[test]
+    fn a_destination_restores_only_a_whole_checked_stream() {
+        let mut src = Blob(b"the registers".to_vec());
+        let whole = stream::encode(&src.compat(), &src.0);
+        let mut dst = Blob(Vec::new());
+        let mut s = MigrationSession::new(DEFAULT_MAX_STREAM);
+        s.set_state(&mut dst, MigState::Resuming as u32).unwrap();
+        for piece in whole.chunks(3) {
+            s.write(piece).unwrap();
+        }
+        s.set_state(&mut dst, MigState::Running as u32).unwrap();
+        assert_eq!(dst.0, src.0);
+
+        // Nothing written at all: RESUMING -> STOP fails, into ERROR.
+        let mut s = MigrationSession::new(DEFAULT_MAX_STREAM);
+        s.set_state(&mut dst, MigState::Resuming as u32).unwrap();
+        let e = s.set_state(&mut dst, MigState::Stop as u32).unwrap_err();
+        assert_eq!(e.errno(), libc::EINVAL as u32, "{e}");
+        assert_eq!(s.state(), MigState::Error);
+        s.reset();
+        assert_eq!(s.state(), MigState::Running);
+    }
+}
