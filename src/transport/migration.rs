@@ -386,7 +386,7 @@ mod tests {
 
     #[test]
     fn a_destination_restores_only_a_whole_checked_stream() {
-        let mut src = Blob(b"the registers".to_vec());
+        let src = Blob(b"the registers".to_vec());
         let whole = stream::encode(&src.compat(), &src.0);
         let mut dst = Blob(Vec::new());
         let mut s = MigrationSession::new(DEFAULT_MAX_STREAM);
