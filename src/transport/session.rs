@@ -873,9 +873,8 @@ impl Session {
             )));
         }
         let bitmap_len = bitmap_len as usize;
-        let mut out = Vec::with_capacity(size_of::<wire::DmaLoggingReport>() + bitmap_len);
-        out.extend_from_slice(r.as_bytes());
-        out.resize(out.capacity(), 0);
+        let mut out = vec![0u8; size_of::<wire::DmaLoggingReport>() + bitmap_len];
+        out[..size_of::<wire::DmaLoggingReport>()].copy_from_slice(r.as_bytes());
         // Checked before the bits are read (and cleared): a reply that
         // cannot be sent must not lose them.
         let need = size_of::<wire::DeviceFeature>() + out.len();
