@@ -302,10 +302,10 @@ fn a_failed_arc_leaves_the_device_in_error_until_a_reset() {
 /// ends up with the source's registers.
 #[test]
 fn a_stream_read_in_chunks_and_written_to_another_server_equals_a_direct_save() {
-    let (_src_s, mut src, src_log) = fake_with(0x5a, &Limits::default(), |d| {
+    let (src_s, mut src, src_log) = fake_with(0x5a, &Limits::default(), |d| {
         d.mig.as_mut().unwrap().state_extra = 10_000;
     });
-    let (_dst_s, mut dst, dst_log) = fake(0x00);
+    let (dst_s, mut dst, dst_log) = fake(0x00);
     let regs = bar0(&mut src);
     assert_ne!(regs, bar0(&mut dst));
 
@@ -352,6 +352,13 @@ fn a_stream_read_in_chunks_and_written_to_another_server_equals_a_direct_save() 
     // The source, told to carry on after all, resumes.
     src.set_mig_state(MigState::Running).unwrap();
     assert_eq!(calls(&src_log), ["resume"]);
+    // The connections count what they did.
+    let (s, d) = (src_s.stats.snapshot(), dst_s.stats.snapshot());
+    assert_eq!(s.migration_bytes_read, whole.len() as u64);
+    assert_eq!(d.migration_bytes_written, whole.len() as u64);
+    // Source: PRE_COPY, STOP_COPY, then STOP, RUNNING; destination: STOP,
+    // RESUMING, then STOP, RUNNING.
+    assert_eq!((s.migration_arcs, d.migration_arcs), (4, 4));
 }
 
 /// Truncated, corrupted, oversize and overlong streams written in RESUMING

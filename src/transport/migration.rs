@@ -111,6 +111,17 @@ enum Incoming {
     Refused(String, u32),
 }
 
+/// What a session did since the counts were last taken.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MigCounts {
+    /// Direct arcs taken.
+    pub arcs: u64,
+    /// Stream bytes read out (MIG_DATA_READ).
+    pub bytes_read: u64,
+    /// Stream bytes taken in (MIG_DATA_WRITE).
+    pub bytes_written: u64,
+}
+
 /// One connection's migration state.
 pub struct MigrationSession {
     state: MigState,
@@ -118,6 +129,7 @@ pub struct MigrationSession {
     incoming: Option<Incoming>,
     /// The cap on a whole stream, read or written.
     max_stream: usize,
+    counts: MigCounts,
 }
 
 impl MigrationSession {
@@ -129,7 +141,13 @@ impl MigrationSession {
             out: None,
             incoming: None,
             max_stream,
+            counts: MigCounts::default(),
         }
+    }
+
+    /// The counts since the last call (for the connection's stats).
+    pub fn take_counts(&mut self) -> MigCounts {
+        std::mem::take(&mut self.counts)
     }
 
     pub fn state(&self) -> MigState {
@@ -165,6 +183,7 @@ impl MigrationSession {
                 });
             }
             self.state = next;
+            self.counts.arcs += 1;
         }
         Ok(self.state)
     }
@@ -267,6 +286,7 @@ impl MigrationSession {
         let start = out.pos.min(out.bytes.len());
         let end = start + max.min(out.bytes.len() - start);
         out.pos = end;
+        self.counts.bytes_read += (end - start) as u64;
         Ok(&out.bytes[start..end])
     }
 
@@ -282,7 +302,10 @@ impl MigrationSession {
         }
         match self.incoming.as_mut() {
             Some(Incoming::Reading(r)) => match r.push(data) {
-                Ok(_) => Ok(()),
+                Ok(_) => {
+                    self.counts.bytes_written += data.len() as u64;
+                    Ok(())
+                }
                 Err(e) => {
                     self.incoming = Some(Incoming::Refused(e.to_string(), e.errno()));
                     Err(e.into())

@@ -25,7 +25,7 @@ use zerocopy::IntoBytes;
 use super::dma_table::{DmaEntry, DmaTable};
 use super::error::TransportError;
 use super::limits::Limits;
-use super::migration::{MigrationError, MigrationSession};
+use super::migration::{MigCounts, MigrationError, MigrationSession};
 use super::socket::Message;
 use super::version::{self, ClientCaps};
 use super::wire::{self, Command, HEADER_SIZE, Header};
@@ -141,22 +141,22 @@ impl Session {
         }
     }
 
-    /// The connection is over: DMA logging it started stops. A migration
-    /// left half way is only logged: the device is as the last arc left it,
-    /// and `disconnected()` (called next) decides what a lost VMM means.
-    pub fn ended(&mut self, dev: &mut dyn VfioUserDevice) {
-        let state = self.mig.state();
-        if let Some(mig) = dev.migration() {
-            if self.logging.take().is_some() {
-                mig.dirty_log_stop();
-            }
-            if state != crate::migration::MigState::Running {
-                warn!(
-                    "vfio-user: the VMM left with the device in migration state {}",
-                    state.name()
-                );
-            }
+    /// What the migration side did since the last call (for the stats).
+    pub fn take_migration_counts(&mut self) -> MigCounts {
+        self.mig.take_counts()
+    }
+
+    /// The connection is over: DMA logging it started stops. Returns the
+    /// migration state when it is not RUNNING (a migration left half way):
+    /// the device stays as the last arc left it, and `disconnected()`
+    /// (called next) decides what a lost VMM means.
+    pub fn ended(&mut self, dev: &mut dyn VfioUserDevice) -> Option<crate::migration::MigState> {
+        let mig = dev.migration()?;
+        if self.logging.take().is_some() {
+            mig.dirty_log_stop();
         }
+        let state = self.mig.state();
+        (state != crate::migration::MigState::Running).then_some(state)
     }
 
     /// Handles one request. `Ok` carries the success reply (dropped by the
