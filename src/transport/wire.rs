@@ -403,7 +403,8 @@ pub fn describe(h: &Header, body: &[u8], fds: usize) -> String {
         Some(Command::DeviceFeature) => match read_prefix::<DeviceFeature>(body) {
             Some(f) => write!(
                 s,
-                " feature {} flags {:#x} argsz {}",
+                // ops: GET 1, SET 2, PROBE 4 (the flags above bit 15).
+                " feature {} ops {:#x} argsz {}",
                 f.flags & 0xffff,
                 f.flags >> 16,
                 f.argsz
@@ -525,6 +526,19 @@ mod tests {
         assert_eq!(
             d,
             "RegionWrite id 3 no_reply region 2 offset 0x1000 count 4"
+        );
+        let feature = Header {
+            cmd: Command::DeviceFeature as u16,
+            flags: 0,
+            ..h
+        };
+        let f = DeviceFeature {
+            argsz: 16,
+            flags: 2 | 1 << 17,
+        };
+        assert_eq!(
+            describe(&feature, f.as_bytes(), 0),
+            "DeviceFeature id 3 feature 2 ops 0x2 argsz 16"
         );
         let unknown = Header { cmd: 99, ..h };
         assert_eq!(describe(&unknown, &[], 2), "cmd99 id 3 no_reply fds 2");

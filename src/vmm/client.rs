@@ -62,10 +62,14 @@ impl VfioUserClient {
             next_id: 1,
             max_xfer: 1 << 20,
         };
+        // The server's reply may be no longer than this request, so ask
+        // with every capability we know: room for all of its own.
         let json = format!(
-            "{{\"capabilities\":{{\"max_msg_fds\":{},\"max_data_xfer_size\":{}}}}}",
+            "{{\"capabilities\":{{\"max_msg_fds\":{},\"max_data_xfer_size\":{},\
+             \"pgsizes\":{},\"max_dma_maps\":65535,\"write_multiple\":false}}}}",
             wire::MAX_MSG_FDS,
-            wire::MAX_DATA_XFER_SIZE
+            wire::MAX_DATA_XFER_SIZE,
+            wire::PAGE_SIZE
         );
         let mut body = wire::Version { major: 0, minor: 0 }.as_bytes().to_vec();
         body.extend_from_slice(json.as_bytes());
