@@ -1034,3 +1034,29 @@ fn the_real_device_migrates_through_the_socket() {
     let mut qc = drv_c.queue(0, 64, drv_c.info().cap_ops, &pool_c).unwrap();
     assert_eq!(qc.fill(6, 100).unwrap(), vec![6; 100]);
 }
+
+/// Under a smaller message limit, the client learns the server's transfer
+/// size from VERSION and splits reads and writes by it; a read asking for
+/// more than that is refused.
+#[test]
+fn streams_move_within_the_servers_message_limit() {
+    let limits = Limits {
+        max_message_size: 8192,
+        ..Limits::default()
+    };
+    let (_s, mut src, _l) = fake_with(0x44, &limits, |d| {
+        d.mig.as_mut().unwrap().state_extra = 30_000;
+    });
+    let (_d, mut dst, _l2) = fake_with(0, &limits, |_| {});
+    let xfer = limits.max_data_xfer_size();
+    assert_eq!(src.max_xfer(), xfer);
+    let regs = bar0(&mut src);
+    src.set_mig_state(MigState::StopCopy).unwrap();
+    assert_eq!(errno(src.mig_read(xfer + 1)), libc::EINVAL);
+    let whole = src.mig_read_all(1 << 20).unwrap();
+    assert!(whole.len() > 4 * xfer as usize);
+    dst.set_mig_state(MigState::Resuming).unwrap();
+    dst.mig_write(&whole, 1 << 20).unwrap();
+    dst.set_mig_state(MigState::Running).unwrap();
+    assert_eq!(bar0(&mut dst), regs);
+}
