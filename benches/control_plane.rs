@@ -153,6 +153,7 @@ fn main() {
             numa: None,
             qos: None,
             vm: None,
+            owner: None,
         };
         let _: InstanceView = api.send(Method::POST, "/v1/instances", Some(&req)).unwrap();
     }

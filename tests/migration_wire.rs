@@ -29,10 +29,6 @@ use wdvirt::migration::fsm::{self, ALL_STATES, MigState};
 use wdvirt::migration::stream::{self, Compat};
 use wdvirt::transport::wire;
 use wdvirt::transport::{Connection, Limits, Listener};
-use wdvirt::vdev::device::{
-    DeviceError, DeviceInfo, DmaMapping, IrqAction, IrqData, IrqInfo, Migratable, RegionInfo,
-    VfioUserDevice,
-};
 use wdvirt::vdev::pci::{Interrupts, PciFunction};
 use wdvirt::vdev::wd::{WdConfig, WdDevice};
 use wdvirt::vmm::client::VfioUserClient;
@@ -713,92 +709,6 @@ fn dma_logging_start_stop_and_report_are_checked() {
     assert_eq!(c.dirty_report(0, 1 << 30, 1 << 20).unwrap().len(), 16);
 }
 
-/// The real device with the dirty-log half of a migration side: the three
-/// `dirty_*` methods are the device's own (`PciFunction::start_dirty_log`
-/// and the rest, over its guest memory's bitmaps); the other methods of
-/// `Migratable` belong to the device layer and refuse here. So DMA_LOGGING
-/// runs through the socket against the real device's memory.
-struct DirtyLogOnly(PciFunction<WdDevice>);
-
-impl VfioUserDevice for DirtyLogOnly {
-    fn device_info(&self) -> DeviceInfo {
-        self.0.device_info()
-    }
-    fn region_info(&self, index: u32) -> Result<RegionInfo, DeviceError> {
-        self.0.region_info(index)
-    }
-    fn irq_info(&self, index: u32) -> Result<IrqInfo, DeviceError> {
-        self.0.irq_info(index)
-    }
-    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), DeviceError> {
-        self.0.region_read(index, offset, data)
-    }
-    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), DeviceError> {
-        self.0.region_write(index, offset, data)
-    }
-    fn set_irqs(
-        &mut self,
-        index: u32,
-        action: IrqAction,
-        start: u32,
-        count: u32,
-        data: IrqData,
-    ) -> Result<(), DeviceError> {
-        self.0.set_irqs(index, action, start, count, data)
-    }
-    fn dma_map(&mut self, map: DmaMapping) -> Result<(), DeviceError> {
-        self.0.dma_map(map)
-    }
-    fn dma_unmap(&mut self, iova: u64, size: u64) -> Result<(), DeviceError> {
-        self.0.dma_unmap(iova, size)
-    }
-    fn dma_unmap_all(&mut self) -> Result<(), DeviceError> {
-        self.0.dma_unmap_all()
-    }
-    fn reset(&mut self) -> Result<(), DeviceError> {
-        self.0.reset()
-    }
-    fn disconnected(&mut self) {
-        self.0.disconnected()
-    }
-    fn migration(&mut self) -> Option<&mut dyn Migratable> {
-        Some(self)
-    }
-}
-
-impl Migratable for DirtyLogOnly {
-    fn quiesce(&mut self) -> Result<(), DeviceError> {
-        Err(DeviceError::NotSupported("not in this test".into()))
-    }
-    fn resume(&mut self) -> Result<(), DeviceError> {
-        Err(DeviceError::NotSupported("not in this test".into()))
-    }
-    fn compat(&self) -> Compat {
-        transport_support::fake_compat()
-    }
-    fn save(&mut self) -> Result<Vec<u8>, DeviceError> {
-        Err(DeviceError::NotSupported("not in this test".into()))
-    }
-    fn restore(&mut self, _: &[u8]) -> Result<(), DeviceError> {
-        Err(DeviceError::NotSupported("not in this test".into()))
-    }
-    fn dirty_log_start(&mut self, page_size: u64) -> Result<(), DeviceError> {
-        self.0.start_dirty_log(page_size)
-    }
-    fn dirty_log_stop(&mut self) {
-        self.0.stop_dirty_log()
-    }
-    fn dirty_report(
-        &mut self,
-        iova: u64,
-        size: u64,
-        page_size: u64,
-        bitmap: &mut [u8],
-    ) -> Result<(), DeviceError> {
-        self.0.report_dirty(iova, size, page_size, bitmap)
-    }
-}
-
 const RAM_BASE: u64 = 0x1_0000_0000;
 const RAM_SIZE: u64 = 16 << 20;
 const PAGE: u64 = 4096;
@@ -818,34 +728,20 @@ fn pages_of(addr: u64, len: u64, page: u64) -> impl Iterator<Item = u64> {
 }
 
 /// The real device (`PciFunction<WdDevice>` on the software accelerator)
-/// runs the guest driver's jobs whose destinations the test chose; the
-/// DMA_LOGGING_REPORT through the socket names exactly the pages it wrote:
-/// the jobs' outputs, the completion-ring slots and the ring-index block,
-/// bit for bit, and nothing the guest wrote itself.
+/// advertises the MIGRATION feature and runs the guest driver's jobs whose
+/// destinations the test chose; the DMA_LOGGING_REPORT through the socket
+/// names exactly the pages it wrote: the jobs' outputs, the completion-ring
+/// slots and the ring-index block, bit for bit, and nothing the guest wrote
+/// itself.
 #[test]
 fn the_dirty_report_equals_the_pages_the_real_device_wrote() {
-    dirty_report_of_the_real_device(DirtyLogOnly);
-}
-
-/// The same through the real device's own `Migratable` (the device
-/// layer's, with its `dirty_*` methods calling `DmaSpace`'s dirty log),
-/// which also advertises the MIGRATION feature.
-#[test]
-#[ignore = "needs the device layer's Migratable for PciFunction<WdDevice> (branch mig-device); un-ignore at the merge"]
-fn the_real_device_advertises_migration_and_reports_its_dirty_pages() {
-    dirty_report_of_the_real_device(|f| f);
-}
-
-fn dirty_report_of_the_real_device<D: VfioUserDevice + 'static>(
-    wrap: impl FnOnce(PciFunction<WdDevice>) -> D,
-) {
     let interrupts = Interrupts::new(2);
     let cfg = WdConfig {
         queues: 2,
         ..WdConfig::default()
     };
     let model = WdDevice::new(cfg, SoftAccel::new(1), 21, Arc::new(interrupts.clone())).unwrap();
-    let dev = wrap(PciFunction::try_new(model, interrupts).unwrap());
+    let dev = PciFunction::try_new(model, interrupts).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("dirty.sock");
     let listener = Listener::bind(&path).unwrap();
@@ -954,7 +850,6 @@ fn dirty_report_of_the_real_device<D: VfioUserDevice + 'static>(
 /// told to run on after all, still runs jobs. Then a destination fed a cut
 /// stream lands in ERROR, and a reset gives back a device that runs jobs.
 #[test]
-#[ignore = "needs the device layer's Migratable for PciFunction<WdDevice> (branch mig-device); un-ignore at the merge"]
 fn the_real_device_migrates_through_the_socket() {
     use wdvirt_guest::DmaMemory;
     let dir = tempfile::tempdir().unwrap();

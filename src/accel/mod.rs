@@ -138,6 +138,13 @@ pub trait QueuePair: Send + Sync {
     /// Jobs an engine is executing right now (after `close`, the only ones
     /// that can still touch memory).
     fn running(&self) -> usize;
+    /// Take back, in submission order, the jobs that have not yet been
+    /// handed to an engine; they send no result and no longer count in
+    /// `in_flight()`. The queue pair stays open. A migration's quiesce uses
+    /// it so that jobs held back by a scheduler move with the device
+    /// instead of being waited for. A backend that hands every job to its
+    /// engines at once returns none.
+    fn withdraw(&self) -> Vec<Job>;
     /// Stop the queue pair (queue disabled or reset): later submits fail,
     /// jobs no engine has started are discarded without a result, and jobs
     /// running finish and send theirs, after which `in_flight()` is 0.

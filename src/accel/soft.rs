@@ -488,6 +488,11 @@ impl QueuePair for SoftQueuePair {
         self.shared.running.load(Ordering::SeqCst)
     }
 
+    /// Every job is on the engines' queue from `submit` on: theirs to run.
+    fn withdraw(&self) -> Vec<Job> {
+        Vec::new()
+    }
+
     fn close(&self) {
         // SeqCst, paired with the engine's `running` then `closed` (see `serve`).
         self.shared.closed.store(true, Ordering::SeqCst);

@@ -52,6 +52,12 @@ pub struct DefineArgs {
     /// The VM the instance is for (the libvirt hook sets the domain's name).
     #[arg(long, value_name = "NAME")]
     pub vm: Option<String>,
+    /// The user the VMM runs as (a name or a uid). The instance's socket is
+    /// created mode 0600 and owned by this user, so only it (and root) can
+    /// connect. Default: the daemon's --instance-owner, else the daemon's
+    /// own user.
+    #[arg(long, value_name = "USER|UID")]
+    pub owner: Option<String>,
     #[command(flatten)]
     pub out: JsonFlag,
 }
@@ -97,6 +103,13 @@ pub struct ModifyArgs {
     /// The instance is no VM's.
     #[arg(long)]
     pub no_vm: bool,
+    /// The user its VMM runs as (a name or a uid), from the next start: the
+    /// socket is 0600 and owned by this user.
+    #[arg(long, value_name = "USER|UID", conflicts_with = "default_owner")]
+    pub owner: Option<String>,
+    /// Its socket is owned by the daemon's --instance-owner again.
+    #[arg(long)]
+    pub default_owner: bool,
     #[command(flatten)]
     pub out: JsonFlag,
 }
@@ -248,6 +261,7 @@ pub fn define(api: &ApiClient, a: DefineArgs) -> anyhow::Result<()> {
         numa: a.numa,
         qos: a.qos,
         vm: a.vm,
+        owner: a.owner,
     };
     let v: InstanceView = api.send(Method::POST, "/v1/instances", Some(&req))?;
     if a.out.json {
@@ -332,10 +346,15 @@ pub fn modify(api: &ApiClient, a: ModifyArgs) -> anyhow::Result<()> {
             a.qos.map(Some)
         },
         vm: if a.no_vm { Some(None) } else { a.vm.map(Some) },
+        owner: if a.default_owner {
+            Some(None)
+        } else {
+            a.owner.map(Some)
+        },
     };
     if changes == ModifyRequest::default() {
         anyhow::bail!(
-            "nothing to change: give --auto/--manual, --type, --numa/--no-numa, --qos/--type-qos or --vm/--no-vm"
+            "nothing to change: give --auto/--manual, --type, --numa/--no-numa, --qos/--type-qos, --vm/--no-vm or --owner/--default-owner"
         );
     }
     let v: InstanceView = api.send(

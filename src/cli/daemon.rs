@@ -27,6 +27,24 @@ pub struct DaemonArgs {
     /// an IP:PORT. The API socket serves `/metrics` in any case.
     #[arg(long, value_name = "[IP:]PORT", value_parser = parse_metrics_addr)]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Who may use the API: a group name or gid. The API socket is created
+    /// mode 0660 with this group, so only its members (and root) can
+    /// connect; the daemon also checks each caller's credentials
+    /// (SO_PEERCRED) and answers anyone outside the group, the daemon's
+    /// user and root with 403 `forbidden`, counted in `GET /v1/access`.
+    /// Overrides `daemon: api_group` in the configuration; default: the
+    /// daemon's own group. E.g. `--api-group wdvirt` after `groupadd
+    /// wdvirt; usermod -aG wdvirt alice`.
+    #[arg(long, value_name = "GROUP|GID")]
+    pub api_group: Option<String>,
+    /// The user VMMs run as: a user name or uid. Each instance socket is
+    /// created mode 0600 and owned by this user, so a VMM running as anyone
+    /// else (but root) is refused at connect. `wdvirt define --owner`
+    /// overrides it per instance. Overrides `daemon: instance_owner` in
+    /// the configuration; default: the daemon's own user. For libvirt,
+    /// the `user` of /etc/libvirt/qemu.conf (`libvirt-qemu` on Debian).
+    #[arg(long, value_name = "USER|UID")]
+    pub instance_owner: Option<String>,
 }
 
 /// `9808` is loopback's port 9808; `0.0.0.0:9808` says where on purpose.
@@ -51,8 +69,14 @@ pub fn run(a: DaemonArgs, api: PathBuf) -> anyhow::Result<ExitCode> {
         metrics_addr: a.metrics_addr,
     };
     let catalog = daemon::catalog::Catalog::load(&paths.config, &a.sysfs)?;
-    let registry = daemon::open(&paths, catalog)?;
-    daemon::run(&paths, registry, || {
+    let from_file = catalog.daemon_settings().clone();
+    let (access, owner) = daemon::DaemonAccess {
+        api_group: a.api_group.or(from_file.api_group),
+        instance_owner: a.instance_owner.or(from_file.instance_owner),
+    }
+    .resolve()?;
+    let registry = daemon::open(&paths, catalog, owner)?;
+    daemon::run(&paths, registry, access, || {
         eprintln!("wdvirt: daemon ready, API at {}", paths.api.display());
         // systemd's Type=notify (dist/systemd/wdvirt.service).
         if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {

@@ -28,6 +28,10 @@ pub enum ConfigError {
         "invalid {what} name '{name}' (expected 1 to 63 characters: letters, digits, '-', '_', '.', starting with a letter or digit)"
     )]
     BadName { what: &'static str, name: String },
+    #[error(
+        "invalid {what} '{name}' (expected a name of 1 to 32 characters: letters, digits, '-', '_', '.', not starting with '-'; or a number)"
+    )]
+    BadAccount { what: &'static str, name: String },
     #[error("'{name}' is reserved for NUMA node links (`nodeN`); name the accelerator otherwise")]
     ReservedName { name: String },
     #[error("duplicate {what} '{name}' (first defined at {first})")]

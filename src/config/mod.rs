@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 
 pub use error::{ConfigError, ConfigErrors, ErrorRecord, Located, Note, Place};
 pub use model::{
-    Accelerator, Backend, Config, Endpoint, Function, InstanceType, Link, NumaNode, Placement,
-    QosPolicy, RateLimit, ops_names,
+    Accelerator, Backend, Config, DaemonSettings, Endpoint, Function, InstanceType, Link, NumaNode,
+    Placement, QosPolicy, RateLimit, ops_names,
 };
 pub use validate::{
     HostNames, MAX_CPU, MAX_ENGINES, MAX_NODE, accelerator_name_ok, node_ref, parse_cpu_list,

@@ -16,6 +16,19 @@ pub struct Config {
     pub accelerators: Vec<Accelerator>,
     pub qos_policies: Vec<QosPolicy>,
     pub types: Vec<InstanceType>,
+    /// `wdvirt daemon`'s own settings (`daemon:`); flags override them.
+    pub daemon: DaemonSettings,
+}
+
+/// The `daemon:` section: who may use the API and who owns instance
+/// sockets. Names are checked for shape here and resolved against the
+/// host's user database by the daemon (`wdvirt validate` may run elsewhere).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct DaemonSettings {
+    /// The API socket's group, a name or a gid.
+    pub api_group: Option<String>,
+    /// The owner of instance sockets, a user name or a uid.
+    pub instance_owner: Option<String>,
 }
 
 impl Config {

@@ -32,6 +32,29 @@ pub struct RawFile {
     /// Instance types: the shapes of the devices VMs get.
     #[serde(default)]
     pub types: Vec<RawType>,
+    /// Settings of `wdvirt daemon` itself (one file at most); its
+    /// command-line flags override them.
+    #[serde(default)]
+    #[schemars(with = "Option<RawDaemon>")]
+    pub daemon: Option<Spanned<RawDaemon>>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "Daemon")]
+pub struct RawDaemon {
+    /// The API socket's group (a name or a gid): the socket is mode 0660 to
+    /// it, and the daemon refuses callers outside it (root and the daemon's
+    /// user always pass). Default: the daemon's own group.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub api_group: Option<Spanned<String>>,
+    /// The user VMMs run as (a name or a uid): instance sockets are mode
+    /// 0600 and owned by it, unless a definition names its own owner.
+    /// Default: the daemon's own user.
+    #[serde(default)]
+    #[schemars(with = "Option<String>")]
+    pub instance_owner: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

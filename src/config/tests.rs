@@ -901,3 +901,37 @@ fn names_discovery_found_may_be_named_without_being_declared() {
         "{e}"
     );
 }
+
+#[test]
+fn the_daemon_section_is_read_checked_for_shape_and_said_once() {
+    let c = ok("daemon:\n  api_group: wdvirt\n  instance_owner: '64055'\n");
+    assert_eq!(c.daemon.api_group.as_deref(), Some("wdvirt"));
+    assert_eq!(c.daemon.instance_owner.as_deref(), Some("64055"));
+    assert_eq!(ok("").daemon, DaemonSettings::default());
+    let (l, col, m) = one("daemon:\n  api_group: 'a b'\n");
+    assert_eq!((l, col), (2, 14), "{m}");
+    assert!(
+        m.starts_with("invalid api_group 'a b' (expected a name of 1 to 32"),
+        "{m}"
+    );
+    let (l, _, m) = one("daemon:\n  instance_owner: -x\n");
+    assert_eq!(l, 2);
+    assert!(m.starts_with("invalid instance_owner '-x'"), "{m}");
+    let (_, _, m) = one("daemon:\n  owner: x\n");
+    assert!(m.contains("owner"), "unknown keys are refused: {m}");
+    // Two files each with a daemon section: the second is a duplicate.
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.yaml");
+    let b = dir.path().join("b.yaml");
+    std::fs::write(&a, format!("daemon:\n  api_group: x\n{REST}")).unwrap();
+    std::fs::write(&b, "daemon:\n  api_group: y\n").unwrap();
+    let e = load_paths(&[a, b]).unwrap_err();
+    assert_eq!(e.0.len(), 1, "{e}");
+    assert!(
+        e.0[0]
+            .error
+            .to_string()
+            .starts_with("duplicate section 'daemon'"),
+        "{e}"
+    );
+}

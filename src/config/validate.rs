@@ -114,6 +114,34 @@ impl Ctx<'_> {
             None
         }
     }
+    /// A user or group as `daemon:` names it: a number, or a name of the
+    /// shape Linux accounts have (resolved later, on the daemon's host).
+    fn account(
+        &mut self,
+        file: usize,
+        v: &Option<Spanned<String>>,
+        what: &'static str,
+    ) -> Option<String> {
+        let v = v.as_ref()?;
+        let s = &v.value;
+        let shaped = !s.is_empty()
+            && s.len() <= 32
+            && !s.starts_with('-')
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+        if shaped {
+            return Some(s.clone());
+        }
+        self.err(
+            file,
+            v.referenced,
+            ConfigError::BadAccount {
+                what,
+                name: super::error::printable(s),
+            },
+        );
+        None
+    }
     pub(super) fn place(&self, file: usize, loc: Location) -> Place {
         Place {
             file: self.files[file].name.clone(),
@@ -677,6 +705,22 @@ pub(crate) fn validate(files: &[Parsed], host: &HostNames) -> Result<Config, Vec
                 );
             }
         }
+    }
+
+    // The daemon's own settings: one file says them.
+    let mut daemon_at: Option<Place> = None;
+    for (fi, f) in files.iter().enumerate() {
+        let Some(d) = &f.raw.daemon else {
+            continue;
+        };
+        if let Some(first) = &daemon_at {
+            let first = first.clone();
+            cx.duplicate(fi, d.referenced, "section", "daemon".into(), &first);
+            continue;
+        }
+        daemon_at = Some(cx.place(fi, d.referenced));
+        cfg.daemon.api_group = cx.account(fi, &d.value.api_group, "api_group");
+        cfg.daemon.instance_owner = cx.account(fi, &d.value.instance_owner, "instance_owner");
     }
 
     if cx.errors.is_empty() {

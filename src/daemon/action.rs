@@ -34,6 +34,11 @@ pub struct DefineRequest {
     /// The VM the instance is for (a libvirt domain's name).
     #[serde(default)]
     pub vm: Option<String>,
+    /// The user the VMM runs as (a name or a uid): the instance's socket is
+    /// 0600 and owned by this user. Defaults to the daemon's
+    /// `--instance-owner`, else the daemon's own user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// Changes to a definition; absent fields stay as they are. A running
@@ -69,6 +74,14 @@ pub struct ModifyRequest {
         skip_serializing_if = "Option::is_none"
     )]
     pub vm: Option<Option<String>>,
+    /// The user the VMM runs as, from the next start; `Some(None)` goes
+    /// back to the daemon's instance owner.
+    #[serde(
+        default,
+        with = "double_option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub owner: Option<Option<String>>,
 }
 
 /// Distinguishes an absent field (no change) from `null` (clear it).

@@ -17,8 +17,12 @@
 //! | POST | `/v1/instances/{id}/stop` | `Stop` |
 //! | GET | `/v1/stats[?vm=NAME][&instance=ID]` | `Stats` |
 //! | GET | `/metrics` | `Stats`, as Prometheus text (also on `--metrics-addr`) |
+//! | GET | `/v1/access` | who may call and who owns instance sockets (`access::AccessView`) |
+//!
+//! Every request passes [`ApiAccess`]'s rule first (`access`): a caller
+//! outside it gets 403 `forbidden`.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -33,37 +37,19 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use tokio::net::UnixListener;
 
+use super::access::{AccessView, ApiAccess, FORBIDDEN, PeerCreds};
 use super::action::{Action, ActionError, DefineRequest, ErrorBody, ModifyRequest};
 use super::registry::Registry;
 
-/// Who called: the peer's credentials from `SO_PEERCRED`, logged with every
-/// change.
-#[derive(Clone, Copy, Debug)]
-pub struct Caller {
-    pub pid: i32,
-    pub uid: u32,
-    pub gid: u32,
-}
-
-impl Caller {
-    /// Credentials the kernel would not give.
-    const UNKNOWN: Caller = Caller {
-        pid: 0,
-        uid: u32::MAX,
-        gid: u32::MAX,
-    };
-}
+/// Who called: the peer's credentials from `SO_PEERCRED` (and
+/// `SO_PEERGROUPS`), checked against the API's rule ([`ApiAccess`]) before
+/// any handler runs, and logged with every change.
+#[derive(Clone, Debug)]
+pub struct Caller(pub PeerCreds);
 
 impl Connected<IncomingStream<'_, UnixListener>> for Caller {
     fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        match rustix::net::sockopt::socket_peercred(stream.io()) {
-            Ok(c) => Caller {
-                pid: c.pid.as_raw_nonzero().get(),
-                uid: c.uid.as_raw(),
-                gid: c.gid.as_raw(),
-            },
-            Err(_) => Caller::UNKNOWN,
-        }
+        Caller(PeerCreds::of(stream.io().as_fd()))
     }
 }
 
@@ -81,7 +67,7 @@ fn invalid(msg: String) -> Response {
 /// What every handler has: the registry and who called.
 struct Call {
     reg: Shared,
-    caller: Caller,
+    caller: PeerCreds,
 }
 
 impl axum::extract::FromRequestParts<Shared> for Call {
@@ -95,7 +81,7 @@ impl axum::extract::FromRequestParts<Shared> for Call {
         let caller = parts
             .extensions
             .get::<ConnectInfo<Caller>>()
-            .map_or(Caller::UNKNOWN, |c| c.0);
+            .map_or(PeerCreds::UNKNOWN, |c| c.0.0.clone());
         Ok(Call {
             reg: reg.clone(),
             caller,
@@ -341,28 +327,89 @@ pub fn router(reg: Shared) -> Router {
 }
 
 /// Binds the API socket: a stale socket file is replaced, a live daemon's
-/// is refused; mode 0660 so the socket's group may call.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+/// is refused; mode 0660 and group `access.group` from the first instant
+/// (`transport::server::bind_unix`), so only the group (and root) can
+/// connect.
+pub fn bind(path: &Path, access: &ApiAccess) -> std::io::Result<UnixListener> {
     // The same rules as an instance's socket (a live daemon refused, a
     // killed one's socket replaced, any other file left alone).
     crate::transport::server::free_socket_path(path).map_err(std::io::Error::other)?;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
-    Ok(l)
+    let own_gid = rustix::process::getegid().as_raw();
+    let socket = crate::transport::server::SocketAccess {
+        mode: 0o660,
+        uid: None,
+        gid: (access.group.gid != own_gid).then_some(access.group.gid),
+    };
+    let l = crate::transport::server::bind_unix(path, &socket)?;
+    l.set_nonblocking(true)?;
+    UnixListener::from_std(l)
+}
+
+/// Refuses, before any handler, a caller the API's rule does not let in:
+/// 403 with `kind: forbidden` and the rule, counted.
+async fn guard(
+    State(access): State<Arc<ApiAccess>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let unknown = PeerCreds::UNKNOWN;
+    let caller = req
+        .extensions()
+        .get::<ConnectInfo<Caller>>()
+        .map_or(&unknown, |c| &c.0.0);
+    match access.check(caller) {
+        Ok(()) => next.run(req).await,
+        Err(error) => (
+            StatusCode::FORBIDDEN,
+            Json(ErrorBody {
+                error,
+                kind: FORBIDDEN.into(),
+            }),
+        )
+            .into_response(),
+    }
+}
+
+/// [`router`] behind the API's rule, with `GET /v1/access` showing the
+/// rule and its refusals.
+pub fn guarded_router(
+    reg: Shared,
+    access: Arc<ApiAccess>,
+    instance_owner: super::access::UserId,
+) -> Router {
+    let view = access.clone();
+    router(reg)
+        .route(
+            "/v1/access",
+            get(move || {
+                let view = view.clone();
+                let owner = instance_owner.clone();
+                async move {
+                    Json(AccessView {
+                        api_group: view.group.clone(),
+                        refused_callers: view.refused(),
+                        instance_owner: owner,
+                    })
+                }
+            }),
+        )
+        .layer(axum::middleware::from_fn_with_state(access, guard))
 }
 
 /// Serves the API until `shutdown` resolves.
 pub async fn serve(
     listener: UnixListener,
     reg: Shared,
+    access: Arc<ApiAccess>,
+    instance_owner: super::access::UserId,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     axum::serve(
         listener,
-        router(reg).into_make_service_with_connect_info::<Caller>(),
+        guarded_router(reg, access, instance_owner).into_make_service_with_connect_info::<Caller>(),
     )
     .with_graceful_shutdown(shutdown)
     .await

@@ -197,6 +197,8 @@ pub struct Catalog {
     /// Each accelerator's scheduler (the same object as its backend).
     schedulers: BTreeMap<String, Arc<ScheduledAccel>>,
     partitioner: Partitioner,
+    /// The configuration's `daemon:` section.
+    daemon: crate::config::DaemonSettings,
 }
 
 /// Operation names for listings.
@@ -212,6 +214,12 @@ impl Catalog {
     pub fn load(paths: &[PathBuf], sysfs: &Path) -> Result<Catalog, CatalogError> {
         let (cfg, host) = load_on(paths, sysfs)?;
         Catalog::from_config(&cfg, &host)
+    }
+
+    /// The configuration's `daemon:` section (the daemon's flags override
+    /// it).
+    pub fn daemon_settings(&self) -> &crate::config::DaemonSettings {
+        &self.daemon
     }
 
     pub fn from_config(cfg: &Config, host: &Host) -> Result<Catalog, CatalogError> {
@@ -258,6 +266,7 @@ impl Catalog {
             backends,
             schedulers,
             partitioner: Partitioner::new(topo),
+            daemon: cfg.daemon.clone(),
         })
     }
 

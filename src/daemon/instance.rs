@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::accel::Pasid;
 use crate::stats::{InstanceSnapshot, InstanceStats, QueueSnapshot};
-use crate::transport::server::{Listener, StopHandle};
+use crate::transport::server::{Listener, SocketAccess, StopHandle};
 use crate::transport::stats::StatsSnapshot;
 use crate::transport::{self, Limits, LogBudget, TransportError};
 use crate::vdev::device::DeviceError;
@@ -302,12 +302,26 @@ impl Instance {
         pasid: Pasid,
         limits: Limits,
     ) -> Result<Instance, InstanceError> {
+        Instance::start_as(spec, backends, pasid, limits, SocketAccess::default())
+    }
+
+    /// [`start_with_limits`](Instance::start_with_limits), its socket
+    /// created with `access`'s mode and owner (the VMM's user: anyone else
+    /// is refused by the filesystem at `connect(2)`).
+    pub fn start_as(
+        spec: InstanceSpec,
+        backends: impl Into<Backends>,
+        pasid: Pasid,
+        limits: Limits,
+        access: SocketAccess,
+    ) -> Result<Instance, InstanceError> {
         let name = spec.name.clone();
-        let listener = Listener::bind(&spec.socket).map_err(|source| InstanceError::Socket {
-            name: name.clone(),
-            path: spec.socket.clone(),
-            source,
-        })?;
+        let listener =
+            Listener::bind_with(&spec.socket, &access).map_err(|source| InstanceError::Socket {
+                name: name.clone(),
+                path: spec.socket.clone(),
+                source,
+            })?;
         let interrupts = Interrupts::new(spec.config.queues as u16);
         let model = WdDevice::new(spec.config, backends, pasid, Arc::new(interrupts.clone()))
             .map_err(|source| InstanceError::Device {

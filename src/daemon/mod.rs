@@ -9,6 +9,7 @@
 //! (what listings show). Neighbours: `config` and `partition` below the
 //! catalog, `vdev`/`transport` below an instance, `cli` above.
 
+pub mod access;
 pub mod action;
 pub mod api;
 pub mod catalog;
@@ -60,20 +61,62 @@ pub enum DaemonError {
     Runtime(std::io::Error),
     #[error("{0}")]
     Registry(#[from] action::ActionError),
+    #[error("{what}: {source}")]
+    Access {
+        what: &'static str,
+        #[source]
+        source: access::AccessError,
+    },
+}
+
+/// Who may use the daemon: the API's group and the default owner of
+/// instance sockets (`access`).
+#[derive(Clone, Debug, Default)]
+pub struct DaemonAccess {
+    /// `--api-group` or `daemon: api_group`; `None`: the daemon's group.
+    pub api_group: Option<String>,
+    /// `--instance-owner` or `daemon: instance_owner`; `None`: the
+    /// daemon's user.
+    pub instance_owner: Option<String>,
+}
+
+impl DaemonAccess {
+    /// The API's rule and the default socket owner, resolved on this host.
+    pub fn resolve(&self) -> Result<(access::ApiAccess, access::UserId), DaemonError> {
+        let group = match &self.api_group {
+            Some(g) => Some(
+                access::resolve_group(g).map_err(|source| DaemonError::Access {
+                    what: "the API group (--api-group, daemon: api_group)",
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        let owner = match &self.instance_owner {
+            Some(u) => access::resolve_user(u).map_err(|source| DaemonError::Access {
+                what: "the instance owner (--instance-owner, daemon: instance_owner)",
+                source,
+            })?,
+            None => access::own_user(),
+        };
+        Ok((access::ApiAccess::new(group), owner))
+    }
 }
 
 /// Builds the registry from the configuration and the stored definitions.
-pub fn open(paths: &DaemonPaths, catalog: Catalog) -> Result<Arc<Registry>, DaemonError> {
+pub fn open(
+    paths: &DaemonPaths,
+    catalog: Catalog,
+    instance_owner: access::UserId,
+) -> Result<Arc<Registry>, DaemonError> {
     let store = Store::open(&paths.state_dir)?;
     std::fs::create_dir_all(&paths.run_dir).map_err(|source| DaemonError::RunDir {
         path: paths.run_dir.clone(),
         source,
     })?;
-    Ok(Arc::new(Registry::open(
-        catalog,
-        store,
-        paths.run_dir.clone(),
-    )?))
+    Ok(Arc::new(
+        Registry::open(catalog, store, paths.run_dir.clone())?.with_instance_owner(instance_owner),
+    ))
 }
 
 /// How long a stop waits for API calls in progress.
@@ -84,8 +127,10 @@ const API_DRAIN: std::time::Duration = std::time::Duration::from_secs(3);
 pub fn run(
     paths: &DaemonPaths,
     registry: Arc<Registry>,
+    access: access::ApiAccess,
     ready: impl FnOnce(),
 ) -> Result<(), DaemonError> {
+    let access = Arc::new(access);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
@@ -96,7 +141,7 @@ pub fn run(
         source,
     };
     rt.block_on(async {
-        let listener = api::bind(&paths.api).map_err(api_err)?;
+        let listener = api::bind(&paths.api, &access).map_err(api_err)?;
         let metrics = match paths.metrics_addr {
             Some(addr) => {
                 let l = tokio::net::TcpListener::bind(addr)
@@ -148,7 +193,13 @@ pub fn run(
             );
         };
         tokio::select! {
-            r = api::serve(listener, registry.clone(), shutdown) => r.map_err(api_err),
+            r = api::serve(
+                listener,
+                registry.clone(),
+                access.clone(),
+                registry.instance_owner().clone(),
+                shutdown,
+            ) => r.map_err(api_err),
             () = deadline => Ok(()),
         }
     })?;

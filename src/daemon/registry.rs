@@ -14,16 +14,21 @@ use std::path::{Path, PathBuf};
 use parking_lot::Mutex;
 use uuid::Uuid;
 
+use super::access::{UserId, own_user, resolve_user};
 use super::action::{Action, ActionError, DefineRequest, ModifyRequest, Outcome};
 use super::catalog::{Catalog, Placed, QosAccounts};
 use super::instance::{Instance, InstanceSpec};
 use super::store::{Definition, Store};
 use super::view::{InstanceState, InstanceView};
 use crate::stats::report::{Interference, SchedulerStats, StatsReport, Throttled};
+use crate::transport::Limits;
+use crate::transport::server::SocketAccess;
 
 struct Running {
     instance: Instance,
     placed: Placed,
+    /// Who owns its socket (mode 0600).
+    socket_owner: UserId,
 }
 
 struct Entry {
@@ -154,6 +159,8 @@ pub struct Registry {
     catalog: Catalog,
     store: Store,
     run_dir: PathBuf,
+    /// Owns an instance's socket when its definition names nobody.
+    instance_owner: UserId,
     entries: Mutex<Entries>,
 }
 
@@ -200,8 +207,30 @@ impl Registry {
             catalog,
             store,
             run_dir,
+            instance_owner: own_user(),
             entries: Mutex::new(entries),
         })
+    }
+
+    /// Instance sockets whose definition names no owner are owned by
+    /// `owner` (the daemon's `--instance-owner`); by default the daemon's
+    /// own user.
+    pub fn with_instance_owner(mut self, owner: UserId) -> Registry {
+        self.instance_owner = owner;
+        self
+    }
+
+    /// Who owns instance sockets when a definition names nobody.
+    pub fn instance_owner(&self) -> &UserId {
+        &self.instance_owner
+    }
+
+    /// The user `def`'s socket is owned by.
+    fn socket_owner(&self, def: &Definition) -> Result<UserId, super::access::AccessError> {
+        match &def.owner {
+            Some(o) => resolve_user(o),
+            None => Ok(self.instance_owner.clone()),
+        }
     }
 
     /// Starts every `auto` instance; failures are logged, not fatal.
@@ -340,7 +369,10 @@ impl Registry {
             numa: req.numa,
             qos: req.qos,
             vm: req.vm,
+            owner: req.owner,
         };
+        self.socket_owner(&def)
+            .map_err(|e| ActionError::Invalid(format!("owner: {e}")))?;
         // Durable before it is acknowledged.
         self.store.save(&def)?;
         tracing::info!(instance = %def.name, %uuid, "defined");
@@ -369,6 +401,11 @@ impl Registry {
         if let Some(vm) = m.vm {
             check_vm(vm.as_deref())?;
             def.vm = vm;
+        }
+        if let Some(owner) = m.owner {
+            def.owner = owner;
+            self.socket_owner(&def)
+                .map_err(|e| ActionError::Invalid(format!("owner: {e}")))?;
         }
         self.check_definition(&def.type_name, def.qos.as_deref(), def.numa)?;
         if def != e.def {
@@ -416,6 +453,14 @@ impl Registry {
                     name: e.def.type_name.clone(),
                     known: self.catalog.type_names(),
                 })?;
+        // Before placing: a user gone from the host since the define
+        // leaves nothing to release.
+        let owner = self
+            .socket_owner(&e.def)
+            .map_err(|err| ActionError::Start {
+                name: name.clone(),
+                reason: format!("its socket's owner: {err}"),
+            })?;
         let placed =
             self.catalog
                 .place(ty, e.def.numa)
@@ -431,10 +476,26 @@ impl Registry {
         // Under its policy before its first job.
         self.catalog
             .apply_policy(&placed, &self.effective_qos(&e.def));
-        match Instance::start(spec, placed.backends.clone(), placed.pasid()) {
+        let own = rustix::process::geteuid().as_raw();
+        let access = SocketAccess {
+            mode: 0o600,
+            uid: (owner.uid != own).then_some(owner.uid),
+            gid: None,
+        };
+        match Instance::start_as(
+            spec,
+            placed.backends.clone(),
+            placed.pasid(),
+            Limits::default(),
+            access,
+        ) {
             Ok(instance) => {
-                tracing::info!(instance = %name, pasid = placed.pasid(), "started at {}", instance.socket().display());
-                e.running = Some(Running { instance, placed });
+                tracing::info!(instance = %name, pasid = placed.pasid(), owner = %owner.name, "started at {}", instance.socket().display());
+                e.running = Some(Running {
+                    instance,
+                    placed,
+                    socket_owner: owner,
+                });
                 e.was_started = true;
                 Ok(())
             }
@@ -608,6 +669,8 @@ impl Registry {
             qos,
             vm: e.def.vm.clone(),
             socket: e.running.as_ref().map(|r| r.instance.socket().to_owned()),
+            socket_owner: e.running.as_ref().map(|r| r.socket_owner.name.clone()),
+            owner: e.def.owner.clone(),
             pasid: e.running.as_ref().map(|r| r.placed.pasid()),
             placement: e
                 .running

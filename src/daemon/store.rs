@@ -36,6 +36,10 @@ pub struct Definition {
     /// listings, and how the libvirt hook knows the instances it made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm: Option<String>,
+    /// The user the VMM runs as (a name or a uid): its socket is 0600 and
+    /// owned by this user. `None`: the daemon's `--instance-owner`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -251,6 +255,7 @@ mod tests {
             numa: Some(1),
             qos: None,
             vm: None,
+            owner: None,
         }
     }
 

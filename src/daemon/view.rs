@@ -87,6 +87,13 @@ pub struct InstanceView {
     /// The vfio-user socket while started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
+    /// Who owns the socket (mode 0600): the definition's owner, else the
+    /// daemon's instance owner. Only that user (and root) can connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket_owner: Option<String>,
+    /// The owner the definition names, when it names one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pasid: Option<u32>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -272,6 +272,9 @@ fn prepare_one(
             numa: p.numa,
             qos: p.qos.clone(),
             vm: Some(domain.name.clone()),
+            // Its socket is QEMU's alone when the XML names QEMU's user;
+            // else the daemon's --instance-owner.
+            owner: domain.qemu_user.clone(),
         }))
         .map_err(err)?;
     match daemon.handle(Action::Start { id: p.name.clone() }) {

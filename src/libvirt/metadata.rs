@@ -86,6 +86,10 @@ pub struct Domain {
     /// Socket paths of the `vfio-user-pci` devices its `<qemu:commandline>`
     /// adds.
     pub vfio_user_sockets: Vec<PathBuf>,
+    /// The user QEMU runs as, when the XML says it: the user half of
+    /// `<seclabel model='dac'><label>USER:GROUP</label>` (`+UID` as a
+    /// number). Its instances' sockets are owned by this user.
+    pub qemu_user: Option<String>,
 }
 
 impl Domain {
@@ -142,6 +146,7 @@ impl Domain {
             asks,
             shared_memory,
             vfio_user_sockets: vfio_user_sockets(root),
+            qemu_user: qemu_user(root),
         })
     }
 
@@ -165,6 +170,24 @@ impl Domain {
             })
             .collect()
     }
+}
+
+/// The user of the domain's DAC label (`+64055:+64055` or
+/// `libvirt-qemu:kvm`), when it has one of plausible shape.
+fn qemu_user(root: roxmltree::Node) -> Option<String> {
+    let label = root
+        .children()
+        .filter(|c| c.has_tag_name("seclabel") && c.attribute("model") == Some("dac"))
+        .find_map(|s| child(s, "label")?.text())?;
+    let user = label.trim().split(':').next()?;
+    let user = user.strip_prefix('+').unwrap_or(user);
+    let plausible = !user.is_empty()
+        && user.len() <= 32
+        && !user.starts_with('-')
+        && user
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    plausible.then(|| user.to_string())
 }
 
 fn child<'a, 'i>(node: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::Node<'a, 'i>> {
@@ -392,6 +415,27 @@ mod tests {
             d.vfio_user_sockets,
             [PathBuf::from("/run/wdvirt/vm1-wd0.sock")]
         );
+        assert_eq!(d.qemu_user, None, "no DAC label: the daemon's default");
+    }
+
+    #[test]
+    fn the_dac_label_names_the_user_qemu_runs_as() {
+        for (label, want) in [
+            ("+64055:+64055", Some("64055")),
+            ("libvirt-qemu:kvm", Some("libvirt-qemu")),
+            ("qemu", Some("qemu")),
+            ("../x:y", None),
+            (":kvm", None),
+        ] {
+            let xml = format!(
+                "<domain type='qemu'><name>vm1</name>\
+                 <seclabel type='dynamic' model='selinux'><label>system_u:x</label></seclabel>\
+                 <seclabel type='static' model='dac' relabel='yes'><label>{label}</label></seclabel>\
+                 </domain>"
+            );
+            let d = Domain::parse(&xml).unwrap();
+            assert_eq!(d.qemu_user.as_deref(), want, "{label}");
+        }
     }
 
     /// The XML libvirt 11.3 passed to a hook here, mangled a few thousand

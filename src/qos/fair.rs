@@ -369,6 +369,18 @@ impl<J: Work> Fair<J> {
         dropped
     }
 
+    /// Take back a lane's pending jobs, oldest first; the lane stays open
+    /// and its dispatched jobs still finish.
+    pub fn withdraw(&mut self, lane: LaneId, now: u64) -> Vec<J> {
+        let Some(l) = self.lanes.get_mut(&lane) else {
+            return Vec::new();
+        };
+        let jobs: Vec<J> = l.pending.drain(..).collect();
+        let tenant = l.tenant;
+        self.unpend(tenant, jobs.len(), now);
+        jobs
+    }
+
     /// Forget a lane. Jobs of it still running are no longer counted as
     /// the engines' (their completions will name a lane that is gone).
     pub fn remove_lane(&mut self, lane: LaneId) {

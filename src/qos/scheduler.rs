@@ -360,6 +360,16 @@ impl QueuePair for Lane {
         self.qp.running()
     }
 
+    /// Jobs still waiting for their turn go back to the caller; those the
+    /// backend has are its engines' to run.
+    fn withdraw(&self) -> Vec<Job> {
+        let mut st = self.shared.state.lock();
+        let now = self.shared.clock.now_ns();
+        let jobs = st.fair.withdraw(self.id, now);
+        self.shared.pump_unlocked(st, now);
+        jobs
+    }
+
     /// Jobs still waiting for their turn are dropped without a result (as a
     /// backend drops the jobs no engine started), then the backend's queue
     /// pair is closed.

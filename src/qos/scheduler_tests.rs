@@ -185,3 +185,44 @@ fn a_full_queue_is_refused_then_woken_and_closing_drops_what_waits() {
     assert!(ran <= 1, "{ran} dropped jobs ran");
     assert_eq!(qp.in_flight(), 0);
 }
+
+#[test]
+fn withdraw_gives_back_the_jobs_still_waiting_in_order_and_the_rest_still_complete() {
+    let accel = scheduled(1);
+    // One job a second after a burst of 3: almost everything waits.
+    accel.set_policy(
+        4,
+        Policy {
+            jobs_per_sec: Some(1),
+            burst_jobs: Some(3),
+            ..Policy::default()
+        },
+    );
+    let qp = accel.open_queue_pair(4, 0).unwrap();
+    let jobs: Vec<Job> = (0..40).map(nop).collect();
+    let taken = qp.submit(&jobs).unwrap();
+    let back = qp.withdraw();
+    let started = taken - back.len();
+    assert!(
+        !back.is_empty() && started >= 1,
+        "{taken} taken, {} back",
+        back.len()
+    );
+    // The newest jobs come back, oldest first: exactly those not started.
+    let cookies: Vec<u64> = back.iter().map(|j| j.cookie).collect();
+    assert_eq!(cookies, (started as u64..taken as u64).collect::<Vec<_>>());
+    let mut done: Vec<u64> = (0..started)
+        .map(|_| qp.completions().recv_timeout(TIMEOUT).unwrap().cookie)
+        .collect();
+    done.sort();
+    assert_eq!(done, (0..started as u64).collect::<Vec<_>>());
+    assert!(
+        qp.completions()
+            .recv_timeout(Duration::from_millis(50))
+            .is_err(),
+        "a withdrawn job ran"
+    );
+    assert_eq!(qp.in_flight(), 0);
+    // The lane stays open: the jobs can be offered again.
+    assert!(qp.submit(&back[..1]).unwrap() <= 1);
+}

@@ -54,7 +54,8 @@ counters! {
         /// Jobs completed with an error status.
         jobs_failed,
         /// Jobs taken but never completed: the queue was stopped or reset
-        /// while they were with the engines.
+        /// while they were with the engines, or their completion entry
+        /// could not be written.
         jobs_dropped,
         /// Source bytes of the jobs handed to an engine.
         bytes_in,
@@ -177,6 +178,13 @@ counters! {
         dma_maps,
         dma_unmaps,
         resets,
+        /// Bus Master changes the engines did not take (a backend that
+        /// could not grant or revoke the PASID's DMA).
+        engine_dma_failures,
+        /// Unmap-alls done without the engines quiesced first (a backend
+        /// that could not quiesce the PASID): the maps are gone, but a job
+        /// running then may have finished with the old memory.
+        unquiesced_unmaps,
     }
 }
 

@@ -234,7 +234,7 @@ impl Collector for ReportCollector {
             }
         }
         type Field = fn(&InstanceStatsView) -> u64;
-        let per_instance: [(&str, &str, Field); 5] = [
+        let per_instance: [(&str, &str, Field); 7] = [
             (
                 "wdvirt_instance_register_errors",
                 "BAR0 accesses refused.",
@@ -258,6 +258,16 @@ impl Collector for ReportCollector {
             ("wdvirt_instance_resets", "Device resets.", |i| {
                 i.device.resets
             }),
+            (
+                "wdvirt_instance_engine_dma_failures",
+                "Bus Master changes the engines did not take.",
+                |i| i.device.engine_dma_failures,
+            ),
+            (
+                "wdvirt_instance_unquiesced_unmaps",
+                "Unmap-alls done without the engines quiesced.",
+                |i| i.device.unquiesced_unmaps,
+            ),
         ];
         for (name, help, value) in per_instance {
             let mut m = enc.encode_descriptor(name, help, None, c)?;

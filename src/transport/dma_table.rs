@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use super::error::TransportError;
 use super::wire::PAGE_SIZE;
+use crate::vdev::dma::map_end;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DmaEntry {
@@ -62,11 +63,14 @@ impl DmaTable {
                 "DMA map {iova:#x}+{size:#x} not aligned to {PAGE_SIZE:#x}"
             )));
         }
-        // The last byte must be addressable: iova + size may equal 2^64
-        // only in the exclusive sense, so compute the inclusive end.
-        let last = iova
-            .checked_add(size - 1)
-            .ok_or_else(|| TransportError::invalid(format!("DMA map {iova:#x}+{size:#x} wraps")))?;
+        // The device's rule (`vdev::dma::map_end`): the exclusive end must
+        // be an address, so the top page is refused here, before the device
+        // is asked, with the same verdict it would give.
+        let last = map_end(iova, size).map(|end| end - 1).ok_or_else(|| {
+            TransportError::invalid(format!(
+                "DMA map {iova:#x}+{size:#x} reaches the end of the 64-bit address space (a map must end below 2^64)"
+            ))
+        })?;
         if self.overlapping(iova, last).is_some() {
             return Err(TransportError::DmaOverlap { iova, size });
         }
@@ -192,8 +196,38 @@ mod tests {
                 libc::EINVAL as u32
             );
         }
-        // The very top page is addressable.
-        t.check_insert(u64::MAX - 0xfff, 0x1000, true).unwrap();
+    }
+
+    /// The last page of the address space, where the transport's table and
+    /// the device's once disagreed (the transport took it, the device
+    /// refused it): one rule, `vdev::dma::map_end`, for both.
+    #[test]
+    fn the_top_page_is_refused_by_both_tables_and_the_one_below_taken_by_both() {
+        use crate::vdev::device::DmaMapping;
+        use crate::vdev::dma::DmaSpace;
+        let top = u64::MAX - 0xfff;
+        let below = top - 0x1000;
+        let t = DmaTable::new(16, u64::MAX);
+        let mut dev = DmaSpace::new();
+        let fdless = |iova, size| DmaMapping {
+            iova,
+            size,
+            readable: true,
+            writable: true,
+            fd: None,
+        };
+        for (iova, size) in [(top, 0x1000), (below, 0x2000), (0x1000, u64::MAX - 0xfff)] {
+            let e = t.check_insert(iova, size, false).unwrap_err();
+            assert_eq!(e.errno(), libc::EINVAL as u32, "{iova:#x}+{size:#x}");
+            assert!(e.to_string().contains("below 2^64"), "{e}");
+            assert!(dev.map(fdless(iova, size)).is_err(), "{iova:#x}+{size:#x}");
+        }
+        t.check_insert(below, 0x1000, false).unwrap();
+        dev.map(fdless(below, 0x1000)).unwrap();
+        // The largest map there is: everything but the top page.
+        t.check_insert(0, u64::MAX - 0xfff, false).unwrap();
+        // The device's exclusive ends stay in range up there.
+        assert!(!dev.contains(below, 0x2000));
     }
 
     #[test]
@@ -230,11 +264,21 @@ mod tests {
                 ..
             }
         ));
-        // The sum cannot wrap past 2^64 into "small".
+        // The sum cannot wrap past 2^64 into "small": maps end below 2^64,
+        // so the one that would is refused for its place first.
         let mut big = DmaTable::new(16, u64::MAX);
         big.insert(entry(0, 1 << 63));
         assert_eq!(
             big.check_insert(1 << 63, 1 << 63, true)
+                .unwrap_err()
+                .errno(),
+            libc::EINVAL as u32
+        );
+        let mut capped = DmaTable::new(16, 1 << 63);
+        capped.insert(entry(0, 1 << 63));
+        assert_eq!(
+            capped
+                .check_insert(1 << 63, 0x1000, true)
                 .unwrap_err()
                 .errno(),
             libc::ENOSPC as u32

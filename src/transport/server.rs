@@ -68,6 +68,87 @@ pub fn free_socket_path(path: &Path) -> Result<(), TransportError> {
     }
 }
 
+/// Who may connect to a socket the server creates: its file's mode and
+/// owner. The kernel checks them at `connect(2)` (write permission on the
+/// socket file), so a VMM running as another user is refused before the
+/// server hears of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// Permission bits of the socket file (0600: its owner only).
+    pub mode: u32,
+    /// The file's owner; `None` keeps the creating process's user.
+    pub uid: Option<u32>,
+    /// The file's group; `None` keeps the creating process's group.
+    pub gid: Option<u32>,
+}
+
+impl Default for SocketAccess {
+    /// 0600, owned by whoever creates it: an instance socket served to a
+    /// VMM running as the server's own user (or root).
+    fn default() -> SocketAccess {
+        SocketAccess {
+            mode: 0o600,
+            uid: None,
+            gid: None,
+        }
+    }
+}
+
+/// Creates a listening UNIX socket at `path` with `access`'s mode and owner,
+/// with no moment at which anyone else could connect:
+///
+/// * The mode is set on the socket before `bind(2)` creates the file: Linux
+///   creates a socket file with its socket inode's mode (less the umask), so
+///   an `fchmod` of the unbound socket gives the file its final mode from
+///   its first instant. (The umask is process-wide and a daemon has threads;
+///   binding in a private directory and renaming would need a directory per
+///   socket. Neither is needed.)
+/// * The owner is changed before `listen(2)`: until then a `connect(2)`
+///   gets ECONNREFUSED whatever the file's owner, so no peer can reach the
+///   socket while it still has the creating user's ownership.
+///
+/// `path` must be free (see [`free_socket_path`]).
+pub fn bind_unix(path: &Path, access: &SocketAccess) -> std::io::Result<UnixListener> {
+    use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+    let fd = rustix::net::socket_with(
+        AddressFamily::UNIX,
+        SocketType::STREAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
+    rustix::fs::fchmod(&fd, rustix::fs::Mode::from_raw_mode(access.mode & 0o777))?;
+    rustix::net::bind(&fd, &SocketAddrUnix::new(path)?)?;
+    let owned = || -> std::io::Result<()> {
+        if access.uid.is_some() || access.gid.is_some() {
+            rustix::fs::chownat(
+                rustix::fs::CWD,
+                path,
+                access.uid.map(rustix::fs::Uid::from_raw),
+                access.gid.map(rustix::fs::Gid::from_raw),
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )?;
+        }
+        // The umask may have taken bits away; never add any it allowed.
+        let want = access.mode & 0o777;
+        let meta = std::fs::symlink_metadata(path)?;
+        if meta.mode() & 0o777 != want {
+            rustix::fs::chmodat(
+                rustix::fs::CWD,
+                path,
+                rustix::fs::Mode::from_raw_mode(want),
+                rustix::fs::AtFlags::empty(),
+            )?;
+        }
+        rustix::net::listen(&fd, 128)?;
+        Ok(())
+    };
+    if let Err(e) = owned() {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(UnixListener::from(fd))
+}
+
 /// A bound vfio-user socket.
 pub struct Listener {
     listener: UnixListener,
@@ -77,15 +158,22 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Binds `path`. A live server already there is refused; a stale socket
-    /// file (nobody accepting) is removed first; any other file is refused.
+    /// Binds `path` with mode 0600, owned by this process's user. A live
+    /// server already there is refused; a stale socket file (nobody
+    /// accepting) is removed first; any other file is refused.
     pub fn bind(path: &Path) -> Result<Listener, TransportError> {
+        Listener::bind_with(path, &SocketAccess::default())
+    }
+
+    /// [`bind`](Listener::bind) with the socket file's mode and owner given
+    /// ([`bind_unix`] says how it is done without a window).
+    pub fn bind_with(path: &Path, access: &SocketAccess) -> Result<Listener, TransportError> {
         let bind_err = |source| TransportError::Bind {
             path: path.to_owned(),
             source,
         };
         free_socket_path(path)?;
-        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        let listener = bind_unix(path, access).map_err(bind_err)?;
         let ident = std::fs::symlink_metadata(path)
             .ok()
             .map(|m| (m.dev(), m.ino()));

@@ -30,6 +30,17 @@ use crate::vdev::device::{DeviceError, DmaMapping};
 
 const PAGE: usize = 4096;
 
+/// Where a DMA map may lie, the one rule both map tables hold to (the
+/// transport's `DmaTable` and [`DmaSpace`]): the map's exclusive end
+/// `iova + size` must be a 64-bit address, so no map reaches the last byte
+/// of the address space and the top page `2^64 - 4096..` is never mapped.
+/// vm-memory cannot hold a region ending at 2^64 (its end would wrap), and
+/// no guest has RAM there (x86-64 physical addresses have at most 52 bits).
+/// Returns that end, or `None` when the map breaks the rule.
+pub fn map_end(iova: u64, size: u64) -> Option<u64> {
+    iova.checked_add(size)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct MapEntry {
     iova: u64,
@@ -67,9 +78,7 @@ impl DmaSpace {
     }
 
     pub fn map(&mut self, map: DmaMapping) -> Result<(), DeviceError> {
-        let end = map
-            .iova
-            .checked_add(map.size)
+        let end = map_end(map.iova, map.size)
             .ok_or_else(|| DeviceError::Invalid("iova + size overflows".into()))?;
         if self
             .maps

@@ -67,6 +67,37 @@ pub trait FunctionModel: Send {
     fn reset(&mut self) -> Result<(), DeviceError>;
     /// The VMM went away: stop all work and drop its memory.
     fn disconnected(&mut self);
+    /// The model's half of migration, or `None` for a model that cannot
+    /// migrate (the PCI layer then offers no migration at all).
+    fn migration(&self) -> Option<&dyn ModelMigration>;
+    fn migration_mut(&mut self) -> Option<&mut dyn ModelMigration>;
+}
+
+/// What the PCI layer needs from a model to migrate a function: the PCI
+/// layer adds config space and MSI-X state around the model's own state and
+/// implements [`Migratable`](crate::vdev::device::Migratable) once for every
+/// model. No method has a default.
+pub trait ModelMigration {
+    /// Stop taking work and keep every job (see `Migratable::quiesce`).
+    fn quiesce(&mut self) -> Result<(), DeviceError>;
+    fn resume(&mut self) -> Result<(), DeviceError>;
+    fn compat(&self) -> crate::migration::stream::Compat;
+    /// The model's state, only while quiesced.
+    fn save(&self) -> Result<serde_json::Value, DeviceError>;
+    /// Check every value of `state`, then become it (still quiesced);
+    /// unchanged on error. `bus_master` is the restored Command register's
+    /// Bus Master Enable, which the model takes without side effects.
+    fn restore(&mut self, state: serde_json::Value, bus_master: bool) -> Result<(), DeviceError>;
+    /// `Migratable::dirty_log_start` and friends, for the model's DMA.
+    fn dirty_log_start(&mut self, page_size: u64) -> Result<(), DeviceError>;
+    fn dirty_log_stop(&mut self);
+    fn dirty_report(
+        &mut self,
+        iova: u64,
+        size: u64,
+        page_size: u64,
+        bitmap: &mut [u8],
+    ) -> Result<(), DeviceError>;
 }
 
 /// How a model raises its interrupts (implemented by the PCI layer's

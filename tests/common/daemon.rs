@@ -199,6 +199,32 @@ impl Daemon {
             .unwrap()
     }
 
+    /// Lets other users reach the daemon's directory (a temp directory is
+    /// 0700), so that what the sockets' own modes and owners allow is what
+    /// decides: for tests that run clients as other users.
+    pub fn open_to_other_users(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        for dir in [self.dir.path().to_path_buf(), self.run_dir()] {
+            if dir.exists() {
+                std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+            }
+        }
+    }
+
+    /// The CLI against this daemon, run as another user and group through
+    /// `setpriv` (util-linux), e.g. `&["--reuid=nobody", "--regid=nogroup",
+    /// "--clear-groups"]`.
+    pub fn cli_as(&self, who: &[&str], args: &[&str]) -> Output {
+        Command::new("setpriv")
+            .args(who)
+            .arg(env!("CARGO_BIN_EXE_wdvirt"))
+            .arg("--api")
+            .arg(self.api())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();

@@ -463,6 +463,69 @@ impl ConfigSpace {
         Ok(WriteEffects { flr })
     }
 
+    /// Every register whose value differs from its reset value:
+    /// (offset, value). Only registers with writable or W1C bits can differ.
+    pub fn changed_values(&self) -> Vec<(u16, u32)> {
+        self.regs
+            .iter()
+            .map(|r| (r.offset, self.read_u32_at(r.offset, r.width)))
+            .zip(&self.regs)
+            .filter(|((_, v), r)| *v != r.reset)
+            .map(|(ov, _)| ov)
+            .collect()
+    }
+
+    /// Why `values` (from [`ConfigSpace::changed_values`] of another
+    /// function of this layout) could not be this config space: an offset
+    /// that names no register or comes twice, a value wider than its
+    /// register, bits that neither a write nor the hardware can set, a power
+    /// state a write is refused. `None` when they could.
+    pub fn check_values(&self, values: &[(u16, u32)]) -> Option<String> {
+        let mut seen = std::collections::HashSet::new();
+        for &(offset, value) in values {
+            let Some(reg) = self.regs.iter().find(|r| r.offset == offset) else {
+                return Some(format!("config offset {offset:#x} names no register"));
+            };
+            if !seen.insert(offset) {
+                return Some(format!("config register {} given twice", reg.name));
+            }
+            let width_mask = if reg.width >= 4 {
+                u32::MAX
+            } else {
+                (1u32 << (8 * u32::from(reg.width))) - 1
+            };
+            let settable = reg.writable | reg.w1c;
+            if value & !width_mask != 0 || (value ^ reg.reset) & !settable != 0 {
+                return Some(format!(
+                    "config register {} = {value:#x}: only bits {settable:#x} may differ from {:#x}",
+                    reg.name, reg.reset
+                ));
+            }
+            if offset == self.caps.pm + PM_PMCSR {
+                let state = value as u8 & PMCSR_POWER_STATE as u8;
+                if state != PM_STATE_D0 && state != PM_STATE_D3HOT {
+                    return Some(format!("power state D{state} is not supported"));
+                }
+            }
+        }
+        None
+    }
+
+    /// Reset values, then `values` (checked by [`ConfigSpace::check_values`]).
+    pub fn restore_values(&mut self, values: &[(u16, u32)]) {
+        self.reset();
+        for &(offset, value) in values {
+            let Some(reg) = self.regs.iter().find(|r| r.offset == offset) else {
+                continue;
+            };
+            for (k, at) in reg.range().enumerate() {
+                if let Some(b) = self.bytes.get_mut(at) {
+                    *b = (value >> (8 * k)) as u8;
+                }
+            }
+        }
+    }
+
     /// Set hardware-reported status bits (e.g. STATUS "received master
     /// abort", PCIe DEVSTA error bits). Only bits that are RW1C for software
     /// can be set this way; others are ignored.

@@ -623,6 +623,61 @@ impl Interrupts {
         st.intx.disabled_by_command = false;
     }
 
+    /// The interrupt state a migration carries: the MSI-X table and PBA and
+    /// the INTx latch; never an eventfd, nor the VMM's own VFIO masks (the
+    /// destination's VMM sets those up for itself).
+    pub fn saved(&self) -> super::state::InterruptState {
+        let st = self.inner.lock();
+        super::state::InterruptState {
+            msix_entries: st.msix.entries().to_vec(),
+            msix_pba: st.msix.pba_words().to_vec(),
+            msix_client_owned: st.msix.client_owned(),
+            intx_masked: st.intx.masked,
+            intx_pending: st.intx.pending,
+        }
+    }
+
+    /// Why `saved` could not be this function's interrupt state.
+    pub fn check_saved(&self, saved: &super::state::InterruptState) -> Option<String> {
+        self.inner
+            .lock()
+            .msix
+            .check_parts(&saved.msix_entries, &saved.msix_pba)
+    }
+
+    /// Become `saved` (checked by [`Interrupts::check_saved`]), with the
+    /// gates config space says (MSI-X Enable and Function Mask, Command
+    /// INTx Disable). Eventfds are kept; nothing is signalled now: pending
+    /// vectors go out when the VMM assigns their eventfds or unmasks them.
+    pub(crate) fn restore(
+        &self,
+        saved: &super::state::InterruptState,
+        msix_enabled: bool,
+        function_masked: bool,
+        intx_disabled: bool,
+    ) {
+        let mut st = self.inner.lock();
+        st.msix.restore(
+            &saved.msix_entries,
+            &saved.msix_pba,
+            saved.msix_client_owned,
+        );
+        st.msix_enabled = msix_enabled;
+        st.function_masked = function_masked;
+        st.intx.masked = saved.intx_masked;
+        st.intx.pending = saved.intx_pending;
+        st.intx.disabled_by_command = intx_disabled;
+    }
+
+    /// Deliver what is pending and deliverable (a function resumed after a
+    /// migration: vectors that went pending while it was stopped, or on
+    /// the source).
+    pub(crate) fn flush(&self) {
+        let mut st = self.inner.lock();
+        st.flush_pending();
+        st.flush_intx();
+    }
+
     /// The VMM went away: drop every eventfd.
     pub(crate) fn drop_fds(&self) {
         let mut st = self.inner.lock();

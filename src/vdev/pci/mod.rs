@@ -11,10 +11,10 @@
 
 pub mod config;
 mod device;
-mod dirty;
 pub mod interrupts;
 pub mod msix;
 mod nowait;
+pub mod state;
 
 #[cfg(test)]
 mod tests;

@@ -106,6 +106,67 @@ impl MsixTable {
         self.pba.fill(0);
     }
 
+    /// The entries' four DWORDs each, as a guest would read them.
+    pub fn entries(&self) -> &[[u32; 4]] {
+        &self.entries
+    }
+
+    /// The PBA's QWORDs.
+    pub fn pba_words(&self) -> &[u64] {
+        &self.pba
+    }
+
+    /// Why `entries` and `pba` could not be this table's contents: the
+    /// wrong number of either, a bit no write could set, a pending bit past
+    /// the last vector. `None` when they could.
+    pub fn check_parts(&self, entries: &[[u32; 4]], pba: &[u64]) -> Option<String> {
+        if entries.len() != self.entries.len() {
+            return Some(format!(
+                "{} MSI-X entries, the function has {}",
+                entries.len(),
+                self.entries.len()
+            ));
+        }
+        if pba.len() != self.pba.len() {
+            return Some(format!(
+                "{} PBA words, the function has {}",
+                pba.len(),
+                self.pba.len()
+            ));
+        }
+        for (v, e) in entries.iter().enumerate() {
+            for (w, (word, writable)) in e.iter().zip(WORD_WRITABLE).enumerate() {
+                if word & !writable != 0 {
+                    return Some(format!(
+                        "MSI-X entry {v}, DWORD {w}: {word:#x} sets bits no write can set"
+                    ));
+                }
+            }
+        }
+        let vectors = self.entries.len();
+        for (q, word) in pba.iter().enumerate() {
+            let valid = vectors.saturating_sub(q * 64).min(64);
+            let mask = if valid == 64 {
+                u64::MAX
+            } else {
+                (1u64 << valid) - 1
+            };
+            if word & !mask != 0 {
+                return Some(format!(
+                    "PBA word {q}: {word:#x} marks vectors past the last one"
+                ));
+            }
+        }
+        None
+    }
+
+    /// Become `entries` and `pba` (checked by [`MsixTable::check_parts`]).
+    pub fn restore(&mut self, entries: &[[u32; 4]], pba: &[u64], client_owned: bool) {
+        self.entries.copy_from_slice(entries);
+        self.pba.copy_from_slice(pba);
+        self.client_owned = client_owned;
+    }
+
     /// Read table bytes at `offset` from the table's start. Bytes past the
     /// end read 0.
     pub fn read_table(&self, offset: u64, data: &mut [u8]) {

@@ -137,6 +137,12 @@ impl FunctionModel for RamModel {
     fn disconnected(&mut self) {
         self.disconnected = true;
     }
+    fn migration(&self) -> Option<&dyn crate::vdev::function::ModelMigration> {
+        None
+    }
+    fn migration_mut(&mut self) -> Option<&mut dyn crate::vdev::function::ModelMigration> {
+        None
+    }
 }
 
 fn function() -> PciFunction<RamModel> {

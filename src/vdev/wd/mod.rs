@@ -9,8 +9,10 @@
 //! above (`FunctionModel`), the accelerator below (`Accelerator`).
 
 pub mod backends;
+mod migration;
 pub mod queue;
 pub mod regs;
+pub mod state;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,19 +23,24 @@ use wdvirt_abi::{ALL_OPS, IDX_ALIGN, RING_ALIGN, RegError, pci, regs as r};
 
 use self::backends::Backends;
 use self::queue::{
-    BusMaster, QueueConfig, QueueRunner, QueueShared, WorkerContext, clear_rings, overlaps,
+    BusMaster, Parked, QueueConfig, QueueRunner, QueueShared, RingState, WorkerContext,
+    clear_rings, overlaps,
 };
 use self::regs::{Access, Decoded, Reg};
 use crate::accel::Pasid;
 use crate::stats::{InstanceStats, add};
 use crate::vdev::device::{DeviceError, DmaMapping};
 use crate::vdev::dma::DmaSpace;
-use crate::vdev::function::{BarKind, BarSpec, FunctionLayout, FunctionModel, InterruptSink};
+use crate::vdev::function::{
+    BarKind, BarSpec, FunctionLayout, FunctionModel, InterruptSink, ModelMigration,
+};
 
 /// Most queues one instance may have.
 pub const MAX_QUEUES: usize = 64;
 /// Largest ring depth an instance may offer.
 pub const MAX_RING_DEPTH: u32 = 65536;
+/// The type name of an instance nobody named (`WdDevice::set_type_name`).
+pub const DEFAULT_TYPE_NAME: &str = "wd";
 
 /// An instance shape the device cannot take. The rules are stated here
 /// once; the YAML loader and `wdvirt serve` call the same checks to point at
@@ -125,9 +132,25 @@ struct QueueSlot {
     /// `Q_STATUS` error bits (ERROR | code << 8), cleared by a good enable.
     error: u32,
     shared: Arc<QueueShared>,
+    /// An enabled queue is either running (a worker) or parked (stopped for
+    /// a migration, its positions and queue pair kept); never both.
     runner: Option<QueueRunner>,
+    parked: Option<Parked>,
     /// The running queue's rings have been cleared (see `clear_rings`).
     rings_ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl QueueSlot {
+    /// `Q_STATUS.ENABLED`: running or parked.
+    fn enabled(&self) -> bool {
+        self.runner.is_some() || self.parked.is_some()
+    }
+
+    /// Disable: stop the worker (or drop the parked queue and its queue pair).
+    fn take_runner(&mut self) -> Option<QueueRunner> {
+        self.parked = None;
+        self.runner.take()
+    }
 }
 
 /// One mediated instance of the accelerator.
@@ -142,6 +165,12 @@ pub struct WdDevice {
     err: ErrLatch,
     queues: Vec<QueueSlot>,
     stats: Arc<InstanceStats>,
+    /// Parked for a migration (`Migratable::quiesce`) until resumed.
+    quiesced: bool,
+    /// The instance type's name, for the migration compatibility block.
+    type_name: String,
+    /// How long a park waits for the jobs engines have (`queue::PARK_BUDGET`).
+    park_budget: std::time::Duration,
 }
 
 impl WdDevice {
@@ -223,7 +252,30 @@ impl WdDevice {
                 })
                 .collect(),
             stats: Arc::new(InstanceStats::default()),
+            quiesced: false,
+            type_name: DEFAULT_TYPE_NAME.to_string(),
+            park_budget: queue::PARK_BUDGET,
         })
+    }
+
+    /// Name the instance type (the daemon's catalogue name): a migration
+    /// destination must be of the same type.
+    pub fn set_type_name(&mut self, name: impl Into<String>) {
+        self.type_name = name.into();
+    }
+
+    /// How long a migration's quiesce may wait for the jobs the engines
+    /// have, for queues enabled (or restored) from now on.
+    pub fn set_park_budget(&mut self, budget: std::time::Duration) {
+        self.park_budget = budget;
+    }
+
+    pub fn type_name(&self) -> &str {
+        &self.type_name
+    }
+
+    pub fn config(&self) -> &WdConfig {
+        &self.cfg
     }
 
     /// `DEV_STATUS.ENABLED`, and each queue's `Q_STATUS.ENABLED`, as the
@@ -231,14 +283,8 @@ impl WdDevice {
     pub fn enabled_state(&self) -> (bool, Vec<bool>) {
         (
             self.enabled,
-            self.queues.iter().map(|q| q.runner.is_some()).collect(),
+            self.queues.iter().map(QueueSlot::enabled).collect(),
         )
-    }
-
-    /// What the VMM mapped and the guest memory built from it (the dirty
-    /// log for migration lives there).
-    pub fn dma_space_mut(&mut self) -> &mut DmaSpace {
-        &mut self.dma
     }
 
     pub fn stats(&self) -> Arc<InstanceStats> {
@@ -298,18 +344,14 @@ impl WdDevice {
             Reg::Depth => qcfg.depth as u64,
             Reg::Ops => qcfg.ops as u64,
             Reg::Ctrl => q.map_or(0, |q| {
-                if q.runner.is_some() {
+                if q.enabled() {
                     r::Q_CTRL_ENABLE as u64
                 } else {
                     0
                 }
             }),
             Reg::Status => q.map_or(0, |q| {
-                (if q.runner.is_some() {
-                    r::Q_STATUS_ENABLED
-                } else {
-                    0
-                } | q.error) as u64
+                (if q.enabled() { r::Q_STATUS_ENABLED } else { 0 } | q.error) as u64
             }),
             Reg::MsixVector => qcfg.vector as u64,
             Reg::IrqCoalesce => qcfg.coalesce as u64,
@@ -331,7 +373,7 @@ impl WdDevice {
             return self.write_global(d.def.reg, value as u32);
         };
         let qi = qn as usize;
-        let running = self.queues[qi].runner.is_some();
+        let running = self.queues[qi].enabled();
         if running && !matches!(d.def.reg, Reg::Ctrl) {
             return Err(RegError::QueueBusy);
         }
@@ -406,7 +448,7 @@ impl WdDevice {
     fn write_queue_ctrl(&mut self, qi: usize, v: u32, offset: u64) -> Result<(), RegError> {
         if v & r::Q_CTRL_RESET != 0 {
             let slot = &mut self.queues[qi];
-            if let Some(run) = slot.runner.take() {
+            if let Some(run) = slot.take_runner() {
                 run.stop();
             }
             slot.cfg = QueueConfig::reset();
@@ -415,9 +457,9 @@ impl WdDevice {
             return Ok(());
         }
         let want = v & r::Q_CTRL_ENABLE != 0;
-        match (want, self.queues[qi].runner.is_some()) {
+        match (want, self.queues[qi].enabled()) {
             (false, true) => {
-                if let Some(run) = self.queues[qi].runner.take() {
+                if let Some(run) = self.queues[qi].take_runner() {
                     run.stop();
                 }
                 Ok(())
@@ -481,8 +523,10 @@ impl WdDevice {
             bus_master: self.bus_master.clone(),
             shared: self.queues[qi].shared.clone(),
             rings_ready,
+            ring: RingState::default(),
+            park_budget: self.park_budget,
         };
-        let runner = QueueRunner::start(ctx).map_err(|e| {
+        let runner = QueueRunner::start(ctx, 0).map_err(|e| {
             tracing::error!("cannot start queue worker: {e}");
             RegError::NoQueuePair
         })?;
@@ -496,7 +540,7 @@ impl WdDevice {
         let runners: Vec<QueueRunner> = self
             .queues
             .iter_mut()
-            .filter_map(|q| q.runner.take())
+            .filter_map(QueueSlot::take_runner)
             .collect();
         for r in &runners {
             r.signal_stop();
@@ -507,6 +551,7 @@ impl WdDevice {
     /// Power-on register state (DEV_CTRL.RESET, DEVICE_RESET, FLR). DMA maps stay.
     fn reset_state(&mut self) {
         self.stop_queues();
+        self.quiesced = false;
         self.enabled = false;
         self.err = ErrLatch::default();
         for q in &mut self.queues {
@@ -520,6 +565,7 @@ impl WdDevice {
     fn set_engine_dma(&self, allowed: bool) {
         for accel in self.backends.all() {
             if let Err(e) = accel.set_dma_allowed(self.pasid, allowed) {
+                add(&self.stats.engine_dma_failures, 1);
                 tracing::error!(
                     pasid = self.pasid,
                     backend = accel.name(),
@@ -535,6 +581,8 @@ impl WdDevice {
             .quiesced(self.pasid, &mut || dma.unmap_all())
             .is_err()
         {
+            add(&self.stats.unquiesced_unmaps, 1);
+            tracing::warn!(pasid = self.pasid, "unmap-all without the engines quiesced");
             self.dma.unmap_all();
         }
     }
@@ -640,7 +688,7 @@ impl FunctionModel for WdDevice {
         let hit: Vec<usize> = (0..self.queues.len())
             .filter(|&qi| {
                 let q = &self.queues[qi];
-                q.runner.is_some()
+                q.enabled()
                     && q.cfg
                         .ring_ranges()
                         .iter()
@@ -649,7 +697,7 @@ impl FunctionModel for WdDevice {
             .collect();
         let runners: Vec<QueueRunner> = hit
             .iter()
-            .filter_map(|&qi| self.queues[qi].runner.take())
+            .filter_map(|&qi| self.queues[qi].take_runner())
             .collect();
         runners.iter().for_each(QueueRunner::signal_stop);
         runners.into_iter().for_each(QueueRunner::stop);
@@ -690,7 +738,7 @@ impl FunctionModel for WdDevice {
             // Queues enabled while the bit was clear get their rings cleared
             // before it is set, so before this config write completes.
             for q in &self.queues {
-                if q.runner.is_some() && !q.rings_ready.load(Ordering::Acquire) {
+                if q.enabled() && !q.rings_ready.load(Ordering::Acquire) {
                     clear_rings(&self.dma.address_space().memory(), &q.cfg);
                     q.rings_ready.store(true, Ordering::Release);
                 }
@@ -718,6 +766,14 @@ impl FunctionModel for WdDevice {
         self.set_engine_dma(false);
         self.unmap_all_quiesced();
     }
+
+    fn migration(&self) -> Option<&dyn ModelMigration> {
+        Some(self)
+    }
+
+    fn migration_mut(&mut self) -> Option<&mut dyn ModelMigration> {
+        Some(self)
+    }
 }
 
 impl Drop for WdDevice {
@@ -731,5 +787,7 @@ impl Drop for WdDevice {
 
 #[cfg(test)]
 mod contract_tests;
+#[cfg(test)]
+mod migration_tests;
 #[cfg(test)]
 mod tests;

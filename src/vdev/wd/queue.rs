@@ -27,18 +27,24 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, select};
+use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use wdvirt_abi::{
     CQE_PHASE, CQE_SIZE, CompletionEntry, IDX_FLAG_NO_DOORBELL, JobStatus, Opcode, SQE_SIZE,
     SubmissionEntry, idx,
 };
 
+pub use super::state::{HeldCompletion, PendingJob, RingState};
 use crate::accel::{AddressSpace, GuestMemory, Job, JobResult, QueuePair};
 use crate::stats::{QueueStats, add};
 use crate::vdev::function::InterruptSink;
 
-/// A queue's programmed configuration, frozen when it is enabled.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// A queue's programmed configuration, frozen when it is enabled. It is
+/// also the queue's register part of the migration state
+/// ([`super::state::QueueState`]): every field is checked again on restore
+/// as its register write checks it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct QueueConfig {
     pub sq_base: u64,
     pub cq_base: u64,
@@ -101,6 +107,39 @@ impl BusMaster {
 /// (queued ones are discarded at once). Well inside QEMU's 5 s reply timeout.
 const DRAIN_BUDGET: Duration = Duration::from_secs(2);
 
+/// How long parking a queue (a migration's quiesce) waits for every job the
+/// queue pair has taken to complete and its completion to be written. All
+/// queues of a device are parked together, so this bounds the whole
+/// quiesce; past it the quiesce fails (`EBUSY`) and the queues run on.
+/// Well inside the 5 s a VMM waits for a reply.
+pub const PARK_BUDGET: Duration = Duration::from_secs(2);
+
+/// The submission entry a job was checked from.
+fn entry_of(job: &Job) -> SubmissionEntry {
+    SubmissionEntry {
+        opcode: job.op as u8,
+        tag: job.cookie as u32,
+        src: job.src,
+        src_len: job.src_len,
+        dst: job.dst,
+        dst_len: job.dst_len,
+        param: job.param,
+        ctx: job.ctx,
+        ..SubmissionEntry::default()
+    }
+}
+
+/// A queue whose worker has stopped without closing anything: its queue
+/// pair, its configuration and its [`RingState`]. Started again by
+/// [`QueueRunner::start`]; dropped, it closes the queue pair.
+pub struct Parked {
+    pub ctx: WorkerContext,
+    /// Jobs the queue pair still holds. 0 after a successful park; more
+    /// only when [`PARK_BUDGET`] ran out, and then the queue must run again
+    /// so that their results are written.
+    pub in_flight: u32,
+}
+
 /// State a queue shares with the device's register file.
 #[derive(Debug, Default)]
 pub struct QueueShared {
@@ -125,6 +164,12 @@ pub struct WorkerContext {
     /// with Bus Master clear at enable, before setting it returns), never
     /// later by the worker, or a driver polling at once reads old entries.
     pub rings_ready: Arc<AtomicBool>,
+    /// Where the worker starts in the rings: zero for a queue just enabled,
+    /// the parked or restored positions otherwise.
+    pub ring: RingState,
+    /// How long a park may wait ([`PARK_BUDGET`] unless the device says
+    /// otherwise).
+    pub park_budget: Duration,
 }
 
 /// Zero the completion ring and the device's half of the index block, so
@@ -143,13 +188,18 @@ pub fn clear_rings(mem: &GuestMemory, config: &QueueConfig) {
 /// The device's handle on a running queue.
 pub struct QueueRunner {
     stop: Arc<AtomicBool>,
+    /// With `stop`: park instead (keep every job, close nothing).
+    park: Arc<AtomicBool>,
     wake: Sender<()>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Option<Parked>>>,
 }
 
 impl QueueRunner {
-    pub fn start(ctx: WorkerContext) -> std::io::Result<QueueRunner> {
+    /// Start a worker on `ctx`, from `ctx.ring`; `in_flight` jobs of its
+    /// queue pair are already taken (a queue parked past its budget).
+    pub fn start(ctx: WorkerContext, in_flight: u32) -> std::io::Result<QueueRunner> {
         let stop = Arc::new(AtomicBool::new(false));
+        let park = Arc::new(AtomicBool::new(false));
         let (wake, wake_rx) = crossbeam_channel::bounded(1);
         // The scheduler above the engines wakes the worker when a queue pair
         // that refused part of a batch has room again; `room` says that it
@@ -160,16 +210,40 @@ impl QueueRunner {
             flag.store(true, Ordering::Release);
             let _ = waker.try_send(());
         }));
-        let worker = Worker::new(ctx, stop.clone(), wake_rx, room);
+        let worker = Worker::new(ctx, stop.clone(), park.clone(), wake_rx, room, in_flight);
         let name = format!("wd-queue-{}", worker.ctx.queue);
         let thread = std::thread::Builder::new()
             .name(name)
             .spawn(move || worker.run())?;
         Ok(QueueRunner {
             stop,
+            park,
             wake,
             thread: Some(thread),
         })
+    }
+
+    /// Ask the worker to park without waiting; [`QueueRunner::join_parked`]
+    /// then waits. Parking: no submission is fetched any more; every job the
+    /// queue pair took completes and its completion is written (within
+    /// [`PARK_BUDGET`]); a pending coalesced interrupt is raised; then the
+    /// worker ends, closing nothing.
+    pub fn signal_park(&self) {
+        self.park.store(true, Ordering::Release);
+        self.signal_stop();
+    }
+
+    /// Wait for a worker told to park; `None` if it panicked.
+    pub fn join_parked(mut self) -> Option<Parked> {
+        self.signal_park();
+        let t = self.thread.take()?;
+        match t.join() {
+            Ok(parked) => parked,
+            Err(_) => {
+                tracing::error!("queue worker panicked");
+                None
+            }
+        }
     }
 
     /// A doorbell: wake the worker if it sleeps. Never blocks.
@@ -209,6 +283,7 @@ impl Drop for QueueRunner {
 struct Worker {
     ctx: WorkerContext,
     stop: Arc<AtomicBool>,
+    park: Arc<AtomicBool>,
     wake: Receiver<()>,
     /// Where the worker is in the submission ring.
     sq: SqCursor,
@@ -227,6 +302,9 @@ struct Worker {
     in_flight: u32,
     /// Results held back while bus mastering is off.
     held: Vec<JobResult>,
+    /// Jobs taken that no engine started, given back at a park (here or on
+    /// the source): submitted again before the ring is read.
+    pending: std::collections::VecDeque<SubmissionEntry>,
     /// Completions since the last interrupt, and when the oldest arrived.
     irq_pending: u32,
     irq_since: Option<Instant>,
@@ -299,26 +377,39 @@ const NAP_MAX: Duration = Duration::from_millis(1);
 
 impl Worker {
     fn new(
-        ctx: WorkerContext,
+        mut ctx: WorkerContext,
         stop: Arc<AtomicBool>,
+        park: Arc<AtomicBool>,
         wake: Receiver<()>,
         room: Arc<AtomicBool>,
+        in_flight: u32,
     ) -> Worker {
+        let ring = std::mem::take(&mut ctx.ring);
+        let held = ring
+            .held
+            .iter()
+            .filter_map(HeldCompletion::result)
+            .collect();
         Worker {
             ctx,
             stop,
+            park,
             wake,
-            sq: SqCursor::default(),
+            sq: SqCursor {
+                published: ring.sq_head,
+                next: ring.sq_head,
+            },
             throttled: false,
             room,
             batch: Vec::new(),
             job_at: Vec::new(),
             refused: Vec::new(),
-            cq_tail: 0,
-            in_flight: 0,
-            held: Vec::new(),
-            irq_pending: 0,
-            irq_since: None,
+            cq_tail: ring.cq_tail,
+            in_flight,
+            held,
+            pending: ring.pending.iter().map(PendingJob::entry).collect(),
+            irq_pending: ring.irq_pending,
+            irq_since: (ring.irq_pending > 0).then(Instant::now),
             pace: Pace::default(),
         }
     }
@@ -356,7 +447,7 @@ impl Worker {
         let _ = mem.store(v, self.idx_addr(field), Ordering::Release);
     }
 
-    fn run(mut self) {
+    fn run(mut self) -> Option<Parked> {
         while !self.stop.load(Ordering::Acquire) {
             if self.step() {
                 continue;
@@ -368,9 +459,81 @@ impl Worker {
             }
             self.sleep();
         }
+        if self.park.load(Ordering::Acquire) {
+            return Some(self.settle());
+        }
         self.drain();
-        let dropped = self.in_flight as u64 + self.held.len() as u64;
+        let dropped = self.in_flight as u64 + self.held.len() as u64 + self.pending.len() as u64;
         self.ctx.shared.stats.dropped(dropped);
+        None
+    }
+
+    /// Parking: fetch nothing more; wait (within [`PARK_BUDGET`]) for every
+    /// job the queue pair took and write its completion; raise the
+    /// interrupt those completions are owed; hand back the queue as it
+    /// stands. `sq_head` was published only for entries taken (what a
+    /// throttled batch left is back in the ring, unpublished), so nothing
+    /// between `sq_head` and the guest's `sq_tail` was read for good.
+    fn settle(mut self) -> Parked {
+        let deadline = Instant::now() + self.ctx.park_budget;
+        // Jobs a scheduler still holds move with the queue rather than
+        // being waited for (a rate-limited instance may hold many).
+        let back = self.ctx.qp.withdraw();
+        self.in_flight = self.in_flight.saturating_sub(back.len() as u32);
+        self.pending.extend(back.iter().map(entry_of));
+        loop {
+            let mut n = 0;
+            while let Ok(r) = self.ctx.qp.completions().try_recv() {
+                n += 1;
+                self.held.push(r);
+            }
+            self.collected(n);
+            let bus_master = self.ctx.bus_master.clone();
+            if let Some(_dma) = bus_master.pass()
+                && self.initialised()
+                && !self.held.is_empty()
+            {
+                let mem = self.ctx.space.memory();
+                for r in std::mem::take(&mut self.held) {
+                    self.complete(&mem, r);
+                }
+            }
+            if self.in_flight == 0 {
+                break;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(
+                    queue = self.ctx.queue,
+                    in_flight = self.in_flight,
+                    "queue did not settle within the park budget"
+                );
+                break;
+            }
+            if let Ok(r) = self
+                .ctx
+                .qp
+                .completions()
+                .recv_timeout(left.min(Duration::from_millis(10)))
+            {
+                self.held.push(r);
+                self.collected(1);
+            }
+        }
+        // After this the queue raises nothing until it runs again. With bus
+        // mastering off the interrupt stays owed (`irq_pending`).
+        self.flush_interrupt();
+        let ring = RingState {
+            sq_head: self.sq.published,
+            cq_tail: self.cq_tail,
+            irq_pending: self.irq_pending,
+            held: self.held.iter().map(HeldCompletion::of).collect(),
+            pending: self.pending.iter().map(PendingJob::of).collect(),
+        };
+        let in_flight = self.in_flight;
+        let mut ctx = self.ctx;
+        ctx.ring = ring;
+        Parked { ctx, in_flight }
     }
 
     /// Whether the worker can take another submission now: an entry is
@@ -427,6 +590,9 @@ impl Worker {
     /// taken (or refused with an error CQE), so a throttled batch is read
     /// again on a later pass, and the guest sees it still queued.
     fn fetch(&mut self, mem: &GuestMemory) -> bool {
+        if !self.pending.is_empty() {
+            return self.resubmit(mem);
+        }
         let depth = self.ctx.config.depth;
         let tail = self.load_idx(mem, idx::SQ_TAIL);
         let cq_head = self.load_idx(mem, idx::CQ_HEAD);
@@ -536,6 +702,72 @@ impl Worker {
         }
     }
 
+    /// Offer the jobs given back at a park before anything new from the
+    /// ring. Each is checked again, against this queue's memory now (it may
+    /// come from another host's stream); one refused completes with the
+    /// check's status, as a bad descriptor does.
+    fn resubmit(&mut self, mem: &GuestMemory) -> bool {
+        let mut kept = std::collections::VecDeque::with_capacity(self.pending.len());
+        let mut jobs = Vec::new();
+        let mut refused = Vec::new();
+        for sqe in self.pending.drain(..) {
+            match check(&sqe, &self.ctx.config, self.ctx.max_xfer, mem) {
+                Ok(job) => {
+                    if jobs.len() < FETCH_BATCH as usize {
+                        jobs.push(job);
+                    }
+                    kept.push_back(sqe);
+                }
+                Err(status) => refused.push(JobResult {
+                    cookie: sqe.tag as u64,
+                    status,
+                    bytes: 0,
+                    result: 0,
+                    stream_end: false,
+                }),
+            }
+        }
+        self.pending = kept;
+        let progressed = !refused.is_empty();
+        for r in refused {
+            self.complete(mem, r);
+        }
+        if jobs.is_empty() {
+            return progressed;
+        }
+        self.ctx.shared.stats.stamp(&mut jobs);
+        self.room.store(false, Ordering::Release);
+        let taken = match self.ctx.qp.submit(&jobs) {
+            Ok(n) => n.min(jobs.len()),
+            Err(e) => {
+                tracing::warn!(queue = self.ctx.queue, "engine refused a batch: {e}");
+                for j in &jobs {
+                    let r = JobResult {
+                        cookie: j.cookie,
+                        status: JobStatus::EngineError,
+                        bytes: 0,
+                        result: 0,
+                        stream_end: false,
+                    };
+                    self.complete(mem, r);
+                }
+                self.pending.drain(..jobs.len());
+                return true;
+            }
+        };
+        self.pending.drain(..taken);
+        self.throttled = taken < jobs.len();
+        if taken > 0 {
+            if self.in_flight == 0 {
+                self.pace.started(Instant::now());
+            }
+            self.in_flight += taken as u32;
+            let bytes: u64 = jobs[..taken].iter().map(|j| j.src_len as u64).sum();
+            add(&self.ctx.shared.stats.bytes_in, bytes);
+        }
+        true
+    }
+
     /// Write one CQE: body first, then (after a release fence) the flags word
     /// carrying the phase bit, so a driver that sees the phase sees the body.
     fn complete(&mut self, mem: &GuestMemory, r: JobResult) {
@@ -561,10 +793,21 @@ impl Worker {
         };
         let bytes = cqe.to_bytes();
         let base = self.ctx.config.cq_base + slot * CQE_SIZE as u64;
-        let _ = mem.write_slice(&bytes[0..6], GuestAddress(base));
-        let _ = mem.write_slice(&bytes[8..16], GuestAddress(base + 8));
+        let body = mem.write_slice(&bytes[0..6], GuestAddress(base)).is_ok()
+            && mem
+                .write_slice(&bytes[8..16], GuestAddress(base + 8))
+                .is_ok();
         std::sync::atomic::fence(Ordering::Release);
-        let _ = mem.store(flags, GuestAddress(base + 6), Ordering::Release);
+        if !body
+            || mem
+                .store(flags, GuestAddress(base + 6), Ordering::Release)
+                .is_err()
+        {
+            // The guest can never see it finish: dropped, not done.
+            self.ctx.shared.stats.dropped(1);
+            tracing::debug!(queue = self.ctx.queue, "completion entry not written");
+            return;
+        }
         self.cq_tail = self.cq_tail.wrapping_add(1);
         self.ctx.shared.stats.completed(&r);
         self.ctx.shared.completed.fetch_add(1, Ordering::Relaxed);

@@ -1043,3 +1043,89 @@ fn a_refused_pasid_leaves_its_owners_binding_on_every_backend() {
         "unbound with its owner"
     );
 }
+
+/// Errors once swallowed (issue 21): a backend that cannot change the
+/// engines' DMA permission (Bus Master) or quiesce for an unmap-all — here
+/// because the PASID's binding is gone from under the device — was only
+/// logged, or not even that. Each failure is now counted for the operator
+/// (`InstanceSnapshot`, shown by `wdvirt list --json` and `wdvirt stats`),
+/// and the unmap-all still removes every map.
+#[test]
+fn a_failed_bus_master_change_and_an_unquiesced_unmap_all_are_counted() {
+    let mut rig = Rig::new(WdConfig::default());
+    crate::accel::Accelerator::unbind_pasid(&*rig.sched, 7).unwrap();
+    assert_eq!(rig.dev.stats().snapshot().engine_dma_failures, 0);
+    rig.dev.set_bus_master(false);
+    rig.dev.set_bus_master(true);
+    assert_eq!(rig.dev.stats().snapshot().engine_dma_failures, 2);
+    assert_eq!(rig.dev.stats().snapshot().unquiesced_unmaps, 0);
+    rig.dev.dma_unmap_all().unwrap();
+    assert!(
+        !rig.dev.dma.contains(RAM, 4),
+        "the maps are gone all the same"
+    );
+    assert_eq!(rig.dev.stats().snapshot().unquiesced_unmaps, 1);
+    // A disconnect does both: Bus Master off, then unmap-all.
+    rig.dev.disconnected();
+    let s = rig.dev.stats().snapshot();
+    assert_eq!((s.engine_dma_failures, s.unquiesced_unmaps), (3, 2));
+}
+
+/// A completion entry that cannot be written is a job dropped, not done
+/// (issue 21: it was counted as done). The device refuses a queue whose
+/// rings are unreachable at enable and stops it before an unmap takes
+/// them, so only a worker started past those checks meets one: this test
+/// starts such a worker directly, its completion ring just past the RAM.
+/// `Q_COMPLETED` and `jobs_ok` stay at 0 (the guest can never see the job
+/// finish); `jobs_dropped` counts it.
+#[test]
+fn a_completion_that_could_not_be_written_is_dropped_not_done() {
+    use crate::accel::Accelerator;
+    let rig = Rig::new(WdConfig::default());
+    let shared = Arc::new(QueueShared::default());
+    let config = QueueConfig {
+        sq_base: SQ,
+        cq_base: RAM + RAM_SIZE,
+        idx_base: IDX,
+        depth: 4,
+        ops: wdvirt_abi::ALL_OPS,
+        vector: wdvirt_abi::regs::NO_VECTOR,
+        coalesce: 0,
+    };
+    let runner = QueueRunner::start(
+        WorkerContext {
+            queue: 0,
+            config,
+            max_xfer: WdConfig::default().max_xfer,
+            space: rig.space.clone(),
+            qp: rig.sched.open_queue_pair(7, 0).unwrap(),
+            irq: rig.irq.clone(),
+            bus_master: rig.dev.bus_master.clone(),
+            shared: shared.clone(),
+            rings_ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            ring: queue::RingState::default(),
+            park_budget: queue::PARK_BUDGET,
+        },
+        0,
+    )
+    .unwrap();
+    let job = sqe(Opcode::Nop, 1, 0, 0, 0, 0);
+    rig.put(SQ, &job.to_bytes());
+    rig.mem()
+        .store(1u32, GuestAddress(IDX + idx::SQ_TAIL), Ordering::Release)
+        .unwrap();
+    runner.ring();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let s = loop {
+        let s = shared.stats.snapshot();
+        if s.jobs_ok + s.jobs_failed + s.jobs_dropped > 0 {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the job never ended: {s:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    runner.stop();
+    assert_eq!(s.jobs_submitted, 1, "{s:?}");
+    assert_eq!((s.jobs_ok, s.jobs_dropped), (0, 1), "{s:?}");
+    assert_eq!(shared.completed.load(Ordering::Relaxed), 0);
+}
