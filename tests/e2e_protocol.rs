@@ -99,8 +99,15 @@ fn malformed_messages_get_exact_errnos_and_harm_nothing_else() {
     );
     assert_eq!(
         c.request(16, &[0; 16], &[]).errno(),
-        libc::ENOTTY,
-        "DEVICE_FEATURE"
+        libc::EINVAL,
+        "DEVICE_FEATURE with argsz 0"
+    );
+    let mut feature = 16u32.to_ne_bytes().to_vec();
+    feature.extend_from_slice(&(0x10000u32 | 11).to_ne_bytes());
+    assert_eq!(
+        c.request(16, &feature, &[]).errno(),
+        libc::ENOTSUP,
+        "DEVICE_FEATURE of a feature vfio-user does not have"
     );
     assert_eq!(
         c.region_read(0, wdvirt_abi::pci::BAR0_SIZE - 2, 4).errno(),

@@ -170,14 +170,15 @@ fn unknown_command_is_enosys_and_the_next_message_is_answered() {
 }
 
 #[test]
-fn device_feature_is_enotty_after_its_body() {
+fn an_unknown_device_feature_is_enotsup_after_its_body() {
     let (_served, mut c) = serve_pair();
     c.version();
-    // argsz, flags (GET | feature 11 = MIG_DATA_SIZE), then payload.
+    // argsz, flags (GET | feature 11 = MIG_DATA_SIZE, not in vfio-user),
+    // then payload.
     let mut body = vec![0u8; 16];
     body[..4].copy_from_slice(&16u32.to_ne_bytes());
     body[4..8].copy_from_slice(&(0x10000u32 | 11).to_ne_bytes());
-    assert_eq!(c.request(16, &body, &[]).errno(), libc::ENOTTY);
+    assert_eq!(c.request(16, &body, &[]).errno(), libc::ENOTSUP);
     c.region_read(0, 0, 8).ok();
 }
 

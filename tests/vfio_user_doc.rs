@@ -54,6 +54,7 @@ fn errno_named(name: &str) -> i32 {
         "E2BIG" => libc::E2BIG,
         "ENOSYS" => libc::ENOSYS,
         "ENOTTY" => libc::ENOTTY,
+        "ENOTSUP" => libc::ENOTSUP,
         "EMFILE" => libc::EMFILE,
         "EEXIST" => libc::EEXIST,
         "ENOSPC" => libc::ENOSPC,
@@ -174,12 +175,31 @@ fn send_row(row: &str) -> (Vec<Outcome>, bool) {
             let mut s = ready();
             out.push(("command 0x7777", s.client.request(0x7777, &[], &[]).errno()));
         }
-        "DEVICE_FEATURE" => {
+        "DEVICE_FEATURE of a feature" => {
             let mut s = ready();
-            out.push((
-                "DEVICE_FEATURE",
-                s.client.request(16, &[0; 16], &[]).errno(),
-            ));
+            for (what, feature) in [
+                ("MIG_DATA_SIZE", 11u32),
+                ("PCI_VF_TOKEN", 0),
+                ("0xffff", 0xffff),
+            ] {
+                let mut body = 16u32.to_ne_bytes().to_vec();
+                body.extend_from_slice(&(0x10000 | feature).to_ne_bytes());
+                out.push((what, s.client.request(16, &body, &[]).errno()));
+            }
+        }
+        "DEVICE_FEATURE with argsz under" => {
+            let mut s = ready();
+            let mig = 1u32;
+            for (what, argsz, flags) in [
+                ("argsz 4", 4u32, mig | 0x10000),
+                ("flag bit 19", 16, mig | 0x80000),
+                ("no operation", 16, mig),
+                ("GET and SET", 16, mig | 0x30000),
+            ] {
+                let mut body = argsz.to_ne_bytes().to_vec();
+                body.extend_from_slice(&flags.to_ne_bytes());
+                out.push((what, s.client.request(16, &body, &[]).errno()));
+            }
         }
         "fds on a command" => {
             let mut s = ready();

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use super::migration::MigrationError;
 use super::socket::FdLoss;
 use crate::vdev::device::DeviceError;
 
@@ -52,8 +53,18 @@ pub enum TransportError {
     FdsLost(FdLoss),
     #[error("unsupported command {0}")]
     UnknownCommand(u16),
-    #[error("device feature ioctl not supported")]
-    NoFeature,
+    /// DEVICE_FEATURE of a feature index vfio-user does not have.
+    #[error("device feature {0} is not supported")]
+    NoFeature(u32),
+    /// A migration request refused (state machine, stream, device).
+    #[error(transparent)]
+    Migration(#[from] MigrationError),
+    /// More than the request may ask for (ranges, a bitmap over the data cap).
+    #[error("too big: {0}")]
+    TooBig(String),
+    /// An address range that wraps past 2^64.
+    #[error("range overflows: {0}")]
+    Overflow(String),
     #[error("not supported: {0}")]
     NotSupported(String),
     #[error(transparent)]
@@ -74,7 +85,10 @@ impl TransportError {
             TransportError::DmaTableFull(_) | TransportError::DmaBytesFull { .. } => libc::ENOSPC,
             TransportError::FdsLost(loss) => return loss.errno(),
             TransportError::UnknownCommand(_) => libc::ENOSYS,
-            TransportError::NoFeature => libc::ENOTTY,
+            TransportError::NoFeature(_) => libc::ENOTSUP,
+            TransportError::Migration(m) => return m.errno(),
+            TransportError::TooBig(_) => libc::E2BIG,
+            TransportError::Overflow(_) => libc::EOVERFLOW,
             TransportError::NotSupported(_) => libc::ENOTSUP,
             TransportError::Device(d) => return d.errno(),
             TransportError::Io(e) | TransportError::Accept(e) => {
@@ -156,7 +170,15 @@ mod tests {
             TransportError::UnknownCommand(99).errno(),
             libc::ENOSYS as u32
         );
-        assert_eq!(TransportError::NoFeature.errno(), libc::ENOTTY as u32);
+        assert_eq!(TransportError::NoFeature(3).errno(), libc::ENOTSUP as u32);
+        assert_eq!(
+            TransportError::TooBig("x".into()).errno(),
+            libc::E2BIG as u32
+        );
+        assert_eq!(
+            TransportError::Overflow("x".into()).errno(),
+            libc::EOVERFLOW as u32
+        );
         assert_eq!(
             TransportError::FdsLost(FdLoss::Exhausted).errno(),
             libc::EMFILE as u32

@@ -36,6 +36,9 @@ pub struct Limits {
     /// and logged at debug level. Per instance, not per connection: a VMM
     /// can reconnect in a loop.
     pub log_lines_per_sec: u32,
+    /// The largest migration stream (bytes) a destination takes in
+    /// RESUMING (EFBIG past it) and a source produces in STOP_COPY.
+    pub max_migration_stream: usize,
 }
 
 impl Default for Limits {
@@ -47,6 +50,7 @@ impl Default for Limits {
             max_dma_fd_bytes: wire::MAX_DMA_FD_BYTES,
             message_timeout_ms: 5_000,
             log_lines_per_sec: 10,
+            max_migration_stream: crate::migration::stream::DEFAULT_MAX_STREAM,
         }
     }
 }
@@ -63,6 +67,8 @@ impl Limits {
     pub const DMA_MAPS_RANGE: RangeInclusive<usize> = 1..=65535;
     /// `message_timeout_ms`: 10 ms to 10 minutes.
     pub const MESSAGE_TIMEOUT_MS_RANGE: RangeInclusive<u64> = 10..=600_000;
+    /// `max_migration_stream`: 4 KiB to 1 GiB.
+    pub const MIGRATION_STREAM_RANGE: RangeInclusive<usize> = 4096..=1 << 30;
 
     pub fn message_timeout(&self) -> Duration {
         Duration::from_millis(self.message_timeout_ms)
@@ -89,6 +95,7 @@ impl Limits {
         self.max_msg_fds = clamp(self.max_msg_fds, Self::MSG_FDS_RANGE);
         self.max_dma_maps = clamp(self.max_dma_maps, Self::DMA_MAPS_RANGE);
         self.message_timeout_ms = clamp(self.message_timeout_ms, Self::MESSAGE_TIMEOUT_MS_RANGE);
+        self.max_migration_stream = clamp(self.max_migration_stream, Self::MIGRATION_STREAM_RANGE);
         self
     }
 }

@@ -15,7 +15,9 @@
 //!
 //! Files by role: `wire` (structs, command numbers), `socket` (framing, fd
 //! passing), `version` (capability negotiation), `session` (per-command
-//! checks and dispatch), `dma_table`, `server` (listener, connection loop),
+//! checks and dispatch), `migration` (the migration state machine's arcs,
+//! the stream read out and written in), `dma_table`, `server` (listener,
+//! connection loop),
 //! `stats`, `error`, `rlimit` (the fd limit connections live under),
 //! `limits` (what one VMM may cost the process).
 //!
@@ -25,11 +27,13 @@
 //! (`DmaMapping::fd` is `None`). When it is added, replies to our requests
 //! (type reply) arrive interleaved with QEMU's requests and must be matched
 //! by id, and no client request may wait on them (see the notes, §0). Also
-//! not served: GET_REGION_IO_FDS, MIG_DATA_*, DEVICE_FEATURE (ENOTTY).
+//! not served: GET_REGION_IO_FDS. Migration (DEVICE_FEATURE, MIG_DATA_*)
+//! needs no server-initiated message (`docs/vfio-user.md`).
 
 pub mod dma_table;
 pub mod error;
 pub mod limits;
+pub mod migration;
 pub mod rlimit;
 pub mod server;
 mod session;

@@ -334,6 +334,21 @@ impl Connection {
 
     fn serve(&mut self, dev: &Mutex<dyn VfioUserDevice>) -> Result<Disconnect, TransportError> {
         let mut session = Session::new(&*dev.lock(), &self.limits);
+        let result = self.serve_messages(&mut session, dev);
+        if let Some(state) = session.ended(&mut *dev.lock()) {
+            self.log(format_args!(
+                "vfio-user: the VMM left with the device in migration state {}",
+                state.name()
+            ));
+        }
+        result
+    }
+
+    fn serve_messages(
+        &mut self,
+        session: &mut Session,
+        dev: &Mutex<dyn VfioUserDevice>,
+    ) -> Result<Disconnect, TransportError> {
         let max_msg_fds = self.limits.max_msg_fds;
         loop {
             let read = self
@@ -360,7 +375,7 @@ impl Connection {
             if msg.fd_loss.is_some() {
                 ConnectionStats::add(&self.stats.fds_truncated, 1);
             }
-            if let Err(e) = self.serve_one(&mut session, dev, &mut msg) {
+            if let Err(e) = self.serve_one(session, dev, &mut msg) {
                 return self.end(e);
             }
         }
@@ -402,6 +417,12 @@ impl Connection {
         // The device is locked for the handling alone; the reply is sent
         // after, so a VMM that stops reading cannot pin the device.
         let result = session.handle(&mut *dev.lock(), msg);
+        let mig = session.take_migration_counts();
+        if mig != Default::default() {
+            ConnectionStats::add(&self.stats.migration_arcs, mig.arcs);
+            ConnectionStats::add(&self.stats.migration_bytes_read, mig.bytes_read);
+            ConnectionStats::add(&self.stats.migration_bytes_written, mig.bytes_written);
+        }
         if let Some(what) = what {
             match &result {
                 Ok(_) if h.no_reply() => trace!("vfio-user: {what}: ok"),

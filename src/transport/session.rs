@@ -9,10 +9,14 @@ use std::sync::Arc;
 
 use tracing::{debug, warn};
 use vfio_bindings::bindings::vfio::{
-    VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE, VFIO_DMA_UNMAP_FLAG_ALL,
-    VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, VFIO_IRQ_SET_ACTION_MASK, VFIO_IRQ_SET_ACTION_TRIGGER,
-    VFIO_IRQ_SET_ACTION_TYPE_MASK, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_BOOL,
-    VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE, VFIO_IRQ_SET_DATA_TYPE_MASK,
+    VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT, VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
+    VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP, VFIO_DEVICE_FEATURE_GET, VFIO_DEVICE_FEATURE_MASK,
+    VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, VFIO_DEVICE_FEATURE_MIGRATION, VFIO_DEVICE_FEATURE_PROBE,
+    VFIO_DEVICE_FEATURE_SET, VFIO_DMA_MAP_FLAG_READ, VFIO_DMA_MAP_FLAG_WRITE,
+    VFIO_DMA_UNMAP_FLAG_ALL, VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, VFIO_IRQ_SET_ACTION_MASK,
+    VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_TYPE_MASK, VFIO_IRQ_SET_ACTION_UNMASK,
+    VFIO_IRQ_SET_DATA_BOOL, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_IRQ_SET_DATA_NONE,
+    VFIO_IRQ_SET_DATA_TYPE_MASK, VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY,
     VFIO_REGION_INFO_CAP_SPARSE_MMAP, VFIO_REGION_INFO_FLAG_CAPS, VFIO_REGION_INFO_FLAG_MMAP,
     VFIO_REGION_INFO_FLAG_READ, VFIO_REGION_INFO_FLAG_WRITE,
 };
@@ -21,10 +25,13 @@ use zerocopy::IntoBytes;
 use super::dma_table::{DmaEntry, DmaTable};
 use super::error::TransportError;
 use super::limits::Limits;
+use super::migration::{MigCounts, MigrationError, MigrationSession};
 use super::socket::Message;
 use super::version::{self, ClientCaps};
 use super::wire::{self, Command, HEADER_SIZE, Header};
-use crate::vdev::device::{DmaMapping, IrqAction, IrqData, VfioUserDevice};
+use crate::vdev::device::{
+    DeviceError, DmaMapping, IrqAction, IrqData, Migratable, VfioUserDevice,
+};
 
 /// A successful reply: the whole message (header included) and at most one
 /// fd to attach (only GET_REGION_INFO of a mappable region sends one).
@@ -72,7 +79,15 @@ pub struct Session {
     regions: Vec<RegionShape>,
     /// What VERSION advertises and the checks hold to.
     limits: Limits,
+    /// The migration state machine and streams (`super::migration`).
+    mig: MigrationSession,
+    /// DMA logging: `Some(ranges)` while on (empty: all of memory), each
+    /// range as (start, end).
+    logging: Option<Vec<(u64, u64)>>,
 }
+
+/// `data_fd` in MIG_DEVICE_STATE replies: vfio-user carries no fd there.
+const NO_DATA_FD: i32 = -1;
 
 fn invalid(msg: impl Into<String>) -> TransportError {
     TransportError::invalid(msg)
@@ -118,10 +133,30 @@ impl Session {
             caps: None,
             dma: DmaTable::new(limits.max_dma_maps, limits.max_dma_fd_bytes),
             limits: limits.clone(),
+            mig: MigrationSession::new(limits.max_migration_stream),
+            logging: None,
             num_regions: info.num_regions,
             num_irqs: info.num_irqs,
             regions,
         }
+    }
+
+    /// What the migration side did since the last call (for the stats).
+    pub fn take_migration_counts(&mut self) -> MigCounts {
+        self.mig.take_counts()
+    }
+
+    /// The connection is over: DMA logging it started stops. Returns the
+    /// migration state when it is not RUNNING (a migration left half way):
+    /// the device stays as the last arc left it, and `disconnected()`
+    /// (called next) decides what a lost VMM means.
+    pub fn ended(&mut self, dev: &mut dyn VfioUserDevice) -> Option<crate::migration::MigState> {
+        let mig = dev.migration()?;
+        if self.logging.take().is_some() {
+            mig.dirty_log_stop();
+        }
+        let state = self.mig.state();
+        (state != crate::migration::MigState::Running).then_some(state)
     }
 
     /// Handles one request. `Ok` carries the success reply (dropped by the
@@ -167,14 +202,15 @@ impl Session {
             Some(Command::RegionWriteMulti) => self.region_write_multi(dev, &h, body),
             Some(Command::DeviceReset) => {
                 dev.reset()?;
+                // The only way out of ERROR: the device is RUNNING again.
+                self.mig.reset();
                 Ok(Reply::new(&h, &[]))
             }
-            // QEMU 11.1 forwards VFIO_DEVICE_FEATURE; we implement none of
-            // the features (migration v2 will), and the ioctl's "no such
-            // feature" is ENOTTY.
-            Some(Command::DeviceFeature) => Err(TransportError::NoFeature),
+            Some(Command::DeviceFeature) => self.device_feature(dev, &h, body),
+            Some(Command::MigDataRead) => self.mig_data_read(dev, &h, body),
+            Some(Command::MigDataWrite) => self.mig_data_write(dev, &h, body),
             // GET_REGION_IO_FDS, DMA_READ/WRITE (server → client only), the
-            // removed DIRTY_PAGES, MIG_DATA_*: not served.
+            // removed DIRTY_PAGES: not served.
             _ => Err(TransportError::UnknownCommand(h.cmd)),
         }
     }
@@ -592,6 +628,346 @@ impl Session {
         for e in &parsed {
             dev.region_write(e.region, e.offset, &e.data[..e.count as usize])?;
         }
+        Ok(Reply::new(h, &[]))
+    }
+
+    // ---- migration (DEVICE_FEATURE, MIG_DATA_READ/WRITE) ----
+
+    /// VFIO_USER_DEVICE_FEATURE: the flags checked as the kernel's
+    /// `vfio_ioctl_device_feature` and `vfio_check_feature` do, then the
+    /// feature.
+    fn device_feature(
+        &mut self,
+        dev: &mut dyn VfioUserDevice,
+        h: &Header,
+        body: &[u8],
+    ) -> Result<Reply, TransportError> {
+        let f: wire::DeviceFeature = body_struct(body, "DEVICE_FEATURE")?;
+        let fixed = size_of::<wire::DeviceFeature>();
+        if (f.argsz as usize) < fixed {
+            return Err(invalid(format!("DEVICE_FEATURE argsz {}", f.argsz)));
+        }
+        let ops = f.flags & !VFIO_DEVICE_FEATURE_MASK;
+        let known = VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_SET | VFIO_DEVICE_FEATURE_PROBE;
+        if ops & !known != 0 {
+            return Err(invalid(format!("DEVICE_FEATURE flags {:#x}", f.flags)));
+        }
+        let probe = ops & VFIO_DEVICE_FEATURE_PROBE != 0;
+        let get = ops & VFIO_DEVICE_FEATURE_GET != 0;
+        let set = ops & VFIO_DEVICE_FEATURE_SET != 0;
+        if !probe && get == set {
+            return Err(invalid(format!(
+                "DEVICE_FEATURE flags {:#x}: one of GET and SET (both only with PROBE)",
+                f.flags
+            )));
+        }
+        let feature = f.flags & VFIO_DEVICE_FEATURE_MASK;
+        let supported = wire::feature_ops(feature).ok_or(TransportError::NoFeature(feature))?;
+        let Some(mig) = dev.migration() else {
+            return Err(MigrationError::NotMigratable.into());
+        };
+        if ops & (VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_SET) & !supported != 0 {
+            return Err(invalid(format!(
+                "feature {feature} does not support {}",
+                if set { "SET" } else { "GET" }
+            )));
+        }
+        let data = &body[fixed..];
+        if probe {
+            // "The reply payload must be the same as the request payload."
+            return self.echo(h, body, f.argsz);
+        }
+        match (feature, set) {
+            (VFIO_DEVICE_FEATURE_MIGRATION, false) => {
+                let m = wire::FeatureMigration {
+                    flags: u64::from(VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_PRE_COPY),
+                };
+                self.feature_reply(h, f, m.as_bytes())
+            }
+            (VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, false) => {
+                let s = wire::FeatureMigState {
+                    device_state: self.mig.state() as u32,
+                    data_fd: NO_DATA_FD,
+                };
+                self.feature_reply(h, f, s.as_bytes())
+            }
+            (VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE, true) => {
+                let s: wire::FeatureMigState = body_struct(data, "MIG_DEVICE_STATE SET data")?;
+                if (f.argsz as usize) < body.len() {
+                    return Err(invalid(format!("MIG_DEVICE_STATE argsz {}", f.argsz)));
+                }
+                let reached = self.mig.set_state(mig, s.device_state)?;
+                let out = wire::FeatureMigState {
+                    device_state: reached as u32,
+                    data_fd: NO_DATA_FD,
+                };
+                self.feature_reply(h, f, out.as_bytes())
+            }
+            (VFIO_DEVICE_FEATURE_DMA_LOGGING_START, true) => {
+                let page = self.logging_start(mig, f, data)?;
+                let mut out = body.to_vec();
+                out[fixed..fixed + 8].copy_from_slice(&page.to_ne_bytes());
+                Ok(Reply::new(h, &out))
+            }
+            (VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP, true) => {
+                if self.logging.take().is_some() {
+                    mig.dirty_log_stop();
+                }
+                self.echo(h, body, f.argsz)
+            }
+            (VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT, false) => self.logging_report(mig, h, f, data),
+            _ => Err(invalid(format!("feature {feature}: unsupported operation"))),
+        }
+    }
+
+    /// A reply whose data is `data` after the request's fixed part, with
+    /// argsz set to the full payload; refused when the client's argsz is
+    /// smaller (the bits of a report are cleared as they are read, so a
+    /// reply cut short would lose them).
+    fn feature_reply(
+        &self,
+        h: &Header,
+        f: wire::DeviceFeature,
+        data: &[u8],
+    ) -> Result<Reply, TransportError> {
+        let fixed = size_of::<wire::DeviceFeature>();
+        let need = fixed + data.len();
+        if (f.argsz as usize) < need {
+            return Err(invalid(format!(
+                "DEVICE_FEATURE argsz {} < {need}, the reply's size",
+                f.argsz
+            )));
+        }
+        let head = wire::DeviceFeature {
+            argsz: need as u32,
+            flags: f.flags,
+        };
+        let mut reply = Reply::with_tail(h, head.as_bytes(), data.len());
+        reply.bytes[HEADER_SIZE + fixed..].copy_from_slice(data);
+        Ok(reply)
+    }
+
+    /// The request payload sent back (SET and PROBE replies).
+    fn echo(&self, h: &Header, body: &[u8], argsz: u32) -> Result<Reply, TransportError> {
+        if (argsz as usize) < body.len() {
+            return Err(invalid(format!(
+                "DEVICE_FEATURE argsz {argsz} < {}, the reply's size",
+                body.len()
+            )));
+        }
+        Ok(Reply::new(h, body))
+    }
+
+    /// DMA_LOGGING_START: page size and ranges checked as the kernel's
+    /// `vfio_ioctl_device_feature_logging_start` does; returns the page
+    /// size chosen (the connection's DMA page size).
+    fn logging_start(
+        &mut self,
+        mig: &mut dyn Migratable,
+        f: wire::DeviceFeature,
+        data: &[u8],
+    ) -> Result<u64, TransportError> {
+        let c: wire::DmaLoggingControl = body_struct(data, "DMA_LOGGING_START data")?;
+        let fixed = size_of::<wire::DmaLoggingControl>();
+        let entry = size_of::<wire::DmaLoggingRange>();
+        if (f.argsz as usize) < size_of::<wire::DeviceFeature>() + data.len() {
+            return Err(invalid(format!("DMA_LOGGING_START argsz {}", f.argsz)));
+        }
+        if c.num_ranges as usize > wire::MAX_LOGGING_RANGES {
+            return Err(TransportError::TooBig(format!(
+                "DMA_LOGGING_START with {} ranges (at most {})",
+                c.num_ranges,
+                wire::MAX_LOGGING_RANGES
+            )));
+        }
+        if data.len() != fixed + c.num_ranges as usize * entry {
+            return Err(invalid(format!(
+                "DMA_LOGGING_START: {} ranges in {} bytes",
+                c.num_ranges,
+                data.len() - fixed
+            )));
+        }
+        if !c.page_size.is_power_of_two() {
+            return Err(invalid(format!(
+                "DMA_LOGGING_START page size {:#x} is not a power of two",
+                c.page_size
+            )));
+        }
+        if self.logging.is_some() {
+            return Err(TransportError::Device(DeviceError::Busy(
+                "DMA logging is already on; stop it first".into(),
+            )));
+        }
+        let page = wire::PAGE_SIZE;
+        let mut ranges: Vec<(u64, u64)> = Vec::with_capacity(c.num_ranges as usize);
+        for r in data[fixed..]
+            .chunks_exact(entry)
+            .filter_map(wire::read_prefix::<wire::DmaLoggingRange>)
+        {
+            if r.length == 0 || !r.iova.is_multiple_of(page) || !r.length.is_multiple_of(page) {
+                return Err(invalid(format!(
+                    "DMA_LOGGING_START range {:#x}+{:#x} is empty or not {page:#x}-aligned",
+                    r.iova, r.length
+                )));
+            }
+            let end = r.iova.checked_add(r.length).ok_or_else(|| {
+                TransportError::Overflow(format!("range {:#x}+{:#x}", r.iova, r.length))
+            })?;
+            if ranges.iter().any(|&(s, e)| r.iova < e && s < end) {
+                return Err(invalid(format!(
+                    "DMA_LOGGING_START range {:#x}+{:#x} overlaps another",
+                    r.iova, r.length
+                )));
+            }
+            ranges.push((r.iova, end));
+        }
+        mig.dirty_log_start(page)?;
+        self.logging = Some(ranges);
+        Ok(page)
+    }
+
+    /// DMA_LOGGING_REPORT: the bitmap of `[iova, iova + length)` in
+    /// `page_size` units, read and cleared.
+    fn logging_report(
+        &mut self,
+        mig: &mut dyn Migratable,
+        h: &Header,
+        f: wire::DeviceFeature,
+        data: &[u8],
+    ) -> Result<Reply, TransportError> {
+        let r: wire::DmaLoggingReport = body_struct(data, "DMA_LOGGING_REPORT data")?;
+        let Some(ranges) = &self.logging else {
+            return Err(invalid("DMA_LOGGING_REPORT while DMA logging is off"));
+        };
+        if !r.page_size.is_power_of_two() || r.page_size < wire::PAGE_SIZE {
+            return Err(invalid(format!(
+                "DMA_LOGGING_REPORT page size {:#x} (a power of two, at least {:#x})",
+                r.page_size,
+                wire::PAGE_SIZE
+            )));
+        }
+        let end = r.iova.checked_add(r.length).ok_or_else(|| {
+            TransportError::Overflow(format!("report range {:#x}+{:#x}", r.iova, r.length))
+        })?;
+        if r.length == 0
+            || !r.iova.is_multiple_of(r.page_size)
+            || !r.length.is_multiple_of(r.page_size)
+        {
+            return Err(invalid(format!(
+                "DMA_LOGGING_REPORT range {:#x}+{:#x} is empty or not aligned to {:#x}",
+                r.iova, r.length, r.page_size
+            )));
+        }
+        if !ranges.is_empty() && !ranges.iter().any(|&(s, e)| s <= r.iova && end <= e) {
+            return Err(invalid(format!(
+                "DMA_LOGGING_REPORT range {:#x}+{:#x} is not inside one logged range",
+                r.iova, r.length
+            )));
+        }
+        let bits = r.length / r.page_size;
+        let bitmap_len = bits.div_ceil(64).saturating_mul(8);
+        let cap = self.max_reply_data();
+        if bitmap_len > cap as u64 {
+            return Err(TransportError::TooBig(format!(
+                "a bitmap of {bitmap_len} bytes (over {cap})"
+            )));
+        }
+        let bitmap_len = bitmap_len as usize;
+        let mut out = vec![0u8; size_of::<wire::DmaLoggingReport>() + bitmap_len];
+        out[..size_of::<wire::DmaLoggingReport>()].copy_from_slice(r.as_bytes());
+        // Checked before the bits are read (and cleared): a reply that
+        // cannot be sent must not lose them.
+        let need = size_of::<wire::DeviceFeature>() + out.len();
+        if (f.argsz as usize) < need {
+            return Err(invalid(format!(
+                "DMA_LOGGING_REPORT argsz {} < {need}, the reply's size",
+                f.argsz
+            )));
+        }
+        let report = size_of::<wire::DmaLoggingReport>();
+        mig.dirty_report(r.iova, r.length, r.page_size, &mut out[report..])?;
+        self.feature_reply(h, f, &out)
+    }
+
+    /// The most data one of our replies may carry: what the client takes
+    /// (`max_data_xfer_size`) and what we advertise, whichever is less.
+    fn max_reply_data(&self) -> usize {
+        let client = self.caps.map_or(1 << 20, |c| c.max_data_xfer_size);
+        client.min(u64::from(self.limits.max_data_xfer_size())) as usize
+    }
+
+    /// VFIO_USER_MIG_DATA_READ: up to `size` bytes of the outgoing stream.
+    fn mig_data_read(
+        &mut self,
+        dev: &mut dyn VfioUserDevice,
+        h: &Header,
+        body: &[u8],
+    ) -> Result<Reply, TransportError> {
+        let m: wire::MigData = body_struct(body, "MIG_DATA_READ")?;
+        let fixed = size_of::<wire::MigData>();
+        if body.len() != fixed {
+            return Err(invalid(format!(
+                "MIG_DATA_READ body of {} bytes",
+                body.len()
+            )));
+        }
+        if dev.migration().is_none() {
+            return Err(MigrationError::NotMigratable.into());
+        }
+        let cap = self.max_reply_data();
+        if m.size as usize > cap {
+            return Err(invalid(format!(
+                "MIG_DATA_READ size {} (at most {cap})",
+                m.size
+            )));
+        }
+        if (m.argsz as usize) < fixed + m.size as usize {
+            return Err(invalid(format!(
+                "MIG_DATA_READ argsz {} < {}",
+                m.argsz,
+                fixed + m.size as usize
+            )));
+        }
+        let data = self.mig.read(m.size as usize)?;
+        let head = wire::MigData {
+            argsz: (fixed + data.len()) as u32,
+            size: data.len() as u32,
+        };
+        let mut reply = Reply::with_tail(h, head.as_bytes(), data.len());
+        reply.bytes[HEADER_SIZE + fixed..].copy_from_slice(data);
+        Ok(reply)
+    }
+
+    /// VFIO_USER_MIG_DATA_WRITE: the next piece of the incoming stream.
+    fn mig_data_write(
+        &mut self,
+        dev: &mut dyn VfioUserDevice,
+        h: &Header,
+        body: &[u8],
+    ) -> Result<Reply, TransportError> {
+        let m: wire::MigData = body_struct(body, "MIG_DATA_WRITE")?;
+        let fixed = size_of::<wire::MigData>();
+        if (m.argsz as usize) < fixed {
+            return Err(invalid(format!("MIG_DATA_WRITE argsz {}", m.argsz)));
+        }
+        if body.len() != fixed + m.size as usize {
+            return Err(invalid(format!(
+                "MIG_DATA_WRITE size {} with {} data bytes",
+                m.size,
+                body.len() - fixed
+            )));
+        }
+        if dev.migration().is_none() {
+            return Err(MigrationError::NotMigratable.into());
+        }
+        let cap = self.limits.max_data_xfer_size();
+        if m.size > cap {
+            return Err(invalid(format!(
+                "MIG_DATA_WRITE size {} (at most {cap})",
+                m.size
+            )));
+        }
+        self.mig.write(&body[fixed..])?;
         Ok(Reply::new(h, &[]))
     }
 }

@@ -34,6 +34,13 @@ pub struct ConnectionStats {
     pub stalled: AtomicU64,
     /// Panics contained while serving (each one a bug).
     pub panics: AtomicU64,
+    /// Direct arcs of the migration state machine taken (a combined
+    /// transition counts each arc).
+    pub migration_arcs: AtomicU64,
+    /// Migration stream bytes sent in MIG_DATA_READ replies (source).
+    pub migration_bytes_read: AtomicU64,
+    /// Migration stream bytes taken by MIG_DATA_WRITE (destination).
+    pub migration_bytes_written: AtomicU64,
 }
 
 /// A plain copy of [`ConnectionStats`] at one moment.
@@ -53,6 +60,9 @@ pub struct StatsSnapshot {
     pub fds_refused: u64,
     pub stalled: u64,
     pub panics: u64,
+    pub migration_arcs: u64,
+    pub migration_bytes_read: u64,
+    pub migration_bytes_written: u64,
 }
 
 impl StatsSnapshot {
@@ -73,6 +83,12 @@ impl StatsSnapshot {
             (&mut self.fds_refused, other.fds_refused),
             (&mut self.stalled, other.stalled),
             (&mut self.panics, other.panics),
+            (&mut self.migration_arcs, other.migration_arcs),
+            (&mut self.migration_bytes_read, other.migration_bytes_read),
+            (
+                &mut self.migration_bytes_written,
+                other.migration_bytes_written,
+            ),
         ];
         for (mine, theirs) in fields {
             *mine = mine.saturating_add(theirs);
@@ -97,6 +113,9 @@ impl ConnectionStats {
             fds_refused: g(&self.fds_refused),
             stalled: g(&self.stalled),
             panics: g(&self.panics),
+            migration_arcs: g(&self.migration_arcs),
+            migration_bytes_read: g(&self.migration_bytes_read),
+            migration_bytes_written: g(&self.migration_bytes_written),
         }
     }
 

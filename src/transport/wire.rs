@@ -258,6 +258,97 @@ pub struct WriteMultiEntry {
     pub data: [u8; WRITE_MULTI_DATA],
 }
 
+/// VFIO_USER_DEVICE_FEATURE's fixed part (8 bytes; `struct
+/// vfio_device_feature` without its data). Feature data follows.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct DeviceFeature {
+    /// Request: the largest reply payload the client takes. Reply: the
+    /// payload's size.
+    pub argsz: u32,
+    /// Feature index (bits 0-15) | GET | SET | PROBE.
+    pub flags: u32,
+}
+
+/// VFIO_DEVICE_FEATURE_MIGRATION data (GET reply).
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct FeatureMigration {
+    /// VFIO_MIGRATION_STOP_COPY | _P2P | _PRE_COPY.
+    pub flags: u64,
+}
+
+/// VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE data (SET request, GET and SET
+/// replies).
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct FeatureMigState {
+    /// `enum vfio_device_mig_state`.
+    pub device_state: u32,
+    /// Unused in vfio-user (MIG_DATA_READ/WRITE carry the data); we send -1.
+    pub data_fd: i32,
+}
+
+/// VFIO_DEVICE_FEATURE_DMA_LOGGING_START data's fixed part (16 bytes);
+/// `num_ranges` × [`DmaLoggingRange`] follow.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct DmaLoggingControl {
+    pub page_size: u64,
+    pub num_ranges: u32,
+    pub reserved: u32,
+}
+
+/// One IOVA range to log.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct DmaLoggingRange {
+    pub iova: u64,
+    pub length: u64,
+}
+
+/// VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT data (24 bytes); the reply adds
+/// the bitmap after it.
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct DmaLoggingReport {
+    pub iova: u64,
+    pub length: u64,
+    pub page_size: u64,
+}
+
+/// VFIO_USER_MIG_DATA_READ / MIG_DATA_WRITE fixed part (8 bytes); data
+/// follows (read reply, write request).
+#[derive(Clone, Copy, Debug, Default, FromBytes, IntoBytes, Immutable, KnownLayout)]
+#[repr(C)]
+pub struct MigData {
+    pub argsz: u32,
+    pub size: u32,
+}
+
+/// Most ranges one DMA_LOGGING_START may name (the kernel's
+/// `LOG_MAX_RANGES`); more is E2BIG.
+pub const MAX_LOGGING_RANGES: usize = 256;
+
+/// The operations (GET/SET/PROBE flags) a feature index supports, or `None`
+/// for a feature vfio-user does not have (ENOTSUP). The spec's table:
+/// MIGRATION (1), MIG_DEVICE_STATE (2), DMA_LOGGING_START (6), _STOP (7),
+/// _REPORT (8).
+pub fn feature_ops(feature: u32) -> Option<u32> {
+    use vfio_bindings::bindings::vfio::*;
+    let (get, set, probe) = (
+        VFIO_DEVICE_FEATURE_GET,
+        VFIO_DEVICE_FEATURE_SET,
+        VFIO_DEVICE_FEATURE_PROBE,
+    );
+    Some(match feature {
+        VFIO_DEVICE_FEATURE_MIGRATION | VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT => get | probe,
+        VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE => get | set | probe,
+        VFIO_DEVICE_FEATURE_DMA_LOGGING_START | VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP => set | probe,
+        _ => return None,
+    })
+}
+
 /// Reads a `T` from the start of `body`; `None` when the body is shorter.
 pub fn read_prefix<T: FromBytes>(body: &[u8]) -> Option<T> {
     T::read_from_prefix(body).ok().map(|(value, _)| value)
@@ -309,6 +400,21 @@ pub fn describe(h: &Header, body: &[u8], fds: usize) -> String {
             Some(i) => write!(s, " index {}", i.index),
             None => Ok(()),
         },
+        Some(Command::DeviceFeature) => match read_prefix::<DeviceFeature>(body) {
+            Some(f) => write!(
+                s,
+                // ops: GET 1, SET 2, PROBE 4 (the flags above bit 15).
+                " feature {} ops {:#x} argsz {}",
+                f.flags & 0xffff,
+                f.flags >> 16,
+                f.argsz
+            ),
+            None => Ok(()),
+        },
+        Some(Command::MigDataRead | Command::MigDataWrite) => match read_prefix::<MigData>(body) {
+            Some(m) => write!(s, " size {} argsz {}", m.size, m.argsz),
+            None => Ok(()),
+        },
         Some(Command::DeviceSetIrqs) => match read_prefix::<IrqSet>(body) {
             Some(i) => write!(
                 s,
@@ -343,6 +449,13 @@ mod tests {
         assert_eq!(size_of::<IrqSet>(), 20);
         assert_eq!(size_of::<RegionAccess>(), 16);
         assert_eq!(size_of::<WriteMultiEntry>(), 24);
+        assert_eq!(size_of::<DeviceFeature>(), 8);
+        assert_eq!(size_of::<FeatureMigration>(), 8);
+        assert_eq!(size_of::<FeatureMigState>(), 8);
+        assert_eq!(size_of::<DmaLoggingControl>(), 16);
+        assert_eq!(size_of::<DmaLoggingRange>(), 16);
+        assert_eq!(size_of::<DmaLoggingReport>(), 24);
+        assert_eq!(size_of::<MigData>(), 8);
     }
 
     #[test]
@@ -372,6 +485,24 @@ mod tests {
     }
 
     #[test]
+    fn feature_operations_are_the_specs_table() {
+        use vfio_bindings::bindings::vfio::*;
+        let (g, s, p) = (
+            VFIO_DEVICE_FEATURE_GET,
+            VFIO_DEVICE_FEATURE_SET,
+            VFIO_DEVICE_FEATURE_PROBE,
+        );
+        assert_eq!(feature_ops(1), Some(g | p));
+        assert_eq!(feature_ops(2), Some(g | s | p));
+        assert_eq!(feature_ops(6), Some(s | p));
+        assert_eq!(feature_ops(7), Some(s | p));
+        assert_eq!(feature_ops(8), Some(g | p));
+        for other in [0, 3, 4, 5, 9, 10, 11, 12, 0xffff] {
+            assert_eq!(feature_ops(other), None, "feature {other}");
+        }
+    }
+
+    #[test]
     fn read_prefix_refuses_short_bodies() {
         assert!(read_prefix::<DmaMap>(&[0u8; 31]).is_none());
         assert!(read_prefix::<DmaMap>(&[0u8; 40]).is_some());
@@ -395,6 +526,19 @@ mod tests {
         assert_eq!(
             d,
             "RegionWrite id 3 no_reply region 2 offset 0x1000 count 4"
+        );
+        let feature = Header {
+            cmd: Command::DeviceFeature as u16,
+            flags: 0,
+            ..h
+        };
+        let f = DeviceFeature {
+            argsz: 16,
+            flags: 2 | 1 << 17,
+        };
+        assert_eq!(
+            describe(&feature, f.as_bytes(), 0),
+            "DeviceFeature id 3 feature 2 ops 0x2 argsz 16"
         );
         let unknown = Header { cmd: 99, ..h };
         assert_eq!(describe(&unknown, &[], 2), "cmd99 id 3 no_reply fds 2");

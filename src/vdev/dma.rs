@@ -10,13 +10,20 @@
 //! the device can touch (QEMU's RAM is all three). Read-only and fd-less maps
 //! (ROM, BIOS, other devices' BARs) are recorded but not reachable: a
 //! descriptor pointing there gets `BadAddress`, and a ring there is refused.
+//!
+//! Every device write marks its 4 KiB page in the region's dirty bitmap
+//! (vm-memory's `AtomicBitmap`); DMA logging for migration reads and clears
+//! those bits (`start_dirty_log`, `report_dirty`).
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
 
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestRegionMmap};
+use vm_memory::{
+    Address, FileOffset, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryRegion, GuestRegionMmap, MmapRegion,
+};
 
 use crate::accel::{AddressSpace, GuestMemory};
 use crate::vdev::device::{DeviceError, DmaMapping};
@@ -46,6 +53,8 @@ struct MapEntry {
 pub struct DmaSpace {
     maps: Vec<MapEntry>,
     space: AddressSpace,
+    /// DMA logging is on (`start_dirty_log`).
+    dirty_log: bool,
 }
 
 impl Default for DmaSpace {
@@ -59,6 +68,7 @@ impl DmaSpace {
         DmaSpace {
             maps: Vec::new(),
             space: GuestMemoryAtomic::new(GuestMemory::new()),
+            dirty_log: false,
         }
     }
 
@@ -153,6 +163,95 @@ impl DmaSpace {
                 .iter()
                 .any(|m| m.reachable && m.iova <= addr && addr < m.iova + m.size)
     }
+    /// DMA_LOGGING_START: from now on [`report_dirty`](Self::report_dirty)
+    /// reports the pages the device writes. vm-memory marks every device
+    /// write in each region's bitmap (4 KiB pages) all the time; starting
+    /// clears them, so what was written before is not reported.
+    pub fn start_dirty_log(&mut self, page_size: u64) -> Result<(), DeviceError> {
+        if page_size != PAGE as u64 {
+            return Err(DeviceError::NotSupported(format!(
+                "dirty logging in {page_size:#x}-byte pages (the device logs {PAGE:#x})"
+            )));
+        }
+        for region in self.space.memory().iter() {
+            MmapRegion::bitmap(region).reset();
+        }
+        self.dirty_log = true;
+        Ok(())
+    }
+
+    /// DMA_LOGGING_STOP.
+    pub fn stop_dirty_log(&mut self) {
+        self.dirty_log = false;
+    }
+
+    /// DMA_LOGGING_REPORT: sets bit `i` of `bitmap` (host-endian u64 words,
+    /// bit `i % 64` of word `i / 64`) when a byte of `[iova + i * page_size,
+    /// iova + (i + 1) * page_size)` was written since logging started or
+    /// since the last report of that page, and clears what it reports. A
+    /// page is cleared only after it was seen set, so a write that lands
+    /// while the report runs is reported now or by the next report, never
+    /// lost. Memory the device cannot reach is never written: its bits are 0.
+    pub fn report_dirty(
+        &mut self,
+        iova: u64,
+        size: u64,
+        page_size: u64,
+        bitmap: &mut [u8],
+    ) -> Result<(), DeviceError> {
+        if !self.dirty_log {
+            return Err(DeviceError::Invalid("dirty logging is off".into()));
+        }
+        if !page_size.is_power_of_two() {
+            return Err(DeviceError::Invalid(format!(
+                "report page size {page_size:#x} is not a power of two"
+            )));
+        }
+        let end = iova
+            .checked_add(size)
+            .ok_or_else(|| DeviceError::Invalid("iova + size overflows".into()))?;
+        let bits = size.div_ceil(page_size);
+        let words = bits.div_ceil(64);
+        if bitmap.len() as u64 != words * 8 {
+            return Err(DeviceError::Invalid(format!(
+                "a bitmap of {} bytes for {bits} pages",
+                bitmap.len()
+            )));
+        }
+        let mut out = vec![0u64; words as usize];
+        let mem = self.space.memory();
+        for region in mem.iter() {
+            let start = region.start_addr().raw_value();
+            let Some(region_end) = start.checked_add(region.len()) else {
+                continue;
+            };
+            let (lo, hi) = (iova.max(start), end.min(region_end));
+            if lo >= hi {
+                continue;
+            }
+            let map = MmapRegion::bitmap(region);
+            let page = PAGE as u64;
+            let first = (lo - start) / page;
+            let last = (hi - 1 - start) / page;
+            for n in first..=last {
+                let n = n as usize;
+                if !map.is_bit_set(n) {
+                    continue;
+                }
+                map.reset_bit(n);
+                // The part of this 4 KiB page inside the report, in its bits.
+                let p_lo = (start + n as u64 * page).max(iova);
+                let p_hi = (start + (n as u64 + 1) * page).min(end);
+                for bit in (p_lo - iova) / page_size..=(p_hi - 1 - iova) / page_size {
+                    out[(bit / 64) as usize] |= 1 << (bit % 64);
+                }
+            }
+        }
+        for (chunk, word) in bitmap.chunks_exact_mut(8).zip(out) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        Ok(())
+    }
 }
 
 /// mmap `size` bytes of `fd` at `offset` as a guest region at `iova`, with a
@@ -232,6 +331,72 @@ pub(crate) mod tests {
         let fd = rustix::fs::memfd_create("guest", flags).unwrap();
         rustix::fs::ftruncate(&fd, size).unwrap();
         fd
+    }
+
+    fn words(b: &[u8]) -> Vec<u64> {
+        b.chunks_exact(8)
+            .map(|c| u64::from_ne_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn the_dirty_log_reports_written_pages_once_in_any_page_size() {
+        let mut d = DmaSpace::new();
+        d.map(mapping(0x10000, 0x40000, Some(memfd(0x40000))))
+            .unwrap();
+        d.map(mapping(0x80000, 0x10000, Some(memfd(0x10000))))
+            .unwrap();
+        let mem = d.address_space();
+        let mut bitmap = vec![0u8; 8];
+        assert!(
+            d.report_dirty(0x10000, 0x1000, 0x1000, &mut bitmap)
+                .is_err(),
+            "off"
+        );
+        // Written before START: not reported.
+        mem.memory().write_obj(1u8, GuestAddress(0x10000)).unwrap();
+        d.start_dirty_log(0x1000).unwrap();
+        assert!(d.start_dirty_log(0x2000).is_err(), "4 KiB pages only");
+        mem.memory()
+            .write_slice(&[7; 0x1002], GuestAddress(0x12fff))
+            .unwrap(); // pages 2, 3, 4 of the first map
+        mem.memory().write_obj(2u32, GuestAddress(0x80010)).unwrap();
+        let _: u32 = mem.memory().read_obj(GuestAddress(0x30000)).unwrap();
+
+        // 64 pages from 0x10000: bits 2..=4; the second map is past it.
+        let mut bitmap = vec![0u8; 8];
+        d.report_dirty(0x10000, 0x40000, 0x1000, &mut bitmap)
+            .unwrap();
+        assert_eq!(words(&bitmap), [0b11100]);
+        d.report_dirty(0x10000, 0x40000, 0x1000, &mut bitmap)
+            .unwrap();
+        assert_eq!(words(&bitmap), [0], "reported once");
+
+        // 8 KiB units over both maps and the hole between: page 0x12000's
+        // pair is bit 1, 0x80000 is bit (0x80000 - 0x10000) / 0x2000 = 56.
+        mem.memory().write_obj(3u8, GuestAddress(0x12000)).unwrap();
+        let mut bitmap = vec![0u8; 8];
+        d.report_dirty(0x10000, 0x80000, 0x2000, &mut bitmap)
+            .unwrap();
+        assert_eq!(words(&bitmap), [1 << 1 | 1 << 56]);
+
+        // 1 KiB units replicate a 4 KiB page's bit; an unaligned start too.
+        mem.memory().write_obj(4u8, GuestAddress(0x20000)).unwrap();
+        let mut bitmap = vec![0u8; 8];
+        d.report_dirty(0x1fc00, 0x2000, 0x400, &mut bitmap).unwrap();
+        assert_eq!(words(&bitmap), [0b11110]);
+
+        let mut short = vec![0u8; 4];
+        assert!(d.report_dirty(0x10000, 0x1000, 0x1000, &mut short).is_err());
+        assert!(
+            d.report_dirty(0x10000, 0x1000, 0x3000, &mut bitmap)
+                .is_err()
+        );
+        d.stop_dirty_log();
+        assert!(
+            d.report_dirty(0x10000, 0x1000, 0x1000, &mut bitmap)
+                .is_err()
+        );
     }
 
     #[test]

@@ -7,9 +7,17 @@
 //! and DMA memory (the same memfd, mapped here through `vm-memory`).
 //!
 //! Used by `wdvirt demo`, the benchmark and the end-to-end tests.
+//!
+//! The crate's client speaks no migration, so a VMM that migrates connects
+//! with [`LoopbackVmm::connect_migratable`] instead: the same VMM over
+//! wdvirt's own client ([`client::VfioUserClient`]), which adds the
+//! migration commands (feature probe, state get/set, reading and writing
+//! the stream, DMA logging). [`LoopbackVmm::migration`] hands it out.
+
+pub mod client;
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -32,6 +40,42 @@ pub enum VmmError {
     Request(#[from] vfio_user::Error),
     #[error("guest RAM: {0}")]
     Ram(String),
+    #[error("cannot connect to {path}: {source}")]
+    Socket {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{what} refused: {}", std::io::Error::from_raw_os_error(*errno))]
+    Refused { what: String, errno: i32 },
+    #[error("vfio-user protocol: {0}")]
+    Protocol(String),
+    #[error("this VMM's client speaks no migration (connect with connect_migratable)")]
+    NoMigration,
+}
+
+/// The vfio-user client a [`LoopbackVmm`] speaks through.
+enum Backend {
+    /// The rust-vmm crate's (independent of wdvirt's server).
+    Crate(vfio_user::Client),
+    /// wdvirt's own, which also speaks migration.
+    Own(client::VfioUserClient),
+}
+
+impl Backend {
+    fn region_read(&mut self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), VmmError> {
+        match self {
+            Backend::Crate(c) => Ok(c.region_read(region, offset, data)?),
+            Backend::Own(c) => c.region_read(region, offset, data),
+        }
+    }
+    fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), VmmError> {
+        match self {
+            Backend::Crate(c) => Ok(c.region_write(region, offset, data)?),
+            Backend::Own(c) => c.region_write(region, offset, data),
+        }
+    }
 }
 
 /// Guest RAM: a memfd the VMM shares with the device.
@@ -106,7 +150,7 @@ impl DmaMemory for GuestRam {
 
 /// A connected VMM with its guest RAM mapped for the device.
 pub struct LoopbackVmm {
-    client: Mutex<vfio_user::Client>,
+    client: Mutex<Backend>,
     ram: Arc<GuestRam>,
 }
 
@@ -118,14 +162,39 @@ impl LoopbackVmm {
             source,
         })?;
         client.dma_map(0, ram.base, ram.size, ram.file.as_raw_fd())?;
+        LoopbackVmm::start(Backend::Crate(client), ram)
+    }
+
+    /// As [`connect`](Self::connect), over wdvirt's own client, so that
+    /// [`migration`](Self::migration) works.
+    pub fn connect_migratable(socket: &Path, ram: GuestRam) -> Result<LoopbackVmm, VmmError> {
+        let mut client = client::VfioUserClient::connect(socket)?;
+        client.dma_map(ram.base, ram.size, Some((ram.file.as_fd(), 0)))?;
+        LoopbackVmm::start(Backend::Own(client), ram)
+    }
+
+    fn start(backend: Backend, ram: GuestRam) -> Result<LoopbackVmm, VmmError> {
         let vmm = LoopbackVmm {
-            client: Mutex::new(client),
+            client: Mutex::new(backend),
             ram: Arc::new(ram),
         };
         let cmd = vmm.config_read(4, 2)? as u16;
         // PCI command register: memory space (bit 1) and bus master (bit 2).
         vmm.config_write(4, 2, (cmd | 0b110) as u32)?;
         Ok(vmm)
+    }
+
+    /// The migration side of the connection (DEVICE_FEATURE, MIG_DATA_*,
+    /// DMA logging), for a VMM made by
+    /// [`connect_migratable`](Self::connect_migratable).
+    pub fn migration(
+        &self,
+    ) -> Result<parking_lot::MappedMutexGuard<'_, client::VfioUserClient>, VmmError> {
+        parking_lot::MutexGuard::try_map(self.client.lock(), |b| match b {
+            Backend::Own(c) => Some(c),
+            Backend::Crate(_) => None,
+        })
+        .map_err(|_| VmmError::NoMigration)
     }
 
     pub fn ram(&self) -> Arc<GuestRam> {
@@ -160,15 +229,18 @@ impl LoopbackVmm {
 
     /// Raw region access, for tests that write what a driver never would.
     pub fn region_read(&self, region: u32, offset: u64, data: &mut [u8]) -> Result<(), VmmError> {
-        Ok(self.client.lock().region_read(region, offset, data)?)
+        self.client.lock().region_read(region, offset, data)
     }
     pub fn region_write(&self, region: u32, offset: u64, data: &[u8]) -> Result<(), VmmError> {
-        Ok(self.client.lock().region_write(region, offset, data)?)
+        self.client.lock().region_write(region, offset, data)
     }
 
     /// BAR sizes as the VMM learnt them from region info.
     pub fn region_size(&self, region: u32) -> Option<u64> {
-        self.client.lock().region(region).map(|r| r.size)
+        match &mut *self.client.lock() {
+            Backend::Crate(c) => c.region(region).map(|r| r.size),
+            Backend::Own(c) => c.region_size(region).ok(),
+        }
     }
 
     /// Enable MSI-X in the function's capability (Message Control bit 15), as
@@ -195,9 +267,10 @@ impl LoopbackVmm {
         let flags = vfio_bindings::bindings::vfio::VFIO_IRQ_SET_DATA_EVENTFD
             | vfio_bindings::bindings::vfio::VFIO_IRQ_SET_ACTION_TRIGGER;
         let index = vfio_bindings::bindings::vfio::VFIO_PCI_MSIX_IRQ_INDEX;
-        self.client
-            .lock()
-            .set_irqs(index, flags, vector, 1, &[eventfd.as_raw_fd()])?;
+        match &mut *self.client.lock() {
+            Backend::Crate(c) => c.set_irqs(index, flags, vector, 1, &[eventfd.as_raw_fd()])?,
+            Backend::Own(c) => c.set_irqs(index, flags, vector, 1, &[eventfd])?,
+        }
         Ok(())
     }
 }
@@ -217,6 +290,8 @@ impl Mmio for LoopbackVmm {
 
 impl Drop for LoopbackVmm {
     fn drop(&mut self) {
-        let _ = self.client.lock().shutdown();
+        if let Backend::Crate(c) = &*self.client.lock() {
+            let _ = c.shutdown();
+        }
     }
 }

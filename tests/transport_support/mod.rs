@@ -16,11 +16,12 @@ use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags, recvmsg, sendmsg,
 };
+use wdvirt::migration::stream::{Compat, QueueCompat};
 use wdvirt::transport::wire::{self, Header};
 use wdvirt::transport::{Connection, ConnectionStats, Disconnect, StopHandle, TransportError};
 use wdvirt::vdev::device::{
-    DeviceError, DeviceInfo, DmaMapping, IrqAction, IrqData, IrqInfo, MmapArea, RegionInfo,
-    RegionMmap, VfioUserDevice,
+    DeviceError, DeviceInfo, DmaMapping, IrqAction, IrqData, IrqInfo, Migratable, MmapArea,
+    RegionInfo, RegionMmap, VfioUserDevice,
 };
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -50,6 +51,11 @@ pub struct Log {
     pub writes: Vec<(u32, u64, Vec<u8>)>,
     pub resets: u32,
     pub disconnected: u32,
+    /// `Migratable` calls, by name, in order.
+    pub mig_calls: Vec<&'static str>,
+    /// Guest addresses the fake device "wrote": what its dirty report names
+    /// (and removes) once logging is on.
+    pub dirty: std::collections::BTreeSet<u64>,
 }
 
 pub struct FakeDevice {
@@ -59,6 +65,8 @@ pub struct FakeDevice {
     /// of BAR2 and keep no copy: the reply alone holds it open.
     pub fresh_bar2_fd: bool,
     pub log: Arc<Mutex<Log>>,
+    /// The migration side (`None`: the device cannot migrate).
+    pub mig: Option<FakeMig>,
 }
 
 /// What a `fresh_bar2_fd` memfd holds at offset 0.
@@ -78,6 +86,7 @@ impl FakeDevice {
                 bar2_fd: Arc::new(bar2_fd),
                 fresh_bar2_fd: false,
                 log: log.clone(),
+                mig: None,
             },
             log,
         )
@@ -149,6 +158,9 @@ impl VfioUserDevice for FakeDevice {
         if index == 0 && offset == BAR0_BUSY {
             return Err(DeviceError::Busy("register locked".into()));
         }
+        if index == 0 && self.mig.as_ref().is_some_and(|m| m.quiesced) {
+            return Err(DeviceError::Busy("quiesced".into()));
+        }
         let r = &mut self.regions[index as usize];
         r[offset as usize..offset as usize + data.len()].copy_from_slice(data);
         self.log.lock().writes.push((index, offset, data.to_vec()));
@@ -203,14 +215,160 @@ impl VfioUserDevice for FakeDevice {
 
     fn reset(&mut self) -> Result<(), DeviceError> {
         self.log.lock().resets += 1;
+        if let Some(m) = self.mig.as_mut() {
+            m.quiesced = false;
+        }
         Ok(())
     }
 
     fn disconnected(&mut self) {
         self.log.lock().disconnected += 1;
     }
-    fn migration(&mut self) -> Option<&mut dyn wdvirt::vdev::device::Migratable> {
-        None
+    fn migration(&mut self) -> Option<&mut dyn Migratable> {
+        if self.mig.is_some() { Some(self) } else { None }
+    }
+}
+
+/// The fake device's migration side: BAR0 is its register block (what
+/// `save` returns and `restore` replaces), `quiesced` its run flag (BAR0
+/// writes are refused with EBUSY while it is set). Every call is logged in
+/// [`Log::mig_calls`].
+#[derive(Clone, Debug)]
+pub struct FakeMig {
+    pub compat: Compat,
+    pub quiesced: bool,
+    /// Bytes `save` appends after BAR0 (to make a stream of a given size).
+    pub state_extra: usize,
+    /// The next call of this name fails with EBUSY (once).
+    pub fail: Option<&'static str>,
+    pub dirty_on: bool,
+}
+
+/// What the fake migratable device says it is.
+pub fn fake_compat() -> Compat {
+    Compat {
+        abi_version: 1 << 16,
+        type_name: "fake".into(),
+        queues: vec![
+            QueueCompat {
+                max_depth: 64,
+                ops: 0xff
+            };
+            2
+        ],
+        max_xfer: 4096,
+    }
+}
+
+impl Default for FakeMig {
+    fn default() -> FakeMig {
+        FakeMig {
+            compat: fake_compat(),
+            quiesced: false,
+            state_extra: 0,
+            fail: None,
+            dirty_on: false,
+        }
+    }
+}
+
+impl FakeDevice {
+    /// A fake device that can migrate.
+    pub fn migratable() -> (FakeDevice, Arc<Mutex<Log>>) {
+        let (mut dev, log) = FakeDevice::new();
+        dev.mig = Some(FakeMig::default());
+        (dev, log)
+    }
+
+    fn mig_call(&mut self, name: &'static str) -> Result<&mut FakeMig, DeviceError> {
+        self.log.lock().mig_calls.push(name);
+        let m = self
+            .mig
+            .as_mut()
+            .ok_or_else(|| DeviceError::NotSupported("not migratable".into()))?;
+        if m.fail == Some(name) {
+            m.fail = None;
+            return Err(DeviceError::Busy(format!("{name} fails (test)")));
+        }
+        Ok(m)
+    }
+}
+
+impl Migratable for FakeDevice {
+    fn quiesce(&mut self) -> Result<(), DeviceError> {
+        self.mig_call("quiesce")?.quiesced = true;
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), DeviceError> {
+        self.mig_call("resume")?.quiesced = false;
+        Ok(())
+    }
+    fn compat(&self) -> Compat {
+        self.log.lock().mig_calls.push("compat");
+        self.mig
+            .as_ref()
+            .map(|m| m.compat.clone())
+            .unwrap_or_else(fake_compat)
+    }
+    fn save(&mut self) -> Result<Vec<u8>, DeviceError> {
+        let extra = self.mig_call("save")?.state_extra;
+        let mut state = self.regions[0].clone();
+        state.extend((0..extra).map(|i| i as u8));
+        Ok(state)
+    }
+    fn restore(&mut self, state: &[u8]) -> Result<(), DeviceError> {
+        self.mig_call("restore")?;
+        let n = self.regions[0].len();
+        if state.len() < n {
+            return Err(DeviceError::Invalid(format!(
+                "a state of {} bytes",
+                state.len()
+            )));
+        }
+        self.regions[0].copy_from_slice(&state[..n]);
+        Ok(())
+    }
+    fn dirty_log_start(&mut self, page_size: u64) -> Result<(), DeviceError> {
+        let m = self.mig_call("dirty_log_start")?;
+        if page_size != 4096 {
+            return Err(DeviceError::NotSupported(format!("page size {page_size}")));
+        }
+        m.dirty_on = true;
+        self.log.lock().dirty.clear();
+        Ok(())
+    }
+    fn dirty_log_stop(&mut self) {
+        if let Ok(m) = self.mig_call("dirty_log_stop") {
+            m.dirty_on = false;
+        }
+    }
+    fn dirty_report(
+        &mut self,
+        iova: u64,
+        size: u64,
+        page_size: u64,
+        bitmap: &mut [u8],
+    ) -> Result<(), DeviceError> {
+        if !self.mig_call("dirty_report")?.dirty_on {
+            return Err(DeviceError::Invalid("logging is off".into()));
+        }
+        let mut log = self.log.lock();
+        let hit: Vec<u64> = log
+            .dirty
+            .iter()
+            .copied()
+            .filter(|&a| a >= iova && a - iova < size)
+            .collect();
+        for a in hit {
+            log.dirty.remove(&a);
+            let bit = (a - iova) / page_size;
+            let mut word = [0u8; 8];
+            let at = (bit / 64) as usize * 8;
+            word.copy_from_slice(&bitmap[at..at + 8]);
+            let w = u64::from_ne_bytes(word) | 1 << (bit % 64);
+            bitmap[at..at + 8].copy_from_slice(&w.to_ne_bytes());
+        }
+        Ok(())
     }
 }
 

@@ -391,26 +391,23 @@ impl ModelMigration for WdDevice {
         Ok(self.restore_state(st, bus_master)?)
     }
 
-    // mig-wire implements the three dirty-page methods (src/vdev/dma.rs).
-    fn dirty_log_start(&mut self, _page_size: u64) -> Result<(), DeviceError> {
-        Err(DeviceError::NotSupported(
-            "DMA dirty logging is not built yet".into(),
-        ))
+    // The dirty log is the instance's guest memory's (every device write
+    // marks its page there): DmaSpace reads and clears it.
+    fn dirty_log_start(&mut self, page_size: u64) -> Result<(), DeviceError> {
+        self.dma.start_dirty_log(page_size)
     }
 
-    // mig-wire implements
-    fn dirty_log_stop(&mut self) {}
+    fn dirty_log_stop(&mut self) {
+        self.dma.stop_dirty_log()
+    }
 
-    // mig-wire implements
     fn dirty_report(
         &mut self,
-        _iova: u64,
-        _size: u64,
-        _page_size: u64,
-        _bitmap: &mut [u8],
+        iova: u64,
+        size: u64,
+        page_size: u64,
+        bitmap: &mut [u8],
     ) -> Result<(), DeviceError> {
-        Err(DeviceError::NotSupported(
-            "DMA dirty logging is not built yet".into(),
-        ))
+        self.dma.report_dirty(iova, size, page_size, bitmap)
     }
 }

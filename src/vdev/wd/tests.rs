@@ -1103,8 +1103,8 @@ fn a_completion_that_could_not_be_written_is_dropped_not_done() {
             bus_master: rig.dev.bus_master.clone(),
             shared: shared.clone(),
             rings_ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-            ring: Default::default(),
-            park_budget: crate::vdev::wd::queue::PARK_BUDGET,
+            ring: queue::RingState::default(),
+            park_budget: queue::PARK_BUDGET,
         },
         0,
     )
