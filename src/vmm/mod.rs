@@ -15,6 +15,7 @@
 //! the stream, DMA logging). [`LoopbackVmm::migration`] hands it out.
 
 pub mod client;
+pub mod migrate;
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd};
