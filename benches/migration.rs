@@ -7,7 +7,9 @@
 //!
 //! For 1, 4 and 16 queues it prints the downtime (STOP_COPY on the source
 //! to RUNNING on the destination: median, 90th percentile, worst) beside
-//! the issue's 5 ms target, the dirty-page rounds run while the guest ran,
+//! the issue's 5 ms target, its parts' medians (the source's stop and
+//! save, the last pages' copy, the destination's restore and resume), the
+//! dirty-page rounds run while the guest ran,
 //! the device stream's size and the pages copied while stopped.
 //!
 //! ```text
@@ -89,6 +91,12 @@ fn guest(vm: Arc<Vm>, queues: u32, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) 
     }
 }
 
+fn median(d: impl Iterator<Item = Duration>) -> Duration {
+    let mut v: Vec<Duration> = d.collect();
+    v.sort();
+    pct(&v, 50)
+}
+
 fn pct(sorted: &[Duration], p: usize) -> Duration {
     sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
@@ -148,12 +156,15 @@ fn main() {
         "{migrations} migrations per row, 16 MiB guest RAM, depth {DEPTH}, rings kept full of 4 KiB copy/CRC32C jobs"
     );
     println!(
-        "{:>6} | {:>10} {:>10} {:>10} | {:>9} | {:>6} | {:>8} | {:>10} | {:>9}",
+        "{:>6} | {:>10} {:>10} {:>10} | {:>9} | {:>9} {:>9} {:>9} | {:>6} | {:>8} | {:>10} | {:>9}",
         "queues",
         "downtime50",
         "p90",
         "worst",
         "p50/5ms",
+        "src stop",
+        "copy",
+        "dst run",
         "rounds",
         "stream B",
         "stop pages",
@@ -166,12 +177,15 @@ fn main() {
         let n = figs.len() as f64;
         let mean = |x: &dyn Fn(&Figures) -> f64| figs.iter().map(x).sum::<f64>() / n;
         println!(
-            "{:>6} | {:>10.2?} {:>10.2?} {:>10.2?} | {:>9.2} | {:>6.1} | {:>8.0} | {:>10.0} | {:>9.1}",
+            "{:>6} | {:>10.2?} {:>10.2?} {:>10.2?} | {:>9.2} | {:>9.2?} {:>9.2?} {:>9.2?} | {:>6.1} | {:>8.0} | {:>10.0} | {:>9.1}",
             queues,
             pct(&d, 50),
             pct(&d, 90),
             d[d.len() - 1],
             pct(&d, 50).as_secs_f64() / TARGET.as_secs_f64(),
+            median(figs.iter().map(|f| f.source_stop)),
+            median(figs.iter().map(|f| f.stop_copy)),
+            median(figs.iter().map(|f| f.destination_resume)),
             mean(&|f| f64::from(f.pre_copy_rounds)),
             mean(&|f| f.stream_bytes as f64),
             mean(&|f| f.stop_pages as f64),

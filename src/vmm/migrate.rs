@@ -211,6 +211,12 @@ pub struct Figures {
     pub ram_bytes: u64,
     /// Pages copied while stopped.
     pub stop_pages: u64,
+    /// The downtime's parts: the source's STOP_COPY arc and the read of the
+    /// rest of its stream; the last dirty pages' copy; the destination's
+    /// write of the rest, RESUMING → STOP (the restore) and STOP → RUNNING.
+    pub source_stop: Duration,
+    pub stop_copy: Duration,
+    pub destination_resume: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -457,8 +463,12 @@ fn run(
             let piece = c.max_xfer();
             c.mig_read_all(piece).map_err(failed(p))?
         };
+        let t1 = Instant::now();
+        figures.source_stop = t1 - t0;
         let bits = dirty(vm, src, p)?;
         let n = copy_pages(&from, &to, &bits, &mut buf)?;
+        let t2 = Instant::now();
+        figures.stop_copy = t2 - t1;
         figures.stop_pages = n;
         figures.ram_bytes += n * PAGE;
         figures.stream_bytes += rest.len() as u64;
@@ -472,6 +482,7 @@ fn run(
         d.mig_write(&rest, piece).map_err(failed(p))?;
         d.set_mig_state(MigState::Stop).map_err(failed(p))?;
         d.set_mig_state(MigState::Running).map_err(failed(p))?;
+        figures.destination_resume = t2.elapsed();
         Ok(())
     })();
     match stopped {
