@@ -447,9 +447,18 @@ fn a_failure_or_a_cancel_before_the_destination_runs_leaves_the_source_running()
     assert!(matches!(e, MigrateError::Destination { .. }), "{e:?}");
     guest.progress(40);
 
-    // And then a good one.
+    // And then a good one; the source, still connected through the handle
+    // kept here, is left in STOP with its dirty log stopped.
     go(&vm, &sc).unwrap();
     assert!(!Arc::ptr_eq(&vm.vmm(), &on_a));
+    let mut c = on_a.migration().unwrap();
+    assert_eq!(c.mig_state().unwrap(), wdvirt::migration::MigState::Stop);
+    let r = c.dirty_report(RAM_BASE, RAM_SIZE, migrate::PAGE);
+    assert!(
+        matches!(r, Err(wdvirt::vmm::VmmError::Refused { errno, .. }) if errno == libc::EINVAL),
+        "{r:?}"
+    );
+    drop(c);
     guest.progress(100);
     guest.finish();
 }
