@@ -645,26 +645,10 @@ impl Worker {
         let taken = if batch.is_empty() {
             0
         } else {
-            self.ctx.shared.stats.stamp(&mut batch);
-            // A wake-up from now on is for what this submit refuses.
-            self.room.store(false, Ordering::Release);
-            match self.ctx.qp.submit(&batch) {
-                Ok(n) => n.min(batch.len()),
-                Err(e) => {
-                    tracing::warn!(queue = self.ctx.queue, "engine refused a batch: {e}");
-                    for j in batch.drain(..) {
-                        let r = JobResult {
-                            cookie: j.cookie,
-                            status: JobStatus::EngineError,
-                            bytes: 0,
-                            result: 0,
-                            stream_end: false,
-                        };
-                        self.complete(mem, r);
-                    }
-                    0
-                }
-            }
+            self.submit(mem, &mut batch).unwrap_or_else(|| {
+                batch.clear();
+                0
+            })
         };
         self.throttled = taken < batch.len();
         if self.throttled {
@@ -677,14 +661,7 @@ impl Worker {
                 self.complete(mem, r);
             }
         }
-        if taken > 0 {
-            if self.in_flight == 0 {
-                self.pace.started(Instant::now());
-            }
-            self.in_flight += taken as u32;
-            let bytes: u64 = batch[..taken].iter().map(|j| j.src_len as u64).sum();
-            add(&self.ctx.shared.stats.bytes_in, bytes);
-        }
+        self.taken(&batch[..taken]);
         (self.batch, self.job_at, self.refused) = (batch, job_at, refused);
         let published = self.sq.publish();
         let head = published.unwrap_or(self.sq.next);
@@ -735,13 +712,28 @@ impl Worker {
         if jobs.is_empty() {
             return progressed;
         }
-        self.ctx.shared.stats.stamp(&mut jobs);
+        let Some(taken) = self.submit(mem, &mut jobs) else {
+            self.pending.drain(..jobs.len());
+            return true;
+        };
+        self.pending.drain(..taken);
+        self.throttled = taken < jobs.len();
+        self.taken(&jobs[..taken]);
+        true
+    }
+
+    /// Hand `jobs` (stamped for latency) to the queue pair: how many it
+    /// took. `None` when it refused the whole batch (its engines are going
+    /// away): each job has then completed with `EngineError`.
+    fn submit(&mut self, mem: &GuestMemory, jobs: &mut [Job]) -> Option<usize> {
+        self.ctx.shared.stats.stamp(jobs);
+        // A wake-up from now on is for what this submit refuses.
         self.room.store(false, Ordering::Release);
-        let taken = match self.ctx.qp.submit(&jobs) {
-            Ok(n) => n.min(jobs.len()),
+        match self.ctx.qp.submit(jobs) {
+            Ok(n) => Some(n.min(jobs.len())),
             Err(e) => {
                 tracing::warn!(queue = self.ctx.queue, "engine refused a batch: {e}");
-                for j in &jobs {
+                for j in jobs.iter() {
                     let r = JobResult {
                         cookie: j.cookie,
                         status: JobStatus::EngineError,
@@ -751,21 +743,22 @@ impl Worker {
                     };
                     self.complete(mem, r);
                 }
-                self.pending.drain(..jobs.len());
-                return true;
+                None
             }
-        };
-        self.pending.drain(..taken);
-        self.throttled = taken < jobs.len();
-        if taken > 0 {
-            if self.in_flight == 0 {
-                self.pace.started(Instant::now());
-            }
-            self.in_flight += taken as u32;
-            let bytes: u64 = jobs[..taken].iter().map(|j| j.src_len as u64).sum();
-            add(&self.ctx.shared.stats.bytes_in, bytes);
         }
-        true
+    }
+
+    /// Account the jobs the queue pair just took.
+    fn taken(&mut self, jobs: &[Job]) {
+        if jobs.is_empty() {
+            return;
+        }
+        if self.in_flight == 0 {
+            self.pace.started(Instant::now());
+        }
+        self.in_flight += jobs.len() as u32;
+        let bytes: u64 = jobs.iter().map(|j| j.src_len as u64).sum();
+        add(&self.ctx.shared.stats.bytes_in, bytes);
     }
 
     /// Write one CQE: body first, then (after a release fence) the flags word
