@@ -105,9 +105,16 @@ impl Shared {
                     // The backend is shutting down, or the queue closing:
                     // its jobs are gone with it.
                     tracing::warn!("the engines refused a batch: {e}");
+                    // Their engine room is free again: other lanes' jobs
+                    // may go now, as after any finished job.
                     let mut st = self.state.lock();
+                    let mut again = false;
                     for j in &b.jobs {
-                        st.fair.finished(b.lane, j, 0);
+                        again |= st.fair.finished(b.lane, j, 0);
+                    }
+                    if again {
+                        let now = self.clock.now_ns();
+                        self.pump_unlocked(st, now);
                     }
                 }
             }

@@ -19,11 +19,6 @@ use crate::vdev::device::DeviceError;
 use crate::vdev::function::ModelMigration;
 
 impl WdDevice {
-    /// Whether the device is parked for a migration.
-    pub fn is_quiesced(&self) -> bool {
-        self.quiesced
-    }
-
     /// Park every running queue (see `QueueRunner::signal_park`): all are
     /// told first so that they settle together, within one park budget
     /// ([`PARK_BUDGET`](super::queue::PARK_BUDGET) unless
@@ -124,7 +119,7 @@ impl WdDevice {
     }
 
     /// Every check a restore makes before it changes anything.
-    pub fn check_state(&self, st: &WdState) -> Result<(), StateError> {
+    fn check_state(&self, st: &WdState) -> Result<(), StateError> {
         if st.version != WD_STATE_VERSION {
             return Err(StateError::Version { found: st.version });
         }

@@ -687,12 +687,15 @@ impl Worker {
         let mut kept = std::collections::VecDeque::with_capacity(self.pending.len());
         let mut jobs = Vec::new();
         let mut refused = Vec::new();
-        for sqe in self.pending.drain(..) {
+        // One batch at a time, each entry checked once: the rest wait,
+        // unchecked, behind the ones offered now.
+        while jobs.len() < FETCH_BATCH as usize {
+            let Some(sqe) = self.pending.pop_front() else {
+                break;
+            };
             match check(&sqe, &self.ctx.config, self.ctx.max_xfer, mem) {
                 Ok(job) => {
-                    if jobs.len() < FETCH_BATCH as usize {
-                        jobs.push(job);
-                    }
+                    jobs.push(job);
                     kept.push_back(sqe);
                 }
                 Err(status) => refused.push(JobResult {
@@ -704,6 +707,7 @@ impl Worker {
                 }),
             }
         }
+        kept.extend(self.pending.drain(..));
         self.pending = kept;
         let progressed = !refused.is_empty();
         for r in refused {
