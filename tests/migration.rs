@@ -439,12 +439,21 @@ fn a_failure_or_a_cancel_before_the_destination_runs_leaves_the_source_running()
     assert!(matches!(e, MigrateError::Failed { .. }), "{e:?}");
     assert!(e.to_string().contains("source runs on"), "{e}");
     assert!(Arc::ptr_eq(&vm.vmm(), &on_a));
+    assert_eq!(
+        on_a.migration().unwrap().mig_state().unwrap(),
+        wdvirt::migration::MigState::Running
+    );
     guest.progress(100);
 
     // A destination that is not there at all.
     let gone = sb.with_file_name("nobody.sock");
     let e = go(&vm, &gone).unwrap_err();
     assert!(matches!(e, MigrateError::Destination { .. }), "{e:?}");
+    assert!(Arc::ptr_eq(&vm.vmm(), &on_a));
+    assert_eq!(
+        on_a.migration().unwrap().mig_state().unwrap(),
+        wdvirt::migration::MigState::Running
+    );
     guest.progress(40);
 
     // And then a good one; the source, still connected through the handle
