@@ -219,6 +219,65 @@ impl<M: Mmio> Device<M> {
             }),
         }
     }
+
+    /// Takes over queue `q` as a driver that ran it elsewhere left it (a
+    /// migrated guest): the rings are taken from `pool` as [`Device::queue`]
+    /// takes them (so the same allocations in the same order give the same
+    /// addresses), checked against what the device runs, and neither zeroed
+    /// nor programmed; the driver goes on at `cursor`.
+    pub fn adopt_queue<D: DmaMemory>(
+        &self,
+        q: u32,
+        depth: u32,
+        ops_mask: u32,
+        pool: &DmaPool<D>,
+        cursor: crate::queue::QueueCursor,
+    ) -> Result<Queue<M, D>, DriverError> {
+        if q >= self.info.num_queues || depth == 0 || depth > DRIVER_MAX_DEPTH {
+            return Err(DriverError::InvalidArgument(format!(
+                "queue {q} of depth {depth} cannot be adopted (the device has {} queues)",
+                self.info.num_queues
+            )));
+        }
+        let d = u64::from(depth);
+        let sq = pool.alloc(d * wdvirt_abi::SQE_SIZE as u64, RING_ALIGN)?;
+        let cq = pool.alloc(d * wdvirt_abi::CQE_SIZE as u64, RING_ALIGN)?;
+        let ix = pool.alloc(idx::SIZE, IDX_ALIGN)?;
+        let base = u64::from(regs::queue(q));
+        let m = &self.mmio;
+        let runs = (
+            m.read64(BAR0, base + u64::from(regs::Q_SQ_BASE))?,
+            m.read64(BAR0, base + u64::from(regs::Q_CQ_BASE))?,
+            m.read64(BAR0, base + u64::from(regs::Q_IDX_BASE))?,
+            m.read32(BAR0, base + u64::from(regs::Q_DEPTH))?,
+        );
+        let status = m.read32(BAR0, base + u64::from(regs::Q_STATUS))?;
+        if runs != (sq.addr(), cq.addr(), ix.addr(), depth) || status & regs::Q_STATUS_ENABLED == 0
+        {
+            return Err(DriverError::InvalidArgument(format!(
+                "queue {q} is not the one to adopt: the device runs rings {:#x}/{:#x}/{:#x} of depth {} \
+                 (status {status:#x}), the driver's are {:#x}/{:#x}/{:#x} of depth {depth}",
+                runs.0,
+                runs.1,
+                runs.2,
+                runs.3,
+                sq.addr(),
+                cq.addr(),
+                ix.addr()
+            )));
+        }
+        let rings = Rings { sq, cq, idx: ix };
+        let queue = Queue::new(
+            self.mmio.clone(),
+            pool.clone(),
+            q,
+            depth,
+            ops_mask,
+            self.info.max_xfer,
+            rings,
+        );
+        Ok(queue.resume(cursor))
+    }
 }
 
 #[cfg(test)]

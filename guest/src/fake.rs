@@ -331,7 +331,14 @@ impl Mmio for FakeDevice {
             regs::ERR_COUNT => s.err_count,
             _ if o >= regs::QUEUE_BASE && o < regs::queue(NUM_QUEUES) => {
                 let fq = &s.queues[((o - regs::QUEUE_BASE) / regs::QUEUE_STRIDE) as usize];
+                let (lo, hi) = (|v: u64| v as u32, |v: u64| (v >> 32) as u32);
                 match o % regs::QUEUE_STRIDE {
+                    regs::Q_SQ_BASE => lo(fq.sq),
+                    o if o == regs::Q_SQ_BASE + 4 => hi(fq.sq),
+                    regs::Q_CQ_BASE => lo(fq.cq),
+                    o if o == regs::Q_CQ_BASE + 4 => hi(fq.cq),
+                    regs::Q_IDX_BASE => lo(fq.idx),
+                    o if o == regs::Q_IDX_BASE + 4 => hi(fq.idx),
                     regs::Q_DEPTH => fq.depth,
                     regs::Q_OPS => fq.ops,
                     regs::Q_STATUS => u32::from(fq.enabled),

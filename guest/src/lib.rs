@@ -32,6 +32,6 @@ pub use dma::{DmaAllocator, DmaBuffer, DmaError, DmaMemory, DmaPool, HeapMemory,
 pub use error::{DriverError, RegFault, StatusCode};
 pub use jobs::{Format, JobSpec, check};
 pub use mmio::{Mmio, MmioError};
-pub use queue::Queue;
+pub use queue::{Queue, QueueCursor};
 pub use stream::{StreamCompressor, StreamDecompressor};
 pub use wdvirt_abi as abi;

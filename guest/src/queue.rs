@@ -58,6 +58,18 @@ pub struct Queue<M: Mmio, D: DmaMemory> {
     doorbells: u64,
     /// The device's measured time per completion, for sizing waits.
     pace: Pace,
+    /// Let go by [`Queue::detach`]: dropping it leaves the device alone.
+    detached: bool,
+}
+
+/// Where the driver is in a queue's rings: SQEs published and CQEs
+/// consumed (free-running). With the ring memory and the device's state it
+/// is all a driver needs to go on with a queue somewhere else (a migrated
+/// guest): [`Queue::cursor`], [`crate::Device::adopt_queue`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueCursor {
+    pub sq_tail: u32,
+    pub cq_head: u32,
 }
 
 /// How fast the device completes this queue's jobs while it is busy
@@ -139,7 +151,39 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
             timeout: DEFAULT_TIMEOUT,
             doorbells: 0,
             pace: Pace::new(),
+            detached: false,
         }
+    }
+
+    /// As [`Queue::new`], resuming at `cursor` in rings the device already
+    /// runs (slots and phase follow from the free-running counts).
+    pub(crate) fn resume(mut self, cursor: QueueCursor) -> Self {
+        self.sq_tail = cursor.sq_tail;
+        self.sq_slot = cursor.sq_tail % self.depth;
+        self.cq_head = cursor.cq_head;
+        self.cq_slot = cursor.cq_head % self.depth;
+        self.phase = if (cursor.cq_head / self.depth) % 2 == 0 {
+            CQE_PHASE
+        } else {
+            0
+        };
+        self
+    }
+
+    /// Where the driver is in the rings.
+    pub fn cursor(&self) -> QueueCursor {
+        QueueCursor {
+            sq_tail: self.sq_tail,
+            cq_head: self.cq_head,
+        }
+    }
+
+    /// Lets the queue go without resetting it on the device (its guest has
+    /// moved on, with the device, elsewhere); its ring memory goes back to
+    /// the pool.
+    pub fn detach(mut self) -> QueueCursor {
+        self.detached = true;
+        self.cursor()
     }
 
     pub fn index(&self) -> u32 {
@@ -423,6 +467,9 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
 
 impl<M: Mmio, D: DmaMemory> Drop for Queue<M, D> {
     fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
         // Stop the device using the rings before they return to the pool.
         let _ = self
             .mmio
@@ -558,6 +605,44 @@ mod tests {
             out.iter().map(|c| c.tag).collect::<Vec<_>>(),
             vec![102, 100, 103, 101]
         );
+    }
+
+    /// A queue let go mid-run (past a wrap, jobs outstanding) and adopted
+    /// again goes on where it was: the outstanding jobs' completions are
+    /// read once, in the right phase, and new jobs go on; adopting rings
+    /// the device does not run is refused.
+    #[test]
+    fn a_detached_queue_is_adopted_at_its_cursor() {
+        let (f, d, pool) = fake::setup(Mode::Manual);
+        let mut q = d.queue(0, 4, ALL_OPS, &pool).unwrap();
+        let nop = |t| JobSpec::new(Opcode::Nop).to_sqe(t);
+        let mut out = Vec::new();
+        q.submit(&[nop(0), nop(1), nop(2)]).unwrap();
+        f.complete(0, &[0, 1, 2]);
+        q.poll(&mut out).unwrap();
+        q.submit(&[nop(3), nop(4), nop(5)]).unwrap();
+        f.complete(0, &[3]);
+        let cursor = q.detach();
+        assert_eq!(
+            cursor,
+            QueueCursor {
+                sq_tail: 6,
+                cq_head: 3
+            }
+        );
+        assert!(f.queue_enabled(0), "detach leaves the device alone");
+        assert!(d.adopt_queue(0, 8, ALL_OPS, &pool, cursor).is_err());
+        let mut q = d.adopt_queue(0, 4, ALL_OPS, &pool, cursor).unwrap();
+        assert_eq!(q.outstanding(), 3);
+        f.complete(0, &[4, 5]);
+        out.clear();
+        q.poll(&mut out).unwrap();
+        assert_eq!(out.iter().map(|c| c.tag).collect::<Vec<_>>(), [3, 4, 5]);
+        q.submit(&[nop(6)]).unwrap();
+        f.complete(0, &[6]);
+        out.clear();
+        q.poll(&mut out).unwrap();
+        assert_eq!(out.iter().map(|c| c.tag).collect::<Vec<_>>(), [6]);
     }
 
     #[test]
