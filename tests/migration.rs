@@ -10,20 +10,15 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::io::Read;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
-use sha2::Digest;
+use wdvirt::vmm::load::{Load, LoadOptions, LoadSummary};
 use wdvirt::vmm::migrate::{self, Figures, MigrateError, MigrateOptions, Phase, Progress, Vm};
 use wdvirt::vmm::{GuestRam, LoopbackVmm};
-use wdvirt_abi::{CompletionEntry, JobStatus, Opcode};
-use wdvirt_guest::{Device, DmaPool, JobSpec, PoolBuffer};
 
 const RAM_BASE: u64 = 0x1_0000_0000;
 const RAM_SIZE: u64 = 16 << 20;
@@ -72,232 +67,53 @@ fn boot(socket: &std::path::Path) -> Arc<Vm> {
     Vm::new(LoopbackVmm::connect_migratable(socket, ram).unwrap())
 }
 
-const SLOT_SRC: u64 = 8 << 10;
-const SLOT_DST: u64 = 16 << 10;
-
-#[derive(Clone, Copy, Debug)]
-enum Kind {
-    Copy,
-    Crc,
-    Sha,
-    Deflate,
-}
-
-/// One queue of the guest's load: its ring kept full of mixed jobs, each
-/// slot with its own buffers, each tag the job's sequence number.
-struct QueueLoad {
-    q: wdvirt_guest::Queue<Arc<Vm>, Arc<Vm>>,
-    index: u32,
-    src: PoolBuffer<Arc<Vm>>,
-    dst: PoolBuffer<Arc<Vm>>,
-    free: Vec<u32>,
-    next: u32,
-    /// One past the highest tag completed.
-    expect: u32,
-    /// Completions read from the ring.
-    completed: u32,
-    /// Completions that came before an older job's (the ABI promises
-    /// completion order, not submission order).
-    reordered: u32,
-    /// tag -> (slot, kind, input)
-    out: HashMap<u32, (u32, Kind, Vec<u8>)>,
-}
-
-impl QueueLoad {
-    fn new(dev: &Device<Arc<Vm>>, pool: &DmaPool<Arc<Vm>>, index: u32) -> Self {
-        QueueLoad {
-            q: dev.queue(index, DEPTH, dev.info().cap_ops, pool).unwrap(),
-            index,
-            src: pool.alloc(SLOT_SRC * u64::from(DEPTH), 64).unwrap(),
-            dst: pool.alloc(SLOT_DST * u64::from(DEPTH), 64).unwrap(),
-            free: (0..DEPTH).collect(),
-            next: 0,
-            expect: 0,
-            completed: 0,
-            reordered: 0,
-            out: HashMap::new(),
-        }
-    }
-
-    fn fill(&mut self) {
-        let mut sqes = Vec::new();
-        while let Some(slot) = self.free.pop() {
-            let seq = self.next;
-            self.next += 1;
-            let kind = [Kind::Copy, Kind::Crc, Kind::Sha, Kind::Deflate][(seq % 4) as usize];
-            let len = if matches!(kind, Kind::Deflate) {
-                8 << 10
-            } else {
-                4 << 10
-            };
-            let data =
-                wdvirt_guest::workload::gen_data(u64::from(self.index) << 32 | u64::from(seq), len);
-            let s = self.src.addr() + u64::from(slot) * SLOT_SRC;
-            let d = self.dst.addr() + u64::from(slot) * SLOT_DST;
-            self.src.write(u64::from(slot) * SLOT_SRC, &data).unwrap();
-            let spec = match kind {
-                Kind::Copy => JobSpec::new(Opcode::Copy)
-                    .src(s, len as u32)
-                    .dst(d, len as u32),
-                Kind::Crc => JobSpec::new(Opcode::Crc32c).src(s, len as u32),
-                Kind::Sha => JobSpec::new(Opcode::Sha256).src(s, len as u32).dst(d, 32),
-                Kind::Deflate => JobSpec::new(Opcode::DeflateCompress)
-                    .src(s, len as u32)
-                    .dst(d, SLOT_DST as u32)
-                    .param(1),
-            };
-            sqes.push(spec.to_sqe(seq));
-            self.out.insert(seq, (slot, kind, data));
-        }
-        if !sqes.is_empty() {
-            let n = self.q.submit(&sqes).unwrap();
-            assert_eq!(n, sqes.len(), "the ring had room for every free slot");
-        }
-    }
-
-    fn reap(&mut self) -> usize {
-        let mut cqes = Vec::new();
-        self.q.poll(&mut cqes).unwrap();
-        for c in &cqes {
-            self.check(c);
-        }
-        cqes.len()
-    }
-
-    fn read(&self, at: u64, len: usize) -> Vec<u8> {
-        let mut v = vec![0u8; len];
-        self.dst.read(at, &mut v).unwrap();
-        v
-    }
-
-    /// A completion: a job submitted and not completed before (a repeat
-    /// fails here), its result right.
-    fn check(&mut self, c: &CompletionEntry) {
-        if c.tag != self.expect {
-            self.reordered += 1;
-        }
-        self.expect = self.expect.max(c.tag + 1);
-        self.completed += 1;
-        let (slot, kind, data) = self
-            .out
-            .remove(&c.tag)
-            .unwrap_or_else(|| panic!("queue {}: tag {} completed twice", self.index, c.tag));
-        assert_eq!(
-            c.status,
-            JobStatus::Ok.code(),
-            "queue {} tag {}: {kind:?} failed",
-            self.index,
-            c.tag
-        );
-        let at = u64::from(slot) * SLOT_DST;
-        match kind {
-            Kind::Copy => assert_eq!(self.read(at, data.len()), data, "tag {}", c.tag),
-            Kind::Crc => assert_eq!(c.result, wdvirt::accel::ops::crc32c(&data)),
-            Kind::Sha => assert_eq!(self.read(at, 32), sha2::Sha256::digest(&data).to_vec()),
-            Kind::Deflate => {
-                let packed = self.read(at, c.bytes as usize);
-                let mut plain = Vec::new();
-                flate2::read::DeflateDecoder::new(&packed[..])
-                    .read_to_end(&mut plain)
-                    .unwrap();
-                assert_eq!(plain, data, "queue {} tag {}", self.index, c.tag);
-            }
-        }
-        self.free.push(slot);
-    }
-}
-
-/// The guest: its queues driven by one thread until told to stop, then
-/// drained. `done` counts completions checked.
-struct Guest {
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicU64>,
-    thread: Option<std::thread::JoinHandle<Vec<QueueLoad>>>,
-}
+/// The guest: the library's verified load (`wdvirt::vmm::load`), also
+/// what `wdvirt vm` runs.
+struct Guest(Option<Load>);
 
 impl Guest {
     fn start(vm: &Arc<Vm>, queues: u32) -> Guest {
-        let stop = Arc::new(AtomicBool::new(false));
-        let done = Arc::new(AtomicU64::new(0));
-        let (vm, flag, count) = (vm.clone(), stop.clone(), done.clone());
-        let thread = std::thread::spawn(move || {
-            let dev = Device::probe(vm.clone()).unwrap();
-            dev.enable().unwrap();
-            let pool = vm.dma_pool().unwrap();
-            let mut loads: Vec<QueueLoad> = (0..queues)
-                .map(|q| QueueLoad::new(&dev, &pool, q))
-                .collect();
-            while !flag.load(Ordering::Acquire) {
-                let mut got = 0;
-                for l in &mut loads {
-                    l.fill();
-                    got += l.reap();
-                }
-                count.fetch_add(got as u64, Ordering::Release);
-                if got == 0 {
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-            }
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while loads.iter().any(|l| !l.out.is_empty()) {
-                assert!(Instant::now() < deadline, "jobs never completed");
-                for l in &mut loads {
-                    l.reap();
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            loads
-        });
-        Guest {
-            stop,
-            done,
-            thread: Some(thread),
-        }
+        let opts = LoadOptions {
+            queues,
+            depth: DEPTH,
+        };
+        Guest(Some(Load::start(vm, opts).unwrap()))
     }
 
-    /// Waits until `more` further jobs have been checked.
+    /// Waits until `more` further jobs have been verified.
     fn progress(&self, more: u64) {
-        let want = self.done.load(Ordering::Acquire) + more;
+        let load = self.0.as_ref().unwrap();
+        let want = load.stats().verified + more;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while self.done.load(Ordering::Acquire) < want {
+        while load.stats().verified < want {
+            assert!(load.is_running(), "the guest failed: {:?}", load.failure());
             assert!(
-                self.thread.as_ref().is_some_and(|t| !t.is_finished()),
-                "the guest failed"
+                load.stats().failed == 0 && load.stats().repeated == 0,
+                "{:?}",
+                load.failure()
             );
             assert!(Instant::now() < deadline, "the guest made no progress");
             std::thread::sleep(Duration::from_millis(1));
         }
     }
 
-    /// Stops, drains and returns the queues; every job submitted completed
-    /// once (a gap in the ring stalls the driver, whose phase-bit reading
-    /// stops at it, and fails the drain).
-    fn finish(mut self) -> Vec<QueueLoad> {
-        self.stop.store(true, Ordering::Release);
-        let loads = self
-            .thread
-            .take()
-            .unwrap()
-            .join()
-            .expect("the guest failed");
-        for l in &loads {
-            assert!(l.out.is_empty());
-            assert_eq!(l.completed, l.next, "queue {}", l.index);
-        }
-        loads
+    /// Stops, drains and sums up; every job submitted completed once with
+    /// the right result (a gap in the ring stalls the driver, whose
+    /// phase-bit reading stops at it, and fails the drain), and every
+    /// completion the device counted (Q_COMPLETED travels with the state)
+    /// is one the driver read: no ring slot skipped or read twice.
+    fn finish(mut self) -> LoadSummary {
+        let s = self.0.take().unwrap().finish();
+        assert_eq!(s.failure, None);
+        assert_eq!(
+            (s.stats.failed, s.stats.repeated, s.never_completed),
+            (0, 0, 0)
+        );
+        assert_eq!(s.stats.verified, s.stats.jobs);
+        assert_eq!(s.device_completed, Some(s.completed), "Q_COMPLETED went on");
+        assert!(s.all_verified());
+        s
     }
-}
-
-/// The device's count of completions on every queue (Q_COMPLETED), which
-/// travels with the state.
-fn device_completed(vm: &Vm, queues: u32) -> u64 {
-    use wdvirt_guest::Mmio;
-    (0..queues)
-        .map(|q| {
-            let off = u64::from(wdvirt_abi::regs::queue(q) + wdvirt_abi::regs::Q_COMPLETED);
-            u64::from(vm.read32(0, off).unwrap())
-        })
-        .sum()
 }
 
 fn go(vm: &Vm, to: &std::path::Path) -> Result<Figures, MigrateError> {
@@ -345,15 +161,12 @@ fn a_loaded_vm_migrates_back_and_forth_between_two_daemons_every_job_once_and_ri
         ram += f.ram_bytes;
     }
     guest.progress(40);
-    let loads = guest.finish();
-    let total: u64 = loads.iter().map(|l| u64::from(l.next)).sum();
-    // Every completion the device counted (Q_COMPLETED travels with the
-    // state) is one the driver read: no ring slot skipped or read twice.
-    assert_eq!(device_completed(&vm, QUEUES), total, "Q_COMPLETED went on");
-    let reordered: u32 = loads.iter().map(|l| l.reordered).sum();
-    for l in &loads {
-        assert!(l.next > 2 * n, "queue {} ran only {} jobs", l.index, l.next);
-    }
+    let s = guest.finish();
+    let (total, reordered) = (s.stats.jobs, s.stats.reordered);
+    assert!(
+        total > u64::from(2 * n * QUEUES),
+        "only {total} jobs on {QUEUES} queues"
+    );
     eprintln!(
         "{n} migrations, {total} jobs checked ({reordered} completed before an older job): downtime mean {:?} worst {worst:?}, \
          {:.1} rounds, {} B stream, {} KiB RAM per migration",
