@@ -162,7 +162,7 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
         self.sq_slot = cursor.sq_tail % self.depth;
         self.cq_head = cursor.cq_head;
         self.cq_slot = cursor.cq_head % self.depth;
-        self.phase = if (cursor.cq_head / self.depth) % 2 == 0 {
+        self.phase = if (cursor.cq_head / self.depth).is_multiple_of(2) {
             CQE_PHASE
         } else {
             0

@@ -8,12 +8,14 @@ mod demo;
 mod hook;
 mod install;
 mod libvirt;
+mod migrate;
 mod schema;
 mod serve;
 mod stats;
 mod top;
 mod topology;
 mod validate;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -106,6 +108,15 @@ pub enum Command {
     Hook(hook::HookArgs),
     /// libvirt integration: the domain XML fragments, the hook's install.
     Libvirt(libvirt::LibvirtArgs),
+    /// Run a VM process: guest RAM and an instance's function, the guest
+    /// driver's verified load on N queues, a control socket for `wdvirt
+    /// migrate`; or, with --incoming, wait for a migration and run the VM
+    /// received.
+    Vm(vm::VmArgs),
+    /// Live-migrate a running `wdvirt vm` to a `wdvirt vm --incoming`
+    /// process (same host or over TCP), showing its progress; any failure
+    /// leaves the VM running on the source.
+    Migrate(migrate::MigrateArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -144,6 +155,8 @@ pub fn main() -> ExitCode {
         Command::Plan(a) => topology::plan(a, &api, &cli.api),
         Command::Hook(a) => hook::run(&api, a),
         Command::Libvirt(a) => libvirt::run(&cli.api, a).map(|()| ExitCode::SUCCESS),
+        Command::Vm(a) => vm::run(a),
+        Command::Migrate(a) => migrate::run(a),
     };
     match result {
         Ok(code) => code,

@@ -190,6 +190,7 @@ fn job(index: u32, seq: u32) -> (Kind, Vec<u8>) {
 }
 
 type Queue = wdvirt_guest::Queue<Arc<Vm>, Arc<Vm>>;
+type Buffer = PoolBuffer<Arc<Vm>>;
 
 /// One queue of the load: its ring kept full, each slot with its own
 /// buffers, each tag the job's sequence number.
@@ -197,8 +198,8 @@ struct QueueLoad {
     q: Queue,
     index: u32,
     depth: u32,
-    src: PoolBuffer<Arc<Vm>>,
-    dst: PoolBuffer<Arc<Vm>>,
+    src: Buffer,
+    dst: Buffer,
     free: Vec<u32>,
     next: u32,
     /// One past the highest tag completed.
@@ -233,10 +234,7 @@ struct Image {
     queues: Vec<QueueImage>,
 }
 
-fn buffers(
-    pool: &DmaPool<Arc<Vm>>,
-    depth: u32,
-) -> Result<(PoolBuffer<Arc<Vm>>, PoolBuffer<Arc<Vm>>), DmaError> {
+fn buffers(pool: &DmaPool<Arc<Vm>>, depth: u32) -> Result<(Buffer, Buffer), DmaError> {
     Ok((
         pool.alloc(SLOT_SRC * u64::from(depth), 64)?,
         pool.alloc(SLOT_DST * u64::from(depth), 64)?,

@@ -29,6 +29,7 @@
 //! from STOP_COPY on the source to RUNNING on the destination.
 
 use std::fmt;
+use std::io::{Read, Write};
 use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
@@ -39,6 +40,7 @@ use parking_lot::RwLock;
 use vfio_bindings::bindings::vfio::{VFIO_MIGRATION_PRE_COPY, VFIO_MIGRATION_STOP_COPY};
 use wdvirt_guest::{DmaAllocator, DmaError, DmaMemory, DmaPool, Mmio, MmioError};
 
+use super::link::{self, Kind};
 use super::{GuestRam, LoopbackVmm, VmmError};
 use crate::migration::MigState;
 
@@ -60,13 +62,17 @@ pub struct Vm {
 impl Vm {
     /// The VM on `vmm` (made by [`LoopbackVmm::connect_migratable`]).
     pub fn new(vmm: LoopbackVmm) -> Arc<Vm> {
+        Vm::on(Arc::new(vmm))
+    }
+
+    fn on(vmm: Arc<LoopbackVmm>) -> Arc<Vm> {
         let ram = vmm.ram();
         let pages = ram.size().div_ceil(PAGE);
         Arc::new(Vm {
             base: ram.base(),
             size: ram.size(),
             guest_dirty: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
-            active: RwLock::new(Arc::new(vmm)),
+            active: RwLock::new(vmm),
         })
     }
 
@@ -223,20 +229,43 @@ pub struct Figures {
 pub enum MigrateError {
     #[error("cannot reach the destination {path}: {source}")]
     Destination { path: String, source: VmmError },
+    #[error("cannot reach the destination {to} (the source runs on): {source}")]
+    Unreachable { to: String, source: std::io::Error },
     #[error("the {side} does not offer STOP_COPY and PRE_COPY migration (flags {flags:#x})")]
     NotMigratable { side: &'static str, flags: u64 },
     #[error("the destination refused the source's compatibility block (the source runs on): {0}")]
-    Refused(VmmError),
+    Refused(String),
     #[error("migration failed while {phase} (the source runs on): {source}")]
     Failed { phase: Phase, source: VmmError },
+    #[error("the destination failed while {phase} (the source runs on): {reason}")]
+    Remote { phase: Phase, reason: String },
+    #[error("the migration stream broke while {phase} (the source runs on): {source}")]
+    Link {
+        phase: Phase,
+        source: link::FrameError,
+    },
+    #[error("migration stream: {0}")]
+    Protocol(String),
+    #[error("the source gave the migration up: {0}")]
+    Aborted(String),
     #[error("migration cancelled while {0} (the source runs on)")]
     Cancelled(Phase),
+    #[error("the guest could not stop for the migration (the source runs on): {0}")]
+    Guest(String),
     #[error("guest RAM: {0}")]
     Ram(String),
 }
 
 fn failed(phase: Phase) -> impl Fn(VmmError) -> MigrateError {
     move |source| MigrateError::Failed { phase, source }
+}
+
+fn broke(phase: Phase) -> impl Fn(link::FrameError) -> MigrateError {
+    move |source| MigrateError::Link { phase, source }
+}
+
+fn ram_err(e: DmaError) -> MigrateError {
+    MigrateError::Ram(e.to_string())
 }
 
 /// How long a destination that has just been left by a VMM may take to
@@ -277,13 +306,20 @@ fn check_flags(vmm: &LoopbackVmm, side: &'static str) -> Result<(), MigrateError
     Ok(())
 }
 
-/// Copies the pages set in `bits` (page `i` at `base + i * PAGE`) from
-/// `from` to `to`, in runs; returns the pages copied.
+/// The longest run of pages copied in one piece (1 MiB): a bounded buffer,
+/// and a PAGES frame well under the cap.
+const RUN_PAGES: u64 = 256;
+
+/// Where [`copy_pages`] puts each run: its address and bytes.
+type PageSink<'a> = dyn FnMut(u64, &[u8]) -> Result<(), MigrateError> + 'a;
+
+/// Hands the pages set in `bits` (page `i` at `base + i * PAGE`) of `from`
+/// to `sink`, in runs of at most [`RUN_PAGES`]; returns the pages handed.
 fn copy_pages(
     from: &GuestRam,
-    to: &GuestRam,
     bits: &[u64],
     buf: &mut Vec<u8>,
+    sink: &mut PageSink<'_>,
 ) -> Result<u64, MigrateError> {
     let pages = from.size().div_ceil(PAGE);
     let set = |p: u64| bits[(p / 64) as usize] & 1 << (p % 64) != 0;
@@ -298,15 +334,14 @@ fn copy_pages(
             continue;
         }
         let start = p;
-        while p < pages && set(p) {
+        while p < pages && set(p) && p - start < RUN_PAGES {
             p += 1;
         }
         let addr = from.base() + start * PAGE;
         let len = ((p - start) * PAGE).min(from.base() + from.size() - addr) as usize;
         buf.resize(len, 0);
-        let ram = |e: DmaError| MigrateError::Ram(e.to_string());
-        from.read(addr, buf).map_err(ram)?;
-        to.write(addr, buf).map_err(ram)?;
+        from.read(addr, buf).map_err(ram_err)?;
+        sink(addr, buf)?;
         copied += p - start;
     }
     Ok(copied)
@@ -324,20 +359,315 @@ fn dirty(vm: &Vm, src: &LoopbackVmm, phase: Phase) -> Result<Vec<u64>, MigrateEr
     Ok(bits)
 }
 
-/// Moves `vm` to the instance serving `dest`. `progress` is told each
-/// phase and round; `ControlFlow::Break` from it cancels the migration
-/// (up to the destination's RUNNING), which then fails as
-/// [`MigrateError::Cancelled`] with the source running.
+/// The guest's CPUs, as a migration between two processes needs them:
+/// stopped at a clean point (no guest write after [`Vcpus::pause`]
+/// returns), their state (what is not in guest RAM) handed over, or let go
+/// on where they are after a failure.
+pub trait Vcpus {
+    fn pause(&mut self) -> Result<Vec<u8>, String>;
+    fn resume(&mut self);
+}
+
+impl Vcpus for super::load::Load {
+    fn pause(&mut self) -> Result<Vec<u8>, String> {
+        super::load::Load::pause(self).map_err(|e| e.to_string())
+    }
+    fn resume(&mut self) {
+        super::load::Load::resume(self)
+    }
+}
+
+/// The other end of a migration: an instance this process connects to
+/// ([`Local`]), or a destination VM process behind a stream ([`Remote`]).
+trait Destination {
+    /// PRE_COPY's compatibility block: refused ([`MigrateError::Refused`])
+    /// if the destination's device is of another shape.
+    fn compat(&mut self, block: &[u8]) -> Result<(), MigrateError>;
+    /// The pages set in `bits`, read from `from`.
+    fn pages(
+        &mut self,
+        from: &GuestRam,
+        bits: &[u64],
+        buf: &mut Vec<u8>,
+        phase: Phase,
+    ) -> Result<u64, MigrateError>;
+    /// The rest of the device's stream and the guest's state: the
+    /// destination resumes, and hands back its VMM if it is in this
+    /// process.
+    fn resume(
+        &mut self,
+        device: &[u8],
+        guest: &[u8],
+    ) -> Result<Option<Arc<LoopbackVmm>>, MigrateError>;
+    /// The source gives up (the destination drops what it has).
+    fn abort(&mut self, reason: &str);
+}
+
+/// An instance connected here, with guest RAM of the source's layout.
+struct Local {
+    vmm: Arc<LoopbackVmm>,
+    /// What its identity registers said on connecting (ABI version,
+    /// queues, largest transfer), to explain a refusal.
+    here: Option<(u32, u32, u32)>,
+}
+
+impl Local {
+    fn connect(dest: &Path, base: u64, size: u64) -> Result<Local, MigrateError> {
+        let vmm = connect_destination(dest, base, size)?;
+        check_flags(&vmm, "destination")?;
+        use wdvirt_abi::regs;
+        use wdvirt_guest::Mmio;
+        let reg = |r: u32| vmm.read32(0, u64::from(r)).ok();
+        let here = (|| {
+            Some((
+                reg(regs::VERSION)?,
+                reg(regs::NUM_QUEUES)?,
+                reg(regs::MAX_XFER)?,
+            ))
+        })();
+        Ok(Local {
+            vmm: Arc::new(vmm),
+            here,
+        })
+    }
+
+    /// Why the instance refused `block`, in words: the device answers an
+    /// errno only, so the source's compatibility block is set against what
+    /// this instance's registers said.
+    fn why_refused(&self, block: &[u8], e: &VmmError) -> String {
+        let compat = block
+            .get(16..crate::migration::stream::compat_prefix_len(block).min(block.len()))
+            .and_then(|j| serde_json::from_slice::<crate::migration::stream::Compat>(j).ok());
+        let (Some(c), Some((abi, queues, xfer))) = (compat, self.here) else {
+            return format!("the destination instance refused it: {e}");
+        };
+        let mut diff = Vec::new();
+        if c.abi_version >> 16 != abi >> 16 || c.abi_version & 0xffff > abi & 0xffff {
+            diff.push(format!(
+                "device ABI {}.{} in the stream, {}.{} here",
+                c.abi_version >> 16,
+                c.abi_version & 0xffff,
+                abi >> 16,
+                abi & 0xffff
+            ));
+        }
+        if c.queues.len() != queues as usize {
+            diff.push(format!(
+                "{} queues in the stream, {queues} here",
+                c.queues.len()
+            ));
+        }
+        if c.max_xfer != xfer {
+            diff.push(format!(
+                "largest transfer {} in the stream, {xfer} here",
+                c.max_xfer
+            ));
+        }
+        if diff.is_empty() {
+            diff.push("its type, a queue's depth limit or operations differ".into());
+        }
+        format!(
+            "a device of type '{}' cannot become this instance ({}): {e}",
+            c.type_name,
+            diff.join("; ")
+        )
+    }
+}
+
+impl Destination for Local {
+    fn compat(&mut self, block: &[u8]) -> Result<(), MigrateError> {
+        let p = Phase::PreCopy;
+        let mut d = self.vmm.migration().map_err(failed(p))?;
+        d.set_mig_state(MigState::Resuming).map_err(failed(p))?;
+        let piece = d.max_xfer();
+        let refused = d.mig_write(block, piece);
+        drop(d);
+        refused.map_err(|e| MigrateError::Refused(self.why_refused(block, &e)))
+    }
+
+    fn pages(
+        &mut self,
+        from: &GuestRam,
+        bits: &[u64],
+        buf: &mut Vec<u8>,
+        _phase: Phase,
+    ) -> Result<u64, MigrateError> {
+        let to = self.vmm.ram();
+        copy_pages(from, bits, buf, &mut |addr, data| {
+            to.write(addr, data).map_err(ram_err)
+        })
+    }
+
+    fn resume(
+        &mut self,
+        device: &[u8],
+        _guest: &[u8],
+    ) -> Result<Option<Arc<LoopbackVmm>>, MigrateError> {
+        let p = Phase::StopCopy;
+        let mut d = self.vmm.migration().map_err(failed(p))?;
+        let piece = d.max_xfer();
+        d.mig_write(device, piece).map_err(failed(p))?;
+        d.set_mig_state(MigState::Stop).map_err(failed(p))?;
+        d.set_mig_state(MigState::Running).map_err(failed(p))?;
+        Ok(Some(self.vmm.clone()))
+    }
+
+    fn abort(&mut self, _reason: &str) {}
+}
+
+/// A destination VM process at the other end of `link`.
+struct Remote<S> {
+    link: S,
+    batch: Vec<u8>,
+}
+
+/// How many page bytes a PAGES frame gathers before it goes.
+const BATCH: usize = 1 << 20;
+
+impl<S: Read + Write> Remote<S> {
+    /// HELLO, and the destination's READY (its instance connected, its
+    /// RAM mapped) or its reason not to be.
+    fn hello(link: S, base: u64, size: u64) -> Result<Remote<S>, MigrateError> {
+        let mut r = Remote {
+            link,
+            batch: Vec::new(),
+        };
+        let h = link::Hello {
+            version: link::VERSION,
+            ram_base: base,
+            ram_size: size,
+            page: PAGE as u32,
+        };
+        let p = Phase::Connected;
+        r.send(Kind::Hello, &h.encode(), p)?;
+        r.answer(p, Kind::Ready, |reason| MigrateError::Remote {
+            phase: p,
+            reason,
+        })?;
+        Ok(r)
+    }
+
+    fn send(&mut self, kind: Kind, payload: &[u8], phase: Phase) -> Result<(), MigrateError> {
+        link::write_frame(&mut self.link, kind, payload).map_err(|e| MigrateError::Link {
+            phase,
+            source: e.into(),
+        })
+    }
+
+    fn answer(
+        &mut self,
+        phase: Phase,
+        want: Kind,
+        refused: impl FnOnce(String) -> MigrateError,
+    ) -> Result<(), MigrateError> {
+        match link::read_frame(&mut self.link).map_err(broke(phase))? {
+            (k, _) if k == want => Ok(()),
+            (Kind::Refused, reason) => Err(refused(String::from_utf8_lossy(&reason).into_owned())),
+            (k, _) => Err(MigrateError::Protocol(format!(
+                "the destination answered {k:?} where {want:?} was due"
+            ))),
+        }
+    }
+
+    fn flush(&mut self, phase: Phase) -> Result<(), MigrateError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        let sent = self.send(Kind::Pages, &batch, phase);
+        self.batch = batch;
+        self.batch.clear();
+        sent
+    }
+}
+
+impl<S: Read + Write> Destination for Remote<S> {
+    fn compat(&mut self, block: &[u8]) -> Result<(), MigrateError> {
+        let p = Phase::PreCopy;
+        self.send(Kind::Compat, block, p)?;
+        self.answer(p, Kind::Accepted, MigrateError::Refused)
+    }
+
+    fn pages(
+        &mut self,
+        from: &GuestRam,
+        bits: &[u64],
+        buf: &mut Vec<u8>,
+        phase: Phase,
+    ) -> Result<u64, MigrateError> {
+        let n = copy_pages(from, bits, buf, &mut |addr, data| {
+            link::push_pages(&mut self.batch, addr, data);
+            if self.batch.len() >= BATCH {
+                self.flush(phase)?;
+            }
+            Ok(())
+        })?;
+        self.flush(phase)?;
+        Ok(n)
+    }
+
+    fn resume(
+        &mut self,
+        device: &[u8],
+        guest: &[u8],
+    ) -> Result<Option<Arc<LoopbackVmm>>, MigrateError> {
+        let p = Phase::StopCopy;
+        self.send(Kind::Device, device, p)?;
+        self.send(Kind::Guest, guest, p)?;
+        self.send(Kind::Commit, &[], p)?;
+        self.answer(p, Kind::Resumed, |reason| MigrateError::Remote {
+            phase: p,
+            reason,
+        })?;
+        Ok(None)
+    }
+
+    fn abort(&mut self, reason: &str) {
+        let _ = link::write_frame(&mut self.link, Kind::Abort, reason.as_bytes());
+    }
+}
+
+/// Moves `vm` to the instance serving `dest`, in this process (the
+/// same-host fast path: RAM goes from memfd to memfd with no stream).
+/// `progress` is told each phase and round; `ControlFlow::Break` from it
+/// cancels the migration (up to the destination's RUNNING), which then
+/// fails as [`MigrateError::Cancelled`] with the source running.
 pub fn migrate(
     vm: &Vm,
     dest: &Path,
     opts: &MigrateOptions,
     progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
 ) -> Result<Figures, MigrateError> {
+    check_flags(&vm.vmm(), "source")?;
+    let mut dst = Local::connect(dest, vm.base, vm.size)?;
+    drive(vm, &mut dst, opts, progress, None)
+}
+
+/// The source half of a migration between two processes: moves `vm`
+/// through `link` to a destination VM process running [`incoming`], with
+/// the guest's CPUs (`vcpus`) paused for the stop and their state carried.
+/// On success the guest runs there (the caller lets its `vcpus` go, and
+/// the source device is left in STOP); on any failure it runs on here.
+pub fn send<S: Read + Write>(
+    vm: &Vm,
+    link: S,
+    opts: &MigrateOptions,
+    progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+    vcpus: &mut dyn Vcpus,
+) -> Result<Figures, MigrateError> {
+    check_flags(&vm.vmm(), "source")?;
+    let mut dst = Remote::hello(link, vm.base, vm.size)?;
+    drive(vm, &mut dst, opts, progress, Some(vcpus))
+}
+
+fn drive(
+    vm: &Vm,
+    dst: &mut dyn Destination,
+    opts: &MigrateOptions,
+    progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
+    vcpus: Option<&mut dyn Vcpus>,
+) -> Result<Figures, MigrateError> {
     let src = vm.vmm();
-    check_flags(&src, "source")?;
-    let dst = Arc::new(connect_destination(dest, vm.base, vm.size)?);
-    check_flags(&dst, "destination")?;
     src.migration()
         .and_then(|mut c| c.dirty_log_start(PAGE, &[(vm.base, vm.size)]))
         .map_err(failed(Phase::Connected))?;
@@ -350,7 +680,16 @@ pub fn migrate(
         ram_bytes: 0,
         stream_bytes: 0,
     };
-    match run(vm, &src, &dst, opts, progress, &mut figures, &mut state) {
+    match run(
+        vm,
+        &src,
+        dst,
+        opts,
+        progress,
+        &mut figures,
+        &mut state,
+        vcpus,
+    ) {
         Ok(()) => {
             // The guest runs on the destination: the source stops for good.
             let stop = src.migration().and_then(|mut c| {
@@ -366,10 +705,11 @@ pub fn migrate(
         }
         Err(e) => {
             // `run` has let the guest go on the source, in RUNNING.
+            dst.abort(&e.to_string());
             if let Err(stop) = src.migration().and_then(|mut c| c.dirty_log_stop()) {
                 tracing::warn!("the source's dirty log did not stop: {stop}");
             }
-            tracing::warn!("migration to {} failed: {e}", dest.display());
+            tracing::warn!("migration failed: {e}");
             Err(e)
         }
     }
@@ -386,21 +726,23 @@ fn run_on(src: &LoopbackVmm) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run(
     vm: &Vm,
     src: &LoopbackVmm,
-    dst: &Arc<LoopbackVmm>,
+    dst: &mut dyn Destination,
     opts: &MigrateOptions,
     progress: &mut dyn FnMut(&Progress) -> ControlFlow<()>,
     figures: &mut Figures,
     state: &mut Progress,
+    mut vcpus: Option<&mut dyn Vcpus>,
 ) -> Result<(), MigrateError> {
     let mut tell = |state: &Progress| match progress(state) {
         ControlFlow::Continue(()) => Ok(()),
         ControlFlow::Break(()) => Err(MigrateError::Cancelled(state.phase)),
     };
     tell(state)?;
-    let (from, to) = (src.ram(), dst.ram());
+    let from = src.ram();
     let mut buf = Vec::new();
     let pre_copy = || -> Result<Vec<u8>, MigrateError> {
         let p = Phase::PreCopy;
@@ -409,24 +751,16 @@ fn run(
         let piece = c.max_xfer();
         c.mig_read_all(piece).map_err(failed(p))
     };
-    let pre = pre_copy();
-    let pre = pre.and_then(|pre| {
-        let mut d = dst.migration().map_err(failed(Phase::PreCopy))?;
-        d.set_mig_state(MigState::Resuming)
-            .map_err(failed(Phase::PreCopy))?;
-        let piece = d.max_xfer();
-        d.mig_write(&pre, piece).map_err(MigrateError::Refused)?;
-        Ok(pre)
-    });
     let running = (|| {
-        let pre = pre?;
+        let pre = pre_copy()?;
+        dst.compat(&pre)?;
         figures.stream_bytes = pre.len() as u64;
         state.phase = Phase::PreCopy;
         state.stream_bytes = figures.stream_bytes;
         tell(state)?;
         // All of RAM while running, then the pages dirtied meanwhile.
         let all = vec![u64::MAX; vm.guest_dirty.len()];
-        let n = copy_pages(&from, &to, &all, &mut buf)?;
+        let n = dst.pages(&from, &all, &mut buf, Phase::RamRound)?;
         state.phase = Phase::RamRound;
         state.round_pages = n;
         figures.ram_bytes = n * PAGE;
@@ -434,7 +768,7 @@ fn run(
         tell(state)?;
         for round in 1..=opts.max_rounds {
             let bits = dirty(vm, src, Phase::RamRound)?;
-            let n = copy_pages(&from, &to, &bits, &mut buf)?;
+            let n = dst.pages(&from, &bits, &mut buf, Phase::RamRound)?;
             figures.pre_copy_rounds = round;
             figures.ram_bytes += n * PAGE;
             state.round = round;
@@ -452,7 +786,18 @@ fn run(
         return Err(e);
     }
 
-    // The guest paused from here until it runs on one side or the other.
+    // The guest's CPUs stop at a clean point, then the VMM pauses the
+    // guest until it runs on one side or the other.
+    let guest = match vcpus.as_deref_mut().map(|v| v.pause()).transpose() {
+        Ok(g) => g.unwrap_or_default(),
+        Err(e) => {
+            run_on(src);
+            if let Some(v) = vcpus {
+                v.resume();
+            }
+            return Err(MigrateError::Guest(e));
+        }
+    };
     let mut active = vm.active.write();
     let t0 = Instant::now();
     let stopped = (|| {
@@ -466,7 +811,7 @@ fn run(
         let t1 = Instant::now();
         figures.source_stop = t1 - t0;
         let bits = dirty(vm, src, p)?;
-        let n = copy_pages(&from, &to, &bits, &mut buf)?;
+        let n = dst.pages(&from, &bits, &mut buf, p)?;
         let t2 = Instant::now();
         figures.stop_copy = t2 - t1;
         figures.stop_pages = n;
@@ -477,23 +822,177 @@ fn run(
         state.ram_bytes = figures.ram_bytes;
         state.stream_bytes = figures.stream_bytes;
         tell(state)?;
-        let mut d = dst.migration().map_err(failed(p))?;
-        let piece = d.max_xfer();
-        d.mig_write(&rest, piece).map_err(failed(p))?;
-        d.set_mig_state(MigState::Stop).map_err(failed(p))?;
-        d.set_mig_state(MigState::Running).map_err(failed(p))?;
+        let resumed = dst.resume(&rest, &guest)?;
         figures.destination_resume = t2.elapsed();
-        Ok(())
+        Ok(resumed)
     })();
     match stopped {
-        Ok(()) => {
+        Ok(resumed) => {
             figures.downtime = t0.elapsed();
-            *active = dst.clone();
+            if let Some(vmm) = resumed {
+                *active = vmm;
+            }
             Ok(())
         }
         Err(e) => {
             run_on(src);
+            drop(active);
+            if let Some(v) = vcpus {
+                v.resume();
+            }
             Err(e)
+        }
+    }
+}
+
+/// What the destination half received: the VM, running on its instance,
+/// and the guest CPUs' state to go on from.
+pub struct Incoming {
+    pub vm: Arc<Vm>,
+    pub guest: Vec<u8>,
+    /// Guest RAM bytes received.
+    pub ram_bytes: u64,
+    /// Device stream bytes received.
+    pub stream_bytes: u64,
+}
+
+/// The largest guest RAM a source may announce.
+pub const MAX_RAM: u64 = 1 << 40;
+
+/// The destination half of a migration between two processes: takes a
+/// VM from a source running [`send`] on `link`, onto the instance serving
+/// `dest` (connected here with fresh guest RAM of the source's layout).
+/// The compatibility block is checked by the instance before anything
+/// else is taken; any refusal or failure is answered to the source with
+/// its reason (so that it runs on), and nothing here resumes.
+pub fn incoming<S: Read + Write>(mut link: S, dest: &Path) -> Result<Incoming, MigrateError> {
+    fn refuse<S: Write>(link: &mut S, e: &MigrateError) {
+        let reason = match e {
+            MigrateError::Aborted(_) | MigrateError::Link { .. } => return,
+            MigrateError::Refused(r) => r.clone(),
+            e => e.to_string(),
+        };
+        let _ = link::write_frame(link, Kind::Refused, reason.as_bytes());
+    }
+    let p = Phase::Connected;
+    let hello = link::read_frame(&mut link)
+        .map_err(broke(p))
+        .and_then(|(k, b)| match k {
+            Kind::Hello => link::Hello::decode(&b).map_err(MigrateError::Protocol),
+            k => Err(MigrateError::Protocol(format!("a {k:?} frame before HELLO"))),
+        })
+        .and_then(|h| {
+            if h.version != link::VERSION {
+                Err(MigrateError::Protocol(format!(
+                    "stream version {} (this destination speaks {})",
+                    h.version,
+                    link::VERSION
+                )))
+            } else if u64::from(h.page) != PAGE
+                || h.ram_size == 0
+                || h.ram_size > MAX_RAM
+                || h.ram_base % PAGE != 0
+                || h.ram_base.checked_add(h.ram_size).is_none()
+            {
+                Err(MigrateError::Protocol(format!(
+                    "guest RAM of {} bytes at {:#x} in pages of {} (this destination takes pages of {PAGE}, up to {MAX_RAM} bytes, page-aligned)",
+                    h.ram_size, h.ram_base, h.page
+                )))
+            } else {
+                Ok(h)
+            }
+        });
+    let local = hello.and_then(|h| Local::connect(dest, h.ram_base, h.ram_size));
+    let mut local = match local {
+        Ok(l) => l,
+        Err(e) => {
+            refuse(&mut link, &e);
+            return Err(e);
+        }
+    };
+    link::write_frame(&mut link, Kind::Ready, &[]).map_err(|e| MigrateError::Link {
+        phase: p,
+        source: e.into(),
+    })?;
+    let mut got = Incoming {
+        vm: Vm::on(local.vmm.clone()),
+        guest: Vec::new(),
+        ram_bytes: 0,
+        stream_bytes: 0,
+    };
+    match receive(&mut link, &mut local, &mut got) {
+        Ok(()) => Ok(got),
+        Err(e) => {
+            refuse(&mut link, &e);
+            Err(e)
+        }
+    }
+}
+
+/// The frames after READY, up to COMMIT and the destination's RUNNING.
+fn receive<S: Read + Write>(
+    link: &mut S,
+    local: &mut Local,
+    got: &mut Incoming,
+) -> Result<(), MigrateError> {
+    let ram = local.vmm.ram();
+    let (base, end) = (ram.base(), ram.base() + ram.size());
+    let mut phase = Phase::Connected;
+    let mut device = None;
+    loop {
+        let (kind, b) = link::read_frame(link).map_err(broke(phase))?;
+        match kind {
+            Kind::Compat if phase == Phase::Connected => {
+                local.compat(&b)?;
+                got.stream_bytes += b.len() as u64;
+                phase = Phase::PreCopy;
+                link::write_frame(link, Kind::Accepted, &[]).map_err(|e| MigrateError::Link {
+                    phase,
+                    source: e.into(),
+                })?;
+            }
+            Kind::Pages if phase != Phase::Connected => {
+                for run in link::page_runs(&b) {
+                    let (addr, data) = run.map_err(MigrateError::Protocol)?;
+                    let inside = addr >= base
+                        && addr
+                            .checked_add(data.len() as u64)
+                            .is_some_and(|e| e <= end);
+                    if !inside {
+                        return Err(MigrateError::Protocol(format!(
+                            "{} bytes of pages at {addr:#x}, outside guest RAM {base:#x}..{end:#x}",
+                            data.len()
+                        )));
+                    }
+                    ram.write(addr, data).map_err(ram_err)?;
+                    got.ram_bytes += data.len() as u64;
+                }
+            }
+            Kind::Device if phase != Phase::Connected => {
+                got.stream_bytes += b.len() as u64;
+                device = Some(b);
+                phase = Phase::StopCopy;
+            }
+            Kind::Guest if phase != Phase::Connected => got.guest = b,
+            Kind::Commit if device.is_some() => {
+                local.resume(device.as_deref().unwrap_or_default(), &got.guest)?;
+                // The device runs here now; a source that does not hear it
+                // would run on too, so say so loudly.
+                if let Err(e) = link::write_frame(link, Kind::Resumed, &[]) {
+                    tracing::error!("resumed, but the source was not told: {e}");
+                }
+                return Ok(());
+            }
+            Kind::Abort => {
+                return Err(MigrateError::Aborted(
+                    String::from_utf8_lossy(&b).into_owned(),
+                ));
+            }
+            k => {
+                return Err(MigrateError::Protocol(format!(
+                    "a {k:?} frame while {phase}"
+                )));
+            }
         }
     }
 }
@@ -519,7 +1018,10 @@ mod tests {
         for p in marked {
             bits[(p / 64) as usize] |= 1 << (p % 64);
         }
-        let n = copy_pages(&from, &to, &bits, &mut Vec::new()).unwrap();
+        let n = copy_pages(&from, &bits, &mut Vec::new(), &mut |a, d| {
+            to.write(a, d).map_err(ram_err)
+        })
+        .unwrap();
         assert_eq!(n, marked.len() as u64);
         let mut got = vec![0u8; (PAGES * PAGE) as usize];
         to.read(BASE, &mut got).unwrap();

@@ -15,6 +15,7 @@
 //! the stream, DMA logging). [`LoopbackVmm::migration`] hands it out.
 
 pub mod client;
+pub mod link;
 pub mod load;
 pub mod migrate;
 
