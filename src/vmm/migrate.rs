@@ -27,6 +27,15 @@
 //! lets the guest go on there; the destination is dropped unresumed (VFIO
 //! v2: only one side ever resumes with a given state). Downtime is measured
 //! from STOP_COPY on the source to RUNNING on the destination.
+//!
+//! Between two processes (`wdvirt vm`, `wdvirt migrate`) the same phases
+//! run as two halves over a byte stream ([`super::link`]): [`send`] on the
+//! source, which also pauses the guest's CPUs ([`Vcpus`]) before the stop
+//! and carries their state, and [`incoming`] on the destination, which owns
+//! the destination's RAM and instance connection and answers a refusal with
+//! its reason before the source stops. Both ends of the phases are one
+//! small trait, `Destination`: [`migrate`] uses the in-process end (RAM from
+//! memfd to memfd), [`send`] the stream's.
 
 use std::fmt;
 use std::io::{Read, Write};
