@@ -16,6 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
+use wdvirt::vmm::link::{self, Kind};
 use wdvirt::vmm::load::{Load, LoadOptions, LoadSummary};
 use wdvirt::vmm::migrate::{self, Figures, MigrateError, MigrateOptions, Phase, Progress, Vm};
 use wdvirt::vmm::{GuestRam, LoopbackVmm};
@@ -78,6 +79,11 @@ impl Guest {
             depth: DEPTH,
         };
         Guest(Some(Load::start(vm, opts).unwrap()))
+    }
+
+    /// The load, to pause for a migration between processes.
+    fn load(&mut self) -> &mut Load {
+        self.0.as_mut().unwrap()
     }
 
     /// Waits until `more` further jobs have been verified.
@@ -283,4 +289,168 @@ fn a_failure_or_a_cancel_before_the_destination_runs_leaves_the_source_running()
     drop(c);
     guest.progress(100);
     guest.finish();
+}
+
+/// Reads the destination half's answer to what was written to it.
+fn answer(s: &mut std::os::unix::net::UnixStream) -> (Kind, String) {
+    let (k, b) = link::read_frame(s).unwrap();
+    (k, String::from_utf8_lossy(&b).into_owned())
+}
+
+#[test]
+fn the_halves_over_a_socket_move_a_loaded_vm_and_refuse_or_survive_what_goes_wrong() {
+    use std::os::unix::net::UnixStream;
+    let (_a, sa) = host("quad");
+    let (_b, sb) = host("quad");
+
+    // The destination half refuses streams that are not a migration, with
+    // its reason, and takes nothing from them.
+    let hello = link::Hello {
+        version: link::VERSION,
+        ram_base: RAM_BASE,
+        ram_size: RAM_SIZE,
+        page: migrate::PAGE as u32,
+    };
+    let mut bad_magic = hello.encode();
+    bad_magic[0] = b'X';
+    let v2 = link::Hello {
+        version: 2,
+        ..hello
+    }
+    .encode();
+    let odd_page = link::Hello { page: 512, ..hello }.encode();
+    type Frames = Vec<(Kind, Vec<u8>)>;
+    let cases: Vec<(Frames, &str)> = vec![
+        (
+            vec![(Kind::Hello, bad_magic)],
+            "not a wdvirt migration stream",
+        ),
+        (
+            vec![(Kind::Hello, v2)],
+            "stream version 2 (this destination speaks 1)",
+        ),
+        (vec![(Kind::Hello, odd_page)], "pages of 512"),
+        (
+            vec![(Kind::Compat, vec![1, 2, 3])],
+            "a Compat frame before HELLO",
+        ),
+        (
+            vec![(Kind::Hello, hello.encode()), (Kind::Pages, vec![0; 20])],
+            "a Pages frame while connecting to the destination",
+        ),
+        (
+            vec![
+                (Kind::Hello, hello.encode()),
+                (Kind::Compat, b"garbage".to_vec()),
+            ],
+            "cut short",
+        ),
+        (
+            vec![(Kind::Hello, hello.encode()), (Kind::Compat, vec![0; 64])],
+            "MigDataWrite refused",
+        ),
+    ];
+    for (frames, want) in cases {
+        let (mut s, d) = UnixStream::pair().unwrap();
+        let dest = sb.clone();
+        let t = std::thread::spawn(move || migrate::incoming(d, &dest).map(|_| ()));
+        for (k, b) in &frames {
+            link::write_frame(&mut s, *k, b).unwrap();
+            if *k == Kind::Hello && frames.len() > 1 {
+                assert_eq!(answer(&mut s).0, Kind::Ready);
+            }
+        }
+        let (k, reason) = answer(&mut s);
+        assert_eq!(k, Kind::Refused, "{want}");
+        assert!(reason.contains(want), "{want}: {reason}");
+        let e = t.join().unwrap().unwrap_err();
+        assert!(e.to_string().contains(want), "{e}");
+    }
+
+    let vm = boot(&sa);
+    let mut guest = Guest::start(&vm, QUEUES);
+    let on_a = vm.vmm();
+    let running = |vmm: &LoopbackVmm| vmm.migration().unwrap().mig_state().unwrap();
+    let opts = MigrateOptions::default();
+
+    // The stream breaks while RAM is copied, then a cancel after the
+    // guest's CPUs paused: each time the source runs, the guest goes on.
+    for at in [Phase::RamRound, Phase::StopCopy] {
+        guest.progress(40);
+        let (s, d) = UnixStream::pair().unwrap();
+        let cut = s.try_clone().unwrap();
+        let dest = sb.clone();
+        let t = std::thread::spawn(move || migrate::incoming(d, &dest).map(|_| ()));
+        let e = migrate::send(
+            &vm,
+            s,
+            &opts,
+            &mut |p| {
+                if p.phase == at && at == Phase::RamRound {
+                    let _ = cut.shutdown(std::net::Shutdown::Both);
+                }
+                if p.phase == at && at == Phase::StopCopy {
+                    return ControlFlow::Break(());
+                }
+                ControlFlow::Continue(())
+            },
+            guest.load(),
+        )
+        .unwrap_err();
+        match at {
+            Phase::RamRound => assert!(matches!(e, MigrateError::Link { .. }), "{e:?}"),
+            _ => assert!(
+                matches!(e, MigrateError::Cancelled(Phase::StopCopy)),
+                "{e:?}"
+            ),
+        }
+        assert!(e.to_string().contains("the source runs on"), "{e}");
+        assert!(t.join().unwrap().is_err(), "the destination did not resume");
+        assert!(Arc::ptr_eq(&vm.vmm(), &on_a));
+        assert_eq!(running(&on_a), wdvirt::migration::MigState::Running);
+        guest.progress(100);
+    }
+
+    // And through: the guest's state goes with the VM and its load goes on
+    // there from the migrated rings.
+    guest.progress(40);
+    let (s, d) = UnixStream::pair().unwrap();
+    let dest = sb.clone();
+    let t = std::thread::spawn(move || migrate::incoming(d, &dest));
+    let mut phases = Vec::new();
+    let f = migrate::send(
+        &vm,
+        s,
+        &opts,
+        &mut |p| {
+            phases.push(p.phase);
+            ControlFlow::Continue(())
+        },
+        guest.load(),
+    )
+    .unwrap();
+    assert_eq!(phases.last(), Some(&Phase::Done));
+    assert!(f.ram_bytes >= RAM_SIZE && f.stream_bytes > 0);
+    let got = t.join().unwrap().unwrap();
+    assert!(got.ram_bytes >= RAM_SIZE && !got.guest.is_empty());
+    let left = guest.0.take().unwrap().detach();
+    assert!(left.detached && left.all_verified(), "{left:?}");
+    assert_eq!(running(&on_a), wdvirt::migration::MigState::Stop);
+    let there = Guest(Some(Load::adopt(&got.vm, &got.guest).unwrap()));
+    assert_eq!(
+        there.0.as_ref().unwrap().stats(),
+        left.stats,
+        "the counters moved"
+    );
+    there.progress(100);
+    let s = there.finish();
+    assert!(s.stats.jobs > left.stats.jobs);
+
+    // An image that does not fit the device is refused, not trusted.
+    let e = Load::adopt(&got.vm, b"{\"version\":1,\"depth\":32,\"stats\":{\"jobs\":0,\"verified\":0,\"failed\":0,\"repeated\":0,\"reordered\":0},\"queues\":[{\"index\":0,\"ops\":1,\"sq_tail\":5,\"cq_head\":0,\"src\":0,\"dst\":0,\"next\":5,\"expect\":0,\"completed\":0,\"out\":[[1,40]]}]}")
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("slot 40 out of range"), "{e}");
+    let e = Load::adopt(&got.vm, b"not json").err().unwrap();
+    assert!(matches!(e, wdvirt::vmm::load::LoadError::Image(_)), "{e}");
 }

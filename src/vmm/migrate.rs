@@ -485,6 +485,15 @@ impl Local {
 
 impl Destination for Local {
     fn compat(&mut self, block: &[u8]) -> Result<(), MigrateError> {
+        // The instance takes a stream in pieces, so a block cut short
+        // would pass unchecked: its length is in its own header.
+        let whole = crate::migration::stream::compat_prefix_len(block);
+        if block.len() < 16 || whole > block.len() {
+            return Err(MigrateError::Refused(format!(
+                "the compatibility block is cut short ({} bytes, its header says {whole})",
+                block.len()
+            )));
+        }
         let p = Phase::PreCopy;
         let mut d = self.vmm.migration().map_err(failed(p))?;
         d.set_mig_state(MigState::Resuming).map_err(failed(p))?;
