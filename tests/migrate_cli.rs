@@ -203,9 +203,19 @@ fn a_vm_process_under_load_migrates_over_tcp_and_back_every_job_verified_once() 
     const MOVES: usize = 4;
     for i in 1..=MOVES {
         let to = sockets[i % 2].to_str().unwrap();
-        let mut dest = VmProc::start(&ctl(i), &["--incoming", "tcp:127.0.0.1:0", "--connect", to]);
+        // Over TCP, and once over a UNIX socket (the same-host way).
+        let listen = if i == 3 {
+            format!("unix:{}", dir.path().join("incoming.sock").display())
+        } else {
+            "tcp:127.0.0.1:0".to_string()
+        };
+        let mut dest = VmProc::start(&ctl(i), &["--incoming", &listen, "--connect", to]);
         let at = dest.event("listening")["at"].as_str().unwrap().to_string();
-        assert!(at.starts_with("tcp:127.0.0.1:"), "{at}");
+        if i == 3 {
+            assert_eq!(at, listen);
+        } else {
+            assert!(at.starts_with("tcp:127.0.0.1:"), "{at}");
+        }
         // Work in flight on every queue at each stop.
         vm.progress(40);
         let json = i % 2 == 0;
@@ -233,13 +243,13 @@ fn a_vm_process_under_load_migrates_over_tcp_and_back_every_job_verified_once() 
         } else {
             eprintln!("move {i}:\n{stdout}");
             for want in [
-                "migrating to tcp:127.0.0.1:",
+                "migrating to ",
                 "PRE_COPY: ",
                 "compatibility accepted",
                 "copying RAM, round 0: 4096 pages, 16.0 MiB so far",
                 "copying RAM, round 1: ",
                 "STOP_COPY: ",
-                "migrated to tcp:127.0.0.1:",
+                "migrated to ",
                 "downtime ",
             ] {
                 assert!(stdout.contains(want), "no '{want}' in:\n{stdout}");
@@ -376,6 +386,13 @@ fn bad_arguments_and_a_missing_vm_get_clear_errors() {
     assert_eq!(out.status.code(), Some(1));
     let err = text(&out.stderr);
     assert!(err.contains("cannot connect to the instance at"), "{err}");
+
+    let out = wdvirt()
+        .args(["vm", "--connect", "/nowhere", "--status-every", "inf"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("--status-every inf: expected seconds"));
 
     let help = wdvirt().args(["migrate", "--help"]).output().unwrap();
     let help = text(&help.stdout);

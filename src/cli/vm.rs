@@ -180,6 +180,21 @@ struct Shared {
 }
 
 pub fn run(a: VmArgs) -> anyhow::Result<ExitCode> {
+    if !(0.0..=86400.0).contains(&a.status_every) {
+        bail!(
+            "--status-every {}: expected seconds from 0 (no status lines) to 86400",
+            a.status_every
+        );
+    }
+    let control = a.control.clone();
+    let code = vm(a);
+    if let Some(path) = control {
+        let _ = std::fs::remove_file(path);
+    }
+    code
+}
+
+fn vm(a: VmArgs) -> anyhow::Result<ExitCode> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(sig, stop.clone()).context("cannot catch signals")?;
