@@ -418,3 +418,118 @@ fn bad_arguments_and_a_missing_vm_get_clear_errors() {
         "{help}"
     );
 }
+
+/// The control socket's `status` of the VM at `control`.
+fn status_at(control: &Path) -> Value {
+    let mut c = UnixStream::connect(control).unwrap();
+    c.write_all(b"{\"op\":\"status\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(&c).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+/// Has process `pid` (not a child of this one) ended? (A zombie counts:
+/// whoever adopted it may not reap it at once.)
+fn ended(pid: u64) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('Z'))
+    })
+}
+
+#[test]
+fn to_daemon_prepares_the_destination_instance_and_vm_process_or_undoes_it() {
+    let (_a, sa) = host("quad");
+    let b = Daemon::start(HOST);
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = VmProc::start(
+        &dir.path().join("src.ctl"),
+        &["--connect", sa.to_str().unwrap()],
+    );
+    vm.progress(40);
+    let new_ctl = dir.path().join("moved.ctl");
+    let to_b = |ty: &str, json: bool| {
+        let mut c = wdvirt();
+        c.args(["migrate", "--vm"])
+            .arg(&vm.control)
+            .arg("--to-daemon")
+            .arg(b.api());
+        c.args(["--type", ty, "--name", "moved", "--new-control"])
+            .arg(&new_ctl);
+        if json {
+            c.arg("--json");
+        }
+        c.output().unwrap()
+    };
+
+    // Another type: refused; the instance and the process it made are undone.
+    let out = to_b("pair", false);
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("(refused)") && err.contains("stopped and undefined"),
+        "{err}"
+    );
+    assert!(text(&out.stdout).contains("prepared instance moved"));
+    assert!(
+        b.defined().iter().all(|d| d["name"] != "moved"),
+        "undefined"
+    );
+    vm.progress(100);
+
+    // Its own type: the VM moves to a process this command started.
+    let out = to_b("quad", true);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let lines: Vec<Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["event"], "prepared", "{lines:?}");
+    assert_eq!(lines.last().unwrap()["event"], "done");
+    let pid = lines[0]["pid"].as_u64().unwrap();
+    assert!(vm.wait().success());
+    let list = b.json(&["list"]);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["name"] == "moved"),
+        "{list}"
+    );
+    let want = status_at(&new_ctl)["verified"].as_u64().unwrap() + 100;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status_at(&new_ctl);
+        assert_eq!(
+            (s["failed"].as_u64(), s["repeated"].as_u64()),
+            (Some(0), Some(0)),
+            "{s}"
+        );
+        if s["verified"].as_u64().unwrap() >= want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{s}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kill = std::process::Command::new("kill")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ended(pid) {
+        assert!(
+            Instant::now() < deadline,
+            "the destination VM process did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = std::fs::read_to_string(dir.path().join("moved.ctl.log")).unwrap();
+    let summary: Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["event"] == "summary")
+        .unwrap_or_else(|| panic!("no summary in {log}"));
+    assert_eq!(summary["all_verified"], true, "{summary}");
+}
