@@ -533,3 +533,21 @@ fn to_daemon_prepares_the_destination_instance_and_vm_process_or_undoes_it() {
         .unwrap_or_else(|| panic!("no summary in {log}"));
     assert_eq!(summary["all_verified"], true, "{summary}");
 }
+
+#[test]
+fn a_vm_whose_instance_is_stopped_under_it_says_so_and_exits_1() {
+    let (a, sa) = host("quad");
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = VmProc::start(
+        &dir.path().join("vm.ctl"),
+        &["--connect", sa.to_str().unwrap()],
+    );
+    vm.progress(40);
+    a.json(&["stop", "vm"]);
+    let summary = vm.event("summary");
+    assert_eq!(vm.wait().code(), Some(1), "{summary}");
+    assert_eq!(summary["all_verified"], false);
+    let failure = summary["summary"]["failure"].as_str().unwrap();
+    eprintln!("the VM says: {failure}");
+    assert!(failure.contains("queue"), "{failure}");
+}
