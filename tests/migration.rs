@@ -368,6 +368,46 @@ fn the_halves_over_a_socket_move_a_loaded_vm_and_refuse_or_survive_what_goes_wro
     }
 
     let vm = boot(&sa);
+    // A real compatibility block (the source's PRE_COPY data, the source
+    // back to RUNNING), accepted, then pages that are not in guest RAM or
+    // are cut short.
+    let block = {
+        let src = vm.vmm();
+        let mut c = src.migration().unwrap();
+        c.set_mig_state(wdvirt::migration::MigState::PreCopy)
+            .unwrap();
+        let piece = c.max_xfer();
+        let b = c.mig_read_all(piece).unwrap();
+        c.set_mig_state(wdvirt::migration::MigState::Running)
+            .unwrap();
+        b
+    };
+    let mut below = Vec::new();
+    link::push_pages(&mut below, RAM_BASE - 4096, &[7; 4096]);
+    let mut past = Vec::new();
+    link::push_pages(&mut past, RAM_BASE + RAM_SIZE - 4096, &[7; 8192]);
+    let mut cut = Vec::new();
+    link::push_pages(&mut cut, RAM_BASE, &[7; 4096]);
+    cut.truncate(100);
+    for (pages, want) in [
+        (below, "outside guest RAM"),
+        (past, "outside guest RAM"),
+        (cut, "cut short"),
+    ] {
+        let (mut s, d) = UnixStream::pair().unwrap();
+        let dest = sb.clone();
+        let t = std::thread::spawn(move || migrate::incoming(d, &dest).map(|_| ()));
+        link::write_frame(&mut s, Kind::Hello, &hello.encode()).unwrap();
+        assert_eq!(answer(&mut s).0, Kind::Ready);
+        link::write_frame(&mut s, Kind::Compat, &block).unwrap();
+        assert_eq!(answer(&mut s).0, Kind::Accepted);
+        link::write_frame(&mut s, Kind::Pages, &pages).unwrap();
+        let (k, reason) = answer(&mut s);
+        assert_eq!(k, Kind::Refused);
+        assert!(reason.contains(want), "{want}: {reason}");
+        assert!(t.join().unwrap().is_err());
+    }
+
     let mut guest = Guest::start(&vm, QUEUES);
     let on_a = vm.vmm();
     let running = |vmm: &LoopbackVmm| vmm.migration().unwrap().mig_state().unwrap();
