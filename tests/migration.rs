@@ -451,6 +451,36 @@ fn the_halves_over_a_socket_move_a_loaded_vm_and_refuse_or_survive_what_goes_wro
         guest.progress(100);
     }
 
+    // A destination that cannot take the guest's state refuses at COMMIT,
+    // after the source stopped: the source runs again, the guest resumes.
+    guest.progress(40);
+    let (s, d) = UnixStream::pair().unwrap();
+    let dest = sb.clone();
+    let t = std::thread::spawn(move || {
+        migrate::incoming_checked(d, &dest, &|image| {
+            assert!(wdvirt::vmm::load::Load::check_image(image).is_ok());
+            Err("no room for this guest".into())
+        })
+        .map(|_| ())
+    });
+    let e = migrate::send(
+        &vm,
+        s,
+        &opts,
+        &mut |_| ControlFlow::Continue(()),
+        guest.load(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, MigrateError::Remote { phase: Phase::StopCopy, reason }
+            if reason == "the guest's state is unusable here: no room for this guest"),
+        "{e:?}"
+    );
+    assert!(t.join().unwrap().is_err());
+    assert!(Arc::ptr_eq(&vm.vmm(), &on_a));
+    assert_eq!(running(&on_a), wdvirt::migration::MigState::Running);
+    guest.progress(100);
+
     // And through: the guest's state goes with the VM and its load goes on
     // there from the migrated rings.
     guest.progress(40);

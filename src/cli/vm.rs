@@ -314,7 +314,8 @@ fn wait_for_migration(
             }
             Err(e) => return Err(e).context("accept"),
         };
-        match migrate::incoming(link, dest) {
+        let check = |image: &[u8]| Load::check_image(image).map_err(|e| e.to_string());
+        match migrate::incoming_checked(link, dest, &check) {
             Ok(got) => {
                 let load = Load::adopt(&got.vm, &got.guest)
                     .context("the migrated guest cannot go on (its device runs here)")?;

@@ -280,14 +280,8 @@ impl QueueLoad {
         }
     }
 
-    /// Goes on from `im` on `dev`, whose queue must run the rings the
-    /// image's driver left (the same allocations in the same order).
-    fn adopt(
-        dev: &Device<Arc<Vm>>,
-        pool: &DmaPool<Arc<Vm>>,
-        depth: u32,
-        im: &QueueImage,
-    ) -> Result<Self, LoadError> {
+    /// The slots `im` has in flight, or why it does not hold together.
+    fn check_image(depth: u32, im: &QueueImage) -> Result<Vec<bool>, LoadError> {
         let bad = |what: String| LoadError::Image(format!("queue {}: {what}", im.index));
         let mut used = vec![false; depth as usize];
         for &(tag, slot) in &im.out {
@@ -307,6 +301,19 @@ impl QueueLoad {
                 im.expect
             )));
         }
+        Ok(used)
+    }
+
+    /// Goes on from `im` on `dev`, whose queue must run the rings the
+    /// image's driver left (the same allocations in the same order).
+    fn adopt(
+        dev: &Device<Arc<Vm>>,
+        pool: &DmaPool<Arc<Vm>>,
+        depth: u32,
+        im: &QueueImage,
+    ) -> Result<Self, LoadError> {
+        let bad = |what: String| LoadError::Image(format!("queue {}: {what}", im.index));
+        let used = QueueLoad::check_image(depth, im)?;
         let cursor = QueueCursor {
             sq_tail: im.sq_tail,
             cq_head: im.cq_head,
@@ -493,17 +500,7 @@ impl Load {
     /// migrated `vm`: nothing in the image is trusted; a ring, slot or tag
     /// that does not fit what the device runs is refused.
     pub fn adopt(vm: &Arc<Vm>, image: &[u8]) -> Result<Load, LoadError> {
-        let im: Image =
-            serde_json::from_slice(image).map_err(|e| LoadError::Image(e.to_string()))?;
-        if im.version != IMAGE_VERSION {
-            return Err(LoadError::Image(format!(
-                "version {} (this guest reads {IMAGE_VERSION})",
-                im.version
-            )));
-        }
-        if im.depth == 0 || im.depth > MAX_DEPTH {
-            return Err(LoadError::Image(format!("depth {}", im.depth)));
-        }
+        let im = Load::parse(image)?;
         let dev = Device::probe(vm.clone())?;
         if im.queues.len() > dev.info().num_queues as usize
             || im
@@ -525,6 +522,39 @@ impl Load {
             .map(|q| QueueLoad::adopt(&dev, &pool, im.depth, q))
             .collect::<Result<Vec<_>, _>>()?;
         Load::spawn(vm.clone(), loads, Counters::seed(&im.stats))
+    }
+
+    /// Whether `image` holds together (before a destination commits to
+    /// it: what can only be checked against the running device is checked
+    /// by [`Load::adopt`]).
+    pub fn check_image(image: &[u8]) -> Result<(), LoadError> {
+        Load::parse(image).map(|_| ())
+    }
+
+    fn parse(image: &[u8]) -> Result<Image, LoadError> {
+        let im: Image =
+            serde_json::from_slice(image).map_err(|e| LoadError::Image(e.to_string()))?;
+        if im.version != IMAGE_VERSION {
+            return Err(LoadError::Image(format!(
+                "version {} (this guest reads {IMAGE_VERSION})",
+                im.version
+            )));
+        }
+        if im.depth == 0 || im.depth > MAX_DEPTH {
+            return Err(LoadError::Image(format!("depth {}", im.depth)));
+        }
+        if im
+            .queues
+            .iter()
+            .enumerate()
+            .any(|(i, q)| q.index as usize != i)
+        {
+            return Err(LoadError::Image("queues not numbered 0..n".into()));
+        }
+        for q in &im.queues {
+            QueueLoad::check_image(im.depth, q)?;
+        }
+        Ok(im)
     }
 
     fn spawn(vm: Arc<Vm>, loads: Vec<QueueLoad>, counters: Counters) -> Result<Load, LoadError> {

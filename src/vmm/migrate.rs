@@ -883,11 +883,22 @@ pub const MAX_RAM: u64 = 1 << 40;
 /// The compatibility block is checked by the instance before anything
 /// else is taken; any refusal or failure is answered to the source with
 /// its reason (so that it runs on), and nothing here resumes.
-pub fn incoming<S: Read + Write>(mut link: S, dest: &Path) -> Result<Incoming, MigrateError> {
+pub fn incoming<S: Read + Write>(link: S, dest: &Path) -> Result<Incoming, MigrateError> {
+    incoming_checked(link, dest, &|_| Ok(()))
+}
+
+/// As [`incoming`], with the guest CPUs' state put to `check` before the
+/// destination resumes: a refusal goes back to the source (which runs on)
+/// as the reason, and nothing here resumes.
+pub fn incoming_checked<S: Read + Write>(
+    mut link: S,
+    dest: &Path,
+    check: &dyn Fn(&[u8]) -> Result<(), String>,
+) -> Result<Incoming, MigrateError> {
     fn refuse<S: Write>(link: &mut S, e: &MigrateError) {
         let reason = match e {
             MigrateError::Aborted(_) | MigrateError::Link { .. } => return,
-            MigrateError::Refused(r) => r.clone(),
+            MigrateError::Refused(r) | MigrateError::Remote { reason: r, .. } => r.clone(),
             e => e.to_string(),
         };
         let _ = link::write_frame(link, Kind::Refused, reason.as_bytes());
@@ -938,7 +949,7 @@ pub fn incoming<S: Read + Write>(mut link: S, dest: &Path) -> Result<Incoming, M
         ram_bytes: 0,
         stream_bytes: 0,
     };
-    match receive(&mut link, &mut local, &mut got) {
+    match receive(&mut link, &mut local, &mut got, check) {
         Ok(()) => Ok(got),
         Err(e) => {
             refuse(&mut link, &e);
@@ -952,6 +963,7 @@ fn receive<S: Read + Write>(
     link: &mut S,
     local: &mut Local,
     got: &mut Incoming,
+    check: &dyn Fn(&[u8]) -> Result<(), String>,
 ) -> Result<(), MigrateError> {
     let ram = local.vmm.ram();
     let (base, end) = (ram.base(), ram.base() + ram.size());
@@ -993,6 +1005,10 @@ fn receive<S: Read + Write>(
             }
             Kind::Guest if phase != Phase::Connected => got.guest = b,
             Kind::Commit if device.is_some() => {
+                check(&got.guest).map_err(|reason| MigrateError::Remote {
+                    phase,
+                    reason: format!("the guest's state is unusable here: {reason}"),
+                })?;
                 local.resume(device.as_deref().unwrap_or_default(), &got.guest)?;
                 // The device runs here now; a source that does not hear it
                 // would run on too, so say so loudly.
