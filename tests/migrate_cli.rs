@@ -549,5 +549,10 @@ fn a_vm_whose_instance_is_stopped_under_it_says_so_and_exits_1() {
     assert_eq!(summary["all_verified"], false);
     let failure = summary["summary"]["failure"].as_str().unwrap();
     eprintln!("the VM says: {failure}");
-    assert!(failure.contains("queue"), "{failure}");
+    // A doorbell or a poll of the device fails at once; a guest that only
+    // polls its completion ring sees nothing more and calls it a stall.
+    assert!(
+        failure.contains("register access failed") || failure.contains("no completion for 10 s"),
+        "{failure}"
+    );
 }

@@ -38,6 +38,10 @@ pub const SLOT_DST: u64 = 16 << 10;
 pub const MAX_DEPTH: u32 = 1024;
 /// How long the jobs left at a stop may take to complete.
 const DRAIN: Duration = Duration::from_secs(30);
+/// How long a queue with jobs in flight may go without a completion before
+/// the load calls it stalled (a device gone, or a gap in the ring: the
+/// driver reads completions in ring order, so it stops at a missing one).
+pub const STALL: Duration = Duration::from_secs(10);
 /// The image format [`Load::pause`] writes and [`Load::adopt`] reads.
 const IMAGE_VERSION: u32 = 1;
 
@@ -207,6 +211,8 @@ struct QueueLoad {
     completed: u64,
     /// tag -> slot of every job in flight.
     out: BTreeMap<u32, u32>,
+    /// The last completion, or when the queue last ran (not paused).
+    progress: Instant,
 }
 
 /// One queue's part of an image.
@@ -261,6 +267,7 @@ impl QueueLoad {
             expect: 0,
             completed: 0,
             out: BTreeMap::new(),
+            progress: Instant::now(),
         })
     }
 
@@ -340,6 +347,7 @@ impl QueueLoad {
             expect: im.expect,
             completed: im.completed,
             out: im.out.iter().copied().collect(),
+            progress: Instant::now(),
         })
     }
 
@@ -391,6 +399,9 @@ impl QueueLoad {
         self.q.poll(&mut cqes)?;
         for e in &cqes {
             self.check(e, c)?;
+        }
+        if !cqes.is_empty() || self.out.is_empty() {
+            self.progress = Instant::now();
         }
         Ok(cqes.len())
     }
@@ -677,7 +688,13 @@ fn drive(vm: &Arc<Vm>, mut loads: Vec<QueueLoad>, c: &Counters, rx: &Receiver<Ct
             Ok(Ctl::Pause(reply)) => {
                 let _ = reply.send(image(&loads, c));
                 match rx.recv() {
-                    Ok(Ctl::Resume) | Ok(Ctl::Pause(_)) => continue,
+                    Ok(Ctl::Resume) | Ok(Ctl::Pause(_)) => {
+                        // Paused is not stalled.
+                        for l in &mut loads {
+                            l.progress = Instant::now();
+                        }
+                        continue;
+                    }
                     Ok(Ctl::Detach) => {
                         let completed = loads.iter().map(|l| l.completed).sum();
                         for l in loads {
@@ -708,6 +725,15 @@ fn drive(vm: &Arc<Vm>, mut loads: Vec<QueueLoad>, c: &Counters, rx: &Receiver<Ct
                     c.failure(format!("queue {}: {e}", l.index));
                     stopped = true;
                 }
+            }
+            if !stopped && !l.out.is_empty() && l.progress.elapsed() > STALL {
+                c.failure(format!(
+                    "queue {}: no completion for {} s with {} jobs in flight (the device stopped, or a completion is missing)",
+                    l.index,
+                    STALL.as_secs(),
+                    l.out.len()
+                ));
+                stopped = true;
             }
         }
         if got == 0 {
