@@ -35,6 +35,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use wdvirt::accel::soft::SoftAccel;
 use wdvirt::daemon::instance::{Instance, InstanceSpec};
 use wdvirt::qos::{Policy, ScheduledAccel};
@@ -623,11 +624,19 @@ fn plot_shares(
         .margin(12)
         .x_label_area_size(36)
         .y_label_area_size(48)
-        .build_cartesian_2d(0f64..end, 0f64..1.05f64)?;
+        // Room above 1.0 for the parts' names and the legend.
+        .build_cartesian_2d(0f64..end, 0f64..1.4f64)?;
     chart
         .configure_mesh()
         .x_desc("time since the instances started (s)")
         .y_desc("share of engine time")
+        .y_label_formatter(&|v| {
+            if *v <= 1.0 {
+                format!("{v:.1}")
+            } else {
+                String::new()
+            }
+        })
         .light_line_style(WHITE.mix(0.0))
         .draw()?;
     let names = [
@@ -660,16 +669,18 @@ fn plot_shares(
             ))?;
         }
     }
-    for p in phases {
-        chart.draw_series(LineSeries::new(
-            [(p.at, 0.0), (p.at, 1.05)],
-            BLACK.mix(0.25),
-        ))?;
-        chart.draw_series(std::iter::once(Text::new(
-            p.label,
-            (p.at + end * 0.005, 1.03),
-            ("sans-serif", 12),
-        )))?;
+    for (k, p) in phases.iter().enumerate() {
+        // Names of short parts would overlap: every other one higher.
+        let y = if k % 2 == 0 { 1.04 } else { 1.10 };
+        chart.draw_series(LineSeries::new([(p.at, 0.0), (p.at, y)], BLACK.mix(0.25)))?;
+        // Names near the right edge end at their line rather than start.
+        let (x, h) = if p.at > end * 0.85 {
+            (p.at - end * 0.004, HPos::Right)
+        } else {
+            (p.at + end * 0.004, HPos::Left)
+        };
+        let style = TextStyle::from(("sans-serif", 12).into_font()).pos(Pos::new(h, VPos::Top));
+        chart.draw_series(std::iter::once(Text::new(p.label, (x, y + 0.045), style)))?;
     }
     chart
         .configure_series_labels()

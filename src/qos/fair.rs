@@ -16,10 +16,9 @@
 //! * **Eligibility.** A tenant at its `max_in_flight` waits for a
 //!   completion (cap); one whose token buckets (jobs/s, bytes/s) do not
 //!   hold its next job waits for them to fill (rate); otherwise it waits
-//!   only for its turn (share). Time in each state is accounted. Leaving a
-//!   rate wait is like coming back from idle: no credit for the time its
-//!   own limit held it (a cap needs no such rule: it ends with a job of
-//!   the tenant's own finishing, so it bounds what the tenant can take).
+//!   only for its turn (share). Time in each state is accounted. A policy
+//!   change is like coming back from idle: no credit for the time its old
+//!   limits held the tenant back.
 //! * **Batches.** The engines hold at most about `engines × QUANTUM_NS` of
 //!   estimated work (and at least one job per engine), and are refilled
 //!   when half of it is done, in batches from one queue: a batch of tiny
@@ -293,8 +292,19 @@ impl<J: Work> Fair<J> {
     /// where they are: nothing is dropped or repeated, only the next
     /// decisions change.
     pub fn set_policy(&mut self, tenant: TenantId, policy: Policy, now: u64) {
+        let vnow = self.vnow;
         match self.tenants.get_mut(&tenant) {
-            Some(t) => t.set_policy(policy, now),
+            Some(t) => {
+                t.set_policy(policy, now);
+                // No credit carried into the new policy: a tenant its rate
+                // limit (or cap) held has fallen behind in virtual time, and
+                // with the limit lifted it would have the engines until it
+                // caught up. While a limit holds, that lag is what lets its
+                // tokens go at once when they come; it is bounded by them.
+                t.vtime = t
+                    .vtime
+                    .max(vnow - t.est_in_flight as f64 / t.policy.weight() as f64);
+            }
             None => {
                 let mut t = Tenant::new(policy, now);
                 t.vtime = self.vnow;
@@ -504,7 +514,6 @@ impl<J: Work> Fair<J> {
     /// The tenant whose turn it is, if any may go.
     fn pick(&mut self, now: u64) -> Option<TenantId> {
         let mut best: Option<(f64, TenantId)> = None;
-        let vnow = self.vnow;
         for &id in &self.backlog {
             let t = self.tenants.get_mut(&id).expect("backlogged tenants exist");
             t.refill(now);
@@ -513,16 +522,6 @@ impl<J: Work> Fair<J> {
             };
             if t.capped() || !t.rate_allows(head) {
                 continue;
-            }
-            if t.wait == Wait::Rate {
-                // Back from its own rate limit (tokens came, or the limit
-                // went): no credit for the time it held the tenant, as for
-                // a rest. Otherwise a limit lifted would hand it the engines
-                // until its virtual time caught up with everyone's.
-                t.vtime = t
-                    .vtime
-                    .max(vnow - t.est_in_flight as f64 / t.policy.weight() as f64);
-                t.enter(Wait::Share, now);
             }
             let k = t.key();
             if best.is_none_or(|(bk, bid)| k < bk || (k == bk && id < bid)) {
