@@ -3,21 +3,30 @@
 //! a simulated engine; this shows what the real engines give).
 //!
 //! One software engine shared by instances on real vfio-user sockets, each
-//! with an in-process VMM and a guest driver keeping its queue of depth 1024
-//! full of pre-staged jobs (submit into every free slot, poll). Engine time per instance comes from
-//! the scheduler's own accounting (`ScheduledAccel::snapshot`: what the
-//! engine measured per job).
+//! with an in-process VMM and a guest driver keeping its queues full of
+//! pre-staged jobs (submit into every free slot, poll). The share
+//! instances of parts 1–4 have four queues of depth 4096 each, driven by
+//! one guest thread, so that a guest thread or queue worker kept off a
+//! core on a busy host does not leave its instance without work (with one
+//! queue of 1024 it did, and the work-conserving scheduler rightly gave
+//! its time away). Engine time per instance comes from the scheduler's own
+//! accounting (`ScheduledAccel::snapshot`: what the engine measured per
+//! job).
 //!
 //! ```text
-//! cargo bench --bench qos              # ~40 s
-//! cargo bench --bench qos -- --quick   # ~12 s (or WDVIRT_BENCH_QUICK=1)
+//! cargo bench --bench qos                             # ~45 s
+//! cargo bench --bench qos -- --quick                  # ~15 s (or WDVIRT_BENCH_QUICK=1)
+//! cargo bench --bench qos -- --plots docs/qos         # also writes shares.svg, latency.svg
+//! cargo bench --bench qos -- --queues 1 --depth 1024  # share instances' queues and depth
 //! ```
 //!
 //! 1. **shares**: weights 1:2:4 on deflate-1 64 KiB, SHA-256 64 KiB and
 //!    copy 64 KiB: engine-time shares against 1/7, 2/7, 4/7, overall and
-//!    per 250 ms window (share over time).
+//!    per 250 ms window (share over time); per instance its jobs/s, engine
+//!    µs per job, and the time it had nothing waiting in the scheduler.
 //! 2. **rate**: the SHA-256 instance limited to 64 MiB/s of source bytes
-//!    while the others keep the engine busy: bytes per second achieved.
+//!    while the others keep the engine busy: bytes per second achieved, as
+//!    the guest counted them and as the engine ran them.
 //! 3. **idle**: the deflate instance's guest stops: how long until the
 //!    engine no longer runs its jobs, and the others' shares after.
 //! 4. **policy change**: the SHA-256 instance's weight 2 → 12: its share
@@ -28,6 +37,11 @@
 //!    and of gzip level 12 of 1 MiB (the issue's hostile tenant, about
 //!    0.25 s a job): the victim's latency p50/p99/max alone and beside
 //!    each, and whom the scheduler's attribution names.
+//!
+//! With `--plots DIR`: `DIR/shares.svg`, the engine-time share of each
+//! share instance in 100 ms windows over parts 1–4 with its entitlement in
+//! each part, and `DIR/latency.svg`, the victim's latency distribution in
+//! each condition of part 5.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -264,11 +278,14 @@ fn args() -> Args {
     a
 }
 
+/// Seconds since the run began, and each share tenant's engine ns then.
+type Samples = Vec<(f64, Vec<u64>)>;
+
 /// Engine time of PASIDs 1–3 (the share tenants), every 100 ms, in a thread
 /// of its own: the data of the share-over-time plot.
 struct Sampler {
     stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<Vec<(f64, Vec<u64>)>>>,
+    thread: Option<JoinHandle<Samples>>,
 }
 
 impl Sampler {
@@ -291,7 +308,7 @@ impl Sampler {
         }
     }
 
-    fn finish(mut self) -> Vec<(f64, Vec<u64>)> {
+    fn finish(mut self) -> Samples {
         self.stop.store(true, Ordering::Release);
         self.thread
             .take()
