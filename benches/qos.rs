@@ -270,7 +270,11 @@ fn args() -> Args {
             "--quick" => a.quick = true,
             "--queues" => a.queues = num("--queues").clamp(1, 4),
             "--depth" => a.depth = num("--depth").next_power_of_two().clamp(2, 1 << 15),
-            "--plots" => a.plots = Some(it.next().expect("--plots takes a directory").into()),
+            "--plots" => {
+                let dir: std::path::PathBuf = it.next().expect("--plots takes a directory").into();
+                std::fs::create_dir_all(&dir).expect("--plots: cannot create the directory");
+                a.plots = Some(dir);
+            }
             // `cargo bench` passes `--bench`; anything else is ignored too.
             _ => {}
         }
