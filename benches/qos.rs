@@ -3,21 +3,30 @@
 //! a simulated engine; this shows what the real engines give).
 //!
 //! One software engine shared by instances on real vfio-user sockets, each
-//! with an in-process VMM and a guest driver keeping its queue of depth 1024
-//! full of pre-staged jobs (submit into every free slot, poll). Engine time per instance comes from
-//! the scheduler's own accounting (`ScheduledAccel::snapshot`: what the
-//! engine measured per job).
+//! with an in-process VMM and a guest driver keeping its queues full of
+//! pre-staged jobs (submit into every free slot, poll). The share
+//! instances of parts 1–4 have four queues of depth 4096 each, driven by
+//! one guest thread, so that a guest thread or queue worker kept off a
+//! core on a busy host does not leave its instance without work (with one
+//! queue of 1024 it did, and the work-conserving scheduler rightly gave
+//! its time away). Engine time per instance comes from the scheduler's own
+//! accounting (`ScheduledAccel::snapshot`: what the engine measured per
+//! job).
 //!
 //! ```text
-//! cargo bench --bench qos              # ~40 s
-//! cargo bench --bench qos -- --quick   # ~12 s (or WDVIRT_BENCH_QUICK=1)
+//! cargo bench --bench qos                             # ~45 s
+//! cargo bench --bench qos -- --quick                  # ~15 s (or WDVIRT_BENCH_QUICK=1)
+//! cargo bench --bench qos -- --plots docs/qos         # also writes shares.svg, latency.svg
+//! cargo bench --bench qos -- --queues 1 --depth 1024  # share instances' queues and depth
 //! ```
 //!
 //! 1. **shares**: weights 1:2:4 on deflate-1 64 KiB, SHA-256 64 KiB and
 //!    copy 64 KiB: engine-time shares against 1/7, 2/7, 4/7, overall and
-//!    per 250 ms window (share over time).
+//!    per 250 ms window (share over time); per instance its jobs/s, engine
+//!    µs per job, and the time it had nothing waiting in the scheduler.
 //! 2. **rate**: the SHA-256 instance limited to 64 MiB/s of source bytes
-//!    while the others keep the engine busy: bytes per second achieved.
+//!    while the others keep the engine busy: bytes per second achieved, as
+//!    the guest counted them and as the engine ran them.
 //! 3. **idle**: the deflate instance's guest stops: how long until the
 //!    engine no longer runs its jobs, and the others' shares after.
 //! 4. **policy change**: the SHA-256 instance's weight 2 → 12: its share
@@ -28,12 +37,19 @@
 //!    and of gzip level 12 of 1 MiB (the issue's hostile tenant, about
 //!    0.25 s a job): the victim's latency p50/p99/max alone and beside
 //!    each, and whom the scheduler's attribution names.
+//!
+//! With `--plots DIR`: `DIR/shares.svg`, the engine-time share of each
+//! share instance in 100 ms windows over parts 1–4 with its entitlement in
+//! each part, and `DIR/latency.svg`, the victim's latency distribution in
+//! each condition of part 5.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use wdvirt::accel::soft::SoftAccel;
 use wdvirt::daemon::instance::{Instance, InstanceSpec};
 use wdvirt::qos::{Policy, ScheduledAccel};
@@ -44,7 +60,11 @@ use wdvirt_guest::{Device, Format, JobSpec};
 
 const RAM_BASE: u64 = 0x1_0000_0000;
 const RAM_SIZE: u64 = 64 << 20;
-const DEPTH: u32 = 1024;
+/// Queues per share tenant and their depth (`--queues`, `--depth`): enough
+/// that a guest or queue worker kept off a core for a while (a busy 2-core
+/// host) does not leave its instance without work for the engine.
+const QUEUES: u32 = 4;
+const DEPTH: u32 = 4096;
 
 #[derive(Clone, Copy)]
 struct Load {
@@ -86,12 +106,24 @@ struct Tenant {
 }
 
 impl Tenant {
-    fn start(accel: &Arc<ScheduledAccel>, dir: &std::path::Path, pasid: u32, load: Load) -> Tenant {
+    /// An instance whose guest keeps `queues` queues of depth `depth` full.
+    fn start(
+        accel: &Arc<ScheduledAccel>,
+        dir: &std::path::Path,
+        pasid: u32,
+        load: Load,
+        queues: u32,
+        depth: u32,
+    ) -> Tenant {
         let socket = dir.join(format!("t{pasid}.sock"));
         let spec = InstanceSpec {
             name: format!("t{pasid}"),
             socket: socket.clone(),
-            config: WdConfig::default(),
+            config: WdConfig {
+                queues: queues.max(1),
+                max_depth: depth,
+                ..WdConfig::default()
+            },
             type_name: wdvirt::vdev::wd::DEFAULT_TYPE_NAME.into(),
         };
         let instance = Instance::start(spec, accel.clone(), pasid).expect("instance");
@@ -106,7 +138,9 @@ impl Tenant {
             let dev = Device::probe(vmm.clone()).expect("probe");
             dev.enable().expect("enable");
             let pool = vmm.dma_pool().expect("pool");
-            let mut q = dev.queue(0, DEPTH, dev.info().cap_ops, &pool).unwrap();
+            let mut qs: Vec<_> = (0..queues)
+                .map(|i| dev.queue(i, depth, dev.info().cap_ops, &pool).unwrap())
+                .collect();
             let src = pool.alloc(load.len as u64, 64).unwrap();
             src.write(0, &wdvirt_guest::workload::gen_data(pasid as u64, load.len))
                 .unwrap();
@@ -115,22 +149,26 @@ impl Tenant {
                 .src(src.addr(), load.len as u32)
                 .dst(dst.addr(), load.dst_len as u32)
                 .param(load.param);
-            // Keep the queue full: submit into every free slot, collect
+            // Keep every queue full: submit into every free slot, collect
             // what completed, nap briefly when nothing did.
             let (mut tag, mut out) = (0u32, Vec::new());
+            let mut sqes = Vec::new();
             while !s.load(Ordering::Acquire) {
-                let free = q.free_slots();
-                if free > 0 {
-                    let sqes: Vec<_> = (0..free)
-                        .map(|i| spec.to_sqe(tag.wrapping_add(i)))
-                        .collect();
-                    tag = tag.wrapping_add(q.submit(&sqes).expect("submit") as u32);
+                let mut done = 0;
+                for q in &mut qs {
+                    let free = q.free_slots();
+                    if free > 0 {
+                        sqes.clear();
+                        sqes.extend((0..free).map(|i| spec.to_sqe(tag.wrapping_add(i))));
+                        tag = tag.wrapping_add(q.submit(&sqes).expect("submit") as u32);
+                    }
+                    out.clear();
+                    let n = q.poll(&mut out).expect("poll");
+                    assert!(out.iter().all(|c| c.status == JobStatus::Ok.code()));
+                    done += n;
                 }
-                out.clear();
-                let n = q.poll(&mut out).expect("poll");
-                assert!(out.iter().all(|c| c.status == JobStatus::Ok.code()));
-                j.fetch_add(n as u64, Ordering::Relaxed);
-                if n == 0 {
+                j.fetch_add(done as u64, Ordering::Relaxed);
+                if done == 0 {
                     std::thread::sleep(Duration::from_micros(100));
                 }
             }
@@ -204,10 +242,96 @@ fn victim_latency(socket: &std::path::Path, for_: Duration) -> Vec<Duration> {
     lat
 }
 
+/// Options after `--`.
+struct Args {
+    quick: bool,
+    /// Where to write the SVG plots, if anywhere.
+    plots: Option<std::path::PathBuf>,
+    /// Queues per instance in parts 1–4, and their depth.
+    queues: u32,
+    depth: u32,
+}
+
+fn args() -> Args {
+    let mut a = Args {
+        quick: std::env::var_os("WDVIRT_BENCH_QUICK").is_some_and(|v| v != "0" && !v.is_empty()),
+        plots: None,
+        queues: QUEUES,
+        depth: DEPTH,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut num = |what: &str| -> u32 {
+            it.next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{what} takes a number"))
+        };
+        match arg.as_str() {
+            "--quick" => a.quick = true,
+            "--queues" => a.queues = num("--queues").clamp(1, 4),
+            "--depth" => a.depth = num("--depth").next_power_of_two().clamp(2, 1 << 15),
+            "--plots" => {
+                let dir: std::path::PathBuf = it.next().expect("--plots takes a directory").into();
+                std::fs::create_dir_all(&dir).expect("--plots: cannot create the directory");
+                a.plots = Some(dir);
+            }
+            // `cargo bench` passes `--bench`; anything else is ignored too.
+            _ => {}
+        }
+    }
+    a
+}
+
+/// Seconds since the run began, and each share tenant's engine ns then.
+type Samples = Vec<(f64, Vec<u64>)>;
+
+/// Engine time of PASIDs 1–3 (the share tenants), every 100 ms, in a thread
+/// of its own: the data of the share-over-time plot.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Samples>>,
+}
+
+impl Sampler {
+    fn start(accel: &Arc<ScheduledAccel>, t0: Instant) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (s, accel) = (stop.clone(), accel.clone());
+        let thread = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let mut next = t0;
+            while !s.load(Ordering::Acquire) {
+                out.push((t0.elapsed().as_secs_f64(), engine_ns(&accel, &[1, 2, 3])));
+                next += Duration::from_millis(100);
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+            out
+        });
+        Sampler {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Samples {
+        self.stop.store(true, Ordering::Release);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+/// A part of the run, for the share plot: when it began and what each of
+/// deflate/SHA-256/copy is entitled to in it (`None`: no plain entitlement).
+struct Phase {
+    at: f64,
+    label: &'static str,
+    entitled: [Option<f64>; 3],
+}
+
 fn main() {
-    let quick = std::env::args().skip(1).any(|a| a == "--quick")
-        || std::env::var_os("WDVIRT_BENCH_QUICK").is_some_and(|v| v != "0" && !v.is_empty());
-    let scale = if quick { 0.3 } else { 1.0 };
+    let args = args();
+    let scale = if args.quick { 0.3 } else { 1.0 };
     let secs = |s: f64| Duration::from_secs_f64(s * scale);
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
@@ -217,17 +341,38 @@ fn main() {
             .collect::<Vec<_>>()
             .join(" ")
     );
+    println!(
+        "share tenants: {} queue(s) of depth {} each",
+        args.queues, args.depth
+    );
     let dir = tempfile::tempdir().unwrap();
-    let accel = ScheduledAccel::new(SoftAccel::new(1), 1).unwrap();
+    let soft = SoftAccel::new(1);
+    let accel = ScheduledAccel::new(soft.clone(), 1).unwrap();
+    // Jobs the engine ran for a PASID (its queue pairs' counters).
+    let engine_jobs = |pasid: u32| -> u64 {
+        soft.stats()
+            .queue_pairs
+            .iter()
+            .filter(|q| q.pasid == pasid)
+            .map(|q| q.counters.jobs)
+            .sum()
+    };
     let pasids = [1, 2, 3];
     let want = [1.0 / 7.0, 2.0 / 7.0, 4.0 / 7.0];
     for (p, w) in pasids.iter().zip([1, 2, 4]) {
         weight(&accel, *p, w);
     }
+    let run0 = Instant::now();
+    let sampler = Sampler::start(&accel, run0);
+    let mut phases = vec![Phase {
+        at: 0.0,
+        label: "weights 1:2:4",
+        entitled: want.map(Some),
+    }];
     let mut tenants: Vec<Tenant> = pasids
         .iter()
         .zip([DEFLATE, SHA, COPY])
-        .map(|(&p, l)| Tenant::start(&accel, dir.path(), p, l))
+        .map(|(&p, l)| Tenant::start(&accel, dir.path(), p, l, args.queues, args.depth))
         .collect();
     std::thread::sleep(Duration::from_millis(500));
 
@@ -237,6 +382,11 @@ fn main() {
         secs(10.0).as_secs_f64()
     );
     let start = engine_ns(&accel, &pasids);
+    let snaps0: Vec<_> = pasids.iter().map(|&p| accel.snapshot(p).unwrap()).collect();
+    let jobs0: Vec<u64> = tenants
+        .iter()
+        .map(|t| t.jobs.load(Ordering::Relaxed))
+        .collect();
     let mut windows = Vec::new();
     let t0 = Instant::now();
     let mut prev = start.clone();
@@ -246,16 +396,31 @@ fn main() {
         windows.push(shares(&prev, &now));
         prev = now;
     }
+    let span1 = t0.elapsed();
     let total = shares(&start, &prev);
-    println!("instance                 weight  entitled  engine share  error");
+    println!(
+        "instance                 weight  entitled  engine share  error     jobs/s  engine µs/job  nothing waiting"
+    );
     for (i, l) in [DEFLATE, SHA, COPY].iter().enumerate() {
+        let jobs = tenants[i].jobs.load(Ordering::Relaxed) - jobs0[i];
+        let s = accel.snapshot(pasids[i]).unwrap();
+        // Time it had no job waiting in the scheduler: its guest and queue
+        // workers had not kept up (or all it had was at the engine).
+        let waited = (s.throttled_ns.rate + s.throttled_ns.cap + s.throttled_ns.share)
+            - (snaps0[i].throttled_ns.rate
+                + snaps0[i].throttled_ns.cap
+                + snaps0[i].throttled_ns.share);
+        let dry = span1.as_nanos() as f64 - waited as f64;
         println!(
-            "{:<24} {:>6}  {:>8.4}  {:>12.4}  {:>+5.1} %",
+            "{:<24} {:>6}  {:>8.4}  {:>12.4}  {:>+5.1} %  {:>9.0}  {:>13.1}  {:>10.1} ms",
             l.name,
             [1, 2, 4][i],
             want[i],
             total[i],
-            (total[i] / want[i] - 1.0) * 100.0
+            (total[i] / want[i] - 1.0) * 100.0,
+            jobs as f64 / span1.as_secs_f64(),
+            (prev[i] - start[i]) as f64 / 1e3 / jobs.max(1) as f64,
+            dry.max(0.0) / 1e6,
         );
     }
     let worst = windows
@@ -275,6 +440,11 @@ fn main() {
 
     // 2. Rate limit on the SHA-256 instance.
     let rate: u64 = 64 << 20;
+    phases.push(Phase {
+        at: run0.elapsed().as_secs_f64(),
+        label: "SHA-256 at 64 MiB/s",
+        entitled: [None; 3],
+    });
     accel.set_policy(
         2,
         Policy {
@@ -287,26 +457,41 @@ fn main() {
     std::thread::sleep(Duration::from_millis(200));
     let span = secs(10.0);
     // Jobs the guest saw complete (the scheduler counts none of its own).
-    let d0 = tenants[1].jobs.load(Ordering::Relaxed);
+    let (d0, e0) = (tenants[1].jobs.load(Ordering::Relaxed), engine_jobs(2));
     let t = Instant::now();
     std::thread::sleep(span);
-    let d1 = tenants[1].jobs.load(Ordering::Relaxed);
-    let got = (d1 - d0) as f64 * (64 << 10) as f64 / t.elapsed().as_secs_f64();
+    let (d1, e1) = (tenants[1].jobs.load(Ordering::Relaxed), engine_jobs(2));
+    let elapsed = t.elapsed().as_secs_f64();
+    let got = (d1 - d0) as f64 * (64 << 10) as f64 / elapsed;
+    // The same from the engine's side (jobs it ran), to tell a guest that
+    // collected late from a limit that held too tight.
+    let ran = (e1 - e0) as f64 * (64 << 10) as f64 / elapsed;
     let s = accel.snapshot(2).unwrap();
     println!(
-        "\n2. SHA-256 instance at {} MiB/s for {:.1} s: {:.2} MiB/s ({:+.2} %), throttled by rate {:.1} s, by share {:.1} s",
+        "\n2. SHA-256 instance at {} MiB/s for {:.1} s: {:.2} MiB/s ({:+.2} %; engine side {:+.2} %), throttled by rate {:.1} s, by share {:.1} s",
         rate >> 20,
         span.as_secs_f64(),
         got / (1 << 20) as f64,
         (got / rate as f64 - 1.0) * 100.0,
+        (ran / rate as f64 - 1.0) * 100.0,
         s.throttled_ns.rate as f64 / 1e9,
         s.throttled_ns.share as f64 / 1e9,
     );
     weight(&accel, 2, 2);
+    phases.push(Phase {
+        at: run0.elapsed().as_secs_f64(),
+        label: "1:2:4 again",
+        entitled: want.map(Some),
+    });
 
     // 3. Idle: the deflate instance's guest stops.
     std::thread::sleep(Duration::from_millis(300));
     let stopped = Instant::now();
+    phases.push(Phase {
+        at: run0.elapsed().as_secs_f64(),
+        label: "deflate idle",
+        entitled: [Some(0.0), Some(1.0 / 3.0), Some(2.0 / 3.0)],
+    });
     tenants[0].stop.store(true, Ordering::Release);
     let mut last = engine_ns(&accel, &pasids)[0];
     let mut quiet_at = None;
@@ -335,6 +520,11 @@ fn main() {
     std::thread::sleep(Duration::from_millis(300));
     let before = shares(&b, &engine_ns(&accel, &pasids));
     weight(&accel, 2, 12);
+    phases.push(Phase {
+        at: run0.elapsed().as_secs_f64(),
+        label: "SHA-256 weight 12",
+        entitled: [Some(0.0), Some(0.75), Some(0.25)],
+    });
     let mut after = Vec::new();
     let mut prev = engine_ns(&accel, &pasids);
     for _ in 0..5 {
@@ -352,7 +542,18 @@ fn main() {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    // A little more of the new weight, for the plot.
+    std::thread::sleep(Duration::from_millis(500));
+    let end = run0.elapsed().as_secs_f64();
+    let samples = sampler.finish();
     drop(tenants);
+    if let Some(dir) = &args.plots {
+        let path = dir.join("shares.svg");
+        match plot_shares(&path, &samples, &phases, end) {
+            Ok(()) => println!("wrote {}", path.display()),
+            Err(e) => println!("could not write {}: {e}", path.display()),
+        }
+    }
 
     // 5. A long-job neighbour.
     println!("\n5. victim: one deflate-1 of 16 KiB at a time; neighbour: queue full of");
@@ -369,6 +570,7 @@ fn main() {
     .unwrap();
     let span = secs(4.0);
     let alone = victim_latency(victim_inst.socket(), span);
+    let mut curves = vec![("alone".to_string(), alone.clone())];
     println!(
         "{:<30} p50 {:>9.3} ms  p99 {:>9.3} ms  max {:>9.3} ms  ({} jobs)",
         "alone",
@@ -396,7 +598,7 @@ fn main() {
             dst_len: Format::Gzip.compress_bound(len).min(1 << 20),
             param: level,
         };
-        let mut n = Tenant::start(&accel, dir.path(), 20 + i as u32, noisy);
+        let mut n = Tenant::start(&accel, dir.path(), 20 + i as u32, noisy, 1, 1024);
         std::thread::sleep(Duration::from_millis(300));
         let lat = victim_latency(victim_inst.socket(), span);
         let v = accel.snapshot(10).unwrap();
@@ -418,6 +620,167 @@ fn main() {
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+        curves.push((format!("beside {name}"), lat));
         n.halt();
     }
+    if let Some(dir) = &args.plots {
+        let path = dir.join("latency.svg");
+        match plot_latency(&path, &curves) {
+            Ok(()) => println!("wrote {}", path.display()),
+            Err(e) => println!("could not write {}: {e}", path.display()),
+        }
+    }
+}
+
+type PlotResult = Result<(), Box<dyn std::error::Error>>;
+
+const COLOURS: [RGBColor; 5] = [
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x94, 0x67, 0xbd),
+];
+
+/// Engine-time share per instance in each 100 ms window, with each part's
+/// entitlement dashed in the instance's colour.
+fn plot_shares(
+    path: &std::path::Path,
+    samples: &[(f64, Vec<u64>)],
+    phases: &[Phase],
+    end: f64,
+) -> PlotResult {
+    let root = SVGBackend::new(path, (1000, 460)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Engine-time share per instance, 100 ms windows (dashed: entitlement)",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        // Room above 1.0 for the parts' names and the legend.
+        .build_cartesian_2d(0f64..end, 0f64..1.4f64)?;
+    chart
+        .configure_mesh()
+        .x_desc("time since the instances started (s)")
+        .y_desc("share of engine time")
+        .y_label_formatter(&|v| {
+            if *v <= 1.0 {
+                format!("{v:.1}")
+            } else {
+                String::new()
+            }
+        })
+        .light_line_style(WHITE.mix(0.0))
+        .draw()?;
+    let names = [
+        "deflate-1 64 KiB (w 1)",
+        "SHA-256 64 KiB (w 2)",
+        "copy 64 KiB (w 4)",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        let c = COLOURS[i];
+        let pts: Vec<(f64, f64)> = samples
+            .windows(2)
+            .filter_map(|w| {
+                let d: Vec<u64> = w[1].1.iter().zip(&w[0].1).map(|(a, b)| a - b).collect();
+                let total: u64 = d.iter().sum();
+                (total > 0).then(|| ((w[0].0 + w[1].0) / 2.0, d[i] as f64 / total as f64))
+            })
+            .collect();
+        chart
+            .draw_series(LineSeries::new(pts, c.stroke_width(2)))?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        for (k, p) in phases.iter().enumerate() {
+            let Some(e) = p.entitled[i] else { continue };
+            let until = phases.get(k + 1).map_or(end, |n| n.at);
+            chart.draw_series(DashedLineSeries::new(
+                [(p.at, e), (until, e)],
+                6,
+                4,
+                c.mix(0.8).stroke_width(1),
+            ))?;
+        }
+    }
+    for (k, p) in phases.iter().enumerate() {
+        // Names of short parts would overlap: every other one higher.
+        let y = if k % 2 == 0 { 1.04 } else { 1.10 };
+        chart.draw_series(LineSeries::new([(p.at, 0.0), (p.at, y)], BLACK.mix(0.25)))?;
+        // Names near the right edge end at their line rather than start.
+        let (x, h) = if p.at > end * 0.85 {
+            (p.at - end * 0.004, HPos::Right)
+        } else {
+            (p.at + end * 0.004, HPos::Left)
+        };
+        let style = TextStyle::from(("sans-serif", 12).into_font()).pos(Pos::new(h, VPos::Top));
+        chart.draw_series(std::iter::once(Text::new(p.label, (x, y + 0.045), style)))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK.mix(0.3))
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// The victim's latency distribution (fraction of jobs done within x) in
+/// each condition, on a log time axis.
+fn plot_latency(path: &std::path::Path, curves: &[(String, Vec<Duration>)]) -> PlotResult {
+    let ms = |d: &Duration| d.as_secs_f64() * 1e3;
+    let lo = curves
+        .iter()
+        .filter_map(|(_, l)| l.first().map(ms))
+        .fold(f64::MAX, f64::min)
+        .max(1e-3);
+    let hi = curves
+        .iter()
+        .filter_map(|(_, l)| l.last().map(ms))
+        .fold(lo * 10.0, f64::max);
+    let root = SVGBackend::new(path, (1000, 460)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Victim: one deflate-1 of 16 KiB at a time — fraction of jobs done within a latency",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(48)
+        .build_cartesian_2d((lo * 0.8..hi * 1.25).log_scale(), 0f64..1.0f64)?;
+    chart
+        .configure_mesh()
+        .x_desc("latency (ms, log scale)")
+        .y_desc("fraction of jobs")
+        .x_label_formatter(&|v| format!("{v:.3}"))
+        .draw()?;
+    for (i, (name, lat)) in curves.iter().enumerate() {
+        let c = COLOURS[i % COLOURS.len()];
+        // At most ~1000 points a curve: every k-th job, and the last.
+        let k = (lat.len() / 1000).max(1);
+        let n = lat.len() as f64;
+        let pts: Vec<(f64, f64)> = lat
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| j % k == 0 || *j + 1 == lat.len())
+            .map(|(j, d)| (ms(d), (j + 1) as f64 / n))
+            .collect();
+        let p99 = percentile(lat, 0.99).as_secs_f64() * 1e3;
+        chart
+            .draw_series(LineSeries::new(pts, c.stroke_width(2)))?
+            .label(format!("{name} (p99 {p99:.2} ms)"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK.mix(0.3))
+        .draw()?;
+    root.present()?;
+    Ok(())
 }

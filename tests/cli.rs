@@ -66,6 +66,67 @@ fn bad_arguments_are_named_in_the_error() {
     }
 }
 
+/// `wdvirt serve --help` states each limit's range in words; the ranges
+/// live in `Limits`. The help must say the range the parser enforces: the
+/// end of each range is accepted by the parser and one past it refused
+/// with the range in the message.
+#[test]
+fn serve_help_states_the_limit_ranges_the_parser_enforces() {
+    use wdvirt::transport::Limits;
+    let help = wdvirt().args(["serve", "--help"]).output().unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    let ranges: [(&str, u64, u64); 4] = [
+        (
+            "--max-msg-fds",
+            *Limits::MSG_FDS_RANGE.start() as u64,
+            *Limits::MSG_FDS_RANGE.end() as u64,
+        ),
+        (
+            "--max-dma-maps",
+            *Limits::DMA_MAPS_RANGE.start() as u64,
+            *Limits::DMA_MAPS_RANGE.end() as u64,
+        ),
+        (
+            "--max-message-size",
+            u64::from(*Limits::MESSAGE_SIZE_RANGE.start()),
+            u64::from(*Limits::MESSAGE_SIZE_RANGE.end()),
+        ),
+        (
+            "--message-timeout-ms",
+            *Limits::MESSAGE_TIMEOUT_MS_RANGE.start(),
+            *Limits::MESSAGE_TIMEOUT_MS_RANGE.end(),
+        ),
+    ];
+    for (flag, lo, hi) in ranges {
+        let words = format!("({lo}..={hi})");
+        let at = help
+            .find(flag)
+            .unwrap_or_else(|| panic!("{flag} not in help"));
+        let next = help[at + flag.len()..]
+            .find("\n  -")
+            .map_or(help.len(), |n| at + flag.len() + n);
+        assert!(
+            help[at..next]
+                .split_whitespace()
+                .collect::<String>()
+                .contains(&words),
+            "{flag}'s help does not say {words}: {}",
+            &help[at..next]
+        );
+        let past = (hi + 1).to_string();
+        let out = wdvirt()
+            .args(["serve", "--socket", "/nonexistent/x.sock", flag, &past])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flag} {past}");
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(
+            err.contains(&format!("{lo}..={hi}")),
+            "{flag} {past}: {err}"
+        );
+    }
+}
+
 #[test]
 fn demo_json_reports_every_job_verified_and_counted_by_the_device() {
     let out = wdvirt()

@@ -3,11 +3,10 @@
 //! call to the daemon; `--json` prints the daemon's answer as it came.
 
 use clap::Args;
-use hyper::Method;
 use uuid::Uuid;
 
 use super::client::ApiClient;
-use crate::daemon::action::{DefineRequest, ModifyRequest};
+use crate::daemon::action::{Action, DefineRequest, ModifyRequest};
 use crate::daemon::view::{AcceleratorView, InstanceView, TypeView, Usage};
 
 #[derive(Args, Debug)]
@@ -123,24 +122,13 @@ pub struct ListArgs {
     pub out: JsonFlag,
 }
 
-pub(super) fn path_id(id: &str) -> String {
-    // Names are [A-Za-z0-9._-] and UUIDs hex and dashes; anything else the
-    // daemon refuses anyway, so percent-encode only what would break a path.
-    id.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
 
 pub fn types(api: &ApiClient, a: TypesArgs) -> anyhow::Result<()> {
-    let types: Vec<TypeView> = api.get("/v1/types")?;
+    let types: Vec<TypeView> = api.act(&Action::ListTypes)?;
     if a.out.json {
         return print_json(&types);
     }
@@ -199,7 +187,7 @@ fn usage_bar(u: &Usage) -> String {
 }
 
 pub fn accelerators(api: &ApiClient, a: AcceleratorsArgs) -> anyhow::Result<()> {
-    let accels: Vec<AcceleratorView> = api.get("/v1/accelerators")?;
+    let accels: Vec<AcceleratorView> = api.act(&Action::ListAccelerators)?;
     if a.out.json {
         return print_json(&accels);
     }
@@ -263,7 +251,7 @@ pub fn define(api: &ApiClient, a: DefineArgs) -> anyhow::Result<()> {
         vm: a.vm,
         owner: a.owner,
     };
-    let v: InstanceView = api.send(Method::POST, "/v1/instances", Some(&req))?;
+    let v: InstanceView = api.act(&Action::Define(req))?;
     if a.out.json {
         return print_json(&v);
     }
@@ -274,11 +262,7 @@ pub fn define(api: &ApiClient, a: DefineArgs) -> anyhow::Result<()> {
 }
 
 pub fn undefine(api: &ApiClient, a: IdArgs) -> anyhow::Result<()> {
-    let v: InstanceView = api.send(
-        Method::DELETE,
-        &format!("/v1/instances/{}", path_id(&a.id)),
-        None::<&()>,
-    )?;
+    let v: InstanceView = api.act(&Action::Undefine { id: a.id })?;
     if a.out.json {
         return print_json(&v);
     }
@@ -287,11 +271,7 @@ pub fn undefine(api: &ApiClient, a: IdArgs) -> anyhow::Result<()> {
 }
 
 pub fn start(api: &ApiClient, a: IdArgs) -> anyhow::Result<()> {
-    let v: InstanceView = api.send(
-        Method::POST,
-        &format!("/v1/instances/{}/start", path_id(&a.id)),
-        None::<&()>,
-    )?;
+    let v: InstanceView = api.act(&Action::Start { id: a.id })?;
     if a.out.json {
         return print_json(&v);
     }
@@ -313,11 +293,7 @@ pub fn start(api: &ApiClient, a: IdArgs) -> anyhow::Result<()> {
 }
 
 pub fn stop(api: &ApiClient, a: IdArgs) -> anyhow::Result<()> {
-    let v: InstanceView = api.send(
-        Method::POST,
-        &format!("/v1/instances/{}/stop", path_id(&a.id)),
-        None::<&()>,
-    )?;
+    let v: InstanceView = api.act(&Action::Stop { id: a.id })?;
     if a.out.json {
         return print_json(&v);
     }
@@ -357,11 +333,7 @@ pub fn modify(api: &ApiClient, a: ModifyArgs) -> anyhow::Result<()> {
             "nothing to change: give --auto/--manual, --type, --numa/--no-numa, --qos/--type-qos, --vm/--no-vm or --owner/--default-owner"
         );
     }
-    let v: InstanceView = api.send(
-        Method::PATCH,
-        &format!("/v1/instances/{}", path_id(&a.id)),
-        Some(&changes),
-    )?;
+    let v: InstanceView = api.act(&Action::Modify { id: a.id, changes })?;
     if a.out.json {
         return print_json(&v);
     }
@@ -370,12 +342,7 @@ pub fn modify(api: &ApiClient, a: ModifyArgs) -> anyhow::Result<()> {
 }
 
 pub fn list(api: &ApiClient, a: ListArgs) -> anyhow::Result<()> {
-    let path = if a.defined {
-        "/v1/instances?defined=true"
-    } else {
-        "/v1/instances"
-    };
-    let list: Vec<InstanceView> = api.get(path)?;
+    let list: Vec<InstanceView> = api.act(&Action::ListInstances { defined: a.defined })?;
     if a.out.json {
         return print_json(&list);
     }
@@ -462,8 +429,6 @@ pub(super) fn columns(rows: &[Vec<String>]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::path_id;
-
     #[test]
     fn usage_bars_show_used_draining_and_free() {
         let u = |used, draining, total| super::Usage {
@@ -479,11 +444,5 @@ mod tests {
             "[#~..................] 1/64"
         );
         assert_eq!(super::usage_bar(&u(8, 0, 8)), "[####################] 8/8");
-    }
-
-    #[test]
-    fn ids_are_escaped_for_the_url_path() {
-        assert_eq!(path_id("zip-0"), "zip-0");
-        assert_eq!(path_id("a/b c"), "a%2Fb%20c");
     }
 }

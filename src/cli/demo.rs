@@ -310,8 +310,7 @@ fn print_table(results: &[DemoInstance]) {
         "MB/s"
     );
     for r in results {
-        let q = &r.device.queues;
-        let sum = |f: fn(&crate::stats::QueueSnapshot) -> u64| q.iter().map(f).sum::<u64>();
+        let q = crate::stats::QueueSnapshot::total(&r.device.queues);
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         println!(
             "{:<6} {:>5} {:>7} {:>9} {:>7} {:>7} {:>10.1} {:>10.1} {:>9} {:>9.0}",
@@ -319,11 +318,11 @@ fn print_table(results: &[DemoInstance]) {
             r.device.pasid,
             r.guest.jobs,
             r.guest.verified,
-            sum(|s| s.jobs_ok),
-            sum(|s| s.jobs_failed),
+            q.jobs_ok,
+            q.jobs_failed,
             mib(r.guest.bytes_in),
-            mib(sum(|s| s.bytes_out)),
-            sum(|s| s.doorbells),
+            mib(q.bytes_out),
+            q.doorbells,
             r.guest.bytes_in as f64 / r.guest.seconds.max(1e-9) / 1e6,
         );
     }

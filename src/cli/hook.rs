@@ -9,7 +9,6 @@ use std::io::Read;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use hyper::Method;
 
 use super::client::{ApiClient, ApiError};
 use crate::daemon::action::{Action, Outcome};
@@ -45,35 +44,11 @@ pub struct QemuHookArgs {
     pub extra: String,
 }
 
-/// The actions the hook sends, each at its path as `src/daemon/api.rs`
-/// routes it.
+/// The hook's actions go through the CLI's one mapping to the API's paths
+/// (`client::route`); each answers with an instance.
 impl Daemon for ApiClient {
     fn handle(&self, action: Action) -> Result<Outcome, DaemonError> {
-        let inst = |id: &str| format!("/v1/instances/{}", super::ctl::path_id(id));
-        let (method, path, body) = match action {
-            Action::GetInstance { id } => (Method::GET, inst(&id), None),
-            Action::Define(req) => (
-                Method::POST,
-                "/v1/instances".into(),
-                Some(serde_json::to_value(req).expect("a request serialises")),
-            ),
-            Action::Undefine { id } => (Method::DELETE, inst(&id), None),
-            Action::Start { id } => (Method::POST, format!("{}/start", inst(&id)), None),
-            Action::Stop { id } => (Method::POST, format!("{}/stop", inst(&id)), None),
-            Action::Modify { id, changes } => (
-                Method::PATCH,
-                inst(&id),
-                Some(serde_json::to_value(changes).expect("a request serialises")),
-            ),
-            other => {
-                return Err(DaemonError {
-                    status: None,
-                    kind: None,
-                    message: format!("the hook does not send {other:?}"),
-                });
-            }
-        };
-        self.send::<InstanceView, _>(method, &path, body.as_ref())
+        self.act::<InstanceView>(&action)
             .map(|v| Outcome::Instance(Box::new(v)))
             .map_err(|e| {
                 let api = e.downcast_ref::<ApiError>();

@@ -8,6 +8,7 @@ use clap::Args;
 
 use crate::daemon::instance::{Instance, InstanceSpec};
 use crate::partition::PasidAllocator;
+use crate::stats::QueueSnapshot;
 use crate::transport::Limits;
 use crate::vdev::wd::{ShapeError, WdConfig};
 
@@ -185,11 +186,14 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&reports)?);
     } else {
         for report in &reports {
-            let ok: u64 = report.queues.iter().map(|q| q.jobs_ok).sum();
-            let failed: u64 = report.queues.iter().map(|q| q.jobs_failed).sum();
+            let total = QueueSnapshot::total(&report.queues);
             println!(
-                "wdvirt: {}: {} connection(s), {ok} jobs ok, {failed} failed, {} refused register accesses",
-                report.name, report.connections, report.device.register_errors
+                "wdvirt: {}: {} connection(s), {} jobs ok, {} failed, {} refused register accesses",
+                report.name,
+                report.connections,
+                total.jobs_ok,
+                total.jobs_failed,
+                report.device.register_errors
             );
         }
         println!("wdvirt: stopped by signal {}", signal.unwrap_or(0));

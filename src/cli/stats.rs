@@ -4,7 +4,8 @@
 use clap::Args;
 
 use super::client::ApiClient;
-use super::ctl::{JsonFlag, path_id};
+use super::ctl::JsonFlag;
+use crate::daemon::action::Action;
 use crate::stats::latency::LatencySummary;
 use crate::stats::report::{Counts, StatsReport};
 
@@ -20,21 +21,11 @@ pub struct StatsArgs {
     pub out: JsonFlag,
 }
 
-/// The API path for a filter.
-pub fn stats_path(vm: Option<&str>, instance: Option<&str>) -> String {
-    let q: Vec<String> = [("vm", vm), ("instance", instance)]
-        .into_iter()
-        .filter_map(|(k, v)| Some(format!("{k}={}", path_id(v?))))
-        .collect();
-    if q.is_empty() {
-        "/v1/stats".into()
-    } else {
-        format!("/v1/stats?{}", q.join("&"))
-    }
-}
-
 pub fn run(api: &ApiClient, a: StatsArgs) -> anyhow::Result<()> {
-    let r: StatsReport = api.get(&stats_path(a.vm.as_deref(), a.instance.as_deref()))?;
+    let r: StatsReport = api.act(&Action::Stats {
+        vm: a.vm,
+        instance: a.instance,
+    })?;
     if a.out.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(());
@@ -214,18 +205,5 @@ mod tests {
         assert_eq!(fmt_ns(4_560_000), "4.56ms");
         assert_eq!(fmt_ns(250_000_000), "250ms");
         assert_eq!(fmt_ns(1_500_000_000), "1.50s");
-    }
-
-    #[test]
-    fn filters_become_a_query_with_odd_characters_encoded() {
-        assert_eq!(stats_path(None, None), "/v1/stats");
-        assert_eq!(
-            stats_path(Some("web 1&x"), None),
-            "/v1/stats?vm=web%201%26x"
-        );
-        assert_eq!(
-            stats_path(Some("a"), Some("b")),
-            "/v1/stats?vm=a&instance=b"
-        );
     }
 }

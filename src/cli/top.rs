@@ -18,7 +18,14 @@ use uuid::Uuid;
 
 use super::client::ApiClient;
 use super::stats::fmt_ns;
+use crate::daemon::action::Action;
 use crate::stats::report::{InstanceStatsView, Interference, StatsReport, Throttled};
+
+/// What one refresh asks the daemon for: every started instance.
+const ALL_STATS: Action = Action::Stats {
+    vm: None,
+    instance: None,
+};
 
 #[derive(Args, Debug)]
 pub struct TopArgs {
@@ -460,7 +467,7 @@ fn draw(
 pub fn run(api: &ApiClient, a: TopArgs) -> anyhow::Result<()> {
     // Errors (no daemon, no terminal) are reported before the screen changes.
     // The last answer, shown and differenced against the next one.
-    let mut now: StatsReport = api.get("/v1/stats")?;
+    let mut now: StatsReport = api.act(&ALL_STATS)?;
     let mut now_at = Instant::now();
     let mut terminal = ratatui::try_init().context("wdvirt top needs a terminal")?;
     let result = (|| -> anyhow::Result<()> {
@@ -484,7 +491,7 @@ pub fn run(api: &ApiClient, a: TopArgs) -> anyhow::Result<()> {
                 continue;
             }
             next = Instant::now() + a.interval;
-            match api.get::<StatsReport>("/v1/stats") {
+            match api.act::<StatsReport>(&ALL_STATS) {
                 Ok(r) => {
                     let at = Instant::now();
                     let dt = at.duration_since(now_at).as_secs_f64().max(1e-3);

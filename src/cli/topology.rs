@@ -13,6 +13,7 @@ use clap::Args;
 use super::client::ApiClient;
 use super::ctl::print_rows;
 use crate::config::{self, Config};
+use crate::daemon::action::Action;
 use crate::daemon::catalog::TypeDef;
 use crate::daemon::view::AcceleratorView;
 use crate::partition::{Node, Topology};
@@ -182,7 +183,7 @@ fn load(
         .collect();
     let mut usage_from = "a fresh partition (nothing placed)".to_string();
     if !a.offline {
-        match api.get::<Vec<AcceleratorView>>("/v1/accelerators") {
+        match api.act::<Vec<AcceleratorView>>(&Action::ListAccelerators) {
             Ok(views) => {
                 usage_from = format!("the daemon at {}", api_path.display());
                 for v in views {

@@ -37,6 +37,18 @@ pub const DEFAULT_YAML: &str = include_str!("../../policies/default.yaml");
 /// Files bigger than this are refused before parsing (a config is a few KiB).
 pub const MAX_FILE_BYTES: u64 = 4 << 20;
 
+/// Whether `s` has the shape of a Linux user or group name (or a number):
+/// 1 to 32 of `[A-Za-z0-9._-]`, not starting with `-`. Whether it exists
+/// is a question for the daemon's host (`daemon::access`). The one rule
+/// for `daemon:`'s accounts and a libvirt domain's DAC label.
+pub fn is_account_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && !s.starts_with('-')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 /// [`DEFAULT_YAML`], validated.
 pub fn embedded_default() -> Result<Config, ConfigErrors> {
     load_str("policies/default.yaml", DEFAULT_YAML)

@@ -124,12 +124,7 @@ impl Ctx<'_> {
     ) -> Option<String> {
         let v = v.as_ref()?;
         let s = &v.value;
-        let shaped = !s.is_empty()
-            && s.len() <= 32
-            && !s.starts_with('-')
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-        if shaped {
+        if super::is_account_name(s) {
             return Some(s.clone());
         }
         self.err(

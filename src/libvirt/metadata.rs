@@ -181,13 +181,7 @@ fn qemu_user(root: roxmltree::Node) -> Option<String> {
         .find_map(|s| child(s, "label")?.text())?;
     let user = label.trim().split(':').next()?;
     let user = user.strip_prefix('+').unwrap_or(user);
-    let plausible = !user.is_empty()
-        && user.len() <= 32
-        && !user.starts_with('-')
-        && user
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    plausible.then(|| user.to_string())
+    crate::config::is_account_name(user).then(|| user.to_string())
 }
 
 fn child<'a, 'i>(node: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::Node<'a, 'i>> {

@@ -16,7 +16,9 @@
 //! * **Eligibility.** A tenant at its `max_in_flight` waits for a
 //!   completion (cap); one whose token buckets (jobs/s, bytes/s) do not
 //!   hold its next job waits for them to fill (rate); otherwise it waits
-//!   only for its turn (share). Time in each state is accounted.
+//!   only for its turn (share). Time in each state is accounted. A policy
+//!   change is like coming back from idle: no credit for the time its old
+//!   limits held the tenant back.
 //! * **Batches.** The engines hold at most about `engines × QUANTUM_NS` of
 //!   estimated work (and at least one job per engine), and are refilled
 //!   when half of it is done, in batches from one queue: a batch of tiny
@@ -290,8 +292,19 @@ impl<J: Work> Fair<J> {
     /// where they are: nothing is dropped or repeated, only the next
     /// decisions change.
     pub fn set_policy(&mut self, tenant: TenantId, policy: Policy, now: u64) {
+        let vnow = self.vnow;
         match self.tenants.get_mut(&tenant) {
-            Some(t) => t.set_policy(policy, now),
+            Some(t) => {
+                t.set_policy(policy, now);
+                // No credit carried into the new policy: a tenant its rate
+                // limit (or cap) held has fallen behind in virtual time, and
+                // with the limit lifted it would have the engines until it
+                // caught up. While a limit holds, that lag is what lets its
+                // tokens go at once when they come; it is bounded by them.
+                t.vtime = t
+                    .vtime
+                    .max(vnow - t.est_in_flight as f64 / t.policy.weight() as f64);
+            }
             None => {
                 let mut t = Tenant::new(policy, now);
                 t.vtime = self.vnow;

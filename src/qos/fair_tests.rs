@@ -307,6 +307,44 @@ fn an_idle_instances_share_goes_to_the_busy_one_at_once_and_it_comes_back_withou
 }
 
 #[test]
+fn a_rate_limit_lifted_gives_no_credit_for_the_time_it_held_the_instance() {
+    // Two instances alike; one held by a rate far under its share for a
+    // second (benches/qos.rs part 2 found this: once the limit went, the
+    // held instance had the whole engine for most of a second, catching up
+    // on virtual time its limit had kept it from using).
+    let mut sim = Sim::new(1);
+    let kind = Kind {
+        cost_ns: 50 * US,
+        bytes: 4096,
+        class: 5,
+    };
+    sim.tenant(1, 1);
+    sim.tenant(2, 1);
+    let limited = Policy {
+        weight: 1,
+        jobs_per_sec: Some(1000),
+        ..Policy::default()
+    };
+    sim.fair.set_policy(1, limited, sim.now);
+    sim.lane(1, 1, 0, Some(kind));
+    sim.lane(2, 2, 0, Some(kind));
+    sim.run(SEC);
+    // 1000 jobs/s of 50 µs: 5 % of the engine.
+    let s = sim.shares(&[1, 2], 100 * MS);
+    assert!(within(s[0], 0.05, 0.1), "{s:?}");
+    sim.tenant(1, 1);
+    // As for a return from idle: within 5 % over the first 20 ms (it
+    // starts level with the others, at most a batch ahead).
+    let s = sim.shares(&[1, 2], 20 * MS);
+    assert!(
+        within(s[0], 0.5, 0.05),
+        "first 20 ms after the limit went: {s:?}"
+    );
+    let s = sim.shares(&[1, 2], 100 * MS);
+    assert!(within(s[0], 0.5, 0.03), "the next 100 ms: {s:?}");
+}
+
+#[test]
 fn a_policy_change_takes_effect_at_once_and_no_job_is_lost_or_repeated() {
     let mut sim = Sim::new(1);
     let kind = Kind {

@@ -39,6 +39,10 @@ macro_rules! counters {
         impl $snap {
             /// Adds `o`'s counts to these, field by field.
             pub fn add(&mut self, o: &$snap) { $(self.$f += o.$f;)* }
+            /// The field-by-field sum of `all` (an instance's queues, say).
+            pub fn total<'a>(all: impl IntoIterator<Item = &'a $snap>) -> $snap {
+                all.into_iter().fold($snap::default(), |mut t, o| { t.add(o); t })
+            }
         }
     };
 }
