@@ -10,11 +10,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 
-use hyper::Method;
-
 use super::client::ApiClient;
 use super::vm::{Reply, Request};
-use crate::daemon::action::DefineRequest;
+use crate::daemon::action::{Action, DefineRequest};
 use crate::daemon::view::InstanceView;
 use crate::vmm::link::Endpoint;
 
@@ -115,15 +113,9 @@ impl Prepared<'_> {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let id = super::ctl::path_id(&self.instance);
-        let stop: anyhow::Result<InstanceView> = self.api.send(
-            Method::POST,
-            &format!("/v1/instances/{id}/stop"),
-            None::<&()>,
-        );
-        let gone: anyhow::Result<InstanceView> =
-            self.api
-                .send(Method::DELETE, &format!("/v1/instances/{id}"), None::<&()>);
+        let id = self.instance.clone();
+        let stop: anyhow::Result<InstanceView> = self.api.act(&Action::Stop { id: id.clone() });
+        let gone: anyhow::Result<InstanceView> = self.api.act(&Action::Undefine { id });
         match (stop, gone) {
             (_, Ok(_)) if !*self.json => {
                 eprintln!(
@@ -155,26 +147,19 @@ fn to_daemon(a: &MigrateArgs, api_sock: &std::path::Path) -> anyhow::Result<Exit
         vm: None,
         owner: None,
     };
-    let v: InstanceView = api
-        .send(Method::POST, "/v1/instances", Some(&req))
-        .with_context(|| {
-            format!(
-                "cannot define the destination instance through {}",
-                api_sock.display()
-            )
-        })?;
+    let v: InstanceView = api.act(&Action::Define(req)).with_context(|| {
+        format!(
+            "cannot define the destination instance through {}",
+            api_sock.display()
+        )
+    })?;
     let mut prep = Prepared {
         api,
         instance: v.name.clone(),
         child: None,
         json: &a.json,
     };
-    let id = super::ctl::path_id(&v.name);
-    let started: anyhow::Result<InstanceView> = prep.api.send(
-        Method::POST,
-        &format!("/v1/instances/{id}/start"),
-        None::<&()>,
-    );
+    let started: anyhow::Result<InstanceView> = prep.api.act(&Action::Start { id: v.name.clone() });
     let socket = match started.map(|v| v.socket) {
         Ok(Some(s)) => s,
         Ok(None) => {
