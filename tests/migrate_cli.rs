@@ -556,3 +556,51 @@ fn a_vm_whose_instance_is_stopped_under_it_says_so_and_exits_1() {
         "{failure}"
     );
 }
+
+#[test]
+fn a_client_that_goes_away_cancels_the_migration_and_the_vm_runs_on() {
+    let (_a, sa) = host("quad");
+    let (_b, sb) = host("quad");
+    let dir = tempfile::tempdir().unwrap();
+    let mut vm = VmProc::start(
+        &dir.path().join("src.ctl"),
+        &["--connect", sa.to_str().unwrap()],
+    );
+    let mut dest = VmProc::start(
+        &dir.path().join("dst.ctl"),
+        &[
+            "--incoming",
+            "tcp:127.0.0.1:0",
+            "--connect",
+            sb.to_str().unwrap(),
+        ],
+    );
+    let at = dest.event("listening")["at"].as_str().unwrap().to_string();
+    vm.progress(40);
+    // What `wdvirt migrate` does, then gone after the first progress line
+    // (as when it is interrupted): the VM's next report fails and cancels.
+    {
+        let mut c = UnixStream::connect(&vm.control).unwrap();
+        let req = serde_json::json!({"op": "migrate", "to": at});
+        c.write_all(format!("{req}\n").as_bytes()).unwrap();
+        let mut line = String::new();
+        BufReader::new(&c).read_line(&mut line).unwrap();
+        let first: Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(first["event"], "progress", "{first}");
+    }
+    vm.progress(100);
+    assert!(vm.child.try_wait().unwrap().is_none(), "the source runs on");
+    assert!(
+        dest.lines.lock().iter().all(|l| l["event"] != "incoming"),
+        "the destination did not resume"
+    );
+    // The destination waits for the next attempt, which goes through.
+    let out = migrate(&vm.control, &at, false);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(vm.wait().success());
+    dest.event("incoming");
+    dest.progress(40);
+    let (status, summary) = dest.term();
+    assert!(status.success());
+    assert_eq!(summary["all_verified"], true, "{summary}");
+}
