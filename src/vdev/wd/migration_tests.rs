@@ -1204,6 +1204,9 @@ fn print_stream_size_and_device_stop_times() {
         let m = Machine::on(&a);
         let guest = Guest::start(&m, queues, 16);
         wait_progress(&m, queues, 20 * queues);
+        // The destination stops before the downtime, when a VMM takes it
+        // to RESUMING (at PRE_COPY): not timed below.
+        b.dev.lock().migration().unwrap().quiesce().unwrap();
         let paused = m.0.write();
         let t0 = Instant::now();
         let s = a.stop_and_save();
