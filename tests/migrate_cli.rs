@@ -289,9 +289,11 @@ fn a_vm_process_under_load_migrates_over_tcp_and_back_every_job_verified_once() 
     assert_eq!(
         (
             s["stats"]["failed"].as_u64(),
-            s["stats"]["repeated"].as_u64()
+            s["stats"]["repeated"].as_u64(),
+            s["stats"]["reordered"].as_u64()
         ),
-        (Some(0), Some(0))
+        (Some(0), Some(0), Some(0)),
+        "no job failed, none completed twice, and (one engine) none before an older job of its queue: {s}"
     );
     assert_eq!(s["never_completed"].as_u64(), Some(0));
     // Q_COMPLETED travelled with the device through every move and equals

@@ -9,8 +9,14 @@
 //! call, so a freed engine is refilled without waking anyone), and a timer
 //! thread for the one event nothing else marks, a rate-limited instance's
 //! bucket filling. An idle accelerator's timer sleeps without a deadline.
+//!
+//! Batches reach the backend in the order they were decided, whichever
+//! thread decided them: a decision appends to one outbox under the lock,
+//! and one thread at a time empties it, submitting outside the lock (see
+//! [`Shared::deliver`]). With one engine, a queue's jobs therefore run, and
+//! complete, in the order the queue submitted them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -41,6 +47,10 @@ struct State {
     fair: Fair<Job>,
     lanes: HashMap<LaneId, LaneIo>,
     next_lane: LaneId,
+    /// Batches decided and not yet submitted, oldest first.
+    outbox: VecDeque<(Arc<dyn QueuePair>, Batch<Job>)>,
+    /// A thread is emptying `outbox` (submitting outside the lock).
+    delivering: bool,
     /// The deadline the timer thread sleeps to (`None`: no deadline).
     timer_at: Option<u64>,
     stop: bool,
@@ -52,22 +62,22 @@ struct Shared {
     clock: MonotonicClock,
 }
 
-/// What a decision hands out once the lock is released: batches for the
-/// backend's queue pairs, and wake-ups for queue workers.
+/// What a decision leaves to do once it is taken: the wake-ups for queue
+/// workers (its batches are in the outbox).
 #[derive(Default)]
 struct Pumped {
-    batches: Vec<(Arc<dyn QueuePair>, Batch<Job>)>,
     wakes: Vec<Wake>,
 }
 
 impl Shared {
-    /// Decide every batch that may go now. The caller hands them out
-    /// ([`Shared::deliver`]) once the lock is released.
+    /// Decide every batch that may go now and append it to the outbox. The
+    /// caller has them submitted ([`Shared::deliver`]) and calls the
+    /// wake-ups once the lock is released.
     fn pump(&self, st: &mut State, now: u64) -> Pumped {
         let mut out = Pumped::default();
         for b in st.fair.dispatch(now) {
             if let Some(io) = st.lanes.get(&b.lane) {
-                out.batches.push((io.qp.clone(), b));
+                st.outbox.push_back((io.qp.clone(), b));
             }
         }
         if let Some(at) = st.fair.next_wake()
@@ -83,15 +93,24 @@ impl Shared {
         out
     }
 
-    /// Submit the batches to the backend and call the wake-ups, without the
-    /// lock: the backend's submit (a channel send, an engine woken) and the
-    /// workers' wake-ups are no one else's wait. Batches of one lane decided
-    /// by two threads may reach the backend in either order, which the
-    /// queue-pair contract allows (results come in any order; the pieces of
-    /// a stream are submitted one after another's completion).
-    fn deliver(&self, p: Pumped) {
-        for (qp, b) in p.batches {
-            match qp.submit(&b.jobs) {
+    /// Submit the outbox's batches to the backend, oldest first, each
+    /// without the lock (the backend's submit, a channel send and an engine
+    /// woken, is no one else's wait). One thread at a time does it: a
+    /// thread that finds another delivering leaves its batches to it, so
+    /// batches reach the backend in the order they were decided. Were each
+    /// thread to submit its own, one preempted between its decision and its
+    /// submit (a busy host) would let a later batch of the same queue pass
+    /// it, and a younger job complete before an older one on one engine.
+    /// Returns the wake-ups that a refused batch's re-pump decided.
+    fn deliver(&self, st: &mut MutexGuard<'_, State>) -> Vec<Wake> {
+        let mut wakes = Vec::new();
+        if st.delivering {
+            return wakes;
+        }
+        st.delivering = true;
+        while let Some((qp, b)) = st.outbox.pop_front() {
+            let res = MutexGuard::unlocked(st, || qp.submit(&b.jobs));
+            match res {
                 Ok(n) if n == b.jobs.len() => {}
                 Ok(n) => {
                     // A backend queue pair takes all it is given: never here.
@@ -107,27 +126,29 @@ impl Shared {
                     tracing::warn!("the engines refused a batch: {e}");
                     // Their engine room is free again: other lanes' jobs
                     // may go now, as after any finished job.
-                    let mut st = self.state.lock();
                     let mut again = false;
                     for j in &b.jobs {
                         again |= st.fair.finished(b.lane, j, 0);
                     }
                     if again {
                         let now = self.clock.now_ns();
-                        self.pump_unlocked(st, now);
+                        wakes.extend(self.pump(st, now).wakes);
                     }
                 }
             }
         }
-        for w in p.wakes {
-            w();
-        }
+        st.delivering = false;
+        wakes
     }
 
+    /// Decide, deliver, release the lock, then wake the workers.
     fn pump_unlocked(&self, mut st: MutexGuard<'_, State>, now: u64) {
-        let p = self.pump(&mut st, now);
+        let mut wakes = self.pump(&mut st, now).wakes;
+        wakes.extend(self.deliver(&mut st));
         drop(st);
-        self.deliver(p);
+        for w in wakes {
+            w();
+        }
     }
 
     /// The timer thread: sleeps until a rate-limited instance may go again.
@@ -142,9 +163,10 @@ impl Shared {
                 }
                 Some(_) => {
                     st.timer_at = None;
-                    let p = self.pump(&mut st, now);
-                    if !p.batches.is_empty() || !p.wakes.is_empty() {
-                        MutexGuard::unlocked(&mut st, || self.deliver(p));
+                    let mut wakes = self.pump(&mut st, now).wakes;
+                    wakes.extend(self.deliver(&mut st));
+                    if !wakes.is_empty() {
+                        MutexGuard::unlocked(&mut st, || wakes.into_iter().for_each(|w| w()));
                     }
                     // Still due: the engines are full, and their
                     // completions pump. Look again in a while rather than
@@ -180,6 +202,8 @@ impl ScheduledAccel {
                 fair: Fair::new(engines as u32),
                 lanes: HashMap::new(),
                 next_lane: 0,
+                outbox: VecDeque::new(),
+                delivering: false,
                 timer_at: None,
                 stop: false,
             }),

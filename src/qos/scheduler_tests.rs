@@ -226,3 +226,132 @@ fn withdraw_gives_back_the_jobs_still_waiting_in_order_and_the_rest_still_comple
     // The lane stays open: the jobs can be offered again.
     assert!(qp.submit(&back[..1]).unwrap() <= 1);
 }
+
+/// A backend whose next submit, once armed, says so and then waits to be
+/// let go: the thread delivering a batch held between the scheduler's
+/// decision and the engines' queue, as a busy host's preemption holds it.
+struct HeldSubmit {
+    inner: Arc<SoftAccel>,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    entered: crossbeam_channel::Sender<()>,
+    release: crossbeam_channel::Receiver<()>,
+}
+
+impl Accelerator for HeldSubmit {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn supported_ops(&self) -> u32 {
+        self.inner.supported_ops()
+    }
+    fn max_xfer(&self) -> u32 {
+        self.inner.max_xfer()
+    }
+    fn bind_pasid(&self, pasid: Pasid, space: AddressSpace) -> Result<(), AccelError> {
+        self.inner.bind_pasid(pasid, space)
+    }
+    fn unbind_pasid(&self, pasid: Pasid) -> Result<(), AccelError> {
+        self.inner.unbind_pasid(pasid)
+    }
+    fn open_queue_pair(&self, pasid: Pasid, queue: u32) -> Result<Box<dyn QueuePair>, AccelError> {
+        Ok(Box::new(HeldQp {
+            inner: self.inner.open_queue_pair(pasid, queue)?,
+            armed: self.armed.clone(),
+            entered: self.entered.clone(),
+            release: self.release.clone(),
+        }))
+    }
+    fn set_dma_allowed(&self, pasid: Pasid, allowed: bool) -> Result<(), AccelError> {
+        self.inner.set_dma_allowed(pasid, allowed)
+    }
+    fn quiesced(&self, pasid: Pasid, f: &mut dyn FnMut()) -> Result<(), AccelError> {
+        self.inner.quiesced(pasid, f)
+    }
+}
+
+struct HeldQp {
+    inner: Box<dyn QueuePair>,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    entered: crossbeam_channel::Sender<()>,
+    release: crossbeam_channel::Receiver<()>,
+}
+
+impl QueuePair for HeldQp {
+    fn submit(&self, jobs: &[Job]) -> Result<usize, AccelError> {
+        if self.armed.swap(false, Ordering::AcqRel) {
+            let _ = self.entered.send(());
+            let _ = self.release.recv_timeout(TIMEOUT);
+        }
+        self.inner.submit(jobs)
+    }
+    fn set_wake(&self, wake: Wake) {
+        self.inner.set_wake(wake)
+    }
+    fn observe(&self, observer: Arc<dyn EngineObserver>) {
+        self.inner.observe(observer)
+    }
+    fn completions(&self) -> &Receiver<JobResult> {
+        self.inner.completions()
+    }
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight()
+    }
+    fn running(&self) -> usize {
+        self.inner.running()
+    }
+    fn withdraw(&self) -> Vec<Job> {
+        self.inner.withdraw()
+    }
+    fn close(&self) {
+        self.inner.close()
+    }
+}
+
+#[test]
+fn a_batch_held_on_its_way_to_the_engine_is_not_overtaken_by_a_later_one() {
+    let armed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (entered_tx, entered) = crossbeam_channel::unbounded();
+    let (release, release_rx) = crossbeam_channel::unbounded();
+    let accel = ScheduledAccel::new(
+        Arc::new(HeldSubmit {
+            inner: SoftAccel::new(1),
+            armed: armed.clone(),
+            entered: entered_tx,
+            release: release_rx,
+        }),
+        1,
+    )
+    .unwrap();
+    let qp: Arc<dyn QueuePair> = Arc::from(accel.open_queue_pair(1, 0).unwrap());
+    // Nops measured first: then a few cheap jobs leave the engine hungry,
+    // so a second submit decides a batch of its own at once.
+    for c in 0..8 {
+        assert_eq!(qp.submit(&[nop(c)]).unwrap(), 1);
+        qp.completions().recv_timeout(TIMEOUT).unwrap();
+    }
+    armed.store(true, Ordering::Release);
+    let first = {
+        let qp = qp.clone();
+        std::thread::spawn(move || qp.submit(&(100..103).map(nop).collect::<Vec<_>>()))
+    };
+    entered
+        .recv_timeout(TIMEOUT)
+        .expect("the first batch is on its way");
+    // Another thread (the engine refilling itself, another queue's worker)
+    // decides the lane's next batch meanwhile.
+    assert_eq!(
+        qp.submit(&(103..106).map(nop).collect::<Vec<_>>()).unwrap(),
+        3
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    release.send(()).unwrap();
+    assert_eq!(first.join().unwrap().unwrap(), 3);
+    let order: Vec<u64> = (0..6)
+        .map(|_| qp.completions().recv_timeout(TIMEOUT).unwrap().cookie)
+        .collect();
+    assert_eq!(
+        order,
+        (100..106).collect::<Vec<_>>(),
+        "one engine, one lane: FIFO"
+    );
+}

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use wdvirt_abi::{IDX_ALIGN, RING_ALIGN, RegError, regs as r};
 
-use super::queue::{Parked, QueueRunner, WorkerContext, overlaps};
+use super::queue::{IdleThread, Parked, QueueRunner, WorkerContext, overlaps};
 use super::state::{ErrState, QueueState, StateError, WD_STATE_VERSION, WdState};
 use super::{ErrLatch, WdDevice};
 use crate::migration::stream::{Compat, QueueCompat};
@@ -36,6 +36,18 @@ impl WdDevice {
             .enumerate()
             .filter_map(|(i, q)| q.runner.take().map(|r| (i, r)))
             .collect();
+        // Nothing running: this is a migration's destination on its way to
+        // RESUMING (or an idle function). Start the threads a restored
+        // state's queues will run on now, not in the downtime's resume.
+        if running.is_empty() {
+            for (qi, q) in self.queues.iter_mut().enumerate() {
+                if q.parked.is_none() && q.spare.is_none() {
+                    q.spare = IdleThread::spare(qi as u32)
+                        .inspect_err(|e| tracing::debug!(queue = qi, "no spare queue thread: {e}"))
+                        .ok();
+                }
+            }
+        }
         for (_, r) in &running {
             r.signal_park();
         }
@@ -70,7 +82,7 @@ impl WdDevice {
             let Some(p) = self.queues[qi].parked.take() else {
                 continue;
             };
-            match QueueRunner::start(p.ctx, p.in_flight) {
+            match QueueRunner::resume(p) {
                 Ok(runner) => self.queues[qi].runner = Some(runner),
                 Err(e) => {
                     // The thread was refused with the context in it: the
@@ -83,6 +95,8 @@ impl WdDevice {
             }
         }
         self.quiesced = false;
+        // Threads no restored queue took end by themselves.
+        self.queues.iter_mut().for_each(|q| q.spare = None);
         Ok(())
     }
 
@@ -312,10 +326,14 @@ impl WdDevice {
         self.bus_master.set(bus_master);
         self.set_engine_dma(bus_master);
         for ((qi, q), pair) in st.queues.into_iter().enumerate().zip(pairs) {
-            let qp = match pair {
-                Some(Some(qp)) => Some(qp),
-                Some(None) => old[qi].take().map(|p| p.ctx.qp),
-                None => None,
+            // A parked queue's thread waits to run the restored queue.
+            let (qp, idle) = match pair {
+                Some(Some(qp)) => (Some(qp), self.queues[qi].spare.take()),
+                Some(None) => match old[qi].take() {
+                    Some(p) => (Some(p.ctx.qp), p.idle),
+                    None => (None, None),
+                },
+                None => (None, None),
             };
             let slot = &mut self.queues[qi];
             slot.cfg = q.config;
@@ -339,6 +357,7 @@ impl WdDevice {
                         park_budget: self.park_budget,
                     },
                     in_flight: 0,
+                    idle,
                 });
             }
         }

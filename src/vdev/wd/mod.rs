@@ -138,6 +138,10 @@ struct QueueSlot {
     parked: Option<Parked>,
     /// The running queue's rings have been cleared (see `clear_rings`).
     rings_ready: Arc<std::sync::atomic::AtomicBool>,
+    /// A thread waiting to run this queue if a restored state enables it
+    /// (started when the device stopped with no queue running: a
+    /// migration's destination, before its state arrives).
+    spare: Option<queue::IdleThread>,
 }
 
 impl QueueSlot {
@@ -555,6 +559,7 @@ impl WdDevice {
         self.enabled = false;
         self.err = ErrLatch::default();
         for q in &mut self.queues {
+            q.spare = None;
             q.cfg = QueueConfig::reset();
             q.error = 0;
             q.shared.completed.store(0, Ordering::Relaxed);

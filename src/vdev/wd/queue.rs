@@ -23,7 +23,6 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, select};
@@ -131,13 +130,78 @@ fn entry_of(job: &Job) -> SubmissionEntry {
 
 /// A queue whose worker has stopped without closing anything: its queue
 /// pair, its configuration and its [`RingState`]. Started again by
-/// [`QueueRunner::start`]; dropped, it closes the queue pair.
+/// [`QueueRunner::resume`]; dropped, it closes the queue pair.
 pub struct Parked {
     pub ctx: WorkerContext,
     /// Jobs the queue pair still holds. 0 after a successful park; more
     /// only when [`PARK_BUDGET`] ran out, and then the queue must run again
     /// so that their results are written.
     pub in_flight: u32,
+    /// The thread that ran the queue, waiting to run it again: a resume
+    /// (the end of a migration's downtime) then starts no thread.
+    pub idle: Option<IdleThread>,
+}
+
+/// A queue worker's thread between two runs: it holds nothing and waits
+/// for its next [`Worker`]. Dropped, it ends by itself (it is not joined:
+/// it holds nothing, and a resume must not wait for a thread's exit).
+pub struct IdleThread {
+    ctl: Sender<Worker>,
+}
+
+impl IdleThread {
+    /// Start a thread for the queue and run `worker` on it.
+    fn spawn(worker: Worker) -> std::io::Result<IdleThread> {
+        let queue = worker.ctx.queue;
+        IdleThread::start(queue, Some(worker))
+    }
+
+    /// A thread for queue `queue` that waits for its first run.
+    pub fn spare(queue: u32) -> std::io::Result<IdleThread> {
+        IdleThread::start(queue, None)
+    }
+
+    fn start(queue: u32, first: Option<Worker>) -> std::io::Result<IdleThread> {
+        let (ctl, next) = crossbeam_channel::bounded(1);
+        std::thread::Builder::new()
+            .name(format!("wd-queue-{queue}"))
+            .spawn(move || serve(first, next))?;
+        Ok(IdleThread { ctl })
+    }
+
+    /// Run `worker` on this thread, or on a new one if this one is gone.
+    fn run(self, worker: Worker) -> std::io::Result<IdleThread> {
+        match self.ctl.send(worker) {
+            Ok(()) => Ok(self),
+            Err(crossbeam_channel::SendError(worker)) => IdleThread::spawn(worker),
+        }
+    }
+}
+
+/// A queue worker thread's life: run the queue (`first`, or the first one
+/// sent); once parked, wait for the next run (a resume) or for the end
+/// (the parked queue dropped).
+fn serve(first: Option<Worker>, next: Receiver<Worker>) {
+    let mut worker = match first {
+        Some(w) => w,
+        None => match next.recv() {
+            Ok(w) => w,
+            Err(_) => return,
+        },
+    };
+    loop {
+        let done = worker.done.clone();
+        let parked = worker.run();
+        let again = parked.is_some();
+        let _ = done.send(parked);
+        if !again {
+            return;
+        }
+        match next.recv() {
+            Ok(w) => worker = w,
+            Err(_) => return,
+        }
+    }
 }
 
 /// State a queue shares with the device's register file.
@@ -191,13 +255,30 @@ pub struct QueueRunner {
     /// With `stop`: park instead (keep every job, close nothing).
     park: Arc<AtomicBool>,
     wake: Sender<()>,
-    thread: Option<JoinHandle<Option<Parked>>>,
+    /// How the worker's run ended: `Some` parked, `None` stopped.
+    done: Receiver<Option<Parked>>,
+    thread: Option<IdleThread>,
 }
 
 impl QueueRunner {
-    /// Start a worker on `ctx`, from `ctx.ring`; `in_flight` jobs of its
-    /// queue pair are already taken (a queue parked past its budget).
+    /// Start a worker on `ctx`, from `ctx.ring`, on a new thread.
     pub fn start(ctx: WorkerContext, in_flight: u32) -> std::io::Result<QueueRunner> {
+        QueueRunner::launch(ctx, in_flight, None)
+    }
+
+    /// Run a parked queue again from its positions, on the thread it
+    /// parked on if it has one.
+    pub fn resume(p: Parked) -> std::io::Result<QueueRunner> {
+        QueueRunner::launch(p.ctx, p.in_flight, p.idle)
+    }
+
+    /// `in_flight` jobs of the queue pair are already taken (a queue parked
+    /// past its budget).
+    fn launch(
+        ctx: WorkerContext,
+        in_flight: u32,
+        idle: Option<IdleThread>,
+    ) -> std::io::Result<QueueRunner> {
         let stop = Arc::new(AtomicBool::new(false));
         let park = Arc::new(AtomicBool::new(false));
         let (wake, wake_rx) = crossbeam_channel::bounded(1);
@@ -210,15 +291,24 @@ impl QueueRunner {
             flag.store(true, Ordering::Release);
             let _ = waker.try_send(());
         }));
-        let worker = Worker::new(ctx, stop.clone(), park.clone(), wake_rx, room, in_flight);
-        let name = format!("wd-queue-{}", worker.ctx.queue);
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || worker.run())?;
+        let (done_tx, done) = crossbeam_channel::bounded(1);
+        let worker = Worker::new(
+            ctx,
+            done_tx,
+            (stop.clone(), park.clone()),
+            wake_rx,
+            room,
+            in_flight,
+        );
+        let thread = match idle {
+            Some(t) => t.run(worker)?,
+            None => IdleThread::spawn(worker)?,
+        };
         Ok(QueueRunner {
             stop,
             park,
             wake,
+            done,
             thread: Some(thread),
         })
     }
@@ -233,12 +323,17 @@ impl QueueRunner {
         self.signal_stop();
     }
 
-    /// Wait for a worker told to park; `None` if it panicked.
+    /// Wait for a worker told to park; `None` if it panicked. Its thread
+    /// stays, idle, in the [`Parked`] queue.
     pub fn join_parked(mut self) -> Option<Parked> {
         self.signal_park();
-        let t = self.thread.take()?;
-        match t.join() {
-            Ok(parked) => parked,
+        match self.done.recv() {
+            Ok(Some(mut p)) => {
+                p.idle = self.thread.take();
+                Some(p)
+            }
+            // Stopped instead: the thread has ended (joined on drop).
+            Ok(None) => None,
             Err(_) => {
                 tracing::error!("queue worker panicked");
                 None
@@ -266,10 +361,12 @@ impl QueueRunner {
 
     fn halt(&mut self) {
         self.signal_stop();
-        if let Some(t) = self.thread.take()
-            && t.join().is_err()
-        {
-            tracing::error!("queue worker panicked");
+        if self.thread.take().is_some() {
+            // The run's end (a parked queue, if the park came first, is
+            // dropped: its queue pair closes); the thread then ends.
+            if self.done.recv().is_err() {
+                tracing::error!("queue worker panicked");
+            }
         }
     }
 }
@@ -282,6 +379,8 @@ impl Drop for QueueRunner {
 
 struct Worker {
     ctx: WorkerContext,
+    /// Where the run's end goes ([`QueueRunner::done`]).
+    done: Sender<Option<Parked>>,
     stop: Arc<AtomicBool>,
     park: Arc<AtomicBool>,
     wake: Receiver<()>,
@@ -378,8 +477,8 @@ const NAP_MAX: Duration = Duration::from_millis(1);
 impl Worker {
     fn new(
         mut ctx: WorkerContext,
-        stop: Arc<AtomicBool>,
-        park: Arc<AtomicBool>,
+        done: Sender<Option<Parked>>,
+        (stop, park): (Arc<AtomicBool>, Arc<AtomicBool>),
         wake: Receiver<()>,
         room: Arc<AtomicBool>,
         in_flight: u32,
@@ -392,6 +491,7 @@ impl Worker {
             .collect();
         Worker {
             ctx,
+            done,
             stop,
             park,
             wake,
@@ -533,7 +633,11 @@ impl Worker {
         let in_flight = self.in_flight;
         let mut ctx = self.ctx;
         ctx.ring = ring;
-        Parked { ctx, in_flight }
+        Parked {
+            ctx,
+            in_flight,
+            idle: None,
+        }
     }
 
     /// Whether the worker can take another submission now: an entry is
