@@ -608,3 +608,68 @@ fn a_daemon_contains_bad_descriptors_unmaps_under_jobs_and_doorbell_storms() {
     arena.check("a doorbell storm");
     arena.finish();
 }
+
+/// `daemon: limits:` in the daemon's YAML holds for its instances: with
+/// `max_dma_maps: 8` the ninth map is refused with ENOSPC, and with
+/// `message_timeout_ms: 300` half a header is closed at once rather than
+/// after the default 5 s.
+#[test]
+fn limits_in_the_daemons_yaml_hold_for_its_instances() {
+    let yaml =
+        format!("daemon:\n  limits:\n    max_dma_maps: 8\n    message_timeout_ms: 300\n{HOST}");
+    let daemon = Daemon::builder(&yaml).terminate_on_drop().start();
+    for args in [
+        &["define", "--type", "duo", "--name", "vm"][..],
+        &["start", "vm"],
+    ] {
+        let out = daemon.cli(args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let socket = daemon.socket("vm");
+    let vmm = LoopbackVmm::connect_migratable(&socket, GuestRam::new(RAM_BASE, RAM_SIZE).unwrap())
+        .unwrap();
+    let mut refused = None;
+    for i in 0..10u64 {
+        // RAM is the first map; these are fd-less pages above it.
+        let r = vmm
+            .migration()
+            .unwrap()
+            .dma_map(0x10_0000_0000 + i * 0x1000, 0x1000, None);
+        match r {
+            Ok(()) => {}
+            Err(wdvirt::vmm::VmmError::Refused { errno, .. }) => {
+                assert_eq!(errno, libc::ENOSPC);
+                refused.get_or_insert(i);
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(refused, Some(7), "the eighth map in all is the last taken");
+    drop(vmm);
+
+    let mut s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    use std::io::{Read, Write};
+    std::thread::sleep(Duration::from_millis(100));
+    s.write_all(&[1, 0, 1, 0, 0]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let t = Instant::now();
+    let mut buf = [0u8; 64];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(e) => panic!("half a header not closed after {:?}: {e}", t.elapsed()),
+        }
+    }
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let list = daemon.json(&["list"]);
+    assert_eq!(
+        list[0]["report"]["transport_totals"]["stalled"], 1,
+        "{list}"
+    );
+}
