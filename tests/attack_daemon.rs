@@ -672,4 +672,17 @@ fn limits_in_the_daemons_yaml_hold_for_its_instances() {
         list[0]["report"]["transport_totals"]["stalled"], 1,
         "{list}"
     );
+    // The operator's table shows the hit: a LIMITS column before SOCKET.
+    let out = daemon.cli(&["list"]);
+    let table = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let col = rows[0]
+        .iter()
+        .position(|h| *h == "LIMITS")
+        .expect("a LIMITS column");
+    assert_eq!(rows[1][0], "vm", "{table}");
+    assert_eq!(rows[1][col], "stalled=1", "{table}");
 }
