@@ -8,7 +8,7 @@
 #   SECONDS   time per target (default 30)
 #   --asan    build with AddressSanitizer (about 6x slower; needs
 #             RUSTC_BOOTSTRAP=1 on the stable toolchain, set here)
-#   TARGET    only these targets (default: all seven)
+#   TARGET    only these targets (default: all eight)
 # Corpora grow in fuzz/corpus/TARGET (git-ignored); committed seeds in
 # fuzz/seeds/TARGET are read too. A crash leaves its input in
 # fuzz/artifacts/TARGET and makes this script exit 1.
@@ -25,7 +25,7 @@ for arg in "$@"; do
     *) secs="$arg" ;;
   esac
 done
-[ ${#targets[@]} -gt 0 ] || targets=(regs_decode descriptors bar0_accesses vfio_user_session config_yaml migration_stream device_state)
+[ ${#targets[@]} -gt 0 ] || targets=(regs_decode descriptors bar0_accesses vfio_user_session config_yaml migration_stream device_state libvirt_metadata)
 
 # libfuzzer-sys compiles libFuzzer, which is C++.
 if ! command -v c++ >/dev/null; then

@@ -1202,3 +1202,87 @@ fn resets_bus_master_off_and_ring_changes_mid_job_stay_inside_the_instance() {
     drop(vmm);
     arena.after("resets, Bus Master and ring changes mid-job");
 }
+
+/// A TCP socket whose last close waits up to `linger` for data its peer
+/// never reads (the peer, returned, accepts and never reads; our send
+/// buffer is full).
+fn lingering_socket(linger: Duration) -> (OwnedFd, std::net::TcpStream) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut s = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (peer, _) = listener.accept().unwrap();
+    rustix::net::sockopt::set_socket_linger(&s, Some(linger)).unwrap();
+    s.set_nonblocking(true).unwrap();
+    loop {
+        match s.write(&[0u8; 65536]) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    s.set_nonblocking(false).unwrap();
+    (s.into(), peer)
+}
+
+/// Closing an fd a VMM sent can block: here a TCP socket with `SO_LINGER`
+/// 20 s whose peer never reads, attached to a GET_INFO. It sits behind
+/// 3,000 requests whose replies the VMM does not read yet, so the server
+/// is blocked sending when the fd arrives and the VMM's own copy is closed
+/// by then: the server's is the last reference. Before: the connection
+/// thread waited the 20 s in `close`. Now the socket's linger is turned off
+/// and it is closed on the closer thread (`transport::closer`): every reply
+/// arrives at once, the GET_INFO refused (EINVAL), and the connection
+/// serves on.
+#[test]
+fn an_fd_whose_close_would_block_never_holds_the_connection() {
+    let arena = Arena::new(Limits::default());
+    let s = UnixStream::connect(arena.socket()).unwrap();
+    let mut c = transport_support::RawClient::new(s.try_clone().unwrap());
+    c.version();
+    let before = wdvirt::transport::closer::totals();
+    const N: usize = 3000;
+    let read = transport_support::RawClient::region_write_body(0, 0, &[0; 4]);
+    let mut burst = Vec::new();
+    for i in 0..N {
+        let mut h = header(9, 32);
+        h.id = i as u16;
+        burst.extend_from_slice(h.as_bytes());
+        burst.extend_from_slice(&read[..16]);
+    }
+    c.send_raw(&burst, &[]);
+    let (sock, peer) = lingering_socket(Duration::from_secs(20));
+    let get_info = [16u32, 0, 0, 0];
+    let id = c.send(4, 0, get_info.as_bytes(), &[sock.as_fd()]);
+    drop(sock);
+    std::thread::sleep(Duration::from_millis(200));
+    // The server has not answered everything, so it has not yet read the
+    // GET_INFO (it serves in order): its copy of the socket will be the last.
+    let queued = rustix::io::ioctl_fionread(&s).unwrap() as usize;
+    assert!(
+        queued < N * 36,
+        "the server read the fd before the VMM closed it ({queued} bytes of replies)"
+    );
+    let t = Instant::now();
+    for i in 0..N {
+        let r = c.recv();
+        assert_eq!((r.header.id, r.is_error()), (i as u16, false), "reply {i}");
+    }
+    let r = c.recv();
+    assert_eq!(
+        (r.header.id, r.errno()),
+        (id, libc::EINVAL),
+        "the GET_INFO with a socket"
+    );
+    assert!(!c.region_read(0, 0, 4).is_error());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "the connection waited {:?} on a close",
+        t.elapsed()
+    );
+    let after = wdvirt::transport::closer::totals();
+    assert!(after.queued > before.queued, "{before:?} {after:?}");
+    assert_eq!(after.leaked, before.leaked, "{after:?}");
+    drop(peer);
+    drop(c);
+    drop(s);
+    arena.after("a socket whose close lingers");
+}

@@ -355,6 +355,7 @@ pub fn list(api: &ApiClient, a: ListArgs) -> anyhow::Result<()> {
         "PASID".into(),
         "JOBS".into(),
         "FAILED".into(),
+        "LIMITS".into(),
         "SOCKET".into(),
     ]];
     for v in &list {
@@ -375,6 +376,7 @@ pub fn list(api: &ApiClient, a: ListArgs) -> anyhow::Result<()> {
             v.pasid.map_or("-".into(), |p| p.to_string()),
             jobs(|q| q.jobs_ok),
             jobs(|q| q.jobs_failed),
+            v.report.as_ref().map_or("-".into(), limit_hits),
             v.socket
                 .as_ref()
                 .map_or("-".into(), |s| s.display().to_string()),
@@ -382,6 +384,30 @@ pub fn list(api: &ApiClient, a: ListArgs) -> anyhow::Result<()> {
     }
     print_table(&rows);
     Ok(())
+}
+
+/// The limits an instance's VMMs ran into, summed over every connection
+/// (`docs/security.md`, "Limits"): `stalled=1,fds=253`, or `0`.
+fn limit_hits(r: &crate::daemon::instance::InstanceReport) -> String {
+    let t = &r.transport_totals;
+    let hits = [
+        ("frames", t.bad_frames),
+        ("fds", t.fds_refused),
+        ("stalled", t.stalled),
+        ("conns", r.refused_connections),
+        ("logs", r.log_lines_suppressed),
+        ("panics", t.panics),
+    ];
+    let shown: Vec<String> = hits
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(what, n)| format!("{what}={n}"))
+        .collect();
+    if shown.is_empty() {
+        "0".into()
+    } else {
+        shown.join(",")
+    }
 }
 
 /// Left-aligned columns, two spaces apart; the last column unpadded.

@@ -29,6 +29,34 @@ pub struct DaemonSettings {
     pub api_group: Option<String>,
     /// The owner of instance sockets, a user name or a uid.
     pub instance_owner: Option<String>,
+    /// `daemon: limits:`, each checked against its range.
+    pub limits: DaemonLimits,
+}
+
+/// The transport limits `daemon: limits:` sets for every instance; `None`
+/// keeps [`Limits::default`](crate::transport::Limits)'s value.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+pub struct DaemonLimits {
+    pub max_message_size: Option<u32>,
+    pub max_msg_fds: Option<usize>,
+    pub max_dma_maps: Option<usize>,
+    pub message_timeout_ms: Option<u64>,
+    pub log_lines_per_sec: Option<u32>,
+}
+
+impl DaemonLimits {
+    /// The defaults with what the YAML set.
+    pub fn transport_limits(&self) -> crate::transport::Limits {
+        let d = crate::transport::Limits::default();
+        crate::transport::Limits {
+            max_message_size: self.max_message_size.unwrap_or(d.max_message_size),
+            max_msg_fds: self.max_msg_fds.unwrap_or(d.max_msg_fds),
+            max_dma_maps: self.max_dma_maps.unwrap_or(d.max_dma_maps),
+            message_timeout_ms: self.message_timeout_ms.unwrap_or(d.message_timeout_ms),
+            log_lines_per_sec: self.log_lines_per_sec.unwrap_or(d.log_lines_per_sec),
+            ..d
+        }
+    }
 }
 
 impl Config {

@@ -55,6 +55,39 @@ pub struct RawDaemon {
     #[serde(default)]
     #[schemars(with = "Option<String>")]
     pub instance_owner: Option<Spanned<String>>,
+    /// What one VMM may cost the daemon, for every instance it serves
+    /// (`docs/security.md`, "Limits"); each unset one keeps its default.
+    #[serde(default)]
+    #[schemars(with = "Option<RawLimits>")]
+    pub limits: Option<Spanned<RawLimits>>,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "Limits")]
+pub struct RawLimits {
+    /// Largest vfio-user message, header included, in bytes (4096 to
+    /// 1052672; default 1052672). More: E2BIG and the connection closed.
+    #[serde(default)]
+    #[schemars(with = "Option<u32>", range(min = 4096, max = 1052672))]
+    pub max_message_size: Option<Spanned<u32>>,
+    /// Fds one message may carry (1 to 252; default 16).
+    #[serde(default)]
+    #[schemars(with = "Option<u32>", range(min = 1, max = 252))]
+    pub max_msg_fds: Option<Spanned<u32>>,
+    /// DMA maps one connection may hold (1 to 65535; default 1024).
+    #[serde(default)]
+    #[schemars(with = "Option<u32>", range(min = 1, max = 65535))]
+    pub max_dma_maps: Option<Spanned<u32>>,
+    /// How long the rest of a started message, or the peer's reading of a
+    /// reply, may take, in milliseconds (10 to 600000; default 5000).
+    #[serde(default)]
+    #[schemars(with = "Option<u64>", range(min = 10, max = 600000))]
+    pub message_timeout_ms: Option<Spanned<u64>>,
+    /// Warning lines one instance may log per second (default 10).
+    #[serde(default)]
+    #[schemars(with = "Option<u32>")]
+    pub log_lines_per_sec: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]

@@ -935,3 +935,69 @@ fn the_daemon_section_is_read_checked_for_shape_and_said_once() {
         "{e}"
     );
 }
+
+#[test]
+fn daemon_limits_are_read_checked_against_their_ranges_and_default_when_unset() {
+    let c = ok("daemon:\n  limits:\n    max_dma_maps: 8\n    message_timeout_ms: 300\n");
+    let l = c.daemon.limits.transport_limits();
+    let d = crate::transport::Limits::default();
+    assert_eq!((l.max_dma_maps, l.message_timeout_ms), (8, 300));
+    assert_eq!(
+        (l.max_msg_fds, l.max_message_size, l.log_lines_per_sec),
+        (d.max_msg_fds, d.max_message_size, d.log_lines_per_sec)
+    );
+    assert_eq!(ok("").daemon.limits.transport_limits(), d);
+    let all = ok(
+        "daemon:\n  limits: {max_message_size: 4096, max_msg_fds: 252, max_dma_maps: 65535, \
+                  message_timeout_ms: 600000, log_lines_per_sec: 0}\n",
+    )
+    .daemon
+    .limits
+    .transport_limits();
+    assert_eq!(
+        (
+            all.max_message_size,
+            all.max_msg_fds,
+            all.max_dma_maps,
+            all.message_timeout_ms,
+            all.log_lines_per_sec
+        ),
+        (4096, 252, 65535, 600_000, 0)
+    );
+    // Each value outside its range: refused where it is written, the range named.
+    for (yaml, col, want) in [
+        (
+            "max_msg_fds: 253",
+            18,
+            "max_msg_fds 253 is out of range (expected 1 to 252)",
+        ),
+        (
+            "max_msg_fds: 0",
+            18,
+            "max_msg_fds 0 is out of range (expected 1 to 252)",
+        ),
+        (
+            "max_dma_maps: 65536",
+            19,
+            "max_dma_maps 65536 is out of range (expected 1 to 65535)",
+        ),
+        (
+            "max_message_size: 4095",
+            23,
+            "(expected 4096 to 1052672 bytes)",
+        ),
+        (
+            "message_timeout_ms: 5",
+            25,
+            "(expected 10 to 600000 milliseconds)",
+        ),
+    ] {
+        let (l, c, m) = one(&format!("daemon:\n  limits:\n    {yaml}\n"));
+        assert_eq!((l, c), (3, col), "{yaml}: {m}");
+        assert!(m.contains(want), "{yaml}: {m}");
+    }
+    let (_, _, m) = one("daemon:\n  limits:\n    max_fds: 3\n");
+    assert!(m.contains("max_fds"), "unknown keys are refused: {m}");
+    let (_, _, m) = one("daemon:\n  limits:\n    max_dma_maps: -1\n");
+    assert!(!m.is_empty());
+}

@@ -716,6 +716,9 @@ pub(crate) fn validate(files: &[Parsed], host: &HostNames) -> Result<Config, Vec
         daemon_at = Some(cx.place(fi, d.referenced));
         cfg.daemon.api_group = cx.account(fi, &d.value.api_group, "api_group");
         cfg.daemon.instance_owner = cx.account(fi, &d.value.instance_owner, "instance_owner");
+        if let Some(l) = &d.value.limits {
+            cfg.daemon.limits = daemon_limits(&mut cx, fi, &l.value);
+        }
     }
 
     if cx.errors.is_empty() {
@@ -728,5 +731,52 @@ pub(crate) fn validate(files: &[Parsed], host: &HostNames) -> Result<Config, Vec
         };
         cx.errors.sort_by_key(rank);
         Err(cx.errors)
+    }
+}
+
+/// `daemon: limits:`, each value inside the range `transport::Limits`
+/// allows (`wdvirt serve` refuses the same values on its command line).
+fn daemon_limits(cx: &mut Ctx, fi: usize, l: &RawLimits) -> DaemonLimits {
+    use crate::transport::Limits as L;
+    fn ends<T: Copy + Into<u64>>(r: std::ops::RangeInclusive<T>) -> (u64, u64) {
+        ((*r.start()).into(), (*r.end()).into())
+    }
+    let usize_ends = |r: std::ops::RangeInclusive<usize>| (*r.start() as u64, *r.end() as u64);
+    let (size_lo, size_hi) = ends(L::MESSAGE_SIZE_RANGE);
+    let (fds_lo, fds_hi) = usize_ends(L::MSG_FDS_RANGE);
+    let (maps_lo, maps_hi) = usize_ends(L::DMA_MAPS_RANGE);
+    let (ms_lo, ms_hi) = ends(L::MESSAGE_TIMEOUT_MS_RANGE);
+    DaemonLimits {
+        max_message_size: l.max_message_size.as_ref().and_then(|v| {
+            cx.range(
+                fi,
+                v,
+                "max_message_size",
+                size_lo,
+                size_hi,
+                "4096 to 1052672 bytes",
+            )
+        }),
+        max_msg_fds: l
+            .max_msg_fds
+            .as_ref()
+            .and_then(|v| cx.range(fi, v, "max_msg_fds", fds_lo, fds_hi, "1 to 252"))
+            .map(|v| v as usize),
+        max_dma_maps: l
+            .max_dma_maps
+            .as_ref()
+            .and_then(|v| cx.range(fi, v, "max_dma_maps", maps_lo, maps_hi, "1 to 65535"))
+            .map(|v| v as usize),
+        message_timeout_ms: l.message_timeout_ms.as_ref().and_then(|v| {
+            cx.range(
+                fi,
+                v,
+                "message_timeout_ms",
+                ms_lo,
+                ms_hi,
+                "10 to 600000 milliseconds",
+            )
+        }),
+        log_lines_per_sec: l.log_lines_per_sec.as_ref().map(|v| v.value),
     }
 }

@@ -21,7 +21,6 @@ use super::instance::{Instance, InstanceSpec};
 use super::store::{Definition, Store};
 use super::view::{InstanceState, InstanceView};
 use crate::stats::report::{Interference, SchedulerStats, StatsReport, Throttled};
-use crate::transport::Limits;
 use crate::transport::server::SocketAccess;
 
 struct Running {
@@ -487,7 +486,7 @@ impl Registry {
             spec,
             placed.backends.clone(),
             placed.pasid(),
-            Limits::default(),
+            self.catalog.daemon_settings().limits.transport_limits(),
             access,
         ) {
             Ok(instance) => {

@@ -8,12 +8,27 @@ use std::path::Path;
 
 use super::metadata::{Ask, NAMESPACE, QEMU_NAMESPACE, instance_names, socket_path};
 
-/// XML attribute text (single-quoted attributes).
+/// XML attribute text (single-quoted attributes). Tab, newline and
+/// carriage return go as character references: a parser turns them into
+/// spaces when they are written raw (attribute-value normalisation).
 fn attr(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('\'', "&apos;")
         .replace('"', "&quot;")
+        .replace('\t', "&#9;")
+        .replace('\n', "&#10;")
+        .replace('\r', "&#13;")
+}
+
+/// Text for inside an XML comment, which may not hold `--` (and in which
+/// references are not read): each `--` is broken as `- -`.
+fn comment(s: &str) -> String {
+    let mut out = s.to_string();
+    while out.contains("--") {
+        out = out.replace("--", "- -");
+    }
+    out
 }
 
 /// The fragments for `domain`'s instances, sockets in `run_dir` (as QEMU
@@ -25,8 +40,8 @@ pub fn fragments(domain: &str, ask: &Ask, run_dir: &Path) -> String {
         "<!-- wdvirt: {} instance(s) of type {} for domain {}.\n     \
          The <domain> element needs xmlns:qemu='{QEMU_NAMESPACE}'. -->",
         ask.count,
-        attr(&ask.type_name),
-        attr(domain)
+        comment(&ask.type_name),
+        comment(domain)
     );
     out.push_str(
         "<memoryBacking>\n  <source type='memfd'/>\n  <access mode='shared'/>\n</memoryBacking>\n",
@@ -87,5 +102,33 @@ mod tests {
             .map(|p| socket_path(Path::new("/run/wdvirt"), &p.name))
             .collect();
         assert_eq!(d.vfio_user_sockets, want);
+    }
+
+    /// Found by the `libvirt_metadata` fuzz target: a domain named with
+    /// `--` made the comment at the top malformed XML, and a tab in a type
+    /// came back as a space.
+    #[test]
+    fn names_with_dashes_and_types_with_tabs_read_back_as_they_were() {
+        for (domain, ty) in [
+            ("a--b", "zip"),
+            ("x-", "a\tb"),
+            ("--", "z\r\n--y-"),
+            ("&<'\"", "&<'\""),
+        ] {
+            let ask = Ask {
+                type_name: ty.into(),
+                count: 1,
+                qos: Some("q\tq".into()),
+                numa: None,
+            };
+            let text = fragments(domain, &ask, Path::new("/run/wdvirt"));
+            let name = domain.replace('&', "&amp;").replace('<', "&lt;");
+            let xml = format!(
+                "<domain type='qemu' xmlns:qemu='{QEMU_NAMESPACE}'><name>{name}</name>{text}</domain>"
+            );
+            let d = Domain::parse(&xml).unwrap_or_else(|e| panic!("{domain:?}: {e}\n{xml}"));
+            assert_eq!(d.name, domain);
+            assert_eq!(d.asks, [ask]);
+        }
     }
 }

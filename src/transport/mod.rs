@@ -19,7 +19,8 @@
 //! the stream read out and written in), `dma_table`, `server` (listener,
 //! connection loop),
 //! `stats`, `error`, `rlimit` (the fd limit connections live under),
-//! `limits` (what one VMM may cost the process).
+//! `limits` (what one VMM may cost the process), `closer` (fds a VMM sent
+//! are closed off the connection's thread).
 //!
 //! Not done yet: server→client DMA_READ/DMA_WRITE. Memory that the VMM maps
 //! without an fd (BIOS, ROM, other devices' BARs) is reachable only that
@@ -30,6 +31,7 @@
 //! not served: GET_REGION_IO_FDS. Migration (DEVICE_FEATURE, MIG_DATA_*)
 //! needs no server-initiated message (`docs/vfio-user.md`).
 
+pub mod closer;
 pub mod dma_table;
 pub mod error;
 pub mod limits;

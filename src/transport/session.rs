@@ -22,6 +22,7 @@ use vfio_bindings::bindings::vfio::{
 };
 use zerocopy::IntoBytes;
 
+use super::closer::{self, FdKind};
 use super::dma_table::{DmaEntry, DmaTable};
 use super::error::TransportError;
 use super::limits::Limits;
@@ -101,6 +102,21 @@ fn body_struct<T: zerocopy::FromBytes>(body: &[u8], what: &str) -> Result<T, Tra
             size_of::<T>()
         ))
     })
+}
+
+/// The fds of a DMA_MAP or SET_IRQS, when each is of the `kind` the
+/// command takes; otherwise all of them go to the closer and the message is
+/// refused (EINVAL). The device gets only fds whose close cannot block, so
+/// it may drop them on any thread ([`closer`]).
+fn admit(fds: Vec<OwnedFd>, kind: FdKind, what: &str) -> Result<Vec<OwnedFd>, TransportError> {
+    if fds.iter().all(|fd| closer::closes_at_once(fd, kind)) {
+        return Ok(fds);
+    }
+    closer::close_all(fds);
+    Err(invalid(match kind {
+        FdKind::Memory => format!("{what} fd is not guest memory (a memfd)"),
+        FdKind::Eventfd => format!("{what} fd is not an eventfd"),
+    }))
 }
 
 /// Fds a message with this header may carry: DMA_MAP one (its memory),
@@ -186,7 +202,7 @@ impl Session {
         let body = &msg.body;
         match cmd {
             Some(Command::DmaMap) => {
-                let fds = std::mem::take(&mut msg.fds);
+                let fds = admit(std::mem::take(&mut msg.fds), FdKind::Memory, "DMA_MAP")?;
                 self.dma_map(dev, &h, &msg.body, fds)
             }
             Some(Command::DmaUnmap) => self.dma_unmap(dev, &h, body),
@@ -194,7 +210,7 @@ impl Session {
             Some(Command::DeviceGetRegionInfo) => self.get_region_info(dev, &h, body),
             Some(Command::DeviceGetIrqInfo) => self.get_irq_info(dev, &h, body),
             Some(Command::DeviceSetIrqs) => {
-                let fds = std::mem::take(&mut msg.fds);
+                let fds = admit(std::mem::take(&mut msg.fds), FdKind::Eventfd, "SET_IRQS")?;
                 self.set_irqs(dev, &h, &msg.body, fds)
             }
             Some(Command::RegionRead) => self.region_read(dev, &h, body),

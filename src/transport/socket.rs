@@ -42,6 +42,7 @@ use rustix::net::{
 };
 use zerocopy::IntoBytes;
 
+use super::closer;
 use super::limits::Limits;
 use super::wire::{HEADER_SIZE, Header};
 
@@ -152,7 +153,8 @@ pub struct MsgSocket {
     refused: std::cell::Cell<u64>,
 }
 
-/// What has arrived of the message being read.
+/// What has arrived of the message being read (its fds, when it is never
+/// finished, go to the closer).
 struct Partial {
     fds: Vec<OwnedFd>,
     fd_loss: Option<FdLoss>,
@@ -160,6 +162,20 @@ struct Partial {
     budget: usize,
     /// When its first byte (or fd) arrived.
     started: Option<Instant>,
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        closer::close_all(self.fds.drain(..));
+    }
+}
+
+impl Drop for Message {
+    /// Fds nobody took (a refused message, an error before the device got
+    /// them) are closed off the connection's thread.
+    fn drop(&mut self) {
+        closer::close_all(self.fds.drain(..));
+    }
 }
 
 impl MsgSocket {
@@ -229,7 +245,7 @@ impl MsgSocket {
         // Now the command is known: fds it does not take go at once.
         p.budget = fd_budget(&header).min(self.max_fds);
         while p.fds.len() > p.budget {
-            p.fds.pop();
+            closer::close_all(p.fds.pop());
             self.refuse_fd(&mut p, FdLoss::TooMany);
         }
         let mut body = vec![0u8; header.size as usize - HEADER_SIZE];
@@ -246,7 +262,7 @@ impl MsgSocket {
         Ok(Recv::Message(Message {
             header,
             body,
-            fds: p.fds,
+            fds: std::mem::take(&mut p.fds),
             fd_loss: p.fd_loss,
         }))
     }
@@ -304,10 +320,13 @@ impl MsgSocket {
                                     self.refuse_fd(p, FdLoss::Socket);
                                 } else if p.fds.len() < p.budget {
                                     p.fds.push(fd);
+                                    continue;
                                 } else {
                                     self.refuse_fd(p, FdLoss::TooMany);
                                 }
-                                // A refused fd is dropped (closed) here.
+                                // A refused fd is closed, off this thread:
+                                // its close may block (SO_LINGER, FUSE).
+                                closer::close(fd);
                             }
                         }
                     }
