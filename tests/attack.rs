@@ -21,10 +21,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::RAM_BASE;
+use common::victim::{RAM_SIZE, Victim, fresh_vmm_runs_a_job, proc_fds, proc_rss_kib};
 use parking_lot::Mutex;
 use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
 use wdvirt::accel::SharedAccelerator;
@@ -35,13 +35,11 @@ use wdvirt::transport::wire::Header;
 use wdvirt::vdev::wd::WdConfig;
 use wdvirt::vmm::{GuestRam, LoopbackVmm};
 use wdvirt_abi::regs;
-use wdvirt_guest::{Device, DmaPool};
+use wdvirt_guest::Device;
 use zerocopy::IntoBytes;
 
 /// One attack at a time: fd counts and RSS are the whole process's.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-const RAM_SIZE: u64 = 4 << 20;
 
 fn config() -> WdConfig {
     WdConfig {
@@ -49,25 +47,6 @@ fn config() -> WdConfig {
         max_depth: 64,
         ..WdConfig::default()
     }
-}
-
-/// Fds open in process `pid`.
-fn proc_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
-/// Resident memory of process `pid`, KiB.
-fn proc_rss_kib(pid: u32) -> u64 {
-    let statm = std::fs::read_to_string(format!("/proc/{pid}/statm")).unwrap();
-    statm
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        * 4
 }
 
 fn fd_count() -> usize {
@@ -78,101 +57,12 @@ fn rss_kib() -> u64 {
     proc_rss_kib(std::process::id())
 }
 
-/// The victim: a VMM on its own instance running CRC32C and copy jobs,
-/// each checked against a direct computation, until stopped.
-struct Victim {
-    stop: Arc<AtomicBool>,
-    jobs: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
-    _instance: Instance,
-    _dir: tempfile::TempDir,
-}
-
-impl Victim {
-    fn start(accel: &SharedAccelerator) -> Victim {
-        let dir = tempfile::tempdir().unwrap();
-        let instance = common::instance(accel, dir.path(), "victim", 1, config());
-        let vmm = Arc::new(
-            LoopbackVmm::connect(
-                instance.socket(),
-                GuestRam::new(RAM_BASE, RAM_SIZE).unwrap(),
-            )
-            .unwrap(),
-        );
-        let (stop, jobs) = (
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicU64::new(0)),
-        );
-        let thread = Victim::run_jobs(vmm, stop.clone(), jobs.clone());
-        Victim {
-            stop,
-            jobs,
-            thread: Some(thread),
-            _instance: instance,
-            _dir: dir,
-        }
-    }
-
-    /// The victim's driver on `vmm`: CRC32C and copy jobs, each checked,
-    /// counted in `jobs`, until `stop`.
-    fn run_jobs(
-        vmm: Arc<LoopbackVmm>,
-        stop: Arc<AtomicBool>,
-        jobs: Arc<AtomicU64>,
-    ) -> JoinHandle<()> {
-        std::thread::spawn(move || {
-            let dev = Device::probe(vmm.clone()).unwrap();
-            dev.enable().unwrap();
-            let pool: DmaPool<_> = vmm.dma_pool().unwrap();
-            let mut q = dev.queue(0, 32, dev.info().cap_ops, &pool).unwrap();
-            let mut n = 0u32;
-            while !stop.load(Ordering::Acquire) {
-                let data: Vec<u8> = (0..8192u32)
-                    .map(|i| (i ^ n).wrapping_mul(31) as u8)
-                    .collect();
-                let crc = wdvirt_guest::crc::crc32c(&data);
-                assert_eq!(q.crc32c(&data).unwrap(), crc, "victim job {n}");
-                assert_eq!(
-                    q.copy(&data[..4096]).unwrap(),
-                    &data[..4096],
-                    "victim copy {n}"
-                );
-                n += 1;
-                jobs.fetch_add(2, Ordering::Release);
-            }
-        })
-    }
-
-    fn jobs(&self) -> u64 {
-        self.jobs.load(Ordering::Acquire)
-    }
-
-    /// Waits until the victim completes more jobs than `since`: it was not
-    /// stopped (a gap would show as no progress).
-    fn assert_progress(&self, since: u64, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.jobs() <= since {
-            assert!(
-                !self.thread.as_ref().unwrap().is_finished(),
-                "{what}: the victim's jobs failed"
-            );
-            assert!(
-                Instant::now() < deadline,
-                "{what}: the victim made no progress"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn finish(mut self) -> u64 {
-        self.stop.store(true, Ordering::Release);
-        self.thread
-            .take()
-            .unwrap()
-            .join()
-            .expect("a victim job failed");
-        self.jobs()
-    }
+/// The victim's own instance on `accel` (serving `dir/victim.sock`) and
+/// the victim running on it.
+fn victim_on(accel: &SharedAccelerator, dir: &Path) -> (Instance, Victim) {
+    let instance = common::instance(accel, dir, "victim", 1, config());
+    let victim = Victim::start(instance.socket());
+    (instance, victim)
 }
 
 /// The attacker's instance and the process state before the attack.
@@ -183,6 +73,7 @@ struct Arena {
     fds_before: usize,
     rss_before: u64,
     jobs_before: u64,
+    _victim_instance: Instance,
     _dir: tempfile::TempDir,
     _serial: parking_lot::MutexGuard<'static, ()>,
 }
@@ -192,8 +83,8 @@ impl Arena {
         let serial = SERIAL.lock();
         watchdog();
         let accel: SharedAccelerator = SoftAccel::new(1);
-        let victim = Victim::start(&accel);
         let dir = tempfile::tempdir().unwrap();
+        let (victim_instance, victim) = victim_on(&accel, dir.path());
         let spec = InstanceSpec {
             name: "attacker".into(),
             socket: dir.path().join("attacker.sock"),
@@ -212,6 +103,7 @@ impl Arena {
             rss_before: rss_kib(),
             jobs_before: victim.jobs(),
             victim,
+            _victim_instance: victim_instance,
             _dir: dir,
             _serial: serial,
         }
@@ -278,30 +170,6 @@ fn watchdog() {
 
 static FINISHED: Mutex<Vec<u64>> = Mutex::new(Vec::new());
 static CURRENT: Mutex<u64> = Mutex::new(0);
-
-/// A well-behaved VMM connects (retrying while the last one is being torn
-/// down) and runs one verified job.
-fn fresh_vmm_runs_a_job(socket: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let vmm = loop {
-        match LoopbackVmm::connect(socket, GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()) {
-            Ok(v) => break Arc::new(v),
-            Err(e) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "the attacker's socket takes no new VMM: {e}"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    };
-    let dev = Device::probe(vmm.clone()).unwrap();
-    dev.reset().unwrap();
-    dev.enable().unwrap();
-    let pool = vmm.dma_pool().unwrap();
-    let mut q = dev.queue(1, 16, dev.info().cap_ops, &pool).unwrap();
-    assert_eq!(q.crc32c(b"123456789").unwrap(), 0xe306_9283);
-}
 
 fn memfds(n: usize) -> Vec<OwnedFd> {
     (0..n)
@@ -687,8 +555,8 @@ fn a_panic_in_a_connection_is_contained_counted_and_the_device_serves_again() {
     use wdvirt::vdev::wd::WdDevice;
     let _serial = SERIAL.lock();
     let accel: SharedAccelerator = SoftAccel::new(1);
-    let victim = Victim::start(&accel);
     let dir = tempfile::tempdir().unwrap();
+    let (_victim_instance, victim) = victim_on(&accel, dir.path());
     let path = dir.path().join("panicky.sock");
     let listener = Listener::bind(&path).unwrap();
     let interrupts = Interrupts::new(2);
@@ -1031,21 +899,11 @@ fn a_wdvirt_serve_process_contains_an_fd_flood_and_a_stall() {
         assert!(Instant::now() < deadline, "wdvirt serve did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let stop = Arc::new(AtomicBool::new(false));
-    let jobs = Arc::new(AtomicU64::new(0));
-    let victim = Victim::run_jobs(
-        Arc::new(
-            LoopbackVmm::connect(&victim_sock, GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()).unwrap(),
-        ),
-        stop.clone(),
-        jobs.clone(),
-    );
+    let victim = Victim::start(&victim_sock);
     fresh_vmm_runs_a_job(&attacker_sock);
-    while jobs.load(Ordering::Acquire) == 0 {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    victim.assert_progress(0, "before the attacks");
     let (fds_before, rss_before) = (proc_fds(pid), proc_rss_kib(pid));
-    let jobs_before = jobs.load(Ordering::Acquire);
+    let jobs_before = victim.jobs();
 
     // The fd flood: 31 bytes of GET_INFO, each with 253 fds.
     let fds = memfds(253);
@@ -1072,14 +930,7 @@ fn a_wdvirt_serve_process_contains_an_fd_flood_and_a_stall() {
     assert_closed_by_server(&mut s, Duration::from_secs(5), "half a header");
 
     fresh_vmm_runs_a_job(&attacker_sock);
-    let t = Instant::now();
-    while jobs.load(Ordering::Acquire) <= jobs_before {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "the victim made no progress"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    victim.assert_progress(jobs_before, "after the fd flood and the stall");
     let deadline = Instant::now() + Duration::from_secs(5);
     while proc_fds(pid) > fds_before + 4 {
         assert!(
@@ -1094,8 +945,7 @@ fn a_wdvirt_serve_process_contains_an_fd_flood_and_a_stall() {
         rss < rss_before + 64 * 1024,
         "RSS {rss} KiB, {rss_before} KiB before"
     );
-    stop.store(true, Ordering::Release);
-    victim.join().expect("a victim job failed");
+    victim.finish();
 
     let reports = common::stop_serve(&mut child);
     let attacker = reports.iter().find(|r| r["name"] == "attacker").unwrap();

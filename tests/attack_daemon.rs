@@ -16,10 +16,9 @@
 //! daemon's CPU time (`utime + stime` in `/proc/PID/stat`) grows no faster
 //! than when it was idle before the attacks (no thread left spinning).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use wdvirt::transport::wire::{self, Command};
@@ -32,8 +31,9 @@ mod common;
 
 use common::RAM_BASE;
 use common::daemon::Daemon;
-
-const RAM_SIZE: u64 = 4 << 20;
+use common::victim::{
+    RAM_SIZE, Victim, fresh_vmm_runs_a_job, proc_cpu_ticks, proc_fds, proc_rss_kib,
+};
 
 const HOST: &str = r#"
 accelerators:
@@ -54,142 +54,11 @@ types:
     qos: silver
 "#;
 
-fn proc_fds(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .count()
-}
-
-fn proc_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap()
-}
-
-/// The process's CPU time so far, in clock ticks (`utime + stime`, fields
-/// 14 and 15 of `/proc/PID/stat`; the command name before them may hold
-/// spaces, so fields are counted after its closing parenthesis).
-fn proc_cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let rest = &stat[stat.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    // `rest` starts at field 3 (state).
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
 /// CPU ticks the daemon uses over one second.
 fn cpu_per_second(pid: u32) -> u64 {
     let before = proc_cpu_ticks(pid);
     std::thread::sleep(Duration::from_secs(1));
     proc_cpu_ticks(pid) - before
-}
-
-/// The victim's driver: checked CRC32C and copy jobs, counted, paused on
-/// request, until stopped.
-struct Victim {
-    stop: Arc<AtomicBool>,
-    pause: Arc<AtomicBool>,
-    jobs: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Victim {
-    fn start(socket: &Path) -> Victim {
-        let vmm = Arc::new(
-            LoopbackVmm::connect(socket, GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()).unwrap(),
-        );
-        let stop = Arc::new(AtomicBool::new(false));
-        let pause = Arc::new(AtomicBool::new(false));
-        let jobs = Arc::new(AtomicU64::new(0));
-        let (s, p, j) = (stop.clone(), pause.clone(), jobs.clone());
-        let thread = std::thread::spawn(move || {
-            let dev = Device::probe(vmm.clone()).unwrap();
-            dev.enable().unwrap();
-            let pool = vmm.dma_pool().unwrap();
-            let mut q = dev.queue(0, 32, dev.info().cap_ops, &pool).unwrap();
-            let mut n = 0u32;
-            while !s.load(Ordering::Acquire) {
-                if p.load(Ordering::Acquire) {
-                    std::thread::sleep(Duration::from_millis(5));
-                    continue;
-                }
-                let data: Vec<u8> = (0..8192u32)
-                    .map(|i| (i ^ n).wrapping_mul(31) as u8)
-                    .collect();
-                let crc = wdvirt_guest::crc::crc32c(&data);
-                assert_eq!(q.crc32c(&data).unwrap(), crc, "victim job {n}");
-                assert_eq!(
-                    q.copy(&data[..4096]).unwrap(),
-                    &data[..4096],
-                    "victim copy {n}"
-                );
-                n += 1;
-                j.fetch_add(2, Ordering::Release);
-            }
-        });
-        Victim {
-            stop,
-            pause,
-            jobs,
-            thread: Some(thread),
-        }
-    }
-
-    fn jobs(&self) -> u64 {
-        self.jobs.load(Ordering::Acquire)
-    }
-
-    fn assert_progress(&self, since: u64, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while self.jobs() <= since {
-            assert!(
-                !self.thread.as_ref().unwrap().is_finished(),
-                "{what}: a victim job failed"
-            );
-            assert!(
-                Instant::now() < deadline,
-                "{what}: the victim made no progress"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn finish(mut self) -> u64 {
-        self.stop.store(true, Ordering::Release);
-        self.thread
-            .take()
-            .unwrap()
-            .join()
-            .expect("a victim job failed");
-        self.jobs()
-    }
-}
-
-/// A well-behaved VMM connects (retrying while the last one is torn down)
-/// and runs one verified job.
-fn fresh_vmm_runs_a_job(socket: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let vmm = loop {
-        match LoopbackVmm::connect(socket, GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()) {
-            Ok(v) => break Arc::new(v),
-            Err(e) => {
-                assert!(
-                    Instant::now() < deadline,
-                    "the attacker's socket takes no VMM: {e}"
-                );
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    };
-    let dev = Device::probe(vmm.clone()).unwrap();
-    dev.reset().unwrap();
-    dev.enable().unwrap();
-    let pool = vmm.dma_pool().unwrap();
-    let mut q = dev.queue(1, 16, dev.info().cap_ops, &pool).unwrap();
-    assert_eq!(q.crc32c(b"123456789").unwrap(), 0xe306_9283);
 }
 
 /// The daemon with both instances, and what it looked like before.
@@ -227,10 +96,10 @@ impl Arena {
         // Lazily made threads and maps go into the baseline.
         fresh_vmm_runs_a_job(&attacker);
         victim.assert_progress(0, "before the attacks");
-        victim.pause.store(true, Ordering::Release);
+        victim.pause(true);
         std::thread::sleep(Duration::from_millis(100));
         let idle_cpu = cpu_per_second(pid);
-        victim.pause.store(false, Ordering::Release);
+        victim.pause(false);
         Arena {
             pid,
             attacker,
@@ -266,10 +135,10 @@ impl Arena {
             "{what}: the daemon's RSS is {rss} KiB, {} KiB before",
             self.rss_before
         );
-        self.victim.pause.store(true, Ordering::Release);
+        self.victim.pause(true);
         std::thread::sleep(Duration::from_millis(100));
         let cpu = cpu_per_second(self.pid);
-        self.victim.pause.store(false, Ordering::Release);
+        self.victim.pause(false);
         // A thread left spinning costs ~100 ticks a second.
         assert!(
             cpu <= self.idle_cpu + 20,

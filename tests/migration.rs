@@ -183,7 +183,10 @@ fn a_loaded_vm_migrates_back_and_forth_between_two_daemons_every_job_once_and_ri
     );
     // One engine: a queue's jobs complete in the order it submitted them,
     // across every migration too (docs/migration.md, "Completion order").
-    assert_eq!(reordered, 0, "completions before an older job of their queue");
+    assert_eq!(
+        reordered, 0,
+        "completions before an older job of their queue"
+    );
 }
 
 #[test]

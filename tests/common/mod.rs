@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod victim;
 
 use std::path::Path;
 use std::sync::Arc;
