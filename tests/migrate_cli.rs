@@ -406,6 +406,26 @@ fn bad_arguments_and_a_missing_vm_get_clear_errors() {
     let err = text(&out.stderr);
     assert!(err.contains("cannot connect to the instance at"), "{err}");
 
+    // A control path or a UNIX listen path that names a file which is
+    // not a socket: refused by name, and the file is left as it was.
+    let notes = dir.path().join("notes.txt");
+    std::fs::write(&notes, "mine").unwrap();
+    for args in [
+        vec!["--control".to_string(), notes.display().to_string()],
+        vec!["--incoming".into(), format!("unix:{}", notes.display())],
+    ] {
+        let out = wdvirt()
+            .args(["vm", "--connect"])
+            .arg(dir.path().join("none.sock"))
+            .args(&args)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(err.contains("not a socket"), "{args:?}: {err}");
+        assert_eq!(std::fs::read_to_string(&notes).unwrap(), "mine", "{args:?}");
+    }
+
     let out = wdvirt()
         .args(["vm", "--connect", "/nowhere", "--status-every", "inf"])
         .output()

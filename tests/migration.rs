@@ -529,4 +529,9 @@ fn the_halves_over_a_socket_move_a_loaded_vm_and_refuse_or_survive_what_goes_wro
     assert!(e.to_string().contains("slot 40 out of range"), "{e}");
     let e = Load::adopt(&got.vm, b"not json").err().unwrap();
     assert!(matches!(e, wdvirt::vmm::load::LoadError::Image(_)), "{e}");
+    // Two slots under one tag: refused by the check a destination runs
+    // before it resumes (adopting it would lose one of the two jobs).
+    let twice = b"{\"version\":1,\"depth\":32,\"stats\":{\"jobs\":0,\"verified\":0,\"failed\":0,\"repeated\":0,\"reordered\":0},\"queues\":[{\"index\":0,\"ops\":1,\"sq_tail\":2,\"cq_head\":0,\"src\":0,\"dst\":0,\"next\":5,\"expect\":0,\"completed\":0,\"out\":[[1,3],[1,4]]}]}";
+    let e = Load::check_image(twice).err().unwrap();
+    assert!(e.to_string().contains("tag 1 in flight twice"), "{e}");
 }

@@ -44,7 +44,15 @@ fn check(d: &Domain) {
     }
     assert!(total <= MAX_INSTANCES);
     if let Some(u) = &d.qemu_user {
-        assert!(!u.is_empty() && u.len() <= 32 && !u.starts_with('-'), "{u:?}");
+        // The shape written out here, not `config::is_account_name`: an
+        // oracle that called the parser's own rule could not catch it.
+        assert!(
+            !u.is_empty()
+                && u.len() <= 32
+                && !u.starts_with('-')
+                && u.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')),
+            "{u:?}"
+        );
         assert!(!u.contains(['/', ':', ' ']), "{u:?}");
     }
 

@@ -21,15 +21,15 @@ use crate::vmm::link::Endpoint;
 The destination is a second VM process, started waiting on an instance of the
 same type (its daemon's `wdvirt start` prints the socket):
 
-  dest$ wdvirt vm --incoming tcp:0.0.0.0:4444 --connect /run/wdvirt/vm1.sock
-  src$  wdvirt migrate --vm /tmp/vm1.ctl --to tcp:dest:4444
-  migrating to tcp:dest:4444
+  dest$ wdvirt vm --incoming tcp:10.0.9.2:4444 --connect /run/wdvirt/vm1.sock
+  src$  wdvirt migrate --vm /tmp/vm1.ctl --to tcp:10.0.9.2:4444
+  migrating to tcp:10.0.9.2:4444
   PRE_COPY: 2.1 KiB of device state, compatibility accepted
   copying RAM, round 0: 4096 pages, 16.0 MiB so far
   copying RAM, round 1: 75 pages, 16.3 MiB so far
   STOP_COPY: 12 pages while stopped, 16.3 MiB so far
   done
-  migrated to tcp:dest:4444: downtime 3.2 ms, 2 rounds, 16.3 MiB of RAM, 9.8 KiB of device state
+  migrated to tcp:10.0.9.2:4444: downtime 3.2 ms, 2 rounds, 16.3 MiB of RAM, 9.8 KiB of device state
 
 Or, with the destination daemon on this host, let this command prepare it
 (an instance of the source's type, and a VM process on it that runs on after):
@@ -39,7 +39,10 @@ Or, with the destination daemon on this host, let this command prepare it
 
 Whatever fails (a destination of another type refuses the compatibility
 block; nothing listens; the link breaks; Ctrl-C here cancels) leaves the VM
-running on the source, and the exit status is 1.")]
+running on the source, and the exit status is 1.
+
+The migration link has no authentication: let `--incoming` listen on a
+migration network, loopback or a UNIX socket only (docs/security.md).")]
 pub struct MigrateArgs {
     /// The source VM's control socket (`wdvirt vm --control PATH`).
     #[arg(long, value_name = "CONTROL_SOCK")]
@@ -70,8 +73,9 @@ pub struct MigrateArgs {
     /// The control socket of the destination VM process --to-daemon starts.
     #[arg(long, value_name = "PATH")]
     pub new_control: Option<PathBuf>,
-    /// At most this many rounds of dirty pages while the VM runs.
-    #[arg(long, default_value_t = 8)]
+    /// At most this many rounds of dirty pages while the VM runs (0..=1000).
+    #[arg(long, default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(0..=i64::from(crate::vmm::migrate::MAX_ROUNDS)))]
     pub max_rounds: u32,
     /// Stop the rounds once one copies at most this many pages.
     #[arg(long, default_value_t = 64)]

@@ -10,7 +10,7 @@
 //! `{"op":"migrate","to":"tcp:HOST:PORT",...}`), then for a migration one
 //! `progress` line per phase and round and a last `done` or `error` line.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::ops::ControlFlow;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -24,6 +24,7 @@ use clap::Args;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use crate::transport::server::{SocketAccess, SocketFile};
 use crate::vmm::link::Endpoint;
 use crate::vmm::load::{Load, LoadOptions, LoadStats, LoadSummary};
 use crate::vmm::migrate::{self, MigrateError, MigrateOptions, Progress, Vm};
@@ -61,7 +62,7 @@ pub struct VmArgs {
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub depth: u32,
     /// Guest RAM, MiB (room for the rings and 24 KiB per job slot).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=crate::vmm::migrate::MAX_RAM >> 20))]
     pub ram_mib: u64,
     /// The control socket `wdvirt migrate --vm` talks to.
     #[arg(long, value_name = "PATH")]
@@ -186,12 +187,7 @@ pub fn run(a: VmArgs) -> anyhow::Result<ExitCode> {
             a.status_every
         );
     }
-    let control = a.control.clone();
-    let code = vm(a);
-    if let Some(path) = control {
-        let _ = std::fs::remove_file(path);
-    }
-    code
+    vm(a)
 }
 
 fn vm(a: VmArgs) -> anyhow::Result<ExitCode> {
@@ -200,6 +196,10 @@ fn vm(a: VmArgs) -> anyhow::Result<ExitCode> {
         signal_hook::flag::register(sig, stop.clone()).context("cannot catch signals")?;
     }
     let out = Out { json: a.json };
+    // Bound before anything else: a destination that could not serve its
+    // control socket after taking a VM would lose it. The file goes with
+    // the process (`_file`), and only if it is still the one made here.
+    let control = a.control.as_deref().map(bind_control).transpose()?;
     let (vm, load) = match &a.incoming {
         Some(at) => match wait_for_migration(at, &a.connect, &stop, &out)? {
             Some(v) => v,
@@ -213,14 +213,16 @@ fn vm(a: VmArgs) -> anyhow::Result<ExitCode> {
         migrated: Mutex::new(None),
         json: a.json,
     });
-    if let Some(path) = &a.control {
-        let listener = bind_control(path)?;
+    let _file = if let Some((listener, file)) = control {
         let s = shared.clone();
         std::thread::Builder::new()
             .name("vm-control".into())
             .spawn(move || serve_control(&listener, &s))
             .context("cannot start the control thread")?;
-    }
+        Some(file)
+    } else {
+        None
+    };
     let counters = shared
         .load
         .lock()
@@ -341,12 +343,11 @@ fn wait_for_migration(
     }
 }
 
-fn bind_control(path: &Path) -> anyhow::Result<UnixListener> {
-    if UnixStream::connect(path).is_ok() {
-        bail!("{} is in use by another process", path.display());
-    }
-    let _ = std::fs::remove_file(path);
-    UnixListener::bind(path)
+/// The control socket at `path`, made as the transport makes its sockets
+/// (mode 0600; a live one refused, a stale one replaced, another file
+/// refused and left alone).
+fn bind_control(path: &Path) -> anyhow::Result<(UnixListener, SocketFile)> {
+    SocketFile::bind(path, &SocketAccess::default())
         .with_context(|| format!("cannot serve the control socket {}", path.display()))
 }
 
@@ -367,8 +368,11 @@ fn send(w: &mut impl Write, r: &Reply) -> std::io::Result<()> {
 
 fn control(conn: UnixStream, s: &Shared) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // Progress is written while the guest may be paused: a client that
+    // stops reading must not hold it there.
+    conn.set_write_timeout(Some(Duration::from_secs(2)))?;
     let mut line = String::new();
-    BufReader::new(&conn).read_line(&mut line)?;
+    BufReader::new(&conn).take(64 << 10).read_line(&mut line)?;
     let mut w = &conn;
     let req = match serde_json::from_str::<Request>(&line) {
         Ok(r) => r,
@@ -397,11 +401,17 @@ fn control(conn: UnixStream, s: &Shared) -> std::io::Result<()> {
         } => {
             let d = MigrateOptions::default();
             let opts = MigrateOptions {
-                max_rounds: max_rounds.unwrap_or(d.max_rounds),
+                max_rounds: max_rounds.unwrap_or(d.max_rounds).min(migrate::MAX_ROUNDS),
                 converged_pages: converged_pages.unwrap_or(d.converged_pages),
             };
             let reply = migrate_to(&to, &opts, s, &mut w);
-            send(&mut w, &reply)
+            let sent = send(&mut w, &reply);
+            // Only now may the main loop end the process: the client has
+            // its answer (or has gone, and the VM runs on there anyway).
+            if let Reply::Done { to, .. } = &reply {
+                *s.migrated.lock() = Some(to.clone());
+            }
+            sent
         }
     }
 }
@@ -470,7 +480,6 @@ fn migrate_to(to: &str, opts: &MigrateOptions, s: &Shared, w: &mut impl Write) -
             {
                 tracing::warn!("the guest had failures before it left: {:?}", sum.failure);
             }
-            *s.migrated.lock() = Some(at.to_string());
             Reply::Done {
                 to: at.to_string(),
                 downtime_ms: f.downtime.as_secs_f64() * 1e3,

@@ -109,7 +109,20 @@ impl Shared {
         }
         st.delivering = true;
         while let Some((qp, b)) = st.outbox.pop_front() {
-            let res = MutexGuard::unlocked(st, || qp.submit(&b.jobs));
+            let res = MutexGuard::unlocked(st, || {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| qp.submit(&b.jobs)))
+            });
+            // A backend that panics in submit: the next thread delivers the
+            // rest of the outbox (the flag would otherwise stay set and no
+            // batch on this accelerator would ever reach it again), and the
+            // panic goes on to the caller (a connection thread contains it).
+            let res = match res {
+                Ok(r) => r,
+                Err(panic) => {
+                    st.delivering = false;
+                    std::panic::resume_unwind(panic)
+                }
+            };
             match res {
                 Ok(n) if n == b.jobs.len() => {}
                 Ok(n) => {

@@ -149,12 +149,60 @@ pub fn bind_unix(path: &Path, access: &SocketAccess) -> std::io::Result<UnixList
     Ok(UnixListener::from(fd))
 }
 
+/// A socket file this process created: removed when dropped, and only
+/// if the path still names the socket made here (a later server's socket
+/// at the same path, or a file put there since, is left alone).
+pub struct SocketFile {
+    path: PathBuf,
+    /// (dev, ino) of the socket we created.
+    ident: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    /// Binds and listens at `path` with `access`: a live server there is
+    /// refused, a stale socket file replaced, any other file refused
+    /// ([`free_socket_path`]). The listener, and the file to remove.
+    pub fn bind(
+        path: &Path,
+        access: &SocketAccess,
+    ) -> Result<(UnixListener, SocketFile), TransportError> {
+        free_socket_path(path)?;
+        let listener = bind_unix(path, access).map_err(|source| TransportError::Bind {
+            path: path.to_owned(),
+            source,
+        })?;
+        let ident = std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        Ok((
+            listener,
+            SocketFile {
+                path: path.to_owned(),
+                ident,
+            },
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let ours = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if ours.is_some() && ours == self.ident {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// A bound vfio-user socket.
 pub struct Listener {
     listener: UnixListener,
-    path: PathBuf,
-    /// (dev, ino) of the socket we created, so Drop removes only ours.
-    ident: Option<(u64, u64)>,
+    file: SocketFile,
 }
 
 impl Listener {
@@ -168,20 +216,8 @@ impl Listener {
     /// [`bind`](Listener::bind) with the socket file's mode and owner given
     /// ([`bind_unix`] says how it is done without a window).
     pub fn bind_with(path: &Path, access: &SocketAccess) -> Result<Listener, TransportError> {
-        let bind_err = |source| TransportError::Bind {
-            path: path.to_owned(),
-            source,
-        };
-        free_socket_path(path)?;
-        let listener = bind_unix(path, access).map_err(bind_err)?;
-        let ident = std::fs::symlink_metadata(path)
-            .ok()
-            .map(|m| (m.dev(), m.ino()));
-        Ok(Listener {
-            listener,
-            path: path.to_owned(),
-            ident,
-        })
+        let (listener, file) = SocketFile::bind(path, access)?;
+        Ok(Listener { listener, file })
     }
 
     /// Waits for one VMM to connect. Every failure, including setting up
@@ -199,7 +235,7 @@ impl Listener {
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        self.file.path()
     }
 
     pub fn as_raw_fd(&self) -> RawFd {
@@ -210,17 +246,6 @@ impl Listener {
 impl AsFd for Listener {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.listener.as_fd()
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        let ours = std::fs::symlink_metadata(&self.path)
-            .ok()
-            .map(|m| (m.dev(), m.ino()));
-        if ours.is_some() && ours == self.ident {
-            let _ = std::fs::remove_file(&self.path);
-        }
     }
 }
 

@@ -34,6 +34,8 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::transport::server::{SocketAccess, SocketFile};
+
 /// The largest payload a frame may carry.
 pub const MAX_FRAME: u32 = 64 << 20;
 /// HELLO's magic.
@@ -143,16 +145,17 @@ impl Endpoint {
         Ok(s)
     }
 
-    /// Listens (the destination's side); a stale UNIX socket file is
-    /// replaced.
+    /// Listens (the destination's side). A UNIX socket is made as the
+    /// transport makes its own: mode 0600, a live listener at the path
+    /// refused, a stale socket file replaced, any other file left alone
+    /// and refused; the file goes when the listener does.
     pub fn listen(&self) -> io::Result<Listener> {
         Ok(match self {
             Endpoint::Tcp(a) => Listener::Tcp(TcpListener::bind(a)?),
             Endpoint::Unix(p) => {
-                if UnixStream::connect(p).is_err() {
-                    let _ = std::fs::remove_file(p);
-                }
-                Listener::Unix(UnixListener::bind(p)?)
+                let (l, file) =
+                    SocketFile::bind(p, &SocketAccess::default()).map_err(io::Error::other)?;
+                Listener::Unix(l, file)
             }
         })
     }
@@ -161,7 +164,8 @@ impl Endpoint {
 /// A listening destination.
 pub enum Listener {
     Tcp(TcpListener),
-    Unix(UnixListener),
+    /// The socket, and its file (removed with it).
+    Unix(UnixListener, SocketFile),
 }
 
 impl Listener {
@@ -169,7 +173,7 @@ impl Listener {
     pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
         match self {
             Listener::Tcp(l) => l.set_nonblocking(on),
-            Listener::Unix(l) => l.set_nonblocking(on),
+            Listener::Unix(l, _) => l.set_nonblocking(on),
         }
     }
 
@@ -180,7 +184,7 @@ impl Listener {
                 let (s, a) = l.accept()?;
                 (Stream::Tcp(s), a.to_string())
             }
-            Listener::Unix(l) => (Stream::Unix(l.accept()?.0), "a local process".into()),
+            Listener::Unix(l, _) => (Stream::Unix(l.accept()?.0), "a local process".into()),
         };
         s.set_timeout(Some(PATIENCE))?;
         Ok((s, peer))
@@ -192,7 +196,7 @@ impl Listener {
             Listener::Tcp(l) => l
                 .local_addr()
                 .map_or_else(|_| "tcp:?".into(), |a| format!("tcp:{a}")),
-            Listener::Unix(l) => l
+            Listener::Unix(l, _) => l
                 .local_addr()
                 .ok()
                 .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))

@@ -291,12 +291,18 @@ impl QueueLoad {
     fn check_image(depth: u32, im: &QueueImage) -> Result<Vec<bool>, LoadError> {
         let bad = |what: String| LoadError::Image(format!("queue {}: {what}", im.index));
         let mut used = vec![false; depth as usize];
+        let mut tags = std::collections::HashSet::with_capacity(im.out.len());
         for &(tag, slot) in &im.out {
             if slot >= depth || std::mem::replace(&mut used[slot as usize], true) {
                 return Err(bad(format!("slot {slot} out of range or used twice")));
             }
             if tag >= im.next {
                 return Err(bad(format!("tag {tag} in flight was never submitted")));
+            }
+            // Two slots under one tag would collapse into one entry on
+            // adoption and a job be lost after the destination resumed.
+            if !tags.insert(tag) {
+                return Err(bad(format!("tag {tag} in flight twice")));
             }
         }
         let in_flight = im.sq_tail.wrapping_sub(im.cq_head);

@@ -874,8 +874,15 @@ pub struct Incoming {
     pub stream_bytes: u64,
 }
 
-/// The largest guest RAM a source may announce.
-pub const MAX_RAM: u64 = 1 << 40;
+/// Most rounds of dirty pages a migration may be asked for (each copies
+/// while the guest runs; past a few, a VM that dirties faster than the
+/// link carries never converges anyway).
+pub const MAX_ROUNDS: u32 = 1000;
+
+/// The largest guest RAM a source may announce: what `wdvirt vm
+/// --ram-mib` can make (64 GiB). A destination makes a memfd of the
+/// announced size, so the cap is what one HELLO can cost it.
+pub const MAX_RAM: u64 = 64 << 30;
 
 /// The destination half of a migration between two processes: takes a
 /// VM from a source running [`send`] on `link`, onto the instance serving

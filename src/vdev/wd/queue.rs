@@ -332,9 +332,15 @@ impl QueueRunner {
                 p.idle = self.thread.take();
                 Some(p)
             }
-            // Stopped instead: the thread has ended (joined on drop).
-            Ok(None) => None,
+            // Stopped instead: the thread has ended. Taken here, so that
+            // the drop's halt does not wait on a channel whose sender is
+            // gone and log a panic that never happened.
+            Ok(None) => {
+                self.thread.take();
+                None
+            }
             Err(_) => {
+                self.thread.take();
                 tracing::error!("queue worker panicked");
                 None
             }
