@@ -237,19 +237,23 @@ mod tests {
         for _ in 0..10 {
             closer.close(rustix::pipe::pipe().unwrap().0);
         }
-        assert!(
-            t.elapsed() < Duration::from_millis(400),
-            "{:?}",
-            t.elapsed()
-        );
+        // Nothing here waited for the 3 s linger (a loaded host may be
+        // slow, never 3 s slow for eleven non-blocking calls).
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
         let stuck = closer.totals();
         assert_eq!(stuck.closed, 0);
-        assert_eq!(stuck.queued, 5);
-        assert_eq!(stuck.leaked, 3);
-        assert_eq!(stuck.closed_here, 3);
+        // 5 queued if the closer had taken the first fd before the pipes
+        // came (the usual case), 4 if a busy host had not run it yet.
+        assert!(matches!(stuck.queued, 4 | 5), "{stuck:?}");
+        assert_eq!(stuck.leaked, 3, "{stuck:?}");
+        assert_eq!(
+            stuck.queued + stuck.leaked + stuck.closed_here,
+            11,
+            "{stuck:?}"
+        );
         // Once the linger ends, the queue drains.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while closer.totals().closed < 5 {
+        while closer.totals().closed < stuck.queued {
             assert!(Instant::now() < deadline, "{:?}", closer.totals());
             std::thread::sleep(Duration::from_millis(20));
         }
