@@ -22,7 +22,7 @@ pub enum ConfigError {
     OutOfRange {
         what: &'static str,
         value: u64,
-        expected: &'static str,
+        expected: std::borrow::Cow<'static, str>,
     },
     #[error(
         "invalid {what} name '{name}' (expected 1 to 63 characters: letters, digits, '-', '_', '.', starting with a letter or digit)"

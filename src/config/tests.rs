@@ -1001,3 +1001,56 @@ fn daemon_limits_are_read_checked_against_their_ranges_and_default_when_unset() 
     let (_, _, m) = one("daemon:\n  limits:\n    max_dma_maps: -1\n");
     assert!(!m.is_empty());
 }
+
+/// The schema's limits (their ranges and the words of their descriptions,
+/// written by hand in `raw.rs`) say what `transport::Limits` enforces, and
+/// so do the loader's messages.
+#[test]
+fn the_schemas_limit_ranges_are_the_transports() {
+    use crate::transport::Limits as L;
+    let schema = crate::config::schema();
+    let defs = schema
+        .get("$defs")
+        .or_else(|| schema.get("definitions"))
+        .unwrap();
+    let props = &defs["Limits"]["properties"];
+    let wide = |r: (usize, usize)| (r.0 as u64, r.1 as u64);
+    for (name, (lo, hi)) in [
+        (
+            "max_message_size",
+            (
+                u64::from(*L::MESSAGE_SIZE_RANGE.start()),
+                u64::from(*L::MESSAGE_SIZE_RANGE.end()),
+            ),
+        ),
+        (
+            "max_msg_fds",
+            wide((*L::MSG_FDS_RANGE.start(), *L::MSG_FDS_RANGE.end())),
+        ),
+        (
+            "max_dma_maps",
+            wide((*L::DMA_MAPS_RANGE.start(), *L::DMA_MAPS_RANGE.end())),
+        ),
+        (
+            "message_timeout_ms",
+            (
+                *L::MESSAGE_TIMEOUT_MS_RANGE.start(),
+                *L::MESSAGE_TIMEOUT_MS_RANGE.end(),
+            ),
+        ),
+    ] {
+        let p = &props[name];
+        assert_eq!(p["minimum"].as_u64(), Some(lo), "{name}: {p}");
+        assert_eq!(p["maximum"].as_u64(), Some(hi), "{name}: {p}");
+        let words = p["description"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(words.contains(&format!("{lo} to {hi}")), "{name}: {words}");
+        // The loader refuses one past the end, naming the same range.
+        let (_, _, m) = one(&format!("daemon:\n  limits:\n    {name}: {}\n", hi + 1));
+        assert!(m.contains(&format!("{lo} to {hi}")), "{name}: {m}");
+    }
+}

@@ -130,7 +130,7 @@ pub(super) fn check_type(
                 ConfigError::OutOfRange {
                     what: "max_depth",
                     value: d.value.into(),
-                    expected: ShapeError::DEPTH,
+                    expected: ShapeError::DEPTH.into(),
                 },
             );
             ok = false;

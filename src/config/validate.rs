@@ -193,7 +193,7 @@ impl Ctx<'_> {
         what: &'static str,
         lo: u64,
         hi: u64,
-        expected: &'static str,
+        expected: impl Into<std::borrow::Cow<'static, str>>,
     ) -> Option<T> {
         let x: u64 = v.value.into();
         if (lo..=hi).contains(&x) {
@@ -205,7 +205,7 @@ impl Ctx<'_> {
                 ConfigError::OutOfRange {
                     what,
                     value: x,
-                    expected,
+                    expected: expected.into(),
                 },
             );
             None
@@ -754,18 +754,30 @@ fn daemon_limits(cx: &mut Ctx, fi: usize, l: &RawLimits) -> DaemonLimits {
                 "max_message_size",
                 size_lo,
                 size_hi,
-                "4096 to 1052672 bytes",
+                format!("{size_lo} to {size_hi} bytes"),
             )
         }),
         max_msg_fds: l
             .max_msg_fds
             .as_ref()
-            .and_then(|v| cx.range(fi, v, "max_msg_fds", fds_lo, fds_hi, "1 to 252"))
+            .and_then(|v| {
+                cx.range(
+                    fi,
+                    v,
+                    "max_msg_fds",
+                    fds_lo,
+                    fds_hi,
+                    format!("{fds_lo} to {fds_hi}"),
+                )
+            })
             .map(|v| v as usize),
         max_dma_maps: l
             .max_dma_maps
             .as_ref()
-            .and_then(|v| cx.range(fi, v, "max_dma_maps", maps_lo, maps_hi, "1 to 65535"))
+            .and_then(|v| {
+                let expected = format!("{maps_lo} to {maps_hi}");
+                cx.range(fi, v, "max_dma_maps", maps_lo, maps_hi, expected)
+            })
             .map(|v| v as usize),
         message_timeout_ms: l.message_timeout_ms.as_ref().and_then(|v| {
             cx.range(
@@ -774,7 +786,7 @@ fn daemon_limits(cx: &mut Ctx, fi: usize, l: &RawLimits) -> DaemonLimits {
                 "message_timeout_ms",
                 ms_lo,
                 ms_hi,
-                "10 to 600000 milliseconds",
+                format!("{ms_lo} to {ms_hi} milliseconds"),
             )
         }),
         log_lines_per_sec: l.log_lines_per_sec.as_ref().map(|v| v.value),
