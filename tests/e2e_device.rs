@@ -517,7 +517,9 @@ fn the_guest_tools_run_and_garbage_modes_pass_against_the_real_device() {
         let r = rig.instance.report();
         assert_eq!(r.queues[0].jobs_ok + r.queues[0].jobs_failed, device_jobs);
     }
-    let report = workload::garbage(&dev, &SocketBar(&rig.vmm), 3000, 7, &[1, 2, 4]);
+    let report = workload::garbage(&dev, &SocketBar(&rig.vmm), 3000, 7, &[1, 2, 4], &mut || {
+        false
+    });
     assert_eq!(report["ok"], true, "{report:#}");
     assert!(rig.instance.report().device.register_errors > 100);
 }

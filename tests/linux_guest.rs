@@ -9,7 +9,7 @@
 //! builds, so plain `cargo test` skips them; `scripts/test.sh` (the README's
 //! test command, and CI) builds the image and runs them with `--ignored`.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -153,6 +153,8 @@ struct Guest {
 /// line by line as it arrives.
 struct Booting {
     child: Child,
+    /// QEMU's standard input: the guest's serial console input.
+    stdin: Option<std::process::ChildStdin>,
     /// Console lines with the time each arrived.
     console: Arc<Mutex<Vec<(Instant, String)>>>,
     readers: Vec<std::thread::JoinHandle<String>>,
@@ -167,10 +169,12 @@ impl Booting {
             .args(["--no-build", "--timeout", "240", "--socket"])
             .arg(socket)
             .args(params)
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let stdin = child.stdin.take();
         let console = Arc::new(Mutex::new(Vec::new()));
         let stdout = BufReader::new(child.stdout.take().unwrap());
         let sink = console.clone();
@@ -188,6 +192,7 @@ impl Booting {
         });
         Booting {
             child,
+            stdin,
             console,
             readers: vec![console_reader, stderr_reader],
         }
@@ -219,6 +224,13 @@ impl Booting {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Types a line on the guest's serial console.
+    fn type_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().unwrap();
+        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+        stdin.flush().unwrap();
     }
 
     /// Waits for the guest to power off; its console and result.
@@ -477,31 +489,38 @@ fn two_guests_at_once_on_two_instances_each_match_the_host() {
 #[ignore = "boots Linux guests under QEMU: needs root and scripts/guest-image.sh; scripts/test.sh runs it"]
 fn a_guest_writing_garbage_gets_error_codes_while_another_guest_verifies() {
     let server = Server::start(&["good", "noisy"]);
-    // The garbage guest first, the good guest 1.5 s later. 250,000
-    // accesses (20-35 us each) run for seconds after the good guest's first
-    // job; that the garbage started before that job and ended after it is
-    // checked, not assumed. (Whether it also outlasts the good guest's last
-    // job depends on how TCG shares this host's cores, so it is not
-    // required: a run under load once saw the good guest finish last.)
-    let noisy = Booting::start(
+    // The garbage guest first; the good guest boots once the garbage guest's
+    // tool has found its device, and the garbage goes on (`until=stdin`)
+    // until the test types a line on its console after the good guest has
+    // powered off. So the garbage spans all of the good guest's jobs by
+    // construction, however TCG shares the host's cores (counts and head
+    // starts lost that race in CI).
+    let mut noisy = Booting::start(
         &server.sockets[1],
-        &["mode=garbage", "count=250000", "widths=1,2,4", "seed=99"],
+        &[
+            "mode=garbage",
+            "count=100000",
+            "until=stdin",
+            "widths=1,2,4",
+            "seed=99",
+        ],
     );
-    std::thread::sleep(Duration::from_millis(1500));
+    let garbage_started = noisy.line_time("wdvirt-guest: found");
     let good = Booting::start(
         &server.sockets[0],
         &["mode=run", ALL_JOBS, "size=4M", "seed=21"],
     );
     let first_job = good.line_time("wdvirt-guest: DMA hugepage");
-    let garbage_started = noisy.line_time("wdvirt-guest: found");
+    let good_result = good.line_time("WDVIRT-RESULT ");
     let good = good.finish();
+    noisy.type_line("stop");
     let garbage_ended = noisy.line_time("WDVIRT-RESULT ");
-    let overlapped = garbage_started < first_job && garbage_ended > first_job;
     let noisy = noisy.finish();
     assert!(
-        overlapped,
-        "the garbage did not span the good guest's jobs (raise its count):\n{}\n{}",
-        noisy.console, good.console
+        garbage_started < first_job && good_result < garbage_ended,
+        "the garbage did not span the good guest's jobs:\n{}\n{}",
+        noisy.console,
+        good.console
     );
     let submitted = assert_run_matches_host(&good, ALL_JOBS, 21, 4 << 20);
 
@@ -509,7 +528,7 @@ fn a_guest_writing_garbage_gets_error_codes_while_another_guest_verifies() {
     // device still answered and reset afterwards.
     let n = &noisy.result;
     assert_eq!(n["ok"], true, "{}", noisy.console);
-    assert_eq!(n["accesses"], 250000);
+    assert!(n["accesses"].as_u64().unwrap() >= 100000, "{n}");
     assert_eq!(n["err_latched"], true, "{n}");
     assert!(n["err_code"].as_u64().unwrap() > 0, "{n}");
     assert_ne!(n["err_name"], "unknown", "{n}");

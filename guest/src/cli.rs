@@ -12,8 +12,10 @@ commands:
   run --jobs LIST --size BYTES [--seed N] [--level L]
                                 LIST: comma-separated deflate,zlib,gzip,crc32c,sha256,copy,fill,compare,
                                 stream-deflate,stream-zlib,stream-gzip (one stream of any --size)
-  garbage --count N [--seed S] [--widths 1,2,4]
-                                random BAR0 accesses, then the device's error registers
+  garbage --count N [--seed S] [--widths 1,2,4] [--until stdin]
+                                random BAR0 accesses, then the device's error registers;
+                                --until stdin: after N, go on in rounds of 1000 until a line
+                                arrives on standard input (in the test guest, the serial console)
   cmdline                       read wdvirt.mode=, wdvirt.jobs=, wdvirt.size=, wdvirt.seed=,
                                 wdvirt.count=, ... from /proc/cmdline
 common options:
@@ -31,6 +33,8 @@ pub enum Command {
         count: u32,
         seed: u64,
         widths: Vec<u8>,
+        /// Go on past `count` until a line arrives on standard input.
+        until_stdin: bool,
     },
     Cmdline,
     Help,
@@ -80,6 +84,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<ToolOptions
     };
     let (mut jobs, mut size, mut seed, mut level, mut count, mut widths) =
         (None, None, 1u64, 0u32, None, vec![4u8]);
+    let mut until_stdin = false;
     while let Some(flag) = it.next() {
         if flag == "-h" || flag == "--help" {
             o.command = Command::Help;
@@ -103,6 +108,8 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<ToolOptions
                     })
                     .collect::<Result<_, _>>()?
             }
+            "--until" if value == "stdin" => until_stdin = true,
+            "--until" => return Err(format!("--until: {value:?} is not stdin")),
             "--bdf" => o.bdf = Some(value),
             "--queue" => o.queue = num(&flag, &value)?,
             "--depth" => o.depth = num(&flag, &value)?,
@@ -123,6 +130,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<ToolOptions
             count: count.ok_or("garbage needs --count")?,
             seed,
             widths,
+            until_stdin,
         },
         "cmdline" => Command::Cmdline,
         "help" | "-h" | "--help" => Command::Help,
@@ -243,8 +251,26 @@ mod tests {
             Command::Garbage {
                 count: 100,
                 seed: 9,
-                widths: vec![1, 4]
+                widths: vec![1, 4],
+                until_stdin: false,
             }
+        );
+        let o = parse_args(args_from_cmdline(
+            "wdvirt.mode=garbage wdvirt.count=7 wdvirt.until=stdin",
+        ))
+        .unwrap();
+        assert!(matches!(
+            o.command,
+            Command::Garbage {
+                count: 7,
+                until_stdin: true,
+                ..
+            }
+        ));
+        assert!(
+            parse_args(args("garbage --count 7 --until tea"))
+                .unwrap_err()
+                .contains("\"tea\" is not stdin")
         );
         assert_eq!(parse_args(Vec::new()).unwrap().command, Command::Help);
         assert_eq!(

@@ -473,15 +473,21 @@ pub fn defang(offset: u64, width: u8, value: u32) -> u32 {
     value
 }
 
+/// How many accesses [`garbage`] makes between asks whether to go on.
+pub const GARBAGE_ROUND: u32 = 1000;
+
 /// `count` random BAR0 accesses (offsets below [`GARBAGE_LIMIT`], widths
-/// from `widths`, random values), then the device's error registers, a
-/// device reset and a check that it still answers. Returns the JSON report.
+/// from `widths`, random values), then rounds of [`GARBAGE_ROUND`] more for
+/// as long as `go_on` says so (asked after the `count`th and after each
+/// round), then the device's error registers, a device reset and a check
+/// that it still answers. Returns the JSON report.
 pub fn garbage<M: Mmio>(
     dev: &Device<M>,
     bar: &dyn RawBar,
     count: u32,
     seed: u64,
     widths: &[u8],
+    go_on: &mut dyn FnMut() -> bool,
 ) -> Value {
     let mut r = Rng::new(seed);
     let (mut reads, mut writes, mut failures) = (0u32, 0u32, 0u32);
@@ -490,7 +496,15 @@ pub fn garbage<M: Mmio>(
     } else {
         widths
     };
-    for _ in 0..count {
+    let (mut done, mut until) = (0u32, count);
+    loop {
+        if done == until {
+            match until.checked_add(GARBAGE_ROUND) {
+                Some(more) if go_on() => until = more,
+                _ => break,
+            }
+        }
+        done += 1;
         let width = widths[r.below(widths.len() as u64) as usize];
         // Naturally aligned: an unaligned access through a mapping is not
         // something Rust can express; the device still sees sub-register widths.
@@ -525,7 +539,7 @@ pub fn garbage<M: Mmio>(
         "mode": "garbage",
         "ok": id_ok && reset.is_ok() && fault.is_ok(),
         "seed": seed,
-        "accesses": count,
+        "accesses": done,
         "reads": reads,
         "writes": writes,
         "access_failures": failures,
@@ -705,7 +719,7 @@ mod tests {
     #[test]
     fn garbage_latches_errors_and_leaves_the_device_sane() {
         let (f, d, _pool) = fake::setup(Mode::InOrder);
-        let v = garbage(&d, &*f, 300, 11, &[4]);
+        let v = garbage(&d, &*f, 300, 11, &[4], &mut || false);
         assert_eq!(v["ok"], true, "{v}");
         assert_eq!(v["accesses"], 300);
         assert_eq!(
@@ -718,11 +732,19 @@ mod tests {
         assert!(!f.queue_enabled(0) && !f.queue_enabled(1));
         assert_eq!(
             v,
-            garbage(&d, &*f, 300, 11, &[4]),
+            garbage(&d, &*f, 300, 11, &[4], &mut || false),
             "deterministic for a seed"
         );
+        // Told to go on twice: two more rounds, then asked a third time.
+        let mut asked = 0;
+        let v = garbage(&d, &*f, 300, 11, &[4], &mut || {
+            asked += 1;
+            asked <= 2
+        });
+        assert_eq!(asked, 3);
+        assert_eq!(v["accesses"], 300 + 2 * GARBAGE_ROUND);
         // Unsupported widths count as access failures, not crashes.
-        let v = garbage(&d, &*f, 50, 2, &[1, 2]);
+        let v = garbage(&d, &*f, 50, 2, &[1, 2], &mut || false);
         assert_eq!(v["access_failures"], 50);
     }
 }

@@ -22,6 +22,20 @@ fn failure(mode: &str, error: impl std::fmt::Display) -> Value {
     json!({ "mode": mode, "ok": false, "error": error.to_string() })
 }
 
+/// Whether standard input has a line (or has ended) for us, without
+/// waiting: on the guest's serial console a line is readable only once its
+/// newline has arrived.
+fn stdin_ready() -> bool {
+    let mut fd = libc::pollfd {
+        fd: libc::STDIN_FILENO,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, a zero timeout.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    n > 0 && fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 fn main() -> ExitCode {
     let mut opts = match cli::parse_args(std::env::args().skip(1)) {
         Ok(o) => o,
@@ -190,7 +204,11 @@ mod linux_main {
                 count,
                 seed,
                 widths,
-            } => workload::garbage(&dev, &*bars, *count, *seed, widths),
+                until_stdin,
+            } => {
+                let mut go_on = || *until_stdin && !stdin_ready();
+                workload::garbage(&dev, &*bars, *count, *seed, widths, &mut go_on)
+            }
             Command::Cmdline | Command::Help => failure("internal", "nothing to run"),
         };
         result["device"] = device;
