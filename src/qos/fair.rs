@@ -31,7 +31,9 @@
 //!   other tenant that was waiting for its turn meanwhile, to what that
 //!   tenant lost to this one.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use super::Map;
 
 use super::bucket::TokenBucket;
 use super::policy::Policy;
@@ -135,7 +137,7 @@ struct Account {
     cap_ns: u64,
     share_ns: u64,
     /// Engine time other tenants' jobs held while this one waited its turn.
-    lost_to: HashMap<TenantId, u64>,
+    lost_to: Map<TenantId, u64>,
 }
 
 #[derive(Debug)]
@@ -151,7 +153,7 @@ struct Tenant {
     jobs: Option<TokenBucket>,
     bytes: Option<TokenBucket>,
     /// Engine ns per byte (source plus a fixed overhead), by job class.
-    costs: HashMap<u32, f64>,
+    costs: Map<u32, f64>,
     wait: Wait,
     wait_since: u64,
     acct: Account,
@@ -168,7 +170,7 @@ impl Tenant {
             pending: 0,
             jobs: None,
             bytes: None,
-            costs: HashMap::new(),
+            costs: Map::default(),
             wait: Wait::None,
             wait_since: now,
             acct: Account::default(),
@@ -261,8 +263,8 @@ impl Tenant {
 #[derive(Debug)]
 pub struct Fair<J> {
     engines: u32,
-    tenants: HashMap<TenantId, Tenant>,
-    lanes: HashMap<LaneId, Lane<J>>,
+    tenants: Map<TenantId, Tenant>,
+    lanes: Map<LaneId, Lane<J>>,
     /// Tenants with jobs pending.
     backlog: Vec<TenantId>,
     /// Dispatched and not finished, over all tenants.
@@ -278,8 +280,8 @@ impl<J: Work> Fair<J> {
     pub fn new(engines: u32) -> Fair<J> {
         Fair {
             engines: engines.max(1),
-            tenants: HashMap::new(),
-            lanes: HashMap::new(),
+            tenants: Map::default(),
+            lanes: Map::default(),
             backlog: Vec::new(),
             out_jobs: 0,
             out_est: 0,
@@ -729,7 +731,7 @@ impl<J: Work> Fair<J> {
 }
 
 /// Source bytes of the tenant's next job (its top lane's head), if any.
-fn first_pending<J: Work>(lanes: &HashMap<LaneId, Lane<J>>, t: &Tenant) -> Option<u64> {
+fn first_pending<J: Work>(lanes: &Map<LaneId, Lane<J>>, t: &Tenant) -> Option<u64> {
     t.lanes
         .iter()
         .filter_map(|l| lanes.get(l))

@@ -16,7 +16,7 @@
 //! [`Shared::deliver`]). With one engine, a queue's jobs therefore run, and
 //! complete, in the order the queue submitted them.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
+use super::Map;
 use super::clock::MonotonicClock;
 use super::fair::{Batch, Fair, LaneId, TenantId};
 use super::policy::Policy;
@@ -45,7 +46,7 @@ struct LaneIo {
 
 struct State {
     fair: Fair<Job>,
-    lanes: HashMap<LaneId, LaneIo>,
+    lanes: Map<LaneId, LaneIo>,
     next_lane: LaneId,
     /// Batches decided and not yet submitted, oldest first.
     outbox: VecDeque<(Arc<dyn QueuePair>, Batch<Job>)>,
@@ -213,7 +214,7 @@ impl ScheduledAccel {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 fair: Fair::new(engines as u32),
-                lanes: HashMap::new(),
+                lanes: Map::default(),
                 next_lane: 0,
                 outbox: VecDeque::new(),
                 delivering: false,
