@@ -259,6 +259,9 @@ pub fn write_frame(w: &mut impl Write, kind: Kind, payload: &[u8]) -> io::Result
     w.flush()
 }
 
+/// The most [`read_frame`] reserves before the bytes are there.
+const READ_STEP: usize = 1 << 20;
+
 /// Reads one frame.
 pub fn read_frame(r: &mut impl Read) -> Result<(Kind, Vec<u8>), FrameError> {
     let mut head = [0u8; 5];
@@ -274,14 +277,14 @@ pub fn read_frame(r: &mut impl Read) -> Result<(Kind, Vec<u8>), FrameError> {
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge { kind, len });
     }
-    let mut payload = vec![0u8; len as usize];
-    r.read_exact(&mut payload).map_err(|e| {
-        if e.kind() == io::ErrorKind::UnexpectedEof {
-            FrameError::Closed
-        } else {
-            FrameError::Io(e)
-        }
-    })?;
+    // Grown as the bytes arrive, not allocated up front: a peer that
+    // announces 64 MiB (before any HELLO was checked) and sends little
+    // costs what it sent.
+    let mut payload = Vec::with_capacity((len as usize).min(READ_STEP));
+    r.take(u64::from(len)).read_to_end(&mut payload)?;
+    if payload.len() != len as usize {
+        return Err(FrameError::Closed);
+    }
     Ok((kind, payload))
 }
 
@@ -398,6 +401,19 @@ mod tests {
         assert!(matches!(
             read_frame(&mut &huge[..]),
             Err(FrameError::TooLarge { .. })
+        ));
+        // Past what is reserved up front: read whole, or Closed when the
+        // peer stops short of what it announced.
+        let big: Vec<u8> = (0..(3 * READ_STEP + 7)).map(|i| i as u8).collect();
+        let mut b = Vec::new();
+        write_frame(&mut b, Kind::Pages, &big).unwrap();
+        assert_eq!(read_frame(&mut &b[..]).unwrap(), (Kind::Pages, big));
+        let mut short = vec![Kind::Pages as u8];
+        short.extend_from_slice(&MAX_FRAME.to_le_bytes());
+        short.extend_from_slice(&[7; 4096]);
+        assert!(matches!(
+            read_frame(&mut &short[..]),
+            Err(FrameError::Closed)
         ));
         let h = Hello {
             version: VERSION,
