@@ -433,6 +433,20 @@ fn bad_arguments_and_a_missing_vm_get_clear_errors() {
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out.stderr).contains("--status-every inf: expected seconds"));
 
+    // Rounds past MAX_ROUNDS: refused by the parser, with the range.
+    let out = wdvirt()
+        .args(["migrate", "--vm"])
+        .arg(&ctl)
+        .args(["--to", "tcp:127.0.0.1:1", "--max-rounds", "1001"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("--max-rounds") && err.contains("0..=1000"),
+        "{err}"
+    );
+
     let help = wdvirt().args(["migrate", "--help"]).output().unwrap();
     let help = text(&help.stdout);
     assert!(

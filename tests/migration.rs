@@ -325,6 +325,12 @@ fn the_halves_over_a_socket_move_a_loaded_vm_and_refuse_or_survive_what_goes_wro
     }
     .encode();
     let odd_page = link::Hello { page: 512, ..hello }.encode();
+    // A guest larger than any destination makes a memfd for.
+    let huge_ram = link::Hello {
+        ram_size: migrate::MAX_RAM + migrate::PAGE as u64,
+        ..hello
+    }
+    .encode();
     type Frames = Vec<(Kind, Vec<u8>)>;
     let cases: Vec<(Frames, &str)> = vec![
         (
@@ -336,6 +342,7 @@ fn the_halves_over_a_socket_move_a_loaded_vm_and_refuse_or_survive_what_goes_wro
             "stream version 2 (this destination speaks 1)",
         ),
         (vec![(Kind::Hello, odd_page)], "pages of 512"),
+        (vec![(Kind::Hello, huge_ram)], "up to 68719476736 bytes"),
         (
             vec![(Kind::Compat, vec![1, 2, 3])],
             "a Compat frame before HELLO",
