@@ -327,7 +327,7 @@ fn the_halves_over_a_socket_move_a_loaded_vm_and_refuse_or_survive_what_goes_wro
     let odd_page = link::Hello { page: 512, ..hello }.encode();
     // A guest larger than any destination makes a memfd for.
     let huge_ram = link::Hello {
-        ram_size: migrate::MAX_RAM + migrate::PAGE as u64,
+        ram_size: migrate::MAX_RAM + migrate::PAGE,
         ..hello
     }
     .encode();

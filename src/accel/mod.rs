@@ -113,6 +113,15 @@ pub type Wake = Arc<dyn Fn() + Send + Sync>;
 pub trait EngineObserver: Send + Sync {
     /// `job` ended at `end` after `engine_ns` of engine time.
     fn job_finished(&self, job: &Job, engine_ns: u64, end: std::time::Instant);
+
+    /// Several jobs ended, the last at `end`, each with its engine time: a
+    /// backend may report an engine's run of short jobs at once (the
+    /// scheduler then takes its lock once, not once per job).
+    fn jobs_finished(&self, done: &[(Job, u64)], end: std::time::Instant) {
+        for (job, engine_ns) in done {
+            self.job_finished(job, *engine_ns, end);
+        }
+    }
 }
 
 /// One hardware queue pair: a submission side and a completion stream.

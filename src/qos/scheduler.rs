@@ -357,6 +357,21 @@ impl EngineObserver for LaneObserver {
             shared.pump_unlocked(st, now);
         }
     }
+
+    fn jobs_finished(&self, done: &[(Job, u64)], end: Instant) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        let mut st = shared.state.lock();
+        let mut decide = false;
+        for (job, engine_ns) in done {
+            decide |= st.fair.finished(self.lane, job, *engine_ns);
+        }
+        if decide {
+            let now = shared.clock.at(end);
+            shared.pump_unlocked(st, now);
+        }
+    }
 }
 
 /// One queue pair as the device sees it: jobs wait here for their turn.
