@@ -28,6 +28,7 @@ use wdvirt_guest::Device;
 use zerocopy::IntoBytes;
 
 mod common;
+mod transport_support;
 
 use common::RAM_BASE;
 use common::daemon::Daemon;
@@ -466,6 +467,54 @@ fn doorbell_storm(arena: &mut Arena) {
     drop(vmm);
 }
 
+/// DMA_MAP with fds that are not guest memory, SET_IRQS with fds that are
+/// not eventfds, on the attacker's socket: each refused with EINVAL, and
+/// the daemon's statistics count the fds it handed to its closer thread
+/// and closed (`wdvirt stats --json`, the text's summary line).
+fn fds_that_are_not_guest_memory(arena: &mut Arena) {
+    use std::os::fd::AsFd;
+    use transport_support::RawClient;
+    let before = arena.daemon.json(&["stats"])["process"]["vmm_fds"].clone();
+    let mut c = RawClient::new(std::os::unix::net::UnixStream::connect(&arena.attacker).unwrap());
+    c.version();
+    let (pipe_r, _pipe_w) = rustix::pipe::pipe().unwrap();
+    let dir: std::os::fd::OwnedFd = std::fs::File::open("/tmp").unwrap().into();
+    for fd in [&pipe_r, &dir] {
+        let r = c.dma_map(3, 0, 0x1000_0000, 0x1000, &[fd.as_fd()]);
+        assert_eq!(
+            r.errno(),
+            libc::EINVAL,
+            "DMA_MAP with a pipe or a directory"
+        );
+    }
+    let flags = vfio_bindings::bindings::vfio::VFIO_IRQ_SET_DATA_EVENTFD
+        | vfio_bindings::bindings::vfio::VFIO_IRQ_SET_ACTION_TRIGGER;
+    let r = c.set_irqs(flags, 2, 0, 1, &[pipe_r.as_fd()]);
+    assert_eq!(r.errno(), libc::EINVAL, "SET_IRQS with a pipe");
+    drop(c);
+    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now = arena.daemon.json(&["stats"])["process"]["vmm_fds"].clone();
+        if n(&now, "queued") >= n(&before, "queued") + 3 && n(&now, "closed") == n(&now, "queued") {
+            assert_eq!(n(&now, "leaked"), 0, "{now}");
+            assert_eq!(n(&now, "closed_here"), 0, "{now}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the refused fds were not counted and closed: {before} -> {now}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = arena.daemon.cli(&["stats"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("VMM fds refused or given up:") && text.contains("0 waiting, 0 leaked"),
+        "{text}"
+    );
+}
+
 #[test]
 fn a_daemon_contains_bad_descriptors_unmaps_under_jobs_and_doorbell_storms() {
     let mut arena = Arena::new();
@@ -475,6 +524,8 @@ fn a_daemon_contains_bad_descriptors_unmaps_under_jobs_and_doorbell_storms() {
     arena.check("DMA_UNMAP under running jobs");
     doorbell_storm(&mut arena);
     arena.check("a doorbell storm");
+    fds_that_are_not_guest_memory(&mut arena);
+    arena.check("DMA_MAP and SET_IRQS with fds that are not guest memory or eventfds");
     arena.finish();
 }
 

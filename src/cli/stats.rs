@@ -191,6 +191,18 @@ pub fn render(r: &StatsReport) -> String {
         }
         table(&mut out, &rows);
     }
+    // Only once a VMM has sent fds the daemon refused: a quiet line
+    // otherwise would be noise.
+    let f = &r.process.vmm_fds;
+    if f.queued > 0 || f.leaked > 0 || f.closed_here > 0 {
+        out.push_str(&format!(
+            "VMM fds refused or given up: {} closed by the closer thread, {} waiting, {} leaked (its queue full), {} closed while serving\n",
+            f.closed,
+            f.queued.saturating_sub(f.closed),
+            f.leaked,
+            f.closed_here
+        ));
+    }
     out
 }
 

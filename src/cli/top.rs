@@ -546,6 +546,7 @@ mod tests {
         let prev = StatsReport {
             instances: vec![inst("a", Some("web"), 100, 1_000), inst("b", None, 10, 0)],
             vms: vec![],
+            ..Default::default()
         };
         let now = StatsReport {
             instances: vec![
@@ -553,6 +554,7 @@ mod tests {
                 inst("b", None, 110, 100 * 5_000),
             ],
             vms: vec![],
+            ..Default::default()
         };
         let (rows, basis, held) = rows(&prev, &now, 2.0);
         assert_eq!(basis, ShareBasis::Jobs);
@@ -589,6 +591,7 @@ mod tests {
         let prev = StatsReport {
             instances: vec![a0.clone(), b0.clone()],
             vms: vec![],
+            ..Default::default()
         };
         let (mut a1, mut b1) = (
             inst("a", Some("web"), 10, 0),
@@ -606,6 +609,7 @@ mod tests {
         let now = StatsReport {
             instances: vec![a1, b1],
             vms: vec![],
+            ..Default::default()
         };
         let (rows, basis, held) = rows(&prev, &now, 1.0);
         assert_eq!(basis, ShareBasis::EngineTime);

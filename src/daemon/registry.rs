@@ -654,7 +654,15 @@ impl Registry {
             })
             .collect();
         let named: Vec<String> = vm.into_iter().collect();
-        Ok(StatsReport::build(samples, &named))
+        let mut report = StatsReport::build(samples, &named);
+        let c = crate::transport::closer::totals();
+        report.process.vmm_fds = crate::stats::report::VmmFds {
+            queued: c.queued,
+            closed: c.closed,
+            leaked: c.leaked,
+            closed_here: c.closed_here,
+        };
+        Ok(report)
     }
 
     fn view(&self, e: &Entry) -> InstanceView {

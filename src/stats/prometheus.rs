@@ -334,6 +334,32 @@ impl Collector for ReportCollector {
                 }
             }
         }
+        let fds = &r.process.vmm_fds;
+        for (name, help, v) in [
+            (
+                "wdvirt_vmm_fds_queued",
+                "Fds VMMs sent that the daemon refused or gave up, handed to its closer thread (one that might block is never closed on a thread serving a VMM).",
+                fds.queued,
+            ),
+            (
+                "wdvirt_vmm_fds_closed",
+                "Of the queued fds, those the closer thread has closed.",
+                fds.closed,
+            ),
+            (
+                "wdvirt_vmm_fds_leaked",
+                "Fds left open because the closer's queue was full, as when it is stuck on a fd a VMM controls (at most the leak cap).",
+                fds.leaked,
+            ),
+            (
+                "wdvirt_vmm_fds_closed_here",
+                "Fds closed on the serving thread: the closer's queue full and the leak cap reached.",
+                fds.closed_here,
+            ),
+        ] {
+            let mut m = enc.encode_descriptor(name, help, None, c)?;
+            counter(&mut m, &Vec::new(), v)?;
+        }
         Ok(())
     }
 }
@@ -380,6 +406,13 @@ mod tests {
             }],
             &[],
         );
+        let mut r = r;
+        r.process.vmm_fds = crate::stats::report::VmmFds {
+            queued: 5,
+            closed: 4,
+            leaked: 1,
+            closed_here: 0,
+        };
         let text = encode(r);
         let labels = r#"vm="web",instance="00000000-0000-0000-0000-000000000000",instance_name="a\"b",queue="1""#;
         for line in [
@@ -393,6 +426,10 @@ mod tests {
             format!("wdvirt_queue_latency_seconds_bucket{{le=\"0.005\",{labels}}} 2"),
             format!("wdvirt_queue_latency_seconds_bucket{{le=\"+Inf\",{labels}}} 2"),
             "# TYPE wdvirt_queue_in_bytes counter".to_string(),
+            "wdvirt_vmm_fds_queued_total 5".to_string(),
+            "wdvirt_vmm_fds_closed_total 4".to_string(),
+            "wdvirt_vmm_fds_leaked_total 1".to_string(),
+            "wdvirt_vmm_fds_closed_here_total 0".to_string(),
             "wdvirt_instance_engine_seconds_total{vm=\"web\",instance=\"00000000-0000-0000-0000-000000000000\",instance_name=\"a\\\"b\"} 1.5".to_string(),
         ] {
             assert!(text.lines().any(|l| l == line), "no line {line} in\n{text}");

@@ -194,6 +194,33 @@ pub struct StatsReport {
     /// VMs named by the instances above (and a VM asked for by name even
     /// when none of its instances runs), by name.
     pub vms: Vec<VmStatsView>,
+    /// The daemon process's own figures, shared by every instance.
+    #[serde(default)]
+    pub process: ProcessView,
+}
+
+/// What the daemon process did that belongs to no one instance.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessView {
+    /// Fds VMMs sent that the daemon refused or gave up, by how each was
+    /// closed (`crate::transport::closer`: one that might block goes to
+    /// the closer thread, never to the thread serving a VMM).
+    pub vmm_fds: VmmFds,
+}
+
+/// See [`ProcessView::vmm_fds`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmFds {
+    /// Handed to the closer thread.
+    pub queued: u64,
+    /// Of those, closed by it.
+    pub closed: u64,
+    /// Leaked because its queue was full (never closed, never waited on;
+    /// capped; not among `queued`).
+    pub leaked: u64,
+    /// Closed on the serving thread: the queue full and the leak cap
+    /// reached.
+    pub closed_here: u64,
 }
 
 impl StatsReport {
@@ -257,7 +284,11 @@ impl StatsReport {
                 v
             })
             .collect();
-        StatsReport { instances, vms }
+        StatsReport {
+            instances,
+            vms,
+            process: ProcessView::default(),
+        }
     }
 }
 
