@@ -789,6 +789,11 @@ impl Session {
         if (f.argsz as usize) < size_of::<wire::DeviceFeature>() + data.len() {
             return Err(invalid(format!("DMA_LOGGING_START argsz {}", f.argsz)));
         }
+        if c.num_ranges == 0 {
+            return Err(invalid(
+                "DMA_LOGGING_START with no ranges (name the IOVA ranges to log)".to_string(),
+            ));
+        }
         if c.num_ranges as usize > wire::MAX_LOGGING_RANGES {
             return Err(TransportError::TooBig(format!(
                 "DMA_LOGGING_START with {} ranges (at most {})",
@@ -874,7 +879,7 @@ impl Session {
                 r.iova, r.length, r.page_size
             )));
         }
-        if !ranges.is_empty() && !ranges.iter().any(|&(s, e)| s <= r.iova && end <= e) {
+        if !ranges.iter().any(|&(s, e)| s <= r.iova && end <= e) {
             return Err(invalid(format!(
                 "DMA_LOGGING_REPORT range {:#x}+{:#x} is not inside one logged range",
                 r.iova, r.length

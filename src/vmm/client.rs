@@ -377,8 +377,8 @@ impl VfioUserClient {
         Ok(())
     }
 
-    /// DMA_LOGGING_START for `ranges` of (iova, length) (none: all of
-    /// memory); returns the page size the device chose.
+    /// DMA_LOGGING_START for `ranges` of (iova, length) (at least one, as
+    /// the kernel requires); returns the page size the device chose.
     pub fn dirty_log_start(
         &mut self,
         page_size: u64,
