@@ -542,3 +542,34 @@ fn the_halves_over_a_socket_move_a_loaded_vm_and_refuse_or_survive_what_goes_wro
     let e = Load::check_image(twice).err().unwrap();
     assert!(e.to_string().contains("tag 1 in flight twice"), "{e}");
 }
+
+/// A source whose instance cannot answer is that failure, not "does not
+/// offer migration"; a VMM whose client speaks no migration is.
+#[test]
+fn a_source_that_cannot_answer_is_a_failure_not_a_missing_feature() {
+    let (mut a, sa) = host("quad");
+    let (_b, sb) = host("quad");
+    let plain =
+        Vm::new(LoopbackVmm::connect(&sa, GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()).unwrap());
+    let e = go(&plain, &sb).unwrap_err();
+    assert!(
+        matches!(e, MigrateError::NotMigratable { side: "source", .. }),
+        "{e:?}"
+    );
+    drop(plain);
+
+    let vm = boot(&sa);
+    a.kill9();
+    let e = go(&vm, &sb).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            MigrateError::Failed {
+                phase: Phase::Connected,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(!e.to_string().contains("does not offer"), "{e}");
+}

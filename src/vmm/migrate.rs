@@ -305,10 +305,20 @@ fn connect_destination(dest: &Path, base: u64, size: u64) -> Result<LoopbackVmm,
 
 fn check_flags(vmm: &LoopbackVmm, side: &'static str) -> Result<(), MigrateError> {
     let want = u64::from(VFIO_MIGRATION_STOP_COPY | VFIO_MIGRATION_PRE_COPY);
-    let flags = vmm
-        .migration()
-        .and_then(|mut c| c.migration_flags())
-        .unwrap_or(0);
+    // A device without the feature (ENOTSUP, or a client that speaks no
+    // migration) is not migratable; any other failure (the device gone,
+    // the socket broken) is that failure, not a missing feature.
+    let flags = match vmm.migration().and_then(|mut c| c.migration_flags()) {
+        Ok(flags) => flags,
+        Err(VmmError::Refused { errno, .. }) if errno == libc::ENOTSUP => 0,
+        Err(VmmError::NoMigration) => 0,
+        Err(source) => {
+            return Err(MigrateError::Failed {
+                phase: Phase::Connected,
+                source,
+            });
+        }
+    };
     if flags & want != want {
         return Err(MigrateError::NotMigratable { side, flags });
     }
