@@ -210,6 +210,52 @@ pub fn run(
     Ok(out)
 }
 
+/// One compress job's `src` compressed as a stream of pieces of `slice`
+/// bytes into `dst` (a whole `format` stream: header, the pieces each
+/// ended by a sync flush, the last by finish, the trailer), calling
+/// `between` after every piece but the last; returns the bytes written.
+/// This is how a software engine runs a long compress job in slices
+/// (`accel::soft`): the pieces' state is the stream context, so the engine
+/// can do other work between them. `level` is libdeflate's (1..=12), taken
+/// to zlib's nearest in output size: zlib's level 1 is a faster, looser
+/// algorithm (27 % larger than libdeflate's level 1 on the guest tool's
+/// text), so 1 is zlib's 2 (within 2 %); above 9, zlib's 9. The output is
+/// a function of `src`, `format`, `level` and `slice` alone.
+pub fn compress_in_slices(
+    format: Format,
+    level: u64,
+    src: &[u8],
+    dst: &mut [u8],
+    slice: usize,
+    between: &mut dyn FnMut(),
+) -> Result<u32, JobStatus> {
+    let mut ctx = vec![0u8; s::CTX_SIZE as usize];
+    let level = level.clamp(2, s::MAX_LEVEL);
+    let pieces = src.len().div_ceil(slice.max(1)).max(1);
+    let mut at = 0usize;
+    for i in 0..pieces {
+        let piece = &src[(i * slice).min(src.len())..((i + 1) * slice).min(src.len())];
+        let last = i + 1 == pieces;
+        let flush = if last { s::FLUSH_FINISH } else { s::FLUSH_SYNC };
+        let param = format.code()
+            | level << s::LEVEL_SHIFT
+            | flush << s::FLUSH_SHIFT
+            | if i == 0 { s::START } else { 0 };
+        let out = run(
+            Opcode::StreamCompress,
+            piece,
+            &mut dst[at..],
+            &mut ctx,
+            param,
+        )?;
+        at += out.bytes as usize;
+        if !last {
+            between();
+        }
+    }
+    u32::try_from(at).map_err(|_| JobStatus::DstTooSmall)
+}
+
 fn zlib_header(level: u64) -> [u8; 2] {
     let cmf = 0x78u16; // deflate, 32 KiB window
     let flevel = match level {
@@ -604,6 +650,39 @@ mod tests {
                 );
                 assert!(packed.len() < data.len() / 2);
             }
+        }
+    }
+
+    #[test]
+    fn a_job_compressed_in_slices_is_one_stream_and_yields_between_them() {
+        let data = corpus(300_000, 5);
+        for format in Format::ALL {
+            for level in [1, 9, 12] {
+                let mut dst = vec![0u8; data.len() + 1024];
+                let mut yields = 0;
+                let n =
+                    compress_in_slices(format, level, &data, &mut dst, 65536, &mut || yields += 1)
+                        .unwrap() as usize;
+                // 300,000 bytes are five pieces of 64 KiB: four stops between.
+                assert_eq!(yields, 4, "{format:?}");
+                assert_eq!(
+                    crate::accel::reference::decode(format, &dst[..n]),
+                    data,
+                    "{format:?} L{level}"
+                );
+                assert!(n < data.len() / 2, "{format:?} L{level}: {n}");
+                // The same input gives the same bytes (no timing in it).
+                let mut again = vec![0u8; dst.len()];
+                let m = compress_in_slices(format, level, &data, &mut again, 65536, &mut || {})
+                    .unwrap() as usize;
+                assert_eq!(again[..m], dst[..n]);
+            }
+            // Too little room is the one-shot path's status.
+            let mut small = vec![0u8; 1000];
+            assert_eq!(
+                compress_in_slices(format, 1, &data, &mut small, 65536, &mut || {}),
+                Err(JobStatus::DstTooSmall)
+            );
         }
     }
 
