@@ -122,6 +122,12 @@ pub trait EngineObserver: Send + Sync {
             self.job_finished(job, *engine_ns, end);
         }
     }
+
+    /// An engine running a job of this queue pair in slices has reached
+    /// the end of one and will run what is waiting for it before the next:
+    /// the moment to hand it another instance's work (the scheduler does,
+    /// to the instance owed the most). Default: nothing.
+    fn between_slices(&self) {}
 }
 
 /// One hardware queue pair: a submission side and a completion stream.

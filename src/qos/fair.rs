@@ -513,10 +513,31 @@ impl<J: Work> Fair<J> {
         out
     }
 
-    /// The tenant whose turn it is, if any may go.
-    fn pick(&mut self, now: u64) -> Option<TenantId> {
+    /// A job of `lane` that an engine runs in slices has reached the end
+    /// of one: the next batch of the tenant owed the most, if that is
+    /// another tenant owed more than `lane`'s (a lower virtual time,
+    /// counting what each has in flight), to run between the slices
+    /// though the engines are not hungry. So a tenant of short jobs waits
+    /// for a slice of a neighbour's long job, not for all of it. A backend
+    /// that cannot slice never asks.
+    pub fn dispatch_beside(&mut self, lane: LaneId, now: u64) -> Option<Batch<J>> {
+        let running = self.lanes.get(&lane)?.tenant;
+        let running_key = self.tenants.get(&running)?.key();
+        let batch = self
+            .pick(now, Some(running))
+            .filter(|id| self.tenants[id].key() < running_key)
+            .and_then(|id| self.batch_of(id, now));
+        self.account_waits(now);
+        batch
+    }
+
+    /// The tenant whose turn it is, if any may go (other than `besides`).
+    fn pick(&mut self, now: u64, besides: Option<TenantId>) -> Option<TenantId> {
         let mut best: Option<(f64, TenantId)> = None;
         for &id in &self.backlog {
+            if Some(id) == besides {
+                continue;
+            }
             let t = self.tenants.get_mut(&id).expect("backlogged tenants exist");
             t.refill(now);
             let Some(head) = first_pending(&self.lanes, t) else {
@@ -534,7 +555,13 @@ impl<J: Work> Fair<J> {
     }
 
     fn next_batch(&mut self, now: u64) -> Option<Batch<J>> {
-        let id = self.pick(now)?;
+        let id = self.pick(now, None)?;
+        self.batch_of(id, now)
+    }
+
+    /// The next batch of tenant `id`: at least one job, more while the
+    /// engines' time budget lasts.
+    fn batch_of(&mut self, id: TenantId, now: u64) -> Option<Batch<J>> {
         let budget = u64::from(self.engines) * QUANTUM_NS;
         let room_ns = budget.saturating_sub(self.out_est);
         let room_jobs = self.engines * MAX_JOBS_PER_ENGINE - self.out_jobs;

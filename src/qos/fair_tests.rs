@@ -598,3 +598,46 @@ fn a_finished_job_asks_for_a_dispatch_only_when_jobs_wait_and_engines_are_hungry
     let _ = f.dispatch(0);
     assert!(f.finished(2, &job(10), 150 * US));
 }
+
+#[test]
+fn between_a_long_jobs_slices_only_a_tenant_owed_more_gets_a_batch() {
+    let job = |id, cost_ns, class| TJob {
+        id,
+        cost_ns,
+        bytes: 4096,
+        class,
+    };
+    let mut f: Fair<TJob> = Fair::new(1);
+    for (lane, tenant) in [(1, 1), (2, 2), (3, 1)] {
+        f.add_lane(lane, tenant, 0, 0);
+    }
+    // Tenant 1's long job is measured (250 ms) and goes out; the engine
+    // is far from hungry.
+    f.offer(1, &[job(0, 250 * MS, 8)], 0);
+    let _ = f.dispatch(0);
+    f.finished(1, &job(0, 250 * MS, 8), 250 * MS);
+    f.offer(1, &[job(1, 250 * MS, 8)], 0);
+    assert_eq!(f.dispatch(0).len(), 1);
+    // Tenant 2's small job waits: not hungry, so no ordinary dispatch.
+    f.offer(2, &[job(2, 40 * US, 9)], 0);
+    assert!(f.dispatch(0).is_empty());
+    // Tenant 1's other queue is not let in beside its own long job.
+    f.offer(3, &[job(3, 40 * US, 9)], 0);
+    // Between slices: tenant 2, owed more, gets its job; then nothing
+    // (tenant 1 is the one running).
+    let b = f.dispatch_beside(1, 0).expect("tenant 2 is owed");
+    assert_eq!((b.lane, b.jobs[0].id), (2, 2));
+    assert!(f.dispatch_beside(1, 0).is_none());
+    // A lane nobody knows asks for nothing.
+    assert!(f.dispatch_beside(99, 0).is_none());
+    // Once tenant 2 has had more than tenant 1, it is not let in.
+    for i in 0..3 {
+        f.finished(2, &job(2, 400 * MS, 9), 400 * MS);
+        f.offer(2, &[job(10 + i, 40 * US, 9)], 0);
+        let _ = f.dispatch_beside(1, 0);
+    }
+    assert!(
+        f.dispatch_beside(1, 0).is_none(),
+        "tenant 2 is owed no more"
+    );
+}

@@ -358,6 +358,22 @@ impl EngineObserver for LaneObserver {
         }
     }
 
+    fn between_slices(&self) {
+        let Some(shared) = self.shared.upgrade() else {
+            return;
+        };
+        let mut st = shared.state.lock();
+        let now = shared.clock.now_ns();
+        let Some(b) = st.fair.dispatch_beside(self.lane, now) else {
+            return;
+        };
+        if let Some(io) = st.lanes.get(&b.lane) {
+            let qp = io.qp.clone();
+            st.outbox.push_back((qp, b));
+        }
+        shared.pump_unlocked(st, now);
+    }
+
     fn jobs_finished(&self, done: &[(Job, u64)], end: Instant) {
         let Some(shared) = self.shared.upgrade() else {
             return;
