@@ -143,10 +143,26 @@ pub struct Parked {
 }
 
 /// A queue worker's thread between two runs: it holds nothing and waits
-/// for its next [`Worker`]. Dropped, it ends by itself (it is not joined:
-/// it holds nothing, and a resume must not wait for a thread's exit).
+/// for its next [`Worker`]. Dropped, it is told to end and joined, so no
+/// thread of an instance outlives it (a resume hands the thread its next
+/// run instead, and waits for no exit).
 pub struct IdleThread {
-    ctl: Sender<Worker>,
+    ctl: Option<Sender<Worker>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for IdleThread {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread once its current run (if
+        // any: a queue being halted) is over.
+        self.ctl.take();
+        if let Some(t) = self.thread.take()
+            && t.thread().id() != std::thread::current().id()
+            && t.join().is_err()
+        {
+            tracing::error!("queue worker thread panicked");
+        }
+    }
 }
 
 impl IdleThread {
@@ -163,15 +179,22 @@ impl IdleThread {
 
     fn start(queue: u32, first: Option<Worker>) -> std::io::Result<IdleThread> {
         let (ctl, next) = crossbeam_channel::bounded(1);
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("wd-queue-{queue}"))
             .spawn(move || serve(first, next))?;
-        Ok(IdleThread { ctl })
+        Ok(IdleThread {
+            ctl: Some(ctl),
+            thread: Some(thread),
+        })
     }
 
     /// Run `worker` on this thread, or on a new one if this one is gone.
     fn run(self, worker: Worker) -> std::io::Result<IdleThread> {
-        match self.ctl.send(worker) {
+        let sent = match &self.ctl {
+            Some(ctl) => ctl.send(worker),
+            None => Err(crossbeam_channel::SendError(worker)),
+        };
+        match sent {
             Ok(()) => Ok(self),
             Err(crossbeam_channel::SendError(worker)) => IdleThread::spawn(worker),
         }
@@ -904,12 +927,20 @@ impl Worker {
             && mem
                 .write_slice(&bytes[8..16], GuestAddress(base + 8))
                 .is_ok();
+        // Q_COMPLETED counts the entry before the guest can see it, so a
+        // driver that has seen an entry reads a count that includes it.
+        if body {
+            self.ctx.shared.completed.fetch_add(1, Ordering::Release);
+        }
         std::sync::atomic::fence(Ordering::Release);
         if !body
             || mem
                 .store(flags, GuestAddress(base + 6), Ordering::Release)
                 .is_err()
         {
+            if body {
+                self.ctx.shared.completed.fetch_sub(1, Ordering::Release);
+            }
             // The guest can never see it finish: dropped, not done.
             self.ctx.shared.stats.dropped(1);
             tracing::debug!(queue = self.ctx.queue, "completion entry not written");
@@ -917,7 +948,6 @@ impl Worker {
         }
         self.cq_tail = self.cq_tail.wrapping_add(1);
         self.ctx.shared.stats.completed(&r);
-        self.ctx.shared.completed.fetch_add(1, Ordering::Relaxed);
         if self.irq_pending == 0 {
             self.irq_since = Some(Instant::now());
         }
