@@ -140,11 +140,7 @@ impl Ctx {
 
     /// Account for `data`, uncompressed, passing through the stream.
     fn saw(&mut self, data: &[u8]) {
-        self.check = match self.format {
-            Format::Deflate => 0,
-            Format::Zlib => zlib_rs::adler32::adler32(self.check, data),
-            Format::Gzip => zlib_rs::crc32::crc32(self.check, data),
-        };
+        self.check = check_of(self.format, self.check, data);
         self.plain += data.len() as u64;
         if data.len() >= WINDOW {
             self.window.clear();
@@ -215,11 +211,11 @@ pub fn run(
 /// ended by a sync flush, the last by finish, the trailer), calling
 /// `between` after every piece but the last; returns the bytes written.
 /// This is how a software engine runs a long compress job in slices
-/// (`accel::soft`): the pieces' state is the stream context, so the engine
-/// can do other work between them. `level` is libdeflate's (1..=12), taken
-/// to zlib's nearest in output size: zlib's level 1 is a faster, looser
-/// algorithm (27 % larger than libdeflate's level 1 on the guest tool's
-/// text), so 1 is zlib's 2 (within 2 %); above 9, zlib's 9. The output is
+/// (`accel::soft`): one deflate stream lives across the pieces, so the
+/// engine can do other work between them. `level` is libdeflate's
+/// (1..=12), taken to zlib's nearest in output size: zlib's level 1 is a
+/// faster, looser algorithm (27 % larger than libdeflate's level 1 on the
+/// guest tool's text), so 1 is zlib's 2; above 9, zlib's 9. The output is
 /// a function of `src`, `format`, `level` and `slice` alone.
 pub fn compress_in_slices(
     format: Format,
@@ -229,31 +225,58 @@ pub fn compress_in_slices(
     slice: usize,
     between: &mut dyn FnMut(),
 ) -> Result<u32, JobStatus> {
-    let mut ctx = vec![0u8; s::CTX_SIZE as usize];
     let level = level.clamp(2, s::MAX_LEVEL);
+    let mut at = 0;
+    match format {
+        Format::Deflate => {}
+        Format::Zlib => put(dst, &mut at, &zlib_header(level))?,
+        Format::Gzip => put(dst, &mut at, &gzip_header(level))?,
+    }
+    let mut zs = Zstream::deflate(level as i32).ok_or(JobStatus::EngineError)?;
+    let mut check = Ctx::new(format, true).check;
     let pieces = src.len().div_ceil(slice.max(1)).max(1);
-    let mut at = 0usize;
     for i in 0..pieces {
         let piece = &src[(i * slice).min(src.len())..((i + 1) * slice).min(src.len())];
         let last = i + 1 == pieces;
-        let flush = if last { s::FLUSH_FINISH } else { s::FLUSH_SYNC };
-        let param = format.code()
-            | level << s::LEVEL_SHIFT
-            | flush << s::FLUSH_SHIFT
-            | if i == 0 { s::START } else { 0 };
-        let out = run(
-            Opcode::StreamCompress,
-            piece,
-            &mut dst[at..],
-            &mut ctx,
-            param,
-        )?;
-        at += out.bytes as usize;
+        let flush = if last { z::Z_FINISH } else { z::Z_SYNC_FLUSH };
+        let step = zs.step(piece, &mut dst[at..], flush);
+        // As in `compress_piece`: a flush is complete only if it left
+        // output space; finish must end the stream.
+        let done = if last {
+            step.code == z::Z_STREAM_END
+        } else {
+            step.code == z::Z_OK && step.read == piece.len() && at + step.written < dst.len()
+        };
+        if !done {
+            return Err(match step.code {
+                z::Z_OK | z::Z_BUF_ERROR => JobStatus::DstTooSmall,
+                _ => JobStatus::EngineError,
+            });
+        }
+        at += step.written;
+        check = check_of(format, check, piece);
         if !last {
             between();
         }
     }
+    match format {
+        Format::Deflate => {}
+        Format::Zlib => put(dst, &mut at, &check.to_be_bytes())?,
+        Format::Gzip => {
+            put(dst, &mut at, &check.to_le_bytes())?;
+            put(dst, &mut at, &(src.len() as u32).to_le_bytes())?;
+        }
+    }
     u32::try_from(at).map_err(|_| JobStatus::DstTooSmall)
+}
+
+/// The format's running check value after `data` (none for raw deflate).
+fn check_of(format: Format, check: u32, data: &[u8]) -> u32 {
+    match format {
+        Format::Deflate => 0,
+        Format::Zlib => zlib_rs::adler32::adler32(check, data),
+        Format::Gzip => zlib_rs::crc32::crc32(check, data),
+    }
 }
 
 fn zlib_header(level: u64) -> [u8; 2] {
