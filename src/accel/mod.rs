@@ -123,11 +123,14 @@ pub trait EngineObserver: Send + Sync {
         }
     }
 
-    /// An engine running a job of this queue pair in slices has reached
-    /// the end of one and will run what is waiting for it before the next:
-    /// the moment to hand it another instance's work (the scheduler does,
-    /// to the instance owed the most). Default: nothing.
-    fn between_slices(&self) {}
+    /// An engine running `job` of this queue pair in slices has reached
+    /// the end of one, after `engine_ns` of engine time on it so far, and
+    /// will run what is waiting for it before the next: the moment to hand
+    /// it another instance's work (the scheduler does, to an instance owed
+    /// more). Default: nothing.
+    fn between_slices(&self, job: &Job, engine_ns: u64) {
+        let _ = (job, engine_ns);
+    }
 }
 
 /// One hardware queue pair: a submission side and a completion stream.

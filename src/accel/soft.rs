@@ -819,6 +819,7 @@ impl Engine {
         // its slices get buffers of their own.
         let mut src = std::mem::take(&mut self.src);
         let mut dst = std::mem::take(&mut self.dst);
+        let started = Instant::now();
         let mut nested_ns = 0;
         let mut done = (|| {
             let s = bounce(&mut src, src_len);
@@ -828,7 +829,9 @@ impl Engine {
             let d = bounce(&mut dst, dst_len);
             let res = catch_unwind(AssertUnwindSafe(|| {
                 super::stream::compress_in_slices(format, level, s, d, SLICE, &mut || {
-                    nested_ns += self.between_slices(pasid, observer);
+                    let own = (started.elapsed().as_nanos() as u64).saturating_sub(nested_ns);
+                    let ask = observer.map(|o| (o, job, own));
+                    nested_ns += self.between_slices(pasid, ask);
                 })
             }));
             let bytes_in = src_len as u64;
@@ -863,12 +866,18 @@ impl Engine {
         done
     }
 
-    /// Between two slices of a long job of `pasid`: runs up to
-    /// [`TAKE_BETWEEN`] waiting jobs of other PASIDs that are not long
-    /// themselves, each to its end; anything else it takes waits in
-    /// `deferred`, as does any later job of a queue pair with one waiting
-    /// there (a queue's jobs keep their order). Returns the time spent.
-    fn between_slices(&mut self, pasid: Pasid, asks: Option<&Arc<dyn EngineObserver>>) -> u64 {
+    /// Between two slices of a long job of `pasid`: asks the job's
+    /// observer (`asks`: it, the job and its engine time so far) for work,
+    /// then runs up to [`TAKE_BETWEEN`] waiting jobs of other PASIDs that
+    /// are not long themselves, each to its end; anything else it takes
+    /// waits in `deferred`, as does any later job of a queue pair with one
+    /// waiting there (a queue's jobs keep their order). Returns the time
+    /// spent.
+    fn between_slices(
+        &mut self,
+        pasid: Pasid,
+        asks: Option<(&Arc<dyn EngineObserver>, &Job, u64)>,
+    ) -> u64 {
         if self.stopping {
             return 0;
         }
@@ -876,8 +885,8 @@ impl Engine {
         // What this engine finished so far is reported first, so the
         // scheduler decides on current charges; then it may hand over work.
         self.report(None);
-        if let Some(o) = asks {
-            o.between_slices();
+        if let Some((o, job, engine_ns)) = asks {
+            o.between_slices(job, engine_ns);
         }
         for _ in 0..TAKE_BETWEEN {
             let Ok(msg) = self.jobs.try_recv() else {
@@ -1376,18 +1385,35 @@ mod tests {
         for qp in [&long_qp, &same_instance, &other] {
             qp.observe(order.clone());
         }
-        // gzip level 12 of 1 MiB: sixteen slices, tens of milliseconds.
+        // gzip level 12 of 1 MiB: sixteen slices, tens of milliseconds;
+        // beside it, SHA-256 jobs of 256 KiB, long enough that the time
+        // they take inside it shows (below).
         let mut long = job(Opcode::GzipCompress, 0, 1 << 20, 2 << 20, 1 << 20, 1);
         long.param = 12;
+        let t0 = Instant::now();
         long_qp.submit(&[long]).unwrap();
-        let crc = |cookie| job(Opcode::Crc32c, 0, 4096, 0, 0, cookie);
+        let sha = |cookie| {
+            job(
+                Opcode::Sha256,
+                0,
+                256 << 10,
+                0x10_0000 + cookie * 64,
+                32,
+                cookie,
+            )
+        };
         other
-            .submit(&(100..110).map(crc).collect::<Vec<_>>())
+            .submit(&(100..110).map(sha).collect::<Vec<_>>())
             .unwrap();
         same_instance
-            .submit(&(200..205).map(crc).collect::<Vec<_>>())
+            .submit(
+                &(200..205)
+                    .map(|c| job(Opcode::Crc32c, 0, 4096, 0, 0, c))
+                    .collect::<Vec<_>>(),
+            )
             .unwrap();
         let r = long_qp.completions().recv_timeout(TIMEOUT).unwrap();
+        let wall = t0.elapsed().as_nanos() as u64;
         assert_eq!(r.status, JobStatus::Ok);
         for qp in [&other, &same_instance] {
             while qp.in_flight() > 0 {
@@ -1400,16 +1426,20 @@ mod tests {
             crate::accel::reference::decode(wdvirt_abi::Format::Gzip, &packed),
             input
         );
-        let n = super::super::stream::compress_in_slices(
+        let mut alone = vec![0u8; 1 << 20];
+        let n = compress_as_engine(
             wdvirt_abi::Format::Gzip,
             12,
             &input,
-            &mut vec![0u8; 1 << 20],
-            SLICE,
-            &mut || {},
+            &mut alone,
+            &mut Scratch::new(),
         )
         .unwrap();
-        assert_eq!(n, r.bytes, "the same bytes as with nothing between");
+        assert_eq!(
+            alone[..n as usize],
+            packed[..],
+            "the same bytes as with nothing between"
+        );
         let order = order.0.lock().clone();
         let at = |c: u64| order.iter().position(|o| o.0 == c).unwrap();
         // The other instance's jobs ran inside the long one; its own
@@ -1418,7 +1448,9 @@ mod tests {
         assert!((200..205).all(|c| at(c) > at(1)), "{order:?}");
         let own: Vec<usize> = (200..205).map(at).collect();
         assert!(own.windows(2).all(|w| w[0] < w[1]), "{order:?}");
-        // The long job is charged its own time, not the jobs run inside it.
+        // The long job is charged its own time, not the jobs run inside
+        // it: the two together fit in the time the long job took (charged
+        // the whole span, it alone would fill it).
         let long_ns = order[at(1)].1;
         let inside: u64 = order
             .iter()
@@ -1426,6 +1458,44 @@ mod tests {
             .map(|o| o.1)
             .sum();
         assert!(long_ns > 0 && inside > 0, "{order:?}");
+        assert!(long_ns + inside <= wall, "{long_ns} + {inside} > {wall} ns");
+    }
+
+    /// Through the QoS scheduler, as the device uses it: another
+    /// instance's job offered while a long one runs is held by the
+    /// scheduler (the engine is not hungry) and reaches the engine between
+    /// two slices, so it completes long before the long job.
+    #[test]
+    fn through_the_scheduler_an_owed_instances_job_runs_between_a_long_jobs_slices() {
+        let sched = crate::qos::ScheduledAccel::new(SoftAccel::new(1), 1).unwrap();
+        let a = space(&[(0, 4 << 20)]);
+        let b = space(&[(0, 1 << 20)]);
+        sched.bind_pasid(1, a.clone()).unwrap();
+        sched.bind_pasid(2, b.clone()).unwrap();
+        write(&a, 0, &corpus(1 << 20));
+        write(&b, 0, &corpus(4096));
+        let long_qp = sched.open_queue_pair(1, 0).unwrap();
+        let other = sched.open_queue_pair(2, 0).unwrap();
+        let mut long = job(Opcode::GzipCompress, 0, 1 << 20, 2 << 20, 1 << 20, 1);
+        long.param = 12;
+        assert_eq!(long_qp.submit(&[long]).unwrap(), 1);
+        let crcs: Vec<Job> = (100..103)
+            .map(|c| job(Opcode::Crc32c, 0, 4096, 0, 0, c))
+            .collect();
+        assert_eq!(other.submit(&crcs).unwrap(), 3, "held by the scheduler");
+        let mut order = Vec::new();
+        let deadline = Instant::now() + TIMEOUT;
+        while order.len() < 4 {
+            assert!(Instant::now() < deadline, "{order:?}");
+            crossbeam_channel::select! {
+                recv(long_qp.completions()) -> r => order.push(r.unwrap()),
+                recv(other.completions()) -> r => order.push(r.unwrap()),
+                default(Duration::from_millis(50)) => {}
+            }
+        }
+        assert!(order.iter().all(|r| r.status == JobStatus::Ok), "{order:?}");
+        let cookies: Vec<u64> = order.iter().map(|r| r.cookie).collect();
+        assert_eq!(cookies, [100, 101, 102, 1], "the long job last");
     }
 
     #[test]

@@ -34,7 +34,6 @@
 use std::collections::VecDeque;
 
 use super::Map;
-
 use super::bucket::TokenBucket;
 use super::policy::Policy;
 use super::snapshot::{Interference, TenantSnapshot, Throttled};
@@ -514,15 +513,20 @@ impl<J: Work> Fair<J> {
     }
 
     /// A job of `lane` that an engine runs in slices has reached the end
-    /// of one: the next batch of the tenant owed the most, if that is
-    /// another tenant owed more than `lane`'s (a lower virtual time,
-    /// counting what each has in flight), to run between the slices
-    /// though the engines are not hungry. So a tenant of short jobs waits
-    /// for a slice of a neighbour's long job, not for all of it. A backend
-    /// that cannot slice never asks.
-    pub fn dispatch_beside(&mut self, lane: LaneId, now: u64) -> Option<Batch<J>> {
+    /// of one, after `engine_ns` on it so far: the next batch of the tenant
+    /// owed the most, if that is another tenant owed more than `lane`'s (a
+    /// lower virtual time, counting what each has in flight, and for the
+    /// running tenant at least what its job has used so far, which its
+    /// estimate may be far below), to run between the slices though the
+    /// engines are not hungry. So a tenant of short jobs waits for a slice
+    /// of a neighbour's long job, not for all of it. A backend that cannot
+    /// slice never asks.
+    pub fn dispatch_beside(&mut self, lane: LaneId, engine_ns: u64, now: u64) -> Option<Batch<J>> {
         let running = self.lanes.get(&lane)?.tenant;
-        let running_key = self.tenants.get(&running)?.key();
+        let t = self.tenants.get(&running)?;
+        let running_key = t
+            .key()
+            .max(t.vtime + engine_ns as f64 / t.policy.weight() as f64);
         let batch = self
             .pick(now, Some(running))
             .filter(|id| self.tenants[id].key() < running_key)

@@ -625,19 +625,22 @@ fn between_a_long_jobs_slices_only_a_tenant_owed_more_gets_a_batch() {
     f.offer(3, &[job(3, 40 * US, 9)], 0);
     // Between slices: tenant 2, owed more, gets its job; then nothing
     // (tenant 1 is the one running).
-    let b = f.dispatch_beside(1, 0).expect("tenant 2 is owed");
+    let b = f.dispatch_beside(1, 0, 0).expect("tenant 2 is owed");
     assert_eq!((b.lane, b.jobs[0].id), (2, 2));
-    assert!(f.dispatch_beside(1, 0).is_none());
+    assert!(f.dispatch_beside(1, 0, 0).is_none());
     // A lane nobody knows asks for nothing.
-    assert!(f.dispatch_beside(99, 0).is_none());
-    // Once tenant 2 has had more than tenant 1, it is not let in.
-    for i in 0..3 {
-        f.finished(2, &job(2, 400 * MS, 9), 400 * MS);
-        f.offer(2, &[job(10 + i, 40 * US, 9)], 0);
-        let _ = f.dispatch_beside(1, 0);
-    }
+    assert!(f.dispatch_beside(99, 0, 0).is_none());
+    // Once tenant 2 has had more than tenant 1, it is not let in...
+    f.finished(2, &job(2, 400 * MS, 9), 400 * MS);
+    f.offer(2, &[job(10, 40 * US, 9)], 0);
     assert!(
-        f.dispatch_beside(1, 0).is_none(),
-        "tenant 2 is owed no more"
+        f.dispatch_beside(1, 0, 0).is_none(),
+        "tenant 2 (250 ms from joining late, 400 ms run) is owed no more than tenant 1 (250 ms run, 250 ms in flight)"
     );
+    // ...unless tenant 1's running job has used more than its estimate:
+    // what it used so far counts.
+    let b = f
+        .dispatch_beside(1, 600 * MS, 0)
+        .expect("tenant 1 has had more");
+    assert_eq!(b.jobs[0].id, 10);
 }

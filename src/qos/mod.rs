@@ -21,11 +21,12 @@ pub mod snapshot;
 
 pub use policy::Policy;
 
+pub use scheduler::ScheduledAccel;
+pub use snapshot::{Interference, TenantSnapshot, Throttled};
+
 /// The scheduler's maps, keyed by small integers (lane, tenant, operation)
 /// and looked up several times per job: foldhash's fast hasher instead of
 /// std's SipHash, which `perf` showed as a visible part of the engine
 /// thread's per-job cost. Keys come from the daemon, never from a guest,
 /// so SipHash's resistance to chosen keys buys nothing here.
 type Map<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
-pub use scheduler::ScheduledAccel;
-pub use snapshot::{Interference, TenantSnapshot, Throttled};

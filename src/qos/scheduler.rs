@@ -57,6 +57,16 @@ struct State {
     stop: bool,
 }
 
+impl State {
+    /// A decided batch into the outbox, for its lane's queue pair (a lane
+    /// closed meanwhile has had its jobs withdrawn: nothing to post).
+    fn post(&mut self, b: Batch<Job>) {
+        if let Some(io) = self.lanes.get(&b.lane) {
+            self.outbox.push_back((io.qp.clone(), b));
+        }
+    }
+}
+
 struct Shared {
     state: Mutex<State>,
     timer: Condvar,
@@ -77,9 +87,7 @@ impl Shared {
     fn pump(&self, st: &mut State, now: u64) -> Pumped {
         let mut out = Pumped::default();
         for b in st.fair.dispatch(now) {
-            if let Some(io) = st.lanes.get(&b.lane) {
-                st.outbox.push_back((io.qp.clone(), b));
-            }
+            st.post(b);
         }
         if let Some(at) = st.fair.next_wake()
             && st.timer_at.is_none_or(|t| at < t)
@@ -346,31 +354,19 @@ struct LaneObserver {
 
 impl EngineObserver for LaneObserver {
     fn job_finished(&self, job: &Job, engine_ns: u64, end: Instant) {
-        let Some(shared) = self.shared.upgrade() else {
-            return;
-        };
-        let mut st = shared.state.lock();
-        // Most completions leave nothing to decide: the engines still hold
-        // enough, and the job's instance was not held at its cap.
-        if st.fair.finished(self.lane, job, engine_ns) {
-            let now = shared.clock.at(end);
-            shared.pump_unlocked(st, now);
-        }
+        self.jobs_finished(&[(*job, engine_ns)], end);
     }
 
-    fn between_slices(&self) {
+    fn between_slices(&self, _job: &Job, engine_ns: u64) {
         let Some(shared) = self.shared.upgrade() else {
             return;
         };
         let mut st = shared.state.lock();
         let now = shared.clock.now_ns();
-        let Some(b) = st.fair.dispatch_beside(self.lane, now) else {
+        let Some(b) = st.fair.dispatch_beside(self.lane, engine_ns, now) else {
             return;
         };
-        if let Some(io) = st.lanes.get(&b.lane) {
-            let qp = io.qp.clone();
-            st.outbox.push_back((qp, b));
-        }
+        st.post(b);
         shared.pump_unlocked(st, now);
     }
 
@@ -379,6 +375,8 @@ impl EngineObserver for LaneObserver {
             return;
         };
         let mut st = shared.state.lock();
+        // Most completions leave nothing to decide: the engines still hold
+        // enough, and the jobs' instance was not held at its cap.
         let mut decide = false;
         for (job, engine_ns) in done {
             decide |= st.fair.finished(self.lane, job, *engine_ns);
