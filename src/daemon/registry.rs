@@ -655,13 +655,7 @@ impl Registry {
             .collect();
         let named: Vec<String> = vm.into_iter().collect();
         let mut report = StatsReport::build(samples, &named);
-        let c = crate::transport::closer::totals();
-        report.process.vmm_fds = crate::stats::report::VmmFds {
-            queued: c.queued,
-            closed: c.closed,
-            leaked: c.leaked,
-            closed_here: c.closed_here,
-        };
+        report.process.vmm_fds = crate::transport::closer::totals();
         Ok(report)
     }
 

@@ -391,7 +391,7 @@ mod tests {
             histogram: l.load(),
             latency_sum_ns: l.sum_ns(),
         };
-        let r = StatsReport::build(
+        let mut r = StatsReport::build(
             vec![InstanceSample {
                 uuid: uuid::Uuid::nil(),
                 name: "a\"b".into(),
@@ -406,8 +406,7 @@ mod tests {
             }],
             &[],
         );
-        let mut r = r;
-        r.process.vmm_fds = crate::stats::report::VmmFds {
+        r.process.vmm_fds = crate::transport::closer::CloserTotals {
             queued: 5,
             closed: 4,
             leaked: 1,

@@ -205,22 +205,7 @@ pub struct ProcessView {
     /// Fds VMMs sent that the daemon refused or gave up, by how each was
     /// closed (`crate::transport::closer`: one that might block goes to
     /// the closer thread, never to the thread serving a VMM).
-    pub vmm_fds: VmmFds,
-}
-
-/// See [`ProcessView::vmm_fds`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmmFds {
-    /// Handed to the closer thread.
-    pub queued: u64,
-    /// Of those, closed by it.
-    pub closed: u64,
-    /// Leaked because its queue was full (never closed, never waited on;
-    /// capped; not among `queued`).
-    pub leaked: u64,
-    /// Closed on the serving thread: the queue full and the leak cap
-    /// reached.
-    pub closed_here: u64,
+    pub vmm_fds: crate::transport::closer::CloserTotals,
 }
 
 impl StatsReport {

@@ -31,8 +31,9 @@ pub const CAPACITY: usize = 1024;
 /// Fds a closer leaks at most; past this, the caller closes them itself.
 pub const LEAK_CAP: u64 = 1024;
 
-/// What a closer has done so far.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What a closer has done so far (in the daemon's statistics as
+/// `process.vmm_fds`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CloserTotals {
     /// Fds handed to the closer thread.
     pub queued: u64,

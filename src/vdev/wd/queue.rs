@@ -155,12 +155,13 @@ impl Drop for IdleThread {
     fn drop(&mut self) {
         // Closing the channel ends the thread once its current run (if
         // any: a queue being halted) is over.
+        // A panic there is the worker's, logged where its run's end is
+        // awaited (`QueueRunner`), not again here.
         self.ctl.take();
         if let Some(t) = self.thread.take()
             && t.thread().id() != std::thread::current().id()
-            && t.join().is_err()
         {
-            tracing::error!("queue worker thread panicked");
+            let _ = t.join();
         }
     }
 }
@@ -190,11 +191,8 @@ impl IdleThread {
 
     /// Run `worker` on this thread, or on a new one if this one is gone.
     fn run(self, worker: Worker) -> std::io::Result<IdleThread> {
-        let sent = match &self.ctl {
-            Some(ctl) => ctl.send(worker),
-            None => Err(crossbeam_channel::SendError(worker)),
-        };
-        match sent {
+        let ctl = self.ctl.as_ref().expect("only drop takes the channel");
+        match ctl.send(worker) {
             Ok(()) => Ok(self),
             Err(crossbeam_channel::SendError(worker)) => IdleThread::spawn(worker),
         }
@@ -929,18 +927,16 @@ impl Worker {
                 .is_ok();
         // Q_COMPLETED counts the entry before the guest can see it, so a
         // driver that has seen an entry reads a count that includes it.
-        if body {
+        let published = body && {
             self.ctx.shared.completed.fetch_add(1, Ordering::Release);
-        }
-        std::sync::atomic::fence(Ordering::Release);
-        if !body
-            || mem
-                .store(flags, GuestAddress(base + 6), Ordering::Release)
-                .is_err()
-        {
-            if body {
+            std::sync::atomic::fence(Ordering::Release);
+            let stored = mem.store(flags, GuestAddress(base + 6), Ordering::Release);
+            if stored.is_err() {
                 self.ctx.shared.completed.fetch_sub(1, Ordering::Release);
             }
+            stored.is_ok()
+        };
+        if !published {
             // The guest can never see it finish: dropped, not done.
             self.ctx.shared.stats.dropped(1);
             tracing::debug!(queue = self.ctx.queue, "completion entry not written");
