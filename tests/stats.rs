@@ -300,8 +300,17 @@ fn counters_equal_what_each_driver_counted_by_vm_and_metrics_say_the_same() {
     let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     let (tstatus, _, tbody) = http(&mut tcp, "/metrics");
     assert!(tstatus.contains("200"), "{tstatus}");
+    let fds = d.json(&["stats"])["process"]["vmm_fds"].clone();
     for text in [&body, &tbody] {
         let m = parse_metrics(text);
+        // The daemon's own figures: one unlabelled sample each, the JSON's.
+        for k in ["queued", "closed", "leaked", "closed_here"] {
+            let name = format!("wdvirt_vmm_fds_{k}_total");
+            let s: Vec<&Sample> = m.iter().filter(|s| s.name == name).collect();
+            assert_eq!(s.len(), 1, "{name}");
+            assert!(s[0].labels.is_empty(), "{name}: {:?}", s[0]);
+            assert_eq!(s[0].value, fds[k].as_f64().unwrap(), "{name}: {fds}");
+        }
         for s in m.iter().filter(|s| s.name.starts_with("wdvirt_queue_")) {
             for l in ["vm", "instance", "instance_name", "queue"] {
                 assert!(s.labels.contains_key(l), "{s:?} lacks {l}");
