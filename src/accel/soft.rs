@@ -1327,19 +1327,24 @@ mod tests {
         st.queue_pairs[0]
     }
 
+    /// An observer that notes each finished job's cookie and engine time,
+    /// in the order reported.
+    #[derive(Default)]
+    struct Recorded(Mutex<Vec<(u64, u64)>>);
+
+    impl EngineObserver for Recorded {
+        fn job_finished(&self, job: &Job, engine_ns: u64, _end: Instant) {
+            self.0.lock().push((job.cookie, engine_ns));
+        }
+    }
+
     #[test]
     fn every_finished_job_reports_its_engine_time_to_the_observer() {
-        struct Count(Mutex<Vec<(u64, u64)>>);
-        impl EngineObserver for Count {
-            fn job_finished(&self, job: &Job, engine_ns: u64, _end: Instant) {
-                self.0.lock().push((job.cookie, engine_ns));
-            }
-        }
         let accel = SoftAccel::new(1);
         let mem = bound(&accel, 1, &[(0, 1 << 20)]);
         write(&mem, 0, &corpus(256 << 10));
         let qp = accel.open_queue_pair(1, 0).unwrap();
-        let seen = Arc::new(Count(Mutex::new(Vec::new())));
+        let seen = Arc::new(Recorded::default());
         qp.observe(seen.clone());
         let jobs: Vec<Job> = (0..20)
             .map(|i| job(Opcode::Sha256, 0, 256 << 10, 0x8_0000 + i * 64, 32, i))
@@ -1366,12 +1371,6 @@ mod tests {
 
     #[test]
     fn other_instances_jobs_run_between_a_long_jobs_slices_its_own_after_it() {
-        struct Order(Mutex<Vec<(u64, u64)>>);
-        impl EngineObserver for Order {
-            fn job_finished(&self, job: &Job, ns: u64, _: Instant) {
-                self.0.lock().push((job.cookie, ns));
-            }
-        }
         let accel = SoftAccel::new(1);
         let a = bound(&accel, 1, &[(0, 4 << 20)]);
         let b = bound(&accel, 2, &[(0, 1 << 20)]);
@@ -1381,7 +1380,7 @@ mod tests {
         let long_qp = accel.open_queue_pair(1, 0).unwrap();
         let same_instance = accel.open_queue_pair(1, 1).unwrap();
         let other = accel.open_queue_pair(2, 0).unwrap();
-        let order = Arc::new(Order(Mutex::new(Vec::new())));
+        let order = Arc::new(Recorded::default());
         for qp in [&long_qp, &same_instance, &other] {
             qp.observe(order.clone());
         }
