@@ -541,6 +541,9 @@ mod panicky {
         fn migration(&mut self) -> Option<&mut dyn wdvirt::vdev::device::Migratable> {
             self.0.migration()
         }
+        fn survivable(&mut self) -> Option<&mut dyn wdvirt::vdev::device::Survivable> {
+            None
+        }
     }
 }
 

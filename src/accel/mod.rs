@@ -48,12 +48,17 @@ pub struct Job {
     pub ctx: u64,
     /// Opaque to the engine; returned in the result.
     pub cookie: u64,
+    /// Opaque to the engine; returned in the result. The device's record
+    /// of the job (its slot in the queue's journal).
+    pub slot: u32,
 }
 
 /// What the engine reports for one job.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JobResult {
     pub cookie: u64,
+    /// The job's `slot`.
+    pub slot: u32,
     pub status: JobStatus,
     /// Bytes written at `dst`.
     pub bytes: u32,

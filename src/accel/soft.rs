@@ -678,6 +678,7 @@ impl Engine {
         // The receiver may be gone (queue pair dropped mid-job): nothing to tell.
         let _ = qp.done.send(JobResult {
             cookie: job.cookie,
+            slot: job.slot,
             status: done.status,
             bytes: done.out.bytes,
             result: done.out.result,
@@ -1126,6 +1127,7 @@ mod tests {
             param: 0,
             ctx: 0,
             cookie,
+            slot: 0,
         }
     }
 

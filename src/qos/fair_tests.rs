@@ -538,6 +538,7 @@ fn a_job_class_splits_on_param_only_for_a_compression_level() {
         param,
         ctx: 0,
         cookie: 0,
+        slot: 0,
     };
     // Fill bytes, CRC seeds, SHA-256 flags: one class per opcode.
     for op in [Opcode::Fill, Opcode::Crc32c, Opcode::Sha256, Opcode::Copy] {

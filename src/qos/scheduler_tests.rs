@@ -22,6 +22,7 @@ fn nop(cookie: u64) -> Job {
         param: 0,
         ctx: 0,
         cookie,
+        slot: 0,
     }
 }
 

@@ -211,12 +211,14 @@ mod tests {
             param: 0,
             ctx: 0,
             cookie: tag as u64,
+            slot: 0,
         }
     }
 
     fn result(cookie: u64, status: JobStatus, bytes: u32) -> JobResult {
         JobResult {
             cookie,
+            slot: 0,
             status,
             bytes,
             result: 0,

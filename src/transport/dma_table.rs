@@ -15,6 +15,8 @@ pub struct DmaEntry {
     pub size: u64,
     pub flags: u32,
     pub has_fd: bool,
+    /// The fd's offset of `iova` (0 without an fd).
+    pub offset: u64,
 }
 
 #[derive(Debug)]
@@ -161,6 +163,7 @@ mod tests {
             size,
             flags: 3,
             has_fd: true,
+            offset: 0,
         }
     }
 

@@ -34,6 +34,7 @@
 pub mod closer;
 pub mod dma_table;
 pub mod error;
+pub mod keeper;
 pub mod limits;
 pub mod migration;
 pub mod rlimit;

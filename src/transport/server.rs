@@ -15,11 +15,12 @@ use rustix::event::{EventfdFlags, eventfd};
 use tracing::{debug, info, trace, warn};
 
 use super::error::TransportError;
+use super::keeper::{DeviceRecord, Keeper, SessionRecord};
 use super::limits::{Limits, LogBudget};
 use super::session::{Session, fd_budget};
 use super::socket::{Message, MsgSocket, Recv, SockError};
 use super::stats::ConnectionStats;
-use super::wire::{self, FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY, HEADER_SIZE, Header};
+use super::wire::{self, Command, FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY, HEADER_SIZE, Header};
 use crate::vdev::device::VfioUserDevice;
 
 /// Why [`Connection::run`] returned.
@@ -234,6 +235,22 @@ impl Listener {
         })
     }
 
+    /// A listening socket bound at `path` by a predecessor process (kept
+    /// for it by the restart layer): served as if bound here, and its file
+    /// removed when it is dropped.
+    pub fn adopt(fd: OwnedFd, path: &Path) -> Listener {
+        let ident = std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        Listener {
+            listener: UnixListener::from(fd),
+            file: SocketFile {
+                path: path.to_owned(),
+                ident,
+            },
+        }
+    }
+
     pub fn path(&self) -> &Path {
         self.file.path()
     }
@@ -274,6 +291,12 @@ pub struct Connection {
     /// connections; past it errors go to debug so a misbehaving peer
     /// cannot flood the log.
     log_budget: Arc<LogBudget>,
+    /// Where the session and device are kept for a successor process.
+    keeper: Option<Box<dyn Keeper>>,
+    /// The session a predecessor process left ([`Connection::adopt`]).
+    adopted: Option<SessionRecord>,
+    /// A message since the last keep may have changed the device's fds.
+    fds_changed: bool,
 }
 
 impl Connection {
@@ -290,7 +313,27 @@ impl Connection {
             stats: Arc::default(),
             limits,
             log_budget: Arc::default(),
+            keeper: None,
+            adopted: None,
+            fds_changed: true,
         })
+    }
+
+    /// A connection a predecessor process served: its VMM agreed VERSION
+    /// as `record` says and mapped `record.dma`, which the caller has
+    /// already given the device again. Serving starts with the VMM's next
+    /// message.
+    pub fn adopt(stream: UnixStream, record: SessionRecord) -> Result<Connection, TransportError> {
+        let mut c = Connection::from_stream(stream)?;
+        c.adopted = Some(record);
+        Ok(c)
+    }
+
+    /// Keep the session and the device with `keeper` after every message,
+    /// so that a successor process can [`adopt`](Connection::adopt) them.
+    pub fn with_keeper(mut self, keeper: Box<dyn Keeper>) -> Connection {
+        self.keeper = Some(keeper);
+        self
     }
 
     /// Serves under `limits` (clamped to what the protocol allows), logging
@@ -348,6 +391,9 @@ impl Connection {
             ConnectionStats::add(&self.stats.panics, 1);
             tracing::error!("vfio-user: the device panicked while being reset after a disconnect");
         }
+        if let Some(k) = self.keeper.as_mut() {
+            k.ended();
+        }
         // Whoever runs the connection says how it ended (an instance logs
         // it with its name, under its log budget).
         match &result {
@@ -358,7 +404,10 @@ impl Connection {
     }
 
     fn serve(&mut self, dev: &Mutex<dyn VfioUserDevice>) -> Result<Disconnect, TransportError> {
-        let mut session = Session::new(&*dev.lock(), &self.limits);
+        let mut session = match self.adopted.take() {
+            Some(record) => Session::adopted(&*dev.lock(), &self.limits, &record)?,
+            None => Session::new(&*dev.lock(), &self.limits),
+        };
         let result = self.serve_messages(&mut session, dev);
         if let Some(state) = session.ended(&mut *dev.lock()) {
             self.log(format_args!(
@@ -439,9 +488,15 @@ impl Connection {
         }
         let what = tracing::enabled!(tracing::Level::TRACE)
             .then(|| wire::describe(&h, &msg.body, msg.fds.len()));
-        // The device is locked for the handling alone; the reply is sent
-        // after, so a VMM that stops reading cannot pin the device.
-        let result = session.handle(&mut *dev.lock(), msg);
+        // The device is locked for the handling (and its keeping) alone;
+        // the reply is sent after, so a VMM that stops reading cannot pin
+        // the device.
+        let result = {
+            let mut dev = dev.lock();
+            let result = session.handle(&mut *dev, msg);
+            self.keep(&h, session, &mut *dev);
+            result
+        };
         let mig = session.take_migration_counts();
         if mig != Default::default() {
             ConnectionStats::add(&self.stats.migration_arcs, mig.arcs);
@@ -464,6 +519,44 @@ impl Connection {
             }
             Ok(_) => Ok(()),
             Err(e) => self.refuse(&h, &e),
+        }
+    }
+
+    /// Hand the session and the device, as `h` left them, to the keeper.
+    fn keep(&mut self, h: &Header, session: &Session, dev: &mut dyn VfioUserDevice) {
+        let Some(keeper) = self.keeper.as_mut() else {
+            return;
+        };
+        self.fds_changed |= matches!(
+            Command::from_u16(h.cmd),
+            Some(
+                Command::DmaMap | Command::DmaUnmap | Command::DeviceSetIrqs | Command::DeviceReset
+            )
+        );
+        // Before VERSION there is nothing to take up; during a migration a
+        // successor could not take it up half way: the last state kept
+        // stands (a restart then fails that migration, not the VM).
+        let Some(record) = session.record() else {
+            return;
+        };
+        if session.migrating() {
+            return;
+        }
+        let Some(s) = dev.survivable() else {
+            return;
+        };
+        let kept = s.live_state().map_err(|e| e.to_string()).and_then(|state| {
+            let fds = self.fds_changed.then(|| s.held_fds());
+            keeper.keep(h, &record, DeviceRecord { state, fds })
+        });
+        match kept {
+            Ok(()) => self.fds_changed = false,
+            Err(e) => {
+                ConnectionStats::add(&self.stats.keep_failures, 1);
+                self.log(format_args!(
+                    "vfio-user: the device's state could not be kept for a restart: {e}"
+                ));
+            }
         }
     }
 

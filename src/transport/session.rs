@@ -25,6 +25,7 @@ use zerocopy::IntoBytes;
 use super::closer::{self, FdKind};
 use super::dma_table::{DmaEntry, DmaTable};
 use super::error::TransportError;
+use super::keeper::{DmaRecord, SessionRecord};
 use super::limits::Limits;
 use super::migration::{MigCounts, MigrationError, MigrationSession};
 use super::socket::Message;
@@ -155,6 +156,55 @@ impl Session {
             num_irqs: info.num_irqs,
             regions,
         }
+    }
+
+    /// A session taken over from a predecessor process: VERSION was
+    /// agreed as `record.caps` says, and the VMM's maps are `record.dma`,
+    /// which the caller has given the device again. Every map is checked
+    /// again as its DMA_MAP was (alignment, overlap, the connection's caps).
+    pub fn adopted(
+        dev: &dyn VfioUserDevice,
+        limits: &Limits,
+        record: &SessionRecord,
+    ) -> Result<Session, TransportError> {
+        let mut s = Session::new(dev, limits);
+        for m in &record.dma {
+            s.dma.check_insert(m.iova, m.size, m.has_fd)?;
+            s.dma.insert(DmaEntry {
+                iova: m.iova,
+                size: m.size,
+                flags: m.flags,
+                has_fd: m.has_fd,
+                offset: m.offset,
+            });
+        }
+        s.caps = Some(record.caps);
+        Ok(s)
+    }
+
+    /// What a successor process needs of this session, once VERSION is
+    /// agreed.
+    pub fn record(&self) -> Option<SessionRecord> {
+        Some(SessionRecord {
+            caps: self.caps?,
+            dma: self
+                .dma
+                .iter()
+                .map(|e| DmaRecord {
+                    iova: e.iova,
+                    size: e.size,
+                    flags: e.flags,
+                    offset: e.offset,
+                    has_fd: e.has_fd,
+                })
+                .collect(),
+        })
+    }
+
+    /// Whether the device's migration is anywhere but RUNNING (a successor
+    /// cannot take up a migration half way).
+    pub fn migrating(&self) -> bool {
+        self.mig.state() != crate::migration::MigState::Running
     }
 
     /// What the migration side did since the last call (for the stats).
@@ -289,6 +339,7 @@ impl Session {
             size: m.size,
             flags: m.flags,
             has_fd,
+            offset: if has_fd { m.offset } else { 0 },
         });
         // No reply payload (spec); QEMU's buffer is 48 B, cloud-hypervisor reads 16.
         Ok(Reply::new(h, &[]))
@@ -1051,6 +1102,9 @@ mod tests {
         }
         fn disconnected(&mut self) {}
         fn migration(&mut self) -> Option<&mut dyn crate::vdev::device::Migratable> {
+            None
+        }
+        fn survivable(&mut self) -> Option<&mut dyn crate::vdev::device::Survivable> {
             None
         }
     }

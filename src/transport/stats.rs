@@ -41,6 +41,9 @@ pub struct ConnectionStats {
     pub migration_bytes_read: AtomicU64,
     /// Migration stream bytes taken by MIG_DATA_WRITE (destination).
     pub migration_bytes_written: AtomicU64,
+    /// Messages after which the device's state could not be kept for a
+    /// restart (the holder gone, the state memfd full).
+    pub keep_failures: AtomicU64,
 }
 
 /// A plain copy of [`ConnectionStats`] at one moment.
@@ -63,6 +66,7 @@ pub struct StatsSnapshot {
     pub migration_arcs: u64,
     pub migration_bytes_read: u64,
     pub migration_bytes_written: u64,
+    pub keep_failures: u64,
 }
 
 impl StatsSnapshot {
@@ -89,6 +93,7 @@ impl StatsSnapshot {
                 &mut self.migration_bytes_written,
                 other.migration_bytes_written,
             ),
+            (&mut self.keep_failures, other.keep_failures),
         ];
         for (mine, theirs) in fields {
             *mine = mine.saturating_add(theirs);
@@ -116,6 +121,7 @@ impl ConnectionStats {
             migration_arcs: g(&self.migration_arcs),
             migration_bytes_read: g(&self.migration_bytes_read),
             migration_bytes_written: g(&self.migration_bytes_written),
+            keep_failures: g(&self.keep_failures),
         }
     }
 

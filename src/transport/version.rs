@@ -11,7 +11,8 @@ use super::limits::Limits;
 use super::wire::{self, Version};
 
 /// What the client told us about itself (spec defaults where absent).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ClientCaps {
     pub major: u16,
     pub minor: u16,

@@ -151,6 +151,24 @@ pub trait VfioUserDevice: Send {
     /// device that cannot migrate: the transport then leaves the MIGRATION
     /// and DMA_LOGGING features out of DEVICE_FEATURE (ENOTSUP).
     fn migration(&mut self) -> Option<&mut dyn Migratable>;
+    /// What a successor process needs to take the device over while its VMM
+    /// stays connected, or `None` for a device that cannot (its connection
+    /// then keeps nothing).
+    fn survivable(&mut self) -> Option<&mut dyn Survivable>;
+}
+
+/// What the restart layer needs from a device to hand it, running, to a
+/// successor process (`crate::restart`). Called from the connection's
+/// thread between two messages.
+pub trait Survivable {
+    /// The device's whole state as it runs now, except where each running
+    /// queue stands in its rings (its journal keeps that, see
+    /// `vdev::wd::journal`).
+    fn live_state(&mut self) -> Result<Vec<u8>, DeviceError>;
+    /// Every fd the device holds for its VMM (guest memory, eventfds), each
+    /// under a key that names its role (`dma/<iova>`, `irq/<index>/<vector>`).
+    /// The fds stay valid until the device's next message.
+    fn held_fds(&self) -> Vec<(String, std::os::fd::RawFd)>;
 }
 
 /// What the transport needs from a device to migrate it. The transport owns

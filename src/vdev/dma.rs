@@ -72,6 +72,18 @@ impl DmaSpace {
         }
     }
 
+    /// The fd behind each reachable map, keyed `dma/<iova>` (iova in hex).
+    pub fn held_fds(&self) -> Vec<(String, std::os::fd::RawFd)> {
+        use std::os::fd::AsRawFd;
+        let mem = self.space.memory();
+        mem.iter()
+            .filter_map(|r| {
+                let fd = r.file_offset()?.file().as_raw_fd();
+                Some((format!("dma/{:#x}", r.start_addr().raw_value()), fd))
+            })
+            .collect()
+    }
+
     /// The address space the engines resolve through (shared, swapped whole).
     pub fn address_space(&self) -> AddressSpace {
         self.space.clone()

@@ -67,6 +67,9 @@ pub trait FunctionModel: Send {
     fn reset(&mut self) -> Result<(), DeviceError>;
     /// The VMM went away: stop all work and drop its memory.
     fn disconnected(&mut self);
+    /// Every fd the model holds for the VMM (its guest memory), keyed
+    /// `dma/<iova>`; valid until the next DMA map or unmap.
+    fn held_fds(&self) -> Vec<(String, std::os::fd::RawFd)>;
     /// The model's half of migration, or `None` for a model that cannot
     /// migrate (the PCI layer then offers no migration at all).
     fn migration(&self) -> Option<&dyn ModelMigration>;
@@ -84,6 +87,10 @@ pub trait ModelMigration {
     fn compat(&self) -> crate::migration::stream::Compat;
     /// The model's state, only while quiesced.
     fn save(&self) -> Result<serde_json::Value, DeviceError>;
+    /// The model's state while it runs, for a successor process: as `save`
+    /// gives it, except where each running queue stands in its rings (its
+    /// journal says that), which is left at zero.
+    fn live_save(&self) -> Result<serde_json::Value, DeviceError>;
     /// Check every value of `state`, then become it (still quiesced);
     /// unchanged on error. `bus_master` is the restored Command register's
     /// Bus Master Enable, which the model takes without side effects.

@@ -227,6 +227,9 @@ impl VfioUserDevice for FakeDevice {
     fn migration(&mut self) -> Option<&mut dyn Migratable> {
         if self.mig.is_some() { Some(self) } else { None }
     }
+    fn survivable(&mut self) -> Option<&mut dyn wdvirt::vdev::device::Survivable> {
+        None
+    }
 }
 
 /// The fake device's migration side: BAR0 is its register block (what

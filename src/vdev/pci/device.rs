@@ -27,11 +27,11 @@ use super::config::{
 };
 use super::interrupts::Interrupts;
 use super::msix;
-use super::state::{FUNCTION_STATE_VERSION, FunctionState, PciState, PciStateError};
+use super::state::{FUNCTION_STATE_VERSION, FunctionState, LiveState, PciState, PciStateError};
 use crate::migration::stream::Compat;
 use crate::vdev::device::{
     DeviceError, DeviceInfo, DmaMapping, IrqAction, IrqData, IrqInfo, Migratable, RegionInfo,
-    VfioUserDevice,
+    Survivable, VfioUserDevice,
 };
 use crate::vdev::function::{BarKind, FunctionLayout, FunctionModel, ModelMigration};
 
@@ -563,6 +563,37 @@ impl<M: FunctionModel> VfioUserDevice for PciFunction<M> {
         } else {
             None
         }
+    }
+
+    fn survivable(&mut self) -> Option<&mut dyn Survivable> {
+        if self.model.migration().is_some() {
+            Some(self)
+        } else {
+            None
+        }
+    }
+}
+
+impl<M: FunctionModel> Survivable for PciFunction<M> {
+    fn live_state(&mut self) -> Result<Vec<u8>, DeviceError> {
+        let st = LiveState {
+            function: FunctionState {
+                version: FUNCTION_STATE_VERSION,
+                pci: PciState {
+                    config: self.config.changed_values(),
+                    interrupts: self.interrupts.saved(),
+                },
+                model: self.model_migration()?.live_save()?,
+            },
+            irqs: self.interrupts.vmm_state(),
+        };
+        serde_json::to_vec(&st).map_err(|e| DeviceError::Invalid(e.to_string()))
+    }
+
+    fn held_fds(&self) -> Vec<(String, std::os::fd::RawFd)> {
+        let mut fds = self.model.held_fds();
+        fds.extend(self.interrupts.held_fds());
+        fds
     }
 }
 

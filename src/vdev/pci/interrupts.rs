@@ -637,6 +637,80 @@ impl Interrupts {
         }
     }
 
+    /// What the VMM set through SET_IRQS beside the eventfds (the VFIO
+    /// masks of the MSI-X vectors), for a successor process.
+    pub fn vmm_state(&self) -> super::state::VmmIrqState {
+        let st = self.inner.lock();
+        super::state::VmmIrqState {
+            msix_vfio_masked: (st.vectors.iter().enumerate())
+                .filter(|(_, v)| v.vfio_masked)
+                .map(|(i, _)| i as u16)
+                .collect(),
+        }
+    }
+
+    /// Every eventfd the VMM gave, keyed by its role: `irq/msix/<vector>`,
+    /// `irq/intx`, `irq/intx-resample`, `irq/err`, `irq/req`. Valid until
+    /// the next SET_IRQS (which comes only on the caller's thread).
+    pub fn held_fds(&self) -> Vec<(String, std::os::fd::RawFd)> {
+        let st = self.inner.lock();
+        let mut out: Vec<(String, std::os::fd::RawFd)> = (st.vectors.iter().enumerate())
+            .filter_map(|(i, v)| Some((format!("irq/msix/{i}"), v.fd.as_ref()?.as_raw_fd())))
+            .collect();
+        let single = [
+            ("irq/intx", &st.intx.fd),
+            ("irq/intx-resample", &st.intx.resample),
+            ("irq/err", &st.err),
+            ("irq/req", &st.req),
+        ];
+        for (key, fd) in single {
+            if let Some(fd) = fd {
+                out.push((key.to_string(), fd.as_raw_fd()));
+            }
+        }
+        out
+    }
+
+    /// Take up what a predecessor process's [`held_fds`](Self::held_fds)
+    /// and [`vmm_state`](Self::vmm_state) described: each eventfd under its
+    /// key (checked as SET_IRQS checks one; an fd that is not an eventfd is
+    /// refused and named), and the VFIO masks.
+    pub fn adopt(
+        &self,
+        vmm: &super::state::VmmIrqState,
+        mut fds: std::collections::BTreeMap<String, OwnedFd>,
+    ) -> Result<(), DeviceError> {
+        for fd in fds.values() {
+            prepare_eventfd(fd)?;
+        }
+        let mut st = self.inner.lock();
+        for (key, fd) in std::mem::take(&mut fds) {
+            let slot = match key.as_str() {
+                "irq/intx" => &mut st.intx.fd,
+                "irq/intx-resample" => &mut st.intx.resample,
+                "irq/err" => &mut st.err,
+                "irq/req" => &mut st.req,
+                other => {
+                    let v = other
+                        .strip_prefix("irq/msix/")
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .filter(|&v| v < st.vectors.len())
+                        .ok_or_else(|| invalid(format!("no interrupt is called {other}")))?;
+                    &mut st.vectors[v].fd
+                }
+            };
+            *slot = Some(fd);
+        }
+        for &v in &vmm.msix_vfio_masked {
+            let v = st
+                .vectors
+                .get_mut(v as usize)
+                .ok_or_else(|| invalid(format!("MSI-X vector {v} of {}", self.msix_vectors)))?;
+            v.vfio_masked = true;
+        }
+        Ok(())
+    }
+
     /// Why `saved` could not be this function's interrupt state.
     pub fn check_saved(&self, saved: &super::state::InterruptState) -> Option<String> {
         self.inner

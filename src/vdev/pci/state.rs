@@ -42,6 +42,25 @@ pub struct InterruptState {
     pub intx_pending: bool,
 }
 
+/// What the VMM set through SET_IRQS besides its eventfds: kept for a
+/// successor process (a migration's destination gets its own from its VMM).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmmIrqState {
+    /// MSI-X vectors the VMM masked (`SET_IRQS` ACTION_MASK).
+    pub msix_vfio_masked: Vec<u16>,
+}
+
+/// A running function's state for a successor process: the function's
+/// state (each enabled queue's ring positions are in its journal, not here)
+/// and what its VMM set of the interrupts.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiveState {
+    pub function: FunctionState,
+    pub irqs: VmmIrqState,
+}
+
 /// Why a function state was refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PciStateError {

@@ -137,6 +137,9 @@ impl FunctionModel for RamModel {
     fn disconnected(&mut self) {
         self.disconnected = true;
     }
+    fn held_fds(&self) -> Vec<(String, std::os::fd::RawFd)> {
+        Vec::new()
+    }
     fn migration(&self) -> Option<&dyn crate::vdev::function::ModelMigration> {
         None
     }

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use wdvirt_abi::{IDX_ALIGN, RING_ALIGN, RegError, regs as r};
 
 use super::queue::{IdleThread, Parked, QueueRunner, WorkerContext, overlaps};
-use super::state::{ErrState, QueueState, StateError, WD_STATE_VERSION, WdState};
+use super::state::{ErrState, QueueState, RingState, StateError, WD_STATE_VERSION, WdState};
 use super::{ErrLatch, WdDevice};
 use crate::migration::stream::{Compat, QueueCompat};
 use crate::vdev::device::DeviceError;
@@ -130,6 +130,33 @@ impl WdDevice {
             },
             queues,
         })
+    }
+
+    /// The device's state while it runs: as [`state`](Self::state), with
+    /// each enabled queue's ring positions at zero (its journal has them).
+    pub fn live_state(&self) -> WdState {
+        let queues = (self.queues.iter())
+            .map(|q| {
+                let enabled = q.runner.is_some() || q.parked.is_some();
+                QueueState {
+                    config: q.cfg,
+                    error: q.error,
+                    completed: q.shared.completed.load(Ordering::Relaxed),
+                    rings_ready: enabled && q.rings_ready.load(Ordering::Acquire),
+                    ring: enabled.then(RingState::default),
+                }
+            })
+            .collect();
+        WdState {
+            version: WD_STATE_VERSION,
+            enabled: self.enabled,
+            err: ErrState {
+                code: self.err.code.map_or(0, RegError::code),
+                offset: self.err.offset,
+                count: self.err.count,
+            },
+            queues,
+        }
     }
 
     /// Every check a restore makes before it changes anything.
@@ -355,6 +382,7 @@ impl WdDevice {
                         rings_ready,
                         ring,
                         park_budget: self.park_budget,
+                        journal: self.journals.as_ref().map(|j| j[qi].clone()),
                     },
                     in_flight: 0,
                     idle,
@@ -397,6 +425,10 @@ impl ModelMigration for WdDevice {
     fn save(&self) -> Result<serde_json::Value, DeviceError> {
         let st = self.state()?;
         serde_json::to_value(st).map_err(|e| DeviceError::Invalid(e.to_string()))
+    }
+
+    fn live_save(&self) -> Result<serde_json::Value, DeviceError> {
+        serde_json::to_value(self.live_state()).map_err(|e| DeviceError::Invalid(e.to_string()))
     }
 
     fn restore(&mut self, state: serde_json::Value, bus_master: bool) -> Result<(), DeviceError> {

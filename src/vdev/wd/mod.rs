@@ -9,6 +9,7 @@
 //! above (`FunctionModel`), the accelerator below (`Accelerator`).
 
 pub mod backends;
+pub mod journal;
 mod migration;
 pub mod queue;
 pub mod regs;
@@ -175,6 +176,9 @@ pub struct WdDevice {
     type_name: String,
     /// How long a park waits for the jobs engines have (`queue::PARK_BUDGET`).
     park_budget: std::time::Duration,
+    /// One journal per queue when the instance is to survive a restart of
+    /// its process ([`journal`]).
+    journals: Option<Vec<journal::QueueJournal>>,
 }
 
 impl WdDevice {
@@ -259,7 +263,22 @@ impl WdDevice {
             quiesced: false,
             type_name: DEFAULT_TYPE_NAME.to_string(),
             park_budget: queue::PARK_BUDGET,
+            journals: None,
         })
+    }
+
+    /// Record every queue's positions and taken jobs in `journals` (one
+    /// per queue, each for `max_depth` entries) from the next time each
+    /// queue starts: a successor process recovers the queues from them
+    /// ([`journal::QueueJournal::recover`]).
+    pub fn set_journals(&mut self, journals: Vec<journal::QueueJournal>) {
+        assert_eq!(journals.len(), self.queues.len());
+        self.journals = Some(journals);
+    }
+
+    /// Queue `qi`'s journal, if the instance keeps them.
+    fn journal(&self, qi: usize) -> Option<journal::QueueJournal> {
+        self.journals.as_ref().map(|j| j[qi].clone())
     }
 
     /// Name the instance type (the daemon's catalogue name): a migration
@@ -294,6 +313,11 @@ impl WdDevice {
     pub fn stats(&self) -> Arc<InstanceStats> {
         self.stats.clone()
     }
+    /// The VMM's memory as the device sees it.
+    pub fn address_space(&self) -> crate::accel::AddressSpace {
+        self.dma.address_space()
+    }
+
     /// Per-queue counters, shared with the workers.
     pub fn queue_stats(&self) -> Vec<Arc<QueueShared>> {
         self.queues.iter().map(|q| q.shared.clone()).collect()
@@ -529,6 +553,7 @@ impl WdDevice {
             rings_ready,
             ring: RingState::default(),
             park_budget: self.park_budget,
+            journal: self.journal(qi),
         };
         let runner = QueueRunner::start(ctx, 0).map_err(|e| {
             tracing::error!("cannot start queue worker: {e}");
@@ -613,6 +638,10 @@ impl WdDevice {
 }
 
 impl FunctionModel for WdDevice {
+    fn held_fds(&self) -> Vec<(String, std::os::fd::RawFd)> {
+        self.dma.held_fds()
+    }
+
     fn layout(&self) -> FunctionLayout {
         let mut bars = [BarSpec::NONE; 6];
         bars[pci::BAR_CONTROL as usize] = BarSpec {

@@ -33,6 +33,7 @@ use wdvirt_abi::{
     SubmissionEntry, idx,
 };
 
+use super::journal::{JournalCounts, QueueJournal};
 pub use super::state::{HeldCompletion, PendingJob, RingState};
 use crate::accel::{AddressSpace, GuestMemory, Job, JobResult, QueuePair};
 use crate::stats::{QueueStats, add};
@@ -112,6 +113,18 @@ const DRAIN_BUDGET: Duration = Duration::from_secs(2);
 /// quiesce; past it the quiesce fails (`EBUSY`) and the queues run on.
 /// Well inside the 5 s a VMM waits for a reply.
 pub const PARK_BUDGET: Duration = Duration::from_secs(2);
+
+/// The completion of an entry that did not run.
+fn failed(sqe: &SubmissionEntry, slot: u32, status: JobStatus) -> JobResult {
+    JobResult {
+        cookie: sqe.tag as u64,
+        slot,
+        status,
+        bytes: 0,
+        result: 0,
+        stream_end: false,
+    }
+}
 
 /// The submission entry a job was checked from.
 fn entry_of(job: &Job) -> SubmissionEntry {
@@ -255,6 +268,10 @@ pub struct WorkerContext {
     /// How long a park may wait ([`PARK_BUDGET`] unless the device says
     /// otherwise).
     pub park_budget: Duration,
+    /// Where the worker records its positions and the jobs it took, for a
+    /// successor process ([`QueueJournal`]); `None` when nothing outlives
+    /// this process.
+    pub journal: Option<QueueJournal>,
 }
 
 /// Zero the completion ring and the device's half of the index block, so
@@ -422,15 +439,16 @@ struct Worker {
     /// refused by the descriptor check (kept to reuse their allocations).
     batch: Vec<Job>,
     job_at: Vec<u32>,
-    refused: Vec<(u32, JobResult)>,
+    refused: Vec<(u32, SubmissionEntry, JobResult)>,
     /// Completions written (free-running).
     cq_tail: u32,
     in_flight: u32,
     /// Results held back while bus mastering is off.
     held: Vec<JobResult>,
     /// Jobs taken that no engine started, given back at a park (here or on
-    /// the source): submitted again before the ring is read.
-    pending: std::collections::VecDeque<SubmissionEntry>,
+    /// the source), with their journal slots: submitted again before the
+    /// ring is read.
+    pending: std::collections::VecDeque<(SubmissionEntry, u32)>,
     /// Completions since the last interrupt, and when the oldest arrived.
     irq_pending: u32,
     irq_since: Option<Instant>,
@@ -511,10 +529,36 @@ impl Worker {
         in_flight: u32,
     ) -> Worker {
         let ring = std::mem::take(&mut ctx.ring);
+        let depth = ctx.config.depth.max(1);
+        // Every job the queue holds gets a position before `sq_head`, and
+        // with it a journal slot (held results first).
+        let positions = match &ctx.journal {
+            Some(j) => {
+                let stats = ctx.shared.stats.snapshot();
+                let counts = JournalCounts {
+                    completed: ctx.shared.completed.load(Ordering::Relaxed),
+                    jobs_ok: stats.jobs_ok,
+                    jobs_failed: stats.jobs_failed,
+                    bytes_out: stats.bytes_out,
+                };
+                j.start(depth, &ring, counts)
+            }
+            None => (0..(ring.held.len() + ring.pending.len()) as u32)
+                .map(|i| ring.cq_tail.wrapping_add(i))
+                .collect(),
+        };
+        let mut slots = positions.iter().map(|p| p % depth);
         let held = ring
             .held
             .iter()
-            .filter_map(HeldCompletion::result)
+            .zip(slots.by_ref())
+            .filter_map(|(h, slot)| h.result().map(|r| JobResult { slot, ..r }))
+            .collect();
+        let pending = ring
+            .pending
+            .iter()
+            .zip(slots)
+            .map(|(p, slot)| (p.entry(), slot))
             .collect();
         Worker {
             ctx,
@@ -534,7 +578,7 @@ impl Worker {
             cq_tail: ring.cq_tail,
             in_flight,
             held,
-            pending: ring.pending.iter().map(PendingJob::entry).collect(),
+            pending,
             irq_pending: ring.irq_pending,
             irq_since: (ring.irq_pending > 0).then(Instant::now),
             pace: Pace::default(),
@@ -592,6 +636,9 @@ impl Worker {
         self.drain();
         let dropped = self.in_flight as u64 + self.held.len() as u64 + self.pending.len() as u64;
         self.ctx.shared.stats.dropped(dropped);
+        if let Some(j) = &self.ctx.journal {
+            j.clear();
+        }
         None
     }
 
@@ -607,7 +654,8 @@ impl Worker {
         // being waited for (a rate-limited instance may hold many).
         let back = self.ctx.qp.withdraw();
         self.in_flight = self.in_flight.saturating_sub(back.len() as u32);
-        self.pending.extend(back.iter().map(entry_of));
+        self.pending
+            .extend(back.iter().map(|j| (entry_of(j), j.slot)));
         loop {
             let mut n = 0;
             while let Ok(r) = self.ctx.qp.completions().try_recv() {
@@ -655,7 +703,11 @@ impl Worker {
             cq_tail: self.cq_tail,
             irq_pending: self.irq_pending,
             held: self.held.iter().map(HeldCompletion::of).collect(),
-            pending: self.pending.iter().map(PendingJob::of).collect(),
+            pending: self
+                .pending
+                .iter()
+                .map(|(e, _)| PendingJob::of(e))
+                .collect(),
         };
         let in_flight = self.in_flight;
         let mut ctx = self.ctx;
@@ -735,8 +787,11 @@ impl Worker {
         batch.clear();
         job_at.clear();
         refused.clear();
+        // Never more than `depth` entries taken and not completed, whatever
+        // the guest says of `cq_head`: each has a journal slot of its own.
         while self.sq.next != tail
             && self.sq.next.wrapping_sub(cq_head) < depth
+            && self.sq.next.wrapping_sub(self.cq_tail) < depth
             && self.sq.popped() < FETCH_BATCH
         {
             let pos = self.sq.pop();
@@ -750,21 +805,13 @@ impl Worker {
                     ..Default::default()
                 },
             };
+            let slot = pos % depth;
             match check(&sqe, &self.ctx.config, self.ctx.max_xfer, mem) {
                 Ok(job) => {
-                    batch.push(job);
+                    batch.push(Job { slot, ..job });
                     job_at.push(pos);
                 }
-                Err(status) => refused.push((
-                    pos,
-                    JobResult {
-                        cookie: sqe.tag as u64,
-                        status,
-                        bytes: 0,
-                        result: 0,
-                        stream_end: false,
-                    },
-                )),
+                Err(status) => refused.push((pos, sqe, failed(&sqe, slot, status))),
             }
         }
         if self.sq.popped() == 0 {
@@ -776,10 +823,20 @@ impl Worker {
         let taken = if batch.is_empty() {
             0
         } else {
-            self.submit(mem, &mut batch).unwrap_or_else(|| {
-                batch.clear();
-                0
-            })
+            match self.submit(&mut batch) {
+                Some(n) => n,
+                None => {
+                    // Refused whole: each job completes with EngineError,
+                    // in ring order with the refused entries.
+                    for (job, &pos) in batch.iter().zip(&job_at) {
+                        let sqe = entry_of(job);
+                        refused.push((pos, sqe, failed(&sqe, job.slot, JobStatus::EngineError)));
+                    }
+                    refused.sort_unstable_by_key(|(pos, ..)| pos.wrapping_sub(head_before));
+                    batch.clear();
+                    0
+                }
+            }
         };
         self.throttled = taken < batch.len();
         if self.throttled {
@@ -787,7 +844,20 @@ impl Worker {
             // ones included, are read again later.
             self.sq.undo_pop(self.sq.next.wrapping_sub(job_at[taken]));
         }
-        for (pos, r) in refused.drain(..) {
+        // Every entry taken for good is recorded before the journal's head
+        // moves past it, and before any of them completes.
+        if let Some(j) = &self.ctx.journal {
+            for (job, &pos) in batch[..taken].iter().zip(&job_at) {
+                j.taken(depth, pos, &entry_of(job));
+            }
+            for (pos, sqe, _) in &refused {
+                if self.sq.holds(*pos) {
+                    j.taken(depth, *pos, sqe);
+                }
+            }
+            j.commit_head(self.sq.next);
+        }
+        for (pos, _, r) in refused.drain(..) {
             if self.sq.holds(pos) {
                 self.complete(mem, r);
             }
@@ -821,21 +891,15 @@ impl Worker {
         // One batch at a time, each entry checked once: the rest wait,
         // unchecked, behind the ones offered now.
         while jobs.len() < FETCH_BATCH as usize {
-            let Some(sqe) = self.pending.pop_front() else {
+            let Some((sqe, slot)) = self.pending.pop_front() else {
                 break;
             };
             match check(&sqe, &self.ctx.config, self.ctx.max_xfer, mem) {
                 Ok(job) => {
-                    jobs.push(job);
-                    kept.push_back(sqe);
+                    jobs.push(Job { slot, ..job });
+                    kept.push_back((sqe, slot));
                 }
-                Err(status) => refused.push(JobResult {
-                    cookie: sqe.tag as u64,
-                    status,
-                    bytes: 0,
-                    result: 0,
-                    stream_end: false,
-                }),
+                Err(status) => refused.push(failed(&sqe, slot, status)),
             }
         }
         kept.extend(self.pending.drain(..));
@@ -847,8 +911,11 @@ impl Worker {
         if jobs.is_empty() {
             return progressed;
         }
-        let Some(taken) = self.submit(mem, &mut jobs) else {
+        let Some(taken) = self.submit(&mut jobs) else {
             self.pending.drain(..jobs.len());
+            for j in &jobs {
+                self.complete(mem, failed(&entry_of(j), j.slot, JobStatus::EngineError));
+            }
             return true;
         };
         self.pending.drain(..taken);
@@ -859,8 +926,8 @@ impl Worker {
 
     /// Hand `jobs` (stamped for latency) to the queue pair: how many it
     /// took. `None` when it refused the whole batch (its engines are going
-    /// away): each job has then completed with `EngineError`.
-    fn submit(&mut self, mem: &GuestMemory, jobs: &mut [Job]) -> Option<usize> {
+    /// away): the caller completes each with `EngineError`.
+    fn submit(&mut self, jobs: &mut [Job]) -> Option<usize> {
         self.ctx.shared.stats.stamp(jobs);
         // A wake-up from now on is for what this submit refuses.
         self.room.store(false, Ordering::Release);
@@ -868,16 +935,6 @@ impl Worker {
             Ok(n) => Some(n.min(jobs.len())),
             Err(e) => {
                 tracing::warn!(queue = self.ctx.queue, "engine refused a batch: {e}");
-                for j in jobs.iter() {
-                    let r = JobResult {
-                        cookie: j.cookie,
-                        status: JobStatus::EngineError,
-                        bytes: 0,
-                        result: 0,
-                        stream_end: false,
-                    };
-                    self.complete(mem, r);
-                }
                 None
             }
         }
@@ -921,6 +978,9 @@ impl Worker {
         };
         let bytes = cqe.to_bytes();
         let base = self.ctx.config.cq_base + slot * CQE_SIZE as u64;
+        if let Some(j) = &self.ctx.journal {
+            j.completing(r.slot, self.cq_tail);
+        }
         let body = mem.write_slice(&bytes[0..6], GuestAddress(base)).is_ok()
             && mem
                 .write_slice(&bytes[8..16], GuestAddress(base + 8))
@@ -937,12 +997,20 @@ impl Worker {
             stored.is_ok()
         };
         if !published {
-            // The guest can never see it finish: dropped, not done.
+            // The guest can never see it finish: dropped, not done. (Its
+            // journal record stays: a successor runs it again.)
+            if let Some(j) = &self.ctx.journal {
+                j.not_completing();
+            }
             self.ctx.shared.stats.dropped(1);
             tracing::debug!(queue = self.ctx.queue, "completion entry not written");
             return;
         }
         self.cq_tail = self.cq_tail.wrapping_add(1);
+        if let Some(j) = &self.ctx.journal {
+            let completed = self.ctx.shared.completed.load(Ordering::Relaxed);
+            j.completed(r.slot, self.cq_tail, completed, &r);
+        }
         self.ctx.shared.stats.completed(&r);
         if self.irq_pending == 0 {
             self.irq_since = Some(Instant::now());
@@ -1163,6 +1231,7 @@ pub fn check(
         return Err(JobStatus::ReservedNonZero);
     }
     let job = Job {
+        slot: 0,
         op,
         src: sqe.src,
         src_len: sqe.src_len,

@@ -187,6 +187,8 @@ impl HeldCompletion {
     pub fn result(&self) -> Option<JobResult> {
         Some(JobResult {
             cookie: self.tag as u64,
+            // Given by the queue that takes the result up.
+            slot: 0,
             status: JobStatus::from_code(self.status)?,
             bytes: self.bytes,
             result: self.result,

@@ -1105,6 +1105,7 @@ fn a_completion_that_could_not_be_written_is_dropped_not_done() {
             rings_ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
             ring: queue::RingState::default(),
             park_budget: queue::PARK_BUDGET,
+            journal: None,
         },
         0,
     )

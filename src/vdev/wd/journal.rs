@@ -1,0 +1,503 @@
+//! A queue's job journal: where it stands in its rings, kept in memory that
+//! outlives the process (a memfd the restart holder keeps open), so that a
+//! daemon killed at any instant can be succeeded by one that completes every
+//! job the guest handed the queue exactly once.
+//!
+//! The guest's ring indexes say what the guest submitted and consumed; they
+//! cannot say which of the jobs the device took have completed, because
+//! completions may come in any order, and the guest may already have
+//! rewritten a taken entry's slot. The journal keeps, per queue:
+//!
+//! * `sq_head`: entries taken for good (committed after each is recorded);
+//! * `cq_tail`: completion entries written;
+//! * one record per taken entry not yet completed: a copy of its submission
+//!   entry (or, for a result held back while Bus Master was off, the
+//!   result), in the slot `position % depth`. The worker never has more than
+//!   `depth` such entries, so slots never collide;
+//! * `completing`: the slot and completion index being written, set before
+//!   the completion's phase bit is published and cleared after, so a death
+//!   between the two is resolved by reading the phase bit back.
+//!
+//! Every field is written by the queue's worker thread only, in an order
+//! that keeps the record consistent at every instruction (a SIGKILL lands
+//! between two stores, never inside one: the mapping is shared, so what the
+//! process stored is in the page cache when it dies). [`QueueJournal::recover`]
+//! turns the record back into the [`RingState`] a parked queue would have:
+//! taken-but-unfinished jobs become `pending` (run again) and held results
+//! `held`, which the existing resume path takes from there.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use vm_memory::{Bytes, GuestAddress};
+use wdvirt_abi::{CQE_PHASE, CQE_SIZE, CompletionEntry, JobStatus, SQE_SIZE, SubmissionEntry};
+
+use super::state::{HeldCompletion, PendingJob, RingState};
+use crate::accel::{GuestMemory, JobResult};
+
+/// A shared, writable mapping of a memfd: memory whose contents survive the
+/// process that wrote them for as long as someone holds the fd.
+pub struct SharedMap {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// The mapping is plain shared memory; every access below goes through
+// atomics or through byte copies into ranges one thread owns.
+unsafe impl Send for SharedMap {}
+unsafe impl Sync for SharedMap {}
+
+impl SharedMap {
+    /// A new memfd of `len` bytes (sparse: pages cost memory only once
+    /// written) and its mapping.
+    pub fn create(name: &str, len: usize) -> std::io::Result<(OwnedFd, SharedMap)> {
+        let fd = rustix::fs::memfd_create(name, rustix::fs::MemfdFlags::CLOEXEC)?;
+        rustix::fs::ftruncate(&fd, len as u64)?;
+        let map = SharedMap::map(&fd)?;
+        Ok((fd, map))
+    }
+
+    /// Map all of an existing memfd (one a predecessor created).
+    pub fn map(fd: &impl AsFd) -> std::io::Result<SharedMap> {
+        let len = rustix::fs::fstat(fd)?.st_size as usize;
+        if len == 0 {
+            return Err(std::io::Error::other("the state memfd is empty"));
+        }
+        // SAFETY: a fresh mapping of a whole file, not aliasing any Rust
+        // object; unmapped in Drop.
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
+                rustix::mm::MapFlags::SHARED,
+                fd,
+                0,
+            )?
+        };
+        Ok(SharedMap {
+            ptr: NonNull::new(ptr.cast()).ok_or_else(|| std::io::Error::other("null mapping"))?,
+            len,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn check(&self, off: usize, len: usize, align: usize) {
+        assert!(
+            off.checked_add(len).is_some_and(|e| e <= self.len) && off.is_multiple_of(align),
+            "shared map access {off:#x}+{len} outside {:#x} or misaligned",
+            self.len
+        );
+    }
+
+    pub fn u32_at(&self, off: usize) -> &AtomicU32 {
+        self.check(off, 4, 4);
+        // SAFETY: in bounds and aligned (checked); the mapping lives as long
+        // as `self`, and AtomicU32 has the layout of u32.
+        unsafe { &*(self.ptr.as_ptr().add(off) as *const AtomicU32) }
+    }
+
+    pub fn u64_at(&self, off: usize) -> &AtomicU64 {
+        self.check(off, 8, 8);
+        // SAFETY: as for `u32_at`.
+        unsafe { &*(self.ptr.as_ptr().add(off) as *const AtomicU64) }
+    }
+
+    /// Copy `data` in at `off`. Callers own the range (one writer).
+    pub fn write(&self, off: usize, data: &[u8]) {
+        self.check(off, data.len(), 1);
+        // SAFETY: in bounds (checked); the range is not borrowed elsewhere.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr().add(off), data.len())
+        }
+    }
+
+    /// Copy `out.len()` bytes out from `off`.
+    pub fn read(&self, off: usize, out: &mut [u8]) {
+        self.check(off, out.len(), 1);
+        // SAFETY: as for `write`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), out.as_mut_ptr(), out.len())
+        }
+    }
+
+    /// Zero `len` bytes at `off`.
+    pub fn zero(&self, off: usize, len: usize) {
+        self.check(off, len, 1);
+        // SAFETY: as for `write`.
+        unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(off), 0, len) }
+    }
+}
+
+impl Drop for SharedMap {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, no longer referenced.
+        let _ = unsafe { rustix::mm::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+const MAGIC: u32 = u32::from_le_bytes(*b"WDQJ");
+/// Header fields (byte offsets).
+const H_MAGIC: usize = 0;
+const H_DEPTH: usize = 4;
+const H_SQ_HEAD: usize = 8;
+const H_CQ_TAIL: usize = 12;
+const H_COMPLETED: usize = 16;
+const H_COMPLETING: usize = 24;
+const H_JOBS_OK: usize = 32;
+const H_JOBS_FAILED: usize = 40;
+const H_BYTES_OUT: usize = 48;
+const HEADER: usize = 64;
+/// One slot: state word, position, then a submission entry or a result.
+const SLOT: usize = 80;
+const S_STATE: usize = 0;
+const S_POS: usize = 4;
+const S_BODY: usize = 8;
+const FREE: u32 = 0;
+const LIVE_JOB: u32 = 1;
+const LIVE_RESULT: u32 = 2;
+/// `completing` is valid when this bit is set: slot in bits 32..62, the
+/// completion index in the low half.
+const COMPLETING: u64 = 1 << 63;
+
+/// What a journal cannot be recovered from. Each says which value is wrong.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum JournalError {
+    #[error("queue journal has no magic (found {0:#x}): it was never written")]
+    Magic(u32),
+    #[error("queue journal was laid for depth {found}, the queue has depth {expected}")]
+    Depth { found: u32, expected: u32 },
+    #[error(
+        "queue journal does not add up: sq_head {sq_head}, cq_tail {cq_tail}, {live} jobs recorded"
+    )]
+    Positions {
+        sq_head: u32,
+        cq_tail: u32,
+        live: u32,
+    },
+    #[error("queue journal slot {slot} holds a result with status {status}, which no job has")]
+    Status { slot: u32, status: u16 },
+}
+
+/// What a recovered journal gives back besides the ring state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JournalCounts {
+    /// `Q_COMPLETED`.
+    pub completed: u32,
+    pub jobs_ok: u64,
+    pub jobs_failed: u64,
+    pub bytes_out: u64,
+}
+
+/// One queue's journal: a range of a [`SharedMap`].
+#[derive(Clone)]
+pub struct QueueJournal {
+    map: Arc<SharedMap>,
+    off: usize,
+    max_depth: u32,
+}
+
+impl std::fmt::Debug for QueueJournal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueJournal")
+            .field("off", &self.off)
+            .field("max_depth", &self.max_depth)
+            .finish()
+    }
+}
+
+impl QueueJournal {
+    /// Bytes a journal for queues of at most `max_depth` entries takes.
+    pub fn size(max_depth: u32) -> usize {
+        HEADER + max_depth as usize * SLOT
+    }
+
+    /// The journal at `off` in `map` (which must hold [`Self::size`] bytes
+    /// there, 8-aligned).
+    pub fn at(map: Arc<SharedMap>, off: usize, max_depth: u32) -> QueueJournal {
+        assert!(off.is_multiple_of(8) && off + Self::size(max_depth) <= map.len());
+        QueueJournal {
+            map,
+            off,
+            max_depth,
+        }
+    }
+
+    fn h32(&self, field: usize) -> &AtomicU32 {
+        self.map.u32_at(self.off + field)
+    }
+
+    fn h64(&self, field: usize) -> &AtomicU64 {
+        self.map.u64_at(self.off + field)
+    }
+
+    fn slot_off(&self, slot: u32) -> usize {
+        assert!(
+            slot < self.max_depth,
+            "journal slot {slot} past {}",
+            self.max_depth
+        );
+        self.off + HEADER + slot as usize * SLOT
+    }
+
+    /// Forget everything: the queue is disabled (or never was enabled).
+    pub fn clear(&self) {
+        self.h32(H_MAGIC).store(0, Ordering::Release);
+    }
+
+    /// Start the journal of a queue of `depth` entries that stands at
+    /// `ring` with `completed` completions counted: held results and
+    /// pending jobs are recorded at the positions before `ring.sq_head`
+    /// (held first), which are returned in that order (the slot of each is
+    /// `position % depth`). The magic is written last: until then a
+    /// recovery finds nothing, as for a queue never enabled.
+    pub fn start(&self, depth: u32, ring: &RingState, counts: JournalCounts) -> Vec<u32> {
+        assert!(depth <= self.max_depth && depth.is_power_of_two());
+        self.h32(H_MAGIC).store(0, Ordering::Release);
+        self.map.zero(self.off + HEADER, depth as usize * SLOT);
+        self.h32(H_DEPTH).store(depth, Ordering::Relaxed);
+        self.h32(H_SQ_HEAD).store(ring.sq_head, Ordering::Relaxed);
+        self.h32(H_CQ_TAIL).store(ring.cq_tail, Ordering::Relaxed);
+        self.h32(H_COMPLETED)
+            .store(counts.completed, Ordering::Relaxed);
+        self.h64(H_COMPLETING).store(0, Ordering::Relaxed);
+        self.h64(H_JOBS_OK).store(counts.jobs_ok, Ordering::Relaxed);
+        self.h64(H_JOBS_FAILED)
+            .store(counts.jobs_failed, Ordering::Relaxed);
+        self.h64(H_BYTES_OUT)
+            .store(counts.bytes_out, Ordering::Relaxed);
+        let mut positions = Vec::with_capacity(ring.held.len() + ring.pending.len());
+        let mut pos = ring.cq_tail;
+        for h in &ring.held {
+            self.write_slot(depth, pos, LIVE_RESULT, &held_bytes(h));
+            positions.push(pos);
+            pos = pos.wrapping_add(1);
+        }
+        for p in &ring.pending {
+            self.write_slot(depth, pos, LIVE_JOB, &p.entry().to_bytes());
+            positions.push(pos);
+            pos = pos.wrapping_add(1);
+        }
+        self.h32(H_MAGIC).store(MAGIC, Ordering::Release);
+        positions
+    }
+
+    fn write_slot(&self, depth: u32, pos: u32, state: u32, body: &[u8]) {
+        let at = self.slot_off(pos % depth);
+        self.map.u32_at(at + S_STATE).store(FREE, Ordering::Relaxed);
+        self.map.u32_at(at + S_POS).store(pos, Ordering::Relaxed);
+        self.map.write(at + S_BODY, body);
+        self.map
+            .u32_at(at + S_STATE)
+            .store(state, Ordering::Release);
+    }
+
+    /// The entry at ring position `pos` was taken (a job offered to an
+    /// engine, or refused with an error completion still to be written).
+    /// Recorded before [`commit_head`](Self::commit_head) moves past it.
+    pub fn taken(&self, depth: u32, pos: u32, sqe: &SubmissionEntry) {
+        self.write_slot(depth, pos, LIVE_JOB, &sqe.to_bytes());
+    }
+
+    /// Entries before `sq_head` are taken for good.
+    pub fn commit_head(&self, sq_head: u32) {
+        self.h32(H_SQ_HEAD).store(sq_head, Ordering::Release);
+    }
+
+    /// The completion of `slot`'s job is about to be published at
+    /// completion index `cq_index`.
+    pub fn completing(&self, slot: u32, cq_index: u32) {
+        let v = COMPLETING | (slot as u64) << 32 | cq_index as u64;
+        self.h64(H_COMPLETING).store(v, Ordering::Release);
+    }
+
+    /// The completion announced by [`completing`](Self::completing) could
+    /// not be written (its ring is gone): the job stays recorded.
+    pub fn not_completing(&self) {
+        self.h64(H_COMPLETING).store(0, Ordering::Release);
+    }
+
+    /// The completion of `slot`'s job was published: the queue has written
+    /// `cq_tail` completions, `completed` counted in `Q_COMPLETED`.
+    pub fn completed(&self, slot: u32, cq_tail: u32, completed: u32, r: &JobResult) {
+        let at = self.slot_off(slot);
+        self.map.u32_at(at + S_STATE).store(FREE, Ordering::Release);
+        self.h32(H_CQ_TAIL).store(cq_tail, Ordering::Release);
+        self.h32(H_COMPLETED).store(completed, Ordering::Release);
+        if r.status == JobStatus::Ok {
+            self.h64(H_JOBS_OK).fetch_add(1, Ordering::Relaxed);
+            self.h64(H_BYTES_OUT)
+                .fetch_add(r.bytes as u64, Ordering::Relaxed);
+        } else {
+            self.h64(H_JOBS_FAILED).fetch_add(1, Ordering::Relaxed);
+        }
+        self.h64(H_COMPLETING).store(0, Ordering::Release);
+    }
+
+    /// Whether the journal was started (the queue ran since it was
+    /// enabled, with this journal).
+    pub fn is_started(&self) -> bool {
+        self.h32(H_MAGIC).load(Ordering::Acquire) == MAGIC
+    }
+
+    /// Where the queue stood when its last writer stopped, for a queue of
+    /// `depth` entries whose completion ring is at `cq_base` in `mem`: a
+    /// completion whose publication was under way is settled by reading its
+    /// phase bit back. Jobs taken and not completed come back as `pending`
+    /// (oldest first), held results as `held`.
+    pub fn recover(
+        &self,
+        depth: u32,
+        cq_base: u64,
+        mem: &GuestMemory,
+    ) -> Result<(RingState, JournalCounts), JournalError> {
+        let magic = self.h32(H_MAGIC).load(Ordering::Acquire);
+        if magic != MAGIC {
+            return Err(JournalError::Magic(magic));
+        }
+        let found = self.h32(H_DEPTH).load(Ordering::Acquire);
+        if found != depth || depth > self.max_depth {
+            return Err(JournalError::Depth {
+                found,
+                expected: depth,
+            });
+        }
+        let sq_head = self.h32(H_SQ_HEAD).load(Ordering::Acquire);
+        let mut cq_tail = self.h32(H_CQ_TAIL).load(Ordering::Acquire);
+        let mut counts = JournalCounts {
+            completed: self.h32(H_COMPLETED).load(Ordering::Acquire),
+            jobs_ok: self.h64(H_JOBS_OK).load(Ordering::Acquire),
+            jobs_failed: self.h64(H_JOBS_FAILED).load(Ordering::Acquire),
+            bytes_out: self.h64(H_BYTES_OUT).load(Ordering::Acquire),
+        };
+        let completing = self.h64(H_COMPLETING).load(Ordering::Acquire);
+        let mut done_slot = None;
+        if completing & COMPLETING != 0 {
+            let slot = ((completing >> 32) as u32) & 0x7fff_ffff;
+            let index = completing as u32;
+            if slot < depth
+                && index == cq_tail
+                && let Some(cqe) = published(mem, cq_base, depth, index)
+            {
+                // Published, not yet recorded: it is done.
+                done_slot = Some(slot);
+                cq_tail = cq_tail.wrapping_add(1);
+                counts.completed = counts.completed.wrapping_add(1);
+                if cqe.status == JobStatus::Ok.code() {
+                    counts.jobs_ok += 1;
+                    counts.bytes_out += cqe.bytes as u64;
+                } else {
+                    counts.jobs_failed += 1;
+                }
+            }
+        }
+        // Live records of committed positions, oldest first. A record past
+        // `sq_head` is of a batch never committed: its entries are still
+        // in the ring and are read again.
+        let mut live: Vec<(u32, u32)> = Vec::new();
+        for slot in 0..depth {
+            if Some(slot) == done_slot {
+                continue;
+            }
+            let at = self.slot_off(slot);
+            let state = self.map.u32_at(at + S_STATE).load(Ordering::Acquire);
+            if state == FREE {
+                continue;
+            }
+            let pos = self.map.u32_at(at + S_POS).load(Ordering::Acquire);
+            let age = sq_head.wrapping_sub(pos);
+            if age >= 1 && age <= depth {
+                live.push((age, slot));
+            }
+        }
+        live.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        let mut ring = RingState {
+            sq_head,
+            cq_tail,
+            irq_pending: 0,
+            held: Vec::new(),
+            pending: Vec::new(),
+        };
+        for &(_, slot) in &live {
+            let at = self.slot_off(slot);
+            match self.map.u32_at(at + S_STATE).load(Ordering::Acquire) {
+                LIVE_RESULT => {
+                    let h = read_held(&self.map, at + S_BODY);
+                    if JobStatus::from_code(h.status).is_none() {
+                        return Err(JournalError::Status {
+                            slot,
+                            status: h.status,
+                        });
+                    }
+                    ring.held.push(h);
+                }
+                _ => {
+                    let mut raw = [0u8; SQE_SIZE];
+                    self.map.read(at + S_BODY, &mut raw);
+                    ring.pending
+                        .push(PendingJob::of(&SubmissionEntry::from_bytes(&raw)));
+                }
+            }
+        }
+        let live_n = live.len() as u32;
+        if sq_head.wrapping_sub(cq_tail) != live_n {
+            return Err(JournalError::Positions {
+                sq_head,
+                cq_tail,
+                live: live_n,
+            });
+        }
+        // The guest gets an interrupt for whatever completed while nobody
+        // could raise one.
+        ring.irq_pending = 1;
+        Ok((ring, counts))
+    }
+}
+
+/// The completion at index `index` of a ring of `depth` entries at
+/// `cq_base`, if it is published (its phase bit is the one that index
+/// gets).
+fn published(mem: &GuestMemory, cq_base: u64, depth: u32, index: u32) -> Option<CompletionEntry> {
+    let slot = (index % depth) as u64;
+    let want = if (index / depth).is_multiple_of(2) {
+        CQE_PHASE
+    } else {
+        0
+    };
+    let mut raw = [0u8; CQE_SIZE];
+    mem.read_slice(&mut raw, GuestAddress(cq_base + slot * CQE_SIZE as u64))
+        .ok()?;
+    let cqe = CompletionEntry::from_bytes(&raw);
+    (cqe.flags & CQE_PHASE == want).then_some(cqe)
+}
+
+fn held_bytes(h: &HeldCompletion) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[0..4].copy_from_slice(&h.tag.to_le_bytes());
+    b[4..6].copy_from_slice(&h.status.to_le_bytes());
+    b[6] = h.stream_end as u8;
+    b[8..12].copy_from_slice(&h.bytes.to_le_bytes());
+    b[12..16].copy_from_slice(&h.result.to_le_bytes());
+    b
+}
+
+fn read_held(map: &SharedMap, at: usize) -> HeldCompletion {
+    let mut b = [0u8; 16];
+    map.read(at, &mut b);
+    HeldCompletion {
+        tag: u32::from_le_bytes(b[0..4].try_into().unwrap()),
+        status: u16::from_le_bytes(b[4..6].try_into().unwrap()),
+        stream_end: b[6] != 0,
+        bytes: u32::from_le_bytes(b[8..12].try_into().unwrap()),
+        result: u32::from_le_bytes(b[12..16].try_into().unwrap()),
+    }
+}
