@@ -14,6 +14,7 @@ pub mod libvirt;
 pub mod migration;
 pub mod partition;
 pub mod qos;
+pub mod restart;
 pub mod stats;
 pub mod topology;
 pub mod transport;

@@ -45,6 +45,17 @@ pub struct DaemonArgs {
     /// the `user` of /etc/libvirt/qemu.conf (`libvirt-qemu` on Debian).
     #[arg(long, value_name = "USER|UID")]
     pub instance_owner: Option<String>,
+    /// The fd holder's socket. Started instances, their VMMs' connections
+    /// and guest memory are kept in a small holder process, so that a
+    /// daemon killed or restarted takes every VM's device back with its
+    /// jobs: VMMs never see the socket close. The daemon starts the holder
+    /// if none runs there. Default: RUN_DIR/holder.sock.
+    #[arg(long, value_name = "PATH")]
+    pub holder: Option<PathBuf>,
+    /// Keep nothing across restarts: when the daemon stops or dies, every
+    /// VMM loses its device.
+    #[arg(long, conflicts_with = "holder")]
+    pub no_holder: bool,
 }
 
 /// `9808` is loopback's port 9808; `0.0.0.0:9808` says where on purpose.
@@ -61,12 +72,16 @@ pub fn run(a: DaemonArgs, api: PathBuf) -> anyhow::Result<ExitCode> {
     // Absolute, so sockets handed to VMMs and the state directory's parent
     // mean the same whatever the daemon's working directory.
     let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+    let run_dir = abs(a.run_dir);
+    let holder =
+        (!a.no_holder).then(|| abs(a.holder.unwrap_or_else(|| run_dir.join("holder.sock"))));
     let paths = DaemonPaths {
         config: a.config,
         state_dir: abs(a.state_dir),
-        run_dir: abs(a.run_dir),
+        run_dir,
         api: abs(api),
         metrics_addr: a.metrics_addr,
+        holder,
     };
     let catalog = daemon::catalog::Catalog::load(&paths.config, &a.sysfs)?;
     let from_file = catalog.daemon_settings().clone();

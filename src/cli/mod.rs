@@ -6,6 +6,7 @@ mod ctl;
 mod daemon;
 mod demo;
 mod hook;
+mod holder;
 mod install;
 mod libvirt;
 mod migrate;
@@ -117,6 +118,11 @@ pub enum Command {
     /// process (same host or over TCP), showing its progress; any failure
     /// leaves the VM running on the source.
     Migrate(migrate::MigrateArgs),
+    /// Hold the daemon's file descriptors (instance sockets, VMM
+    /// connections, guest memory) across its restarts. The daemon starts it
+    /// by itself; run it by hand only to debug. --socket defaults to
+    /// /run/wdvirt/holder.sock.
+    Holder(holder::HolderArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -157,6 +163,7 @@ pub fn main() -> ExitCode {
         Command::Libvirt(a) => libvirt::run(&cli.api, a).map(|()| ExitCode::SUCCESS),
         Command::Vm(a) => vm::run(a),
         Command::Migrate(a) => migrate::run(a),
+        Command::Holder(a) => holder::run(a),
     };
     match result {
         Ok(code) => code,

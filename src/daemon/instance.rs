@@ -16,8 +16,10 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::accel::Pasid;
+use crate::restart::adopt::{Taken, rebuild};
+use crate::restart::keep::{HolderLink, InstanceKeep};
 use crate::stats::{InstanceSnapshot, InstanceStats, QueueSnapshot};
-use crate::transport::server::{Listener, SocketAccess, StopHandle};
+use crate::transport::server::{Connection, Listener, SocketAccess, StopHandle};
 use crate::transport::stats::StatsSnapshot;
 use crate::transport::{self, Limits, LogBudget, TransportError};
 use crate::vdev::device::DeviceError;
@@ -81,6 +83,9 @@ pub struct InstanceReport {
     /// between two of the VMM's messages; `None` while a message holds the
     /// device longer than a listing should wait (a reset draining its jobs).
     pub live: Option<DeviceLive>,
+    /// Taken over with its VMM from a predecessor daemon (a restart).
+    #[serde(default)]
+    pub adopted: Option<Adoption>,
 }
 
 /// How long a listing waits for a device a message holds.
@@ -188,6 +193,7 @@ fn accept_loop(
     stopping: &AtomicBool,
     limits: &Limits,
     log_budget: &Arc<LogBudget>,
+    keep: Option<&InstanceKeep>,
 ) {
     let mut backoff = Duration::from_millis(5);
     while !stopping.load(Ordering::Acquire) {
@@ -223,49 +229,72 @@ fn accept_loop(
         }
         counters.served.fetch_add(1, Ordering::Relaxed);
         let mut conn = conn.with_limits(limits, log_budget.clone());
-        let mut slot = current.lock();
-        if let Some(old) = slot.take() {
-            // Its thread has released the instance, so it is ending; once
-            // joined its counters are final and move into `ended`.
-            if let Some(t) = old.thread {
-                let _ = t.join();
+        if let Some(keep) = keep {
+            use std::os::fd::AsFd;
+            match keep.connection(conn.stream().as_fd()) {
+                Ok(k) => conn = conn.with_keeper(Box::new(k)),
+                Err(e) => tracing::error!(
+                    instance = %name,
+                    "this VMM's device will not survive a restart of the daemon: {e}"
+                ),
             }
-            counters.ended.lock().accumulate(&old.stats.snapshot());
         }
-        let (stop, stats) = (conn.stop_handle(), conn.stats());
-        let probe = conn.stream().try_clone().ok();
-        let (device, active, name2) = (device.clone(), counters.clone(), name.to_string());
-        let budget = log_budget.clone();
-        let served = std::thread::Builder::new()
-            .name(format!("wd-vmm-{name}"))
-            .spawn(move || {
-                let _release = Release(active);
-                match conn.run(&*device) {
-                    // A bug, contained: always logged.
-                    Err(e @ TransportError::Panicked(_)) => {
-                        tracing::error!(instance = %name2, "connection ended: {e}")
-                    }
-                    // A VMM can reconnect in a loop: under the budget.
-                    end if !budget.take() => {
-                        tracing::debug!(instance = %name2, "VMM disconnected: {end:?}")
-                    }
-                    Ok(how) => tracing::info!(instance = %name2, "VMM disconnected: {how:?}"),
-                    Err(e) => tracing::warn!(instance = %name2, "connection ended: {e}"),
+        serve_connection(name, conn, device.clone(), current, counters, log_budget);
+    }
+}
+
+/// Serve `conn` on a thread of its own, as the instance's current
+/// connection (the instance is already claimed for it).
+fn serve_connection(
+    name: &str,
+    mut conn: Connection,
+    device: Arc<Mutex<PciFunction<WdDevice>>>,
+    current: &Mutex<Option<CurrentConnection>>,
+    counters: &Arc<ConnectionCounters>,
+    log_budget: &Arc<LogBudget>,
+) {
+    let mut slot = current.lock();
+    if let Some(old) = slot.take() {
+        // Its thread has released the instance, so it is ending; once
+        // joined its counters are final and move into `ended`.
+        if let Some(t) = old.thread {
+            let _ = t.join();
+        }
+        counters.ended.lock().accumulate(&old.stats.snapshot());
+    }
+    let (stop, stats) = (conn.stop_handle(), conn.stats());
+    let probe = conn.stream().try_clone().ok();
+    let (device, active, name2) = (device.clone(), counters.clone(), name.to_string());
+    let budget = log_budget.clone();
+    let served = std::thread::Builder::new()
+        .name(format!("wd-vmm-{name}"))
+        .spawn(move || {
+            let _release = Release(active);
+            match conn.run(&*device) {
+                // A bug, contained: always logged.
+                Err(e @ TransportError::Panicked(_)) => {
+                    tracing::error!(instance = %name2, "connection ended: {e}")
                 }
-            });
-        match served {
-            Ok(t) => {
-                *slot = Some(CurrentConnection {
-                    stop,
-                    stats,
-                    thread: Some(t),
-                    probe,
-                })
+                // A VMM can reconnect in a loop: under the budget.
+                end if !budget.take() => {
+                    tracing::debug!(instance = %name2, "VMM disconnected: {end:?}")
+                }
+                Ok(how) => tracing::info!(instance = %name2, "VMM disconnected: {how:?}"),
+                Err(e) => tracing::warn!(instance = %name2, "connection ended: {e}"),
             }
-            Err(e) => {
-                tracing::error!(instance = %name, "cannot start a connection thread: {e}");
-                counters.active.store(false, Ordering::Release);
-            }
+        });
+    match served {
+        Ok(t) => {
+            *slot = Some(CurrentConnection {
+                stop,
+                stats,
+                thread: Some(t),
+                probe,
+            })
+        }
+        Err(e) => {
+            tracing::error!(instance = %name, "cannot start a connection thread: {e}");
+            counters.active.store(false, Ordering::Release);
         }
     }
 }
@@ -285,6 +314,32 @@ pub struct Instance {
     log_budget: Arc<LogBudget>,
     stopping: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// Its keeping for a successor process, if it is kept.
+    keep: Option<InstanceKeep>,
+    /// It was taken over from a predecessor, with its VMM.
+    adoption: Option<Adoption>,
+}
+
+/// How an instance starts with respect to restarts of the daemon.
+pub enum KeepPlan {
+    /// Nothing outlives this process.
+    None,
+    /// Kept in the fd holder from the start, under its UUID.
+    Fresh {
+        link: Arc<HolderLink>,
+        uuid: uuid::Uuid,
+    },
+    /// Taken over from a predecessor that kept it.
+    Adopt(Box<Taken>),
+}
+
+/// An instance taken over with its VMM from a predecessor process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adoption {
+    /// Jobs the predecessor had taken and not completed, run again.
+    pub jobs_rerun: u64,
+    /// How long rebuilding its device took.
+    pub rebuilt_in: Duration,
 }
 
 impl Instance {
@@ -318,33 +373,143 @@ impl Instance {
         limits: Limits,
         access: SocketAccess,
     ) -> Result<Instance, InstanceError> {
+        Instance::start_kept(spec, backends, pasid, limits, access, KeepPlan::None)
+    }
+
+    /// [`start_as`](Instance::start_as), kept for a successor process as
+    /// `plan` says: its socket, state and VMM in the fd holder, or taken
+    /// over from a predecessor that kept them.
+    pub fn start_kept(
+        spec: InstanceSpec,
+        backends: impl Into<Backends>,
+        pasid: Pasid,
+        limits: Limits,
+        access: SocketAccess,
+        plan: KeepPlan,
+    ) -> Result<Instance, InstanceError> {
         let name = spec.name.clone();
-        let listener =
-            Listener::bind_with(&spec.socket, &access).map_err(|source| InstanceError::Socket {
+        let backends = backends.into();
+        let socket_err = |source| InstanceError::Socket {
+            name: name.clone(),
+            path: spec.socket.clone(),
+            source,
+        };
+        let fresh_keep = match &plan {
+            KeepPlan::Fresh { link, uuid } => Some((link.clone(), *uuid)),
+            _ => None,
+        };
+        let (listener, mut taken) = match plan {
+            KeepPlan::Adopt(taken) => {
+                let Taken {
+                    listener,
+                    keep,
+                    vmm,
+                } = *taken;
+                (Listener::adopt(listener, &spec.socket), Some((keep, vmm)))
+            }
+            _ => (
+                Listener::bind_with(&spec.socket, &access).map_err(socket_err)?,
+                None,
+            ),
+        };
+        let build = || -> Result<PciFunction<WdDevice>, InstanceError> {
+            let interrupts = Interrupts::new(spec.config.queues as u16);
+            let mut model = WdDevice::new(
+                spec.config,
+                backends.clone(),
+                pasid,
+                Arc::new(interrupts.clone()),
+            )
+            .map_err(|source| InstanceError::Device {
                 name: name.clone(),
-                path: spec.socket.clone(),
                 source,
             })?;
-        let interrupts = Interrupts::new(spec.config.queues as u16);
-        let mut model = WdDevice::new(spec.config, backends, pasid, Arc::new(interrupts.clone()))
-            .map_err(|source| InstanceError::Device {
-            name: name.clone(),
-            source,
-        })?;
-        model.set_type_name(spec.type_name.clone());
-        let stats = model.stats();
-        let queues = model.queue_stats();
-        let device =
+            model.set_type_name(spec.type_name.clone());
             PciFunction::try_new(model, interrupts).map_err(|e| InstanceError::Device {
                 name: name.clone(),
                 source: DeviceError::Invalid(e.to_string()),
-            })?;
+            })
+        };
+        let mut device = build()?;
+        // Kept for a successor: a new keeping, or the predecessor's.
+        let keep = match (fresh_keep, taken.as_ref()) {
+            (Some((link, uuid)), _) => {
+                use std::os::fd::AsFd;
+                let (queues, depth) = (spec.config.queues, spec.config.max_depth);
+                match InstanceKeep::create(link, uuid, queues, depth, listener.as_fd()) {
+                    Ok(k) => Some(k),
+                    Err(e) => {
+                        tracing::error!(instance = %name, "will not survive a restart of the daemon: {e}");
+                        None
+                    }
+                }
+            }
+            (None, Some((keep, _))) => Some(keep.clone()),
+            (None, None) => None,
+        };
+        if let Some(k) = &keep {
+            device.model_mut().set_journals(k.state().journals());
+        }
+        // A VMM the predecessor served: its device, rebuilt, serves it on.
+        let mut adopted_conn = None;
+        let mut adoption = None;
+        if let Some((keep, Some(mut vmm))) = taken.take() {
+            let started = std::time::Instant::now();
+            match rebuild(&mut device, &mut vmm, keep.state()) {
+                Ok((record, found)) => {
+                    let stream = std::os::unix::net::UnixStream::from(vmm.conn);
+                    match Connection::adopt(stream, record, vmm.resume.clone()) {
+                        Ok(conn) => {
+                            let conn = conn
+                                .with_limits(
+                                    &limits,
+                                    Arc::new(LogBudget::new(limits.log_lines_per_sec)),
+                                )
+                                .with_keeper(Box::new(keep.adopted_connection(&vmm.snapshot)));
+                            adoption = Some(Adoption {
+                                jobs_rerun: found.jobs_rerun,
+                                rebuilt_in: started.elapsed(),
+                            });
+                            adopted_conn = Some(conn);
+                        }
+                        Err(e) => {
+                            tracing::error!(instance = %name, "its VMM's connection cannot be served again: {e}")
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(
+                        instance = %name,
+                        "its VMM's device could not be taken over ({e}); the VMM loses it"
+                    );
+                    // Whatever the rebuild changed goes; the VMM's
+                    // connection closes with `vmm`.
+                    device = build()?;
+                    device.model_mut().set_journals(keep.state().journals());
+                    keep.forget_vmm();
+                }
+            }
+        }
+        let stats = device.model().stats();
+        let queues = device.model().queue_stats();
         let device = Arc::new(Mutex::new(device));
         let listener = Arc::new(listener);
         let connection: Arc<Mutex<Option<_>>> = Arc::default();
         let counters = Arc::new(ConnectionCounters::default());
         let stopping = Arc::new(AtomicBool::new(false));
         let log_budget = Arc::new(LogBudget::new(limits.log_lines_per_sec));
+        if let Some(conn) = adopted_conn {
+            counters.active.store(true, Ordering::Release);
+            counters.served.fetch_add(1, Ordering::Relaxed);
+            serve_connection(
+                &name,
+                conn,
+                device.clone(),
+                &connection,
+                &counters,
+                &log_budget,
+            );
+        }
         let thread = {
             let (listener, connection, counters, stopping) = (
                 listener.clone(),
@@ -352,6 +517,7 @@ impl Instance {
                 counters.clone(),
                 stopping.clone(),
             );
+            let keep = keep.clone();
             std::thread::Builder::new()
                 .name(format!("wd-inst-{name}"))
                 .spawn({
@@ -367,6 +533,7 @@ impl Instance {
                             &stopping,
                             &limits,
                             &budget,
+                            keep.as_ref(),
                         )
                     }
                 })
@@ -387,6 +554,8 @@ impl Instance {
             log_budget,
             stopping,
             thread: Some(thread),
+            keep,
+            adoption,
         })
     }
 
@@ -469,6 +638,7 @@ impl Instance {
             transport_totals,
             log_lines_suppressed: self.log_budget.suppressed(),
             live: self.live(),
+            adopted: self.adoption,
         }
     }
 
@@ -495,6 +665,15 @@ impl Instance {
         {
             tracing::error!(instance = %self.spec.name, "connection thread panicked");
         }
+        // Stopped for good: nothing of it is to outlive this process.
+        if let Some(k) = self.keep.take() {
+            k.forget();
+        }
+    }
+
+    /// It was taken over from a predecessor process with its VMM.
+    pub fn adoption(&self) -> Option<Adoption> {
+        self.adoption
     }
 }
 

@@ -18,8 +18,11 @@ pub mod registry;
 pub mod store;
 pub mod view;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+use crate::restart::holder::{self, HolderClient, HolderError};
+use crate::restart::keep::HolderLink;
 
 use self::catalog::Catalog;
 use self::registry::Registry;
@@ -36,6 +39,9 @@ pub struct DaemonPaths {
     pub api: PathBuf,
     /// Also serve `/metrics` over TCP here (`--metrics-addr`).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The fd holder's socket (`--holder`): started instances are kept
+    /// there for a successor daemon. `None`: nothing outlives the daemon.
+    pub holder: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +72,14 @@ pub enum DaemonError {
         what: &'static str,
         #[source]
         source: access::AccessError,
+    },
+    #[error(
+        "cannot keep instances across restarts with the fd holder at {path}: {source} (or run with --no-holder)"
+    )]
+    Holder {
+        path: PathBuf,
+        #[source]
+        source: crate::restart::holder::HolderError,
     },
 }
 
@@ -114,9 +128,38 @@ pub fn open(
         path: paths.run_dir.clone(),
         source,
     })?;
-    Ok(Arc::new(
-        Registry::open(catalog, store, paths.run_dir.clone())?.with_instance_owner(instance_owner),
-    ))
+    let mut registry =
+        Registry::open(catalog, store, paths.run_dir.clone())?.with_instance_owner(instance_owner);
+    if let Some(path) = &paths.holder {
+        registry = registry.with_holder(Arc::new(start_holder(path)?));
+    }
+    Ok(Arc::new(registry))
+}
+
+/// The fd holder at `path`: the one already running there (a predecessor
+/// daemon's, keeping its instances), or a new one.
+fn start_holder(path: &Path) -> Result<HolderLink, DaemonError> {
+    let holder_err = |source| DaemonError::Holder {
+        path: path.to_owned(),
+        source,
+    };
+    match HolderClient::connect(path).and_then(|mut c| c.hello()) {
+        Ok(info) => {
+            tracing::info!(
+                pid = info.pid,
+                held = info.held,
+                "fd holder already running at {}",
+                path.display()
+            );
+        }
+        Err(HolderError::NotRunning { .. }) => {
+            let exe = std::env::current_exe().map_err(|e| holder_err(HolderError::Io(e)))?;
+            let pid = holder::spawn(&exe, path).map_err(holder_err)?;
+            tracing::info!(pid, "started the fd holder at {}", path.display());
+        }
+        Err(e) => return Err(holder_err(e)),
+    }
+    Ok(HolderLink::new(path))
 }
 
 /// How long a stop waits for API calls in progress.
@@ -158,6 +201,7 @@ pub fn run(
             .map_err(api_err)?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
             .map_err(api_err)?;
+        registry.start_held();
         registry.start_auto();
         ready();
         let signalled = std::sync::Arc::new(tokio::sync::Notify::new());
@@ -205,6 +249,20 @@ pub fn run(
     })?;
     let _ = std::fs::remove_file(&paths.api);
     let attached = registry.shutdown();
+    // Every instance stopped and let go of: a holder keeping nothing ends.
+    if let Some(link) = registry.holder() {
+        let held = HolderClient::connect(link.path()).and_then(|mut c| Ok((c.hello()?.held, c)));
+        match held {
+            Ok((0, c)) => {
+                let _ = c.quit();
+            }
+            Ok((n, _)) => tracing::warn!(
+                "the fd holder at {} still keeps {n} fds",
+                link.path().display()
+            ),
+            Err(e) => tracing::warn!("the fd holder at {}: {e}", link.path().display()),
+        }
+    }
     if !attached.is_empty() {
         tracing::warn!(
             "stopped with VMs still attached to: {} (their devices are gone)",

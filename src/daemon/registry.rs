@@ -11,15 +11,19 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use std::sync::Arc;
+
 use parking_lot::Mutex;
 use uuid::Uuid;
 
 use super::access::{UserId, own_user, resolve_user};
 use super::action::{Action, ActionError, DefineRequest, ModifyRequest, Outcome};
 use super::catalog::{Catalog, Placed, QosAccounts};
-use super::instance::{Instance, InstanceSpec};
+use super::instance::{Instance, InstanceSpec, KeepPlan};
 use super::store::{Definition, Store};
 use super::view::{InstanceState, InstanceView};
+use crate::restart::adopt;
+use crate::restart::keep::HolderLink;
 use crate::stats::report::{Interference, SchedulerStats, StatsReport, Throttled};
 use crate::transport::server::SocketAccess;
 
@@ -161,6 +165,8 @@ pub struct Registry {
     /// Owns an instance's socket when its definition names nobody.
     instance_owner: UserId,
     entries: Mutex<Entries>,
+    /// The fd holder that keeps started instances for a successor daemon.
+    holder: Option<Arc<HolderLink>>,
 }
 
 impl Registry {
@@ -208,7 +214,48 @@ impl Registry {
             run_dir,
             instance_owner: own_user(),
             entries: Mutex::new(entries),
+            holder: None,
         })
+    }
+
+    /// Keep every instance started from now on in the fd holder at `link`,
+    /// and take over what it keeps of a predecessor's
+    /// ([`start_held`](Self::start_held)).
+    pub fn with_holder(mut self, link: Arc<HolderLink>) -> Registry {
+        self.holder = Some(link);
+        self
+    }
+
+    /// The fd holder, if instances are kept in one.
+    pub fn holder(&self) -> Option<&Arc<HolderLink>> {
+        self.holder.as_ref()
+    }
+
+    /// Starts every instance a predecessor daemon left in the fd holder,
+    /// taking over its socket and VMM. What the holder keeps of an
+    /// instance no longer defined is let go.
+    pub fn start_held(&self) {
+        let Some(link) = &self.holder else { return };
+        let held = match link.instances() {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!("cannot ask the fd holder what it keeps: {e}");
+                return;
+            }
+        };
+        for u in held {
+            let known = self.entries.lock().by_uuid.contains_key(&u);
+            if !known {
+                tracing::warn!(
+                    "the fd holder keeps instance {u}, which is not defined: letting it go"
+                );
+                let _ = link.drop_prefix(&format!("inst/{u}/"));
+                continue;
+            }
+            if let Err(e) = self.handle(Action::Start { id: u.to_string() }) {
+                tracing::error!("taking over instance {u}: {e}");
+            }
+        }
     }
 
     /// Instance sockets whose definition names no owner are owned by
@@ -482,15 +529,24 @@ impl Registry {
             uid: (owner.uid != own).then_some(owner.uid),
             gid: None,
         };
-        match Instance::start_as(
+        let plan = self.keep_plan(u, &name, &placed.config);
+        match Instance::start_kept(
             spec,
             placed.backends.clone(),
             placed.pasid(),
             self.catalog.daemon_settings().limits.transport_limits(),
             access,
+            plan,
         ) {
             Ok(instance) => {
-                tracing::info!(instance = %name, pasid = placed.pasid(), owner = %owner.name, "started at {}", instance.socket().display());
+                match instance.adoption() {
+                    Some(a) => {
+                        tracing::info!(instance = %name, pasid = placed.pasid(), jobs_rerun = a.jobs_rerun, "taken over with its VMM at {} (rebuilt in {:?})", instance.socket().display(), a.rebuilt_in)
+                    }
+                    None => {
+                        tracing::info!(instance = %name, pasid = placed.pasid(), owner = %owner.name, "started at {}", instance.socket().display())
+                    }
+                }
                 e.running = Some(Running {
                     instance,
                     placed,
@@ -505,6 +561,32 @@ impl Registry {
                     name,
                     reason: err.to_string(),
                 })
+            }
+        }
+    }
+
+    /// How instance `u` starts: taken over if the holder keeps it, kept in
+    /// the holder otherwise (or not kept at all without one).
+    fn keep_plan(&self, u: Uuid, name: &str, config: &crate::vdev::wd::WdConfig) -> KeepPlan {
+        let Some(link) = &self.holder else {
+            return KeepPlan::None;
+        };
+        match adopt::take(link, u, config.queues, config.max_depth) {
+            Ok(Some(taken)) => KeepPlan::Adopt(Box::new(taken)),
+            Ok(None) => KeepPlan::Fresh {
+                link: link.clone(),
+                uuid: u,
+            },
+            Err(e) => {
+                tracing::error!(
+                    instance = %name,
+                    "what the fd holder keeps of it cannot be taken over ({e}); starting it afresh, and a VMM it had loses its device"
+                );
+                let _ = link.drop_prefix(&format!("inst/{u}/"));
+                KeepPlan::Fresh {
+                    link: link.clone(),
+                    uuid: u,
+                }
             }
         }
     }

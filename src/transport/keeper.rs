@@ -44,18 +44,56 @@ pub struct DeviceRecord {
     pub fds: Option<Vec<(String, RawFd)>>,
 }
 
+/// A message as a successor recognises it waiting in the socket: a message
+/// is taken out of the socket only after it was handled and kept, so the
+/// one a predecessor handled last may still be there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Handled {
+    pub id: u16,
+    pub cmd: u16,
+    pub size: u32,
+    /// CRC32C of the body.
+    pub body_crc: u32,
+}
+
+impl Handled {
+    pub fn of(h: &Header, body: &[u8]) -> Handled {
+        Handled {
+            id: h.id,
+            cmd: h.cmd,
+            size: h.size,
+            body_crc: crc_fast::checksum(crc_fast::CrcAlgorithm::Crc32Iscsi, body) as u32,
+        }
+    }
+}
+
+/// Where a predecessor left the conversation with the VMM.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resume {
+    /// The last message it handled (and kept).
+    pub handled: Option<Handled>,
+    /// That message's reply, if it was not sent.
+    pub unsent_reply: Option<Vec<u8>>,
+}
+
 /// Keeps a connection's state where a successor process finds it.
 pub trait Keeper: Send {
-    /// `h` was handled (whatever its outcome); the session and the device
-    /// now stand as `session` and `device` say. An error means the state is
-    /// not kept: the keeper says so itself (it is logged once per
-    /// connection by the caller, and the VMM is still served).
+    /// `handled` was handled (whatever its outcome) and is to be answered
+    /// with `reply` (`None` for a posted message); the session and the
+    /// device now stand as `session` and `device` say. The message is taken
+    /// out of the socket after this returns and the reply sent after that.
+    /// An error means the state is not kept: the caller counts and logs it
+    /// and serves the VMM on.
     fn keep(
         &mut self,
-        h: &Header,
+        handled: &Handled,
+        reply: Option<&[u8]>,
         session: &SessionRecord,
         device: DeviceRecord,
     ) -> Result<(), String>;
+    /// The reply given to the last [`keep`](Self::keep) was sent.
+    fn replied(&mut self);
     /// The VMM is gone (the connection ended, the device was reset): there
     /// is nothing left to take up.
     fn ended(&mut self);

@@ -15,10 +15,10 @@ use rustix::event::{EventfdFlags, eventfd};
 use tracing::{debug, info, trace, warn};
 
 use super::error::TransportError;
-use super::keeper::{DeviceRecord, Keeper, SessionRecord};
+use super::keeper::{DeviceRecord, Handled, Keeper, Resume, SessionRecord};
 use super::limits::{Limits, LogBudget};
 use super::session::{Session, fd_budget};
-use super::socket::{Message, MsgSocket, Recv, SockError};
+use super::socket::{Message, MsgSocket, Peeked, Recv, SockError};
 use super::stats::ConnectionStats;
 use super::wire::{self, Command, FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY, HEADER_SIZE, Header};
 use crate::vdev::device::VfioUserDevice;
@@ -297,6 +297,10 @@ pub struct Connection {
     adopted: Option<SessionRecord>,
     /// A message since the last keep may have changed the device's fds.
     fds_changed: bool,
+    /// Bytes of the message being served still in the socket (peeked).
+    unconsumed: Option<usize>,
+    /// Where a predecessor left the conversation ([`Connection::adopt`]).
+    resume: Option<Resume>,
 }
 
 impl Connection {
@@ -316,6 +320,8 @@ impl Connection {
             keeper: None,
             adopted: None,
             fds_changed: true,
+            unconsumed: None,
+            resume: None,
         })
     }
 
@@ -323,9 +329,14 @@ impl Connection {
     /// as `record` says and mapped `record.dma`, which the caller has
     /// already given the device again. Serving starts with the VMM's next
     /// message.
-    pub fn adopt(stream: UnixStream, record: SessionRecord) -> Result<Connection, TransportError> {
+    pub fn adopt(
+        stream: UnixStream,
+        record: SessionRecord,
+        resume: Resume,
+    ) -> Result<Connection, TransportError> {
         let mut c = Connection::from_stream(stream)?;
         c.adopted = Some(record);
+        c.resume = Some(resume);
         Ok(c)
     }
 
@@ -408,6 +419,11 @@ impl Connection {
             Some(record) => Session::adopted(&*dev.lock(), &self.limits, &record)?,
             None => Session::new(&*dev.lock(), &self.limits),
         };
+        if let Some(r) = self.resume.take()
+            && let Err(e) = self.resume(r)
+        {
+            return self.end(e);
+        }
         let result = self.serve_messages(&mut session, dev);
         if let Some(state) = session.ended(&mut *dev.lock()) {
             self.log(format_args!(
@@ -424,10 +440,23 @@ impl Connection {
         dev: &Mutex<dyn VfioUserDevice>,
     ) -> Result<Disconnect, TransportError> {
         let max_msg_fds = self.limits.max_msg_fds;
+        let cap = self.limits.max_message_size;
         loop {
-            let read = self
-                .sock
-                .read_message(self.limits.max_message_size, |h| fd_budget(h, max_msg_fds));
+            // Kept for a successor: a message stays in the socket until its
+            // effect is kept (`settle`).
+            let read = if self.keeper.is_some() {
+                self.sock
+                    .peek_message(cap, |h| fd_budget(h, max_msg_fds))
+                    .map(|p| match p {
+                        Peeked::Peeked(m) => {
+                            self.unconsumed = Some(m.header.size as usize);
+                            Recv::Message(m)
+                        }
+                        Peeked::Read(r) => r,
+                    })
+            } else {
+                self.sock.read_message(cap, |h| fd_budget(h, max_msg_fds))
+            };
             let refused = self.sock.take_refused();
             if refused != 0 {
                 ConnectionStats::add(&self.stats.fds_refused, refused);
@@ -449,10 +478,48 @@ impl Connection {
             if msg.fd_loss.is_some() {
                 ConnectionStats::add(&self.stats.fds_truncated, 1);
             }
-            if let Err(e) = self.serve_one(session, dev, &mut msg) {
+            if let Err(e) = self
+                .serve_one(session, dev, &mut msg)
+                .and_then(|()| self.settle())
+            {
                 return self.end(e);
             }
         }
+    }
+
+    /// Takes the message being served out of the socket, if it was only
+    /// peeked (its effect is kept by now).
+    fn settle(&mut self) -> Result<(), SockError> {
+        match self.unconsumed.take() {
+            Some(len) => self.sock.consume(len),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends a reply: after the request is out of the socket, and told to
+    /// the keeper once sent.
+    fn send_reply(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), SockError> {
+        self.settle()?;
+        self.sock.send(bytes, fds)?;
+        if let Some(k) = self.keeper.as_mut() {
+            k.replied();
+        }
+        Ok(())
+    }
+
+    /// Where a predecessor left the conversation: the message it handled
+    /// last is taken out of the socket if it is still there, and its reply
+    /// sent if it was not.
+    fn resume(&mut self, r: Resume) -> Result<(), SockError> {
+        if let Some(h) = r.handled
+            && self.sock.waiting_is(&h)?
+        {
+            self.sock.consume(h.size as usize)?;
+        }
+        if let Some(bytes) = r.unsent_reply {
+            self.send_reply(&bytes, &[])?;
+        }
+        Ok(())
     }
 
     fn serve_one(
@@ -494,7 +561,18 @@ impl Connection {
         let result = {
             let mut dev = dev.lock();
             let result = session.handle(&mut *dev, msg);
-            self.keep(&h, session, &mut *dev);
+            if self.keeper.is_some() {
+                let error;
+                let reply = match (&result, h.no_reply()) {
+                    (_, true) => None,
+                    (Ok(r), false) => Some(&r.bytes[..]),
+                    (Err(e), false) => {
+                        error = h.error_reply(e.errno());
+                        Some(zerocopy::IntoBytes::as_bytes(&error))
+                    }
+                };
+                self.keep(&Handled::of(&h, &msg.body), reply, session, &mut *dev);
+            }
             result
         };
         let mig = session.take_migration_counts();
@@ -512,7 +590,7 @@ impl Connection {
         }
         match result {
             Ok(reply) if !h.no_reply() => {
-                self.sock.send(&reply.bytes, reply.fd().as_slice())?;
+                self.send_reply(&reply.bytes, reply.fd().as_slice())?;
                 ConnectionStats::add(&self.stats.replies_sent, 1);
                 ConnectionStats::add(&self.stats.bytes_sent, reply.bytes.len() as u64);
                 Ok(())
@@ -523,7 +601,13 @@ impl Connection {
     }
 
     /// Hand the session and the device, as `h` left them, to the keeper.
-    fn keep(&mut self, h: &Header, session: &Session, dev: &mut dyn VfioUserDevice) {
+    fn keep(
+        &mut self,
+        h: &Handled,
+        reply: Option<&[u8]>,
+        session: &Session,
+        dev: &mut dyn VfioUserDevice,
+    ) {
         let Some(keeper) = self.keeper.as_mut() else {
             return;
         };
@@ -547,7 +631,7 @@ impl Connection {
         };
         let kept = s.live_state().map_err(|e| e.to_string()).and_then(|state| {
             let fds = self.fds_changed.then(|| s.held_fds());
-            keeper.keep(h, &record, DeviceRecord { state, fds })
+            keeper.keep(h, reply, &record, DeviceRecord { state, fds })
         });
         match kept {
             Ok(()) => self.fds_changed = false,
@@ -576,7 +660,7 @@ impl Connection {
             return Ok(());
         }
         let reply = h.error_reply(errno);
-        self.sock.send(zerocopy::IntoBytes::as_bytes(&reply), &[])?;
+        self.send_reply(zerocopy::IntoBytes::as_bytes(&reply), &[])?;
         ConnectionStats::add(&self.stats.errors_sent, 1);
         ConnectionStats::add(&self.stats.replies_sent, 1);
         ConnectionStats::add(&self.stats.bytes_sent, HEADER_SIZE as u64);

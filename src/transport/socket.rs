@@ -267,6 +267,150 @@ impl MsgSocket {
         }))
     }
 
+    /// Reads one message as [`read_message`](Self::read_message) does, but
+    /// leaves it in the socket: the caller [`consume`](Self::consume)s it
+    /// once its effect is recorded, so a process that dies before that
+    /// leaves the whole message to its successor (the stream never loses
+    /// sync). The message's fds are the kernel's copies for a peek (the
+    /// consuming read closes its own). A message larger than
+    /// [`PEEK_MAX`] (a migration data chunk, a large region access) cannot
+    /// wait in the socket whole and is read as usual: `Peeked::consumed`.
+    pub fn peek_message(
+        &self,
+        cap: u32,
+        fd_budget: impl Fn(&Header) -> usize,
+    ) -> Result<Peeked, SockError> {
+        let mut header = Header::default();
+        let mut started = None;
+        // The header first, to learn the size.
+        loop {
+            // (Fds peeked with the header are copies, closed with `p`.)
+            let mut p = Partial {
+                fds: Vec::new(),
+                fd_loss: None,
+                budget: self.max_fds,
+                started,
+            };
+            let n = self.peek_some(header.as_mut_bytes(), &mut p)?;
+            if n == 0 {
+                return Ok(Peeked::Read(Recv::Closed {
+                    partial: started.is_some(),
+                }));
+            }
+            started.get_or_insert_with(Instant::now);
+            if n == HEADER_SIZE {
+                break;
+            }
+            self.wait_more(started)?;
+        }
+        if (header.size as usize) < HEADER_SIZE || header.size > cap {
+            return Ok(Peeked::Read(Recv::BadFrame(header)));
+        }
+        if header.size as usize > PEEK_MAX {
+            return Ok(Peeked::Read(self.read_message(cap, fd_budget)?));
+        }
+        let mut whole = vec![0u8; header.size as usize];
+        loop {
+            let mut p = Partial {
+                fds: Vec::new(),
+                fd_loss: None,
+                budget: fd_budget(&header).min(self.max_fds),
+                started,
+            };
+            let n = self.peek_some(&mut whole, &mut p)?;
+            if n == whole.len() {
+                let body = whole.split_off(HEADER_SIZE);
+                return Ok(Peeked::Peeked(Message {
+                    header,
+                    body,
+                    fds: std::mem::take(&mut p.fds),
+                    fd_loss: p.fd_loss,
+                }));
+            }
+            if n == 0 {
+                return Ok(Peeked::Read(Recv::Closed { partial: true }));
+            }
+            // Not all here yet: these fd copies go, the next peek brings
+            // its own.
+            drop(p);
+            self.wait_more(started)?;
+        }
+    }
+
+    /// Takes the `len` bytes of the message [`peek_message`](Self::peek_message)
+    /// gave out of the socket, closing the fds that come with them again.
+    pub fn consume(&self, len: usize) -> Result<(), SockError> {
+        let mut buf = vec![0u8; len];
+        let mut p = Partial {
+            fds: Vec::new(),
+            fd_loss: None,
+            budget: self.max_fds,
+            started: Some(Instant::now()),
+        };
+        match self.read_exact(&mut buf, &mut p)? {
+            Filled::Done => Ok(()),
+            Filled::Eof(_) => Err(SockError::PeerGone),
+        }
+    }
+
+    /// Whether the message waiting whole at the head of the socket now is
+    /// `h` (without waiting: a message not all here is not one a
+    /// predecessor handled).
+    pub fn waiting_is(&self, h: &super::keeper::Handled) -> Result<bool, SockError> {
+        let mut buf = vec![0u8; h.size as usize];
+        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(SCM_MAX_FD))];
+        let mut control = RecvAncillaryBuffer::new(&mut space);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let got = match recvmsg(
+            &self.stream,
+            &mut iov,
+            &mut control,
+            RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT | RecvFlags::PEEK,
+        ) {
+            Ok(r) => r.bytes,
+            Err(Errno::AGAIN) => 0,
+            Err(e) => return Err(e.into()),
+        };
+        // Fds a peek brought are copies: closed here.
+        for msg in control.drain() {
+            if let RecvAncillaryMessage::ScmRights(rights) = msg {
+                closer::close_all(rights);
+            }
+        }
+        if got != buf.len() || got < HEADER_SIZE {
+            return Ok(false);
+        }
+        let mut header = Header::default();
+        header.as_mut_bytes().copy_from_slice(&buf[..HEADER_SIZE]);
+        Ok(super::keeper::Handled::of(&header, &buf[HEADER_SIZE..]) == *h)
+    }
+
+    /// Peeks into `buf` (from the start of what is waiting); fds as
+    /// [`recv_some`](Self::recv_some) takes them, into `p`.
+    fn peek_some(&self, buf: &mut [u8], p: &mut Partial) -> Result<usize, SockError> {
+        self.recv_flags(buf, p, RecvFlags::PEEK)
+    }
+
+    /// Waits for more of a message that has started to arrive: the socket
+    /// is readable already, so poll cannot tell; short sleeps until the
+    /// deadline.
+    fn wait_more(&self, started: Option<Instant>) -> Result<(), SockError> {
+        let since = started.unwrap_or_else(Instant::now);
+        if since.elapsed() >= self.deadline {
+            return Err(SockError::Stalled { got: 0 });
+        }
+        let mut pfd = [PollFd::from_borrowed_fd(self.stop.as_fd(), PollFlags::IN)];
+        let nap = Timespec {
+            tv_sec: 0,
+            tv_nsec: 200_000,
+        };
+        match poll(&mut pfd, Some(&nap)) {
+            Ok(_) if !pfd[0].revents().is_empty() => Err(SockError::Stopped),
+            Ok(_) | Err(Errno::INTR) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn refuse_fd(&self, p: &mut Partial, loss: FdLoss) {
         self.refused.set(self.refused.get() + 1);
         if loss == FdLoss::Socket {
@@ -297,6 +441,15 @@ impl MsgSocket {
     }
 
     fn recv_some(&self, buf: &mut [u8], p: &mut Partial) -> Result<usize, SockError> {
+        self.recv_flags(buf, p, RecvFlags::empty())
+    }
+
+    fn recv_flags(
+        &self,
+        buf: &mut [u8],
+        p: &mut Partial,
+        flags: RecvFlags,
+    ) -> Result<usize, SockError> {
         let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(SCM_MAX_FD))];
         let space = &mut space[..self.control_len];
         let capacity = fd_capacity(space.len());
@@ -307,7 +460,7 @@ impl MsgSocket {
                 &self.stream,
                 &mut iov,
                 &mut control,
-                RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT,
+                RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT | flags,
             ) {
                 Ok(r) => {
                     let mut arrived = 0;
@@ -428,6 +581,19 @@ impl MsgSocket {
             }
         }
     }
+}
+
+/// Largest message [`MsgSocket::peek_message`] leaves in the socket until it
+/// is consumed: well inside what a UNIX stream socket holds (about 200 KiB),
+/// so a peer can always finish sending it.
+pub const PEEK_MAX: usize = 64 * 1024;
+
+/// What [`MsgSocket::peek_message`] got.
+pub enum Peeked {
+    /// A whole message, still in the socket.
+    Peeked(Message),
+    /// Read and consumed as usual (too large to peek), or not a message.
+    Read(Recv),
 }
 
 /// How far a read of the message got.

@@ -225,6 +225,18 @@ impl Daemon {
             .unwrap()
     }
 
+    /// The daemon's fd holder socket (`--holder` is left at its default).
+    pub fn holder(&self) -> PathBuf {
+        self.run_dir().join("holder.sock")
+    }
+
+    /// Ends the fd holder, if one runs, closing everything it keeps.
+    pub fn quit_holder(&self) {
+        if let Ok(c) = wdvirt::restart::holder::HolderClient::connect(&self.holder()) {
+            let _ = c.quit();
+        }
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -254,5 +266,8 @@ impl Drop for Daemon {
             super::terminate(c);
         }
         self.kill9();
+        // A daemon killed leaves its fd holder keeping its instances (as
+        // it should): this test is over, so is the holder.
+        self.quit_holder();
     }
 }

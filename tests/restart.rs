@@ -1,0 +1,168 @@
+//! The daemon killed under load and started again: every instance is taken
+//! over from the fd holder with its VMM still connected, and every job the
+//! guests submitted completes exactly once with a verified result.
+//!
+//! The guests are the real driver (`wdvirt::vmm::load`, the library's
+//! verified mixed load) over in-process VMMs' memfd RAM, each on its own
+//! instance's real socket. `WDVIRT_KILLS=100 cargo test --test restart` is
+//! the recorded long run (`docs/restart.md`); CI runs 10.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::daemon::Daemon;
+use serde_json::Value;
+use wdvirt::vmm::load::{Load, LoadOptions, LoadSummary};
+use wdvirt::vmm::migrate::Vm;
+use wdvirt::vmm::{GuestRam, LoopbackVmm};
+
+const RAM_BASE: u64 = 0x1_0000_0000;
+const RAM_SIZE: u64 = 16 << 20;
+const QUEUES: u32 = 4;
+
+/// One engine (the tests share two cores), a QoS cap so that the scheduler
+/// holds jobs back (some are with the scheduler, some running, some done
+/// at each kill).
+const HOST: &str = r#"
+accelerators:
+  - name: soft0
+    backend: soft
+    engines: 1
+    queue_pairs: 64
+    operations: [all]
+    pasids: 16
+qos_policies:
+  - name: capped
+    weight: 100
+    max_in_flight: 16
+types:
+  - name: quad
+    queues: 4
+    operations: [all]
+    max_depth: 256
+    qos: capped
+"#;
+
+struct Guest {
+    load: Option<Load>,
+    _vm: Arc<Vm>,
+}
+
+impl Guest {
+    fn boot(socket: &std::path::Path) -> Guest {
+        let ram = GuestRam::new(RAM_BASE, RAM_SIZE).unwrap();
+        let vm = Vm::new(LoopbackVmm::connect_migratable(socket, ram).unwrap());
+        let load = Load::start(
+            &vm,
+            LoadOptions {
+                queues: QUEUES,
+                depth: 32,
+            },
+        )
+        .unwrap();
+        Guest {
+            load: Some(load),
+            _vm: vm,
+        }
+    }
+
+    fn verified(&self) -> u64 {
+        let load = self.load.as_ref().unwrap();
+        let s = load.stats();
+        assert!(load.is_running(), "the guest failed: {:?}", load.failure());
+        assert!(
+            s.failed == 0 && s.repeated == 0,
+            "{s:?}: {:?}",
+            load.failure()
+        );
+        s.verified
+    }
+
+    fn finish(mut self) -> LoadSummary {
+        let s = self.load.take().unwrap().finish();
+        assert_eq!(s.failure, None);
+        assert_eq!(
+            (s.stats.failed, s.stats.repeated, s.never_completed),
+            (0, 0, 0),
+            "every job once"
+        );
+        assert_eq!(s.stats.verified, s.stats.jobs);
+        assert_eq!(s.device_completed, Some(s.completed), "Q_COMPLETED went on");
+        s
+    }
+}
+
+/// Waits until every guest has verified `more` further jobs.
+fn progress(guests: &[Guest], more: u64, what: &str) {
+    let want: Vec<u64> = guests.iter().map(|g| g.verified() + more).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while guests.iter().zip(&want).any(|(g, &w)| g.verified() < w) {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the guests made no progress"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn instance_jobs(d: &Daemon, name: &str) -> (u64, u64) {
+    let list = d.json(&["list"]);
+    let inst = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("{name} not listed: {list}"));
+    let queues = inst["report"]["queues"].as_array().expect("queue counters");
+    let sum = |f: &str| queues.iter().map(|q| q[f].as_u64().unwrap()).sum::<u64>();
+    (sum("jobs_ok"), sum("jobs_failed"))
+}
+
+#[test]
+fn sigkill_under_load_every_instance_is_taken_over_and_every_job_completes_once() {
+    use rand::{Rng, SeedableRng};
+    let kills: u32 = std::env::var("WDVIRT_KILLS")
+        .ok()
+        .map(|v| v.parse().expect("WDVIRT_KILLS is a number"))
+        .unwrap_or(10);
+    let seed: u64 = rand::random();
+    eprintln!("seed {seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut d = Daemon::start(HOST);
+    let names = ["a", "b", "c"];
+    for n in names {
+        d.json(&["define", "--type", "quad", "--name", n]);
+        d.json(&["start", n]);
+    }
+    let guests: Vec<Guest> = names.iter().map(|n| Guest::boot(&d.socket(n))).collect();
+    progress(&guests, 50, "before the first kill");
+    let mut down = Duration::ZERO;
+    for k in 0..kills {
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..40)));
+        d.kill9();
+        let killed = Instant::now();
+        d.spawn();
+        down += killed.elapsed();
+        progress(&guests, 30, &format!("after kill {k} (seed {seed})"));
+    }
+    // Each instance was taken over with its VMM by the last daemon.
+    let list: Value = d.json(&["list"]);
+    for v in list.as_array().unwrap() {
+        assert_eq!(v["state"], "attached", "{v}");
+        assert!(v["report"]["adopted"].is_object(), "{v}");
+    }
+    let summaries: Vec<LoadSummary> = guests.into_iter().map(Guest::finish).collect();
+    // The daemon's counters went on across every restart: they are the
+    // jobs the guests counted.
+    for (n, s) in names.iter().zip(&summaries) {
+        let (ok, failed) = instance_jobs(&d, n);
+        assert_eq!((ok, failed), (s.stats.jobs, 0), "instance {n}'s counters");
+    }
+    eprintln!(
+        "{kills} kills, {} jobs checked, {:?} per restart (until the API answered)",
+        summaries.iter().map(|s| s.stats.jobs).sum::<u64>(),
+        down / kills.max(1),
+    );
+}
