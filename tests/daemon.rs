@@ -320,7 +320,8 @@ fn bad_api_requests_get_typed_errors_and_change_nothing() {
 
 #[test]
 fn definitions_and_auto_instances_survive_sigkill() {
-    let mut d = daemon(SMALL_HOST);
+    // Without the fd holder, a started instance dies with the daemon.
+    let mut d = Daemon::builder(SMALL_HOST).arg("--no-holder").start();
     d.json(&["define", "--type", "quad", "--name", "auto1", "--auto"]);
     d.json(&["define", "--type", "hash", "--name", "manual1"]);
     d.json(&["start", "manual1"]);
@@ -334,10 +335,47 @@ fn definitions_and_auto_instances_survive_sigkill() {
     );
     assert_eq!(list[1]["state"], "defined", "manual ones wait for a start");
     assert!(d.run_dir().join("auto1.sock").exists());
+    assert!(!d.holder().exists(), "--no-holder starts no holder");
     // The killed daemon's socket file was stale; starting again replaces it.
     d.json(&["start", "manual1"]);
     let (status, _) = d.term();
     assert!(status.success());
+}
+
+#[test]
+fn with_the_fd_holder_every_started_instance_is_back_after_sigkill_and_a_stop_lets_go() {
+    let mut d = daemon(SMALL_HOST);
+    d.json(&["define", "--type", "quad", "--name", "auto1", "--auto"]);
+    d.json(&["define", "--type", "hash", "--name", "manual1"]);
+    d.json(&["define", "--type", "hash", "--name", "idle"]);
+    d.json(&["start", "manual1"]);
+    d.kill9();
+    d.spawn();
+    let list = d.json(&["list", "--defined"]);
+    assert_eq!(names(&list), ["auto1", "idle", "manual1"]);
+    // The started one was taken over (no VMM: nothing to rebuild), the
+    // one never started stays defined.
+    assert_eq!(list[2]["state"], "started", "{}", list[2]);
+    assert_eq!(list[1]["state"], "defined");
+    // A stop lets the holder go of it: the next restart leaves it stopped.
+    d.json(&["stop", "manual1"]);
+    d.kill9();
+    d.spawn();
+    let list = d.json(&["list", "--defined"]);
+    assert_eq!(list[2]["state"], "defined", "{}", list[2]);
+    assert_eq!(list[0]["state"], "started");
+    // A clean stop stops everything and ends the holder, which keeps
+    // nothing then.
+    let (status, _) = d.term();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while wdvirt::restart::holder::HolderClient::connect(&d.holder()).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the holder outlived a clean stop"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Used by more than one test below.

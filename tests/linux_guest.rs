@@ -47,7 +47,7 @@ struct Server {
     names: Vec<String>,
     sockets: Vec<PathBuf>,
     api: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 fn wdvirt_cli(api: &Path, args: &[&str]) -> String {
@@ -74,26 +74,7 @@ impl Server {
             .tempdir_in(&run)
             .unwrap();
         let api = dir.path().join("api.sock");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_wdvirt"))
-            .arg("daemon")
-            .arg("--config")
-            .arg(repo().join("policies/default.yaml"))
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .arg("--run-dir")
-            .arg(dir.path())
-            .arg("--api")
-            .arg(&api)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::os::unix::net::UnixStream::connect(&api).is_err() {
-            assert!(child.try_wait().unwrap().is_none(), "wdvirt daemon exited");
-            assert!(Instant::now() < deadline, "wdvirt daemon never answered");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = Server::spawn(dir.path(), &api);
         let sockets = names
             .iter()
             .map(|n| {
@@ -106,8 +87,42 @@ impl Server {
             names: names.iter().map(|n| n.to_string()).collect(),
             sockets,
             api,
-            _dir: dir,
+            dir,
         }
+    }
+
+    /// `wdvirt daemon` on `dir`, once its API answers.
+    fn spawn(dir: &Path, api: &Path) -> Child {
+        let _ = std::fs::remove_file(api);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_wdvirt"))
+            .arg("daemon")
+            .arg("--config")
+            .arg(repo().join("policies/default.yaml"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--run-dir")
+            .arg(dir)
+            .arg("--api")
+            .arg(api)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(api).is_err() {
+            assert!(child.try_wait().unwrap().is_none(), "wdvirt daemon exited");
+            assert!(Instant::now() < deadline, "wdvirt daemon never answered");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    }
+
+    /// SIGKILL the daemon and start it again on the same directory: it
+    /// takes its instances back from the fd holder.
+    fn kill_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = Server::spawn(self.dir.path(), &self.api);
     }
 
     /// Each instance's report as the daemon lists it, then SIGTERM (after
@@ -138,6 +153,12 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A killed daemon's fd holder keeps its instances: this test is over.
+        if let Ok(c) =
+            wdvirt::restart::holder::HolderClient::connect(&self.dir.path().join("holder.sock"))
+        {
+            let _ = c.quit();
+        }
     }
 }
 
@@ -563,6 +584,56 @@ fn a_guest_writing_garbage_gets_error_codes_while_another_guest_verifies() {
     // Only the second guest ran jobs there: the garbage guest never enables
     // a queue (the tool strips Q_CTRL.ENABLE from its random writes).
     assert_eq!(host_jobs(noisy_report), (again_jobs, 0));
+}
+
+#[test]
+#[ignore = "boots Linux guests under QEMU: needs root and scripts/guest-image.sh; scripts/test.sh runs it"]
+fn the_daemon_sigkilled_under_a_linux_guests_jobs_is_taken_over_and_the_guest_verifies_them_all() {
+    let mut server = Server::start(&["wd0"]);
+    let guest = Booting::start(
+        &server.sockets[0],
+        &["mode=run", ALL_JOBS, "size=16M", "seed=31"],
+    );
+    guest.line_time("wdvirt-guest: DMA hugepage");
+    // Three kills while the guest's jobs run (TCG makes 16 MiB of jobs
+    // take seconds); each daemon takes the instance over from the holder.
+    let mut kills = 0;
+    for pause in [300, 700, 500] {
+        std::thread::sleep(Duration::from_millis(pause));
+        if guest
+            .console
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, l)| l.starts_with("WDVIRT-RESULT "))
+        {
+            break;
+        }
+        server.kill_and_restart();
+        kills += 1;
+    }
+    let guest = guest.finish();
+    assert!(
+        kills >= 1,
+        "the guest finished before the first kill:\n{}",
+        guest.console
+    );
+    // QEMU never saw the device fail: the guest's run is whole and right.
+    let submitted = assert_run_matches_host(&guest, ALL_JOBS, 31, 16 << 20);
+    let complaints: Vec<&str> = (guest.console.lines())
+        .filter(|l| l.starts_with("qemu-system") && l.contains("vfio"))
+        .collect();
+    assert!(
+        complaints.is_empty(),
+        "QEMU reported the device: {complaints:?}"
+    );
+    let reports = server.stop();
+    assert!(reports[0]["adopted"].is_object(), "{}", reports[0]);
+    assert_eq!(
+        host_jobs(&reports[0]),
+        (submitted, 0),
+        "the host's counters across {kills} restarts vs the guest's job count"
+    );
 }
 
 /// `scripts/guest-boot.sh` with bad arguments: exit 2 and a message naming

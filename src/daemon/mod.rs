@@ -131,14 +131,16 @@ pub fn open(
     let mut registry =
         Registry::open(catalog, store, paths.run_dir.clone())?.with_instance_owner(instance_owner);
     if let Some(path) = &paths.holder {
-        registry = registry.with_holder(Arc::new(start_holder(path)?));
+        registry = registry.with_holder(Arc::new(HolderLink::new(path)));
     }
     Ok(Arc::new(registry))
 }
 
-/// The fd holder at `path`: the one already running there (a predecessor
-/// daemon's, keeping its instances), or a new one.
-fn start_holder(path: &Path) -> Result<HolderLink, DaemonError> {
+/// Makes sure the fd holder at `path` runs: the one already there (a
+/// predecessor daemon's, keeping its instances), or a new one. Called once
+/// the daemon has its state directory and its API socket, so a daemon that
+/// cannot start leaves no holder behind.
+fn start_holder(path: &Path) -> Result<(), DaemonError> {
     let holder_err = |source| DaemonError::Holder {
         path: path.to_owned(),
         source,
@@ -159,7 +161,7 @@ fn start_holder(path: &Path) -> Result<HolderLink, DaemonError> {
         }
         Err(e) => return Err(holder_err(e)),
     }
-    Ok(HolderLink::new(path))
+    Ok(())
 }
 
 /// How long a stop waits for API calls in progress.
@@ -201,6 +203,9 @@ pub fn run(
             .map_err(api_err)?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
             .map_err(api_err)?;
+        if let Some(link) = registry.holder() {
+            start_holder(link.path())?;
+        }
         registry.start_held();
         registry.start_auto();
         ready();

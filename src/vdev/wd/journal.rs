@@ -157,11 +157,19 @@ const H_JOBS_OK: usize = 32;
 const H_JOBS_FAILED: usize = 40;
 const H_BYTES_OUT: usize = 48;
 const HEADER: usize = 64;
-/// One slot: state word, position, then a submission entry or a result.
-const SLOT: usize = 80;
+/// One slot: state word, position, a submission entry or a result, then
+/// where its pre-image goes back (address, length; 0: none).
+const SLOT: usize = 96;
 const S_STATE: usize = 0;
 const S_POS: usize = 4;
 const S_BODY: usize = 8;
+const S_PRE_ADDR: usize = 72;
+const S_PRE_LEN: usize = 80;
+/// Each slot's pre-image room, after the slots: the most a job both reads
+/// and writes in place (a stream's context).
+const PRE_BYTES: usize = wdvirt_abi::stream::CTX_SIZE as usize;
+/// `S_PRE_LEN` of a job that cannot run twice.
+const NO_RERUN: u32 = u32::MAX;
 const FREE: u32 = 0;
 const LIVE_JOB: u32 = 1;
 const LIVE_RESULT: u32 = 2;
@@ -216,9 +224,14 @@ impl std::fmt::Debug for QueueJournal {
 }
 
 impl QueueJournal {
-    /// Bytes a journal for queues of at most `max_depth` entries takes.
+    /// Bytes a journal for queues of at most `max_depth` entries takes
+    /// (most of it pre-image room, sparse: pages cost memory once written).
     pub fn size(max_depth: u32) -> usize {
-        HEADER + max_depth as usize * SLOT
+        (HEADER + max_depth as usize * (SLOT + PRE_BYTES)).next_multiple_of(8)
+    }
+
+    fn pre_off(&self, slot: u32) -> usize {
+        self.off + HEADER + self.max_depth as usize * SLOT + slot as usize * PRE_BYTES
     }
 
     /// The journal at `off` in `map` (which must hold [`Self::size`] bytes
@@ -292,10 +305,20 @@ impl QueueJournal {
     }
 
     fn write_slot(&self, depth: u32, pos: u32, state: u32, body: &[u8]) {
+        self.write_slot_with(depth, pos, state, body, (0, 0));
+    }
+
+    fn write_slot_with(&self, depth: u32, pos: u32, state: u32, body: &[u8], pre: (u64, u32)) {
         let at = self.slot_off(pos % depth);
         self.map.u32_at(at + S_STATE).store(FREE, Ordering::Relaxed);
         self.map.u32_at(at + S_POS).store(pos, Ordering::Relaxed);
         self.map.write(at + S_BODY, body);
+        self.map
+            .u64_at(at + S_PRE_ADDR)
+            .store(pre.0, Ordering::Relaxed);
+        self.map
+            .u32_at(at + S_PRE_LEN)
+            .store(pre.1, Ordering::Relaxed);
         self.map
             .u32_at(at + S_STATE)
             .store(state, Ordering::Release);
@@ -303,9 +326,25 @@ impl QueueJournal {
 
     /// The entry at ring position `pos` was taken (a job offered to an
     /// engine, or refused with an error completion still to be written).
-    /// Recorded before [`commit_head`](Self::commit_head) moves past it.
-    pub fn taken(&self, depth: u32, pos: u32, sqe: &SubmissionEntry) {
-        self.write_slot(depth, pos, LIVE_JOB, &sqe.to_bytes());
+    /// Recorded before [`commit_head`](Self::commit_head) moves past it,
+    /// and before the job runs: a job that reads what it writes (a stream
+    /// piece's context, a resumed SHA-256 state) keeps a copy of that as it
+    /// was, put back before it runs again ([`rerun`]).
+    pub fn taken(&self, depth: u32, pos: u32, sqe: &SubmissionEntry, mem: &GuestMemory) {
+        let pre = match rerun(sqe) {
+            Rerun::AsIs => (0, 0),
+            Rerun::Never => (0, NO_RERUN),
+            Rerun::Restoring { addr, len } => {
+                let mut buf = vec![0u8; len as usize];
+                if mem.read_slice(&mut buf, GuestAddress(addr)).is_err() {
+                    (0, NO_RERUN)
+                } else {
+                    self.map.write(self.pre_off(pos % depth), &buf);
+                    (addr, len)
+                }
+            }
+        };
+        self.write_slot_with(depth, pos, LIVE_JOB, &sqe.to_bytes(), pre);
     }
 
     /// Entries before `sq_head` are taken for good.
@@ -443,8 +482,30 @@ impl QueueJournal {
                 _ => {
                     let mut raw = [0u8; SQE_SIZE];
                     self.map.read(at + S_BODY, &mut raw);
-                    ring.pending
-                        .push(PendingJob::of(&SubmissionEntry::from_bytes(&raw)));
+                    let sqe = SubmissionEntry::from_bytes(&raw);
+                    let pre_len = self.map.u32_at(at + S_PRE_LEN).load(Ordering::Acquire);
+                    let pre_addr = self.map.u64_at(at + S_PRE_ADDR).load(Ordering::Acquire);
+                    match pre_len {
+                        // It may have run half way over its own input: it
+                        // fails rather than run again on what it wrote.
+                        NO_RERUN => ring.held.push(HeldCompletion {
+                            tag: sqe.tag,
+                            status: JobStatus::EngineError.code(),
+                            bytes: 0,
+                            result: 0,
+                            stream_end: false,
+                        }),
+                        0 => ring.pending.push(PendingJob::of(&sqe)),
+                        len => {
+                            let len = (len as usize).min(PRE_BYTES);
+                            let mut buf = vec![0u8; len];
+                            self.map.read(self.pre_off(slot), &mut buf);
+                            // Only into memory the queue may write; if it
+                            // is gone the job fails its check when offered.
+                            let _ = mem.write_slice(&buf, GuestAddress(pre_addr));
+                            ring.pending.push(PendingJob::of(&sqe));
+                        }
+                    }
                 }
             }
         }
@@ -461,6 +522,51 @@ impl QueueJournal {
         ring.irq_pending = 1;
         Ok((ring, counts))
     }
+}
+
+/// Whether a job can simply run again after a predecessor took it (and may
+/// have run it, whole or in part).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rerun {
+    /// It writes nothing it reads: running it again writes the same bytes.
+    AsIs,
+    /// It reads and writes `len` bytes at `addr` (a stream piece's context,
+    /// a resumed SHA-256 state): those bytes as they were go back first.
+    Restoring { addr: u64, len: u32 },
+    /// It writes over its own input (a copy whose buffers overlap, or any
+    /// job whose output overlaps its source): it cannot run again.
+    Never,
+}
+
+/// How a taken job runs again after a restart.
+pub fn rerun(sqe: &SubmissionEntry) -> Rerun {
+    use wdvirt_abi::Opcode;
+    let Some(op) = Opcode::from_u8(sqe.opcode) else {
+        return Rerun::AsIs;
+    };
+    let src = (sqe.src, sqe.src_len as u64);
+    let dst = (sqe.dst, sqe.dst_len as u64);
+    let overlap = |a: (u64, u64), b: (u64, u64)| super::queue::overlaps(a.0, a.1, b.0, b.1);
+    if op.writes_dst() && op.reads_src() && overlap(src, dst) {
+        return Rerun::Never;
+    }
+    if op.is_stream() {
+        let ctx = (sqe.ctx, wdvirt_abi::stream::CTX_SIZE as u64);
+        if overlap(ctx, src) || overlap(ctx, dst) {
+            return Rerun::Never;
+        }
+        return Rerun::Restoring {
+            addr: sqe.ctx,
+            len: wdvirt_abi::stream::CTX_SIZE,
+        };
+    }
+    if op == Opcode::Sha256 && sqe.param & wdvirt_abi::SHA256_RESUME != 0 {
+        return Rerun::Restoring {
+            addr: sqe.dst,
+            len: wdvirt_abi::SHA256_STATE_SIZE,
+        };
+    }
+    Rerun::AsIs
 }
 
 /// The completion at index `index` of a ring of `depth` entries at
@@ -499,5 +605,178 @@ fn read_held(map: &SharedMap, at: usize) -> HeldCompletion {
         stream_end: b[6] != 0,
         bytes: u32::from_le_bytes(b[8..12].try_into().unwrap()),
         result: u32::from_le_bytes(b[12..16].try_into().unwrap()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wdvirt_abi::Opcode;
+
+    const CQ: u64 = 0x1000;
+    const DEPTH: u32 = 8;
+
+    fn rig() -> (QueueJournal, GuestMemory) {
+        let (_fd, map) = SharedMap::create("t", QueueJournal::size(DEPTH)).unwrap();
+        let j = QueueJournal::at(Arc::new(map), 0, DEPTH);
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        (j, mem)
+    }
+
+    fn sqe(tag: u32, op: Opcode, src: u64, dst: u64, len: u32) -> SubmissionEntry {
+        SubmissionEntry {
+            opcode: op as u8,
+            tag,
+            src,
+            src_len: len,
+            dst,
+            dst_len: len,
+            ..Default::default()
+        }
+    }
+
+    /// Publish completion `index`'s phase as the device does.
+    fn publish(mem: &GuestMemory, index: u32, tag: u32) {
+        let cqe = CompletionEntry {
+            tag,
+            status: 0,
+            flags: if (index / DEPTH) % 2 == 0 {
+                CQE_PHASE
+            } else {
+                0
+            },
+            bytes: 64,
+            result: 0,
+        };
+        let at = CQ + (index % DEPTH) as u64 * CQE_SIZE as u64;
+        mem.write_slice(&cqe.to_bytes(), GuestAddress(at)).unwrap();
+    }
+
+    #[test]
+    fn a_completion_published_but_not_recorded_is_done_and_the_rest_run_again_in_order() {
+        let (j, mem) = rig();
+        j.start(DEPTH, &RingState::default(), JournalCounts::default());
+        for pos in 0..3 {
+            j.taken(
+                DEPTH,
+                pos,
+                &sqe(pos + 10, Opcode::Copy, 0x8000, 0x9000, 64),
+                &mem,
+            );
+        }
+        j.commit_head(3);
+        // Job 1 completes whole; job 0's completion is published when the
+        // process dies, before it is recorded.
+        j.completing(1, 0);
+        publish(&mem, 0, 11);
+        j.completed(
+            1,
+            1,
+            1,
+            &JobResult {
+                cookie: 11,
+                slot: 1,
+                status: JobStatus::Ok,
+                bytes: 64,
+                result: 0,
+                stream_end: false,
+            },
+        );
+        j.completing(0, 1);
+        publish(&mem, 1, 10);
+        let (ring, counts) = j.recover(DEPTH, CQ, &mem).unwrap();
+        assert_eq!((ring.sq_head, ring.cq_tail), (3, 2));
+        let tags: Vec<u32> = ring.pending.iter().map(|p| p.tag).collect();
+        assert_eq!(tags, [12], "only the job never completed runs again");
+        assert_eq!(
+            (counts.completed, counts.jobs_ok, counts.bytes_out),
+            (2, 2, 128)
+        );
+        // Had its phase not been published, job 0 would run again too,
+        // before job 2.
+        let (j, mem) = rig();
+        j.start(DEPTH, &RingState::default(), JournalCounts::default());
+        for pos in 0..3 {
+            j.taken(
+                DEPTH,
+                pos,
+                &sqe(pos + 10, Opcode::Copy, 0x8000, 0x9000, 64),
+                &mem,
+            );
+        }
+        j.commit_head(3);
+        j.completing(0, 0);
+        let (ring, _) = j.recover(DEPTH, CQ, &mem).unwrap();
+        let tags: Vec<u32> = ring.pending.iter().map(|p| p.tag).collect();
+        assert_eq!((ring.cq_tail, tags), (0, vec![10, 11, 12]));
+    }
+
+    #[test]
+    fn entries_past_the_committed_head_are_read_again_from_the_ring() {
+        let (j, mem) = rig();
+        j.start(DEPTH, &RingState::default(), JournalCounts::default());
+        j.taken(DEPTH, 0, &sqe(1, Opcode::Copy, 0x8000, 0x9000, 64), &mem);
+        j.commit_head(1);
+        // Recorded, but the batch's head never committed.
+        j.taken(DEPTH, 1, &sqe(2, Opcode::Copy, 0x8000, 0x9000, 64), &mem);
+        let (ring, _) = j.recover(DEPTH, CQ, &mem).unwrap();
+        assert_eq!(ring.sq_head, 1);
+        assert_eq!(ring.pending.len(), 1);
+        assert_eq!(ring.pending[0].tag, 1);
+    }
+
+    #[test]
+    fn a_stream_piece_gets_its_context_back_and_an_overlapping_copy_fails_rather_than_run_twice() {
+        let (j, mem) = rig();
+        j.start(DEPTH, &RingState::default(), JournalCounts::default());
+        let ctx = 0x20000u64;
+        mem.write_slice(&[7u8; 64], GuestAddress(ctx)).unwrap();
+        let mut piece = sqe(1, Opcode::StreamCompress, 0x8000, 0x9000, 64);
+        piece.ctx = ctx;
+        j.taken(DEPTH, 0, &piece, &mem);
+        j.taken(DEPTH, 1, &sqe(2, Opcode::Copy, 0x8000, 0x8010, 64), &mem);
+        j.commit_head(2);
+        // The engine ran the piece (its context moved on) and half the copy.
+        mem.write_slice(&[9u8; 64], GuestAddress(ctx)).unwrap();
+        let (ring, _) = j.recover(DEPTH, CQ, &mem).unwrap();
+        let mut back = [0u8; 64];
+        mem.read_slice(&mut back, GuestAddress(ctx)).unwrap();
+        assert_eq!(back, [7u8; 64], "the context as the piece first read it");
+        assert_eq!(ring.pending.len(), 1);
+        assert_eq!(ring.pending[0].tag, 1);
+        assert_eq!(ring.held.len(), 1);
+        assert_eq!(ring.held[0].tag, 2);
+        assert_eq!(ring.held[0].status, JobStatus::EngineError.code());
+        assert_eq!(
+            rerun(&sqe(3, Opcode::Copy, 0x8000, 0x9000, 64)),
+            Rerun::AsIs
+        );
+    }
+
+    #[test]
+    fn a_journal_that_does_not_add_up_or_of_another_depth_is_refused_with_its_numbers() {
+        let (j, mem) = rig();
+        assert_eq!(j.recover(DEPTH, CQ, &mem), Err(JournalError::Magic(0)));
+        j.start(DEPTH, &RingState::default(), JournalCounts::default());
+        assert!(matches!(
+            j.recover(4, CQ, &mem),
+            Err(JournalError::Depth {
+                found: 8,
+                expected: 4
+            })
+        ));
+        // Two entries taken, one recorded.
+        j.taken(DEPTH, 0, &sqe(1, Opcode::Nop, 0, 0, 0), &mem);
+        j.commit_head(2);
+        let e = j.recover(DEPTH, CQ, &mem).unwrap_err();
+        assert_eq!(
+            e,
+            JournalError::Positions {
+                sq_head: 2,
+                cq_tail: 0,
+                live: 1
+            }
+        );
+        assert!(e.to_string().contains("does not add up"));
     }
 }

@@ -848,11 +848,11 @@ impl Worker {
         // moves past it, and before any of them completes.
         if let Some(j) = &self.ctx.journal {
             for (job, &pos) in batch[..taken].iter().zip(&job_at) {
-                j.taken(depth, pos, &entry_of(job));
+                j.taken(depth, pos, &entry_of(job), mem);
             }
             for (pos, sqe, _) in &refused {
                 if self.sq.holds(*pos) {
-                    j.taken(depth, *pos, sqe);
+                    j.taken(depth, *pos, sqe, mem);
                 }
             }
             j.commit_head(self.sq.next);
