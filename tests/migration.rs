@@ -253,10 +253,13 @@ fn a_failure_or_a_cancel_before_the_destination_runs_leaves_the_source_running()
     }
     guest.progress(100);
 
-    // The destination's daemon dies while RAM is copied: the source runs on.
+    // The destination's daemon dies while RAM is copied, with its fd holder
+    // (a daemon alone would be taken over by its successor): the source
+    // runs on.
     let e = migrate::migrate(&vm, &sb, &MigrateOptions::default(), &mut |p| {
         if p.phase == Phase::RamRound {
             b.kill9();
+            b.quit_holder();
         }
         ControlFlow::Continue(())
     })

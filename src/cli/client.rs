@@ -166,6 +166,7 @@ pub fn route(action: &Action) -> (Method, String, Option<serde_json::Value>) {
             };
             (Method::GET, path, None)
         }
+        Action::Upgrade(req) => (Method::POST, "/v1/upgrade".into(), json(req)),
     }
 }
 

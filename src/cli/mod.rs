@@ -5,8 +5,8 @@ pub mod client;
 mod ctl;
 mod daemon;
 mod demo;
-mod hook;
 mod holder;
+mod hook;
 mod install;
 mod libvirt;
 mod migrate;
@@ -15,6 +15,7 @@ mod serve;
 mod stats;
 mod top;
 mod topology;
+mod upgrade;
 mod validate;
 mod vm;
 
@@ -118,6 +119,13 @@ pub enum Command {
     /// process (same host or over TCP), showing its progress; any failure
     /// leaves the VM running on the source.
     Migrate(migrate::MigrateArgs),
+    /// Replace the running daemon's program (after a package upgrade, say)
+    /// without stopping any instance: the daemon execs the new program,
+    /// which takes every instance and its VMM back from the fd holder, jobs
+    /// in flight included. Prints how long the API was away.
+    ///
+    /// Example: wdvirt upgrade --exe /usr/local/bin/wdvirt
+    Upgrade(upgrade::UpgradeArgs),
     /// Hold the daemon's file descriptors (instance sockets, VMM
     /// connections, guest memory) across its restarts. The daemon starts it
     /// by itself; run it by hand only to debug. --socket defaults to
@@ -163,6 +171,7 @@ pub fn main() -> ExitCode {
         Command::Libvirt(a) => libvirt::run(&cli.api, a).map(|()| ExitCode::SUCCESS),
         Command::Vm(a) => vm::run(a),
         Command::Migrate(a) => migrate::run(a),
+        Command::Upgrade(a) => upgrade::run(&cli.api, a),
         Command::Holder(a) => holder::run(a),
     };
     match result {

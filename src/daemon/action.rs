@@ -140,6 +140,31 @@ pub enum Action {
         #[serde(default)]
         instance: Option<InstanceRef>,
     },
+    /// Replace the daemon's program with `exe` (default: the file it was
+    /// started from, as it is on disk now) without stopping any instance:
+    /// the daemon execs it, and the new program takes every instance over
+    /// from the fd holder, its VMM's jobs in flight.
+    Upgrade(UpgradeRequest),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpgradeRequest {
+    #[serde(default)]
+    pub exe: Option<std::path::PathBuf>,
+}
+
+/// What an accepted upgrade is about to do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeView {
+    /// The daemon's process: the same before and after.
+    pub pid: u32,
+    /// The program it is about to run, and that program's `--version`.
+    pub exe: std::path::PathBuf,
+    pub version: String,
+    /// Instances it hands over, and how many of them have a VMM attached.
+    pub instances: usize,
+    pub attached: usize,
 }
 
 impl Action {
@@ -164,6 +189,7 @@ pub enum Outcome {
     Instances(Vec<InstanceView>),
     Instance(Box<InstanceView>),
     Stats(Box<crate::stats::report::StatsReport>),
+    Upgrade(UpgradeView),
 }
 
 /// Why an action failed; each maps to one HTTP status.
@@ -183,6 +209,8 @@ pub enum ActionError {
     AlreadyExists(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("cannot upgrade: {0}")]
+    Upgrade(String),
     #[error("instance '{name}' is {state}; {what}")]
     WrongState {
         name: String,
@@ -205,7 +233,7 @@ impl ActionError {
         match self {
             ActionError::NoSuchInstance(_) | ActionError::NoSuchVm(_) => 404,
             ActionError::NoSuchType { .. } | ActionError::NoSuchPolicy { .. } => 400,
-            ActionError::Invalid(_) => 400,
+            ActionError::Invalid(_) | ActionError::Upgrade(_) => 400,
             ActionError::AlreadyExists(_) | ActionError::WrongState { .. } => 409,
             // Insufficient Storage: the resource an instance needs is used up.
             ActionError::Placement { .. } => 507,
@@ -223,6 +251,7 @@ impl ActionError {
             ActionError::NoSuchPolicy { .. } => "no-such-policy",
             ActionError::AlreadyExists(_) => "already-exists",
             ActionError::Invalid(_) => "invalid",
+            ActionError::Upgrade(_) => "upgrade",
             ActionError::WrongState { .. } => "wrong-state",
             ActionError::Placement { .. } => "placement",
             ActionError::Start { .. } => "start-failed",

@@ -38,7 +38,7 @@ use serde::Deserialize;
 use tokio::net::UnixListener;
 
 use super::access::{AccessView, ApiAccess, FORBIDDEN, PeerCreds};
-use super::action::{Action, ActionError, DefineRequest, ErrorBody, ModifyRequest};
+use super::action::{Action, ActionError, DefineRequest, ErrorBody, ModifyRequest, UpgradeRequest};
 use super::registry::Registry;
 
 /// Who called: the peer's credentials from `SO_PEERCRED` (and
@@ -314,6 +314,10 @@ pub fn router(reg: Shared) -> Router {
                     instance: q.instance,
                 })
             }),
+        )
+        .route(
+            "/v1/upgrade",
+            post(|c: Call, Body(req): Body<UpgradeRequest>| c.act(Action::Upgrade(req))),
         )
         .route("/metrics", get(|State(reg): State<Shared>| metrics(reg)))
         .fallback(|| async { unrouted(StatusCode::NOT_FOUND, "no such API path") })

@@ -74,6 +74,13 @@ pub enum DaemonError {
         source: access::AccessError,
     },
     #[error(
+        "upgrade: cannot run {exe}: {source}; every instance waits in the fd holder for the next daemon to start"
+    )]
+    Upgrade {
+        exe: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
         "cannot keep instances across restarts with the fd holder at {path}: {source} (or run with --no-holder)"
     )]
     Holder {
@@ -134,6 +141,28 @@ pub fn open(
         registry = registry.with_holder(Arc::new(HolderLink::new(path)));
     }
     Ok(Arc::new(registry))
+}
+
+/// Becomes `exe`, run with this process's arguments and environment: the
+/// same process (pid, cgroup, parent), a new program that takes every
+/// instance over from the fd holder. Nothing is stopped first: to the
+/// devices this is a SIGKILL at a moment of our choosing, which the holder
+/// and the journals make safe. If the exec fails the process exits at once
+/// (status 1), leaving every instance to the holder for the next daemon:
+/// nothing is stopped or let go of on the way out.
+fn exec_upgrade(exe: &Path) -> ! {
+    use std::os::unix::process::CommandExt;
+    tracing::info!("upgrade: exec {}", exe.display());
+    let e = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    let e = DaemonError::Upgrade {
+        exe: exe.to_owned(),
+        source: e,
+    };
+    tracing::error!("{e}");
+    eprintln!("wdvirt: {e}");
+    std::process::exit(1)
 }
 
 /// Makes sure the fd holder at `path` runs: the one already there (a
@@ -212,10 +241,12 @@ pub fn run(
         let signalled = std::sync::Arc::new(tokio::sync::Notify::new());
         let notify = signalled.clone();
         let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+        let upgrading = registry.clone();
         let shutdown = async move {
             tokio::select! {
                 _ = term.recv() => tracing::info!("SIGTERM: stopping"),
                 _ = int.recv() => tracing::info!("SIGINT: stopping"),
+                _ = upgrading.upgrade_asked() => tracing::info!("upgrade: handing every instance over"),
             }
             let _ = stop_metrics.send(());
             notify.notify_one();
@@ -253,6 +284,9 @@ pub fn run(
         }
     })?;
     let _ = std::fs::remove_file(&paths.api);
+    if let Some(exe) = registry.upgrade_to() {
+        exec_upgrade(&exe);
+    }
     let attached = registry.shutdown();
     // Every instance stopped and let go of: a holder keeping nothing ends.
     if let Some(link) = registry.holder() {

@@ -17,7 +17,9 @@ use parking_lot::Mutex;
 use uuid::Uuid;
 
 use super::access::{UserId, own_user, resolve_user};
-use super::action::{Action, ActionError, DefineRequest, ModifyRequest, Outcome};
+use super::action::{
+    Action, ActionError, DefineRequest, ModifyRequest, Outcome, UpgradeRequest, UpgradeView,
+};
 use super::catalog::{Catalog, Placed, QosAccounts};
 use super::instance::{Instance, InstanceSpec, KeepPlan};
 use super::store::{Definition, Store};
@@ -167,6 +169,11 @@ pub struct Registry {
     entries: Mutex<Entries>,
     /// The fd holder that keeps started instances for a successor daemon.
     holder: Option<Arc<HolderLink>>,
+    /// The daemon's program file, as started (an upgrade's default).
+    exe: Option<PathBuf>,
+    /// An accepted upgrade's program, and its signal to the daemon.
+    upgrade: Mutex<Option<PathBuf>>,
+    upgrade_asked: tokio::sync::Notify,
 }
 
 impl Registry {
@@ -215,6 +222,9 @@ impl Registry {
             instance_owner: own_user(),
             entries: Mutex::new(entries),
             holder: None,
+            exe: std::env::current_exe().ok(),
+            upgrade: Mutex::new(None),
+            upgrade_asked: tokio::sync::Notify::new(),
         })
     }
 
@@ -346,6 +356,7 @@ impl Registry {
             Action::Stats { vm, instance } => self
                 .stats(&entries, vm, instance)
                 .map(|r| Outcome::Stats(Box::new(r))),
+            Action::Upgrade(req) => self.upgrade(&mut entries, req).map(Outcome::Upgrade),
         }
     }
 
@@ -563,6 +574,66 @@ impl Registry {
                 })
             }
         }
+    }
+
+    /// Accept an upgrade to `req.exe` (default: the daemon's own program
+    /// file): the program must run and say it is wdvirt, and the fd holder
+    /// must be there to keep the instances meanwhile. From now on no action
+    /// changes anything; the daemon execs the program once the API has
+    /// answered ([`Registry::upgrade_to`]).
+    fn upgrade(
+        &self,
+        entries: &mut Entries,
+        req: UpgradeRequest,
+    ) -> Result<UpgradeView, ActionError> {
+        let err = ActionError::Upgrade;
+        if self.holder.is_none() {
+            return Err(err(
+                "the daemon runs without the fd holder (--no-holder): its instances would stop"
+                    .into(),
+            ));
+        }
+        let exe = match req.exe {
+            Some(e) => std::path::absolute(&e).unwrap_or(e),
+            None => self.exe.clone().ok_or_else(|| {
+                err("the daemon's own program file is not known; give --exe".into())
+            })?,
+        };
+        let out = std::process::Command::new(&exe)
+            .arg("--version")
+            .output()
+            .map_err(|e| err(format!("{} does not run: {e}", exe.display())))?;
+        let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !out.status.success() || !version.starts_with("wdvirt ") {
+            return Err(err(format!(
+                "{} is not a wdvirt program (its --version said {version:?})",
+                exe.display()
+            )));
+        }
+        let running: Vec<&Running> = (entries.by_uuid.values())
+            .filter_map(|e| e.running.as_ref())
+            .collect();
+        let view = UpgradeView {
+            pid: std::process::id(),
+            exe: exe.clone(),
+            version,
+            instances: running.len(),
+            attached: running.iter().filter(|r| r.instance.attached()).count(),
+        };
+        entries.shutting_down = true;
+        *self.upgrade.lock() = Some(exe);
+        self.upgrade_asked.notify_one();
+        Ok(view)
+    }
+
+    /// Waits until an upgrade is accepted.
+    pub async fn upgrade_asked(&self) {
+        self.upgrade_asked.notified().await
+    }
+
+    /// The program an accepted upgrade execs.
+    pub fn upgrade_to(&self) -> Option<PathBuf> {
+        self.upgrade.lock().clone()
     }
 
     /// How instance `u` starts: taken over if the holder keeps it, kept in

@@ -788,11 +788,11 @@ fn unexpected((reply, fds): (Reply, Vec<OwnedFd>)) -> HolderError {
 }
 
 /// Starts `exe holder --socket SOCKET` as a detached process (its own
-/// session, stdin from /dev/null, stdout and stderr shared with this
-/// process) and waits until it answers `hello`, at most 3 s; returns its
-/// pid. A holder already answering at `socket` is
+/// session, stdin and stdout /dev/null, stderr appended to SOCKET with the
+/// extension `.log`) and waits until it answers `hello`, at most 3 s;
+/// returns its pid. A holder already answering at `socket` is
 /// [`HolderError::AlreadyRunning`]; one that exits at start is
-/// [`HolderError::Exited`] (its stderr says why).
+/// [`HolderError::Exited`] (its log says why).
 ///
 /// No zombie: a thread of this process waits for the holder, so a holder
 /// that exits while this process lives is reaped at once; when this
@@ -812,10 +812,21 @@ pub fn spawn(exe: &Path, socket: &Path) -> Result<u32, HolderError> {
         Err(e) => return Err(e),
     }
     let mut cmd = std::process::Command::new(exe);
+    // Not this process's stdout and stderr: whoever reads them (a pipe, a
+    // terminal) would never see them close while the holder lives. Its
+    // few lines go to a log beside its socket.
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(socket.with_extension("log"))
+        .map(std::process::Stdio::from)
+        .unwrap_or_else(|_| std::process::Stdio::null());
     cmd.arg("holder")
         .arg("--socket")
         .arg(socket)
-        .stdin(std::process::Stdio::null());
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log);
     // Runs in the forked child before exec: async-signal-safe system calls
     // only, no heap (an io::Error from an errno does not allocate).
     let detach = || -> std::io::Result<()> {

@@ -44,9 +44,11 @@ pub struct SharedMap {
     len: usize,
 }
 
-// The mapping is plain shared memory; every access below goes through
-// atomics or through byte copies into ranges one thread owns.
+// SAFETY: the mapping is plain shared memory owned by this value; every
+// access goes through atomics or through byte copies into ranges one
+// thread owns (a queue's journal is written by its worker alone).
 unsafe impl Send for SharedMap {}
+// SAFETY: as for Send.
 unsafe impl Sync for SharedMap {}
 
 impl SharedMap {
