@@ -136,3 +136,43 @@ fn sigterm_ends_the_holder_and_removes_its_socket() {
     assert!(holder.gone_within_2s());
     assert!(!socket.exists());
 }
+
+/// A holder that keeps nothing and serves nobody ends by itself (its daemon
+/// died with nothing to hand over); one that keeps an fd waits.
+#[test]
+fn a_holder_keeping_nothing_with_nobody_connected_exits_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str| {
+        let socket = dir.path().join(name);
+        let child = std::process::Command::new(exe())
+            .args(["holder", "--idle-exit", "0.3", "--socket"])
+            .arg(&socket)
+            .spawn()
+            .unwrap();
+        let end = Instant::now() + Duration::from_secs(3);
+        while HolderClient::connect(&socket).is_err() {
+            assert!(Instant::now() < end, "the holder never answered");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        (socket, child)
+    };
+    let (_, mut idle) = run("idle.sock");
+    let (socket, mut keeping) = run("keeping.sock");
+    let (r, _w) = rustix::pipe::pipe().unwrap();
+    HolderClient::connect(&socket)
+        .unwrap()
+        .put("kept", r.as_fd())
+        .unwrap();
+    let started = Instant::now();
+    let status = idle.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(
+        keeping.try_wait().unwrap(),
+        None,
+        "it keeps an fd: it waits"
+    );
+    HolderClient::connect(&socket).unwrap().quit().unwrap();
+    assert!(keeping.wait().unwrap().success());
+}

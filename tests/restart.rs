@@ -250,3 +250,93 @@ fn a_live_upgrade_under_jobs_on_16_instances_loses_nothing_and_its_pause_is_meas
         }
     );
 }
+
+/// What cannot be taken over is said and harms no other instance: a VMM
+/// that left while the daemon was down, a state memfd that fails its
+/// checks, and the fd holder itself gone.
+#[test]
+fn what_cannot_be_taken_over_is_reported_and_harms_no_other_instance() {
+    use wdvirt::restart::holder::HolderClient;
+    let mut d = Daemon::builder(HOST).capture_stderr().start();
+    let names = ["keep", "left", "torn"];
+    for n in names {
+        d.json(&["define", "--type", "one", "--name", n]);
+        d.json(&["start", n]);
+    }
+    // "left" has a VMM that maps its memory and enables the device, and
+    // runs no jobs: it goes away while no daemon runs.
+    let left = LoopbackVmm::connect_migratable(
+        &d.socket("left"),
+        GuestRam::new(RAM_BASE, 4 << 20).unwrap(),
+    )
+    .unwrap();
+    let mut guests: Vec<Guest> = ["keep", "torn"]
+        .iter()
+        .map(|n| Guest::boot_with(&d.socket(n), 1, 4 << 20))
+        .collect();
+    progress(&guests, 20, "before the kill");
+    let uuid = |n: &str| -> String {
+        let v = d.json(&["list"]);
+        let i = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == n)
+            .unwrap();
+        i["uuid"].as_str().unwrap().to_string()
+    };
+    let torn_uuid = uuid("torn");
+    d.kill9();
+    let torn = guests.pop().unwrap();
+    drop(left);
+    // "torn"'s state memfd loses its header.
+    {
+        let mut h = HolderClient::connect(&d.holder()).unwrap();
+        let fds = h.take(&format!("inst/{torn_uuid}/state")).unwrap();
+        let map = wdvirt::vdev::wd::journal::SharedMap::map(&fds[0].1).unwrap();
+        map.zero(0, 4096);
+    }
+    d.spawn();
+    progress(&guests, 20, "the untouched instance after the restart");
+    let list = d.json(&["list"]);
+    let by = |n: &str| -> Value {
+        (list.as_array().unwrap().iter())
+            .find(|v| v["name"] == n)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(by("keep")["state"], "attached");
+    assert!(by("keep")["report"]["adopted"].is_object());
+    // The one whose VMM left is started, free for its next VMM.
+    assert_eq!(by("left")["state"], "started", "{}", by("left"));
+    guests.push(Guest::boot_with(&d.socket("left"), 1, 4 << 20));
+    progress(&guests, 10, "a new VMM on the instance whose VMM left");
+    // The torn one is started afresh; its VMM lost the device (EOF).
+    assert!(by("torn")["report"]["adopted"].is_null(), "{}", by("torn"));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while torn.load.as_ref().unwrap().is_running() {
+        assert!(
+            Instant::now() < deadline,
+            "the torn instance's VMM never noticed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(torn);
+    // The holder dies under a running daemon: the VMs run on, and the
+    // daemon says a new VMM's device would not survive a restart.
+    let info = HolderClient::connect(&d.holder()).unwrap().hello().unwrap();
+    let pid = rustix::process::Pid::from_raw(info.pid as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+    guests.push(Guest::boot_with(&d.socket("torn"), 1, 4 << 20));
+    progress(&guests, 10, "with the holder gone");
+    let (status, err) = d.term();
+    assert!(status.success());
+    assert!(
+        err.contains("cannot be taken over") && err.contains("no wdvirt header"),
+        "the torn state is named: {err}"
+    );
+    assert!(
+        err.contains("will not survive a restart of the daemon"),
+        "the holder's death is said: {err}"
+    );
+}

@@ -465,7 +465,9 @@ impl Instance {
                                     &limits,
                                     Arc::new(LogBudget::new(limits.log_lines_per_sec)),
                                 )
-                                .with_keeper(Box::new(keep.adopted_connection(&vmm.snapshot)));
+                                .with_keeper(Box::new(
+                                    keep.adopted_connection(&vmm.snapshot, vmm.seq),
+                                ));
                             adoption = Some(Adoption {
                                 jobs_rerun: found.jobs_rerun,
                                 rebuilt_in: started.elapsed(),

@@ -66,6 +66,8 @@ pub struct Taken {
 pub struct TakenVmm {
     pub conn: OwnedFd,
     pub snapshot: VmmSnapshot,
+    /// The snapshot's sequence number.
+    pub seq: u64,
     /// Where the conversation with the VMM stood.
     pub resume: Resume,
     /// The device's fds by role (`dma/<iova>`, `irq/msix/<n>` …).
@@ -110,7 +112,7 @@ pub fn take(
         .remove("state")
         .ok_or(AdoptError::Missing("state memfd"))?;
     let state = StateFile::open(&state_fd, queues, max_depth)?;
-    let (snapshot, replied) = state.read_newest()?;
+    let (snapshot, seq, replied) = state.read_newest()?;
     let state = Arc::new(state);
     let keep = InstanceKeep::adopt(link.clone(), uuid, state.clone());
     let vmm = match (snapshot.vmm, by_key.remove("conn")) {
@@ -138,6 +140,7 @@ pub fn take(
             Some(TakenVmm {
                 conn,
                 snapshot,
+                seq,
                 fds,
                 resume,
             })

@@ -83,6 +83,9 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long [`spawn`] waits for a new holder to answer `hello`.
 const SPAWN_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long a holder keeping nothing waits for a client before it exits.
+pub const IDLE_EXIT: Duration = Duration::from_secs(10);
+
 /// Clients served at once; more are accepted and closed at once (the
 /// daemon needs one, two while an old one dies and a new one starts).
 const MAX_CLIENTS: usize = 32;
@@ -188,6 +191,8 @@ pub struct Holder {
     ident: Option<(u64, u64)>,
     held: BTreeMap<String, OwnedFd>,
     clients: Vec<OwnedFd>,
+    /// How long keeping nothing and serving nobody lasts before it exits.
+    idle_exit: Duration,
 }
 
 /// What became of a client after one of its packets.
@@ -258,6 +263,7 @@ impl Holder {
             ident,
             held: BTreeMap::new(),
             clients: Vec::new(),
+            idle_exit: IDLE_EXIT,
         };
         rustix::net::listen(&holder.listener, 16)?;
         Ok(holder)
@@ -269,7 +275,14 @@ impl Holder {
     /// closed and the socket file removed on the way out. A client's
     /// departure never ends it.
     pub fn serve(path: &Path) -> Result<(), HolderError> {
-        let holder = Holder::bind(path)?;
+        Holder::serve_idle(path, IDLE_EXIT)
+    }
+
+    /// [`serve`](Self::serve), ending after `idle_exit` keeping nothing and
+    /// serving nobody.
+    pub fn serve_idle(path: &Path, idle_exit: Duration) -> Result<(), HolderError> {
+        let mut holder = Holder::bind(path)?;
+        holder.idle_exit = idle_exit;
         // Signals write a byte to `alarm`; `wake` sits in the poll set.
         let (wake, alarm) = std::os::unix::net::UnixStream::pair()?;
         let mut ids = Vec::new();
@@ -294,8 +307,15 @@ impl Holder {
     }
 
     /// One thread, one `poll` over the listener, the clients and `stop`.
+    /// A holder that keeps nothing and serves nobody for [`IDLE_EXIT`]
+    /// ends by itself: its daemon is gone and left nothing to take over.
     fn run_until(mut self, stop: Option<BorrowedFd<'_>>) -> Result<(), HolderError> {
         loop {
+            let idle = self.held.is_empty() && self.clients.is_empty();
+            let timeout = idle.then(|| Timespec {
+                tv_sec: self.idle_exit.as_secs() as i64,
+                tv_nsec: self.idle_exit.subsec_nanos() as i64,
+            });
             let ready: Vec<bool> = {
                 let mut pfds = Vec::with_capacity(self.clients.len() + 2);
                 pfds.push(PollFd::new(&self.listener, PollFlags::IN));
@@ -303,7 +323,14 @@ impl Holder {
                 if let Some(stop) = stop {
                     pfds.push(PollFd::from_borrowed_fd(stop, PollFlags::IN));
                 }
-                match poll(&mut pfds, None) {
+                match poll(&mut pfds, timeout.as_ref()) {
+                    Ok(0) if idle => {
+                        info!(
+                            "holder: nothing kept and nobody connected for {:?}: exiting",
+                            self.idle_exit
+                        );
+                        return Ok(());
+                    }
                     Ok(_) => {}
                     Err(Errno::INTR) => continue,
                     Err(e) => return Err(e.into()),

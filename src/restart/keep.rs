@@ -202,14 +202,14 @@ impl InstanceKeep {
     }
 
     /// A connection taken over from a predecessor, whose device fds the
-    /// holder has under the keys `snapshot` lists.
-    pub fn adopted_connection(&self, snapshot: &VmmSnapshot) -> ConnectionKeeper {
+    /// holder has under the keys `snapshot` (number `seq`) lists.
+    pub fn adopted_connection(&self, snapshot: &VmmSnapshot, seq: u64) -> ConnectionKeeper {
         ConnectionKeeper {
             keep: self.clone(),
             deposited: (snapshot.fds.iter())
                 .map(|(k, dev, ino)| (k.clone(), (*dev, *ino)))
                 .collect(),
-            last: 0,
+            last: seq,
         }
     }
 }

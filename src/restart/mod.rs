@@ -3,7 +3,7 @@
 //! in a separate holder process while the daemon is dead, and a restarted
 //! daemon takes them back.
 
+pub mod adopt;
 pub mod holder;
 pub mod keep;
 pub mod state;
-pub mod adopt;

@@ -268,17 +268,15 @@ impl StateFile {
         self.map.u64_at(H_REPLIED).store(seq, Ordering::Release);
     }
 
-    /// The newest complete snapshot with its sequence number, and whether
-    /// its reply was sent.
-    pub fn read_newest(&self) -> Result<(Snapshot, bool), StateFileError> {
+    /// The newest complete snapshot, its sequence number, and whether its
+    /// reply was sent.
+    pub fn read_newest(&self) -> Result<(Snapshot, u64, bool), StateFileError> {
         let (slot, seq) = self.newest().ok_or(StateFileError::NoSnapshot)?;
         let data = self.slot_data(slot).ok_or(StateFileError::NoSnapshot)?;
         let snap =
             serde_json::from_slice(&data).map_err(|e| StateFileError::Decode(e.to_string()))?;
-        Ok((
-            snap,
-            self.map.u64_at(H_REPLIED).load(Ordering::Acquire) == seq,
-        ))
+        let replied = self.map.u64_at(H_REPLIED).load(Ordering::Acquire) == seq;
+        Ok((snap, seq, replied))
     }
 
     fn write_raw(&self, data: &[u8]) -> Result<u64, StateFileError> {

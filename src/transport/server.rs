@@ -9,6 +9,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use rustix::event::{EventfdFlags, eventfd};
@@ -22,6 +23,11 @@ use super::socket::{Message, MsgSocket, Peeked, Recv, SockError};
 use super::stats::ConnectionStats;
 use super::wire::{self, Command, FLAG_TYPE_COMMAND, FLAG_TYPE_REPLY, HEADER_SIZE, Header};
 use crate::vdev::device::VfioUserDevice;
+
+/// How long a taken-over connection waits for the VMM's next request as
+/// proof that it has the reply a predecessor may have sent just before it
+/// died ([`Connection::resume`]).
+pub const REPLY_PROOF_WAIT: Duration = Duration::from_millis(50);
 
 /// Why [`Connection::run`] returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -510,16 +516,37 @@ impl Connection {
     /// Where a predecessor left the conversation: the message it handled
     /// last is taken out of the socket if it is still there, and its reply
     /// sent if it was not.
+    ///
+    /// A predecessor takes a message out of the socket before it sends the
+    /// reply and records the reply sent after: a message still in the
+    /// socket was not answered. One taken out and not recorded answered
+    /// may have been, if the process died between the send and the record:
+    /// the reply is then sent only when nothing shows that the VMM has it
+    /// (bytes of ours it has not read, or a next request within
+    /// [`REPLY_PROOF_WAIT`]): a VMM that waits for it gets it, and one that
+    /// has it sees no second copy unless it read it and then stayed
+    /// silent that long (`docs/restart.md`).
     fn resume(&mut self, r: Resume) -> Result<(), SockError> {
-        if let Some(h) = r.handled
-            && self.sock.waiting_is(&h)?
-        {
-            self.sock.consume(h.size as usize)?;
+        let still_there = match r.handled {
+            Some(h) if self.sock.waiting_is(&h)? => {
+                self.sock.consume(h.size as usize)?;
+                true
+            }
+            _ => false,
+        };
+        let Some(bytes) = r.unsent_reply else {
+            return Ok(());
+        };
+        let has_it = !still_there
+            && (self.sock.unread_by_peer().unwrap_or(0) > 0
+                || self.sock.readable_within(REPLY_PROOF_WAIT)?);
+        if has_it {
+            if let Some(k) = self.keeper.as_mut() {
+                k.replied();
+            }
+            return Ok(());
         }
-        if let Some(bytes) = r.unsent_reply {
-            self.send_reply(&bytes, &[])?;
-        }
-        Ok(())
+        self.send_reply(&bytes, &[])
     }
 
     fn serve_one(

@@ -353,6 +353,34 @@ impl MsgSocket {
         }
     }
 
+    /// Bytes this end sent that the peer has not read yet (SIOCOUTQ: for a
+    /// UNIX socket, what waits in the peer's receive queue).
+    pub fn unread_by_peer(&self) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        let mut n: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ writes one int through the pointer, which
+        // points at `n`.
+        let r = unsafe { libc::ioctl(self.stream.as_raw_fd(), libc::TIOCOUTQ, &mut n) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(n.max(0) as usize)
+    }
+
+    /// Whether anything arrives to read within `wait` (or is there now).
+    pub fn readable_within(&self, wait: Duration) -> Result<bool, SockError> {
+        let mut pfd = [PollFd::new(&self.stream, PollFlags::IN)];
+        let t = Timespec {
+            tv_sec: wait.as_secs() as i64,
+            tv_nsec: wait.subsec_nanos() as i64,
+        };
+        match poll(&mut pfd, Some(&t)) {
+            Ok(n) => Ok(n > 0),
+            Err(Errno::INTR) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Whether the message waiting whole at the head of the socket now is
     /// `h` (without waiting: a message not all here is not one a
     /// predecessor handled).

@@ -460,7 +460,7 @@ impl QueueJournal {
                 live.push((age, slot));
             }
         }
-        live.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        live.sort_unstable_by_key(|l| std::cmp::Reverse(l.0));
         let mut ring = RingState {
             sq_head,
             cq_tail,
@@ -642,7 +642,7 @@ mod tests {
         let cqe = CompletionEntry {
             tag,
             status: 0,
-            flags: if (index / DEPTH) % 2 == 0 {
+            flags: if (index / DEPTH).is_multiple_of(2) {
                 CQE_PHASE
             } else {
                 0
