@@ -121,5 +121,15 @@ mod tests {
         };
         assert_eq!(d.run_dir, std::path::Path::new("/run/wdvirt"));
         assert_eq!(cli.api, std::path::Path::new("/run/wdvirt/api.sock"));
+        assert!(!d.no_holder, "the unit keeps instances across restarts");
+        // `systemctl reload` is the live upgrade, against the same API.
+        let reload = unit
+            .lines()
+            .find_map(|l| l.strip_prefix("ExecReload="))
+            .expect("an ExecReload line");
+        let args: Vec<&str> = reload.split_whitespace().collect();
+        let cli = crate::cli::Cli::try_parse_from(&args).unwrap();
+        assert!(matches!(cli.command, crate::cli::Command::Upgrade(_)));
+        assert_eq!(cli.api, std::path::Path::new("/run/wdvirt/api.sock"));
     }
 }
