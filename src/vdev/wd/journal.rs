@@ -654,8 +654,9 @@ mod tests {
         mem.write_slice(&cqe.to_bytes(), GuestAddress(at)).unwrap();
     }
 
-    #[test]
-    fn a_completion_published_but_not_recorded_is_done_and_the_rest_run_again_in_order() {
+    /// A started journal with three copies (tags 10, 11, 12) taken and
+    /// committed.
+    fn three_copies_taken() -> (QueueJournal, GuestMemory) {
         let (j, mem) = rig();
         j.start(DEPTH, &RingState::default(), JournalCounts::default());
         for pos in 0..3 {
@@ -667,6 +668,12 @@ mod tests {
             );
         }
         j.commit_head(3);
+        (j, mem)
+    }
+
+    #[test]
+    fn a_completion_published_but_not_recorded_is_done_and_the_rest_run_again_in_order() {
+        let (j, mem) = three_copies_taken();
         // Job 1 completes whole; job 0's completion is published when the
         // process dies, before it is recorded.
         j.completing(1, 0);
@@ -696,17 +703,7 @@ mod tests {
         );
         // Had its phase not been published, job 0 would run again too,
         // before job 2.
-        let (j, mem) = rig();
-        j.start(DEPTH, &RingState::default(), JournalCounts::default());
-        for pos in 0..3 {
-            j.taken(
-                DEPTH,
-                pos,
-                &sqe(pos + 10, Opcode::Copy, 0x8000, 0x9000, 64),
-                &mem,
-            );
-        }
-        j.commit_head(3);
+        let (j, mem) = three_copies_taken();
         j.completing(0, 0);
         let (ring, _) = j.recover(DEPTH, CQ, &mem).unwrap();
         let tags: Vec<u32> = ring.pending.iter().map(|p| p.tag).collect();

@@ -120,7 +120,12 @@ impl WdDevice {
                 ring,
             });
         }
-        Ok(WdState {
+        Ok(self.state_with(queues))
+    }
+
+    /// The device's registers and error latch around `queues`.
+    fn state_with(&self, queues: Vec<QueueState>) -> WdState {
+        WdState {
             version: WD_STATE_VERSION,
             enabled: self.enabled,
             err: ErrState {
@@ -129,7 +134,7 @@ impl WdDevice {
                 count: self.err.count,
             },
             queues,
-        })
+        }
     }
 
     /// The device's state while it runs: as [`state`](Self::state), with
@@ -147,16 +152,7 @@ impl WdDevice {
                 }
             })
             .collect();
-        WdState {
-            version: WD_STATE_VERSION,
-            enabled: self.enabled,
-            err: ErrState {
-                code: self.err.code.map_or(0, RegError::code),
-                offset: self.err.offset,
-                count: self.err.count,
-            },
-            queues,
-        }
+        self.state_with(queues)
     }
 
     /// Every check a restore makes before it changes anything.
