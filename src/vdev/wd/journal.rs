@@ -778,4 +778,50 @@ mod tests {
         );
         assert!(e.to_string().contains("does not add up"));
     }
+
+    #[test]
+    fn a_journal_of_random_bytes_is_refused_or_recovered_never_a_panic() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+        let (j, mem) = rig();
+        let len = QueueJournal::size(DEPTH);
+        let mut refused = 0;
+        for round in 0..2000 {
+            // A real journal, then random words over it (or all random).
+            j.start(DEPTH, &RingState::default(), JournalCounts::default());
+            for pos in 0..rng.random_range(0..DEPTH) {
+                j.taken(
+                    DEPTH,
+                    pos,
+                    &sqe(pos, Opcode::Copy, 0x8000, 0x9000, 64),
+                    &mem,
+                );
+            }
+            let words = if round % 10 == 0 {
+                len / 4
+            } else {
+                rng.random_range(1..8)
+            };
+            for _ in 0..words {
+                let at = rng.random_range(0..HEADER + DEPTH as usize * SLOT) & !3;
+                j.map.u32_at(at).store(rng.random(), Ordering::Relaxed);
+            }
+            if round % 10 == 0 {
+                j.map.u32_at(H_MAGIC).store(MAGIC, Ordering::Relaxed);
+                j.map.u32_at(H_DEPTH).store(DEPTH, Ordering::Relaxed);
+            }
+            match j.recover(DEPTH, CQ, &mem) {
+                Ok((ring, _)) => {
+                    let n = (ring.pending.len() + ring.held.len()) as u32;
+                    assert_eq!(ring.sq_head.wrapping_sub(ring.cq_tail), n);
+                    assert!(n <= DEPTH);
+                }
+                Err(e) => {
+                    refused += 1;
+                    assert!(!e.to_string().is_empty());
+                }
+            }
+        }
+        assert!(refused > 0, "random journals are refused");
+    }
 }
