@@ -386,25 +386,16 @@ impl MsgSocket {
     /// predecessor handled).
     pub fn waiting_is(&self, h: &super::keeper::Handled) -> Result<bool, SockError> {
         let mut buf = vec![0u8; h.size as usize];
-        let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(SCM_MAX_FD))];
-        let mut control = RecvAncillaryBuffer::new(&mut space);
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let got = match recvmsg(
-            &self.stream,
-            &mut iov,
-            &mut control,
-            RecvFlags::CMSG_CLOEXEC | RecvFlags::DONTWAIT | RecvFlags::PEEK,
-        ) {
-            Ok(r) => r.bytes,
-            Err(Errno::AGAIN) => 0,
-            Err(e) => return Err(e.into()),
+        // The fds a peek brings are copies, closed with `p`.
+        let mut p = Partial {
+            fds: Vec::new(),
+            fd_loss: None,
+            budget: self.max_fds,
+            started: None,
         };
-        // Fds a peek brought are copies: closed here.
-        for msg in control.drain() {
-            if let RecvAncillaryMessage::ScmRights(rights) = msg {
-                closer::close_all(rights);
-            }
-        }
+        let got = self
+            .try_recv(&mut buf, &mut p, RecvFlags::PEEK)?
+            .unwrap_or(0);
         if got != buf.len() || got < HEADER_SIZE {
             return Ok(false);
         }
@@ -478,6 +469,22 @@ impl MsgSocket {
         p: &mut Partial,
         flags: RecvFlags,
     ) -> Result<usize, SockError> {
+        loop {
+            match self.try_recv(buf, p, flags)? {
+                Some(n) => return Ok(n),
+                None => self.wait(PollFlags::IN, p.started)?,
+            }
+        }
+    }
+
+    /// One `recvmsg` into `buf`, fds into `p` (within its budget; others
+    /// closed and counted); `None` when nothing is there now.
+    fn try_recv(
+        &self,
+        buf: &mut [u8],
+        p: &mut Partial,
+        flags: RecvFlags,
+    ) -> Result<Option<usize>, SockError> {
         let mut space = [MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(SCM_MAX_FD))];
         let space = &mut space[..self.control_len];
         let capacity = fd_capacity(space.len());
@@ -517,11 +524,11 @@ impl MsgSocket {
                         // seen says why).
                         p.fd_loss.get_or_insert(FdLoss::classify(arrived, capacity));
                     }
-                    return Ok(r.bytes);
+                    return Ok(Some(r.bytes));
                 }
-                Err(Errno::AGAIN) => self.wait(PollFlags::IN, p.started)?,
+                Err(Errno::AGAIN) => return Ok(None),
                 Err(Errno::INTR) => {}
-                Err(Errno::CONNRESET) => return Ok(0),
+                Err(Errno::CONNRESET) => return Ok(Some(0)),
                 Err(e) => return Err(e.into()),
             }
         }
