@@ -275,7 +275,7 @@ impl Keeper for ConnectionKeeper {
         &mut self,
         handled: &Handled,
         reply: Option<&[u8]>,
-        session: &SessionRecord,
+        session: SessionRecord,
         device: DeviceRecord,
     ) -> Result<(), String> {
         if let Some(fds) = &device.fds {
@@ -287,12 +287,10 @@ impl Keeper for ConnectionKeeper {
             .map(|r| self.keep.state.write_reply(r))
             .transpose()
             .map_err(|e| e.to_string())?;
-        let device: serde_json::Value =
-            serde_json::from_slice(&device.state).map_err(|e| e.to_string())?;
         let snap = Snapshot {
             vmm: Some(VmmSnapshot {
-                session: session.clone(),
-                device,
+                session,
+                device: device.state,
                 fds: (self.deposited.iter())
                     .map(|(k, (dev, ino))| (k.clone(), *dev, *ino))
                     .collect(),

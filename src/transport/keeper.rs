@@ -38,7 +38,7 @@ pub struct SessionRecord {
 /// holds, each under a stable key (`dma/<iova>`, `irq/<index>/<vector>`),
 /// valid while the device is locked.
 pub struct DeviceRecord {
-    pub state: Vec<u8>,
+    pub state: serde_json::Value,
     /// `None` when no message since the last record could have changed
     /// them.
     pub fds: Option<Vec<(String, RawFd)>>,
@@ -89,7 +89,7 @@ pub trait Keeper: Send {
         &mut self,
         handled: &Handled,
         reply: Option<&[u8]>,
-        session: &SessionRecord,
+        session: SessionRecord,
         device: DeviceRecord,
     ) -> Result<(), String>;
     /// The reply given to the last [`keep`](Self::keep) was sent.

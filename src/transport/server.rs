@@ -658,7 +658,7 @@ impl Connection {
         };
         let kept = s.live_state().map_err(|e| e.to_string()).and_then(|state| {
             let fds = self.fds_changed.then(|| s.held_fds());
-            keeper.keep(h, reply, &record, DeviceRecord { state, fds })
+            keeper.keep(h, reply, record, DeviceRecord { state, fds })
         });
         match kept {
             Ok(()) => self.fds_changed = false,

@@ -164,7 +164,7 @@ pub trait Survivable {
     /// The device's whole state as it runs now, except where each running
     /// queue stands in its rings (its journal keeps that, see
     /// `vdev::wd::journal`).
-    fn live_state(&mut self) -> Result<Vec<u8>, DeviceError>;
+    fn live_state(&mut self) -> Result<serde_json::Value, DeviceError>;
     /// Every fd the device holds for its VMM (guest memory, eventfds), each
     /// under a key that names its role (`dma/<iova>`, `irq/<index>/<vector>`).
     /// The fds stay valid until the device's next message.

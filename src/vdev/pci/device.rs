@@ -575,7 +575,7 @@ impl<M: FunctionModel> VfioUserDevice for PciFunction<M> {
 }
 
 impl<M: FunctionModel> Survivable for PciFunction<M> {
-    fn live_state(&mut self) -> Result<Vec<u8>, DeviceError> {
+    fn live_state(&mut self) -> Result<serde_json::Value, DeviceError> {
         let st = LiveState {
             function: FunctionState {
                 version: FUNCTION_STATE_VERSION,
@@ -587,7 +587,7 @@ impl<M: FunctionModel> Survivable for PciFunction<M> {
             },
             irqs: self.interrupts.vmm_state(),
         };
-        serde_json::to_vec(&st).map_err(|e| DeviceError::Invalid(e.to_string()))
+        serde_json::to_value(&st).map_err(|e| DeviceError::Invalid(e.to_string()))
     }
 
     fn held_fds(&self) -> Vec<(String, std::os::fd::RawFd)> {
