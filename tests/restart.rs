@@ -340,3 +340,23 @@ fn what_cannot_be_taken_over_is_reported_and_harms_no_other_instance() {
         "the holder's death is said: {err}"
     );
 }
+
+/// An upgrade the daemon cannot carry out is refused before anything
+/// changes, with the reason: a program that is not wdvirt, one that does
+/// not run, and a daemon without the fd holder. The daemon serves on.
+#[test]
+fn an_upgrade_the_daemon_cannot_carry_out_is_refused_and_it_serves_on() {
+    let d = Daemon::start(HOST);
+    d.json(&["define", "--type", "one", "--name", "a"]);
+    d.json(&["start", "a"]);
+    let e = d.refused(&["upgrade", "--exe", "/bin/true"]);
+    assert!(e.contains("is not a wdvirt program"), "{e}");
+    let e = d.refused(&["upgrade", "--exe", "/nonexistent/wdvirt"]);
+    assert!(e.contains("does not run"), "{e}");
+    // Still the same daemon, still changing things.
+    d.json(&["define", "--type", "one", "--name", "b"]);
+    assert_eq!(d.json(&["list"]).as_array().unwrap().len(), 1);
+    let bare = Daemon::builder(HOST).arg("--no-holder").start();
+    let e = bare.refused(&["upgrade"]);
+    assert!(e.contains("--no-holder"), "{e}");
+}
