@@ -9,6 +9,7 @@
 //!
 //! The embedded default is [`soft::SoftAccel`]: worker threads as engines.
 
+mod engine_time;
 pub mod ops;
 #[cfg(test)]
 pub(crate) mod reference;

@@ -45,6 +45,7 @@ use parking_lot::{Mutex, RwLock};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use wdvirt_abi::{ALL_OPS, JobStatus, Opcode};
 
+use super::engine_time::{Finished, thread_cpu_ns};
 use super::ops::{self, Scratch};
 use super::{
     AccelError, Accelerator, AddressSpace, EngineObserver, GuestMemory, Job, JobResult, Pasid,
@@ -253,9 +254,7 @@ impl SoftAccel {
                 src: Vec::new(),
                 dst: Vec::new(),
                 ctx: Vec::new(),
-                reports: Vec::with_capacity(REPORT_JOBS),
-                report_to: None,
-                report_ns: 0,
+                finished: Finished::default(),
                 deferred: VecDeque::new(),
                 stopping: false,
             };
@@ -525,11 +524,8 @@ struct Engine {
     dst: Vec<u8>,
     /// A stream piece's context.
     ctx: Vec<u8>,
-    /// Finished jobs not yet reported, all to `report_to`.
-    reports: Vec<(Job, u64)>,
-    report_to: Option<Arc<dyn EngineObserver>>,
-    /// Their engine time, summed.
-    report_ns: u64,
+    /// Finished jobs not yet reported, and what they cost.
+    finished: Finished,
     /// Work taken from the FIFO between a long job's slices that had to
     /// wait for it (its own instance's jobs, other long jobs, and those
     /// behind either of a queue pair): run next, in order.
@@ -538,23 +534,15 @@ struct Engine {
     stopping: bool,
 }
 
-/// An engine reports its finished jobs while its queue still holds work
-/// (it is not hungry, so the scheduler has nothing to give it) in runs of
-/// at most this many...
-const REPORT_JOBS: usize = 32;
-/// ...or this much engine time, so that no instance's charge is late by
-/// more than this.
-const REPORT_NS: u64 = 50_000;
-
 /// What one job did, before it is reported.
 struct Done {
     status: JobStatus,
     out: ops::Output,
     bytes_in: u64,
     stream_end: bool,
-    /// Time spent inside this job on other instances' jobs run between
-    /// its slices: theirs, not its engine time.
-    nested_ns: u64,
+    /// The job's own CPU time, if it measured it (a sliced job: the time
+    /// spent on other instances' jobs between its slices is theirs).
+    cpu_ns: Option<u64>,
 }
 
 impl Done {
@@ -564,7 +552,7 @@ impl Done {
             out: ops::Output::default(),
             bytes_in,
             stream_end: false,
-            nested_ns: 0,
+            cpu_ns: None,
         }
     }
 }
@@ -623,7 +611,7 @@ impl Engine {
                 None => {
                     // Hungry: what it finished goes to the scheduler now,
                     // which may hand it more.
-                    self.report(last_end);
+                    self.finished.report(last_end);
                     // `recv` blocks: an idle engine sleeps in the kernel.
                     let Ok(msg) = self.jobs.recv() else { break };
                     last_end = None;
@@ -632,7 +620,7 @@ impl Engine {
             };
             match msg {
                 Msg::Stop => {
-                    self.report(last_end);
+                    self.finished.report(last_end);
                     break;
                 }
                 Msg::Job { job, qp } => {
@@ -657,7 +645,11 @@ impl Engine {
             qp.running.fetch_sub(1, Ordering::SeqCst);
             return None;
         }
-        let done = self.execute(&job, qp.pasid, qp.observer.get());
+        let observer = qp.observer.get();
+        if observer.is_some() {
+            self.finished.job_starts(start);
+        }
+        let done = self.execute(&job, qp.pasid, observer);
         let bytes_out = if done.status == JobStatus::Ok {
             u64::from(done.out.bytes)
         } else {
@@ -688,41 +680,21 @@ impl Engine {
         qp.in_flight.fetch_sub(1, Ordering::AcqRel);
         qp.running.fetch_sub(1, Ordering::SeqCst);
         let end = Instant::now();
-        let Some(o) = qp.observer.get() else {
+        let Some(o) = observer else {
             return Some(end);
         };
-        if self
-            .report_to
-            .as_ref()
-            .is_some_and(|to| !Arc::ptr_eq(to, o))
-        {
-            self.report(Some(end));
+        if let Some(cpu_ns) = done.cpu_ns {
+            self.finished.push_exact(o, job, cpu_ns, end);
+        } else {
+            let wall_ns = end.saturating_duration_since(start).as_nanos() as u64;
+            if !self.finished.push(o, job, wall_ns) {
+                return Some(end);
+            }
+            self.finished.report(Some(end));
         }
-        if self.report_to.is_none() {
-            self.report_to = Some(o.clone());
-        }
-        let engine_ns =
-            (end.saturating_duration_since(start).as_nanos() as u64).saturating_sub(done.nested_ns);
-        self.reports.push((job, engine_ns));
-        self.report_ns += engine_ns;
-        if self.reports.len() < REPORT_JOBS && self.report_ns < REPORT_NS {
-            return Some(end);
-        }
-        self.report(Some(end));
         // The next job starts after the observer returns: time it spent
         // (waiting for the scheduler's lock, say) is no job's engine time.
         Some(Instant::now())
-    }
-
-    /// Tells the observer of the jobs finished and not yet reported (the
-    /// last of them ended at `end`; now if not known).
-    fn report(&mut self, end: Option<Instant>) {
-        let Some(o) = self.report_to.take() else {
-            return;
-        };
-        o.jobs_finished(&self.reports, end.unwrap_or_else(Instant::now));
-        self.reports.clear();
-        self.report_ns = 0;
     }
 
     fn execute(
@@ -820,7 +792,7 @@ impl Engine {
         // its slices get buffers of their own.
         let mut src = std::mem::take(&mut self.src);
         let mut dst = std::mem::take(&mut self.dst);
-        let started = Instant::now();
+        let started = thread_cpu_ns();
         let mut nested_ns = 0;
         let mut done = (|| {
             let s = bounce(&mut src, src_len);
@@ -830,7 +802,7 @@ impl Engine {
             let d = bounce(&mut dst, dst_len);
             let res = catch_unwind(AssertUnwindSafe(|| {
                 super::stream::compress_in_slices(format, level, s, d, SLICE, &mut || {
-                    let own = (started.elapsed().as_nanos() as u64).saturating_sub(nested_ns);
+                    let own = (thread_cpu_ns() - started).saturating_sub(nested_ns);
                     let ask = observer.map(|o| (o, job, own));
                     nested_ns += self.between_slices(pasid, ask);
                 })
@@ -858,10 +830,10 @@ impl Engine {
                 },
                 bytes_in,
                 stream_end: false,
-                nested_ns: 0,
+                cpu_ns: None,
             }
         })();
-        done.nested_ns = nested_ns;
+        done.cpu_ns = Some((thread_cpu_ns() - started).saturating_sub(nested_ns));
         self.src = src;
         self.dst = dst;
         done
@@ -872,8 +844,8 @@ impl Engine {
     /// then runs up to [`TAKE_BETWEEN`] waiting jobs of other PASIDs that
     /// are not long themselves, each to its end; anything else it takes
     /// waits in `deferred`, as does any later job of a queue pair with one
-    /// waiting there (a queue's jobs keep their order). Returns the time
-    /// spent.
+    /// waiting there (a queue's jobs keep their order). Returns the CPU
+    /// time spent.
     fn between_slices(
         &mut self,
         pasid: Pasid,
@@ -882,10 +854,10 @@ impl Engine {
         if self.stopping {
             return 0;
         }
-        let t0 = Instant::now();
+        let t0 = thread_cpu_ns();
         // What this engine finished so far is reported first, so the
         // scheduler decides on current charges; then it may hand over work.
-        self.report(None);
+        self.finished.report(None);
         if let Some((o, job, engine_ns)) = asks {
             o.between_slices(job, engine_ns);
         }
@@ -913,7 +885,7 @@ impl Engine {
                 self.serve(job, &qp, Instant::now());
             }
         }
-        t0.elapsed().as_nanos() as u64
+        thread_cpu_ns() - t0
     }
 
     /// Bounce the inputs in, run the operation, write the output back.
@@ -984,7 +956,7 @@ impl Engine {
             out,
             bytes_in,
             stream_end: false,
-            nested_ns: 0,
+            cpu_ns: None,
         }
     }
 }
@@ -1034,7 +1006,7 @@ impl Engine {
             },
             bytes_in,
             stream_end: out.ended,
-            nested_ns: 0,
+            cpu_ns: None,
         }
     }
 }
@@ -1533,7 +1505,10 @@ mod tests {
         assert_eq!(cookies.len(), 201, "each job once");
         cookies.sort_unstable();
         assert_eq!(cookies, (0..=200).collect::<Vec<_>>());
-        assert!(runs.iter().all(|r| !r.is_empty() && r.len() <= REPORT_JOBS));
+        assert!(
+            runs.iter()
+                .all(|r| !r.is_empty() && r.len() <= super::super::engine_time::RUN_JOBS)
+        );
         // Reported per job, that would be 201 calls; in runs of 32, about 7.
         assert!(runs.len() < 100, "{} reports: {runs:?}", runs.len());
     }
@@ -1726,19 +1701,78 @@ mod tests {
         )
     }
 
+    /// The engines' thread ids, once each has started.
+    fn engine_tids(accel: &SoftAccel) -> Vec<i32> {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let t: Vec<i32> = accel.stats().engines.iter().map(|e| e.tid).collect();
+            if t.iter().all(|&t| t > 0) || Instant::now() > deadline {
+                break t;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Binds thread `tid` (0: the caller) to CPU 0.
+    fn pin_to_cpu0(tid: i32) {
+        // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and
+        // sched_setaffinity only read and write the set passed.
+        let r = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    }
+
+    #[test]
+    fn a_preempted_engine_charges_the_time_it_ran_not_the_time_it_waited() {
+        let accel = SoftAccel::new(1);
+        let mem = bound(&accel, 1, &[(0, 1 << 20)]);
+        write(&mem, 0, &corpus(256 << 10));
+        let qp = accel.open_queue_pair(1, 0).unwrap();
+        let seen = Arc::new(Recorded::default());
+        qp.observe(seen.clone());
+        // The engine shares CPU 0 with a thread that never sleeps: the
+        // kernel gives each about half of it.
+        pin_to_cpu0(engine_tids(&accel)[0]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let spinner = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                pin_to_cpu0(0);
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        let jobs: Vec<Job> = (0..200)
+            .map(|i| job(Opcode::Sha256, 0, 256 << 10, 0x8_0000 + i * 64, 32, i))
+            .collect();
+        let t0 = Instant::now();
+        run_jobs(&*qp, &jobs);
+        let wall = t0.elapsed().as_nanos() as u64;
+        stop.store(true, Ordering::Relaxed);
+        spinner.join().unwrap();
+        let deadline = Instant::now() + TIMEOUT;
+        while seen.0.lock().len() < jobs.len() {
+            assert!(Instant::now() < deadline, "not every job was reported");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Charged by wall-clock time, the jobs would cost about all of
+        // `wall` (the engine was never idle); by the time the engine ran,
+        // about half.
+        let charged: u64 = seen.0.lock().iter().map(|s| s.1).sum();
+        assert!(
+            charged > 0 && charged < wall * 3 / 4,
+            "charged {charged} ns of {wall} ns"
+        );
+    }
+
     #[test]
     fn idle_engines_sleep() {
         let accel = SoftAccel::new(2);
-        let tids: Vec<i32> = {
-            let deadline = Instant::now() + TIMEOUT;
-            loop {
-                let t: Vec<i32> = accel.stats().engines.iter().map(|e| e.tid).collect();
-                if t.iter().all(|&t| t > 0) || Instant::now() > deadline {
-                    break t;
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        };
+        let tids = engine_tids(&accel);
         for &t in &tids {
             let name = std::fs::read_to_string(format!("/proc/self/task/{t}/comm")).unwrap();
             assert!(name.starts_with("wd-engine-"), "{name}");
