@@ -16,7 +16,10 @@ mod common;
 
 use common::daemon::Daemon;
 
-/// One engine; a free policy and one of 200 jobs/s with a burst of 20.
+/// One engine; a free policy and one of 50 jobs/s with a burst of 10: far
+/// below what a guest doing one CRC at a time gets on a loaded host (about
+/// 200 jobs/s at the worst seen), so the limit shows however busy the
+/// machine.
 const HOST: &str = r#"
 accelerators:
   - {name: soft0, backend: soft, engines: 1, queue_pairs: 8, operations: [all], pasids: 8}
@@ -24,14 +27,14 @@ qos_policies:
   - {name: free, weight: 100}
   - name: slow
     weight: 100
-    rate: {jobs_per_sec: 200, burst_jobs: 20}
+    rate: {jobs_per_sec: 50, burst_jobs: 10}
 types:
   - {name: one, queues: 1, operations: [all], max_depth: 256, qos: free}
   - {name: slow-one, queues: 1, operations: [all], max_depth: 256, qos: slow}
 "#;
 
-const SLOW_RATE: f64 = 200.0;
-const SLOW_BURST: f64 = 20.0;
+const SLOW_RATE: f64 = 50.0;
+const SLOW_BURST: f64 = 10.0;
 
 /// The daemon on [`HOST`]; SIGTERM at the end must stop it.
 fn daemon() -> Daemon {
@@ -121,12 +124,12 @@ fn the_types_policy_holds_from_the_first_job() {
         t0 + Duration::from_millis(1000),
     );
     let total = guest.finish();
-    // 200 jobs/s and a burst of 20: however fast the guest and the host.
+    // 50 jobs/s and a burst of 10: however fast the guest and the host.
     assert!(
-        n as f64 <= SLOW_RATE * 1.0 + SLOW_BURST + 10.0,
+        n as f64 <= SLOW_RATE * 1.0 + SLOW_BURST + 5.0,
         "{n} jobs in the first second"
     );
-    assert!(n > 50, "the instance barely ran ({n})");
+    assert!(n as f64 > SLOW_RATE / 2.0, "the instance barely ran ({n})");
     assert_eq!(
         jobs_ok(&d, "vm1"),
         total,
@@ -139,16 +142,24 @@ fn modify_qos_on_a_running_instance_takes_effect_at_once_and_no_job_is_lost_or_r
     let d = daemon();
     let socket = d.started("one", "vm1");
     let guest = Guest::start(&socket);
-    std::thread::sleep(Duration::from_millis(300));
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_millis(1000));
+    let before = guest.between(t0, t0 + Duration::from_millis(1000));
+    // What this host gives the guest unlimited, measured in this run: the
+    // limit must be well below it to be told apart.
+    assert!(
+        before as f64 > 3.0 * SLOW_RATE,
+        "the guest ran only {before} jobs in a second without a limit: too slow a host to tell"
+    );
 
-    // Down to 200 jobs/s: from the moment the CLI returns.
+    // Down to 50 jobs/s: from the moment the CLI returns.
     let v = d.json(&["modify", "vm1", "--qos", "slow"]);
     assert_eq!(v["qos"], "slow");
     let t1 = Instant::now();
     std::thread::sleep(Duration::from_millis(1000));
     let slow = guest.between(t1, t1 + Duration::from_millis(1000));
     assert!(
-        slow as f64 <= SLOW_RATE + SLOW_BURST + 10.0,
+        slow as f64 <= SLOW_RATE + SLOW_BURST + 5.0,
         "{slow} jobs in the second after --qos slow"
     );
 
@@ -159,8 +170,8 @@ fn modify_qos_on_a_running_instance_takes_effect_at_once_and_no_job_is_lost_or_r
     std::thread::sleep(Duration::from_millis(1000));
     let free = guest.between(t2, t2 + Duration::from_millis(1000));
     assert!(
-        free as f64 > 1.5 * SLOW_RATE,
-        "only {free} jobs in the second after --type-qos"
+        free as f64 > 2.0 * SLOW_RATE,
+        "only {free} jobs in the second after --type-qos ({before} before the limit)"
     );
     // Every job the guest submitted completed once with the right result
     // (the guest checks each), and the device counted exactly those.
