@@ -597,6 +597,7 @@ pub fn compress_as_engine(
 impl Engine {
     fn run(&mut self) {
         self.info.tid.store(current_tid(), Ordering::Relaxed);
+        self.finished.begin();
         // When the last job ended (or its observer returned): a job found
         // waiting starts then, so engine time is measured with one clock
         // read per job (two with an observer) while the engine is busy.
@@ -612,6 +613,7 @@ impl Engine {
                     // Hungry: what it finished goes to the scheduler now,
                     // which may hand it more.
                     self.finished.report(last_end);
+                    self.finished.sleeps();
                     // `recv` blocks: an idle engine sleeps in the kernel.
                     let Ok(msg) = self.jobs.recv() else { break };
                     last_end = None;
