@@ -565,6 +565,18 @@ impl Done {
 /// and a job of another kind, still runs to its end.
 pub const SLICE: usize = 64 << 10;
 
+/// The slice a long compress job at `level` (libdeflate's, 1..=12) is cut
+/// into: about a millisecond of engine time on this machine's cores, so
+/// that is what a neighbour's job may wait for one. zlib (which compresses
+/// the slices) does 64 KiB at its level 2 (libdeflate's 1–3) in 0.8 ms,
+/// but needs 3.8 ms for 64 KiB at level 6 and 4.5 ms at level 9 (what
+/// 10–12 become): 16 KiB above level 3. Each slice ends in a sync flush,
+/// a new block: the smaller slices cost some output (see
+/// `docs/performance.md`, `cargo bench --bench datapath -- --slicing`).
+pub fn slice_len(level: u64) -> usize {
+    if level <= 3 { SLICE } else { 16 << 10 }
+}
+
 /// At most this many waiting jobs are taken between two slices.
 const TAKE_BETWEEN: usize = 8;
 
@@ -588,7 +600,7 @@ pub fn compress_as_engine(
     scratch: &mut Scratch,
 ) -> Result<u32, JobStatus> {
     if src.len() > SLICE {
-        super::stream::compress_in_slices(format, level, src, dst, SLICE, &mut || {})
+        super::stream::compress_in_slices(format, level, src, dst, slice_len(level), &mut || {})
     } else {
         ops::compress(format, level, src, dst, scratch)
     }
@@ -768,7 +780,7 @@ impl Engine {
         self.compute(job, Some(&mem), src_len, dst_len, reads_dst)
     }
 
-    /// A long compress job, in slices of [`SLICE`] with other instances'
+    /// A long compress job, in slices of [`slice_len`] with other instances'
     /// waiting jobs run between them ([`Engine::between_slices`]). Its
     /// PASID's DMA gate stays held throughout, as for any job; the jobs run
     /// between are of other PASIDs, so no gate is taken twice.
@@ -803,11 +815,18 @@ impl Engine {
             }
             let d = bounce(&mut dst, dst_len);
             let res = catch_unwind(AssertUnwindSafe(|| {
-                super::stream::compress_in_slices(format, level, s, d, SLICE, &mut || {
-                    let own = (thread_cpu_ns() - started).saturating_sub(nested_ns);
-                    let ask = observer.map(|o| (o, job, own));
-                    nested_ns += self.between_slices(pasid, ask);
-                })
+                super::stream::compress_in_slices(
+                    format,
+                    level,
+                    s,
+                    d,
+                    slice_len(level),
+                    &mut || {
+                        let own = (thread_cpu_ns() - started).saturating_sub(nested_ns);
+                        let ask = observer.map(|o| (o, job, own));
+                        nested_ns += self.between_slices(pasid, ask);
+                    },
+                )
             }));
             let bytes_in = src_len as u64;
             let n = match res {
@@ -1360,7 +1379,7 @@ mod tests {
         for qp in [&long_qp, &same_instance, &other] {
             qp.observe(order.clone());
         }
-        // gzip level 12 of 1 MiB: sixteen slices, tens of milliseconds;
+        // gzip level 12 of 1 MiB: 64 slices of 16 KiB, tens of milliseconds;
         // beside it, SHA-256 jobs of 256 KiB, long enough that the time
         // they take inside it shows (below).
         let mut long = job(Opcode::GzipCompress, 0, 1 << 20, 2 << 20, 1 << 20, 1);
