@@ -14,7 +14,7 @@
 //! job).
 //!
 //! ```text
-//! cargo bench --bench qos                             # ~45 s
+//! cargo bench --bench qos                             # ~60 s
 //! cargo bench --bench qos -- --quick                  # ~15 s (or WDVIRT_BENCH_QUICK=1)
 //! cargo bench --bench qos -- --plots docs/qos         # also writes shares.svg, latency.svg
 //! cargo bench --bench qos -- --queues 1 --depth 1024  # share instances' queues and depth
@@ -37,6 +37,11 @@
 //!    and of gzip level 12 of 1 MiB (the issue's hostile tenant, about
 //!    0.25 s a job): the victim's latency p50/p99/max alone and beside
 //!    each, and whom the scheduler's attribution names.
+//! 6. **hostile tenant beside a busy one**: the issue's hostile tenant
+//!    (four queues full of gzip level 12 of 1 MiB) and a well-behaved
+//!    instance keeping its queues full of SHA-256 64 KiB, weights 1:1:
+//!    each one's engine-time share against 1/2, overall and per 250 ms
+//!    window, and whom the well-behaved one's attribution names.
 //!
 //! With `--plots DIR`: `DIR/shares.svg`, the engine-time share of each
 //! share instance in 100 ms windows over parts 1–4 with its entitlement in
@@ -623,6 +628,72 @@ fn main() {
         curves.push((format!("beside {name}"), lat));
         n.halt();
     }
+    // 6. The issue's hostile tenant beside a busy, well-behaved one.
+    let hostile = Load {
+        name: "gzip-12 1 MiB",
+        op: Opcode::GzipCompress,
+        len: 1 << 20,
+        dst_len: Format::Gzip.compress_bound(1 << 20).min(1 << 20),
+        param: 12,
+    };
+    let pair = [30, 31];
+    println!(
+        "\n6. hostile tenant ({} queues full of {}) beside a well-behaved one ({} queues full of {}), weights 1:1, {} s",
+        QUEUES,
+        hostile.name,
+        args.queues,
+        SHA.name,
+        secs(10.0).as_secs_f64()
+    );
+    let both = [
+        Tenant::start(&accel, dir.path(), pair[0], hostile, QUEUES, 1024),
+        Tenant::start(&accel, dir.path(), pair[1], SHA, args.queues, args.depth),
+    ];
+    std::thread::sleep(Duration::from_millis(500));
+    let start = engine_ns(&accel, &pair);
+    let jobs0: Vec<u64> = both
+        .iter()
+        .map(|t| t.jobs.load(Ordering::Relaxed))
+        .collect();
+    let (mut prev, mut worst) = (start.clone(), 0f64);
+    let t0 = Instant::now();
+    while t0.elapsed() < secs(10.0) {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = engine_ns(&accel, &pair);
+        worst = shares(&prev, &now)
+            .iter()
+            .map(|s| (s / 0.5 - 1.0).abs())
+            .fold(worst, f64::max);
+        prev = now;
+    }
+    let span6 = t0.elapsed().as_secs_f64();
+    let total = shares(&start, &prev);
+    for (i, name) in ["hostile", "well-behaved"].iter().enumerate() {
+        let jobs = both[i].jobs.load(Ordering::Relaxed) - jobs0[i];
+        println!(
+            "{name:<13} engine share {:.4} (entitled 0.5000, error {:+.1} %), {:.0} jobs/s, engine {:.1} µs/job",
+            total[i],
+            (total[i] / 0.5 - 1.0) * 100.0,
+            jobs as f64 / span6,
+            (prev[i] - start[i]) as f64 / 1e3 / jobs.max(1) as f64,
+        );
+    }
+    let v = accel.snapshot(pair[1]).unwrap();
+    println!(
+        "largest error in any 250 ms window: {:.1} %; the well-behaved one's interference: {}",
+        worst * 100.0,
+        v.interference
+            .iter()
+            .map(|i| format!(
+                "PASID {} {:.0} ms",
+                i.neighbour_pasid,
+                i.engine_ns as f64 / 1e6
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    drop(both);
+
     if let Some(dir) = &args.plots {
         let path = dir.join("latency.svg");
         match plot_latency(&path, &curves) {
