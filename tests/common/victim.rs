@@ -59,6 +59,9 @@ pub struct Victim {
     stop: Arc<AtomicBool>,
     pause: Arc<AtomicBool>,
     jobs: Arc<AtomicU64>,
+    /// The longest time between two of its completions, ns, since
+    /// [`Victim::longest_gap`] last read it (pauses left out).
+    gap_ns: Arc<AtomicU64>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -73,16 +76,19 @@ impl Victim {
         let stop = Arc::new(AtomicBool::new(false));
         let pause = Arc::new(AtomicBool::new(false));
         let jobs = Arc::new(AtomicU64::new(0));
-        let (s, p, j) = (stop.clone(), pause.clone(), jobs.clone());
+        let gap_ns = Arc::new(AtomicU64::new(0));
+        let (s, p, j, g) = (stop.clone(), pause.clone(), jobs.clone(), gap_ns.clone());
         let thread = std::thread::spawn(move || {
             let dev = Device::probe(vmm.clone()).unwrap();
             dev.enable().unwrap();
             let pool = vmm.dma_pool().unwrap();
             let mut q = dev.queue(0, 32, dev.info().cap_ops, &pool).unwrap();
             let mut n = 0u32;
+            let mut last: Option<Instant> = None;
             while !s.load(Ordering::Acquire) {
                 if p.load(Ordering::Acquire) {
                     std::thread::sleep(Duration::from_millis(5));
+                    last = None;
                     continue;
                 }
                 let data: Vec<u8> = (0..8192u32)
@@ -97,12 +103,18 @@ impl Victim {
                 );
                 n += 1;
                 j.fetch_add(2, Ordering::Release);
+                let now = Instant::now();
+                if let Some(l) = last {
+                    g.fetch_max((now - l).as_nanos() as u64, Ordering::Relaxed);
+                }
+                last = Some(now);
             }
         });
         Victim {
             stop,
             pause,
             jobs,
+            gap_ns,
             thread: Some(thread),
         }
     }
@@ -110,6 +122,12 @@ impl Victim {
     /// Jobs verified so far.
     pub fn jobs(&self) -> u64 {
         self.jobs.load(Ordering::Acquire)
+    }
+
+    /// The longest time between two of the victim's completions (a CRC
+    /// and a copy) since the last call, pauses left out.
+    pub fn longest_gap(&self) -> Duration {
+        Duration::from_nanos(self.gap_ns.swap(0, Ordering::Relaxed))
     }
 
     /// Holds the victim between jobs (`true`) or lets it go on.
