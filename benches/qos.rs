@@ -223,6 +223,21 @@ fn weight(accel: &ScheduledAccel, pasid: u32, w: u32) {
     );
 }
 
+/// Whom the scheduler's attribution names for `v`, most first.
+fn interference(v: &wdvirt::qos::TenantSnapshot) -> String {
+    v.interference
+        .iter()
+        .map(|i| {
+            format!(
+                "PASID {} {:.0} ms",
+                i.neighbour_pasid,
+                i.engine_ns as f64 / 1e6
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p) as usize]
 }
@@ -615,15 +630,7 @@ fn main() {
             lat.last().unwrap().as_secs_f64() * 1e3,
             lat.len(),
             percentile(&lat, 0.99).as_secs_f64() / percentile(&alone, 0.99).as_secs_f64(),
-            v.interference
-                .iter()
-                .map(|i| format!(
-                    "PASID {} {:.0} ms",
-                    i.neighbour_pasid,
-                    i.engine_ns as f64 / 1e6
-                ))
-                .collect::<Vec<_>>()
-                .join(", ")
+            interference(&v)
         );
         curves.push((format!("beside {name}"), lat));
         n.halt();
@@ -682,15 +689,7 @@ fn main() {
     println!(
         "largest error in any 250 ms window: {:.1} %; the well-behaved one's interference: {}",
         worst * 100.0,
-        v.interference
-            .iter()
-            .map(|i| format!(
-                "PASID {} {:.0} ms",
-                i.neighbour_pasid,
-                i.engine_ns as f64 / 1e6
-            ))
-            .collect::<Vec<_>>()
-            .join(", ")
+        interference(&v)
     );
     drop(both);
 

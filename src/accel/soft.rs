@@ -1333,24 +1333,36 @@ mod tests {
         }
     }
 
-    #[test]
-    fn every_finished_job_reports_its_engine_time_to_the_observer() {
-        let accel = SoftAccel::new(1);
-        let mem = bound(&accel, 1, &[(0, 1 << 20)]);
+    /// PASID 1 with 256 KiB of data at 0 in 1 MiB of memory, and a queue
+    /// pair of it watched by a [`Recorded`].
+    fn observed_with_data(accel: &SoftAccel) -> (AddressSpace, Box<dyn QueuePair>, Arc<Recorded>) {
+        let mem = bound(accel, 1, &[(0, 1 << 20)]);
         write(&mem, 0, &corpus(256 << 10));
         let qp = accel.open_queue_pair(1, 0).unwrap();
         let seen = Arc::new(Recorded::default());
         qp.observe(seen.clone());
+        (mem, qp, seen)
+    }
+
+    /// Waits until `seen` holds `n` reports.
+    fn wait_reported(seen: &Recorded, n: usize) {
+        let deadline = Instant::now() + TIMEOUT;
+        while seen.0.lock().len() < n {
+            assert!(Instant::now() < deadline, "not every job was reported");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn every_finished_job_reports_its_engine_time_to_the_observer() {
+        let accel = SoftAccel::new(1);
+        let (_mem, qp, seen) = observed_with_data(&accel);
         let jobs: Vec<Job> = (0..20)
             .map(|i| job(Opcode::Sha256, 0, 256 << 10, 0x8_0000 + i * 64, 32, i))
             .chain((20..40).map(|i| job(Opcode::Nop, 0, 0, 0, 0, i)))
             .collect();
         run_jobs(&*qp, &jobs);
-        let deadline = Instant::now() + TIMEOUT;
-        while seen.0.lock().len() < 40 {
-            assert!(Instant::now() < deadline, "not every job was reported");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_reported(&seen, 40);
         let seen = seen.0.lock().clone();
         let mut cookies: Vec<u64> = seen.iter().map(|s| s.0).collect();
         cookies.sort_unstable();
@@ -1749,11 +1761,7 @@ mod tests {
     #[test]
     fn a_preempted_engine_charges_the_time_it_ran_not_the_time_it_waited() {
         let accel = SoftAccel::new(1);
-        let mem = bound(&accel, 1, &[(0, 1 << 20)]);
-        write(&mem, 0, &corpus(256 << 10));
-        let qp = accel.open_queue_pair(1, 0).unwrap();
-        let seen = Arc::new(Recorded::default());
-        qp.observe(seen.clone());
+        let (_mem, qp, seen) = observed_with_data(&accel);
         // The engine shares CPU 0 with a thread that never sleeps: the
         // kernel gives each about half of it.
         pin_to_cpu0(engine_tids(&accel)[0]);
@@ -1775,11 +1783,7 @@ mod tests {
         let wall = t0.elapsed().as_nanos() as u64;
         stop.store(true, Ordering::Relaxed);
         spinner.join().unwrap();
-        let deadline = Instant::now() + TIMEOUT;
-        while seen.0.lock().len() < jobs.len() {
-            assert!(Instant::now() < deadline, "not every job was reported");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_reported(&seen, jobs.len());
         // Charged by wall-clock time, the jobs would cost about all of
         // `wall` (the engine was never idle); by the time the engine ran,
         // about half.
