@@ -14,8 +14,7 @@
 mod common;
 mod transport_support;
 
-use std::io::{IoSlice, Read, Write};
-use std::mem::MaybeUninit;
+use std::io::{Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -26,12 +25,12 @@ use std::time::{Duration, Instant};
 use common::RAM_BASE;
 use common::victim::{RAM_SIZE, Victim, fresh_vmm_runs_a_job, proc_fds, proc_rss_kib};
 use parking_lot::Mutex;
-use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags, sendmsg};
+use transport_support::attacks::{assert_closed_by_server, header};
+use transport_support::send_with_fds;
 use wdvirt::accel::SharedAccelerator;
 use wdvirt::accel::soft::SoftAccel;
 use wdvirt::daemon::instance::{Instance, InstanceSpec};
 use wdvirt::transport::Limits;
-use wdvirt::transport::wire::Header;
 use wdvirt::vdev::wd::WdConfig;
 use wdvirt::vmm::{GuestRam, LoopbackVmm};
 use wdvirt_abi::regs;
@@ -177,43 +176,6 @@ fn memfds(n: usize) -> Vec<OwnedFd> {
         .collect()
 }
 
-/// One `sendmsg` of `bytes` with `fds` attached.
-fn send_with_fds(s: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
-    let mut space =
-        vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len().max(1)))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    if !fds.is_empty() {
-        assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
-    }
-    sendmsg(s, &[IoSlice::new(bytes)], &mut control, SendFlags::NOSIGNAL)?;
-    Ok(())
-}
-
-fn header(cmd: u16, size: u32) -> Header {
-    Header {
-        id: 1,
-        cmd,
-        size,
-        flags: 0,
-        error: 0,
-    }
-}
-
-/// Waits until the peer closed `s` (EOF or reset), or fails after `within`.
-fn assert_closed_by_server(s: &mut UnixStream, within: Duration, what: &str) {
-    s.set_read_timeout(Some(within)).unwrap();
-    let t = Instant::now();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return,
-            Ok(_) => {} // an error reply before the close
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return,
-            Err(e) => panic!("{what}: not closed after {:?}: {e}", t.elapsed()),
-        }
-    }
-}
-
 /// Containment failure 1 of issue 21: an unfinished GET_INFO, one byte per
 /// `sendmsg`, each byte with 253 fds. Before: the server kept every fd until
 /// the message was whole (7,800 fds for 31 bytes; 20,000 in half a second).
@@ -278,31 +240,17 @@ fn fds_past_a_messages_budget_are_refused_as_they_arrive() {
 /// `max_msg_fds` never arrive or are closed on arrival.
 #[test]
 fn a_message_carrying_hundreds_of_fds_is_refused() {
-    use vfio_bindings::bindings::vfio::{
-        VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_DATA_EVENTFD, VFIO_PCI_MSIX_IRQ_INDEX,
-    };
     let arena = Arena::new(Limits::default());
-    let efds: Vec<OwnedFd> = (0..253).map(|_| transport_support::eventfd()).collect();
-    let mut c = raw_client(&arena);
-    let flags = VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER;
-    let msix = VFIO_PCI_MSIX_IRQ_INDEX;
-    let one = [efds[0].as_fd()];
-    assert!(!c.set_irqs(flags, msix, 0, 1, &one).is_error());
-    let before = arena.attacker.report().transport.unwrap();
-    let r = c.set_irqs(flags, msix, 0, 1, &transport_support::borrow(&efds));
-    assert_eq!(r.errno(), libc::EINVAL);
+    transport_support::attacks::hundreds_of_fds_in_one_message(&arena.socket());
+    // The statistics of the attack's connection, the last one.
     let after = arena.attacker.report().transport.unwrap();
-    // 16 kept with the message (then closed with it), the few more the
-    // control buffer had room for closed on arrival, the rest closed by
-    // the kernel (MSG_CTRUNC); the message counted as truncated.
-    assert_eq!(after.fds_truncated - before.fds_truncated, 1, "{after:?}");
-    assert_eq!(after.fds_received - before.fds_received, 16, "{after:?}");
-    let refused = after.fds_refused - before.fds_refused;
-    assert!((1..=4).contains(&refused), "{after:?}");
-    // In sync, and the same body with one eventfd is served again.
-    assert!(!c.set_irqs(flags, msix, 0, 1, &one).is_error());
-    drop(c);
-    drop(efds);
+    // Of the 253, 16 kept with the message (then closed with it), the few
+    // more the control buffer had room for closed on arrival, the rest
+    // closed by the kernel (MSG_CTRUNC); the message counted as
+    // truncated. The single eventfd served before and after makes 2 more.
+    assert_eq!(after.fds_truncated, 1, "{after:?}");
+    assert_eq!(after.fds_received, 16 + 2, "{after:?}");
+    assert!((1..=4).contains(&after.fds_refused), "{after:?}");
     arena.after("hundreds of fds in one message");
 }
 
@@ -356,14 +304,8 @@ fn version_advertises_the_instances_limits_and_they_hold() {
 #[test]
 fn half_a_message_carrying_the_vmms_own_socket_does_not_keep_it_open() {
     let arena = Arena::new(Limits::default());
-    let s = UnixStream::connect(arena.socket()).unwrap();
-    let mut msg = header(2, 116).as_bytes().to_vec();
-    msg.extend_from_slice(&[0; 100]);
-    s.write_all_ref(&msg[..16]);
-    send_with_fds(&s, &msg[16..17], &[s.as_fd()]).unwrap();
-    drop(s);
+    let t = transport_support::attacks::own_socket_in_half_a_message(&arena.socket());
     // Well within the 5 s message deadline: the close itself is seen.
-    let t = Instant::now();
     fresh_vmm_runs_a_job(&arena.socket());
     assert!(
         t.elapsed() < Duration::from_secs(4),
@@ -470,16 +412,6 @@ fn a_vmm_making_its_eventfd_blocking_and_full_wedges_nothing() {
     drop(vmm);
     arena.after("blocking, full eventfd");
     drop(efd);
-}
-
-trait WriteAllRef {
-    fn write_all_ref(&self, bytes: &[u8]);
-}
-
-impl WriteAllRef for UnixStream {
-    fn write_all_ref(&self, bytes: &[u8]) {
-        (&*self).write_all(bytes).unwrap();
-    }
 }
 
 /// A device that panics on one magic BAR0 write — a stand-in for a bug, the
@@ -603,9 +535,7 @@ fn a_panic_in_a_connection_is_contained_counted_and_the_device_serves_again() {
 
 /// A raw VMM on the attacker's socket, past VERSION.
 fn raw_client(arena: &Arena) -> transport_support::RawClient {
-    let mut c = transport_support::RawClient::new(UnixStream::connect(arena.socket()).unwrap());
-    c.version();
-    c
+    transport_support::attacks::raw_client(&arena.socket())
 }
 
 const RW: u32 = 3;
@@ -697,47 +627,11 @@ fn framing_attacks_end_only_their_own_connection() {
         ..Limits::default()
     };
     let mut arena = Arena::new(limits);
-
-    // A header claiming a huge size: E2BIG, then closed.
-    let mut c = transport_support::RawClient::new(UnixStream::connect(arena.socket()).unwrap());
-    c.send_raw(header(1, u32::MAX).as_bytes(), &[]);
-    assert_eq!(c.recv().errno(), libc::E2BIG);
-    c.expect_eof();
-    arena.check("a header claiming 4 GiB");
-
-    // VERSION with a megabyte of JSON (an unknown capability, ignored): an
-    // ordinary reply, and the connection goes on.
-    let mut c = transport_support::RawClient::new(UnixStream::connect(arena.socket()).unwrap());
-    let mut json = String::from(r#"{"capabilities":{"x":""#);
-    json.push_str(&"a".repeat(1 << 20));
-    json.push_str(r#""}}"#);
-    let body = transport_support::version_body(&json);
-    let id = c.send(1, 0, &body, &[]);
-    let r = c.recv().ok();
-    assert_eq!(r.header.id, id);
-    assert!(r.header.size < 256, "reply of {} bytes", r.header.size);
-    assert!(!c.region_read(0, 0, 4).is_error());
-    drop(c);
-    // More than a message may hold: E2BIG and closed.
-    let mut c = transport_support::RawClient::new(UnixStream::connect(arena.socket()).unwrap());
-    c.send_raw(header(1, 2 << 20).as_bytes(), &[]);
-    assert_eq!(c.recv().errno(), libc::E2BIG);
-    c.expect_eof();
-    arena.check("VERSION with a megabyte of JSON");
-
-    // Random bytes after a valid VERSION: whatever they frame is refused or
-    // ends the connection; the instance is not harmed.
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
-    for _ in 0..4 {
-        let mut s = UnixStream::connect(arena.socket()).unwrap();
-        let mut c = transport_support::RawClient::new(s.try_clone().unwrap());
-        c.version();
-        let junk: Vec<u8> = (0..4096).map(|_| rng.random()).collect();
-        let _ = s.write_all(&junk);
-        assert_closed_by_server(&mut s, Duration::from_secs(5), "random bytes");
-    }
-    arena.after("random bytes after VERSION");
+    let socket = arena.socket();
+    transport_support::attacks::framing(&socket, Duration::from_secs(5), &mut |what| {
+        arena.check(what)
+    });
+    arena.after("framing attacks");
 }
 
 /// Requests whose replies are never read: the server's reply waits at most
@@ -825,26 +719,13 @@ fn serve_refuses_a_limit_out_of_range() {
 #[test]
 fn hundreds_of_connections_are_closed_at_once() {
     let arena = Arena::new(Limits::default());
-    let busy = raw_client(&arena);
-    let t = Instant::now();
-    let mut conns: Vec<UnixStream> = (0..300)
-        .map(|_| UnixStream::connect(arena.socket()).unwrap())
-        .collect();
-    for s in &mut conns {
-        assert_closed_by_server(s, Duration::from_secs(10), "an extra connection");
-    }
-    assert!(
-        t.elapsed() < Duration::from_secs(5),
-        "300 refusals took {:?}",
-        t.elapsed()
-    );
+    let took = transport_support::attacks::hundreds_of_connections(&arena.socket());
+    assert!(took < Duration::from_secs(5), "300 refusals took {took:?}");
     let report = arena.attacker.report();
     assert!(report.refused_connections >= 300);
     // One warning line per refusal at most 10 a second: the rest are
     // counted, with the connections' own, in the instance's budget.
     assert!(report.log_lines_suppressed >= 200, "{report:?}");
-    drop(conns);
-    drop(busy);
     arena.after("hundreds of connections");
 }
 

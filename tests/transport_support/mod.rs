@@ -25,6 +25,8 @@ use wdvirt::vdev::device::{
 };
 use zerocopy::{FromBytes, IntoBytes};
 
+pub mod attacks;
+
 pub const NUM_REGIONS: u32 = 8;
 pub const NUM_IRQS: u32 = 5;
 pub const BAR0_SIZE: u64 = 0x1000;
@@ -755,4 +757,16 @@ impl Drop for FdExhaustion {
         self.fillers.clear();
         rustix::process::setrlimit(rustix::process::Resource::Nofile, self.old).unwrap();
     }
+}
+
+/// One `sendmsg` of `bytes` with `fds` attached.
+pub fn send_with_fds(s: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+    let mut space =
+        vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len().max(1)))];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() {
+        assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
+    }
+    sendmsg(s, &[IoSlice::new(bytes)], &mut control, SendFlags::NOSIGNAL)?;
+    Ok(())
 }
