@@ -292,6 +292,9 @@ impl MsgSocket {
                 started,
             };
             let n = self.peek_some(header.as_mut_bytes(), &mut p)?;
+            if p.fd_loss.is_some() {
+                return self.read_doomed(cap, fd_budget);
+            }
             if n == 0 {
                 return Ok(Peeked::Read(Recv::Closed {
                     partial: started.is_some(),
@@ -318,6 +321,9 @@ impl MsgSocket {
                 started,
             };
             let n = self.peek_some(&mut whole, &mut p)?;
+            if p.fd_loss.is_some() && n < whole.len() {
+                return self.read_doomed(cap, fd_budget);
+            }
             if n == whole.len() {
                 let body = whole.split_off(HEADER_SIZE);
                 return Ok(Peeked::Peeked(Message {
@@ -335,6 +341,23 @@ impl MsgSocket {
             drop(p);
             self.wait_more(started)?;
         }
+    }
+
+    /// A message whose fds already doom it (one refused: a socket, or more
+    /// than it may carry) before it has all arrived is read as usual, its
+    /// bytes and fds taken as they come, instead of waiting whole in the
+    /// socket: a refused fd left there in flight is a reference the kernel
+    /// holds for us, and when it is the VMM's own end of the connection,
+    /// the VMM's close is never seen (the connection waited for its
+    /// deadline). A restart in the middle of such a message leaves its
+    /// successor the rest, which it refuses as a bad frame: the message
+    /// was to be refused anyway.
+    fn read_doomed(
+        &self,
+        cap: u32,
+        fd_budget: impl Fn(&Header) -> usize,
+    ) -> Result<Peeked, SockError> {
+        Ok(Peeked::Read(self.read_message(cap, fd_budget)?))
     }
 
     /// Takes the `len` bytes of the message [`peek_message`](Self::peek_message)
