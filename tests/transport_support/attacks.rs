@@ -4,8 +4,8 @@
 //! hold after it (the victim, fds, memory, a fresh VMM) is the caller's
 //! to check, through `check` where an attack has several steps.
 
-use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -90,6 +90,40 @@ pub fn framing(socket: &Path, closed_within: Duration, check: &mut dyn FnMut(&st
         assert_closed_by_server(&mut s, closed_within, "random bytes");
     }
     check("random bytes after VERSION");
+}
+
+/// Containment failure 1 of issue 21: an unfinished GET_INFO, past
+/// VERSION, sent one byte per `sendmsg`, each byte with 253 memfds.
+/// `during` runs once the server has had 300 ms to read the first 31
+/// bytes (the caller counts the server's fds then); the last byte gets
+/// the message refused with EINVAL for its fds alone, and the same
+/// GET_INFO without fds is served before and after (the stream in sync).
+pub fn fd_flood_in_an_unfinished_message(socket: &Path, during: &mut dyn FnMut()) {
+    let fds: Vec<OwnedFd> = (0..253)
+        .map(|_| rustix::fs::memfd_create("attack", rustix::fs::MemfdFlags::CLOEXEC).unwrap())
+        .collect();
+    let borrowed: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+    let mut s = UnixStream::connect(socket).unwrap();
+    let mut c = RawClient::new(s.try_clone().unwrap());
+    c.version();
+    let info = wdvirt::transport::wire::DeviceInfo {
+        argsz: 16,
+        ..Default::default()
+    };
+    assert!(!c.request(4, info.as_bytes(), &[]).is_error());
+    let mut msg = header(4, 32).as_bytes().to_vec();
+    msg.extend_from_slice(info.as_bytes());
+    for b in &msg[..31] {
+        super::send_with_fds(&s, std::slice::from_ref(b), &borrowed).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    during();
+    super::send_with_fds(&s, &msg[31..], &borrowed).unwrap();
+    let mut reply = [0u8; 16];
+    s.read_exact(&mut reply).unwrap();
+    let error = u32::from_ne_bytes(reply[12..16].try_into().unwrap());
+    assert_eq!(error, libc::EINVAL as u32, "GET_INFO with fds");
+    assert!(!c.request(4, info.as_bytes(), &[]).is_error());
 }
 
 /// A SET_IRQS carrying 253 eventfds, past VERSION, with a body that is
