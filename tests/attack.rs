@@ -323,68 +323,10 @@ fn a_vmm_making_its_eventfd_blocking_and_full_wedges_nothing() {
     let vmm = Arc::new(
         LoopbackVmm::connect(&arena.socket(), GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()).unwrap(),
     );
-    let efd = rustix::event::eventfd(0, rustix::event::EventfdFlags::CLOEXEC).unwrap();
-    vmm.enable_msix_vector(0, efd.as_fd()).unwrap();
-    // The server made it non-blocking; make it blocking again, and full.
-    rustix::fs::fcntl_setfl(&efd, rustix::fs::OFlags::empty()).unwrap();
-    rustix::io::write(&efd, &(u64::MAX - 1).to_ne_bytes()).unwrap();
-
-    // Jobs on a queue that interrupts on vector 0 after every completion.
-    let dev = Device::probe(vmm.clone()).unwrap();
-    dev.enable().unwrap();
-    let (sq, idx) = (RAM_BASE + 0x10_0000, RAM_BASE + 0x30_0000);
-    let b = regs::queue(0) as u64;
-    let w32 = |off: u64, v: u32| vmm.region_write(0, off, &v.to_le_bytes()).unwrap();
-    let w64 = |off: u64, v: u64| vmm.region_write(0, off, &v.to_le_bytes()).unwrap();
-    w64(b + regs::Q_SQ_BASE as u64, sq);
-    w64(b + regs::Q_CQ_BASE as u64, RAM_BASE + 0x20_0000);
-    w64(b + regs::Q_IDX_BASE as u64, idx);
-    w32(b + regs::Q_DEPTH as u64, 16);
-    w32(b + regs::Q_OPS as u64, wdvirt_abi::ALL_OPS);
-    w32(b + regs::Q_MSIX_VECTOR as u64, 0);
-    w32(b + regs::Q_IRQ_COALESCE as u64, 1);
-    w32(b + regs::Q_CTRL as u64, regs::Q_CTRL_ENABLE);
-    let ram = vmm.ram();
-    use wdvirt_guest::DmaMemory;
-    let buf = RAM_BASE + 0x38_0000;
-    ram.write(buf, b"123456789").unwrap();
-    for t in 0..8u32 {
-        let e = wdvirt_abi::SubmissionEntry {
-            opcode: wdvirt_abi::Opcode::Crc32c as u8,
-            tag: t,
-            src: buf,
-            src_len: 9,
-            ..Default::default()
-        };
-        ram.write(sq + t as u64 * 64, &e.to_bytes()).unwrap();
-    }
-    ram.write_u32(idx, 8).unwrap();
-    vmm.region_write(2, 0, &0u32.to_le_bytes()).unwrap();
-    // The jobs complete and the connection still answers promptly.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while arena.attacker.report().queues[0].jobs_ok < 8 {
-        assert!(Instant::now() < deadline, "the attacker's jobs stalled");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let t = Instant::now();
-    for _ in 0..10 {
-        let mut id = [0u8; 4];
-        vmm.region_read(0, regs::ID as u64, &mut id).unwrap();
-    }
-    assert!(t.elapsed() < Duration::from_secs(2));
-    // The counter is still full: nothing was lost or waited on.
-    let mut st = [0u8; 8];
-    rustix::fs::fcntl_setfl(&efd, rustix::fs::OFlags::NONBLOCK).unwrap();
-    rustix::io::read(&efd, &mut st).unwrap();
-    assert_eq!(u64::from_ne_bytes(st), u64::MAX - 1);
-    rustix::fs::fcntl_setfl(&efd, rustix::fs::OFlags::empty()).unwrap();
-    rustix::io::write(&efd, &(u64::MAX - 1).to_ne_bytes()).unwrap();
-    // Disconnect (the device resets, joining its workers) with the counter
-    // full and blocking, then a fresh VMM.
-    drop(dev);
-    drop(vmm);
+    transport_support::attacks::blocking_full_eventfd(vmm, &mut || {
+        arena.attacker.report().queues[0].jobs_ok
+    });
     arena.after("blocking, full eventfd");
-    drop(efd);
 }
 
 /// A device that panics on one magic BAR0 write — a stand-in for a bug, the

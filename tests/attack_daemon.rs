@@ -652,6 +652,21 @@ fn a_daemon_contains_framing_fd_and_connection_attacks() {
     );
     arena.check("half a message carrying the VMM's own socket");
 
+    let vmm = Arc::new(
+        LoopbackVmm::connect(&socket, GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()).unwrap(),
+    );
+    attacks::blocking_full_eventfd(vmm, &mut || {
+        let list = arena.daemon.json(&["list"]);
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == "attacker")
+            .unwrap()["report"]["queues"][0]["jobs_ok"]
+            .as_u64()
+            .unwrap()
+    });
+    arena.check("the VMM's MSI-X eventfd made blocking and full");
+
     let took = attacks::hundreds_of_connections(&socket);
     assert!(took < Duration::from_secs(5), "300 refusals took {took:?}");
     arena.check("300 connections at once");
