@@ -19,7 +19,7 @@ use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::RAM_BASE;
@@ -33,7 +33,6 @@ use wdvirt::daemon::instance::{Instance, InstanceSpec};
 use wdvirt::transport::Limits;
 use wdvirt::vdev::wd::WdConfig;
 use wdvirt::vmm::{GuestRam, LoopbackVmm};
-use wdvirt_abi::regs;
 use wdvirt_guest::Device;
 use zerocopy::IntoBytes;
 
@@ -771,84 +770,7 @@ fn resets_bus_master_off_and_ring_changes_mid_job_stay_inside_the_instance() {
     let vmm = Arc::new(
         LoopbackVmm::connect(&arena.socket(), GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()).unwrap(),
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    let worker = {
-        let (vmm, stop) = (vmm.clone(), stop.clone());
-        std::thread::spawn(move || {
-            // Set up once; the jobs then run while the device is pulled
-            // away (a guest driver's enable would wait out its own 30 s
-            // timeout on a device being reset under it).
-            let dev = Device::probe(vmm.clone()).unwrap();
-            dev.enable().unwrap();
-            let pool = vmm.dma_pool().unwrap();
-            let mut q = dev.queue(0, 16, dev.info().cap_ops, &pool).unwrap();
-            // A job lost to a reset is waited for this long.
-            q.set_timeout(Duration::from_millis(100));
-            let mut rounds = 0u32;
-            while !stop.load(Ordering::Acquire) {
-                let _ = q.crc32c(&[7u8; 4096]);
-                rounds += 1;
-            }
-            rounds
-        })
-    };
-    let t = Instant::now();
-    let b = regs::queue(0) as u64;
-    while t.elapsed() < Duration::from_secs(1) {
-        let cmd = vmm.config_read(4, 2).unwrap();
-        vmm.config_write(4, 2, cmd & !0x4).unwrap();
-        std::thread::sleep(Duration::from_millis(3));
-        vmm.config_write(4, 2, cmd | 0x6).unwrap();
-        vmm.region_write(
-            0,
-            b + regs::Q_SQ_BASE as u64,
-            &(RAM_BASE + 0x8000).to_le_bytes(),
-        )
-        .unwrap();
-        std::thread::sleep(Duration::from_millis(3));
-        vmm.region_write(
-            0,
-            regs::DEV_CTRL as u64,
-            &regs::DEV_CTRL_RESET.to_le_bytes(),
-        )
-        .unwrap();
-        std::thread::sleep(Duration::from_millis(3));
-    }
-    stop.store(true, Ordering::Release);
-    worker.join().expect("the attacker's own driver thread");
-
-    // Rings at the very end of RAM (the SQ runs past it) and on top of
-    // each other: the queue refuses to start, with its error bit.
-    let w32 = |off: u64, v: u32| vmm.region_write(0, off, &v.to_le_bytes()).unwrap();
-    let w64 = |off: u64, v: u64| vmm.region_write(0, off, &v.to_le_bytes()).unwrap();
-    let status = || {
-        let mut st = [0u8; 4];
-        vmm.region_read(0, b + regs::Q_STATUS as u64, &mut st)
-            .unwrap();
-        u32::from_le_bytes(st)
-    };
-    let end = RAM_BASE + RAM_SIZE;
-    for (sq, cq, idx) in [
-        (end - 64 * 8, RAM_BASE, RAM_BASE + 0x1_0000),
-        (RAM_BASE, RAM_BASE, RAM_BASE + 0x1_0000),
-        (RAM_BASE, RAM_BASE + 0x2_0000, RAM_BASE + 0x2_0000),
-    ] {
-        w32(regs::DEV_CTRL as u64, regs::DEV_CTRL_RESET);
-        w32(regs::DEV_CTRL as u64, regs::DEV_CTRL_ENABLE);
-        w64(b + regs::Q_SQ_BASE as u64, sq);
-        w64(b + regs::Q_CQ_BASE as u64, cq);
-        w64(b + regs::Q_IDX_BASE as u64, idx);
-        w32(b + regs::Q_DEPTH as u64, 16);
-        w32(b + regs::Q_OPS as u64, wdvirt_abi::ALL_OPS);
-        w32(b + regs::Q_CTRL as u64, regs::Q_CTRL_ENABLE);
-        let st = status();
-        assert_eq!(
-            st & (regs::Q_STATUS_ENABLED | regs::Q_STATUS_ERROR),
-            regs::Q_STATUS_ERROR,
-            "rings {sq:#x} {cq:#x} {idx:#x}: Q_STATUS {st:#x}"
-        );
-    }
-    drop(vmm);
+    transport_support::attacks::resets_and_ring_changes_mid_job(vmm);
     arena.after("resets, Bus Master and ring changes mid-job");
 }
 

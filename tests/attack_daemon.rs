@@ -667,6 +667,12 @@ fn a_daemon_contains_framing_fd_and_connection_attacks() {
     });
     arena.check("the VMM's MSI-X eventfd made blocking and full");
 
+    let vmm = Arc::new(
+        LoopbackVmm::connect(&socket, GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()).unwrap(),
+    );
+    attacks::resets_and_ring_changes_mid_job(vmm);
+    arena.check("resets, Bus Master off and ring changes in the middle of jobs");
+
     let took = attacks::hundreds_of_connections(&socket);
     assert!(took < Duration::from_secs(5), "300 refusals took {took:?}");
     arena.check("300 connections at once");
