@@ -558,35 +558,7 @@ fn a_vmm_that_reads_no_replies_is_closed_and_never_holds_the_device() {
         ..Limits::default()
     };
     let arena = Arena::new(limits);
-    let s = UnixStream::connect(arena.socket()).unwrap();
-    let mut c = transport_support::RawClient::new(s.try_clone().unwrap());
-    c.version();
-    let read = transport_support::RawClient::region_write_body(0, 0, &[0; 4]);
-    let mut msg = header(9, 32).as_bytes().to_vec();
-    msg.extend_from_slice(&read[..16]);
-    // Requests until both directions stay full: the server no longer reads
-    // (for 200 ms, well inside the deadline), so it is blocked sending a
-    // reply. It blocked after our last write that went through.
-    s.set_nonblocking(true).unwrap();
-    let t = Instant::now();
-    let (mut sent, mut last_ok, mut full) = (0u64, Instant::now(), 0);
-    while full < 10 {
-        match (&s).write(&msg) {
-            Ok(n) => {
-                assert_eq!(n, msg.len(), "a short write");
-                (sent, last_ok, full) = (sent + 1, Instant::now(), 0);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                full += 1;
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => panic!("after {sent} requests: {e}"),
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "{sent} requests sent"
-        );
-    }
+    let (s, c, sent, last_ok) = transport_support::attacks::requests_never_read(&arena.socket());
     let report = arena.attacker.report();
     assert!(
         arena.attacker.attached() && last_ok.elapsed() < Duration::from_millis(2_500),

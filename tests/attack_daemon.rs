@@ -156,23 +156,20 @@ impl Arena {
         self.jobs_before = self.victim.jobs();
     }
 
+    /// Instance `name`'s report from `wdvirt list --json`.
+    fn report(&self, name: &str) -> serde_json::Value {
+        report(&self.daemon, name)
+    }
+
     /// Ends the victim and checks the daemon's counters for it; returns
     /// the attacker's report (`wdvirt list --json`).
     fn finish(self) -> serde_json::Value {
-        let jobs = self.victim.finish();
+        let Arena { daemon, victim, .. } = self;
+        let jobs = victim.finish();
         assert!(jobs > 0);
         // The daemon's own counters (`wdvirt list --json`): the victim saw
         // no failed or dropped job and no error reply; the attacker's bad
         // descriptors were counted against it alone; no thread panicked.
-        let list = self.daemon.json(&["list"]);
-        let report = |name: &str| {
-            list.as_array()
-                .unwrap()
-                .iter()
-                .find(|v| v["name"] == name)
-                .unwrap()["report"]
-                .clone()
-        };
         let sum = |r: &serde_json::Value, key: &str| -> u64 {
             r["queues"]
                 .as_array()
@@ -181,7 +178,7 @@ impl Arena {
                 .map(|q| q[key].as_u64().unwrap())
                 .sum()
         };
-        let (victim, attacker) = (report("victim"), report("attacker"));
+        let (victim, attacker) = (report(&daemon, "victim"), report(&daemon, "attacker"));
         assert!(sum(&victim, "jobs_ok") >= jobs, "{victim}");
         assert_eq!(sum(&victim, "jobs_failed"), 0, "{victim}");
         assert_eq!(sum(&victim, "jobs_dropped"), 0, "{victim}");
@@ -192,6 +189,17 @@ impl Arena {
         }
         attacker
     }
+}
+
+/// Instance `name`'s report from `daemon`'s `wdvirt list --json`.
+fn report(daemon: &Daemon, name: &str) -> serde_json::Value {
+    let list = daemon.json(&["list"]);
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap()["report"]
+        .clone()
 }
 
 /// A sealed memfd of `size` bytes (guest memory a VMM may map).
@@ -656,12 +664,7 @@ fn a_daemon_contains_framing_fd_and_connection_attacks() {
         LoopbackVmm::connect(&socket, GuestRam::new(RAM_BASE, RAM_SIZE).unwrap()).unwrap(),
     );
     attacks::blocking_full_eventfd(vmm, &mut || {
-        let list = arena.daemon.json(&["list"]);
-        list.as_array()
-            .unwrap()
-            .iter()
-            .find(|v| v["name"] == "attacker")
-            .unwrap()["report"]["queues"][0]["jobs_ok"]
+        arena.report("attacker")["queues"][0]["jobs_ok"]
             .as_u64()
             .unwrap()
     });
@@ -672,6 +675,41 @@ fn a_daemon_contains_framing_fd_and_connection_attacks() {
     );
     attacks::resets_and_ring_changes_mid_job(vmm);
     arena.check("resets, Bus Master off and ring changes in the middle of jobs");
+
+    // Requests whose replies are never read: while the server waits to
+    // send, within the message deadline (5 s), the daemon answers and
+    // reads the attacker's device (its lock is free); at the deadline the
+    // connection is closed and counted stalled.
+    let stalled = |arena: &Arena| {
+        arena.report("attacker")["transport_totals"]["stalled"]
+            .as_u64()
+            .unwrap()
+    };
+    let stalled_before = stalled(&arena);
+    let (s, c, sent, last_ok) = attacks::requests_never_read(&socket);
+    let attacker = arena.report("attacker");
+    assert!(
+        last_ok.elapsed() < Duration::from_secs(4),
+        "the daemon took {:?} to answer beside a VMM that reads no replies",
+        last_ok.elapsed()
+    );
+    assert!(
+        !attacker["live"].is_null(),
+        "the attacker's device is locked while the daemon waits to send: {attacker}"
+    );
+    // Without reading a byte (that would let the server go on).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stalled(&arena) == stalled_before {
+        assert!(
+            Instant::now() < deadline,
+            "a VMM reading no replies still connected after 10 s ({sent} requests sent)"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(stalled(&arena), stalled_before + 1);
+    drop(c);
+    drop(s);
+    arena.check("requests whose replies are never read");
 
     let took = attacks::hundreds_of_connections(&socket);
     assert!(took < Duration::from_secs(5), "300 refusals took {took:?}");

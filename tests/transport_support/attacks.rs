@@ -348,3 +348,43 @@ pub fn resets_and_ring_changes_mid_job(vmm: Arc<wdvirt::vmm::LoopbackVmm>) {
     }
     drop(vmm);
 }
+
+/// A VMM that sends requests (REGION_READs) and never reads the replies,
+/// until both directions stay full: the server no longer reads (for
+/// 200 ms), so it is blocked sending a reply, which it blocked on after
+/// the last write that went through. Returns the socket, its client, the
+/// requests sent and when the last went through; the caller checks the
+/// server meanwhile (the device must not be locked) and that it closes the
+/// connection at its message deadline.
+pub fn requests_never_read(socket: &Path) -> (UnixStream, RawClient, u64, Instant) {
+    let s = UnixStream::connect(socket).unwrap();
+    let mut c = RawClient::new(s.try_clone().unwrap());
+    c.version();
+    let read = RawClient::region_write_body(0, 0, &[0; 4]);
+    let mut msg = header(9, 32).as_bytes().to_vec();
+    msg.extend_from_slice(&read[..16]);
+    // Requests until both directions stay full: the server no longer reads
+    // (for 200 ms, well inside the deadline), so it is blocked sending a
+    // reply. It blocked after our last write that went through.
+    s.set_nonblocking(true).unwrap();
+    let t = Instant::now();
+    let (mut sent, mut last_ok, mut full) = (0u64, Instant::now(), 0);
+    while full < 10 {
+        match (&s).write(&msg) {
+            Ok(n) => {
+                assert_eq!(n, msg.len(), "a short write");
+                (sent, last_ok, full) = (sent + 1, Instant::now(), 0);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                full += 1;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("after {sent} requests: {e}"),
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{sent} requests sent"
+        );
+    }
+    (s, c, sent, last_ok)
+}
