@@ -822,9 +822,10 @@ impl Engine {
                     d,
                     slice_len(level),
                     &mut || {
-                        let own = (thread_cpu_ns() - started).saturating_sub(nested_ns);
-                        let ask = observer.map(|o| (o, job, own));
-                        nested_ns += self.between_slices(pasid, ask);
+                        let now = thread_cpu_ns();
+                        let own = (now - started).saturating_sub(nested_ns);
+                        self.between_slices(pasid, observer.map(|o| (o, job, own)));
+                        nested_ns += thread_cpu_ns() - now;
                     },
                 )
             }));
@@ -865,17 +866,15 @@ impl Engine {
     /// then runs up to [`TAKE_BETWEEN`] waiting jobs of other PASIDs that
     /// are not long themselves, each to its end; anything else it takes
     /// waits in `deferred`, as does any later job of a queue pair with one
-    /// waiting there (a queue's jobs keep their order). Returns the CPU
-    /// time spent.
+    /// waiting there (a queue's jobs keep their order).
     fn between_slices(
         &mut self,
         pasid: Pasid,
         asks: Option<(&Arc<dyn EngineObserver>, &Job, u64)>,
-    ) -> u64 {
+    ) {
         if self.stopping {
-            return 0;
+            return;
         }
-        let t0 = thread_cpu_ns();
         // What this engine finished so far is reported first, so the
         // scheduler decides on current charges; then it may hand over work.
         self.finished.report(None);
@@ -906,7 +905,6 @@ impl Engine {
                 self.serve(job, &qp, Instant::now());
             }
         }
-        thread_cpu_ns() - t0
     }
 
     /// Bounce the inputs in, run the operation, write the output back.
@@ -1746,14 +1744,22 @@ mod tests {
         }
     }
 
-    /// Binds thread `tid` (0: the caller) to CPU 0.
-    fn pin_to_cpu0(tid: i32) {
-        // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and
-        // sched_setaffinity only read and write the set passed.
+    /// Binds thread `tid` (0: the caller) to the first CPU this process
+    /// may run on (not always CPU 0 in a container).
+    fn pin_to_one_cpu(tid: i32) {
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        // SAFETY: a zeroed cpu_set_t is an empty set; sched_getaffinity,
+        // CPU_ISSET, CPU_SET and sched_setaffinity only read and write the
+        // sets passed, of `size` bytes.
         let r = unsafe {
+            let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+            assert_eq!(libc::sched_getaffinity(0, size, &mut allowed), 0);
+            let first = (0..libc::CPU_SETSIZE as usize)
+                .find(|&c| libc::CPU_ISSET(c, &allowed))
+                .expect("a CPU to run on");
             let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(0, &mut set);
-            libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+            libc::CPU_SET(first, &mut set);
+            libc::sched_setaffinity(tid, size, &set)
         };
         assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
     }
@@ -1762,14 +1768,14 @@ mod tests {
     fn a_preempted_engine_charges_the_time_it_ran_not_the_time_it_waited() {
         let accel = SoftAccel::new(1);
         let (_mem, qp, seen) = observed_with_data(&accel);
-        // The engine shares CPU 0 with a thread that never sleeps: the
+        // The engine shares one CPU with a thread that never sleeps: the
         // kernel gives each about half of it.
-        pin_to_cpu0(engine_tids(&accel)[0]);
+        pin_to_one_cpu(engine_tids(&accel)[0]);
         let stop = Arc::new(AtomicBool::new(false));
         let spinner = {
             let stop = stop.clone();
             std::thread::spawn(move || {
-                pin_to_cpu0(0);
+                pin_to_one_cpu(0);
                 while !stop.load(Ordering::Relaxed) {
                     std::hint::spin_loop();
                 }
