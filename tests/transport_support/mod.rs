@@ -481,21 +481,7 @@ impl RawClient {
 
     /// Sends raw bytes with fds attached to the first byte.
     pub fn send_raw(&mut self, bytes: &[u8], fds: &[BorrowedFd<'_>]) {
-        if fds.is_empty() {
-            self.stream.write_all(bytes).unwrap();
-            return;
-        }
-        let mut space =
-            vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
-        let mut control = SendAncillaryBuffer::new(&mut space);
-        assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
-        let n = sendmsg(
-            &self.stream,
-            &[IoSlice::new(bytes)],
-            &mut control,
-            SendFlags::empty(),
-        )
-        .unwrap();
+        let n = send_with_fds(&self.stream, bytes, fds).unwrap();
         self.stream.write_all(&bytes[n..]).unwrap();
     }
 
@@ -759,14 +745,22 @@ impl Drop for FdExhaustion {
     }
 }
 
-/// One `sendmsg` of `bytes` with `fds` attached.
-pub fn send_with_fds(s: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<()> {
+/// One `sendmsg` of `bytes` with `fds` attached; returns the bytes sent.
+pub fn send_with_fds(
+    s: &UnixStream,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> std::io::Result<usize> {
     let mut space =
         vec![MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len().max(1)))];
     let mut control = SendAncillaryBuffer::new(&mut space);
     if !fds.is_empty() {
         assert!(control.push(SendAncillaryMessage::ScmRights(fds)));
     }
-    sendmsg(s, &[IoSlice::new(bytes)], &mut control, SendFlags::NOSIGNAL)?;
-    Ok(())
+    Ok(sendmsg(
+        s,
+        &[IoSlice::new(bytes)],
+        &mut control,
+        SendFlags::NOSIGNAL,
+    )?)
 }
