@@ -213,6 +213,25 @@ fn shares(before: &[u64], after: &[u64]) -> Vec<f64> {
     d.iter().map(|&x| x as f64 / total as f64).collect()
 }
 
+/// Engine time of `pasids` (from `start`) sampled every 250 ms for `span`:
+/// the last sample, and the shares in each window.
+fn share_windows(
+    accel: &ScheduledAccel,
+    pasids: &[u32],
+    start: &[u64],
+    span: Duration,
+) -> (Vec<u64>, Vec<Vec<f64>>) {
+    let (mut prev, mut windows) = (start.to_vec(), Vec::new());
+    let t0 = Instant::now();
+    while t0.elapsed() < span {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = engine_ns(accel, pasids);
+        windows.push(shares(&prev, &now));
+        prev = now;
+    }
+    (prev, windows)
+}
+
 fn weight(accel: &ScheduledAccel, pasid: u32, w: u32) {
     accel.set_policy(
         pasid,
@@ -407,15 +426,8 @@ fn main() {
         .iter()
         .map(|t| t.jobs.load(Ordering::Relaxed))
         .collect();
-    let mut windows = Vec::new();
     let t0 = Instant::now();
-    let mut prev = start.clone();
-    while t0.elapsed() < secs(10.0) {
-        std::thread::sleep(Duration::from_millis(250));
-        let now = engine_ns(&accel, &pasids);
-        windows.push(shares(&prev, &now));
-        prev = now;
-    }
+    let (prev, windows) = share_windows(&accel, &pasids, &start, secs(10.0));
     let span1 = t0.elapsed();
     let total = shares(&start, &prev);
     println!(
@@ -662,18 +674,14 @@ fn main() {
         .iter()
         .map(|t| t.jobs.load(Ordering::Relaxed))
         .collect();
-    let (mut prev, mut worst) = (start.clone(), 0f64);
     let t0 = Instant::now();
-    while t0.elapsed() < secs(10.0) {
-        std::thread::sleep(Duration::from_millis(250));
-        let now = engine_ns(&accel, &pair);
-        worst = shares(&prev, &now)
-            .iter()
-            .map(|s| (s / 0.5 - 1.0).abs())
-            .fold(worst, f64::max);
-        prev = now;
-    }
+    let (prev, windows) = share_windows(&accel, &pair, &start, secs(10.0));
     let span6 = t0.elapsed().as_secs_f64();
+    let worst = windows
+        .iter()
+        .flatten()
+        .map(|s| (s / 0.5 - 1.0).abs())
+        .fold(0f64, f64::max);
     let total = shares(&start, &prev);
     for (i, name) in ["hostile", "well-behaved"].iter().enumerate() {
         let jobs = both[i].jobs.load(Ordering::Relaxed) - jobs0[i];
