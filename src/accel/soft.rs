@@ -204,6 +204,13 @@ struct Common {
     max_queue_pairs: usize,
 }
 
+impl Common {
+    /// The IOMMU walk: `pasid`'s entry in the PASID table.
+    fn slot(&self, pasid: Pasid) -> Option<Arc<PasidSlot>> {
+        self.spaces.read().get(&pasid).cloned()
+    }
+}
+
 /// The software accelerator. See the module documentation.
 pub struct SoftAccel {
     common: Arc<Common>,
@@ -250,9 +257,7 @@ impl SoftAccel {
                 common: Arc::clone(&accel.common),
                 info: Arc::clone(info),
                 jobs: rx.clone(),
-                scratch: Scratch::new(),
-                src: Vec::new(),
-                dst: Vec::new(),
+                exec: Executor::default(),
                 ctx: Vec::new(),
                 finished: Finished::default(),
                 deferred: VecDeque::new(),
@@ -277,10 +282,7 @@ impl SoftAccel {
     /// per job, and jobs on an unbound PASID fail with `BadAddress`.
     fn slot(&self, pasid: Pasid) -> Result<Arc<PasidSlot>, AccelError> {
         self.common
-            .spaces
-            .read()
-            .get(&pasid)
-            .cloned()
+            .slot(pasid)
             .ok_or(AccelError::UnknownPasid(pasid))
     }
 
@@ -518,10 +520,7 @@ struct Engine {
     common: Arc<Common>,
     info: Arc<EngineInfo>,
     jobs: Receiver<Msg>,
-    scratch: Scratch,
-    /// Bounce buffers: grown on demand, never past `max_xfer`.
-    src: Vec<u8>,
-    dst: Vec<u8>,
+    exec: Executor,
     /// A stream piece's context.
     ctx: Vec<u8>,
     /// Finished jobs not yet reported, and what they cost.
@@ -717,44 +716,15 @@ impl Engine {
         pasid: Pasid,
         observer: Option<&Arc<dyn EngineObserver>>,
     ) -> Done {
-        let max = self.common.max_xfer;
-        let reads_src = job.op.reads_src();
-        // Compare reads its second buffer; SHA-256 its saved state (RESUME),
-        // or whether a state-sized dst already holds one (see `sha256_part`).
-        let reads_dst = job.op == Opcode::Compare
-            || (job.op == Opcode::Sha256
-                && (job.param & wdvirt_abi::SHA256_RESUME != 0
-                    || job.dst_len >= wdvirt_abi::SHA256_STATE_SIZE));
-        let uses_dst = job.op.writes_dst() || reads_dst;
-        // Only the buffers the opcode uses are judged: a field an operation
-        // does not use is ignored, whatever it holds (spec §4; a nop with
-        // huge unused lengths completes Ok).
-        let bad = |used: bool, addr: u64, len: u32| {
-            used && (len > max || addr.checked_add(u64::from(len)).is_none())
+        let b = match Buffers::of(job, self.common.max_xfer) {
+            Ok(b) => b,
+            Err(done) => return done,
         };
-        if bad(reads_src, job.src, job.src_len) || bad(uses_dst, job.dst, job.dst_len) {
-            return Done::failed(JobStatus::BadLength, 0);
-        }
-        let stream = job.op.is_stream();
-        let ctx_len = if stream {
-            wdvirt_abi::stream::CTX_SIZE as usize
-        } else {
-            0
-        };
-        if stream && job.ctx.checked_add(ctx_len as u64).is_none() {
-            return Done::failed(JobStatus::BadLength, 0);
-        }
-
-        // Only the buffers the opcode uses, and only non-empty ones, are
-        // translated: a job that moves no bytes (`Nop`, zero lengths) never
-        // walks the PASID table, as no DMA would fault on hardware.
-        let src_len = if reads_src { job.src_len as usize } else { 0 };
-        let dst_len = if uses_dst { job.dst_len as usize } else { 0 };
-        if src_len == 0 && dst_len == 0 {
-            return self.compute(job, None, 0, 0, false);
+        if b.moves_nothing() {
+            return self.exec.compute(job, None, &b);
         }
         // The IOMMU walk: this queue pair's PASID, looked up now.
-        let Some(slot) = self.common.spaces.read().get(&pasid).cloned() else {
+        let Some(slot) = self.common.slot(pasid) else {
             return Done::failed(JobStatus::BadAddress, 0);
         };
         // Held until the job's last write: an unmap or a bus-master clear
@@ -765,19 +735,16 @@ impl Engine {
         }
         // The loaded map stays valid until the job ends.
         let mem = slot.space.memory();
-        if !mapped(&mem, job.src, src_len)
-            || !mapped(&mem, job.dst, dst_len)
-            || !mapped(&mem, job.ctx, ctx_len)
-        {
+        if !b.mapped(&mem, job) {
             return Done::failed(JobStatus::BadAddress, 0);
         }
-        if stream {
-            return self.stream_piece(job, &mem, src_len, dst_len);
+        if b.stream {
+            return self.stream_piece(job, &mem, b.src_len, b.dst_len);
         }
         if sliced(job) {
-            return self.compress_sliced(job, &mem, pasid, observer, src_len, dst_len);
+            return self.compress_sliced(job, &mem, pasid, observer, b.src_len, b.dst_len);
         }
-        self.compute(job, Some(&mem), src_len, dst_len, reads_dst)
+        self.exec.compute(job, Some(&mem), &b)
     }
 
     /// A long compress job, in slices of [`slice_len`] with other instances'
@@ -804,8 +771,8 @@ impl Engine {
         };
         // The bounce buffers are this job's until it ends: jobs run between
         // its slices get buffers of their own.
-        let mut src = std::mem::take(&mut self.src);
-        let mut dst = std::mem::take(&mut self.dst);
+        let mut src = std::mem::take(&mut self.exec.src);
+        let mut dst = std::mem::take(&mut self.exec.dst);
         let started = thread_cpu_ns();
         let mut nested_ns = 0;
         let mut done = (|| {
@@ -856,8 +823,8 @@ impl Engine {
             }
         })();
         done.cpu_ns = Some((thread_cpu_ns() - started).saturating_sub(nested_ns));
-        self.src = src;
-        self.dst = dst;
+        self.exec.src = src;
+        self.exec.dst = dst;
         done
     }
 
@@ -906,16 +873,85 @@ impl Engine {
             }
         }
     }
+}
 
+/// What runs one job's operation: the library state and the bounce
+/// buffers (grown on demand, never past `max_xfer`). Each engine thread
+/// owns one, and so does each queue pair for the jobs it runs on its
+/// caller's thread ([`QueuePair::run_here`]).
+#[derive(Default)]
+struct Executor {
+    scratch: Scratch,
+    src: Vec<u8>,
+    dst: Vec<u8>,
+}
+
+/// The buffers a job uses, checked before any is translated: only the
+/// ones its opcode uses are judged (a field an operation does not use is
+/// ignored, whatever it holds: spec §4; a nop with huge unused lengths
+/// completes Ok), and only non-empty ones are translated, so a job that
+/// moves no bytes never walks the PASID table, as no DMA would fault on
+/// hardware.
+struct Buffers {
+    src_len: usize,
+    dst_len: usize,
+    ctx_len: usize,
+    /// Compare reads its second buffer; SHA-256 its saved state (RESUME),
+    /// or whether a state-sized dst already holds one (see `sha256_part`).
+    reads_dst: bool,
+    stream: bool,
+}
+
+impl Buffers {
+    /// `BadLength` for a used buffer longer than `max` or past the end
+    /// of the address space.
+    fn of(job: &Job, max: u32) -> Result<Buffers, Done> {
+        let reads_src = job.op.reads_src();
+        let reads_dst = job.op == Opcode::Compare
+            || (job.op == Opcode::Sha256
+                && (job.param & wdvirt_abi::SHA256_RESUME != 0
+                    || job.dst_len >= wdvirt_abi::SHA256_STATE_SIZE));
+        let uses_dst = job.op.writes_dst() || reads_dst;
+        let bad = |used: bool, addr: u64, len: u32| {
+            used && (len > max || addr.checked_add(u64::from(len)).is_none())
+        };
+        if bad(reads_src, job.src, job.src_len) || bad(uses_dst, job.dst, job.dst_len) {
+            return Err(Done::failed(JobStatus::BadLength, 0));
+        }
+        let stream = job.op.is_stream();
+        let ctx_len = if stream {
+            wdvirt_abi::stream::CTX_SIZE as usize
+        } else {
+            0
+        };
+        if stream && job.ctx.checked_add(ctx_len as u64).is_none() {
+            return Err(Done::failed(JobStatus::BadLength, 0));
+        }
+        Ok(Buffers {
+            src_len: if reads_src { job.src_len as usize } else { 0 },
+            dst_len: if uses_dst { job.dst_len as usize } else { 0 },
+            ctx_len,
+            reads_dst,
+            stream,
+        })
+    }
+
+    fn moves_nothing(&self) -> bool {
+        self.src_len == 0 && self.dst_len == 0
+    }
+
+    /// Every buffer wholly inside the map.
+    fn mapped(&self, mem: &GuestMemory, job: &Job) -> bool {
+        mapped(mem, job.src, self.src_len)
+            && mapped(mem, job.dst, self.dst_len)
+            && mapped(mem, job.ctx, self.ctx_len)
+    }
+}
+
+impl Executor {
     /// Bounce the inputs in, run the operation, write the output back.
-    fn compute(
-        &mut self,
-        job: &Job,
-        mem: Option<&GuestMemory>,
-        src_len: usize,
-        dst_len: usize,
-        reads_dst: bool,
-    ) -> Done {
+    fn compute(&mut self, job: &Job, mem: Option<&GuestMemory>, b: &Buffers) -> Done {
+        let (src_len, dst_len, reads_dst) = (b.src_len, b.dst_len, b.reads_dst);
         let src = bounce(&mut self.src, src_len);
         let dst = bounce(&mut self.dst, dst_len);
         let mut bytes_in = 0u64;
@@ -977,8 +1013,7 @@ impl Engine {
             stream_end: false,
             cpu_ns: None,
         }
-    }
-}
+    }}
 
 impl Engine {
     /// A stream piece: `src` and the context in, `dst` and the context out
@@ -991,8 +1026,8 @@ impl Engine {
         dst_len: usize,
     ) -> Done {
         let ctx_len = wdvirt_abi::stream::CTX_SIZE as usize;
-        let src = bounce(&mut self.src, src_len);
-        let dst = bounce(&mut self.dst, dst_len);
+        let src = bounce(&mut self.exec.src, src_len);
+        let dst = bounce(&mut self.exec.dst, dst_len);
         let ctx = bounce(&mut self.ctx, ctx_len);
         if mem.read_slice(src, GuestAddress(job.src)).is_err()
             || mem.read_slice(ctx, GuestAddress(job.ctx)).is_err()
