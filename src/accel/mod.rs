@@ -147,6 +147,31 @@ pub trait QueuePair: Send + Sync {
     /// wake-up says there is room (a scheduler above refuses what an
     /// instance may not queue yet; a bare backend takes everything).
     fn submit(&self, jobs: &[Job]) -> Result<usize, AccelError>;
+    /// As [`QueuePair::submit`], but some of the jobs taken may run to
+    /// completion on the calling thread before it returns, when the queue
+    /// pair may lend its caller an engine's turn (a scheduler above a
+    /// software backend does, while an engine is idle and the instance's
+    /// turn has come: the hop to an engine thread and back costs more than
+    /// a small job). Their results are pushed to `done`, in submission
+    /// order, and not sent on `completions()`; none of the other jobs
+    /// taken completes before them. The default runs none here.
+    fn submit_inline(&self, jobs: &[Job], done: &mut Vec<JobResult>) -> Result<usize, AccelError> {
+        let _ = done;
+        self.submit(jobs)
+    }
+    /// Run a prefix of `jobs` to completion on the calling thread, as one
+    /// of this backend's engines would (every check an engine makes: the
+    /// PASID walk, the DMA gate, Bus Master), and push each result with
+    /// the CPU time it took to `done`. No observer is told and nothing is
+    /// sent on `completions()`: the caller, which decided the jobs may run
+    /// here, accounts for them. Returns how many ran (a backend may stop
+    /// at a job it runs only on its own engines), or `None` when this
+    /// backend never runs jobs on a caller's thread (hardware: the
+    /// default).
+    fn run_here(&self, jobs: &[Job], done: &mut Vec<(JobResult, u64)>) -> Option<usize> {
+        let _ = (jobs, done);
+        None
+    }
     /// The wake-up to call when room opens after a partial `submit`.
     fn set_wake(&self, wake: Wake);
     /// Have `observer` told of each job this queue pair's engines finish.

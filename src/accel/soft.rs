@@ -124,7 +124,32 @@ struct Counters {
     discarded: AtomicU64,
 }
 
+/// A batch's counts, added to [`Counters`] at once.
+#[derive(Default)]
+struct Tally {
+    jobs: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    errors: u64,
+}
+
+impl Tally {
+    fn add(&mut self, d: &Done) {
+        self.jobs += 1;
+        self.bytes_in += d.bytes_in;
+        self.bytes_out += d.bytes_out();
+        self.errors += u64::from(d.status != JobStatus::Ok);
+    }
+}
+
 impl Counters {
+    fn add(&self, t: &Tally) {
+        self.jobs.fetch_add(t.jobs, Ordering::Relaxed);
+        self.bytes_in.fetch_add(t.bytes_in, Ordering::Relaxed);
+        self.bytes_out.fetch_add(t.bytes_out, Ordering::Relaxed);
+        self.errors.fetch_add(t.errors, Ordering::Relaxed);
+    }
+
     fn record(&self, status: JobStatus, bytes_in: u64, bytes_out: u64) {
         self.jobs.fetch_add(1, Ordering::Relaxed);
         self.bytes_in.fetch_add(bytes_in, Ordering::Relaxed);
@@ -309,6 +334,7 @@ impl SoftAccel {
         qps.insert(id, Arc::clone(&shared));
         Ok(SoftQueuePair {
             common: Arc::clone(&self.common),
+            exec: Mutex::default(),
             shared,
             completions,
         })
@@ -435,6 +461,8 @@ pub struct SoftQueuePair {
     common: Arc<Common>,
     shared: Arc<QpShared>,
     completions: Receiver<JobResult>,
+    /// Runs the jobs lent to the caller's thread ([`QueuePair::run_here`]).
+    exec: Mutex<Executor>,
 }
 
 impl SoftQueuePair {
@@ -476,6 +504,69 @@ impl QueuePair for SoftQueuePair {
             }
         }
         Ok(jobs.len())
+    }
+
+    /// The caller's thread runs the jobs as an engine would, with the
+    /// PASID walked, its DMA gate taken and Bus Master read once for the
+    /// whole batch (an unmap or a Bus Master clear waits for the batch, as
+    /// for an engine's job), up to the first job an engine runs only on
+    /// its own thread (a stream piece, whose context is the engine's; a
+    /// job long enough to be sliced). Each job's time is its wall-clock
+    /// time scaled by the share of the batch the thread spent on a CPU.
+    fn run_here(&self, jobs: &[Job], done: &mut Vec<(JobResult, u64)>) -> Option<usize> {
+        let n = jobs
+            .iter()
+            .take_while(|j| !j.op.is_stream() && !sliced(j))
+            .count();
+        let running = self.common.running.read();
+        if n == 0 || !*running || self.shared.closed.load(Ordering::Acquire) {
+            return Some(0);
+        }
+        let jobs = &jobs[..n];
+        let qp = &self.shared;
+        qp.running.fetch_add(n, Ordering::SeqCst);
+        let mut exec = self.exec.lock();
+        let slot = self.common.slot(qp.pasid);
+        let _dma = slot.as_ref().map(|s| s.gate.read());
+        let allowed = slot
+            .as_ref()
+            .is_some_and(|s| s.dma_allowed.load(Ordering::SeqCst));
+        let mem = slot.as_ref().map(|s| s.space.memory());
+        let max = self.common.max_xfer;
+        let first = done.len();
+        let mut tally = Tally::default();
+        let cpu_start = thread_cpu_ns();
+        let start = Instant::now();
+        let mut last = start;
+        for job in jobs {
+            let d = match Buffers::of(job, max) {
+                Err(d) => d,
+                Ok(b) if b.moves_nothing() => exec.compute(job, None, &b),
+                Ok(b) => match &mem {
+                    None => Done::failed(JobStatus::BadAddress, 0),
+                    Some(_) if !allowed => Done::failed(JobStatus::Aborted, 0),
+                    Some(mem) if !b.mapped(mem, job) => Done::failed(JobStatus::BadAddress, 0),
+                    Some(mem) => exec.compute(job, Some(mem), &b),
+                },
+            };
+            tally.add(&d);
+            let now = Instant::now();
+            let wall_ns = now.saturating_duration_since(last).as_nanos() as u64;
+            last = now;
+            done.push((d.result(job), wall_ns));
+        }
+        drop(exec);
+        qp.counters.add(&tally);
+        qp.running.fetch_sub(n, Ordering::SeqCst);
+        let cpu_ns = thread_cpu_ns().saturating_sub(cpu_start);
+        let wall_ns = last.saturating_duration_since(start).as_nanos() as u64;
+        if cpu_ns < wall_ns {
+            // Preempted meanwhile: charge the time on a CPU only.
+            for (_, ns) in &mut done[first..] {
+                *ns = (u128::from(*ns) * u128::from(cpu_ns) / u128::from(wall_ns)) as u64;
+            }
+        }
+        Some(n)
     }
 
     /// Never needed: a bare software queue pair takes every job offered.
@@ -545,6 +636,27 @@ struct Done {
 }
 
 impl Done {
+    /// What the device is told of `job`.
+    fn result(&self, job: &Job) -> JobResult {
+        JobResult {
+            cookie: job.cookie,
+            slot: job.slot,
+            status: self.status,
+            bytes: self.out.bytes,
+            result: self.out.result,
+            stream_end: self.stream_end,
+        }
+    }
+
+    /// Bytes written to guest memory.
+    fn bytes_out(&self) -> u64 {
+        if self.status == JobStatus::Ok {
+            u64::from(self.out.bytes)
+        } else {
+            0
+        }
+    }
+
     fn failed(status: JobStatus, bytes_in: u64) -> Self {
         Done {
             status,
@@ -663,11 +775,7 @@ impl Engine {
             self.finished.job_starts(start);
         }
         let done = self.execute(&job, qp.pasid, observer);
-        let bytes_out = if done.status == JobStatus::Ok {
-            u64::from(done.out.bytes)
-        } else {
-            0
-        };
+        let bytes_out = done.bytes_out();
         self.info
             .counters
             .record(done.status, done.bytes_in, bytes_out);
@@ -681,14 +789,7 @@ impl Engine {
             );
         }
         // The receiver may be gone (queue pair dropped mid-job): nothing to tell.
-        let _ = qp.done.send(JobResult {
-            cookie: job.cookie,
-            slot: job.slot,
-            status: done.status,
-            bytes: done.out.bytes,
-            result: done.out.result,
-            stream_end: done.stream_end,
-        });
+        let _ = qp.done.send(done.result(&job));
         // After the send, so that `in_flight() == 0` means every result is queued.
         qp.in_flight.fetch_sub(1, Ordering::AcqRel);
         qp.running.fetch_sub(1, Ordering::SeqCst);
@@ -1013,7 +1114,8 @@ impl Executor {
             stream_end: false,
             cpu_ns: None,
         }
-    }}
+    }
+}
 
 impl Engine {
     /// A stream piece: `src` and the context in, `dst` and the context out

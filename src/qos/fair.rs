@@ -58,6 +58,11 @@ pub const LANE_HELD: usize = 128;
 pub const LANE_HELD_MAX: usize = 1024;
 /// Engine time of the jobs a queue may hold waiting.
 pub const LANE_HOLD_NS: u64 = 5_000_000;
+/// Only jobs estimated to take at most this long run on a worker's
+/// thread ([`Fair::lend`]): a small job's hop to an engine thread and back
+/// costs as much as the job, a large one's does not, and a worker running
+/// large jobs would be late to its ring, its completions and a stop.
+pub const LEND_JOB_NS: u64 = 20_000;
 /// Bytes a job is counted as beyond its source, in the cost model (the
 /// fixed cost of a job, however small).
 const JOB_OVERHEAD_BYTES: u64 = 1024;
@@ -269,6 +274,10 @@ pub struct Fair<J> {
     /// Dispatched and not finished, over all tenants.
     out_jobs: u32,
     out_est: u64,
+    /// Engines lent to callers running a batch on their own thread
+    /// ([`Fair::lend`]): each batch's lane, and its share of `out_jobs`
+    /// and `out_est`.
+    lent: Vec<(LaneId, u32, u64)>,
     /// The virtual time of the last tenant served.
     vnow: f64,
     /// Lanes whose worker is to be woken (room opened).
@@ -284,6 +293,7 @@ impl<J: Work> Fair<J> {
             backlog: Vec::new(),
             out_jobs: 0,
             out_est: 0,
+            lent: Vec::new(),
             vnow: 0.0,
             wakes: Vec::new(),
         }
@@ -484,16 +494,71 @@ impl<J: Work> Fair<J> {
         n
     }
 
+    /// The engines not lent, and the jobs and estimate they hold.
+    fn at_engines(&self) -> (u32, u32, u64) {
+        let (jobs, est) = self
+            .lent
+            .iter()
+            .fold((0, 0), |(j, e), &(_, lj, le)| (j + lj, e + le));
+        (
+            self.engines.saturating_sub(self.lent.len() as u32),
+            self.out_jobs.saturating_sub(jobs),
+            self.out_est.saturating_sub(est),
+        )
+    }
+
     fn engines_full(&self) -> bool {
-        self.out_jobs >= self.engines * MAX_JOBS_PER_ENGINE
-            || (self.out_jobs >= self.engines
-                && self.out_est >= u64::from(self.engines) * QUANTUM_NS)
+        let (engines, jobs, est) = self.at_engines();
+        engines == 0
+            || jobs >= engines * MAX_JOBS_PER_ENGINE
+            || (jobs >= engines && est >= u64::from(engines) * QUANTUM_NS)
     }
 
     /// Whether the engines are low enough to take more: below one job per
     /// engine, or under half their time budget (so batches are large).
     fn engines_hungry(&self) -> bool {
-        self.out_jobs < self.engines || self.out_est * 2 < u64::from(self.engines) * QUANTUM_NS
+        let (engines, jobs, est) = self.at_engines();
+        engines > 0 && (jobs < engines || est * 2 < u64::from(engines) * QUANTUM_NS)
+    }
+
+    /// An engine for `lane`'s worker to run its next batch on its own
+    /// thread, without the hop to an engine thread and back: when an
+    /// engine holds nothing, `lane` has nothing dispatched (its jobs keep
+    /// their order) and its tenant's turn has come as it would for the
+    /// engines (share, cap and rate). The batch is decided and charged as
+    /// any other, and the engine counts as busy until
+    /// [`Fair::give_back`]: meanwhile nothing else is dispatched to it.
+    /// A batch of another lane of the tenant (a queue of higher priority,
+    /// or served less) is returned as it is, not lent: the caller posts it
+    /// to the engines.
+    pub fn lend(&mut self, lane: LaneId, now: u64) -> Option<Batch<J>> {
+        let l = self.lanes.get(&lane)?;
+        let (engines, jobs, _) = self.at_engines();
+        if l.closed || l.in_flight > 0 || l.pending.is_empty() || jobs >= engines {
+            return None;
+        }
+        let tenant = l.tenant;
+        if self.pick(now, None) != Some(tenant) {
+            self.account_waits(now);
+            return None;
+        }
+        let b = self.batch_of(tenant, now, Some(LEND_JOB_NS));
+        self.account_waits(now);
+        let b = b?;
+        if b.lane == lane {
+            let l = &self.lanes[&lane];
+            self.lent.push((lane, l.in_flight, l.est_in_flight));
+        }
+        Some(b)
+    }
+
+    /// The engine lent for `lane`'s batch is back. Call before the jobs
+    /// that ran are each [`Fair::finished`] (any the caller did not run
+    /// go to the engines, dispatched as they are).
+    pub fn give_back(&mut self, lane: LaneId) {
+        if let Some(i) = self.lent.iter().position(|&(l, ..)| l == lane) {
+            self.lent.swap_remove(i);
+        }
     }
 
     /// Every batch the engines should take now, in order. Also brings the
@@ -530,7 +595,7 @@ impl<J: Work> Fair<J> {
         let batch = self
             .pick(now, Some(running))
             .filter(|id| self.tenants[id].key() < running_key)
-            .and_then(|id| self.batch_of(id, now));
+            .and_then(|id| self.batch_of(id, now, None));
         self.account_waits(now);
         batch
     }
@@ -560,17 +625,18 @@ impl<J: Work> Fair<J> {
 
     fn next_batch(&mut self, now: u64) -> Option<Batch<J>> {
         let id = self.pick(now, None)?;
-        self.batch_of(id, now)
+        self.batch_of(id, now, None)
     }
 
     /// The next batch of tenant `id`: at least one job, more while the
-    /// engines' time budget lasts.
-    fn batch_of(&mut self, id: TenantId, now: u64) -> Option<Batch<J>> {
+    /// engines' time budget lasts; with `job_ns`, only jobs estimated to
+    /// take at most that long (none if the first is not).
+    fn batch_of(&mut self, id: TenantId, now: u64, job_ns: Option<u64>) -> Option<Batch<J>> {
         let budget = u64::from(self.engines) * QUANTUM_NS;
         let room_ns = budget.saturating_sub(self.out_est);
-        let room_jobs = self.engines * MAX_JOBS_PER_ENGINE - self.out_jobs;
+        let room_jobs = (self.engines * MAX_JOBS_PER_ENGINE).saturating_sub(self.out_jobs);
         let t = self.tenants.get_mut(&id).expect("picked");
-        self.vnow = self.vnow.max(t.key());
+        let small = |e: Option<u64>| job_ns.is_none_or(|max| e.is_some_and(|e| e <= max));
         // The lane: the first of the top priority with work, in turn.
         let top = t
             .lanes
@@ -588,6 +654,10 @@ impl<J: Work> Fair<J> {
             .min_by_key(|(id, l)| (l.served_ns, *id))
             .map(|(id, _)| id)?;
         let lane = self.lanes.get_mut(&lane_id).expect("listed");
+        if !small(t.estimate(lane.pending.front()?)) {
+            return None;
+        }
+        self.vnow = self.vnow.max(t.key());
         let mut jobs = Vec::new();
         let mut est = 0u64;
         let cap_room = t
@@ -603,6 +673,7 @@ impl<J: Work> Fair<J> {
             if !jobs.is_empty()
                 && (jobs.len() >= MAX_BATCH
                     || e.is_none()
+                    || !small(e)
                     || est + e_ns > room_ns
                     || n >= room_jobs
                     || n >= cap_room

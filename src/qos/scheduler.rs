@@ -17,6 +17,7 @@
 //! complete, in the order the queue submitted them.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -26,7 +27,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::Map;
 use super::clock::MonotonicClock;
-use super::fair::{Batch, Fair, LaneId, TenantId};
+use super::fair::{Batch, Fair, LaneId, QUANTUM_NS, TenantId};
 use super::policy::Policy;
 use super::snapshot::TenantSnapshot;
 use crate::accel::{
@@ -342,6 +343,7 @@ impl Accelerator for ScheduledAccel {
             id,
             shared: self.shared.clone(),
             qp,
+            runs_here: AtomicBool::new(true),
         }))
     }
 }
@@ -393,6 +395,9 @@ pub struct Lane {
     id: LaneId,
     shared: Arc<Shared>,
     qp: Arc<dyn QueuePair>,
+    /// The backend may run jobs on a caller's thread (until its
+    /// `run_here` says it never does).
+    runs_here: AtomicBool,
 }
 
 impl QueuePair for Lane {
@@ -406,6 +411,68 @@ impl QueuePair for Lane {
         if taken == 0 && !jobs.is_empty() && st.fair.lane_pending(self.id) == 0 {
             // Refused with nothing of ours waiting: the lane is closed.
             return Err(AccelError::Closed);
+        }
+        self.shared.pump_unlocked(st, now);
+        Ok(taken)
+    }
+
+    /// Offered as [`QueuePair::submit`] offers, then, while the scheduler
+    /// lends this lane an idle engine ([`Fair::lend`]), each batch it
+    /// decides runs on the caller's thread ([`QueuePair::run_here`]) and
+    /// is charged the CPU time it took there; what the backend leaves (a
+    /// job only its own engines run) goes to its engines as decided.
+    fn submit_inline(&self, jobs: &[Job], done: &mut Vec<JobResult>) -> Result<usize, AccelError> {
+        let mut st = self.shared.state.lock();
+        if !st.lanes.contains_key(&self.id) {
+            return Err(AccelError::Closed);
+        }
+        let mut now = self.shared.clock.now_ns();
+        let taken = st.fair.offer(self.id, jobs, now);
+        if taken == 0 && !jobs.is_empty() && st.fair.lane_pending(self.id) == 0 {
+            return Err(AccelError::Closed);
+        }
+        let mut ran = Vec::new();
+        // This thread is the queue's worker: after a quantum of jobs here
+        // the rest go to the engines, and it goes back to its ring.
+        let mut here_ns = 0;
+        while here_ns < QUANTUM_NS && self.runs_here.load(Ordering::Relaxed) {
+            let Some(b) = st.fair.lend(self.id, now) else {
+                break;
+            };
+            if b.lane != self.id {
+                st.post(b);
+                break;
+            }
+            let n = MutexGuard::unlocked(&mut st, || {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    self.qp.run_here(&b.jobs, &mut ran)
+                }))
+            });
+            st.fair.give_back(self.id);
+            // A backend that panics: the engine is back, the batch's jobs
+            // stay counted as dispatched (their lane's close forgets them),
+            // and the panic goes on to the worker.
+            let n = n.unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+            let n = match n {
+                Some(n) => n.min(b.jobs.len()),
+                None => {
+                    self.runs_here.store(false, Ordering::Relaxed);
+                    0
+                }
+            };
+            for ((r, engine_ns), job) in ran.drain(..).zip(&b.jobs) {
+                st.fair.finished(self.id, job, engine_ns);
+                here_ns += engine_ns;
+                done.push(r);
+            }
+            if n < b.jobs.len() {
+                st.post(Batch {
+                    lane: self.id,
+                    jobs: b.jobs[n..].to_vec(),
+                });
+                break;
+            }
+            now = self.shared.clock.now_ns();
         }
         self.shared.pump_unlocked(st, now);
         Ok(taken)

@@ -440,6 +440,9 @@ struct Worker {
     batch: Vec<Job>,
     job_at: Vec<u32>,
     refused: Vec<(u32, SubmissionEntry, JobResult)>,
+    /// Results of jobs the queue pair ran on this thread as it took them
+    /// ([`QueuePair::submit_inline`]), to complete at once.
+    ran: Vec<JobResult>,
     /// Completions written (free-running).
     cq_tail: u32,
     in_flight: u32,
@@ -575,6 +578,7 @@ impl Worker {
             batch: Vec::new(),
             job_at: Vec::new(),
             refused: Vec::new(),
+            ran: Vec::new(),
             cq_tail: ring.cq_tail,
             in_flight,
             held,
@@ -863,6 +867,7 @@ impl Worker {
             }
         }
         self.taken(&batch[..taken]);
+        self.complete_ran(mem);
         (self.batch, self.job_at, self.refused) = (batch, job_at, refused);
         let published = self.sq.publish();
         let head = published.unwrap_or(self.sq.next);
@@ -921,17 +926,20 @@ impl Worker {
         self.pending.drain(..taken);
         self.throttled = taken < jobs.len();
         self.taken(&jobs[..taken]);
+        self.complete_ran(mem);
         true
     }
 
     /// Hand `jobs` (stamped for latency) to the queue pair: how many it
     /// took. `None` when it refused the whole batch (its engines are going
-    /// away): the caller completes each with `EngineError`.
+    /// away): the caller completes each with `EngineError`. Those it ran
+    /// on this thread as it took them wait in `ran`
+    /// ([`Worker::complete_ran`], once the taken jobs are accounted).
     fn submit(&mut self, jobs: &mut [Job]) -> Option<usize> {
         self.ctx.shared.stats.stamp(jobs);
         // A wake-up from now on is for what this submit refuses.
         self.room.store(false, Ordering::Release);
-        match self.ctx.qp.submit(jobs) {
+        match self.ctx.qp.submit_inline(jobs, &mut self.ran) {
             Ok(n) => Some(n.min(jobs.len())),
             Err(e) => {
                 tracing::warn!(queue = self.ctx.queue, "engine refused a batch: {e}");
@@ -951,6 +959,19 @@ impl Worker {
         self.in_flight += jobs.len() as u32;
         let bytes: u64 = jobs.iter().map(|j| j.src_len as u64).sum();
         add(&self.ctx.shared.stats.bytes_in, bytes);
+    }
+
+    /// Complete the jobs the queue pair ran on this thread.
+    fn complete_ran(&mut self, mem: &GuestMemory) {
+        if self.ran.is_empty() {
+            return;
+        }
+        let mut ran = std::mem::take(&mut self.ran);
+        self.collected(ran.len() as u32);
+        for r in ran.drain(..) {
+            self.complete(mem, r);
+        }
+        self.ran = ran;
     }
 
     /// Write one CQE: body first, then (after a release fence) the flags word
