@@ -232,7 +232,7 @@ struct Direct<'a> {
 impl<'a> Direct<'a> {
     /// Warm up (tables allocated, caches filled); returns the outputs, the
     /// reference the device's must equal.
-    fn new(case: &'a Case, inputs: &'a [Vec<u8>]) -> (Self, Vec<Vec<u8>>) {
+    fn new(case: &'a Case, inputs: &'a [Vec<u8>]) -> (Self, Vec<(Vec<u8>, u32)>) {
         let mut d = Direct {
             case,
             inputs,
@@ -244,7 +244,7 @@ impl<'a> Direct<'a> {
         for (i, dst) in d.dsts.iter_mut().enumerate() {
             let out = ops::run(case.op, &inputs[i], dst, case.param, &mut d.scratch)
                 .unwrap_or_else(|s| panic!("{}: direct call failed: {s:?}", case.name));
-            reference.push(dst[..out.bytes as usize].to_vec());
+            reference.push((dst[..out.bytes as usize].to_vec(), out.result));
         }
         (d, reference)
     }
@@ -294,7 +294,7 @@ impl<'a> DevicePath<'a> {
     fn new(
         case: &'a Case,
         inputs: &[Vec<u8>],
-        reference: &[Vec<u8>],
+        reference: &[(Vec<u8>, u32)],
         instance: &'a Instance,
         q: &'a mut GQueue,
         pool: &DmaPool<Arc<GuestRam>>,
@@ -319,7 +319,9 @@ impl<'a> DevicePath<'a> {
             .collect();
         // Warm-up, and a check that the path computes what the engine does.
         let done = q.run_batch(&jobs[..SLOTS]).expect("warm-up batch");
-        for (((c, (_, dst)), want), input) in done.iter().zip(&bufs).zip(reference).zip(inputs) {
+        for (((c, (_, dst)), (want, result)), input) in
+            done.iter().zip(&bufs).zip(reference).zip(inputs)
+        {
             assert_eq!(c.status, JobStatus::Ok.code(), "{}: job failed", case.name);
             if case.op == Opcode::DeflateCompress && case.len > wdvirt::accel::soft::SLICE {
                 // Compressed in slices, not libdeflate's one shot: the
@@ -342,6 +344,7 @@ impl<'a> DevicePath<'a> {
                 continue;
             }
             assert_eq!(c.bytes as usize, want.len(), "{}: output length", case.name);
+            assert_eq!(c.result, *result, "{}: result word", case.name);
             let out = dst.to_vec(want.len()).expect("read output");
             assert!(
                 &out == want,
@@ -376,6 +379,275 @@ impl<'a> DevicePath<'a> {
         let cpu = sample_cpu().since(&before);
         Measure { jobs: n, secs, cpu }
     }
+}
+
+/// One instance on its own scheduled software accelerator, connected
+/// through the loopback VMM, with queue 0 enabled. Fields drop in order:
+/// the queue before the instance.
+struct Rig {
+    q: GQueue,
+    pool: DmaPool<Arc<GuestRam>>,
+    instance: Instance,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    /// The production path: `engines` engines under the QoS scheduler (as
+    /// the daemon, `serve` and `demo` run them).
+    fn start(engines: usize) -> Rig {
+        let accel: SharedAccelerator =
+            wdvirt::qos::ScheduledAccel::new(SoftAccel::new(engines), engines).expect("scheduler");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("bench.sock");
+        let spec = InstanceSpec {
+            name: format!("bench-{engines}"),
+            socket: socket.clone(),
+            config: WdConfig::default(),
+            type_name: wdvirt::vdev::wd::DEFAULT_TYPE_NAME.into(),
+        };
+        let instance = Instance::start(spec, accel, 1).expect("start instance");
+        let vmm = Arc::new(
+            LoopbackVmm::connect(
+                &socket,
+                GuestRam::new(RAM_BASE, RAM_SIZE).expect("guest RAM"),
+            )
+            .expect("connect"),
+        );
+        let dev = Device::probe(vmm.clone()).expect("probe");
+        dev.enable().expect("enable");
+        let pool = vmm.dma_pool().expect("allocator");
+        let q = dev
+            .queue(0, DEPTH, dev.info().cap_ops, &pool)
+            .expect("queue 0");
+        Rig {
+            q,
+            pool,
+            instance,
+            _dir: dir,
+        }
+    }
+}
+
+/// Sizes of the sweep, 64 B to 1 MiB.
+const SWEEP_SIZES: [usize; 6] = [64, 512, 4 << 10, 32 << 10, 256 << 10, 1 << 20];
+
+/// One case of the sweep: `op` on `len` bytes.
+fn sweep_case(op: Opcode, len: usize) -> Case {
+    let (name, dst_len, param) = match op {
+        Opcode::DeflateCompress => ("deflate-1", Format::Deflate.compress_bound(len), 1),
+        Opcode::Crc32c => ("crc32c", 64, 0),
+        Opcode::Fill => ("fill", len, 0xa5),
+        _ => ("copy", len, 0),
+    };
+    Case {
+        name,
+        op,
+        len,
+        dst_len,
+        param,
+        // About 8 MiB of input per batch, within 8..=4096 jobs.
+        batch: ((8 << 20) / len).clamp(8, 4096),
+    }
+}
+
+fn size_name(len: usize) -> String {
+    match len {
+        l if l >= 1 << 20 => format!("{} MiB", l >> 20),
+        l if l >= 1 << 10 => format!("{} KiB", l >> 10),
+        l => format!("{l} B"),
+    }
+}
+
+/// One row of the sweep: jobs/s direct and through the device with one
+/// and with two engines, and the device side's CPU per job.
+struct SweepRow {
+    op: &'static str,
+    len: usize,
+    direct: f64,
+    device: [f64; 2],
+    device_cpu_us: [f64; 2],
+}
+
+/// `--sweep`: copy, fill, CRC32C and deflate-1 from 64 B to 1 MiB, each
+/// through the device with one engine and with two (two instances, each
+/// on its own scheduled accelerator) and called directly, in alternating
+/// rounds. Prints the table and, with `--plot FILE`, draws it.
+fn size_sweep(quick: bool, plot: Option<&std::path::Path>) {
+    let (rounds, round) = if quick {
+        (2, Duration::from_millis(100))
+    } else {
+        (3, Duration::from_millis(300))
+    };
+    let mut rigs = [Rig::start(1), Rig::start(2)];
+    println!(
+        "size sweep: device with 1 and 2 software engines against the direct call on one thread, {rounds} alternating rounds of {} ms each",
+        round.as_millis()
+    );
+    println!(
+        "{:<10} {:>7} {:>11} {:>11} {:>6} {:>9} {:>11} {:>6} {:>9} {:>6}",
+        "op", "size", "direct/s", "1 eng/s", "ratio", "dev µs/j", "2 eng/s", "ratio", "dev µs/j", "2/1"
+    );
+    let mut rows = Vec::new();
+    for op in [
+        Opcode::Copy,
+        Opcode::Fill,
+        Opcode::Crc32c,
+        Opcode::DeflateCompress,
+    ] {
+        for len in SWEEP_SIZES {
+            let case = sweep_case(op, len);
+            let inputs: Vec<Vec<u8>> = (0..SLOTS).map(|i| corpus(len, 17 + i as u64)).collect();
+            let (mut direct, reference) = Direct::new(&case, &inputs);
+            let mut paths: Vec<DevicePath> = rigs
+                .iter_mut()
+                .map(|r| DevicePath::new(&case, &inputs, &reference, &r.instance, &mut r.q, &r.pool))
+                .collect();
+            let mut d = Measure::default();
+            let mut v = [Measure::default(), Measure::default()];
+            for _ in 0..rounds {
+                d.add(direct.round(round));
+                for (m, p) in v.iter_mut().zip(&mut paths) {
+                    m.add(p.round(round));
+                }
+            }
+            // The device side: every thread but the guest driver's.
+            let dev_cpu = |m: &Measure| {
+                let driver = m.cpu.by_class.get("main").copied().unwrap_or(0);
+                (m.cpu.total_ns() - driver) as f64 / 1e3 / m.jobs as f64
+            };
+            let row = SweepRow {
+                op: case.name,
+                len,
+                direct: d.jobs_per_s(),
+                device: [v[0].jobs_per_s(), v[1].jobs_per_s()],
+                device_cpu_us: [dev_cpu(&v[0]), dev_cpu(&v[1])],
+            };
+            println!(
+                "{:<10} {:>7} {:>11.0} {:>11.0} {:>6.3} {:>9.2} {:>11.0} {:>6.3} {:>9.2} {:>6.2}",
+                row.op,
+                size_name(len),
+                row.direct,
+                row.device[0],
+                row.device[0] / row.direct,
+                row.device_cpu_us[0],
+                row.device[1],
+                row.device[1] / row.direct,
+                row.device_cpu_us[1],
+                row.device[1] / row.device[0],
+            );
+            rows.push(row);
+        }
+    }
+    if let Some(path) = plot {
+        match plot_sweep(path, &rows) {
+            Ok(()) => println!("wrote {}", path.display()),
+            Err(e) => println!("could not write {}: {e}", path.display()),
+        }
+    }
+}
+
+const COLOURS: [plotters::style::RGBColor; 4] = [
+    plotters::style::RGBColor(0x1f, 0x77, 0xb4),
+    plotters::style::RGBColor(0x2c, 0xa0, 0x2c),
+    plotters::style::RGBColor(0xd6, 0x27, 0x28),
+    plotters::style::RGBColor(0x94, 0x67, 0xbd),
+];
+
+/// Jobs/s against size (direct dashed, one engine solid, two engines
+/// thin) above, and the device/direct ratio against size below.
+fn plot_sweep(
+    path: &std::path::Path,
+    rows: &[SweepRow],
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (1000, 900)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(520);
+    let x = (48f64..1.4 * (1 << 20) as f64).log_scale();
+    let hi = rows
+        .iter()
+        .flat_map(|r| [r.direct, r.device[0], r.device[1]])
+        .fold(1.0, f64::max);
+    let mut chart = ChartBuilder::on(&top)
+        .caption(
+            "Jobs per second against job size: direct call (dashed), device with 1 engine (thick), 2 engines (thin)",
+            ("sans-serif", 16),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x.clone(), (100f64..hi * 2.0).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc("job size (bytes, log scale)")
+        .y_desc("jobs/s (log scale)")
+        .x_label_formatter(&|v| size_name(*v as usize))
+        .y_label_formatter(&|v| format!("{v:.0e}"))
+        .draw()?;
+    let ops: Vec<&str> = rows.iter().fold(Vec::new(), |mut v, r| {
+        if !v.contains(&r.op) {
+            v.push(r.op);
+        }
+        v
+    });
+    let series = |op: &str, f: &dyn Fn(&SweepRow) -> f64| -> Vec<(f64, f64)> {
+        rows.iter()
+            .filter(|r| r.op == op)
+            .map(|r| (r.len as f64, f(r)))
+            .collect()
+    };
+    for (i, op) in ops.iter().enumerate() {
+        let c = COLOURS[i % COLOURS.len()];
+        chart
+            .draw_series(LineSeries::new(series(op, &|r| r.device[0]), c.stroke_width(3)))?
+            .label(*op)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(3)));
+        chart.draw_series(LineSeries::new(series(op, &|r| r.device[1]), c.stroke_width(1)))?;
+        chart.draw_series(DashedLineSeries::new(
+            series(op, &|r| r.direct),
+            6,
+            4,
+            c.stroke_width(1),
+        ))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK.mix(0.3))
+        .draw()?;
+    let mut ratio = ChartBuilder::on(&bottom)
+        .caption(
+            "Device / direct jobs per second: 1 engine (thick), 2 engines (thin)",
+            ("sans-serif", 16),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x, 0f64..2.1f64)?;
+    ratio
+        .configure_mesh()
+        .x_desc("job size (bytes, log scale)")
+        .y_desc("device / direct")
+        .x_label_formatter(&|v| size_name(*v as usize))
+        .draw()?;
+    for (i, op) in ops.iter().enumerate() {
+        let c = COLOURS[i % COLOURS.len()];
+        ratio.draw_series(LineSeries::new(
+            series(op, &|r| r.device[0] / r.direct),
+            c.stroke_width(3),
+        ))?;
+        ratio.draw_series(LineSeries::new(
+            series(op, &|r| r.device[1] / r.direct),
+            c.stroke_width(1),
+        ))?;
+    }
+    ratio.draw_series(LineSeries::new(
+        [(48.0, 1.0), (1.4 * (1 << 20) as f64, 1.0)],
+        BLACK.mix(0.3),
+    ))?;
+    root.present()?;
+    Ok(())
 }
 
 /// `--slicing`: what compressing a long job in slices costs against
@@ -428,6 +700,11 @@ fn main() {
         .filter(|a| !a.starts_with("--"))
         .collect();
     let verbose = std::env::var_os("WDVIRT_BENCH_VERBOSE").is_some();
+    let sweep_mode = std::env::args().any(|a| a == "--sweep");
+    let plot = std::env::args()
+        .skip_while(|a| a != "--plot")
+        .nth(1)
+        .map(std::path::PathBuf::from);
     // Direct and device alternate in short rounds, so that load from other
     // processes on this shared machine falls on both modes alike.
     let (rounds, round) = if quick {
@@ -436,32 +713,12 @@ fn main() {
         (4, Duration::from_millis(400))
     };
 
-    // The production path: the engine under the QoS scheduler (as the
-    // daemon, `serve` and `demo` run it).
-    let accel: SharedAccelerator =
-        wdvirt::qos::ScheduledAccel::new(SoftAccel::new(1), 1).expect("scheduler");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let socket = dir.path().join("bench.sock");
-    let spec = InstanceSpec {
-        name: "bench".into(),
-        socket: socket.clone(),
-        config: WdConfig::default(),
-        type_name: wdvirt::vdev::wd::DEFAULT_TYPE_NAME.into(),
-    };
-    let instance = Instance::start(spec, accel.clone(), 1).expect("start instance");
-    let vmm = Arc::new(
-        LoopbackVmm::connect(
-            &socket,
-            GuestRam::new(RAM_BASE, RAM_SIZE).expect("guest RAM"),
-        )
-        .expect("connect"),
-    );
-    let dev = Device::probe(vmm.clone()).expect("probe");
-    dev.enable().expect("enable");
-    let pool = vmm.dma_pool().expect("allocator");
-    let mut q = dev
-        .queue(0, DEPTH, dev.info().cap_ops, &pool)
-        .expect("queue 0");
+    if sweep_mode {
+        size_sweep(quick, plot.as_deref());
+        return;
+    }
+    let mut rig = Rig::start(1);
+    let (instance, q, pool) = (&rig.instance, &mut rig.q, &rig.pool);
 
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
@@ -499,7 +756,7 @@ fn main() {
             .map(|i| corpus(case.len, 17 + i as u64))
             .collect();
         let (mut direct, reference) = Direct::new(&case, &inputs);
-        let mut path = DevicePath::new(&case, &inputs, &reference, &instance, &mut q, &pool);
+        let mut path = DevicePath::new(&case, &inputs, &reference, instance, q, pool);
         let (mut d, mut v) = (Measure::default(), Measure::default());
         let (mut lo, mut hi) = (f64::MAX, 0f64);
         let s0 = queue_stats(path.instance);
@@ -564,11 +821,11 @@ fn main() {
     }
 
     // Idle: the instance connected, queue 0 enabled, nothing submitted.
-    let s0 = queue_stats(&instance);
+    let s0 = queue_stats(instance);
     let before = sample_cpu();
     std::thread::sleep(Duration::from_secs(1));
     let idle = sample_cpu().since(&before);
-    let s1 = queue_stats(&instance);
+    let s1 = queue_stats(instance);
     println!(
         "idle 1 s (queue enabled, nothing submitted): {} CPU ticks (of {} per s), {:.0} µs CPU, {} queue-worker wake-ups, {} context switches in the process (the sleeping main thread's included)",
         idle.ticks,
@@ -577,8 +834,6 @@ fn main() {
         s1.sleeps - s0.sleeps,
         idle.switches,
     );
-    drop(q);
-    drop(instance);
 }
 
 fn clock_ticks() -> u64 {
