@@ -322,7 +322,13 @@ impl<'a> DevicePath<'a> {
         for (((c, (_, dst)), (want, result)), input) in
             done.iter().zip(&bufs).zip(reference).zip(inputs)
         {
-            assert_eq!(c.status, JobStatus::Ok.code(), "{}: job failed", case.name);
+            assert_eq!(
+                c.status,
+                JobStatus::Ok.code(),
+                "{} of {} B: job failed",
+                case.name,
+                case.len
+            );
             if case.op == Opcode::DeflateCompress && case.len > wdvirt::accel::soft::SLICE {
                 // Compressed in slices, not libdeflate's one shot: the
                 // engine's rule for a long job says which bytes.
@@ -471,8 +477,10 @@ struct SweepRow {
 /// `--sweep`: copy, fill, CRC32C and deflate-1 from 64 B to 1 MiB, each
 /// through the device with one engine and with two (two instances, each
 /// on its own scheduled accelerator) and called directly, in alternating
-/// rounds. Prints the table and, with `--plot FILE`, draws it.
-fn size_sweep(quick: bool, plot: Option<&std::path::Path>) {
+/// rounds. Prints the table and, with `--plot FILE`, draws it. Other
+/// arguments select operations by name (`copy`, `fill`, `crc32c`,
+/// `deflate-1`).
+fn size_sweep(quick: bool, plot: Option<&std::path::Path>, filters: &[String]) {
     let (rounds, round) = if quick {
         (2, Duration::from_millis(100))
     } else {
@@ -496,6 +504,9 @@ fn size_sweep(quick: bool, plot: Option<&std::path::Path>) {
     ] {
         for len in SWEEP_SIZES {
             let case = sweep_case(op, len);
+            if !filters.is_empty() && !filters.iter().any(|f| case.name.contains(f.as_str())) {
+                continue;
+            }
             let inputs: Vec<Vec<u8>> = (0..SLOTS).map(|i| corpus(len, 17 + i as u64)).collect();
             let (mut direct, reference) = Direct::new(&case, &inputs);
             let mut paths: Vec<DevicePath> = rigs
@@ -714,7 +725,7 @@ fn main() {
     };
 
     if sweep_mode {
-        size_sweep(quick, plot.as_deref());
+        size_sweep(quick, plot.as_deref(), &filters);
         return;
     }
     let mut rig = Rig::start(1);
