@@ -413,7 +413,11 @@ mod tests {
         assert_eq!(crc32c_continue(crc32c_continue(0, a), b), crc32c(&data));
         for at in [0, 1, 7, 63, 64, 65, 4096, data.len() - 1, data.len()] {
             let (a, b) = data.split_at(at);
-            assert_eq!(crc32c_continue(crc32c(a), b), crc32c(&data), "split at {at}");
+            assert_eq!(
+                crc32c_continue(crc32c(a), b),
+                crc32c(&data),
+                "split at {at}"
+            );
         }
         assert_eq!(crc32c_continue(0, b"123456789"), 0xe306_9283);
         let mut s = Scratch::new();
