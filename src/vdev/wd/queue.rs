@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, select};
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use wdvirt_abi::{
     CQE_PHASE, CQE_SIZE, CompletionEntry, IDX_FLAG_NO_DOORBELL, JobStatus, Opcode, SQE_SIZE,
     SubmissionEntry, idx,
@@ -1002,20 +1002,35 @@ impl Worker {
         if let Some(j) = &self.ctx.journal {
             j.completing(r.slot, self.cq_tail);
         }
-        let body = mem.write_slice(&bytes[0..6], GuestAddress(base)).is_ok()
-            && mem
-                .write_slice(&bytes[8..16], GuestAddress(base + 8))
-                .is_ok();
+        // The entry's 16 bytes, found in the map once (an entry split
+        // between two regions is written piece by piece).
+        let entry = mem.get_slice(GuestAddress(base), CQE_SIZE).ok();
+        let body = match &entry {
+            Some(e) => {
+                e.write_slice(&bytes[0..6], 0).is_ok() && e.write_slice(&bytes[8..16], 8).is_ok()
+            }
+            None => {
+                mem.write_slice(&bytes[0..6], GuestAddress(base)).is_ok()
+                    && mem
+                        .write_slice(&bytes[8..16], GuestAddress(base + 8))
+                        .is_ok()
+            }
+        };
         // Q_COMPLETED counts the entry before the guest can see it, so a
         // driver that has seen an entry reads a count that includes it.
         let published = body && {
             self.ctx.shared.completed.fetch_add(1, Ordering::Release);
             std::sync::atomic::fence(Ordering::Release);
-            let stored = mem.store(flags, GuestAddress(base + 6), Ordering::Release);
-            if stored.is_err() {
+            let stored = match &entry {
+                Some(e) => e.store(flags, 6, Ordering::Release).is_ok(),
+                None => mem
+                    .store(flags, GuestAddress(base + 6), Ordering::Release)
+                    .is_ok(),
+            };
+            if !stored {
                 self.ctx.shared.completed.fetch_sub(1, Ordering::Release);
             }
-            stored.is_ok()
+            stored
         };
         if !published {
             // The guest can never see it finish: dropped, not done. (Its
@@ -1267,27 +1282,29 @@ pub fn check(
     // every other buffer needs bytes. A stream's context is a third buffer.
     let may_be_empty = matches!(op, Opcode::Crc32c | Opcode::Sha256) || stream;
     // (The context is not a transfer: MAX_XFER does not bound it.)
-    let mut buffers = Vec::with_capacity(3);
-    if op.reads_src() {
-        buffers.push((sqe.src, sqe.src_len, may_be_empty, max_xfer));
-    }
-    if op.writes_dst() || op == Opcode::Compare {
-        buffers.push((sqe.dst, sqe.dst_len, false, max_xfer));
-    }
-    if stream {
-        let ctx = wdvirt_abi::stream::CTX_SIZE;
-        buffers.push((sqe.ctx, ctx, false, ctx));
-    }
+    let ctx = wdvirt_abi::stream::CTX_SIZE;
+    let all = [
+        (
+            op.reads_src(),
+            (sqe.src, sqe.src_len, may_be_empty, max_xfer),
+        ),
+        (
+            op.writes_dst() || op == Opcode::Compare,
+            (sqe.dst, sqe.dst_len, false, max_xfer),
+        ),
+        (stream, (sqe.ctx, ctx, false, ctx)),
+    ];
+    let buffers = all.iter().filter(|(used, _)| *used).map(|(_, b)| b);
     if op == Opcode::Compare && sqe.src_len != sqe.dst_len {
         return Err(JobStatus::BadLength);
     }
-    for &(addr, len, may_be_empty, max) in &buffers {
+    for &(addr, len, may_be_empty, max) in buffers.clone() {
         if (len == 0 && !may_be_empty) || len > max || addr.checked_add(len as u64).is_none() {
             return Err(JobStatus::BadLength);
         }
     }
-    for &(addr, len, _, _) in &buffers {
-        if !vm_memory::GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize) {
+    for &(addr, len, _, _) in buffers {
+        if !GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize) {
             return Err(JobStatus::BadAddress);
         }
         if cfg.overlaps_ring(addr, len as u64) {
