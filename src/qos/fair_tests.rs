@@ -645,3 +645,131 @@ fn between_a_long_jobs_slices_only_a_tenant_owed_more_gets_a_batch() {
         .expect("tenant 1 has had more");
     assert_eq!(b.jobs[0].id, 10);
 }
+
+// ---- engines lent to a queue worker's thread (`Fair::lend`) ---------------
+
+fn jobs_of(k: Kind, n: u64, first: u64) -> Vec<TJob> {
+    (first..first + n)
+        .map(|id| TJob {
+            id,
+            cost_ns: k.cost_ns,
+            bytes: k.bytes,
+            class: k.class,
+        })
+        .collect()
+}
+
+/// One engine, tenants 1 (lane 10) and 2 (lane 20), default policies.
+fn two_tenants() -> Fair<TJob> {
+    let mut f = Fair::new(1);
+    for (t, lane) in [(1, 10), (2, 20)] {
+        f.set_policy(t, Policy::default(), 0);
+        f.add_lane(lane, t, 0, 0);
+    }
+    f
+}
+
+/// Dispatch and finish everything waiting, at each job's cost.
+fn drain(f: &mut Fair<TJob>, now: u64) {
+    loop {
+        let batches = f.dispatch(now);
+        if batches.is_empty() {
+            return;
+        }
+        for b in batches {
+            for j in &b.jobs {
+                f.finished(b.lane, j, j.cost_ns);
+            }
+        }
+    }
+}
+
+#[test]
+fn an_idle_engine_is_lent_for_small_measured_jobs_and_held_until_given_back() {
+    let mut f = two_tenants();
+    // A class never measured goes to the engines first, alone.
+    assert_eq!(f.offer(10, &jobs_of(COPY_64, 8, 0), 0), 8);
+    assert!(f.lend(10, 0).is_none(), "lent before its cost was known");
+    drain(&mut f, 0);
+    assert_eq!(f.offer(10, &jobs_of(COPY_64, 8, 8), US), 8);
+    let b = f.lend(10, US).expect("lent");
+    assert_eq!((b.lane, b.jobs.len()), (10, 8));
+    // Lent: the one engine takes nothing else, and is lent to no one else.
+    assert_eq!(f.offer(20, &jobs_of(COPY_64, 8, 100), US), 8);
+    assert!(f.dispatch(US).is_empty(), "dispatched beside a lent engine");
+    assert!(f.lend(20, US).is_none(), "one engine lent twice");
+    f.give_back(10);
+    for j in &b.jobs {
+        f.finished(10, j, 400);
+    }
+    // Charged as the engines' jobs are: 8 + 8 copies of 400 ns.
+    assert_eq!(f.snapshot(1, 2 * US).unwrap().engine_ns, 16 * 400);
+    // Back with the engine, tenant 2's jobs go; tenant 1 has nothing out.
+    assert!(!f.dispatch(2 * US).is_empty());
+}
+
+#[test]
+fn large_jobs_and_a_lane_with_jobs_out_are_not_lent() {
+    let mut f = two_tenants();
+    f.offer(10, &jobs_of(SHA_64K, 1, 0), 0);
+    drain(&mut f, 0);
+    // Measured at 38 µs a job: over LEND_JOB_NS, the engines' to run.
+    f.offer(10, &jobs_of(SHA_64K, 4, 1), MS);
+    assert!(SHA_64K.cost_ns > LEND_JOB_NS);
+    assert!(f.lend(10, MS).is_none());
+    // Small jobs behind a job still out wait for it: a queue's jobs keep
+    // their order.
+    let mut f = two_tenants();
+    f.offer(20, &jobs_of(COPY_64, 1, 0), 0);
+    drain(&mut f, 0);
+    f.offer(20, &jobs_of(COPY_64, 1, 1), US);
+    let out = f.dispatch(US);
+    assert_eq!(out.len(), 1);
+    f.offer(20, &jobs_of(COPY_64, 4, 2), US);
+    assert!(f.lend(20, US).is_none(), "lent past a job still out");
+    for j in &out[0].jobs {
+        f.finished(20, j, 400);
+    }
+    assert!(f.lend(20, 2 * US).is_some());
+}
+
+#[test]
+fn an_engine_is_lent_only_on_the_tenants_turn_and_within_its_cap() {
+    let mut f = two_tenants();
+    for lane in [10, 20] {
+        f.offer(lane, &jobs_of(COPY_64, 1, lane), 0);
+    }
+    drain(&mut f, 0);
+    // Tenant 1 has used far more engine time: tenant 2's turn.
+    f.offer(10, &jobs_of(COPY_64K, 1, 50), US);
+    drain(&mut f, US);
+    f.offer(10, &jobs_of(COPY_64, 4, 60), 2 * US);
+    f.offer(20, &jobs_of(COPY_64, 4, 70), 2 * US);
+    assert!(f.lend(10, 2 * US).is_none(), "lent out of turn");
+    assert_eq!(f.lend(20, 2 * US).map(|b| b.lane), Some(20));
+    f.give_back(20);
+    // A tenant at its cap is not lent an engine either (two engines, so
+    // one is idle).
+    let mut f = Fair::new(2);
+    f.add_lane(10, 1, 0, 0);
+    f.set_policy(
+        1,
+        Policy {
+            max_in_flight: Some(1),
+            ..Policy::default()
+        },
+        0,
+    );
+    f.add_lane(11, 1, 1, 0);
+    f.offer(11, &jobs_of(COPY_64, 1, 0), 0);
+    drain(&mut f, 0);
+    f.offer(11, &jobs_of(COPY_64, 1, 1), US);
+    let out = f.dispatch(US);
+    assert_eq!(out.len(), 1, "one job out: the cap");
+    f.offer(10, &jobs_of(COPY_64, 4, 2), US);
+    assert!(f.lend(10, US).is_none(), "lent past max_in_flight");
+    for j in &out[0].jobs {
+        f.finished(11, j, 400);
+    }
+    assert!(f.lend(10, 2 * US).is_some(), "not lent once under its cap");
+}
