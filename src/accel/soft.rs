@@ -545,8 +545,7 @@ impl QueuePair for SoftQueuePair {
                 Ok(b) => match &mem {
                     None => Done::failed(JobStatus::BadAddress, 0),
                     Some(_) if !allowed => Done::failed(JobStatus::Aborted, 0),
-                    Some(mem) if !b.mapped(mem, job) => Done::failed(JobStatus::BadAddress, 0),
-                    Some(mem) => exec.compute(job, Some(mem), &b),
+                    Some(mem) => exec.run_mapped(job, mem, &b),
                 },
             };
             tally.add(&d);
@@ -836,16 +835,16 @@ impl Engine {
         }
         // The loaded map stays valid until the job ends.
         let mem = slot.space.memory();
+        if !b.stream && !sliced(job) {
+            return self.exec.run_mapped(job, &mem, &b);
+        }
         if !b.mapped(&mem, job) {
             return Done::failed(JobStatus::BadAddress, 0);
         }
         if b.stream {
             return self.stream_piece(job, &mem, b.src_len, b.dst_len);
         }
-        if sliced(job) {
-            return self.compress_sliced(job, &mem, pasid, observer, b.src_len, b.dst_len);
-        }
-        self.exec.compute(job, Some(&mem), &b)
+        self.compress_sliced(job, &mem, pasid, observer, b.src_len, b.dst_len)
     }
 
     /// A long compress job, in slices of [`slice_len`] with other instances'
@@ -1051,10 +1050,21 @@ impl Buffers {
 
 impl Executor {
     /// Bounce the inputs in, run the operation, write the output back.
-    fn compute(&mut self, job: &Job, mem: Option<&GuestMemory>, b: &Buffers) -> Done {
-        if let Some(done) = mem.and_then(|mem| copy_in_place(job, mem, b)) {
+    /// A job whose buffers are checked to be in guest memory (`BadAddress`
+    /// if they are not), run: a copy in place where it can be, else
+    /// through the bounce buffers.
+    fn run_mapped(&mut self, job: &Job, mem: &GuestMemory, b: &Buffers) -> Done {
+        if let Some(done) = copy_in_place(job, mem, b) {
+            // Both slices were found in the map: the buffers are mapped.
             return done;
         }
+        if !b.mapped(mem, job) {
+            return Done::failed(JobStatus::BadAddress, 0);
+        }
+        self.compute(job, Some(mem), b)
+    }
+
+    fn compute(&mut self, job: &Job, mem: Option<&GuestMemory>, b: &Buffers) -> Done {
         let (src_len, dst_len, reads_dst) = (b.src_len, b.dst_len, b.reads_dst);
         let src = bounce(&mut self.src, src_len);
         let dst = bounce(&mut self.dst, dst_len);
@@ -1181,7 +1191,9 @@ fn copy_in_place(job: &Job, mem: &GuestMemory, b: &Buffers) -> Option<Done> {
         return None;
     }
     let src = mem.get_slice(GuestAddress(job.src), b.src_len).ok()?;
-    let dst = mem.get_slice(GuestAddress(job.dst), b.src_len).ok()?;
+    // All of `dst` must be mapped, as for a job through the bounce buffers;
+    // the copy fills its first `src_len` bytes.
+    let dst = mem.get_slice(GuestAddress(job.dst), b.dst_len).ok()?;
     src.copy_to_volatile_slice(dst);
     Some(Done {
         status: JobStatus::Ok,
@@ -1331,6 +1343,7 @@ mod tests {
         add(Opcode::Copy, b - 1000, 3000, a + 0x9_0000, 3000, 0); // straddles two regions
         add(Opcode::Copy, b + 0xf_f000, 8192, a, 8192, 0); // runs past the map
         add(Opcode::Copy, a, 64, a + 0x6_0000, 32, 0); // dst too small
+        add(Opcode::Copy, a, 64, b + 0xf_ffc0, 128, 0); // dst's tail unmapped
         add(Opcode::Fill, 0, 0, a + 0xa_0000, 7000, 0x5a);
         add(Opcode::Crc32c, a + 7, 10_000, 0, 0, 0x1234);
         add(Opcode::Sha256, a, 20_000, a + 0xb_0000, 32, 0);
@@ -1384,6 +1397,13 @@ mod tests {
         ] {
             assert!(here.iter().any(|r| r.status == status), "{status:?}");
         }
+        // Each copy's own outcome (the job's index is its cookie).
+        let copies: Vec<JobStatus> = here[..7].iter().map(|r| r.status).collect();
+        use JobStatus::{BadAddress, DstTooSmall, Ok as Done};
+        assert_eq!(
+            copies,
+            [Done, Done, Done, Done, BadAddress, DstTooSmall, BadAddress]
+        );
         // An overlapping copy moved the source as it was.
         let want = &init[100..5100];
         assert!(&engine_mem[0][1100..6100] == want);

@@ -718,31 +718,53 @@ impl<J: Work> Fair<J> {
     /// cap. (Otherwise nothing changed that a dispatch would act on: what
     /// waits for engine room waits for hunger, a rate for the timer.)
     pub fn finished(&mut self, lane: LaneId, job: &J, engine_ns: u64) -> bool {
+        self.finished_all(lane, [(job, engine_ns)])
+    }
+
+    /// Jobs of `lane` ended, each after its engine time: as
+    /// [`Fair::finished`] for each in turn, with the lane and its tenant
+    /// looked up once.
+    pub fn finished_all<'j>(
+        &mut self,
+        lane: LaneId,
+        done: impl IntoIterator<Item = (&'j J, u64)>,
+    ) -> bool
+    where
+        J: 'j,
+    {
         let Some(l) = self.lanes.get_mut(&lane) else {
             return false;
         };
-        if l.in_flight == 0 {
-            return false;
-        }
-        // Each job gives back the average estimate of those in flight, so
-        // the sums reach 0 together.
-        let est = l.est_in_flight / u64::from(l.in_flight);
-        l.in_flight -= 1;
-        l.est_in_flight -= est;
         let tenant = l.tenant;
-        self.out_jobs -= 1;
-        self.out_est -= est;
         let t = self
             .tenants
             .get_mut(&tenant)
             .expect("a lane's tenant exists");
         let was_capped = t.capped();
-        t.in_flight -= 1;
-        t.est_in_flight -= est;
+        let (mut n, mut used_ns) = (0, 0);
+        for (job, engine_ns) in done {
+            if l.in_flight == 0 {
+                break;
+            }
+            // Each job gives back the average estimate of those in flight,
+            // so the sums reach 0 together.
+            let est = l.est_in_flight / u64::from(l.in_flight);
+            l.in_flight -= 1;
+            l.est_in_flight -= est;
+            self.out_jobs -= 1;
+            self.out_est -= est;
+            t.in_flight -= 1;
+            t.est_in_flight -= est;
+            t.vtime += engine_ns as f64 / t.policy.weight() as f64;
+            t.measured(job, engine_ns);
+            used_ns += engine_ns;
+            n += 1;
+        }
+        if n == 0 {
+            return false;
+        }
+        t.acct.engine_ns += used_ns;
         let uncapped = was_capped && !t.capped();
-        t.vtime += engine_ns as f64 / t.policy.weight() as f64;
-        t.measured(job, engine_ns);
-        t.acct.engine_ns += engine_ns;
         for id in &self.backlog {
             if *id == tenant {
                 continue;
@@ -750,7 +772,7 @@ impl<J: Work> Fair<J> {
             if let Some(o) = self.tenants.get_mut(id)
                 && o.wait == Wait::Share
             {
-                *o.acct.lost_to.entry(tenant).or_default() += engine_ns;
+                *o.acct.lost_to.entry(tenant).or_default() += used_ns;
             }
         }
         !self.backlog.is_empty() && (uncapped || self.engines_hungry())

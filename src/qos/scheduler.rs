@@ -379,10 +379,9 @@ impl EngineObserver for LaneObserver {
         let mut st = shared.state.lock();
         // Most completions leave nothing to decide: the engines still hold
         // enough, and the jobs' instance was not held at its cap.
-        let mut decide = false;
-        for (job, engine_ns) in done {
-            decide |= st.fair.finished(self.lane, job, *engine_ns);
-        }
+        let decide = st
+            .fair
+            .finished_all(self.lane, done.iter().map(|(job, ns)| (job, *ns)));
         if decide {
             let now = shared.clock.at(end);
             shared.pump_unlocked(st, now);
@@ -460,11 +459,12 @@ impl QueuePair for Lane {
                     0
                 }
             };
-            for ((r, engine_ns), job) in ran.drain(..).zip(&b.jobs) {
-                st.fair.finished(self.id, job, engine_ns);
-                here_ns += engine_ns;
-                done.push(r);
-            }
+            st.fair.finished_all(
+                self.id,
+                ran.iter().zip(&b.jobs).map(|((_, ns), job)| (job, *ns)),
+            );
+            here_ns += ran.iter().map(|(_, ns)| ns).sum::<u64>();
+            done.extend(ran.drain(..).map(|(r, _)| r));
             if n < b.jobs.len() {
                 st.post(Batch {
                     lane: self.id,

@@ -793,21 +793,33 @@ impl Worker {
         refused.clear();
         // Never more than `depth` entries taken and not completed, whatever
         // the guest says of `cq_head`: each has a journal slot of its own.
+        // The ring found in the map once per pass (a ring split between
+        // two regions is read entry by entry).
+        let sq_base = self.ctx.config.sq_base;
+        let ring = mem
+            .get_slice(GuestAddress(sq_base), depth as usize * SQE_SIZE)
+            .ok();
         while self.sq.next != tail
             && self.sq.next.wrapping_sub(cq_head) < depth
             && self.sq.next.wrapping_sub(self.cq_tail) < depth
             && self.sq.popped() < FETCH_BATCH
         {
             let pos = self.sq.pop();
-            let slot = (pos % depth) as u64;
-            let addr = GuestAddress(self.ctx.config.sq_base + slot * SQE_SIZE as u64);
+            let offset = (pos % depth) as usize * SQE_SIZE;
             let mut raw = [0u8; SQE_SIZE];
-            let sqe = match mem.read_slice(&mut raw, addr) {
-                Ok(()) => SubmissionEntry::from_bytes(&raw),
-                Err(_) => SubmissionEntry {
+            let read = match &ring {
+                Some(r) => r.read_slice(&mut raw, offset).is_ok(),
+                None => mem
+                    .read_slice(&mut raw, GuestAddress(sq_base + offset as u64))
+                    .is_ok(),
+            };
+            let sqe = if read {
+                SubmissionEntry::from_bytes(&raw)
+            } else {
+                SubmissionEntry {
                     opcode: 0xff,
                     ..Default::default()
-                },
+                }
             };
             let slot = pos % depth;
             match check(&sqe, &self.ctx.config, self.ctx.max_xfer, mem) {
