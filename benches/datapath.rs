@@ -725,9 +725,12 @@ fn main() {
     let quick = std::env::args().skip(1).any(|a| a == "--quick")
         || std::env::var_os("WDVIRT_BENCH_QUICK").is_some_and(|v| v != "0" && !v.is_empty());
     // Other arguments select cases by substring, as libtest filters do.
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with("--"))
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let filters: Vec<String> = args
+        .iter()
+        .enumerate()
+        .filter(|(i, a)| !a.starts_with("--") && (*i == 0 || args[i - 1] != "--plot"))
+        .map(|(_, a)| a.clone())
         .collect();
     let verbose = std::env::var_os("WDVIRT_BENCH_VERBOSE").is_some();
     let sweep_mode = std::env::args().any(|a| a == "--sweep");
