@@ -435,7 +435,7 @@ impl Rig {
 }
 
 /// Sizes of the sweep, 64 B to 1 MiB.
-const SWEEP_SIZES: [usize; 6] = [64, 512, 4 << 10, 32 << 10, 256 << 10, 1 << 20];
+const SWEEP_SIZES: [usize; 6] = [64, 512, 4 << 10, 64 << 10, 256 << 10, 1 << 20];
 
 /// One case of the sweep: `op` on `len` bytes.
 fn sweep_case(op: Opcode, len: usize) -> Case {
