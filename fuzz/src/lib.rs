@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use wdvirt::accel::SharedAccelerator;
 use wdvirt::accel::soft::SoftAccel;
+use wdvirt::qos::ScheduledAccel;
 use wdvirt::vdev::device::{DmaMapping, VfioUserDevice};
 use wdvirt::vdev::pci::{Interrupts, PciFunction};
 use wdvirt::vdev::wd::{WdConfig, WdDevice};
@@ -57,10 +58,14 @@ impl<'a> Input<'a> {
 }
 
 /// One software accelerator for the whole fuzzing process (its engine
-/// threads are started once).
+/// threads are started once), under the QoS scheduler as the daemon runs
+/// it: small jobs run on the queue worker's thread when it lends the
+/// engine (`QueuePair::run_here`), the rest on the engine thread.
 pub fn accel() -> SharedAccelerator {
     static ACCEL: OnceLock<SharedAccelerator> = OnceLock::new();
-    ACCEL.get_or_init(|| SoftAccel::new(1)).clone()
+    ACCEL
+        .get_or_init(|| ScheduledAccel::new(SoftAccel::new(1), 1).expect("scheduler thread"))
+        .clone()
 }
 
 /// A PASID no other live device in this process holds.
