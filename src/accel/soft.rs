@@ -510,14 +510,11 @@ impl QueuePair for SoftQueuePair {
     /// PASID walked, its DMA gate taken and Bus Master read once for the
     /// whole batch (an unmap or a Bus Master clear waits for the batch, as
     /// for an engine's job), up to the first job an engine runs only on
-    /// its own thread (a stream piece, whose context is the engine's; a
-    /// job long enough to be sliced). Each job's time is its wall-clock
+    /// its own thread ([`runs_here`]). Each job's time is its wall-clock
     /// time scaled by the share of the batch the thread spent on a CPU.
     fn run_here(&self, jobs: &[Job], done: &mut Vec<(JobResult, u64)>) -> Option<usize> {
-        let n = jobs
-            .iter()
-            .take_while(|j| !j.op.is_stream() && !sliced(j))
-            .count();
+        let max = self.common.max_xfer;
+        let n = jobs.iter().take_while(|j| runs_here(j, max)).count();
         let running = self.common.running.read();
         if n == 0 || !*running || self.shared.closed.load(Ordering::Acquire) {
             return Some(0);
@@ -532,7 +529,6 @@ impl QueuePair for SoftQueuePair {
             .as_ref()
             .is_some_and(|s| s.dma_allowed.load(Ordering::SeqCst));
         let mem = slot.as_ref().map(|s| s.space.memory());
-        let max = self.common.max_xfer;
         let first = done.len();
         let mut tally = Tally::default();
         let cpu_start = thread_cpu_ns();
@@ -689,6 +685,20 @@ pub fn slice_len(level: u64) -> usize {
 
 /// At most this many waiting jobs are taken between two slices.
 const TAKE_BETWEEN: usize = 8;
+
+/// Whether a caller's thread may run `job` ([`QueuePair::run_here`]): not
+/// a stream piece (its context is read and written), not a job long
+/// enough to be sliced, and not one that reads what it writes (a SHA-256
+/// running state in `dst`). The caller runs a job before the device's
+/// journal records it as taken, and the journal keeps such bytes as they
+/// were when the job was taken, so that a successor after a crash can run
+/// the job again from them (docs/restart.md): those jobs go to the
+/// engines, which take them after the record.
+fn runs_here(job: &Job, max_xfer: u32) -> bool {
+    !job.op.is_stream()
+        && !sliced(job)
+        && Buffers::of(job, max_xfer).map_or(true, |b| !(b.reads_dst && job.op.writes_dst()))
+}
 
 /// Whether `job` is compressed in slices.
 fn sliced(job: &Job) -> bool {
@@ -1432,6 +1442,17 @@ mod tests {
         let mut piece = copy;
         piece.op = Opcode::StreamCompress;
         assert_eq!(qp.run_here(&[piece], &mut done), Some(0));
+        // Nor a SHA-256 that continues the running state in its dst.
+        let mut resume = job(Opcode::Sha256, 0x10_0000, 64, 0x30_0000, 128, 3);
+        resume.param = wdvirt_abi::SHA256_RESUME;
+        assert_eq!(qp.run_here(&[resume], &mut done), Some(0));
+        resume.param = 0;
+        resume.dst_len = 32;
+        assert_eq!(
+            qp.run_here(&[resume], &mut done),
+            Some(1),
+            "a one-shot digest"
+        );
         // Bus Master off: Aborted, nothing written.
         write(&mem, 0x30_0000, &[0u8; 64]);
         accel.set_dma_allowed(7, false).unwrap();
