@@ -59,10 +59,12 @@ pub const LANE_HELD_MAX: usize = 1024;
 /// Engine time of the jobs a queue may hold waiting.
 pub const LANE_HOLD_NS: u64 = 5_000_000;
 /// Only jobs estimated to take at most this long run on a worker's
-/// thread ([`Fair::lend`]): a small job's hop to an engine thread and back
-/// costs as much as the job, a large one's does not, and a worker running
-/// large jobs would be late to its ring, its completions and a stop.
-pub const LEND_JOB_NS: u64 = 20_000;
+/// thread ([`Fair::lend`]): the hop to an engine thread and back costs
+/// about 1 µs, as much as a small job (a copy of up to some 10 KiB) and
+/// a fifth of one of 5 µs, and little beside a longer one; a worker
+/// running long jobs would be late to its ring, its completions and a
+/// stop, and leave the engine threads idle.
+pub const LEND_JOB_NS: u64 = 5_000;
 /// Bytes a job is counted as beyond its source, in the cost model (the
 /// fixed cost of a job, however small).
 const JOB_OVERHEAD_BYTES: u64 = 1024;
