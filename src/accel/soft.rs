@@ -26,6 +26,13 @@
 //!   once (at most 32 jobs or 50 µs of engine time), and everything before
 //!   it sleeps.
 //!
+//! * **A caller's thread** may run a batch of a queue pair's jobs itself
+//!   ([`QueuePair::run_here`]): the QoS scheduler lends it an engine for
+//!   small jobs, whose hop to an engine thread and back costs more than
+//!   the job. It runs them as an engine would (the same checks, the same
+//!   [`Executor`]), with the PASID walked and the DMA gate taken once for
+//!   the batch; they count on the queue pair, not on an engine.
+//!
 //! Dropping a queue pair **discards** its jobs that no engine has started (no
 //! completion is sent: the receiver is gone with it); a job already running
 //! finishes, including its writes to guest memory. Dropping the last handle to
