@@ -30,7 +30,7 @@
 //!   ([`QueuePair::run_here`]): the QoS scheduler lends it an engine for
 //!   small jobs, whose hop to an engine thread and back costs more than
 //!   the job. It runs them as an engine would (the same checks, the same
-//!   [`Executor`]), with the PASID walked and the DMA gate taken once for
+//!   `Executor`), with the PASID walked and the DMA gate taken once for
 //!   the batch; they count on the queue pair, not on an engine.
 //!
 //! Dropping a queue pair **discards** its jobs that no engine has started (no
