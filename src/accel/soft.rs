@@ -517,7 +517,7 @@ impl QueuePair for SoftQueuePair {
     /// PASID walked, its DMA gate taken and Bus Master read once for the
     /// whole batch (an unmap or a Bus Master clear waits for the batch, as
     /// for an engine's job), up to the first job an engine runs only on
-    /// its own thread ([`runs_here`]). Each job's time is its wall-clock
+    /// its own thread (`runs_here`). Each job's time is its wall-clock
     /// time scaled by the share of the batch the thread spent on a CPU.
     fn run_here(&self, jobs: &[Job], done: &mut Vec<(JobResult, u64)>) -> Option<usize> {
         let max = self.common.max_xfer;
