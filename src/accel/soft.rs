@@ -52,7 +52,7 @@ use parking_lot::{Mutex, RwLock};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 use wdvirt_abi::{ALL_OPS, JobStatus, Opcode};
 
-use super::engine_time::{Finished, thread_cpu_ns};
+use super::engine_time::{Finished, READ_NS, thread_cpu_ns};
 use super::ops::{self, Scratch};
 use super::{
     AccelError, Accelerator, AddressSpace, EngineObserver, GuestMemory, Job, JobResult, Pasid,
@@ -518,7 +518,8 @@ impl QueuePair for SoftQueuePair {
     /// whole batch (an unmap or a Bus Master clear waits for the batch, as
     /// for an engine's job), up to the first job an engine runs only on
     /// its own thread (`runs_here`). Each job's time is its wall-clock
-    /// time scaled by the share of the batch the thread spent on a CPU.
+    /// time, scaled, in a batch of 100 µs or more, by the share of the
+    /// batch the thread spent on a CPU.
     fn run_here(&self, jobs: &[Job], done: &mut Vec<(JobResult, u64)>) -> Option<usize> {
         let max = self.common.max_xfer;
         let n = jobs.iter().take_while(|j| runs_here(j, max)).count();
@@ -560,8 +561,15 @@ impl QueuePair for SoftQueuePair {
         drop(exec);
         qp.counters.add(&tally);
         qp.running.fetch_sub(n, Ordering::SeqCst);
-        let cpu_ns = thread_cpu_ns().saturating_sub(cpu_start);
+        // As the engines' runs are charged (`engine_time`): a batch awake
+        // under READ_NS is charged its wall-clock time, at most that much
+        // too much; a longer one its time on a CPU, the clock read again.
         let wall_ns = last.saturating_duration_since(start).as_nanos() as u64;
+        let cpu_ns = if wall_ns < READ_NS {
+            wall_ns
+        } else {
+            thread_cpu_ns().saturating_sub(cpu_start)
+        };
         if cpu_ns < wall_ns {
             // Preempted meanwhile: charge the time on a CPU only.
             for (_, ns) in &mut done[first..] {
@@ -2122,6 +2130,46 @@ mod tests {
         assert!(
             charged > 0 && charged < wall * 3 / 4,
             "charged {charged} ns of {wall} ns"
+        );
+    }
+
+    #[test]
+    fn a_preempted_callers_thread_charges_the_time_it_ran_not_the_time_it_waited() {
+        let accel = SoftAccel::new(1);
+        let (_mem, qp, _seen) = observed_with_data(&accel);
+        // This thread shares one CPU with a thread that never sleeps.
+        pin_to_one_cpu(0);
+        let stop = Arc::new(AtomicBool::new(false));
+        let spinner = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                pin_to_one_cpu(0);
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        // Batches of some 300 µs: each reads the thread's CPU clock.
+        let jobs: Vec<Job> = (0..32)
+            .map(|i| job(Opcode::Sha256, 0, 16 << 10, 0x8_0000 + i * 64, 32, i))
+            .collect();
+        let mut done = Vec::new();
+        std::thread::sleep(Duration::from_millis(10));
+        let (t0, cpu0) = (Instant::now(), thread_cpu_ns());
+        for _ in 0..150 {
+            assert_eq!(qp.run_here(&jobs, &mut done), Some(jobs.len()));
+        }
+        let (wall, cpu) = (t0.elapsed().as_nanos() as u64, thread_cpu_ns() - cpu0);
+        stop.store(true, Ordering::Relaxed);
+        spinner.join().unwrap();
+        assert!(done.iter().all(|(r, _)| r.status == JobStatus::Ok));
+        // Charged by wall-clock time, the jobs would cost well over the
+        // thread's CPU time (about 0.7 of `wall` here, against 0.5); by
+        // the time it ran, at most that.
+        let charged: u64 = done.iter().map(|(_, ns)| ns).sum();
+        assert!(
+            charged > 0 && charged <= cpu + cpu / 20 && cpu < wall * 3 / 4,
+            "charged {charged} ns, on a CPU {cpu} ns, of {wall} ns"
         );
     }
 
