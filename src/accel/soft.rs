@@ -521,8 +521,7 @@ impl QueuePair for SoftQueuePair {
     /// time, scaled, in a batch of 100 µs or more, by the share of the
     /// batch the thread spent on a CPU.
     fn run_here(&self, jobs: &[Job], done: &mut Vec<(JobResult, u64)>) -> Option<usize> {
-        let max = self.common.max_xfer;
-        let n = jobs.iter().take_while(|j| runs_here(j, max)).count();
+        let n = jobs.iter().take_while(|j| runs_here(j)).count();
         let running = self.common.running.read();
         if n == 0 || !*running || self.shared.closed.load(Ordering::Acquire) {
             return Some(0);
@@ -537,6 +536,7 @@ impl QueuePair for SoftQueuePair {
             .as_ref()
             .is_some_and(|s| s.dma_allowed.load(Ordering::SeqCst));
         let mem = slot.as_ref().map(|s| s.space.memory());
+        let max = self.common.max_xfer;
         let first = done.len();
         let mut tally = Tally::default();
         let cpu_start = thread_cpu_ns();
@@ -709,10 +709,18 @@ const TAKE_BETWEEN: usize = 8;
 /// were when the job was taken, so that a successor after a crash can run
 /// the job again from them (docs/restart.md): those jobs go to the
 /// engines, which take them after the record.
-fn runs_here(job: &Job, max_xfer: u32) -> bool {
-    !job.op.is_stream()
-        && !sliced(job)
-        && Buffers::of(job, max_xfer).map_or(true, |b| !(b.reads_dst && job.op.writes_dst()))
+fn runs_here(job: &Job) -> bool {
+    !job.op.is_stream() && !sliced(job) && !(reads_dst(job) && job.op.writes_dst())
+}
+
+/// Whether `job` reads its `dst`: Compare its second buffer; SHA-256 its
+/// saved state (RESUME), or whether a state-sized dst already holds one
+/// (see `sha256_part`).
+fn reads_dst(job: &Job) -> bool {
+    job.op == Opcode::Compare
+        || (job.op == Opcode::Sha256
+            && (job.param & wdvirt_abi::SHA256_RESUME != 0
+                || job.dst_len >= wdvirt_abi::SHA256_STATE_SIZE))
 }
 
 /// Whether `job` is compressed in slices.
@@ -1021,8 +1029,7 @@ struct Buffers {
     src_len: usize,
     dst_len: usize,
     ctx_len: usize,
-    /// Compare reads its second buffer; SHA-256 its saved state (RESUME),
-    /// or whether a state-sized dst already holds one (see `sha256_part`).
+    /// [`reads_dst`].
     reads_dst: bool,
     stream: bool,
 }
@@ -1032,10 +1039,7 @@ impl Buffers {
     /// of the address space.
     fn of(job: &Job, max: u32) -> Result<Buffers, Done> {
         let reads_src = job.op.reads_src();
-        let reads_dst = job.op == Opcode::Compare
-            || (job.op == Opcode::Sha256
-                && (job.param & wdvirt_abi::SHA256_RESUME != 0
-                    || job.dst_len >= wdvirt_abi::SHA256_STATE_SIZE));
+        let reads_dst = reads_dst(job);
         let uses_dst = job.op.writes_dst() || reads_dst;
         let bad = |used: bool, addr: u64, len: u32| {
             used && (len > max || addr.checked_add(u64::from(len)).is_none())
@@ -2097,6 +2101,39 @@ mod tests {
         assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
     }
 
+    /// A thread that never sleeps, on the CPU `pin_to_one_cpu` picks,
+    /// until dropped: whatever shares that CPU gets about half of it.
+    struct Spinner {
+        stop: Arc<AtomicBool>,
+        thread: Option<std::thread::JoinHandle<()>>,
+    }
+
+    impl Spinner {
+        fn start() -> Spinner {
+            let stop = Arc::new(AtomicBool::new(false));
+            let theirs = stop.clone();
+            let thread = std::thread::spawn(move || {
+                pin_to_one_cpu(0);
+                while !theirs.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            });
+            Spinner {
+                stop,
+                thread: Some(thread),
+            }
+        }
+    }
+
+    impl Drop for Spinner {
+        fn drop(&mut self) {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+        }
+    }
+
     #[test]
     fn a_preempted_engine_charges_the_time_it_ran_not_the_time_it_waited() {
         let accel = SoftAccel::new(1);
@@ -2104,24 +2141,14 @@ mod tests {
         // The engine shares one CPU with a thread that never sleeps: the
         // kernel gives each about half of it.
         pin_to_one_cpu(engine_tids(&accel)[0]);
-        let stop = Arc::new(AtomicBool::new(false));
-        let spinner = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                pin_to_one_cpu(0);
-                while !stop.load(Ordering::Relaxed) {
-                    std::hint::spin_loop();
-                }
-            })
-        };
+        let spinner = Spinner::start();
         let jobs: Vec<Job> = (0..200)
             .map(|i| job(Opcode::Sha256, 0, 256 << 10, 0x8_0000 + i * 64, 32, i))
             .collect();
         let t0 = Instant::now();
         run_jobs(&*qp, &jobs);
         let wall = t0.elapsed().as_nanos() as u64;
-        stop.store(true, Ordering::Relaxed);
-        spinner.join().unwrap();
+        drop(spinner);
         wait_reported(&seen, jobs.len());
         // Charged by wall-clock time, the jobs would cost about all of
         // `wall` (the engine was never idle); by the time the engine ran,
@@ -2139,16 +2166,7 @@ mod tests {
         let (_mem, qp, _seen) = observed_with_data(&accel);
         // This thread shares one CPU with a thread that never sleeps.
         pin_to_one_cpu(0);
-        let stop = Arc::new(AtomicBool::new(false));
-        let spinner = {
-            let stop = stop.clone();
-            std::thread::spawn(move || {
-                pin_to_one_cpu(0);
-                while !stop.load(Ordering::Relaxed) {
-                    std::hint::spin_loop();
-                }
-            })
-        };
+        let spinner = Spinner::start();
         // Batches of some 300 µs: each reads the thread's CPU clock.
         let jobs: Vec<Job> = (0..32)
             .map(|i| job(Opcode::Sha256, 0, 16 << 10, 0x8_0000 + i * 64, 32, i))
@@ -2160,8 +2178,7 @@ mod tests {
             assert_eq!(qp.run_here(&jobs, &mut done), Some(jobs.len()));
         }
         let (wall, cpu) = (t0.elapsed().as_nanos() as u64, thread_cpu_ns() - cpu0);
-        stop.store(true, Ordering::Relaxed);
-        spinner.join().unwrap();
+        drop(spinner);
         assert!(done.iter().all(|(r, _)| r.status == JobStatus::Ok));
         // Charged by wall-clock time, the jobs would cost well over the
         // thread's CPU time (about 0.7 of `wall` here, against 0.5); by

@@ -399,8 +399,10 @@ pub struct Lane {
     runs_here: AtomicBool,
 }
 
-impl QueuePair for Lane {
-    fn submit(&self, jobs: &[Job]) -> Result<usize, AccelError> {
+impl Lane {
+    /// `jobs` offered to the scheduler: the lock still held, the time,
+    /// and how many it took.
+    fn offer(&self, jobs: &[Job]) -> Result<(MutexGuard<'_, State>, u64, usize), AccelError> {
         let mut st = self.shared.state.lock();
         if !st.lanes.contains_key(&self.id) {
             return Err(AccelError::Closed);
@@ -411,6 +413,13 @@ impl QueuePair for Lane {
             // Refused with nothing of ours waiting: the lane is closed.
             return Err(AccelError::Closed);
         }
+        Ok((st, now, taken))
+    }
+}
+
+impl QueuePair for Lane {
+    fn submit(&self, jobs: &[Job]) -> Result<usize, AccelError> {
+        let (st, now, taken) = self.offer(jobs)?;
         self.shared.pump_unlocked(st, now);
         Ok(taken)
     }
@@ -421,15 +430,7 @@ impl QueuePair for Lane {
     /// is charged the CPU time it took there; what the backend leaves (a
     /// job only its own engines run) goes to its engines as decided.
     fn submit_inline(&self, jobs: &[Job], done: &mut Vec<JobResult>) -> Result<usize, AccelError> {
-        let mut st = self.shared.state.lock();
-        if !st.lanes.contains_key(&self.id) {
-            return Err(AccelError::Closed);
-        }
-        let mut now = self.shared.clock.now_ns();
-        let taken = st.fair.offer(self.id, jobs, now);
-        if taken == 0 && !jobs.is_empty() && st.fair.lane_pending(self.id) == 0 {
-            return Err(AccelError::Closed);
-        }
+        let (mut st, mut now, taken) = self.offer(jobs)?;
         let mut ran = Vec::new();
         // This thread is the queue's worker: after a quantum of jobs here
         // the rest go to the engines, and it goes back to its ring.
