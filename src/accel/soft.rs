@@ -710,7 +710,8 @@ const TAKE_BETWEEN: usize = 8;
 /// the job again from them (docs/restart.md): those jobs go to the
 /// engines, which take them after the record.
 fn runs_here(job: &Job) -> bool {
-    !job.op.is_stream() && !sliced(job) && !(reads_dst(job) && job.op.writes_dst())
+    let engines_only = job.op.is_stream() || sliced(job) || (reads_dst(job) && job.op.writes_dst());
+    !engines_only
 }
 
 /// Whether `job` reads its `dst`: Compare its second buffer; SHA-256 its
