@@ -523,3 +523,85 @@ fn the_guest_tools_run_and_garbage_modes_pass_against_the_real_device() {
     assert_eq!(report["ok"], true, "{report:#}");
     assert!(rig.instance.report().device.register_errors > 100);
 }
+
+/// Small jobs on the production stack (the engine under the QoS
+/// scheduler): a guest's 64-byte copies run on its queue's worker thread,
+/// lent the engine (`docs/qos.md`), are charged to its instance, and land
+/// byte for byte; a neighbour's large jobs run on the engine thread beside
+/// them, charged to it.
+#[test]
+fn small_jobs_run_on_the_queue_worker_charged_to_their_instance_beside_large_ones() {
+    let soft = SoftAccel::new(1);
+    let sched = wdvirt::qos::ScheduledAccel::new(soft.clone(), 1).unwrap();
+    let accel: SharedAccelerator = sched.clone();
+    let small = start(&accel, "small", 5, WdConfig::default());
+    let large = start(&accel, "large", 6, WdConfig::default());
+    let engine_jobs = || {
+        soft.stats()
+            .engines
+            .iter()
+            .map(|e| e.counters.jobs)
+            .sum::<u64>()
+    };
+
+    // Alone: every copy after the first batch runs on the worker's thread.
+    // (The first batch goes to the engine one job at a time: a class never
+    // measured goes alone, and is lent only once its cost is known.)
+    let dev = Device::probe(small.vmm.clone()).unwrap();
+    dev.enable().unwrap();
+    let pool = pool(&small.vmm);
+    let mut q = dev.queue(0, 256, dev.info().cap_ops, &pool).unwrap();
+    let data = corpus(64 * 64, 9);
+    let src = pool.alloc(data.len() as u64, 64).unwrap();
+    src.write(0, &data).unwrap();
+    let dst = pool.alloc(data.len() as u64, 64).unwrap();
+    let copies: Vec<JobSpec> = (0..64u64)
+        .map(|i| {
+            JobSpec::new(Opcode::Copy)
+                .src(src.addr() + i * 64, 64)
+                .dst(dst.addr() + i * 64, 64)
+        })
+        .collect();
+    let before = engine_jobs();
+    for _ in 0..50 {
+        let done = q.run_batch(&copies).unwrap();
+        assert!(done.iter().all(|c| c.status == JobStatus::Ok.code()));
+        assert_eq!(dst.to_vec(data.len()).unwrap(), data);
+    }
+    let on_engine = engine_jobs() - before;
+    assert!(
+        on_engine <= copies.len() as u64,
+        "{on_engine} of 3200 small copies went through the engine thread"
+    );
+    let charged = sched.snapshot(5).unwrap().engine_ns;
+    assert!(charged > 0, "the worker's jobs were charged nothing");
+
+    // Beside a neighbour's 64 KiB SHA-256 jobs (measured over 5 µs: the
+    // engine thread's), both verify and each is charged its own.
+    let big = corpus(64 << 10, 4);
+    let want = sha2::Sha256::digest(&big);
+    let neighbour = std::thread::spawn(move || {
+        let dev = Device::probe(large.vmm.clone()).unwrap();
+        dev.enable().unwrap();
+        let big_pool = large.vmm.dma_pool().unwrap();
+        let mut q = dev.queue(0, 64, dev.info().cap_ops, &big_pool).unwrap();
+        for _ in 0..100 {
+            assert_eq!(q.sha256(&big).unwrap()[..], want[..]);
+        }
+        large
+    });
+    for _ in 0..50 {
+        let done = q.run_batch(&copies).unwrap();
+        assert!(done.iter().all(|c| c.status == JobStatus::Ok.code()));
+        assert_eq!(dst.to_vec(data.len()).unwrap(), data);
+    }
+    let large = neighbour.join().unwrap();
+    assert!(sched.snapshot(5).unwrap().engine_ns > charged);
+    assert!(sched.snapshot(6).unwrap().engine_ns > 0);
+    assert!(
+        engine_jobs() - before >= 100,
+        "the SHA-256 jobs ran on the engine"
+    );
+    assert_eq!(small.instance.report().queues[0].jobs_ok, 6400);
+    assert_eq!(large.instance.report().queues[0].jobs_ok, 100);
+}
