@@ -27,7 +27,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, select};
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
+use vm_memory::bitmap::{AtomicBitmap, BS};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend, VolatileSlice};
 use wdvirt_abi::{
     CQE_PHASE, CQE_SIZE, CompletionEntry, IDX_FLAG_NO_DOORBELL, JobStatus, Opcode, SQE_SIZE,
     SubmissionEntry, idx,
@@ -100,6 +101,51 @@ impl BusMaster {
     pub fn pass(&self) -> Option<parking_lot::RwLockReadGuard<'_, bool>> {
         let g = self.0.read();
         if *g { Some(g) } else { None }
+    }
+}
+
+/// `len` bytes of guest memory at `base`, as a ring or one of its entries
+/// is used: one slice of the map, found once, when they lie in one region;
+/// else the map itself, piece by piece (a ring across two regions).
+struct InGuest<'a> {
+    mem: &'a GuestMemory,
+    base: u64,
+    slice: Option<VolatileSlice<'a, BS<'a, AtomicBitmap>>>,
+}
+
+impl<'a> InGuest<'a> {
+    fn new(mem: &'a GuestMemory, base: u64, len: usize) -> Self {
+        let slice = mem.get_slice(GuestAddress(base), len).ok();
+        InGuest { mem, base, slice }
+    }
+
+    fn read(&self, offset: usize, buf: &mut [u8]) -> bool {
+        match &self.slice {
+            Some(s) => s.read_slice(buf, offset).is_ok(),
+            None => self.mem.read_slice(buf, self.at(offset)).is_ok(),
+        }
+    }
+
+    fn write(&self, offset: usize, bytes: &[u8]) -> bool {
+        match &self.slice {
+            Some(s) => s.write_slice(bytes, offset).is_ok(),
+            None => self.mem.write_slice(bytes, self.at(offset)).is_ok(),
+        }
+    }
+
+    /// A release store (the phase bit's word).
+    fn store(&self, offset: usize, v: u16) -> bool {
+        match &self.slice {
+            Some(s) => s.store(v, offset, Ordering::Release).is_ok(),
+            None => self
+                .mem
+                .store(v, self.at(offset), Ordering::Release)
+                .is_ok(),
+        }
+    }
+
+    fn at(&self, offset: usize) -> GuestAddress {
+        GuestAddress(self.base + offset as u64)
     }
 }
 
@@ -795,10 +841,7 @@ impl Worker {
         // the guest says of `cq_head`: each has a journal slot of its own.
         // The ring found in the map once per pass (a ring split between
         // two regions is read entry by entry).
-        let sq_base = self.ctx.config.sq_base;
-        let ring = mem
-            .get_slice(GuestAddress(sq_base), depth as usize * SQE_SIZE)
-            .ok();
+        let ring = InGuest::new(mem, self.ctx.config.sq_base, depth as usize * SQE_SIZE);
         while self.sq.next != tail
             && self.sq.next.wrapping_sub(cq_head) < depth
             && self.sq.next.wrapping_sub(self.cq_tail) < depth
@@ -807,13 +850,7 @@ impl Worker {
             let pos = self.sq.pop();
             let offset = (pos % depth) as usize * SQE_SIZE;
             let mut raw = [0u8; SQE_SIZE];
-            let read = match &ring {
-                Some(r) => r.read_slice(&mut raw, offset).is_ok(),
-                None => mem
-                    .read_slice(&mut raw, GuestAddress(sq_base + offset as u64))
-                    .is_ok(),
-            };
-            let sqe = if read {
+            let sqe = if ring.read(offset, &mut raw) {
                 SubmissionEntry::from_bytes(&raw)
             } else {
                 SubmissionEntry {
@@ -1014,31 +1051,14 @@ impl Worker {
         if let Some(j) = &self.ctx.journal {
             j.completing(r.slot, self.cq_tail);
         }
-        // The entry's 16 bytes, found in the map once (an entry split
-        // between two regions is written piece by piece).
-        let entry = mem.get_slice(GuestAddress(base), CQE_SIZE).ok();
-        let body = match &entry {
-            Some(e) => {
-                e.write_slice(&bytes[0..6], 0).is_ok() && e.write_slice(&bytes[8..16], 8).is_ok()
-            }
-            None => {
-                mem.write_slice(&bytes[0..6], GuestAddress(base)).is_ok()
-                    && mem
-                        .write_slice(&bytes[8..16], GuestAddress(base + 8))
-                        .is_ok()
-            }
-        };
+        let entry = InGuest::new(mem, base, CQE_SIZE);
+        let body = entry.write(0, &bytes[0..6]) && entry.write(8, &bytes[8..16]);
         // Q_COMPLETED counts the entry before the guest can see it, so a
         // driver that has seen an entry reads a count that includes it.
         let published = body && {
             self.ctx.shared.completed.fetch_add(1, Ordering::Release);
             std::sync::atomic::fence(Ordering::Release);
-            let stored = match &entry {
-                Some(e) => e.store(flags, 6, Ordering::Release).is_ok(),
-                None => mem
-                    .store(flags, GuestAddress(base + 6), Ordering::Release)
-                    .is_ok(),
-            };
+            let stored = entry.store(6, flags);
             if !stored {
                 self.ctx.shared.completed.fetch_sub(1, Ordering::Release);
             }
@@ -1331,6 +1351,30 @@ mod tests {
     use super::*;
 
     const US: Duration = Duration::from_micros(1);
+
+    #[test]
+    fn guest_memory_across_two_regions_is_read_and_written_piece_by_piece() {
+        let mem =
+            GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)])
+                .unwrap();
+        let one = InGuest::new(&mem, 0x800, 64);
+        let across = InGuest::new(&mem, 0xfe0, 64);
+        assert!(one.slice.is_some() && across.slice.is_none());
+        let bytes: Vec<u8> = (0..64).collect();
+        for m in [&one, &across] {
+            assert!(m.write(0, &bytes));
+            assert!(m.store(40, 0xbeef));
+            let mut back = [0u8; 64];
+            assert!(m.read(0, &mut back));
+            let mut want = bytes.clone();
+            want[40..42].copy_from_slice(&0xbeefu16.to_le_bytes());
+            assert_eq!(back[..], want[..]);
+        }
+        // Running past the map: refused.
+        let outside = InGuest::new(&mem, 0x1ff0, 64);
+        assert!(!outside.write(0, &bytes) && !outside.read(0, &mut [0u8; 64]));
+        assert!(!outside.store(32, 1));
+    }
 
     /// A pace that has seen `windows` full windows of `per_job` each.
     fn measured(per_job: Duration, windows: u32) -> (Pace, Instant) {
