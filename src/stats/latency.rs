@@ -79,7 +79,13 @@ pub fn stamped_at(cookie: u64) -> Option<u32> {
 
 /// Nanoseconds since a stamp (modulo the clock's wrap).
 pub fn elapsed_ns(since: u32) -> u64 {
-    ((now() as u64).wrapping_sub(since as u64) & TICK_MASK) << TICK_SHIFT
+    ns_between(since, now())
+}
+
+/// Nanoseconds from the stamp `since` to the reading `now` (both from
+/// [`now`]; modulo the clock's wrap).
+pub fn ns_between(since: u32, now: u32) -> u64 {
+    ((now as u64).wrapping_sub(since as u64) & TICK_MASK) << TICK_SHIFT
 }
 
 /// One queue's latency histogram and the sum of what it recorded.
@@ -208,9 +214,8 @@ mod tests {
     fn the_clock_wraps_without_a_huge_latency() {
         // A stamp taken just before the 31-bit tick counter wrapped.
         let since = TICK_MASK as u32 - 1;
-        let now = 3u64;
-        let ticks = now.wrapping_sub(since as u64) & TICK_MASK;
-        assert_eq!(ticks, 5);
+        assert_eq!(ns_between(since, 3), 5 << TICK_SHIFT);
+        assert_eq!(ns_between(3, 3), 0);
     }
 
     #[test]

@@ -130,8 +130,9 @@ impl QueueStats {
         }
     }
 
-    /// One completion written to the guest's ring.
-    pub fn completed(&self, r: &JobResult) {
+    /// One completion written to the guest's ring; `now` is
+    /// [`latency::now`] read once for the worker's pass.
+    pub fn completed(&self, r: &JobResult, now: u32) {
         let c = &self.counters;
         if r.status == JobStatus::Ok {
             add(&c.jobs_ok, 1);
@@ -142,7 +143,7 @@ impl QueueStats {
             add(&self.by_status[slot], 1);
         }
         if let Some(since) = latency::stamped_at(r.cookie) {
-            self.latency.record(latency::elapsed_ns(since));
+            self.latency.record(latency::ns_between(since, now));
         }
     }
 
@@ -239,10 +240,11 @@ mod tests {
         );
         assert_eq!(batch[1].cookie as u32, u32::MAX);
         std::thread::sleep(std::time::Duration::from_millis(2));
-        s.completed(&result(batch[0].cookie, JobStatus::Ok, 64));
-        s.completed(&result(batch[1].cookie, JobStatus::BadAddress, 0));
+        let now = latency::now();
+        s.completed(&result(batch[0].cookie, JobStatus::Ok, 64), now);
+        s.completed(&result(batch[1].cookie, JobStatus::BadAddress, 0), now);
         // The refused one: never stamped, so counted but not timed.
-        s.completed(&result(9, JobStatus::BadOpcode, 0));
+        s.completed(&result(9, JobStatus::BadOpcode, 0), now);
         let snap = s.snapshot();
         assert_eq!(
             (

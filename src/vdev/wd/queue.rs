@@ -149,6 +149,14 @@ impl<'a> InGuest<'a> {
     }
 }
 
+/// What one pass of the worker completes into: the completion ring, found
+/// in the map once, and the latency clock, read once (after the pass's jobs
+/// ran).
+struct CqPass<'a> {
+    ring: InGuest<'a>,
+    now: u32,
+}
+
 /// How long stopping a queue waits for jobs already running on an engine
 /// (queued ones are discarded at once). Well inside QEMU's 5 s reply timeout.
 const DRAIN_BUDGET: Duration = Duration::from_secs(2);
@@ -719,8 +727,9 @@ impl Worker {
                 && !self.held.is_empty()
             {
                 let mem = self.ctx.space.memory();
+                let cq = self.cq_pass(&mem);
                 for r in std::mem::take(&mut self.held) {
-                    self.complete(&mem, r);
+                    self.complete(&cq, r);
                 }
             }
             if self.in_flight == 0 {
@@ -801,8 +810,9 @@ impl Worker {
         let mem = self.ctx.space.memory();
         let mut progressed = false;
         if !self.held.is_empty() {
+            let cq = self.cq_pass(&mem);
             for r in std::mem::take(&mut self.held) {
-                self.complete(&mem, r);
+                self.complete(&cq, r);
             }
             progressed = true;
         }
@@ -910,13 +920,14 @@ impl Worker {
             }
             j.commit_head(self.sq.next);
         }
+        let cq = self.cq_pass(mem);
         for (pos, _, r) in refused.drain(..) {
             if self.sq.holds(pos) {
-                self.complete(mem, r);
+                self.complete(&cq, r);
             }
         }
         self.taken(&batch[..taken]);
-        self.complete_ran(mem);
+        self.complete_ran(&cq);
         (self.batch, self.job_at, self.refused) = (batch, job_at, refused);
         let published = self.sq.publish();
         let head = published.unwrap_or(self.sq.next);
@@ -958,24 +969,30 @@ impl Worker {
         }
         kept.extend(self.pending.drain(..));
         self.pending = kept;
-        let progressed = !refused.is_empty();
-        for r in refused {
-            self.complete(mem, r);
-        }
         if jobs.is_empty() {
+            let cq = self.cq_pass(mem);
+            let progressed = !refused.is_empty();
+            for r in refused {
+                self.complete(&cq, r);
+            }
             return progressed;
         }
-        let Some(taken) = self.submit(&mut jobs) else {
+        let taken = self.submit(&mut jobs);
+        let cq = self.cq_pass(mem);
+        for r in refused {
+            self.complete(&cq, r);
+        }
+        let Some(taken) = taken else {
             self.pending.drain(..jobs.len());
             for j in &jobs {
-                self.complete(mem, failed(&entry_of(j), j.slot, JobStatus::EngineError));
+                self.complete(&cq, failed(&entry_of(j), j.slot, JobStatus::EngineError));
             }
             return true;
         };
         self.pending.drain(..taken);
         self.throttled = taken < jobs.len();
         self.taken(&jobs[..taken]);
-        self.complete_ran(mem);
+        self.complete_ran(&cq);
         true
     }
 
@@ -1011,21 +1028,30 @@ impl Worker {
     }
 
     /// Complete the jobs the queue pair ran on this thread.
-    fn complete_ran(&mut self, mem: &GuestMemory) {
+    fn complete_ran(&mut self, cq: &CqPass) {
         if self.ran.is_empty() {
             return;
         }
         let mut ran = std::mem::take(&mut self.ran);
         self.collected(ran.len() as u32);
         for r in ran.drain(..) {
-            self.complete(mem, r);
+            self.complete(cq, r);
         }
         self.ran = ran;
     }
 
+    /// The completion ring and the clock for a pass's completions.
+    fn cq_pass<'a>(&self, mem: &'a GuestMemory) -> CqPass<'a> {
+        let cfg = &self.ctx.config;
+        CqPass {
+            ring: InGuest::new(mem, cfg.cq_base, cfg.depth as usize * CQE_SIZE),
+            now: crate::stats::latency::now(),
+        }
+    }
+
     /// Write one CQE: body first, then (after a release fence) the flags word
     /// carrying the phase bit, so a driver that sees the phase sees the body.
-    fn complete(&mut self, mem: &GuestMemory, r: JobResult) {
+    fn complete(&mut self, cq: &CqPass, r: JobResult) {
         let depth = self.ctx.config.depth;
         let slot = (self.cq_tail % depth) as u64;
         let phase = if (self.cq_tail / depth).is_multiple_of(2) {
@@ -1039,26 +1065,28 @@ impl Worker {
             0
         };
         let flags = phase | end;
+        // The body goes in as one write whose flags still carry the last
+        // pass's phase (the guest sees the entry as not yet written), then
+        // the flags with this pass's phase.
         let cqe = CompletionEntry {
             tag: r.cookie as u32,
             status: r.status.code(),
-            flags,
+            flags: phase ^ CQE_PHASE,
             bytes: r.bytes,
             result: r.result,
         };
-        let bytes = cqe.to_bytes();
-        let base = self.ctx.config.cq_base + slot * CQE_SIZE as u64;
+        let at = slot as usize * CQE_SIZE;
         if let Some(j) = &self.ctx.journal {
             j.completing(r.slot, self.cq_tail);
         }
-        let entry = InGuest::new(mem, base, CQE_SIZE);
-        let body = entry.write(0, &bytes[0..6]) && entry.write(8, &bytes[8..16]);
+        let ring = &cq.ring;
+        let body = ring.write(at, &cqe.to_bytes());
         // Q_COMPLETED counts the entry before the guest can see it, so a
         // driver that has seen an entry reads a count that includes it.
         let published = body && {
             self.ctx.shared.completed.fetch_add(1, Ordering::Release);
             std::sync::atomic::fence(Ordering::Release);
-            let stored = entry.store(6, flags);
+            let stored = ring.store(at + 6, flags);
             if !stored {
                 self.ctx.shared.completed.fetch_sub(1, Ordering::Release);
             }
@@ -1079,7 +1107,7 @@ impl Worker {
             let completed = self.ctx.shared.completed.load(Ordering::Relaxed);
             j.completed(r.slot, self.cq_tail, completed, &r);
         }
-        self.ctx.shared.stats.completed(&r);
+        self.ctx.shared.stats.completed(&r, cq.now);
         if self.irq_pending == 0 {
             self.irq_since = Some(Instant::now());
         }
