@@ -539,6 +539,11 @@ impl QueuePair for SoftQueuePair {
         let max = self.common.max_xfer;
         let first = done.len();
         let mut tally = Tally::default();
+        // Jobs of one kind (opcode, lengths and `param` alike) cost alike:
+        // the batch's time is shared out evenly, the clock read at its ends
+        // only. Otherwise each job is timed on its own.
+        let kind = |j: &Job| (j.op, j.src_len, j.dst_len, j.param);
+        let alike = jobs.windows(2).all(|w| kind(&w[0]) == kind(&w[1]));
         let cpu_start = thread_cpu_ns();
         let start = Instant::now();
         let mut last = start;
@@ -553,10 +558,22 @@ impl QueuePair for SoftQueuePair {
                 },
             };
             tally.add(&d);
-            let now = Instant::now();
-            let wall_ns = now.saturating_duration_since(last).as_nanos() as u64;
-            last = now;
+            let wall_ns = if alike {
+                0
+            } else {
+                let now = Instant::now();
+                let ns = now.saturating_duration_since(last).as_nanos() as u64;
+                last = now;
+                ns
+            };
             done.push((d.result(job), wall_ns));
+        }
+        if alike {
+            last = Instant::now();
+            let each = (last.saturating_duration_since(start).as_nanos() as u64 / n as u64).max(1);
+            for (_, ns) in &mut done[first..] {
+                *ns = each;
+            }
         }
         drop(exec);
         qp.counters.add(&tally);
@@ -2189,6 +2206,34 @@ mod tests {
             charged > 0 && charged <= cpu + cpu / 20 && cpu < wall * 3 / 4,
             "charged {charged} ns, on a CPU {cpu} ns, of {wall} ns"
         );
+    }
+
+    #[test]
+    fn a_callers_thread_times_each_job_of_a_mixed_batch_and_shares_out_an_alike_one() {
+        let accel = SoftAccel::new(1);
+        let (_mem, qp, _seen) = observed_with_data(&accel);
+        let copy = |i| job(Opcode::Copy, 0, 64, 0x8_0000 + i * 64, 64, i);
+        let sha = job(Opcode::Sha256, 0, 256 << 10, 0x9_0000, 32, 9);
+        // Mixed: the SHA-256 of 256 KiB (about 100 µs) is charged its own
+        // time, not a fifth of the batch's.
+        let mixed = [copy(0), copy(1), sha, copy(2), copy(3)];
+        let mut done = Vec::new();
+        assert_eq!(qp.run_here(&mixed, &mut done), Some(5));
+        let ns: Vec<u64> = done.iter().map(|(_, ns)| *ns).collect();
+        let copies = ns[0] + ns[1] + ns[3] + ns[4];
+        assert!(ns[2] > 10 * copies, "{ns:?}");
+        // Alike (one opcode, the same lengths): each job the same share.
+        done.clear();
+        let alike: Vec<Job> = (0..8)
+            .map(|i| job(Opcode::Sha256, 0, 64 << 10, 0x9_0000 + i * 64, 32, i))
+            .collect();
+        let t0 = Instant::now();
+        assert_eq!(qp.run_here(&alike, &mut done), Some(8));
+        let wall = t0.elapsed().as_nanos() as u64;
+        assert!(done.iter().all(|(r, _)| r.status == JobStatus::Ok));
+        let each = done[0].1;
+        assert!(done.iter().all(|(_, ns)| *ns == each), "{done:?}");
+        assert!(each > 0 && each * 8 <= wall, "{each} ns each of {wall} ns");
     }
 
     #[test]
