@@ -807,7 +807,12 @@ fn main() {
             .by_class
             .iter()
             .filter(|(_, ns)| **ns > 0)
-            .map(|(k, ns)| format!("{k} {:.1}", *ns as f64 / 1e3 / v.jobs as f64))
+            .map(|(k, ns)| {
+                let us = *ns as f64 / 1e3 / v.jobs as f64;
+                // Two decimals where a job costs under a microsecond.
+                let digits = if us < 10.0 { 2 } else { 1 };
+                format!("{k} {us:.digits$}")
+            })
             .collect();
         println!(
             "{:<16} {:>10.0} {:>6.3} {:>10.0} {:>6.3} {:>6.3} {:>11} {:>8.4} {:>3} {:>7.2} {:>7.2} {:>9.3}  {}",
