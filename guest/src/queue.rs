@@ -24,6 +24,9 @@ use crate::error::DriverError;
 use crate::jobs::JobSpec;
 use crate::mmio::Mmio;
 
+/// Completion entries [`Queue::poll`] reads at a time.
+pub const POLL_RUN: usize = 16;
+
 /// Default limit for [`Queue::run_batch`] and the convenience operations.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -313,32 +316,49 @@ impl<M: Mmio, D: DmaMemory> Queue<M, D> {
 
     /// Moves every completion the device has written into `out` and publishes
     /// the new `cq_head`. Returns how many were added. Never blocks.
+    ///
+    /// Entries are read in runs (up to [`POLL_RUN`], never past the ring's
+    /// end): the run once, to count the entries that carry this pass's
+    /// phase; then, after an acquire fence, those entries again, so that
+    /// every body used was read after its phase bit was seen.
     pub fn poll(&mut self, out: &mut Vec<CompletionEntry>) -> Result<usize, DriverError> {
         let mem = self.pool.memory();
         let mut n = 0usize;
+        let mut run = [0u8; POLL_RUN * CQE_SIZE];
         loop {
-            let slot_addr = self.rings.cq.addr() + u64::from(self.cq_slot) * CQE_SIZE as u64;
-            // Word 1 holds status (low half) and flags (high half).
-            let word = mem.read_u32(slot_addr + 4)?;
-            if (word >> 16) as u16 & CQE_PHASE != self.phase {
+            let len = ((self.depth - self.cq_slot) as usize).min(POLL_RUN);
+            let addr = self.rings.cq.addr() + u64::from(self.cq_slot) * CQE_SIZE as u64;
+            let bytes = &mut run[..len * CQE_SIZE];
+            mem.read(addr, bytes)?;
+            // Bytes 6..8 of an entry are its flags, the phase in bit 0.
+            let ready = bytes
+                .chunks_exact(CQE_SIZE)
+                .take_while(|e| u16::from_le_bytes([e[6], e[7]]) & CQE_PHASE == self.phase)
+                .count();
+            if ready == 0 {
                 break;
             }
-            // The rest of the entry was written before its phase bit.
+            // The rest of each entry was written before its phase bit.
             fence(Ordering::Acquire);
-            let mut b = [0u8; CQE_SIZE];
-            mem.read(slot_addr, &mut b)?;
-            let cqe = CompletionEntry::from_bytes(&b);
-            if self.outstanding() == 0 {
-                self.publish_head(n)?;
-                return Err(DriverError::SpuriousCompletion { tag: cqe.tag });
+            let bytes = &mut run[..ready * CQE_SIZE];
+            mem.read(addr, bytes)?;
+            for e in bytes.chunks_exact(CQE_SIZE) {
+                let cqe = CompletionEntry::from_bytes(e.try_into().expect("one entry"));
+                if self.outstanding() == 0 {
+                    self.publish_head(n)?;
+                    return Err(DriverError::SpuriousCompletion { tag: cqe.tag });
+                }
+                out.push(cqe);
+                n += 1;
+                self.cq_head = self.cq_head.wrapping_add(1);
+                self.cq_slot += 1;
+                if self.cq_slot == self.depth {
+                    self.cq_slot = 0;
+                    self.phase ^= CQE_PHASE;
+                }
             }
-            out.push(cqe);
-            n += 1;
-            self.cq_head = self.cq_head.wrapping_add(1);
-            self.cq_slot += 1;
-            if self.cq_slot == self.depth {
-                self.cq_slot = 0;
-                self.phase ^= CQE_PHASE;
+            if ready < len {
+                break;
             }
         }
         self.publish_head(n)?;
@@ -571,6 +591,31 @@ mod tests {
             0,
             "second pass writes phase 0"
         );
+    }
+
+    #[test]
+    fn poll_reads_runs_longer_than_one_read_and_across_the_ring_end() {
+        let (f, d, pool) = fake::setup(Mode::Manual);
+        let mut q = d.queue(0, 64, ALL_OPS, &pool).unwrap();
+        let nop = |t| JobSpec::new(Opcode::Nop).to_sqe(t);
+        let mut out = Vec::new();
+        let mut next = 0u32;
+        // 50 completions (more than POLL_RUN), then 40 from slot 50 on: the
+        // second pass's run crosses the ring's end and flips the phase.
+        for (count, completed) in [(50u32, 50u32), (40, 23), (0, 17)] {
+            let sqes: Vec<_> = (next..next + count).map(nop).collect();
+            assert_eq!(q.submit(&sqes).unwrap(), count as usize);
+            next += count;
+            let first = q.counters().1;
+            let tags: Vec<u32> = (first..first + completed).collect();
+            f.complete(0, &tags);
+            out.clear();
+            assert_eq!(q.poll(&mut out).unwrap(), completed as usize);
+            assert_eq!(out.iter().map(|c| c.tag).collect::<Vec<_>>(), tags);
+            assert_eq!(q.poll(&mut out).unwrap(), 0, "nothing more is ready");
+        }
+        assert_eq!(q.counters(), (90, 90));
+        assert_eq!(q.outstanding(), 0);
     }
 
     #[test]
