@@ -223,20 +223,55 @@ impl Tenant {
 
     /// A job's estimated engine time; `None` for a class not measured yet.
     fn estimate<J: Work>(&self, j: &J) -> Option<u64> {
-        let per_byte = self.costs.get(&j.class())?;
+        self.estimate_after(j, &mut None)
+    }
+
+    /// As [`Tenant::estimate`], for jobs taken in turn: `last` is the class
+    /// looked up before and its cost, so a run of one class's jobs looks
+    /// the class up once.
+    fn estimate_after<J: Work>(&self, j: &J, last: &mut Option<(u32, Option<f64>)>) -> Option<u64> {
+        let class = j.class();
+        let per_byte = match *last {
+            Some((c, per_byte)) if c == class => per_byte,
+            _ => {
+                let per_byte = self.costs.get(&class).copied();
+                *last = Some((class, per_byte));
+                per_byte
+            }
+        }?;
         Some(((j.bytes() + JOB_OVERHEAD_BYTES) as f64 * per_byte) as u64 + 1)
     }
 
-    fn measured<J: Work>(&mut self, j: &J, engine_ns: u64) {
+    /// `j` ran for `engine_ns`: its class's cost moves an eighth of the way
+    /// to what it cost. Jobs measured in turn keep their class's cost in
+    /// `run` (taken out of the map, put back by [`Tenant::measured_end`]
+    /// or when the next job is of another class), so a run of one class's
+    /// jobs looks the class up once.
+    fn measured<J: Work>(&mut self, j: &J, engine_ns: u64, run: &mut Option<(u32, f64)>) {
         if engine_ns == 0 {
             // Not run (the backend refused it): says nothing of its cost.
             return;
         }
         let sample = engine_ns as f64 / (j.bytes() + JOB_OVERHEAD_BYTES) as f64;
-        self.costs
-            .entry(j.class())
-            .and_modify(|c| *c = (*c * 7.0 + sample) / 8.0)
-            .or_insert(sample);
+        let class = j.class();
+        match run {
+            Some((c, cost)) if *c == class => *cost = (*cost * 7.0 + sample) / 8.0,
+            _ => {
+                self.measured_end(run);
+                let cost = self
+                    .costs
+                    .get(&class)
+                    .map_or(sample, |c| (c * 7.0 + sample) / 8.0);
+                *run = Some((class, cost));
+            }
+        }
+    }
+
+    /// Puts the cost a run of [`Tenant::measured`] holds back in the map.
+    fn measured_end(&mut self, run: &mut Option<(u32, f64)>) {
+        if let Some((class, cost)) = run.take() {
+            self.costs.insert(class, cost);
+        }
     }
 
     fn refill(&mut self, now: u64) {
@@ -662,6 +697,7 @@ impl<J: Work> Fair<J> {
         self.vnow = self.vnow.max(t.key());
         let mut jobs = Vec::new();
         let mut est = 0u64;
+        let mut last = None;
         let cap_room = t
             .policy
             .max_in_flight
@@ -670,7 +706,7 @@ impl<J: Work> Fair<J> {
             let n = jobs.len() as u32;
             // A class never measured goes alone, counted as a whole
             // quantum, until its first job says what it costs.
-            let e = t.estimate(j);
+            let e = t.estimate_after(j, &mut last);
             let e_ns = e.unwrap_or(QUANTUM_NS);
             if !jobs.is_empty()
                 && (jobs.len() >= MAX_BATCH
@@ -744,6 +780,7 @@ impl<J: Work> Fair<J> {
             .expect("a lane's tenant exists");
         let was_capped = t.capped();
         let (mut n, mut used_ns) = (0, 0);
+        let mut run = None;
         for (job, engine_ns) in done {
             if l.in_flight == 0 {
                 break;
@@ -758,10 +795,11 @@ impl<J: Work> Fair<J> {
             t.in_flight -= 1;
             t.est_in_flight -= est;
             t.vtime += engine_ns as f64 / t.policy.weight() as f64;
-            t.measured(job, engine_ns);
+            t.measured(job, engine_ns, &mut run);
             used_ns += engine_ns;
             n += 1;
         }
+        t.measured_end(&mut run);
         if n == 0 {
             return false;
         }

@@ -773,3 +773,50 @@ fn an_engine_is_lent_only_on_the_tenants_turn_and_within_its_cap() {
     }
     assert!(f.lend(10, 2 * US).is_some(), "not lent once under its cap");
 }
+
+#[test]
+fn finished_all_measures_each_class_as_jobs_finished_one_by_one_do() {
+    // Classes interleaved in one report: 4, 4, 5, 4, 5, 5 (a run of one
+    // class's jobs holds its cost out of the map; another class puts it back).
+    let order = [COPY_64, COPY_64, COPY_64K, COPY_64, COPY_64K, COPY_64K];
+    let jobs: Vec<TJob> = order
+        .iter()
+        .enumerate()
+        .flat_map(|(i, k)| jobs_of(*k, 1, i as u64))
+        .collect();
+    let costs = |all: bool| {
+        let mut f = two_tenants();
+        // Measured once each first, so every report moves an average.
+        f.offer(10, &jobs_of(COPY_64, 1, 100), 0);
+        f.offer(10, &jobs_of(COPY_64K, 1, 101), 0);
+        drain(&mut f, 0);
+        f.offer(10, &jobs, US);
+        let mut out = Vec::new();
+        while out.len() < jobs.len() {
+            let b = f.dispatch(US);
+            assert!(!b.is_empty(), "everything is dispatched");
+            out.extend(b.into_iter().flat_map(|b| b.jobs));
+        }
+        // Each job reports a tenth more than the engine's cost.
+        let ran = out.iter().map(|j| (j, j.cost_ns * 11 / 10));
+        if all {
+            f.finished_all(10, ran);
+        } else {
+            for (j, ns) in ran {
+                f.finished(10, j, ns);
+            }
+        }
+        let mut c: Vec<(u32, f64)> = f.tenants[&1].costs.iter().map(|(k, v)| (*k, *v)).collect();
+        c.sort_by_key(|(k, _)| *k);
+        c
+    };
+    let (one_by_one, all) = (costs(false), costs(true));
+    assert_eq!(one_by_one.len(), 2);
+    assert_eq!(all, one_by_one);
+    // And the averages moved toward the reports (a tenth over the cost).
+    let first = |k: Kind| k.cost_ns as f64 / (k.bytes + JOB_OVERHEAD_BYTES) as f64;
+    assert!(
+        all[0].1 > first(COPY_64) && all[1].1 > first(COPY_64K),
+        "{all:?}"
+    );
+}
