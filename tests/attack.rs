@@ -455,8 +455,8 @@ fn raw_client(arena: &Arena) -> transport_support::RawClient {
 const RW: u32 = 3;
 
 /// Every fd a DMA_MAP must not take, each refused with its errno while the
-/// connection goes on serving; then overlapping maps, and a hundred
-/// thousand tiny maps stopped at the map limit.
+/// connection goes on serving; then overlapping maps, and tiny maps
+/// past the map limit (its default, 1024, plus ten), stopped there.
 #[test]
 fn dma_map_with_fds_that_are_not_guest_memory_is_refused() {
     let arena = Arena::new(Limits::default());
@@ -532,8 +532,8 @@ fn dma_map_with_fds_that_are_not_guest_memory_is_refused() {
 
 /// Framing attacks, one connection each: a header claiming 4 GiB; VERSION
 /// with a megabyte of JSON, and with more than a message may hold; random
-/// bytes after a valid VERSION; thousands of requests whose replies are
-/// never read.
+/// bytes after a valid VERSION. (Requests whose replies are never read:
+/// `a_vmm_that_reads_no_replies_is_closed_and_never_holds_the_device`.)
 #[test]
 fn framing_attacks_end_only_their_own_connection() {
     let limits = Limits {

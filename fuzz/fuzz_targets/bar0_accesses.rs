@@ -3,7 +3,7 @@
 //! and config space through `PciFunction::region_read/region_write`, with
 //! 64 KiB of guest RAM mapped so queues can really be enabled.
 //!
-//! Each access is 12 bytes: kind (target, width, read/write), offset (u16),
+//! Each access is 11 bytes: kind (target, width, read/write), offset (u16),
 //! value (u64, with a shorthand for "an address in guest RAM"). After every
 //! access, through the guest's own view:
 //! * `ID` still reads the magic;
