@@ -197,6 +197,16 @@ pub fn crc32c_continue(prior: u32, src: &[u8]) -> u32 {
     d.finalize() as u32
 }
 
+/// Whether a SHA-256 job with `param` and `dst_len` reads its `dst` before
+/// writing it: it continues a running state there (RESUME), or its `dst`
+/// is large enough to hold one, which [`sha256_part`] then looks for to
+/// refuse a chain that forgot RESUME. Such a job cannot simply run again
+/// once it has written `dst` (the journal keeps those bytes; the software
+/// engines run it only after the journal has recorded it).
+pub fn sha256_reads_dst(param: u64, dst_len: u32) -> bool {
+    param & wdvirt_abi::SHA256_RESUME != 0 || dst_len >= wdvirt_abi::SHA256_STATE_SIZE
+}
+
 /// One part of a SHA-256 over a buffer larger than one job. `param` bits:
 /// [`wdvirt_abi::SHA256_RESUME`] (`dst` holds the running state to continue)
 /// and [`wdvirt_abi::SHA256_MORE`] (write the running state, not the
@@ -214,6 +224,7 @@ pub fn sha256_part(src: &[u8], dst: &mut [u8], param: u64) -> Result<u32, JobSta
     }
     let resume = param & SHA256_RESUME != 0;
     if !resume && dst.len() >= SHA256_STATE_SIZE as usize && ShaState::is_state(dst) {
+        // (`sha256_reads_dst` names exactly these jobs.)
         return Err(JobStatus::CorruptInput);
     }
     if param == 0 {

@@ -732,13 +732,11 @@ fn runs_here(job: &Job) -> bool {
 }
 
 /// Whether `job` reads its `dst`: Compare its second buffer; SHA-256 its
-/// saved state (RESUME), or whether a state-sized dst already holds one
-/// (see `sha256_part`).
+/// saved state, or whether a state-sized dst already holds one
+/// ([`ops::sha256_reads_dst`]).
 fn reads_dst(job: &Job) -> bool {
     job.op == Opcode::Compare
-        || (job.op == Opcode::Sha256
-            && (job.param & wdvirt_abi::SHA256_RESUME != 0
-                || job.dst_len >= wdvirt_abi::SHA256_STATE_SIZE))
+        || (job.op == Opcode::Sha256 && ops::sha256_reads_dst(job.param, job.dst_len))
 }
 
 /// Whether `job` is compressed in slices.

@@ -330,7 +330,7 @@ impl QueueJournal {
     /// engine, or refused with an error completion still to be written).
     /// Recorded before [`commit_head`](Self::commit_head) moves past it,
     /// and before the job runs: a job that reads what it writes (a stream
-    /// piece's context, a resumed SHA-256 state) keeps a copy of that as it
+    /// piece's context, a SHA-256 job's `dst`) keeps a copy of that as it
     /// was, put back before it runs again ([`rerun`]).
     pub fn taken(&self, depth: u32, pos: u32, sqe: &SubmissionEntry, mem: &GuestMemory) {
         let pre = match rerun(sqe) {
@@ -562,7 +562,10 @@ pub fn rerun(sqe: &SubmissionEntry) -> Rerun {
             len: wdvirt_abi::stream::CTX_SIZE,
         };
     }
-    if op == Opcode::Sha256 && sqe.param & wdvirt_abi::SHA256_RESUME != 0 {
+    // A SHA-256 job that reads its `dst`: the state it continues, or the
+    // check that none is there, which the state a first piece (MORE) wrote
+    // before the death would fail.
+    if op == Opcode::Sha256 && crate::accel::ops::sha256_reads_dst(sqe.param, sqe.dst_len) {
         return Rerun::Restoring {
             addr: sqe.dst,
             len: wdvirt_abi::SHA256_STATE_SIZE,
@@ -722,6 +725,40 @@ mod tests {
         assert_eq!(ring.sq_head, 1);
         assert_eq!(ring.pending.len(), 1);
         assert_eq!(ring.pending[0].tag, 1);
+    }
+
+    /// The first piece of a long SHA-256 (MORE, no RESUME) writes a running
+    /// state into a `dst` that held none; run again as it stood, it would
+    /// find that state and be refused (`CorruptInput`: a chain that forgot
+    /// RESUME). The journal keeps `dst` as the piece was taken and puts it
+    /// back, so the piece run again writes the same state.
+    #[test]
+    fn a_first_sha256_piece_run_again_after_a_death_writes_the_same_state() {
+        use crate::accel::ops::sha256_part;
+        use wdvirt_abi::{SHA256_MORE, SHA256_STATE_SIZE};
+        let (j, mem) = rig();
+        j.start(DEPTH, &RingState::default(), JournalCounts::default());
+        let (src, dst) = (0x8000u64, 0x9000u64);
+        let data: Vec<u8> = (0..256u32).map(|i| (i * 7) as u8).collect();
+        mem.write_slice(&data, GuestAddress(src)).unwrap();
+        let mut piece = sqe(1, Opcode::Sha256, src, dst, data.len() as u32);
+        piece.dst_len = SHA256_STATE_SIZE;
+        piece.param = SHA256_MORE;
+        assert!(matches!(rerun(&piece), Rerun::Restoring { addr, .. } if addr == dst));
+        j.taken(DEPTH, 0, &piece, &mem);
+        j.commit_head(1);
+        // The engine ran the piece; the process died before its completion.
+        let run = |mem: &GuestMemory| {
+            let mut out = vec![0u8; SHA256_STATE_SIZE as usize];
+            mem.read_slice(&mut out, GuestAddress(dst)).unwrap();
+            let r = sha256_part(&data, &mut out, SHA256_MORE);
+            mem.write_slice(&out, GuestAddress(dst)).unwrap();
+            r.map(|_| out)
+        };
+        let first = run(&mem).unwrap();
+        let (ring, _) = j.recover(DEPTH, CQ, &mem).unwrap();
+        assert_eq!(ring.pending.len(), 1);
+        assert_eq!(run(&mem), Ok(first), "the piece run again");
     }
 
     #[test]
