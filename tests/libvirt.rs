@@ -284,7 +284,7 @@ fn unknown_types_and_policies_fail_prepare_with_the_daemons_message() {
 }
 
 #[test]
-fn bad_metadata_and_bad_xml_fail_before_any_daemon_call() {
+fn bad_metadata_and_bad_xml_fail_prepare_and_spare_a_running_domain_before_any_daemon_call() {
     let run = PathBuf::from("/run/wdvirt");
     let good = asking("prepare-begin.xml", "quad", 1, &run);
     let cases = [
@@ -332,6 +332,20 @@ fn bad_metadata_and_bad_xml_fail_before_any_daemon_call() {
                 let detail = tail.trim().split(": ").next().unwrap();
                 assert_eq!(err.matches(detail).count(), 1, "{err}");
             }
+        }
+        // Under a running domain (its metadata changed live, or it started
+        // before the hook was installed) the hook says so and succeeds:
+        // libvirt would kill the domain for a failing `started` or
+        // `reconnect`.
+        let prepare_only = want.contains("not shared") || want.contains("adds no vfio-user-pci");
+        for op in ["started", "reconnect"]
+            .into_iter()
+            .filter(|_| !prepare_only)
+        {
+            let said = ok(&hook_at(&no_daemon(), &["rec1", op, "begin", "-"], &xml));
+            assert!(said.contains(want), "{op}: {want:?} not in {said}");
+            assert!(said.contains("nothing done"), "{said}");
+            assert!(!said.contains("cannot reach"), "no daemon call: {said}");
         }
     }
 }

@@ -69,6 +69,13 @@ impl Operation {
     fn reads_xml(self) -> bool {
         self != Operation::Other
     }
+
+    /// Whether the domain's QEMU is running already: libvirt kills a
+    /// running domain whose `started` or `reconnect` hook fails, so these
+    /// report what went wrong and succeed.
+    fn domain_runs(self) -> bool {
+        matches!(self, Operation::Started | Operation::Reconnect)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,16 +128,30 @@ pub fn run(op: Operation, name: &str, xml: &str, daemon: &dyn Daemon) -> Result<
     if !op.reads_xml() {
         return Ok(Report::new());
     }
-    let domain = Domain::parse(xml).map_err(|source| HookError::Metadata {
-        domain: name.into(),
-        source,
-    })?;
+    let domain = match Domain::parse(xml) {
+        Ok(d) => d,
+        // Metadata changed under a running domain (`virsh metadata`), or a
+        // domain started before the hook was installed.
+        Err(source) if op.domain_runs() => {
+            let e = HookError::Metadata {
+                domain: name.into(),
+                source,
+            };
+            return Ok(vec![format!("{e}; nothing done")]);
+        }
+        Err(source) => {
+            return Err(HookError::Metadata {
+                domain: name.into(),
+                source,
+            });
+        }
+    };
     if !domain.asks_for_instances() {
         return Ok(Report::new());
     }
     match op {
         Operation::Prepare | Operation::Restore => prepare(&domain, daemon),
-        Operation::Started => started(&domain, daemon),
+        Operation::Started => Ok(started(&domain, daemon)),
         Operation::Release => release(&domain, daemon),
         Operation::Reconnect => Ok(reconnect(&domain, daemon)),
         Operation::Migrate => Err(HookError::Migration {
@@ -288,7 +309,8 @@ fn prepare_one(
     }
 }
 
-fn started(domain: &Domain, daemon: &dyn Daemon) -> Result<Report, HookError> {
+/// Never fails (see [`Operation::domain_runs`]): what went wrong is reported.
+fn started(domain: &Domain, daemon: &dyn Daemon) -> Report {
     let mut report = Report::new();
     for p in domain.planned() {
         // Only an instance of this domain's (or of none) is labelled: one
@@ -322,7 +344,13 @@ fn started(domain: &Domain, daemon: &dyn Daemon) -> Result<Report, HookError> {
             changes,
         }) {
             Ok(o) => {
-                let v = instance(o, "modify")?;
+                let v = match instance(o, "modify") {
+                    Ok(v) => v,
+                    Err(e) => {
+                        report.push(format!("{}: {e}", p.name));
+                        continue;
+                    }
+                };
                 report.push(if v.state == InstanceState::Attached {
                     format!("{} attached to domain '{}'", v.name, domain.name)
                 } else {
@@ -339,7 +367,7 @@ fn started(domain: &Domain, daemon: &dyn Daemon) -> Result<Report, HookError> {
             Err(e) => report.push(format!("{}: cannot record the attachment: {e}", p.name)),
         }
     }
-    Ok(report)
+    report
 }
 
 fn release(domain: &Domain, daemon: &dyn Daemon) -> Result<Report, HookError> {
