@@ -279,7 +279,7 @@ fn unknown_types_and_policies_fail_prepare_with_the_daemons_message() {
     assert!(err.contains("no control characters"), "{err}");
     let long = "v".repeat(300);
     let err = refused(&d.hook(&long, "prepare", "begin", &snippet(&long)));
-    assert!(err.contains("must be 1-256 characters"), "{err}");
+    assert!(err.contains("must be 1-256 bytes"), "{err}");
     assert!(d.defined().is_empty());
 }
 
@@ -545,7 +545,7 @@ fn an_operator_labels_an_instance_with_its_vm_through_the_cli() {
     assert!(d.defined()[0].get("vm").is_none(), "{:?}", d.defined());
     let bad = cli(&["modify", "h1", "--vm", ""]);
     assert_eq!(bad.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("must be 1-256 characters"));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("must be 1-256 bytes"));
     let both = cli(&["modify", "h1", "--vm", "x", "--no-vm"]);
     assert_eq!(both.status.code(), Some(2), "clap refuses both");
 }

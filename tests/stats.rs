@@ -378,6 +378,18 @@ fn bad_filters_are_refused_by_name_and_change_nothing() {
     d.json(&["define", "--type", "hash", "--name", "h1", "--vm", "web"]);
     d.json(&["define", "--type", "hash", "--name", "h2"]);
     d.json(&["start", "h1"]);
+    // The API's answer to each, as the table in docs/statistics.md gives it.
+    let api_refuses = |query: &str, code: &str, kind: &str| {
+        let (status, _, body) = http_unix(&d.api(), &format!("/v1/stats?{query}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"));
+        assert!(status.contains(code), "{query}: {status} {body}");
+        assert_eq!(v["kind"], kind, "{query}: {body}");
+    };
+    api_refuses("vm=nope", "404", "no-such-vm");
+    api_refuses("instance=zz", "404", "no-such-instance");
+    api_refuses("instance=h2", "409", "wrong-state");
+    api_refuses("vm=web&bogus=1", "400", "invalid");
     let e = d.refused(&["stats", "--vm", "nope"]);
     assert!(e.contains("no VM named 'nope'"), "{e}");
     let e = d.refused(&["stats", "--instance", "zz"]);
@@ -389,6 +401,7 @@ fn bad_filters_are_refused_by_name_and_change_nothing() {
     );
     // Started, but another VM's (none's): named as not the VM's.
     d.json(&["start", "h2"]);
+    api_refuses("vm=web&instance=h2", "400", "invalid");
     let e = d.refused(&["stats", "--vm", "web", "--instance", "h2"]);
     assert!(
         e.contains("instance 'h2' is not attached to VM 'web'"),

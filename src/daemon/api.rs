@@ -115,8 +115,13 @@ impl Call {
                 (status, Json(outcome)).into_response()
             }
             Ok(Err(e)) => {
-                if what.is_some() {
-                    tracing::info!(pid = caller.pid, uid = caller.uid, "{e}");
+                if let Some(what) = what {
+                    tracing::info!(
+                        pid = caller.pid,
+                        uid = caller.uid,
+                        gid = caller.gid,
+                        "{what}: refused: {e}"
+                    );
                 }
                 error_response(&e)
             }

@@ -153,7 +153,7 @@ fn check_vm(vm: Option<&str>) -> Result<(), ActionError> {
     match vm {
         Some(v) if v.is_empty() || v.len() > 256 || v.chars().any(char::is_control) => {
             Err(ActionError::Invalid(format!(
-                "VM name {v:?} must be 1-256 characters with no control characters"
+                "VM name {v:?} must be 1-256 bytes (UTF-8) with no control characters"
             )))
         }
         _ => Ok(()),
