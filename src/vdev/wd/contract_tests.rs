@@ -229,6 +229,7 @@ fn bad_depth_and_misaligned_bases_are_refused_at_the_write() {
     rig.w64(b + r::Q_CQ_BASE, CQ);
     rig.w64(b + r::Q_IDX_BASE, IDX);
     rig.w32(b + r::Q_DEPTH, 8);
+    rig.w32(b + r::Q_MSIX_VECTOR, 0);
     let cases = [
         (b + r::Q_DEPTH, 3u32, RegError::BadDepth, 8u32),
         (b + r::Q_DEPTH, 1, RegError::BadDepth, 8),
@@ -251,6 +252,15 @@ fn bad_depth_and_misaligned_bases_are_refused_at_the_write() {
             IDX as u32 + 4,
             RegError::Misaligned,
             IDX as u32,
+        ),
+        // Past the function's vectors (one per queue and one for errors);
+        // NO_VECTOR itself is a good value.
+        (b + r::Q_MSIX_VECTOR, 0x1000, RegError::BadVector, 0),
+        (
+            b + r::Q_MSIX_VECTOR,
+            r::NO_VECTOR - 1,
+            RegError::BadVector,
+            0,
         ),
     ];
     for (off, value, want, kept) in cases {
@@ -367,6 +377,12 @@ fn operation_preconditions_complete_with_their_statuses() {
             JobStatus::BadLength,
         ),
         (sqe(Opcode::Fill, 5, 0, 0, OUT, 0), JobStatus::BadLength),
+        // 4 KiB of text does not deflate into 16 bytes. (Decompression's
+        // DstTooSmall: `every_status_comes_from_the_operations_the_spec_lists`.)
+        (
+            sqe(Opcode::DeflateCompress, 10, BUF, 4096, OUT, 16),
+            JobStatus::DstTooSmall,
+        ),
         (
             with(sqe(Opcode::Copy, 9, BUF, 100, OUT, 100), |e| e.ctx = CTX),
             JobStatus::ReservedNonZero,
@@ -513,9 +529,10 @@ fn a_forgotten_sha256_flag_completes_corrupt_input() {
     assert_eq!(rig.get(OUT, 32), sha2::Sha256::digest(&whole).to_vec());
 }
 
-/// Spec §3.3 and §4 (item 11): what `bytes` (and `result`) hold per operation.
+/// Spec §3.3 and §4 (item 11): what `bytes` and `result` hold per
+/// operation, each row of the table "What a completion holds".
 #[test]
-fn bytes_holds_what_each_operation_wrote() {
+fn bytes_and_result_hold_what_each_operation_did() {
     use wdvirt_abi::Format;
     let mut rig = rig();
     let data = corpus(5000);
@@ -551,29 +568,82 @@ fn bytes_holds_what_each_operation_wrote() {
             (Some(JobStatus::Ok), 5000, 0)
         );
     }
+    // A second buffer that differs from the first at offset 1234 only.
+    let mut other = data.clone();
+    other[1234] ^= 0x5a;
+    rig.put(SRC2, &other);
+    let crc = crate::accel::ops::crc32c(&data);
+    // (job, bytes, result), as the table in docs/device-spec.md §4 gives
+    // them.
     let expect = [
-        (sqe(Opcode::Nop, 3, 0, 0, 0, 0), 0),
-        (sqe(Opcode::Crc32c, 4, BUF, 5000, 0, 0), 0),
-        (sqe(Opcode::Sha256, 5, BUF, 5000, OUT, 64), 32),
+        (sqe(Opcode::Nop, 3, 0, 0, 0, 0), 0, 0),
+        (sqe(Opcode::Crc32c, 4, BUF, 5000, 0, 0), 0, crc),
+        (sqe(Opcode::Sha256, 5, BUF, 5000, OUT, 64), 32, 0),
         (
             with(sqe(Opcode::Sha256, 6, BUF, 5000, OUT + 4096, 128), |e| {
                 e.param = wdvirt_abi::SHA256_MORE
             }),
             128,
+            0,
         ),
-        (sqe(Opcode::Copy, 7, BUF, 3000, OUT, 5000), 3000),
-        (sqe(Opcode::Fill, 8, 0, 0, OUT, 777), 777),
-        (sqe(Opcode::Compare, 9, BUF, 5000, BUF, 5000), 0),
-        (sqe(Opcode::Copy, 10, BUF, 3000, OUT, 10), 0),
+        (sqe(Opcode::Copy, 7, BUF, 3000, OUT, 5000), 3000, 0),
+        (sqe(Opcode::Fill, 8, 0, 0, OUT, 777), 777, 0),
+        (sqe(Opcode::Compare, 9, BUF, 5000, BUF, 5000), 0, 0),
+        (sqe(Opcode::Compare, 11, BUF, 5000, SRC2, 5000), 0, 1235),
+        // A job that fails: both 0.
+        (sqe(Opcode::Copy, 10, BUF, 3000, OUT, 10), 0, 0),
     ];
-    for (e, bytes) in expect {
+    for (e, bytes, result) in expect {
+        let c = run1(&mut rig, e);
         assert_eq!(
-            run1(&mut rig, e).bytes,
-            bytes,
+            (c.bytes, c.result),
+            (bytes, result),
             "{:?}",
             Opcode::from_u8(e.opcode)
         );
     }
+    // A stream in one piece each way: compress consumes all of src
+    // (`result` = src_len) and writes a whole stream (`bytes` long);
+    // decompress gives back the data and says how much of src it read.
+    use wdvirt_abi::stream::{FLUSH_FINISH, FLUSH_SHIFT, START};
+    let c = run1(
+        &mut rig,
+        with(sqe(Opcode::StreamCompress, 12, BUF, 5000, OUT, 8192), |e| {
+            (e.ctx, e.param) = (
+                CTX,
+                START | FLUSH_FINISH << FLUSH_SHIFT | Format::Deflate.code(),
+            )
+        }),
+    );
+    assert_eq!((status(&c), c.result), (Some(JobStatus::Ok), 5000));
+    let packed = rig.get(OUT, c.bytes as usize);
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::DeflateDecoder::new(&packed[..]),
+        &mut out,
+    )
+    .unwrap();
+    assert_eq!(out, data, "a whole deflate stream of exactly `bytes`");
+    rig.put(SRC2, &packed);
+    let c = run1(
+        &mut rig,
+        with(
+            sqe(
+                Opcode::StreamDecompress,
+                13,
+                SRC2,
+                packed.len() as u32,
+                OUT,
+                8192,
+            ),
+            |e| (e.ctx, e.param) = (CTX, START | Format::Deflate.code()),
+        ),
+    );
+    assert_eq!(
+        (status(&c), c.bytes, c.result),
+        (Some(JobStatus::Ok), 5000, packed.len() as u32)
+    );
+    assert_eq!(rig.get(OUT, 5000), data);
 }
 
 /// Spec §4 (item 12): copy with overlapping src and dst behaves as memmove.
