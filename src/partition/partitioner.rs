@@ -716,6 +716,26 @@ mod tests {
         let restored = p.restore(&other).unwrap();
         assert_eq!(restored, other);
         assert_eq!(p.place(&copy(1)).unwrap().pasid, 2);
+        // An accelerator whose PASID slots are all taken: free queue pairs
+        // and a free PASID do not make room.
+        let q = one(1);
+        let held = q.place(&copy(1)).unwrap();
+        let mut next = held.clone();
+        next.pasid = held.pasid + 1;
+        next.functions[0].queue_pairs = vec![3];
+        assert_eq!(
+            q.restore(&next).unwrap_err(),
+            RestoreError::PasidsExhausted {
+                accelerator: "a".into(),
+                capacity: 1
+            }
+        );
+        let s = q.snapshot();
+        assert_eq!(
+            (s.accelerators[0].queue_pairs.used, s.host_pasids.used),
+            (1, 1),
+            "nothing taken"
+        );
     }
 
     #[test]
