@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 
 use transport_support::{RawClient, borrow, eventfd, in_child_process, version_body};
 use wdvirt::accel::soft::SoftAccel;
-use wdvirt::transport::{Connection, Disconnect, TransportError};
+use wdvirt::transport::{Connection, Disconnect, Limits, LogBudget, TransportError};
 use wdvirt::vdev::pci::{Interrupts, PciFunction};
 use wdvirt::vdev::wd::{WdConfig, WdDevice};
 
@@ -83,6 +83,11 @@ struct Server {
 }
 
 fn serve() -> Server {
+    serve_with(&Limits::default())
+}
+
+/// As [`serve`], the connection held to `limits`.
+fn serve_with(limits: &Limits) -> Server {
     let (a, b) = UnixStream::pair().unwrap();
     let interrupts = Interrupts::new(QUEUES as u16);
     let cfg = WdConfig {
@@ -91,7 +96,9 @@ fn serve() -> Server {
     };
     let model = WdDevice::new(cfg, SoftAccel::new(1), 1, Arc::new(interrupts.clone())).unwrap();
     let dev = PciFunction::try_new(model, interrupts).unwrap();
-    let mut conn = Connection::from_stream(a).unwrap();
+    let mut conn = Connection::from_stream(a)
+        .unwrap()
+        .with_limits(limits, Arc::new(LogBudget::new(10)));
     let thread = std::thread::spawn(move || conn.run(&parking_lot::Mutex::new(dev)));
     Server {
         client: RawClient::new(b),
@@ -324,6 +331,17 @@ fn send_row(row: &str) -> (Vec<Outcome>, bool) {
             out.push((
                 "count over 1 MiB",
                 s.client.region_read(0, 0, (1 << 20) + 4).errno(),
+            ));
+            // Over max_data_xfer_size but inside the 16 KiB BAR0: messages
+            // of 8 KiB advertise 8 KiB - 32 bytes of data.
+            let mut small = serve_with(&Limits {
+                max_message_size: 8192,
+                ..Limits::default()
+            });
+            small.client.version();
+            out.push((
+                "count over max_data_xfer_size, inside BAR0",
+                small.client.region_read(0, 0, 8192).errno(),
             ));
             out.push((
                 "write past BAR2",
