@@ -169,11 +169,19 @@ impl WdDevice {
         if st.err.code != 0 && RegError::from_code(st.err.code).is_none() {
             return Err(StateError::ErrCode { code: st.err.code });
         }
-        let bar0 = wdvirt_abi::pci::BAR0_SIZE;
-        if u64::from(st.err.offset) >= bar0 {
+        // The offset is in the BAR the access went to: BAR0, or BAR2 for a
+        // doorbell read (WriteOnly; BAR2 outgrows BAR0 past four queues).
+        let (bar, size) = if st.err.code == RegError::WriteOnly.code() {
+            let bar2 = wdvirt_abi::pci::bar2_size(self.cfg.queues);
+            ("BAR0 or BAR2", wdvirt_abi::pci::BAR0_SIZE.max(bar2))
+        } else {
+            ("BAR0", wdvirt_abi::pci::BAR0_SIZE)
+        };
+        if u64::from(st.err.offset) >= size {
             return Err(StateError::ErrOffset {
                 offset: st.err.offset,
-                size: bar0,
+                bar,
+                size,
             });
         }
         for (qi, q) in st.queues.iter().enumerate() {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 use sha2::Digest;
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
-use wdvirt_abi::{CompletionEntry, JobStatus, Opcode, regs as r};
+use wdvirt_abi::{CompletionEntry, JobStatus, Opcode, RegError, regs as r};
 use wdvirt_guest::{
     Device, DmaAllocator, DmaError, DmaMemory, DmaPool, JobSpec, Mmio, MmioError, PoolBuffer,
 };
@@ -540,6 +540,58 @@ fn completed_total(m: &Machine, queues: u32) -> u32 {
                 .unwrap()
         })
         .sum()
+}
+
+/// A read of a doorbell page latches WriteOnly with the offset in BAR2
+/// (spec §2), which reaches past BAR0's 16 KiB once a function has more
+/// than four queues: a state the source made is one its peer takes, so a
+/// stray read of a high doorbell cannot keep a VM from migrating (or a
+/// restarted daemon from adopting it). Any other code's offset stays
+/// inside BAR0.
+#[test]
+fn a_doorbell_read_of_a_high_queue_page_travels_in_err_offset() {
+    let a = Host::new(config(8, 1024), 5, "eight");
+    let mut b = [0u8; 4];
+    a.dev.lock().region_read(2, 0x5000, &mut b).unwrap();
+    a.dev
+        .lock()
+        .region_read(0, u64::from(r::ERR_OFFSET), &mut b)
+        .unwrap();
+    assert_eq!(u32::from_le_bytes(b), 0x5000, "queue 5's doorbell page");
+    let s = a.stop_and_save();
+    let dest = Host::new(config(8, 1024), 9, "eight");
+    dest.load(&s).expect("a state the source produced");
+    dest.resume();
+    dest.dev
+        .lock()
+        .region_read(0, u64::from(r::ERR_OFFSET), &mut b)
+        .unwrap();
+    assert_eq!(u32::from_le_bytes(b), 0x5000);
+    dest.dev
+        .lock()
+        .region_read(0, u64::from(r::ERR_CODE), &mut b)
+        .unwrap();
+    assert_eq!(u32::from_le_bytes(b), RegError::WriteOnly.code() as u32);
+    // Past the function's BAR2, or a BAR2 offset with another code: refused.
+    let good: FunctionState =
+        serde_json::from_slice(&stream::decode(&s, &a.compat(), DEFAULT_MAX_STREAM).unwrap())
+            .unwrap();
+    for (code, offset) in [
+        (RegError::WriteOnly, 0x8000),
+        (RegError::OutOfRange, 0x5000),
+    ] {
+        let mut st = good.clone();
+        st.model["err"]["code"] = code.code().into();
+        st.model["err"]["offset"] = offset.into();
+        let bytes = serde_json::to_vec(&st).unwrap();
+        let Err(LoadError::Device(e)) = dest.load(&stream::encode(&a.compat(), &bytes)) else {
+            panic!("{code:?} at {offset:#x}: not refused by the device")
+        };
+        assert!(
+            e.to_string().contains(&format!("ERR_OFFSET {offset:#x}")),
+            "{code:?}: {e}"
+        );
+    }
 }
 
 #[test]

@@ -268,8 +268,12 @@ pub enum StateError {
     QueueError { queue: usize, bits: u32 },
     #[error("ERR_CODE {code} names no register error")]
     ErrCode { code: u16 },
-    #[error("ERR_OFFSET {offset:#x} is outside BAR0 ({size:#x} bytes)")]
-    ErrOffset { offset: u32, size: u64 },
+    #[error("ERR_OFFSET {offset:#x} is outside {bar} ({size:#x} bytes)")]
+    ErrOffset {
+        offset: u32,
+        bar: &'static str,
+        size: u64,
+    },
     #[error("queue {queue}: rings not cleared although Bus Master is set")]
     RingsNotReady { queue: usize },
     #[error("queue {queue}: no queue pair on this destination: {reason}")]
