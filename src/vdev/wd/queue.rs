@@ -927,7 +927,7 @@ impl Worker {
             }
         }
         self.taken(&batch[..taken]);
-        self.complete_ran(&cq);
+        self.complete_ran(&cq, &batch[..taken]);
         (self.batch, self.job_at, self.refused) = (batch, job_at, refused);
         let published = self.sq.publish();
         let head = published.unwrap_or(self.sq.next);
@@ -992,7 +992,7 @@ impl Worker {
         self.pending.drain(..taken);
         self.throttled = taken < jobs.len();
         self.taken(&jobs[..taken]);
-        self.complete_ran(&cq);
+        self.complete_ran(&cq, &jobs[..taken]);
         true
     }
 
@@ -1027,11 +1027,36 @@ impl Worker {
         add(&self.ctx.shared.stats.bytes_in, bytes);
     }
 
-    /// Complete the jobs the queue pair ran on this thread.
-    fn complete_ran(&mut self, cq: &CqPass) {
+    /// Complete the jobs the queue pair ran on this thread (of `batch`, the
+    /// jobs just taken), after any older job the engines finished since
+    /// the pass began: an engine is lent to a queue only when none of its
+    /// jobs is on one, and an engine sends a result before it says the job
+    /// is done, so every result waiting then that is not of `batch` is
+    /// older than what ran here. Those of `batch` (what the queue pair
+    /// left to its engines) are newer and wait. With one engine a queue
+    /// thus completes in the order it submitted.
+    fn complete_ran(&mut self, cq: &CqPass, batch: &[Job]) {
         if self.ran.is_empty() {
             return;
         }
+        let mut n = 0;
+        let mut newer = Vec::new();
+        while let Ok(r) = self.ctx.qp.completions().try_recv() {
+            n += 1;
+            if batch
+                .iter()
+                .any(|j| j.slot == r.slot && j.cookie == r.cookie)
+            {
+                newer.push(r);
+            } else {
+                self.held.push(r);
+            }
+        }
+        self.collected(n);
+        for r in std::mem::take(&mut self.held) {
+            self.complete(cq, r);
+        }
+        self.held = newer;
         let mut ran = std::mem::take(&mut self.ran);
         self.collected(ran.len() as u32);
         for r in ran.drain(..) {
