@@ -721,11 +721,10 @@ const TAKE_BETWEEN: usize = 8;
 /// Whether a caller's thread may run `job` ([`QueuePair::run_here`]): not
 /// a stream piece (its context is read and written), not a job long
 /// enough to be sliced, and not one that reads what it writes (a SHA-256
-/// running state in `dst`). The caller runs a job before the device's
-/// journal records it as taken, and the journal keeps such bytes as they
-/// were when the job was taken, so that a successor after a crash can run
-/// the job again from them (docs/restart.md): those jobs go to the
-/// engines, which take them after the record.
+/// running state in `dst`). (This once kept such jobs from running before
+/// the device's journal had kept the bytes they read and write; the
+/// device now records every job before it offers it, so that reason is
+/// gone, and the rule stays as it was measured.)
 fn runs_here(job: &Job) -> bool {
     let engines_only = job.op.is_stream() || sliced(job) || (reads_dst(job) && job.op.writes_dst());
     !engines_only

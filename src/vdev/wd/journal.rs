@@ -273,9 +273,19 @@ impl QueueJournal {
     /// `ring` with `completed` completions counted: held results and
     /// pending jobs are recorded at the positions before `ring.sq_head`
     /// (held first), which are returned in that order (the slot of each is
-    /// `position % depth`). The magic is written last: until then a
-    /// recovery finds nothing, as for a queue never enabled.
-    pub fn start(&self, depth: u32, ring: &RingState, counts: JournalCounts) -> Vec<u32> {
+    /// `position % depth`). A pending job is recorded as [`taken`](Self::taken)
+    /// records one, with the bytes it reads and writes as they are in `mem`
+    /// now (as a recovery put them back, or as a job withdrawn unrun left
+    /// them), so that a second death before it completes is recovered
+    /// like the first. The magic is written last: until then a recovery
+    /// finds nothing, as for a queue never enabled.
+    pub fn start(
+        &self,
+        depth: u32,
+        ring: &RingState,
+        counts: JournalCounts,
+        mem: &GuestMemory,
+    ) -> Vec<u32> {
         assert!(depth <= self.max_depth && depth.is_power_of_two());
         self.h32(H_MAGIC).store(0, Ordering::Release);
         self.map.zero(self.off + HEADER, depth as usize * SLOT);
@@ -298,7 +308,7 @@ impl QueueJournal {
             pos = pos.wrapping_add(1);
         }
         for p in &ring.pending {
-            self.write_slot(depth, pos, LIVE_JOB, &p.entry().to_bytes());
+            self.taken(depth, pos, &p.entry(), mem);
             positions.push(pos);
             pos = pos.wrapping_add(1);
         }
@@ -326,12 +336,15 @@ impl QueueJournal {
             .store(state, Ordering::Release);
     }
 
-    /// The entry at ring position `pos` was taken (a job offered to an
-    /// engine, or refused with an error completion still to be written).
-    /// Recorded before [`commit_head`](Self::commit_head) moves past it,
-    /// and before the job runs: a job that reads what it writes (a stream
-    /// piece's context, a SHA-256 job's `dst`) keeps a copy of that as it
-    /// was, put back before it runs again ([`rerun`]).
+    /// The job at ring position `pos` is about to be offered to the queue
+    /// pair. Recorded before it is offered (the worker's own thread or an
+    /// idle engine may run it at once) and before
+    /// [`commit_head`](Self::commit_head) moves past it: a job that reads
+    /// what it writes (a stream piece's context, a SHA-256 job's `dst`)
+    /// keeps a copy of that as it was, put back before it runs again
+    /// ([`rerun`]). A record past the head (the queue pair did not take
+    /// the job) is not looked at, and is written again when the entry is
+    /// read again.
     pub fn taken(&self, depth: u32, pos: u32, sqe: &SubmissionEntry, mem: &GuestMemory) {
         let pre = match rerun(sqe) {
             Rerun::AsIs => (0, 0),
@@ -347,6 +360,14 @@ impl QueueJournal {
             }
         };
         self.write_slot_with(depth, pos, LIVE_JOB, &sqe.to_bytes(), pre);
+    }
+
+    /// The entry at ring position `pos` was refused (its check failed, or
+    /// the queue pair refused the batch): what is owed is its error
+    /// completion `r`, recorded as a held result. It never runs, and after
+    /// a death it completes with its own status.
+    pub fn refused(&self, depth: u32, pos: u32, r: &JobResult) {
+        self.write_slot(depth, pos, LIVE_RESULT, &held_bytes(&HeldCompletion::of(r)));
     }
 
     /// Entries before `sq_head` are taken for good.
@@ -661,7 +682,7 @@ mod tests {
     /// committed.
     fn three_copies_taken() -> (QueueJournal, GuestMemory) {
         let (j, mem) = rig();
-        j.start(DEPTH, &RingState::default(), JournalCounts::default());
+        j.start(DEPTH, &RingState::default(), JournalCounts::default(), &mem);
         for pos in 0..3 {
             j.taken(
                 DEPTH,
@@ -716,7 +737,7 @@ mod tests {
     #[test]
     fn entries_past_the_committed_head_are_read_again_from_the_ring() {
         let (j, mem) = rig();
-        j.start(DEPTH, &RingState::default(), JournalCounts::default());
+        j.start(DEPTH, &RingState::default(), JournalCounts::default(), &mem);
         j.taken(DEPTH, 0, &sqe(1, Opcode::Copy, 0x8000, 0x9000, 64), &mem);
         j.commit_head(1);
         // Recorded, but the batch's head never committed.
@@ -725,6 +746,74 @@ mod tests {
         assert_eq!(ring.sq_head, 1);
         assert_eq!(ring.pending.len(), 1);
         assert_eq!(ring.pending[0].tag, 1);
+    }
+
+    /// A successor re-runs a piece it recovered and dies too before the
+    /// piece completes: the third process finds the piece's context as
+    /// the piece first read it, not as the second run left it.
+    #[test]
+    fn a_piece_run_again_and_killed_again_gets_its_context_back_the_second_time() {
+        let (j, mem) = rig();
+        j.start(DEPTH, &RingState::default(), JournalCounts::default(), &mem);
+        let ctx = 0x20000u64;
+        mem.write_slice(&[7u8; 64], GuestAddress(ctx)).unwrap();
+        let mut piece = sqe(1, Opcode::StreamCompress, 0x8000, 0x9000, 64);
+        piece.ctx = ctx;
+        j.taken(DEPTH, 0, &piece, &mem);
+        j.commit_head(1);
+        mem.write_slice(&[9u8; 64], GuestAddress(ctx)).unwrap();
+        let (ring, counts) = j.recover(DEPTH, CQ, &mem).unwrap();
+        // The successor's worker starts the queue where the record says
+        // and runs the piece again; it dies before the piece completes.
+        j.start(DEPTH, &ring, counts, &mem);
+        mem.write_slice(&[9u8; 64], GuestAddress(ctx)).unwrap();
+        let (ring, _) = j.recover(DEPTH, CQ, &mem).unwrap();
+        let mut back = [0u8; 64];
+        mem.read_slice(&mut back, GuestAddress(ctx)).unwrap();
+        assert_eq!(back, [7u8; 64], "the context as the piece first read it");
+        assert_eq!(ring.pending.len(), 1);
+        // A copy over itself carried into a successor still never runs
+        // twice: it fails after the second death too.
+        let lap = sqe(2, Opcode::Copy, 0x8000, 0x8010, 64);
+        let carried = RingState {
+            sq_head: 1,
+            pending: vec![PendingJob::of(&lap)],
+            ..RingState::default()
+        };
+        j.start(DEPTH, &carried, JournalCounts::default(), &mem);
+        let (ring, _) = j.recover(DEPTH, CQ, &mem).unwrap();
+        assert!(ring.pending.is_empty(), "{:?}", ring.pending);
+        assert_eq!(ring.held[0].status, JobStatus::EngineError.code());
+    }
+
+    /// An entry refused at its check is owed its error completion, which
+    /// is what a death leaves: it does not come back as a job (the check
+    /// again would pass for a refusal a record cannot carry, such as a
+    /// reserved field, and the job would run).
+    #[test]
+    fn a_refused_entry_comes_back_as_its_own_error_completion() {
+        let (j, mem) = rig();
+        j.start(DEPTH, &RingState::default(), JournalCounts::default(), &mem);
+        // Entry 0: a copy with a reserved flag set, refused at its check.
+        let r = JobResult {
+            cookie: 1,
+            slot: 0,
+            status: JobStatus::ReservedNonZero,
+            bytes: 0,
+            result: 0,
+            stream_end: false,
+        };
+        j.refused(DEPTH, 0, &r);
+        j.taken(DEPTH, 1, &sqe(2, Opcode::Copy, 0x8000, 0x9000, 64), &mem);
+        j.commit_head(2);
+        let (ring, _) = j.recover(DEPTH, CQ, &mem).unwrap();
+        assert_eq!(ring.held.len(), 1, "{ring:?}");
+        assert_eq!(
+            (ring.held[0].tag, ring.held[0].status),
+            (1, JobStatus::ReservedNonZero.code())
+        );
+        assert_eq!(ring.pending.len(), 1);
+        assert_eq!(ring.pending[0].tag, 2);
     }
 
     /// The first piece of a long SHA-256 (MORE, no RESUME) writes a running
@@ -737,7 +826,7 @@ mod tests {
         use crate::accel::ops::sha256_part;
         use wdvirt_abi::{SHA256_MORE, SHA256_STATE_SIZE};
         let (j, mem) = rig();
-        j.start(DEPTH, &RingState::default(), JournalCounts::default());
+        j.start(DEPTH, &RingState::default(), JournalCounts::default(), &mem);
         let (src, dst) = (0x8000u64, 0x9000u64);
         let data: Vec<u8> = (0..256u32).map(|i| (i * 7) as u8).collect();
         mem.write_slice(&data, GuestAddress(src)).unwrap();
@@ -764,7 +853,7 @@ mod tests {
     #[test]
     fn a_stream_piece_gets_its_context_back_and_an_overlapping_copy_fails_rather_than_run_twice() {
         let (j, mem) = rig();
-        j.start(DEPTH, &RingState::default(), JournalCounts::default());
+        j.start(DEPTH, &RingState::default(), JournalCounts::default(), &mem);
         let ctx = 0x20000u64;
         mem.write_slice(&[7u8; 64], GuestAddress(ctx)).unwrap();
         let mut piece = sqe(1, Opcode::StreamCompress, 0x8000, 0x9000, 64);
@@ -793,7 +882,7 @@ mod tests {
     fn a_journal_that_does_not_add_up_or_of_another_depth_is_refused_with_its_numbers() {
         let (j, mem) = rig();
         assert_eq!(j.recover(DEPTH, CQ, &mem), Err(JournalError::Magic(0)));
-        j.start(DEPTH, &RingState::default(), JournalCounts::default());
+        j.start(DEPTH, &RingState::default(), JournalCounts::default(), &mem);
         assert!(matches!(
             j.recover(4, CQ, &mem),
             Err(JournalError::Depth {
@@ -825,7 +914,7 @@ mod tests {
         let mut refused = 0;
         for round in 0..2000 {
             // A real journal, then random words over it (or all random).
-            j.start(DEPTH, &RingState::default(), JournalCounts::default());
+            j.start(DEPTH, &RingState::default(), JournalCounts::default(), &mem);
             for pos in 0..rng.random_range(0..DEPTH) {
                 j.taken(
                     DEPTH,

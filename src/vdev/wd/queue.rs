@@ -598,7 +598,7 @@ impl Worker {
                     jobs_failed: stats.jobs_failed,
                     bytes_out: stats.bytes_out,
                 };
-                j.start(depth, &ring, counts)
+                j.start(depth, &ring, counts, &ctx.space.memory())
             }
             None => (0..(ring.held.len() + ring.pending.len()) as u32)
                 .map(|i| ring.cq_tail.wrapping_add(i))
@@ -883,6 +883,20 @@ impl Worker {
             (self.batch, self.job_at, self.refused) = (batch, job_at, refused);
             return false;
         }
+        // Every entry is recorded before the queue pair can run it (on
+        // this thread, or on an engine that takes it at once) and before
+        // the journal's head moves past it: a job as it will run, with the
+        // bytes it reads and writes as they were; a refused entry as the
+        // error completion it is owed. Records past the head (what the
+        // queue pair does not take) are not looked at by a recovery.
+        if let Some(j) = &self.ctx.journal {
+            for (job, &pos) in batch.iter().zip(&job_at) {
+                j.taken(depth, pos, &entry_of(job), mem);
+            }
+            for (pos, _, r) in &refused {
+                j.refused(depth, *pos, r);
+            }
+        }
         let taken = if batch.is_empty() {
             0
         } else {
@@ -893,7 +907,11 @@ impl Worker {
                     // in ring order with the refused entries.
                     for (job, &pos) in batch.iter().zip(&job_at) {
                         let sqe = entry_of(job);
-                        refused.push((pos, sqe, failed(&sqe, job.slot, JobStatus::EngineError)));
+                        let r = failed(&sqe, job.slot, JobStatus::EngineError);
+                        if let Some(j) = &self.ctx.journal {
+                            j.refused(depth, pos, &r);
+                        }
+                        refused.push((pos, sqe, r));
                     }
                     refused.sort_unstable_by_key(|(pos, ..)| pos.wrapping_sub(head_before));
                     batch.clear();
@@ -907,17 +925,7 @@ impl Worker {
             // ones included, are read again later.
             self.sq.undo_pop(self.sq.next.wrapping_sub(job_at[taken]));
         }
-        // Every entry taken for good is recorded before the journal's head
-        // moves past it, and before any of them completes.
         if let Some(j) = &self.ctx.journal {
-            for (job, &pos) in batch[..taken].iter().zip(&job_at) {
-                j.taken(depth, pos, &entry_of(job), mem);
-            }
-            for (pos, sqe, _) in &refused {
-                if self.sq.holds(*pos) {
-                    j.taken(depth, *pos, sqe, mem);
-                }
-            }
             j.commit_head(self.sq.next);
         }
         let cq = self.cq_pass(mem);

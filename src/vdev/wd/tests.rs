@@ -1137,3 +1137,124 @@ fn a_completion_that_could_not_be_written_is_dropped_not_done() {
         "an interrupt for nothing"
     );
 }
+
+/// A queue pair that runs each job the moment it is offered (as the
+/// worker's own thread or an idle engine may) and never reports it done:
+/// here "running" scribbles over the job's `dst`. What a daemon killed
+/// right after leaves behind.
+struct RunsAtOnce {
+    space: crate::accel::AddressSpace,
+    offered: AtomicU32,
+    _never: crossbeam_channel::Sender<crate::accel::JobResult>,
+    completions: crossbeam_channel::Receiver<crate::accel::JobResult>,
+}
+
+impl crate::accel::QueuePair for RunsAtOnce {
+    fn submit(&self, jobs: &[crate::accel::Job]) -> Result<usize, crate::accel::AccelError> {
+        for j in jobs {
+            let scribble = vec![0xaa; j.dst_len as usize];
+            self.space
+                .memory()
+                .write_slice(&scribble, GuestAddress(j.dst))
+                .unwrap();
+        }
+        self.offered.fetch_add(jobs.len() as u32, Ordering::SeqCst);
+        Ok(jobs.len())
+    }
+    fn set_wake(&self, _wake: crate::accel::Wake) {}
+    fn observe(&self, _observer: Arc<dyn crate::accel::EngineObserver>) {}
+    fn completions(&self) -> &crossbeam_channel::Receiver<crate::accel::JobResult> {
+        &self.completions
+    }
+    fn in_flight(&self) -> usize {
+        self.offered.load(Ordering::SeqCst) as usize
+    }
+    fn running(&self) -> usize {
+        0
+    }
+    fn withdraw(&self) -> Vec<crate::accel::Job> {
+        Vec::new()
+    }
+    fn close(&self) {}
+}
+
+/// Every entry is in the journal before the queue pair can run it: a
+/// SHA-256 first piece (MORE) that ran at once, before a death, gets back
+/// the `dst` it was taken with (not the bytes it wrote), and an entry
+/// refused at its check (a reserved flag) comes back as its error
+/// completion, never as a job.
+#[test]
+fn the_journal_holds_each_entry_before_the_queue_pair_can_run_it() {
+    use super::journal::{QueueJournal, SharedMap};
+    let rig = Rig::new(WdConfig::default());
+    let depth = 4;
+    let (_fd, map) = SharedMap::create("t", QueueJournal::size(depth)).unwrap();
+    let journal = QueueJournal::at(Arc::new(map), 0, depth);
+    let (never, completions) = crossbeam_channel::unbounded();
+    let qp = RunsAtOnce {
+        space: rig.space.clone(),
+        offered: AtomicU32::new(0),
+        _never: never,
+        completions,
+    };
+    let config = QueueConfig {
+        sq_base: SQ,
+        cq_base: CQ,
+        idx_base: IDX,
+        depth,
+        ops: wdvirt_abi::ALL_OPS,
+        vector: wdvirt_abi::regs::NO_VECTOR,
+        coalesce: 0,
+    };
+    let runner = QueueRunner::start(
+        WorkerContext {
+            queue: 0,
+            config,
+            max_xfer: WdConfig::default().max_xfer,
+            space: rig.space.clone(),
+            qp: Box::new(qp),
+            irq: rig.irq.clone(),
+            bus_master: rig.dev.bus_master.clone(),
+            shared: Arc::new(QueueShared::default()),
+            rings_ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            ring: queue::RingState::default(),
+            park_budget: queue::PARK_BUDGET,
+            journal: Some(journal.clone()),
+        },
+        0,
+    )
+    .unwrap();
+    let mut bad = sqe(Opcode::Copy, 1, BUF, 64, BUF + 0x1000, 64);
+    bad.flags = 1;
+    let mut piece = sqe(Opcode::Sha256, 2, BUF, 4096, BUF + 0x2000, 128);
+    piece.param = wdvirt_abi::SHA256_MORE;
+    rig.put(SQ, &bad.to_bytes());
+    rig.put(SQ + 64, &piece.to_bytes());
+    rig.mem()
+        .store(2u32, GuestAddress(IDX + idx::SQ_TAIL), Ordering::Release)
+        .unwrap();
+    runner.ring();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rig.get(IDX + idx::SQ_HEAD, 4) != 2u32.to_le_bytes() {
+        assert!(Instant::now() < deadline, "the worker never took its ring");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(rig.get(BUF + 0x2000, 4), [0xaa; 4], "the piece ran");
+    // The daemon dies here: what would its successor find?
+    let (ring, _) = journal.recover(depth, CQ, &rig.mem()).unwrap();
+    assert_eq!(rig.get(BUF + 0x2000, 128), vec![0; 128], "dst as taken");
+    assert_eq!(ring.pending.len(), 1, "{ring:?}");
+    assert_eq!(ring.pending[0].tag, 2);
+    // The refused entry's completion was published before the check above
+    // (or is held, owed): never a job again.
+    let owed = ring
+        .held
+        .iter()
+        .map(|h| (h.tag, h.status))
+        .collect::<Vec<_>>();
+    assert!(
+        owed.is_empty() && ring.cq_tail == 1 || owed == [(1, JobStatus::ReservedNonZero.code())],
+        "{ring:?}"
+    );
+    runner.stop();
+}
