@@ -12,8 +12,9 @@
 //! * `cq_tail`: completion entries written;
 //! * one record per taken entry not yet completed: a copy of its submission
 //!   entry (or, for a result held back while Bus Master was off, the
-//!   result), in the slot `position % depth`. The worker never has more than
-//!   `depth` such entries, so slots never collide;
+//!   result), in the slot `position % depth`. The worker never takes an
+//!   entry whose slot still holds a job not completed (completions come in
+//!   any order), so slots never collide;
 //! * `completing`: the slot and completion index being written, set before
 //!   the completion's phase bit is published and cleared after, so a death
 //!   between the two is resolved by reading the phase bit back.

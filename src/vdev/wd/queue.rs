@@ -499,6 +499,12 @@ struct Worker {
     ran: Vec<JobResult>,
     /// Completions written (free-running).
     cq_tail: u32,
+    /// Per slot (`position % depth`): a job of that slot is taken and not
+    /// yet completed. Completions come in any order, so `depth` jobs
+    /// outstanding does not mean the oldest is done: the entry a ring's
+    /// length after a job still running waits for it, keeping each slot
+    /// (and its journal record) one job's.
+    open: Vec<bool>,
     in_flight: u32,
     /// Results held back while bus mastering is off.
     held: Vec<JobResult>,
@@ -611,12 +617,16 @@ impl Worker {
             .zip(slots.by_ref())
             .filter_map(|(h, slot)| h.result().map(|r| JobResult { slot, ..r }))
             .collect();
-        let pending = ring
+        let pending: std::collections::VecDeque<(SubmissionEntry, u32)> = ring
             .pending
             .iter()
             .zip(slots)
             .map(|(p, slot)| (p.entry(), slot))
             .collect();
+        let mut open = vec![false; depth as usize];
+        for &p in &positions {
+            open[(p % depth) as usize] = true;
+        }
         Worker {
             ctx,
             done,
@@ -634,6 +644,7 @@ impl Worker {
             refused: Vec::new(),
             ran: Vec::new(),
             cq_tail: ring.cq_tail,
+            open,
             in_flight,
             held,
             pending,
@@ -855,6 +866,7 @@ impl Worker {
         while self.sq.next != tail
             && self.sq.next.wrapping_sub(cq_head) < depth
             && self.sq.next.wrapping_sub(self.cq_tail) < depth
+            && !self.open[(self.sq.next % depth) as usize]
             && self.sq.popped() < FETCH_BATCH
         {
             let pos = self.sq.pop();
@@ -869,6 +881,8 @@ impl Worker {
                 }
             };
             let slot = pos % depth;
+            // Open until it completes (put back below if not taken).
+            self.open[slot as usize] = true;
             match check(&sqe, &self.ctx.config, self.ctx.max_xfer, mem) {
                 Ok(job) => {
                     batch.push(Job { slot, ..job });
@@ -923,7 +937,11 @@ impl Worker {
         if self.throttled {
             // Back to the first job not taken; entries after it, refused
             // ones included, are read again later.
-            self.sq.undo_pop(self.sq.next.wrapping_sub(job_at[taken]));
+            let back = self.sq.next.wrapping_sub(job_at[taken]);
+            for i in 0..back {
+                self.open[(job_at[taken].wrapping_add(i) % depth) as usize] = false;
+            }
+            self.sq.undo_pop(back);
         }
         if let Some(j) = &self.ctx.journal {
             j.commit_head(self.sq.next);
@@ -1086,6 +1104,9 @@ impl Worker {
     /// carrying the phase bit, so a driver that sees the phase sees the body.
     fn complete(&mut self, cq: &CqPass, r: JobResult) {
         let depth = self.ctx.config.depth;
+        if let Some(open) = self.open.get_mut(r.slot as usize) {
+            *open = false;
+        }
         let slot = (self.cq_tail % depth) as u64;
         let phase = if (self.cq_tail / depth).is_multiple_of(2) {
             CQE_PHASE

@@ -1258,3 +1258,157 @@ fn the_journal_holds_each_entry_before_the_queue_pair_can_run_it() {
     );
     runner.stop();
 }
+
+/// A queue pair that completes every job at once but the one tagged 1,
+/// which it holds until told: completions out of order, as two engines
+/// give them when one job is long.
+struct HoldsTagOne {
+    held: parking_lot::Mutex<Vec<crate::accel::Job>>,
+    wake: parking_lot::Mutex<Option<crate::accel::Wake>>,
+    done: crossbeam_channel::Sender<crate::accel::JobResult>,
+    completions: crossbeam_channel::Receiver<crate::accel::JobResult>,
+}
+
+impl HoldsTagOne {
+    fn finish(&self, j: &crate::accel::Job) {
+        let r = crate::accel::JobResult {
+            cookie: j.cookie,
+            slot: j.slot,
+            status: JobStatus::Ok,
+            bytes: 0,
+            result: 0,
+            stream_end: false,
+        };
+        self.done.send(r).unwrap();
+        if let Some(w) = self.wake.lock().as_ref() {
+            w();
+        }
+    }
+    fn release(&self) {
+        let held = std::mem::take(&mut *self.held.lock());
+        for j in &held {
+            self.finish(j);
+        }
+    }
+}
+
+impl crate::accel::QueuePair for Arc<HoldsTagOne> {
+    fn submit(&self, jobs: &[crate::accel::Job]) -> Result<usize, crate::accel::AccelError> {
+        for j in jobs {
+            if j.cookie as u32 == 1 {
+                self.held.lock().push(*j);
+            } else {
+                self.finish(j);
+            }
+        }
+        Ok(jobs.len())
+    }
+    fn set_wake(&self, wake: crate::accel::Wake) {
+        *self.wake.lock() = Some(wake);
+    }
+    fn observe(&self, _observer: Arc<dyn crate::accel::EngineObserver>) {}
+    fn completions(&self) -> &crossbeam_channel::Receiver<crate::accel::JobResult> {
+        &self.completions
+    }
+    fn in_flight(&self) -> usize {
+        self.held.lock().len()
+    }
+    fn running(&self) -> usize {
+        0
+    }
+    fn withdraw(&self) -> Vec<crate::accel::Job> {
+        Vec::new()
+    }
+    fn close(&self) {}
+}
+
+/// Completions out of order: with the job in slot 0 still running and
+/// the three after it done and consumed, the entry a ring's length after
+/// it (slot 0 again) waits until it completes, so a death meanwhile finds
+/// one record per job and the take-over goes through. (Taking it at once
+/// overwrote the running job's record: the journal no longer added up.)
+#[test]
+fn an_entry_a_ring_length_after_a_running_job_waits_for_its_slot() {
+    use super::journal::{QueueJournal, SharedMap};
+    let rig = Rig::new(WdConfig::default());
+    let depth = 4;
+    let (_fd, map) = SharedMap::create("t", QueueJournal::size(depth)).unwrap();
+    let journal = QueueJournal::at(Arc::new(map), 0, depth);
+    let (done, completions) = crossbeam_channel::unbounded();
+    let qp = Arc::new(HoldsTagOne {
+        held: parking_lot::Mutex::new(Vec::new()),
+        wake: parking_lot::Mutex::new(None),
+        done,
+        completions,
+    });
+    let shared = Arc::new(QueueShared::default());
+    let config = QueueConfig {
+        sq_base: SQ,
+        cq_base: CQ,
+        idx_base: IDX,
+        depth,
+        ops: wdvirt_abi::ALL_OPS,
+        vector: wdvirt_abi::regs::NO_VECTOR,
+        coalesce: 0,
+    };
+    let runner = QueueRunner::start(
+        WorkerContext {
+            queue: 0,
+            config,
+            max_xfer: WdConfig::default().max_xfer,
+            space: rig.space.clone(),
+            qp: Box::new(qp.clone()),
+            irq: rig.irq.clone(),
+            bus_master: rig.dev.bus_master.clone(),
+            shared: shared.clone(),
+            rings_ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            ring: queue::RingState::default(),
+            park_budget: queue::PARK_BUDGET,
+            journal: Some(journal.clone()),
+        },
+        0,
+    )
+    .unwrap();
+    let submit = |pos: u32, tail: u32| {
+        rig.put(
+            SQ + u64::from(pos % depth) * 64,
+            &sqe(Opcode::Nop, pos + 1, 0, 0, 0, 0).to_bytes(),
+        );
+        rig.mem()
+            .store(tail, GuestAddress(IDX + idx::SQ_TAIL), Ordering::Release)
+            .unwrap();
+        runner.ring();
+    };
+    let completed_reaches = |n: u32| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while shared.completed.load(Ordering::Acquire) < n {
+            assert!(Instant::now() < deadline, "{n} completions never came");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    for pos in 0..4 {
+        submit(pos, pos + 1);
+    }
+    completed_reaches(3);
+    // The guest consumed the three and submits a fifth, into slot 0.
+    rig.mem()
+        .store(3u32, GuestAddress(IDX + idx::CQ_HEAD), Ordering::Release)
+        .unwrap();
+    submit(4, 5);
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        rig.get(IDX + idx::SQ_HEAD, 4),
+        4u32.to_le_bytes(),
+        "slot 0 is busy"
+    );
+    let (ring, _) = journal
+        .recover(depth, CQ, &rig.mem())
+        .expect("a death now is recovered");
+    assert_eq!((ring.sq_head, ring.cq_tail), (4, 3));
+    assert_eq!(ring.pending.iter().map(|p| p.tag).collect::<Vec<_>>(), [1]);
+    // The first job ends: the fifth is taken and completes.
+    qp.release();
+    completed_reaches(5);
+    assert_eq!(rig.get(IDX + idx::SQ_HEAD, 4), 5u32.to_le_bytes());
+    runner.stop();
+}
