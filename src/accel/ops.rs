@@ -197,14 +197,16 @@ pub fn crc32c_continue(prior: u32, src: &[u8]) -> u32 {
     d.finalize() as u32
 }
 
-/// Whether a SHA-256 job with `param` and `dst_len` reads its `dst` before
-/// writing it: it continues a running state there (RESUME), or its `dst`
-/// is large enough to hold one, which [`sha256_part`] then looks for to
-/// refuse a chain that forgot RESUME. Such a job cannot simply run again
-/// once it has written `dst` (the journal keeps those bytes; the software
-/// engines run it only after the journal has recorded it).
-pub fn sha256_reads_dst(param: u64, dst_len: u32) -> bool {
-    param & wdvirt_abi::SHA256_RESUME != 0 || dst_len >= wdvirt_abi::SHA256_STATE_SIZE
+/// Whether a SHA-256 job with a `dst` of `dst_len` bytes reads it before
+/// writing it: a `dst` that can hold a running state is read, for the
+/// state a RESUME continues, or by [`sha256_part`] looking for one to
+/// refuse a chain that forgot RESUME. (A shorter `dst` is never read: a
+/// RESUME or MORE job with one fails `DstTooSmall` untouched, a one-shot
+/// only writes its digest.) Such a job cannot simply run again once it
+/// has written `dst`: the journal keeps the state's bytes, all of them
+/// inside `dst`.
+pub fn sha256_reads_dst(dst_len: u32) -> bool {
+    dst_len >= wdvirt_abi::SHA256_STATE_SIZE
 }
 
 /// One part of a SHA-256 over a buffer larger than one job. `param` bits:

@@ -734,8 +734,7 @@ fn runs_here(job: &Job) -> bool {
 /// saved state, or whether a state-sized dst already holds one
 /// ([`ops::sha256_reads_dst`]).
 fn reads_dst(job: &Job) -> bool {
-    job.op == Opcode::Compare
-        || (job.op == Opcode::Sha256 && ops::sha256_reads_dst(job.param, job.dst_len))
+    job.op == Opcode::Compare || (job.op == Opcode::Sha256 && ops::sha256_reads_dst(job.dst_len))
 }
 
 /// Whether `job` is compressed in slices.

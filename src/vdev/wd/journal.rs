@@ -587,7 +587,7 @@ pub fn rerun(sqe: &SubmissionEntry) -> Rerun {
     // A SHA-256 job that reads its `dst`: the state it continues, or the
     // check that none is there, which the state a first piece (MORE) wrote
     // before the death would fail.
-    if op == Opcode::Sha256 && crate::accel::ops::sha256_reads_dst(sqe.param, sqe.dst_len) {
+    if op == Opcode::Sha256 && crate::accel::ops::sha256_reads_dst(sqe.dst_len) {
         return Rerun::Restoring {
             addr: sqe.dst,
             len: wdvirt_abi::SHA256_STATE_SIZE,
@@ -747,6 +747,28 @@ mod tests {
         assert_eq!(ring.sq_head, 1);
         assert_eq!(ring.pending.len(), 1);
         assert_eq!(ring.pending[0].tag, 1);
+    }
+
+    /// A RESUME piece with a `dst` too short for a state fails untouched
+    /// (`DstTooSmall`): nothing is kept for it, so a recovery writes
+    /// nothing back past its `dst` (where the guest may have written since).
+    #[test]
+    fn a_sha256_resume_with_a_short_dst_puts_back_nothing_outside_it() {
+        let (j, mem) = rig();
+        j.start(DEPTH, &RingState::default(), JournalCounts::default(), &mem);
+        let mut p = sqe(1, Opcode::Sha256, 0x8000, 0x9000, 64);
+        p.dst_len = 32;
+        p.param = wdvirt_abi::SHA256_RESUME;
+        assert_eq!(rerun(&p), Rerun::AsIs);
+        mem.write_slice(&[0xaa; 96], GuestAddress(0x9020)).unwrap();
+        j.taken(DEPTH, 0, &p, &mem);
+        j.commit_head(1);
+        mem.write_slice(&[0xbb; 96], GuestAddress(0x9020)).unwrap();
+        let (ring, _) = j.recover(DEPTH, CQ, &mem).unwrap();
+        let mut back = [0u8; 96];
+        mem.read_slice(&mut back, GuestAddress(0x9020)).unwrap();
+        assert_eq!(back, [0xbb; 96], "the guest's bytes past dst");
+        assert_eq!(ring.pending.len(), 1);
     }
 
     /// A successor re-runs a piece it recovered and dies too before the
