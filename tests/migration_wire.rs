@@ -295,6 +295,35 @@ fn a_failed_arc_leaves_the_device_in_error_until_a_reset() {
     assert_eq!(calls(&log), ["quiesce", "resume"]);
 }
 
+/// A device that cannot stop in time (EBUSY from quiesce: it runs on as
+/// before) leaves the migration where it was, not in ERROR: the VMM tries
+/// again and the stream reads whole.
+#[test]
+fn a_quiesce_that_fails_busy_leaves_the_state_where_it_was() {
+    let busy_once = |d: &mut transport_support::FakeDevice| {
+        d.mig.as_mut().unwrap().fail = Some("quiesce");
+    };
+    let (_s, mut c, log) = fake_with(3, &Limits::default(), busy_once);
+    c.set_mig_state(MigState::PreCopy).unwrap();
+    let mut whole = c.mig_read_all(1000).unwrap();
+    assert_eq!(errno(c.set_mig_state(MigState::StopCopy)), libc::EBUSY);
+    assert_eq!(c.mig_state().unwrap(), MigState::PreCopy);
+    // The device runs on: its registers take writes.
+    c.region_write(0, 0x10, &[1, 2, 3, 4]).unwrap();
+    c.set_mig_state(MigState::StopCopy).unwrap();
+    whole.extend(c.mig_read_all(1000).unwrap());
+    let compat = transport_support::fake_compat();
+    stream::decode(&whole, &compat, 1 << 20).expect("the stream reads whole");
+    c.set_mig_state(MigState::Running).unwrap();
+    assert_eq!(log.lock().resets, 0);
+    // The same from RUNNING straight to STOP.
+    let (_s, mut c, _log) = fake_with(3, &Limits::default(), busy_once);
+    assert_eq!(errno(c.set_mig_state(MigState::Stop)), libc::EBUSY);
+    assert_eq!(c.mig_state().unwrap(), MigState::Running);
+    c.set_mig_state(MigState::Stop).unwrap();
+    c.set_mig_state(MigState::Running).unwrap();
+}
+
 /// The whole stream read in pieces from a source (PRE_COPY, then
 /// STOP_COPY) and written in other pieces to a destination equals a direct
 /// `encode` of the source's compat and saved state, and the destination

@@ -173,6 +173,21 @@ impl MigrationSession {
         for next in steps {
             let from = self.state;
             if let Err(source) = self.arc(dev, from, next) {
+                // A device that could not stop in time and runs on as
+                // before (`Migratable::quiesce`'s EBUSY) is still in the
+                // arc's origin: the VMM may try again. Any other failure
+                // leaves it in ERROR until a reset.
+                let stopping = matches!(
+                    (from, next),
+                    (MigState::Running, MigState::Stop) | (MigState::PreCopy, MigState::StopCopy)
+                );
+                if stopping && matches!(source, ArcError::Device(DeviceError::Busy(_))) {
+                    return Err(MigrationError::ArcFailed {
+                        from: from.name(),
+                        to: next.name(),
+                        source,
+                    });
+                }
                 self.state = MigState::Error;
                 self.out = None;
                 self.incoming = None;

@@ -183,6 +183,10 @@ pub trait Migratable {
     /// job the guest handed it is lost: each has either completed (its
     /// completion is in guest memory) or is still the guest's, on its ring, to
     /// be taken again after `resume` or on the destination.
+    /// `Err(DeviceError::Busy)` means the device could not stop in time
+    /// and runs on exactly as before: the transport stays in the arc's
+    /// origin (RUNNING or PRE_COPY) and the VMM may try again. Any other
+    /// error leaves the migration in ERROR until a reset.
     fn quiesce(&mut self) -> Result<(), DeviceError>;
     /// STOP to RUNNING: take work again, from where `quiesce` or `restore`
     /// left each queue.
