@@ -267,6 +267,17 @@ impl WdDevice {
                 return Err(StateError::RingsOverlap { queue: qi });
             }
         }
+        // Completions since the last interrupt: with coalescing, up to the
+        // count less one, plus one pass's completions (at most a ring) before
+        // the worker looks; Bus Master off stops both, and the count with it.
+        let owed_max = u64::from(c.depth) + u64::from(super::queue::coalesce(c.coalesce).0);
+        if u64::from(ring.irq_pending) > owed_max {
+            return Err(StateError::TooManyOwed {
+                queue: qi,
+                count: ring.irq_pending,
+                max: owed_max,
+            });
+        }
         for (what, count) in [
             ("held results", ring.held.len() as u64),
             ("pending jobs", ring.pending.len() as u64),
@@ -274,7 +285,6 @@ impl WdDevice {
                 "held results and pending jobs",
                 ring.held.len() as u64 + ring.pending.len() as u64,
             ),
-            ("owed interrupts", u64::from(ring.irq_pending)),
         ] {
             if count > u64::from(c.depth) {
                 return Err(StateError::TooMany {

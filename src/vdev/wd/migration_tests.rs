@@ -542,6 +542,37 @@ fn completed_total(m: &Machine, queues: u32) -> u32 {
         .sum()
 }
 
+/// Owed interrupts count completions since the last interrupt, not jobs
+/// in the ring: with a coalescing count past the depth (and Bus Master
+/// cleared before it is reached) a source saves more than the depth, and
+/// its peer takes that; past depth + count it is refused.
+#[test]
+fn owed_interrupts_past_the_depth_travel_up_to_the_coalescing_count() {
+    let a = Host::new(config(4, 1024), 5, "all-4q");
+    let m = Machine::on(&a);
+    let q = RawQueue::enable(&m, 32, 0, 0xffff << 16 | 100);
+    drop(q);
+    let s = a.stop_and_save();
+    let good: FunctionState =
+        serde_json::from_slice(&stream::decode(&s, &a.compat(), DEFAULT_MAX_STREAM).unwrap())
+            .unwrap();
+    let dest = Host::new(config(4, 1024), 9, "all-4q");
+    a.ram.copy_to(&dest.ram);
+    for (owed, taken) in [(64u32, true), (132, true), (133, false)] {
+        let mut st = good.clone();
+        st.model["queues"][0]["ring"]["irq_pending"] = owed.into();
+        let bytes = serde_json::to_vec(&st).unwrap();
+        let got = dest.load(&stream::encode(&a.compat(), &bytes));
+        match (got, taken) {
+            (Ok(()), true) => {}
+            (Err(LoadError::Device(e)), false) => {
+                assert!(e.to_string().contains("133 owed interrupts"), "{e}")
+            }
+            (got, _) => panic!("{owed} owed interrupts: {got:?}"),
+        }
+    }
+}
+
 /// A read of a doorbell page latches WriteOnly with the offset in BAR2
 /// (spec §2), which reaches past BAR0's 16 KiB once a function has more
 /// than four queues: a state the source made is one its peer takes, so a

@@ -282,6 +282,10 @@ pub enum StateError {
     NotQuiesced(&'static str),
     #[error("queue {queue} has jobs the engine has not finished")]
     Unsettled { queue: usize },
+    #[error(
+        "queue {queue}: {count} owed interrupts, more than its depth and coalescing count allow ({max})"
+    )]
+    TooManyOwed { queue: usize, count: u32, max: u64 },
 }
 
 impl From<StateError> for crate::vdev::device::DeviceError {
