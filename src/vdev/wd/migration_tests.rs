@@ -550,8 +550,7 @@ fn completed_total(m: &Machine, queues: u32) -> u32 {
 fn owed_interrupts_past_the_depth_travel_up_to_the_coalescing_count() {
     let a = Host::new(config(4, 1024), 5, "all-4q");
     let m = Machine::on(&a);
-    let q = RawQueue::enable(&m, 32, 0, 0xffff << 16 | 100);
-    drop(q);
+    RawQueue::enable(&m, 32, 0, 0xffff << 16 | 100);
     let s = a.stop_and_save();
     let good: FunctionState =
         serde_json::from_slice(&stream::decode(&s, &a.compat(), DEFAULT_MAX_STREAM).unwrap())
