@@ -1138,6 +1138,48 @@ fn a_completion_that_could_not_be_written_is_dropped_not_done() {
     );
 }
 
+/// A queue worker of depth `depth` on the rig's rings (SQ, CQ, IDX), its
+/// jobs going to `qp`, with a journal in a memfd of its own: the worker a
+/// daemon runs, started directly so a test can choose its queue pair.
+fn journalled_worker(
+    rig: &Rig,
+    depth: u32,
+    qp: Box<dyn crate::accel::QueuePair>,
+    shared: Arc<QueueShared>,
+) -> (QueueRunner, super::journal::QueueJournal) {
+    use super::journal::{QueueJournal, SharedMap};
+    let (_fd, map) = SharedMap::create("t", QueueJournal::size(depth)).unwrap();
+    let journal = QueueJournal::at(Arc::new(map), 0, depth);
+    let config = QueueConfig {
+        sq_base: SQ,
+        cq_base: CQ,
+        idx_base: IDX,
+        depth,
+        ops: wdvirt_abi::ALL_OPS,
+        vector: wdvirt_abi::regs::NO_VECTOR,
+        coalesce: 0,
+    };
+    let runner = QueueRunner::start(
+        WorkerContext {
+            queue: 0,
+            config,
+            max_xfer: WdConfig::default().max_xfer,
+            space: rig.space.clone(),
+            qp,
+            irq: rig.irq.clone(),
+            bus_master: rig.dev.bus_master.clone(),
+            shared,
+            rings_ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            ring: queue::RingState::default(),
+            park_budget: queue::PARK_BUDGET,
+            journal: Some(journal.clone()),
+        },
+        0,
+    )
+    .unwrap();
+    (runner, journal)
+}
+
 /// A queue pair that runs each job the moment it is offered (as the
 /// worker's own thread or an idle engine may) and never reports it done:
 /// here "running" scribbles over the job's `dst`. What a daemon killed
@@ -1185,11 +1227,8 @@ impl crate::accel::QueuePair for RunsAtOnce {
 /// completion, never as a job.
 #[test]
 fn the_journal_holds_each_entry_before_the_queue_pair_can_run_it() {
-    use super::journal::{QueueJournal, SharedMap};
     let rig = Rig::new(WdConfig::default());
     let depth = 4;
-    let (_fd, map) = SharedMap::create("t", QueueJournal::size(depth)).unwrap();
-    let journal = QueueJournal::at(Arc::new(map), 0, depth);
     let (never, completions) = crossbeam_channel::unbounded();
     let qp = RunsAtOnce {
         space: rig.space.clone(),
@@ -1197,33 +1236,8 @@ fn the_journal_holds_each_entry_before_the_queue_pair_can_run_it() {
         _never: never,
         completions,
     };
-    let config = QueueConfig {
-        sq_base: SQ,
-        cq_base: CQ,
-        idx_base: IDX,
-        depth,
-        ops: wdvirt_abi::ALL_OPS,
-        vector: wdvirt_abi::regs::NO_VECTOR,
-        coalesce: 0,
-    };
-    let runner = QueueRunner::start(
-        WorkerContext {
-            queue: 0,
-            config,
-            max_xfer: WdConfig::default().max_xfer,
-            space: rig.space.clone(),
-            qp: Box::new(qp),
-            irq: rig.irq.clone(),
-            bus_master: rig.dev.bus_master.clone(),
-            shared: Arc::new(QueueShared::default()),
-            rings_ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-            ring: queue::RingState::default(),
-            park_budget: queue::PARK_BUDGET,
-            journal: Some(journal.clone()),
-        },
-        0,
-    )
-    .unwrap();
+    let (runner, journal) =
+        journalled_worker(&rig, depth, Box::new(qp), Arc::new(QueueShared::default()));
     let mut bad = sqe(Opcode::Copy, 1, BUF, 64, BUF + 0x1000, 64);
     bad.flags = 1;
     let mut piece = sqe(Opcode::Sha256, 2, BUF, 4096, BUF + 0x2000, 128);
@@ -1329,11 +1343,8 @@ impl crate::accel::QueuePair for Arc<HoldsTagOne> {
 /// overwrote the running job's record: the journal no longer added up.)
 #[test]
 fn an_entry_a_ring_length_after_a_running_job_waits_for_its_slot() {
-    use super::journal::{QueueJournal, SharedMap};
     let rig = Rig::new(WdConfig::default());
     let depth = 4;
-    let (_fd, map) = SharedMap::create("t", QueueJournal::size(depth)).unwrap();
-    let journal = QueueJournal::at(Arc::new(map), 0, depth);
     let (done, completions) = crossbeam_channel::unbounded();
     let qp = Arc::new(HoldsTagOne {
         held: parking_lot::Mutex::new(Vec::new()),
@@ -1342,33 +1353,7 @@ fn an_entry_a_ring_length_after_a_running_job_waits_for_its_slot() {
         completions,
     });
     let shared = Arc::new(QueueShared::default());
-    let config = QueueConfig {
-        sq_base: SQ,
-        cq_base: CQ,
-        idx_base: IDX,
-        depth,
-        ops: wdvirt_abi::ALL_OPS,
-        vector: wdvirt_abi::regs::NO_VECTOR,
-        coalesce: 0,
-    };
-    let runner = QueueRunner::start(
-        WorkerContext {
-            queue: 0,
-            config,
-            max_xfer: WdConfig::default().max_xfer,
-            space: rig.space.clone(),
-            qp: Box::new(qp.clone()),
-            irq: rig.irq.clone(),
-            bus_master: rig.dev.bus_master.clone(),
-            shared: shared.clone(),
-            rings_ready: Arc::new(std::sync::atomic::AtomicBool::new(true)),
-            ring: queue::RingState::default(),
-            park_budget: queue::PARK_BUDGET,
-            journal: Some(journal.clone()),
-        },
-        0,
-    )
-    .unwrap();
+    let (runner, journal) = journalled_worker(&rig, depth, Box::new(qp.clone()), shared.clone());
     let submit = |pos: u32, tail: u32| {
         rig.put(
             SQ + u64::from(pos % depth) * 64,
