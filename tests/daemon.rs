@@ -990,3 +990,45 @@ fn a_type_the_host_graph_can_never_place_is_refused_at_its_line() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("host.yaml:29:11"));
 }
+
+/// Every change is logged with its caller (pid, uid, gid) and what came
+/// of it, a refused one as much as one carried out; a read is not logged.
+#[test]
+fn each_change_is_logged_with_its_caller_and_its_outcome() {
+    let mut d = Daemon::builder(SMALL_HOST)
+        .arg("--log")
+        .arg("info")
+        .capture_stderr()
+        .start();
+    d.json(&["define", "--type", "hash", "--name", "h1"]);
+    let e = d.refused(&["define", "--type", "hash", "--name", "h1"]);
+    assert!(e.contains("h1"), "{e}");
+    d.json(&["list"]);
+    let (_, log) = d.term();
+    // Without the terminal's colour codes between a field's name and value.
+    let mut plain = String::new();
+    let mut in_escape = false;
+    for c in log.chars() {
+        match (in_escape, c) {
+            (false, '\u{1b}') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (false, c) => plain.push(c),
+            (true, _) => {}
+        }
+    }
+    let log = plain;
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("Define")).collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    for l in &lines {
+        assert!(
+            l.contains("pid=") && l.contains("uid=") && l.contains("gid="),
+            "{l}"
+        );
+    }
+    assert!(lines[0].contains(": ok"), "{}", lines[0]);
+    assert!(lines[1].contains(": refused:"), "{}", lines[1]);
+    assert!(
+        !log.contains("ListInstances"),
+        "reads are not logged: {log}"
+    );
+}

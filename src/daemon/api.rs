@@ -97,16 +97,21 @@ impl Call {
         let created = matches!(action, Action::Define(_));
         let what = action.mutates().then(|| format!("{action:?}"));
         let result = tokio::task::spawn_blocking(move || reg.handle(action)).await;
+        // Every change is logged with its caller, whatever came of it.
+        if let (Some(what), Ok(r)) = (&what, &result) {
+            let outcome = match r {
+                Ok(_) => "ok".to_string(),
+                Err(e) => format!("refused: {e}"),
+            };
+            tracing::info!(
+                pid = caller.pid,
+                uid = caller.uid,
+                gid = caller.gid,
+                "{what}: {outcome}"
+            );
+        }
         match result {
             Ok(Ok(outcome)) => {
-                if let Some(what) = what {
-                    tracing::info!(
-                        pid = caller.pid,
-                        uid = caller.uid,
-                        gid = caller.gid,
-                        "{what}: ok"
-                    );
-                }
                 let status = if created {
                     StatusCode::CREATED
                 } else {
@@ -114,17 +119,7 @@ impl Call {
                 };
                 (status, Json(outcome)).into_response()
             }
-            Ok(Err(e)) => {
-                if let Some(what) = what {
-                    tracing::info!(
-                        pid = caller.pid,
-                        uid = caller.uid,
-                        gid = caller.gid,
-                        "{what}: refused: {e}"
-                    );
-                }
-                error_response(&e)
-            }
+            Ok(Err(e)) => error_response(&e),
             Err(join) => {
                 tracing::error!("an action panicked: {join}");
                 (
